@@ -1,0 +1,28 @@
+//! The `sdkd` command line: parse, call the library, report. Exit codes: 0 success, 1 failure
+//! (one message naming the file, key or value), 2 usage.
+use clap::{Parser, Subcommand};
+use sdkd::commands;
+
+#[derive(Parser)]
+#[command(name = "sdkd", version, about = "Distil Stable Diffusion UNets (BK-SDM / SD-Small / SD-Tiny)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Architecture tables and parameter counts of a UNet (and its students) or a pipeline.
+    Inspect(commands::inspect::InspectArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Inspect(a) => commands::inspect::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

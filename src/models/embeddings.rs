@@ -1,0 +1,41 @@
+//! Sinusoidal timestep features and the time-embedding MLP (diffusers' `Timesteps` and
+//! `TimestepEmbedding`).
+use super::layers::{Builder, Linear};
+use tch::{Kind, Tensor};
+
+/// diffusers' `get_timestep_embedding`: `timesteps` (b,) of any numeric kind -> (b, dim) fp32.
+pub fn timestep_embedding(timesteps: &Tensor, dim: i64, flip_sin_to_cos: bool, freq_shift: f64) -> Tensor {
+    let half = dim / 2;
+    let exponent = Tensor::arange(half, (Kind::Float, timesteps.device())) * (-(10000f64).ln());
+    let freqs = (exponent / (half as f64 - freq_shift)).exp();
+    let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0); // (b, half)
+    let emb = if flip_sin_to_cos {
+        Tensor::cat(&[args.cos(), args.sin()], -1)
+    } else {
+        Tensor::cat(&[args.sin(), args.cos()], -1)
+    };
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1, 0, 0])
+    } else {
+        emb
+    }
+}
+
+#[derive(Debug)]
+pub struct TimestepEmbedding {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl TimestepEmbedding {
+    pub fn new(b: Builder, in_dim: i64, time_embed_dim: i64) -> Self {
+        TimestepEmbedding {
+            linear_1: Linear::new(b.pp("linear_1"), in_dim, time_embed_dim, true),
+            linear_2: Linear::new(b.pp("linear_2"), time_embed_dim, time_embed_dim, true),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.linear_2.forward(&self.linear_1.forward(x).silu())
+    }
+}

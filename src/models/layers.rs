@@ -1,0 +1,173 @@
+//! The primitive layers every model is made of, with PyTorch's parameter names and default
+//! initialisation. Constructors take a [`Builder`], which knows the parameter path and how fresh
+//! parameters are filled, so the struct tree *is* the checkpoint layout.
+use tch::{nn, Device, Kind, Tensor};
+
+/// How freshly created parameters are filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Init {
+    /// Uninitialised memory: the caller loads weights next (or only counts parameters). Pages
+    /// that are never written are never touched, so building SD-1.5 this way is nearly free.
+    Empty,
+    /// PyTorch's defaults (kaiming-uniform(a=√5) weights, fan-in uniform biases, unit norms).
+    Torch,
+}
+
+/// A parameter path plus the init policy: what candle calls a VarBuilder.
+#[derive(Clone)]
+pub struct Builder<'a> {
+    path: nn::Path<'a>,
+    init: Init,
+    kind: Kind,
+}
+
+impl<'a> Builder<'a> {
+    /// Parameters are created on `vs`'s device with dtype `kind` (not tch's per-store kind,
+    /// which can only be changed by converting every tensor after the fact).
+    pub fn new(vs: &'a nn::VarStore, kind: Kind, init: Init) -> Self {
+        Builder { path: vs.root(), init, kind }
+    }
+
+    /// A child path: `b.pp("down_blocks").pp(0)`. tch path segments may not contain '.', so
+    /// `to_out.0` is `.pp("to_out").pp(0)`.
+    pub fn pp<S: ToString>(&self, name: S) -> Builder<'a> {
+        Builder { path: self.path.sub(name), init: self.init, kind: self.kind }
+    }
+
+    pub fn device(&self) -> Device {
+        self.path.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The dotted name of this path, e.g. `down_blocks.2.attentions.0`.
+    pub fn name(&self) -> String {
+        self.path.path("").trim_end_matches('.').to_string()
+    }
+
+    /// A trainable parameter filled uniformly in ±`bound` (when initialising).
+    pub fn uniform(&self, name: &str, dims: &[i64], bound: f64) -> Tensor {
+        self.param(name, dims, |t| {
+            let _ = t.uniform_(-bound, bound);
+        })
+    }
+
+    pub fn constant(&self, name: &str, dims: &[i64], value: f64) -> Tensor {
+        self.param(name, dims, |t| {
+            let _ = t.fill_(value);
+        })
+    }
+
+    fn param(&self, name: &str, dims: &[i64], fill: impl FnOnce(&mut Tensor)) -> Tensor {
+        let mut t = Tensor::empty(dims, (self.kind(), self.device()));
+        if self.init == Init::Torch {
+            tch::no_grad(|| fill(&mut t));
+        }
+        self.path.add(name, t, true)
+    }
+}
+
+/// 1/sqrt(fan_in): the bound PyTorch's default init gives both weights and biases of Linear
+/// and Conv2d layers.
+fn fan_in_bound(fan_in: i64) -> f64 {
+    1.0 / (fan_in as f64).sqrt()
+}
+
+#[derive(Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    stride: i64,
+    padding: i64,
+}
+
+impl Conv2d {
+    pub fn new(b: Builder, in_ch: i64, out_ch: i64, kernel: i64, stride: i64, padding: i64) -> Self {
+        let bound = fan_in_bound(in_ch * kernel * kernel);
+        let weight = b.uniform("weight", &[out_ch, in_ch, kernel, kernel], bound);
+        let bias = Some(b.uniform("bias", &[out_ch], bound));
+        Conv2d { weight, bias, stride, padding }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv2d(
+            &self.weight,
+            self.bias.as_ref(),
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [1, 1],
+            1,
+        )
+    }
+}
+
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(b: Builder, in_dim: i64, out_dim: i64, bias: bool) -> Self {
+        let bound = fan_in_bound(in_dim);
+        let weight = b.uniform("weight", &[out_dim, in_dim], bound);
+        let bias = bias.then(|| b.uniform("bias", &[out_dim], bound));
+        Linear { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+#[derive(Debug)]
+pub struct GroupNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    groups: i64,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(b: Builder, groups: i64, channels: i64, eps: f64) -> Self {
+        assert!(
+            channels % groups == 0,
+            "GroupNorm at {}: {channels} channels are not divisible into {groups} groups",
+            b.name()
+        );
+        let weight = b.constant("weight", &[channels], 1.0);
+        let bias = b.constant("bias", &[channels], 0.0);
+        GroupNorm { weight, bias, groups, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+#[derive(Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    dim: i64,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(b: Builder, dim: i64, eps: f64) -> Self {
+        let weight = b.constant("weight", &[dim], 1.0);
+        let bias = b.constant("bias", &[dim], 0.0);
+        LayerNorm { weight, bias, dim, eps }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
+/// Total number of elements over a set of tensors.
+pub fn count_params<'t>(tensors: impl IntoIterator<Item = &'t Tensor>) -> i64 {
+    tensors.into_iter().map(|t| t.numel() as i64).sum()
+}

@@ -1,0 +1,252 @@
+//! diffusers' `UNet2DConditionModel`, returning the block features as values (tch has no hooks).
+use super::attention::TransformerConfig;
+use super::embeddings::{timestep_embedding, TimestepEmbedding};
+use super::layers::{count_params, Builder, Conv2d, GroupNorm, Init};
+use super::resnet::ResnetConfig;
+use super::unet_blocks::{BlockConfig, DownBlock, InnerTaps, MidBlock, UpBlock, UpBlockChannels};
+use super::unet_config::{DownBlockKind, UNetConfig, UpBlockKind};
+use super::weights;
+use anyhow::{Context, Result};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use tch::{nn, Device, Kind, Tensor};
+
+/// What one forward pass computes: the prediction and every block's output.
+pub struct UNetOutput {
+    pub sample: Tensor,
+    /// `down_blocks.i` outputs: the hidden state after the block (and its downsampler), not the
+    /// tuple of skip states.
+    pub down: Vec<Tensor>,
+    pub mid: Option<Tensor>,
+    pub up: Vec<Tensor>,
+    /// Inner features that were asked for, by name (`down_blocks.2.attentions.0.proj_out`).
+    pub inner: BTreeMap<String, Tensor>,
+}
+
+impl UNetOutput {
+    /// A feature by its diffusers module name: `down_blocks.i`, `mid_block`, `up_blocks.i`, or an
+    /// inner name that was asked for.
+    pub fn feature(&self, name: &str) -> Option<&Tensor> {
+        if name == "mid_block" {
+            return self.mid.as_ref();
+        }
+        let index = |prefix: &str| name.strip_prefix(prefix).and_then(|i| i.parse::<usize>().ok());
+        if let Some(i) = index("down_blocks.") {
+            return self.down.get(i);
+        }
+        if let Some(i) = index("up_blocks.") {
+            return self.up.get(i);
+        }
+        self.inner.get(name)
+    }
+}
+
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    pub config: UNetConfig,
+    conv_in: Conv2d,
+    time_embedding: TimestepEmbedding,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(b: Builder, config: &UNetConfig) -> Self {
+        let c = config;
+        let n = c.num_stages();
+        let ch = &c.block_out_channels;
+        let block_cfg = |stage: usize, output_scale_factor: f64| BlockConfig {
+            resnet: ResnetConfig {
+                groups: c.norm_num_groups,
+                eps: c.norm_eps,
+                temb_channels: Some(c.time_embed_dim()),
+                output_scale_factor,
+            },
+            transformer: TransformerConfig {
+                heads: c.num_heads[stage],
+                context_dim: c.cross_attention_dim,
+                groups: c.norm_num_groups,
+                use_linear_projection: c.use_linear_projection,
+                upcast_attention: c.upcast_attention,
+            },
+        };
+        let down_blocks = (0..n)
+            .map(|i| {
+                DownBlock::new(
+                    b.pp("down_blocks").pp(i),
+                    if i == 0 { ch[0] } else { ch[i - 1] },
+                    ch[i],
+                    c.layers_per_block[i],
+                    c.down_block_types[i] == DownBlockKind::CrossAttn,
+                    i + 1 < n,
+                    c.downsample_padding,
+                    &block_cfg(i, 1.0),
+                )
+            })
+            .collect();
+        let mid_block =
+            c.mid_block.then(|| MidBlock::new(b.pp("mid_block"), ch[n - 1], &block_cfg(n - 1, c.mid_block_scale_factor)));
+        let up_blocks = (0..n)
+            .map(|i| {
+                let stage = n - 1 - i; // the down stage this up block mirrors
+                let channels = UpBlockChannels {
+                    in_ch: ch[stage.saturating_sub(1)],
+                    out_ch: ch[stage],
+                    prev_out_ch: ch[(stage + 1).min(n - 1)],
+                };
+                UpBlock::new(
+                    b.pp("up_blocks").pp(i),
+                    &channels,
+                    c.layers_per_block[stage] + 1,
+                    c.up_block_types[i] == UpBlockKind::CrossAttn,
+                    i + 1 < n,
+                    &block_cfg(stage, 1.0),
+                )
+            })
+            .collect();
+        UNet2DConditionModel {
+            config: c.clone(),
+            conv_in: Conv2d::new(b.pp("conv_in"), c.in_channels, ch[0], 3, 1, 1),
+            time_embedding: TimestepEmbedding::new(b.pp("time_embedding"), ch[0], c.time_embed_dim()),
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: GroupNorm::new(b.pp("conv_norm_out"), c.norm_num_groups, ch[0], c.norm_eps),
+            conv_out: Conv2d::new(b.pp("conv_out"), ch[0], c.out_channels, 3, 1, 1),
+        }
+    }
+
+    /// `sample`: (b, c, h, w); `timesteps`: (b,) or a scalar; `context`: (b, m, cross_attention_dim).
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, inner: &BTreeSet<String>) -> UNetOutput {
+        let c = &self.config;
+        let (batch, _, height, width) = sample.size4().expect("UNet sample must be (b, c, h, w)");
+        let mut taps = InnerTaps::new(inner);
+        let sample = if c.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
+        let timesteps = if timesteps.dim() == 0 { timesteps.expand([batch], true) } else { timesteps.shallow_clone() };
+        let t_emb = timestep_embedding(&timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
+            .to_kind(sample.kind());
+        let temb = self.time_embedding.forward(&t_emb); // (b, 4·c0)
+
+        let mut h = self.conv_in.forward(&sample);
+        let mut skips = vec![h.shallow_clone()];
+        let mut down = Vec::with_capacity(self.down_blocks.len());
+        for block in &self.down_blocks {
+            let (out, block_skips) = block.forward(&h, &temb, context, &mut taps);
+            skips.extend(block_skips);
+            down.push(out.shallow_clone());
+            h = out;
+        }
+        let mid = self.mid_block.as_ref().map(|m| {
+            h = m.forward(&h, &temb, context, &mut taps);
+            h.shallow_clone()
+        });
+        // When the input is not a multiple of the total downscale, each upsampler goes to the
+        // size of the skip it meets next instead of ×2.
+        let factor = 1i64 << (self.up_blocks.len().saturating_sub(1));
+        let odd_size = height % factor != 0 || width % factor != 0;
+        let mut up = Vec::with_capacity(self.up_blocks.len());
+        for (i, block) in self.up_blocks.iter().enumerate() {
+            let block_skips = skips.split_off(skips.len() - block.num_resnets());
+            let upsample_size = (odd_size && i + 1 < self.up_blocks.len()).then(|| {
+                let s = skips.last().expect("skip states run out before the last up block").size();
+                (s[2], s[3])
+            });
+            h = block.forward(&h, &block_skips, &temb, context, upsample_size, &mut taps);
+            up.push(h.shallow_clone());
+        }
+        let sample = self.conv_out.forward(&self.conv_norm_out.forward(&h).silu());
+        UNetOutput { sample, down, mid, up, inner: taps.got }
+    }
+
+    /// The prediction alone (inference).
+    pub fn predict(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Tensor {
+        self.forward(sample, timesteps, context, &BTreeSet::new()).sample
+    }
+
+    /// Every inner feature name this model can return.
+    pub fn inner_feature_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.down_blocks.iter().flat_map(DownBlock::inner_feature_names).collect();
+        names.extend(self.mid_block.iter().flat_map(MidBlock::inner_feature_names));
+        names.extend(self.up_blocks.iter().flat_map(UpBlock::inner_feature_names));
+        names
+    }
+
+    /// Every feature name `UNetOutput::feature` can resolve for this model.
+    pub fn feature_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = (0..self.down_blocks.len()).map(|i| format!("down_blocks.{i}")).collect();
+        if self.mid_block.is_some() {
+            names.push("mid_block".into());
+        }
+        names.extend((0..self.up_blocks.len()).map(|i| format!("up_blocks.{i}")));
+        names.extend(self.inner_feature_names());
+        names
+    }
+}
+
+/// A UNet with the var store that owns its parameters.
+pub struct UNet {
+    pub vs: nn::VarStore,
+    pub model: UNet2DConditionModel,
+}
+
+impl UNet {
+    /// A UNet from a config, its parameters filled per `init` with dtype `kind`.
+    pub fn build(config: &UNetConfig, device: Device, kind: Kind, init: Init) -> UNet {
+        let vs = nn::VarStore::new(device);
+        let model = UNet2DConditionModel::new(Builder::new(&vs, kind, init), config);
+        UNet { vs, model }
+    }
+
+    /// Loads a diffusers UNet folder (config.json + safetensors weights), keeping `kind`.
+    pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<UNet> {
+        let config = UNetConfig::from_path(dir)?;
+        let unet = UNet::build(&config, device, kind, Init::Empty);
+        let files = weights::weight_files(dir, "diffusion_pytorch_model")?;
+        weights::load_strict(&unet.vs.variables(), &files).with_context(|| format!("loading UNet {}", dir.display()))?;
+        Ok(unet)
+    }
+
+    pub fn num_params(&self) -> i64 {
+        count_params(self.vs.variables().values())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sd15_counts_the_published_parameters() {
+        let c = UNetConfig::from_path(Path::new("configs/reference/sd15_unet_config.json")).unwrap();
+        let unet = UNet::build(&c, Device::Cpu, Kind::Float, Init::Empty);
+        assert_eq!(unet.num_params(), 859_520_964);
+        let c = UNetConfig::from_path(Path::new("configs/reference/sd21_unet_config.json")).unwrap();
+        let unet = UNet::build(&c, Device::Cpu, Kind::Float, Init::Empty);
+        assert_eq!(unet.num_params(), 865_910_724);
+    }
+
+    #[test]
+    fn odd_sizes_and_features() {
+        let mut c = UNetConfig::default();
+        c.block_out_channels = vec![32, 64];
+        c.down_block_types = vec![DownBlockKind::CrossAttn, DownBlockKind::Plain];
+        c.up_block_types = vec![UpBlockKind::Plain, UpBlockKind::CrossAttn];
+        c.layers_per_block = vec![1, 1];
+        c.num_heads = vec![2, 2];
+        c.norm_num_groups = 8;
+        c.cross_attention_dim = 16;
+        let unet = UNet::build(&c, Device::Cpu, Kind::Float, Init::Torch);
+        let x = Tensor::randn([2, 4, 9, 7], (Kind::Float, Device::Cpu));
+        let ctx = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu));
+        let wanted: BTreeSet<String> = ["down_blocks.0.attentions.0.proj_out".to_string()].into();
+        let out = unet.model.forward(&x, &Tensor::from_slice(&[10i64, 500]), &ctx, &wanted);
+        assert_eq!(out.sample.size(), vec![2, 4, 9, 7]);
+        assert_eq!(out.down.len(), 2);
+        assert_eq!(out.feature("up_blocks.1").unwrap().size(), vec![2, 32, 9, 7]);
+        assert_eq!(out.feature("down_blocks.0.attentions.0.proj_out").unwrap().size(), vec![2, 32, 9, 7]);
+        assert!(out.feature("mid_block").is_some());
+    }
+}

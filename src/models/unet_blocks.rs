@@ -1,0 +1,240 @@
+//! The UNet's down, mid and up blocks (diffusers' `CrossAttnDownBlock2D`/`DownBlock2D`,
+//! `UNetMidBlock2DCrossAttn`, `CrossAttnUpBlock2D`/`UpBlock2D`) and the resamplers. A plain block
+//! is a cross-attention block without attentions, so one struct serves both kinds.
+use super::attention::{Transformer2DModel, TransformerConfig};
+use super::layers::{Builder, Conv2d};
+use super::resnet::{ResnetBlock2D, ResnetConfig};
+use std::collections::{BTreeMap, BTreeSet};
+use tch::Tensor;
+
+/// Inner features asked for by name (`down_blocks.2.attentions.0.proj_out`), and those found.
+pub struct InnerTaps<'a> {
+    pub wanted: &'a BTreeSet<String>,
+    pub got: BTreeMap<String, Tensor>,
+}
+
+impl<'a> InnerTaps<'a> {
+    pub fn new(wanted: &'a BTreeSet<String>) -> Self {
+        InnerTaps { wanted, got: BTreeMap::new() }
+    }
+}
+
+/// A spatial transformer that remembers its checkpoint name, so it can offer its inner features.
+#[derive(Debug)]
+struct NamedTransformer {
+    proj_out_name: String,
+    model: Transformer2DModel,
+}
+
+impl NamedTransformer {
+    fn new(b: Builder, channels: i64, cfg: &TransformerConfig) -> Self {
+        NamedTransformer { proj_out_name: format!("{}.proj_out", b.name()), model: Transformer2DModel::new(b, channels, cfg) }
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor, taps: &mut InnerTaps) -> Tensor {
+        let out = self.model.forward(x, context);
+        if taps.wanted.contains(&self.proj_out_name) {
+            taps.got.insert(self.proj_out_name.clone(), out.proj_out);
+        }
+        out.hidden
+    }
+}
+
+/// The names of the inner features a block list can offer.
+fn proj_out_names(transformers: &[NamedTransformer]) -> impl Iterator<Item = String> + '_ {
+    transformers.iter().map(|t| t.proj_out_name.clone())
+}
+
+#[derive(Debug)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    padding: i64,
+}
+
+impl Downsample2D {
+    pub fn new(b: Builder, channels: i64, padding: i64) -> Self {
+        Downsample2D { conv: Conv2d::new(b.pp("conv"), channels, channels, 3, 2, padding), padding }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        if self.padding == 0 {
+            // diffusers pads right/bottom by one when the conv itself has no padding
+            self.conv.forward(&x.constant_pad_nd([0, 1, 0, 1]))
+        } else {
+            self.conv.forward(x)
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(b: Builder, channels: i64) -> Self {
+        Upsample2D { conv: Conv2d::new(b.pp("conv"), channels, channels, 3, 1, 1) }
+    }
+
+    /// Nearest-neighbour ×2, or to `size` when the skip connection's size is odd.
+    pub fn forward(&self, x: &Tensor, size: Option<(i64, i64)>) -> Tensor {
+        let (_, _, h, w) = x.size4().expect("upsample input must be (b, c, h, w)");
+        let (oh, ow) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&x.upsample_nearest2d([oh, ow], None, None))
+    }
+}
+
+/// Per-block settings shared by every stage of one UNet.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockConfig {
+    pub resnet: ResnetConfig,
+    pub transformer: TransformerConfig,
+}
+
+#[derive(Debug)]
+pub struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<NamedTransformer>,
+    downsampler: Option<Downsample2D>,
+}
+
+impl DownBlock {
+    pub fn new(
+        b: Builder,
+        in_ch: i64,
+        out_ch: i64,
+        layers: i64,
+        cross_attn: bool,
+        add_downsample: bool,
+        downsample_padding: i64,
+        cfg: &BlockConfig,
+    ) -> Self {
+        let resnets = (0..layers)
+            .map(|i| ResnetBlock2D::new(b.pp("resnets").pp(i), if i == 0 { in_ch } else { out_ch }, out_ch, &cfg.resnet))
+            .collect();
+        let attentions = if cross_attn {
+            (0..layers).map(|i| NamedTransformer::new(b.pp("attentions").pp(i), out_ch, &cfg.transformer)).collect()
+        } else {
+            vec![]
+        };
+        let downsampler =
+            add_downsample.then(|| Downsample2D::new(b.pp("downsamplers").pp(0), out_ch, downsample_padding));
+        DownBlock { resnets, attentions, downsampler }
+    }
+
+    /// Returns the block's output and the skip states it hands to the up path.
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps) -> (Tensor, Vec<Tensor>) {
+        let mut h = x.shallow_clone();
+        let mut skips = Vec::with_capacity(self.resnets.len() + 1);
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            h = resnet.forward(&h, Some(temb));
+            if let Some(attn) = self.attentions.get(i) {
+                h = attn.forward(&h, context, taps);
+            }
+            skips.push(h.shallow_clone());
+        }
+        if let Some(down) = &self.downsampler {
+            h = down.forward(&h);
+            skips.push(h.shallow_clone());
+        }
+        (h, skips)
+    }
+
+    pub fn inner_feature_names(&self) -> Vec<String> {
+        proj_out_names(&self.attentions).collect()
+    }
+}
+
+#[derive(Debug)]
+pub struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<NamedTransformer>,
+}
+
+impl MidBlock {
+    pub fn new(b: Builder, channels: i64, cfg: &BlockConfig) -> Self {
+        MidBlock {
+            resnets: (0..2).map(|i| ResnetBlock2D::new(b.pp("resnets").pp(i), channels, channels, &cfg.resnet)).collect(),
+            attentions: vec![NamedTransformer::new(b.pp("attentions").pp(0), channels, &cfg.transformer)],
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps) -> Tensor {
+        let mut h = self.resnets[0].forward(x, Some(temb));
+        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
+            h = attn.forward(&h, context, taps);
+            h = resnet.forward(&h, Some(temb));
+        }
+        h
+    }
+
+    pub fn inner_feature_names(&self) -> Vec<String> {
+        proj_out_names(&self.attentions).collect()
+    }
+}
+
+#[derive(Debug)]
+pub struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<NamedTransformer>,
+    upsampler: Option<Upsample2D>,
+}
+
+pub struct UpBlockChannels {
+    /// Width of the matching down stage's input (the last skip's width).
+    pub in_ch: i64,
+    pub out_ch: i64,
+    /// Width of what arrives from the stage below.
+    pub prev_out_ch: i64,
+}
+
+impl UpBlock {
+    pub fn new(b: Builder, ch: &UpBlockChannels, layers: i64, cross_attn: bool, add_upsample: bool, cfg: &BlockConfig) -> Self {
+        let resnets = (0..layers)
+            .map(|i| {
+                let skip = if i == layers - 1 { ch.in_ch } else { ch.out_ch };
+                let input = if i == 0 { ch.prev_out_ch } else { ch.out_ch };
+                ResnetBlock2D::new(b.pp("resnets").pp(i), input + skip, ch.out_ch, &cfg.resnet)
+            })
+            .collect();
+        let attentions = if cross_attn {
+            (0..layers).map(|i| NamedTransformer::new(b.pp("attentions").pp(i), ch.out_ch, &cfg.transformer)).collect()
+        } else {
+            vec![]
+        };
+        let upsampler = add_upsample.then(|| Upsample2D::new(b.pp("upsamplers").pp(0), ch.out_ch));
+        UpBlock { resnets, attentions, upsampler }
+    }
+
+    pub fn num_resnets(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// `skips` are this block's skip states in the order the down path made them; they are
+    /// consumed last first.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        skips: &[Tensor],
+        temb: &Tensor,
+        context: &Tensor,
+        upsample_size: Option<(i64, i64)>,
+        taps: &mut InnerTaps,
+    ) -> Tensor {
+        let mut h = x.shallow_clone();
+        for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
+            h = resnet.forward(&Tensor::cat(&[&h, skip], 1), Some(temb));
+            if let Some(attn) = self.attentions.get(i) {
+                h = attn.forward(&h, context, taps);
+            }
+        }
+        match &self.upsampler {
+            Some(up) => up.forward(&h, upsample_size),
+            None => h,
+        }
+    }
+
+    pub fn inner_feature_names(&self) -> Vec<String> {
+        proj_out_names(&self.attentions).collect()
+    }
+}
