@@ -1,0 +1,113 @@
+//! sdkd's UNet against diffusers' `UNet2DConditionModel` on tiny random perturbed models:
+//! prediction and every block feature, fp32 and fp16 files, and clean errors for bad inputs.
+mod common;
+
+use common::*;
+use sdkd::models::UNet;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use tch::{Device, Kind};
+
+const MODELS: [&str; 4] = ["sd1", "sd2", "lpb1_nomid", "three_stage"];
+
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_keep, path) = DIR.get_or_init(|| {
+        let dir = tempdir();
+        run_reference("make_unets.py", &[dir.path().to_str().unwrap()]);
+        let path = dir.path().to_path_buf();
+        (dir, path)
+    });
+    path
+}
+
+fn check(name: &str, unet_dir: &str) {
+    let dir = fixtures().join(name);
+    let unet = UNet::load(&dir.join(unet_dir), Device::Cpu, Kind::Float).unwrap();
+    let refs = read_tensors(&dir.join("ref.safetensors"));
+    let inner: BTreeSet<String> = refs
+        .keys()
+        .filter_map(|k| k.strip_prefix("feat."))
+        .filter(|k| k.contains(".attentions."))
+        .map(str::to_string)
+        .collect();
+    let out = tch::no_grad(|| unet.model.forward(&refs["sample"], &refs["timesteps"], &refs["context"], &inner));
+    let err = rel_err(&out.sample, &refs["out"]);
+    assert!(err <= 1e-5, "{name}/{unet_dir}: prediction rel err {err:e}");
+    let mut n = 0;
+    for (key, want) in refs.iter().filter(|(k, _)| k.starts_with("feat.")) {
+        let feature = &key["feat.".len()..];
+        let got = out.feature(feature).unwrap_or_else(|| panic!("{name}: no feature {feature}"));
+        let err = rel_err(got, want);
+        assert!(err <= 1e-5, "{name}/{unet_dir}: feature {feature} rel err {err:e}");
+        n += 1;
+    }
+    let expected = out.down.len() + out.up.len() + usize::from(out.mid.is_some()) + inner.len();
+    assert_eq!(n, expected, "{name}: every block feature compared");
+}
+
+#[test]
+fn fp32_matches_diffusers() {
+    for name in MODELS {
+        check(name, "unet");
+    }
+}
+
+#[test]
+fn fp16_file_into_fp32_model_matches() {
+    for name in MODELS {
+        check(name, "unet_fp16");
+    }
+}
+
+#[test]
+fn keeps_the_requested_dtype() {
+    let unet = UNet::load(&fixtures().join("sd2/unet"), Device::Cpu, Kind::BFloat16).unwrap();
+    assert!(unet.vs.variables().values().all(|t| t.kind() == Kind::BFloat16));
+    let unet = UNet::load(&fixtures().join("sd2/unet_fp16"), Device::Cpu, Kind::Float).unwrap();
+    assert!(unet.vs.variables().values().all(|t| t.kind() == Kind::Float));
+}
+
+/// A copy of a fixture's fp32 UNet folder to break.
+fn broken_copy(tmp: &Path) -> PathBuf {
+    let src = fixtures().join("sd2/unet");
+    let dst = tmp.join("unet");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+#[test]
+fn bad_inputs_are_clean_errors() {
+    let tmp = tempdir();
+    let load = |dir: &Path| UNet::load(dir, Device::Cpu, Kind::Float).err().map(|e| format!("{e:#}")).unwrap_or_default();
+
+    let dir = broken_copy(&tmp.path().join("truncated"));
+    let weights = dir.join("diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load(&dir);
+    assert!(e.contains("not a valid safetensors") && e.contains("diffusion_pytorch_model"), "{e}");
+
+    let dir = broken_copy(&tmp.path().join("json"));
+    std::fs::write(dir.join("config.json"), "{ not json").unwrap();
+    let e = load(&dir);
+    assert!(e.contains("not valid JSON") && e.contains("config.json"), "{e}");
+
+    let dir = broken_copy(&tmp.path().join("blocktype"));
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"DownBlock2D\"", "\"SimpleCrossAttnDownBlock2D\"");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    let e = load(&dir);
+    assert!(e.contains("SimpleCrossAttnDownBlock2D") && e.contains("down_block_types"), "{e}");
+
+    // a mis-shaped tensor: widen the cross-attention dim in the config only
+    let dir = broken_copy(&tmp.path().join("shape"));
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"cross_attention_dim\": 48", "\"cross_attention_dim\": 40");
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    let e = load(&dir);
+    assert!(e.contains("mis-shaped") && e.contains("attn2.to_k.weight"), "{e}");
+}
