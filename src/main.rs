@@ -14,12 +14,15 @@ struct Cli {
 enum Command {
     /// Architecture tables and parameter counts of a UNet (and its students) or a pipeline.
     Inspect(commands::inspect::InspectArgs),
+    /// Build a student from a teacher UNet, copy the teacher's weights, write a diffusers folder.
+    Prune(commands::prune::PruneArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Prune(a) => commands::prune::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,4 +1,5 @@
 //! `sdkd inspect`: architecture tables and parameter counts.
+use crate::distill::student::{StudentPlan, StudentSpec};
 use crate::models::{Init, UNet, UNetConfig};
 use anyhow::Result;
 use clap::Args;
@@ -11,6 +12,9 @@ pub struct InspectArgs {
     /// A UNet config.json or a diffusers UNet folder.
     #[arg(long)]
     pub unet: Option<PathBuf>,
+    /// A student preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny) or spec YAML to build from it.
+    #[arg(long)]
+    pub student: Option<String>,
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -122,12 +126,30 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     let Some(unet_path) = &args.unet else {
         anyhow::bail!("inspect needs --unet <config.json or unet dir>");
     };
-    let config = UNetConfig::from_path(unet_path)?;
+    let config = UNetConfig::from_path(&crate::commands::prune::unet_dir(unet_path))?;
     let teacher = describe_unet(&config);
+    let mut report = json!({ "teacher": teacher });
+    let mut text = format_table(&format!("teacher: {}", unet_path.display()), &teacher);
+    if let Some(arg) = &args.student {
+        let spec = StudentSpec::resolve(arg, &config)?;
+        let plan = StudentPlan::new(&spec, &config)?;
+        let mut student = describe_unet(&plan.config);
+        let ratio = student["params"].as_f64().unwrap_or(0.0) / teacher["params"].as_f64().unwrap_or(1.0);
+        student["preset"] = json!(plan.name);
+        student["param_ratio"] = json!(ratio);
+        student["feature_pairs"] = json!(plan.feature_pairs);
+        student["copied_tensors"] = json!(plan.copy_map.len());
+        text += &format!("\n{}", format_table(&format!("student: {} ({:.1}% of the teacher)", plan.name, 100.0 * ratio), &student));
+        text += "feature pairs (teacher -> student):\n";
+        for p in &plan.feature_pairs {
+            text += &format!("  {} -> {}\n", p.teacher, p.student);
+        }
+        report["student"] = student;
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&json!({ "teacher": teacher }))?);
+        println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", format_table(&format!("teacher: {}", unet_path.display()), &teacher));
+        print!("{text}");
     }
     Ok(())
 }

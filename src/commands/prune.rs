@@ -1,0 +1,73 @@
+//! `sdkd prune`: build a student from a teacher UNet, copy the teacher's weights into it by the
+//! copy map, and write a diffusers UNet folder (or a whole pipeline).
+use crate::distill::student::{copy_from_teacher, StudentPlan, StudentSpec};
+use crate::export::{self, ExportDtype, ExportFormat};
+use crate::models::{weights, Init, UNet};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// The teacher: a diffusers UNet folder, or a pipeline folder (its unet/ is used).
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// A preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny) or a student spec YAML.
+    #[arg(long)]
+    pub student: String,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Storage dtype of the written weights.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub dtype: ExportDtype,
+    /// `unet` writes a UNet folder; `pipeline` also copies the teacher pipeline's other parts.
+    #[arg(long, value_enum, default_value = "unet")]
+    pub format: ExportFormat,
+}
+
+/// A UNet folder given directly or as a pipeline's `unet/`.
+pub fn unet_dir(path: &Path) -> PathBuf {
+    if path.join("model_index.json").is_file() {
+        path.join("unet")
+    } else {
+        path.to_path_buf()
+    }
+}
+
+pub fn run(args: &PruneArgs) -> Result<()> {
+    let teacher_dir = unet_dir(&args.teacher);
+    let teacher = UNet::load(&teacher_dir, Device::Cpu, Kind::Float)?;
+    let spec = StudentSpec::resolve(&args.student, &teacher.model.config)?;
+    let plan = StudentPlan::new(&spec, &teacher.model.config)
+        .with_context(|| format!("applying student {:?} to teacher {}", args.student, teacher_dir.display()))?;
+    let student = UNet::build(&plan.config, Device::Cpu, Kind::Float, Init::Torch);
+    let report = copy_from_teacher(&plan, &teacher, &student)?;
+    let tensors = weights::named_tensors(&student.vs);
+    let kind = Some(args.dtype.kind());
+    let copy_map = serde_json::to_string_pretty(&plan.copy_map)? + "\n";
+    match args.format {
+        ExportFormat::Unet => export::atomic_dir(&args.out, |dir| {
+            export::fill_unet_dir(dir, &plan.config, &tensors, kind)?;
+            // provenance: where each student tensor came from (diffusers ignores the file)
+            Ok(std::fs::write(dir.join("copy_map.json"), &copy_map)?)
+        })?,
+        ExportFormat::Pipeline => {
+            if teacher_dir == args.teacher {
+                bail!("--format pipeline needs --teacher to be a pipeline folder (with model_index.json), not {}", args.teacher.display());
+            }
+            export::write_pipeline_dir(&args.out, &args.teacher, &plan.config, &tensors, kind)?
+        }
+    }
+    println!(
+        "pruned {} -> {} ({}): {} params (teacher {}), {} tensors copied, {} left random",
+        teacher_dir.display(),
+        args.out.display(),
+        plan.name,
+        student.num_params(),
+        teacher.num_params(),
+        report.copied,
+        report.left_random.len()
+    );
+    Ok(())
+}

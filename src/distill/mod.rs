@@ -1,0 +1,2 @@
+//! Distillation: students and their copy map, losses, the trainer and its state.
+pub mod student;
