@@ -1,0 +1,104 @@
+//! The BK-SDM objective: task loss + output-level KD + per-block feature KD, each an MSE (mean
+//! over all elements) computed in fp32. Every term is returned on its own, because the feature
+//! term is typically much larger than the others (BK-SDM issue 21) and users need to see that.
+use super::student::FeaturePair;
+use crate::models::UNetOutput;
+use tch::{Kind, Reduction, Tensor};
+
+/// λ weights of the three terms.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossWeights {
+    pub task: f64,
+    pub output_kd: f64,
+    pub feature_kd: f64,
+}
+
+impl Default for LossWeights {
+    /// BK-SDM's defaults: all three λ = 1.
+    fn default() -> Self {
+        LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0 }
+    }
+}
+
+/// The terms of one step's loss, as scalar tensors (the total carries the graph).
+pub struct LossTerms {
+    pub total: Tensor,
+    pub task: Tensor,
+    pub output_kd: Option<Tensor>,
+    pub feature_kd: Option<Tensor>,
+    /// Unweighted MSE of each feature pair, named `teacher->student`.
+    pub per_pair: Vec<(String, Tensor)>,
+}
+
+/// Mean squared error in fp32, whatever the inputs' dtype.
+pub fn mse(a: &Tensor, b: &Tensor) -> Tensor {
+    a.to_kind(Kind::Float).mse_loss(&b.to_kind(Kind::Float), Reduction::Mean)
+}
+
+/// The loss of a student forward against the regression `target` and, when distilling, the
+/// teacher's forward on the same inputs (computed without gradients).
+pub fn distill_loss(
+    student: &UNetOutput,
+    teacher: Option<&UNetOutput>,
+    target: &Tensor,
+    pairs: &[FeaturePair],
+    w: &LossWeights,
+) -> LossTerms {
+    let task = mse(&student.sample, target);
+    let mut total = &task * w.task;
+    let (mut output_kd, mut feature_kd, mut per_pair) = (None, None, vec![]);
+    if let Some(teacher) = teacher {
+        let out = mse(&student.sample, &teacher.sample.detach());
+        total = total + &out * w.output_kd;
+        output_kd = Some(out);
+        if !pairs.is_empty() {
+            let mut sum = Tensor::zeros([], (Kind::Float, target.device()));
+            for p in pairs {
+                let s = student.feature(&p.student).unwrap_or_else(|| panic!("student forward lacks feature {}", p.student));
+                let t = teacher.feature(&p.teacher).unwrap_or_else(|| panic!("teacher forward lacks feature {}", p.teacher));
+                let term = mse(s, &t.detach());
+                sum = sum + &term;
+                per_pair.push((format!("{}->{}", p.teacher, p.student), term));
+            }
+            total = total + &sum * w.feature_kd;
+            feature_kd = Some(sum);
+        }
+    }
+    LossTerms { total, task, output_kd, feature_kd, per_pair }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn out(sample: Tensor, down: Vec<Tensor>) -> UNetOutput {
+        UNetOutput { sample, down, mid: None, up: vec![], inner: BTreeMap::new() }
+    }
+
+    #[test]
+    fn terms_add_up_with_weights() {
+        let s = out(Tensor::from_slice(&[1.0f32, 2.0]), vec![Tensor::from_slice(&[0.0f32, 0.0])]);
+        let t = out(Tensor::from_slice(&[1.0f32, 0.0]), vec![Tensor::from_slice(&[3.0f32, 1.0])]);
+        let target = Tensor::from_slice(&[0.0f32, 0.0]);
+        let pairs = vec![FeaturePair { teacher: "down_blocks.0".into(), student: "down_blocks.0".into() }];
+        let w = LossWeights { task: 1.0, output_kd: 0.5, feature_kd: 0.25 };
+        let l = distill_loss(&s, Some(&t), &target, &pairs, &w);
+        assert_eq!(l.task.double_value(&[]), 2.5); // (1 + 4) / 2
+        assert_eq!(l.output_kd.as_ref().unwrap().double_value(&[]), 2.0); // (0 + 4) / 2
+        assert_eq!(l.feature_kd.as_ref().unwrap().double_value(&[]), 5.0); // (9 + 1) / 2
+        assert_eq!(l.total.double_value(&[]), 2.5 + 0.5 * 2.0 + 0.25 * 5.0);
+        assert_eq!(l.per_pair[0].0, "down_blocks.0->down_blocks.0");
+        let alone = distill_loss(&s, None, &target, &pairs, &w);
+        assert!(alone.output_kd.is_none() && alone.feature_kd.is_none());
+        assert_eq!(alone.total.double_value(&[]), 2.5);
+    }
+
+    #[test]
+    fn half_inputs_are_measured_in_fp32() {
+        let a = Tensor::from_slice(&[300.0f32]).to_kind(Kind::Half);
+        let b = Tensor::from_slice(&[0.0f32]).to_kind(Kind::Half);
+        // 300² = 90000 overflows fp16 (max 65504)
+        assert_eq!(mse(&a, &b).double_value(&[]), 90000.0);
+    }
+}
