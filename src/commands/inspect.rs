@@ -1,6 +1,7 @@
-//! `sdkd inspect`: architecture tables and parameter counts.
+//! `sdkd inspect`: architecture tables and parameter counts, of a UNet (and a student built
+//! from it) or of a whole pipeline.
 use crate::distill::student::{StudentPlan, StudentSpec};
-use crate::models::{Init, UNet, UNetConfig};
+use crate::models::{Init, Part, PipelineDir, UNet, UNetConfig};
 use anyhow::Result;
 use clap::Args;
 use serde_json::{json, Value};
@@ -15,6 +16,9 @@ pub struct InspectArgs {
     /// A student preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny) or spec YAML to build from it.
     #[arg(long)]
     pub student: Option<String>,
+    /// A diffusers pipeline folder: loads every part and counts its parameters.
+    #[arg(long, conflicts_with = "unet")]
+    pub model: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long)]
     pub json: bool,
@@ -122,9 +126,82 @@ pub fn group_digits(n: i64) -> String {
     }
 }
 
+/// Loads every part of a pipeline (on the CPU, fp32, one part at a time) and describes it:
+/// `{"unet": {"params": N, ...}, "vae": {...}, "text_encoder": {...}, "tokenizer": {...},
+/// "scheduler": {...}}`. Any missing or broken part is an error naming it.
+pub fn describe_pipeline(dir: &std::path::Path) -> Result<Value> {
+    let p = PipelineDir::open(dir)?;
+    let (device, kind) = (Device::Cpu, Kind::Float);
+    let class = |part: Part, default: &str| p.part_class(part).unwrap_or(default).to_string();
+
+    let unet_config = p.unet_config()?;
+    let unet_params = p.load_unet(device, kind)?.num_params();
+    let mut unet = describe_unet(&unet_config);
+    unet["params"] = json!(unet_params);
+    unet["class"] = json!(class(Part::Unet, "UNet2DConditionModel"));
+
+    let vae = p.load_vae(device, kind)?;
+    let c = &vae.model.config;
+    let vae_json = json!({"params": vae.num_params(), "class": class(Part::Vae, "AutoencoderKL"),
+        "latent_channels": c.latent_channels, "scaling_factor": c.scaling_factor, "shift_factor": c.shift_factor,
+        "downscale_factor": c.downscale_factor(), "config": c.to_json()});
+    drop(vae);
+
+    let te = p.load_text_encoder(device, kind)?;
+    let c = &te.model.config;
+    let te_json = json!({"params": te.num_params(), "class": class(Part::TextEncoder, "CLIPTextModel"),
+        "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers, "hidden_act": c.hidden_act.name(),
+        "config": c.to_json()});
+    drop(te);
+
+    let tok = p.load_tokenizer()?;
+    let tok_json = json!({"class": class(Part::Tokenizer, "CLIPTokenizer"), "vocab_size": tok.vocab_size(),
+        "merges": tok.num_merges(), "model_max_length": tok.model_max_length(),
+        "bos_token": tok.special.bos, "eos_token": tok.special.eos, "pad_token": tok.special.pad,
+        "bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_id(), "pad_token_id": tok.pad_id(), "source": tok.source});
+
+    let sched = p.scheduler_config()?;
+    let mut sched_json = serde_json::Map::new();
+    let sched_class = sched.get("_class_name").and_then(Value::as_str).map(str::to_string);
+    sched_json.insert("class".into(), json!(sched_class.unwrap_or_else(|| class(Part::Scheduler, "unknown"))));
+    for (k, v) in sched.as_object().into_iter().flatten() {
+        if !k.starts_with('_') {
+            sched_json.insert(k.clone(), v.clone());
+        }
+    }
+    Ok(json!({"unet": unet, "vae": vae_json, "text_encoder": te_json, "tokenizer": tok_json, "scheduler": sched_json}))
+}
+
+/// The one-screen summary of a `describe_pipeline` value.
+pub fn format_pipeline(dir: &std::path::Path, d: &Value) -> String {
+    let row = |part: &str, v: &Value, what: String| format!("{part:<14} {:<24} {what}\n", v["class"].as_str().unwrap_or(""));
+    let params = |v: &Value| format!("{:>14} params", group_digits(v["params"].as_i64().unwrap_or(0)));
+    let t = &d["tokenizer"];
+    let s = &d["scheduler"];
+    let mut out = format!("pipeline: {}\n", dir.display());
+    out += &row("unet", &d["unet"], params(&d["unet"]));
+    out += &row("vae", &d["vae"], params(&d["vae"]));
+    out += &row("text_encoder", &d["text_encoder"], params(&d["text_encoder"]));
+    out += &row("tokenizer", t, format!("vocab {}, max length {}, pad {}", t["vocab_size"], t["model_max_length"], t["pad_token"]));
+    out += &row("scheduler", s, format!("{} train steps, {} betas {}..{}, {}", s["num_train_timesteps"], s["beta_schedule"],
+        s["beta_start"], s["beta_end"], s.get("prediction_type").unwrap_or(&json!("epsilon"))));
+    let total: i64 = ["unet", "vae", "text_encoder"].iter().map(|k| d[*k]["params"].as_i64().unwrap_or(0)).sum();
+    out += &format!("{:<14} {:<24} {:>14} params\n", "total", "", group_digits(total));
+    out
+}
+
 pub fn run(args: &InspectArgs) -> Result<()> {
+    if let Some(dir) = &args.model {
+        let d = describe_pipeline(dir)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&d)?);
+        } else {
+            print!("{}", format_pipeline(dir, &d));
+        }
+        return Ok(());
+    }
     let Some(unet_path) = &args.unet else {
-        anyhow::bail!("inspect needs --unet <config.json or unet dir>");
+        anyhow::bail!("inspect needs --unet <config.json or unet dir> or --model <pipeline dir>");
     };
     let config = UNetConfig::from_path(&crate::commands::prune::unet_dir(unet_path))?;
     let teacher = describe_unet(&config);

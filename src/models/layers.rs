@@ -171,3 +171,29 @@ impl LayerNorm {
 pub fn count_params<'t>(tensors: impl IntoIterator<Item = &'t Tensor>) -> i64 {
     tensors.into_iter().map(|t| t.numel() as i64).sum()
 }
+
+impl Builder<'_> {
+    /// A trainable parameter drawn from N(`mean`, `std`²) (when initialising).
+    pub fn normal(&self, name: &str, dims: &[i64], mean: f64, std: f64) -> Tensor {
+        self.param(name, dims, |t| {
+            let _ = t.normal_(mean, std);
+        })
+    }
+}
+
+/// A lookup table (`nn.Embedding`): `weight` is (num_embeddings, dim), N(0, 1) by default.
+#[derive(Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(b: Builder, num_embeddings: i64, dim: i64) -> Self {
+        Embedding { weight: b.normal("weight", &[num_embeddings, dim], 0.0, 1.0) }
+    }
+
+    /// `ids`: int64 of any shape -> (..., dim).
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+}

@@ -155,6 +155,17 @@ impl Mismatches {
 /// model tensor's dtype. Every model tensor must be present exactly once with the same shape and
 /// the files may hold nothing else.
 pub fn load_strict(vars: &HashMap<String, Tensor>, files: &[PathBuf]) -> Result<()> {
+    load_strict_mapped(vars, files, &|name| Some(name.to_string()))
+}
+
+/// `load_strict` where `map` gives the model name of each file tensor (legacy or prefixed
+/// names), or `None` for a tensor to skip (e.g. a saved buffer). Two file tensors that map to
+/// one model tensor are an error.
+pub fn load_strict_mapped(
+    vars: &HashMap<String, Tensor>,
+    files: &[PathBuf],
+    map: &dyn Fn(&str) -> Option<String>,
+) -> Result<()> {
     let what = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
     let mut bad = Mismatches::default();
     let mut seen = std::collections::HashSet::new();
@@ -164,10 +175,15 @@ pub fn load_strict(vars: &HashMap<String, Tensor>, files: &[PathBuf]) -> Result<
         let mut names: Vec<&str> = st.names();
         names.sort();
         for name in names {
-            let Some(var) = vars.get(name) else {
+            let Some(target) = map(name) else { continue };
+            let Some(var) = vars.get(&target) else {
                 bad.unexpected.push(name.to_string());
                 continue;
             };
+            if seen.contains(&target) {
+                bad.unexpected.push(format!("{name} (a second copy of {target})"));
+                continue;
+            }
             let view = st.tensor(name)?;
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             if shape != var.size() {
@@ -176,7 +192,7 @@ pub fn load_strict(vars: &HashMap<String, Tensor>, files: &[PathBuf]) -> Result<
             }
             let src = view_to_tensor(&view).with_context(|| format!("{}: {name}", path.display()))?;
             tch::no_grad(|| var.shallow_clone().copy_(&src));
-            seen.insert(name.to_string());
+            seen.insert(target);
         }
     }
     let mut missing: Vec<String> = vars.keys().filter(|k| !seen.contains(*k)).cloned().collect();
