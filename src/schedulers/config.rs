@@ -1,0 +1,544 @@
+//! diffusers' `scheduler_config.json`, parsed once into a typed `SchedulerConfig`.
+//!
+//! Any scheduler class's file is accepted (PNDM, DDIM, Euler, ...), the way diffusers'
+//! `Target.from_config(loaded.config)` accepts it: keys present in the file are used, missing keys
+//! take the *target* sampler's constructor default (diffusers drops keys it filled with defaults
+//! before handing a config to another class). Keys whose default differs between classes
+//! (`timestep_spacing`, `clip_sample`, ...) are therefore `Option`s resolved by each sampler.
+//! Values sdkd does not implement are errors naming the key and value: shared keys at parse time,
+//! keys only some samplers read when such a sampler is built.
+use super::SchedulerKind;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BetaSchedule {
+    Linear,
+    ScaledLinear,
+    /// Glide's cosine schedule through `betas_for_alpha_bar`, betas capped at 0.999.
+    SquaredcosCapV2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PredictionType {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimestepSpacing {
+    Leading,
+    Linspace,
+    Trailing,
+}
+
+/// What the last sigma is for sigma-based samplers (Euler, DPM++, UniPC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalSigmas {
+    Zero,
+    SigmaMin,
+}
+
+/// DDPM's posterior variance choice (the learned kinds need a UNet with twice the channels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VarianceType {
+    FixedSmall,
+    FixedSmallLog,
+    FixedLarge,
+}
+
+/// `solver_type` as written. DPM-Solver reads bh1/bh2/logrho as midpoint, UniPC reads
+/// midpoint/heun/logrho as bh2 (diffusers rewrites them the same way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SolverType {
+    Midpoint,
+    Heun,
+    Logrho,
+    Bh1,
+    Bh2,
+}
+
+impl PredictionType {
+    pub fn name(self) -> &'static str {
+        match self {
+            PredictionType::Epsilon => "epsilon",
+            PredictionType::VPrediction => "v_prediction",
+            PredictionType::Sample => "sample",
+        }
+    }
+}
+
+impl std::str::FromStr for PredictionType {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "epsilon" => Ok(PredictionType::Epsilon),
+            "v_prediction" => Ok(PredictionType::VPrediction),
+            "sample" => Ok(PredictionType::Sample),
+            other => bail!("prediction type {other:?} is not supported (epsilon, v_prediction, sample)"),
+        }
+    }
+}
+
+/// A typed scheduler config. Fields are diffusers' keys; `None` means "absent from the file: the
+/// sampler's own default".
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    /// `_class_name` of the file (e.g. `PNDMScheduler`), informational.
+    pub class_name: Option<String>,
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: BetaSchedule,
+    /// Explicit betas; replace `beta_start/beta_end/beta_schedule`.
+    pub trained_betas: Option<Vec<f64>>,
+    pub prediction_type: PredictionType,
+    /// DDPM/DDIM default to leading, the others to linspace.
+    pub timestep_spacing: Option<TimestepSpacing>,
+    pub steps_offset: i64,
+    pub rescale_betas_zero_snr: bool,
+    /// DDIM: the "previous" alpha of the last step is 1 (true) or alphas_cumprod[0]. Default true.
+    pub set_alpha_to_one: Option<bool>,
+    /// DDPM/DDIM: clamp the predicted x0 to ±clip_sample_range. Default true.
+    pub clip_sample: Option<bool>,
+    pub clip_sample_range: f64,
+    /// DDPM only; default fixed_small.
+    pub variance_type: Option<VarianceType>,
+    /// Euler, DPM++, UniPC.
+    pub use_karras_sigmas: bool,
+    /// Karras range overrides (else the schedule's own smallest/largest sigma).
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    pub final_sigmas_type: FinalSigmas,
+    /// DPM++ and UniPC, default 2.
+    pub solver_order: usize,
+    pub solver_type: Option<SolverType>,
+    pub lower_order_final: bool,
+    /// DPM++: first-order final step whatever the step count.
+    pub euler_at_final: bool,
+    /// UniPC: solve for x0 (true) or for the noise.
+    pub predict_x0: bool,
+    /// UniPC: step indices whose corrector is skipped.
+    pub disable_corrector: Vec<usize>,
+    /// The parsed file, for the per-sampler checks of keys read only at their defaults.
+    raw: Map<String, Value>,
+}
+
+impl Default for SchedulerConfig {
+    /// diffusers' constructor defaults (shared by all six classes for these keys).
+    fn default() -> Self {
+        SchedulerConfig {
+            class_name: None,
+            num_train_timesteps: 1000,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            beta_schedule: BetaSchedule::Linear,
+            trained_betas: None,
+            prediction_type: PredictionType::Epsilon,
+            timestep_spacing: None,
+            steps_offset: 0,
+            rescale_betas_zero_snr: false,
+            set_alpha_to_one: None,
+            clip_sample: None,
+            clip_sample_range: 1.0,
+            variance_type: None,
+            use_karras_sigmas: false,
+            sigma_min: None,
+            sigma_max: None,
+            final_sigmas_type: FinalSigmas::Zero,
+            solver_order: 2,
+            solver_type: None,
+            lower_order_final: true,
+            euler_at_final: false,
+            predict_x0: true,
+            disable_corrector: Vec::new(),
+            raw: Map::new(),
+        }
+    }
+}
+
+/// Keys that select features sdkd does not implement: accepted only at the value given, checked
+/// for the samplers that read them. `Value::Null` means "absent or null".
+fn read_only_at_default() -> Vec<(&'static str, Value, &'static [SchedulerKind])> {
+    use serde_json::json;
+    use SchedulerKind::*;
+    vec![
+        ("thresholding", json!(false), &[Ddpm, Ddim, Dpmpp2m, Unipc]),
+        ("use_exponential_sigmas", json!(false), &[Euler, Dpmpp2m, Unipc]),
+        ("use_beta_sigmas", json!(false), &[Euler, Dpmpp2m, Unipc]),
+        ("use_flow_sigmas", json!(false), &[Dpmpp2m, Unipc]),
+        ("use_dynamic_shifting", json!(false), &[Dpmpp2m, Unipc]),
+        ("use_lu_lambdas", json!(false), &[Dpmpp2m]),
+        ("timestep_type", json!("discrete"), &[Euler]),
+        ("interpolation_type", json!("linear"), &[Euler]),
+        ("solver_p", Value::Null, &[Unipc]),
+        ("shift_terminal", Value::Null, &[Unipc]),
+    ]
+}
+
+fn int(key: &str, v: &Value) -> Result<i64> {
+    v.as_i64().ok_or_else(|| anyhow!("key {key:?}: expected an integer, got {v}"))
+}
+
+/// A number; also the strings that stand for Python's `json.dumps` output `Infinity`, `-Infinity`
+/// and `NaN` (see `quote_non_finite`).
+fn float(key: &str, v: &Value) -> Result<f64> {
+    match v {
+        Value::String(s) if s == "Infinity" => Ok(f64::INFINITY),
+        Value::String(s) if s == "-Infinity" => Ok(f64::NEG_INFINITY),
+        Value::String(s) if s == "NaN" => Ok(f64::NAN),
+        _ => v.as_f64().ok_or_else(|| anyhow!("key {key:?}: expected a number, got {v}")),
+    }
+}
+
+fn boolean(key: &str, v: &Value) -> Result<bool> {
+    v.as_bool().ok_or_else(|| anyhow!("key {key:?}: expected true or false, got {v}"))
+}
+
+fn string<'a>(key: &str, v: &'a Value) -> Result<&'a str> {
+    v.as_str().ok_or_else(|| anyhow!("key {key:?}: expected a string, got {v}"))
+}
+
+fn is_default(value: &Value, default: &Value) -> bool {
+    match (value, default) {
+        (Value::Null, d) => d.is_null(),
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (a, b) => a == b,
+    }
+}
+
+/// Python's json module writes `Infinity`, `-Infinity` and `NaN` bare (diffusers saves
+/// `lambda_min_clipped: -Infinity`); serde_json rejects them, so they become strings first.
+fn quote_non_finite(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        if let Some(tok) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
+            out.push('"');
+            out.push_str(tok);
+            out.push('"');
+            rest = &rest[tok.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+impl SchedulerConfig {
+    /// Reads `scheduler_config.json`, or `<dir>/scheduler_config.json` when given a folder.
+    pub fn from_path(path: &Path) -> Result<Self> {
+        let file = if path.is_dir() { path.join("scheduler_config.json") } else { path.to_path_buf() };
+        let text =
+            std::fs::read_to_string(&file).with_context(|| format!("reading scheduler config {}", file.display()))?;
+        Self::from_json_str(&text).with_context(|| format!("scheduler config {}", file.display()))
+    }
+
+    pub fn from_json_str(text: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(&quote_non_finite(text)).context("not valid JSON")?;
+        Self::from_json(&value)
+    }
+
+    pub fn from_json(value: &Value) -> Result<Self> {
+        let obj = value.as_object().ok_or_else(|| anyhow!("expected a JSON object"))?;
+        let mut c = SchedulerConfig { raw: obj.clone(), ..Default::default() };
+        // A null value is the constructor default for every key sdkd reads.
+        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
+        if let Some(v) = get("_class_name") {
+            c.class_name = Some(string("_class_name", v)?.to_string());
+        }
+        if let Some(v) = get("num_train_timesteps") {
+            let n = int("num_train_timesteps", v)?;
+            if n < 2 {
+                bail!("key \"num_train_timesteps\": {n} is too small (at least 2)");
+            }
+            c.num_train_timesteps = n as usize;
+        }
+        if let Some(v) = get("beta_start") {
+            c.beta_start = float("beta_start", v)?;
+        }
+        if let Some(v) = get("beta_end") {
+            c.beta_end = float("beta_end", v)?;
+        }
+        if let Some(v) = get("beta_schedule") {
+            c.beta_schedule = match string("beta_schedule", v)? {
+                "linear" => BetaSchedule::Linear,
+                "scaled_linear" => BetaSchedule::ScaledLinear,
+                "squaredcos_cap_v2" => BetaSchedule::SquaredcosCapV2,
+                other => bail!(
+                    "key \"beta_schedule\": {other:?} is not supported (linear, scaled_linear, squaredcos_cap_v2)"
+                ),
+            };
+        }
+        if let Some(v) = get("trained_betas") {
+            let items = v.as_array().ok_or_else(|| anyhow!("key \"trained_betas\": expected a list, got {v}"))?;
+            c.trained_betas = Some(items.iter().map(|x| float("trained_betas", x)).collect::<Result<_>>()?);
+        }
+        if let Some(v) = get("prediction_type") {
+            let s = string("prediction_type", v)?;
+            c.prediction_type = s.parse().map_err(|_| {
+                anyhow!("key \"prediction_type\": {s:?} is not supported (epsilon, v_prediction, sample)")
+            })?;
+        }
+        if let Some(v) = get("timestep_spacing") {
+            c.timestep_spacing = Some(match string("timestep_spacing", v)? {
+                "leading" => TimestepSpacing::Leading,
+                "linspace" => TimestepSpacing::Linspace,
+                "trailing" => TimestepSpacing::Trailing,
+                other => bail!("key \"timestep_spacing\": {other:?} is not supported (leading, linspace, trailing)"),
+            });
+        }
+        if let Some(v) = get("steps_offset") {
+            c.steps_offset = int("steps_offset", v)?;
+        }
+        if let Some(v) = get("rescale_betas_zero_snr") {
+            c.rescale_betas_zero_snr = boolean("rescale_betas_zero_snr", v)?;
+        }
+        if let Some(v) = get("set_alpha_to_one") {
+            c.set_alpha_to_one = Some(boolean("set_alpha_to_one", v)?);
+        }
+        if let Some(v) = get("clip_sample") {
+            c.clip_sample = Some(boolean("clip_sample", v)?);
+        }
+        if let Some(v) = get("clip_sample_range") {
+            c.clip_sample_range = float("clip_sample_range", v)?;
+        }
+        if let Some(v) = get("variance_type") {
+            c.variance_type = Some(match string("variance_type", v)? {
+                "fixed_small" => VarianceType::FixedSmall,
+                "fixed_small_log" => VarianceType::FixedSmallLog,
+                "fixed_large" => VarianceType::FixedLarge,
+                other => bail!(
+                    "key \"variance_type\": {other:?} is not supported (fixed_small, fixed_small_log, fixed_large)"
+                ),
+            });
+        }
+        if let Some(v) = get("use_karras_sigmas") {
+            c.use_karras_sigmas = boolean("use_karras_sigmas", v)?;
+        }
+        if let Some(v) = get("sigma_min") {
+            c.sigma_min = Some(float("sigma_min", v)?);
+        }
+        if let Some(v) = get("sigma_max") {
+            c.sigma_max = Some(float("sigma_max", v)?);
+        }
+        if let Some(v) = get("final_sigmas_type") {
+            c.final_sigmas_type = match string("final_sigmas_type", v)? {
+                "zero" => FinalSigmas::Zero,
+                "sigma_min" => FinalSigmas::SigmaMin,
+                other => bail!("key \"final_sigmas_type\": {other:?} is not supported (zero, sigma_min)"),
+            };
+        }
+        if let Some(v) = get("solver_order") {
+            let n = int("solver_order", v)?;
+            if !(1..=3).contains(&n) {
+                bail!("key \"solver_order\": {n} is not supported (1, 2 or 3)");
+            }
+            c.solver_order = n as usize;
+        }
+        if let Some(v) = get("solver_type") {
+            c.solver_type = Some(match string("solver_type", v)? {
+                "midpoint" => SolverType::Midpoint,
+                "heun" => SolverType::Heun,
+                "logrho" => SolverType::Logrho,
+                "bh1" => SolverType::Bh1,
+                "bh2" => SolverType::Bh2,
+                other => bail!("key \"solver_type\": {other:?} is not supported (midpoint, heun, bh1, bh2)"),
+            });
+        }
+        if let Some(v) = get("lower_order_final") {
+            c.lower_order_final = boolean("lower_order_final", v)?;
+        }
+        if let Some(v) = get("euler_at_final") {
+            c.euler_at_final = boolean("euler_at_final", v)?;
+        }
+        if let Some(v) = get("predict_x0") {
+            c.predict_x0 = boolean("predict_x0", v)?;
+        }
+        if let Some(v) = get("disable_corrector") {
+            let items =
+                v.as_array().ok_or_else(|| anyhow!("key \"disable_corrector\": expected a list of step indices, got {v}"))?;
+            c.disable_corrector = items
+                .iter()
+                .map(|x| {
+                    let i = int("disable_corrector", x)?;
+                    usize::try_from(i).map_err(|_| anyhow!("key \"disable_corrector\": {i} is not a step index"))
+                })
+                .collect::<Result<_>>()?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks values that every sampler shares, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(b) = &self.trained_betas {
+            if b.len() != self.num_train_timesteps {
+                bail!(
+                    "key \"trained_betas\": {} betas but num_train_timesteps is {}",
+                    b.len(),
+                    self.num_train_timesteps
+                );
+            }
+            if let Some(x) = b.iter().find(|x| !(0.0..1.0).contains(*x)) {
+                bail!("key \"trained_betas\": {x} is outside [0, 1)");
+            }
+        } else {
+            for (key, v) in [("beta_start", self.beta_start), ("beta_end", self.beta_end)] {
+                if !(v.is_finite() && (0.0..1.0).contains(&v)) {
+                    bail!("key {key:?}: {v} is outside [0, 1)");
+                }
+            }
+        }
+        if self.steps_offset < 0 {
+            bail!("key \"steps_offset\": {} is negative", self.steps_offset);
+        }
+        if let Some(i) = self.disable_corrector.iter().find(|&&i| i >= self.num_train_timesteps) {
+            bail!("key \"disable_corrector\": step {i} is past num_train_timesteps");
+        }
+        Ok(())
+    }
+
+    /// Errors (naming key and value) if the file sets a key that `kind` reads to a value sdkd
+    /// does not implement for it.
+    pub fn check_supported(&self, kind: SchedulerKind) -> Result<()> {
+        for (key, default, readers) in read_only_at_default() {
+            if !readers.contains(&kind) {
+                continue;
+            }
+            if let Some(v) = self.raw.get(key) {
+                if !is_default(v, &default) {
+                    bail!("key {key:?}: value {v} is not supported by sdkd's {kind} sampler (only {default})");
+                }
+            }
+        }
+        if kind == SchedulerKind::Dpmpp2m {
+            if let Some(v) = self.raw.get("algorithm_type").filter(|v| !v.is_null()) {
+                // diffusers maps the retired "deis" onto dpmsolver++ too.
+                let s = string("algorithm_type", v)?;
+                if s != "dpmsolver++" && s != "deis" {
+                    bail!("key \"algorithm_type\": value {s:?} is not supported by sdkd's {kind} sampler (only \"dpmsolver++\")");
+                }
+            }
+            if let Some(v) = self.raw.get("lambda_min_clipped").filter(|v| !v.is_null()) {
+                let x = float("lambda_min_clipped", v)?;
+                if x != f64::NEG_INFINITY {
+                    bail!("key \"lambda_min_clipped\": value {x} is not supported by sdkd's {kind} sampler (only -Infinity)");
+                }
+            }
+        }
+        if kind == SchedulerKind::EulerAncestral && self.prediction_type == PredictionType::Sample {
+            bail!("key \"prediction_type\": value \"sample\" is not supported by the {kind} sampler (diffusers does not implement it either)");
+        }
+        Ok(())
+    }
+
+    /// `timestep_spacing`, or the default of the sampler reading it.
+    pub fn spacing_or(&self, default: TimestepSpacing) -> TimestepSpacing {
+        self.timestep_spacing.unwrap_or(default)
+    }
+
+    /// The parsed JSON object the config came from.
+    pub fn raw(&self) -> &Map<String, Value> {
+        &self.raw
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sd15() -> &'static str {
+        include_str!("../../configs/reference/sd15_scheduler_config.json")
+    }
+
+    #[test]
+    fn parses_sd15_pndm_config() {
+        let c = SchedulerConfig::from_json_str(sd15()).unwrap();
+        assert_eq!(c.class_name.as_deref(), Some("PNDMScheduler"));
+        assert_eq!(c.beta_schedule, BetaSchedule::ScaledLinear);
+        assert_eq!((c.beta_start, c.beta_end), (0.00085, 0.012));
+        assert_eq!(c.steps_offset, 1);
+        assert_eq!(c.set_alpha_to_one, Some(false));
+        assert_eq!(c.clip_sample, Some(false));
+        // absent: each sampler's own default
+        assert_eq!(c.timestep_spacing, None);
+        assert_eq!(c.spacing_or(TimestepSpacing::Leading), TimestepSpacing::Leading);
+        assert_eq!(c.prediction_type, PredictionType::Epsilon);
+    }
+
+    #[test]
+    fn python_infinity_is_accepted() {
+        let c = SchedulerConfig::from_json_str(
+            r#"{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity, "note": "NaN -Infinity"}"#,
+        )
+        .unwrap();
+        c.check_supported(SchedulerKind::Dpmpp2m).unwrap();
+        let c = SchedulerConfig::from_json_str(r#"{"lambda_min_clipped": -5.1}"#).unwrap();
+        let e = c.check_supported(SchedulerKind::Dpmpp2m).unwrap_err().to_string();
+        assert!(e.contains("lambda_min_clipped") && e.contains("-5.1"), "{e}");
+        // unipc does not read it
+        c.check_supported(SchedulerKind::Unipc).unwrap();
+    }
+
+    #[test]
+    fn unsupported_values_name_key_and_value() {
+        for (key, value) in [
+            ("beta_schedule", json!("sigmoid")),
+            ("prediction_type", json!("flow_prediction")),
+            ("timestep_spacing", json!("karras")),
+            ("final_sigmas_type", json!("one")),
+            ("variance_type", json!("learned_range")),
+            ("solver_order", json!(4)),
+            ("beta_start", json!("small")),
+        ] {
+            let mut v: Value = serde_json::from_str(sd15()).unwrap();
+            v[key] = value.clone();
+            let e = SchedulerConfig::from_json(&v).unwrap_err().to_string();
+            let shown = value.as_str().map(str::to_string).unwrap_or(value.to_string());
+            assert!(e.contains(key) && e.contains(&shown), "{e}");
+        }
+        let mut v: Value = serde_json::from_str(sd15()).unwrap();
+        v["thresholding"] = json!(true);
+        v["algorithm_type"] = json!("sde-dpmsolver++");
+        let c = SchedulerConfig::from_json(&v).unwrap();
+        let e = c.check_supported(SchedulerKind::Ddim).unwrap_err().to_string();
+        assert!(e.contains("thresholding") && e.contains("true"), "{e}");
+        let e = c.check_supported(SchedulerKind::Dpmpp2m).unwrap_err().to_string();
+        assert!(e.contains("thresholding"), "{e}");
+        // Euler reads neither key
+        c.check_supported(SchedulerKind::Euler).unwrap();
+        v["thresholding"] = json!(false);
+        let e = SchedulerConfig::from_json(&v).unwrap().check_supported(SchedulerKind::Dpmpp2m).unwrap_err().to_string();
+        assert!(e.contains("algorithm_type") && e.contains("sde-dpmsolver++"), "{e}");
+    }
+
+    #[test]
+    fn trained_betas_length_is_checked() {
+        let e = SchedulerConfig::from_json(&json!({"num_train_timesteps": 3, "trained_betas": [0.1, 0.2]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("trained_betas"), "{e}");
+    }
+}

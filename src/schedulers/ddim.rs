@@ -1,0 +1,99 @@
+//! DDIM (Song et al. 2020), deterministic (η = 0, the Stable Diffusion pipelines' default).
+//!
+//! As diffusers' `DDIMScheduler`: the "previous" timestep is always t - T/n (integer division),
+//! even when the spacing (linspace, trailing) puts the next listed timestep elsewhere, and the
+//! last step goes to ᾱ = 1 when `set_alpha_to_one` (default) or to ᾱ_0 otherwise. Default spacing
+//! `leading`, `clip_sample` on unless the config says otherwise.
+use super::config::{PredictionType, TimestepSpacing};
+use super::timesteps::{spaced_timesteps, Recipe};
+use super::{check_step_order, div, scale, NoiseSchedule, Sampler, SchedulerKind};
+use anyhow::{bail, Result};
+use std::sync::Arc;
+use tch::{Kind, Tensor};
+
+pub struct Ddim {
+    schedule: Arc<NoiseSchedule>,
+    timesteps: Vec<f64>,
+    /// T / n: how far back each step jumps.
+    step_ratio: i64,
+    final_alpha_cumprod: f32,
+    prediction_type: PredictionType,
+    clip: Option<f32>,
+    next_step: usize,
+}
+
+impl Ddim {
+    pub fn new(schedule: Arc<NoiseSchedule>, num_inference_steps: usize) -> Result<Self> {
+        let c = schedule.config();
+        let n_train = schedule.num_train_timesteps();
+        let spacing = c.spacing_or(TimestepSpacing::Leading);
+        let timesteps = spaced_timesteps(Recipe::Integer, spacing, n_train, num_inference_steps, c.steps_offset);
+        if let Some(t) = timesteps.iter().find(|&&t| t < 0.0 || t >= n_train as f64) {
+            bail!(
+                "ddim: {num_inference_steps} steps with timestep_spacing {spacing:?} and steps_offset {} give timestep {t}, outside 0..{n_train}",
+                c.steps_offset
+            );
+        }
+        let final_alpha_cumprod =
+            if c.set_alpha_to_one.unwrap_or(true) { 1.0 } else { schedule.alphas_cumprod()[0] as f32 };
+        Ok(Ddim {
+            timesteps,
+            step_ratio: (n_train / num_inference_steps) as i64,
+            final_alpha_cumprod,
+            prediction_type: c.prediction_type,
+            clip: c.clip_sample.unwrap_or(true).then_some(c.clip_sample_range as f32),
+            schedule,
+            next_step: 0,
+        })
+    }
+}
+
+impl Sampler for Ddim {
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::Ddim
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Tensor {
+        sample.shallow_clone()
+    }
+
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
+        check_step_order(SchedulerKind::Ddim, self.next_step, step_index, self.timesteps.len());
+        self.next_step += 1;
+        let kind = sample.kind();
+        let mo = model_output.to_kind(Kind::Float);
+        let x = sample.to_kind(Kind::Float);
+        let ac = self.schedule.alphas_cumprod();
+        let t = self.timesteps[step_index] as i64;
+        let prev_t = t - self.step_ratio;
+        let a_t = ac[t as usize] as f32;
+        let a_prev = if prev_t >= 0 { ac[prev_t as usize] as f32 } else { self.final_alpha_cumprod };
+        let beta_t = 1.0 - a_t;
+
+        let (mut x0, eps) = match self.prediction_type {
+            PredictionType::Epsilon => (div(&(&x - scale(&mo, beta_t.sqrt())), a_t.sqrt()), mo.shallow_clone()),
+            PredictionType::Sample => {
+                let eps = div(&(&x - scale(&mo, a_t.sqrt())), beta_t.sqrt());
+                (mo.shallow_clone(), eps)
+            }
+            PredictionType::VPrediction => (
+                scale(&x, a_t.sqrt()) - scale(&mo, beta_t.sqrt()),
+                scale(&mo, a_t.sqrt()) + scale(&x, beta_t.sqrt()),
+            ),
+        };
+        if let Some(r) = self.clip {
+            x0 = x0.clamp(-(r as f64), r as f64);
+        }
+        // η = 0: σ_t = 0, so the direction term is sqrt(1 - ᾱ_prev)·ε
+        let dir = scale(&eps, (1.0 - a_prev - 0.0f32).sqrt());
+        (scale(&x0, a_prev.sqrt()) + dir).to_kind(kind)
+    }
+}

@@ -1,0 +1,102 @@
+//! DDPM (Ho et al. 2020) ancestral sampling: the posterior mean of x_{t-1} given the predicted x0,
+//! plus posterior-variance noise on every step whose timestep is above 0 (diffusers'
+//! `DDPMScheduler`, default spacing `leading`, `clip_sample` on unless the config says otherwise).
+use super::config::{PredictionType, TimestepSpacing, VarianceType};
+use super::f32x;
+use super::timesteps::{spaced_timesteps, Recipe};
+use super::{check_step_order, div, randn, scale, NoiseSchedule, Sampler, SchedulerKind};
+use anyhow::{bail, Result};
+use std::sync::Arc;
+use tch::{Kind, Tensor};
+
+pub struct Ddpm {
+    schedule: Arc<NoiseSchedule>,
+    timesteps: Vec<f64>,
+    prediction_type: PredictionType,
+    clip: Option<f32>,
+    variance_type: VarianceType,
+    next_step: usize,
+}
+
+impl Ddpm {
+    pub fn new(schedule: Arc<NoiseSchedule>, num_inference_steps: usize) -> Result<Self> {
+        let c = schedule.config();
+        let n_train = schedule.num_train_timesteps();
+        let spacing = c.spacing_or(TimestepSpacing::Leading);
+        let timesteps = spaced_timesteps(Recipe::Integer, spacing, n_train, num_inference_steps, c.steps_offset);
+        if let Some(t) = timesteps.iter().find(|&&t| t < 0.0 || t >= n_train as f64) {
+            bail!(
+                "ddpm: {num_inference_steps} steps with timestep_spacing {spacing:?} and steps_offset {} give timestep {t}, outside 0..{n_train}",
+                c.steps_offset
+            );
+        }
+        Ok(Ddpm {
+            timesteps,
+            prediction_type: c.prediction_type,
+            clip: c.clip_sample.unwrap_or(true).then_some(c.clip_sample_range as f32),
+            variance_type: c.variance_type.unwrap_or(VarianceType::FixedSmall),
+            schedule,
+            next_step: 0,
+        })
+    }
+}
+
+impl Sampler for Ddpm {
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::Ddpm
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Tensor {
+        sample.shallow_clone()
+    }
+
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
+        check_step_order(SchedulerKind::Ddpm, self.next_step, step_index, self.timesteps.len());
+        self.next_step += 1;
+        let kind = sample.kind();
+        let mo = model_output.to_kind(Kind::Float);
+        let x = sample.to_kind(Kind::Float);
+        let ac = self.schedule.alphas_cumprod();
+        let t = self.timesteps[step_index] as usize;
+        // the previous timestep is the next one in the list (-1 after the last)
+        let a_t = ac[t] as f32;
+        let a_prev = self.timesteps.get(step_index + 1).map_or(1.0, |&p| ac[p as usize] as f32);
+        let beta_t = 1.0 - a_t;
+        let beta_prev = 1.0 - a_prev;
+        let cur_alpha = a_t / a_prev;
+        let cur_beta = 1.0 - cur_alpha;
+
+        let mut x0 = match self.prediction_type {
+            PredictionType::Epsilon => div(&(&x - scale(&mo, beta_t.sqrt())), a_t.sqrt()),
+            PredictionType::Sample => mo.shallow_clone(),
+            PredictionType::VPrediction => scale(&x, a_t.sqrt()) - scale(&mo, beta_t.sqrt()),
+        };
+        if let Some(r) = self.clip {
+            x0 = x0.clamp(-(r as f64), r as f64);
+        }
+        // posterior mean μ̃(x_t, x0)
+        let c_x0 = (a_prev.sqrt() * cur_beta) / beta_t;
+        let c_xt = cur_alpha.sqrt() * beta_prev / beta_t;
+        let mut prev = scale(&x0, c_x0) + scale(&x, c_xt);
+        if t > 0 {
+            // drawn in the model output's dtype, like diffusers
+            let noise = randn(&model_output.size(), model_output.kind(), model_output.device()).to_kind(Kind::Float);
+            let var = ((1.0 - a_prev) / (1.0 - a_t) * cur_beta).max(1e-20);
+            let std = match self.variance_type {
+                VarianceType::FixedSmall => var.sqrt(),
+                VarianceType::FixedSmallLog => f32x::exp(0.5 * f32x::ln(var)),
+                VarianceType::FixedLarge => cur_beta.sqrt(),
+            };
+            prev = prev + scale(&noise, std);
+        }
+        prev.to_kind(kind)
+    }
+}

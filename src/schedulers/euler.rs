@@ -1,0 +1,109 @@
+//! Euler's method on the probability-flow ODE in σ (Karras et al. 2022, algorithm 2 without
+//! churn), as diffusers' `EulerDiscreteScheduler`: float32 timesteps (fractional with the default
+//! linspace spacing), σ interpolated linearly in t, optional Karras σs, last σ zero or σ_min.
+use super::config::{FinalSigmas, PredictionType, TimestepSpacing};
+use super::timesteps::{interp, karras_sigmas, log_sigmas, sigma_to_t, spaced_timesteps, Recipe};
+use super::{check_step_order, div, scale, NoiseSchedule, Sampler, SchedulerKind};
+use anyhow::Result;
+use std::sync::Arc;
+use tch::{Kind, Tensor};
+
+/// σ per step plus the final one, and the timesteps, shared with Euler ancestral.
+pub(crate) struct SigmaSteps {
+    pub timesteps: Vec<f64>,
+    /// n + 1 float32 values.
+    pub sigmas: Vec<f32>,
+    pub init_noise_sigma: f32,
+}
+
+/// diffusers' `EulerDiscreteScheduler.set_timesteps` (and, with `karras = false` and a zero final
+/// σ, `EulerAncestralDiscreteScheduler`'s).
+pub(crate) fn euler_sigmas(schedule: &NoiseSchedule, n: usize, karras: bool, final_sigmas: FinalSigmas) -> SigmaSteps {
+    let c = schedule.config();
+    let spacing = c.spacing_or(TimestepSpacing::Linspace);
+    let table = schedule.sigmas();
+    let mut timesteps = spaced_timesteps(Recipe::Float32, spacing, schedule.num_train_timesteps(), n, c.steps_offset);
+    let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, table)).collect();
+    if karras {
+        let logs = log_sigmas(table);
+        let sigma_min = c.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
+        let sigma_max = c.sigma_max.unwrap_or(sigmas[0]);
+        sigmas = karras_sigmas(sigma_min, sigma_max, n);
+        timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &logs) as f32 as f64).collect();
+    }
+    let last = match final_sigmas {
+        FinalSigmas::Zero => 0.0,
+        FinalSigmas::SigmaMin => table[0],
+    };
+    sigmas.push(last);
+    let sigmas: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
+    let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let init_noise_sigma = match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
+        TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+    };
+    SigmaSteps { timesteps, sigmas, init_noise_sigma }
+}
+
+/// x / sqrt(σ² + 1): the UNet sees unit-variance input.
+pub(crate) fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Tensor {
+    div(sample, (sigma * sigma + 1.0).sqrt())
+}
+
+/// x0 from the model output at σ (float32 tensors).
+pub(crate) fn predict_x0(prediction_type: PredictionType, mo: &Tensor, x: &Tensor, sigma: f32) -> Tensor {
+    match prediction_type {
+        PredictionType::Epsilon => x - scale(mo, sigma),
+        PredictionType::VPrediction => {
+            let s2 = sigma * sigma + 1.0;
+            scale(mo, -sigma / s2.sqrt()) + div(x, s2)
+        }
+        PredictionType::Sample => mo.shallow_clone(),
+    }
+}
+
+pub struct Euler {
+    steps: SigmaSteps,
+    prediction_type: PredictionType,
+    next_step: usize,
+}
+
+impl Euler {
+    pub fn new(schedule: Arc<NoiseSchedule>, num_inference_steps: usize) -> Result<Self> {
+        let c = schedule.config();
+        let steps = euler_sigmas(&schedule, num_inference_steps, c.use_karras_sigmas, c.final_sigmas_type);
+        Ok(Euler { steps, prediction_type: c.prediction_type, next_step: 0 })
+    }
+}
+
+impl Sampler for Euler {
+    fn kind(&self) -> SchedulerKind {
+        SchedulerKind::Euler
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.steps.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.steps.init_noise_sigma as f64
+    }
+
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Tensor {
+        scale_by_sigma(sample, self.steps.sigmas[step_index])
+    }
+
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
+        check_step_order(SchedulerKind::Euler, self.next_step, step_index, self.steps.timesteps.len());
+        self.next_step += 1;
+        let kind = sample.kind();
+        let mo = model_output.to_kind(Kind::Float);
+        let x = sample.to_kind(Kind::Float);
+        // no churn (γ = 0): σ̂ = σ
+        let sigma = self.steps.sigmas[step_index];
+        let x0 = predict_x0(self.prediction_type, &mo, &x, sigma);
+        let derivative = div(&(&x - x0), sigma);
+        let dt = self.steps.sigmas[step_index + 1] - sigma;
+        (&x + scale(&derivative, dt)).to_kind(kind)
+    }
+}

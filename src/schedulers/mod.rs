@@ -1,0 +1,236 @@
+//! Diffusion samplers that reproduce diffusers' schedulers step for step, on one shared
+//! `NoiseSchedule`.
+//!
+//! A `Sampler` is built fresh for each run (`SchedulerKind::build`), is keyed by step index (no
+//! look-up of a step by its timestep value), keeps its multistep history private, and does its
+//! arithmetic where diffusers does: tensors in float32, per-step scalars in float32 (emulated, so
+//! that cancellations such as λ_t - λ_s round the same way), schedules in float64.
+//!
+//! The loop the text-to-image pipeline runs, in diffusers' order (so that `--seed S` gives
+//! diffusers' images with `torch.Generator("cpu").manual_seed(S)`):
+//!
+//! ```ignore
+//! tch::manual_seed(seed);                       // LibTorch's CPU generator = torch.Generator("cpu")
+//! let schedule = Arc::new(NoiseSchedule::new(SchedulerConfig::from_path(dir)?)?);
+//! let mut sampler = kind.build(&schedule, steps)?;
+//! let mut latents = randn(&[b, 4, h / 8, w / 8], Kind::Float, device) * sampler.init_noise_sigma();
+//! for i in 0..sampler.num_inference_steps() {
+//!     let x = sampler.scale_model_input(&latents, i);     // (doubled for CFG)
+//!     let eps = unet(&x, sampler.timesteps()[i], ...);
+//!     latents = sampler.step(&eps, i, &latents);          // DDPM / Euler-a draw their noise here
+//! }
+//! ```
+pub mod config;
+pub mod ddim;
+pub mod ddpm;
+pub mod dpmpp_2m;
+pub mod euler;
+pub mod euler_ancestral;
+pub mod noise_schedule;
+pub mod timesteps;
+pub mod unipc;
+
+pub use config::{BetaSchedule, FinalSigmas, PredictionType, SchedulerConfig, SolverType, TimestepSpacing, VarianceType};
+pub use noise_schedule::NoiseSchedule;
+
+use anyhow::{bail, Result};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// One sampling run: a fixed list of timesteps and the update that goes from step i to i+1.
+pub trait Sampler: Send {
+    fn kind(&self) -> SchedulerKind;
+
+    /// The timestep given to the UNet at each step, as diffusers computes it: integers, or float32
+    /// values for Euler (fractional with linspace spacing). Every value is exact in f32.
+    fn timesteps(&self) -> &[f64];
+
+    fn num_inference_steps(&self) -> usize {
+        self.timesteps().len()
+    }
+
+    /// What the initial unit-variance noise is multiplied by.
+    fn init_noise_sigma(&self) -> f64;
+
+    /// The UNet input at `step_index` (Euler divides by sqrt(σ² + 1); the others return `sample`).
+    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Tensor;
+
+    /// x_{i+1} from the model output at `step_index` and the current sample x_i. Steps must be
+    /// taken in order 0, 1, 2, ... (multistep samplers keep history). The result has `sample`'s
+    /// dtype; the arithmetic is float32.
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SchedulerKind {
+    Ddpm,
+    Ddim,
+    Euler,
+    EulerAncestral,
+    /// DPM-Solver++ multistep, order 2 (midpoint) by default.
+    Dpmpp2m,
+    /// UniPC multistep (bh2, predict-x0, corrector on): the product's default.
+    #[default]
+    Unipc,
+}
+
+impl SchedulerKind {
+    pub const ALL: [SchedulerKind; 6] = [
+        SchedulerKind::Ddpm,
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::Dpmpp2m,
+        SchedulerKind::Unipc,
+    ];
+
+    /// The name sdkd uses on the command line and in PNG metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddpm => "ddpm",
+            SchedulerKind::Ddim => "ddim",
+            SchedulerKind::Euler => "euler",
+            SchedulerKind::EulerAncestral => "euler_a",
+            SchedulerKind::Dpmpp2m => "dpmpp_2m",
+            SchedulerKind::Unipc => "unipc",
+        }
+    }
+
+    /// The diffusers class it reproduces.
+    pub fn diffusers_class(self) -> &'static str {
+        match self {
+            SchedulerKind::Ddpm => "DDPMScheduler",
+            SchedulerKind::Ddim => "DDIMScheduler",
+            SchedulerKind::Euler => "EulerDiscreteScheduler",
+            SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
+            SchedulerKind::Dpmpp2m => "DPMSolverMultistepScheduler",
+            SchedulerKind::Unipc => "UniPCMultistepScheduler",
+        }
+    }
+
+    /// A sampler for `num_inference_steps` steps on `schedule`, configured by its config.
+    pub fn build(self, schedule: &Arc<NoiseSchedule>, num_inference_steps: usize) -> Result<Box<dyn Sampler>> {
+        let config = schedule.config();
+        config.check_supported(self)?;
+        let max = schedule.num_train_timesteps();
+        if num_inference_steps == 0 || num_inference_steps > max {
+            bail!("{self}: {num_inference_steps} inference steps is out of range (1 to num_train_timesteps = {max})");
+        }
+        let schedule = Arc::clone(schedule);
+        Ok(match self {
+            SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(schedule, num_inference_steps)?),
+            SchedulerKind::Ddim => Box::new(ddim::Ddim::new(schedule, num_inference_steps)?),
+            SchedulerKind::Euler => Box::new(euler::Euler::new(schedule, num_inference_steps)?),
+            SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(schedule, num_inference_steps)?),
+            SchedulerKind::Dpmpp2m => Box::new(dpmpp_2m::DpmSolverPP::new(schedule, num_inference_steps)?),
+            SchedulerKind::Unipc => Box::new(unipc::UniPc::new(schedule, num_inference_steps)?),
+        })
+    }
+}
+
+impl std::fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for SchedulerKind {
+    type Err = anyhow::Error;
+    /// sdkd's names, a few common spellings, and diffusers' class names; case-insensitive.
+    fn from_str(s: &str) -> Result<Self> {
+        let key = s.trim().to_ascii_lowercase().replace('-', "_");
+        Ok(match key.as_str() {
+            "ddpm" | "ddpmscheduler" => SchedulerKind::Ddpm,
+            "ddim" | "ddimscheduler" => SchedulerKind::Ddim,
+            "euler" | "eulerdiscretescheduler" => SchedulerKind::Euler,
+            "euler_a" | "euler_ancestral" | "eulerancestraldiscretescheduler" => SchedulerKind::EulerAncestral,
+            "dpmpp_2m" | "dpm++2m" | "dpm++_2m" | "dpmpp2m" | "dpmsolvermultistepscheduler" => SchedulerKind::Dpmpp2m,
+            "unipc" | "unipcmultistepscheduler" => SchedulerKind::Unipc,
+            _ => bail!("unknown scheduler {s:?} (ddpm, ddim, euler, euler_a, dpmpp_2m, unipc)"),
+        })
+    }
+}
+
+/// Standard normal noise drawn as diffusers' `randn_tensor` does with a CPU `torch.Generator`:
+/// on the CPU from LibTorch's default generator (seed it with `tch::manual_seed`), in `kind`,
+/// then moved to `device`. The samplers draw their step noise through this too, so one seed
+/// reproduces diffusers' latents and every step's noise, in order.
+pub fn randn(shape: &[i64], kind: Kind, device: Device) -> Tensor {
+    Tensor::randn(shape, (kind, Device::Cpu)).to_device(device)
+}
+
+/// float32 scalar maths as LibTorch's fp32 kernels do it on 0-dim tensors: + - * / and sqrt are
+/// IEEE-exact in f32; the transcendental ones are rounded from f64 (within an ulp of LibTorch's).
+pub(crate) mod f32x {
+    pub fn ln(x: f32) -> f32 {
+        (x as f64).ln() as f32
+    }
+    pub fn exp(x: f32) -> f32 {
+        (x as f64).exp() as f32
+    }
+    pub fn expm1(x: f32) -> f32 {
+        (x as f64).exp_m1() as f32
+    }
+    /// diffusers' `_sigma_to_alpha_sigma_t`: α = 1/sqrt(σ²+1), σ_t = σ·α.
+    pub fn alpha_sigma(sigma: f32) -> (f32, f32) {
+        let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+        (alpha, sigma * alpha)
+    }
+    /// log-SNR λ = ln α - ln σ.
+    pub fn lambda(alpha: f32, sigma: f32) -> f32 {
+        ln(alpha) - ln(sigma)
+    }
+}
+
+/// `tensor * s` for a float32 scalar (exact in f64, so LibTorch rounds it back to the same f32).
+pub(crate) fn scale(t: &Tensor, s: f32) -> Tensor {
+    t * (s as f64)
+}
+
+/// `tensor / s` for a float32 scalar.
+pub(crate) fn div(t: &Tensor, s: f32) -> Tensor {
+    t / (s as f64)
+}
+
+pub(crate) fn check_step_order(kind: SchedulerKind, expected: usize, got: usize, total: usize) {
+    assert!(got < total, "{kind}: step index {got} past the last step {}", total - 1);
+    assert_eq!(got, expected, "{kind}: steps must be taken in order; expected step {expected}, got {got}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_parse() {
+        for k in SchedulerKind::ALL {
+            assert_eq!(k.name().parse::<SchedulerKind>().unwrap(), k);
+            assert_eq!(k.diffusers_class().parse::<SchedulerKind>().unwrap(), k);
+        }
+        assert_eq!("Euler_Ancestral".parse::<SchedulerKind>().unwrap(), SchedulerKind::EulerAncestral);
+        assert_eq!("DPM++2M".parse::<SchedulerKind>().unwrap(), SchedulerKind::Dpmpp2m);
+        assert_eq!(SchedulerKind::default(), SchedulerKind::Unipc);
+        let e = "pndm".parse::<SchedulerKind>().unwrap_err().to_string();
+        assert!(e.contains("pndm"), "{e}");
+    }
+
+    #[test]
+    fn f32_lambda_at_zero_sigma_is_infinite() {
+        let (a, s) = f32x::alpha_sigma(0.0);
+        assert_eq!((a, s), (1.0, 0.0));
+        assert_eq!(f32x::lambda(a, s), f32::INFINITY);
+        assert_eq!(f32x::expm1(-f32::INFINITY), -1.0);
+    }
+
+    #[test]
+    fn build_rejects_bad_step_counts() {
+        let s = Arc::new(NoiseSchedule::new(SchedulerConfig::default()).unwrap());
+        for k in SchedulerKind::ALL {
+            assert!(k.build(&s, 0).is_err());
+            assert!(k.build(&s, 1001).is_err());
+            let sampler = k.build(&s, 20).unwrap();
+            assert_eq!(sampler.num_inference_steps(), 20);
+            assert_eq!(sampler.kind(), k);
+        }
+    }
+}
