@@ -1,3 +1,8 @@
-//! Distillation: students and their copy map, losses, the trainer and its state.
-pub mod student;
+//! Distillation: students and their copy map, losses, optimizer, checkpoints, logging, and the
+//! trainer that runs them.
+pub mod checkpoint;
 pub mod loss;
+pub mod optim;
+pub mod progress;
+pub mod student;
+pub mod tensorboard;

@@ -1,0 +1,978 @@
+//! The run YAML of `sdkd train` (architecture.md, "Run config"), parsed once into typed structs.
+//!
+//! Defaults follow the anchors (BK-SDM: batch 64 x 4, constant lr 5e-5, 50K steps, 512 px).
+//! Unknown keys are errors naming the key and line (serde_yaml reports both); `validate` checks
+//! ranges and cross-key rules with messages naming the key and value. Relative paths resolve
+//! against the config file's directory, so a run directory can be launched from anywhere.
+//! docs/config.md documents every key: keep the two in step.
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// A whole distillation (or from-scratch) run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Teacher pipeline folder (diffusers layout). May be null only for a from-scratch run
+    /// (`student_init: random` and `distill: false`).
+    #[serde(default)]
+    pub teacher: Option<PathBuf>,
+    /// A preset name (`bk_base`, `bk_small`, `bk_tiny`, aliases) or a path to a spec YAML.
+    pub student: String,
+    pub output_dir: PathBuf,
+    /// Where the student's weights start: copied from the teacher, or PyTorch's default init.
+    #[serde(default)]
+    pub student_init: StudentInit,
+    /// false = task loss only: the teacher UNet never runs and the KD weights are ignored.
+    #[serde(default = "yes")]
+    pub distill: bool,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub loss: LossWeights,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
+    pub validation: ValidationConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StudentInit {
+    /// BK-SDM: the student's weights are copied from the teacher by the copy map.
+    #[default]
+    Teacher,
+    /// PyTorch's default initialisation (a from-scratch baseline).
+    Random,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Image folder with metadata.jsonl / metadata.csv (`file_name`, `text`).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// A `sdkd preprocess` output folder, read instead of images.
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
+    #[serde(default = "default_resolution")]
+    pub resolution: u32,
+    #[serde(default = "yes")]
+    pub center_crop: bool,
+    #[serde(default = "yes")]
+    pub random_flip: bool,
+    #[serde(default)]
+    pub on_bad_sample: OnBadSample,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadSample {
+    /// Warn, count (logs and TensorBoard) and go on.
+    #[default]
+    Skip,
+    /// Stop the run with an error naming the sample.
+    Fail,
+}
+
+/// λ weights of `loss = task + output_kd + Σ feature_kd` (anchors.md, "The loss").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossWeights {
+    #[serde(default = "one")]
+    pub task: f64,
+    #[serde(default = "one")]
+    pub output_kd: f64,
+    #[serde(default = "one")]
+    pub feature_kd: f64,
+}
+
+impl Default for LossWeights {
+    fn default() -> Self {
+        LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Global grad-norm clip; null disables clipping.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: Option<f64>,
+    #[serde(default)]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub warmup_steps: u64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: default_lr(),
+            betas: default_betas(),
+            weight_decay: default_weight_decay(),
+            eps: default_eps(),
+            max_grad_norm: default_max_grad_norm(),
+            schedule: Schedule::default(),
+            warmup_steps: 0,
+        }
+    }
+}
+
+/// LR schedules with diffusers' `get_scheduler` semantics (see `distill::optim::lr_at`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// diffusers `constant`, or `constant_with_warmup` when warmup_steps > 0.
+    #[default]
+    Constant,
+    /// diffusers `cosine` (half a cosine from lr to 0 after the warmup).
+    Cosine,
+    /// diffusers `linear` (straight from lr to 0 after the warmup).
+    Linear,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Samples per micro-batch (one forward/backward).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step: the effective batch is batch_size x grad_accum.
+    #[serde(default = "default_grad_accum")]
+    pub grad_accum: usize,
+    /// Optimizer steps of the whole run.
+    #[serde(default = "default_max_steps")]
+    pub max_steps: u64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    #[serde(default)]
+    pub precision: Precision,
+    /// EMA of the student (e.g. 0.9999), starting from the student's initial weights; null = off.
+    #[serde(default)]
+    pub ema_decay: Option<f64>,
+    /// diffusers' `--noise_offset`: noise += offset · N(0, 1) per (sample, channel); 0 = off.
+    #[serde(default)]
+    pub noise_offset: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: default_batch_size(),
+            grad_accum: default_grad_accum(),
+            max_steps: default_max_steps(),
+            seed: default_seed(),
+            device: DeviceChoice::default(),
+            precision: Precision::default(),
+            ema_decay: None,
+            noise_offset: 0.0,
+        }
+    }
+}
+
+/// `auto | cpu | cuda | cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(into = "String")]
+pub enum DeviceChoice {
+    /// The first CUDA device when there is one, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    /// The tch device this choice means on this machine.
+    pub fn resolve(self) -> Result<tch::Device> {
+        match self {
+            DeviceChoice::Auto => Ok(tch::Device::cuda_if_available()),
+            DeviceChoice::Cpu => Ok(tch::Device::Cpu),
+            DeviceChoice::Cuda(i) => {
+                let n = tch::Cuda::device_count() as usize;
+                if i >= n {
+                    bail!("train.device = cuda:{i}, but this machine has {n} CUDA device(s)");
+                }
+                Ok(tch::Device::Cuda(i))
+            }
+        }
+    }
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceChoice::Cuda)
+                .ok_or_else(|| format!("invalid device {s:?}: expected auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+// A visitor rather than `try_from = "String"`: errors raised inside `visit_str` keep serde_yaml's
+// key path (`train.device`), errors from `try_from` lose it.
+impl<'de> Deserialize<'de> for DeviceChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = DeviceChoice;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("auto, cpu, cuda or cuda:N")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<DeviceChoice, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl From<DeviceChoice> for String {
+    fn from(d: DeviceChoice) -> String {
+        d.to_string()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    /// bf16 compute (explicit casts) with fp32 master weights; CUDA only.
+    #[default]
+    Bf16,
+    /// fp16 compute with fp32 master weights; CUDA only.
+    Fp16,
+}
+
+impl Precision {
+    /// The compute dtype.
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Precision::Fp32 => tch::Kind::Float,
+            Precision::Bf16 => tch::Kind::BFloat16,
+            Precision::Fp16 => tch::Kind::Half,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Optimizer steps between checkpoints (one is always written at the end); 0 = only at the end.
+    #[serde(default = "default_checkpoint_every")]
+    pub every: u64,
+    /// Complete checkpoints kept (the newest is never deleted).
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { every: default_checkpoint_every(), keep: default_keep() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Optimizer steps between log lines and TensorBoard scalars.
+    #[serde(default = "default_log_every")]
+    pub every: u64,
+    #[serde(default = "yes")]
+    pub tensorboard: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { every: default_log_every(), tensorboard: true }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Optimizer steps between validation grids; 0 = off.
+    #[serde(default = "default_validation_every")]
+    pub every: u64,
+    #[serde(default = "default_prompts")]
+    pub prompts: Vec<String>,
+    /// Sampler steps per image.
+    #[serde(default = "default_validation_steps")]
+    pub steps: u32,
+    /// Sampler name, parsed by the pipeline (e.g. unipc, ddim, euler, dpmpp_2m).
+    #[serde(default = "default_scheduler")]
+    pub scheduler: String,
+    /// Classifier-free guidance scale (1 = no guidance).
+    #[serde(default = "default_guidance_scale")]
+    pub guidance_scale: f64,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        ValidationConfig {
+            every: default_validation_every(),
+            prompts: default_prompts(),
+            steps: default_validation_steps(),
+            scheduler: default_scheduler(),
+            guidance_scale: default_guidance_scale(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> f64 {
+    1.0
+}
+fn default_resolution() -> u32 {
+    512
+}
+fn default_lr() -> f64 {
+    5.0e-5
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+fn default_eps() -> f64 {
+    1.0e-8
+}
+fn default_max_grad_norm() -> Option<f64> {
+    Some(1.0)
+}
+fn default_batch_size() -> usize {
+    64
+}
+fn default_grad_accum() -> usize {
+    4
+}
+fn default_max_steps() -> u64 {
+    50_000
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_checkpoint_every() -> u64 {
+    500
+}
+fn default_keep() -> usize {
+    3
+}
+fn default_log_every() -> u64 {
+    10
+}
+fn default_validation_every() -> u64 {
+    1000
+}
+fn default_prompts() -> Vec<String> {
+    vec!["a toy panda standing on a pile of broccoli".to_string()]
+}
+fn default_validation_steps() -> u32 {
+    25
+}
+fn default_scheduler() -> String {
+    "unipc".to_string()
+}
+fn default_guidance_scale() -> f64 {
+    7.5
+}
+
+/// Keys that may change between a run and its resumption without changing the trained function
+/// (cadences, the step budget, where things go, which GPU): left out of `config_hash`.
+pub const RESUME_MUTABLE_KEYS: &[&str] =
+    &["output_dir", "train.max_steps", "train.device", "checkpoint", "log", "validation"];
+
+impl RunConfig {
+    /// Reads, parses, resolves relative paths against the file's folder, and validates.
+    pub fn load(path: &Path) -> Result<RunConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading run config {}", path.display()))?;
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = base.canonicalize().unwrap_or_else(|_| base.to_path_buf());
+        Self::from_yaml(&text, &base, &path.display().to_string())
+    }
+
+    /// Parses YAML text whose relative paths are relative to `base_dir`; `source` names the text
+    /// in errors (usually the file path).
+    pub fn from_yaml(text: &str, base_dir: &Path, source: &str) -> Result<RunConfig> {
+        // serde_yaml's message already names the key path and the line/column.
+        let mut cfg: RunConfig = serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        cfg.resolve_paths(base_dir);
+        if let Err(e) = cfg.validate() {
+            let at = line_of_key(text, &e.key).map(|l| format!(" (line {l})")).unwrap_or_default();
+            bail!("invalid run config {source}{at}: {e}");
+        }
+        Ok(cfg)
+    }
+
+    /// The resolved config as YAML (written to `<output_dir>/config.yaml`).
+    pub fn to_yaml(&self) -> Result<String> {
+        Ok(serde_yaml::to_string(self)?)
+    }
+
+    /// Makes every relative path absolute against `base`. The student is a path only when it
+    /// looks like one (ends in .yaml/.yml or contains a separator); otherwise it is a preset name.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(t) = self.teacher.as_mut() {
+            abs(t);
+        }
+        abs(&mut self.output_dir);
+        if let Some(p) = self.data.path.as_mut() {
+            abs(p);
+        }
+        if let Some(p) = self.data.cache.as_mut() {
+            abs(p);
+        }
+        if let Some(mut spec) = self.student_spec_path() {
+            abs(&mut spec);
+            self.student = spec.to_string_lossy().into_owned();
+        }
+    }
+
+    /// The spec file when `student` names one rather than a preset (made absolute by `resolve_paths`).
+    pub fn student_spec_path(&self) -> Option<PathBuf> {
+        let s = self.student.as_str();
+        let looks_like_path = s.ends_with(".yaml") || s.ends_with(".yml") || s.contains('/') || s.contains('\\');
+        looks_like_path.then(|| PathBuf::from(s))
+    }
+
+    /// True when the run trains on the task loss alone from random weights: no teacher UNet needed.
+    pub fn from_scratch(&self) -> bool {
+        self.student_init == StudentInit::Random && !self.distill
+    }
+
+    /// Range and cross-key checks; each message names the key and the value at fault.
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        if self.student.trim().is_empty() {
+            return Err(invalid(
+                "student",
+                "student is empty: give a preset (bk_base, bk_small, bk_tiny) or a spec YAML path".to_string(),
+            ));
+        }
+        if self.output_dir.as_os_str().is_empty() {
+            return Err(invalid("output_dir", "output_dir is empty".to_string()));
+        }
+        if self.teacher.is_none() {
+            if self.student_init == StudentInit::Teacher {
+                return Err(invalid("teacher", "teacher is null but student_init = teacher: the student's weights come from the teacher (use student_init: random for a from-scratch run)".to_string()));
+            }
+            if self.distill {
+                return Err(invalid("teacher", "teacher is null but distill = true: distillation needs the teacher (use distill: false for a from-scratch run)".to_string()));
+            }
+            if self.data.cache.is_none() {
+                return Err(invalid("teacher", "teacher is null and data.cache is not set: without a teacher pipeline there is no VAE or text encoder to encode raw images; run `sdkd preprocess` and set data.cache".to_string()));
+            }
+            if self.validation.every > 0 {
+                return Err(invalid("teacher", format!("teacher is null but validation.every = {}: validation images need the teacher pipeline's VAE and text encoder; set validation.every: 0", self.validation.every)));
+            }
+        }
+        let d = &self.data;
+        if d.path.is_none() && d.cache.is_none() {
+            return Err(invalid(
+                "data.path",
+                "data: set data.path (an image folder) or data.cache (a `sdkd preprocess` output)".to_string(),
+            ));
+        }
+        if d.resolution == 0 || d.resolution % 8 != 0 {
+            return Err(invalid(
+                "data.resolution",
+                format!(
+                    "data.resolution = {}: must be a positive multiple of 8 (the VAE downsamples by 8)",
+                    d.resolution
+                ),
+            ));
+        }
+        for (key, v) in [
+            ("loss.task", self.loss.task),
+            ("loss.output_kd", self.loss.output_kd),
+            ("loss.feature_kd", self.loss.feature_kd),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(key, format!("{key} = {v}: must be a finite number >= 0")));
+            }
+        }
+        let active =
+            if self.distill { self.loss.task + self.loss.output_kd + self.loss.feature_kd } else { self.loss.task };
+        if active == 0.0 {
+            let which = if self.distill {
+                "loss.task, loss.output_kd and loss.feature_kd are all 0"
+            } else {
+                "loss.task = 0 with distill = false"
+            };
+            return Err(invalid("loss", format!("{which}: nothing to train on")));
+        }
+        let o = &self.optim;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return Err(invalid("optim.lr", format!("optim.lr = {}: must be > 0", o.lr)));
+        }
+        for (i, b) in o.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                return Err(invalid("optim.betas", format!("optim.betas[{i}] = {b}: must be in [0, 1)")));
+            }
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            return Err(invalid(
+                "optim.weight_decay",
+                format!("optim.weight_decay = {}: must be >= 0", o.weight_decay),
+            ));
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            return Err(invalid("optim.eps", format!("optim.eps = {}: must be > 0", o.eps)));
+        }
+        if let Some(n) = o.max_grad_norm {
+            if !(n.is_finite() && n > 0.0) {
+                return Err(invalid(
+                    "optim.max_grad_norm",
+                    format!("optim.max_grad_norm = {n}: must be > 0 (or null to disable clipping)"),
+                ));
+            }
+        }
+        let t = &self.train;
+        if o.warmup_steps > t.max_steps {
+            return Err(invalid(
+                "optim.warmup_steps",
+                format!("optim.warmup_steps = {} exceeds train.max_steps = {}", o.warmup_steps, t.max_steps),
+            ));
+        }
+        if t.batch_size < 1 {
+            return Err(invalid("train.batch_size", format!("train.batch_size = {}: must be >= 1", t.batch_size)));
+        }
+        if t.grad_accum < 1 {
+            return Err(invalid("train.grad_accum", format!("train.grad_accum = {}: must be >= 1", t.grad_accum)));
+        }
+        if t.max_steps < 1 {
+            return Err(invalid("train.max_steps", format!("train.max_steps = {}: must be >= 1", t.max_steps)));
+        }
+        if let Some(e) = t.ema_decay {
+            if !(e > 0.0 && e < 1.0) {
+                return Err(invalid(
+                    "train.ema_decay",
+                    format!("train.ema_decay = {e}: must be in (0, 1) (or null for no EMA)"),
+                ));
+            }
+        }
+        if !(t.noise_offset.is_finite() && t.noise_offset >= 0.0) {
+            return Err(invalid(
+                "train.noise_offset",
+                format!("train.noise_offset = {}: must be >= 0", t.noise_offset),
+            ));
+        }
+        if self.checkpoint.keep < 1 {
+            return Err(invalid(
+                "checkpoint.keep",
+                format!("checkpoint.keep = {}: must be >= 1", self.checkpoint.keep),
+            ));
+        }
+        if self.log.every < 1 {
+            return Err(invalid("log.every", format!("log.every = {}: must be >= 1", self.log.every)));
+        }
+        let v = &self.validation;
+        if v.every > 0 {
+            if v.prompts.is_empty() {
+                return Err(invalid("validation.prompts", format!("validation.prompts is empty but validation.every = {}: give at least one prompt or set every: 0", v.every)));
+            }
+            if let Some(i) = v.prompts.iter().position(|p| p.trim().is_empty()) {
+                return Err(invalid("validation.prompts", format!("validation.prompts[{i}] is empty")));
+            }
+        }
+        if v.steps < 1 {
+            return Err(invalid("validation.steps", format!("validation.steps = {}: must be >= 1", v.steps)));
+        }
+        if v.scheduler.trim().is_empty() {
+            return Err(invalid("validation.scheduler", "validation.scheduler is empty (e.g. unipc)".to_string()));
+        }
+        if !(v.guidance_scale.is_finite() && v.guidance_scale >= 0.0) {
+            return Err(invalid(
+                "validation.guidance_scale",
+                format!("validation.guidance_scale = {}: must be >= 0", v.guidance_scale),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The part of the config that defines the trained function: everything but
+    /// `RESUME_MUTABLE_KEYS`, as JSON with sorted keys. Stored in checkpoints so a refused resume
+    /// can name the keys that differ (`identity_diff`).
+    pub fn resume_identity(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).expect("RunConfig serialises to JSON");
+        for key in RESUME_MUTABLE_KEYS {
+            remove_path(&mut v, key);
+        }
+        sort_keys(v)
+    }
+
+    /// A stable 64-bit FNV-1a hash (16 hex digits) of `resume_identity`: equal across runs,
+    /// machines and sdkd builds for equal configs.
+    pub fn config_hash(&self) -> String {
+        let text = serde_json::to_string(&self.resume_identity()).expect("JSON value serialises");
+        format!("{:016x}", fnv1a64(text.as_bytes()))
+    }
+}
+
+/// Dotted keys whose values differ between two `resume_identity` values (for error messages).
+pub fn identity_diff(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+    fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let null = serde_json::Value::Null;
+                    walk(&p, x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                }
+            }
+            _ if a != b => out.push(format!("{prefix}: {a} vs {b}")),
+            _ => {}
+        }
+    }
+    let mut out = vec![];
+    walk("", a, b, &mut out);
+    out
+}
+
+/// A value out of range or an inconsistent combination; `key` is the dotted key at fault
+/// (`RunConfig::from_yaml` adds the line where the key appears).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+fn invalid(key: &str, message: String) -> ConfigError {
+    ConfigError { key: key.to_string(), message }
+}
+
+/// The 1-based line where a dotted key (`train.batch_size`) is set in block-style YAML, if found.
+fn line_of_key(text: &str, dotted: &str) -> Option<usize> {
+    let parts: Vec<&str> = dotted.split('.').collect();
+    let mut depth = 0; // how many parts have matched
+    let mut indents: Vec<usize> = vec![];
+    for (n, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - trimmed.len();
+        while let Some(&i) = indents.last() {
+            if indent <= i {
+                indents.pop();
+                depth -= 1;
+            } else {
+                break;
+            }
+        }
+        let key = trimmed.split(':').next().unwrap_or("").trim().trim_matches(|c| c == '"' || c == '\'');
+        if depth < parts.len() && key == parts[depth] && trimmed.contains(':') {
+            depth += 1;
+            indents.push(indent);
+            if depth == parts.len() {
+                return Some(n + 1);
+            }
+        }
+    }
+    None
+}
+
+fn remove_path(v: &mut serde_json::Value, dotted: &str) {
+    let mut parts: Vec<&str> = dotted.split('.').collect();
+    let last = parts.pop().expect("non-empty key");
+    let mut cur = v;
+    for p in parts {
+        match cur.get_mut(p) {
+            Some(next) => cur = next,
+            None => return,
+        }
+    }
+    if let Some(obj) = cur.as_object_mut() {
+        obj.remove(last);
+    }
+}
+
+fn sort_keys(v: serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Object(map) => {
+            let sorted: std::collections::BTreeMap<String, serde_json::Value> =
+                map.into_iter().map(|(k, v)| (k, sort_keys(v))).collect();
+            serde_json::Value::Object(sorted.into_iter().collect())
+        }
+        serde_json::Value::Array(a) => serde_json::Value::Array(a.into_iter().map(sort_keys).collect()),
+        other => other,
+    }
+}
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "teacher: models/sd15\nstudent: bk_small\noutput_dir: runs/x\ndata:\n  path: data/set\n";
+
+    fn parse(text: &str) -> Result<RunConfig> {
+        RunConfig::from_yaml(text, Path::new("/base"), "run.yaml")
+    }
+
+    fn err(text: &str) -> String {
+        format!("{:#}", parse(text).expect_err("config should be rejected"))
+    }
+
+    #[test]
+    fn defaults_follow_the_anchors() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.teacher.as_deref(), Some(Path::new("/base/models/sd15")));
+        assert_eq!(c.output_dir, Path::new("/base/runs/x"));
+        assert_eq!(c.data.path.as_deref(), Some(Path::new("/base/data/set")));
+        assert_eq!((c.data.resolution, c.data.center_crop, c.data.random_flip), (512, true, true));
+        assert_eq!(c.data.on_bad_sample, OnBadSample::Skip);
+        assert_eq!(c.loss, LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0 });
+        assert_eq!(c.optim, OptimConfig::default());
+        assert_eq!((c.optim.lr, c.optim.betas, c.optim.weight_decay, c.optim.eps), (5e-5, [0.9, 0.999], 0.01, 1e-8));
+        assert_eq!(c.optim.max_grad_norm, Some(1.0));
+        assert_eq!((c.optim.schedule, c.optim.warmup_steps), (Schedule::Constant, 0));
+        let t = &c.train;
+        assert_eq!((t.batch_size, t.grad_accum, t.max_steps, t.seed), (64, 4, 50_000, 42));
+        assert_eq!((t.device, t.precision, t.ema_decay), (DeviceChoice::Auto, Precision::Bf16, None));
+        assert_eq!((c.checkpoint.every, c.checkpoint.keep), (500, 3));
+        assert_eq!((c.log.every, c.log.tensorboard), (10, true));
+        assert_eq!((c.validation.every, c.validation.steps, c.validation.scheduler.as_str()), (1000, 25, "unipc"));
+        assert_eq!(c.validation.prompts, vec!["a toy panda standing on a pile of broccoli"]);
+        assert_eq!((c.student_init, c.distill), (StudentInit::Teacher, true));
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_line() {
+        let e = err(&format!("{MINIMAL}  resolutoin: 256\n"));
+        assert!(e.contains("resolutoin") && e.contains("line 6"), "{e}");
+        let e = err(&format!("{MINIMAL}optimiser:\n  lr: 1.0\n"));
+        assert!(e.contains("optimiser") && e.contains("line 6"), "{e}");
+        let e = err(&format!("{MINIMAL}train:\n  batch: 3\n"));
+        assert!(e.contains("batch") && e.contains("train"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        for (yaml, key) in [
+            ("train:\n  batch_size: big\n", "train.batch_size"),
+            ("train:\n  batch_size: -1\n", "train.batch_size"),
+            ("optim:\n  lr: fast\n", "optim.lr"),
+            ("optim:\n  betas: [0.9]\n", "optim.betas"),
+            ("optim:\n  schedule: step\n", "optim.schedule"),
+            ("train:\n  precision: fp8\n", "train.precision"),
+            ("train:\n  device: gpu\n", "train.device"),
+            ("train:\n  device: cuda:x\n", "train.device"),
+            ("data:\n  path: d\n  on_bad_sample: ignore\n", "data.on_bad_sample"),
+            ("student_init: zeros\n", "student_init"),
+            ("log:\n  tensorboard: sometimes\n", "log.tensorboard"),
+            ("validation:\n  prompts: 3\n", "validation.prompts"),
+        ] {
+            // Later keys replace the minimal ones; serde_yaml refuses duplicates, so rebuild.
+            let base: String = MINIMAL
+                .lines()
+                .filter(|l| !(yaml.starts_with("data:") && (l.starts_with("data:") || l.starts_with("  path"))))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let e = err(&format!("{base}{yaml}"));
+            assert!(e.contains(key), "{yaml:?}: {e}");
+            assert!(e.contains("line"), "{yaml:?}: no line in {e}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_name_key_and_value() {
+        for (yaml, needle) in [
+            ("optim:\n  lr: 0\n", "optim.lr = 0"),
+            ("optim:\n  lr: -1.0e-4\n", "optim.lr = -0.0001"),
+            ("optim:\n  betas: [0.9, 1.0]\n", "optim.betas[1] = 1"),
+            ("optim:\n  betas: [-0.1, 0.9]\n", "optim.betas[0] = -0.1"),
+            ("optim:\n  eps: 0\n", "optim.eps = 0"),
+            ("optim:\n  weight_decay: -0.01\n", "optim.weight_decay = -0.01"),
+            ("optim:\n  max_grad_norm: 0\n", "optim.max_grad_norm = 0"),
+            ("optim:\n  warmup_steps: 11\ntrain:\n  max_steps: 10\n", "optim.warmup_steps = 11"),
+            ("train:\n  batch_size: 0\n", "train.batch_size = 0"),
+            ("train:\n  grad_accum: 0\n", "train.grad_accum = 0"),
+            ("train:\n  max_steps: 0\n", "train.max_steps = 0"),
+            ("train:\n  ema_decay: 1.0\n", "train.ema_decay = 1"),
+            ("train:\n  ema_decay: 0\n", "train.ema_decay = 0"),
+            ("train:\n  noise_offset: -0.1\n", "train.noise_offset = -0.1"),
+            ("loss:\n  feature_kd: -1\n", "loss.feature_kd = -1"),
+            ("loss:\n  task: .nan\n", "loss.task = NaN"),
+            ("loss:\n  task: 0\n  output_kd: 0\n  feature_kd: 0\n", "all 0"),
+            ("checkpoint:\n  keep: 0\n", "checkpoint.keep = 0"),
+            ("log:\n  every: 0\n", "log.every = 0"),
+            ("validation:\n  steps: 0\n", "validation.steps = 0"),
+            ("validation:\n  prompts: []\n", "validation.prompts"),
+            ("validation:\n  guidance_scale: -1\n", "validation.guidance_scale = -1"),
+        ] {
+            let e = err(&format!("{MINIMAL}{yaml}"));
+            assert!(e.contains(needle), "{yaml:?}: {e}");
+            assert!(e.contains("run.yaml"), "{yaml:?}: no file in {e}");
+        }
+        let e = err("teacher: t\nstudent: bk_small\noutput_dir: o\ndata:\n  path: d\n  resolution: 500\n");
+        assert!(e.contains("data.resolution = 500") && e.contains("(line 6)"), "{e}");
+        let e = err(&format!("{MINIMAL}log:\n  tensorboard: true\n  # why not\n  every: 0\n"));
+        assert!(e.contains("log.every = 0") && e.contains("(line 9)"), "{e}");
+        let e = err("teacher: t\nstudent: bk_small\noutput_dir: o\ndata:\n  resolution: 512\n");
+        assert!(e.contains("data.path") && e.contains("data.cache"), "{e}");
+        // Validation off: an empty prompt list is fine.
+        parse(&format!("{MINIMAL}validation:\n  every: 0\n  prompts: []\n")).unwrap();
+    }
+
+    #[test]
+    fn teacher_may_be_null_only_from_scratch() {
+        let body = "student: bk_small\noutput_dir: o\ndata:\n  cache: c\nvalidation:\n  every: 0\n";
+        assert!(err(body).contains("student_init"));
+        assert!(err(&format!("{body}student_init: random\n")).contains("distill"));
+        let c = parse(&format!("{body}student_init: random\ndistill: false\n")).unwrap();
+        assert!(c.from_scratch() && c.teacher.is_none());
+        let c = parse(&format!("teacher: null\n{body}student_init: random\ndistill: false\n")).unwrap();
+        assert!(c.teacher.is_none());
+        let no_cache = "student: bk_small\noutput_dir: o\ndata:\n  path: d\nvalidation:\n  every: 0\nstudent_init: random\ndistill: false\n";
+        assert!(err(no_cache).contains("data.cache"));
+        let with_val = "student: bk_small\noutput_dir: o\ndata:\n  cache: c\nstudent_init: random\ndistill: false\n";
+        assert!(err(with_val).contains("validation.every"));
+        // distill: false needs only the task weight.
+        parse(&format!("{MINIMAL}distill: false\nloss:\n  output_kd: 0\n  feature_kd: 0\n")).unwrap();
+        assert!(err(&format!("{MINIMAL}distill: false\nloss:\n  task: 0\n")).contains("loss.task = 0"));
+    }
+
+    #[test]
+    fn devices_and_paths() {
+        for (s, d) in [
+            ("auto", DeviceChoice::Auto),
+            ("cpu", DeviceChoice::Cpu),
+            ("cuda", DeviceChoice::Cuda(0)),
+            ("cuda:3", DeviceChoice::Cuda(3)),
+        ] {
+            let c = parse(&format!("{MINIMAL}train:\n  device: {s}\n")).unwrap();
+            assert_eq!(c.train.device, d);
+        }
+        assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+        let c = parse("teacher: /abs/t\nstudent: specs/mine.yaml\noutput_dir: /abs/o\ndata:\n  cache: ../c\n").unwrap();
+        assert_eq!(c.teacher.as_deref(), Some(Path::new("/abs/t")));
+        assert_eq!(c.student, "/base/specs/mine.yaml");
+        assert_eq!(c.student_spec_path().as_deref(), Some(Path::new("/base/specs/mine.yaml")));
+        assert_eq!(c.data.cache.as_deref(), Some(Path::new("/base/../c")));
+        assert_eq!(parse(MINIMAL).unwrap().student_spec_path(), None);
+    }
+
+    #[test]
+    fn yaml_round_trip() {
+        let c =
+            parse(&format!("{MINIMAL}train:\n  ema_decay: 0.9999\n  device: cuda:1\noptim:\n  max_grad_norm: null\n"))
+                .unwrap();
+        let again = parse(&c.to_yaml().unwrap()).unwrap();
+        assert_eq!(c, again);
+        assert_eq!(again.optim.max_grad_norm, None);
+    }
+
+    #[test]
+    fn hash_ignores_resume_mutable_keys_only() {
+        let a = parse(MINIMAL).unwrap();
+        let h = a.config_hash();
+        assert_eq!(h.len(), 16);
+        assert_eq!(h, parse(MINIMAL).unwrap().config_hash(), "hash is deterministic");
+        for extra in [
+            "train:\n  max_steps: 7\n  device: cpu\n",
+            "checkpoint:\n  every: 3\n  keep: 9\n",
+            "log:\n  every: 1\n  tensorboard: false\n",
+            "validation:\n  every: 0\n",
+        ] {
+            let b = parse(&format!("{MINIMAL}{extra}")).unwrap();
+            assert_eq!(h, b.config_hash(), "{extra:?} must not change the hash");
+        }
+        let moved = parse(&MINIMAL.replace("runs/x", "runs/elsewhere")).unwrap();
+        assert_eq!(h, moved.config_hash(), "output_dir must not change the hash");
+        for extra in [
+            "train:\n  seed: 1\n",
+            "optim:\n  lr: 1.0e-4\n",
+            "loss:\n  feature_kd: 0.5\n",
+            "train:\n  batch_size: 8\n",
+            "distill: false\n",
+        ] {
+            let b = parse(&format!("{MINIMAL}{extra}")).unwrap();
+            assert_ne!(h, b.config_hash(), "{extra:?} must change the hash");
+            let diff = identity_diff(&a.resume_identity(), &b.resume_identity());
+            assert_eq!(diff.len(), 1, "{diff:?}");
+        }
+        let b = parse(&MINIMAL.replace("bk_small", "bk_tiny")).unwrap();
+        let diff = identity_diff(&a.resume_identity(), &b.resume_identity());
+        assert_eq!(diff, vec!["student: \"bk_small\" vs \"bk_tiny\"".to_string()]);
+    }
+
+    #[test]
+    fn every_example_config_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                let c = RunConfig::load(&path).unwrap_or_else(|e| panic!("{e:#}"));
+                assert!(c.output_dir.is_absolute() && c.teacher.as_ref().unwrap().is_absolute());
+                seen += 1;
+            }
+        }
+        assert!(seen >= 4, "only {seen} example configs in {}", dir.display());
+        for preset in ["base", "small", "tiny"] {
+            let c = RunConfig::load(&dir.join(format!("sd15_bk_{preset}.yaml"))).unwrap();
+            assert_eq!(c.student, format!("bk_{preset}"));
+            let t = &c.train;
+            assert_eq!((t.batch_size, t.grad_accum, t.max_steps, t.precision), (64, 4, 50_000, Precision::Bf16));
+            assert_eq!(
+                (c.optim.lr, c.optim.schedule, c.data.resolution, c.checkpoint.every),
+                (5e-5, Schedule::Constant, 512, 500)
+            );
+        }
+        let tiny = RunConfig::load(&dir.join("tiny_cpu.yaml")).unwrap();
+        assert_eq!((tiny.train.device, tiny.train.precision), (DeviceChoice::Cpu, Precision::Fp32));
+    }
+}

@@ -1,0 +1,450 @@
+//! Optimisation pieces of the trainer, each a reproduction of the PyTorch/diffusers function the
+//! anchors use, so runs compare with theirs:
+//! - `AdamW`: `torch.optim.AdamW` (default single-tensor path, non-amsgrad), written over tch
+//!   tensors because tch's optimizer keeps its moments out of reach and so cannot be checkpointed.
+//! - `clip_grad_norm`: `torch.nn.utils.clip_grad_norm_` (2-norm, eps 1e-6).
+//! - `lr_at`: diffusers' `get_scheduler` schedules as a pure function of the step, so resuming
+//!   needs nothing but the step.
+//! - `Ema`: an exponential moving average of the student, starting from the weights it is given.
+//!
+//! LibTorch's `_fused_adamw_` and `_foreach_*` kernels are not exposed by tch 0.26, so the update
+//! is six in-place kernels per parameter under no-grad (three small temporaries), the same
+//! arithmetic in the same order as PyTorch's single-tensor path: bit-identical on CPU.
+use crate::config::{OptimConfig, Schedule};
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use tch::Tensor;
+
+/// The learning rate of optimizer update number `step` (0-based: the number of updates already
+/// done), equal to diffusers' `get_scheduler(...)` after `step` calls of `lr_scheduler.step()`.
+/// `constant` with `warmup_steps > 0` is diffusers' `constant_with_warmup` (plain diffusers
+/// `constant` ignores warmup); `cosine` is half a cosine (num_cycles 0.5) to 0 at `max_steps`;
+/// `linear` falls straight to 0 at `max_steps`. With warmup, update 0 uses lr 0, as in diffusers.
+pub fn lr_at(step: u64, cfg: &OptimConfig, max_steps: u64) -> f64 {
+    let warmup = cfg.warmup_steps;
+    let s = step as f64;
+    let factor = if step < warmup {
+        s / (warmup.max(1) as f64)
+    } else {
+        // Signed: diffusers' progress may go negative past the end and is clamped at 0.
+        let span = (max_steps as i64 - warmup as i64).max(1) as f64;
+        match cfg.schedule {
+            Schedule::Constant => 1.0,
+            Schedule::Cosine => {
+                let progress = (s - warmup as f64) / span;
+                let num_cycles = 0.5;
+                (0.5 * (1.0 + (std::f64::consts::PI * num_cycles * 2.0 * progress).cos())).max(0.0)
+            }
+            Schedule::Linear => ((max_steps as f64 - s) / span).max(0.0),
+        }
+    };
+    cfg.lr * factor
+}
+
+/// AdamW hyper-parameters other than the learning rate (which `lr_at` gives per step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// torch.optim.AdamW's defaults.
+    fn default() -> Self {
+        AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01 }
+    }
+}
+
+impl From<&OptimConfig> for AdamWConfig {
+    fn from(c: &OptimConfig) -> Self {
+        AdamWConfig { betas: (c.betas[0], c.betas[1]), eps: c.eps, weight_decay: c.weight_decay }
+    }
+}
+
+/// One parameter and its state. `step` counts this parameter's own updates, as PyTorch does: a
+/// parameter whose gradient is undefined is skipped (no decay, no moment update).
+struct Slot {
+    name: String,
+    param: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: i64,
+}
+
+/// AdamW over named parameters (shallow clones of the model's variables: updates are in place).
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: Vec<Slot>,
+}
+
+/// Names of the optimizer state tensors in `optimizer.safetensors`.
+const EXP_AVG: &str = "exp_avg.";
+const EXP_AVG_SQ: &str = "exp_avg_sq.";
+const STEP: &str = "step.";
+
+impl AdamW {
+    /// Zero moments (like PyTorch's lazily created state) for every parameter. Parameters must be
+    /// floating point with unique names.
+    pub fn new(params: Vec<(String, Tensor)>, cfg: AdamWConfig) -> Result<AdamW> {
+        check_unique(&params, "optimizer")?;
+        let slots = params
+            .into_iter()
+            .map(|(name, param)| {
+                if !param.is_floating_point() {
+                    bail!("optimizer parameter {name} is {:?}, not floating point", param.kind());
+                }
+                let exp_avg = tch::no_grad(|| param.f_zeros_like())?;
+                let exp_avg_sq = tch::no_grad(|| param.f_zeros_like())?;
+                Ok(Slot { name, param, exp_avg, exp_avg_sq, step: 0 })
+            })
+            .collect::<Result<_>>()?;
+        Ok(AdamW { cfg, slots })
+    }
+
+    pub fn config(&self) -> AdamWConfig {
+        self.cfg
+    }
+
+    /// The parameters, in the order given to `new`.
+    pub fn params(&self) -> Vec<Tensor> {
+        self.slots.iter().map(|s| s.param.shallow_clone()).collect()
+    }
+
+    /// One AdamW update with learning rate `lr` of every parameter that has a gradient:
+    /// `p *= 1 - lr·wd; m = lerp(m, g, 1-β1); v = β2·v + (1-β2)·g²;
+    ///  p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)`.
+    pub fn step(&mut self, lr: f64) -> Result<()> {
+        let AdamWConfig { betas: (beta1, beta2), eps, weight_decay } = self.cfg;
+        tch::no_grad(|| -> Result<()> {
+            for s in &mut self.slots {
+                let grad = s.param.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                s.step += 1;
+                let step = s.step as f64;
+                let mut p = s.param.shallow_clone();
+                if weight_decay != 0.0 {
+                    let _ = p.f_mul_scalar_(1.0 - lr * weight_decay)?;
+                }
+                let _ = s.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
+                // tch's addcmul_/addcdiv_ have no `value`: pre-scaling one factor by it rounds
+                // exactly as LibTorch's kernels do (`self + value * t1 * t2`, left to right).
+                let _ = s.exp_avg_sq.f_mul_scalar_(beta2)?;
+                let _ = s.exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
+                let bias_correction1 = 1.0 - beta1.powf(step);
+                let bias_correction2 = 1.0 - beta2.powf(step);
+                let step_size = lr / bias_correction1;
+                let bias_correction2_sqrt = bias_correction2.powf(0.5);
+                let mut denom = s.exp_avg_sq.f_sqrt()?;
+                let _ = denom.f_div_scalar_(bias_correction2_sqrt)?;
+                let _ = denom.f_add_scalar_(eps)?;
+                let _ = p.f_addcdiv_(&s.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
+            }
+            Ok(())
+        })
+        .context("AdamW step")
+    }
+
+    /// Zeroes every defined gradient in place (tch keeps gradients allocated between steps).
+    pub fn zero_grad(&mut self) {
+        for s in &mut self.slots {
+            let mut g = s.param.grad();
+            if g.defined() {
+                let _ = tch::no_grad(|| g.zero_());
+            }
+        }
+    }
+
+    /// `torch.nn.utils.clip_grad_norm_` over this optimizer's parameters.
+    pub fn clip_grad_norm(&self, max_norm: f64) -> Result<Tensor> {
+        clip_grad_norm(&self.params(), max_norm)
+    }
+
+    /// The state as named tensors: `exp_avg.<param>`, `exp_avg_sq.<param>` (shallow: they alias
+    /// the optimizer's moments) and `step.<param>` (an int64 scalar). What `optimizer.safetensors`
+    /// holds.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(3 * self.slots.len());
+        for s in &self.slots {
+            out.push((format!("{EXP_AVG}{}", s.name), s.exp_avg.shallow_clone()));
+            out.push((format!("{EXP_AVG_SQ}{}", s.name), s.exp_avg_sq.shallow_clone()));
+            out.push((format!("{STEP}{}", s.name), Tensor::from(s.step)));
+        }
+        out
+    }
+
+    /// Restores `state_tensors` output (names and shapes must match exactly; moments are copied
+    /// into the existing tensors, keeping their device and dtype).
+    pub fn load_state(&mut self, named: &[(String, Tensor)]) -> Result<()> {
+        let steps: Vec<Tensor> = self.slots.iter().map(|_| Tensor::from(0i64)).collect();
+        let dst = self.state_targets(&steps);
+        copy_named(&dst, named, "optimizer state")?;
+        self.set_steps(&steps)
+    }
+
+    /// `load_state` from a safetensors file, memory-mapped, one tensor at a time (the moments of
+    /// a full student are gigabytes: no second copy in memory).
+    pub fn load_state_file(&mut self, path: &Path) -> Result<()> {
+        let steps: Vec<Tensor> = self.slots.iter().map(|_| Tensor::from(0i64)).collect();
+        let dst: HashMap<String, Tensor> = self.state_targets(&steps).into_iter().collect();
+        crate::models::weights::load_strict(&dst, &[path.to_path_buf()])?;
+        self.set_steps(&steps)
+    }
+
+    fn state_targets(&self, steps: &[Tensor]) -> Vec<(String, Tensor)> {
+        let mut dst = Vec::with_capacity(3 * self.slots.len());
+        for (s, step) in self.slots.iter().zip(steps) {
+            dst.push((format!("{EXP_AVG}{}", s.name), s.exp_avg.shallow_clone()));
+            dst.push((format!("{EXP_AVG_SQ}{}", s.name), s.exp_avg_sq.shallow_clone()));
+            dst.push((format!("{STEP}{}", s.name), step.shallow_clone()));
+        }
+        dst
+    }
+
+    fn set_steps(&mut self, steps: &[Tensor]) -> Result<()> {
+        for (s, t) in self.slots.iter_mut().zip(steps) {
+            s.step = t.f_int64_value(&[])?;
+            if s.step < 0 {
+                bail!("optimizer state: {STEP}{} = {} is negative", s.name, s.step);
+            }
+        }
+        Ok(())
+    }
+
+    /// The update count of each parameter (all equal in a run where every parameter gets a
+    /// gradient every step).
+    pub fn steps(&self) -> Vec<(String, i64)> {
+        self.slots.iter().map(|s| (s.name.clone(), s.step)).collect()
+    }
+}
+
+/// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: the 2-norm of all gradients together
+/// (the norm of the per-tensor norms), then every gradient times `min(max_norm / (norm + 1e-6),
+/// 1)`. Parameters without a gradient are ignored. Returns the total norm before clipping as a
+/// scalar tensor on the gradients' device (read it only when logging: that waits for the GPU).
+pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Tensor> {
+    tch::no_grad(|| -> Result<Tensor> {
+        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
+        let total = total_norm(&grads)?;
+        if grads.is_empty() {
+            return Ok(total);
+        }
+        // PyTorch: `max_norm / (total_norm + 1e-6)` is `reciprocal() * max_norm` on the tensor.
+        let coef = total.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?;
+        for mut g in grads {
+            let _ = g.f_mul_(&coef)?;
+        }
+        Ok(total)
+    })
+    .context("clipping gradients")
+}
+
+/// The total gradient 2-norm without clipping (for logging when clipping is off).
+pub fn grad_norm(params: &[Tensor]) -> Result<Tensor> {
+    tch::no_grad(|| {
+        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
+        total_norm(&grads)
+    })
+}
+
+fn total_norm(grads: &[Tensor]) -> Result<Tensor> {
+    if grads.is_empty() {
+        return Ok(Tensor::from(0f32));
+    }
+    let norms: Vec<Tensor> = grads.iter().map(|g| g.f_norm()).collect::<Result<_, _>>()?;
+    Ok(Tensor::f_stack(&norms, 0)?.f_norm()?)
+}
+
+/// Exponential moving average of parameters: after each optimizer step
+/// `shadow = decay · shadow + (1 - decay) · param` (as diffusers' EMAModel with a fixed decay).
+/// The shadow starts as a copy of the parameters given, i.e. the student's initial weights.
+pub struct Ema {
+    decay: f64,
+    slots: Vec<(String, Tensor, Tensor)>, // (name, param, shadow)
+}
+
+impl Ema {
+    pub fn new(params: Vec<(String, Tensor)>, decay: f64) -> Result<Ema> {
+        if !(decay > 0.0 && decay < 1.0) {
+            bail!("EMA decay {decay} is not in (0, 1)");
+        }
+        check_unique(&params, "EMA")?;
+        let slots = params
+            .into_iter()
+            .map(|(name, p)| {
+                let shadow = tch::no_grad(|| p.f_detach_copy())?;
+                Ok((name, p, shadow))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Ema { decay, slots })
+    }
+
+    pub fn decay(&self) -> f64 {
+        self.decay
+    }
+
+    /// shadow ← shadow + (1 - decay)(param - shadow), in place.
+    pub fn update(&mut self) -> Result<()> {
+        let w = 1.0 - self.decay;
+        tch::no_grad(|| -> Result<()> {
+            for (_, p, shadow) in &mut self.slots {
+                let _ = shadow.f_lerp_(p, w)?;
+            }
+            Ok(())
+        })
+        .context("EMA update")
+    }
+
+    /// The shadow weights under the parameters' own names (shallow): `ema.safetensors` is a
+    /// student state dict that export can write as a diffusers UNet.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.slots.iter().map(|(n, _, s)| (n.clone(), s.shallow_clone())).collect()
+    }
+
+    /// Restores `state_tensors` output (strict names and shapes), copying into the shadow.
+    pub fn load_state(&mut self, named: &[(String, Tensor)]) -> Result<()> {
+        copy_named(&self.state_tensors(), named, "EMA state")
+    }
+
+    /// `load_state` from a safetensors file, memory-mapped.
+    pub fn load_state_file(&mut self, path: &Path) -> Result<()> {
+        let dst: HashMap<String, Tensor> = self.state_tensors().into_iter().collect();
+        crate::models::weights::load_strict(&dst, &[path.to_path_buf()])
+    }
+}
+
+fn check_unique(params: &[(String, Tensor)], what: &str) -> Result<()> {
+    let mut seen = HashSet::new();
+    for (name, _) in params {
+        if !seen.insert(name.as_str()) {
+            bail!("{what}: parameter name {name} appears twice");
+        }
+    }
+    Ok(())
+}
+
+/// Copies `src` into `dst` by name: the same names (each once), the same shapes; values are
+/// converted to each destination's dtype and device.
+pub fn copy_named(dst: &[(String, Tensor)], src: &[(String, Tensor)], what: &str) -> Result<()> {
+    let src_map: HashMap<&str, &Tensor> = src.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    if src_map.len() != src.len() {
+        bail!("{what}: duplicate tensor names");
+    }
+    let dst_names: HashSet<&str> = dst.iter().map(|(n, _)| n.as_str()).collect();
+    let mut missing: Vec<&str> = dst.iter().map(|(n, _)| n.as_str()).filter(|n| !src_map.contains_key(n)).collect();
+    let mut unexpected: Vec<&str> = src.iter().map(|(n, _)| n.as_str()).filter(|n| !dst_names.contains(n)).collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        missing.sort();
+        unexpected.sort();
+        let first = |v: &[&str]| v.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+        bail!(
+            "{what} does not match: {} missing ({}), {} unexpected ({})",
+            missing.len(),
+            first(&missing),
+            unexpected.len(),
+            first(&unexpected)
+        );
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (name, d) in dst {
+            let s = src_map[name.as_str()];
+            if s.size() != d.size() {
+                bail!("{what}: {name} has shape {:?}, expected {:?}", s.size(), d.size());
+            }
+            let s = s.f_to_kind(d.kind())?.f_to_device(d.device())?;
+            d.shallow_clone().f_copy_(&s).map_err(|e| anyhow!("{what}: copying {name}: {e}"))?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    fn cfg(schedule: Schedule, warmup: u64) -> OptimConfig {
+        OptimConfig { lr: 2.0, schedule, warmup_steps: warmup, ..OptimConfig::default() }
+    }
+
+    #[test]
+    fn schedules_by_hand() {
+        let c = cfg(Schedule::Constant, 0);
+        assert_eq!((lr_at(0, &c, 10), lr_at(9, &c, 10), lr_at(50, &c, 10)), (2.0, 2.0, 2.0));
+        let c = cfg(Schedule::Constant, 4);
+        assert_eq!([0, 1, 2, 4, 9].map(|s| lr_at(s, &c, 10)), [0.0, 0.5, 1.0, 2.0, 2.0]);
+        let c = cfg(Schedule::Linear, 2);
+        assert_eq!([0, 1, 2, 6, 10, 12].map(|s| lr_at(s, &c, 10)), [0.0, 1.0, 2.0, 1.0, 0.0, 0.0]);
+        let c = cfg(Schedule::Cosine, 0);
+        assert!((lr_at(5, &c, 10) - 1.0).abs() < 1e-12);
+        assert!(lr_at(10, &c, 10).abs() < 1e-12 && lr_at(0, &c, 10) == 2.0);
+    }
+
+    #[test]
+    fn adamw_first_step_is_sign_times_lr() {
+        // After one step m̂ = g and v̂ = g², so p moves by lr·g/(|g| + eps) ≈ lr·sign(g).
+        let p = Tensor::from_slice(&[1.0f32, -2.0, 3.0]).set_requires_grad(true);
+        let mut opt =
+            AdamW::new(vec![("w".into(), p.shallow_clone())], AdamWConfig { weight_decay: 0.0, ..Default::default() })
+                .unwrap();
+        (&p * Tensor::from_slice(&[0.5f32, -3.0, 0.0])).sum(Kind::Float).backward();
+        opt.step(0.1).unwrap();
+        let got = Vec::<f32>::try_from(&p.detach()).unwrap();
+        assert!((got[0] - 0.9).abs() < 1e-6 && (got[1] + 1.9).abs() < 1e-6 && got[2] == 3.0, "{got:?}");
+        assert_eq!(opt.steps(), vec![("w".to_string(), 1)]);
+    }
+
+    #[test]
+    fn params_without_grad_are_skipped_and_state_round_trips() {
+        let a = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+        let b = Tensor::from_slice(&[5.0f32]).set_requires_grad(true);
+        let mut opt =
+            AdamW::new(vec![("a".into(), a.shallow_clone()), ("b".into(), b.shallow_clone())], Default::default())
+                .unwrap();
+        (&a * 3.0).sum(Kind::Float).backward();
+        opt.step(0.01).unwrap();
+        assert_eq!(b.double_value(&[0]), 5.0, "a parameter without a gradient must not move");
+        let state = opt.state_tensors();
+        assert_eq!(state.len(), 6);
+        let mut fresh = AdamW::new(vec![("a".into(), a.copy()), ("b".into(), b.copy())], Default::default()).unwrap();
+        let saved: Vec<(String, Tensor)> = state.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        fresh.load_state(&saved).unwrap();
+        assert_eq!(fresh.steps(), vec![("a".to_string(), 1), ("b".to_string(), 0)]);
+        let e = format!("{:#}", fresh.load_state(&saved[1..]).unwrap_err());
+        assert!(e.contains("missing") && e.contains("exp_avg.a"), "{e}");
+        let mut bad: Vec<(String, Tensor)> = saved.iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        bad[0].1 = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu));
+        let e = format!("{:#}", fresh.load_state(&bad).unwrap_err());
+        assert!(e.contains("exp_avg.a") && e.contains("shape"), "{e}");
+        let dup = vec![("a".to_string(), a.shallow_clone()), ("a".to_string(), b.shallow_clone())];
+        assert!(AdamW::new(dup, Default::default()).is_err());
+    }
+
+    #[test]
+    fn clip_scales_only_above_max_norm() {
+        let a = Tensor::from_slice(&[0.0f32, 0.0]).set_requires_grad(true);
+        (&a * Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float).backward();
+        let n = clip_grad_norm(&[a.shallow_clone()], 10.0).unwrap().double_value(&[]);
+        assert!((n - 5.0).abs() < 1e-6);
+        assert_eq!(Vec::<f32>::try_from(&a.grad()).unwrap(), vec![3.0, 4.0]);
+        let n = clip_grad_norm(&[a.shallow_clone()], 1.0).unwrap().double_value(&[]);
+        assert!((n - 5.0).abs() < 1e-6);
+        let g = Vec::<f32>::try_from(&a.grad()).unwrap();
+        assert!((g[0] - 0.6).abs() < 1e-6 && (g[1] - 0.8).abs() < 1e-6, "{g:?}");
+        assert_eq!(grad_norm(&[]).unwrap().double_value(&[]), 0.0);
+    }
+
+    #[test]
+    fn ema_follows_the_formula() {
+        let p = Tensor::from_slice(&[1.0f32, 2.0]);
+        let mut ema = Ema::new(vec![("w".into(), p.shallow_clone())], 0.75).unwrap();
+        let _ = tch::no_grad(|| p.shallow_clone().copy_(&Tensor::from_slice(&[5.0f32, 6.0])));
+        ema.update().unwrap();
+        let s = Vec::<f32>::try_from(&ema.state_tensors()[0].1).unwrap();
+        assert_eq!(s, vec![2.0, 3.0]); // 0.75·1 + 0.25·5, 0.75·2 + 0.25·6
+        assert!(Ema::new(vec![], 1.0).is_err());
+    }
+}
