@@ -14,12 +14,15 @@ struct Cli {
 enum Command {
     /// Architecture tables and parameter counts of a UNet (and its students) or a pipeline.
     Inspect(commands::inspect::InspectArgs),
+    /// Write the built-in synthetic image-caption dataset (imagefolder layout).
+    Synth(commands::synth::SynthArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Synth(a) => commands::synth::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
