@@ -1,6 +1,7 @@
 //! sdkd: distil Stable Diffusion UNets into BK-SDM / SD-Small / SD-Tiny students on LibTorch.
 pub mod commands;
 pub mod config;
+pub mod data;
 pub mod distill;
 pub mod export;
 pub mod models;

@@ -16,6 +16,8 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Build a student from a teacher UNet, copy the teacher's weights, write a diffusers folder.
     Prune(commands::prune::PruneArgs),
+    /// Write the built-in synthetic image-caption dataset (imagefolder layout).
+    Synth(commands::synth::SynthArgs),
 }
 
 fn main() {
@@ -23,6 +25,7 @@ fn main() {
     let result = match &cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Prune(a) => commands::prune::run(a),
+        Command::Synth(a) => commands::synth::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -2,3 +2,4 @@
 //! and reports.
 pub mod inspect;
 pub mod prune;
+pub mod synth;

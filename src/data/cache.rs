@@ -1,0 +1,525 @@
+//! The latent cache that `sdkd preprocess` writes and `train` reads through `data.cache`: every
+//! usable sample of an imagefolder encoded once, by a [`SampleEncoder`] (the teacher's VAE and
+//! text encoder), into safetensors shards plus an `index.json`.
+//!
+//! Layout of a cache folder:
+//! ```text
+//! index.json                 format, version, dataset fingerprint, transform, seed, shard_size,
+//!                            encoder description, complete, and the finished shards
+//! shard-00000.safetensors    latent_mean (n, c, h, w), latent_std (n, c, h, w),
+//!                            text_embeddings (n, tokens, dim), sample_ids (n,) i64;
+//!                            header metadata "sdkd_rows": {"captions": [...], "file_names": [...]}
+//! ```
+//! Shard k covers dataset indices `k * shard_size .. (k + 1) * shard_size`; its `n` rows are the
+//! usable samples of that range (bad ones are skipped and counted, or fail the run, as in the
+//! image loader). Latents are stored unscaled (the VAE's `scaling_factor` is the trainer's), as
+//! mean and std, so training still samples `mean + std * noise`.
+//!
+//! Resuming: a shard is written to a temporary file and renamed, then recorded in `index.json`
+//! (also replaced atomically). Running again with the same settings keeps every recorded shard
+//! and redoes the rest; other settings are an error naming the key.
+//!
+//! Crops and flips are fixed at preprocess time: each sample is transformed once, as epoch 0
+//! would see it with the preprocess seed (use a centre crop and no flip to match evaluation).
+//! Reading a cache, the loader shuffles rows with the training seed exactly as it shuffles
+//! images, with the same [`Cursor`](super::order::Cursor) semantics.
+use super::dataset::{BadSample, ImageFolder, ImageSource, OnBadSample};
+use super::loader::{Loader, LoaderOptions, SampleSource};
+use super::order::{Cursor, Order};
+use super::transform::Transform;
+use crate::models::weights::{dtype_of, kind_of};
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::{tensor::TensorView, SafeTensors};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// What an encoder makes of a batch.
+#[derive(Debug)]
+pub struct Encoded {
+    /// (b, c, h, w): the mean of the VAE's latent distribution (unscaled).
+    pub latent_mean: Tensor,
+    /// (b, c, h, w): its standard deviation.
+    pub latent_std: Tensor,
+    /// (b, tokens, dim): the text encoder's last hidden state.
+    pub text_embeddings: Tensor,
+}
+
+/// Encodes images and captions (the teacher's VAE and text encoder; anything in tests).
+pub trait SampleEncoder {
+    /// `images`: (b, 3, h, w) f32 in [-1, 1] on the CPU; `captions`: b strings.
+    fn encode(&self, images: &Tensor, captions: &[String]) -> Result<Encoded>;
+    /// Names what encodes (teacher path, dtype...): stored in `index.json` so that resuming
+    /// with another encoder is an error, not a mixed cache.
+    fn describe(&self) -> serde_json::Value;
+}
+
+/// How `sdkd preprocess` builds a cache.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheOptions {
+    pub transform: Transform,
+    /// Draws random crops and flips (epoch 0) when the transform asks for them.
+    pub seed: u64,
+    /// Dataset samples per shard.
+    pub shard_size: usize,
+    /// Samples per encoder call.
+    pub batch_size: usize,
+    pub on_bad_sample: OnBadSample,
+    /// Decode threads (0 = one per core).
+    pub threads: usize,
+}
+
+/// One finished shard in `index.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    /// File name in the cache folder; None when every sample of its range was bad.
+    pub file: Option<String>,
+    pub start: usize,
+    pub end: usize,
+    pub rows: usize,
+    pub skipped: usize,
+}
+
+/// `index.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheIndex {
+    pub format: String,
+    pub version: u32,
+    /// The dataset folder it was made from (informative).
+    pub source: String,
+    /// [`ImageFolder::fingerprint`] of that dataset.
+    pub fingerprint: String,
+    pub num_source_samples: usize,
+    pub transform: Transform,
+    pub seed: u64,
+    pub shard_size: usize,
+    pub encoder: serde_json::Value,
+    pub complete: bool,
+    pub shards: Vec<ShardEntry>,
+}
+
+pub const FORMAT: &str = "sdkd-latent-cache";
+pub const VERSION: u32 = 1;
+const INDEX: &str = "index.json";
+
+impl CacheIndex {
+    pub fn read(dir: &Path) -> Result<CacheIndex> {
+        let path = dir.join(INDEX);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let index: CacheIndex =
+            serde_json::from_str(&text).map_err(|e| anyhow!("{} is not a latent cache index: {e}", path.display()))?;
+        if index.format != FORMAT || index.version != VERSION {
+            bail!(
+                "{}: format {:?} version {}, expected {FORMAT:?} version {VERSION}",
+                path.display(),
+                index.format,
+                index.version
+            );
+        }
+        Ok(index)
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("the index serialises");
+        write_atomic(&dir.join(INDEX), text.as_bytes())
+    }
+
+    /// The first setting in which `self` (on disk) and `want` (this run) differ.
+    fn mismatch(&self, want: &CacheIndex) -> Option<(&'static str, String, String)> {
+        fn show<T: Serialize>(v: &T) -> String {
+            serde_json::to_string(v).unwrap_or_default()
+        }
+        [
+            ("fingerprint (of the dataset's files and captions)", show(&self.fingerprint), show(&want.fingerprint)),
+            ("num_source_samples", show(&self.num_source_samples), show(&want.num_source_samples)),
+            ("transform", show(&self.transform), show(&want.transform)),
+            ("seed", show(&self.seed), show(&want.seed)),
+            ("shard_size", show(&self.shard_size), show(&want.shard_size)),
+            ("encoder", show(&self.encoder), show(&want.encoder)),
+        ]
+        .into_iter()
+        .find(|(_, a, b)| a != b)
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
+/// What a build did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheReport {
+    pub shards: usize,
+    /// Finished shards found on disk and kept.
+    pub shards_kept: usize,
+    pub shards_written: usize,
+    /// Rows in the whole cache.
+    pub rows: usize,
+    /// Bad samples skipped in the whole cache.
+    pub skipped: usize,
+}
+
+fn shard_name(k: usize) -> String {
+    format!("shard-{k:05}.safetensors")
+}
+
+/// Whether a recorded shard is really there: its file parses and holds `rows` rows.
+fn shard_intact(dir: &Path, entry: &ShardEntry) -> bool {
+    let Some(file) = &entry.file else { return entry.rows == 0 };
+    let Ok(bytes) = std::fs::read(dir.join(file)) else { return false };
+    let Ok(st) = SafeTensors::deserialize(&bytes) else { return false };
+    st.tensor("sample_ids").map(|v| v.shape().first() == Some(&entry.rows)).unwrap_or(false)
+}
+
+/// Encodes `dataset` into the cache folder `out`, keeping shards an earlier run finished.
+pub fn build_cache(dataset: Arc<ImageFolder>, encoder: &dyn SampleEncoder, out: &Path, opts: &CacheOptions) -> Result<CacheReport> {
+    if opts.shard_size == 0 || opts.batch_size == 0 {
+        bail!("shard size and batch size must be at least 1");
+    }
+    let n = dataset.len();
+    let mut index = CacheIndex {
+        format: FORMAT.into(),
+        version: VERSION,
+        source: dataset.root.display().to_string(),
+        fingerprint: dataset.fingerprint(),
+        num_source_samples: n,
+        transform: opts.transform,
+        seed: opts.seed,
+        shard_size: opts.shard_size,
+        encoder: encoder.describe(),
+        complete: false,
+        shards: vec![],
+    };
+    let mut kept: HashMap<usize, ShardEntry> = HashMap::new();
+    if out.join(INDEX).is_file() {
+        let old = CacheIndex::read(out)?;
+        if let Some((key, was, now)) = old.mismatch(&index) {
+            bail!(
+                "the cache in {} was made with {key} {was}, this run asks for {now}: use another output folder or delete this one",
+                out.display()
+            );
+        }
+        for e in old.shards {
+            if shard_intact(out, &e) {
+                kept.insert(e.start, e);
+            }
+        }
+    } else if out.exists() && std::fs::read_dir(out).with_context(|| format!("listing {}", out.display()))?.next().is_some() {
+        bail!("{} is not empty and holds no {INDEX}: not a latent cache; choose an empty or new folder", out.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+
+    let num_shards = n.div_ceil(opts.shard_size);
+    let mut report = CacheReport { shards: num_shards, ..Default::default() };
+    let source = Arc::new(ImageSource::new(dataset.clone(), opts.transform, opts.seed));
+    for k in 0..num_shards {
+        let (start, end) = (k * opts.shard_size, ((k + 1) * opts.shard_size).min(n));
+        if let Some(e) = kept.remove(&start).filter(|e| e.end == end) {
+            index.shards.push(e);
+            report.shards_kept += 1;
+            continue;
+        }
+        let entry = encode_shard(source.clone(), encoder, out, k, start, end, opts)?;
+        index.shards.push(entry);
+        index.shards.sort_by_key(|e| e.start);
+        index.write(out)?;
+        report.shards_written += 1;
+    }
+    index.complete = true;
+    index.write(out)?;
+    report.rows = index.shards.iter().map(|e| e.rows).sum();
+    report.skipped = index.shards.iter().map(|e| e.skipped).sum();
+    Ok(report)
+}
+
+fn check_encoded(e: &Encoded, b: i64) -> Result<()> {
+    let (m, s, t) = (e.latent_mean.size(), e.latent_std.size(), e.text_embeddings.size());
+    if m.len() != 4 || m[0] != b {
+        bail!("the encoder returned latent_mean of shape {m:?} for {b} images, expected (b, c, h, w)");
+    }
+    if s != m {
+        bail!("the encoder returned latent_std of shape {s:?}, latent_mean {m:?}: they must agree");
+    }
+    if t.len() < 2 || t[0] != b {
+        bail!("the encoder returned text_embeddings of shape {t:?} for {b} captions, expected (b, tokens, dim)");
+    }
+    Ok(())
+}
+
+fn encode_shard(
+    source: Arc<ImageSource>,
+    encoder: &dyn SampleEncoder,
+    out: &Path,
+    k: usize,
+    start: usize,
+    end: usize,
+    opts: &CacheOptions,
+) -> Result<ShardEntry> {
+    let lo = LoaderOptions {
+        batch_size: opts.batch_size,
+        order: Order::Sequential { start, end },
+        on_bad_sample: opts.on_bad_sample,
+        prefetch: 2,
+        threads: opts.threads,
+    };
+    let dataset = source.dataset.clone();
+    let mut loader = Loader::new(source, lo, Cursor::new(0, start as u64))?;
+    let (mut means, mut stds, mut embs, mut ids, mut captions, mut files) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    while let Some(batch) = loader.next_batch()? {
+        let b = batch.indices.len() as i64;
+        let enc = encoder.encode(&batch.data.images, &batch.data.captions)?;
+        check_encoded(&enc, b)?;
+        let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu);
+        means.push(cpu(&enc.latent_mean));
+        stds.push(cpu(&enc.latent_std));
+        embs.push(cpu(&enc.text_embeddings));
+        for &i in &batch.indices {
+            ids.push(i as i64);
+            files.push(dataset.samples[i].file_name.clone());
+        }
+        captions.extend(batch.data.captions);
+    }
+    let skipped = loader.stats().skipped as usize;
+    let rows = ids.len();
+    if rows == 0 {
+        return Ok(ShardEntry { file: None, start, end, rows, skipped });
+    }
+    let cat = |ts: &[Tensor], what: &str| {
+        Tensor::f_cat(ts, 0).map_err(|e| anyhow!("the encoder's {what} changed shape between batches: {e}"))
+    };
+    let tensors = [
+        ("latent_mean", cat(&means, "latent_mean")?),
+        ("latent_std", cat(&stds, "latent_std")?),
+        ("text_embeddings", cat(&embs, "text_embeddings")?),
+        ("sample_ids", Tensor::from_slice(&ids)),
+    ];
+    // One metadata key: safetensors writes its metadata map in HashMap order, so several keys
+    // would make the same shard come out with different bytes from run to run.
+    let rows_json = serde_json::to_string(&RowMeta { captions, file_names: files })?;
+    let meta: HashMap<String, String> = [(ROWS_KEY.to_string(), rows_json)].into();
+    let name = shard_name(k);
+    write_atomic(&out.join(&name), &serialize(&tensors, meta)?)?;
+    Ok(ShardEntry { file: Some(name), start, end, rows, skipped })
+}
+
+/// Per-row strings of a shard, stored in its header metadata under [`ROWS_KEY`].
+#[derive(Serialize, Deserialize)]
+struct RowMeta {
+    captions: Vec<String>,
+    file_names: Vec<String>,
+}
+
+const ROWS_KEY: &str = "sdkd_rows";
+
+fn serialize(tensors: &[(&str, Tensor)], meta: HashMap<String, String>) -> Result<Vec<u8>> {
+    let mut owned = vec![];
+    for (name, t) in tensors {
+        let t = t.contiguous();
+        let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, t.numel())?;
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        owned.push((name.to_string(), dtype_of(t.kind())?, shape, bytes));
+    }
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    Ok(safetensors::serialize(views, Some(meta))?)
+}
+
+/// Where one tensor's rows sit in a mapped shard.
+#[derive(Clone, Debug)]
+struct Column {
+    offset: usize,
+    row_bytes: usize,
+    kind: Kind,
+    row_shape: Vec<i64>,
+}
+
+struct Shard {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+    columns: [Column; 3],
+    ids: Vec<i64>,
+    captions: Vec<String>,
+}
+
+/// The tensors of the cache, in [`LatentBatch`] order.
+const COLUMNS: [&str; 3] = ["latent_mean", "latent_std", "text_embeddings"];
+
+impl Shard {
+    fn open(path: &Path, rows: usize) -> Result<Shard> {
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: read-only mapping of a file the cache owns; caches are not rewritten in place
+        // (shards are replaced by rename), so the mapped bytes do not change under us.
+        let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+        let bad = |what: String| anyhow!("{}: {what}", path.display());
+        let st = SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let column = |name: &str| -> Result<Column> {
+            let v = st.tensor(name).map_err(|_| bad(format!("no {name} tensor")))?;
+            let shape: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
+            if shape.first() != Some(&(rows as i64)) {
+                return Err(bad(format!("{name} has shape {shape:?}, index.json says {rows} rows")));
+            }
+            let offset = v.data().as_ptr() as usize - mmap.as_ptr() as usize;
+            Ok(Column { offset, row_bytes: v.data().len() / rows, kind: kind_of(v.dtype())?, row_shape: shape[1..].to_vec() })
+        };
+        let columns = [column(COLUMNS[0])?, column(COLUMNS[1])?, column(COLUMNS[2])?];
+        let ids_view = st.tensor("sample_ids").map_err(|_| bad("no sample_ids tensor".into()))?;
+        if kind_of(ids_view.dtype())? != Kind::Int64 || ids_view.shape() != [rows] {
+            return Err(bad(format!("sample_ids must be i64 of shape [{rows}]")));
+        }
+        let ids: Vec<i64> = ids_view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+        let (_, header) = SafeTensors::read_metadata(&mmap).map_err(|e| bad(e.to_string()))?;
+        let meta: RowMeta = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(ROWS_KEY))
+            .ok_or_else(|| bad(format!("no {ROWS_KEY:?} in the header metadata")))
+            .and_then(|c| serde_json::from_str(c).map_err(|e| bad(format!("{ROWS_KEY:?} metadata: {e}"))))?;
+        let captions = meta.captions;
+        if captions.len() != rows {
+            return Err(bad(format!("{} captions for {rows} rows", captions.len())));
+        }
+        drop(st);
+        Ok(Shard { path: path.to_path_buf(), mmap, columns, ids, captions })
+    }
+}
+
+/// A batch read from a cache.
+#[derive(Debug)]
+pub struct LatentBatch {
+    /// (b, c, h, w), unscaled.
+    pub latent_mean: Tensor,
+    /// (b, c, h, w).
+    pub latent_std: Tensor,
+    /// (b, tokens, dim).
+    pub text_embeddings: Tensor,
+    pub captions: Vec<String>,
+    /// Dataset indices the rows were made from.
+    pub sample_ids: Vec<i64>,
+}
+
+/// A finished cache, memory-mapped; a [`SampleSource`] whose samples are its rows.
+pub struct LatentCache {
+    pub dir: PathBuf,
+    pub index: CacheIndex,
+    shards: Vec<Shard>,
+    /// (shard, row in shard) of every row.
+    rows: Vec<(u32, u32)>,
+}
+
+impl LatentCache {
+    pub fn open(dir: &Path) -> Result<LatentCache> {
+        let index = CacheIndex::read(dir)?;
+        let expected = index.num_source_samples.div_ceil(index.shard_size.max(1));
+        if !index.complete || index.shards.len() != expected {
+            bail!(
+                "the cache in {} is incomplete ({} of {expected} shards): run `sdkd preprocess` again to finish it",
+                dir.display(),
+                index.shards.len()
+            );
+        }
+        let mut shards: Vec<Shard> = vec![];
+        let mut rows = vec![];
+        for e in &index.shards {
+            let Some(file) = &e.file else { continue };
+            let shard = Shard::open(&dir.join(file), e.rows)?;
+            if let Some(first) = shards.first() {
+                for (c, name) in COLUMNS.iter().enumerate() {
+                    let (a, b) = (&first.columns[c], &shard.columns[c]);
+                    if (a.kind, &a.row_shape) != (b.kind, &b.row_shape) {
+                        bail!(
+                            "{}: {name} rows are {:?} {:?}, but {:?} {:?} in {}",
+                            shard.path.display(),
+                            b.kind,
+                            b.row_shape,
+                            a.kind,
+                            a.row_shape,
+                            first.path.display()
+                        );
+                    }
+                }
+            }
+            let s = shards.len() as u32;
+            rows.extend((0..e.rows as u32).map(|r| (s, r)));
+            shards.push(shard);
+        }
+        if rows.is_empty() {
+            bail!("the cache in {} holds no samples (every sample was bad)", dir.display());
+        }
+        Ok(LatentCache { dir: dir.to_path_buf(), index, shards, rows })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Shapes of one row of latent_mean (c, h, w) and text_embeddings (tokens, dim).
+    pub fn row_shapes(&self) -> (Vec<i64>, Vec<i64>) {
+        (self.shards[0].columns[0].row_shape.clone(), self.shards[0].columns[2].row_shape.clone())
+    }
+
+    /// Rows `rows` (cache order) as one batch.
+    pub fn gather(&self, rows: &[usize]) -> Result<LatentBatch> {
+        let b = rows.len() as i64;
+        let mut tensors = vec![];
+        for c in 0..COLUMNS.len() {
+            let col0 = &self.shards[0].columns[c];
+            let mut buf = Vec::with_capacity(rows.len() * col0.row_bytes);
+            for &r in rows {
+                let (s, i) = self.rows[r];
+                let sh = &self.shards[s as usize];
+                let col = &sh.columns[c];
+                let at = col.offset + i as usize * col.row_bytes;
+                buf.extend_from_slice(&sh.mmap[at..at + col.row_bytes]);
+            }
+            let shape: Vec<i64> = std::iter::once(b).chain(col0.row_shape.iter().copied()).collect();
+            tensors.push(Tensor::f_from_data_size(&buf, &shape, col0.kind)?);
+        }
+        let (captions, sample_ids) = rows
+            .iter()
+            .map(|&r| {
+                let (s, i) = self.rows[r];
+                let sh = &self.shards[s as usize];
+                (sh.captions[i as usize].clone(), sh.ids[i as usize])
+            })
+            .unzip();
+        let text_embeddings = tensors.pop().expect("3 columns");
+        let latent_std = tensors.pop().expect("3 columns");
+        let latent_mean = tensors.pop().expect("3 columns");
+        Ok(LatentBatch { latent_mean, latent_std, text_embeddings, captions, sample_ids })
+    }
+}
+
+impl SampleSource for LatentCache {
+    type Item = usize;
+    type Batch = LatentBatch;
+
+    fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Rows were checked when the cache was built: every one is usable.
+    fn load(&self, index: usize, _epoch: u64) -> std::result::Result<usize, BadSample> {
+        Ok(index)
+    }
+
+    fn collate(&self, items: Vec<usize>) -> Result<LatentBatch> {
+        self.gather(&items)
+    }
+
+    fn describe(&self) -> String {
+        format!("latent cache {}", self.dir.display())
+    }
+}

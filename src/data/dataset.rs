@@ -1,0 +1,467 @@
+//! Image-caption datasets in the Hugging Face "imagefolder" layout the anchors train on: a folder
+//! with `metadata.jsonl` or `metadata.csv` whose rows name a `file_name` (relative to the folder)
+//! and its `text`; other columns are ignored. Without a metadata file, every JPEG/PNG/WebP under the
+//! folder (recursively, in path order) is a sample whose caption is the `.txt` file of the same
+//! stem beside it.
+//!
+//! Opening a dataset reads only the metadata: a malformed line is an error naming `file:line`.
+//! Images are read when a sample is loaded, so a missing, empty or corrupt image, or an empty
+//! caption, surfaces as a [`BadSample`] that the loader skips (and counts) or fails on, according
+//! to [`OnBadSample`].
+use super::loader::SampleSource;
+use super::order::splitmix64;
+use super::transform::{to_tensor, Transform};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tch::Tensor;
+
+/// What to do with a sample that cannot be used (`data.on_bad_sample`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadSample {
+    /// Warn, count, and fill the batch from the next samples.
+    #[default]
+    Skip,
+    /// Stop with an error naming the file.
+    Fail,
+}
+
+/// Why a sample was unusable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BadKind {
+    /// The image file does not exist.
+    Missing,
+    /// The image file has zero bytes.
+    Empty,
+    /// The file could not be read or decoded as an image.
+    Corrupt,
+    /// The caption is empty, blank or absent.
+    EmptyCaption,
+}
+
+/// One unusable sample: which, where, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadSample {
+    pub index: usize,
+    pub file: PathBuf,
+    pub kind: BadKind,
+    pub reason: String,
+}
+
+impl fmt::Display for BadSample {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.reason)
+    }
+}
+
+impl std::error::Error for BadSample {}
+
+/// One row of the dataset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// The image path as the metadata spells it (relative to the dataset folder).
+    pub file_name: String,
+    /// The image path on disk.
+    pub path: PathBuf,
+    /// The caption; None when a sidecar `.txt` is missing.
+    pub caption: Option<String>,
+}
+
+/// Where an imagefolder's captions came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetadataKind {
+    Jsonl,
+    Csv,
+    Sidecar,
+}
+
+/// An opened imagefolder: the sample list, in metadata order.
+#[derive(Debug)]
+pub struct ImageFolder {
+    pub root: PathBuf,
+    pub kind: MetadataKind,
+    pub samples: Vec<Sample>,
+}
+
+const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+
+impl ImageFolder {
+    /// Reads the metadata of the imagefolder at `root`.
+    pub fn open(root: &Path) -> Result<ImageFolder> {
+        if !root.is_dir() {
+            bail!("dataset folder {} does not exist or is not a folder", root.display());
+        }
+        let jsonl = root.join("metadata.jsonl");
+        let csv = root.join("metadata.csv");
+        let (kind, samples) = match (jsonl.is_file(), csv.is_file()) {
+            (true, true) => bail!(
+                "{} has both metadata.jsonl and metadata.csv: keep one (Hugging Face imagefolder refuses mixed metadata too)",
+                root.display()
+            ),
+            (true, false) => (MetadataKind::Jsonl, read_jsonl(root, &jsonl)?),
+            (false, true) => (MetadataKind::Csv, read_csv(root, &csv)?),
+            (false, false) => (MetadataKind::Sidecar, read_sidecars(root)?),
+        };
+        if samples.is_empty() {
+            bail!("dataset {} has no samples", root.display());
+        }
+        Ok(ImageFolder { root: root.to_path_buf(), kind, samples })
+    }
+
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// A hash of every (file name, caption) row: tells a latent cache whether it was made from
+    /// this dataset.
+    pub fn fingerprint(&self) -> String {
+        let mut h = splitmix64(self.samples.len() as u64);
+        for s in &self.samples {
+            for part in [s.file_name.as_bytes(), b"\0", s.caption.as_deref().unwrap_or("\u{1}").as_bytes(), b"\0"] {
+                for chunk in part.chunks(8) {
+                    let mut b = [0u8; 8];
+                    b[..chunk.len()].copy_from_slice(chunk);
+                    h = splitmix64(h ^ u64::from_le_bytes(b) ^ chunk.len() as u64);
+                }
+            }
+        }
+        format!("{h:016x}")
+    }
+
+    /// Reads and decodes the image of sample `index` as 8-bit RGB, checking its caption first.
+    pub fn decode(&self, index: usize) -> Result<(image::RgbImage, String), BadSample> {
+        let s = &self.samples[index];
+        let bad = |kind, reason: String| BadSample { index, file: s.path.clone(), kind, reason };
+        let caption = match &s.caption {
+            None => return Err(bad(BadKind::EmptyCaption, "no caption (its .txt file is missing)".into())),
+            Some(c) if c.trim().is_empty() => return Err(bad(BadKind::EmptyCaption, "empty caption".into())),
+            Some(c) => c.clone(),
+        };
+        let bytes = match std::fs::read(&s.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(bad(BadKind::Missing, "image file is missing".into()))
+            }
+            Err(e) => return Err(bad(BadKind::Corrupt, format!("cannot read the image: {e}"))),
+        };
+        if bytes.is_empty() {
+            return Err(bad(BadKind::Empty, "image file is empty (0 bytes)".into()));
+        }
+        // The format comes from the bytes, not the extension (scraped sets mislabel files).
+        let img = image::ImageReader::new(std::io::Cursor::new(&bytes))
+            .with_guessed_format()
+            .map_err(|e| bad(BadKind::Corrupt, format!("cannot read the image: {e}")))?
+            .decode()
+            .map_err(|e| bad(BadKind::Corrupt, format!("not a decodable JPEG/PNG/WebP image: {e}")))?;
+        if img.width() == 0 || img.height() == 0 {
+            return Err(bad(BadKind::Corrupt, "image has no pixels".into()));
+        }
+        Ok((img.to_rgb8(), caption))
+    }
+}
+
+fn sample(root: &Path, file_name: String, caption: Option<String>) -> Sample {
+    Sample { path: root.join(&file_name), file_name, caption }
+}
+
+/// `metadata.jsonl`: one JSON object per line with string `file_name` and `text` (null text is
+/// an empty caption, a bad sample at load time); blank lines are allowed.
+fn read_jsonl(root: &Path, path: &Path) -> Result<Vec<Sample>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = vec![];
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let line = std::str::from_utf8(line).map_err(|_| anyhow!("{}: not valid UTF-8", at()))?;
+        let line = line.trim_start_matches('\u{feff}').trim();
+        if line.is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow!("{}: not valid JSON: {e}", at()))?;
+        let obj = v.as_object().ok_or_else(|| anyhow!("{}: expected a JSON object with file_name and text", at()))?;
+        let file_name = match obj.get("file_name") {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(other) => bail!("{}: file_name must be a non-empty string, found {other}", at()),
+            None => bail!("{}: no \"file_name\" field", at()),
+        };
+        let text = match obj.get("text") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Null) => Some(String::new()),
+            Some(other) => bail!("{}: text must be a string, found {other}", at()),
+            None => bail!("{}: no \"text\" field", at()),
+        };
+        out.push(sample(root, file_name, text));
+    }
+    Ok(out)
+}
+
+/// One CSV record and the line it starts on.
+struct Record {
+    line: usize,
+    fields: Vec<String>,
+}
+
+/// RFC 4180 CSV: comma-separated, fields optionally double-quoted, `""` for a quote inside
+/// quotes, quoted fields may hold commas and newlines; LF or CRLF line ends; blank lines skipped.
+fn parse_csv(text: &str, path: &Path) -> Result<Vec<Record>> {
+    let text = text.trim_start_matches('\u{feff}');
+    let mut records = vec![];
+    let mut chars = text.chars().peekable();
+    let mut line = 1;
+    while chars.peek().is_some() {
+        let start = line;
+        let mut fields = vec![];
+        let mut field = String::new();
+        let mut quoted = false; // the current field began with a quote
+        let mut in_quotes = false;
+        let mut after_quote = false; // a quoted field just closed
+        loop {
+            let Some(c) = chars.next() else {
+                if in_quotes {
+                    bail!("{}:{start}: unterminated quoted field", path.display());
+                }
+                break;
+            };
+            if in_quotes {
+                match c {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        field.push('"');
+                    }
+                    '"' => {
+                        in_quotes = false;
+                        after_quote = true;
+                    }
+                    '\n' => {
+                        line += 1;
+                        field.push(c);
+                    }
+                    _ => field.push(c),
+                }
+                continue;
+            }
+            match c {
+                ',' => {
+                    fields.push(std::mem::take(&mut field));
+                    quoted = false;
+                    after_quote = false;
+                }
+                '\r' if chars.peek() == Some(&'\n') => {}
+                '\n' => {
+                    line += 1;
+                    break;
+                }
+                '"' if field.is_empty() && !quoted => {
+                    quoted = true;
+                    in_quotes = true;
+                }
+                _ if after_quote => {
+                    bail!("{}:{start}: unexpected {c:?} after a closing quote (quote the whole field)", path.display())
+                }
+                '"' => bail!("{}:{start}: a quote inside an unquoted field (quote the field and double the quote)", path.display()),
+                _ => field.push(c),
+            }
+        }
+        fields.push(field);
+        let blank = fields.len() == 1 && fields[0].is_empty() && !quoted;
+        if !blank {
+            records.push(Record { line: start, fields });
+        }
+    }
+    Ok(records)
+}
+
+/// `metadata.csv`: a header naming `file_name` and `text` columns (any order, others ignored),
+/// then one record per sample with as many fields as the header.
+fn read_csv(root: &Path, path: &Path) -> Result<Vec<Sample>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let upto = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = upto.iter().filter(|&&b| b == b'\n').count() + 1;
+        anyhow!("{}:{line}: not valid UTF-8", path.display())
+    })?;
+    let records = parse_csv(&text, path)?;
+    let Some((header, rows)) = records.split_first() else {
+        bail!("{} is empty: expected a header with file_name and text", path.display());
+    };
+    let col = |name: &str| {
+        header.fields.iter().position(|h| h.trim() == name).ok_or_else(|| {
+            anyhow!("{}:{}: the header has no {name:?} column (found {:?})", path.display(), header.line, header.fields)
+        })
+    };
+    let (fc, tc) = (col("file_name")?, col("text")?);
+    let mut out = vec![];
+    for r in rows {
+        if r.fields.len() != header.fields.len() {
+            bail!(
+                "{}:{}: expected {} fields as in the header, found {}",
+                path.display(),
+                r.line,
+                header.fields.len(),
+                r.fields.len()
+            );
+        }
+        let file_name = r.fields[fc].clone();
+        if file_name.is_empty() {
+            bail!("{}:{}: empty file_name", path.display(), r.line);
+        }
+        out.push(sample(root, file_name, Some(r.fields[tc].clone())));
+    }
+    Ok(out)
+}
+
+/// Image files under `root` in path order, each with the `.txt` of the same stem as caption.
+fn read_sidecars(root: &Path) -> Result<Vec<Sample>> {
+    let mut images = vec![];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?;
+        for entry in entries {
+            let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+            let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+            if hidden {
+                continue;
+            }
+            if path.is_dir() {
+                stack.push(path);
+            } else if path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+            {
+                images.push(path);
+            }
+        }
+    }
+    images.sort();
+    if images.is_empty() {
+        bail!(
+            "{} has no metadata.jsonl or metadata.csv and no .jpg/.jpeg/.png/.webp images with .txt captions",
+            root.display()
+        );
+    }
+    let mut with_caption = 0;
+    let samples: Vec<Sample> = images
+        .into_iter()
+        .map(|path| {
+            let txt = path.with_extension("txt");
+            let caption = std::fs::read(&txt).ok().map(|b| String::from_utf8_lossy(&b).trim().to_string());
+            with_caption += caption.is_some() as usize;
+            let file_name = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
+            Sample { file_name, path, caption }
+        })
+        .collect();
+    if with_caption == 0 {
+        bail!(
+            "{} has no metadata.jsonl or metadata.csv, and none of its {} images has a .txt caption beside it",
+            root.display(),
+            samples.len()
+        );
+    }
+    Ok(samples)
+}
+
+/// A batch of images and their captions.
+#[derive(Debug)]
+pub struct ImageBatch {
+    /// (b, 3, res, res) f32 in [-1, 1].
+    pub images: Tensor,
+    pub captions: Vec<String>,
+}
+
+/// A decoded, transformed sample: `res`² HWC bytes and the caption.
+pub struct ImageItem {
+    pub pixels: Vec<u8>,
+    pub caption: String,
+}
+
+/// An [`ImageFolder`] seen through a [`Transform`], with crops and flips drawn from `seed`.
+pub struct ImageSource {
+    pub dataset: Arc<ImageFolder>,
+    pub transform: Transform,
+    pub seed: u64,
+}
+
+impl ImageSource {
+    pub fn new(dataset: Arc<ImageFolder>, transform: Transform, seed: u64) -> Self {
+        ImageSource { dataset, transform, seed }
+    }
+
+    /// Sample `index` as epoch `epoch` sees it: (3, res, res) in [-1, 1] and its caption.
+    pub fn get(&self, index: usize, epoch: u64) -> Result<(Tensor, String), BadSample> {
+        let item = self.load(index, epoch)?;
+        let r = self.transform.resolution as usize;
+        Ok((to_tensor(&item.pixels, 1, r).squeeze_dim(0), item.caption))
+    }
+}
+
+impl SampleSource for ImageSource {
+    type Item = ImageItem;
+    type Batch = ImageBatch;
+
+    fn len(&self) -> usize {
+        self.dataset.len()
+    }
+
+    fn load(&self, index: usize, epoch: u64) -> Result<ImageItem, BadSample> {
+        let (img, caption) = self.dataset.decode(index)?;
+        let resized = self.transform.resized_size(img.width(), img.height());
+        let aug = self.transform.augment(self.seed, epoch, index, resized);
+        Ok(ImageItem { pixels: self.transform.apply(&img, aug), caption })
+    }
+
+    fn collate(&self, items: Vec<ImageItem>) -> Result<ImageBatch> {
+        let r = self.transform.resolution as usize;
+        let mut pixels = Vec::with_capacity(items.len() * r * r * 3);
+        let mut captions = Vec::with_capacity(items.len());
+        for it in items {
+            pixels.extend_from_slice(&it.pixels);
+            captions.push(it.caption);
+        }
+        Ok(ImageBatch { images: to_tensor(&pixels, captions.len(), r), captions })
+    }
+
+    fn describe(&self) -> String {
+        format!("dataset {}", self.dataset.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csv(text: &str) -> Result<Vec<Vec<String>>> {
+        Ok(parse_csv(text, Path::new("m.csv"))?.into_iter().map(|r| r.fields).collect())
+    }
+
+    #[test]
+    fn csv_quotes_commas_and_newlines() {
+        let rows = csv("file_name,text\r\na.png,\"red, round\"\n\nb.png,\"say \"\"hi\"\"\nthere\"\nc.png,\n").unwrap();
+        assert_eq!(rows.len(), 4);
+        assert_eq!(rows[1], vec!["a.png", "red, round"]);
+        assert_eq!(rows[2], vec!["b.png", "say \"hi\"\nthere"]);
+        assert_eq!(rows[3], vec!["c.png", ""]);
+    }
+
+    #[test]
+    fn csv_records_know_their_lines() {
+        let r = parse_csv("h,t\n\"x\ny\",1\nz,2\n", Path::new("m.csv")).unwrap();
+        assert_eq!(r.iter().map(|r| r.line).collect::<Vec<_>>(), vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn csv_errors_name_the_line() {
+        let e = csv("h,t\na,b\nc,\"open\n").unwrap_err().to_string();
+        assert!(e.contains("m.csv:3") && e.contains("unterminated"), "{e}");
+        let e = csv("h,t\na,\"b\"x\n").unwrap_err().to_string();
+        assert!(e.contains("m.csv:2"), "{e}");
+        let e = csv("h,t\na,b\"c\n").unwrap_err().to_string();
+        assert!(e.contains("m.csv:2"), "{e}");
+    }
+}

@@ -1,0 +1,431 @@
+//! Batches from any [`SampleSource`] (decoded images, or rows of a latent cache), in an order
+//! fixed by [`Order`] and a [`Cursor`], decoded in parallel with rayon and prepared ahead by a
+//! background thread into a bounded queue, so a training step finds its batch ready whenever
+//! decoding keeps up.
+//!
+//! Determinism: a batch is the next `batch_size` usable samples from the cursor on. Whether a
+//! sample is usable is itself a pure function of the sample, so skipping bad samples shifts the
+//! following batches the same way in every run, however many threads decode and however far
+//! ahead they run. A batch carries the cursor after its last sample (`next`); a loader started
+//! from that cursor yields exactly the batches that would have followed.
+use super::dataset::{BadKind, BadSample, OnBadSample};
+use super::order::{Cursor, Indexer, Order};
+use anyhow::{anyhow, bail, Context, Result};
+use rayon::prelude::*;
+use std::collections::VecDeque;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Something a loader can draw samples from.
+pub trait SampleSource: Send + Sync + 'static {
+    /// One loaded sample.
+    type Item: Send + 'static;
+    /// A collated batch of items.
+    type Batch: Send + 'static;
+    /// Number of samples.
+    fn len(&self) -> usize;
+    /// Loads sample `index` as epoch `epoch` sees it (the epoch picks crops and flips). Must be a
+    /// pure function of (index, epoch); an unusable sample is a [`BadSample`].
+    fn load(&self, index: usize, epoch: u64) -> std::result::Result<Self::Item, BadSample>;
+    /// Stacks items into a batch.
+    fn collate(&self, items: Vec<Self::Item>) -> Result<Self::Batch>;
+    /// Names the source in messages ("dataset /data/x").
+    fn describe(&self) -> String;
+}
+
+/// How a loader walks its source.
+#[derive(Clone, Copy, Debug)]
+pub struct LoaderOptions {
+    pub batch_size: usize,
+    pub order: Order,
+    pub on_bad_sample: OnBadSample,
+    /// Batches prepared ahead of the consumer (the capacity of the queue), at least 1.
+    pub prefetch: usize,
+    /// Decode threads; 0 means one per core.
+    pub threads: usize,
+}
+
+impl LoaderOptions {
+    /// Training defaults: shuffled by `seed`, skip bad samples, two batches ahead, all cores.
+    pub fn shuffled(batch_size: usize, seed: u64) -> Self {
+        LoaderOptions { batch_size, order: Order::Shuffled { seed }, on_bad_sample: OnBadSample::Skip, prefetch: 2, threads: 0 }
+    }
+}
+
+/// A batch and where it sits in the stream.
+#[derive(Debug)]
+pub struct Batch<T> {
+    pub data: T,
+    /// Source indices of the rows, in order.
+    pub indices: Vec<usize>,
+    /// The epoch each row was drawn in (decides its crop and flip).
+    pub epochs: Vec<u64>,
+    /// Cursor of the first position this batch looked at.
+    pub start: Cursor,
+    /// Cursor of the next batch: what a checkpoint saves to resume after this batch.
+    pub next: Cursor,
+    /// Samples skipped while filling this batch (under [`OnBadSample::Skip`]).
+    pub skipped: Vec<BadSample>,
+}
+
+struct Pending<I> {
+    cursor: Cursor,
+    index: usize,
+    result: std::result::Result<I, BadSample>,
+}
+
+/// The synchronous core of a loader: batches in order, decoding a window of samples at a time
+/// in parallel. [`Loader`] runs one on a background thread.
+pub struct BatchStream<S: SampleSource> {
+    source: Arc<S>,
+    opts: LoaderOptions,
+    indexer: Indexer,
+    /// Next position to decode; None once a sequential pass is exhausted.
+    ahead: Option<Cursor>,
+    /// Next position to hand out.
+    cursor: Cursor,
+    pending: VecDeque<Pending<S::Item>>,
+    pool: rayon::ThreadPool,
+    window: usize,
+}
+
+impl<S: SampleSource> BatchStream<S> {
+    pub fn new(source: Arc<S>, opts: LoaderOptions, start: Cursor) -> Result<Self> {
+        let len = source.len();
+        if opts.batch_size == 0 {
+            bail!("batch size must be at least 1");
+        }
+        if len == 0 {
+            bail!("{} has no samples", source.describe());
+        }
+        let ahead = match opts.order {
+            Order::Sequential { start: s, end } => {
+                if s > end || end > len {
+                    bail!("range {s}..{end} is outside the {len} samples of {}", source.describe());
+                }
+                if start.epoch != 0 || start.position < s as u64 || start.position > end as u64 {
+                    bail!("cursor {start:?} is outside the range {s}..{end}");
+                }
+                (start.position < end as u64).then_some(start)
+            }
+            Order::Shuffled { .. } => {
+                if start.position >= len as u64 {
+                    bail!(
+                        "cursor {start:?} is past the {len} samples of {} (was the checkpoint made with another dataset?)",
+                        source.describe()
+                    );
+                }
+                Some(start)
+            }
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(opts.threads)
+            .thread_name(|i| format!("sdkd-decode-{i}"))
+            .build()
+            .context("starting the decode threads")?;
+        let window = opts.batch_size.max(4 * pool.current_num_threads());
+        Ok(BatchStream { indexer: Indexer::new(opts.order, len), source, opts, ahead, cursor: start, pending: VecDeque::new(), pool, window })
+    }
+
+    /// Decodes the next window of positions, in parallel, in order.
+    fn refill(&mut self) {
+        let len = self.source.len();
+        let mut todo = Vec::with_capacity(self.window);
+        while todo.len() < self.window {
+            let Some(c) = self.ahead else { break };
+            todo.push((c, self.indexer.index(c)));
+            self.ahead = self.opts.order.advance(c, len);
+        }
+        let source = &self.source;
+        let loaded: Vec<Pending<S::Item>> = self.pool.install(|| {
+            todo.par_iter()
+                .map(|&(cursor, index)| Pending { cursor, index, result: load_guarded(source.as_ref(), index, cursor.epoch) })
+                .collect()
+        });
+        self.pending.extend(loaded);
+    }
+
+    /// The next batch; None when a sequential pass is over. A bad sample under
+    /// [`OnBadSample::Fail`] is an error naming its file.
+    pub fn next_batch(&mut self) -> Result<Option<Batch<S::Batch>>> {
+        let len = self.source.len();
+        let start = self.cursor;
+        let (mut items, mut indices, mut epochs, mut skipped) = (vec![], vec![], vec![], vec![]);
+        let mut bad_in_a_row = 0usize;
+        while items.len() < self.opts.batch_size {
+            if self.pending.is_empty() {
+                self.refill();
+            }
+            let Some(p) = self.pending.pop_front() else { break };
+            self.cursor = self.opts.order.advance(p.cursor, len).unwrap_or(Cursor::new(0, p.cursor.position + 1));
+            match p.result {
+                Ok(item) => {
+                    bad_in_a_row = 0;
+                    items.push(item);
+                    indices.push(p.index);
+                    epochs.push(p.cursor.epoch);
+                }
+                Err(bad) => {
+                    if self.opts.on_bad_sample == OnBadSample::Fail {
+                        bail!("bad sample {bad} (on_bad_sample is fail; set it to skip to skip such samples)");
+                    }
+                    bad_in_a_row += 1;
+                    if bad_in_a_row >= len {
+                        bail!("none of the {len} samples of {} can be used; the last: {bad}", self.source.describe());
+                    }
+                    skipped.push(bad);
+                }
+            }
+        }
+        if items.is_empty() {
+            return Ok(None);
+        }
+        let data = self.source.collate(items)?;
+        Ok(Some(Batch { data, indices, epochs, start, next: self.cursor, skipped }))
+    }
+}
+
+/// Loads one sample, turning a panic inside a decoder into a bad sample rather than a crash.
+fn load_guarded<S: SampleSource>(source: &S, index: usize, epoch: u64) -> std::result::Result<S::Item, BadSample> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| source.load(index, epoch))) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(BadSample {
+                index,
+                file: format!("sample {index} of {}", source.describe()).into(),
+                kind: BadKind::Corrupt,
+                reason: format!("decoder failed: {msg}"),
+            })
+        }
+    }
+}
+
+/// Counters a trainer logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoaderStats {
+    pub batches: u64,
+    pub samples: u64,
+    /// Bad samples skipped so far.
+    pub skipped: u64,
+    /// Time the consumer spent waiting for batches (0 when decoding keeps up).
+    pub wait: Duration,
+}
+
+type Message<T> = Result<Option<Batch<T>>>;
+
+/// A [`BatchStream`] on a background thread, `prefetch` batches ahead of the consumer.
+pub struct Loader<S: SampleSource> {
+    rx: Option<Receiver<Message<S::Batch>>>,
+    worker: Option<JoinHandle<()>>,
+    stats: LoaderStats,
+    finished: bool,
+    describe: String,
+}
+
+impl<S: SampleSource> Loader<S> {
+    /// Starts producing batches from `start` (use the `next` cursor of the last batch a
+    /// checkpoint saw to resume).
+    pub fn new(source: Arc<S>, opts: LoaderOptions, start: Cursor) -> Result<Self> {
+        let describe = source.describe();
+        let mut stream = BatchStream::new(source, opts, start)?;
+        let (tx, rx) = sync_channel::<Message<S::Batch>>(opts.prefetch.max(1));
+        let worker = std::thread::Builder::new()
+            .name("sdkd-data".into())
+            .spawn(move || loop {
+                let msg = stream.next_batch();
+                let last = !matches!(msg, Ok(Some(_)));
+                // A send fails only when the loader was dropped: stop quietly.
+                if tx.send(msg).is_err() || last {
+                    break;
+                }
+            })
+            .context("starting the data loader thread")?;
+        Ok(Loader { rx: Some(rx), worker: Some(worker), stats: LoaderStats::default(), finished: false, describe })
+    }
+
+    /// The next batch (None at the end of a sequential pass). Skipped samples are warned about
+    /// on stderr and counted in [`Loader::stats`].
+    pub fn next_batch(&mut self) -> Result<Option<Batch<S::Batch>>> {
+        if self.finished {
+            return Ok(None);
+        }
+        let rx = self.rx.as_ref().expect("receiver lives until drop");
+        let t0 = Instant::now();
+        let msg = rx.recv().map_err(|_| anyhow!("the data loader thread of {} stopped unexpectedly", self.describe));
+        self.stats.wait += t0.elapsed();
+        let msg = msg.and_then(|m| m);
+        match &msg {
+            Ok(Some(b)) => {
+                for bad in &b.skipped {
+                    eprintln!("warning: skipped {bad}");
+                }
+                self.stats.batches += 1;
+                self.stats.samples += b.indices.len() as u64;
+                self.stats.skipped += b.skipped.len() as u64;
+            }
+            _ => self.finished = true,
+        }
+        msg
+    }
+
+    pub fn stats(&self) -> LoaderStats {
+        self.stats
+    }
+}
+
+impl<S: SampleSource> Iterator for Loader<S> {
+    type Item = Result<Batch<S::Batch>>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_batch().transpose()
+    }
+}
+
+impl<S: SampleSource> Drop for Loader<S> {
+    fn drop(&mut self) {
+        // Closing the queue makes the worker's next send fail; it stops after its current batch.
+        self.rx.take();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// How fast a source delivers samples.
+#[derive(Clone, Copy, Debug)]
+pub struct Throughput {
+    pub samples: u64,
+    pub seconds: f64,
+    pub per_second: f64,
+}
+
+/// Pulls batches through a [`Loader`] until at least `samples` samples have arrived, with a
+/// consumer that does nothing, and reports samples per second (decode, transform and collate).
+pub fn measure_throughput<S: SampleSource>(source: Arc<S>, opts: LoaderOptions, samples: usize) -> Result<Throughput> {
+    let t0 = Instant::now();
+    let mut loader = Loader::new(source, opts, opts.order.first())?;
+    let mut n = 0u64;
+    while (n as usize) < samples {
+        match loader.next_batch()? {
+            Some(b) => n += b.indices.len() as u64,
+            None => break,
+        }
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(Throughput { samples: n, seconds, per_second: n as f64 / seconds.max(1e-9) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// Numbers 0..n; multiples of `bad_every` are bad.
+    struct Numbers {
+        n: usize,
+        bad_every: usize,
+    }
+
+    impl SampleSource for Numbers {
+        type Item = (usize, u64);
+        type Batch = Vec<(usize, u64)>;
+        fn len(&self) -> usize {
+            self.n
+        }
+        fn load(&self, index: usize, epoch: u64) -> std::result::Result<(usize, u64), BadSample> {
+            if self.bad_every > 0 && index % self.bad_every == 0 {
+                return Err(BadSample { index, file: PathBuf::from(format!("n{index}")), kind: BadKind::Corrupt, reason: "bad".into() });
+            }
+            Ok((index, epoch))
+        }
+        fn collate(&self, items: Vec<(usize, u64)>) -> Result<Vec<(usize, u64)>> {
+            Ok(items)
+        }
+        fn describe(&self) -> String {
+            "numbers".into()
+        }
+    }
+
+    fn opts(batch: usize, order: Order) -> LoaderOptions {
+        LoaderOptions { batch_size: batch, order, on_bad_sample: OnBadSample::Skip, prefetch: 2, threads: 2 }
+    }
+
+    #[test]
+    fn shuffled_epochs_cover_everything_and_cross_over() {
+        let src = Arc::new(Numbers { n: 10, bad_every: 0 });
+        let mut l = Loader::new(src, opts(4, Order::Shuffled { seed: 1 }), Cursor::default()).unwrap();
+        let batches: Vec<_> = (0..5).map(|_| l.next_batch().unwrap().unwrap()).collect();
+        let first: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).take(10).collect();
+        let mut sorted = first.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        // Batch 2 holds positions 8, 9 of epoch 0 and 0, 1 of epoch 1.
+        assert_eq!(batches[2].data.iter().map(|x| x.1).collect::<Vec<_>>(), vec![0, 0, 1, 1]);
+        assert_eq!(batches[2].next, Cursor::new(1, 2));
+    }
+
+    #[test]
+    fn resume_from_a_cursor_equals_running_on() {
+        let src = Arc::new(Numbers { n: 13, bad_every: 3 });
+        let o = opts(5, Order::Shuffled { seed: 9 });
+        let all: Vec<_> = Loader::new(src.clone(), o, Cursor::default()).unwrap().take(8).map(|b| b.unwrap()).collect();
+        let resumed: Vec<_> = Loader::new(src, o, all[3].next).unwrap().take(4).map(|b| b.unwrap()).collect();
+        for (a, b) in all[4..].iter().zip(&resumed) {
+            assert_eq!(a.data, b.data);
+            assert_eq!(a.next, b.next);
+        }
+        assert!(all.iter().all(|b| b.data.iter().all(|x| x.0 % 3 != 0)));
+        assert!(all.iter().map(|b| b.skipped.len()).sum::<usize>() > 0);
+    }
+
+    #[test]
+    fn sequential_pass_ends_with_a_short_batch() {
+        let src = Arc::new(Numbers { n: 10, bad_every: 4 });
+        let mut l = Loader::new(src, opts(3, Order::Sequential { start: 2, end: 9 }), Cursor::new(0, 2)).unwrap();
+        let mut got = vec![];
+        while let Some(b) = l.next_batch().unwrap() {
+            got.push(b.data.iter().map(|x| x.0).collect::<Vec<_>>());
+        }
+        assert_eq!(got, vec![vec![2, 3, 5], vec![6, 7]]);
+        assert_eq!(l.stats().skipped, 2);
+        assert!(l.next_batch().unwrap().is_none());
+    }
+
+    #[test]
+    fn all_bad_is_an_error_not_a_hang() {
+        let src = Arc::new(Numbers { n: 5, bad_every: 1 });
+        let mut l = Loader::new(src, opts(2, Order::Shuffled { seed: 0 }), Cursor::default()).unwrap();
+        let e = l.next_batch().unwrap_err().to_string();
+        assert!(e.contains("none of the 5 samples"), "{e}");
+    }
+
+    #[test]
+    fn fail_policy_names_the_sample() {
+        let src = Arc::new(Numbers { n: 5, bad_every: 4 });
+        let mut o = opts(2, Order::Sequential { start: 0, end: 5 });
+        o.on_bad_sample = OnBadSample::Fail;
+        let mut l = Loader::new(src, o, Cursor::new(0, 1)).unwrap();
+        assert!(l.next_batch().unwrap().is_some()); // 1, 2
+        assert!(l.next_batch().unwrap_err().to_string().contains("n4"));
+    }
+
+    #[test]
+    fn bad_cursor_is_an_error() {
+        let src = Arc::new(Numbers { n: 5, bad_every: 0 });
+        assert!(Loader::new(src, opts(2, Order::Shuffled { seed: 0 }), Cursor::new(0, 5)).is_err());
+    }
+
+    #[test]
+    fn dropping_a_loader_stops_its_thread() {
+        let src = Arc::new(Numbers { n: 100, bad_every: 0 });
+        let mut l = Loader::new(src, opts(1, Order::Shuffled { seed: 0 }), Cursor::default()).unwrap();
+        l.next_batch().unwrap();
+        drop(l); // must not hang on a full queue
+    }
+}

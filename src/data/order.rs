@@ -1,0 +1,176 @@
+//! Deterministic sampling. Which sample a run sees, and which crop and flip it gets, are pure
+//! functions of (seed, epoch, index), computed with counter-based hashing (splitmix64) instead of
+//! a stateful RNG: a run resumed from a [`Cursor`] replays exactly the data an uninterrupted run
+//! would have seen, with nothing but two integers saved.
+use serde::{Deserialize, Serialize};
+
+/// One splitmix64 step: a fast, well-mixed bijection on u64 (Steele, Lea & Flood 2014).
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Independent random streams drawn from one seed, so adding a new use never shifts an old one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    Permutation = 1,
+    CropX = 2,
+    CropY = 3,
+    Flip = 4,
+    Synth = 5,
+}
+
+/// A 64-bit value that depends only on (seed, stream, a, b).
+pub fn hash(seed: u64, stream: Stream, a: u64, b: u64) -> u64 {
+    let s = splitmix64(seed ^ (stream as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    splitmix64(splitmix64(s ^ a) ^ b)
+}
+
+/// Maps a uniform u64 onto `0..n` (Lemire's multiply-shift; the bias is below n / 2^64).
+pub fn below(x: u64, n: u64) -> u64 {
+    ((x as u128 * n as u128) >> 64) as u64
+}
+
+/// The order in which epoch `epoch` visits `n` samples: a Fisher-Yates shuffle whose every swap
+/// is drawn from (seed, epoch, i).
+pub fn permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = below(hash(seed, Stream::Permutation, epoch, i as u64), i as u64 + 1) as usize;
+        p.swap(i, j);
+    }
+    p
+}
+
+/// Where a data stream stands: the `position`-th entry of epoch `epoch`'s order. The trainer
+/// saves the cursor of the next batch in its checkpoint and starts a new loader from it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Cursor {
+    pub epoch: u64,
+    pub position: u64,
+}
+
+impl Cursor {
+    pub fn new(epoch: u64, position: u64) -> Self {
+        Cursor { epoch, position }
+    }
+}
+
+/// The order a loader walks its source in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// Endless epochs, each a fresh [`permutation`] of every sample (training).
+    Shuffled { seed: u64 },
+    /// One pass over `start..end` in index order, epoch 0 (preprocessing, evaluation).
+    Sequential { start: usize, end: usize },
+}
+
+impl Order {
+    /// The cursor after `c`, or None when a sequential pass is over.
+    pub fn advance(&self, c: Cursor, len: usize) -> Option<Cursor> {
+        match *self {
+            Order::Shuffled { .. } => {
+                if c.position + 1 >= len as u64 {
+                    Some(Cursor::new(c.epoch + 1, 0))
+                } else {
+                    Some(Cursor::new(c.epoch, c.position + 1))
+                }
+            }
+            Order::Sequential { end, .. } => (c.position + 1 < end as u64).then(|| Cursor::new(0, c.position + 1)),
+        }
+    }
+
+    /// Where a fresh pass begins.
+    pub fn first(&self) -> Cursor {
+        match *self {
+            Order::Shuffled { .. } => Cursor::new(0, 0),
+            Order::Sequential { start, .. } => Cursor::new(0, start as u64),
+        }
+    }
+
+    /// Whether `c` names a sample of this order over `len` samples.
+    pub fn contains(&self, c: Cursor, len: usize) -> bool {
+        match *self {
+            Order::Shuffled { .. } => c.position < len as u64,
+            Order::Sequential { start, end } => c.epoch == 0 && c.position >= start as u64 && c.position < end as u64,
+        }
+    }
+}
+
+/// Maps cursors to sample indices, keeping the current epoch's permutation.
+pub(crate) struct Indexer {
+    order: Order,
+    len: usize,
+    perm: Option<(u64, Vec<usize>)>,
+}
+
+impl Indexer {
+    pub fn new(order: Order, len: usize) -> Self {
+        Indexer { order, len, perm: None }
+    }
+
+    pub fn index(&mut self, c: Cursor) -> usize {
+        match self.order {
+            Order::Sequential { .. } => c.position as usize,
+            Order::Shuffled { seed } => {
+                if self.perm.as_ref().map(|(e, _)| *e) != Some(c.epoch) {
+                    self.perm = Some((c.epoch, permutation(seed, c.epoch, self.len)));
+                }
+                self.perm.as_ref().expect("set above").1[c.position as usize]
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutation_is_a_deterministic_permutation() {
+        let a = permutation(7, 3, 1000);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_eq!(a, permutation(7, 3, 1000));
+        assert_ne!(a, permutation(7, 4, 1000), "epochs must differ");
+        assert_ne!(a, permutation(8, 3, 1000), "seeds must differ");
+        assert_eq!(permutation(1, 0, 0), Vec::<usize>::new());
+        assert_eq!(permutation(1, 0, 1), vec![0]);
+    }
+
+    #[test]
+    fn permutation_is_roughly_uniform() {
+        // Where sample 0 lands over many epochs: every slot of 8 about equally often.
+        let mut counts = [0usize; 8];
+        for e in 0..8000 {
+            let p = permutation(42, e, 8);
+            counts[p.iter().position(|&i| i == 0).unwrap()] += 1;
+        }
+        for c in counts {
+            assert!((800..1200).contains(&c), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn below_stays_in_range() {
+        for i in 0..10_000u64 {
+            assert!(below(splitmix64(i), 7) < 7);
+        }
+        assert_eq!(below(u64::MAX, 1), 0);
+    }
+
+    #[test]
+    fn orders_advance() {
+        let s = Order::Shuffled { seed: 0 };
+        assert_eq!(s.advance(Cursor::new(0, 1), 3), Some(Cursor::new(0, 2)));
+        assert_eq!(s.advance(Cursor::new(0, 2), 3), Some(Cursor::new(1, 0)));
+        let q = Order::Sequential { start: 2, end: 4 };
+        assert_eq!(q.first(), Cursor::new(0, 2));
+        assert_eq!(q.advance(Cursor::new(0, 2), 10), Some(Cursor::new(0, 3)));
+        assert_eq!(q.advance(Cursor::new(0, 3), 10), None);
+        assert!(!q.contains(Cursor::new(0, 4), 10));
+    }
+}

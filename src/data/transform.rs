@@ -1,0 +1,311 @@
+//! The anchors' torchvision image pipeline, reproduced exactly on 8-bit RGB:
+//! `Resize(res, BILINEAR)` (short side to `res`, long side `int(res * long / short)`), then
+//! `CenterCrop(res)` or `RandomCrop(res)`, optional `RandomHorizontalFlip()`, `ToTensor()` and
+//! `Normalize([0.5], [0.5])`.
+//!
+//! torchvision resizes PIL images with Pillow, whose bilinear filter is not the textbook 2x2
+//! interpolation: when shrinking it widens the triangle filter by the scale (antialiasing) and it
+//! works in 22-bit fixed point, rounding to 8 bits after each of its two passes. The resampler here
+//! follows Pillow's `Resample.c` step by step so that a model sees the pixels it would have seen
+//! in PyTorch; the tests compare against Pillow itself. Only the pixels inside the crop are
+//! computed (each output pixel depends only on the full-size filter coefficients).
+use super::order::{below, hash, Stream};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+/// Resize, crop and flip options (the `data.resolution`, `data.center_crop` and
+/// `data.random_flip` keys of the run config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transform {
+    /// Side of the square output, in pixels.
+    pub resolution: u32,
+    /// Centre crop (true) or a random crop drawn from (seed, epoch, index) (false).
+    pub center_crop: bool,
+    /// Mirror half of the samples, drawn from (seed, epoch, index).
+    pub random_flip: bool,
+}
+
+/// Where a sample is cropped and whether it is mirrored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Augment {
+    pub left: u32,
+    pub top: u32,
+    pub flip: bool,
+}
+
+impl Transform {
+    /// torchvision's `Resize(int)` output size (width, height) for a `w` x `h` image.
+    pub fn resized_size(&self, w: u32, h: u32) -> (u32, u32) {
+        let (short, long) = if w <= h { (w, h) } else { (h, w) };
+        let r = self.resolution as u64;
+        // Python's `int(size * long / short)`: an exact product, one correctly rounded division.
+        let new_long = ((r * long as u64) as f64 / short as f64) as u32;
+        if w <= h {
+            (self.resolution, new_long)
+        } else {
+            (new_long, self.resolution)
+        }
+    }
+
+    /// The crop and flip of sample `index` in epoch `epoch` for an image resized to `resized`.
+    pub fn augment(&self, seed: u64, epoch: u64, index: usize, resized: (u32, u32)) -> Augment {
+        let (w, h) = resized;
+        let (span_x, span_y) = (w - self.resolution, h - self.resolution);
+        let (left, top) = if self.center_crop {
+            // torchvision: int(round((size - crop) / 2.0)); Python rounds halves to even.
+            let c = |span: u32| (span as f64 / 2.0).round_ties_even() as u32;
+            (c(span_x), c(span_y))
+        } else {
+            let r = |s: Stream, span: u32| below(hash(seed, s, epoch, index as u64), span as u64 + 1) as u32;
+            (r(Stream::CropX, span_x), r(Stream::CropY, span_y))
+        };
+        let flip = self.random_flip && hash(seed, Stream::Flip, epoch, index as u64) >> 63 == 1;
+        Augment { left, top, flip }
+    }
+
+    /// Resizes, crops and flips `img` into `resolution`² RGB pixels (row-major, HWC).
+    pub fn apply(&self, img: &RgbImage, aug: Augment) -> Vec<u8> {
+        let (w, h) = self.resized_size(img.width(), img.height());
+        let r = self.resolution;
+        assert!(aug.left + r <= w && aug.top + r <= h, "crop {aug:?} outside the resized {w}x{h} image");
+        resize_crop(img, (w, h), (aug.left, aug.top), (r, r), aug.flip)
+    }
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// The fixed-point filter taps of one axis: output pixel `i` reads `count[i]` input pixels from
+/// `first[i]` with weights `k[i * ksize..]` (Pillow's `precompute_coeffs` and
+/// `normalize_coeffs_8bpc` for the bilinear filter on the whole image).
+struct Taps {
+    ksize: usize,
+    first: Vec<usize>,
+    count: Vec<usize>,
+    k: Vec<i32>,
+}
+
+impl Taps {
+    fn bilinear(in_size: u32, out_size: u32) -> Taps {
+        let triangle = |x: f64| {
+            let x = x.abs();
+            if x < 1.0 {
+                1.0 - x
+            } else {
+                0.0
+            }
+        };
+        let scale = in_size as f64 / out_size as f64;
+        let filterscale = scale.max(1.0);
+        let support = filterscale; // bilinear support 1.0, widened when shrinking
+        let ksize = support.ceil() as usize * 2 + 1;
+        let n = out_size as usize;
+        let (mut first, mut count, mut k) = (vec![0; n], vec![0; n], vec![0i32; n * ksize]);
+        let mut w = vec![0f64; ksize];
+        for xx in 0..n {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            // C's (int) truncates toward zero.
+            let xmin = ((center - support + 0.5) as i64).max(0);
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) - xmin;
+            let (xmin, xmax) = (xmin as usize, xmax.max(0) as usize);
+            let mut ww = 0.0;
+            for x in 0..xmax {
+                w[x] = triangle(((x + xmin) as f64 - center + 0.5) * ss);
+                ww += w[x];
+            }
+            for x in 0..xmax {
+                let v = if ww != 0.0 { w[x] / ww } else { w[x] };
+                let f = v * (1u32 << PRECISION_BITS) as f64;
+                k[xx * ksize + x] = if v < 0.0 { (-0.5 + f) as i32 } else { (0.5 + f) as i32 };
+            }
+            first[xx] = xmin;
+            count[xx] = xmax;
+        }
+        Taps { ksize, first, count, k }
+    }
+
+    fn taps(&self, i: usize) -> (usize, &[i32]) {
+        (self.first[i], &self.k[i * self.ksize..i * self.ksize + self.count[i]])
+    }
+}
+
+/// Pillow's `clip8`: shift out the fraction (flooring) and clamp to a byte.
+fn clip8(v: i32) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// The `crop` (width, height) window at `offset` of `img` resized to `size` with Pillow's
+/// bilinear filter (horizontal pass then vertical, as Pillow does), mirrored when `flip`.
+pub fn resize_crop(img: &RgbImage, size: (u32, u32), offset: (u32, u32), crop: (u32, u32), flip: bool) -> Vec<u8> {
+    let (in_w, in_h) = img.dimensions();
+    let (out_w, out_h) = size;
+    let (left, top) = (offset.0 as usize, offset.1 as usize);
+    let (cw, ch) = (crop.0 as usize, crop.1 as usize);
+    let src = img.as_raw();
+    let round = 1i32 << (PRECISION_BITS - 1);
+
+    // Rows of the (horizontally resized) intermediate image that the vertical pass reads.
+    let vtaps = (out_h != in_h).then(|| Taps::bilinear(in_h, out_h));
+    let (y0, y1) = match &vtaps {
+        Some(t) => {
+            let first = (top..top + ch).map(|y| t.first[y]).min().unwrap_or(0);
+            let last = (top..top + ch).map(|y| t.first[y] + t.count[y]).max().unwrap_or(0);
+            (first, last)
+        }
+        None => (top, top + ch),
+    };
+
+    // Horizontal pass: rows y0..y1, only the crop's columns.
+    let mut mid = vec![0u8; (y1 - y0) * cw * 3];
+    if out_w != in_w {
+        let htaps = Taps::bilinear(in_w, out_w);
+        for y in y0..y1 {
+            let row = &src[y * in_w as usize * 3..(y + 1) * in_w as usize * 3];
+            for c in 0..cw {
+                let (x0, k) = htaps.taps(left + c);
+                let mut s = [round; 3];
+                for (j, &kj) in k.iter().enumerate() {
+                    let p = &row[(x0 + j) * 3..(x0 + j) * 3 + 3];
+                    for ch in 0..3 {
+                        s[ch] += p[ch] as i32 * kj;
+                    }
+                }
+                let o = ((y - y0) * cw + c) * 3;
+                for ch in 0..3 {
+                    mid[o + ch] = clip8(s[ch]);
+                }
+            }
+        }
+    } else {
+        for y in y0..y1 {
+            let s = (y * in_w as usize + left) * 3;
+            mid[(y - y0) * cw * 3..(y - y0 + 1) * cw * 3].copy_from_slice(&src[s..s + cw * 3]);
+        }
+    }
+
+    // Vertical pass over the crop's rows, writing mirrored columns when flipping.
+    let mut out = vec![0u8; ch * cw * 3];
+    for r in 0..ch {
+        for c in 0..cw {
+            let oc = if flip { cw - 1 - c } else { c };
+            let o = (r * cw + oc) * 3;
+            match &vtaps {
+                Some(t) => {
+                    let (ya, k) = t.taps(top + r);
+                    let mut s = [round; 3];
+                    for (j, &kj) in k.iter().enumerate() {
+                        let p = ((ya + j - y0) * cw + c) * 3;
+                        for ch in 0..3 {
+                            s[ch] += mid[p + ch] as i32 * kj;
+                        }
+                    }
+                    for ch in 0..3 {
+                        out[o + ch] = clip8(s[ch]);
+                    }
+                }
+                None => {
+                    let p = (r * cw + c) * 3;
+                    out[o..o + 3].copy_from_slice(&mid[p..p + 3]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `ToTensor()` then `Normalize([0.5], [0.5])` of one byte, in f32 as torchvision computes it.
+pub fn normalize(v: u8) -> f32 {
+    (v as f32 / 255.0 - 0.5) / 0.5
+}
+
+/// Stacks `n` HWC RGB images of `res`² pixels into a (n, 3, res, res) f32 tensor in [-1, 1].
+pub fn to_tensor(pixels: &[u8], n: usize, res: usize) -> Tensor {
+    assert_eq!(pixels.len(), n * res * res * 3, "pixel buffer does not hold {n} images of {res}x{res}");
+    let lut: Vec<f32> = (0..=255u8).map(normalize).collect();
+    let plane = res * res;
+    let mut out = vec![0f32; n * 3 * plane];
+    use rayon::prelude::*;
+    out.par_chunks_mut(3 * plane).zip(pixels.par_chunks(3 * plane)).for_each(|(dst, src)| {
+        for (i, p) in src.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                dst[c * plane + i] = lut[p[c] as usize];
+            }
+        }
+    });
+    Tensor::from_slice(&out).view([n as i64, 3, res as i64, res as i64])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(res: u32, center: bool, flip: bool) -> Transform {
+        Transform { resolution: res, center_crop: center, random_flip: flip }
+    }
+
+    #[test]
+    fn resized_size_follows_torchvision() {
+        assert_eq!(t(64, true, false).resized_size(100, 75), (85, 64)); // int(64*100/75) = 85
+        assert_eq!(t(64, true, false).resized_size(75, 100), (64, 85));
+        assert_eq!(t(512, true, false).resized_size(512, 512), (512, 512));
+        assert_eq!(t(512, true, false).resized_size(300, 1000), (512, 1706));
+    }
+
+    #[test]
+    fn centre_crop_rounds_halves_to_even() {
+        // (77 - 64) / 2 = 6.5 -> 6 and (79 - 64) / 2 = 7.5 -> 8, as Python's round does.
+        assert_eq!(t(64, true, false).augment(0, 0, 0, (77, 64)), Augment { left: 6, top: 0, flip: false });
+        assert_eq!(t(64, true, false).augment(0, 0, 0, (64, 79)), Augment { left: 0, top: 8, flip: false });
+    }
+
+    #[test]
+    fn random_crop_and_flip_are_spread_and_deterministic() {
+        let tr = t(8, false, true);
+        let mut lefts = std::collections::BTreeSet::new();
+        let mut flips = 0;
+        for i in 0..400 {
+            let a = tr.augment(3, 1, i, (12, 8));
+            assert_eq!(a, tr.augment(3, 1, i, (12, 8)));
+            assert!(a.left <= 4 && a.top == 0);
+            lefts.insert(a.left);
+            flips += a.flip as usize;
+        }
+        assert_eq!(lefts.len(), 5, "every offset 0..=4 should occur");
+        assert!((150..250).contains(&flips), "{flips} flips of 400");
+    }
+
+    #[test]
+    fn identity_resize_taps_copy_pixels() {
+        let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
+        // A pass with equal sizes would be an identity; check the taps say so too.
+        let taps = Taps::bilinear(5, 5);
+        for i in 0..5 {
+            let (f, k) = taps.taps(i);
+            assert_eq!(f, i);
+            assert_eq!(k[0], 1 << PRECISION_BITS);
+        }
+        let out = resize_crop(&img, (5, 4), (0, 0), (5, 4), false);
+        assert_eq!(out, img.as_raw().clone());
+        let flipped = resize_crop(&img, (5, 4), (1, 1), (3, 2), true);
+        assert_eq!(&flipped[0..3], img.get_pixel(3, 1).0.as_slice());
+        assert_eq!(&flipped[6..9], img.get_pixel(1, 1).0.as_slice());
+    }
+
+    #[test]
+    fn constant_image_stays_constant_through_resize() {
+        let img = RgbImage::from_pixel(37, 23, image::Rgb([200, 13, 90]));
+        let out = resize_crop(&img, (27, 16), (5, 0), (16, 16), true);
+        assert!(out.chunks(3).all(|p| p == [200, 13, 90]));
+    }
+
+    #[test]
+    fn normalize_maps_bytes_to_unit_range() {
+        assert_eq!(normalize(0), -1.0);
+        assert_eq!(normalize(255), 1.0);
+        let x = to_tensor(&[0, 255, 0, 255, 0, 255, 0, 255, 0, 255, 0, 255], 1, 2);
+        assert_eq!(x.size(), vec![1, 3, 2, 2]);
+        assert_eq!(x.double_value(&[0, 0, 0, 0]), -1.0);
+        assert_eq!(x.double_value(&[0, 1, 0, 0]), 1.0);
+    }
+}

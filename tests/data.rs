@@ -1,0 +1,616 @@
+//! The data pipeline: imagefolder formats, image codecs and transforms against Pillow, bad
+//! samples, determinism and resume, the synthetic dataset, and the latent cache.
+mod common;
+
+use common::{assert_clean_failure, read_tensors, run_reference, sdkd, tempdir};
+use sdkd::data::synthetic::{write_dataset, Scene};
+use sdkd::data::*;
+use std::cell::Cell;
+use std::path::Path;
+use std::sync::Arc;
+use tch::{Kind, Tensor};
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+/// A noisy RGB image whose content depends on `seed`.
+fn noise_image(w: u32, h: u32, seed: u64) -> image::RgbImage {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        let v = sdkd::data::order::splitmix64(seed ^ ((y as u64) << 20) ^ x as u64);
+        image::Rgb([v as u8, (v >> 8) as u8, (v >> 16) as u8])
+    })
+}
+
+fn write_png(dir: &Path, name: &str, w: u32, h: u32, seed: u64) {
+    let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    noise_image(w, h, seed).save(&p).unwrap();
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+fn jsonl(rows: &[(&str, &str)]) -> String {
+    rows.iter().map(|(f, t)| serde_json::json!({"file_name": f, "text": t}).to_string() + "\n").collect()
+}
+
+fn transform(res: u32, center: bool, flip: bool) -> Transform {
+    Transform { resolution: res, center_crop: center, random_flip: flip }
+}
+
+fn image_source(dir: &Path, t: Transform, seed: u64) -> Arc<ImageSource> {
+    Arc::new(ImageSource::new(Arc::new(ImageFolder::open(dir).unwrap()), t, seed))
+}
+
+fn sequential(batch: usize, n: usize, policy: OnBadSample) -> LoaderOptions {
+    LoaderOptions { batch_size: batch, order: Order::Sequential { start: 0, end: n }, on_bad_sample: policy, prefetch: 2, threads: 2 }
+}
+
+/// Every batch of a sequential pass.
+fn all_batches<S: SampleSource>(src: Arc<S>, opts: LoaderOptions) -> anyhow::Result<(Vec<Batch<S::Batch>>, LoaderStats)> {
+    let first = opts.order.first();
+    let mut l = Loader::new(src, opts, first)?;
+    let mut out = vec![];
+    while let Some(b) = l.next_batch()? {
+        out.push(b);
+    }
+    Ok((out, l.stats()))
+}
+
+fn equal(a: &Tensor, b: &Tensor) -> bool {
+    a.size() == b.size() && a.kind() == b.kind() && a.equal(b)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+}
+
+// ---------------------------------------------------------------------------------------------
+// metadata formats
+
+#[test]
+fn jsonl_csv_and_sidecars_give_the_same_samples() {
+    let captions = ["a red, round thing", "say \"hi\"", "plain"];
+    let dirs: Vec<_> = (0..3).map(|_| tempdir()).collect();
+    for d in &dirs {
+        write_png(d.path(), "a.png", 40, 30, 1);
+        write_png(d.path(), "sub/b.png", 30, 44, 2);
+        write_png(d.path(), "c.png", 32, 32, 3);
+    }
+    let files = ["a.png", "sub/b.png", "c.png"];
+    write(dirs[0].path(), "metadata.jsonl", &jsonl(&files.iter().copied().zip(captions).collect::<Vec<_>>()));
+    write(
+        dirs[1].path(),
+        "metadata.csv",
+        "file_name,extra,text\r\na.png,1,\"a red, round thing\"\r\nsub/b.png,2,\"say \"\"hi\"\"\"\r\nc.png,3,plain\r\n",
+    );
+    write(dirs[2].path(), "a.txt", "a red, round thing\n");
+    write(dirs[2].path(), "sub/b.txt", "say \"hi\"");
+    write(dirs[2].path(), "c.txt", "plain");
+
+    let kinds = [dataset::MetadataKind::Jsonl, dataset::MetadataKind::Csv, dataset::MetadataKind::Sidecar];
+    let mut images = vec![];
+    for (d, kind) in dirs.iter().zip(kinds) {
+        let ds = ImageFolder::open(d.path()).unwrap();
+        assert_eq!(ds.kind, kind);
+        let names: Vec<_> = ds.samples.iter().map(|s| s.file_name.replace('\\', "/")).collect();
+        let caps: Vec<_> = ds.samples.iter().map(|s| s.caption.clone().unwrap()).collect();
+        // Sidecars come in path order: a, c, sub/b.
+        if kind == dataset::MetadataKind::Sidecar {
+            assert_eq!(names, ["a.png", "c.png", "sub/b.png"]);
+            assert_eq!(caps, [captions[0], captions[2], captions[1]]);
+        } else {
+            assert_eq!(names, files);
+            assert_eq!(caps, captions);
+        }
+        let src = Arc::new(ImageSource::new(Arc::new(ds), transform(16, true, false), 0));
+        let (batches, stats) = all_batches(src, sequential(8, 3, OnBadSample::Fail)).unwrap();
+        assert_eq!(stats.skipped, 0);
+        assert_eq!(batches[0].data.images.size(), [3, 3, 16, 16]);
+        images.push(batches.into_iter().next().unwrap().data.images);
+    }
+    assert!(equal(&images[0], &images[1]));
+    // Sidecar order a, c, b against metadata order a, b, c.
+    assert!(equal(&images[2], &images[0].index_select(0, &Tensor::from_slice(&[0i64, 2, 1]))));
+}
+
+#[test]
+fn malformed_metadata_names_file_and_line() {
+    let cases: [(&str, &str, &str); 7] = [
+        ("metadata.jsonl", "{\"file_name\": \"a.png\", \"text\": \"x\"}\n\n{\"file_name\": \"b.png\", \"text\": \n", "metadata.jsonl:3"),
+        ("metadata.jsonl", "{\"file_name\": \"a.png\", \"text\": \"x\"}\n{\"file_name\": \"b.png\"}\n", "metadata.jsonl:2"),
+        ("metadata.jsonl", "[1, 2]\n", "metadata.jsonl:1"),
+        ("metadata.jsonl", "{\"file_name\": 3, \"text\": \"x\"}\n", "metadata.jsonl:1"),
+        ("metadata.csv", "file_name,text\na.png,\"multi\nline\"\nb.png,x,extra\n", "metadata.csv:4"),
+        ("metadata.csv", "file_name,caption\na.png,x\n", "metadata.csv:1"),
+        ("metadata.csv", "file_name,text\na.png,\"never closed\n", "metadata.csv:2"),
+    ];
+    for (file, text, needle) in cases {
+        let d = tempdir();
+        write(d.path(), file, text);
+        let e = format!("{:#}", ImageFolder::open(d.path()).unwrap_err());
+        assert!(e.contains(needle), "{file} {text:?}: error {e:?} does not name {needle}");
+    }
+    let d = tempdir();
+    write(d.path(), "metadata.csv", "file_name,text\n");
+    write(d.path(), "metadata.jsonl", "");
+    let e = ImageFolder::open(d.path()).unwrap_err().to_string();
+    assert!(e.contains("both metadata.jsonl and metadata.csv"), "{e}");
+    let d = tempdir();
+    write_png(d.path(), "a.png", 8, 8, 0);
+    let e = ImageFolder::open(d.path()).unwrap_err().to_string();
+    assert!(e.contains("none of its 1 images has a .txt caption"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// codecs and transforms against Pillow
+
+#[test]
+fn every_image_format_decodes_like_pillow() {
+    let d = tempdir();
+    run_reference("data_reference.py", &["formats", d.path().to_str().unwrap()]);
+    let expected = read_tensors(&d.path().join("decoded.safetensors"));
+    let rows: Vec<(&str, &str)> = expected.keys().map(|k| (k.as_str(), "a caption")).collect();
+    write(d.path(), "metadata.jsonl", &jsonl(&rows));
+    let ds = ImageFolder::open(d.path()).unwrap();
+    // Lossless codecs must agree exactly. JPEG decoders may round differently (zune-jpeg vs
+    // libjpeg-turbo IDCT and chroma upsampling; measured max 3, mean 0.37 levels); lossy WebP
+    // decoded identically here (image-webp vs libwebp), a little slack is left for libwebp updates.
+    let tolerance = |name: &str| match name {
+        "photo.jpg" => (6.0, 1.0),
+        "photo_lossy.webp" => (2.0, 0.25),
+        _ => (0.0, 0.0),
+    };
+    for (i, (name, want)) in expected.iter().enumerate() {
+        let (img, _) = ds.decode(i).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let got = Tensor::from_slice(img.as_raw()).view([img.height() as i64, img.width() as i64, 3]);
+        let diff = (got.to_kind(Kind::Float) - want.to_kind(Kind::Float)).abs();
+        let (max, mean) = (diff.max().double_value(&[]), diff.mean(Kind::Float).double_value(&[]));
+        println!("{name}: max |diff| {max} mean {mean:.4} (0-255 scale)");
+        let (tmax, tmean) = tolerance(name);
+        assert!(max <= tmax && mean <= tmean, "{name}: decoded pixels differ from Pillow: max {max}, mean {mean}");
+    }
+}
+
+#[test]
+fn transform_matches_pillow_and_numpy() {
+    let d = tempdir();
+    run_reference("data_reference.py", &["transform", d.path().to_str().unwrap()]);
+    let expected = read_tensors(&d.path().join("expected.safetensors"));
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("cases.json")).unwrap()).unwrap();
+    let mut worst_resized = 0f64;
+    for (i, c) in cases.iter().enumerate() {
+        let res = c["resolution"].as_u64().unwrap() as u32;
+        let center = c["center_crop"].as_bool().unwrap();
+        let t = transform(res, center, false);
+        let img = image::open(d.path().join(c["file"].as_str().unwrap())).unwrap().to_rgb8();
+        let resized = t.resized_size(img.width(), img.height());
+        let mut aug = t.augment(0, 0, 0, resized);
+        if center {
+            // Our centre offsets must be torchvision's.
+            assert_eq!((aug.left as u64, aug.top as u64), (c["left"].as_u64().unwrap(), c["top"].as_u64().unwrap()), "case {i}");
+        } else {
+            aug.left = c["left"].as_u64().unwrap() as u32;
+            aug.top = c["top"].as_u64().unwrap() as u32;
+        }
+        aug.flip = c["flip"].as_bool().unwrap();
+        let pixels = t.apply(&img, aug);
+        let got_px = Tensor::from_slice(&pixels).view([res as i64, res as i64, 3]);
+        let got = sdkd::data::transform::to_tensor(&pixels, 1, res as usize).squeeze_dim(0);
+        let (want_px, want) = (&expected[&format!("{i}.pixels")], &expected[&format!("{i}.tensor")]);
+        let px_diff = max_abs_diff(&got_px, want_px);
+        let diff = max_abs_diff(&got, want);
+        println!("case {i} {c}: max |diff| {px_diff} levels, {diff:e} in [-1, 1]");
+        // Pillow's fixed-point bilinear filter is reproduced step by step, and ToTensor/Normalize
+        // are the same f32 operations: the whole pipeline must be bit-exact (measured: 0 levels).
+        assert!(equal(&got, want), "case {i}: transform differs from Pillow/numpy: {px_diff} levels, {diff} in [-1, 1]");
+        if !c["resize_free"].as_bool().unwrap() {
+            worst_resized = worst_resized.max(px_diff);
+        }
+    }
+    println!("max |diff| after bilinear resize, over all cases: {worst_resized} levels of 255");
+}
+
+// ---------------------------------------------------------------------------------------------
+// bad samples
+
+/// 5 good samples (0, 2, 4, 6, 8) interleaved with a corrupt file, a missing file, an empty
+/// file and an empty caption (1, 3, 5, 7).
+fn dataset_with_bad_samples(d: &Path) -> Vec<&'static str> {
+    for (i, name) in ["g0.png", "g2.png", "g4.png", "g6.png", "g8.png"].iter().enumerate() {
+        write_png(d, name, 20 + i as u32, 24, i as u64);
+    }
+    std::fs::write(d.join("corrupt.png"), b"\x89PNG\r\n\x1a\nthis is not really a png at all").unwrap();
+    std::fs::write(d.join("empty.png"), b"").unwrap();
+    write_png(d, "nocap.png", 20, 20, 9);
+    let rows = [
+        ("g0.png", "good zero"),
+        ("corrupt.png", "corrupt bytes"),
+        ("g2.png", "good two"),
+        ("missing.png", "missing file"),
+        ("g4.png", "good four"),
+        ("empty.png", "zero bytes"),
+        ("g6.png", "good six"),
+        ("nocap.png", "  "),
+        ("g8.png", "good eight"),
+    ];
+    write(d, "metadata.jsonl", &jsonl(&rows));
+    vec!["corrupt.png", "missing.png", "empty.png", "nocap.png"]
+}
+
+#[test]
+fn bad_samples_are_skipped_and_counted() {
+    let d = tempdir();
+    dataset_with_bad_samples(d.path());
+    let src = image_source(d.path(), transform(16, true, false), 0);
+    let (batches, stats) = all_batches(src.clone(), sequential(3, 9, OnBadSample::Skip)).unwrap();
+    let indices: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).collect();
+    assert_eq!(indices, [0, 2, 4, 6, 8]);
+    assert_eq!(stats.skipped, 4);
+    let kinds: Vec<BadKind> = batches.iter().flat_map(|b| b.skipped.iter().map(|s| s.kind)).collect();
+    assert_eq!(kinds, [BadKind::Corrupt, BadKind::Missing, BadKind::Empty, BadKind::EmptyCaption]);
+    // Batches are filled from the next samples: 3 then 2, never short in the middle.
+    assert_eq!(batches.iter().map(|b| b.indices.len()).collect::<Vec<_>>(), [3, 2]);
+    assert_eq!(batches[0].data.captions, ["good zero", "good two", "good four"]);
+
+    // Shuffled: full batches of good samples only, across epochs, counts per pass.
+    let mut l = Loader::new(src, LoaderOptions::shuffled(4, 3), Cursor::default()).unwrap();
+    for _ in 0..5 {
+        let b = l.next_batch().unwrap().unwrap();
+        assert_eq!(b.indices.len(), 4);
+        assert!(b.indices.iter().all(|i| i % 2 == 0), "{:?}", b.indices);
+    }
+    // 5 batches of 4 = 20 good samples = 4 epochs of 5: the first three skip all 4 bad ones,
+    // the last those placed before its last good sample.
+    assert!((12..=16).contains(&l.stats().skipped), "{:?}", l.stats());
+}
+
+#[test]
+fn bad_samples_fail_naming_the_file() {
+    let d = tempdir();
+    let bad = dataset_with_bad_samples(d.path());
+    let ds = Arc::new(ImageFolder::open(d.path()).unwrap());
+    for (i, name) in [1, 3, 5, 7].into_iter().zip(bad) {
+        // Start right before each bad sample, so each kind is the first one met.
+        let src = Arc::new(ImageSource::new(ds.clone(), transform(16, true, false), 0));
+        let mut l = Loader::new(src, sequential(4, 9, OnBadSample::Fail), Cursor::new(0, i as u64 - 1)).unwrap();
+        let e = l.next_batch().unwrap_err().to_string();
+        assert!(e.contains(name), "error {e:?} does not name {name}");
+        assert!(e.contains("on_bad_sample"), "{e}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// determinism
+
+fn determinism_dataset(d: &Path, n: usize) {
+    let mut rows = vec![];
+    let names: Vec<String> = (0..n).map(|i| format!("{i}.png")).collect();
+    for (i, name) in names.iter().enumerate() {
+        if i % 5 == 3 {
+            std::fs::write(d.join(name), b"garbage").unwrap();
+        } else {
+            write_png(d, name, 24 + (i as u32 % 3) * 7, 20 + (i as u32 % 4) * 5, i as u64);
+        }
+    }
+    for name in &names {
+        rows.push((name.as_str(), "caption"));
+    }
+    write(d, "metadata.jsonl", &jsonl(&rows));
+}
+
+#[test]
+fn samples_are_pure_functions_of_seed_epoch_index() {
+    let d = tempdir();
+    determinism_dataset(d.path(), 6);
+    let t = transform(16, false, true);
+    let a = image_source(d.path(), t, 7);
+    let b = image_source(d.path(), t, 7);
+    let c = image_source(d.path(), t, 8);
+    let mut epochs_differ = false;
+    let mut seeds_differ = false;
+    for i in [0, 1, 2, 4, 5] {
+        for e in 0..4 {
+            let (x, _) = a.get(i, e).unwrap();
+            assert!(equal(&x, &b.get(i, e).unwrap().0), "sample {i} epoch {e} not reproducible");
+            assert_eq!(x.size(), [3, 16, 16]);
+            epochs_differ |= !equal(&x, &a.get(i, e + 1).unwrap().0);
+            seeds_differ |= !equal(&x, &c.get(i, e).unwrap().0);
+        }
+    }
+    assert!(epochs_differ && seeds_differ, "random crop/flip must depend on epoch and seed");
+    assert!(a.get(3, 0).is_err());
+}
+
+#[test]
+fn resume_from_cursor_equals_uninterrupted_run() {
+    let d = tempdir();
+    determinism_dataset(d.path(), 11);
+    let src = image_source(d.path(), transform(16, false, true), 5);
+    let opts = LoaderOptions { prefetch: 3, threads: 2, ..LoaderOptions::shuffled(4, 5) };
+    // 8 batches of 4 from 9 good samples: crosses three epoch boundaries.
+    let run: Vec<_> = Loader::new(src.clone(), opts, Cursor::default()).unwrap().take(8).map(|b| b.unwrap()).collect();
+    assert!(run.last().unwrap().next.epoch >= 3);
+    // A second run with another thread count and prefetch depth sees the same data.
+    let again: Vec<_> = Loader::new(src.clone(), LoaderOptions { threads: 1, prefetch: 1, ..opts }, Cursor::default())
+        .unwrap()
+        .take(8)
+        .map(|b| b.unwrap())
+        .collect();
+    for k in [1, 3, 5] {
+        let resumed: Vec<_> = Loader::new(src.clone(), opts, run[k].next).unwrap().take(8 - k - 1).map(|b| b.unwrap()).collect();
+        for (j, r) in resumed.iter().enumerate() {
+            let u = &run[k + 1 + j];
+            assert!(equal(&u.data.images, &r.data.images), "resume after batch {k}: batch {} differs", k + 1 + j);
+            assert_eq!((&u.indices, &u.epochs, u.start, u.next), (&r.indices, &r.epochs, r.start, r.next));
+            assert_eq!(u.skipped, r.skipped);
+        }
+    }
+    for (u, a) in run.iter().zip(&again) {
+        assert!(equal(&u.data.images, &a.data.images));
+        assert_eq!(u.indices, a.indices);
+    }
+    // The cursor survives a round trip through JSON (as in a checkpoint's state.json).
+    let c: Cursor = serde_json::from_str(&serde_json::to_string(&run[2].next).unwrap()).unwrap();
+    assert_eq!(c, run[2].next);
+}
+
+// ---------------------------------------------------------------------------------------------
+// synthetic dataset
+
+#[test]
+fn synth_cli_writes_a_deterministic_dataset() {
+    let (a, b, c) = (tempdir(), tempdir(), tempdir());
+    let (pa, pb, pc) = (a.path().join("s"), b.path().join("s"), c.path().join("s"));
+    for (p, seed) in [(&pa, "3"), (&pb, "3"), (&pc, "4")] {
+        let out = sdkd(&["synth", "--out", p.to_str().unwrap(), "--count", "12", "--seed", seed, "--resolution", "32"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let ds = ImageFolder::open(&pa).unwrap();
+    assert_eq!(ds.len(), 12);
+    let pngs = std::fs::read_dir(&pa).unwrap().filter(|e| e.as_ref().unwrap().path().extension().unwrap() == "png").count();
+    assert_eq!(pngs, 12);
+    for s in &ds.samples {
+        let caption = s.caption.as_deref().unwrap();
+        assert!(Scene::parse(caption).is_some(), "unparseable caption {caption:?}");
+        let (img, _) = ds.decode(ds.samples.iter().position(|x| x == s).unwrap()).unwrap();
+        assert_eq!(img.dimensions(), (32, 32));
+        assert_eq!(std::fs::read(&s.path).unwrap(), std::fs::read(pb.join(&s.file_name)).unwrap(), "{} differs", s.file_name);
+    }
+    let meta = |p: &Path| std::fs::read_to_string(p.join("metadata.jsonl")).unwrap();
+    assert_eq!(meta(&pa), meta(&pb));
+    assert_ne!(meta(&pa), meta(&pc));
+
+    assert_clean_failure(&sdkd(&["synth", "--out", pa.to_str().unwrap(), "--count", "0"]), "--count");
+    let f = a.path().join("file");
+    std::fs::write(&f, "x").unwrap();
+    assert_clean_failure(&sdkd(&["synth", "--out", f.to_str().unwrap(), "--count", "2"]), "file");
+}
+
+#[test]
+fn synth_is_learnable_from_its_captions() {
+    // A predictor that reads the caption (draws the scene it describes, without the shift) must
+    // beat one that ignores it (the mean image) by far.
+    let d = tempdir();
+    write_dataset(d.path(), 300, 11, 32).unwrap();
+    let ds = ImageFolder::open(d.path()).unwrap();
+    let to_f = |img: &image::RgbImage| img.as_raw().iter().map(|&v| v as f64).collect::<Vec<_>>();
+    let images: Vec<Vec<f64>> = (0..ds.len()).map(|i| to_f(&ds.decode(i).unwrap().0)).collect();
+    let n = images[0].len();
+    let mean: Vec<f64> = (0..n).map(|j| images.iter().map(|im| im[j]).sum::<f64>() / images.len() as f64).collect();
+    let mse = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>() / n as f64;
+    let (mut with, mut without) = (0.0, 0.0);
+    for (i, im) in images.iter().enumerate() {
+        let scene = Scene::parse(ds.samples[i].caption.as_deref().unwrap()).unwrap();
+        with += mse(&to_f(&scene.render(32)), im);
+        without += mse(&mean, im);
+    }
+    let ratio = with / without;
+    println!("MSE reading the caption / MSE ignoring it = {ratio:.4}");
+    assert!(ratio < 0.2, "captions explain too little: ratio {ratio}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// latent cache
+
+/// A trivial deterministic encoder: 4x4 average pooling (plus a 4th channel, the channel mean)
+/// as latent mean, |mean| / 10 + 0.01 as std, caption bytes as an (8, 4) embedding. Counts the
+/// samples it encodes and can be told to fail after some calls.
+struct ToyEncoder {
+    samples: Cell<usize>,
+    calls: Cell<usize>,
+    fail_after_calls: Option<usize>,
+    name: &'static str,
+}
+
+impl ToyEncoder {
+    fn new() -> Self {
+        ToyEncoder { samples: Cell::new(0), calls: Cell::new(0), fail_after_calls: None, name: "toy" }
+    }
+    fn failing_after(calls: usize) -> Self {
+        ToyEncoder { fail_after_calls: Some(calls), ..Self::new() }
+    }
+}
+
+fn caption_embedding(caption: &str) -> Tensor {
+    let mut v = [0f32; 32];
+    for (i, b) in caption.bytes().take(32).enumerate() {
+        v[i] = b as f32 / 255.0;
+    }
+    Tensor::from_slice(&v).view([8, 4])
+}
+
+impl SampleEncoder for ToyEncoder {
+    fn encode(&self, images: &Tensor, captions: &[String]) -> anyhow::Result<Encoded> {
+        if self.fail_after_calls.is_some_and(|n| self.calls.get() >= n) {
+            anyhow::bail!("simulated crash");
+        }
+        self.calls.set(self.calls.get() + 1);
+        self.samples.set(self.samples.get() + captions.len());
+        let pooled = images.avg_pool2d([4, 4], [4, 4], [0, 0], false, true, None::<i64>);
+        let mean = Tensor::cat(&[&pooled, &pooled.mean_dim(&[1i64][..], true, Kind::Float)], 1);
+        let std = mean.abs() / 10.0 + 0.01;
+        let text = Tensor::stack(&captions.iter().map(|c| caption_embedding(c)).collect::<Vec<_>>(), 0);
+        Ok(Encoded { latent_mean: mean, latent_std: std, text_embeddings: text })
+    }
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({"encoder": self.name})
+    }
+}
+
+fn cache_opts(res: u32) -> CacheOptions {
+    CacheOptions {
+        transform: transform(res, false, true),
+        seed: 21,
+        shard_size: 8,
+        batch_size: 3,
+        on_bad_sample: OnBadSample::Skip,
+        threads: 2,
+    }
+}
+
+/// A synthetic dataset of `n` with two corrupt files (indices 5 and 12).
+fn cache_dataset(d: &Path, n: usize) -> Arc<ImageFolder> {
+    write_dataset(d, n, 2, 24).unwrap();
+    std::fs::write(d.join("000005.png"), b"broken").unwrap();
+    std::fs::write(d.join("000012.png"), b"").unwrap();
+    Arc::new(ImageFolder::open(d).unwrap())
+}
+
+fn cache_tensors(dir: &Path) -> Vec<(String, Tensor)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    files.iter().flat_map(|f| sdkd::models::weights::read_all(f).unwrap()).collect()
+}
+
+#[test]
+fn cache_round_trip_equals_direct_encoding() {
+    let (d, out) = (tempdir(), tempdir());
+    let ds = cache_dataset(d.path(), 20);
+    let enc = ToyEncoder::new();
+    let opts = cache_opts(16);
+    let report = build_cache(ds.clone(), &enc, &out.path().join("c"), &opts).unwrap();
+    assert_eq!(report, CacheReport { shards: 3, shards_kept: 0, shards_written: 3, rows: 18, skipped: 2 });
+    assert_eq!(enc.samples.get(), 18);
+
+    let cache = Arc::new(LatentCache::open(&out.path().join("c")).unwrap());
+    assert_eq!(cache.len(), 18);
+    assert_eq!(cache.row_shapes(), (vec![4, 4, 4], vec![8, 4]));
+    let (batches, _) = all_batches(cache.clone(), sequential(5, 18, OnBadSample::Fail)).unwrap();
+    let source = ImageSource::new(ds.clone(), opts.transform, opts.seed);
+    let mut seen = vec![];
+    for b in &batches {
+        for (r, &id) in b.data.sample_ids.iter().enumerate() {
+            // Direct encoding of the same sample, as epoch 0 transforms it.
+            let (img, caption) = source.get(id as usize, 0).unwrap();
+            let direct = enc.encode(&img.unsqueeze(0), &[caption.clone()]).unwrap();
+            assert!(equal(&b.data.latent_mean.get(r as i64), &direct.latent_mean.get(0)), "row {id} latent_mean");
+            assert!(equal(&b.data.latent_std.get(r as i64), &direct.latent_std.get(0)), "row {id} latent_std");
+            assert!(equal(&b.data.text_embeddings.get(r as i64), &direct.text_embeddings.get(0)), "row {id} text");
+            assert_eq!(b.data.captions[r], caption);
+            seen.push(id);
+        }
+    }
+    assert_eq!(seen, (0..20).filter(|i| *i != 5 && *i != 12).collect::<Vec<i64>>());
+
+    // Reading shuffled: deterministic, resumable, one epoch covers every row once.
+    let lo = LoaderOptions::shuffled(4, 99);
+    let run: Vec<_> = Loader::new(cache.clone(), lo, Cursor::default()).unwrap().take(6).map(|b| b.unwrap()).collect();
+    let mut first_epoch: Vec<i64> = run.iter().flat_map(|b| b.data.sample_ids.clone()).take(18).collect();
+    first_epoch.sort();
+    assert_eq!(first_epoch, seen);
+    let resumed: Vec<_> = Loader::new(cache, lo, run[2].next).unwrap().take(3).map(|b| b.unwrap()).collect();
+    for (u, r) in run[3..].iter().zip(&resumed) {
+        assert!(equal(&u.data.latent_mean, &r.data.latent_mean) && equal(&u.data.text_embeddings, &r.data.text_embeddings));
+        assert_eq!(u.data.sample_ids, r.data.sample_ids);
+    }
+}
+
+#[test]
+fn cache_resume_keeps_finished_shards() {
+    let (d, out, fresh) = (tempdir(), tempdir(), tempdir());
+    let ds = cache_dataset(d.path(), 30); // 4 shards of 8, 8, 8, 6
+    let dir = out.path().join("c");
+    let opts = cache_opts(16);
+
+    // Shard 0 takes 3 encoder calls (7 good samples), shard 1 three more: crash inside shard 2.
+    let crashing = ToyEncoder::failing_after(7);
+    let e = build_cache(ds.clone(), &crashing, &dir, &opts).unwrap_err();
+    assert!(e.to_string().contains("simulated crash"), "{e}");
+    let index = CacheIndex::read(&dir).unwrap();
+    assert!(!index.complete);
+    assert_eq!(index.shards.iter().map(|s| s.start).collect::<Vec<_>>(), [0, 8]);
+    let e = LatentCache::open(&dir).err().expect("an incomplete cache must not open").to_string();
+    assert!(e.contains("incomplete (2 of 4 shards)"), "{e}");
+
+    // Debris of the crash: a half-written shard 2 and a temp file; both must be redone.
+    std::fs::write(dir.join("shard-00002.safetensors"), b"half written").unwrap();
+    std::fs::write(dir.join("shard-00002.safetensors.tmp"), b"half written").unwrap();
+    let kept_bytes = |k: usize| std::fs::read(dir.join(format!("shard-{k:05}.safetensors"))).unwrap();
+    let mtime = |k: usize| std::fs::metadata(dir.join(format!("shard-{k:05}.safetensors"))).unwrap().modified().unwrap();
+    let before = [(kept_bytes(0), mtime(0)), (kept_bytes(1), mtime(1))];
+
+    // Settings that differ are refused, naming the key.
+    let e = build_cache(ds.clone(), &ToyEncoder::new(), &dir, &cache_opts(8)).unwrap_err().to_string();
+    assert!(e.contains("transform"), "{e}");
+    let other = ToyEncoder { name: "other", ..ToyEncoder::new() };
+    let e = build_cache(ds.clone(), &other, &dir, &opts).unwrap_err().to_string();
+    assert!(e.contains("encoder"), "{e}");
+
+    let resume = ToyEncoder::new();
+    let report = build_cache(ds.clone(), &resume, &dir, &opts).unwrap();
+    assert_eq!((report.shards_kept, report.shards_written, report.rows, report.skipped), (2, 2, 28, 2));
+    // Only shards 2 and 3 were encoded (8 + 6 samples, none bad).
+    assert_eq!(resume.samples.get(), 14);
+    assert_eq!([(kept_bytes(0), mtime(0)), (kept_bytes(1), mtime(1))], before);
+    assert!(!dir.join("shard-00002.safetensors.tmp").exists(), "the temp file is written over and renamed away");
+
+    // The resumed cache equals one built in one go.
+    let full = ToyEncoder::new();
+    build_cache(ds.clone(), &full, &fresh.path().join("c"), &opts).unwrap();
+    let (a, b) = (cache_tensors(&dir), cache_tensors(&fresh.path().join("c")));
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(equal(ta, tb), "{na} differs between resumed and fresh caches");
+    }
+    let (ia, ib) = (CacheIndex::read(&dir).unwrap(), CacheIndex::read(&fresh.path().join("c")).unwrap());
+    assert_eq!(ia.shards, ib.shards);
+
+    // Running once more keeps everything and encodes nothing.
+    let idle = ToyEncoder::new();
+    let report = build_cache(ds, &idle, &dir, &opts).unwrap();
+    assert_eq!((report.shards_kept, report.shards_written, idle.samples.get()), (4, 0, 0));
+
+    // A recorded shard that was damaged later is redone.
+    std::fs::write(dir.join("shard-00001.safetensors"), b"damaged").unwrap();
+    let fix = ToyEncoder::new();
+    let ds = Arc::new(ImageFolder::open(d.path()).unwrap());
+    let report = build_cache(ds, &fix, &dir, &opts).unwrap();
+    assert_eq!((report.shards_kept, report.shards_written, fix.samples.get()), (3, 1, 7));
+    assert_eq!(kept_bytes(1), before[1].0);
+}
+
+#[test]
+fn cache_refuses_foreign_folders_and_changed_datasets() {
+    let (d, out) = (tempdir(), tempdir());
+    let ds = cache_dataset(d.path(), 10);
+    write(out.path(), "notes.txt", "mine");
+    let e = build_cache(ds.clone(), &ToyEncoder::new(), out.path(), &cache_opts(16)).unwrap_err().to_string();
+    assert!(e.contains("not a latent cache"), "{e}");
+    let dir = out.path().join("c");
+    build_cache(ds, &ToyEncoder::new(), &dir, &cache_opts(16)).unwrap();
+    // Another caption in the dataset: the fingerprint no longer matches.
+    let meta = std::fs::read_to_string(d.path().join("metadata.jsonl")).unwrap().replacen("\"text\":\"", "\"text\":\"changed ", 1);
+    write(d.path(), "metadata.jsonl", &meta);
+    let ds = Arc::new(ImageFolder::open(d.path()).unwrap());
+    let e = build_cache(ds, &ToyEncoder::new(), &dir, &cache_opts(16)).unwrap_err().to_string();
+    assert!(e.contains("fingerprint"), "{e}");
+}

@@ -1,0 +1,109 @@
+"""Pillow/numpy referee for the data pipeline (tests/data.rs).
+
+    data_reference.py formats <dir>     writes the same picture as PNG, JPEG, lossy and lossless
+                                        WebP, grayscale, RGBA and palette PNG, plus decoded.safetensors:
+                                        what Pillow's Image.open(f).convert("RGB") reads from each.
+    data_reference.py transform <dir>   writes noise images of awkward sizes, cases.json, and
+                                        expected.safetensors: the anchors' torchvision pipeline on each
+                                        (Resize(res, BILINEAR) -> crop -> flip -> ToTensor -> Normalize(0.5, 0.5)),
+                                        computed with Pillow and numpy (torchvision is not installed; for
+                                        PIL images it calls exactly these Pillow operations).
+"""
+import json
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+from safetensors.numpy import save_file
+
+
+def picture(w, h):
+    """A smooth picture with edges: gradients plus a disc, so lossy codecs stay near the source."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 255 * x / (w - 1)
+    g = 255 * y / (h - 1)
+    b = 128 + 100 * np.sin(x / 7.0) * np.cos(y / 9.0)
+    disc = (x - w * 0.6) ** 2 + (y - h * 0.4) ** 2 < (min(w, h) * 0.25) ** 2
+    r[disc], g[disc], b[disc] = 250, 240, 20
+    return np.clip(np.stack([r, g, b], -1), 0, 255).round().astype(np.uint8)
+
+
+def formats(out):
+    os.makedirs(out, exist_ok=True)
+    rgb = Image.fromarray(picture(67, 45))
+    files = {
+        "photo.png": lambda p: rgb.save(p),
+        "photo.jpg": lambda p: rgb.save(p, quality=92),
+        "photo_lossy.webp": lambda p: rgb.save(p, quality=90),
+        "photo_lossless.webp": lambda p: rgb.save(p, lossless=True),
+        "gray.png": lambda p: rgb.convert("L").save(p),
+        "rgba.png": lambda p: rgb.convert("RGBA").save(p),
+        "palette.png": lambda p: rgb.convert("P", palette=Image.ADAPTIVE, colors=32).save(p),
+    }
+    decoded = {}
+    for name, write in files.items():
+        path = os.path.join(out, name)
+        write(path)
+        decoded[name] = np.asarray(Image.open(path).convert("RGB"), dtype=np.uint8).copy()
+    save_file(decoded, os.path.join(out, "decoded.safetensors"))
+
+
+def resized_size(w, h, size):
+    """torchvision.transforms.functional._compute_resized_output_size for an int size."""
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if w <= h else (new_long, new_short)
+
+
+def pipeline(img, res, center, left, top, flip):
+    w, h = img.size
+    nw, nh = resized_size(w, h, res)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    if center:  # torchvision CenterCrop: int(round((size - crop) / 2.0))
+        left, top = int(round((nw - res) / 2.0)), int(round((nh - res) / 2.0))
+    img = img.crop((left, top, left + res, top + res))
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = np.asarray(img, dtype=np.uint8).copy()
+    x = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255)  # ToTensor
+    x = (x - np.float32(0.5)) / np.float32(0.5)  # Normalize([0.5], [0.5])
+    # safetensors.numpy writes arrays in memory order: make the transposed result C-contiguous.
+    return pixels, np.ascontiguousarray(x), left, top
+
+
+def transform(out):
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(1234)
+    # (w, h, res, center, left, top, flip): resize-free crops (odd and even margins), downscales
+    # by awkward ratios, upscales, extreme aspect, random crops.
+    cases = [
+        (32, 32, 32, True, 0, 0, False),
+        (45, 32, 32, True, 0, 0, True),  # (45-32)/2 = 6.5 rounds to 6
+        (32, 47, 32, True, 0, 0, False),  # 7.5 rounds to 8
+        (200, 150, 64, True, 0, 0, False),
+        (150, 200, 64, True, 0, 0, True),
+        (97, 61, 32, True, 0, 0, False),
+        (23, 17, 32, True, 0, 0, False),
+        (40, 30, 64, False, 13, 0, True),
+        (300, 71, 32, False, 90, 0, False),
+        (513, 512, 64, True, 0, 0, False),
+    ]
+    meta, expected = [], {}
+    for i, (w, h, res, center, left, top, flip) in enumerate(cases):
+        name = f"case{i}.png"
+        noise = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(os.path.join(out, name))
+        pixels, x, left, top = pipeline(Image.open(os.path.join(out, name)).convert("RGB"), res, center, left, top, flip)
+        expected[f"{i}.pixels"] = pixels
+        expected[f"{i}.tensor"] = x
+        meta.append({"file": name, "resolution": res, "center_crop": center, "left": left, "top": top, "flip": flip,
+                     "resize_free": resized_size(w, h, res) == (w, h)})
+    save_file(expected, os.path.join(out, "expected.safetensors"))
+    with open(os.path.join(out, "cases.json"), "w") as f:
+        json.dump(meta, f)
+
+
+if __name__ == "__main__":
+    {"formats": formats, "transform": transform}[sys.argv[1]](sys.argv[2])
