@@ -195,6 +195,33 @@ fn inspect_model_counts_match_diffusers() {
 }
 
 #[test]
+fn inspect_sd2_style_pipeline() {
+    // every non-default option of make_pipeline.py, as later tests use them
+    let tmp = common::tempdir();
+    let dir = tmp.path().join("pipe");
+    let expect = tmp.path().join("expect.json");
+    run_reference(
+        "make_pipeline.py",
+        &[dir.to_str().unwrap(), "--prediction-type", "v_prediction", "--linear-projection", "--upcast-attention",
+          "--scheduler", "ddim", "--hidden-act", "gelu", "--pad-token", "!", "--stages", "4", "--legacy-vae-names",
+          "--expect", expect.to_str().unwrap()],
+    );
+    let expect: Value = serde_json::from_str(&std::fs::read_to_string(&expect).unwrap()).unwrap();
+    let out = sdkd(&["inspect", "--model", dir.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for part in ["unet", "vae", "text_encoder"] {
+        assert_eq!(got[part]["params"], expect[part]["params"], "{part} params");
+    }
+    assert_eq!(got["tokenizer"]["pad_token_id"], expect["tokenizer"]["pad_token_id"]);
+    assert_eq!(got["tokenizer"]["pad_token"], "!");
+    assert_eq!(got["text_encoder"]["hidden_act"], "gelu");
+    assert_eq!(got["unet"]["config"]["use_linear_projection"], true);
+    assert_eq!(got["scheduler"]["class"], "DDIMScheduler");
+    assert_eq!(got["scheduler"]["prediction_type"], "v_prediction");
+}
+
+#[test]
 fn pipeline_dir_loads_every_part() {
     let (dir, expect) = pipeline();
     let p = PipelineDir::open(dir).unwrap();

@@ -176,15 +176,16 @@ pub fn describe_pipeline(dir: &std::path::Path) -> Result<Value> {
 pub fn format_pipeline(dir: &std::path::Path, d: &Value) -> String {
     let row = |part: &str, v: &Value, what: String| format!("{part:<14} {:<24} {what}\n", v["class"].as_str().unwrap_or(""));
     let params = |v: &Value| format!("{:>14} params", group_digits(v["params"].as_i64().unwrap_or(0)));
+    let text = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_string);
     let t = &d["tokenizer"];
     let s = &d["scheduler"];
     let mut out = format!("pipeline: {}\n", dir.display());
     out += &row("unet", &d["unet"], params(&d["unet"]));
     out += &row("vae", &d["vae"], params(&d["vae"]));
     out += &row("text_encoder", &d["text_encoder"], params(&d["text_encoder"]));
-    out += &row("tokenizer", t, format!("vocab {}, max length {}, pad {}", t["vocab_size"], t["model_max_length"], t["pad_token"]));
-    out += &row("scheduler", s, format!("{} train steps, {} betas {}..{}, {}", s["num_train_timesteps"], s["beta_schedule"],
-        s["beta_start"], s["beta_end"], s.get("prediction_type").unwrap_or(&json!("epsilon"))));
+    out += &row("tokenizer", t, format!("vocab {}, max length {}, pad {:?}", t["vocab_size"], t["model_max_length"], text(&t["pad_token"])));
+    out += &row("scheduler", s, format!("{} train steps, {} betas {}..{}, {}", s["num_train_timesteps"], text(&s["beta_schedule"]),
+        s["beta_start"], s["beta_end"], text(s.get("prediction_type").unwrap_or(&json!("epsilon")))));
     let total: i64 = ["unet", "vae", "text_encoder"].iter().map(|k| d[*k]["params"].as_i64().unwrap_or(0)).sum();
     out += &format!("{:<14} {:<24} {:>14} params\n", "total", "", group_digits(total));
     out
