@@ -114,6 +114,7 @@ impl Progress {
     pub fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {
             bar.finish();
+            eprintln!(); // indicatif leaves the cursor at the end of the finished bar
         }
         let _ = self.out.flush();
     }
