@@ -513,7 +513,7 @@ impl RunConfig {
                 "data: set data.path (an image folder) or data.cache (a `sdkd preprocess` output)".to_string(),
             ));
         }
-        if d.resolution == 0 || d.resolution % 8 != 0 {
+        if d.resolution == 0 || !d.resolution.is_multiple_of(8) {
             return Err(invalid(
                 "data.resolution",
                 format!(
