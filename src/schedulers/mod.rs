@@ -16,10 +16,12 @@
 //! let mut latents = randn(&[b, 4, h / 8, w / 8], Kind::Float, device) * sampler.init_noise_sigma();
 //! for i in 0..sampler.num_inference_steps() {
 //!     let x = sampler.scale_model_input(&latents, i);     // (doubled for CFG)
-//!     let eps = unet(&x, sampler.timesteps()[i], ...);
+//!     let eps = unet(&x, &sampler.timestep_tensor(i, device), ...);   // then guidance
 //!     latents = sampler.step(&eps, i, &latents);          // DDPM / Euler-a draw their noise here
 //! }
 //! ```
+//!
+//! Nothing else may draw from LibTorch's CPU generator between the seed and the end of the loop.
 pub mod config;
 pub mod ddim;
 pub mod ddpm;
