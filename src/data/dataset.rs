@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tch::Tensor;
 
 /// What to do with a sample that cannot be used (`data.on_bad_sample`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OnBadSample {
     /// Warn, count, and fill the batch from the next samples.
