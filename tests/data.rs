@@ -589,8 +589,9 @@ fn cache_resume_keeps_finished_shards() {
     let report = build_cache(ds, &idle, &dir, &opts).unwrap();
     assert_eq!((report.shards_kept, report.shards_written, idle.samples.get()), (4, 0, 0));
 
-    // A recorded shard that was damaged later is redone.
-    std::fs::write(dir.join("shard-00001.safetensors"), b"damaged").unwrap();
+    // A recorded shard that was damaged later (truncated: header intact, data short) is redone.
+    let len = std::fs::metadata(dir.join("shard-00001.safetensors")).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(dir.join("shard-00001.safetensors")).unwrap().set_len(len - 100).unwrap();
     let fix = ToyEncoder::new();
     let ds = Arc::new(ImageFolder::open(d.path()).unwrap());
     let report = build_cache(ds, &fix, &dir, &opts).unwrap();
@@ -606,6 +607,9 @@ fn cache_refuses_foreign_folders_and_changed_datasets() {
     let e = build_cache(ds.clone(), &ToyEncoder::new(), out.path(), &cache_opts(16)).unwrap_err().to_string();
     assert!(e.contains("not a latent cache"), "{e}");
     let dir = out.path().join("c");
+    // A crash in the very first shard leaves a cache that can be resumed.
+    assert!(build_cache(ds.clone(), &ToyEncoder::failing_after(0), &dir, &cache_opts(16)).is_err());
+    assert_eq!(CacheIndex::read(&dir).unwrap().shards, vec![]);
     build_cache(ds, &ToyEncoder::new(), &dir, &cache_opts(16)).unwrap();
     // Another caption in the dataset: the fingerprint no longer matches.
     let meta = std::fs::read_to_string(d.path().join("metadata.jsonl")).unwrap().replacen("\"text\":\"", "\"text\":\"changed ", 1);
