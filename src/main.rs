@@ -16,8 +16,12 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Build a student from a teacher UNet, copy the teacher's weights, write a diffusers folder.
     Prune(commands::prune::PruneArgs),
+    /// Distil (or train from scratch) a student from a run YAML; resumable.
+    Train(commands::train::TrainArgs),
     /// Write the built-in synthetic image-caption dataset (imagefolder layout).
     Synth(commands::synth::SynthArgs),
+    /// Encode a dataset once (VAE latents, text embeddings) into a cache `train` can read.
+    Preprocess(commands::preprocess::PreprocessArgs),
 }
 
 fn main() {
@@ -25,7 +29,9 @@ fn main() {
     let result = match &cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Prune(a) => commands::prune::run(a),
+        Command::Train(a) => commands::train::run(a),
         Command::Synth(a) => commands::synth::run(a),
+        Command::Preprocess(a) => commands::preprocess::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -4,3 +4,4 @@ pub mod inspect;
 pub mod preprocess;
 pub mod prune;
 pub mod synth;
+pub mod train;
