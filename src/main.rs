@@ -18,6 +18,8 @@ enum Command {
     Prune(commands::prune::PruneArgs),
     /// Distil (or train from scratch) a student from a run YAML; resumable.
     Train(commands::train::TrainArgs),
+    /// Write a checkpoint as a diffusers UNet folder or a whole pipeline folder.
+    Export(commands::export::ExportArgs),
     /// Write the built-in synthetic image-caption dataset (imagefolder layout).
     Synth(commands::synth::SynthArgs),
     /// Encode a dataset once (VAE latents, text embeddings) into a cache `train` can read.
@@ -49,6 +51,7 @@ fn main() {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Prune(a) => commands::prune::run(a),
         Command::Train(a) => commands::train::run(a),
+        Command::Export(a) => commands::export::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Preprocess(a) => commands::preprocess::run(a),
     };
