@@ -11,7 +11,7 @@ build: setup
 	$(CARGO) build --release
 
 test: build
-	$(CARGO) test --release -- --test-threads=1
+	$(CARGO) test --release
 
 demo: build
 	target/release/sdkd demo --out demo-out
