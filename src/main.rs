@@ -16,6 +16,8 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Build a student from a teacher UNet, copy the teacher's weights, write a diffusers folder.
     Prune(commands::prune::PruneArgs),
+    /// Text to image with a pipeline folder (and optionally a student UNet); writes PNGs.
+    Generate(commands::generate::GenerateArgs),
     /// Write the built-in synthetic image-caption dataset (imagefolder layout).
     Synth(commands::synth::SynthArgs),
 }
@@ -26,6 +28,7 @@ fn main() {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Prune(a) => commands::prune::run(a),
         Command::Synth(a) => commands::synth::run(a),
+        Command::Generate(a) => commands::generate::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

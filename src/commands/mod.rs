@@ -1,5 +1,6 @@
 //! One module per `sdkd` subcommand: its clap arguments and what it does. `main.rs` only parses
 //! and reports.
+pub mod generate;
 pub mod inspect;
 pub mod prune;
 pub mod synth;
