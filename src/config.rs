@@ -72,15 +72,7 @@ pub struct DataConfig {
     pub on_bad_sample: OnBadSample,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnBadSample {
-    /// Warn, count (logs and TensorBoard) and go on.
-    #[default]
-    Skip,
-    /// Stop the run with an error naming the sample.
-    Fail,
-}
+pub use crate::data::OnBadSample;
 
 /// λ weights of `loss = task + output_kd + Σ feature_kd` (anchors.md, "The loss").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -513,7 +505,7 @@ impl RunConfig {
                 "data: set data.path (an image folder) or data.cache (a `sdkd preprocess` output)".to_string(),
             ));
         }
-        if d.resolution == 0 || d.resolution % 8 != 0 {
+        if d.resolution == 0 || !d.resolution.is_multiple_of(8) {
             return Err(invalid(
                 "data.resolution",
                 format!(

@@ -16,10 +16,14 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Build a student from a teacher UNet, copy the teacher's weights, write a diffusers folder.
     Prune(commands::prune::PruneArgs),
+    /// Distil (or train from scratch) a student from a run YAML; resumable.
+    Train(commands::train::TrainArgs),
     /// Text to image with a pipeline folder (and optionally a student UNet); writes PNGs.
     Generate(commands::generate::GenerateArgs),
     /// Write the built-in synthetic image-caption dataset (imagefolder layout).
     Synth(commands::synth::SynthArgs),
+    /// Encode a dataset once (VAE latents, text embeddings) into a cache `train` can read.
+    Preprocess(commands::preprocess::PreprocessArgs),
 }
 
 fn main() {
@@ -27,8 +31,10 @@ fn main() {
     let result = match &cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Prune(a) => commands::prune::run(a),
+        Command::Train(a) => commands::train::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Generate(a) => commands::generate::run(a),
+        Command::Preprocess(a) => commands::preprocess::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -181,8 +181,7 @@ pub fn generate_with(
     for i in 0..total {
         let input = if cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
         let input = sampler.scale_model_input(&input, i);
-        // diffusers' timesteps are int64 (float32 for Euler); the UNet embeds them as float32
-        let t = Tensor::from(sampler.timesteps()[i] as f32).to_device(device);
+        let t = sampler.timestep_tensor(i, device);
         let pred = unet.predict(&input.to_kind(unet_kind), &t, &context).to_kind(Kind::Float);
         let pred = if cfg {
             let halves = pred.chunk(2, 0);

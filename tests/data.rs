@@ -589,8 +589,9 @@ fn cache_resume_keeps_finished_shards() {
     let report = build_cache(ds, &idle, &dir, &opts).unwrap();
     assert_eq!((report.shards_kept, report.shards_written, idle.samples.get()), (4, 0, 0));
 
-    // A recorded shard that was damaged later is redone.
-    std::fs::write(dir.join("shard-00001.safetensors"), b"damaged").unwrap();
+    // A recorded shard that was damaged later (truncated: header intact, data short) is redone.
+    let len = std::fs::metadata(dir.join("shard-00001.safetensors")).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(dir.join("shard-00001.safetensors")).unwrap().set_len(len - 100).unwrap();
     let fix = ToyEncoder::new();
     let ds = Arc::new(ImageFolder::open(d.path()).unwrap());
     let report = build_cache(ds, &fix, &dir, &opts).unwrap();
@@ -606,6 +607,9 @@ fn cache_refuses_foreign_folders_and_changed_datasets() {
     let e = build_cache(ds.clone(), &ToyEncoder::new(), out.path(), &cache_opts(16)).unwrap_err().to_string();
     assert!(e.contains("not a latent cache"), "{e}");
     let dir = out.path().join("c");
+    // A crash in the very first shard leaves a cache that can be resumed.
+    assert!(build_cache(ds.clone(), &ToyEncoder::failing_after(0), &dir, &cache_opts(16)).is_err());
+    assert_eq!(CacheIndex::read(&dir).unwrap().shards, vec![]);
     build_cache(ds, &ToyEncoder::new(), &dir, &cache_opts(16)).unwrap();
     // Another caption in the dataset: the fingerprint no longer matches.
     let meta = std::fs::read_to_string(d.path().join("metadata.jsonl")).unwrap().replacen("\"text\":\"", "\"text\":\"changed ", 1);
@@ -613,4 +617,58 @@ fn cache_refuses_foreign_folders_and_changed_datasets() {
     let ds = Arc::new(ImageFolder::open(d.path()).unwrap());
     let e = build_cache(ds, &ToyEncoder::new(), &dir, &cache_opts(16)).unwrap_err().to_string();
     assert!(e.contains("fingerprint"), "{e}");
+}
+
+#[test]
+fn prefetch_keeps_a_slower_consumer_from_waiting() {
+    let d = tempdir();
+    write_dataset(d.path(), 64, 0, 32).unwrap();
+    let src = image_source(d.path(), transform(32, false, true), 0);
+    let opts = LoaderOptions { prefetch: 2, threads: 1, ..LoaderOptions::shuffled(8, 0) };
+    let mut l = Loader::new(src, opts, Cursor::default()).unwrap();
+    l.next_batch().unwrap();
+    let after_first = l.stats().wait;
+    for _ in 0..8 {
+        // A "training step" far slower than decoding 8 tiny PNGs.
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        l.next_batch().unwrap();
+    }
+    let waited = l.stats().wait - after_first;
+    println!("waited {waited:?} over 8 steps");
+    assert!(waited < std::time::Duration::from_millis(40), "the consumer waited {waited:?} for ready batches");
+}
+
+#[test]
+fn preprocess_command_builds_and_resumes_a_cache() {
+    use sdkd::commands::preprocess::{run_with, PreprocessArgs};
+    let (d, out) = (tempdir(), tempdir());
+    cache_dataset(d.path(), 12);
+    let mut args = PreprocessArgs {
+        teacher: "unused-by-the-toy-encoder".into(),
+        data: d.path().into(),
+        resolution: 16,
+        out: out.path().join("c"),
+        center_crop: true,
+        random_flip: false,
+        seed: 0,
+        shard_size: 5,
+        batch_size: 4,
+        on_bad_sample: OnBadSample::Skip,
+        threads: 1,
+    };
+    let enc = ToyEncoder::new();
+    run_with(&args, &enc).unwrap();
+    assert_eq!(enc.samples.get(), 11); // 12 samples, 000005.png corrupt
+    let again = ToyEncoder::new();
+    run_with(&args, &again).unwrap();
+    assert_eq!(again.samples.get(), 0, "a finished cache is kept whole");
+    assert_eq!(LatentCache::open(&args.out).unwrap().len(), 11);
+
+    args.on_bad_sample = OnBadSample::Fail;
+    args.out = out.path().join("strict");
+    let e = run_with(&args, &ToyEncoder::new()).unwrap_err().to_string();
+    assert!(e.contains("000005.png"), "{e}");
+    args.resolution = 12;
+    let e = run_with(&args, &ToyEncoder::new()).unwrap_err().to_string();
+    assert!(e.contains("--resolution 12"), "{e}");
 }

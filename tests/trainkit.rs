@@ -42,7 +42,7 @@ fn run(r: &mut Replay, refs: &BTreeMap<String, Tensor>, range: std::ops::Range<u
         let mut loss = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
         for (name, p) in &r.params {
             if let Some(g) = refs.get(&format!("grad.{name}")) {
-                loss = loss + (p * g.get(t as i64)).sum(Kind::Float);
+                loss += (p * g.get(t as i64)).sum(Kind::Float);
             }
         }
         loss.backward();
@@ -231,4 +231,101 @@ fn tensorboard_events_read_by_event_accumulator() {
     );
     let decoded: Vec<u64> = image["pixels"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     assert_eq!(decoded, [255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 255, 0, 0, 0, 128, 128, 128].map(|v| v as u64));
+}
+
+/// The child half of `checkpoints_survive_kill_9`: writes checkpoints of a few MB in a loop until
+/// killed. Does nothing unless the parent test sets SDKD_TEST_CKPT_LOOP.
+#[test]
+#[ignore = "helper process of checkpoints_survive_kill_9"]
+fn checkpoint_writer_loop() {
+    use sdkd::distill::checkpoint::{CheckpointWriter, StateMeta, TrainState};
+    let Ok(out) = std::env::var("SDKD_TEST_CKPT_LOOP") else { return };
+    let first: u64 = std::env::var("SDKD_TEST_CKPT_FIRST").unwrap().parse().unwrap();
+    let w = CheckpointWriter::new(std::path::Path::new(&out), 2);
+    for step in first.. {
+        let t = |v: f64| Tensor::full([256, 1024], v, (Kind::Float, tch::Device::Cpu));
+        let state = TrainState {
+            meta: StateMeta {
+                step,
+                epoch: 0,
+                data_cursor: serde_json::json!(step),
+                seed: 0,
+                config_hash: "h".into(),
+                config: serde_json::Value::Null,
+                sdkd_version: "test".into(),
+            },
+            unet_config: serde_json::json!({"step": step}),
+            student: vec![("w".into(), t(step as f64))],
+            ema: Some(vec![("w".into(), t(-(step as f64)))]),
+            optimizer: vec![("exp_avg.w".into(), t(0.5 * step as f64))],
+        };
+        w.write(&state).unwrap();
+    }
+}
+
+/// The step of the newest complete checkpoint (None also while the writer is pruning it).
+fn newest_step(out: &std::path::Path) -> Option<u64> {
+    use sdkd::distill::checkpoint::{latest, Checkpoint};
+    latest(out).ok().flatten().and_then(|p| Checkpoint::open(&p).ok()).map(|c| c.meta.step)
+}
+
+/// kill -9 at arbitrary moments of checkpoint writing: the newest complete checkpoint is always
+/// loadable and self-consistent, and a restarted writer cleans what the killed one left.
+#[test]
+fn checkpoints_survive_kill_9() {
+    use sdkd::distill::checkpoint::{latest, Checkpoint};
+    let out = tempdir();
+    let mut next = 1u64;
+    for round in 0..6u64 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "checkpoint_writer_loop", "--test-threads=1"])
+            .env("SDKD_TEST_CKPT_LOOP", out.path())
+            .env("SDKD_TEST_CKPT_FIRST", next.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait for a checkpoint of this round, then kill after a varying delay.
+        let t0 = std::time::Instant::now();
+        while newest_step(out.path()).is_none_or(|s| s < next) {
+            assert!(t0.elapsed().as_secs() < 60, "writer made no checkpoint");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(7 + 23 * round));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let dir = latest(out.path()).unwrap().expect("a complete checkpoint survives");
+        let c = Checkpoint::open(&dir).unwrap();
+        let s = c.read_state().unwrap();
+        let step = c.meta.step as f64;
+        assert_eq!(s.student[0].1.double_value(&[255, 1023]), step);
+        assert_eq!(s.ema.as_ref().unwrap()[0].1.double_value(&[0, 0]), -step);
+        assert_eq!(s.optimizer[0].1.double_value(&[7, 7]), 0.5 * step);
+        assert_eq!(c.unet_config["step"].as_u64(), Some(c.meta.step));
+        next = c.meta.step + 1;
+    }
+    // One more writer run: it cleans the killed writers' temporary folders.
+    let stale: Vec<String> = std::fs::read_dir(out.path().join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    eprintln!("after 6 kills: {next} steps written, stale folders left by the kills: {stale:?}");
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "checkpoint_writer_loop", "--test-threads=1"])
+        .env("SDKD_TEST_CKPT_LOOP", out.path())
+        .env("SDKD_TEST_CKPT_FIRST", next.to_string())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while newest_step(out.path()).is_none_or(|s| s <= next) {
+        assert!(t0.elapsed().as_secs() < 60, "writer made no checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for name in &stale {
+        assert!(!out.path().join("checkpoints").join(name).exists(), "{name} was not cleaned");
+    }
 }

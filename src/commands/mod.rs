@@ -2,5 +2,7 @@
 //! and reports.
 pub mod generate;
 pub mod inspect;
+pub mod preprocess;
 pub mod prune;
 pub mod synth;
+pub mod train;

@@ -169,12 +169,16 @@ fn shard_name(k: usize) -> String {
     format!("shard-{k:05}.safetensors")
 }
 
-/// Whether a recorded shard is really there: its file parses and holds `rows` rows.
+/// Whether a recorded shard is really there: its header parses, matches the file's length, and
+/// says `rows` rows (only the header is read, not the tensors).
 fn shard_intact(dir: &Path, entry: &ShardEntry) -> bool {
     let Some(file) = &entry.file else { return entry.rows == 0 };
-    let Ok(bytes) = std::fs::read(dir.join(file)) else { return false };
-    let Ok(st) = SafeTensors::deserialize(&bytes) else { return false };
-    st.tensor("sample_ids").map(|v| v.shape().first() == Some(&entry.rows)).unwrap_or(false)
+    let Ok(f) = std::fs::File::open(dir.join(file)) else { return false };
+    // SAFETY: read-only mapping, only the header pages are touched.
+    let Ok(mmap) = (unsafe { memmap2::Mmap::map(&f) }) else { return false };
+    let Ok((_, meta)) = SafeTensors::read_metadata(&mmap) else { return false };
+    let rows_ok = meta.info("sample_ids").is_some_and(|i| i.shape == [entry.rows]);
+    rows_ok && meta.metadata().as_ref().is_some_and(|m| m.contains_key(ROWS_KEY))
 }
 
 /// Encodes `dataset` into the cache folder `out`, keeping shards an earlier run finished.
@@ -216,15 +220,22 @@ pub fn build_cache(dataset: Arc<ImageFolder>, encoder: &dyn SampleEncoder, out: 
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
 
     let num_shards = n.div_ceil(opts.shard_size);
+    let bounds = |k: usize| (k * opts.shard_size, ((k + 1) * opts.shard_size).min(n));
     let mut report = CacheReport { shards: num_shards, ..Default::default() };
-    let source = Arc::new(ImageSource::new(dataset.clone(), opts.transform, opts.seed));
+    let mut todo = vec![];
     for k in 0..num_shards {
-        let (start, end) = (k * opts.shard_size, ((k + 1) * opts.shard_size).min(n));
-        if let Some(e) = kept.remove(&start).filter(|e| e.end == end) {
-            index.shards.push(e);
-            report.shards_kept += 1;
-            continue;
+        let (start, end) = bounds(k);
+        match kept.remove(&start).filter(|e| e.end == end) {
+            Some(e) => index.shards.push(e),
+            None => todo.push(k),
         }
+    }
+    report.shards_kept = index.shards.len();
+    // Written before any encoding, so a run that dies in its first shard can still be resumed.
+    index.write(out)?;
+    let source = Arc::new(ImageSource::new(dataset.clone(), opts.transform, opts.seed));
+    for k in todo {
+        let (start, end) = bounds(k);
         let entry = encode_shard(source.clone(), encoder, out, k, start, end, opts)?;
         index.shards.push(entry);
         index.shards.sort_by_key(|e| e.start);

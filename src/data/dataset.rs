@@ -4,6 +4,10 @@
 //! folder (recursively, in path order) is a sample whose caption is the `.txt` file of the same
 //! stem beside it.
 //!
+//! Images are decoded by their content (not their extension), converted to 8-bit RGB (alpha
+//! dropped, grey replicated, palettes expanded, as Pillow's `convert("RGB")`); EXIF orientation is
+//! not applied, the pixels are used as stored.
+//!
 //! Opening a dataset reads only the metadata: a malformed line is an error naming `file:line`.
 //! Images are read when a sample is loaded, so a missing, empty or corrupt image, or an empty
 //! caption, surfaces as a [`BadSample`] that the loader skips (and counts) or fails on, according
@@ -19,7 +23,7 @@ use std::sync::Arc;
 use tch::Tensor;
 
 /// What to do with a sample that cannot be used (`data.on_bad_sample`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OnBadSample {
     /// Warn, count, and fill the batch from the next samples.
@@ -323,12 +327,14 @@ fn read_sidecars(root: &Path) -> Result<Vec<Sample>> {
     while let Some(dir) = stack.pop() {
         let entries = std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))?;
         for entry in entries {
-            let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+            let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+            let path = entry.path();
             let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
             if hidden {
                 continue;
             }
-            if path.is_dir() {
+            // file_type does not follow symlinks: a linked folder is not entered (no loops).
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 stack.push(path);
             } else if path
                 .extension()

@@ -182,7 +182,9 @@ impl<S: SampleSource> BatchStream<S> {
         if items.is_empty() {
             return Ok(None);
         }
-        let data = self.source.collate(items)?;
+        // Collate on the decode threads too, so `threads` bounds all the CPU the loader uses.
+        let source = &self.source;
+        let data = self.pool.install(|| source.collate(items))?;
         Ok(Some(Batch { data, indices, epochs, start, next: self.cursor, skipped }))
     }
 }

@@ -20,6 +20,8 @@ pub enum Stream {
     CropY = 3,
     Flip = 4,
     Synth = 5,
+    /// The trainer's per-step draws: latent samples, noise, timesteps, student init.
+    Noise = 6,
 }
 
 /// A 64-bit value that depends only on (seed, stream, a, b).

@@ -12,7 +12,8 @@
 use super::order::{below, hash, Stream};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
-use tch::Tensor;
+use rayon::prelude::*;
+use tch::{Device, Kind, Tensor};
 
 /// Resize, crop and flip options (the `data.resolution`, `data.center_crop` and
 /// `data.random_flip` keys of the run config).
@@ -157,61 +158,68 @@ pub fn resize_crop(img: &RgbImage, size: (u32, u32), offset: (u32, u32), crop: (
     };
 
     // Horizontal pass: rows y0..y1, only the crop's columns.
-    let mut mid = vec![0u8; (y1 - y0) * cw * 3];
+    let row_len = cw * 3;
+    let mut mid = vec![0u8; (y1 - y0) * row_len];
     if out_w != in_w {
         let htaps = Taps::bilinear(in_w, out_w);
-        for y in y0..y1 {
+        let taps: Vec<(usize, &[i32])> = (0..cw).map(|c| htaps.taps(left + c)).collect();
+        for (y, dst) in (y0..y1).zip(mid.chunks_exact_mut(row_len)) {
             let row = &src[y * in_w as usize * 3..(y + 1) * in_w as usize * 3];
-            for c in 0..cw {
-                let (x0, k) = htaps.taps(left + c);
+            for (d, &(x0, k)) in dst.chunks_exact_mut(3).zip(&taps) {
                 let mut s = [round; 3];
-                for (j, &kj) in k.iter().enumerate() {
-                    let p = &row[(x0 + j) * 3..(x0 + j) * 3 + 3];
-                    for ch in 0..3 {
-                        s[ch] += p[ch] as i32 * kj;
-                    }
+                for (p, &kj) in row[x0 * 3..].chunks_exact(3).zip(k) {
+                    s[0] += p[0] as i32 * kj;
+                    s[1] += p[1] as i32 * kj;
+                    s[2] += p[2] as i32 * kj;
                 }
-                let o = ((y - y0) * cw + c) * 3;
-                for ch in 0..3 {
-                    mid[o + ch] = clip8(s[ch]);
-                }
+                d[0] = clip8(s[0]);
+                d[1] = clip8(s[1]);
+                d[2] = clip8(s[2]);
             }
         }
     } else {
-        for y in y0..y1 {
+        for (y, dst) in (y0..y1).zip(mid.chunks_exact_mut(row_len)) {
             let s = (y * in_w as usize + left) * 3;
-            mid[(y - y0) * cw * 3..(y - y0 + 1) * cw * 3].copy_from_slice(&src[s..s + cw * 3]);
+            dst.copy_from_slice(&src[s..s + row_len]);
         }
     }
 
-    // Vertical pass over the crop's rows, writing mirrored columns when flipping.
-    let mut out = vec![0u8; ch * cw * 3];
-    for r in 0..ch {
-        for c in 0..cw {
-            let oc = if flip { cw - 1 - c } else { c };
-            let o = (r * cw + oc) * 3;
-            match &vtaps {
-                Some(t) => {
-                    let (ya, k) = t.taps(top + r);
-                    let mut s = [round; 3];
-                    for (j, &kj) in k.iter().enumerate() {
-                        let p = ((ya + j - y0) * cw + c) * 3;
-                        for ch in 0..3 {
-                            s[ch] += mid[p + ch] as i32 * kj;
-                        }
-                    }
-                    for ch in 0..3 {
-                        out[o + ch] = clip8(s[ch]);
+    // Vertical pass, a whole row at a time (integer sums: the order does not change them).
+    let mut out = vec![0u8; ch * row_len];
+    let mut acc = vec![0i32; row_len];
+    for (r, dst) in out.chunks_exact_mut(row_len).enumerate() {
+        match &vtaps {
+            Some(t) => {
+                let (ya, k) = t.taps(top + r);
+                acc.fill(round);
+                for (j, &kj) in k.iter().enumerate() {
+                    let m = &mid[(ya + j - y0) * row_len..(ya + j - y0 + 1) * row_len];
+                    for (a, &v) in acc.iter_mut().zip(m) {
+                        *a += v as i32 * kj;
                     }
                 }
-                None => {
-                    let p = (r * cw + c) * 3;
-                    out[o..o + 3].copy_from_slice(&mid[p..p + 3]);
+                for (d, &a) in dst.iter_mut().zip(&acc) {
+                    *d = clip8(a);
                 }
             }
+            None => dst.copy_from_slice(&mid[r * row_len..(r + 1) * row_len]),
+        }
+        if flip {
+            flip_row(dst);
         }
     }
     out
+}
+
+/// Mirrors one row of RGB pixels in place.
+fn flip_row(row: &mut [u8]) {
+    let n = row.len() / 3;
+    for i in 0..n / 2 {
+        let j = n - 1 - i;
+        for c in 0..3 {
+            row.swap(i * 3 + c, j * 3 + c);
+        }
+    }
 }
 
 /// `ToTensor()` then `Normalize([0.5], [0.5])` of one byte, in f32 as torchvision computes it.
@@ -224,16 +232,22 @@ pub fn to_tensor(pixels: &[u8], n: usize, res: usize) -> Tensor {
     assert_eq!(pixels.len(), n * res * res * 3, "pixel buffer does not hold {n} images of {res}x{res}");
     let lut: Vec<f32> = (0..=255u8).map(normalize).collect();
     let plane = res * res;
-    let mut out = vec![0f32; n * 3 * plane];
-    use rayon::prelude::*;
-    out.par_chunks_mut(3 * plane).zip(pixels.par_chunks(3 * plane)).for_each(|(dst, src)| {
-        for (i, p) in src.chunks_exact(3).enumerate() {
-            for c in 0..3 {
-                dst[c * plane + i] = lut[p[c] as usize];
-            }
+    let out = Tensor::empty([n as i64, 3, res as i64, res as i64], (Kind::Float, Device::Cpu));
+    if n * plane == 0 {
+        return out;
+    }
+    // SAFETY: `out` is a fresh, contiguous CPU f32 tensor of exactly n * 3 * plane elements that
+    // nothing else references yet; every element is written below before it is returned. Writing
+    // in place saves a zero-filled staging buffer and a copy (a 512px batch of 64 is 200 MB).
+    let dst = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n * 3 * plane) };
+    dst.par_chunks_mut(plane).enumerate().for_each(|(k, dst)| {
+        let (img, c) = (k / 3, k % 3);
+        let src = &pixels[img * 3 * plane..(img + 1) * 3 * plane];
+        for (d, p) in dst.iter_mut().zip(src.chunks_exact(3)) {
+            *d = lut[p[c] as usize];
         }
     });
-    Tensor::from_slice(&out).view([n as i64, 3, res as i64, res as i64])
+    out
 }
 
 #[cfg(test)]

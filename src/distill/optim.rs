@@ -441,7 +441,7 @@ mod tests {
     fn ema_follows_the_formula() {
         let p = Tensor::from_slice(&[1.0f32, 2.0]);
         let mut ema = Ema::new(vec![("w".into(), p.shallow_clone())], 0.75).unwrap();
-        let _ = tch::no_grad(|| p.shallow_clone().copy_(&Tensor::from_slice(&[5.0f32, 6.0])));
+        tch::no_grad(|| p.shallow_clone().copy_(&Tensor::from_slice(&[5.0f32, 6.0])));
         ema.update().unwrap();
         let s = Vec::<f32>::try_from(&ema.state_tensors()[0].1).unwrap();
         assert_eq!(s, vec![2.0, 3.0]); // 0.75·1 + 0.25·5, 0.75·2 + 0.25·6

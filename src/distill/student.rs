@@ -203,6 +203,37 @@ impl StudentPlan {
         Ok(())
     }
 
+    /// A student whose architecture is given outright (a UNet config, e.g. to train a teacher from
+    /// scratch): every tensor whose name and shape the teacher shares is copied from it, and only
+    /// the output is distilled (block correspondences are unknown).
+    pub fn explicit(config: UNetConfig, teacher: Option<&UNetConfig>) -> StudentPlan {
+        let student = UNet::build(&config, tch::Device::Cpu, tch::Kind::Float, crate::models::Init::Empty);
+        let mut copy_map = BTreeMap::new();
+        if let Some(teacher) = teacher {
+            let t = UNet::build(teacher, tch::Device::Cpu, tch::Kind::Float, crate::models::Init::Empty);
+            let tv = t.vs.variables();
+            for (name, v) in student.vs.variables() {
+                if tv.get(&name).is_some_and(|tt| tt.size() == v.size()) {
+                    copy_map.insert(name.clone(), name);
+                }
+            }
+        }
+        let stages = (0..config.num_stages()).collect();
+        StudentPlan { name: "explicit".into(), config, stages, copy_map, feature_pairs: vec![] }
+    }
+
+    /// A preset, a spec YAML, or a UNet config (a `config.json` or a UNet folder) for `teacher`.
+    pub fn resolve(arg: &str, teacher: Option<&UNetConfig>) -> Result<StudentPlan> {
+        let path = Path::new(arg);
+        if path.is_dir() || arg.ends_with(".json") {
+            let config = UNetConfig::from_path(path)?;
+            return Ok(StudentPlan::explicit(config, teacher));
+        }
+        let teacher = teacher.ok_or_else(|| anyhow!("student {arg:?} is defined relative to a teacher, but the run has none"))?;
+        let spec = StudentSpec::resolve(arg, teacher)?;
+        StudentPlan::new(&spec, teacher)
+    }
+
     /// Inner feature names each side must compute for the pairs.
     pub fn inner_features(&self) -> (std::collections::BTreeSet<String>, std::collections::BTreeSet<String>) {
         let inner = |n: &String| n.contains(".attentions.") || n.contains(".resnets.");

@@ -246,9 +246,20 @@ fn quote_non_finite(text: &str) -> String {
 }
 
 impl SchedulerConfig {
-    /// Reads `scheduler_config.json`, or `<dir>/scheduler_config.json` when given a folder.
+    /// Reads `scheduler_config.json`: the file itself, `<dir>/scheduler_config.json`, or a
+    /// pipeline folder's `<dir>/scheduler/scheduler_config.json`.
     pub fn from_path(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { path.join("scheduler_config.json") } else { path.to_path_buf() };
+        let file = if path.is_dir() {
+            let direct = path.join("scheduler_config.json");
+            let nested = path.join("scheduler").join("scheduler_config.json");
+            if !direct.exists() && nested.exists() {
+                nested
+            } else {
+                direct
+            }
+        } else {
+            path.to_path_buf()
+        };
         let text =
             std::fs::read_to_string(&file).with_context(|| format!("reading scheduler config {}", file.display()))?;
         Self::from_json_str(&text).with_context(|| format!("scheduler config {}", file.display()))
@@ -376,8 +387,9 @@ impl SchedulerConfig {
             c.predict_x0 = boolean("predict_x0", v)?;
         }
         if let Some(v) = get("disable_corrector") {
-            let items =
-                v.as_array().ok_or_else(|| anyhow!("key \"disable_corrector\": expected a list of step indices, got {v}"))?;
+            let items = v
+                .as_array()
+                .ok_or_else(|| anyhow!("key \"disable_corrector\": expected a list of step indices, got {v}"))?;
             c.disable_corrector = items
                 .iter()
                 .map(|x| {
@@ -530,8 +542,24 @@ mod tests {
         // Euler reads neither key
         c.check_supported(SchedulerKind::Euler).unwrap();
         v["thresholding"] = json!(false);
-        let e = SchedulerConfig::from_json(&v).unwrap().check_supported(SchedulerKind::Dpmpp2m).unwrap_err().to_string();
+        let e =
+            SchedulerConfig::from_json(&v).unwrap().check_supported(SchedulerKind::Dpmpp2m).unwrap_err().to_string();
         assert!(e.contains("algorithm_type") && e.contains("sde-dpmsolver++"), "{e}");
+    }
+
+    #[test]
+    fn reads_files_folders_and_pipeline_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let sched = dir.path().join("scheduler");
+        std::fs::create_dir(&sched).unwrap();
+        std::fs::write(sched.join("scheduler_config.json"), r#"{"lambda_min_clipped": -Infinity, "steps_offset": 1}"#)
+            .unwrap();
+        for p in [dir.path().to_path_buf(), sched.clone(), sched.join("scheduler_config.json")] {
+            assert_eq!(SchedulerConfig::from_path(&p).unwrap().steps_offset, 1);
+        }
+        std::fs::write(sched.join("scheduler_config.json"), "{").unwrap();
+        let e = format!("{:#}", SchedulerConfig::from_path(&sched).unwrap_err());
+        assert!(e.contains("scheduler_config.json"), "{e}");
     }
 
     #[test]

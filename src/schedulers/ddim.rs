@@ -84,10 +84,9 @@ impl Sampler for Ddim {
                 let eps = div(&(&x - scale(&mo, a_t.sqrt())), beta_t.sqrt());
                 (mo.shallow_clone(), eps)
             }
-            PredictionType::VPrediction => (
-                scale(&x, a_t.sqrt()) - scale(&mo, beta_t.sqrt()),
-                scale(&mo, a_t.sqrt()) + scale(&x, beta_t.sqrt()),
-            ),
+            PredictionType::VPrediction => {
+                (scale(&x, a_t.sqrt()) - scale(&mo, beta_t.sqrt()), scale(&mo, a_t.sqrt()) + scale(&x, beta_t.sqrt()))
+            }
         };
         if let Some(r) = self.clip {
             x0 = x0.clamp(-(r as f64), r as f64);

@@ -95,7 +95,7 @@ impl Sampler for Ddpm {
                 VarianceType::FixedSmallLog => f32x::exp(0.5 * f32x::ln(var)),
                 VarianceType::FixedLarge => cur_beta.sqrt(),
             };
-            prev = prev + scale(&noise, std);
+            prev += scale(&noise, std);
         }
         prev.to_kind(kind)
     }

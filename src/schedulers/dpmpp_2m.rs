@@ -43,7 +43,8 @@ impl DpmSolverPP {
         let n = num_inference_steps;
         let table = schedule.sigmas();
         let spacing = c.spacing_or(TimestepSpacing::Linspace);
-        let mut timesteps = spaced_timesteps(Recipe::Multistep, spacing, schedule.num_train_timesteps(), n, c.steps_offset);
+        let mut timesteps =
+            spaced_timesteps(Recipe::Multistep, spacing, schedule.num_train_timesteps(), n, c.steps_offset);
         let mut sigmas: Vec<f64>;
         if c.use_karras_sigmas {
             let logs = log_sigmas(table);
@@ -136,6 +137,10 @@ impl Sampler for DpmSolverPP {
 
     fn timesteps(&self) -> &[f64] {
         &self.steps.timesteps
+    }
+
+    fn sigmas(&self) -> &[f32] {
+        &self.steps.sigmas
     }
 
     fn init_noise_sigma(&self) -> f64 {

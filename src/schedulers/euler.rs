@@ -85,6 +85,10 @@ impl Sampler for Euler {
         &self.steps.timesteps
     }
 
+    fn sigmas(&self) -> &[f32] {
+        &self.steps.sigmas
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         self.steps.init_noise_sigma as f64
     }

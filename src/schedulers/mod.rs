@@ -16,10 +16,12 @@
 //! let mut latents = randn(&[b, 4, h / 8, w / 8], Kind::Float, device) * sampler.init_noise_sigma();
 //! for i in 0..sampler.num_inference_steps() {
 //!     let x = sampler.scale_model_input(&latents, i);     // (doubled for CFG)
-//!     let eps = unet(&x, sampler.timesteps()[i], ...);
+//!     let eps = unet(&x, &sampler.timestep_tensor(i, device), ...);   // then guidance
 //!     latents = sampler.step(&eps, i, &latents);          // DDPM / Euler-a draw their noise here
 //! }
 //! ```
+//!
+//! Nothing else may draw from LibTorch's CPU generator between the seed and the end of the loop.
 pub mod config;
 pub mod ddim;
 pub mod ddpm;
@@ -30,7 +32,9 @@ pub mod noise_schedule;
 pub mod timesteps;
 pub mod unipc;
 
-pub use config::{BetaSchedule, FinalSigmas, PredictionType, SchedulerConfig, SolverType, TimestepSpacing, VarianceType};
+pub use config::{
+    BetaSchedule, FinalSigmas, PredictionType, SchedulerConfig, SolverType, TimestepSpacing, VarianceType,
+};
 pub use noise_schedule::NoiseSchedule;
 
 use anyhow::{bail, Result};
@@ -45,8 +49,20 @@ pub trait Sampler: Send {
     /// values for Euler (fractional with linspace spacing). Every value is exact in f32.
     fn timesteps(&self) -> &[f64];
 
+    /// The UNet's timestep at `step_index` as a 0-dim float32 tensor on `device` (exact: every
+    /// value is a float32; the UNet casts to float32 like diffusers).
+    fn timestep_tensor(&self, step_index: usize, device: Device) -> Tensor {
+        Tensor::from(self.timesteps()[step_index] as f32).to_device(device)
+    }
+
     fn num_inference_steps(&self) -> usize {
         self.timesteps().len()
+    }
+
+    /// σ at each step plus the final one (n + 1 float32 values) for the σ-based samplers (Euler,
+    /// Euler ancestral, DPM++, UniPC); empty for DDPM and DDIM.
+    fn sigmas(&self) -> &[f32] {
+        &[]
     }
 
     /// What the initial unit-variance noise is multiplied by.
@@ -121,7 +137,9 @@ impl SchedulerKind {
             SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(schedule, num_inference_steps)?),
             SchedulerKind::Ddim => Box::new(ddim::Ddim::new(schedule, num_inference_steps)?),
             SchedulerKind::Euler => Box::new(euler::Euler::new(schedule, num_inference_steps)?),
-            SchedulerKind::EulerAncestral => Box::new(euler_ancestral::EulerAncestral::new(schedule, num_inference_steps)?),
+            SchedulerKind::EulerAncestral => {
+                Box::new(euler_ancestral::EulerAncestral::new(schedule, num_inference_steps)?)
+            }
             SchedulerKind::Dpmpp2m => Box::new(dpmpp_2m::DpmSolverPP::new(schedule, num_inference_steps)?),
             SchedulerKind::Unipc => Box::new(unipc::UniPc::new(schedule, num_inference_steps)?),
         })
@@ -220,6 +238,25 @@ mod tests {
         assert_eq!((a, s), (1.0, 0.0));
         assert_eq!(f32x::lambda(a, s), f32::INFINITY);
         assert_eq!(f32x::expm1(-f32::INFINITY), -1.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "in order")]
+    fn steps_out_of_order_are_a_bug() {
+        let s = Arc::new(NoiseSchedule::new(SchedulerConfig::default()).unwrap());
+        let mut sampler = SchedulerKind::Unipc.build(&s, 10).unwrap();
+        let x = Tensor::zeros([1, 4, 2, 2], (Kind::Float, Device::Cpu));
+        let _ = sampler.step(&x, 1, &x);
+    }
+
+    #[test]
+    fn timestep_tensor_is_exact() {
+        let s = Arc::new(NoiseSchedule::new(SchedulerConfig::default()).unwrap());
+        let sampler = SchedulerKind::Euler.build(&s, 25).unwrap();
+        let t = sampler.timestep_tensor(1, Device::Cpu);
+        assert_eq!(t.dim(), 0);
+        assert_eq!(t.double_value(&[]), sampler.timesteps()[1]);
+        assert_ne!(sampler.timesteps()[1].fract(), 0.0, "linspace Euler timesteps are fractional");
     }
 
     #[test]

@@ -61,7 +61,7 @@ fn betas_f32(c: &SchedulerConfig) -> Vec<f32> {
 /// sqrt(alphas_cumprod) so that the last step has zero SNR. float32, in diffusers' operation order.
 fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
     let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-    let mut s: Vec<f32> = cumprod_f32(&alphas).iter().map(|a| a.sqrt()).collect();
+    let mut s = sqrt_f32(&cumprod_f32(&alphas));
     let (s0, st) = (s[0], s[s.len() - 1]);
     let scale = s0 / (s0 - st);
     s.iter_mut().for_each(|x| *x = (*x - st) * scale);
@@ -69,6 +69,12 @@ fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
     let mut out = vec![1.0 - ab[0]];
     out.extend(ab.windows(2).map(|w| 1.0 - w[1] / w[0]));
     out
+}
+
+/// Elementwise float32 square root through LibTorch: its CPU kernel (MKL's vector sqrt) is not
+/// always correctly rounded, and the tables must carry diffusers' exact values.
+fn sqrt_f32(x: &[f32]) -> Vec<f32> {
+    to_vec(&Tensor::from_slice(x).sqrt())
 }
 
 impl NoiseSchedule {
@@ -86,13 +92,14 @@ impl NoiseSchedule {
         if config.rescale_betas_zero_snr {
             *ac_sigma.last_mut().unwrap() = 2f32.powi(-24);
         }
-        let sigmas = ac_sigma.iter().map(|&a| ((1.0 - a) / a).sqrt() as f64).collect();
+        let snr_inv: Vec<f32> = ac_sigma.iter().map(|&a| (1.0 - a) / a).collect();
+        let one_minus: Vec<f32> = ac.iter().map(|&a| 1.0 - a).collect();
         Ok(NoiseSchedule {
             betas: betas.iter().map(|&b| b as f64).collect(),
             alphas_cumprod: ac.iter().map(|&a| a as f64).collect(),
-            sigmas,
-            sqrt_alphas_cumprod: ac.iter().map(|a| a.sqrt()).collect(),
-            sqrt_one_minus_alphas_cumprod: ac.iter().map(|a| (1.0 - a).sqrt()).collect(),
+            sigmas: sqrt_f32(&snr_inv).into_iter().map(f64::from).collect(),
+            sqrt_alphas_cumprod: sqrt_f32(&ac),
+            sqrt_one_minus_alphas_cumprod: sqrt_f32(&one_minus),
             config,
         })
     }
@@ -153,7 +160,13 @@ impl NoiseSchedule {
     }
 
     /// What a UNet of `prediction_type` should output for x_t = add_noise(x0, noise, t).
-    pub fn training_target(&self, prediction_type: PredictionType, x0: &Tensor, noise: &Tensor, timesteps: &Tensor) -> Tensor {
+    pub fn training_target(
+        &self,
+        prediction_type: PredictionType,
+        x0: &Tensor,
+        noise: &Tensor,
+        timesteps: &Tensor,
+    ) -> Tensor {
         match prediction_type {
             PredictionType::Epsilon => noise.shallow_clone(),
             PredictionType::VPrediction => self.velocity(x0, noise, timesteps),
@@ -186,7 +199,10 @@ mod tests {
 
     #[test]
     fn scaled_linear_ends() {
-        let s = NoiseSchedule::new(config(r#"{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#)).unwrap();
+        let s = NoiseSchedule::new(config(
+            r#"{"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}"#,
+        ))
+        .unwrap();
         assert!((s.betas()[0] - 0.00085).abs() < 1e-9);
         assert!((s.betas()[999] - 0.012).abs() < 1e-8);
         assert!(s.alphas_cumprod().windows(2).all(|w| w[1] < w[0]));

@@ -33,7 +33,7 @@ pub fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 /// numpy's fill, `start + i * ((start + step) - start)`, which is not always `start + i * step`.
 pub fn arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil();
-    if !(len > 0.0) {
+    if len.is_nan() || len <= 0.0 {
         return Vec::new();
     }
     let len = len as usize;
@@ -83,7 +83,13 @@ pub enum Recipe {
 }
 
 /// The timesteps (descending) that `set_timesteps(n)` produces for `spacing`.
-pub fn spaced_timesteps(recipe: Recipe, spacing: TimestepSpacing, num_train: usize, n: usize, steps_offset: i64) -> Vec<f64> {
+pub fn spaced_timesteps(
+    recipe: Recipe,
+    spacing: TimestepSpacing,
+    num_train: usize,
+    n: usize,
+    steps_offset: i64,
+) -> Vec<f64> {
     let t = num_train as f64;
     match (spacing, recipe) {
         (TimestepSpacing::Linspace, Recipe::Integer) => {

@@ -45,8 +45,9 @@ fn solve_f32(mut r: Vec<Vec<f32>>, mut b: Vec<f32>) -> Vec<f32> {
         b.swap(col, p);
         for row in col + 1..n {
             let l = r[row][col] / r[col][col];
-            for k in col..n {
-                r[row][k] -= l * r[col][k];
+            let pivot_row = r[col].clone();
+            for (x, p) in r[row][col..].iter_mut().zip(&pivot_row[col..]) {
+                *x -= l * p;
             }
             b[row] -= l * b[col];
         }
@@ -74,7 +75,8 @@ impl UniPc {
         let n = num_inference_steps;
         let table = schedule.sigmas();
         let spacing = c.spacing_or(TimestepSpacing::Linspace);
-        let mut timesteps = spaced_timesteps(Recipe::Multistep, spacing, schedule.num_train_timesteps(), n, c.steps_offset);
+        let mut timesteps =
+            spaced_timesteps(Recipe::Multistep, spacing, schedule.num_train_timesteps(), n, c.steps_offset);
         let mut sigmas: Vec<f64>;
         if c.use_karras_sigmas {
             let logs = log_sigmas(table);
@@ -114,7 +116,13 @@ impl UniPc {
 
     /// Coefficients for a step from σ index `s0` to `t` of the given order; `history_at(k)` is the
     /// σ index of the k-th older model output (k = 1..order).
-    fn coefficients(&self, h: f32, lambda_s0: f32, order: usize, history_at: impl Fn(usize) -> usize) -> (Coefficients, Vec<f32>) {
+    fn coefficients(
+        &self,
+        h: f32,
+        lambda_s0: f32,
+        order: usize,
+        history_at: impl Fn(usize) -> usize,
+    ) -> (Coefficients, Vec<f32>) {
         let mut rks: Vec<f32> = (1..order)
             .map(|k| {
                 let (_, _, lambda_si) = self.lambda_at(history_at(k));
@@ -158,7 +166,15 @@ impl UniPc {
     }
 
     /// x_t from x_{s0}: the "linear" part plus coef·(weighted differences), coef·0 when there are none.
-    fn combine(&self, x: &Tensor, m0: &Tensor, i_t: usize, i_s0: usize, c: &Coefficients, res: Option<Tensor>) -> Tensor {
+    fn combine(
+        &self,
+        x: &Tensor,
+        m0: &Tensor,
+        i_t: usize,
+        i_s0: usize,
+        c: &Coefficients,
+        res: Option<Tensor>,
+    ) -> Tensor {
         let (alpha_t, sigma_t, _) = self.lambda_at(i_t);
         let (alpha_s0, sigma_s0, _) = self.lambda_at(i_s0);
         let (x_t_, coef) = if self.predict_x0 {
@@ -225,6 +241,10 @@ impl Sampler for UniPc {
         &self.steps.timesteps
     }
 
+    fn sigmas(&self) -> &[f32] {
+        &self.steps.sigmas
+    }
+
     fn init_noise_sigma(&self) -> f64 {
         1.0
     }
@@ -273,7 +293,8 @@ mod tests {
         // needs a row swap: the first pivot is 0
         let x = solve_f32(vec![vec![0.0, 1.0], vec![2.0, 1.0]], vec![3.0, 5.0]);
         assert_eq!(x, vec![1.0, 3.0]);
-        let x = solve_f32(vec![vec![1.0, 1.0, 1.0], vec![-0.5, -1.5, 1.0], vec![0.25, 2.25, 1.0]], vec![1.0, 0.5, 0.25]);
+        let x =
+            solve_f32(vec![vec![1.0, 1.0, 1.0], vec![-0.5, -1.5, 1.0], vec![0.25, 2.25, 1.0]], vec![1.0, 0.5, 0.25]);
         let check = [x[0] + x[1] + x[2], -0.5 * x[0] - 1.5 * x[1] + x[2], 0.25 * x[0] + 2.25 * x[1] + x[2]];
         for (c, want) in check.iter().zip([1.0, 0.5, 0.25]) {
             assert!((c - want).abs() < 1e-5);

@@ -1,0 +1,88 @@
+//! `sdkd preprocess`: encodes a dataset once into a latent cache that `train` reads through
+//! `data.cache` (see `data::cache` for the format). Everything but building the teacher's
+//! encoder is here: [`run_with`] takes any [`SampleEncoder`].
+use crate::data::{build_cache, CacheOptions, ImageFolder, OnBadSample, SampleEncoder, Transform};
+use anyhow::Result;
+use clap::{ArgAction, Args};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Args, Debug, Clone)]
+pub struct PreprocessArgs {
+    /// The teacher pipeline folder (diffusers layout: vae/, text_encoder/, tokenizer/).
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// The imagefolder to encode (metadata.jsonl or metadata.csv, or .txt sidecars).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Side of the square crops fed to the VAE, in pixels.
+    #[arg(long)]
+    pub resolution: u32,
+    /// The cache folder (created; an unfinished cache there is resumed).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Centre crop (true) or a random crop fixed at preprocess time (false).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub center_crop: bool,
+    /// Mirror half of the samples, fixed at preprocess time.
+    #[arg(long, default_value_t = false, action = ArgAction::Set)]
+    pub random_flip: bool,
+    /// Seed of the random crops and flips.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Dataset samples per shard (the unit of resuming).
+    #[arg(long, default_value_t = 1024)]
+    pub shard_size: usize,
+    /// Samples per encoder call.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// skip (warn and count) or fail on a corrupt, missing or empty image or an empty caption.
+    #[arg(long, value_enum, default_value_t = OnBadSample::Skip)]
+    pub on_bad_sample: OnBadSample,
+    /// Decode threads (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+}
+
+impl PreprocessArgs {
+    pub fn transform(&self) -> Transform {
+        Transform { resolution: self.resolution, center_crop: self.center_crop, random_flip: self.random_flip }
+    }
+}
+
+/// Builds (or finishes) the cache with `encoder` and reports what it did.
+pub fn run_with(a: &PreprocessArgs, encoder: &dyn SampleEncoder) -> Result<()> {
+    if a.resolution == 0 || a.resolution % 8 != 0 {
+        anyhow::bail!("--resolution {} must be a positive multiple of 8 (the VAE downsamples by 8)", a.resolution);
+    }
+    let t0 = std::time::Instant::now();
+    let dataset = Arc::new(ImageFolder::open(&a.data)?);
+    let opts = CacheOptions {
+        transform: a.transform(),
+        seed: a.seed,
+        shard_size: a.shard_size,
+        batch_size: a.batch_size,
+        on_bad_sample: a.on_bad_sample,
+        threads: a.threads,
+    };
+    let r = build_cache(dataset.clone(), encoder, &a.out, &opts)?;
+    println!(
+        "cached {} of {} samples in {} shards ({} kept from an earlier run, {} written) to {} in {:.1}s; {} bad samples skipped",
+        r.rows,
+        dataset.len(),
+        r.shards,
+        r.shards_kept,
+        r.shards_written,
+        a.out.display(),
+        t0.elapsed().as_secs_f64(),
+        r.skipped
+    );
+    Ok(())
+}
+
+/// Encodes with the teacher pipeline's own VAE and text encoder (fp32; on CUDA when present).
+pub fn run(a: &PreprocessArgs) -> Result<()> {
+    let pipeline = crate::models::PipelineDir::open(&a.teacher)?;
+    let encoder = crate::distill::encoder::TeacherEncoder::load(&pipeline, tch::Device::cuda_if_available(), tch::Kind::Float)?;
+    run_with(a, &encoder)
+}

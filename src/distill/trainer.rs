@@ -1,0 +1,442 @@
+//! The distillation run of `sdkd train`: teacher and student, data, the KD step, AdamW, EMA,
+//! checkpoints, logs and validation images, resumable exactly.
+//!
+//! All randomness of optimizer step `s`, micro-batch `m` (latent sample, noise, timesteps) comes
+//! from a generator reseeded with `hash(seed, s, m)`, and the data order is a pure function of
+//! (seed, epoch, position): a resumed run needs only the step and the data cursor to continue
+//! exactly as an uninterrupted one (bit-for-bit on the CPU).
+use super::checkpoint::{self, CheckpointWriter, StateMeta, TrainState};
+use super::encoder::{LatentScale, TeacherEncoder};
+use super::loss::{distill_loss, LossWeights};
+use super::optim::{grad_norm, lr_at, AdamW, AdamWConfig, Ema};
+use super::progress::{Progress, ProgressMode};
+use super::student::{copy_from_teacher, StudentPlan};
+use super::tensorboard::EventWriter;
+use crate::config::{RunConfig, StudentInit};
+use crate::data::order::{hash, Stream};
+use crate::data::{Cursor, ImageFolder, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Transform};
+use crate::export;
+use crate::models::{weights, Init, PipelineDir, UNet, UNetConfig};
+use crate::schedulers::{NoiseSchedule, SchedulerConfig};
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    /// Optimizer steps done in total.
+    pub step: u64,
+    /// Stopped early by a signal (a checkpoint was written first).
+    pub interrupted: bool,
+    pub last_checkpoint: Option<PathBuf>,
+    /// Mean total loss of the last logged window.
+    pub last_loss: f64,
+}
+
+/// The frozen teacher UNet and the inner features its side of the pairs needs.
+struct Teacher {
+    unet: UNet,
+    inner: BTreeSet<String>,
+}
+
+/// Batches of (latent mean, latent std, text embeddings): from images through the teacher's
+/// encoders, or from a `sdkd preprocess` cache.
+enum Feed {
+    Images { loader: Loader<ImageSource>, encoder: Arc<TeacherEncoder> },
+    Cache { loader: Loader<LatentCache> },
+}
+
+struct FeedBatch {
+    mean: Tensor,
+    std: Tensor,
+    context: Tensor,
+    next: Cursor,
+    skipped: usize,
+}
+
+impl Feed {
+    fn next(&mut self) -> Result<FeedBatch> {
+        match self {
+            Feed::Images { loader, encoder } => {
+                let b = loader.next_batch()?.ok_or_else(|| anyhow!("the dataset ran out of samples"))?;
+                let enc = encoder.encode(&b.data.images, &b.data.captions)?;
+                Ok(FeedBatch { mean: enc.latent_mean, std: enc.latent_std, context: enc.text_embeddings, next: b.next, skipped: b.skipped.len() })
+            }
+            Feed::Cache { loader } => {
+                let b = loader.next_batch()?.ok_or_else(|| anyhow!("the latent cache ran out of samples"))?;
+                let d = b.data;
+                Ok(FeedBatch { mean: d.latent_mean, std: d.latent_std, context: d.text_embeddings, next: b.next, skipped: b.skipped.len() })
+            }
+        }
+    }
+}
+
+/// Everything a run holds.
+pub struct Trainer {
+    cfg: RunConfig,
+    device: Device,
+    pub plan: StudentPlan,
+    pub student: UNet,
+    teacher: Option<Teacher>,
+    student_inner: BTreeSet<String>,
+    schedule: Arc<NoiseSchedule>,
+    optimizer: AdamW,
+    ema: Option<Ema>,
+    encoder: Option<Arc<TeacherEncoder>>,
+    scale: LatentScale,
+    step: u64,
+    cursor: Cursor,
+    weights: LossWeights,
+}
+
+/// The seed of step `step`, micro-batch `micro`.
+fn step_seed(seed: u64, step: u64, micro: u64) -> i64 {
+    (hash(seed, Stream::Noise, step, micro) >> 1) as i64
+}
+
+fn pipeline_of(cfg: &RunConfig) -> Result<Option<PipelineDir>> {
+    cfg.teacher.as_deref().map(PipelineDir::open).transpose()
+}
+
+impl Trainer {
+    /// Builds the run from its config, resuming from `resume` (`latest` or a checkpoint folder).
+    pub fn new(cfg: RunConfig, resume: Option<&str>) -> Result<Trainer> {
+        let device = cfg.train.device.resolve()?;
+        // LibTorch's CPU kernels in bf16/fp16 are slow and inexact: the CPU computes in fp32.
+        let teacher_kind = if device == Device::Cpu { Kind::Float } else { cfg.train.precision.kind() };
+        let pipeline = pipeline_of(&cfg)?;
+        let teacher_config = pipeline.as_ref().map(|p| p.unet_config()).transpose()?;
+        let plan = StudentPlan::resolve(&cfg.student, teacher_config.as_ref())
+            .with_context(|| format!("student {:?}", cfg.student))?;
+
+        let schedule = Arc::new(NoiseSchedule::new(match &pipeline {
+            Some(p) => SchedulerConfig::from_path(&p.scheduler_config_path()?)?,
+            None => SchedulerConfig::from_path(Path::new("configs/reference/sd15_scheduler_config.json"))
+                .context("a run without a teacher uses SD-1.5's noise schedule")?,
+        })?);
+
+        // The student: PyTorch's default init from the run's seed, then the teacher's weights.
+        tch::manual_seed(step_seed(cfg.train.seed, u64::MAX, 0));
+        let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
+        let need_teacher_unet = cfg.distill || cfg.student_init == StudentInit::Teacher;
+        let teacher_unet = match (&pipeline, need_teacher_unet) {
+            (Some(p), true) => Some(p.load_unet(device, teacher_kind)?),
+            (None, true) => bail!("teacher: the run distils or copies the teacher, but `teacher` is not set"),
+            _ => None,
+        };
+        if cfg.student_init == StudentInit::Teacher {
+            let t = teacher_unet.as_ref().expect("checked above");
+            let report = copy_from_teacher(&plan, t, &student)?;
+            eprintln!(
+                "student {}: {} params, {} tensors copied from the teacher, {} left at their initialisation",
+                plan.name,
+                student.num_params(),
+                report.copied,
+                report.left_random.len()
+            );
+        }
+        let (teacher_inner, student_inner) = plan.inner_features();
+        let teacher = if cfg.distill {
+            teacher_unet.map(|mut unet| {
+                unet.vs.freeze();
+                Teacher { unet, inner: teacher_inner }
+            })
+        } else {
+            None
+        };
+
+        let mut optimizer = AdamW::new(weights::named_tensors(&student.vs), AdamWConfig::from(&cfg.optim))?;
+        let mut ema = cfg.train.ema_decay.map(|d| Ema::new(weights::named_tensors(&student.vs), d)).transpose()?;
+
+        let encoder = match (&pipeline, cfg.data.cache.is_some()) {
+            (Some(p), false) => Some(Arc::new(TeacherEncoder::load(p, device, teacher_kind)?)),
+            (Some(p), true) if cfg.validation.every > 0 => Some(Arc::new(TeacherEncoder::load(p, device, teacher_kind)?)),
+            _ => None,
+        };
+        let scale = match (&cfg.data.cache, &encoder) {
+            (Some(cache), _) => LatentScale::from_description(&crate::data::CacheIndex::read(cache)?.encoder)
+                .with_context(|| format!("data.cache {}", cache.display()))?,
+            (None, Some(e)) => e.latent_scale(),
+            (None, None) => bail!("data: a run without a teacher pipeline must read a latent cache (data.cache)"),
+        };
+
+        let mut step = 0;
+        let mut cursor = Cursor::default();
+        if let Some(arg) = resume {
+            let ckpt = checkpoint::resolve(&cfg.output_dir, arg)?;
+            ckpt.check_config(&cfg)?;
+            if ckpt.unet_config != plan.config.to_json() {
+                bail!(
+                    "checkpoint {} holds a student of another architecture than student {:?} of this run",
+                    ckpt.dir.display(),
+                    cfg.student
+                );
+            }
+            ckpt.load_student_into(&student.vs.variables())?;
+            optimizer.load_state_file(&ckpt.optimizer_file())?;
+            if let Some(ema) = &mut ema {
+                let file = ckpt.ema_file().ok_or_else(|| anyhow!("checkpoint {} has no EMA, but train.ema_decay is set", ckpt.dir.display()))?;
+                ema.load_state_file(&file)?;
+            }
+            step = ckpt.meta.step;
+            cursor = serde_json::from_value(ckpt.meta.data_cursor.clone())
+                .with_context(|| format!("checkpoint {}: data_cursor", ckpt.dir.display()))?;
+            eprintln!("resuming from {} (step {step})", ckpt.dir.display());
+        }
+        let weights = LossWeights { task: cfg.loss.task, output_kd: cfg.loss.output_kd, feature_kd: cfg.loss.feature_kd };
+        Ok(Trainer { cfg, device, plan, student, teacher, student_inner, schedule, optimizer, ema, encoder, scale, step, cursor, weights })
+    }
+
+    fn feed(&self) -> Result<Feed> {
+        let d = &self.cfg.data;
+        let mut opts = LoaderOptions::shuffled(self.cfg.train.batch_size, self.cfg.train.seed);
+        opts.on_bad_sample = d.on_bad_sample;
+        if let Some(cache) = &d.cache {
+            let source = Arc::new(LatentCache::open(cache)?);
+            return Ok(Feed::Cache { loader: Loader::new(source, opts, self.cursor)? });
+        }
+        let path = d.path.as_ref().ok_or_else(|| anyhow!("data: set data.path (an image folder) or data.cache"))?;
+        let folder = Arc::new(ImageFolder::open(path)?);
+        let transform = Transform { resolution: d.resolution, center_crop: d.center_crop, random_flip: d.random_flip };
+        let source = Arc::new(ImageSource::new(folder, transform, self.cfg.train.seed));
+        let encoder = self.encoder.clone().expect("an image run has the teacher's encoders");
+        Ok(Feed::Images { loader: Loader::new(source, opts, self.cursor)?, encoder })
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches. Returns the logged scalars.
+    fn train_step(&mut self, feed: &mut Feed) -> Result<StepScalars> {
+        let accum = self.cfg.train.grad_accum;
+        let mut s = StepScalars::default();
+        for micro in 0..accum as u64 {
+            let batch = feed.next()?;
+            s.skipped += batch.skipped;
+            s.samples += batch.mean.size()[0] as usize;
+            self.cursor = batch.next;
+            tch::manual_seed(step_seed(self.cfg.train.seed, self.step, micro));
+            let dev = self.device;
+            let latents = self.scale.draw(&batch.mean.to_device(dev), &batch.std.to_device(dev));
+            let context = batch.context.to_device(dev).to_kind(Kind::Float);
+            let b = latents.size()[0];
+            let mut noise = Tensor::randn(latents.size(), (Kind::Float, Device::Cpu)).to_device(dev);
+            if self.cfg.train.noise_offset > 0.0 {
+                let offset = Tensor::randn([b, latents.size()[1], 1, 1], (Kind::Float, Device::Cpu)).to_device(dev);
+                noise = noise + offset * self.cfg.train.noise_offset;
+            }
+            let t = self.schedule.sample_timesteps(b, Device::Cpu).to_device(dev);
+            let noisy = self.schedule.add_noise(&latents, &noise, &t);
+            let target = self.schedule.training_target(self.schedule.prediction_type(), &latents, &noise, &t);
+            let teacher_out = self.teacher.as_ref().map(|teacher| {
+                let kind = teacher.unet.vs.variables().values().next().map(|v| v.kind()).unwrap_or(Kind::Float);
+                tch::no_grad(|| teacher.unet.model.forward(&noisy.to_kind(kind), &t, &context.to_kind(kind), &teacher.inner))
+            });
+            let student_out = self.student.model.forward(&noisy, &t, &context, &self.student_inner);
+            let pairs = if teacher_out.is_some() { &self.plan.feature_pairs[..] } else { &[] };
+            let terms = distill_loss(&student_out, teacher_out.as_ref(), &target, pairs, &self.weights);
+            (&terms.total / accum as f64).backward();
+            s.add(&terms, accum);
+        }
+        let params = self.optimizer.params();
+        let norm = match self.cfg.optim.max_grad_norm {
+            Some(max) => self.optimizer.clip_grad_norm(max)?,
+            None => grad_norm(&params)?,
+        };
+        s.grad_norm = norm.double_value(&[]);
+        s.lr = lr_at(self.step, &self.cfg.optim, self.cfg.train.max_steps);
+        self.optimizer.step(s.lr)?;
+        self.optimizer.zero_grad();
+        if let Some(ema) = &mut self.ema {
+            ema.update()?;
+        }
+        self.step += 1;
+        Ok(s)
+    }
+
+    fn state(&self) -> TrainState {
+        TrainState {
+            meta: StateMeta::new(&self.cfg, self.step, self.cursor.epoch, serde_json::to_value(self.cursor).expect("cursor serialises")),
+            unet_config: self.plan.config.to_json(),
+            student: weights::named_tensors(&self.student.vs),
+            ema: self.ema.as_ref().map(Ema::state_tensors),
+            optimizer: self.optimizer.state_tensors(),
+        }
+    }
+
+    /// Runs until `train.max_steps` or until `stop` is raised (then checkpoints and returns).
+    pub fn run(&mut self, stop: &AtomicBool, progress_mode: ProgressMode) -> Result<RunOutcome> {
+        let cfg = self.cfg.clone();
+        std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("creating {}", cfg.output_dir.display()))?;
+        std::fs::write(cfg.output_dir.join("config.yaml"), cfg.to_yaml()?)?;
+        let writer = CheckpointWriter::new(&cfg.output_dir, cfg.checkpoint.keep);
+        let mut tb = if cfg.log.tensorboard {
+            Some(EventWriter::create(&cfg.output_dir.join("tb"), (self.step > 0).then_some(self.step))?)
+        } else {
+            None
+        };
+        let mut feed = self.feed()?;
+        let mut progress = Progress::new(progress_mode, self.step, cfg.train.max_steps, cfg.log.every.max(1));
+        let mut window = StepScalars::default();
+        let mut window_steps = 0u64;
+        let mut window_start = Instant::now();
+        let mut last_checkpoint = None;
+        let mut skipped_total = 0usize;
+        let mut last_loss = f64::NAN;
+        let mut interrupted = false;
+        while self.step < cfg.train.max_steps {
+            if stop.load(Ordering::SeqCst) {
+                interrupted = true;
+                break;
+            }
+            let s = self.train_step(&mut feed)?;
+            skipped_total += s.skipped;
+            if s.skipped > 0 {
+                progress.message(&format!("step {}: skipped {} bad sample(s) ({} so far)", self.step, s.skipped, skipped_total));
+            }
+            progress.update(self.step, s.total, s.lr);
+            window.merge(&s);
+            window_steps += 1;
+            if self.step % cfg.log.every.max(1) == 0 || self.step == cfg.train.max_steps {
+                let m = window.mean(window_steps);
+                last_loss = m.total;
+                if let Some(tb) = &mut tb {
+                    let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
+                    let mut values: Vec<(String, f32)> = vec![
+                        ("loss/total".into(), m.total as f32),
+                        ("loss/task".into(), m.task as f32),
+                        ("lr".into(), m.lr as f32),
+                        ("grad_norm".into(), m.grad_norm as f32),
+                        ("samples_per_s".into(), (window.samples as f64 / elapsed) as f32),
+                        ("data/skipped_samples".into(), skipped_total as f32),
+                    ];
+                    if self.teacher.is_some() {
+                        values.push(("loss/output_kd".into(), m.output_kd as f32));
+                        if !m.pairs.is_empty() {
+                            values.push(("loss/feature_kd".into(), m.feature_kd as f32));
+                        }
+                        values.extend(m.pairs.iter().map(|(n, v)| (format!("feature_kd/{n}"), *v as f32)));
+                    }
+                    let refs: Vec<(&str, f32)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                    tb.add_scalars(&refs, self.step)?;
+                    tb.flush()?;
+                }
+                window = StepScalars::default();
+                window_steps = 0;
+                window_start = Instant::now();
+            }
+            if cfg.checkpoint.every > 0 && self.step % cfg.checkpoint.every == 0 {
+                last_checkpoint = Some(writer.write(&self.state())?);
+                progress.message(&format!("checkpoint step {} written", self.step));
+            }
+            if cfg.validation.every > 0 && self.step % cfg.validation.every == 0 {
+                self.validate(tb.as_mut())?;
+            }
+        }
+        progress.finish();
+        let done = self.step;
+        if last_checkpoint.as_ref().is_none_or(|p: &PathBuf| !p.ends_with(format!("step-{done}"))) && done > 0 {
+            last_checkpoint = Some(writer.write(&self.state())?);
+            eprintln!("checkpoint step {done} written");
+        }
+        if !interrupted {
+            self.export_final()?;
+        }
+        if let Some(tb) = &mut tb {
+            tb.flush()?;
+        }
+        Ok(RunOutcome { step: done, interrupted, last_checkpoint, last_loss })
+    }
+
+    /// `final/unet` (and `final/unet_ema`) as diffusers UNet folders.
+    fn export_final(&self) -> Result<()> {
+        let dir = self.cfg.output_dir.join("final");
+        export::write_unet_dir(&dir.join("unet"), &self.plan.config, &weights::named_tensors(&self.student.vs), None)?;
+        if let Some(ema) = &self.ema {
+            export::write_unet_dir(&dir.join("unet_ema"), &self.plan.config, &ema.state_tensors(), None)?;
+        }
+        Ok(())
+    }
+
+    /// Validation images: see `validation.rs`.
+    fn validate(&self, tb: Option<&mut EventWriter>) -> Result<()> {
+        let _ = tb;
+        Ok(())
+    }
+
+    pub fn student_config(&self) -> &UNetConfig {
+        &self.plan.config
+    }
+}
+
+/// Scalars of one step (or sums over a logging window).
+#[derive(Default, Clone)]
+struct StepScalars {
+    total: f64,
+    task: f64,
+    output_kd: f64,
+    feature_kd: f64,
+    pairs: Vec<(String, f64)>,
+    grad_norm: f64,
+    lr: f64,
+    samples: usize,
+    skipped: usize,
+}
+
+impl StepScalars {
+    /// Adds one micro-batch's terms (averaged over the accumulation).
+    fn add(&mut self, t: &super::loss::LossTerms, accum: usize) {
+        let a = accum as f64;
+        let v = |x: &Tensor| x.double_value(&[]) / a;
+        self.total += v(&t.total);
+        self.task += v(&t.task);
+        self.output_kd += t.output_kd.as_ref().map(v).unwrap_or(0.0);
+        self.feature_kd += t.feature_kd.as_ref().map(v).unwrap_or(0.0);
+        if self.pairs.is_empty() {
+            self.pairs = t.per_pair.iter().map(|(n, x)| (n.clone(), v(x))).collect();
+        } else {
+            for (slot, (_, x)) in self.pairs.iter_mut().zip(&t.per_pair) {
+                slot.1 += v(x);
+            }
+        }
+    }
+
+    fn merge(&mut self, s: &StepScalars) {
+        self.total += s.total;
+        self.task += s.task;
+        self.output_kd += s.output_kd;
+        self.feature_kd += s.feature_kd;
+        if self.pairs.is_empty() {
+            self.pairs = s.pairs.clone();
+        } else {
+            for (slot, (_, x)) in self.pairs.iter_mut().zip(&s.pairs) {
+                slot.1 += x;
+            }
+        }
+        self.grad_norm += s.grad_norm;
+        self.lr = s.lr;
+        self.samples += s.samples;
+        self.skipped += s.skipped;
+    }
+
+    fn mean(&self, n: u64) -> StepScalars {
+        let n = n.max(1) as f64;
+        StepScalars {
+            total: self.total / n,
+            task: self.task / n,
+            output_kd: self.output_kd / n,
+            feature_kd: self.feature_kd / n,
+            pairs: self.pairs.iter().map(|(k, v)| (k.clone(), v / n)).collect(),
+            grad_norm: self.grad_norm / n,
+            lr: self.lr,
+            samples: self.samples,
+            skipped: self.skipped,
+        }
+    }
+}
