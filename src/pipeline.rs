@@ -226,37 +226,40 @@ pub enum UnetSource {
 }
 
 impl UnetSource {
-    /// Reads what `path` is: a UNet folder, a pipeline folder (its `unet/`), a folder holding a
-    /// UNet folder as `unet/` (an export), or a checkpoint folder. In a checkpoint, `ema` picks
-    /// `ema.safetensors`; otherwise `student.safetensors` is used, or the EMA when it is the only
-    /// one there.
+    /// Reads what `path` is: a UNet folder, a pipeline folder (its `unet/`), a training
+    /// checkpoint (`unet/config.json` + `student.safetensors` / `ema.safetensors`), or a run's
+    /// `final/` (`unet/`, `unet_ema/`). `ema` picks the EMA weights (`ema.safetensors` or
+    /// `unet_ema/`); otherwise a checkpoint gives its student weights, or its EMA when that is all
+    /// it has.
     pub fn resolve(path: &Path, ema: bool) -> Result<Self> {
         if !path.is_dir() {
             bail!("--unet {}: not a folder (a UNet folder, a pipeline folder or a checkpoint folder)", path.display());
         }
-        let has_weights = |dir: &Path| weights::weight_files(dir, "diffusion_pytorch_model").is_ok();
+        let is_unet = |dir: &Path| {
+            dir.join("config.json").is_file() && weights::weight_files(dir, "diffusion_pytorch_model").is_ok()
+        };
         let path = unet_dir(path);
-        if path.join("config.json").is_file() && has_weights(&path) {
-            if ema {
-                bail!("--ema: {} is a UNet folder, not a checkpoint with ema.safetensors", path.display());
-            }
-            return Ok(UnetSource::Folder(path));
-        }
-        let inner = path.join("unet");
-        if inner.join("config.json").is_file() {
+        let config_dir = path.join("unet");
+        if config_dir.join("config.json").is_file() {
             let (student, ema_file) = (path.join("student.safetensors"), path.join("ema.safetensors"));
             let weights = match (ema, student.is_file(), ema_file.is_file()) {
                 (true, _, true) | (false, false, true) => Some(ema_file),
                 (false, true, _) => Some(student),
-                (true, _, false) => bail!("--ema: checkpoint {} has no ema.safetensors", path.display()),
-                (false, false, false) => None,
+                _ => None,
             };
             if let Some(weights) = weights {
-                return Ok(UnetSource::Checkpoint { config_dir: inner, weights });
+                return Ok(UnetSource::Checkpoint { config_dir, weights });
             }
-            if has_weights(&inner) && !ema {
-                return Ok(UnetSource::Folder(inner));
-            }
+        }
+        let candidates = if ema { vec![path.join("unet_ema")] } else { vec![path.clone(), config_dir] };
+        if let Some(dir) = candidates.into_iter().find(|d| is_unet(d)) {
+            return Ok(UnetSource::Folder(dir));
+        }
+        if ema {
+            bail!(
+                "--unet {} --ema: no EMA weights there (a checkpoint's ema.safetensors or a run's final/unet_ema/)",
+                path.display()
+            );
         }
         bail!(
             "--unet {}: found no UNet in it (expected config.json + diffusion_pytorch_model.safetensors, a pipeline \
@@ -380,6 +383,54 @@ mod tests {
         assert!(resolve_seed(-1).unwrap() < 1 << 32);
         let e = resolve_seed(-2).unwrap_err().to_string();
         assert!(e.contains("-2"), "{e}");
+    }
+
+    #[test]
+    fn unet_sources() {
+        let root = std::env::temp_dir().join(format!("sdkd-unet-source-{}", std::process::id()));
+        let touch = |p: &str| {
+            let p = root.join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"{}").unwrap();
+        };
+        for f in ["u/config.json", "u/diffusion_pytorch_model.safetensors"] {
+            touch(f);
+        }
+        for f in ["p/model_index.json", "p/unet/config.json", "p/unet/diffusion_pytorch_model.fp16.safetensors"] {
+            touch(f);
+        }
+        for f in [
+            "c/unet/config.json",
+            "c/student.safetensors",
+            "c/ema.safetensors",
+            "e/unet/config.json",
+            "e/ema.safetensors",
+        ] {
+            touch(f);
+        }
+        for f in ["f/unet/config.json", "f/unet/diffusion_pytorch_model.safetensors"] {
+            touch(f);
+        }
+        for f in ["f/unet_ema/config.json", "f/unet_ema/diffusion_pytorch_model.safetensors"] {
+            touch(f);
+        }
+        let r = |p: &str, ema: bool| UnetSource::resolve(&root.join(p), ema);
+        let folder = |p: &str| UnetSource::Folder(root.join(p));
+        let ckpt = |c: &str, w: &str| UnetSource::Checkpoint { config_dir: root.join(c), weights: root.join(w) };
+        assert_eq!(r("u", false).unwrap(), folder("u"));
+        assert_eq!(r("p", false).unwrap(), folder("p/unet"));
+        assert_eq!(r("c", false).unwrap(), ckpt("c/unet", "c/student.safetensors"));
+        assert_eq!(r("c", true).unwrap(), ckpt("c/unet", "c/ema.safetensors"));
+        assert_eq!(r("e", false).unwrap(), ckpt("e/unet", "e/ema.safetensors")); // only the EMA exists
+        assert_eq!(r("f", false).unwrap(), folder("f/unet"));
+        assert_eq!(r("f", true).unwrap(), folder("f/unet_ema"));
+        for (p, ema, needle) in
+            [("u", true, "--ema"), ("p", true, "--ema"), ("nope", false, "nope"), ("c/unet", false, "c/unet")]
+        {
+            let e = r(p, ema).unwrap_err().to_string();
+            assert!(e.contains(needle), "{p}: {e}");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -304,7 +304,7 @@ fn pruned_student_unet_matches_diffusers() {
     let mut args = from_ckpt.sdkd_args(&f.root.join("ema.png"));
     args.push("--ema".into());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    assert_clean_failure(&sdkd1(&args), "ema.safetensors");
+    assert_clean_failure(&sdkd1(&args), "EMA");
     // a folder without a UNet is an error naming it
     let bogus = Case { unet: Some(f.root.join("ref")), ..f.case("student").clone() };
     let args = bogus.sdkd_args(&f.root.join("bogus.png"));

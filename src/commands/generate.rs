@@ -20,10 +20,11 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// A UNet to use instead of the pipeline's: a UNet folder (from prune or export), a pipeline
-    /// folder, or a training checkpoint folder (unet/config.json + student.safetensors).
+    /// folder, a training checkpoint folder (unet/config.json + student.safetensors), or a run's
+    /// final/ folder (unet/).
     #[arg(long)]
     pub unet: Option<PathBuf>,
-    /// With a checkpoint --unet: use its ema.safetensors rather than student.safetensors.
+    /// With --unet: the EMA weights (a checkpoint's ema.safetensors, a run's final/unet_ema/).
     #[arg(long)]
     pub ema: bool,
     #[arg(long)]
