@@ -18,6 +18,8 @@ enum Command {
     Prune(commands::prune::PruneArgs),
     /// Distil (or train from scratch) a student from a run YAML; resumable.
     Train(commands::train::TrainArgs),
+    /// Write a checkpoint as a diffusers UNet folder or a whole pipeline folder.
+    Export(commands::export::ExportArgs),
     /// Text to image with a pipeline folder (and optionally a student UNet); writes PNGs.
     Generate(commands::generate::GenerateArgs),
     /// Write the built-in synthetic image-caption dataset (imagefolder layout).
@@ -26,12 +28,32 @@ enum Command {
     Preprocess(commands::preprocess::PreprocessArgs),
 }
 
+/// LibTorch's OpenMP workers spin-wait between kernels by default, which burns the cores the
+/// data loader and other processes need: training steps measured 3-5x slower on a busy 2-core
+/// machine. libgomp reads its settings when it is loaded, before `main`, so set a passive wait
+/// policy and start again (once; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins).
+fn ensure_passive_openmp() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("OMP_WAIT_POLICY").is_some() || std::env::var_os("GOMP_SPINCOUNT").is_some() {
+        return;
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let err = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env("OMP_WAIT_POLICY", "PASSIVE")
+            .exec();
+        eprintln!("warning: could not restart with OMP_WAIT_POLICY=PASSIVE ({err}); continuing");
+    }
+}
+
 fn main() {
+    ensure_passive_openmp();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Prune(a) => commands::prune::run(a),
         Command::Train(a) => commands::train::run(a),
+        Command::Export(a) => commands::export::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Preprocess(a) => commands::preprocess::run(a),

@@ -204,8 +204,8 @@ fn assert_has_content(img: &image::RgbImage, what: &str) {
     assert!(mid * 2 > total, "{what}: most values are saturated ({mid} of {total} in 6..249)");
 }
 
-/// Runs the sdkd binary on one thread: the models are tiny, and on a busy machine LibTorch's
-/// spinning worker threads cost seconds per run.
+/// Runs the sdkd binary on one thread: the models are tiny, and on a busy machine more threads
+/// only add overhead.
 fn sdkd1(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_sdkd"))
         .args(args)

@@ -7,7 +7,7 @@
 //! exactly as an uninterrupted one (bit-for-bit on the CPU).
 use super::checkpoint::{self, CheckpointWriter, StateMeta, TrainState};
 use super::encoder::{LatentScale, TeacherEncoder};
-use super::loss::{distill_loss, LossWeights};
+use super::loss::{distill_loss, LossTerms, LossWeights};
 use super::optim::{grad_norm, lr_at, AdamW, AdamWConfig, Ema};
 use super::progress::{Progress, ProgressMode};
 use super::student::{copy_from_teacher, StudentPlan};
@@ -39,9 +39,84 @@ pub struct RunOutcome {
 }
 
 /// The frozen teacher UNet and the inner features its side of the pairs needs.
-struct Teacher {
-    unet: UNet,
-    inner: BTreeSet<String>,
+pub struct Teacher {
+    pub unet: UNet,
+    pub inner: BTreeSet<String>,
+}
+
+impl Teacher {
+    pub fn new(mut unet: UNet, inner: BTreeSet<String>) -> Teacher {
+        unet.vs.freeze();
+        Teacher { unet, inner }
+    }
+
+    fn kind(&self) -> Kind {
+        self.unet.vs.variables().values().next().map(|v| v.kind()).unwrap_or(Kind::Float)
+    }
+}
+
+/// The distillation step on ready latents and text embeddings: noise, the frozen teacher's
+/// forward, the student's forward and backward, the three losses, clipping, AdamW and EMA. The
+/// trainer feeds it data; `sdkd bench` feeds it random tensors.
+pub struct Distiller {
+    pub student: UNet,
+    pub plan: StudentPlan,
+    pub teacher: Option<Teacher>,
+    student_inner: BTreeSet<String>,
+    pub schedule: Arc<NoiseSchedule>,
+    pub optimizer: AdamW,
+    pub ema: Option<Ema>,
+    pub weights: LossWeights,
+    pub noise_offset: f64,
+}
+
+impl Distiller {
+    pub fn new(student: UNet, plan: StudentPlan, teacher: Option<Teacher>, schedule: Arc<NoiseSchedule>, optim: AdamWConfig, ema_decay: Option<f64>, weights: LossWeights) -> Result<Distiller> {
+        let optimizer = AdamW::new(weights::named_tensors(&student.vs), optim)?;
+        let ema = ema_decay.map(|d| Ema::new(weights::named_tensors(&student.vs), d)).transpose()?;
+        let (_, student_inner) = plan.inner_features();
+        Ok(Distiller { student, plan, teacher, student_inner, schedule, optimizer, ema, weights, noise_offset: 0.0 })
+    }
+
+    /// Forward and backward of one micro-batch (`latents` scaled for the UNet, (b, c, h, w) on
+    /// the student's device); gradients accumulate, scaled by 1/`accum`. Draws noise and timesteps
+    /// from the current generator.
+    pub fn micro_step(&self, latents: &Tensor, context: &Tensor, accum: usize) -> LossTerms {
+        let dev = latents.device();
+        let b = latents.size()[0];
+        let mut noise = Tensor::randn(latents.size(), (Kind::Float, Device::Cpu)).to_device(dev);
+        if self.noise_offset > 0.0 {
+            let offset = Tensor::randn([b, latents.size()[1], 1, 1], (Kind::Float, Device::Cpu)).to_device(dev);
+            noise = noise + offset * self.noise_offset;
+        }
+        let t = self.schedule.sample_timesteps(b, Device::Cpu).to_device(dev);
+        let noisy = self.schedule.add_noise(latents, &noise, &t);
+        let target = self.schedule.training_target(self.schedule.prediction_type(), latents, &noise, &t);
+        let teacher_out = self.teacher.as_ref().map(|teacher| {
+            let kind = teacher.kind();
+            tch::no_grad(|| teacher.unet.model.forward(&noisy.to_kind(kind), &t, &context.to_kind(kind), &teacher.inner))
+        });
+        let student_out = self.student.model.forward(&noisy, &t, context, &self.student_inner);
+        let pairs = if teacher_out.is_some() { &self.plan.feature_pairs[..] } else { &[] };
+        let terms = distill_loss(&student_out, teacher_out.as_ref(), &target, pairs, &self.weights);
+        (&terms.total / accum as f64).backward();
+        terms
+    }
+
+    /// Clips the accumulated gradients (or only measures them), steps AdamW at `lr`, clears the
+    /// gradients and updates the EMA. Returns the gradient norm before clipping.
+    pub fn update(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<Tensor> {
+        let norm = match max_grad_norm {
+            Some(max) => self.optimizer.clip_grad_norm(max)?,
+            None => grad_norm(&self.optimizer.params())?,
+        };
+        self.optimizer.step(lr)?;
+        self.optimizer.zero_grad();
+        if let Some(ema) = &mut self.ema {
+            ema.update()?;
+        }
+        Ok(norm)
+    }
 }
 
 /// Batches of (latent mean, latent std, text embeddings): from images through the teacher's
@@ -80,18 +155,11 @@ impl Feed {
 pub struct Trainer {
     cfg: RunConfig,
     device: Device,
-    pub plan: StudentPlan,
-    pub student: UNet,
-    teacher: Option<Teacher>,
-    student_inner: BTreeSet<String>,
-    schedule: Arc<NoiseSchedule>,
-    optimizer: AdamW,
-    ema: Option<Ema>,
+    pub distiller: Distiller,
     encoder: Option<Arc<TeacherEncoder>>,
     scale: LatentScale,
     step: u64,
     cursor: Cursor,
-    weights: LossWeights,
 }
 
 /// The seed of step `step`, micro-batch `micro`.
@@ -140,18 +208,11 @@ impl Trainer {
                 report.left_random.len()
             );
         }
-        let (teacher_inner, student_inner) = plan.inner_features();
-        let teacher = if cfg.distill {
-            teacher_unet.map(|mut unet| {
-                unet.vs.freeze();
-                Teacher { unet, inner: teacher_inner }
-            })
-        } else {
-            None
-        };
-
-        let mut optimizer = AdamW::new(weights::named_tensors(&student.vs), AdamWConfig::from(&cfg.optim))?;
-        let mut ema = cfg.train.ema_decay.map(|d| Ema::new(weights::named_tensors(&student.vs), d)).transpose()?;
+        let (teacher_inner, _) = plan.inner_features();
+        let teacher = if cfg.distill { teacher_unet.map(|unet| Teacher::new(unet, teacher_inner)) } else { None };
+        let weights = LossWeights { task: cfg.loss.task, output_kd: cfg.loss.output_kd, feature_kd: cfg.loss.feature_kd };
+        let mut d = Distiller::new(student, plan, teacher, schedule, AdamWConfig::from(&cfg.optim), cfg.train.ema_decay, weights)?;
+        d.noise_offset = cfg.train.noise_offset;
 
         let encoder = match (&pipeline, cfg.data.cache.is_some()) {
             (Some(p), false) => Some(Arc::new(TeacherEncoder::load(p, device, teacher_kind)?)),
@@ -170,16 +231,16 @@ impl Trainer {
         if let Some(arg) = resume {
             let ckpt = checkpoint::resolve(&cfg.output_dir, arg)?;
             ckpt.check_config(&cfg)?;
-            if ckpt.unet_config != plan.config.to_json() {
+            if ckpt.unet_config != d.plan.config.to_json() {
                 bail!(
                     "checkpoint {} holds a student of another architecture than student {:?} of this run",
                     ckpt.dir.display(),
                     cfg.student
                 );
             }
-            ckpt.load_student_into(&student.vs.variables())?;
-            optimizer.load_state_file(&ckpt.optimizer_file())?;
-            if let Some(ema) = &mut ema {
+            ckpt.load_student_into(&d.student.vs.variables())?;
+            d.optimizer.load_state_file(&ckpt.optimizer_file())?;
+            if let Some(ema) = &mut d.ema {
                 let file = ckpt.ema_file().ok_or_else(|| anyhow!("checkpoint {} has no EMA, but train.ema_decay is set", ckpt.dir.display()))?;
                 ema.load_state_file(&file)?;
             }
@@ -188,8 +249,7 @@ impl Trainer {
                 .with_context(|| format!("checkpoint {}: data_cursor", ckpt.dir.display()))?;
             eprintln!("resuming from {} (step {step})", ckpt.dir.display());
         }
-        let weights = LossWeights { task: cfg.loss.task, output_kd: cfg.loss.output_kd, feature_kd: cfg.loss.feature_kd };
-        Ok(Trainer { cfg, device, plan, student, teacher, student_inner, schedule, optimizer, ema, encoder, scale, step, cursor, weights })
+        Ok(Trainer { cfg, device, distiller: d, encoder, scale, step, cursor })
     }
 
     fn feed(&self) -> Result<Feed> {
@@ -225,37 +285,11 @@ impl Trainer {
             let dev = self.device;
             let latents = self.scale.draw(&batch.mean.to_device(dev), &batch.std.to_device(dev));
             let context = batch.context.to_device(dev).to_kind(Kind::Float);
-            let b = latents.size()[0];
-            let mut noise = Tensor::randn(latents.size(), (Kind::Float, Device::Cpu)).to_device(dev);
-            if self.cfg.train.noise_offset > 0.0 {
-                let offset = Tensor::randn([b, latents.size()[1], 1, 1], (Kind::Float, Device::Cpu)).to_device(dev);
-                noise = noise + offset * self.cfg.train.noise_offset;
-            }
-            let t = self.schedule.sample_timesteps(b, Device::Cpu).to_device(dev);
-            let noisy = self.schedule.add_noise(&latents, &noise, &t);
-            let target = self.schedule.training_target(self.schedule.prediction_type(), &latents, &noise, &t);
-            let teacher_out = self.teacher.as_ref().map(|teacher| {
-                let kind = teacher.unet.vs.variables().values().next().map(|v| v.kind()).unwrap_or(Kind::Float);
-                tch::no_grad(|| teacher.unet.model.forward(&noisy.to_kind(kind), &t, &context.to_kind(kind), &teacher.inner))
-            });
-            let student_out = self.student.model.forward(&noisy, &t, &context, &self.student_inner);
-            let pairs = if teacher_out.is_some() { &self.plan.feature_pairs[..] } else { &[] };
-            let terms = distill_loss(&student_out, teacher_out.as_ref(), &target, pairs, &self.weights);
-            (&terms.total / accum as f64).backward();
+            let terms = self.distiller.micro_step(&latents, &context, accum);
             s.add(&terms, accum);
         }
-        let params = self.optimizer.params();
-        let norm = match self.cfg.optim.max_grad_norm {
-            Some(max) => self.optimizer.clip_grad_norm(max)?,
-            None => grad_norm(&params)?,
-        };
-        s.grad_norm = norm.double_value(&[]);
         s.lr = lr_at(self.step, &self.cfg.optim, self.cfg.train.max_steps);
-        self.optimizer.step(s.lr)?;
-        self.optimizer.zero_grad();
-        if let Some(ema) = &mut self.ema {
-            ema.update()?;
-        }
+        s.grad_norm = self.distiller.update(s.lr, self.cfg.optim.max_grad_norm)?.double_value(&[]);
         self.step += 1;
         Ok(s)
     }
@@ -263,10 +297,10 @@ impl Trainer {
     fn state(&self) -> TrainState {
         TrainState {
             meta: StateMeta::new(&self.cfg, self.step, self.cursor.epoch, serde_json::to_value(self.cursor).expect("cursor serialises")),
-            unet_config: self.plan.config.to_json(),
-            student: weights::named_tensors(&self.student.vs),
-            ema: self.ema.as_ref().map(Ema::state_tensors),
-            optimizer: self.optimizer.state_tensors(),
+            unet_config: self.distiller.plan.config.to_json(),
+            student: weights::named_tensors(&self.distiller.student.vs),
+            ema: self.distiller.ema.as_ref().map(Ema::state_tensors),
+            optimizer: self.distiller.optimizer.state_tensors(),
         }
     }
 
@@ -316,7 +350,7 @@ impl Trainer {
                         ("samples_per_s".into(), (window.samples as f64 / elapsed) as f32),
                         ("data/skipped_samples".into(), skipped_total as f32),
                     ];
-                    if self.teacher.is_some() {
+                    if self.distiller.teacher.is_some() {
                         values.push(("loss/output_kd".into(), m.output_kd as f32));
                         if !m.pairs.is_empty() {
                             values.push(("loss/feature_kd".into(), m.feature_kd as f32));
@@ -357,9 +391,10 @@ impl Trainer {
     /// `final/unet` (and `final/unet_ema`) as diffusers UNet folders.
     fn export_final(&self) -> Result<()> {
         let dir = self.cfg.output_dir.join("final");
-        export::write_unet_dir(&dir.join("unet"), &self.plan.config, &weights::named_tensors(&self.student.vs), None)?;
-        if let Some(ema) = &self.ema {
-            export::write_unet_dir(&dir.join("unet_ema"), &self.plan.config, &ema.state_tensors(), None)?;
+        let d = &self.distiller;
+        export::write_unet_dir(&dir.join("unet"), &d.plan.config, &weights::named_tensors(&d.student.vs), None)?;
+        if let Some(ema) = &d.ema {
+            export::write_unet_dir(&dir.join("unet_ema"), &d.plan.config, &ema.state_tensors(), None)?;
         }
         Ok(())
     }
@@ -371,7 +406,7 @@ impl Trainer {
     }
 
     pub fn student_config(&self) -> &UNetConfig {
-        &self.plan.config
+        &self.distiller.plan.config
     }
 }
 
@@ -391,7 +426,7 @@ struct StepScalars {
 
 impl StepScalars {
     /// Adds one micro-batch's terms (averaged over the accumulation).
-    fn add(&mut self, t: &super::loss::LossTerms, accum: usize) {
+    fn add(&mut self, t: &LossTerms, accum: usize) {
         let a = accum as f64;
         let v = |x: &Tensor| x.double_value(&[]) / a;
         self.total += v(&t.total);

@@ -1,0 +1,165 @@
+//! `sdkd train` end to end on a tiny perturbed teacher pipeline and the synthetic set: the loss
+//! falls, resume is bit-exact (also into a new output folder and after SIGTERM), TensorBoard reads
+//! the logs, and bad configs and foreign checkpoints are clean errors.
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    teacher: PathBuf,
+    data: PathBuf,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempdir();
+        let teacher = dir.path().join("teacher");
+        run_reference("make_pipeline.py", &[teacher.to_str().unwrap(), "--stages", "4", "--sample-size", "8", "--scheduler", "ddpm"]);
+        let data = dir.path().join("data");
+        let o = sdkd(&["synth", "--out", data.to_str().unwrap(), "--count", "40", "--resolution", "16"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        Fixture { _dir: dir, teacher, data }
+    })
+}
+
+fn config(dir: &Path, max_steps: u64, extra: &str) -> PathBuf {
+    let f = fixture();
+    let text = format!(
+        "teacher: {}\nstudent: bk_small\noutput_dir: {}\ndata:\n  path: {}\n  resolution: 16\n\
+         train:\n  batch_size: 4\n  grad_accum: 2\n  max_steps: {max_steps}\n  seed: 7\n  device: cpu\n  precision: fp32\n  ema_decay: 0.9\n\
+         optim:\n  lr: 1.0e-3\n  schedule: cosine\n  warmup_steps: 2\n\
+         checkpoint:\n  every: 3\n  keep: 2\nlog:\n  every: 1\nvalidation:\n  every: 0\n{extra}",
+        f.teacher.display(),
+        dir.join("run").display(),
+        f.data.display()
+    );
+    let path = dir.join(format!("run-{max_steps}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn train(args: &[&str]) {
+    let o = sdkd(&[&["train", "--quiet"], args].concat());
+    assert!(o.status.success(), "train {args:?}:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn assert_same_tensors(a: &Path, b: &Path) {
+    let (ta, tb) = (read_tensors(a), read_tensors(b));
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>(), "{}", a.display());
+    for (k, v) in &ta {
+        assert!(v.equal(&tb[k]), "{} differs between {} and {}", k, a.display(), b.display());
+    }
+}
+
+fn assert_same_checkpoint(a: &Path, b: &Path) {
+    for f in ["student.safetensors", "ema.safetensors", "optimizer.safetensors"] {
+        assert_same_tensors(&a.join(f), &b.join(f));
+    }
+}
+
+fn tensorboard(dir: &Path) -> serde_json::Value {
+    let out = Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn loss_falls_and_tensorboard_reads_every_term() {
+    let tmp = tempdir();
+    train(&["--config", config(tmp.path(), 24, "").to_str().unwrap()]);
+    let tb = tensorboard(&tmp.path().join("run/tb"));
+    let s = &tb["scalars"];
+    for tag in ["loss/total", "loss/task", "loss/output_kd", "loss/feature_kd", "lr", "grad_norm", "samples_per_s", "data/skipped_samples"] {
+        assert_eq!(s[tag].as_array().map(|a| a.len()), Some(24), "{tag}: {}", s[tag]);
+    }
+    // one curve per feature pair: bk_small pairs 4 down and 4 up blocks
+    let pairs = s.as_object().unwrap().keys().filter(|k| k.starts_with("feature_kd/")).count();
+    assert_eq!(pairs, 8);
+    let total: Vec<f64> = s["loss/total"].as_array().unwrap().iter().map(|e| e[1].as_f64().unwrap()).collect();
+    let first: f64 = total[..4].iter().sum::<f64>() / 4.0;
+    let last: f64 = total[20..].iter().sum::<f64>() / 4.0;
+    assert!(last < 0.8 * first, "loss did not fall: first {first}, last {last} ({total:?})");
+    let run = tmp.path().join("run");
+    assert!(run.join("final/unet/config.json").exists() && run.join("final/unet_ema/diffusion_pytorch_model.safetensors").exists());
+    assert!(run.join("config.yaml").exists());
+    let ckpts: Vec<String> = std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut ckpts = ckpts;
+    ckpts.sort();
+    assert_eq!(ckpts, vec!["step-21", "step-24"], "keep: 2");
+}
+
+#[test]
+fn resume_is_bit_exact_also_into_a_new_folder() {
+    let straight = tempdir();
+    train(&["--config", config(straight.path(), 6, "").to_str().unwrap()]);
+    let split = tempdir();
+    train(&["--config", config(split.path(), 3, "").to_str().unwrap()]);
+    train(&["--config", config(split.path(), 6, "").to_str().unwrap(), "--resume", "latest"]);
+    assert_same_checkpoint(&straight.path().join("run/checkpoints/step-6"), &split.path().join("run/checkpoints/step-6"));
+    // from split's step-3 into a fresh output folder
+    let moved = tempdir();
+    let from = split.path().join("run/checkpoints/step-3");
+    train(&["--config", config(moved.path(), 6, "").to_str().unwrap(), "--resume", from.to_str().unwrap()]);
+    assert_same_checkpoint(&straight.path().join("run/checkpoints/step-6"), &moved.path().join("run/checkpoints/step-6"));
+    assert_same_tensors(
+        &straight.path().join("run/final/unet/diffusion_pytorch_model.safetensors"),
+        &moved.path().join("run/final/unet/diffusion_pytorch_model.safetensors"),
+    );
+}
+
+#[test]
+fn sigterm_checkpoints_and_resume_finishes_the_same_run() {
+    let straight = tempdir();
+    train(&["--config", config(straight.path(), 30, "").to_str().unwrap()]);
+    let cut = tempdir();
+    let cfg = config(cut.path(), 30, "");
+    let child = Command::new(env!("CARGO_BIN_EXE_sdkd"))
+        .args(["train", "--quiet", "--config", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait until training is under way (its first checkpoint exists), then stop it
+    let first = cut.path().join("run/checkpoints/step-3");
+    let t0 = std::time::Instant::now();
+    while !first.exists() && t0.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "SIGTERM exits 0 after a checkpoint: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("interrupted at step"), "{stdout}");
+    assert!(!cut.path().join("run/final").exists(), "an interrupted run is not final");
+    train(&["--config", cfg.to_str().unwrap(), "--resume", "latest"]);
+    assert_same_checkpoint(&straight.path().join("run/checkpoints/step-30"), &cut.path().join("run/checkpoints/step-30"));
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn bad_configs_and_foreign_checkpoints_are_clean_errors() {
+    let tmp = tempdir();
+    let cfg = config(tmp.path(), 3, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(&bad, text.replace("  batch_size: 4", "  batch_sise: 4")).unwrap();
+    assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap()]), "batch_sise");
+    std::fs::write(&bad, text.replace("student: bk_small", "student: bk_giant")).unwrap();
+    assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap()]), "bk_giant");
+    std::fs::write(&bad, text.replace(&fixture().data.display().to_string(), "/nonexistent/data")).unwrap();
+    assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap()]), "/nonexistent/data");
+    // a checkpoint of a bk_small run cannot resume a bk_tiny run
+    train(&["--config", cfg.to_str().unwrap()]);
+    std::fs::write(&bad, text.replace("student: bk_small", "student: bk_tiny")).unwrap();
+    assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap(), "--resume", "latest"]), "student");
+    assert_clean_failure(&sdkd(&["train", "--config", cfg.to_str().unwrap(), "--resume", "/nonexistent/ckpt"]), "/nonexistent/ckpt");
+}
