@@ -4,5 +4,8 @@ pub mod config;
 pub mod data;
 pub mod distill;
 pub mod export;
+pub mod grid;
 pub mod models;
+pub mod pipeline;
+pub mod png_meta;
 pub mod schedulers;

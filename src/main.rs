@@ -20,6 +20,8 @@ enum Command {
     Train(commands::train::TrainArgs),
     /// Write a checkpoint as a diffusers UNet folder or a whole pipeline folder.
     Export(commands::export::ExportArgs),
+    /// Text to image with a pipeline folder (and optionally a student UNet); writes PNGs.
+    Generate(commands::generate::GenerateArgs),
     /// Write the built-in synthetic image-caption dataset (imagefolder layout).
     Synth(commands::synth::SynthArgs),
     /// Encode a dataset once (VAE latents, text embeddings) into a cache `train` can read.
@@ -53,6 +55,7 @@ fn main() {
         Command::Train(a) => commands::train::run(a),
         Command::Export(a) => commands::export::run(a),
         Command::Synth(a) => commands::synth::run(a),
+        Command::Generate(a) => commands::generate::run(a),
         Command::Preprocess(a) => commands::preprocess::run(a),
     };
     if let Err(e) = result {

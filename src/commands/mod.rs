@@ -1,6 +1,7 @@
 //! One module per `sdkd` subcommand: its clap arguments and what it does. `main.rs` only parses
 //! and reports.
 pub mod export;
+pub mod generate;
 pub mod inspect;
 pub mod preprocess;
 pub mod prune;

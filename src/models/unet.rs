@@ -161,6 +161,16 @@ impl UNet2DConditionModel {
         UNetOutput { sample, down, mid, up, inner: taps.got }
     }
 
+    /// Device of the parameters (callers move inputs there).
+    pub fn device(&self) -> Device {
+        self.conv_in.weight.device()
+    }
+
+    /// dtype of the parameters.
+    pub fn kind(&self) -> Kind {
+        self.conv_in.weight.kind()
+    }
+
     /// The prediction alone (inference).
     pub fn predict(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Tensor {
         self.forward(sample, timesteps, context, &BTreeSet::new()).sample

@@ -439,6 +439,16 @@ impl AutoencoderKL {
         self.decoder.forward(&z)
     }
 
+    /// Device of the decoder's parameters (callers move latents there).
+    pub fn device(&self) -> Device {
+        self.decoder.conv_in.weight.device()
+    }
+
+    /// dtype of the decoder's parameters.
+    pub fn kind(&self) -> Kind {
+        self.decoder.conv_in.weight.kind()
+    }
+
     /// diffusers' `forward(sample)`: decode the posterior mean.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.decode(&self.encode(x).mode())

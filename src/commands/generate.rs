@@ -1,0 +1,181 @@
+//! `sdkd generate`: text to image with a pipeline folder, optionally with another UNet (a pruned
+//! or distilled student). Writes PNGs whose text chunks record how they were made (prompt,
+//! negative_prompt, seed, scheduler, steps, guidance_scale, size, model, unet).
+//!
+//! Defaults follow the product's API brief: UniPC, 20 steps, guidance 7.5, a random seed (-1),
+//! the size diffusers picks (the UNet's sample_size × the VAE's downscale factor).
+use crate::config::DeviceChoice;
+use crate::pipeline::{resolve_seed, GenerateRequest, TextToImage, UnetSource};
+use crate::png_meta::write_png;
+use crate::schedulers::SchedulerKind;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A diffusers Stable Diffusion pipeline folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A UNet to use instead of the pipeline's: a UNet folder (from prune or export), a pipeline
+    /// folder, a training checkpoint folder (unet/config.json + student.safetensors), or a run's
+    /// final/ folder (unet/).
+    #[arg(long)]
+    pub unet: Option<PathBuf>,
+    /// With --unet: the EMA weights (a checkpoint's ema.safetensors, a run's final/unet_ema/).
+    #[arg(long)]
+    pub ema: bool,
+    #[arg(long)]
+    pub prompt: String,
+    /// What to steer away from (default: the empty prompt, as diffusers).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// ddpm, ddim, euler, euler_a, dpmpp_2m or unipc (also diffusers' class names).
+    #[arg(long, default_value = "unipc")]
+    pub scheduler: SchedulerKind,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Classifier-free guidance scale; guidance is off at 1 or below.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    /// -1 draws a random seed and prints it. On the CPU, seed S gives diffusers' image with
+    /// `torch.Generator("cpu").manual_seed(S)`.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub seed: i64,
+    /// Pixels, a multiple of 8 (default: the UNet's sample_size × the VAE's factor).
+    #[arg(long, allow_negative_numbers = true)]
+    pub width: Option<i64>,
+    #[arg(long, allow_negative_numbers = true)]
+    pub height: Option<i64>,
+    /// Images from one seed, 1 to 4: `out.png` becomes out-0.png, out-1.png, ...
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// A .png file, or a folder (created) that gets image-0.png, image-1.png, ...
+    #[arg(long)]
+    pub out: PathBuf,
+    /// auto, cpu, cuda or cuda:N. The seed reproduces diffusers' images on any device (the noise
+    /// is drawn on the CPU), up to the device's arithmetic.
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceChoice,
+}
+
+/// Where the `samples` images go: `out` itself for one image to a .png path, numbered siblings
+/// for several, `image-<i>.png` inside `out` when it is a folder.
+pub fn output_paths(out: &Path, samples: usize) -> Result<Vec<PathBuf>> {
+    let ext = out.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("png") if !out.is_dir() => {
+            if samples == 1 {
+                return Ok(vec![out.to_path_buf()]);
+            }
+            let stem = out.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            Ok((0..samples).map(|i| out.with_file_name(format!("{stem}-{i}.png"))).collect())
+        }
+        Some(other) if !out.is_dir() => {
+            bail!("--out {}: .{other} is not supported; give a .png file or a folder", out.display())
+        }
+        _ => {
+            if out.exists() && !out.is_dir() {
+                bail!("--out {}: exists and is not a folder", out.display());
+            }
+            Ok((0..samples).map(|i| out.join(format!("image-{i}.png"))).collect())
+        }
+    }
+}
+
+fn progress_bar(steps: usize) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(steps as u64);
+    if let Ok(style) =
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {elapsed_precise} ({eta} left)")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix("denoising");
+    bar
+}
+
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    if !(1..=4).contains(&args.samples) {
+        bail!("--samples {}: must be 1 to 4", args.samples);
+    }
+    let seed = resolve_seed(args.seed).context("--seed")?;
+    let req = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        scheduler: args.scheduler,
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        seed,
+        width: args.width,
+        height: args.height,
+        samples: args.samples,
+    };
+    // bad sizes and counts fail before anything is loaded
+    req.validate()?;
+    let paths = output_paths(&args.out, args.samples)?;
+    let device = match args.device {
+        DeviceChoice::Cuda(i) if i >= tch::Cuda::device_count().max(0) as usize => {
+            bail!("--device cuda:{i}: this machine has {} CUDA device(s)", tch::Cuda::device_count())
+        }
+        d => d.resolve().context("--device")?,
+    };
+
+    let unet = args.unet.as_deref().map(|p| UnetSource::resolve(p, args.ema)).transpose()?;
+    let t2i = TextToImage::load(&args.model, unet.as_ref(), device)?;
+    let (width, height) = t2i.parts().image_size(&req)?;
+    let bar = progress_bar(req.steps);
+    let images = t2i.generate_with_progress(&req, &mut |done, _| bar.set_position(done as u64))?;
+    bar.finish_and_clear();
+
+    for dir in paths.iter().filter_map(|p| p.parent()).filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut text = vec![
+        ("prompt", req.prompt.clone()),
+        ("negative_prompt", req.negative_prompt.clone().unwrap_or_default()),
+        ("seed", seed.to_string()),
+        ("scheduler", req.scheduler.name().to_string()),
+        ("steps", req.steps.to_string()),
+        ("guidance_scale", req.guidance_scale.to_string()),
+        ("width", width.to_string()),
+        ("height", height.to_string()),
+        ("model", args.model.display().to_string()),
+    ];
+    if let Some(u) = &unet {
+        text.push(("unet", u.describe()));
+    }
+    text.push(("samples", req.samples.to_string()));
+    text.push(("Software", format!("sdkd {}", env!("CARGO_PKG_VERSION"))));
+    for (i, (image, path)) in images.iter().zip(&paths).enumerate() {
+        let mut chunks = text.clone();
+        chunks.push(("sample_index", i.to_string()));
+        write_png(path, image, &chunks)?;
+        println!("wrote {}", path.display());
+    }
+    let random = if args.seed == -1 { " (random)" } else { "" };
+    println!(
+        "seed {seed}{random}, {} {} steps, guidance {}, {width}x{height}",
+        req.scheduler, req.steps, req.guidance_scale
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_paths_number_files_or_fill_a_folder() {
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(output_paths(&p("a/out.png"), 1).unwrap(), vec![p("a/out.png")]);
+        assert_eq!(output_paths(&p("a/out.PNG"), 2).unwrap(), vec![p("a/out-0.png"), p("a/out-1.png")]);
+        assert_eq!(output_paths(&p("imgs"), 2).unwrap(), vec![p("imgs/image-0.png"), p("imgs/image-1.png")]);
+        let e = output_paths(&p("out.jpg"), 1).unwrap_err().to_string();
+        assert!(e.contains("out.jpg"), "{e}");
+    }
+}

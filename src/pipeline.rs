@@ -1,0 +1,458 @@
+//! Text to image, step for step what diffusers' `StableDiffusionPipeline.__call__` does, so that
+//! `--seed S` on the CPU gives diffusers' image with `torch.Generator("cpu").manual_seed(S)`:
+//!
+//! 1. tokenise the prompt and the negative prompt (`""` when none) to 77 ids each and encode them
+//!    one at a time (diffusers calls the text encoder twice, never on a batch of both);
+//! 2. with guidance (`guidance_scale > 1`) the UNet sees the batch `[uncond; cond]`;
+//! 3. seed LibTorch's CPU generator, draw the latents `(samples, 4, h/f, w/f)` in one `randn` and
+//!    multiply by the sampler's `init_noise_sigma` (DDPM and Euler-a draw their step noise from
+//!    the same generator afterwards, in diffusers' order);
+//! 4. per step: `scale_model_input`, UNet, `uncond + g·(cond - uncond)`, sampler step;
+//! 5. VAE decode of `latents / scaling_factor`, `(x·0.5 + 0.5).clamp(0, 1)`, `(x·255).round()`
+//!    to u8 (diffusers' `numpy_to_pil`).
+//!
+//! `TextToImage` owns the parts loaded from a pipeline folder; `generate_with` takes borrowed
+//! `Parts`, so the trainer can render validation images with its in-memory student UNet.
+//!
+//! Note: seeding is through LibTorch's *global* generator (tch exposes no generator objects), so a
+//! caller with its own random stream (the trainer) must reseed it after generating.
+use crate::commands::prune::unet_dir;
+use crate::models::unet_config::UNetConfig;
+use crate::models::{
+    weights, AutoencoderKL, ClipTextEncoder, ClipTextModel, ClipTokenizer, Init, PipelineDir, UNet,
+    UNet2DConditionModel, Vae,
+};
+use crate::schedulers::{randn, NoiseSchedule, SchedulerConfig, SchedulerKind};
+use anyhow::{bail, ensure, Context, Result};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// One text-to-image call. Defaults follow the product's API brief (UniPC, 20 steps, 7.5).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    /// `None` is diffusers' default: the empty string as the unconditional prompt.
+    pub negative_prompt: Option<String>,
+    pub scheduler: SchedulerKind,
+    pub steps: usize,
+    /// Classifier-free guidance is on when > 1 (as diffusers).
+    pub guidance_scale: f64,
+    /// A concrete seed (see `resolve_seed` for -1 = random).
+    pub seed: u64,
+    /// Pixels; `None`: the UNet's `sample_size` × the VAE's downscale factor (diffusers' default).
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    /// Images drawn together in one batch from one seed (diffusers' `num_images_per_prompt`).
+    pub samples: usize,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        GenerateRequest {
+            prompt: String::new(),
+            negative_prompt: None,
+            scheduler: SchedulerKind::Unipc,
+            steps: 20,
+            guidance_scale: 7.5,
+            seed: 0,
+            width: None,
+            height: None,
+            samples: 1,
+        }
+    }
+}
+
+impl GenerateRequest {
+    /// Checks what does not depend on the model (sizes are checked in `image_size`).
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.steps >= 1, "steps = {}: must be at least 1", self.steps);
+        ensure!(self.samples >= 1, "samples = {}: must be at least 1", self.samples);
+        ensure!(
+            self.guidance_scale.is_finite() && self.guidance_scale >= 0.0,
+            "guidance_scale = {}: must be a finite number >= 0",
+            self.guidance_scale
+        );
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if let Some(v) = v {
+                ensure!(v > 0 && v % 8 == 0, "{name} = {v}: must be a positive multiple of 8");
+            }
+        }
+        Ok(())
+    }
+
+    pub fn do_classifier_free_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
+}
+
+/// `seed` as given on the command line: -1 draws a random one (in 0..2^32, short enough to type
+/// back), any other value must be >= 0.
+pub fn resolve_seed(seed: i64) -> Result<u64> {
+    match seed {
+        -1 => {
+            use std::hash::{BuildHasher, Hasher};
+            // std's RandomState is seeded from the OS; mix in the time for good measure
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+            );
+            Ok(h.finish() >> 32)
+        }
+        s if s >= 0 => Ok(s as u64),
+        s => bail!("seed = {s}: must be >= 0, or -1 for a random seed"),
+    }
+}
+
+/// Borrowed parts of a Stable Diffusion pipeline: what `generate_with` needs.
+#[derive(Clone, Copy)]
+pub struct Parts<'a> {
+    pub tokenizer: &'a ClipTokenizer,
+    pub text_encoder: &'a ClipTextModel,
+    pub vae: &'a AutoencoderKL,
+    pub unet: &'a UNet2DConditionModel,
+    pub schedule: &'a Arc<NoiseSchedule>,
+}
+
+impl Parts<'_> {
+    /// (width, height) of the request, or diffusers' default from the UNet and VAE configs;
+    /// errors name the value that is not a multiple of 8.
+    pub fn image_size(&self, req: &GenerateRequest) -> Result<(i64, i64)> {
+        let f = self.vae.config.downscale_factor();
+        let default = self.unet.config.sample_size.map(|s| s * f);
+        let pick = |name: &str, v: Option<i64>| -> Result<i64> {
+            let v = match v.or(default) {
+                Some(v) => v,
+                None => bail!("{name}: the UNet config has no sample_size, so give the {name} explicitly"),
+            };
+            ensure!(v > 0 && v % 8 == 0, "{name} = {v}: must be a positive multiple of 8");
+            ensure!(v % f == 0, "{name} = {v}: must be a multiple of the VAE's downscale factor {f}");
+            Ok(v)
+        };
+        Ok((pick("width", req.width)?, pick("height", req.height)?))
+    }
+
+    /// The text encoder's output for one prompt, (1, 77, hidden), as the UNet wants it.
+    fn encode_prompt(&self, text: &str) -> Tensor {
+        let ids = self.tokenizer.encode_batch(&[text], Device::Cpu);
+        self.text_encoder.prompt_embeds(&ids, 0)
+    }
+}
+
+/// Runs the pipeline on `parts`; `on_step(done, total)` is called after each step.
+/// Returns `req.samples` images of (width, height).
+pub fn generate_with(
+    parts: &Parts<'_>,
+    req: &GenerateRequest,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<RgbImage>> {
+    req.validate()?;
+    let (width, height) = parts.image_size(req)?;
+    let _no_grad = tch::no_grad_guard();
+    let unet = parts.unet;
+    let (device, unet_kind) = (unet.device(), unet.kind());
+    let n = req.samples as i64;
+    let cfg = req.do_classifier_free_guidance();
+
+    // 1-2: prompt embeddings, repeated per sample, [uncond; cond] with guidance
+    let per_sample = |e: Tensor| -> Tensor {
+        let (_, seq, dim) = e.size3().expect("prompt embeddings are (1, seq, dim)");
+        e.repeat([1, n, 1]).view([n, seq, dim])
+    };
+    let cond = per_sample(parts.encode_prompt(&req.prompt));
+    let context = if cfg {
+        let uncond = per_sample(parts.encode_prompt(req.negative_prompt.as_deref().unwrap_or("")));
+        Tensor::cat(&[uncond, cond], 0)
+    } else {
+        cond
+    };
+    let context = context.to_device(device).to_kind(unet_kind); // (b, 77, cross_attention_dim)
+
+    // 3: the sampler and the initial latents from the seed
+    let mut sampler = req.scheduler.build(parts.schedule, req.steps)?;
+    let f = parts.vae.config.downscale_factor();
+    let shape = [n, unet.config.in_channels, height / f, width / f];
+    tch::manual_seed(req.seed as i64); // the same bits as torch's manual_seed(u64)
+    let mut latents = randn(&shape, Kind::Float, device) * sampler.init_noise_sigma();
+
+    // 4: the denoising loop
+    let total = sampler.num_inference_steps();
+    for i in 0..total {
+        let input = if cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
+        let input = sampler.scale_model_input(&input, i);
+        let t = sampler.timestep_tensor(i, device);
+        let pred = unet.predict(&input.to_kind(unet_kind), &t, &context).to_kind(Kind::Float);
+        let pred = if cfg {
+            let halves = pred.chunk(2, 0);
+            let (uncond, text) = (&halves[0], &halves[1]);
+            uncond + (text - uncond) * req.guidance_scale
+        } else {
+            pred
+        };
+        latents = sampler.step(&pred, i, &latents);
+        on_step(i + 1, total);
+    }
+
+    // 5: decode and quantise as diffusers' image processor does
+    let vae = parts.vae;
+    let z = (&latents / vae.config.scaling_factor).to_device(vae.device()).to_kind(vae.kind());
+    let images = vae.decode(&z).to_kind(Kind::Float).to_device(Device::Cpu); // (n, 3, H, W)
+    Ok(to_rgb_images(&images))
+}
+
+/// (n, 3, H, W) decoder output in [-1, 1] -> RGB images, rounded as diffusers' `numpy_to_pil`.
+pub fn to_rgb_images(images: &Tensor) -> Vec<RgbImage> {
+    let (n, c, h, w) = images.size4().expect("images must be (n, 3, H, W)");
+    assert_eq!(c, 3, "images must have 3 channels, got {c}");
+    let x = (images.to_kind(Kind::Float) * 0.5 + 0.5).clamp(0.0, 1.0);
+    let x = (x * 255.0).round().to_kind(Kind::Uint8).permute([0, 2, 3, 1]).contiguous(); // (n, H, W, 3)
+    (0..n)
+        .map(|i| {
+            let bytes = Vec::<u8>::try_from(&x.get(i).view(-1)).expect("u8 image to bytes");
+            RgbImage::from_raw(w as u32, h as u32, bytes).expect("image buffer of the right size")
+        })
+        .collect()
+}
+
+/// Where a replacement UNet comes from (`--unet`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnetSource {
+    /// A diffusers UNet folder (from `prune`, `export`, or a pipeline's `unet/`).
+    Folder(PathBuf),
+    /// A training checkpoint: `unet/config.json` plus these weights (`student.safetensors` or
+    /// `ema.safetensors`).
+    Checkpoint { config_dir: PathBuf, weights: PathBuf },
+}
+
+impl UnetSource {
+    /// Reads what `path` is: a UNet folder, a pipeline folder (its `unet/`), a training
+    /// checkpoint (`unet/config.json` + `student.safetensors` / `ema.safetensors`), or a run's
+    /// `final/` (`unet/`, `unet_ema/`). `ema` picks the EMA weights (`ema.safetensors` or
+    /// `unet_ema/`); otherwise a checkpoint gives its student weights, or its EMA when that is all
+    /// it has.
+    pub fn resolve(path: &Path, ema: bool) -> Result<Self> {
+        if !path.is_dir() {
+            bail!("--unet {}: not a folder (a UNet folder, a pipeline folder or a checkpoint folder)", path.display());
+        }
+        let is_unet = |dir: &Path| {
+            dir.join("config.json").is_file() && weights::weight_files(dir, "diffusion_pytorch_model").is_ok()
+        };
+        let path = unet_dir(path);
+        let config_dir = path.join("unet");
+        if config_dir.join("config.json").is_file() {
+            let (student, ema_file) = (path.join("student.safetensors"), path.join("ema.safetensors"));
+            let weights = match (ema, student.is_file(), ema_file.is_file()) {
+                (true, _, true) | (false, false, true) => Some(ema_file),
+                (false, true, _) => Some(student),
+                _ => None,
+            };
+            if let Some(weights) = weights {
+                return Ok(UnetSource::Checkpoint { config_dir, weights });
+            }
+        }
+        let candidates = if ema { vec![path.join("unet_ema")] } else { vec![path.clone(), config_dir] };
+        if let Some(dir) = candidates.into_iter().find(|d| is_unet(d)) {
+            return Ok(UnetSource::Folder(dir));
+        }
+        if ema {
+            bail!(
+                "--unet {} --ema: no EMA weights there (a checkpoint's ema.safetensors or a run's final/unet_ema/)",
+                path.display()
+            );
+        }
+        bail!(
+            "--unet {}: found no UNet in it (expected config.json + diffusion_pytorch_model.safetensors, a pipeline \
+             folder, or a checkpoint folder with unet/config.json and student.safetensors or ema.safetensors)",
+            path.display()
+        )
+    }
+
+    pub fn load(&self, device: Device, kind: Kind) -> Result<UNet> {
+        match self {
+            UnetSource::Folder(dir) => UNet::load(dir, device, kind),
+            UnetSource::Checkpoint { config_dir, weights: file } => {
+                let config = UNetConfig::from_path(config_dir)?;
+                let unet = UNet::build(&config, device, kind, Init::Empty);
+                weights::load_strict(&unet.vs.variables(), std::slice::from_ref(file)).with_context(|| {
+                    format!("loading checkpoint UNet {} with {}", file.display(), config_dir.display())
+                })?;
+                Ok(unet)
+            }
+        }
+    }
+
+    /// What the PNG's `unet` chunk records.
+    pub fn describe(&self) -> String {
+        match self {
+            UnetSource::Folder(dir) => dir.display().to_string(),
+            UnetSource::Checkpoint { weights, .. } => weights.display().to_string(),
+        }
+    }
+}
+
+/// A Stable Diffusion pipeline loaded once: tokenizer, text encoder, VAE, UNet and the noise
+/// schedule of its `scheduler_config.json` (every sampler is configured from it).
+pub struct TextToImage {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: ClipTextEncoder,
+    pub vae: Vae,
+    pub unet: UNet,
+    pub schedule: Arc<NoiseSchedule>,
+}
+
+impl TextToImage {
+    /// Loads the pipeline folder `model_dir` in float32 on `device`, with `unet` replacing its
+    /// UNet when given.
+    pub fn load(model_dir: &Path, unet: Option<&UnetSource>, device: Device) -> Result<Self> {
+        let pipe = PipelineDir::open(model_dir)?;
+        let kind = Kind::Float;
+        let schedule_path = pipe.scheduler_config_path()?;
+        let config =
+            SchedulerConfig::from_path(&schedule_path).with_context(|| format!("pipeline {}", model_dir.display()))?;
+        let schedule = Arc::new(
+            NoiseSchedule::new(config).with_context(|| format!("scheduler config {}", schedule_path.display()))?,
+        );
+        let unet = match unet {
+            Some(source) => source.load(device, kind)?,
+            None => pipe.load_unet(device, kind)?,
+        };
+        let t2i = TextToImage {
+            tokenizer: pipe.load_tokenizer()?,
+            text_encoder: pipe.load_text_encoder(device, kind)?,
+            vae: pipe.load_vae(device, kind)?,
+            unet,
+            schedule,
+        };
+        t2i.check_compatible(&t2i.unet.model).with_context(|| format!("pipeline {}", model_dir.display()))?;
+        Ok(t2i)
+    }
+
+    /// Checks that `unet` fits this pipeline's text encoder and VAE (a swapped-in UNet must).
+    pub fn check_compatible(&self, unet: &UNet2DConditionModel) -> Result<()> {
+        let (c, hidden, latent) =
+            (&unet.config, self.text_encoder.model.config.hidden_size, self.vae.model.config.latent_channels);
+        ensure!(
+            c.cross_attention_dim == hidden,
+            "the UNet's cross_attention_dim {} differs from the text encoder's hidden_size {hidden}",
+            c.cross_attention_dim
+        );
+        ensure!(
+            c.in_channels == latent && c.out_channels == latent,
+            "the UNet's in/out channels {}/{} differ from the VAE's latent_channels {latent}",
+            c.in_channels,
+            c.out_channels
+        );
+        Ok(())
+    }
+
+    /// The borrowed parts, with this pipeline's UNet. Replace `unet` to render with another one:
+    /// `generate_with(&Parts { unet: &student.model, ..t2i.parts() }, &req, &mut |_, _| {})`.
+    pub fn parts(&self) -> Parts<'_> {
+        Parts {
+            tokenizer: &self.tokenizer,
+            text_encoder: &self.text_encoder.model,
+            vae: &self.vae.model,
+            unet: &self.unet.model,
+            schedule: &self.schedule,
+        }
+    }
+
+    pub fn generate(&self, req: &GenerateRequest) -> Result<Vec<RgbImage>> {
+        generate_with(&self.parts(), req, &mut |_, _| {})
+    }
+
+    /// `generate` reporting each step to `on_step(done, total)`.
+    pub fn generate_with_progress(
+        &self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Vec<RgbImage>> {
+        generate_with(&self.parts(), req, on_step)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds() {
+        assert_eq!(resolve_seed(0).unwrap(), 0);
+        assert_eq!(resolve_seed(2313248373).unwrap(), 2313248373);
+        assert!(resolve_seed(-1).unwrap() < 1 << 32);
+        let e = resolve_seed(-2).unwrap_err().to_string();
+        assert!(e.contains("-2"), "{e}");
+    }
+
+    #[test]
+    fn unet_sources() {
+        let root = std::env::temp_dir().join(format!("sdkd-unet-source-{}", std::process::id()));
+        let touch = |p: &str| {
+            let p = root.join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"{}").unwrap();
+        };
+        for f in ["u/config.json", "u/diffusion_pytorch_model.safetensors"] {
+            touch(f);
+        }
+        for f in ["p/model_index.json", "p/unet/config.json", "p/unet/diffusion_pytorch_model.fp16.safetensors"] {
+            touch(f);
+        }
+        for f in [
+            "c/unet/config.json",
+            "c/student.safetensors",
+            "c/ema.safetensors",
+            "e/unet/config.json",
+            "e/ema.safetensors",
+        ] {
+            touch(f);
+        }
+        for f in ["f/unet/config.json", "f/unet/diffusion_pytorch_model.safetensors"] {
+            touch(f);
+        }
+        for f in ["f/unet_ema/config.json", "f/unet_ema/diffusion_pytorch_model.safetensors"] {
+            touch(f);
+        }
+        let r = |p: &str, ema: bool| UnetSource::resolve(&root.join(p), ema);
+        let folder = |p: &str| UnetSource::Folder(root.join(p));
+        let ckpt = |c: &str, w: &str| UnetSource::Checkpoint { config_dir: root.join(c), weights: root.join(w) };
+        assert_eq!(r("u", false).unwrap(), folder("u"));
+        assert_eq!(r("p", false).unwrap(), folder("p/unet"));
+        assert_eq!(r("c", false).unwrap(), ckpt("c/unet", "c/student.safetensors"));
+        assert_eq!(r("c", true).unwrap(), ckpt("c/unet", "c/ema.safetensors"));
+        assert_eq!(r("e", false).unwrap(), ckpt("e/unet", "e/ema.safetensors")); // only the EMA exists
+        assert_eq!(r("f", false).unwrap(), folder("f/unet"));
+        assert_eq!(r("f", true).unwrap(), folder("f/unet_ema"));
+        for (p, ema, needle) in
+            [("u", true, "--ema"), ("p", true, "--ema"), ("nope", false, "nope"), ("c/unet", false, "c/unet")]
+        {
+            let e = r(p, ema).unwrap_err().to_string();
+            assert!(e.contains(needle), "{p}: {e}");
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn request_checks_name_the_value() {
+        let req = GenerateRequest { width: Some(30), ..Default::default() };
+        let e = req.validate().unwrap_err().to_string();
+        assert!(e.contains("width") && e.contains("30"), "{e}");
+        let req = GenerateRequest { height: Some(0), ..Default::default() };
+        assert!(req.validate().unwrap_err().to_string().contains("height"));
+        let req = GenerateRequest { guidance_scale: f64::NAN, ..Default::default() };
+        assert!(req.validate().unwrap_err().to_string().contains("guidance_scale"));
+        assert!(GenerateRequest::default().validate().is_ok());
+    }
+
+    #[test]
+    fn quantisation_clamps_and_rounds() {
+        // channels [-1.5, -1], [0, 1], [2, 0.001] -> (x·0.5 + 0.5).clamp(0, 1)·255 rounded
+        let x = Tensor::from_slice(&[-1.5f32, -1.0, 0.0, 1.0, 2.0, 0.001]).view([1, 3, 1, 2]);
+        let img = &to_rgb_images(&x)[0];
+        assert_eq!(img.get_pixel(0, 0).0, [0, 128, 255]); // 127.5 rounds to even 128
+        assert_eq!(img.get_pixel(1, 0).0, [0, 255, 128]); // 127.6275
+        let y = Tensor::from_slice(&[-0.004f32; 3]).view([1, 3, 1, 1]);
+        assert_eq!(to_rgb_images(&y)[0].get_pixel(0, 0).0, [127; 3]); // 126.99
+    }
+}
