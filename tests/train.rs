@@ -33,10 +33,11 @@ fn config(dir: &Path, max_steps: u64, extra: &str) -> PathBuf {
         "teacher: {}\nstudent: bk_small\noutput_dir: {}\ndata:\n  path: {}\n  resolution: 16\n\
          train:\n  batch_size: 4\n  grad_accum: 2\n  max_steps: {max_steps}\n  seed: 7\n  device: cpu\n  precision: fp32\n  ema_decay: 0.9\n\
          optim:\n  lr: 1.0e-3\n  schedule: cosine\n  warmup_steps: 2\n\
-         checkpoint:\n  every: 3\n  keep: 2\nlog:\n  every: 1\nvalidation:\n  every: 0\n{extra}",
+         checkpoint:\n  every: 3\n  keep: 2\nlog:\n  every: 1\n{}",
         f.teacher.display(),
         dir.join("run").display(),
-        f.data.display()
+        f.data.display(),
+        if extra.is_empty() { "validation:\n  every: 0\n" } else { extra }
     );
     let path = dir.join(format!("run-{max_steps}.yaml"));
     std::fs::write(&path, text).unwrap();
@@ -71,8 +72,15 @@ fn tensorboard(dir: &Path) -> serde_json::Value {
 #[test]
 fn loss_falls_and_tensorboard_reads_every_term() {
     let tmp = tempdir();
-    train(&["--config", config(tmp.path(), 24, "").to_str().unwrap()]);
+    let validation = "validation:\n  every: 12\n  prompts: [\"a red circle\", \"two blue squares\"]\n  steps: 3\n  guidance_scale: 2.0\n";
+    train(&["--config", config(tmp.path(), 24, validation).to_str().unwrap()]);
     let tb = tensorboard(&tmp.path().join("run/tb"));
+    // validation grids: a teacher row over a student row, one column per prompt
+    let images = tb["images"]["validation"].as_array().unwrap();
+    assert_eq!(images.iter().map(|i| i["step"].as_i64().unwrap()).collect::<Vec<_>>(), vec![12, 24]);
+    let grid = image::open(tmp.path().join("run/samples/step-24.png")).unwrap();
+    assert_eq!((grid.width(), grid.height()), (images[1]["width"].as_u64().unwrap() as u32, images[1]["height"].as_u64().unwrap() as u32));
+    assert!(grid.width() >= 2 * 16 && grid.height() >= 2 * 16, "two prompts side by side, teacher and student rows");
     let s = &tb["scalars"];
     for tag in ["loss/total", "loss/task", "loss/output_kd", "loss/feature_kd", "lr", "grad_norm", "samples_per_s", "data/skipped_samples"] {
         assert_eq!(s[tag].as_array().map(|a| a.len()), Some(24), "{tag}: {}", s[tag]);
@@ -95,8 +103,10 @@ fn loss_falls_and_tensorboard_reads_every_term() {
 
 #[test]
 fn resume_is_bit_exact_also_into_a_new_folder() {
+    // validation sampling in between must not disturb the training randomness
+    let v = "validation:\n  every: 2\n  prompts: [\"a red circle\"]\n  steps: 2\n";
     let straight = tempdir();
-    train(&["--config", config(straight.path(), 6, "").to_str().unwrap()]);
+    train(&["--config", config(straight.path(), 6, v).to_str().unwrap()]);
     let split = tempdir();
     train(&["--config", config(split.path(), 3, "").to_str().unwrap()]);
     train(&["--config", config(split.path(), 6, "").to_str().unwrap(), "--resume", "latest"]);

@@ -2,6 +2,7 @@
 //! trainer that runs them.
 pub mod checkpoint;
 pub mod encoder;
+pub mod evaluate;
 pub mod loss;
 pub mod optim;
 pub mod progress;

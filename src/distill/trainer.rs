@@ -16,8 +16,11 @@ use crate::config::{RunConfig, StudentInit};
 use crate::data::order::{hash, Stream};
 use crate::data::{Cursor, ImageFolder, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Transform};
 use crate::export;
-use crate::models::{weights, Init, PipelineDir, UNet, UNetConfig};
-use crate::schedulers::{NoiseSchedule, SchedulerConfig};
+use crate::grid::grid;
+use crate::models::{weights, Init, PipelineDir, UNet, UNet2DConditionModel, UNetConfig};
+use crate::pipeline::{generate_with, GenerateRequest, Parts};
+use crate::png_meta::write_png;
+use crate::schedulers::{NoiseSchedule, SchedulerConfig, SchedulerKind};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -399,9 +402,52 @@ impl Trainer {
         Ok(())
     }
 
-    /// Validation images: see `validation.rs`.
+    /// The validation prompts through the teacher (when one is loaded) and the student, with the
+    /// run's seed: `samples/step-N.png` (a teacher row over a student row) and a TensorBoard image.
+    /// Sampling reseeds the generator, which changes nothing for training: each step reseeds too.
     fn validate(&self, tb: Option<&mut EventWriter>) -> Result<()> {
-        let _ = tb;
+        let v = &self.cfg.validation;
+        let encoder = self.encoder.as_ref().ok_or_else(|| anyhow!("validation needs the teacher pipeline's VAE and text encoder"))?;
+        let scheduler: SchedulerKind = v.scheduler.parse().map_err(|e| anyhow!("validation.scheduler: {e}"))?;
+        let d = &self.distiller;
+        let base = Parts {
+            tokenizer: &encoder.tokenizer,
+            text_encoder: &encoder.text_encoder.model,
+            vae: &encoder.vae.model,
+            unet: &d.student.model,
+            schedule: &d.schedule,
+        };
+        let mut models: Vec<&UNet2DConditionModel> = vec![];
+        if let Some(t) = &d.teacher {
+            models.push(&t.unet.model);
+        }
+        models.push(&d.student.model);
+        let mut rows = vec![];
+        for unet in models {
+            let mut row = vec![];
+            for prompt in &v.prompts {
+                let req = GenerateRequest {
+                    prompt: prompt.clone(),
+                    scheduler,
+                    steps: v.steps as usize,
+                    guidance_scale: v.guidance_scale,
+                    seed: self.cfg.train.seed,
+                    ..GenerateRequest::default()
+                };
+                row.extend(generate_with(&Parts { unet, ..base }, &req, &mut |_, _| {})?);
+            }
+            rows.push(row);
+        }
+        let image = grid(&rows);
+        let dir = self.cfg.output_dir.join("samples");
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("step-{}.png", self.step));
+        let text: Vec<(&str, String)> = vec![("prompts", v.prompts.join(" | ")), ("rows", if rows.len() == 2 { "teacher, student" } else { "student" }.into())];
+        write_png(&path, &image, &text)?;
+        if let Some(tb) = tb {
+            tb.add_image_rgb("validation", image.as_raw(), image.width(), image.height(), self.step)?;
+            tb.flush()?;
+        }
         Ok(())
     }
 
