@@ -57,14 +57,6 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Tensor {
-        sample.shallow_clone()
-    }
-
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
         check_step_order(SchedulerKind::Ddim, self.next_step, step_index, self.timesteps.len());
         self.next_step += 1;

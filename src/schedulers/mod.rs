@@ -65,11 +65,15 @@ pub trait Sampler: Send {
         &[]
     }
 
-    /// What the initial unit-variance noise is multiplied by.
-    fn init_noise_sigma(&self) -> f64;
+    /// What the initial unit-variance noise is multiplied by (1 but for the Euler samplers).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
     /// The UNet input at `step_index` (Euler divides by sqrt(σ² + 1); the others return `sample`).
-    fn scale_model_input(&self, sample: &Tensor, step_index: usize) -> Tensor;
+    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Tensor {
+        sample.shallow_clone()
+    }
 
     /// x_{i+1} from the model output at `step_index` and the current sample x_i. Steps must be
     /// taken in order 0, 1, 2, ... (multistep samplers keep history). The result has `sample`'s

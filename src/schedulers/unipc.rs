@@ -245,14 +245,6 @@ impl Sampler for UniPc {
         &self.steps.sigmas
     }
 
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn scale_model_input(&self, sample: &Tensor, _step_index: usize) -> Tensor {
-        sample.shallow_clone()
-    }
-
     fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
         let n = self.steps.timesteps.len();
         check_step_order(SchedulerKind::Unipc, self.state.next_step, step_index, n);
