@@ -2,6 +2,7 @@
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod demo;
 pub mod distill;
 pub mod export;
 pub mod grid;

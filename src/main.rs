@@ -20,6 +20,8 @@ enum Command {
     Train(commands::train::TrainArgs),
     /// Write a checkpoint as a diffusers UNet folder or a whole pipeline folder.
     Export(commands::export::ExportArgs),
+    /// The whole job on embedded data: synthetic set, teacher, distillation, control, images, report.
+    Demo(commands::demo::DemoArgs),
     /// Text to image with a pipeline folder (and optionally a student UNet); writes PNGs.
     Generate(commands::generate::GenerateArgs),
     /// Write the built-in synthetic image-caption dataset (imagefolder layout).
@@ -54,6 +56,7 @@ fn main() {
         Command::Prune(a) => commands::prune::run(a),
         Command::Train(a) => commands::train::run(a),
         Command::Export(a) => commands::export::run(a),
+        Command::Demo(a) => commands::demo::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Preprocess(a) => commands::preprocess::run(a),

@@ -1,0 +1,34 @@
+//! `sdkd demo --quick`: the whole job runs end to end and leaves what a person looks at: a report
+//! with every model's held-out loss, a grid, pipelines diffusers loads, and rerunnable run files.
+mod common;
+
+use common::*;
+
+#[test]
+fn quick_demo_runs_the_whole_job() {
+    let tmp = tempdir();
+    let out = tmp.path().join("demo");
+    let o = sdkd(&["demo", "--quick", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "demo failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for row in ["| teacher |", "| bk_small pruned |", "| bk_small KD |", "| bk_small scratch |"] {
+        assert!(report.contains(row), "report lacks {row}:\n{report}");
+    }
+    let losses: Vec<f64> = report
+        .lines()
+        .filter(|l| l.starts_with("| teacher") || l.starts_with("| bk_small"))
+        .map(|l| l.trim_end_matches('|').rsplit('|').next().unwrap().trim().parse().unwrap())
+        .collect();
+    assert!(losses.len() == 4 && losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    // 4 rows (held-out image, teacher, KD student, control) of 2 prompts, 32 px enlarged 4x
+    let grid = image::open(out.join("grid.png")).unwrap();
+    assert!(grid.height() >= 4 * 128 && grid.width() >= 2 * 128, "{}x{}", grid.width(), grid.height());
+    for dir in ["teacher", "student_kd", "student_scratch"] {
+        run_reference("check_pipeline.py", &[out.join(dir).to_str().unwrap()]);
+    }
+    for cfg in ["teacher", "student_kd", "student_scratch"] {
+        let path = out.join("configs").join(format!("{cfg}.yaml"));
+        sdkd::config::RunConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+    }
+    assert!(out.join("runs/student_kd/tb").is_dir());
+}
