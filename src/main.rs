@@ -22,6 +22,8 @@ enum Command {
     Synth(commands::synth::SynthArgs),
     /// Encode a dataset once (VAE latents, text embeddings) into a cache `train` can read.
     Preprocess(commands::preprocess::PreprocessArgs),
+    /// Time the distillation training step or a denoising step on random inputs.
+    Bench(commands::bench::BenchArgs),
 }
 
 /// LibTorch's OpenMP workers spin-wait between kernels by default, which burns the cores the
@@ -51,6 +53,7 @@ fn main() {
         Command::Train(a) => commands::train::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Preprocess(a) => commands::preprocess::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -1,5 +1,6 @@
 //! One module per `sdkd` subcommand: its clap arguments and what it does. `main.rs` only parses
 //! and reports.
+pub mod bench;
 pub mod inspect;
 pub mod preprocess;
 pub mod prune;
