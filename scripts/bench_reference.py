@@ -1,13 +1,19 @@
-"""The PyTorch eager reference of sdkd's benchmarks: the anchors' distillation step (diffusers
-UNets, forward hooks for the block features as BK-SDM and Segmind do, the same three losses,
-clip_grad_norm_, torch.optim.AdamW) and the denoising step of inference (CFG batch 2).
+"""The PyTorch eager reference of `sdkd bench`: the anchors' distillation step (diffusers UNets,
+forward hooks for the block features as BK-SDM and Segmind do, the same three losses,
+clip_grad_norm_, torch.optim.AdamW with PyTorch's defaults) and the denoising step of inference
+(one UNet forward on the CFG batch and the guidance combination).
 
-usage: bench_reference.py --teacher CONFIG.json [--student CONFIG.json --pairs PAIRS.json]
+usage: bench_reference.py --teacher CONFIG.json [--student CONFIG.json] [--pairs PAIRS.json]
          --batch-size B --latent-size L --steps N [--warmup W] [--mode train|infer]
-Prints {"steps_per_s", "step_ms_median", "peak_mem_mb"} as JSON. Weights are random: speed does
-not depend on their values.
+         [--threads T] [--device cpu|cuda]
+PAIRS.json is a list of [teacher feature, student feature] module names (what `sdkd bench
+--json` reports as student.feature_pairs). In infer mode the student's config, when given, is
+the UNet timed; else the teacher's. Prints one JSON object with steps_per_s, step_ms_median and
+peak_mem_mb (peak RSS, including the Python interpreter). Weights are random: speed does not
+depend on their values. The timed region matches sdkd's: inputs are drawn before the clock
+starts; a step ends after zero_grad (train) or the guidance combination (infer).
 """
-import argparse, json, resource, statistics, time
+import argparse, json, os, resource, statistics, time
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel, DDPMScheduler
@@ -21,69 +27,96 @@ p.add_argument("--latent-size", type=int, default=64)
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--warmup", type=int, default=2)
 p.add_argument("--mode", default="train", choices=["train", "infer"])
+p.add_argument("--threads", type=int)
+p.add_argument("--device", default="cpu")
+p.add_argument("--seed", type=int, default=0)
 a = p.parse_args()
-torch.manual_seed(0)
+if a.threads:
+    torch.set_num_threads(a.threads)
+torch.manual_seed(a.seed)
+dev = torch.device(a.device)
 
 
 def build(path):
-    return UNet2DConditionModel.from_config(json.load(open(path)))
+    with open(path) as f:
+        return UNet2DConditionModel.from_config(json.load(f)).to(dev)
 
 
-teacher = build(a.teacher).eval().requires_grad_(False)
-ctx_dim = teacher.config.cross_attention_dim
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+B, L = a.batch_size, a.latent_size
 times = []
+info = {}
 
 if a.mode == "infer":
-    # one denoising step with classifier-free guidance: batch 2 (uncond, cond)
-    lat = torch.randn(1, 4, a.latent_size, a.latent_size)
-    ctx = torch.randn(2, 77, ctx_dim)
+    unet = build(a.student or a.teacher).eval().requires_grad_(False)
+    info["params"] = sum(p.numel() for p in unet.parameters())
+    lat = torch.randn(B, unet.config.in_channels, L, L, device=dev)
+    ctx = torch.randn(2 * B, 77, unet.config.cross_attention_dim, device=dev)
+    t = torch.tensor(500, device=dev)
     with torch.no_grad():
         for i in range(a.warmup + a.steps):
+            sync()
             t0 = time.perf_counter()
-            eps = teacher(torch.cat([lat, lat]), torch.tensor(500), encoder_hidden_states=ctx).sample
+            eps = unet(torch.cat([lat, lat]), t, encoder_hidden_states=ctx).sample
             u, c = eps.chunk(2)
             _ = u + 7.5 * (c - u)
+            sync()
             if i >= a.warmup:
                 times.append(time.perf_counter() - t0)
 else:
+    teacher = build(a.teacher).eval().requires_grad_(False)
     student = build(a.student).train()
-    pairs = json.load(open(a.pairs)) if a.pairs else []
+    info["params"] = sum(p.numel() for p in student.parameters())
+    pairs = []
+    if a.pairs:
+        with open(a.pairs) as f:
+            pairs = [tuple(x) for x in json.load(f)]
     feats = {"teacher": {}, "student": {}}
 
     def hook(side, name):
         def f(_m, _i, out):
+            # a down block returns (hidden, skip states): BK-SDM distils the hidden state
             feats[side][name] = out[0] if isinstance(out, tuple) else out
         return f
 
     for side, model, idx in (("teacher", teacher, 0), ("student", student, 1)):
         modules = dict(model.named_modules())
         for pair in pairs:
-            modules[pair[idx] if isinstance(pair, list) else pair[side]].register_forward_hook(hook(side, pair[idx] if isinstance(pair, list) else pair[side]))
+            modules[pair[idx]].register_forward_hook(hook(side, pair[idx]))
     opt = torch.optim.AdamW(student.parameters(), lr=5e-5, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    B, L = a.batch_size, a.latent_size
-    for i in range(a.warmup + a.steps):
-        latents = torch.randn(B, 4, L, L)
-        ctx = torch.randn(B, 77, ctx_dim)
+    ctx_dim = teacher.config.cross_attention_dim
+    data = [(torch.randn(B, teacher.config.in_channels, L, L, device=dev), torch.randn(B, 77, ctx_dim, device=dev))
+            for _ in range(a.warmup + a.steps)]
+    for i, (latents, ctx) in enumerate(data):
+        sync()
         t0 = time.perf_counter()
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (B,))
+        t = torch.randint(0, 1000, (B,), device=dev)
         noisy = sched.add_noise(latents, noise, t)
         with torch.no_grad():
             t_out = teacher(noisy, t, encoder_hidden_states=ctx).sample
         s_out = student(noisy, t, encoder_hidden_states=ctx).sample
         loss = F.mse_loss(s_out.float(), noise.float()) + F.mse_loss(s_out.float(), t_out.float())
-        for pair in pairs:
-            tn, sn = (pair[0], pair[1]) if isinstance(pair, list) else (pair["teacher"], pair["student"])
+        for tn, sn in pairs:
             loss = loss + F.mse_loss(feats["student"][sn].float(), feats["teacher"][tn].float())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        assert torch.isfinite(loss).item(), "the loss is not finite"  # sdkd reads its loss too
+        sync()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
+    info["adamw"] = "foreach" if opt.defaults.get("foreach") else ("fused" if opt.defaults.get("fused") else "default (single-tensor on CPU)")
 
 med = statistics.median(times)
-print(json.dumps({"steps_per_s": 1.0 / med, "step_ms_median": med * 1000.0,
+print(json.dumps({"steps_per_s": 1.0 / med, "step_ms_median": med * 1000.0, "step_ms_min": min(times) * 1000.0,
+                  "step_ms": [x * 1000.0 for x in times],
                   "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-                  "threads": torch.get_num_threads()}))
+                  "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                  "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "torch": torch.__version__, **info}))

@@ -1,4 +1,5 @@
 //! sdkd: distil Stable Diffusion UNets into BK-SDM / SD-Small / SD-Tiny students on LibTorch.
+pub mod aten_extra;
 pub mod commands;
 pub mod config;
 pub mod data;

@@ -28,6 +28,8 @@ enum Command {
     Synth(commands::synth::SynthArgs),
     /// Encode a dataset once (VAE latents, text embeddings) into a cache `train` can read.
     Preprocess(commands::preprocess::PreprocessArgs),
+    /// Time the distillation training step or a denoising step on random inputs.
+    Bench(commands::bench::BenchArgs),
 }
 
 /// LibTorch's OpenMP workers spin-wait between kernels by default, which burns the cores the
@@ -60,6 +62,7 @@ fn main() {
         Command::Synth(a) => commands::synth::run(a),
         Command::Generate(a) => commands::generate::run(a),
         Command::Preprocess(a) => commands::preprocess::run(a),
+        Command::Bench(a) => commands::bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -88,6 +88,15 @@ fn adamw_clip_schedules_and_ema_match_torch() {
     for (variant, e) in &worst {
         assert!(*e <= 1e-6, "AdamW vs torch {variant}: rel err {e}");
     }
+    // sdkd calls the kernel of torch.optim.AdamW(fused=True): bit-identical to it.
+    for (name, p) in &r.params {
+        assert!(p.detach().equal(&refs[&format!("fused.final.{name}")]), "AdamW differs from torch's fused AdamW in {name}");
+    }
+    for (name, t) in r.opt.state_tensors() {
+        if let Some(want) = refs.get(&format!("fused_state.{name}")) {
+            assert!(t.equal(want), "AdamW state {name} differs from torch's fused AdamW");
+        }
+    }
     let unused = &r.params.iter().find(|(n, _)| n == "unused").unwrap().1;
     assert!(unused.equal(&refs["init.unused"]), "a parameter that never had a gradient moved");
     let mut state_err = 0.0f64;

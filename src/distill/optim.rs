@@ -7,9 +7,12 @@
 //!   needs nothing but the step.
 //! - `Ema`: an exponential moving average of the student, starting from the weights it is given.
 //!
-//! LibTorch's `_fused_adamw_` and `_foreach_*` kernels are not exposed by tch 0.26, so the update
-//! is six in-place kernels per parameter under no-grad (three small temporaries), the same
-//! arithmetic in the same order as PyTorch's single-tensor path: bit-identical on CPU.
+//! The update is LibTorch's `_fused_adamw_` kernel (reached through `crate::aten_extra`, since
+//! tch 0.26 does not wrap it): `torch.optim.AdamW(fused=True)`, bit-identical to it, one pass over
+//! each parameter instead of the ten of the default single-tensor path (3x faster on CPU, one
+//! kernel launch instead of thousands on CUDA). It differs from the single-tensor path only in
+//! rounding (< 1e-6 relative after hundreds of steps; tests/trainkit.rs checks both).
+use crate::aten_extra;
 use crate::config::{OptimConfig, Schedule};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{HashMap, HashSet};
@@ -64,13 +67,15 @@ impl From<&OptimConfig> for AdamWConfig {
 }
 
 /// One parameter and its state. `step` counts this parameter's own updates, as PyTorch does: a
-/// parameter whose gradient is undefined is skipped (no decay, no moment update).
+/// parameter whose gradient is undefined is skipped (no decay, no moment update). `step_t` is the
+/// same count as the float32 scalar on the parameter's device that the fused kernel reads.
 struct Slot {
     name: String,
     param: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     step: i64,
+    step_t: Tensor,
 }
 
 /// AdamW over named parameters (shallow clones of the model's variables: updates are in place).
@@ -97,7 +102,8 @@ impl AdamW {
                 }
                 let exp_avg = tch::no_grad(|| param.f_zeros_like())?;
                 let exp_avg_sq = tch::no_grad(|| param.f_zeros_like())?;
-                Ok(Slot { name, param, exp_avg, exp_avg_sq, step: 0 })
+                let step_t = Tensor::f_zeros([], (tch::Kind::Float, param.device()))?;
+                Ok(Slot { name, param, exp_avg, exp_avg_sq, step: 0, step_t })
             })
             .collect::<Result<_>>()?;
         Ok(AdamW { cfg, slots })
@@ -116,45 +122,36 @@ impl AdamW {
     /// `p *= 1 - lr·wd; m = lerp(m, g, 1-β1); v = β2·v + (1-β2)·g²;
     ///  p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)`.
     pub fn step(&mut self, lr: f64) -> Result<()> {
-        let AdamWConfig { betas: (beta1, beta2), eps, weight_decay } = self.cfg;
+        let AdamWConfig { betas, eps, weight_decay } = self.cfg;
         tch::no_grad(|| -> Result<()> {
-            for s in &mut self.slots {
-                let grad = s.param.grad();
-                if !grad.defined() {
-                    continue;
-                }
-                s.step += 1;
-                let step = s.step as f64;
-                let mut p = s.param.shallow_clone();
-                if weight_decay != 0.0 {
-                    let _ = p.f_mul_scalar_(1.0 - lr * weight_decay)?;
-                }
-                let _ = s.exp_avg.f_lerp_(&grad, 1.0 - beta1)?;
-                // tch's addcmul_/addcdiv_ have no `value`: pre-scaling one factor by it rounds
-                // exactly as LibTorch's kernels do (`self + value * t1 * t2`, left to right).
-                let _ = s.exp_avg_sq.f_mul_scalar_(beta2)?;
-                let _ = s.exp_avg_sq.f_addcmul_(&grad.f_mul_scalar(1.0 - beta2)?, &grad)?;
-                let bias_correction1 = 1.0 - beta1.powf(step);
-                let bias_correction2 = 1.0 - beta2.powf(step);
-                let step_size = lr / bias_correction1;
-                let bias_correction2_sqrt = bias_correction2.powf(0.5);
-                let mut denom = s.exp_avg_sq.f_sqrt()?;
-                let _ = denom.f_div_scalar_(bias_correction2_sqrt)?;
-                let _ = denom.f_add_scalar_(eps)?;
-                let _ = p.f_addcdiv_(&s.exp_avg.f_mul_scalar(-step_size)?, &denom)?;
+            let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
+            let live: Vec<usize> = (0..self.slots.len()).filter(|&i| grads[i].defined()).collect();
+            let pick = |f: &dyn Fn(&Slot) -> &Tensor| live.iter().map(|&i| f(&self.slots[i])).collect::<Vec<_>>();
+            let grads: Vec<&Tensor> = live.iter().map(|&i| &grads[i]).collect();
+            aten_extra::fused_adamw_(
+                &pick(&|s| &s.param),
+                &grads,
+                &pick(&|s| &s.exp_avg),
+                &pick(&|s| &s.exp_avg_sq),
+                &pick(&|s| &s.step_t),
+                lr,
+                betas,
+                weight_decay,
+                eps,
+            )?;
+            for &i in &live {
+                self.slots[i].step += 1;
             }
             Ok(())
         })
         .context("AdamW step")
     }
 
-    /// Zeroes every defined gradient in place (tch keeps gradients allocated between steps).
+    /// Drops every gradient (PyTorch's `zero_grad(set_to_none=True)`, its default): the next
+    /// backward writes fresh gradients instead of adding to zeroed ones.
     pub fn zero_grad(&mut self) {
-        for s in &mut self.slots {
-            let mut g = s.param.grad();
-            if g.defined() {
-                let _ = tch::no_grad(|| g.zero_());
-            }
+        for s in &self.slots {
+            aten_extra::set_grad_none(&s.param).expect("clearing a gradient cannot fail");
         }
     }
 
@@ -210,6 +207,8 @@ impl AdamW {
             if s.step < 0 {
                 bail!("optimizer state: {STEP}{} = {} is negative", s.name, s.step);
             }
+            // float32 counts exactly up to 2^24 steps, far beyond any run
+            let _ = tch::no_grad(|| s.step_t.f_fill_(s.step as f64))?;
         }
         Ok(())
     }

@@ -68,6 +68,9 @@ for tag, variant in [("default", {}), ("foreach", {"foreach": True}), ("fused", 
         tensors["norms"] = norms
         tensors["lrs"] = lrs
         tensors.update({f"ema.{n}": e for n, e in ema.items()})
+    if tag == "fused":
+        # sdkd runs the same fused kernel: its moments must be bit-identical to these
+        tensors.update({f"fused_state.{k}": v for k, v in state.items()})
 save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out}/adamw.safetensors")
 
 # LR schedules as diffusers computes them, a few steps past the end.

@@ -1,0 +1,55 @@
+// LibTorch operators that tch 0.26 does not wrap, behind a C ABI for src/aten_extra.rs.
+// A `tensor` is what tch hands out: a pointer to an at::Tensor (torch-sys' C_tensor).
+// C++ exceptions never cross the boundary: failures return a malloc'd message the caller frees.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+char* error_message(const char* what) {
+  char* msg = static_cast<char*>(std::malloc(std::strlen(what) + 1));
+  if (msg) std::strcpy(msg, what);
+  return msg;
+}
+
+std::vector<at::Tensor> list(at::Tensor* const* ts, int64_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (int64_t i = 0; i < n; ++i) out.push_back(*ts[i]);
+  return out;
+}
+}  // namespace
+
+extern "C" {
+
+// torch.optim.AdamW(fused=True)'s update: `steps += 1`, then aten::_fused_adamw_ (one pass over
+// each parameter: decoupled weight decay, both moments, bias corrections, the step).
+char* sdkd_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads, at::Tensor* const* exp_avgs,
+                       at::Tensor* const* exp_avg_sqs, at::Tensor* const* steps, int64_t n, double lr, double beta1,
+                       double beta2, double weight_decay, double eps) {
+  try {
+    auto p = list(params, n), g = list(grads, n), m = list(exp_avgs, n), v = list(exp_avg_sqs, n);
+    auto s = list(steps, n);
+    at::_foreach_add_(s, 1);
+    at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
+                      /*maximize=*/false);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_message(e.what());
+  }
+}
+
+// optimizer.zero_grad(set_to_none=True): the next backward stores its gradient instead of adding
+// it to a zeroed buffer.
+char* sdkd_set_grad_none(at::Tensor* t) {
+  try {
+    t->mutable_grad() = at::Tensor();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_message(e.what());
+  }
+}
+}

@@ -1,0 +1,285 @@
+"""`make bench`: sdkd against the PyTorch eager reference (scripts/bench_reference.py), side by
+side on the same teacher, student, batch, threads and OpenMP settings.
+
+Each case runs sdkd then the reference, round after round (A/B/A/B...), so both see the same
+load on a shared machine; a side's number is the median over rounds of each run's median step
+time. The speed-up is reference ms / sdkd ms (above 1: sdkd is faster). Results go to
+docs/benchmarks.md between the `bench:begin`/`bench:end` markers (the rest of the file is
+hand-written and kept) and, raw, to target/bench/results.json.
+
+Sections (defaults in brackets; shapes are fixed so numbers compare across runs):
+  train   distillation step on CPU, medium SD-shaped teacher (configs/bench/medium_unet_config.json)
+          [students bk_small, bk_tiny; batch 2, latent 32, 1 warm-up + 5 timed steps per run]
+  infer   one denoising step, SD-1.5 shapes (latent 64, CFG batch 2): teacher and each preset
+          [1 warm-up + 1 timed step per run]
+  wait    the training step of bk_small again with libgomp's default spin-wait on both sides
+          (the main tables use OMP_WAIT_POLICY=PASSIVE on both sides, sdkd's own default)
+  decode  `cargo bench --bench decode` (images/s of the data loader)
+
+Environment:
+  SDKD_BENCH_QUICK=1          smoke run: tiny shapes, one round, docs/benchmarks.md untouched
+  SDKD_BENCH_ROUNDS=N         rounds per case [3]
+  SDKD_BENCH_THREADS=N        intra-op threads of both sides [all cores]
+  SDKD_BENCH_SECTIONS=a,b     sections to run [train,infer,wait,decode]
+  SDKD_BENCH_STUDENTS=a,b     students of the train section [bk_small,bk_tiny]
+  SDKD_BENCH_NO_DOCS=1        print the tables only
+"""
+import datetime, json, os, platform, re, statistics, subprocess, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "target" / "bench"
+SDKD = ROOT / "target" / "release" / "sdkd"
+PYTHON = ROOT / ".venv" / "bin" / "python"
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench:begin (written by scripts/bench.py) -->", "<!-- bench:end -->"
+MEDIUM = "configs/bench/medium_unet_config.json"
+SD15 = "configs/reference/sd15_unet_config.json"
+# libgomp's own default when OMP_WAIT_POLICY is unset is a 300000-iteration spin before
+# sleeping; naming it explicitly keeps sdkd from switching itself to PASSIVE (see main.rs).
+POLICIES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin": {"GOMP_SPINCOUNT": "300000"}}
+
+env = os.environ
+QUICK = env.get("SDKD_BENCH_QUICK", "") not in ("", "0")
+ROUNDS = int(env.get("SDKD_BENCH_ROUNDS", "1" if QUICK else "3"))
+THREADS = int(env.get("SDKD_BENCH_THREADS", str(os.cpu_count() or 1)))
+SECTIONS = env.get("SDKD_BENCH_SECTIONS", "train,infer,wait,decode").split(",")
+STUDENTS = env.get("SDKD_BENCH_STUDENTS", "bk_small,bk_tiny").split(",")
+WRITE_DOCS = not QUICK and env.get("SDKD_BENCH_NO_DOCS", "") in ("", "0")
+if QUICK:
+    TRAIN = dict(teacher=MEDIUM, batch=1, latent=16, warmup=1, steps=2)
+    INFER = dict(teacher=MEDIUM, batch=1, latent=16, warmup=1, steps=2, unets=["teacher", "bk_tiny"])
+else:
+    TRAIN = dict(teacher=MEDIUM, batch=2, latent=32, warmup=1, steps=5)
+    INFER = dict(teacher=SD15, batch=1, latent=64, warmup=1, steps=1, unets=["teacher", "bk_base", "bk_small", "bk_tiny"])
+
+records = []  # every run, for results.json
+
+
+def run_json(cmd, policy, label):
+    """Runs one benchmark process and returns its JSON line."""
+    e = {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    e.update(POLICIES[policy])
+    e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    t0 = time.time()
+    p = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=e, capture_output=True, text=True, timeout=1800)
+    if p.returncode != 0:
+        sys.exit(f"bench: {label} failed (exit {p.returncode}):\n{' '.join(map(str, cmd))}\n{p.stderr[-3000:]}")
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r["_label"], r["_policy"], r["_wall_s"], r["_load"] = label, policy, time.time() - t0, os.getloadavg()[0]
+    records.append(r)
+    print(f"  {label:<40} {policy:<8} {r['step_ms_median']:10.1f} ms/step  (run {r['_wall_s']:.0f}s, load {r['_load']:.1f})", flush=True)
+    return r
+
+
+def sdkd_cmd(mode, teacher, student, c):
+    return [SDKD, "bench", "--json", "--mode", mode, "--device", "cpu", "--threads", THREADS, "--teacher", teacher,
+            "--student", student, "--batch-size", c["batch"], "--latent-size", c["latent"], "--steps", c["steps"],
+            "--warmup", c["warmup"]]
+
+
+def ref_cmd(mode, teacher, student_cfg, pairs, c):
+    cmd = [PYTHON, "scripts/bench_reference.py", "--mode", mode, "--threads", THREADS, "--teacher", teacher,
+           "--batch-size", c["batch"], "--latent-size", c["latent"], "--steps", c["steps"], "--warmup", c["warmup"]]
+    if student_cfg:
+        cmd += ["--student", student_cfg]
+    if pairs:
+        cmd += ["--pairs", pairs]
+    return cmd
+
+
+def write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+    return path
+
+
+def ab(name, mode, teacher, student, c, policy):
+    """Rounds of (sdkd, reference) on one case; returns both sides' runs."""
+    a, b = [], []
+    files = None
+    for _ in range(ROUNDS):
+        r = run_json(sdkd_cmd(mode, teacher, student, c), policy, f"sdkd {name}")
+        a.append(r)
+        if files is None:
+            if mode == "train":
+                files = (write(OUT / name / "student_config.json", r["student"]["config"]),
+                         write(OUT / name / "pairs.json", r["student"]["feature_pairs"]))
+            else:
+                cfg = None if student == "teacher" else write(OUT / name / "unet_config.json", r["unet"]["config"])
+                files = (cfg, None)
+        b.append(run_json(ref_cmd(mode, teacher, files[0], files[1], c), policy, f"pytorch {name}"))
+    return a, b
+
+
+def med(runs, key="step_ms_median"):
+    return statistics.median(r[key] for r in runs)
+
+
+def spread(a, b):
+    """Range of the per-round speed-ups (reference / sdkd of the same round)."""
+    ratios = [y["step_ms_median"] / x["step_ms_median"] for x, y in zip(a, b)]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else f"{ratios[0]:.2f}"
+
+
+def fmt_ms(x):
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def machine():
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
+        isa = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    except (OSError, StopIteration):
+        isa = "?"
+    mem = "?"
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", open("/proc/meminfo").read()).group(1))
+        mem = f"{kb / 2**20:.0f} GiB"
+    except (OSError, AttributeError):
+        pass
+    return f"{model} ({isa}), {os.cpu_count()} logical cores, {mem} RAM, {platform.system()} {platform.release()}"
+
+
+def git_rev():
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return rev + (" (with uncommitted changes)" if dirty else "")
+    except OSError:
+        return "?"
+
+
+def main():
+    if not SDKD.exists():
+        sys.exit(f"bench: {SDKD} missing: run `make build`")
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_before = os.getloadavg()
+    lines = []
+    summary = {}
+    torch_version = "?"
+
+    if "train" in SECTIONS:
+        c = TRAIN
+        print(f"training step: teacher {c['teacher']}, batch {c['batch']}, latent {c['latent']}, {ROUNDS} round(s)", flush=True)
+        rows = []
+        for s in STUDENTS:
+            a, b = ab(f"train-{s}", "train", c["teacher"], s, c, "passive")
+            summary[("train", s, "passive")] = (a, b)
+            torch_version = b[0].get("torch", torch_version)
+            rows.append(f"| {s} | {a[0]['teacher']['params'] / 1e6:.1f}M | {a[0]['student']['params'] / 1e6:.1f}M "
+                        f"| {len(a[0]['student']['feature_pairs'])} | {fmt_ms(med(a))} | {fmt_ms(med(b))} "
+                        f"| **{med(b) / med(a):.2f}x** ({spread(a, b)}) | {med(a, 'peak_mem_mb'):,.0f} | {med(b, 'peak_mem_mb'):,.0f} |")
+        lines += [
+            f"### Distillation training step (CPU, fp32)",
+            "",
+            f"Teacher `{c['teacher']}`, batch {c['batch']}, latent {c['latent']}x{c['latent']} "
+            f"({c['latent'] * 8}px), {THREADS} threads, OMP_WAIT_POLICY=PASSIVE on both sides; "
+            f"per run {c['warmup']} warm-up + {c['steps']} timed steps, {ROUNDS} rounds A/B. A step: noise and timesteps, "
+            "frozen teacher forward with the paired features, student forward and backward, task + output-KD + "
+            "feature-KD losses, clip_grad_norm(1.0), AdamW, zero_grad.",
+            "",
+            "| student | teacher params | student params | feature pairs | sdkd ms/step | PyTorch ms/step | speed-up (per-round range) | sdkd peak RSS MiB | PyTorch peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+
+    if "infer" in SECTIONS:
+        c = INFER
+        print(f"inference step: {c['teacher']}, latent {c['latent']}, CFG batch {2 * c['batch']}, {ROUNDS} round(s)", flush=True)
+        res = {}
+        for u in c["unets"]:
+            res[u] = ab(f"infer-{u}", "infer", c["teacher"], u, c, "passive")
+            summary[("infer", u, "passive")] = res[u]
+            torch_version = res[u][1][0].get("torch", torch_version)
+        ta, tb = res["teacher"]
+        tp = ta[0]["unet"]["params"]
+        rows = []
+        for u, (a, b) in res.items():
+            p = a[0]["unet"]["params"]
+            rows.append(f"| {u} | {p / 1e6:.1f}M | {p / tp:.2f} | {fmt_ms(med(a))} | {fmt_ms(med(b))} "
+                        f"| **{med(b) / med(a):.2f}x** ({spread(a, b)}) | {med(a) / med(ta):.2f} | {med(b) / med(tb):.2f} "
+                        f"| {med(a, 'peak_mem_mb'):,.0f} | {med(b, 'peak_mem_mb'):,.0f} |")
+        lines += [
+            "### Inference: one denoising step with classifier-free guidance (CPU, fp32)",
+            "",
+            f"Config `{c['teacher']}` and its presets (random weights), latent {c['latent']}x{c['latent']} "
+            f"({c['latent'] * 8}px), CFG batch {2 * c['batch']} (one UNet forward + guidance), {THREADS} threads, "
+            f"OMP_WAIT_POLICY=PASSIVE on both sides; per run {c['warmup']} warm-up + {c['steps']} timed step(s), "
+            f"{ROUNDS} rounds A/B.",
+            "",
+            "| UNet | params | params / teacher | sdkd ms/step | PyTorch ms/step | speed-up (per-round range) | sdkd latency / teacher | PyTorch latency / teacher | sdkd peak RSS MiB | PyTorch peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+
+    if "wait" in SECTIONS:
+        c = TRAIN
+        s = "bk_small" if "bk_small" in STUDENTS else STUDENTS[0]
+        print(f"OpenMP wait policy: training step of {s} with libgomp's default spin", flush=True)
+        spin = ab(f"train-{s}", "train", c["teacher"], s, c, "spin")
+        passive = summary.get(("train", s, "passive")) or ab(f"train-{s}", "train", c["teacher"], s, c, "passive")
+        (pa, pb), (sa, sb) = passive, spin
+        lines += [
+            "### OpenMP wait policy (training step, " + s + ")",
+            "",
+            "`sdkd` re-executes itself with OMP_WAIT_POLICY=PASSIVE unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set "
+            "(src/main.rs); Python's PyTorch keeps libgomp's default, a 300000-iteration spin before sleeping "
+            "(set here as GOMP_SPINCOUNT=300000, which is that default made explicit). Same shapes and threads as above.",
+            "",
+            "| OpenMP setting (both sides) | sdkd ms/step | PyTorch ms/step | speed-up |",
+            "|---|---|---|---|",
+            f"| PASSIVE (sdkd's default) | {fmt_ms(med(pa))} | {fmt_ms(med(pb))} | {med(pb) / med(pa):.2f}x ({spread(pa, pb)}) |",
+            f"| libgomp default spin (Python's default) | {fmt_ms(med(sa))} | {fmt_ms(med(sb))} | {med(sb) / med(sa):.2f}x ({spread(sa, sb)}) |",
+            f"| each side's own default: sdkd PASSIVE vs PyTorch spin | {fmt_ms(med(pa))} | {fmt_ms(med(sb))} | {med(sb) / med(pa):.2f}x |",
+            "",
+            f"Spin / passive time: sdkd {med(sa) / med(pa):.2f}, PyTorch {med(sb) / med(pb):.2f} "
+            "(above 1: spinning is slower).",
+            "",
+        ]
+
+    if "decode" in SECTIONS:
+        print("decode throughput: cargo bench --bench decode", flush=True)
+        p = subprocess.run([env.get("CARGO", "cargo"), "bench", "--bench", "decode"], cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"bench: cargo bench --bench decode failed:\n{p.stderr[-3000:]}")
+        out = [l for l in p.stdout.splitlines() if "images/s" in l or "per image" in l]
+        print("\n".join("  " + l.strip() for l in out))
+        records.append({"_label": "decode", "lines": out})
+        lines += ["### Data loader decode throughput (`cargo bench --bench decode`)", "", "```", *[l.strip() for l in out], "```", ""]
+
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    head = [
+        BEGIN,
+        "",
+        f"Measured {started:%Y-%m-%d %H:%M} UTC by `make bench` ({(finished - started).total_seconds() / 60:.0f} min), "
+        f"sdkd {git_rev()}, PyTorch {torch_version} (the same LibTorch as sdkd).",
+        f"Machine: {machine()}; load average {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end "
+        "(a shared machine: other jobs ran alongside, which is why sides alternate and medians are reported).",
+        "",
+    ]
+    block = "\n".join(head + lines + [END])
+    print()
+    print(block)
+    write(OUT / "results.json", records)
+    if WRITE_DOCS:
+        text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\n"
+        if BEGIN.split(" (")[0] in text and END in text:
+            pre = text[: text.index(BEGIN.split(" (")[0])]
+            post = text[text.index(END) + len(END):]
+            text = pre + block + post
+        else:
+            text = text.rstrip() + "\n\n" + block + "\n"
+        DOC.write_text(text)
+        print(f"\nwrote {DOC.relative_to(ROOT)} and {(OUT / 'results.json').relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+//! LibTorch operators that tch 0.26 does not wrap, compiled from `csrc/aten_extra.cpp` against the
+//! same LibTorch: PyTorch's fused AdamW kernel and `zero_grad(set_to_none=True)`.
+use anyhow::{anyhow, bail, Result};
+use std::ffi::{c_char, c_void, CStr};
+use tch::Tensor;
+
+extern "C" {
+    fn sdkd_fused_adamw(
+        params: *const *mut c_void,
+        grads: *const *mut c_void,
+        exp_avgs: *const *mut c_void,
+        exp_avg_sqs: *const *mut c_void,
+        steps: *const *mut c_void,
+        n: i64,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> *mut c_char;
+    fn sdkd_set_grad_none(t: *mut c_void) -> *mut c_char;
+}
+
+/// Turns the shim's error message (malloc'd, or null on success) into a Result.
+fn check(msg: *mut c_char, what: &str) -> Result<()> {
+    if msg.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null return is a NUL-terminated string from malloc, owned by us now.
+    let text = unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned();
+    unsafe { libc::free(msg.cast()) };
+    Err(anyhow!("{what}: {text}"))
+}
+
+fn ptrs(ts: &[&Tensor]) -> Vec<*mut c_void> {
+    ts.iter().map(|t| t.as_ptr() as *mut c_void).collect()
+}
+
+/// `torch._foreach_add_(steps, 1)` then `torch._fused_adamw_(...)` (amsgrad and maximize off):
+/// what `torch.optim.AdamW(fused=True).step()` does. `steps` are float32 scalars on the
+/// parameters' device; every list has one entry per parameter, all defined.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_adamw_(
+    params: &[&Tensor],
+    grads: &[&Tensor],
+    exp_avgs: &[&Tensor],
+    exp_avg_sqs: &[&Tensor],
+    steps: &[&Tensor],
+    lr: f64,
+    betas: (f64, f64),
+    weight_decay: f64,
+    eps: f64,
+) -> Result<()> {
+    let n = params.len();
+    if [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()].iter().any(|&l| l != n) {
+        bail!("fused AdamW: lists of different lengths");
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let (p, g, m, v, s) = (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(steps));
+    // SAFETY: five arrays of `n` live tensor handles; the C++ side copies the handles.
+    let msg = unsafe {
+        sdkd_fused_adamw(p.as_ptr(), g.as_ptr(), m.as_ptr(), v.as_ptr(), s.as_ptr(), n as i64, lr, betas.0, betas.1, weight_decay, eps)
+    };
+    check(msg, "fused AdamW")
+}
+
+/// Drops `t`'s gradient (PyTorch's `zero_grad(set_to_none=True)`): the next backward stores its
+/// gradient instead of adding it to a zeroed buffer, which saves a fill and an add per parameter.
+pub fn set_grad_none(t: &Tensor) -> Result<()> {
+    // SAFETY: `t` is a live tensor handle; resetting its grad field needs no other state.
+    check(unsafe { sdkd_set_grad_none(t.as_ptr() as *mut c_void) }, "clearing a gradient")
+}

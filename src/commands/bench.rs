@@ -1,0 +1,363 @@
+//! `sdkd bench`: how fast the distillation training step (`--mode train`) or one denoising step
+//! of inference (`--mode infer`) runs, on random latents and text embeddings.
+//!
+//! Train mode times `Distiller::micro_step` + `Distiller::update` exactly as `sdkd train` runs
+//! them (noise and timesteps, the frozen teacher's forward with the paired features, the student's
+//! forward and backward, the three losses, clipping, AdamW), one optimizer step per timed step,
+//! without EMA (the PyTorch reference has none). Infer mode times one UNet forward on the CFG
+//! batch (2·B: unconditional and conditional) plus the guidance combination, under no-grad.
+//! Weights are random when the teacher is given as a bare config.json: speed does not depend on
+//! their values. Every step is timed on its own after `--warmup` untimed steps; the median is the
+//! headline (robust to the other processes of a shared machine).
+use crate::commands::prune::unet_dir;
+use crate::config::{DeviceChoice, Precision};
+use crate::distill::loss::LossWeights;
+use crate::distill::optim::AdamWConfig;
+use crate::distill::student::{copy_from_teacher, StudentPlan};
+use crate::distill::trainer::{Distiller, Teacher};
+use crate::models::{Init, UNet, UNetConfig};
+use crate::schedulers::{NoiseSchedule, SchedulerConfig};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchMode {
+    /// The distillation training step.
+    Train,
+    /// One denoising step with classifier-free guidance.
+    Infer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchPrecision {
+    Fp32,
+    Bf16,
+    Fp16,
+}
+
+impl From<BenchPrecision> for Precision {
+    fn from(p: BenchPrecision) -> Precision {
+        match p {
+            BenchPrecision::Fp32 => Precision::Fp32,
+            BenchPrecision::Bf16 => Precision::Bf16,
+            BenchPrecision::Fp16 => Precision::Fp16,
+        }
+    }
+}
+
+/// What `--student` names in infer mode to time the teacher itself.
+pub const TEACHER_ITSELF: &str = "teacher";
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// The teacher: a diffusers UNet folder, a pipeline folder (its unet/), or a UNet
+    /// config.json (random weights).
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// A preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny), a spec YAML, a UNet folder or
+    /// config.json; in infer mode `teacher` times the teacher itself.
+    #[arg(long)]
+    pub student: String,
+    /// Training: samples per step. Inference: images per step (the UNet sees twice as many).
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: i64,
+    /// Latent height and width (image size / 8).
+    #[arg(long, default_value_t = 64)]
+    pub latent_size: i64,
+    /// Timed steps.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Untimed steps first (allocator, oneDNN/cuDNN kernel choice, first-touch page faults).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Compute dtype of the teacher (train) or of the timed UNet (infer); the trained student
+    /// keeps fp32 weights, as in `sdkd train`.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: BenchPrecision,
+    #[arg(long, value_enum, default_value = "train")]
+    pub mode: BenchMode,
+    /// LibTorch intra-op threads (default: LibTorch's choice, one per core).
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: i64,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Timings of the timed steps, in milliseconds.
+#[derive(Debug, Clone)]
+pub struct StepTimes(pub Vec<f64>);
+
+impl StepTimes {
+    pub fn median(&self) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n == 0 {
+            return f64::NAN;
+        }
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    }
+
+    pub fn min(&self) -> f64 {
+        self.0.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+}
+
+/// The teacher's config and, when `path` is a folder, its weights.
+fn teacher_source(path: &Path) -> Result<(UNetConfig, Option<PathBuf>)> {
+    if path.is_dir() {
+        let dir = unet_dir(path);
+        Ok((UNetConfig::from_path(&dir).with_context(|| format!("--teacher {}", path.display()))?, Some(dir)))
+    } else if path.is_file() {
+        Ok((UNetConfig::from_path(path).with_context(|| format!("--teacher {}", path.display()))?, None))
+    } else {
+        bail!("--teacher {}: no such file or folder (a UNet folder, a pipeline folder or a UNet config.json)", path.display())
+    }
+}
+
+/// The teacher UNet: loaded from its folder, or random from a bare config.
+fn teacher_unet(config: &UNetConfig, dir: Option<&Path>, device: Device, kind: Kind) -> Result<UNet> {
+    match dir {
+        Some(dir) => UNet::load(dir, device, kind),
+        None => Ok(UNet::build(config, device, kind, Init::Torch)),
+    }
+}
+
+/// Waits for queued GPU work so that a step's time is its own.
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Peak resident set size of this process in MiB (getrusage's ru_maxrss, KiB on Linux).
+pub fn peak_rss_mb() -> f64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage only writes the struct it is given.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    if rc != 0 {
+        return f64::NAN;
+    }
+    usage.ru_maxrss as f64 / 1024.0
+}
+
+/// GPU memory this process holds at the end, in MiB, from nvidia-smi: what LibTorch's caching
+/// allocator reserved (an upper bound of the peak of live tensors, which tch cannot read). None
+/// where nvidia-smi is missing or does not list this process (e.g. another PID namespace).
+fn gpu_mem_mb() -> Option<f64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"])
+        .output()
+        .ok()?;
+    let pid = std::process::id().to_string();
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|line| {
+        let mut parts = line.split(',').map(str::trim);
+        (parts.next()? == pid).then(|| parts.next()?.parse().ok()).flatten()
+    })
+}
+
+/// Runs `step(i)` for i in `0..warmup + steps`, timing each of the last `steps` runs.
+fn time_steps(device: Device, warmup: usize, steps: usize, mut step: impl FnMut(usize) -> Result<()>) -> Result<StepTimes> {
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        sync(device);
+        let t0 = Instant::now();
+        step(i)?;
+        sync(device);
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times).map(StepTimes)
+}
+
+fn check_args(args: &BenchArgs) -> Result<()> {
+    if args.batch_size < 1 {
+        bail!("--batch-size {} must be at least 1", args.batch_size);
+    }
+    if args.latent_size < 1 {
+        bail!("--latent-size {} must be at least 1", args.latent_size);
+    }
+    if args.steps < 1 {
+        bail!("--steps {} must be at least 1", args.steps);
+    }
+    if let Some(t) = args.threads {
+        if t < 1 {
+            bail!("--threads {t} must be at least 1");
+        }
+    }
+    Ok(())
+}
+
+/// Runs the benchmark and returns the JSON report.
+pub fn measure(args: &BenchArgs) -> Result<Value> {
+    check_args(args)?;
+    if let Some(t) = args.threads {
+        tch::set_num_threads(t);
+    }
+    let device = args.device.resolve()?;
+    let precision = Precision::from(args.precision);
+    let kind = precision.kind();
+    tch::manual_seed(args.seed);
+    let (teacher_config, teacher_dir) = teacher_source(&args.teacher)?;
+    let (b, l) = (args.batch_size, args.latent_size);
+    let ctx_dim = teacher_config.cross_attention_dim;
+    let in_ch = teacher_config.in_channels;
+
+    let (times, model) = match args.mode {
+        BenchMode::Infer => {
+            let (unet, description) = if args.student == TEACHER_ITSELF {
+                let unet = teacher_unet(&teacher_config, teacher_dir.as_deref(), device, kind)?;
+                let d = json!({"name": TEACHER_ITSELF, "params": unet.num_params(), "config": teacher_config.to_json()});
+                (unet, d)
+            } else {
+                // A student's speed does not depend on its values: random weights, no teacher load.
+                let plan = StudentPlan::resolve(&args.student, Some(&teacher_config))
+                    .with_context(|| format!("--student {:?}", args.student))?;
+                let unet = UNet::build(&plan.config, device, kind, Init::Torch);
+                let d = json!({"name": plan.name, "params": unet.num_params(), "config": plan.config.to_json()});
+                (unet, d)
+            };
+            let latents = Tensor::randn([b, in_ch, l, l], (kind, device));
+            let context = Tensor::randn([2 * b, 77, ctx_dim], (kind, device));
+            let t = Tensor::from(500i64).to_device(device);
+            let guidance = 7.5;
+            let times = tch::no_grad(|| {
+                time_steps(device, args.warmup, args.steps, |_| {
+                    let eps = unet.model.predict(&Tensor::cat(&[&latents, &latents], 0), &t, &context);
+                    let (uncond, cond) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
+                    let _guided = &uncond + (cond - &uncond) * guidance;
+                    Ok(())
+                })
+            })?;
+            (times, json!({ "unet": description }))
+        }
+        BenchMode::Train => {
+            if args.student == TEACHER_ITSELF {
+                bail!("--student {TEACHER_ITSELF} is only for --mode infer: name a preset, spec or UNet config to distil into");
+            }
+            let plan = StudentPlan::resolve(&args.student, Some(&teacher_config))
+                .with_context(|| format!("--student {:?}", args.student))?;
+            let teacher = teacher_unet(&teacher_config, teacher_dir.as_deref(), device, kind)?;
+            let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
+            copy_from_teacher(&plan, &teacher, &student)?;
+            let schedule = Arc::new(NoiseSchedule::new(match &teacher_dir {
+                Some(dir) if dir.parent().is_some_and(|p| p.join("scheduler/scheduler_config.json").is_file()) => {
+                    SchedulerConfig::from_path(&dir.parent().unwrap().join("scheduler/scheduler_config.json"))?
+                }
+                _ => SchedulerConfig::default(),
+            })?);
+            let (teacher_inner, _) = plan.inner_features();
+            let description = json!({
+                "teacher": {"params": teacher.num_params()},
+                "student": {
+                    "name": plan.name,
+                    "params": student.num_params(),
+                    "config": plan.config.to_json(),
+                    "feature_pairs": plan.feature_pairs.iter().map(|p| [&p.teacher, &p.student]).collect::<Vec<_>>(),
+                },
+            });
+            let teacher = Teacher::new(teacher, teacher_inner);
+            let mut d = Distiller::new(student, plan, Some(teacher), schedule, AdamWConfig::default(), None, LossWeights::default())?;
+            // The data of each step is drawn before the clock starts: loading is not the step.
+            let data: Vec<(Tensor, Tensor)> = (0..args.warmup + args.steps)
+                .map(|_| {
+                    (Tensor::randn([b, in_ch, l, l], (Kind::Float, device)), Tensor::randn([b, 77, ctx_dim], (Kind::Float, device)))
+                })
+                .collect();
+            let lr = 5e-5;
+            let times = time_steps(device, args.warmup, args.steps, |i| {
+                let (latents, context) = &data[i];
+                let terms = d.micro_step(latents, context, 1);
+                let _grad_norm = d.update(lr, Some(1.0))?;
+                if !terms.total.double_value(&[]).is_finite() {
+                    bail!("the loss is not finite");
+                }
+                Ok(())
+            })?;
+            (times, description)
+        }
+    };
+
+    let median = times.median();
+    let mut report = json!({
+        "mode": match args.mode { BenchMode::Train => "train", BenchMode::Infer => "infer" },
+        "device": format!("{device:?}"),
+        "precision": format!("{:?}", args.precision).to_lowercase(),
+        "threads": tch::get_num_threads(),
+        "omp_wait_policy": std::env::var("OMP_WAIT_POLICY").ok(),
+        "gomp_spincount": std::env::var("GOMP_SPINCOUNT").ok(),
+        "batch_size": b,
+        "unet_batch": if args.mode == BenchMode::Infer { 2 * b } else { b },
+        "latent_size": l,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "steps_per_s": 1e3 / median,
+        "step_ms_median": median,
+        "step_ms_min": times.min(),
+        "step_ms": times.0,
+        "peak_mem_mb": peak_rss_mb(),
+        "peak_mem_kind": "peak RSS (getrusage ru_maxrss)",
+    });
+    if device.is_cuda() {
+        report["gpu_mem_mb"] = gpu_mem_mb().map(Value::from).unwrap_or(Value::Null);
+        report["gpu_mem_kind"] = json!("GPU memory held at the end (nvidia-smi): the caching allocator's reservation");
+    }
+    if let (Value::Object(r), Value::Object(m)) = (&mut report, model) {
+        r.extend(m);
+    }
+    Ok(report)
+}
+
+pub fn run(args: &BenchArgs) -> Result<()> {
+    let r = measure(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    let what = match args.mode {
+        BenchMode::Train => format!(
+            "training step, {} -> {} ({} -> {} params), batch {}",
+            args.teacher.display(),
+            r["student"]["name"].as_str().unwrap_or("?"),
+            r["teacher"]["params"],
+            r["student"]["params"],
+            args.batch_size
+        ),
+        BenchMode::Infer => format!(
+            "denoising step, {} ({} params), CFG batch {}",
+            r["unet"]["name"].as_str().unwrap_or("?"),
+            r["unet"]["params"],
+            2 * args.batch_size
+        ),
+    };
+    println!("{what}, latent {0}x{0}, {1}, {2}, {3} thread(s)", args.latent_size, r["device"].as_str().unwrap_or("?"), r["precision"].as_str().unwrap_or("?"), r["threads"]);
+    println!(
+        "{:.1} ms/step median (min {:.1}) over {} steps after {} warm-up: {:.3} steps/s; peak RSS {:.0} MiB",
+        r["step_ms_median"].as_f64().unwrap_or(f64::NAN),
+        r["step_ms_min"].as_f64().unwrap_or(f64::NAN),
+        args.steps,
+        args.warmup,
+        r["steps_per_s"].as_f64().unwrap_or(f64::NAN),
+        r["peak_mem_mb"].as_f64().unwrap_or(f64::NAN)
+    );
+    if let Some(g) = r.get("gpu_mem_mb").and_then(Value::as_f64) {
+        println!("GPU memory held at the end: {g:.0} MiB");
+    }
+    Ok(())
+}
