@@ -28,7 +28,10 @@ fn tiny_config(dir: &Path) -> String {
 }
 
 fn bench_json(args: &[&str]) -> Value {
-    let mut all = vec!["bench", "--json", "--device", "cpu", "--batch-size", "1", "--latent-size", "8", "--steps", "2", "--warmup", "1"];
+    let mut all = vec!["bench", "--json", "--batch-size", "1", "--latent-size", "8", "--steps", "2", "--warmup", "1"];
+    if !args.contains(&"--device") {
+        all.extend(["--device", "cpu"]);
+    }
     all.extend_from_slice(args);
     let out = sdkd(&all);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -100,4 +103,20 @@ fn bad_arguments_are_clean_errors() {
     assert_clean_failure(&run(&[&cfg, "--student", "teacher"]), "--mode infer");
     assert_clean_failure(&run(&["/nonexistent/unet", "--student", "bk_small"]), "/nonexistent/unet");
     assert_clean_failure(&run(&[&cfg, "--student", "bk_small", "--batch-size", "0"]), "--batch-size");
+}
+
+/// On a CUDA machine (scripts/gpu-check.sh runs `--include-ignored cuda`): the bf16 training step
+/// and the inference step on the GPU, with the GPU memory figure.
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it"]
+fn bench_on_cuda_reports_gpu_memory() {
+    assert!(tch::Cuda::is_available(), "no CUDA device");
+    let dir = tempdir();
+    let cfg = tiny_config(dir.path());
+    let r = bench_json(&["--teacher", &cfg, "--student", "bk_small", "--device", "cuda", "--precision", "bf16"]);
+    assert_positive_timings(&r);
+    assert_eq!(r["device"], "Cuda(0)");
+    assert!(r.get("gpu_mem_mb").is_some(), "no GPU memory field: {r}");
+    let t = bench_json(&["--mode", "infer", "--teacher", &cfg, "--student", "teacher", "--device", "cuda", "--precision", "bf16"]);
+    assert_positive_timings(&t);
 }

@@ -210,7 +210,12 @@ pub fn measure(args: &BenchArgs) -> Result<Value> {
     if let Some(t) = args.threads {
         tch::set_num_threads(t);
     }
-    let device = args.device.resolve()?;
+    let device = match args.device {
+        DeviceChoice::Cuda(i) if i as i64 >= tch::Cuda::device_count() => {
+            bail!("--device {}: this machine has {} CUDA device(s)", args.device, tch::Cuda::device_count())
+        }
+        d => d.resolve()?,
+    };
     let precision = Precision::from(args.precision);
     let kind = precision.kind();
     tch::manual_seed(args.seed);
