@@ -5,20 +5,12 @@ mod common;
 
 use common::*;
 use sdkd::models::UNet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
 use tch::{Device, Kind};
 
 fn teachers() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    let (_keep, path) = DIR.get_or_init(|| {
-        let dir = tempdir();
-        run_reference("make_unets.py", &[dir.path().to_str().unwrap()]);
-        let path = dir.path().to_path_buf();
-        (dir, path)
-    });
-    path
+    reference_unets()
 }
 
 #[test]

@@ -6,20 +6,12 @@ use common::*;
 use sdkd::models::UNet;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use tch::{Device, Kind};
 
 const MODELS: [&str; 4] = ["sd1", "sd2", "lpb1_nomid", "three_stage"];
 
 fn fixtures() -> &'static Path {
-    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    let (_keep, path) = DIR.get_or_init(|| {
-        let dir = tempdir();
-        run_reference("make_unets.py", &[dir.path().to_str().unwrap()]);
-        let path = dir.path().to_path_buf();
-        (dir, path)
-    });
-    path
+    reference_unets()
 }
 
 fn check(name: &str, unet_dir: &str) {

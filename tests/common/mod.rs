@@ -62,3 +62,16 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, tch::Tensor> {
     sdkd::models::weights::read_all(path).expect("reading reference tensors").into_iter().collect()
 }
+
+/// The tiny perturbed diffusers UNets of `tests/reference/make_unets.py` (with their reference
+/// outputs), generated once per test binary.
+pub fn reference_unets() -> &'static Path {
+    static DIR: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    let (_keep, path) = DIR.get_or_init(|| {
+        let dir = tempdir();
+        run_reference("make_unets.py", &[dir.path().to_str().unwrap()]);
+        let path = dir.path().to_path_buf();
+        (dir, path)
+    });
+    path
+}
