@@ -267,9 +267,11 @@ mod tests {
         let a = Tensor::zeros([1, 3, 2, 2], (Kind::Float, Device::Cpu));
         let b = a.ones_like() * 0.2; // 0.1 on the [0, 1] scale: 20 dB
         assert!((psnr(&b, &a) - 20.0).abs() < 1e-6);
-        let ims = to_images(&Tensor::from_slice(&[-1f32, 1.0, 0.0, -1.0, 1.0, 0.0, -1.0, 1.0, 0.0, -1.0, 1.0, 0.0]).view([1, 3, 2, 2]));
+        // one grey level per pixel, the same in all three channels: black, white, mid, black
+        let ims = to_images(&Tensor::from_slice(&[-1f32, 1.0, 0.0, -1.0]).view([1, 1, 2, 2]).repeat([1, 3, 1, 1]));
         assert_eq!(ims[0].get_pixel(0, 0).0, [0, 0, 0]);
         assert_eq!(ims[0].get_pixel(1, 0).0, [255, 255, 255]);
+        assert_eq!(ims[0].get_pixel(0, 1).0, [128, 128, 128]);
         let g = image_grid(&[ims.clone(), ims], 3);
         assert_eq!(g.dimensions(), (2 + 6 + 2, 2 * 8 + 2));
         assert_eq!(g.get_pixel(2 + 3, 2).0, [255, 255, 255]);
