@@ -9,6 +9,10 @@ pub mod run;
 pub mod tokenizer;
 pub mod vae_train;
 
+pub use parts::DEMO_RESOLUTION;
+pub use tokenizer::DemoVocab;
+pub use vae_train::{VaeTrainOptions, VaeTrainStats};
+
 use crate::models::clip::ClipTextEncoder;
 use crate::models::weights::{named_tensors, save};
 use crate::models::{Init, UNet, Vae};
@@ -17,9 +21,6 @@ use image::RgbImage;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
-pub use parts::DEMO_RESOLUTION;
-pub use tokenizer::DemoVocab;
-pub use vae_train::{VaeTrainOptions, VaeTrainStats};
 
 /// How the demo teacher is made.
 #[derive(Debug, Clone, PartialEq)]

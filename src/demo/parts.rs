@@ -3,7 +3,8 @@
 //!
 //! - images of 32² pixels (the synthetic scenes' shapes are 3-5 px across, positions are
 //!   quadrants: both still read at this size);
-//! - a VAE with two levels (downscale 2): 16×16×4 latents, 3072 -> 1024 numbers per image;
+//! - a VAE with two levels of 16 channels (downscale 2): 16×16×4 latents, 3072 -> 1024 numbers
+//!   per image (SD compresses 48×; flat-colour scenes at 32 px leave little to spare);
 //! - a CLIP text encoder of 2 layers, 64 wide, frozen with seeded random weights;
 //! - an SD-1.x-shaped UNet (3 cross-attention stages + 1 plain, 2 layers per block, mid block),
 //!   so the `bk_base` / `bk_small` / `bk_tiny` presets apply, 32-64 channels wide;
@@ -19,7 +20,12 @@ pub const DEMO_RESOLUTION: u32 = 32;
 pub const TEXT_HIDDEN: i64 = 64;
 
 /// The frozen text encoder: `CLIPTextModel` with 2 layers of width 64 (2 heads, MLP 128,
-/// quick_gelu as SD-1.x), over the demo tokenizer's vocabulary.
+/// quick_gelu as SD-1.x), over the demo tokenizer's vocabulary. `build_demo_teacher` gives it
+/// PyTorch's default init, whose N(0, 1) token and position embeddings dominate the residual
+/// stream: each position's output is mostly its own word plus a little context, so the caption
+/// words reach the UNet as distinct, nearly orthogonal vectors at fixed slots (at a changed word,
+/// cosine about 0.5, the shared position embedding), which a UNet learns from quickly. The pad
+/// positions, and so the pooled output, change little between captions.
 pub fn text_encoder_config(vocab_size: i64, eos_token_id: i64) -> ClipTextConfig {
     ClipTextConfig {
         vocab_size,
@@ -46,12 +52,13 @@ pub fn text_encoder_json(c: &ClipTextConfig, bos_token_id: i64, pad_token_id: i6
     v
 }
 
-/// The VAE: `AutoencoderKL` with blocks [32, 64] (downscale 2), one resnet per encoder block,
-/// 4 latent channels, 8 norm groups. `scaling_factor` is set after training (1/std of the
+/// The VAE: `AutoencoderKL` with blocks [16, 16] (downscale 2), one resnet per encoder block,
+/// 4 latent channels, 8 norm groups. Wider blocks reconstruct no better in the same number of
+/// steps and cost more per step. `scaling_factor` is set after training (1/std of the
 /// latents, as SD's 0.18215 was).
 pub fn vae_config(resolution: u32) -> VaeConfig {
     VaeConfig {
-        block_out_channels: vec![16, 32],
+        block_out_channels: vec![16, 16],
         layers_per_block: 1,
         latent_channels: 4,
         norm_num_groups: 8,

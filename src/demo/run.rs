@@ -49,7 +49,7 @@ impl Default for DemoOptions {
             seed: 0,
             count: 1000,
             held_out: 64,
-            vae_steps: 400,
+            vae_steps: VaeTrainOptions::default().steps,
             teacher_steps: 240,
             student_steps: 120,
             batch_size: 16,
