@@ -145,15 +145,22 @@ fn sync(device: Device) {
     }
 }
 
-/// Peak resident set size of this process in MiB (getrusage's ru_maxrss, KiB on Linux).
-pub fn peak_rss_mb() -> f64 {
+fn rusage() -> Option<libc::rusage> {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage only writes the struct it is given.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    if rc != 0 {
-        return f64::NAN;
-    }
-    usage.ru_maxrss as f64 / 1024.0
+    (unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0).then_some(usage)
+}
+
+/// Peak resident set size of this process in MiB (getrusage's ru_maxrss, KiB on Linux).
+pub fn peak_rss_mb() -> f64 {
+    rusage().map(|u| u.ru_maxrss as f64 / 1024.0).unwrap_or(f64::NAN)
+}
+
+/// CPU time (user + system, all threads) this process has used, in milliseconds: unlike wall
+/// time it does not grow while other processes hold the cores.
+pub fn cpu_time_ms() -> f64 {
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    rusage().map(|u| ms(u.ru_utime) + ms(u.ru_stime)).unwrap_or(f64::NAN)
 }
 
 /// GPU memory this process holds at the end, in MiB, from nvidia-smi: what LibTorch's caching
@@ -171,19 +178,21 @@ fn gpu_mem_mb() -> Option<f64> {
     })
 }
 
-/// Runs `step(i)` for i in `0..warmup + steps`, timing each of the last `steps` runs.
-fn time_steps(device: Device, warmup: usize, steps: usize, mut step: impl FnMut(usize) -> Result<()>) -> Result<StepTimes> {
-    let mut times = Vec::with_capacity(steps);
+/// Runs `step(i)` for i in `0..warmup + steps`; returns the wall and CPU times of each of the
+/// last `steps` runs.
+fn time_steps(device: Device, warmup: usize, steps: usize, mut step: impl FnMut(usize) -> Result<()>) -> Result<(StepTimes, StepTimes)> {
+    let (mut wall, mut cpu) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
     for i in 0..warmup + steps {
         sync(device);
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_time_ms());
         step(i)?;
         sync(device);
         if i >= warmup {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            wall.push(t0.elapsed().as_secs_f64() * 1e3);
+            cpu.push(cpu_time_ms() - c0);
         }
     }
-    Ok(times).map(StepTimes)
+    Ok((StepTimes(wall), StepTimes(cpu)))
 }
 
 fn check_args(args: &BenchArgs) -> Result<()> {
@@ -299,6 +308,7 @@ pub fn measure(args: &BenchArgs) -> Result<Value> {
         }
     };
 
+    let (times, cpu_times) = times;
     let median = times.median();
     let mut report = json!({
         "mode": match args.mode { BenchMode::Train => "train", BenchMode::Infer => "infer" },
@@ -316,6 +326,8 @@ pub fn measure(args: &BenchArgs) -> Result<Value> {
         "step_ms_median": median,
         "step_ms_min": times.min(),
         "step_ms": times.0,
+        "step_cpu_ms_median": cpu_times.median(),
+        "step_cpu_ms": cpu_times.0,
         "peak_mem_mb": peak_rss_mb(),
         "peak_mem_kind": "peak RSS (getrusage ru_maxrss)",
     });
@@ -353,9 +365,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     println!("{what}, latent {0}x{0}, {1}, {2}, {3} thread(s)", args.latent_size, r["device"].as_str().unwrap_or("?"), r["precision"].as_str().unwrap_or("?"), r["threads"]);
     println!(
-        "{:.1} ms/step median (min {:.1}) over {} steps after {} warm-up: {:.3} steps/s; peak RSS {:.0} MiB",
+        "{:.1} ms/step median (min {:.1}, CPU time {:.1}) over {} steps after {} warm-up: {:.3} steps/s; peak RSS {:.0} MiB",
         r["step_ms_median"].as_f64().unwrap_or(f64::NAN),
         r["step_ms_min"].as_f64().unwrap_or(f64::NAN),
+        r["step_cpu_ms_median"].as_f64().unwrap_or(f64::NAN),
         args.steps,
         args.warmup,
         r["steps_per_s"].as_f64().unwrap_or(f64::NAN),
