@@ -262,8 +262,7 @@ def main():
             f"| {fmt_ms(med(auto))} | {fmt_ms(med(sb))} | {med(sb) / med(auto):.2f}x | {fmt_ms(cpu(auto))} | {fmt_ms(cpu(sb))} |",
             "",
             f"Spin / passive wall time: sdkd {med(sa) / med(pa):.2f}, PyTorch {med(sb) / med(pb):.2f} "
-            "(above 1: spinning is slower; spin runs: 1 warm-up + 2 timed steps). Spinning also burns CPU "
-            "time while waiting, hence its larger CPU figures.",
+            "(above 1: spinning is slower; spin runs: 1 warm-up + 2 timed steps). CPU time counts the spinning too.",
             "",
         ]
 
