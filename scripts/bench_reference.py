@@ -8,8 +8,9 @@ usage: bench_reference.py --teacher CONFIG.json [--student CONFIG.json] [--pairs
          [--threads T] [--device cpu|cuda]
 PAIRS.json is a list of [teacher feature, student feature] module names (what `sdkd bench
 --json` reports as student.feature_pairs). In infer mode the student's config, when given, is
-the UNet timed; else the teacher's. Prints one JSON object with steps_per_s, step_ms_median and
-peak_mem_mb (peak RSS, including the Python interpreter). Weights are random: speed does not
+the UNet timed; else the teacher's. Prints one JSON object with steps_per_s, step_ms_median,
+step_cpu_ms_median (process CPU time, all threads) and peak_mem_mb (peak RSS, including the
+Python interpreter). Weights are random: speed does not
 depend on their values. The timed region matches sdkd's: inputs are drawn before the clock
 starts; a step ends after zero_grad (train) or the guidance combination (infer).
 """
@@ -48,7 +49,7 @@ def sync():
 
 
 B, L = a.batch_size, a.latent_size
-times = []
+times, cpu_times = [], []  # wall and process CPU time (all threads) per timed step
 info = {}
 
 if a.mode == "infer":
@@ -60,13 +61,14 @@ if a.mode == "infer":
     with torch.no_grad():
         for i in range(a.warmup + a.steps):
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             eps = unet(torch.cat([lat, lat]), t, encoder_hidden_states=ctx).sample
             u, c = eps.chunk(2)
             _ = u + 7.5 * (c - u)
             sync()
             if i >= a.warmup:
                 times.append(time.perf_counter() - t0)
+                cpu_times.append(time.process_time() - c0)
 else:
     teacher = build(a.teacher).eval().requires_grad_(False)
     student = build(a.student).train()
@@ -94,7 +96,7 @@ else:
             for _ in range(a.warmup + a.steps)]
     for i, (latents, ctx) in enumerate(data):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (B,), device=dev)
         noisy = sched.add_noise(latents, noise, t)
@@ -112,11 +114,14 @@ else:
         sync()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     info["adamw"] = "foreach" if opt.defaults.get("foreach") else ("fused" if opt.defaults.get("fused") else "default (single-tensor on CPU)")
 
 med = statistics.median(times)
 print(json.dumps({"steps_per_s": 1.0 / med, "step_ms_median": med * 1000.0, "step_ms_min": min(times) * 1000.0,
                   "step_ms": [x * 1000.0 for x in times],
+                  "step_cpu_ms_median": statistics.median(cpu_times) * 1000.0,
+                  "step_cpu_ms": [x * 1000.0 for x in cpu_times],
                   "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                   "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                   "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "torch": torch.__version__, **info}))

@@ -32,26 +32,54 @@ enum Command {
     Bench(commands::bench::BenchArgs),
 }
 
-/// LibTorch's OpenMP workers spin-wait between kernels by default, which burns the cores the
-/// data loader and other processes need: training steps measured 3-5x slower on a busy 2-core
-/// machine. libgomp reads its settings when it is loaded, before `main`, so set a passive wait
-/// policy and start again (once; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins).
-fn ensure_passive_openmp() {
+/// How LibTorch's OpenMP workers wait between kernels. libgomp's default spins 300000 times
+/// before sleeping, which burns the cores the data loader and other processes need: training
+/// steps measured 3-5x slower on a busy 2-core machine. Sleeping at once (PASSIVE) pays a wake-up
+/// per parallel region instead, which made the same step 1.45x slower on the idle machine. A
+/// short spin (10000) is as fast as the default when the machine is idle, so: a short spin when
+/// the cores are free at start (1-minute load average below the core count), PASSIVE when they
+/// are not. See docs/benchmarks.md, "OpenMP wait policy".
+fn openmp_wait_setting() -> (&'static str, &'static str) {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|l| l.parse::<f64>().ok()));
+    match load {
+        Some(load) if load < cores => ("GOMP_SPINCOUNT", "10000"),
+        _ => ("OMP_WAIT_POLICY", "PASSIVE"),
+    }
+}
+
+/// libgomp reads its settings when it is loaded, before `main`, so set them and start again
+/// (once; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins).
+fn ensure_openmp_wait_setting() {
     use std::os::unix::process::CommandExt;
     if std::env::var_os("OMP_WAIT_POLICY").is_some() || std::env::var_os("GOMP_SPINCOUNT").is_some() {
         return;
     }
+    let (key, value) = openmp_wait_setting();
     if let Ok(exe) = std::env::current_exe() {
-        let err = std::process::Command::new(exe)
-            .args(std::env::args_os().skip(1))
-            .env("OMP_WAIT_POLICY", "PASSIVE")
-            .exec();
-        eprintln!("warning: could not restart with OMP_WAIT_POLICY=PASSIVE ({err}); continuing");
+        let err = std::process::Command::new(exe).args(std::env::args_os().skip(1)).env(key, value).exec();
+        eprintln!("warning: could not restart with {key}={value} ({err}); continuing");
+    }
+}
+
+/// LibTorch takes tensor memory from glibc's malloc, which serves every block over 32 MiB (SD-1.5
+/// activations at 512 px reach 170 MiB) with a fresh mmap and gives it back on free: each step
+/// then page-faults and zeroes its largest activations again (1.5M page faults per SD-1.5 step,
+/// ~7% of its CPU time). Keeping freed memory in the heap lets the next step reuse it; peak RSS is
+/// unchanged, but memory is returned to the system only at exit.
+fn keep_freed_memory() {
+    // SAFETY: mallopt only changes malloc's parameters; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0); // large blocks from the heap, not per-block mmaps
+        libc::mallopt(libc::M_TRIM_THRESHOLD, -1); // never shrink the heap
     }
 }
 
 fn main() {
-    ensure_passive_openmp();
+    ensure_openmp_wait_setting();
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Inspect(a) => commands::inspect::run(a),

@@ -145,15 +145,22 @@ fn sync(device: Device) {
     }
 }
 
-/// Peak resident set size of this process in MiB (getrusage's ru_maxrss, KiB on Linux).
-pub fn peak_rss_mb() -> f64 {
+fn rusage() -> Option<libc::rusage> {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage only writes the struct it is given.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    if rc != 0 {
-        return f64::NAN;
-    }
-    usage.ru_maxrss as f64 / 1024.0
+    (unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0).then_some(usage)
+}
+
+/// Peak resident set size of this process in MiB (getrusage's ru_maxrss, KiB on Linux).
+pub fn peak_rss_mb() -> f64 {
+    rusage().map(|u| u.ru_maxrss as f64 / 1024.0).unwrap_or(f64::NAN)
+}
+
+/// CPU time (user + system, all threads) this process has used, in milliseconds: unlike wall
+/// time it does not grow while other processes hold the cores.
+pub fn cpu_time_ms() -> f64 {
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    rusage().map(|u| ms(u.ru_utime) + ms(u.ru_stime)).unwrap_or(f64::NAN)
 }
 
 /// GPU memory this process holds at the end, in MiB, from nvidia-smi: what LibTorch's caching
@@ -171,19 +178,21 @@ fn gpu_mem_mb() -> Option<f64> {
     })
 }
 
-/// Runs `step(i)` for i in `0..warmup + steps`, timing each of the last `steps` runs.
-fn time_steps(device: Device, warmup: usize, steps: usize, mut step: impl FnMut(usize) -> Result<()>) -> Result<StepTimes> {
-    let mut times = Vec::with_capacity(steps);
+/// Runs `step(i)` for i in `0..warmup + steps`; returns the wall and CPU times of each of the
+/// last `steps` runs.
+fn time_steps(device: Device, warmup: usize, steps: usize, mut step: impl FnMut(usize) -> Result<()>) -> Result<(StepTimes, StepTimes)> {
+    let (mut wall, mut cpu) = (Vec::with_capacity(steps), Vec::with_capacity(steps));
     for i in 0..warmup + steps {
         sync(device);
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_time_ms());
         step(i)?;
         sync(device);
         if i >= warmup {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
+            wall.push(t0.elapsed().as_secs_f64() * 1e3);
+            cpu.push(cpu_time_ms() - c0);
         }
     }
-    Ok(times).map(StepTimes)
+    Ok((StepTimes(wall), StepTimes(cpu)))
 }
 
 fn check_args(args: &BenchArgs) -> Result<()> {
@@ -204,6 +213,90 @@ fn check_args(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Wall and CPU times of each timed step, and what was timed.
+type Measured = ((StepTimes, StepTimes), Value);
+
+/// One denoising step with classifier-free guidance: the UNet on the CFG batch, then the guidance.
+fn infer(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Path>, device: Device, kind: Kind) -> Result<Measured> {
+    let (b, l) = (args.batch_size, args.latent_size);
+    let (unet, description) = if args.student == TEACHER_ITSELF {
+        let unet = teacher_unet(teacher_config, teacher_dir, device, kind)?;
+        let d = json!({"name": TEACHER_ITSELF, "params": unet.num_params(), "config": teacher_config.to_json()});
+        (unet, d)
+    } else {
+        // A student's speed does not depend on its values: random weights, no teacher load.
+        let plan = StudentPlan::resolve(&args.student, Some(teacher_config)).with_context(|| format!("--student {:?}", args.student))?;
+        let unet = UNet::build(&plan.config, device, kind, Init::Torch);
+        let d = json!({"name": plan.name, "params": unet.num_params(), "config": plan.config.to_json()});
+        (unet, d)
+    };
+    let latents = Tensor::randn([b, teacher_config.in_channels, l, l], (kind, device));
+    let context = Tensor::randn([2 * b, 77, teacher_config.cross_attention_dim], (kind, device));
+    let t = Tensor::from(500i64).to_device(device);
+    let guidance = 7.5;
+    let times = tch::no_grad(|| {
+        time_steps(device, args.warmup, args.steps, |_| {
+            let eps = unet.model.predict(&Tensor::cat(&[&latents, &latents], 0), &t, &context); // (2b, c, l, l)
+            let (uncond, cond) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
+            let _guided = &uncond + (cond - &uncond) * guidance;
+            Ok(())
+        })
+    })?;
+    Ok((times, json!({ "unet": description })))
+}
+
+/// The scheduler config of the pipeline a UNet folder belongs to, else SD-1.5's defaults (the
+/// noise schedule does not change the step's cost).
+fn scheduler_config(teacher_dir: Option<&Path>) -> Result<SchedulerConfig> {
+    match teacher_dir.and_then(Path::parent).map(|p| p.join("scheduler/scheduler_config.json")) {
+        Some(path) if path.is_file() => SchedulerConfig::from_path(&path),
+        _ => Ok(SchedulerConfig::default()),
+    }
+}
+
+/// The distillation step through the trainer's `Distiller`, one optimizer step per timed step.
+fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Path>, device: Device, kind: Kind) -> Result<Measured> {
+    if args.student == TEACHER_ITSELF {
+        bail!("--student {TEACHER_ITSELF} is only for --mode infer: name a preset, spec or UNet config to distil into");
+    }
+    let (b, l) = (args.batch_size, args.latent_size);
+    let plan = StudentPlan::resolve(&args.student, Some(teacher_config)).with_context(|| format!("--student {:?}", args.student))?;
+    let teacher = teacher_unet(teacher_config, teacher_dir, device, kind)?;
+    // As `sdkd train`: fp32 student weights, initialised from the teacher by the copy map.
+    let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
+    copy_from_teacher(&plan, &teacher, &student)?;
+    let schedule = Arc::new(NoiseSchedule::new(scheduler_config(teacher_dir)?)?);
+    let (teacher_inner, _) = plan.inner_features();
+    let description = json!({
+        "teacher": {"params": teacher.num_params()},
+        "student": {
+            "name": plan.name,
+            "params": student.num_params(),
+            "config": plan.config.to_json(),
+            "feature_pairs": plan.feature_pairs.iter().map(|p| [&p.teacher, &p.student]).collect::<Vec<_>>(),
+        },
+    });
+    let teacher = Teacher::new(teacher, teacher_inner);
+    let mut d = Distiller::new(student, plan, Some(teacher), schedule, AdamWConfig::default(), None, LossWeights::default())?;
+    // The data of each step is drawn before the clock starts: loading is not the step.
+    let (in_ch, ctx_dim) = (teacher_config.in_channels, teacher_config.cross_attention_dim);
+    let data: Vec<(Tensor, Tensor)> = (0..args.warmup + args.steps)
+        .map(|_| (Tensor::randn([b, in_ch, l, l], (Kind::Float, device)), Tensor::randn([b, 77, ctx_dim], (Kind::Float, device))))
+        .collect();
+    let lr = 5e-5;
+    let times = time_steps(device, args.warmup, args.steps, |i| {
+        let (latents, context) = &data[i];
+        let terms = d.micro_step(latents, context, 1);
+        let _grad_norm = d.update(lr, Some(1.0))?;
+        // read like the trainer's logging does (and a NaN would make the timing meaningless)
+        if !terms.total.double_value(&[]).is_finite() {
+            bail!("the loss is not finite");
+        }
+        Ok(())
+    })?;
+    Ok((times, description))
+}
+
 /// Runs the benchmark and returns the JSON report.
 pub fn measure(args: &BenchArgs) -> Result<Value> {
     check_args(args)?;
@@ -220,85 +313,11 @@ pub fn measure(args: &BenchArgs) -> Result<Value> {
     let kind = precision.kind();
     tch::manual_seed(args.seed);
     let (teacher_config, teacher_dir) = teacher_source(&args.teacher)?;
-    let (b, l) = (args.batch_size, args.latent_size);
-    let ctx_dim = teacher_config.cross_attention_dim;
-    let in_ch = teacher_config.in_channels;
-
-    let (times, model) = match args.mode {
-        BenchMode::Infer => {
-            let (unet, description) = if args.student == TEACHER_ITSELF {
-                let unet = teacher_unet(&teacher_config, teacher_dir.as_deref(), device, kind)?;
-                let d = json!({"name": TEACHER_ITSELF, "params": unet.num_params(), "config": teacher_config.to_json()});
-                (unet, d)
-            } else {
-                // A student's speed does not depend on its values: random weights, no teacher load.
-                let plan = StudentPlan::resolve(&args.student, Some(&teacher_config))
-                    .with_context(|| format!("--student {:?}", args.student))?;
-                let unet = UNet::build(&plan.config, device, kind, Init::Torch);
-                let d = json!({"name": plan.name, "params": unet.num_params(), "config": plan.config.to_json()});
-                (unet, d)
-            };
-            let latents = Tensor::randn([b, in_ch, l, l], (kind, device));
-            let context = Tensor::randn([2 * b, 77, ctx_dim], (kind, device));
-            let t = Tensor::from(500i64).to_device(device);
-            let guidance = 7.5;
-            let times = tch::no_grad(|| {
-                time_steps(device, args.warmup, args.steps, |_| {
-                    let eps = unet.model.predict(&Tensor::cat(&[&latents, &latents], 0), &t, &context);
-                    let (uncond, cond) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
-                    let _guided = &uncond + (cond - &uncond) * guidance;
-                    Ok(())
-                })
-            })?;
-            (times, json!({ "unet": description }))
-        }
-        BenchMode::Train => {
-            if args.student == TEACHER_ITSELF {
-                bail!("--student {TEACHER_ITSELF} is only for --mode infer: name a preset, spec or UNet config to distil into");
-            }
-            let plan = StudentPlan::resolve(&args.student, Some(&teacher_config))
-                .with_context(|| format!("--student {:?}", args.student))?;
-            let teacher = teacher_unet(&teacher_config, teacher_dir.as_deref(), device, kind)?;
-            let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
-            copy_from_teacher(&plan, &teacher, &student)?;
-            let schedule = Arc::new(NoiseSchedule::new(match &teacher_dir {
-                Some(dir) if dir.parent().is_some_and(|p| p.join("scheduler/scheduler_config.json").is_file()) => {
-                    SchedulerConfig::from_path(&dir.parent().unwrap().join("scheduler/scheduler_config.json"))?
-                }
-                _ => SchedulerConfig::default(),
-            })?);
-            let (teacher_inner, _) = plan.inner_features();
-            let description = json!({
-                "teacher": {"params": teacher.num_params()},
-                "student": {
-                    "name": plan.name,
-                    "params": student.num_params(),
-                    "config": plan.config.to_json(),
-                    "feature_pairs": plan.feature_pairs.iter().map(|p| [&p.teacher, &p.student]).collect::<Vec<_>>(),
-                },
-            });
-            let teacher = Teacher::new(teacher, teacher_inner);
-            let mut d = Distiller::new(student, plan, Some(teacher), schedule, AdamWConfig::default(), None, LossWeights::default())?;
-            // The data of each step is drawn before the clock starts: loading is not the step.
-            let data: Vec<(Tensor, Tensor)> = (0..args.warmup + args.steps)
-                .map(|_| {
-                    (Tensor::randn([b, in_ch, l, l], (Kind::Float, device)), Tensor::randn([b, 77, ctx_dim], (Kind::Float, device)))
-                })
-                .collect();
-            let lr = 5e-5;
-            let times = time_steps(device, args.warmup, args.steps, |i| {
-                let (latents, context) = &data[i];
-                let terms = d.micro_step(latents, context, 1);
-                let _grad_norm = d.update(lr, Some(1.0))?;
-                if !terms.total.double_value(&[]).is_finite() {
-                    bail!("the loss is not finite");
-                }
-                Ok(())
-            })?;
-            (times, description)
-        }
+    let b = args.batch_size;
+    let ((times, cpu_times), model) = match args.mode {
+        BenchMode::Infer => infer(args, &teacher_config, teacher_dir.as_deref(), device, kind)?,
+        BenchMode::Train => train(args, &teacher_config, teacher_dir.as_deref(), device, kind)?,
     };
-
     let median = times.median();
     let mut report = json!({
         "mode": match args.mode { BenchMode::Train => "train", BenchMode::Infer => "infer" },
@@ -309,13 +328,15 @@ pub fn measure(args: &BenchArgs) -> Result<Value> {
         "gomp_spincount": std::env::var("GOMP_SPINCOUNT").ok(),
         "batch_size": b,
         "unet_batch": if args.mode == BenchMode::Infer { 2 * b } else { b },
-        "latent_size": l,
+        "latent_size": args.latent_size,
         "steps": args.steps,
         "warmup": args.warmup,
         "steps_per_s": 1e3 / median,
         "step_ms_median": median,
         "step_ms_min": times.min(),
         "step_ms": times.0,
+        "step_cpu_ms_median": cpu_times.median(),
+        "step_cpu_ms": cpu_times.0,
         "peak_mem_mb": peak_rss_mb(),
         "peak_mem_kind": "peak RSS (getrusage ru_maxrss)",
     });
@@ -353,9 +374,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     println!("{what}, latent {0}x{0}, {1}, {2}, {3} thread(s)", args.latent_size, r["device"].as_str().unwrap_or("?"), r["precision"].as_str().unwrap_or("?"), r["threads"]);
     println!(
-        "{:.1} ms/step median (min {:.1}) over {} steps after {} warm-up: {:.3} steps/s; peak RSS {:.0} MiB",
+        "{:.1} ms/step median (min {:.1}, CPU time {:.1}) over {} steps after {} warm-up: {:.3} steps/s; peak RSS {:.0} MiB",
         r["step_ms_median"].as_f64().unwrap_or(f64::NAN),
         r["step_ms_min"].as_f64().unwrap_or(f64::NAN),
+        r["step_cpu_ms_median"].as_f64().unwrap_or(f64::NAN),
         args.steps,
         args.warmup,
         r["steps_per_s"].as_f64().unwrap_or(f64::NAN),
