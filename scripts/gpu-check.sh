@@ -44,7 +44,7 @@ print(f"| {label} | {params / 1e6:.0f}M | {r['step_ms_median']:.1f} | {r['steps_
 EOF
 }
 
-echo "## bf16 training step, SD-1.5 teacher (bf16, frozen) -> student (fp32 weights), batch 8, latent 64"
+echo "## bf16 training step, SD-1.5 teacher (bf16, frozen) -> student (fp32 master weights, bf16 compute), batch 8, latent 64"
 echo "| student | params | ms/step (median) | steps/s | GPU MiB held |"
 echo "|---|---|---|---|---|"
 for p in bk_base bk_small bk_tiny; do

@@ -262,6 +262,7 @@ fn checkpoint_writer_loop() {
                 config_hash: "h".into(),
                 config: serde_json::Value::Null,
                 sdkd_version: "test".into(),
+                loss_scale: None,
             },
             unet_config: serde_json::json!({"step": step}),
             student: vec![("w".into(), t(step as f64))],

@@ -287,7 +287,7 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
     let times = time_steps(device, args.warmup, args.steps, |i| {
         let (latents, context) = &data[i];
         let terms = d.micro_step(latents, context, 1);
-        let _grad_norm = d.update(lr, Some(1.0))?;
+        let _update = d.update(lr, Some(1.0))?;
         // read like the trainer's logging does (and a NaN would make the timing meaningless)
         if !terms.total.double_value(&[]).is_finite() {
             bail!("the loss is not finite");

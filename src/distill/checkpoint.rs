@@ -10,6 +10,7 @@
 //! checkpoint exactly when its `state.json` parses and every listed file is there with that size.
 //! One writer per output folder (two runs writing into one folder would delete each other's
 //! temporary folders).
+use super::loss_scale::LossScale;
 use crate::config::{identity_diff, RunConfig};
 use crate::models::weights;
 use anyhow::{anyhow, bail, Context, Result};
@@ -43,6 +44,9 @@ pub struct StateMeta {
     #[serde(default)]
     pub config: serde_json::Value,
     pub sdkd_version: String,
+    /// The dynamic loss scale of an fp16 run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<LossScale>,
 }
 
 impl StateMeta {
@@ -56,6 +60,7 @@ impl StateMeta {
             config_hash: cfg.config_hash(),
             config: cfg.resume_identity(),
             sdkd_version: env!("CARGO_PKG_VERSION").to_string(),
+            loss_scale: None,
         }
     }
 }
@@ -397,6 +402,7 @@ mod tests {
                 config_hash: "abc".into(),
                 config: serde_json::Value::Null,
                 sdkd_version: "test".into(),
+                loss_scale: None,
             },
             unet_config: serde_json::json!({"_class_name": "UNet2DConditionModel", "layers_per_block": 1}),
             student: vec![("conv_in.weight".into(), t(step as f32))],
@@ -436,6 +442,17 @@ mod tests {
             [("conv_in.weight".to_string(), Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)))].into();
         c.load_student_into(&vars).unwrap();
         assert_eq!(vars["conv_in.weight"].double_value(&[1, 1]), 30.0);
+
+        assert_eq!(c.meta.loss_scale, None);
+        let state_json = std::fs::read_to_string(c.dir.join(STATE_FILE)).unwrap();
+        assert!(!state_json.contains("loss_scale"), "fp32/bf16 checkpoints carry no loss scale");
+
+        // An fp16 run's loss scale comes back as it was.
+        let mut fp16 = state(40, true);
+        fp16.meta.loss_scale = Some(LossScale { scale: 8192.0, good_steps: 17 });
+        let other = tempfile::tempdir().unwrap();
+        let c = Checkpoint::open(&CheckpointWriter::new(other.path(), 1).write(&fp16).unwrap()).unwrap();
+        assert_eq!(c.meta.loss_scale, Some(LossScale { scale: 8192.0, good_steps: 17 }));
 
         // Rewriting an existing step replaces it; no EMA means no ema.safetensors.
         w.write(&state(30, false)).unwrap();

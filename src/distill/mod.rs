@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod encoder;
 pub mod evaluate;
 pub mod loss;
+pub mod loss_scale;
 pub mod optim;
 pub mod progress;
 pub mod student;

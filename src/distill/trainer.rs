@@ -8,6 +8,7 @@
 use super::checkpoint::{self, CheckpointWriter, StateMeta, TrainState};
 use super::encoder::{LatentScale, TeacherEncoder};
 use super::loss::{distill_loss, LossTerms, LossWeights};
+use super::loss_scale::LossScale;
 use super::optim::{grad_norm, lr_at, AdamW, AdamWConfig, Ema};
 use super::progress::{Progress, ProgressMode};
 use super::student::{copy_from_teacher, StudentPlan};
@@ -61,6 +62,10 @@ impl Teacher {
 /// The distillation step on ready latents and text embeddings: noise, the frozen teacher's
 /// forward, the student's forward and backward, the three losses, clipping, AdamW and EMA. The
 /// trainer feeds it data; `sdkd bench` feeds it random tensors.
+///
+/// The student's weights, gradients, optimizer state and EMA are fp32 whatever `compute_kind`
+/// is: its forward and backward run in `compute_kind` by casting the inputs, and the layers cast
+/// the weights to match (mixed precision without autocast; see `models::layers`).
 pub struct Distiller {
     pub student: UNet,
     pub plan: StudentPlan,
@@ -71,6 +76,17 @@ pub struct Distiller {
     pub ema: Option<Ema>,
     pub weights: LossWeights,
     pub noise_offset: f64,
+    compute_kind: Kind,
+    /// Present exactly when the student computes in fp16.
+    pub loss_scale: Option<LossScale>,
+}
+
+/// What `Distiller::update` did.
+pub struct Update {
+    /// The gradient norm before clipping, as a tensor (reading it waits for the device).
+    pub grad_norm: Tensor,
+    /// fp16 gradients overflowed: no AdamW or EMA step, and the loss scale was halved.
+    pub skipped: bool,
 }
 
 impl Distiller {
@@ -78,7 +94,34 @@ impl Distiller {
         let optimizer = AdamW::new(weights::named_tensors(&student.vs), optim)?;
         let ema = ema_decay.map(|d| Ema::new(weights::named_tensors(&student.vs), d)).transpose()?;
         let (_, student_inner) = plan.inner_features();
-        Ok(Distiller { student, plan, teacher, student_inner, schedule, optimizer, ema, weights, noise_offset: 0.0 })
+        Ok(Distiller {
+            student,
+            plan,
+            teacher,
+            student_inner,
+            schedule,
+            optimizer,
+            ema,
+            weights,
+            noise_offset: 0.0,
+            compute_kind: Kind::Float,
+            loss_scale: None,
+        })
+    }
+
+    /// The dtype the student's forward and backward run in: fp32, bf16, or fp16 (which brings
+    /// dynamic loss scaling).
+    pub fn with_compute_kind(mut self, kind: Kind) -> Result<Distiller> {
+        if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
+            bail!("the student computes in fp32, bf16 or fp16, not {kind:?}");
+        }
+        self.compute_kind = kind;
+        self.loss_scale = (kind == Kind::Half).then(LossScale::default);
+        Ok(self)
+    }
+
+    pub fn compute_kind(&self) -> Kind {
+        self.compute_kind
     }
 
     /// Forward and backward of one micro-batch (`latents` scaled for the UNet, (b, c, h, w) on
@@ -99,27 +142,54 @@ impl Distiller {
             let kind = teacher.kind();
             tch::no_grad(|| teacher.unet.model.forward(&noisy.to_kind(kind), &t, &context.to_kind(kind), &teacher.inner))
         });
-        let student_out = self.student.model.forward(&noisy, &t, context, &self.student_inner);
+        let kind = self.compute_kind;
+        let student_out = self.student.model.forward(&noisy.to_kind(kind), &t, &context.to_kind(kind), &self.student_inner);
         let pairs = if teacher_out.is_some() { &self.plan.feature_pairs[..] } else { &[] };
         let terms = distill_loss(&student_out, teacher_out.as_ref(), &target, pairs, &self.weights);
-        (&terms.total / accum as f64).backward();
+        let scale = self.loss_scale.map_or(1.0, |s| s.scale);
+        (&terms.total * (scale / accum as f64)).backward();
         terms
     }
 
     /// Clips the accumulated gradients (or only measures them), steps AdamW at `lr`, clears the
-    /// gradients and updates the EMA. Returns the gradient norm before clipping.
-    pub fn update(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<Tensor> {
+    /// gradients and updates the EMA. Under fp16 the gradients are unscaled first, and a step
+    /// whose gradients overflowed is skipped.
+    pub fn update(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<Update> {
+        let params = self.optimizer.params();
+        if let Some(loss_scale) = &mut self.loss_scale {
+            let norm = unscale_grads(&params, loss_scale.scale)?;
+            let finite = norm.double_value(&[]).is_finite();
+            loss_scale.update(finite);
+            if !finite {
+                self.optimizer.zero_grad();
+                return Ok(Update { grad_norm: norm, skipped: true });
+            }
+        }
         let norm = match max_grad_norm {
             Some(max) => self.optimizer.clip_grad_norm(max)?,
-            None => grad_norm(&self.optimizer.params())?,
+            None => grad_norm(&params)?,
         };
         self.optimizer.step(lr)?;
         self.optimizer.zero_grad();
         if let Some(ema) = &mut self.ema {
             ema.update()?;
         }
-        Ok(norm)
+        Ok(Update { grad_norm: norm, skipped: false })
     }
+}
+
+/// Divides every gradient by `scale` and returns their total norm (inf or NaN when one overflowed).
+fn unscale_grads(params: &[Tensor], scale: f64) -> Result<Tensor> {
+    tch::no_grad(|| -> Result<()> {
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.f_mul_scalar_(1.0 / scale)?;
+            }
+        }
+        Ok(())
+    })?;
+    grad_norm(params)
 }
 
 /// Batches of (latent mean, latent std, text embeddings): from images through the teacher's
@@ -178,8 +248,9 @@ impl Trainer {
     /// Builds the run from its config, resuming from `resume` (`latest` or a checkpoint folder).
     pub fn new(cfg: RunConfig, resume: Option<&str>) -> Result<Trainer> {
         let device = cfg.train.device.resolve()?;
+        // The dtype the teacher, its encoders and the student's forward and backward run in.
         // LibTorch's CPU kernels in bf16/fp16 are slow and inexact: the CPU computes in fp32.
-        let teacher_kind = if device == Device::Cpu { Kind::Float } else { cfg.train.precision.kind() };
+        let compute_kind = if device == Device::Cpu { Kind::Float } else { cfg.train.precision.kind() };
         let pipeline = pipeline_of(&cfg)?;
         let teacher_config = pipeline.as_ref().map(|p| p.unet_config()).transpose()?;
         let plan = StudentPlan::resolve(&cfg.student, teacher_config.as_ref())
@@ -196,7 +267,7 @@ impl Trainer {
         let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
         let need_teacher_unet = cfg.distill || cfg.student_init == StudentInit::Teacher;
         let teacher_unet = match (&pipeline, need_teacher_unet) {
-            (Some(p), true) => Some(p.load_unet(device, teacher_kind)?),
+            (Some(p), true) => Some(p.load_unet(device, compute_kind)?),
             (None, true) => bail!("teacher: the run distils or copies the teacher, but `teacher` is not set"),
             _ => None,
         };
@@ -214,12 +285,13 @@ impl Trainer {
         let (teacher_inner, _) = plan.inner_features();
         let teacher = if cfg.distill { teacher_unet.map(|unet| Teacher::new(unet, teacher_inner)) } else { None };
         let weights = LossWeights { task: cfg.loss.task, output_kd: cfg.loss.output_kd, feature_kd: cfg.loss.feature_kd };
-        let mut d = Distiller::new(student, plan, teacher, schedule, AdamWConfig::from(&cfg.optim), cfg.train.ema_decay, weights)?;
+        let mut d = Distiller::new(student, plan, teacher, schedule, AdamWConfig::from(&cfg.optim), cfg.train.ema_decay, weights)?
+            .with_compute_kind(compute_kind)?;
         d.noise_offset = cfg.train.noise_offset;
 
         let encoder = match (&pipeline, cfg.data.cache.is_some()) {
-            (Some(p), false) => Some(Arc::new(TeacherEncoder::load(p, device, teacher_kind)?)),
-            (Some(p), true) if cfg.validation.every > 0 => Some(Arc::new(TeacherEncoder::load(p, device, teacher_kind)?)),
+            (Some(p), false) => Some(Arc::new(TeacherEncoder::load(p, device, compute_kind)?)),
+            (Some(p), true) if cfg.validation.every > 0 => Some(Arc::new(TeacherEncoder::load(p, device, compute_kind)?)),
             _ => None,
         };
         let scale = match (&cfg.data.cache, &encoder) {
@@ -246,6 +318,9 @@ impl Trainer {
             if let Some(ema) = &mut d.ema {
                 let file = ckpt.ema_file().ok_or_else(|| anyhow!("checkpoint {} has no EMA, but train.ema_decay is set", ckpt.dir.display()))?;
                 ema.load_state_file(&file)?;
+            }
+            if let (Some(scale), Some(saved)) = (&mut d.loss_scale, ckpt.meta.loss_scale) {
+                *scale = saved;
             }
             step = ckpt.meta.step;
             cursor = serde_json::from_value(ckpt.meta.data_cursor.clone())
@@ -292,14 +367,18 @@ impl Trainer {
             s.add(&terms, accum);
         }
         s.lr = lr_at(self.step, &self.cfg.optim, self.cfg.train.max_steps);
-        s.grad_norm = self.distiller.update(s.lr, self.cfg.optim.max_grad_norm)?.double_value(&[]);
+        let update = self.distiller.update(s.lr, self.cfg.optim.max_grad_norm)?;
+        s.grad_norm = update.grad_norm.double_value(&[]);
+        s.overflow_steps = update.skipped as usize;
         self.step += 1;
         Ok(s)
     }
 
     fn state(&self) -> TrainState {
+        let mut meta = StateMeta::new(&self.cfg, self.step, self.cursor.epoch, serde_json::to_value(self.cursor).expect("cursor serialises"));
+        meta.loss_scale = self.distiller.loss_scale;
         TrainState {
-            meta: StateMeta::new(&self.cfg, self.step, self.cursor.epoch, serde_json::to_value(self.cursor).expect("cursor serialises")),
+            meta,
             unet_config: self.distiller.plan.config.to_json(),
             student: weights::named_tensors(&self.distiller.student.vs),
             ema: self.distiller.ema.as_ref().map(Ema::state_tensors),
@@ -337,6 +416,9 @@ impl Trainer {
             if s.skipped > 0 {
                 progress.message(&format!("step {}: skipped {} bad sample(s) ({} so far)", self.step, s.skipped, skipped_total));
             }
+            if let (1, Some(scale)) = (s.overflow_steps, &self.distiller.loss_scale) {
+                progress.message(&format!("step {}: fp16 gradients overflowed, step skipped; loss scale now {}", self.step, scale.scale));
+            }
             progress.update(self.step, s.total, s.lr);
             window.merge(&s);
             window_steps += 1;
@@ -353,6 +435,10 @@ impl Trainer {
                         ("samples_per_s".into(), (window.samples as f64 / elapsed) as f32),
                         ("data/skipped_samples".into(), skipped_total as f32),
                     ];
+                    if let Some(scale) = &self.distiller.loss_scale {
+                        values.push(("fp16/loss_scale".into(), scale.scale as f32));
+                        values.push(("fp16/overflow_steps".into(), window.overflow_steps as f32));
+                    }
                     if self.distiller.teacher.is_some() {
                         values.push(("loss/output_kd".into(), m.output_kd as f32));
                         if !m.pairs.is_empty() {
@@ -468,6 +554,8 @@ struct StepScalars {
     lr: f64,
     samples: usize,
     skipped: usize,
+    /// Steps skipped because fp16 gradients overflowed.
+    overflow_steps: usize,
 }
 
 impl StepScalars {
@@ -504,6 +592,7 @@ impl StepScalars {
         self.lr = s.lr;
         self.samples += s.samples;
         self.skipped += s.skipped;
+        self.overflow_steps += s.overflow_steps;
     }
 
     fn mean(&self, n: u64) -> StepScalars {
@@ -518,6 +607,7 @@ impl StepScalars {
             lr: self.lr,
             samples: self.samples,
             skipped: self.skipped,
+            overflow_steps: self.overflow_steps,
         }
     }
 }

@@ -92,9 +92,10 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
         x.conv2d(
-            &self.weight,
-            self.bias.as_ref(),
+            &as_kind(&self.weight, kind),
+            self.bias.as_ref().map(|b| as_kind(b, kind)).as_ref(),
             [self.stride, self.stride],
             [self.padding, self.padding],
             [1, 1],
@@ -118,7 +119,8 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let kind = x.kind();
+        x.linear(&as_kind(&self.weight, kind), self.bias.as_ref().map(|b| as_kind(b, kind)).as_ref())
     }
 }
 
@@ -143,7 +145,10 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+        let kind = x.kind();
+        as_kind(x, self.weight.kind())
+            .group_norm(self.groups, Some(&self.weight), Some(&self.bias), self.eps, true)
+            .to_kind(kind)
     }
 }
 
@@ -163,7 +168,19 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+        let kind = x.kind();
+        as_kind(x, self.weight.kind())
+            .layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, true)
+            .to_kind(kind)
+    }
+}
+
+/// `t` in dtype `kind`: itself when it already is, else a differentiable cast.
+fn as_kind(t: &Tensor, kind: Kind) -> Tensor {
+    if t.kind() == kind {
+        t.shallow_clone()
+    } else {
+        t.to_kind(kind)
     }
 }
 
