@@ -31,12 +31,12 @@ fn teacher_config() -> UNetConfig {
 static RNG: Mutex<()> = Mutex::new(());
 
 /// The same teacher and student (same seed) whatever `kind` the student computes in.
-fn distiller(kind: Kind) -> Distiller {
+fn distiller_on(kind: Kind, device: Device) -> Distiller {
     let config = teacher_config();
     tch::manual_seed(11);
-    let teacher = UNet::build(&config, Device::Cpu, Kind::Float, Init::Torch);
+    let teacher = UNet::build(&config, device, Kind::Float, Init::Torch);
     let plan = StudentPlan::resolve("bk_small", Some(&config)).unwrap();
-    let student = UNet::build(&plan.config, Device::Cpu, Kind::Float, Init::Torch);
+    let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
     copy_from_teacher(&plan, &teacher, &student).unwrap();
     let (teacher_inner, _) = plan.inner_features();
     let schedule = NoiseSchedule::new(SchedulerConfig::from_path(Path::new("configs/reference/sd15_scheduler_config.json")).unwrap()).unwrap();
@@ -46,14 +46,20 @@ fn distiller(kind: Kind) -> Distiller {
         .unwrap()
 }
 
-fn batch() -> (Tensor, Tensor) {
+fn distiller(kind: Kind) -> Distiller {
+    distiller_on(kind, Device::Cpu)
+}
+
+/// Drawn on the CPU, so every device gets the same numbers.
+fn batch(device: Device) -> (Tensor, Tensor) {
     tch::manual_seed(3);
-    (Tensor::randn([2, 4, 16, 16], (Kind::Float, Device::Cpu)), Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu)))
+    let latents = Tensor::randn([2, 4, 16, 16], (Kind::Float, Device::Cpu));
+    (latents.to_device(device), Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu)).to_device(device))
 }
 
 /// One micro-step with a fixed draw of noise and timesteps; returns (loss, flat fp32 gradient).
 fn loss_and_grad(d: &Distiller) -> (f64, Tensor) {
-    let (latents, context) = batch();
+    let (latents, context) = batch(d.student.model.device());
     tch::manual_seed(5);
     let terms = d.micro_step(&latents, &context, 1);
     let grads: Vec<Tensor> = weights::named_tensors(&d.student.vs)
@@ -79,11 +85,23 @@ fn snapshot(d: &Distiller) -> Vec<Tensor> {
 
 #[test]
 fn bf16_and_fp16_compute_match_fp32_with_fp32_masters() {
+    reduced_precision_matches_fp32(Device::Cpu);
+}
+
+/// The same on a GPU (scripts/gpu-check.sh runs `--include-ignored cuda`), where it is what
+/// `sdkd train` does.
+#[test]
+#[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it"]
+fn bf16_and_fp16_compute_match_fp32_on_cuda() {
+    reduced_precision_matches_fp32(Device::Cuda(0));
+}
+
+fn reduced_precision_matches_fp32(device: Device) {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
-    let (loss32, grad32) = loss_and_grad(&distiller(Kind::Float));
+    let (loss32, grad32) = loss_and_grad(&distiller_on(Kind::Float, device));
     assert!(loss32.is_finite() && loss32 > 0.0);
     for kind in [Kind::BFloat16, Kind::Half] {
-        let d = distiller(kind);
+        let mut d = distiller_on(kind, device);
         let (loss, grad) = loss_and_grad(&d);
         // fp16 gradients come out multiplied by the loss scale until `update` divides them
         let grad = grad / d.loss_scale.map_or(1.0, |s| s.scale);
@@ -97,13 +115,16 @@ fn bf16_and_fp16_compute_match_fp32_with_fp32_masters() {
         assert!(cos > 0.999, "{kind:?} gradient cosine {cos}");
         assert!((norm_ratio - 1.0).abs() < 0.01, "{kind:?} gradient norm ratio {norm_ratio}");
         // the student's activations and features are in `kind`, its weights stay fp32
-        let (latents, context) = batch();
+        let (latents, context) = batch(device);
         let wanted = d.plan.inner_features().1;
-        let out = d.student.model.forward(&latents.to_kind(kind), &Tensor::from_slice(&[10i64, 900]), &context.to_kind(kind), &wanted);
+        let t = Tensor::from_slice(&[10i64, 900]).to_device(device);
+        let out = d.student.model.forward(&latents.to_kind(kind), &t, &context.to_kind(kind), &wanted);
         assert_eq!(out.sample.kind(), kind);
         for p in &d.plan.feature_pairs {
             assert_eq!(out.feature(&p.student).unwrap().kind(), kind, "feature {}", p.student);
         }
+        let update = d.update(1e-3, Some(1.0)).unwrap();
+        assert!(!update.skipped && update.grad_norm.double_value(&[]).is_finite());
     }
 }
 
@@ -136,7 +157,7 @@ fn fp16_overflow_skips_the_step_and_halves_the_scale() {
     let ema_before: Vec<Tensor> = d.ema.as_ref().unwrap().state_tensors().iter().map(|(_, t)| t.copy()).collect();
     // A scale no fp32 loss survives: every gradient is inf or NaN.
     d.loss_scale = Some(LossScale { scale: 1e300, good_steps: 7 });
-    let (latents, context) = batch();
+    let (latents, context) = batch(Device::Cpu);
     d.micro_step(&latents, &context, 1);
     let update = d.update(1e-3, Some(1.0)).unwrap();
     assert!(update.skipped);
