@@ -19,13 +19,16 @@ Sections (defaults in brackets; shapes are fixed so numbers compare across runs)
           (the main tables use OMP_WAIT_POLICY=PASSIVE on both sides), and sdkd with its own
           choice (a short spin on an idle machine, PASSIVE on a busy one: src/main.rs)
           [1 warm-up + 2 timed steps per run: spinning on a busy machine is very slow]
+  own     each side as it runs out of the box: sdkd with its own OpenMP and malloc settings,
+          PyTorch with libgomp's default spin and glibc's default malloc; the SD-1.5 teacher's
+          inference step and the training step of bk_small [1 warm-up + 2 timed steps per run]
   decode  `cargo bench --bench decode` (images/s of the data loader)
 
 Environment:
   SDKD_BENCH_QUICK=1          smoke run: tiny shapes, one round, docs/benchmarks.md untouched
   SDKD_BENCH_ROUNDS=N         rounds per case [3]
   SDKD_BENCH_THREADS=N        intra-op threads of both sides [all cores]
-  SDKD_BENCH_SECTIONS=a,b     sections to run [train,infer,wait,decode]
+  SDKD_BENCH_SECTIONS=a,b     sections to run [train,infer,wait,own,decode]
   SDKD_BENCH_STUDENTS=a,b     students of the train section [bk_small,bk_tiny]
   SDKD_BENCH_NO_DOCS=1        print the tables only
 """
@@ -43,7 +46,8 @@ SD15 = "configs/reference/sd15_unet_config.json"
 # libgomp's own default when OMP_WAIT_POLICY is unset is a 300000-iteration spin before
 # sleeping; naming it explicitly keeps sdkd from switching itself to PASSIVE (see main.rs).
 # "auto" sets neither: sdkd then picks its own setting (src/main.rs), Python keeps libgomp's.
-POLICIES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin": {"GOMP_SPINCOUNT": "300000"}, "auto": {}}
+# "own" is "auto" without the equal malloc settings below: each side exactly as it runs by default.
+POLICIES = {"passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin": {"GOMP_SPINCOUNT": "300000"}, "auto": {}, "own": {}}
 # sdkd keeps freed memory in glibc's heap (mallopt in src/main.rs); the reference gets the same
 # malloc settings, so that the runtime settings of both sides are equal and the code differs.
 MALLOC = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"}
@@ -52,7 +56,7 @@ env = os.environ
 QUICK = env.get("SDKD_BENCH_QUICK", "") not in ("", "0")
 ROUNDS = int(env.get("SDKD_BENCH_ROUNDS", "1" if QUICK else "3"))
 THREADS = int(env.get("SDKD_BENCH_THREADS", str(os.cpu_count() or 1)))
-SECTIONS = env.get("SDKD_BENCH_SECTIONS", "train,infer,wait,decode").split(",")
+SECTIONS = env.get("SDKD_BENCH_SECTIONS", "train,infer,wait,own,decode").split(",")
 STUDENTS = env.get("SDKD_BENCH_STUDENTS", "bk_small,bk_tiny").split(",")
 WRITE_DOCS = not QUICK and env.get("SDKD_BENCH_NO_DOCS", "") in ("", "0")
 if QUICK:
@@ -69,7 +73,8 @@ def run_json(cmd, policy, label):
     """Runs one benchmark process and returns its JSON line."""
     e = {k: v for k, v in env.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     e.update(POLICIES[policy])
-    e.update(MALLOC)
+    if policy != "own":
+        e.update(MALLOC)
     e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     t0 = time.time()
     p = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=e, capture_output=True, text=True, timeout=1800)
@@ -263,6 +268,32 @@ def main():
             "",
             f"Spin / passive wall time: sdkd {med(sa) / med(pa):.2f}, PyTorch {med(sb) / med(pb):.2f} "
             "(above 1: spinning is slower; spin runs: 1 warm-up + 2 timed steps). CPU time counts the spinning too.",
+            "",
+        ]
+
+    if "own" in SECTIONS:
+        s = "bk_small" if "bk_small" in STUDENTS else STUDENTS[0]
+        print("out of the box: each side's own runtime settings", flush=True)
+        cases = [(f"inference step, teacher `{INFER['teacher']}`, CFG batch {2 * INFER['batch']}, latent {INFER['latent']}", "infer", dict(INFER, warmup=1, steps=2), "teacher"),
+                 (f"training step, {s} from `{TRAIN['teacher']}`, batch {TRAIN['batch']}, latent {TRAIN['latent']}", "train", dict(TRAIN, warmup=1, steps=2), s)]
+        rows = []
+        for label, mode, c, student in cases:
+            a, b = ab(f"{mode}-{student}", mode, c["teacher"], student, c, "own")
+            summary[(mode, student, "own")] = (a, b)
+            torch_version = b[0].get("torch", torch_version)
+            chosen = sorted({f"GOMP_SPINCOUNT={r['gomp_spincount']}" if r.get("gomp_spincount") else f"OMP_WAIT_POLICY={r.get('omp_wait_policy')}" for r in a})
+            rows.append(f"| {label} | {', '.join(chosen)} | {fmt_ms(med(a))} | {fmt_ms(med(b))} | **{med(b) / med(a):.2f}x** ({spread(a, b)}) "
+                        f"| {fmt_ms(cpu(a))} | {fmt_ms(cpu(b))} | {med(a, 'peak_mem_mb'):,.0f} | {med(b, 'peak_mem_mb'):,.0f} |")
+        lines += [
+            "### Out of the box: each side's own runtime settings",
+            "",
+            "What a user gets without setting anything: sdkd with its own OpenMP choice (src/main.rs) and its malloc "
+            "setting (freed memory stays in the heap), PyTorch with libgomp's default spin-wait and glibc's default "
+            f"malloc. {THREADS} threads, per run 1 warm-up + 2 timed steps, {ROUNDS} rounds A/B.",
+            "",
+            "| case | sdkd's OpenMP choice | sdkd ms/step | PyTorch ms/step | speed-up (per-round range) | sdkd CPU ms/step | PyTorch CPU ms/step | sdkd peak RSS MiB | PyTorch peak RSS MiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
             "",
         ]
 
