@@ -3,7 +3,12 @@
 // C++ exceptions never cross the boundary: failures return a malloc'd message the caller frees.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_foreach_add.h>
+#include <ATen/ops/_foreach_mul.h>
+#include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/clamp_max.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/stack.h>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -36,6 +41,25 @@ char* sdkd_fused_adamw(at::Tensor* const* params, at::Tensor* const* grads, at::
     at::_foreach_add_(s, 1);
     at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, /*amsgrad=*/false,
                       /*maximize=*/false);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_message(e.what());
+  }
+}
+
+// torch.nn.utils.clip_grad_norm_(grads, max_norm) on its foreach path: one multi-tensor kernel for
+// the per-gradient norms and one for the scaling. With max_norm < 0, only the total norm. The
+// total (a new scalar tensor on the gradients' device) goes to *total_out, owned by the caller.
+char* sdkd_clip_grad_norm(at::Tensor* const* grads, int64_t n, double max_norm, at::Tensor** total_out) {
+  try {
+    auto g = list(grads, n);
+    auto total = at::linalg_vector_norm(at::stack(at::_foreach_norm(g, 2)), 2);
+    if (max_norm >= 0) {
+      // max_norm / (total + 1e-6), clamped at 1, as PyTorch computes it
+      auto coef = at::clamp_max(total.add(1e-6).reciprocal().mul(max_norm), 1.0);
+      at::_foreach_mul_(g, coef);
+    }
+    *total_out = new at::Tensor(std::move(total));
     return nullptr;
   } catch (const std::exception& e) {
     return error_message(e.what());

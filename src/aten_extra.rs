@@ -1,5 +1,6 @@
 //! LibTorch operators that tch 0.26 does not wrap, compiled from `csrc/aten_extra.cpp` against the
-//! same LibTorch: PyTorch's fused AdamW kernel and `zero_grad(set_to_none=True)`.
+//! same LibTorch: PyTorch's fused AdamW kernel, the multi-tensor gradient clipping of
+//! `clip_grad_norm_`, and `zero_grad(set_to_none=True)`.
 use anyhow::{anyhow, bail, Result};
 use std::ffi::{c_char, c_void, CStr};
 use tch::Tensor;
@@ -18,6 +19,7 @@ extern "C" {
         weight_decay: f64,
         eps: f64,
     ) -> *mut c_char;
+    fn sdkd_clip_grad_norm(grads: *const *mut c_void, n: i64, max_norm: f64, total_out: *mut *mut c_void) -> *mut c_char;
     fn sdkd_set_grad_none(t: *mut c_void) -> *mut c_char;
 }
 
@@ -64,6 +66,24 @@ pub fn fused_adamw_(
         sdkd_fused_adamw(p.as_ptr(), g.as_ptr(), m.as_ptr(), v.as_ptr(), s.as_ptr(), n as i64, lr, betas.0, betas.1, weight_decay, eps)
     };
     check(msg, "fused AdamW")
+}
+
+/// The total 2-norm of `grads` (a scalar tensor on their device) and, when `max_norm` is given,
+/// every gradient times `min(max_norm / (norm + 1e-6), 1)`: `torch.nn.utils.clip_grad_norm_` with
+/// its default foreach kernels. `grads`: defined tensors, at least one.
+pub fn clip_grad_norm_(grads: &[&Tensor], max_norm: Option<f64>) -> Result<Tensor> {
+    if grads.is_empty() {
+        bail!("clipping gradients: no gradients");
+    }
+    if max_norm.is_some_and(|m| !(m >= 0.0)) {
+        bail!("clipping gradients: max_norm {max_norm:?} is not a non-negative number");
+    }
+    let g = ptrs(grads);
+    let mut total: *mut c_void = std::ptr::null_mut();
+    // SAFETY: an array of live tensor handles; on success `total` is a new at::Tensor* we own.
+    check(unsafe { sdkd_clip_grad_norm(g.as_ptr(), g.len() as i64, max_norm.unwrap_or(-1.0), &mut total) }, "clipping gradients")?;
+    // SAFETY: a tensor allocated by `new at::Tensor`, which tch frees with delete as its own.
+    Ok(unsafe { Tensor::from_ptr(total.cast()) })
 }
 
 /// Drops `t`'s gradient (PyTorch's `zero_grad(set_to_none=True)`): the next backward stores its

@@ -222,39 +222,26 @@ impl AdamW {
 
 /// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: the 2-norm of all gradients together
 /// (the norm of the per-tensor norms), then every gradient times `min(max_norm / (norm + 1e-6),
-/// 1)`. Parameters without a gradient are ignored. Returns the total norm before clipping as a
-/// scalar tensor on the gradients' device (read it only when logging: that waits for the GPU).
+/// 1)`, with PyTorch's multi-tensor kernels. Parameters without a gradient are ignored. Returns
+/// the total norm before clipping as a scalar tensor on the gradients' device (read it only when
+/// logging: that waits for the GPU).
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Tensor> {
-    tch::no_grad(|| -> Result<Tensor> {
-        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
-        let total = total_norm(&grads)?;
-        if grads.is_empty() {
-            return Ok(total);
-        }
-        // PyTorch: `max_norm / (total_norm + 1e-6)` is `reciprocal() * max_norm` on the tensor.
-        let coef = total.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?;
-        for mut g in grads {
-            let _ = g.f_mul_(&coef)?;
-        }
-        Ok(total)
-    })
-    .context("clipping gradients")
+    norm_and_clip(params, Some(max_norm))
 }
 
 /// The total gradient 2-norm without clipping (for logging when clipping is off).
 pub fn grad_norm(params: &[Tensor]) -> Result<Tensor> {
-    tch::no_grad(|| {
-        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
-        total_norm(&grads)
-    })
+    norm_and_clip(params, None)
 }
 
-fn total_norm(grads: &[Tensor]) -> Result<Tensor> {
-    if grads.is_empty() {
-        return Ok(Tensor::from(0f32));
-    }
-    let norms: Vec<Tensor> = grads.iter().map(|g| g.f_norm()).collect::<Result<_, _>>()?;
-    Ok(Tensor::f_stack(&norms, 0)?.f_norm()?)
+fn norm_and_clip(params: &[Tensor], max_norm: Option<f64>) -> Result<Tensor> {
+    tch::no_grad(|| {
+        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
+        if grads.is_empty() {
+            return Ok(Tensor::from(0f32));
+        }
+        aten_extra::clip_grad_norm_(&grads.iter().collect::<Vec<_>>(), max_norm)
+    })
 }
 
 /// Exponential moving average of parameters: after each optimizer step
