@@ -75,7 +75,7 @@ pub fn clip_grad_norm_(grads: &[&Tensor], max_norm: Option<f64>) -> Result<Tenso
     if grads.is_empty() {
         bail!("clipping gradients: no gradients");
     }
-    if max_norm.is_some_and(|m| !(m >= 0.0)) {
+    if max_norm.is_some_and(|m| m.is_nan() || m < 0.0) {
         bail!("clipping gradients: max_norm {max_norm:?} is not a non-negative number");
     }
     let g = ptrs(grads);

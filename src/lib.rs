@@ -10,4 +10,5 @@ pub mod grid;
 pub mod models;
 pub mod pipeline;
 pub mod png_meta;
+pub mod serve;
 pub mod schedulers;

@@ -24,6 +24,10 @@ enum Command {
     Demo(commands::demo::DemoArgs),
     /// Text to image with a pipeline folder (and optionally a student UNet); writes PNGs.
     Generate(commands::generate::GenerateArgs),
+    /// The HTTP text-to-image API with API keys and credits.
+    Serve(commands::serve::ServeArgs),
+    /// API keys and credits of `sdkd serve`: add, credit, list.
+    Keys(commands::keys::KeysArgs),
     /// Write the built-in synthetic image-caption dataset (imagefolder layout).
     Synth(commands::synth::SynthArgs),
     /// Encode a dataset once (VAE latents, text embeddings) into a cache `train` can read.
@@ -91,6 +95,8 @@ fn main() {
         Command::Generate(a) => commands::generate::run(a),
         Command::Preprocess(a) => commands::preprocess::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Serve(a) => commands::serve::run(a),
+        Command::Keys(a) => commands::keys::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

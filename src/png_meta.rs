@@ -6,7 +6,7 @@
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 fn is_latin1(s: &str) -> bool {
@@ -17,7 +17,18 @@ fn is_latin1(s: &str) -> bool {
 /// Keywords must be 1 to 79 Latin-1 characters (the PNG rule).
 pub fn write_png(path: &Path, image: &RgbImage, text: &[(&str, String)]) -> Result<()> {
     let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut encoder = png::Encoder::new(BufWriter::new(file), image.width(), image.height());
+    encode(BufWriter::new(file), image, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `write_png` into memory: the bytes of the PNG file.
+pub fn png_bytes(image: &RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    encode(&mut out, image, text)?;
+    Ok(out)
+}
+
+fn encode<W: Write>(w: W, image: &RgbImage, text: &[(&str, String)]) -> Result<()> {
+    let mut encoder = png::Encoder::new(w, image.width(), image.height());
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     for (key, value) in text {
@@ -29,11 +40,11 @@ pub fn write_png(path: &Path, image: &RgbImage, text: &[(&str, String)]) -> Resu
         } else {
             encoder.add_itxt_chunk(key.to_string(), value.clone())
         };
-        added.with_context(|| format!("adding PNG text chunk {key:?} to {}", path.display()))?;
+        added.with_context(|| format!("adding PNG text chunk {key:?}"))?;
     }
-    let mut writer = encoder.write_header().with_context(|| format!("writing {}", path.display()))?;
-    writer.write_image_data(image.as_raw()).with_context(|| format!("writing {}", path.display()))?;
-    writer.finish().with_context(|| format!("writing {}", path.display()))?;
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(image.as_raw())?;
+    writer.finish()?;
     Ok(())
 }
 

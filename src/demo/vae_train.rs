@@ -238,7 +238,7 @@ mod tests {
 
     #[test]
     fn foreground_is_what_differs_from_the_median() {
-        let mut x = Tensor::zeros([1, 3, 4, 4], (Kind::Float, Device::Cpu)) - 0.5;
+        let x = Tensor::zeros([1, 3, 4, 4], (Kind::Float, Device::Cpu)) - 0.5;
         let _ = x.get(0).get(2).get(1).get(3).fill_(0.9); // one blue-ish pixel
         let fg = foreground(&x);
         assert_eq!(fg.size(), vec![1, 1, 4, 4]);

@@ -1,0 +1,206 @@
+//! `sdkd serve` over a tiny diffusers pipeline (tests/reference/make_pipeline.py), spoken to with
+//! plain HTTP/1.1: every status code of the API brief, `x-remaining-credits` on every answer,
+//! credits spent only on images made, and the served image equal to `sdkd generate`'s for the
+//! same request (which tests/generate.rs holds to diffusers').
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+const PANDA: &str = "a toy panda standing on a pile of broccoli";
+
+/// The server process, stopped with SIGTERM when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(model: &Path, db: &Path) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sdkd"))
+            .args(["serve", "--model", &model.display().to_string(), "--db", &db.display().to_string()])
+            .args(["--listen", "127.0.0.1:0", "--device", "cpu"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting sdkd serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+            .to_string();
+        Server { child, addr }
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Answer {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn credits(&self) -> i64 {
+        self.headers.get("x-remaining-credits").unwrap_or_else(|| panic!("no x-remaining-credits in {:?}", self.headers)).parse().unwrap()
+    }
+
+    fn error(&self) -> String {
+        self.json()["error"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> Answer {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if !body.is_empty() {
+        head += "Content-Type: application/json\r\n";
+    }
+    if let Some(k) = key {
+        head += &format!("x-api-key: {k}\r\n");
+    }
+    stream.write_all(format!("{head}\r\n{body}").as_bytes()).unwrap();
+    let mut raw = vec![];
+    stream.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no end of headers");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    Answer { status, headers, body: raw[split + 4..].to_vec() }
+}
+
+fn add_key(db: &Path, name: &str, credits: i64) -> String {
+    let out = sdkd(&["keys", "add", "--db", &db.display().to_string(), "--name", name, "--credits", &credits.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn api_status_codes_credits_and_images() {
+    let dir = tempdir();
+    let (model, db) = (dir.path().join("pipe"), dir.path().join("keys.sqlite"));
+    run_reference("make_pipeline.py", &[&model.display().to_string()]);
+    let alice = add_key(&db, "alice", 3);
+    let mut server = Server::start(&model, &db);
+    let addr = server.addr.clone();
+    let post = |key: Option<&str>, body: &Value| http(&addr, "POST", "/v1/txt2img", key, Some(body));
+
+    // 200, the PNG itself: the image `sdkd generate` makes of the same request
+    let request = json!({
+        "prompt": PANDA, "negative_prompt": "blurry, low quality", "scheduler": "dpmpp_2m",
+        "num_inference_steps": 20, "guidance_scale": 7.5, "samples": 1, "seed": 2313248373u64,
+        "img_width": 64, "img_height": 128, "base64": false
+    });
+    let a = post(Some(&alice), &request);
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    assert_eq!((a.headers["content-type"].as_str(), a.credits(), a.headers["x-seed"].as_str()), ("image/png", 2, "2313248373"));
+    let served = image::load_from_memory(&a.body).unwrap().to_rgb8();
+    let local = dir.path().join("local.png");
+    let m = model.display().to_string();
+    let out = sdkd(&[
+        "generate", "--model", &m, "--prompt", PANDA, "--negative-prompt", "blurry, low quality", "--scheduler", "dpmpp_2m",
+        "--steps", "20", "--seed", "2313248373", "--width", "64", "--height", "128", "--device", "cpu", "--out", &local.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let local = image::open(&local).unwrap().to_rgb8();
+    assert_eq!(served.dimensions(), (64, 128));
+    assert!(served == local, "the served image differs from sdkd generate's");
+    let (lo, hi) = served.pixels().flat_map(|p| p.0).fold((255u8, 0u8), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    assert!(hi - lo > 50, "a flat image ({lo}..{hi}) would hide errors");
+
+    // 200, JSON with base64 PNGs: two samples from a random seed cost two credits
+    let a = post(Some(&alice), &json!({"prompt": PANDA, "samples": 2, "img_width": 64, "img_height": 64}));
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    let j = a.json();
+    let images = j["images"].as_array().unwrap();
+    assert_eq!((images.len(), a.credits(), j["scheduler"].as_str(), j["num_inference_steps"].as_i64()), (2, 0, Some("unipc"), Some(20)));
+    assert!(j["seed"].as_u64().is_some() && a.headers["x-seed"] == j["seed"]);
+    use base64::Engine;
+    let decoded: Vec<_> = images
+        .iter()
+        .map(|b| image::load_from_memory(&base64::engine::general_purpose::STANDARD.decode(b.as_str().unwrap()).unwrap()).unwrap().to_rgb8())
+        .collect();
+    assert!(decoded.iter().all(|im| im.dimensions() == (64, 64)) && decoded[0] != decoded[1]);
+
+    // 406: no credits left; nothing generated, nothing taken
+    let a = post(Some(&alice), &json!({"prompt": PANDA, "img_width": 64, "img_height": 64}));
+    assert_eq!((a.status, a.credits()), (406, 0));
+    assert!(a.error().contains("credits"), "{}", a.error());
+
+    // 400: a bad body names the field and costs nothing
+    let bob = add_key(&db, "bob", 5);
+    for (body, field) in [
+        (json!({"prompt": PANDA, "num_inference_steps": 10}), "num_inference_steps"),
+        (json!({"prompt": PANDA, "img_width": 100}), "img_width"),
+        (json!({"prompt": PANDA, "scheduler": "pndm"}), "scheduler"),
+        (json!({"prompt": PANDA, "sampels": 2}), "sampels"),
+        (json!({"prompt": PANDA, "samples": "two"}), "samples"),
+    ] {
+        let a = post(Some(&bob), &body);
+        assert_eq!((a.status, a.credits()), (400, 5), "{body}: {}", a.error());
+        assert!(a.error().contains(field), "{body}: {}", a.error());
+    }
+
+    // 401: no key, an unknown key
+    for key in [None, Some("sdkd_0000")] {
+        let a = post(key, &request);
+        assert_eq!((a.status, a.credits()), (401, 0), "{key:?}");
+        assert!(a.error().contains("authentication failed"), "{}", a.error());
+    }
+
+    // 404, 405: still answered with the key's credits
+    let a = http(&addr, "GET", "/v1/nothing-here", Some(&bob), None);
+    assert_eq!((a.status, a.credits()), (404, 5));
+    let a = http(&addr, "GET", "/v1/txt2img", Some(&bob), None);
+    assert_eq!((a.status, a.credits()), (405, 5));
+    assert_eq!(http(&addr, "GET", "/v1/health", None, None).json()["status"], "ok");
+
+    // SIGTERM stops it cleanly; the credits and usage are in the database
+    assert!(server.terminate().success());
+    let out = sdkd(&["keys", "list", "--db", &db.display().to_string()]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    let row = |name: &str| -> Vec<String> {
+        list.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} not in\n{list}")).split_whitespace().map(String::from).collect()
+    };
+    assert_eq!(row("alice")[1..3], ["0", "3"], "{list}");
+    assert_eq!(row("bob")[1..3], ["5", "0"], "{list}");
+}
+
+#[test]
+fn bad_arguments_fail_cleanly() {
+    let dir = tempdir();
+    let db = dir.path().join("keys.sqlite");
+    let out = sdkd(&["serve", "--model", "/nonexistent/pipe", "--db", &db.display().to_string(), "--device", "cpu"]);
+    assert_clean_failure(&out, "/nonexistent/pipe");
+    add_key(&db, "alice", 1);
+    let out = sdkd(&["keys", "add", "--db", &db.display().to_string(), "--name", "alice"]);
+    assert_clean_failure(&out, "alice");
+    let out = sdkd(&["keys", "credit", "--db", &db.display().to_string(), "--name", "nobody", "--add", "3"]);
+    assert_clean_failure(&out, "nobody");
+    let out = sdkd(&["keys", "list", "--db", "/nonexistent/dir/keys.sqlite"]);
+    assert_clean_failure(&out, "/nonexistent/dir/keys.sqlite");
+}
