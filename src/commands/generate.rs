@@ -14,8 +14,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
+/// The model to run: a pipeline folder, optionally with another UNet (`generate` and `serve`).
 #[derive(Args, Debug)]
-pub struct GenerateArgs {
+pub struct PipelineArgs {
     /// A diffusers Stable Diffusion pipeline folder.
     #[arg(long)]
     pub model: PathBuf,
@@ -27,6 +28,22 @@ pub struct GenerateArgs {
     /// With --unet: the EMA weights (a checkpoint's ema.safetensors, a run's final/unet_ema/).
     #[arg(long)]
     pub ema: bool,
+}
+
+impl PipelineArgs {
+    /// Loads the pipeline (with the --unet swapped in) on `device`; also returns where the UNet
+    /// came from when it is not the pipeline's.
+    pub fn load(&self, device: tch::Device) -> Result<(TextToImage, Option<UnetSource>)> {
+        let unet = self.unet.as_deref().map(|p| UnetSource::resolve(p, self.ema)).transpose()?;
+        let t2i = TextToImage::load(&self.model, unet.as_ref(), device)?;
+        Ok((t2i, unet))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
     #[arg(long)]
     pub prompt: String,
     /// What to steer away from (default: the empty prompt, as diffusers).
@@ -125,8 +142,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         d => d.resolve().context("--device")?,
     };
 
-    let unet = args.unet.as_deref().map(|p| UnetSource::resolve(p, args.ema)).transpose()?;
-    let t2i = TextToImage::load(&args.model, unet.as_ref(), device)?;
+    let (t2i, unet) = args.pipeline.load(device)?;
     let (width, height) = t2i.parts().image_size(&req)?;
     let bar = progress_bar(req.steps);
     let images = t2i.generate_with_progress(&req, &mut |done, _| bar.set_position(done as u64))?;
@@ -144,7 +160,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         ("guidance_scale", req.guidance_scale.to_string()),
         ("width", width.to_string()),
         ("height", height.to_string()),
-        ("model", args.model.display().to_string()),
+        ("model", args.pipeline.model.display().to_string()),
     ];
     if let Some(u) = &unet {
         text.push(("unet", u.describe()));

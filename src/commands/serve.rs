@@ -1,7 +1,7 @@
 //! `sdkd serve`: the HTTP text-to-image API (docs/serve.md) over a pipeline folder, optionally
 //! with a student UNet, with API keys and credits in a SQLite file (`sdkd keys`).
 use crate::config::DeviceChoice;
-use crate::pipeline::{TextToImage, UnetSource};
+use super::generate::PipelineArgs;
 use crate::serve::{keys::KeyStore, serve, App};
 use anyhow::{Context, Result};
 use clap::Args;
@@ -9,15 +9,8 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// A diffusers Stable Diffusion pipeline folder.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// A UNet to serve instead of the pipeline's (as `sdkd generate --unet`).
-    #[arg(long)]
-    pub unet: Option<PathBuf>,
-    /// With --unet: the EMA weights.
-    #[arg(long)]
-    pub ema: bool,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
     /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free one and prints it).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
@@ -32,9 +25,8 @@ pub struct ServeArgs {
 pub fn run(args: &ServeArgs) -> Result<()> {
     let keys = KeyStore::open(&args.db)?;
     let device = args.device.resolve().context("--device")?;
-    let unet = args.unet.as_deref().map(|p| UnetSource::resolve(p, args.ema)).transpose()?;
-    let t2i = TextToImage::load(&args.model, unet.as_ref(), device)?;
-    let mut model = args.model.display().to_string();
+    let (t2i, unet) = args.pipeline.load(device)?;
+    let mut model = args.pipeline.model.display().to_string();
     if let Some(u) = &unet {
         model = format!("{model} with UNet {}", u.describe());
     }
