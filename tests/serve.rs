@@ -173,6 +173,17 @@ fn api_status_codes_credits_and_images() {
         assert!(a.error().contains("authentication failed"), "{}", a.error());
     }
 
+    // Two requests at once, 2 images each, against 3 credits: exactly one is served.
+    let carol = add_key(&db, "carol", 3);
+    let body = json!({"prompt": PANDA, "samples": 2, "img_width": 64, "img_height": 64, "seed": 1});
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..2).map(|_| s.spawn(|| http(&addr, "POST", "/v1/txt2img", Some(&carol), Some(&body)).status)).collect();
+        calls.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let mut sorted = statuses.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![200, 406], "{statuses:?}");
+
     // 404, 405: still answered with the key's credits
     let a = http(&addr, "GET", "/v1/nothing-here", Some(&bob), None);
     assert_eq!((a.status, a.credits()), (404, 5));
@@ -189,6 +200,7 @@ fn api_status_codes_credits_and_images() {
     };
     assert_eq!(row("alice")[1..3], ["0", "3"], "{list}");
     assert_eq!(row("bob")[1..3], ["5", "0"], "{list}");
+    assert_eq!(row("carol")[1..3], ["1", "2"], "{list}");
 }
 
 #[test]
