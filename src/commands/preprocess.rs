@@ -52,7 +52,7 @@ impl PreprocessArgs {
 
 /// Builds (or finishes) the cache with `encoder` and reports what it did.
 pub fn run_with(a: &PreprocessArgs, encoder: &dyn SampleEncoder) -> Result<()> {
-    if a.resolution == 0 || a.resolution % 8 != 0 {
+    if a.resolution == 0 || !a.resolution.is_multiple_of(8) {
         anyhow::bail!("--resolution {} must be a positive multiple of 8 (the VAE downsamples by 8)", a.resolution);
     }
     let t0 = std::time::Instant::now();

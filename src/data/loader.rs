@@ -341,7 +341,7 @@ mod tests {
             self.n
         }
         fn load(&self, index: usize, epoch: u64) -> std::result::Result<(usize, u64), BadSample> {
-            if self.bad_every > 0 && index % self.bad_every == 0 {
+            if self.bad_every > 0 && index.is_multiple_of(self.bad_every) {
                 return Err(BadSample { index, file: PathBuf::from(format!("n{index}")), kind: BadKind::Corrupt, reason: "bad".into() });
             }
             Ok((index, epoch))

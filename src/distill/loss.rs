@@ -49,7 +49,7 @@ pub fn distill_loss(
     let (mut output_kd, mut feature_kd, mut per_pair) = (None, None, vec![]);
     if let Some(teacher) = teacher {
         let out = mse(&student.sample, &teacher.sample.detach());
-        total = total + &out * w.output_kd;
+        total += &out * w.output_kd;
         output_kd = Some(out);
         if !pairs.is_empty() {
             let mut sum = Tensor::zeros([], (Kind::Float, target.device()));
@@ -57,10 +57,10 @@ pub fn distill_loss(
                 let s = student.feature(&p.student).unwrap_or_else(|| panic!("student forward lacks feature {}", p.student));
                 let t = teacher.feature(&p.teacher).unwrap_or_else(|| panic!("teacher forward lacks feature {}", p.teacher));
                 let term = mse(s, &t.detach());
-                sum = sum + &term;
+                sum += &term;
                 per_pair.push((format!("{}->{}", p.teacher, p.student), term));
             }
-            total = total + &sum * w.feature_kd;
+            total += &sum * w.feature_kd;
             feature_kd = Some(sum);
         }
     }

@@ -26,6 +26,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -133,7 +134,7 @@ impl Distiller {
         let mut noise = Tensor::randn(latents.size(), (Kind::Float, Device::Cpu)).to_device(dev);
         if self.noise_offset > 0.0 {
             let offset = Tensor::randn([b, latents.size()[1], 1, 1], (Kind::Float, Device::Cpu)).to_device(dev);
-            noise = noise + offset * self.noise_offset;
+            noise += offset * self.noise_offset;
         }
         let t = self.schedule.sample_timesteps(b, Device::Cpu).to_device(dev);
         let noisy = self.schedule.add_noise(latents, &noise, &t);
@@ -195,7 +196,7 @@ fn unscale_grads(params: &[Tensor], scale: f64) -> Result<Tensor> {
 /// Batches of (latent mean, latent std, text embeddings): from images through the teacher's
 /// encoders, or from a `sdkd preprocess` cache.
 enum Feed {
-    Images { loader: Loader<ImageSource>, encoder: Arc<TeacherEncoder> },
+    Images { loader: Loader<ImageSource>, encoder: Rc<TeacherEncoder> },
     Cache { loader: Loader<LatentCache> },
 }
 
@@ -229,7 +230,7 @@ pub struct Trainer {
     cfg: RunConfig,
     device: Device,
     pub distiller: Distiller,
-    encoder: Option<Arc<TeacherEncoder>>,
+    encoder: Option<Rc<TeacherEncoder>>,
     scale: LatentScale,
     step: u64,
     cursor: Cursor,
@@ -290,8 +291,8 @@ impl Trainer {
         d.noise_offset = cfg.train.noise_offset;
 
         let encoder = match (&pipeline, cfg.data.cache.is_some()) {
-            (Some(p), false) => Some(Arc::new(TeacherEncoder::load(p, device, compute_kind)?)),
-            (Some(p), true) if cfg.validation.every > 0 => Some(Arc::new(TeacherEncoder::load(p, device, compute_kind)?)),
+            (Some(p), false) => Some(Rc::new(TeacherEncoder::load(p, device, compute_kind)?)),
+            (Some(p), true) if cfg.validation.every > 0 => Some(Rc::new(TeacherEncoder::load(p, device, compute_kind)?)),
             _ => None,
         };
         let scale = match (&cfg.data.cache, &encoder) {
@@ -422,7 +423,7 @@ impl Trainer {
             progress.update(self.step, s.total, s.lr);
             window.merge(&s);
             window_steps += 1;
-            if self.step % cfg.log.every.max(1) == 0 || self.step == cfg.train.max_steps {
+            if self.step.is_multiple_of(cfg.log.every.max(1)) || self.step == cfg.train.max_steps {
                 let m = window.mean(window_steps);
                 last_loss = m.total;
                 if let Some(tb) = &mut tb {
@@ -454,11 +455,11 @@ impl Trainer {
                 window_steps = 0;
                 window_start = Instant::now();
             }
-            if cfg.checkpoint.every > 0 && self.step % cfg.checkpoint.every == 0 {
+            if cfg.checkpoint.every > 0 && self.step.is_multiple_of(cfg.checkpoint.every) {
                 last_checkpoint = Some(writer.write(&self.state())?);
                 progress.message(&format!("checkpoint step {} written", self.step));
             }
-            if cfg.validation.every > 0 && self.step % cfg.validation.every == 0 {
+            if cfg.validation.every > 0 && self.step.is_multiple_of(cfg.validation.every) {
                 self.validate(tb.as_mut())?;
             }
         }
