@@ -302,11 +302,11 @@ pub struct TextToImage {
 }
 
 impl TextToImage {
-    /// Loads the pipeline folder `model_dir` in float32 on `device`, with `unet` replacing its
-    /// UNet when given.
-    pub fn load(model_dir: &Path, unet: Option<&UnetSource>, device: Device) -> Result<Self> {
+    /// Loads the pipeline folder `model_dir` on `device`, with `unet` replacing its UNet when
+    /// given. The UNet and text encoder run in `kind`; the VAE always decodes in fp32, as
+    /// diffusers' `force_upcast` does (SD VAEs overflow fp16).
+    pub fn load(model_dir: &Path, unet: Option<&UnetSource>, device: Device, kind: Kind) -> Result<Self> {
         let pipe = PipelineDir::open(model_dir)?;
-        let kind = Kind::Float;
         let schedule_path = pipe.scheduler_config_path()?;
         let config =
             SchedulerConfig::from_path(&schedule_path).with_context(|| format!("pipeline {}", model_dir.display()))?;
@@ -320,7 +320,7 @@ impl TextToImage {
         let t2i = TextToImage {
             tokenizer: pipe.load_tokenizer()?,
             text_encoder: pipe.load_text_encoder(device, kind)?,
-            vae: pipe.load_vae(device, kind)?,
+            vae: pipe.load_vae(device, Kind::Float)?,
             unet,
             schedule,
         };

@@ -312,6 +312,30 @@ fn pruned_student_unet_matches_diffusers() {
     assert_clean_failure(&sdkd1(&args), "ref");
 }
 
+/// `--dtype bf16` / `fp16`: the UNet and text encoder in half precision, the VAE in fp32. Not
+/// diffusers' fp32 image bit for bit, but the same picture within the rounding of 2-byte floats.
+#[test]
+fn half_precision_dtypes_stay_close_to_diffusers() {
+    let f = fixture();
+    let case = f.case("sd1-dpmpp_2m");
+    for dtype in ["bf16", "fp16"] {
+        let out = f.root.join("ours").join(format!("dtype-{dtype}"));
+        let mut args = case.sdkd_args(&out);
+        args.extend(["--dtype".to_string(), dtype.to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = sdkd1(&args);
+        assert!(o.status.success(), "--dtype {dtype}: {}", String::from_utf8_lossy(&o.stderr));
+        let ours = read_rgb(&out.join("image-0.png"));
+        let theirs = read_rgb(&f.reference("sd1-dpmpp_2m", 0));
+        let d = mean_abs_diff(&ours, &theirs);
+        eprintln!("--dtype {dtype}: mean |sdkd - diffusers fp32| per channel = {d:.3?} /255");
+        assert!(ours != theirs, "--dtype {dtype} gave diffusers' fp32 image exactly: did it run in {dtype}?");
+        assert!(d.iter().all(|&x| x <= 2.0), "--dtype {dtype}: mean abs difference {d:?}/255");
+        let chunks = sdkd::png_meta::read_png_text(&out.join("image-0.png")).unwrap();
+        assert!(chunks.contains(&("dtype".to_string(), dtype.to_string())), "{chunks:?}");
+    }
+}
+
 #[test]
 fn png_text_chunks_record_the_request() {
     let f = fixture();

@@ -33,22 +33,6 @@ pub enum BenchMode {
     Infer,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BenchPrecision {
-    Fp32,
-    Bf16,
-    Fp16,
-}
-
-impl From<BenchPrecision> for Precision {
-    fn from(p: BenchPrecision) -> Precision {
-        match p {
-            BenchPrecision::Fp32 => Precision::Fp32,
-            BenchPrecision::Bf16 => Precision::Bf16,
-            BenchPrecision::Fp16 => Precision::Fp16,
-        }
-    }
-}
 
 /// What `--student` names in infer mode to time the teacher itself.
 pub const TEACHER_ITSELF: &str = "teacher";
@@ -77,10 +61,10 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
-    /// Compute dtype of the teacher (train) or of the timed UNet (infer); the trained student
-    /// keeps fp32 weights, as in `sdkd train`.
+    /// Compute dtype of the teacher and the student (train) or of the timed UNet (infer); the
+    /// trained student keeps fp32 master weights, as in `sdkd train`.
     #[arg(long, value_enum, default_value = "fp32")]
-    pub precision: BenchPrecision,
+    pub precision: Precision,
     #[arg(long, value_enum, default_value = "train")]
     pub mode: BenchMode,
     /// LibTorch intra-op threads (default: LibTorch's choice, one per core).
@@ -309,8 +293,7 @@ pub fn measure(args: &BenchArgs) -> Result<Value> {
         }
         d => d.resolve()?,
     };
-    let precision = Precision::from(args.precision);
-    let kind = precision.kind();
+    let kind = args.precision.kind();
     tch::manual_seed(args.seed);
     let (teacher_config, teacher_dir) = teacher_source(&args.teacher)?;
     let b = args.batch_size;

@@ -4,7 +4,7 @@
 //!
 //! Defaults follow the product's API brief: UniPC, 20 steps, guidance 7.5, a random seed (-1),
 //! the size diffusers picks (the UNet's sample_size × the VAE's downscale factor).
-use crate::config::DeviceChoice;
+use crate::config::{DeviceChoice, Precision};
 use crate::pipeline::{resolve_seed, GenerateRequest, TextToImage, UnetSource};
 use crate::png_meta::write_png;
 use crate::schedulers::SchedulerKind;
@@ -28,6 +28,10 @@ pub struct PipelineArgs {
     /// With --unet: the EMA weights (a checkpoint's ema.safetensors, a run's final/unet_ema/).
     #[arg(long)]
     pub ema: bool,
+    /// The dtype the UNet and text encoder run in (fp16/bf16 for GPUs; the VAE decodes in fp32).
+    /// Only fp32 reproduces diffusers' fp32 images exactly.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub dtype: Precision,
 }
 
 impl PipelineArgs {
@@ -35,7 +39,7 @@ impl PipelineArgs {
     /// came from when it is not the pipeline's.
     pub fn load(&self, device: tch::Device) -> Result<(TextToImage, Option<UnetSource>)> {
         let unet = self.unet.as_deref().map(|p| UnetSource::resolve(p, self.ema)).transpose()?;
-        let t2i = TextToImage::load(&self.model, unet.as_ref(), device)?;
+        let t2i = TextToImage::load(&self.model, unet.as_ref(), device, self.dtype.kind())?;
         Ok((t2i, unet))
     }
 }
@@ -164,6 +168,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     ];
     if let Some(u) = &unet {
         text.push(("unet", u.describe()));
+    }
+    if args.pipeline.dtype != Precision::Fp32 {
+        text.push(("dtype", format!("{:?}", args.pipeline.dtype).to_lowercase()));
     }
     text.push(("samples", req.samples.to_string()));
     text.push(("Software", format!("sdkd {}", env!("CARGO_PKG_VERSION"))));
