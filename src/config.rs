@@ -270,6 +270,15 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// Its name in YAML and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+            Precision::Fp16 => "fp16",
+        }
+    }
+
     /// The compute dtype.
     pub fn kind(self) -> tch::Kind {
         match self {

@@ -85,6 +85,22 @@ impl GenerateRequest {
     pub fn do_classifier_free_guidance(&self) -> bool {
         self.guidance_scale > 1.0
     }
+
+    /// The PNG text chunks that record how an image of `width`x`height` from `model` was made
+    /// (what `sdkd generate` and `sdkd serve` write; callers append their own).
+    pub fn png_text(&self, width: i64, height: i64, model: String) -> Vec<(&'static str, String)> {
+        vec![
+            ("prompt", self.prompt.clone()),
+            ("negative_prompt", self.negative_prompt.clone().unwrap_or_default()),
+            ("seed", self.seed.to_string()),
+            ("scheduler", self.scheduler.name().to_string()),
+            ("steps", self.steps.to_string()),
+            ("guidance_scale", self.guidance_scale.to_string()),
+            ("width", width.to_string()),
+            ("height", height.to_string()),
+            ("model", model),
+        ]
+    }
 }
 
 /// `seed` as given on the command line: -1 draws a random one (in 0..2^32, short enough to type

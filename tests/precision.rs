@@ -2,6 +2,7 @@
 //! in fp32 there, but the mechanism is device-independent): bf16 and fp16 compute keep fp32
 //! master weights and fp32 gradients, agree with the fp32 step within their rounding, and fp16's
 //! dynamic loss scale skips an overflowing step without touching the weights.
+use sdkd::demo::cosine;
 use sdkd::distill::loss::LossWeights;
 use sdkd::distill::loss_scale::LossScale;
 use sdkd::distill::optim::AdamWConfig;
@@ -73,10 +74,6 @@ fn loss_and_grad(d: &Distiller) -> (f64, Tensor) {
         })
         .collect();
     (terms.total.double_value(&[]), Tensor::cat(&grads, 0))
-}
-
-fn cosine(a: &Tensor, b: &Tensor) -> f64 {
-    (a.dot(b) / (a.norm() * b.norm())).double_value(&[])
 }
 
 fn snapshot(d: &Distiller) -> Vec<Tensor> {

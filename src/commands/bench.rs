@@ -33,7 +33,6 @@ pub enum BenchMode {
     Infer,
 }
 
-
 /// What `--student` names in infer mode to time the teacher itself.
 pub const TEACHER_ITSELF: &str = "teacher";
 
@@ -305,7 +304,7 @@ pub fn measure(args: &BenchArgs) -> Result<Value> {
     let mut report = json!({
         "mode": match args.mode { BenchMode::Train => "train", BenchMode::Infer => "infer" },
         "device": format!("{device:?}"),
-        "precision": format!("{:?}", args.precision).to_lowercase(),
+        "precision": args.precision.name(),
         "threads": tch::get_num_threads(),
         "omp_wait_policy": std::env::var("OMP_WAIT_POLICY").ok(),
         "gomp_spincount": std::env::var("GOMP_SPINCOUNT").ok(),

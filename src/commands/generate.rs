@@ -155,22 +155,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     for dir in paths.iter().filter_map(|p| p.parent()).filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut text = vec![
-        ("prompt", req.prompt.clone()),
-        ("negative_prompt", req.negative_prompt.clone().unwrap_or_default()),
-        ("seed", seed.to_string()),
-        ("scheduler", req.scheduler.name().to_string()),
-        ("steps", req.steps.to_string()),
-        ("guidance_scale", req.guidance_scale.to_string()),
-        ("width", width.to_string()),
-        ("height", height.to_string()),
-        ("model", args.pipeline.model.display().to_string()),
-    ];
+    let mut text = req.png_text(width, height, args.pipeline.model.display().to_string());
     if let Some(u) = &unet {
         text.push(("unet", u.describe()));
     }
     if args.pipeline.dtype != Precision::Fp32 {
-        text.push(("dtype", format!("{:?}", args.pipeline.dtype).to_lowercase()));
+        text.push(("dtype", args.pipeline.dtype.name().to_string()));
     }
     text.push(("samples", req.samples.to_string()));
     text.push(("Software", format!("sdkd {}", env!("CARGO_PKG_VERSION"))));

@@ -121,10 +121,6 @@ impl Distiller {
         Ok(self)
     }
 
-    pub fn compute_kind(&self) -> Kind {
-        self.compute_kind
-    }
-
     /// Forward and backward of one micro-batch (`latents` scaled for the UNet, (b, c, h, w) on
     /// the student's device); gradients accumulate, scaled by 1/`accum`. Draws noise and timesteps
     /// from the current generator.

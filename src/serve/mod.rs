@@ -146,18 +146,8 @@ async fn txt2img(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
 /// The answer for generated `images`: JSON with base64 PNGs, or one PNG (several samples side
 /// by side). The PNGs carry how they were made as text chunks, as `sdkd generate` writes them.
 fn encode(app: &App, api: &Txt2Img, req: &GenerateRequest, images: Vec<image::RgbImage>) -> Result<Response> {
-    let text = vec![
-        ("prompt", req.prompt.clone()),
-        ("negative_prompt", req.negative_prompt.clone().unwrap_or_default()),
-        ("seed", req.seed.to_string()),
-        ("scheduler", req.scheduler.name().to_string()),
-        ("steps", req.steps.to_string()),
-        ("guidance_scale", req.guidance_scale.to_string()),
-        ("width", api.img_width.to_string()),
-        ("height", api.img_height.to_string()),
-        ("model", app.model.clone()),
-        ("Software", format!("sdkd {}", env!("CARGO_PKG_VERSION"))),
-    ];
+    let mut text = req.png_text(api.img_width, api.img_height, app.model.clone());
+    text.push(("Software", format!("sdkd {}", env!("CARGO_PKG_VERSION"))));
     let seed = HeaderValue::from(req.seed);
     if api.base64 {
         let b64 = base64::engine::general_purpose::STANDARD;
