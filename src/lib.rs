@@ -6,6 +6,7 @@ pub mod data;
 pub mod demo;
 pub mod distill;
 pub mod export;
+pub mod fs_safe;
 pub mod grid;
 pub mod models;
 pub mod pipeline;

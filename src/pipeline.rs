@@ -149,11 +149,48 @@ impl Parts<'_> {
         Ok((pick("width", req.width)?, pick("height", req.height)?))
     }
 
+    /// The parts of the prompt and negative prompt that CLIP's token limit cuts off, as
+    /// (`prompt` or `negative_prompt`, the dropped text): diffusers warns with them.
+    pub fn truncated_prompts(&self, req: &GenerateRequest) -> Vec<(&'static str, String)> {
+        let texts = [("prompt", Some(req.prompt.as_str())), ("negative_prompt", req.negative_prompt.as_deref())];
+        texts.into_iter().filter_map(|(name, t)| Some((name, self.tokenizer.truncated_part(t?)?))).collect()
+    }
+
+    /// Refuses a size whose largest activations the device cannot hold, before anything is
+    /// allocated: LibTorch's failed allocation would otherwise end the process in a panic. The
+    /// estimate is a floor: the VAE decoder's full-resolution feature maps (its second-widest
+    /// decoder channels), three alive at once. The CPU is bounded by the memory available now,
+    /// an accelerator by a trial allocation of that size.
+    pub fn check_memory(&self, samples: usize, width: i64, height: i64) -> Result<()> {
+        let channels = self.vae.config.block_out_channels.iter().take(2).max().copied().unwrap_or(1);
+        let elt = self.vae.kind().elt_size_in_bytes() as f64;
+        let bytes = samples as f64 * channels as f64 * width as f64 * height as f64 * elt * 3.0;
+        let device = self.vae.device();
+        let fits = match device {
+            Device::Cpu => available_memory_bytes().is_none_or(|avail| bytes <= avail as f64),
+            _ => bytes < i64::MAX as f64 && Tensor::f_empty([bytes as i64], (Kind::Uint8, device)).is_ok(),
+        };
+        ensure!(
+            fits,
+            "width = {width}, height = {height} ({samples} image(s)): decoding needs at least {:.1} GiB, more than {device:?} can allocate; ask for a smaller size",
+            bytes / (1u64 << 30) as f64
+        );
+        Ok(())
+    }
+
     /// The text encoder's output for one prompt, (1, 77, hidden), as the UNet wants it.
     fn encode_prompt(&self, text: &str) -> Tensor {
         let ids = self.tokenizer.encode_batch(&[text], Device::Cpu);
         self.text_encoder.prompt_embeds(&ids, 0)
     }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (None where it cannot be read).
+fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Runs the pipeline on `parts`; `on_step(done, total)` is called after each step.
@@ -165,6 +202,7 @@ pub fn generate_with(
 ) -> Result<Vec<RgbImage>> {
     req.validate()?;
     let (width, height) = parts.image_size(req)?;
+    parts.check_memory(req.samples, width, height)?;
     let _no_grad = tch::no_grad_guard();
     let unet = parts.unet;
     let (device, unet_kind) = (unet.device(), unet.kind());

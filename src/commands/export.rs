@@ -1,12 +1,14 @@
 //! `sdkd export --checkpoint <dir> --out <dir> [--ema] [--format unet|pipeline] [--dtype]`: a
 //! training checkpoint as a diffusers UNet folder, or as a whole pipeline beside the teacher's
-//! other parts.
+//! other parts. `--out` must be new or empty, or an earlier sdkd export of the same format with
+//! `--overwrite`; never the checkpoint, its run or the teacher.
 use crate::distill::checkpoint::Checkpoint;
 use crate::export::{self, ExportDtype, ExportFormat};
+use crate::fs_safe;
 use crate::models::{weights, UNetConfig};
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -15,6 +17,9 @@ pub struct ExportArgs {
     pub checkpoint: PathBuf,
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an earlier sdkd export of the same format at --out.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Export the EMA weights instead of the raw student.
     #[arg(long)]
     pub ema: bool,
@@ -29,27 +34,41 @@ pub struct ExportArgs {
     pub teacher: Option<PathBuf>,
 }
 
+/// The run folder of a checkpoint at `<run>/checkpoints/step-N`.
+fn run_of(checkpoint: &Path) -> Option<&Path> {
+    let parent = checkpoint.parent()?;
+    (parent.file_name()? == "checkpoints").then(|| parent.parent()).flatten()
+}
+
 pub fn run(args: &ExportArgs) -> Result<()> {
     let ckpt = Checkpoint::open(&args.checkpoint)?;
+    fs_safe::check_apart(&args.out, &ckpt.dir, "the checkpoint", "--out")?;
+    let ckpt_dir = ckpt.dir.canonicalize().unwrap_or_else(|_| ckpt.dir.clone());
+    if let Some(run) = run_of(&ckpt_dir) {
+        fs_safe::check_apart(&args.out, run, "the checkpoint's run", "--out")?;
+    }
     let config = UNetConfig::from_json(&ckpt.unet_config).with_context(|| format!("{}: unet/config.json", ckpt.dir.display()))?;
     let file = if args.ema {
         ckpt.ema_file().ok_or_else(|| anyhow!("--ema: checkpoint {} has no EMA weights (the run had no train.ema_decay)", ckpt.dir.display()))?
     } else {
         ckpt.student_file()
     };
+    let teacher = match (args.format, &args.teacher) {
+        (ExportFormat::Unet, _) => None,
+        (ExportFormat::Pipeline, Some(t)) => Some(t.clone()),
+        (ExportFormat::Pipeline, None) => Some(ckpt.meta.config["teacher"].as_str().map(PathBuf::from).ok_or_else(|| {
+            anyhow!("checkpoint {} records no teacher pipeline: pass --teacher <pipeline dir>", ckpt.dir.display())
+        })?),
+    };
+    if let Some(teacher) = &teacher {
+        fs_safe::check_apart(&args.out, teacher, "the teacher pipeline", "--out")?;
+    }
+    fs_safe::check_replaceable(&args.out, args.format.purpose(), args.overwrite, "--out")?;
     let tensors = weights::read_all(&file)?;
     let kind = Some(args.dtype.kind());
-    match args.format {
-        ExportFormat::Unet => export::write_unet_dir(&args.out, &config, &tensors, kind)?,
-        ExportFormat::Pipeline => {
-            let teacher = match &args.teacher {
-                Some(t) => t.clone(),
-                None => ckpt.meta.config["teacher"].as_str().map(PathBuf::from).ok_or_else(|| {
-                    anyhow!("checkpoint {} records no teacher pipeline: pass --teacher <pipeline dir>", ckpt.dir.display())
-                })?,
-            };
-            export::write_pipeline_dir(&args.out, &teacher, &config, &tensors, kind)?
-        }
+    match &teacher {
+        None => export::write_unet_dir(&args.out, &config, &tensors, kind)?,
+        Some(teacher) => export::write_pipeline_dir(&args.out, teacher, &config, &tensors, kind)?,
     }
     println!(
         "exported step {} ({}) of {} to {}",

@@ -148,6 +148,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
 
     let (t2i, unet) = args.pipeline.load(device)?;
     let (width, height) = t2i.parts().image_size(&req)?;
+    t2i.parts().check_memory(req.samples, width, height).context("--width/--height/--samples")?;
+    for (name, dropped) in t2i.parts().truncated_prompts(&req) {
+        let flag = if name == "prompt" { "--prompt" } else { "--negative-prompt" };
+        eprintln!(
+            "warning: {flag}: the following part was truncated because CLIP can only handle sequences up to {} tokens: {dropped:?}",
+            t2i.tokenizer.model_max_length()
+        );
+    }
     let bar = progress_bar(req.steps);
     let images = t2i.generate_with_progress(&req, &mut |done, _| bar.set_position(done as u64))?;
     bar.finish_and_clear();

@@ -41,7 +41,7 @@ pub enum KeysAction {
 pub fn run(args: &KeysArgs) -> Result<()> {
     match &args.action {
         KeysAction::Add { db, name, credits } => {
-            let key = KeyStore::open(db)?.add(name, *credits)?;
+            let key = KeyStore::create_or_open(db)?.add(name, *credits)?;
             eprintln!("key {name:?} with {credits} credits (store it now: it is not shown again)");
             println!("{key}");
         }

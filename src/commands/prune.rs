@@ -1,7 +1,9 @@
 //! `sdkd prune`: build a student from a teacher UNet, copy the teacher's weights into it by the
-//! copy map, and write a diffusers UNet folder (or a whole pipeline).
+//! copy map, and write a diffusers UNet folder (or a whole pipeline). `--out` follows the same
+//! rule as `export --out`.
 use crate::distill::student::{copy_from_teacher, StudentPlan, StudentSpec};
 use crate::export::{self, ExportDtype, ExportFormat};
+use crate::fs_safe::{self, Marker, Purpose};
 use crate::models::{weights, Init, UNet};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -18,6 +20,9 @@ pub struct PruneArgs {
     pub student: String,
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an earlier sdkd folder of the same format at --out.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Storage dtype of the written weights.
     #[arg(long, value_enum, default_value = "fp32")]
     pub dtype: ExportDtype,
@@ -37,6 +42,8 @@ pub fn unet_dir(path: &Path) -> PathBuf {
 
 pub fn run(args: &PruneArgs) -> Result<()> {
     let teacher_dir = unet_dir(&args.teacher);
+    fs_safe::check_apart(&args.out, &args.teacher, "the teacher", "--out")?;
+    fs_safe::check_replaceable(&args.out, args.format.purpose(), args.overwrite, "--out")?;
     let teacher = UNet::load(&teacher_dir, Device::Cpu, Kind::Float)?;
     let spec = StudentSpec::resolve(&args.student, &teacher.model.config)?;
     let plan = StudentPlan::new(&spec, &teacher.model.config)
@@ -47,7 +54,7 @@ pub fn run(args: &PruneArgs) -> Result<()> {
     let kind = Some(args.dtype.kind());
     let copy_map = serde_json::to_string_pretty(&plan.copy_map)? + "\n";
     match args.format {
-        ExportFormat::Unet => export::atomic_dir(&args.out, |dir| {
+        ExportFormat::Unet => fs_safe::write_dir(&args.out, Some(&Marker::new(Purpose::Unet)), |dir| {
             export::fill_unet_dir(dir, &plan.config, &tensors, kind)?;
             // provenance: where each student tensor came from (diffusers ignores the file)
             Ok(std::fs::write(dir.join("copy_map.json"), &copy_map)?)

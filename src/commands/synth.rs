@@ -1,14 +1,20 @@
-//! `sdkd synth`: writes the built-in synthetic image-caption dataset in imagefolder layout.
+//! `sdkd synth`: writes the built-in synthetic image-caption dataset in imagefolder layout, as one
+//! crash-safe folder. `--out` must be new or empty, or an earlier `sdkd synth` folder with
+//! `--overwrite`.
 use crate::data::synthetic::write_dataset;
+use crate::fs_safe::{self, Marker, Purpose};
 use anyhow::Result;
 use clap::Args;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct SynthArgs {
-    /// Output folder (created; may hold an earlier synthetic dataset, which is overwritten).
+    /// Output folder (created).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace an earlier `sdkd synth` dataset at --out.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Number of image-caption pairs.
     #[arg(long)]
     pub count: usize,
@@ -22,7 +28,8 @@ pub struct SynthArgs {
 
 pub fn run(a: &SynthArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    write_dataset(&a.out, a.count, a.seed, a.resolution)?;
+    fs_safe::check_replaceable(&a.out, Purpose::Dataset, a.overwrite, "--out")?;
+    fs_safe::write_dir(&a.out, Some(&Marker::new(Purpose::Dataset)), |tmp| write_dataset(tmp, a.count, a.seed, a.resolution))?;
     println!(
         "wrote {} images of {res}x{res} with captions to {} in {:.1}s",
         a.count,

@@ -2,12 +2,17 @@
 //!
 //! SIGINT/SIGTERM finish the current step, write a checkpoint and exit 0 (preemptible jobs);
 //! a second signal exits at once with code 130.
-use crate::config::RunConfig;
+//!
+//! `output_dir` must be new or empty, unless `--resume` continues the run it holds (same config)
+//! or `--overwrite` replaces a run sdkd made there; a folder sdkd did not make is never used.
+use crate::config::{identity_diff, RunConfig};
+use crate::distill::checkpoint;
+use crate::fs_safe::{self, Existing, Marker, Purpose};
 use crate::distill::progress::ProgressMode;
 use crate::distill::trainer::Trainer;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -19,6 +24,9 @@ pub struct TrainArgs {
     /// `latest` (the newest complete checkpoint of output_dir) or a checkpoint folder.
     #[arg(long)]
     pub resume: Option<String>,
+    /// Delete the run that output_dir holds and start again (only a folder sdkd made for a run).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
     /// Only warnings and the final summary.
     #[arg(long)]
     pub quiet: bool,
@@ -38,6 +46,7 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
 
 pub fn run(args: &TrainArgs) -> Result<()> {
     let cfg = RunConfig::load(&args.config)?;
+    prepare_output_dir(&cfg, args.resume.is_some(), args.overwrite)?;
     let stop = stop_flag()?;
     let mut trainer = Trainer::new(cfg, args.resume.as_deref())?;
     let mode = if args.quiet { ProgressMode::Hidden } else { ProgressMode::detect() };
@@ -49,4 +58,91 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         println!("finished at step {}: loss {:.5}, checkpoint {ckpt}", outcome.step, outcome.last_loss);
     }
     Ok(())
+}
+
+/// What a run folder holds, in words: "config.yaml, checkpoints step-2, step-4, final/".
+fn describe_run(dir: &Path) -> String {
+    let mut parts = vec![];
+    if dir.join("config.yaml").exists() {
+        parts.push("config.yaml".to_string());
+    }
+    let steps: Vec<String> = checkpoint::list(dir).unwrap_or_default().iter().map(|(s, _)| format!("step-{s}")).collect();
+    if !steps.is_empty() {
+        parts.push(format!("checkpoints {}", fs_safe::list_some(&steps)));
+    }
+    for sub in ["final", "tb", "samples"] {
+        if dir.join(sub).exists() {
+            parts.push(format!("{sub}/"));
+        }
+    }
+    parts.join(", ")
+}
+
+/// The entries of a run folder that a run does not write (a user's own files).
+fn entries_not_of_a_run(dir: &Path) -> Result<Vec<String>> {
+    const RUN_ENTRIES: [&str; 6] = [fs_safe::MARKER, "config.yaml", "checkpoints", "final", "tb", "samples"];
+    let mut others = vec![];
+    for entry in std::fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if !RUN_ENTRIES.contains(&name.as_str()) {
+            others.push(name);
+        }
+    }
+    others.sort();
+    Ok(others)
+}
+
+/// The overwrite rule for a run's `output_dir`, then its marker (naming this run's config).
+fn prepare_output_dir(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<()> {
+    let dir = &cfg.output_dir;
+    let d = dir.display();
+    let mut marker = Marker::new(Purpose::Run);
+    marker.config_hash = Some(cfg.config_hash());
+    marker.config = cfg.resume_identity();
+    let found = match fs_safe::existing(dir)? {
+        // A run of an sdkd from before folder markers: its config.yaml and checkpoints/.
+        Existing::Foreign(_) if dir.join("config.yaml").is_file() && checkpoint::checkpoints_dir(dir).is_dir() => {
+            Existing::Made(Marker::new(Purpose::Run))
+        }
+        found => found,
+    };
+    match found {
+        Existing::Nothing => return fs_safe::write_dir(dir, Some(&marker), |_| Ok(())),
+        Existing::Foreign(what) => bail!(
+            "output_dir {d} {what}, which sdkd did not make: a run needs a new or empty output_dir"
+        ),
+        Existing::Made(m) if m.purpose != Purpose::Run => bail!(
+            "output_dir {d} holds {}, not a training run: choose a new output_dir",
+            m.purpose.describe()
+        ),
+        Existing::Made(_) if overwrite => {
+            let others = entries_not_of_a_run(dir)?;
+            if !others.is_empty() {
+                bail!(
+                    "--overwrite: output_dir {d} also holds {}, which sdkd did not write: move them out first",
+                    fs_safe::list_some(&others)
+                );
+            }
+            eprintln!("--overwrite: deleting the run in {d} ({})", describe_run(dir));
+            return fs_safe::write_dir(dir, Some(&marker), |_| Ok(()));
+        }
+        Existing::Made(_) if !resume => bail!(
+            "output_dir {d} already holds a run ({}): continue it with --resume latest, start it over with \
+             --overwrite, or choose a new output_dir",
+            describe_run(dir)
+        ),
+        Existing::Made(m) => {
+            if let Some(hash) = m.config_hash.as_ref().filter(|h| **h != cfg.config_hash()) {
+                let diff = identity_diff(&m.config, &cfg.resume_identity());
+                let shown: Vec<String> = diff.into_iter().take(8).collect();
+                bail!(
+                    "output_dir {d} holds another run (config hash {hash} vs {}); differing keys (that run vs this config): {}; \
+                     choose a new output_dir to resume into",
+                    cfg.config_hash(),
+                    if shown.is_empty() { "unknown".to_string() } else { shown.join("; ") }
+                );
+            }
+        }
+    }
+    marker.write_into(dir)
 }

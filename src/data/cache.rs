@@ -32,7 +32,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use safetensors::{tensor::TensorView, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
@@ -124,7 +123,7 @@ impl CacheIndex {
 
     fn write(&self, dir: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).expect("the index serialises");
-        write_atomic(&dir.join(INDEX), text.as_bytes())
+        crate::fs_safe::write_file(&dir.join(INDEX), text.as_bytes())
     }
 
     /// The first setting in which `self` (on disk) and `want` (this run) differ.
@@ -143,13 +142,6 @@ impl CacheIndex {
         .into_iter()
         .find(|(_, a, b)| a != b)
     }
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 /// What a build did.
@@ -218,6 +210,7 @@ pub fn build_cache(dataset: Arc<ImageFolder>, encoder: &dyn SampleEncoder, out: 
         bail!("{} is not empty and holds no {INDEX}: not a latent cache; choose an empty or new folder", out.display());
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    crate::fs_safe::clean_stale(out)?;
 
     let num_shards = n.div_ceil(opts.shard_size);
     let bounds = |k: usize| (k * opts.shard_size, ((k + 1) * opts.shard_size).min(n));
@@ -315,7 +308,7 @@ fn encode_shard(
     let rows_json = serde_json::to_string(&RowMeta { captions, file_names: files })?;
     let meta: HashMap<String, String> = [(ROWS_KEY.to_string(), rows_json)].into();
     let name = shard_name(k);
-    write_atomic(&out.join(&name), &serialize(&tensors, meta)?)?;
+    crate::fs_safe::write_file(&out.join(&name), &serialize(&tensors, meta)?)?;
     Ok(ShardEntry { file: Some(name), start, end, rows, skipped })
 }
 

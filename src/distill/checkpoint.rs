@@ -1,10 +1,11 @@
 //! Training checkpoints, split as burn splits them:
 //! - *what*: `TrainState` — student, EMA and optimizer tensors by name, plus `StateMeta` (step,
 //!   epoch, data cursor, seed, config hash) and the student's diffusers `unet/config.json`;
-//! - *where*: `CheckpointWriter` — `<output_dir>/checkpoints/step-<N>/`, written into
-//!   `.tmp-step-<N>-<pid>`, every file and folder fsynced, then renamed, so a step folder is
-//!   complete or absent even after `kill -9` or a power cut;
-//! - *when*: `checkpoints_to_delete`, the keep-last-K policy as a pure function.
+//! - *where*: `CheckpointWriter` — `<output_dir>/checkpoints/step-<N>/`, written by
+//!   `fs_safe::write_dir` (a hidden temp folder, every file and folder fsynced, then renamed), so
+//!   a step folder is complete or absent even after `kill -9` or a power cut;
+//! - *when*: `checkpoints_to_delete`, the keep-last-K policy as a pure function, applied to the
+//!   current run's checkpoints only.
 //!
 //! `state.json` is written last and lists every file with its size: a folder is a complete
 //! checkpoint exactly when its `state.json` parses and every listed file is there with that size.
@@ -12,6 +13,7 @@
 //! temporary folders).
 use super::loss_scale::LossScale;
 use crate::config::{identity_diff, RunConfig};
+use crate::fs_safe;
 use crate::models::weights;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -26,8 +28,6 @@ pub const EMA_FILE: &str = "ema.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "state.json";
 pub const UNET_CONFIG_FILE: &str = "unet/config.json";
-const TMP_PREFIX: &str = ".tmp-step-";
-const DEL_PREFIX: &str = ".del-step-";
 
 /// The JSON part of a checkpoint (`state.json`, besides the file list).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,72 +126,37 @@ impl CheckpointWriter {
         after_file: &mut dyn FnMut(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
         std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
-        self.clean_stale()?;
+        fs_safe::clean_stale(&self.dir)?;
         let step = state.meta.step;
-        let tmp = self.dir.join(format!("{TMP_PREFIX}{step}-{}", std::process::id()));
-        let result = write_files(&tmp, state, after_file);
-        if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e.context(format!("writing checkpoint step {step} into {}", tmp.display())));
-        }
         let dest = self.dir.join(format!("step-{step}"));
-        if dest.exists() {
-            // Rewriting a step (e.g. resumed from an earlier checkpoint into the same folder):
-            // move the old one aside first; a crash in between leaves the older steps intact.
-            let aside = self.dir.join(format!("{DEL_PREFIX}{step}-{}", std::process::id()));
-            std::fs::rename(&dest, &aside)
-                .with_context(|| format!("moving {} aside to {}", dest.display(), aside.display()))?;
-            std::fs::rename(&tmp, &dest)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
-            sync_dir(&self.dir)?;
-            std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))?;
-        } else {
-            std::fs::rename(&tmp, &dest)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
-            sync_dir(&self.dir)?;
-        }
-        self.prune()?;
+        // Rewriting a step (resumed from an earlier checkpoint into the same folder) replaces it
+        // only once the new one is complete.
+        fs_safe::write_dir(&dest, None, |tmp| write_files(tmp, state, after_file))
+            .with_context(|| format!("writing checkpoint step {step} at {}", dest.display()))?;
+        self.prune(&state.meta)?;
         Ok(dest)
     }
 
-    /// Deletes the complete checkpoints that the keep policy drops (renamed aside first, so a
-    /// crash mid-delete never leaves a half-deleted `step-N`).
-    pub fn prune(&self) -> Result<Vec<u64>> {
-        let complete = list_in(&self.dir)?;
-        let steps: Vec<u64> = complete.iter().map(|(s, _)| *s).collect();
+    /// Deletes the checkpoints that the keep policy drops, counting only those of the run of
+    /// `current` (same config hash) up to its step: another run's checkpoints, and those a
+    /// resumed-from-earlier run has not reached again, are never deleted (nor can they make the
+    /// policy delete the checkpoint just written). Renamed aside first, so a crash mid-delete
+    /// never leaves a half-deleted `step-N`.
+    pub fn prune(&self, current: &StateMeta) -> Result<Vec<u64>> {
+        let steps: Vec<u64> = complete_in(&self.dir)?
+            .into_iter()
+            .filter(|c| c.meta.config_hash == current.config_hash && c.meta.step <= current.step)
+            .map(|c| c.meta.step)
+            .collect();
         let doomed = checkpoints_to_delete(&steps, self.keep);
         for step in &doomed {
-            let dir = self.dir.join(format!("step-{step}"));
-            let aside = self.dir.join(format!("{DEL_PREFIX}{step}-{}", std::process::id()));
-            std::fs::rename(&dir, &aside).with_context(|| format!("moving {} aside", dir.display()))?;
-            std::fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))?;
+            fs_safe::remove_dir(&self.dir.join(format!("step-{step}")))?;
         }
         Ok(doomed)
-    }
-
-    /// Removes temporary and half-deleted folders left by a crash: ours, or those of a process
-    /// that no longer runs.
-    fn clean_stale(&self) -> Result<()> {
-        let me = std::process::id();
-        for entry in std::fs::read_dir(&self.dir).with_context(|| format!("listing {}", self.dir.display()))? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix(TMP_PREFIX).or_else(|| name.strip_prefix(DEL_PREFIX)) else { continue };
-            let pid: Option<u32> = rest.rsplit('-').next().and_then(|p| p.parse().ok());
-            let alive = pid.is_some_and(|p| p != me && Path::new(&format!("/proc/{p}")).exists());
-            if !alive {
-                std::fs::remove_dir_all(entry.path())
-                    .with_context(|| format!("removing stale {}", entry.path().display()))?;
-            }
-        }
-        Ok(())
     }
 }
 
 fn write_files(tmp: &Path, state: &TrainState, after_file: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
-    if tmp.exists() {
-        std::fs::remove_dir_all(tmp)?;
-    }
     std::fs::create_dir_all(tmp.join("unet")).with_context(|| format!("creating {}", tmp.display()))?;
     let mut files = BTreeMap::new();
     let mut record = |rel: &str, files: &mut BTreeMap<String, u64>| -> Result<()> {
@@ -212,23 +177,19 @@ fn write_files(tmp: &Path, state: &TrainState, after_file: &mut dyn FnMut(&Path)
     }
     weights::save(&tmp.join(OPTIMIZER_FILE), &state.optimizer, None)?;
     record(OPTIMIZER_FILE, &mut files)?;
-    sync_dir(&tmp.join("unet"))?;
+    fs_safe::sync_dir(&tmp.join("unet"))?;
     // state.json last: its presence with matching sizes is what makes the folder complete.
     let json = serde_json::to_string_pretty(&StateFile { meta: state.meta.clone(), files })?;
     write_text(&tmp.join(STATE_FILE), &json)?;
     File::open(tmp.join(STATE_FILE))?.sync_all()?;
     after_file(&tmp.join(STATE_FILE))?;
-    sync_dir(tmp)
+    fs_safe::sync_dir(tmp)
 }
 
 fn write_text(path: &Path, text: &str) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync folder {}", dir.display()))
 }
 
 pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {
@@ -335,10 +296,11 @@ impl Checkpoint {
 /// The complete checkpoints of an output folder, oldest first. Temporary, half-deleted and
 /// incomplete folders are ignored.
 pub fn list(output_dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
-    list_in(&checkpoints_dir(output_dir))
+    Ok(complete_in(&checkpoints_dir(output_dir))?.into_iter().map(|c| (c.meta.step, c.dir)).collect())
 }
 
-fn list_in(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+/// Every `step-N` folder of a checkpoints folder, ascending by N, opened (or why it cannot be).
+fn step_folders(dir: &Path) -> Result<Vec<(u64, PathBuf, Result<Checkpoint>)>> {
     if !dir.exists() {
         return Ok(vec![]);
     }
@@ -347,13 +309,20 @@ fn list_in(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) else { continue };
-        match Checkpoint::open(&entry.path()) {
-            Ok(c) if c.meta.step == step => out.push((step, entry.path())),
-            _ => {}
-        }
+        let opened = Checkpoint::open(&entry.path()).and_then(|c| {
+            if c.meta.step != step {
+                bail!("its {STATE_FILE} says step {}", c.meta.step);
+            }
+            Ok(c)
+        });
+        out.push((step, entry.path(), opened));
     }
-    out.sort();
+    out.sort_by_key(|(step, _, _)| *step);
     Ok(out)
+}
+
+fn complete_in(dir: &Path) -> Result<Vec<Checkpoint>> {
+    Ok(step_folders(dir)?.into_iter().filter_map(|(_, _, c)| c.ok()).collect())
 }
 
 /// The newest complete checkpoint of an output folder, if any.
@@ -362,15 +331,19 @@ pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// `--resume latest` or `--resume <checkpoint dir>`: the checkpoint to resume from, opened.
+/// `latest` says on stderr which newer checkpoints it skipped, and why.
 pub fn resolve(output_dir: &Path, arg: &str) -> Result<Checkpoint> {
-    if arg == "latest" {
-        let dir = latest(output_dir)?.ok_or_else(|| {
-            anyhow!("--resume latest: no complete checkpoint in {}", checkpoints_dir(output_dir).display())
-        })?;
-        Checkpoint::open(&dir)
-    } else {
-        Checkpoint::open(Path::new(arg)).with_context(|| format!("--resume {arg}"))
+    if arg != "latest" {
+        return Checkpoint::open(Path::new(arg)).with_context(|| format!("--resume {arg}"));
     }
+    let mut folders = step_folders(&checkpoints_dir(output_dir))?;
+    while let Some((_, dir, opened)) = folders.pop() {
+        match opened {
+            Ok(c) => return Ok(c),
+            Err(e) => eprintln!("warning: --resume latest: skipping {}: {e:#}", dir.display()),
+        }
+    }
+    bail!("--resume latest: no complete checkpoint in {}", checkpoints_dir(output_dir).display())
 }
 
 #[cfg(test)]
@@ -510,7 +483,7 @@ mod tests {
 
         // 2. A crash (kill -9) mid-write: a temp folder with a partial file, from a process that
         //    is gone, and an incomplete step folder (no state.json). Both are ignored.
-        let crashed = w.dir().join(format!("{TMP_PREFIX}300-4194999"));
+        let crashed = w.dir().join(".step-300.tmp-4194999");
         std::fs::create_dir_all(crashed.join("unet")).unwrap();
         std::fs::write(crashed.join(STUDENT_FILE), b"partial").unwrap();
         let half = w.dir().join("step-400");

@@ -511,6 +511,14 @@ impl ClipTokenizer {
         ids
     }
 
+    /// The end of `text` that `encode_padded` cuts off, decoded as diffusers shows it in its
+    /// "The following part of your input was truncated" warning; None when the text fits.
+    pub fn truncated_part(&self, text: &str) -> Option<String> {
+        let tokens = self.tokenize_ids(text);
+        let keep = self.model_max_length - 2;
+        (tokens.len() > keep).then(|| self.decode(&tokens[keep..], true))
+    }
+
     /// `encode_padded` of each text as one (batch, model_max_length) int64 tensor.
     pub fn encode_batch<S: AsRef<str>>(&self, texts: &[S], device: Device) -> Tensor {
         let ids: Vec<i64> = texts.iter().flat_map(|t| self.encode_padded(t.as_ref())).collect();

@@ -129,13 +129,20 @@ struct Mismatches {
     missing: Vec<String>,
     unexpected: Vec<String>,
     misshaped: Vec<String>,
+    /// Integer or bool data for a floating model tensor.
+    mistyped: Vec<String>,
 }
 
 impl Mismatches {
     fn into_result(self, what: &str) -> Result<()> {
         let mut parts = vec![];
         for (label, list) in
-            [("missing", &self.missing), ("unexpected", &self.unexpected), ("mis-shaped", &self.misshaped)]
+            [
+            ("missing", &self.missing),
+            ("unexpected", &self.unexpected),
+            ("mis-shaped", &self.misshaped),
+            ("not floating-point", &self.mistyped),
+        ]
         {
             if !list.is_empty() {
                 let shown: Vec<&str> = list.iter().take(5).map(String::as_str).collect();
@@ -188,6 +195,12 @@ pub fn load_strict_mapped(
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             if shape != var.size() {
                 bad.misshaped.push(format!("{name}: file {shape:?}, model {:?}", var.size()));
+                continue;
+            }
+            // Casting integers or bools into weights would run and make images from garbage.
+            let floating = matches!(view.dtype(), Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64);
+            if var.is_floating_point() && !floating {
+                bad.mistyped.push(format!("{name}: stored as {:?}", view.dtype()));
                 continue;
             }
             let src = view_to_tensor(&view).with_context(|| format!("{}: {name}", path.display()))?;

@@ -3,7 +3,7 @@
 //! one image; credits are taken before generating (atomically, so two requests cannot spend the
 //! same credit) and given back if generation fails.
 use anyhow::{bail, Context, Result};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::Path;
@@ -62,9 +62,28 @@ fn new_key() -> Result<String> {
 }
 
 impl KeyStore {
-    /// Opens (creating when absent) the key database at `path`.
-    pub fn open(path: &Path) -> Result<KeyStore> {
+    /// Opens the key database at `path`, creating it when absent (only `sdkd keys add` does).
+    pub fn create_or_open(path: &Path) -> Result<KeyStore> {
         let db = Connection::open(path).with_context(|| format!("opening key database {}", path.display()))?;
+        KeyStore::init(db, path)
+    }
+
+    /// Opens the existing key database at `path`; a missing one is an error (a typo in `--db`
+    /// must not start an empty database).
+    pub fn open(path: &Path) -> Result<KeyStore> {
+        if !path.is_file() {
+            bail!(
+                "key database {} does not exist: make it with `sdkd keys add --db {} --name <name>`",
+                path.display(),
+                path.display()
+            );
+        }
+        let db = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .with_context(|| format!("opening key database {}", path.display()))?;
+        KeyStore::init(db, path)
+    }
+
+    fn init(db: Connection, path: &Path) -> Result<KeyStore> {
         db.busy_timeout(std::time::Duration::from_secs(5))?;
         db.execute_batch(SCHEMA).with_context(|| format!("key database {}: creating its tables", path.display()))?;
         Ok(KeyStore { db })
@@ -90,17 +109,21 @@ impl KeyStore {
     }
 
     /// Adds `delta` credits (negative takes them away, down to 0 at most) to the key named `name`;
-    /// returns the new balance.
+    /// returns the new balance. A sum past `i64::MAX` is refused and the balance left as it was
+    /// (SQLite would silently store it as a REAL, which no later read accepts).
     pub fn credit(&self, name: &str, delta: i64) -> Result<i64> {
-        let balance: Option<i64> = self
-            .db
-            .query_row(
-                "UPDATE api_keys SET credits = MAX(credits + ?1, 0) WHERE name = ?2 RETURNING credits",
-                params![delta, name],
-                |r| r.get(0),
-            )
-            .optional()?;
-        balance.with_context(|| format!("--name {name:?}: no such key"))
+        // IMMEDIATE: the read and the write are one step for concurrent spenders.
+        let tx = Transaction::new_unchecked(&self.db, TransactionBehavior::Immediate)?;
+        let has: Option<i64> =
+            tx.query_row("SELECT credits FROM api_keys WHERE name = ?1", [name], |r| r.get(0)).optional()?;
+        let has = has.with_context(|| format!("--name {name:?}: no such key"))?;
+        let Some(sum) = has.checked_add(delta) else {
+            bail!("--add {delta}: key {name:?} holds {has} credits, and a balance cannot exceed {}; nothing changed", i64::MAX);
+        };
+        let balance = sum.max(0);
+        tx.execute("UPDATE api_keys SET credits = ?1 WHERE name = ?2", params![balance, name])?;
+        tx.commit()?;
+        Ok(balance)
     }
 
     pub fn list(&self) -> Result<Vec<KeyInfo>> {
@@ -162,7 +185,9 @@ mod tests {
     #[test]
     fn keys_spend_refund_and_list() {
         let dir = tempfile::tempdir().unwrap();
-        let store = KeyStore::open(&dir.path().join("keys.sqlite")).unwrap();
+        assert!(format!("{:#}", KeyStore::open(&dir.path().join("keys.sqlite")).err().unwrap()).contains("does not exist"));
+        assert!(!dir.path().join("keys.sqlite").exists(), "open must not create a database");
+        let store = KeyStore::create_or_open(&dir.path().join("keys.sqlite")).unwrap();
         let key = store.add("alice", 3).unwrap();
         assert!(key.starts_with("sdkd_") && key.len() == 5 + 48, "{key}");
         assert_ne!(store.add("bob", 0).unwrap(), key);
@@ -179,6 +204,9 @@ mod tests {
         assert_eq!(store.credit("alice", 10).unwrap(), 11);
         assert_eq!(store.credit("alice", -100).unwrap(), 0);
         assert!(store.credit("nobody", 1).is_err());
+        assert_eq!(store.credit("alice", i64::MAX).unwrap(), i64::MAX);
+        assert!(format!("{:#}", store.credit("alice", 1).unwrap_err()).contains("nothing changed"));
+        assert_eq!(store.credit("alice", i64::MIN).unwrap(), 0);
 
         // the key itself is not in the file, only its hash
         drop(store);

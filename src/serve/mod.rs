@@ -123,9 +123,13 @@ async fn txt2img(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
 
     let worker = app.clone();
     let job = req.clone();
-    let generated = tokio::task::spawn_blocking(move || lock(&worker.pipeline).generate(&job)).await;
+    let generated = tokio::task::spawn_blocking(move || {
+        let pipeline = lock(&worker.pipeline);
+        pipeline.generate(&job).map(|images| (images, pipeline.parts().truncated_prompts(&job)))
+    })
+    .await;
     let result = match generated {
-        Ok(Ok(images)) => encode(&app, &api, &req, images),
+        Ok(Ok((images, truncated))) => encode(&app, &api, &req, images, &truncated),
         Ok(Err(e)) => Err(e),
         Err(join) => Err(anyhow::anyhow!("the generation thread failed: {join}")),
     };
@@ -145,14 +149,21 @@ async fn txt2img(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
 
 /// The answer for generated `images`: JSON with base64 PNGs, or one PNG (several samples side
 /// by side). The PNGs carry how they were made as text chunks, as `sdkd generate` writes them.
-fn encode(app: &App, api: &Txt2Img, req: &GenerateRequest, images: Vec<image::RgbImage>) -> Result<Response> {
+/// `truncated` lists the prompt parts CLIP's token limit cut off (JSON answers report them).
+fn encode(
+    app: &App,
+    api: &Txt2Img,
+    req: &GenerateRequest,
+    images: Vec<image::RgbImage>,
+    truncated: &[(&str, String)],
+) -> Result<Response> {
     let mut text = req.png_text(api.img_width, api.img_height, app.model.clone());
     text.push(("Software", format!("sdkd {}", env!("CARGO_PKG_VERSION"))));
     let seed = HeaderValue::from(req.seed);
     if api.base64 {
         let b64 = base64::engine::general_purpose::STANDARD;
         let encoded = images.iter().map(|im| png_bytes(im, &text).map(|png| b64.encode(png))).collect::<Result<Vec<_>>>()?;
-        let body = json!({
+        let mut body = json!({
             "images": encoded,
             "seed": req.seed,
             "scheduler": req.scheduler.name(),
@@ -162,6 +173,10 @@ fn encode(app: &App, api: &Txt2Img, req: &GenerateRequest, images: Vec<image::Rg
             "img_height": api.img_height,
             "samples": images.len(),
         });
+        if !truncated.is_empty() {
+            // the JSON names of the request: prompt, negative_prompt
+            body["truncated"] = truncated.iter().map(|(name, dropped)| (name.to_string(), json!(dropped))).collect();
+        }
         let mut response = Json(body).into_response();
         response.headers_mut().insert("x-seed", seed);
         return Ok(response);

@@ -1,0 +1,348 @@
+//! Crash-safe writing, and the rule that keeps sdkd from destroying what it did not make.
+//!
+//! Crash-safe: a folder is filled in a hidden sibling (`.<name>.tmp-<pid>`), every file and
+//! folder fsynced, then renamed into place (the old one moved aside to `.<name>.old-<pid>` first
+//! and removed after); a file is written to a hidden sibling, fsynced and renamed. A crash leaves
+//! the old folder or file or the new one, never half of one; `clean_stale` removes what a dead
+//! process left behind.
+//!
+//! The rule: every folder sdkd makes for a user (a run's `output_dir`, an exported or pruned UNet
+//! or pipeline, a synthetic dataset) holds a small marker, [`MARKER`], naming its purpose. sdkd
+//! writes only where nothing is, into an empty folder, or over a folder it marked for the same
+//! purpose, and over that only when asked (`--overwrite`). Anything else is refused by name.
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// The marker file of a folder sdkd made (hidden, so diffusers and image folders ignore it).
+pub const MARKER: &str = ".sdkd.json";
+
+/// What a folder sdkd made is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Purpose {
+    /// A training run's `output_dir`.
+    Run,
+    /// A diffusers UNet folder (`export`, `prune`).
+    Unet,
+    /// A diffusers pipeline folder (`export`, `prune --format pipeline`).
+    Pipeline,
+    /// A synthetic image-caption dataset (`synth`).
+    Dataset,
+}
+
+impl Purpose {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Purpose::Run => "a training run",
+            Purpose::Unet => "a diffusers UNet folder",
+            Purpose::Pipeline => "a diffusers pipeline folder",
+            Purpose::Dataset => "a synthetic dataset",
+        }
+    }
+}
+
+/// The content of [`MARKER`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Marker {
+    pub purpose: Purpose,
+    pub sdkd_version: String,
+    /// A run's `RunConfig::config_hash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    /// A run's `RunConfig::resume_identity`, so a refusal can name the keys that differ.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub config: serde_json::Value,
+}
+
+impl Marker {
+    pub fn new(purpose: Purpose) -> Marker {
+        Marker { purpose, sdkd_version: env!("CARGO_PKG_VERSION").to_string(), config_hash: None, config: serde_json::Value::Null }
+    }
+
+    /// Writes the marker into `dir` (atomically).
+    pub fn write_into(&self, dir: &Path) -> Result<()> {
+        let json = serde_json::to_string_pretty(self).context("serialising a folder marker")? + "\n";
+        write_file(&dir.join(MARKER), json.as_bytes())
+    }
+}
+
+/// What is at a path sdkd was asked to write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Existing {
+    /// Nothing, or an empty folder (a folder holding only a marker counts as empty).
+    Nothing,
+    /// A folder sdkd made, with its marker.
+    Made(Marker),
+    /// Something sdkd did not make (or whose marker is unreadable), described in words.
+    Foreign(String),
+}
+
+/// Looks at `path` for the overwrite rule.
+pub fn existing(path: &Path) -> Result<Existing> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Existing::Nothing),
+        Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
+    };
+    if !meta.is_dir() {
+        return Ok(Existing::Foreign("is a file, not a folder".into()));
+    }
+    let mut names: Vec<String> = fs::read_dir(path)
+        .with_context(|| format!("listing {}", path.display()))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("listing {}", path.display()))?;
+    names.sort();
+    let marker = names.iter().any(|n| n == MARKER).then(|| read_marker(path));
+    names.retain(|n| n != MARKER);
+    Ok(match marker {
+        None if names.is_empty() => Existing::Nothing,
+        Some(Ok(_)) if names.is_empty() => Existing::Nothing,
+        Some(Ok(m)) => Existing::Made(m),
+        Some(Err(e)) => Existing::Foreign(format!("has an unreadable {MARKER} ({e:#})")),
+        None => Existing::Foreign(format!("holds {}", list_some(&names))),
+    })
+}
+
+fn read_marker(dir: &Path) -> Result<Marker> {
+    let path = dir.join(MARKER);
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// "a, b, c and 4 more".
+pub fn list_some(names: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let shown = names.iter().take(SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
+    match names.len().saturating_sub(SHOWN) {
+        0 => shown,
+        more => format!("{shown} and {more} more"),
+    }
+}
+
+/// The overwrite rule for writing `purpose` at `dest`, named on the command line by `flag`:
+/// nothing there, or an earlier sdkd folder of the same purpose with `overwrite`.
+pub fn check_replaceable(dest: &Path, purpose: Purpose, overwrite: bool, flag: &str) -> Result<()> {
+    let d = dest.display();
+    match existing(dest)? {
+        Existing::Nothing => Ok(()),
+        Existing::Made(m) if m.purpose == purpose && overwrite => Ok(()),
+        Existing::Made(m) if m.purpose == purpose => {
+            bail!("{flag} {d} holds {} that sdkd wrote earlier: pass --overwrite to replace it, or choose another {flag}", purpose.describe())
+        }
+        Existing::Made(m) => bail!(
+            "{flag} {d} holds {}, not {}: sdkd will not replace it; choose another {flag}",
+            m.purpose.describe(),
+            purpose.describe()
+        ),
+        Existing::Foreign(what) => {
+            bail!("{flag} {d} {what}, which sdkd did not make: sdkd will not write there; choose a new or empty folder")
+        }
+    }
+}
+
+/// `path` made absolute with symlinks resolved, also when it (or its last parts) does not exist.
+fn resolved(path: &Path) -> Result<PathBuf> {
+    let abs = if path.is_absolute() { path.to_path_buf() } else { std::env::current_dir()?.join(path) };
+    let mut rest = vec![];
+    let mut head = abs.as_path();
+    loop {
+        match head.canonicalize() {
+            Ok(c) => return Ok(rest.iter().rev().fold(c, |p, part| p.join(part))),
+            Err(_) => match (head.parent(), head.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_os_string());
+                    head = parent;
+                }
+                _ => return Ok(abs),
+            },
+        }
+    }
+}
+
+/// Refuses a `dest` (named by `flag`) that is, contains or lies inside `source`, which is being
+/// read (`what` names it): writing there would destroy or mix into the source.
+pub fn check_apart(dest: &Path, source: &Path, what: &str, flag: &str) -> Result<()> {
+    let (d, s) = (resolved(dest)?, resolved(source)?);
+    if d == s || s.starts_with(&d) || d.starts_with(&s) {
+        bail!(
+            "{flag} {} is, contains or lies inside {what} {}: sdkd will not write there; choose another {flag}",
+            dest.display(),
+            source.display()
+        );
+    }
+    Ok(())
+}
+
+/// A hidden sibling of `dest`: `.<name>.<tag>-<pid>`.
+fn sibling(dest: &Path, tag: &str) -> PathBuf {
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "out".into());
+    dest.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
+}
+
+fn parent_of(path: &Path) -> Option<&Path> {
+    path.parent().filter(|p| !p.as_os_str().is_empty())
+}
+
+/// fsyncs one folder (its entries' names).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync folder {}", dir.display()))
+}
+
+/// fsyncs every file and folder under `dir`, and `dir` itself.
+pub fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            fs::File::open(&path).and_then(|f| f.sync_all()).with_context(|| format!("fsync {}", path.display()))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Fills a fresh hidden sibling of `dest` with `fill`, adds `marker` (if any), fsyncs it, and
+/// renames it to `dest`, replacing what `dest` held only once the new folder is complete. The
+/// caller has applied the overwrite rule. On error nothing of the new folder is left.
+pub fn write_dir(dest: &Path, marker: Option<&Marker>, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if let Some(parent) = parent_of(dest) {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let tmp = sibling(dest, "tmp");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let filled = fill(&tmp).and_then(|_| marker.map_or(Ok(()), |m| m.write_into(&tmp))).and_then(|_| sync_tree(&tmp));
+    if let Err(e) = filled {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    let old = sibling(dest, "old");
+    let replacing = fs::symlink_metadata(dest).is_ok();
+    if replacing {
+        fs::rename(dest, &old).with_context(|| format!("moving aside {}", dest.display()))?;
+    }
+    fs::rename(&tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    if let Some(parent) = parent_of(dest) {
+        sync_dir(parent)?;
+    }
+    if replacing {
+        fs::remove_dir_all(&old).with_context(|| format!("removing the replaced {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// Removes the folder `dir`, renamed aside first so that a crash never leaves half of it under
+/// its own name.
+pub fn remove_dir(dir: &Path) -> Result<()> {
+    let aside = sibling(dir, "old");
+    fs::rename(dir, &aside).with_context(|| format!("moving {} aside", dir.display()))?;
+    fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))
+}
+
+/// Writes `bytes` to `path` through a hidden sibling, fsynced, then renamed over `path`.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = sibling(path, "tmp");
+    let written = fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", tmp.display()));
+    }
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    sync_dir(parent_of(path).unwrap_or(Path::new(".")))
+}
+
+/// Removes, in `dir`, the hidden `.<name>.tmp-<pid>` / `.<name>.old-<pid>` folders and files
+/// that `write_dir` / `write_file` left behind in a process that no longer runs (or in this one).
+pub fn clean_stale(dir: &Path) -> Result<()> {
+    let me = std::process::id();
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = stale_pid(&name) else { continue };
+        let alive = pid != me && Path::new(&format!("/proc/{pid}")).exists();
+        if !alive {
+            let path = entry.path();
+            let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            removed.with_context(|| format!("removing stale {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The pid in a name `write_dir` makes (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`).
+fn stale_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (_, tail) = rest.rsplit_once('.')?;
+    let pid = tail.strip_prefix("tmp-").or_else(|| tail.strip_prefix("old-"))?;
+    pid.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_fill_leaves_the_old_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("out");
+        write_dir(&dest, None, |d| Ok(fs::write(d.join("a"), "1")?)).unwrap();
+        let e = write_dir(&dest, None, |d| {
+            fs::write(d.join("a"), "2")?;
+            bail!("disk full")
+        });
+        assert!(e.is_err());
+        assert_eq!(fs::read_to_string(dest.join("a")).unwrap(), "1");
+        let leftovers: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+        write_dir(&dest, Some(&Marker::new(Purpose::Unet)), |d| Ok(fs::write(d.join("b"), "3")?)).unwrap();
+        assert!(!dest.join("a").exists() && dest.join("b").exists());
+        assert_eq!(existing(&dest).unwrap(), Existing::Made(Marker::new(Purpose::Unet)));
+    }
+
+    #[test]
+    fn the_overwrite_rule() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = |n: &str| tmp.path().join(n);
+        check_replaceable(&p("absent"), Purpose::Unet, false, "--out").unwrap();
+        fs::create_dir(p("empty")).unwrap();
+        check_replaceable(&p("empty"), Purpose::Unet, false, "--out").unwrap();
+        fs::create_dir(p("mine")).unwrap();
+        fs::write(p("mine/notes.txt"), "x").unwrap();
+        for overwrite in [false, true] {
+            let e = format!("{:#}", check_replaceable(&p("mine"), Purpose::Unet, overwrite, "--out").unwrap_err());
+            assert!(e.contains("notes.txt") && e.contains("did not make"), "{e}");
+        }
+        write_dir(&p("unet"), Some(&Marker::new(Purpose::Unet)), |d| Ok(fs::write(d.join("config.json"), "{}")?)).unwrap();
+        let e = format!("{:#}", check_replaceable(&p("unet"), Purpose::Unet, false, "--out").unwrap_err());
+        assert!(e.contains("--overwrite"), "{e}");
+        check_replaceable(&p("unet"), Purpose::Unet, true, "--out").unwrap();
+        let e = format!("{:#}", check_replaceable(&p("unet"), Purpose::Dataset, true, "--out").unwrap_err());
+        assert!(e.contains("a diffusers UNet folder, not a synthetic dataset"), "{e}");
+        fs::write(p("file"), "x").unwrap();
+        assert!(check_replaceable(&p("file"), Purpose::Unet, true, "--out").is_err());
+
+        check_apart(&p("a/b"), &p("a/c"), "the checkpoint", "--out").unwrap();
+        for dest in ["a", "a/c", "a/c/d"] {
+            let e = format!("{:#}", check_apart(&p(dest), &p("a/c"), "the checkpoint", "--out").unwrap_err());
+            assert!(e.contains("the checkpoint"), "{e}");
+        }
+    }
+
+    #[test]
+    fn stale_names() {
+        assert_eq!(stale_pid(".step-300.tmp-4194999"), Some(4194999));
+        assert_eq!(stale_pid(".out.old-12"), Some(12));
+        assert_eq!(stale_pid("step-300"), None);
+        assert_eq!(stale_pid(".sdkd.json"), None);
+        assert_eq!(stale_pid(".hidden.tmp-x"), None);
+    }
+}
