@@ -14,7 +14,7 @@ test: build
 	$(CARGO) test --release
 
 demo: build
-	target/release/sdkd demo --out demo-out
+	target/release/sdkd demo --out demo-out --overwrite
 
 bench: build
 	scripts/bench.sh

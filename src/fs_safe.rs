@@ -7,7 +7,7 @@
 //! process left behind.
 //!
 //! The rule: every folder sdkd makes for a user (a run's `output_dir`, an exported or pruned UNet
-//! or pipeline, a synthetic dataset) holds a small marker, [`MARKER`], naming its purpose. sdkd
+//! or pipeline, a synthetic dataset, a demo's output) holds a small marker, [`MARKER`], naming its purpose. sdkd
 //! writes only where nothing is, into an empty folder, or over a folder it marked for the same
 //! purpose, and over that only when asked (`--overwrite`). Anything else is refused by name.
 use anyhow::{bail, Context, Result};
@@ -31,6 +31,8 @@ pub enum Purpose {
     Pipeline,
     /// A synthetic image-caption dataset (`synth`).
     Dataset,
+    /// The output of `sdkd demo`.
+    Demo,
 }
 
 impl Purpose {
@@ -40,6 +42,7 @@ impl Purpose {
             Purpose::Unet => "a diffusers UNet folder",
             Purpose::Pipeline => "a diffusers pipeline folder",
             Purpose::Dataset => "a synthetic dataset",
+            Purpose::Demo => "an sdkd demo output",
         }
     }
 }

@@ -552,7 +552,8 @@ fn cache_resume_keeps_finished_shards() {
 
     // Debris of the crash: a half-written shard 2 and a temp file; both must be redone.
     std::fs::write(dir.join("shard-00002.safetensors"), b"half written").unwrap();
-    std::fs::write(dir.join("shard-00002.safetensors.tmp"), b"half written").unwrap();
+    // what a writer killed mid-shard leaves: fs_safe's hidden temp file, of a process that is gone
+    std::fs::write(dir.join(".shard-00002.safetensors.tmp-4194999"), b"half written").unwrap();
     let kept_bytes = |k: usize| std::fs::read(dir.join(format!("shard-{k:05}.safetensors"))).unwrap();
     let mtime = |k: usize| std::fs::metadata(dir.join(format!("shard-{k:05}.safetensors"))).unwrap().modified().unwrap();
     let before = [(kept_bytes(0), mtime(0)), (kept_bytes(1), mtime(1))];
@@ -570,7 +571,7 @@ fn cache_resume_keeps_finished_shards() {
     // Only shards 2 and 3 were encoded (8 + 6 samples, none bad).
     assert_eq!(resume.samples.get(), 14);
     assert_eq!([(kept_bytes(0), mtime(0)), (kept_bytes(1), mtime(1))], before);
-    assert!(!dir.join("shard-00002.safetensors.tmp").exists(), "the temp file is written over and renamed away");
+    assert!(!dir.join(".shard-00002.safetensors.tmp-4194999").exists(), "the temp file is removed");
 
     // The resumed cache equals one built in one go.
     let full = ToyEncoder::new();

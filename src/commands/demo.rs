@@ -1,15 +1,20 @@
-//! `sdkd demo [--out <dir>]`: the whole job on embedded data (see `demo::run`).
+//! `sdkd demo [--out <dir>]`: the whole job on embedded data (see `demo::run`). `--out` must be
+//! new or empty, or an earlier demo output with `--overwrite` (which starts it afresh).
 use crate::demo::run::{run_demo, DemoOptions};
 use crate::distill::progress::ProgressMode;
-use anyhow::Result;
+use crate::fs_safe::{self, Existing, Marker, Purpose};
+use anyhow::{bail, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Output folder: data, pipelines, runs, grid.png, report.md.
     #[arg(long, default_value = "demo-out")]
     pub out: PathBuf,
+    /// Replace an earlier demo output at --out (`make demo` does).
+    #[arg(long)]
+    pub overwrite: bool,
     /// Seed of the dataset and of every random weight.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -39,6 +44,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     o.student_steps = a.student_steps.unwrap_or(o.student_steps);
     o.count = a.count.unwrap_or(o.count);
     o.vae_steps = a.vae_steps.unwrap_or(o.vae_steps);
+    prepare_out(&a.out, a.overwrite)?;
     let s = run_demo(&a.out, &o)?;
     println!("{:<18} {:>12} {:>8} {:>10}  held-out loss", "model", "params", "steps", "time");
     for m in &s.models {
@@ -46,4 +52,17 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     }
     println!("grid: {}\nreport: {}\ndone in {:.0}s", s.grid.display(), s.report.display(), s.seconds);
     Ok(())
+}
+
+/// The overwrite rule for `--out`, then a fresh marked folder. A demo output from before the
+/// markers is recognised by its report, runs and demo pipeline.
+fn prepare_out(out: &Path, overwrite: bool) -> Result<()> {
+    let unmarked_demo = matches!(fs_safe::existing(out)?, Existing::Foreign(_))
+        && ["report.md", "runs", "pipeline-init"].iter().all(|p| out.join(p).exists());
+    match (unmarked_demo, overwrite) {
+        (true, true) => {}
+        (true, false) => bail!("--out {} holds an earlier demo output: pass --overwrite to replace it, or choose another --out", out.display()),
+        (false, _) => fs_safe::check_replaceable(out, Purpose::Demo, overwrite, "--out")?,
+    }
+    fs_safe::write_dir(out, Some(&Marker::new(Purpose::Demo)), |_| Ok(()))
 }

@@ -14,7 +14,7 @@ pub struct ServeArgs {
     /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free one and prints it).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: String,
-    /// The SQLite file of API keys and credits (created when absent; add keys with `sdkd keys add`).
+    /// The SQLite file of API keys and credits (made by `sdkd keys add`; must exist).
     #[arg(long)]
     pub db: PathBuf,
     /// auto, cpu, cuda or cuda:N.
@@ -23,9 +23,9 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
-    let keys = KeyStore::open(&args.db)?;
     let device = args.device.resolve().context("--device")?;
     let (t2i, unet) = args.pipeline.load(device)?;
+    let keys = KeyStore::open(&args.db)?;
     let mut model = args.pipeline.model.display().to_string();
     if let Some(u) = &unet {
         model = format!("{model} with UNet {}", u.describe());

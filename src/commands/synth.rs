@@ -3,7 +3,7 @@
 //! `--overwrite`.
 use crate::data::synthetic::write_dataset;
 use crate::fs_safe::{self, Marker, Purpose};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -28,6 +28,9 @@ pub struct SynthArgs {
 
 pub fn run(a: &SynthArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
+    if a.count == 0 {
+        bail!("--count must be at least 1"); // before --out: a bad count is the error to report
+    }
     fs_safe::check_replaceable(&a.out, Purpose::Dataset, a.overwrite, "--out")?;
     fs_safe::write_dir(&a.out, Some(&Marker::new(Purpose::Dataset)), |tmp| write_dataset(tmp, a.count, a.seed, a.resolution))?;
     println!(

@@ -46,9 +46,13 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
 
 pub fn run(args: &TrainArgs) -> Result<()> {
     let cfg = RunConfig::load(&args.config)?;
-    prepare_output_dir(&cfg, args.resume.is_some(), args.overwrite)?;
+    let claim = check_output_dir(&cfg, args.resume.is_some(), args.overwrite)?;
     let stop = stop_flag()?;
+    let marker = run_marker(&cfg);
+    let output_dir = cfg.output_dir.clone();
     let mut trainer = Trainer::new(cfg, args.resume.as_deref())?;
+    // only once the run is known to start: a bad config or teacher leaves output_dir as it was
+    claim.apply(&output_dir, &marker)?;
     let mode = if args.quiet { ProgressMode::Hidden } else { ProgressMode::detect() };
     let outcome = trainer.run(&stop, mode)?;
     let ckpt = outcome.last_checkpoint.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());
@@ -92,13 +96,41 @@ fn entries_not_of_a_run(dir: &Path) -> Result<Vec<String>> {
     Ok(others)
 }
 
-/// The overwrite rule for a run's `output_dir`, then its marker (naming this run's config).
-fn prepare_output_dir(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<()> {
-    let dir = &cfg.output_dir;
-    let d = dir.display();
+/// What `check_output_dir` found may be done with `output_dir`.
+enum Claim {
+    /// Nothing there: create it.
+    Create,
+    /// `--overwrite` of a run sdkd made: replace it with an empty folder.
+    Replace,
+    /// `--resume` of the same run: keep it.
+    Continue,
+}
+
+impl Claim {
+    fn apply(&self, dir: &Path, marker: &Marker) -> Result<()> {
+        match self {
+            Claim::Create => fs_safe::write_dir(dir, Some(marker), |_| Ok(())),
+            Claim::Replace => {
+                eprintln!("--overwrite: deleting the run in {} ({})", dir.display(), describe_run(dir));
+                fs_safe::write_dir(dir, Some(marker), |_| Ok(()))
+            }
+            Claim::Continue => marker.write_into(dir),
+        }
+    }
+}
+
+/// The marker of a run folder: its purpose and this run's config.
+fn run_marker(cfg: &RunConfig) -> Marker {
     let mut marker = Marker::new(Purpose::Run);
     marker.config_hash = Some(cfg.config_hash());
     marker.config = cfg.resume_identity();
+    marker
+}
+
+/// The overwrite rule for a run's `output_dir` (nothing is written here).
+fn check_output_dir(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Claim> {
+    let dir = &cfg.output_dir;
+    let d = dir.display();
     let found = match fs_safe::existing(dir)? {
         // A run of an sdkd from before folder markers: its config.yaml and checkpoints/.
         Existing::Foreign(_) if dir.join("config.yaml").is_file() && checkpoint::checkpoints_dir(dir).is_dir() => {
@@ -107,7 +139,7 @@ fn prepare_output_dir(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<
         found => found,
     };
     match found {
-        Existing::Nothing => return fs_safe::write_dir(dir, Some(&marker), |_| Ok(())),
+        Existing::Nothing => Ok(Claim::Create),
         Existing::Foreign(what) => bail!(
             "output_dir {d} {what}, which sdkd did not make: a run needs a new or empty output_dir"
         ),
@@ -123,8 +155,7 @@ fn prepare_output_dir(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<
                     fs_safe::list_some(&others)
                 );
             }
-            eprintln!("--overwrite: deleting the run in {d} ({})", describe_run(dir));
-            return fs_safe::write_dir(dir, Some(&marker), |_| Ok(()));
+            Ok(Claim::Replace)
         }
         Existing::Made(_) if !resume => bail!(
             "output_dir {d} already holds a run ({}): continue it with --resume latest, start it over with \
@@ -142,7 +173,7 @@ fn prepare_output_dir(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<
                     if shown.is_empty() { "unknown".to_string() } else { shown.join("; ") }
                 );
             }
+            Ok(Claim::Continue)
         }
     }
-    marker.write_into(dir)
 }

@@ -386,6 +386,7 @@ impl Trainer {
     /// Runs until `train.max_steps` or until `stop` is raised (then checkpoints and returns).
     pub fn run(&mut self, stop: &AtomicBool, progress_mode: ProgressMode) -> Result<RunOutcome> {
         let cfg = self.cfg.clone();
+        let mut feed = self.feed()?; // before writing anything: a bad dataset leaves output_dir as it was
         std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("creating {}", cfg.output_dir.display()))?;
         std::fs::write(cfg.output_dir.join("config.yaml"), cfg.to_yaml()?)?;
         let writer = CheckpointWriter::new(&cfg.output_dir, cfg.checkpoint.keep);
@@ -394,7 +395,6 @@ impl Trainer {
         } else {
             None
         };
-        let mut feed = self.feed()?;
         let mut progress = Progress::new(progress_mode, self.step, cfg.train.max_steps, cfg.log.every.max(1));
         let mut window = StepScalars::default();
         let mut window_steps = 0u64;

@@ -228,7 +228,7 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], kind: Option<Kind>) -> Re
         let numel = t.numel();
         let dtype = dtype_of(t.kind())?;
         let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.copy_data_u8(&mut bytes, numel);
+        t.f_copy_data_u8(&mut bytes, numel).with_context(|| format!("copying {name} out of LibTorch"))?;
         let shape = t.size().iter().map(|&d| d as usize).collect();
         owned.push((name.clone(), dtype, shape, bytes));
     }

@@ -89,8 +89,8 @@ impl NoiseSchedule {
         // The sigma-based samplers need a finite terminal sigma under zero SNR; diffusers pins
         // alphas_cumprod[-1] to 2^-24 for them (not for DDPM/DDIM or training).
         let mut ac_sigma = ac.clone();
-        if config.rescale_betas_zero_snr {
-            *ac_sigma.last_mut().unwrap() = 2f32.powi(-24);
+        if let Some(last) = ac_sigma.last_mut().filter(|_| config.rescale_betas_zero_snr) {
+            *last = 2f32.powi(-24);
         }
         let snr_inv: Vec<f32> = ac_sigma.iter().map(|&a| (1.0 - a) / a).collect();
         let one_minus: Vec<f32> = ac.iter().map(|&a| 1.0 - a).collect();

@@ -254,9 +254,8 @@ impl Sampler for UniPc {
         let mo = model_output.to_kind(Kind::Float);
         let mut x = sample.to_kind(Kind::Float);
         let converted = self.convert(&mo, &x, i);
-        let use_corrector = i > 0 && !self.disable_corrector.contains(&(i - 1)) && self.state.last_sample.is_some();
-        if use_corrector {
-            let last = self.state.last_sample.as_ref().unwrap();
+        let use_corrector = i > 0 && !self.disable_corrector.contains(&(i - 1));
+        if let Some(last) = self.state.last_sample.as_ref().filter(|_| use_corrector) {
             x = self.corrector(&converted, last, i, self.state.this_order);
         }
         let history = &mut self.state.model_outputs;
