@@ -170,12 +170,18 @@ fn resolved(path: &Path) -> Result<PathBuf> {
 /// read (`what` names it): writing there would destroy or mix into the source.
 pub fn check_apart(dest: &Path, source: &Path, what: &str, flag: &str) -> Result<()> {
     let (d, s) = (resolved(dest)?, resolved(source)?);
-    if d == s || s.starts_with(&d) || d.starts_with(&s) {
-        bail!(
-            "{flag} {} is, contains or lies inside {what} {}: sdkd will not write there; choose another {flag}",
-            dest.display(),
-            source.display()
-        );
+    if d.starts_with(&s) {
+        bail!("{flag} {} is or lies inside {what} {}: sdkd will not write there; choose another {flag}", dest.display(), source.display());
+    }
+    check_not_over(dest, source, what, flag)
+}
+
+/// Refuses a `dest` (named by `flag`) that is or contains `source` (`what` names it): replacing
+/// it would delete the source. A `dest` inside `source` is allowed.
+pub fn check_not_over(dest: &Path, source: &Path, what: &str, flag: &str) -> Result<()> {
+    let (d, s) = (resolved(dest)?, resolved(source)?);
+    if s.starts_with(&d) {
+        bail!("{flag} {} is or contains {what} {}: sdkd will not write there; choose another {flag}", dest.display(), source.display());
     }
     Ok(())
 }
@@ -337,6 +343,10 @@ mod tests {
         for dest in ["a", "a/c", "a/c/d"] {
             let e = format!("{:#}", check_apart(&p(dest), &p("a/c"), "the checkpoint", "--out").unwrap_err());
             assert!(e.contains("the checkpoint"), "{e}");
+        }
+        check_not_over(&p("a/c/d"), &p("a/c"), "the run", "--out").unwrap();
+        for dest in ["a", "a/c"] {
+            assert!(check_not_over(&p(dest), &p("a/c"), "the run", "--out").is_err());
         }
     }
 

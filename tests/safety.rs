@@ -205,6 +205,10 @@ fn export_replaces_only_an_earlier_export_and_only_when_asked() {
     assert_unchanged(&fixture().teacher, &teacher_before);
     assert_unchanged(&run, &run_before);
 
+    // a new folder inside the run is fine
+    ok(&export(&run.join("exports/bk"), &[]));
+    assert_unchanged(&run, &run_before);
+
     // an earlier export: refused without --overwrite, replaced with it; not by another format
     let out = tmp.path().join("bk");
     ok(&export(&out, &[]));

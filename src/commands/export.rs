@@ -1,7 +1,7 @@
 //! `sdkd export --checkpoint <dir> --out <dir> [--ema] [--format unet|pipeline] [--dtype]`: a
 //! training checkpoint as a diffusers UNet folder, or as a whole pipeline beside the teacher's
 //! other parts. `--out` must be new or empty, or an earlier sdkd export of the same format with
-//! `--overwrite`; never the checkpoint, its run or the teacher.
+//! `--overwrite`; never the checkpoint (or inside it), its run or the teacher (or inside it).
 use crate::distill::checkpoint::Checkpoint;
 use crate::export::{self, ExportDtype, ExportFormat};
 use crate::fs_safe;
@@ -45,7 +45,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     fs_safe::check_apart(&args.out, &ckpt.dir, "the checkpoint", "--out")?;
     let ckpt_dir = ckpt.dir.canonicalize().unwrap_or_else(|_| ckpt.dir.clone());
     if let Some(run) = run_of(&ckpt_dir) {
-        fs_safe::check_apart(&args.out, run, "the checkpoint's run", "--out")?;
+        fs_safe::check_not_over(&args.out, run, "the checkpoint's run", "--out")?;
     }
     let config = UNetConfig::from_json(&ckpt.unet_config).with_context(|| format!("{}: unet/config.json", ckpt.dir.display()))?;
     let file = if args.ema {
