@@ -90,6 +90,9 @@ pub fn existing(path: &Path) -> Result<Existing> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Existing::Nothing),
         Err(e) => return Err(e).with_context(|| format!("looking at {}", path.display())),
     };
+    if meta.file_type().is_symlink() {
+        return Ok(Existing::Foreign("is a symbolic link".into()));
+    }
     if !meta.is_dir() {
         return Ok(Existing::Foreign("is a file, not a folder".into()));
     }
