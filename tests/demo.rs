@@ -1,5 +1,7 @@
 //! `sdkd demo --quick`: the whole job runs end to end and leaves what a person looks at: a report
 //! with every model's held-out loss, a grid, pipelines diffusers loads, and rerunnable run files.
+//! Even at the quick run's 6 student steps, the KD student beats the control trained from scratch
+//! on held-out loss (measured: 0.671 against 0.817, 18% lower).
 mod common;
 
 use common::*;
@@ -20,6 +22,14 @@ fn quick_demo_runs_the_whole_job() {
         .map(|l| l.trim_end_matches('|').rsplit('|').next().unwrap().trim().parse().unwrap())
         .collect();
     assert!(losses.len() == 4 && losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    // the README's sizes: a 3.3M-parameter teacher, a bk_small student of 58.5% of it
+    assert!(report.contains("| teacher | ") && report.contains(" | 3,277,988 | 100.0% |"), "{report}");
+    assert!(report.contains(" | 1,918,660 | 58.5% |"), "{report}");
+    let (pruned, kd, scratch) = (losses[1], losses[2], losses[3]);
+    eprintln!("held-out loss: pruned {pruned:.4}, KD {kd:.4}, scratch {scratch:.4}: KD {:.1}% lower", 100.0 * (1.0 - kd / scratch));
+    // half the measured margin: KD at least 9% below scratch, and training improved on the copy
+    assert!(kd < 0.91 * scratch, "KD student {kd} is not 9% below the scratch control {scratch}:\n{report}");
+    assert!(kd < pruned, "6 KD steps did not improve on the pruned copy ({kd} vs {pruned})");
     // 4 rows (held-out image, teacher, KD student, control) of 2 prompts, 32 px enlarged 4x
     let grid = image::open(out.join("grid.png")).unwrap();
     assert!(grid.height() >= 4 * 128 && grid.width() >= 2 * 128, "{}x{}", grid.width(), grid.height());

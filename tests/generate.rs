@@ -2,9 +2,10 @@
 //! (tests/reference/make_pipeline.py): an SD-1.x-like one (4 stages, mid block, epsilon, conv
 //! projections, PNDM config), also with a pruned bk_small student swapped in, and an SD-2-like one
 //! (v_prediction, linear projections, upcast attention, gelu, DDIM config). Every scheduler, the
-//! seeded latents and step noise, guidance on and off, several samples: the PNGs must agree within
-//! a mean absolute difference of 1/255 per channel (tests/reference/generate_reference.py makes
-//! diffusers' PNGs).
+//! seeded latents and step noise, guidance on and off, several samples: on the CPU in fp32 the
+//! images must be pixel-identical, every channel value of every pixel equal (the PNG files' bytes
+//! may differ: encoders compress differently). tests/reference/generate_reference.py makes
+//! diffusers' PNGs.
 mod common;
 
 use common::*;
@@ -223,8 +224,22 @@ fn run_case(case: &Case, out: &Path) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Generates `name` with sdkd and compares every sample with diffusers'; returns the differences.
-fn compare_case(f: &Fixture, name: &str) -> Vec<[f64; 3]> {
+/// Asserts `ours` and `theirs` are pixel-identical, naming how many values differ and by how much.
+fn assert_pixel_identical(ours: &image::RgbImage, theirs: &image::RgbImage, what: &str) {
+    assert_eq!(ours.dimensions(), theirs.dimensions(), "{what}: image sizes differ");
+    let diffs: Vec<u8> = ours.as_raw().iter().zip(theirs.as_raw()).map(|(&a, &b)| a.abs_diff(b)).filter(|&d| d > 0).collect();
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} of {} channel values differ from diffusers' (max {}/255, mean |diff| per channel {:.4?}/255)",
+        diffs.len(),
+        ours.as_raw().len(),
+        diffs.iter().max().unwrap(),
+        mean_abs_diff(ours, theirs)
+    );
+}
+
+/// Generates `name` with sdkd and compares every sample with diffusers'; returns how many samples.
+fn compare_case(f: &Fixture, name: &str) -> usize {
     let case = f.case(name);
     let out_dir = f.root.join("ours").join(name);
     run_case(case, &out_dir);
@@ -234,13 +249,10 @@ fn compare_case(f: &Fixture, name: &str) -> Vec<[f64; 3]> {
             let theirs = read_rgb(&f.reference(name, i));
             assert_eq!(ours.dimensions(), (case.width as u32, case.height as u32), "{name}: size");
             assert_has_content(&theirs, name);
-            let d = mean_abs_diff(&ours, &theirs);
-            let max = ours.as_raw().iter().zip(theirs.as_raw()).map(|(&a, &b)| a.abs_diff(b)).max().unwrap_or(0);
-            eprintln!("{name} sample {i}: mean |sdkd - diffusers| per channel = {d:.4?} /255, max {max}/255");
-            assert!(d.iter().all(|&x| x <= 1.0), "{name} sample {i}: mean abs difference {d:?}/255 exceeds 1/255");
-            d
+            assert_pixel_identical(&ours, &theirs, &format!("{name} sample {i}"));
+            eprintln!("{name} sample {i}: pixel-identical to diffusers'");
         })
-        .collect()
+        .count()
 }
 
 #[test]
@@ -270,8 +282,7 @@ fn guidance_off_matches_diffusers() {
 #[test]
 fn two_samples_write_two_files_matching_diffusers() {
     let f = fixture();
-    let d = compare_case(f, "sd1-samples2");
-    assert_eq!(d.len(), 2);
+    assert_eq!(compare_case(f, "sd1-samples2"), 2);
     // the numbered-file form: out.png -> out-0.png, out-1.png (and no out.png)
     let case = f.case("sd1-samples2");
     let dir = f.root.join("numbered");
@@ -313,12 +324,14 @@ fn pruned_student_unet_matches_diffusers() {
 }
 
 /// `--dtype bf16` / `fp16`: the UNet and text encoder in half precision, the VAE in fp32. Not
-/// diffusers' fp32 image bit for bit, but the same picture within the rounding of 2-byte floats.
+/// diffusers' fp32 image bit for bit, but the same picture within the rounding of 2-byte floats:
+/// the bound on the mean |difference| of each channel is about twice the worst channel measured
+/// (bf16 0.71/255, fp16 0.11/255).
 #[test]
 fn half_precision_dtypes_stay_close_to_diffusers() {
     let f = fixture();
     let case = f.case("sd1-dpmpp_2m");
-    for dtype in ["bf16", "fp16"] {
+    for (dtype, bound) in [("bf16", 1.5), ("fp16", 0.25)] {
         let out = f.root.join("ours").join(format!("dtype-{dtype}"));
         let mut args = case.sdkd_args(&out);
         args.extend(["--dtype".to_string(), dtype.to_string()]);
@@ -330,7 +343,7 @@ fn half_precision_dtypes_stay_close_to_diffusers() {
         let d = mean_abs_diff(&ours, &theirs);
         eprintln!("--dtype {dtype}: mean |sdkd - diffusers fp32| per channel = {d:.3?} /255");
         assert!(ours != theirs, "--dtype {dtype} gave diffusers' fp32 image exactly: did it run in {dtype}?");
-        assert!(d.iter().all(|&x| x <= 2.0), "--dtype {dtype}: mean abs difference {d:?}/255");
+        assert!(d.iter().all(|&x| x <= bound), "--dtype {dtype}: mean abs difference {d:?}/255, bound {bound}/255");
         let chunks = sdkd::png_meta::read_png_text(&out.join("image-0.png")).unwrap();
         assert!(chunks.contains(&("dtype".to_string(), dtype.to_string())), "{chunks:?}");
     }
@@ -357,8 +370,7 @@ fn png_text_chunks_record_the_request() {
         assert_eq!(text.get(k), Some(&v), "text chunk {k:?} in {text:?}");
     }
     // the image is diffusers' too
-    let d = mean_abs_diff(&read_rgb(&out), &read_rgb(&f.reference("sd1-dpmpp_2m", 0)));
-    assert!(d.iter().all(|&x| x <= 1.0), "{d:?}");
+    assert_pixel_identical(&read_rgb(&out), &read_rgb(&f.reference("sd1-dpmpp_2m", 0)), "meta.png");
 }
 
 #[test]

@@ -80,9 +80,31 @@ fn snapshot(d: &Distiller) -> Vec<Tensor> {
     weights::named_tensors(&d.student.vs).iter().map(|(_, t)| t.copy()).collect()
 }
 
+/// How far a reduced-precision step may be from the fp32 step: relative loss difference,
+/// 1 - gradient cosine, |gradient norm ratio - 1|.
+#[derive(Clone, Copy, Debug)]
+struct Bounds {
+    loss: f64,
+    cosine_gap: f64,
+    norm: f64,
+}
+
+/// On the CPU: about twice what was measured (bf16: loss 1.7e-4, cosine gap 1.5e-4, norm 3.3e-4;
+/// fp16: loss 2.3e-5, cosine gap 2.9e-6, norm 7.2e-5).
+const CPU_BOUNDS: [(Kind, Bounds); 2] = [
+    (Kind::BFloat16, Bounds { loss: 4e-4, cosine_gap: 3e-4, norm: 7e-4 }),
+    (Kind::Half, Bounds { loss: 5e-5, cosine_gap: 6e-6, norm: 1.5e-4 }),
+];
+
+/// On CUDA, never measured yet (no GPU run has been made): the looser bounds of rounding.
+const CUDA_BOUNDS: [(Kind, Bounds); 2] = [
+    (Kind::BFloat16, Bounds { loss: 5e-3, cosine_gap: 1e-3, norm: 1e-2 }),
+    (Kind::Half, Bounds { loss: 5e-3, cosine_gap: 1e-3, norm: 1e-2 }),
+];
+
 #[test]
 fn bf16_and_fp16_compute_match_fp32_with_fp32_masters() {
-    reduced_precision_matches_fp32(Device::Cpu);
+    reduced_precision_matches_fp32(Device::Cpu, CPU_BOUNDS);
 }
 
 /// The same on a GPU (scripts/gpu-check.sh runs `--include-ignored cuda`), where it is what
@@ -90,14 +112,14 @@ fn bf16_and_fp16_compute_match_fp32_with_fp32_masters() {
 #[test]
 #[ignore = "needs a CUDA device: scripts/gpu-check.sh runs it"]
 fn bf16_and_fp16_compute_match_fp32_on_cuda() {
-    reduced_precision_matches_fp32(Device::Cuda(0));
+    reduced_precision_matches_fp32(Device::Cuda(0), CUDA_BOUNDS);
 }
 
-fn reduced_precision_matches_fp32(device: Device) {
+fn reduced_precision_matches_fp32(device: Device, bounds: [(Kind, Bounds); 2]) {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let (loss32, grad32) = loss_and_grad(&distiller_on(Kind::Float, device));
     assert!(loss32.is_finite() && loss32 > 0.0);
-    for kind in [Kind::BFloat16, Kind::Half] {
+    for (kind, bound) in bounds {
         let mut d = distiller_on(kind, device);
         let (loss, grad) = loss_and_grad(&d);
         // fp16 gradients come out multiplied by the loss scale until `update` divides them
@@ -105,12 +127,16 @@ fn reduced_precision_matches_fp32(device: Device) {
         let rel = (loss - loss32).abs() / loss32;
         let cos = cosine(&grad, &grad32);
         let norm_ratio = (grad.norm() / grad32.norm()).double_value(&[]);
-        eprintln!("{kind:?}: loss {loss:.6} vs fp32 {loss32:.6} (rel {rel:.2e}), gradient cosine {cos:.5}, norm ratio {norm_ratio:.4}");
+        let (cosine_gap, norm) = (1.0 - cos, (norm_ratio - 1.0).abs());
+        eprintln!(
+            "{kind:?}: loss {loss:.6} vs fp32 {loss32:.6} (rel {rel:.2e}), gradient cosine 1 - {cosine_gap:.2e}, norm ratio 1 + {:.2e}",
+            norm_ratio - 1.0
+        );
         // not fp32 in disguise: the rounding shows, but only as rounding
         assert!(loss != loss32, "{kind:?} loss is bit-identical to fp32's: the student did not compute in {kind:?}");
-        assert!(rel < 5e-3, "{kind:?} loss {loss} vs fp32 {loss32}");
-        assert!(cos > 0.999, "{kind:?} gradient cosine {cos}");
-        assert!((norm_ratio - 1.0).abs() < 0.01, "{kind:?} gradient norm ratio {norm_ratio}");
+        assert!(rel < bound.loss, "{kind:?} loss {loss} vs fp32 {loss32}: rel {rel:e}, {bound:?}");
+        assert!(cosine_gap < bound.cosine_gap, "{kind:?} gradient cosine {cos}, {bound:?}");
+        assert!(norm < bound.norm, "{kind:?} gradient norm ratio {norm_ratio}, {bound:?}");
         // the student's activations and features are in `kind`, its weights stay fp32
         let (latents, context) = batch(device);
         let wanted = d.plan.inner_features().1;

@@ -1,7 +1,8 @@
 //! Parity of sdkd's samplers and noise schedule with diffusers 0.42.1, step by step on fixed
 //! model-output sequences (tests/reference/scheduler_steps.py): timesteps exactly, every step's
-//! sample to a relative error (max |Δ| / max |ref|) of at most `STEP_TOL`, seeded runs (DDPM,
-//! Euler ancestral) drawing the same noise as a `torch.Generator("cpu").manual_seed(S)`.
+//! sample exactly (UniPC: to a relative error, max |Δ| / max |ref|, of at most `UNIPC_STEP_TOL`),
+//! seeded runs (DDPM, Euler ancestral) drawing the same noise as a
+//! `torch.Generator("cpu").manual_seed(S)`.
 mod common;
 
 use sdkd::schedulers::{randn, NoiseSchedule, Sampler, SchedulerConfig, SchedulerKind};
@@ -11,8 +12,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use tch::{Device, Kind, Tensor};
 
-/// Bound on max |sdkd - diffusers| / max |diffusers| for every step's sample and scaled input.
-const STEP_TOL: f64 = 1e-5;
+/// Bound on max |sdkd - diffusers| / max |diffusers| for every step's sample and scaled input of
+/// UniPC, whose coefficients diffusers solves with torch.linalg.solve and applies with einsum:
+/// about twice the worst measured (4.4e-7). The other samplers do diffusers' float32 arithmetic
+/// exactly.
+const UNIPC_STEP_TOL: f64 = 1e-6;
+
+fn step_tol(kind: SchedulerKind) -> f64 {
+    if kind == SchedulerKind::Unipc { UNIPC_STEP_TOL } else { 0.0 }
+}
 /// Euler's Karras timesteps are float32 values from a log-σ table that numpy rounds its own way
 /// (an ulp off correct rounding for ~15% of entries); everything else is compared exactly.
 const KARRAS_T_TOL: f64 = 1e-3;
@@ -116,13 +124,14 @@ fn run_cases(kind: SchedulerKind) -> Vec<(String, f64)> {
             None => init,
         };
         let mut worst: f64 = 0.0;
+        let tol = step_tol(kind);
         for i in 0..want_t.len() {
             let x_in = sampler.scale_model_input(&sample, i);
             let e_in = step_err(name, &x_in, &scaled.get(i as i64));
-            assert!(e_in <= STEP_TOL, "{name}: scaled input of step {i} off by {e_in:e}");
+            assert!(e_in <= tol, "{name}: scaled input of step {i} off by {e_in:e} (bound {tol:e})");
             sample = sampler.step(&outs.get(i as i64), i, &sample);
             let e = step_err(name, &sample, &samples.get(i as i64));
-            assert!(e <= STEP_TOL, "{name}: step {i} of {} off by {e:e} (relative)", want_t.len());
+            assert!(e <= tol, "{name}: step {i} of {} off by {e:e} (relative; bound {tol:e})", want_t.len());
             worst = worst.max(e).max(e_in);
         }
         report.push((name.to_string(), worst));

@@ -173,7 +173,9 @@ fn api_status_codes_credits_and_images() {
         assert!(a.error().contains("authentication failed"), "{}", a.error());
     }
 
-    // Two requests at once, 2 images each, against 3 credits: exactly one is served.
+    // Two requests at once, 2 images each, against 3 credits: exactly one is served. (The server
+    // may also have run them one after the other; `last_credit_race_has_one_winner` races the
+    // spending itself.)
     let carol = add_key(&db, "carol", 3);
     let body = json!({"prompt": PANDA, "samples": 2, "img_width": 64, "img_height": 64, "seed": 1});
     let statuses: Vec<u16> = std::thread::scope(|s| {
@@ -201,6 +203,90 @@ fn api_status_codes_credits_and_images() {
     assert_eq!(row("alice")[1..3], ["0", "3"], "{list}");
     assert_eq!(row("bob")[1..3], ["5", "0"], "{list}");
     assert_eq!(row("carol")[1..3], ["1", "2"], "{list}");
+
+    // keys are stored hashed: the file holds each key's SHA-256 and never the key itself
+    let raw = std::fs::read(&db).unwrap();
+    let hashes: Vec<String> = rusqlite::Connection::open(&db)
+        .unwrap()
+        .prepare("SELECT key_sha256 FROM api_keys ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for key in [&alice, &bob, &carol] {
+        assert!(!raw.windows(key.len()).any(|w| w == key.as_bytes()), "a key in plain text in {}", db.display());
+        assert!(hashes.contains(&sha256_hex(key)), "the SHA-256 of a key is not in {hashes:?}");
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Two threads, each on its own SQLite connection to one database, released together by a
+/// barrier, try to spend a key's last credit: exactly one gets it, and the balance ends at 0.
+/// Many rounds, so that the two statements really meet inside SQLite.
+#[test]
+fn last_credit_race_has_one_winner() {
+    use sdkd::serve::keys::{KeyStore, Spend};
+    let dir = tempdir();
+    let db = dir.path().join("keys.sqlite");
+    let admin = KeyStore::open(&db).unwrap();
+    let key = admin.add("racer", 0).unwrap();
+    let rounds = 200;
+    for round in 0..rounds {
+        assert_eq!(admin.credit("racer", 1).unwrap(), 1);
+        let barrier = std::sync::Barrier::new(2);
+        let results: Vec<Spend> = std::thread::scope(|s| {
+            let racers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let store = KeyStore::open(&db).unwrap();
+                        barrier.wait();
+                        store.spend(&key, 1).unwrap()
+                    })
+                })
+                .collect();
+            racers.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        let won = results.iter().filter(|r| matches!(r, Spend::Taken { left: 0 })).count();
+        let lost = results.iter().filter(|r| matches!(r, Spend::Short { has: 0 })).count();
+        assert_eq!((won, lost), (1, 1), "round {round}: {results:?}");
+        assert_eq!(admin.credits(&key).unwrap(), Some(0), "round {round}");
+    }
+}
+
+/// A generation that fails after its credits were taken answers 500 and gives them back. The
+/// failure is forced with a scheduler config that only Euler refuses (`timestep_type:
+/// continuous`): the server loads, UniPC requests work, Euler requests fail at generation time.
+#[test]
+fn failed_generation_answers_500_and_refunds() {
+    let dir = tempdir();
+    let (model, db) = (dir.path().join("pipe"), dir.path().join("keys.sqlite"));
+    run_reference("make_pipeline.py", &[&model.display().to_string()]);
+    let config_path = model.join("scheduler/scheduler_config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["timestep_type"] = json!("continuous");
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let dave = add_key(&db, "dave", 3);
+    let mut server = Server::start(&model, &db);
+    let post = |scheduler: &str| {
+        let body = json!({"prompt": PANDA, "scheduler": scheduler, "samples": 2, "img_width": 64, "img_height": 64, "seed": 1});
+        http(&server.addr, "POST", "/v1/txt2img", Some(&dave), Some(&body))
+    };
+    let a = post("euler");
+    assert_eq!((a.status, a.credits()), (500, 3), "{}", String::from_utf8_lossy(&a.body));
+    assert!(a.error().contains("credits given back") && a.error().contains("timestep_type"), "{}", a.error());
+    // the same request with a scheduler that accepts the config is served and paid for
+    let a = post("unipc");
+    assert_eq!((a.status, a.credits()), (200, 1), "{}", String::from_utf8_lossy(&a.body));
+    assert!(server.terminate().success());
+    let out = sdkd(&["keys", "list", "--db", &db.display().to_string()]);
+    let list = String::from_utf8_lossy(&out.stdout);
+    let row: Vec<&str> = list.lines().find(|l| l.starts_with("dave")).unwrap_or_else(|| panic!("{list}")).split_whitespace().collect();
+    assert_eq!(row[1..3], ["1", "2"], "the failed request counted as served:\n{list}");
 }
 
 #[test]

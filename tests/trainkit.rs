@@ -273,6 +273,27 @@ fn checkpoint_writer_loop() {
     }
 }
 
+/// Stops `child` (SIGSTOP) at a moment its temporary checkpoint folder exists in `dir`, so the
+/// SIGKILL that follows lands mid-write.
+fn stop_while_writing(child: &std::process::Child, dir: &std::path::Path) {
+    let pid = child.id() as i32;
+    let t0 = std::time::Instant::now();
+    loop {
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        // a stopped process shows state T in /proc; only then is the listing final
+        while !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap().contains(") T ") {
+            std::thread::yield_now();
+        }
+        let writing = std::fs::read_dir(dir).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".tmp-step-"));
+        if writing {
+            return;
+        }
+        assert!(t0.elapsed().as_secs() < 60, "never caught the writer inside a write");
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// The step of the newest complete checkpoint (None also while the writer is pruning it).
 fn newest_step(out: &std::path::Path) -> Option<u64> {
     use sdkd::distill::checkpoint::{latest, Checkpoint};
@@ -280,7 +301,9 @@ fn newest_step(out: &std::path::Path) -> Option<u64> {
 }
 
 /// kill -9 at arbitrary moments of checkpoint writing: the newest complete checkpoint is always
-/// loadable and self-consistent, and a restarted writer cleans what the killed one left.
+/// loadable and self-consistent, and a restarted writer cleans what the killed one left. The
+/// last kill is timed to land mid-write (the writer is stopped while its temp folder exists), so
+/// there always is something stale to clean.
 #[test]
 fn checkpoints_survive_kill_9() {
     use sdkd::distill::checkpoint::{latest, Checkpoint};
@@ -302,7 +325,10 @@ fn checkpoints_survive_kill_9() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         std::thread::sleep(std::time::Duration::from_millis(7 + 23 * round));
-        child.kill().unwrap(); // SIGKILL
+        if round == 5 {
+            stop_while_writing(&child, &out.path().join("checkpoints"));
+        }
+        child.kill().unwrap(); // SIGKILL (also to a stopped process)
         child.wait().unwrap();
         let dir = latest(out.path()).unwrap().expect("a complete checkpoint survives");
         let c = Checkpoint::open(&dir).unwrap();
@@ -321,6 +347,7 @@ fn checkpoints_survive_kill_9() {
         .filter(|n| n.starts_with('.'))
         .collect();
     eprintln!("after 6 kills: {next} steps written, stale folders left by the kills: {stale:?}");
+    assert!(stale.iter().any(|n| n.starts_with(".tmp-step-")), "the last kill left no temp folder: {stale:?}");
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "checkpoint_writer_loop", "--test-threads=1"])
         .env("SDKD_TEST_CKPT_LOOP", out.path())

@@ -1,5 +1,6 @@
 //! sdkd's UNet against diffusers' `UNet2DConditionModel` on tiny random perturbed models:
-//! prediction and every block feature, fp32 and fp16 files, and clean errors for bad inputs.
+//! prediction and every block feature, fp32 files (sharded for sd1), fp16 and bf16 variant folders,
+//! and clean errors for bad inputs.
 mod common;
 
 use common::*;
@@ -14,10 +15,11 @@ fn fixtures() -> &'static Path {
     reference_unets()
 }
 
-fn check(name: &str, unet_dir: &str) {
+/// Loads `name/unet_dir` into an fp32 model and compares it with diffusers' outputs in `ref_file`.
+fn check(name: &str, unet_dir: &str, ref_file: &str) {
     let dir = fixtures().join(name);
     let unet = UNet::load(&dir.join(unet_dir), Device::Cpu, Kind::Float).unwrap();
-    let refs = read_tensors(&dir.join("ref.safetensors"));
+    let refs = read_tensors(&dir.join(ref_file));
     let inner: BTreeSet<String> = refs
         .keys()
         .filter_map(|k| k.strip_prefix("feat."))
@@ -42,15 +44,32 @@ fn check(name: &str, unet_dir: &str) {
 #[test]
 fn fp32_matches_diffusers() {
     for name in MODELS {
-        check(name, "unet");
+        check(name, "unet", "ref.safetensors");
     }
 }
 
 #[test]
 fn fp16_file_into_fp32_model_matches() {
     for name in MODELS {
-        check(name, "unet_fp16");
+        check(name, "unet_fp16", "ref.safetensors");
     }
+}
+
+/// A `variant="bf16"` folder (`diffusion_pytorch_model.bf16.safetensors`), against diffusers
+/// loading the same folder into fp32.
+#[test]
+fn bf16_variant_into_fp32_model_matches() {
+    for name in MODELS {
+        let files = std::fs::read_dir(fixtures().join(name).join("unet_bf16")).unwrap();
+        let names: Vec<String> = files.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(names.iter().any(|n| n == "diffusion_pytorch_model.bf16.safetensors"), "{name}: {names:?}");
+        check(name, "unet_bf16", "ref_bf16.safetensors");
+    }
+    // bf16 rounding changes the model: the fp32 reference is not met by the bf16 folder
+    let unet = UNet::load(&fixtures().join("sd2/unet_bf16"), Device::Cpu, Kind::Float).unwrap();
+    let refs = read_tensors(&fixtures().join("sd2/ref.safetensors"));
+    let out = tch::no_grad(|| unet.model.forward(&refs["sample"], &refs["timesteps"], &refs["context"], &BTreeSet::new()));
+    assert!(rel_err(&out.sample, &refs["out"]) > 1e-4, "the bf16 folder gave the fp32 model's output");
 }
 
 #[test]
@@ -59,6 +78,15 @@ fn keeps_the_requested_dtype() {
     assert!(unet.vs.variables().values().all(|t| t.kind() == Kind::BFloat16));
     let unet = UNet::load(&fixtures().join("sd2/unet_fp16"), Device::Cpu, Kind::Float).unwrap();
     assert!(unet.vs.variables().values().all(|t| t.kind() == Kind::Float));
+    // a bf16 file into a bf16 model: the file's values as they are
+    let unet = UNet::load(&fixtures().join("sd2/unet_bf16"), Device::Cpu, Kind::BFloat16).unwrap();
+    let file = read_tensors(&fixtures().join("sd2/unet_bf16/diffusion_pytorch_model.bf16.safetensors"));
+    let vars = unet.vs.variables();
+    assert_eq!(vars.len(), file.len());
+    for (k, t) in &file {
+        assert_eq!(t.kind(), Kind::BFloat16, "{k} in the file");
+        assert!(vars[k].equal(t), "{k} differs from the file");
+    }
 }
 
 /// A copy of a fixture's fp32 UNet folder to break.

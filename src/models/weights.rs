@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 /// Finds the weight files of a model folder: `<stem>.safetensors`, else the `.fp16` variant, else
-/// a sharded `<stem>.safetensors.index.json` (also with the `.fp16` infix).
+/// the `.bf16` one (diffusers' `variant=`), each also sharded (`<stem>.safetensors.index.json`).
 pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
-    for variant in ["", ".fp16"] {
+    for variant in ["", ".fp16", ".bf16"] {
         let single = dir.join(format!("{stem}{variant}.safetensors"));
         if single.is_file() {
             return Ok(vec![single]);
@@ -26,7 +26,7 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         }
     }
     bail!(
-        "no weights in {}: expected {stem}.safetensors, {stem}.fp16.safetensors or {stem}.safetensors.index.json",
+        "no weights in {}: expected {stem}.safetensors, {stem}.fp16.safetensors, {stem}.bf16.safetensors or {stem}.safetensors.index.json",
         dir.display()
     )
 }

@@ -6,6 +6,7 @@
 //! `leading`, `clip_sample` on unless the config says otherwise.
 use super::config::{PredictionType, TimestepSpacing};
 use super::timesteps::{spaced_timesteps, Recipe};
+use super::f32x;
 use super::{check_step_order, div, scale, NoiseSchedule, Sampler, SchedulerKind};
 use anyhow::{bail, Result};
 use std::sync::Arc;
@@ -71,20 +72,20 @@ impl Sampler for Ddim {
         let beta_t = 1.0 - a_t;
 
         let (mut x0, eps) = match self.prediction_type {
-            PredictionType::Epsilon => (div(&(&x - scale(&mo, beta_t.sqrt())), a_t.sqrt()), mo.shallow_clone()),
+            PredictionType::Epsilon => (div(&(&x - scale(&mo, f32x::sqrt(beta_t))), f32x::sqrt(a_t)), mo.shallow_clone()),
             PredictionType::Sample => {
-                let eps = div(&(&x - scale(&mo, a_t.sqrt())), beta_t.sqrt());
+                let eps = div(&(&x - scale(&mo, f32x::sqrt(a_t))), f32x::sqrt(beta_t));
                 (mo.shallow_clone(), eps)
             }
             PredictionType::VPrediction => {
-                (scale(&x, a_t.sqrt()) - scale(&mo, beta_t.sqrt()), scale(&mo, a_t.sqrt()) + scale(&x, beta_t.sqrt()))
+                (scale(&x, f32x::sqrt(a_t)) - scale(&mo, f32x::sqrt(beta_t)), scale(&mo, f32x::sqrt(a_t)) + scale(&x, f32x::sqrt(beta_t)))
             }
         };
         if let Some(r) = self.clip {
             x0 = x0.clamp(-(r as f64), r as f64);
         }
         // η = 0: σ_t = 0, so the direction term is sqrt(1 - ᾱ_prev)·ε
-        let dir = scale(&eps, (1.0 - a_prev - 0.0f32).sqrt());
-        (scale(&x0, a_prev.sqrt()) + dir).to_kind(kind)
+        let dir = scale(&eps, f32x::sqrt(1.0 - a_prev - 0.0f32));
+        (scale(&x0, f32x::sqrt(a_prev)) + dir).to_kind(kind)
     }
 }

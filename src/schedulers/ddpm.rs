@@ -67,25 +67,25 @@ impl Sampler for Ddpm {
         let cur_beta = 1.0 - cur_alpha;
 
         let mut x0 = match self.prediction_type {
-            PredictionType::Epsilon => div(&(&x - scale(&mo, beta_t.sqrt())), a_t.sqrt()),
+            PredictionType::Epsilon => div(&(&x - scale(&mo, f32x::sqrt(beta_t))), f32x::sqrt(a_t)),
             PredictionType::Sample => mo.shallow_clone(),
-            PredictionType::VPrediction => scale(&x, a_t.sqrt()) - scale(&mo, beta_t.sqrt()),
+            PredictionType::VPrediction => scale(&x, f32x::sqrt(a_t)) - scale(&mo, f32x::sqrt(beta_t)),
         };
         if let Some(r) = self.clip {
             x0 = x0.clamp(-(r as f64), r as f64);
         }
         // posterior mean μ̃(x_t, x0)
-        let c_x0 = (a_prev.sqrt() * cur_beta) / beta_t;
-        let c_xt = cur_alpha.sqrt() * beta_prev / beta_t;
+        let c_x0 = (f32x::sqrt(a_prev) * cur_beta) / beta_t;
+        let c_xt = f32x::sqrt(cur_alpha) * beta_prev / beta_t;
         let mut prev = scale(&x0, c_x0) + scale(&x, c_xt);
         if t > 0 {
             // drawn in the model output's dtype, like diffusers
             let noise = randn(&model_output.size(), model_output.kind(), model_output.device()).to_kind(Kind::Float);
             let var = ((1.0 - a_prev) / (1.0 - a_t) * cur_beta).max(1e-20);
             let std = match self.variance_type {
-                VarianceType::FixedSmall => var.sqrt(),
+                VarianceType::FixedSmall => f32x::sqrt(var),
                 VarianceType::FixedSmallLog => f32x::exp(0.5 * f32x::ln(var)),
-                VarianceType::FixedLarge => cur_beta.sqrt(),
+                VarianceType::FixedLarge => f32x::sqrt(cur_beta),
             };
             prev += scale(&noise, std);
         }

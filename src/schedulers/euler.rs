@@ -3,6 +3,7 @@
 //! linspace spacing), σ interpolated linearly in t, optional Karras σs, last σ zero or σ_min.
 use super::config::{FinalSigmas, PredictionType, TimestepSpacing};
 use super::timesteps::{interp, karras_sigmas, log_sigmas, sigma_to_t, spaced_timesteps, Recipe};
+use super::f32x;
 use super::{check_step_order, div, scale, NoiseSchedule, Sampler, SchedulerKind};
 use anyhow::Result;
 use std::sync::Arc;
@@ -40,14 +41,14 @@ pub(crate) fn euler_sigmas(schedule: &NoiseSchedule, n: usize, karras: bool, fin
     let max = sigmas.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let init_noise_sigma = match spacing {
         TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
-        TimestepSpacing::Leading => (max * max + 1.0).sqrt(),
+        TimestepSpacing::Leading => f32x::sqrt(max * max + 1.0),
     };
     SigmaSteps { timesteps, sigmas, init_noise_sigma }
 }
 
 /// x / sqrt(σ² + 1): the UNet sees unit-variance input.
 pub(crate) fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Tensor {
-    div(sample, (sigma * sigma + 1.0).sqrt())
+    div(sample, f32x::sqrt(sigma * sigma + 1.0))
 }
 
 /// x0 from the model output at σ (float32 tensors).
@@ -56,7 +57,7 @@ pub(crate) fn predict_x0(prediction_type: PredictionType, mo: &Tensor, x: &Tenso
         PredictionType::Epsilon => x - scale(mo, sigma),
         PredictionType::VPrediction => {
             let s2 = sigma * sigma + 1.0;
-            scale(mo, -sigma / s2.sqrt()) + div(x, s2)
+            scale(mo, -sigma / f32x::sqrt(s2)) + div(x, s2)
         }
         PredictionType::Sample => mo.shallow_clone(),
     }

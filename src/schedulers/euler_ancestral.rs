@@ -3,6 +3,7 @@
 //! drawn on every step (also the last, where σ_up = 0) so the generator advances as diffusers'.
 use super::config::{FinalSigmas, PredictionType};
 use super::euler::{euler_sigmas, predict_x0, scale_by_sigma, SigmaSteps};
+use super::f32x;
 use super::{check_step_order, div, randn, scale, NoiseSchedule, Sampler, SchedulerKind};
 use anyhow::Result;
 use std::sync::Arc;
@@ -52,8 +53,8 @@ impl Sampler for EulerAncestral {
         let sigma = self.steps.sigmas[step_index];
         let x0 = predict_x0(self.prediction_type, &mo, &x, sigma);
         let (from, to) = (sigma, self.steps.sigmas[step_index + 1]);
-        let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
-        let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
+        let sigma_up = f32x::sqrt(to * to * (from * from - to * to) / (from * from));
+        let sigma_down = f32x::sqrt(to * to - sigma_up * sigma_up);
         let derivative = div(&(&x - x0), sigma);
         let prev = &x + scale(&derivative, sigma_down - sigma);
         let noise = randn(&model_output.size(), model_output.kind(), model_output.device()).to_kind(Kind::Float);

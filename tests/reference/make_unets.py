@@ -7,9 +7,12 @@ For each model NAME it writes OUT_DIR/NAME/unet/ (a diffusers UNet folder) and
 OUT_DIR/NAME/ref.safetensors holding the inputs (`sample`, `timesteps`, `context`), the
 prediction (`out`) and block features (`feat.down_blocks.0`, `feat.mid_block`, ...,
 `feat.down_blocks.2.attentions.0.proj_out`), all fp32. A down block's feature is its hidden
-state (output[0]), as BK-SDM hooks it.
+state (output[0]), as BK-SDM hooks it. OUT_DIR/NAME/unet_fp16/ holds the same weights as an fp16
+variant (exactly representable in fp16, so the same outputs); OUT_DIR/NAME/unet_bf16/ holds them
+rounded to bf16 as a bf16 variant, with ref_bf16.safetensors: the prediction and features of that
+folder as diffusers loads it (variant="bf16", torch_dtype=float32), on the same inputs.
 """
-import sys, os
+import copy, os, sys
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
@@ -83,6 +86,9 @@ for name, cfg in MODELS.items():
                           max_shard_size="300KB" if name == "sd1" else "10GB")
     model.half().save_pretrained(os.path.join(d, "unet_fp16"), variant="fp16", safe_serialization=True)
     model.float()
+    # a copy: to() converts in place, and bf16 rounding would change the fp32 model
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(os.path.join(d, "unet_bf16"), variant="bf16",
+                                                           safe_serialization=True)
     size = (18, 14) if name == "sd1" else (16, 16)  # sd1 also exercises odd skip sizes
     sample = torch.randn(2, 4, *size)
     t = torch.tensor([10, 900], dtype=torch.int64)
@@ -91,4 +97,11 @@ for name, cfg in MODELS.items():
     tensors = {"sample": sample, "timesteps": t, "context": ctx, "out": out}
     tensors.update({f"feat.{k}": v.contiguous() for k, v in feats.items()})
     save_file(tensors, os.path.join(d, "ref.safetensors"))
+    bf16 = UNet2DConditionModel.from_pretrained(os.path.join(d, "unet_bf16"), variant="bf16",
+                                                torch_dtype=torch.float32).eval()
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+    out, feats = features(bf16, sample, t, ctx)
+    tensors = {"sample": sample, "timesteps": t, "context": ctx, "out": out}
+    tensors.update({f"feat.{k}": v.contiguous() for k, v in feats.items()})
+    save_file(tensors, os.path.join(d, "ref_bf16.safetensors"))
     print(name, sum(p.numel() for p in model.parameters()))
