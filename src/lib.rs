@@ -7,6 +7,7 @@ pub mod demo;
 pub mod distill;
 pub mod export;
 pub mod grid;
+pub mod json_config;
 pub mod models;
 pub mod pipeline;
 pub mod png_meta;

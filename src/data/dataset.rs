@@ -18,7 +18,7 @@ use super::transform::{to_tensor, Transform};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use tch::Tensor;
 
@@ -171,14 +171,40 @@ impl ImageFolder {
     }
 }
 
-fn sample(root: &Path, file_name: String, caption: Option<String>) -> Sample {
-    Sample { path: root.join(&file_name), file_name, caption }
+/// The sample of one metadata entry (`at` is its `file:line`). An entry that leaves the dataset
+/// folder is refused: an absolute path, `..` above the folder, or a symlink resolving outside it.
+/// The imagefolder convention keeps files inside, and a shared dataset must not make sdkd read
+/// arbitrary files. `real_root` is the folder with its symlinks resolved.
+fn sample(root: &Path, real_root: &Path, file_name: String, caption: Option<String>, at: &str) -> Result<Sample> {
+    let outside = |why: String| anyhow!("{at}: file_name {file_name:?} {why} the dataset folder {}", root.display());
+    let mut depth = 0usize;
+    for part in Path::new(&file_name).components() {
+        match part {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir if depth > 0 => depth -= 1,
+            _ => return Err(outside("leaves".into())),
+        }
+    }
+    let path = root.join(&file_name);
+    // A missing file is a bad sample when it is loaded; an existing one must resolve inside.
+    if let Ok(real) = path.canonicalize() {
+        if !real.starts_with(real_root) {
+            return Err(outside(format!("resolves to {}, outside", real.display())));
+        }
+    }
+    Ok(Sample { path, file_name, caption })
+}
+
+fn real_root(root: &Path) -> Result<PathBuf> {
+    root.canonicalize().with_context(|| format!("resolving dataset folder {}", root.display()))
 }
 
 /// `metadata.jsonl`: one JSON object per line with string `file_name` and `text` (null text is
 /// an empty caption, a bad sample at load time); blank lines are allowed.
 fn read_jsonl(root: &Path, path: &Path) -> Result<Vec<Sample>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let real_root = real_root(root)?;
     let mut out = vec![];
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let at = || format!("{}:{}", path.display(), i + 1);
@@ -200,7 +226,7 @@ fn read_jsonl(root: &Path, path: &Path) -> Result<Vec<Sample>> {
             Some(other) => bail!("{}: text must be a string, found {other}", at()),
             None => bail!("{}: no \"text\" field", at()),
         };
-        out.push(sample(root, file_name, text));
+        out.push(sample(root, &real_root, file_name, text, &at())?);
     }
     Ok(out)
 }
@@ -300,6 +326,7 @@ fn read_csv(root: &Path, path: &Path) -> Result<Vec<Sample>> {
         })
     };
     let (fc, tc) = (col("file_name")?, col("text")?);
+    let real_root = real_root(root)?;
     let mut out = vec![];
     for r in rows {
         if r.fields.len() != header.fields.len() {
@@ -315,7 +342,8 @@ fn read_csv(root: &Path, path: &Path) -> Result<Vec<Sample>> {
         if file_name.is_empty() {
             bail!("{}:{}: empty file_name", path.display(), r.line);
         }
-        out.push(sample(root, file_name, Some(r.fields[tc].clone())));
+        let at = format!("{}:{}", path.display(), r.line);
+        out.push(sample(root, &real_root, file_name, Some(r.fields[tc].clone()), &at)?);
     }
     Ok(out)
 }

@@ -174,18 +174,4 @@ impl PipelineDir {
     pub fn scheduler_config_path(&self) -> Result<PathBuf> {
         Ok(self.part_dir(Part::Scheduler)?.join(Part::Scheduler.config_file()))
     }
-
-    /// The scheduler config as JSON (an object).
-    pub fn scheduler_config(&self) -> Result<Value> {
-        let path = self.scheduler_config_path()?;
-        let read = || -> Result<Value> {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-            if !v.is_object() {
-                bail!("{} is not a JSON object", path.display());
-            }
-            Ok(v)
-        };
-        read().with_context(|| self.context(Part::Scheduler))
-    }
 }
