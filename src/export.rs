@@ -17,24 +17,6 @@ pub enum ExportFormat {
     Pipeline,
 }
 
-/// Storage dtype of exported weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportDtype {
-    Fp32,
-    Fp16,
-    Bf16,
-}
-
-impl ExportDtype {
-    pub fn kind(self) -> Kind {
-        match self {
-            ExportDtype::Fp32 => Kind::Float,
-            ExportDtype::Fp16 => Kind::Half,
-            ExportDtype::Bf16 => Kind::BFloat16,
-        }
-    }
-}
-
 fn fsync_tree(dir: &Path) -> Result<()> {
     for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry?.path();

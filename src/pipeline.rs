@@ -217,6 +217,21 @@ pub fn generate_with(
     Ok(to_rgb_images(&images))
 }
 
+/// A validation grid's rows: one per UNet of `unets` (run on `parts`' other parts), one image per
+/// prompt, each made with `req` and that prompt.
+pub fn prompt_rows(parts: &Parts<'_>, unets: &[&UNet2DConditionModel], prompts: &[String], req: &GenerateRequest) -> Result<Vec<Vec<RgbImage>>> {
+    let mut rows = vec![];
+    for &unet in unets {
+        let mut row = vec![];
+        for prompt in prompts {
+            let req = GenerateRequest { prompt: prompt.clone(), ..req.clone() };
+            row.extend(generate_with(&Parts { unet, ..*parts }, &req, &mut |_, _| {})?);
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
 /// (n, 3, H, W) decoder output in [-1, 1] -> RGB images, rounded as diffusers' `numpy_to_pil`.
 pub fn to_rgb_images(images: &Tensor) -> Vec<RgbImage> {
     let (n, c, h, w) = images.size4().expect("images must be (n, 3, H, W)");

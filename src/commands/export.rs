@@ -2,7 +2,8 @@
 //! training checkpoint as a diffusers UNet folder, or as a whole pipeline beside the teacher's
 //! other parts.
 use crate::distill::checkpoint::Checkpoint;
-use crate::export::{self, ExportDtype, ExportFormat};
+use crate::config::Precision;
+use crate::export::{self, ExportFormat};
 use crate::models::{weights, UNetConfig};
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
@@ -22,7 +23,7 @@ pub struct ExportArgs {
     pub format: ExportFormat,
     /// Storage dtype of the written weights.
     #[arg(long, value_enum, default_value = "fp32")]
-    pub dtype: ExportDtype,
+    pub dtype: Precision,
     /// The teacher pipeline whose other parts go beside the UNet (`--format pipeline`); by
     /// default the run's own teacher, recorded in the checkpoint.
     #[arg(long)]

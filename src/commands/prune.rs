@@ -1,7 +1,8 @@
 //! `sdkd prune`: build a student from a teacher UNet, copy the teacher's weights into it by the
 //! copy map, and write a diffusers UNet folder (or a whole pipeline).
 use crate::distill::student::{copy_from_teacher, StudentPlan, StudentSpec};
-use crate::export::{self, ExportDtype, ExportFormat};
+use crate::config::Precision;
+use crate::export::{self, ExportFormat};
 use crate::models::{weights, Init, UNet};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -20,7 +21,7 @@ pub struct PruneArgs {
     pub out: PathBuf,
     /// Storage dtype of the written weights.
     #[arg(long, value_enum, default_value = "fp32")]
-    pub dtype: ExportDtype,
+    pub dtype: Precision,
     /// `unet` writes a UNet folder; `pipeline` also copies the teacher pipeline's other parts.
     #[arg(long, value_enum, default_value = "unet")]
     pub format: ExportFormat,
