@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-/// One text-to-image call. Defaults follow the product's API brief (UniPC, 20 steps, 7.5).
+/// One text-to-image call. Defaults are those of docs/serve.md (UniPC, 20 steps, 7.5).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
     pub prompt: String,

@@ -1,4 +1,5 @@
-//! The anchors' torchvision image pipeline, reproduced exactly on 8-bit RGB:
+//! The torchvision image pipeline of diffusers' `train_text_to_image.py` and BK-SDM's training
+//! script, reproduced exactly on 8-bit RGB:
 //! `Resize(res, BILINEAR)` (short side to `res`, long side `int(res * long / short)`), then
 //! `CenterCrop(res)` or `RandomCrop(res)`, optional `RandomHorizontalFlip()`, `ToTensor()` and
 //! `Normalize([0.5], [0.5])`.

@@ -103,7 +103,7 @@ pub enum SchedulerKind {
     EulerAncestral,
     /// DPM-Solver++ multistep, order 2 (midpoint) by default.
     Dpmpp2m,
-    /// UniPC multistep (bh2, predict-x0, corrector on): the product's default.
+    /// UniPC multistep (bh2, predict-x0, corrector on): sdkd's default, as in Segmind's API.
     #[default]
     Unipc,
 }
