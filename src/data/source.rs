@@ -1,6 +1,6 @@
 //! What every data source shares: the [`SampleSource`] trait the loader draws from (decoded
-//! images in [`super::image_source`], latent rows in [`super::cache`]), and the bad-sample types
-//! a source reports and the loader skips or fails on.
+//! images in `image_source.rs`, latent rows in `cache.rs`), and the bad-sample types a source
+//! reports and the loader skips or fails on.
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::fmt;
