@@ -189,8 +189,8 @@ fn mean_abs_diff(a: &image::RgbImage, b: &image::RgbImage) -> [f64; 3] {
     assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
     let mut sum = [0f64; 3];
     for (pa, pb) in a.pixels().zip(b.pixels()) {
-        for c in 0..3 {
-            sum[c] += (pa.0[c] as f64 - pb.0[c] as f64).abs();
+        for (c, s) in sum.iter_mut().enumerate() {
+            *s += (pa.0[c] as f64 - pb.0[c] as f64).abs();
         }
     }
     let n = (a.width() * a.height()) as f64;

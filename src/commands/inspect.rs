@@ -2,8 +2,7 @@
 //! from it) or of a whole pipeline.
 use crate::distill::student::{StudentPlan, StudentSpec};
 use crate::models::{Init, Part, PipelineDir, UNet, UNetConfig};
-use crate::schedulers::SchedulerConfig;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -161,8 +160,7 @@ pub fn describe_pipeline(dir: &std::path::Path) -> Result<Value> {
         "bos_token": tok.special.bos, "eos_token": tok.special.eos, "pad_token": tok.special.pad,
         "bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_id(), "pad_token_id": tok.pad_id(), "source": tok.source});
 
-    // Parsed, so that a config generate or train would refuse is refused here too.
-    let sched = SchedulerConfig::from_path(&p.scheduler_config_path()?).with_context(|| format!("pipeline {}", dir.display()))?;
+    let sched = p.scheduler_config()?;
     let mut sched_json = serde_json::Map::new();
     let sched_class = sched.class_name.clone().unwrap_or_else(|| class(Part::Scheduler, "unknown"));
     sched_json.insert("class".into(), json!(sched_class));

@@ -14,6 +14,9 @@ pub trait SampleSource: Send + Sync + 'static {
     type Batch: Send + 'static;
     /// Number of samples.
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Loads sample `index` as epoch `epoch` sees it (the epoch picks crops and flips). Must be a
     /// pure function of (index, epoch); an unusable sample is a [`BadSample`].
     fn load(&self, index: usize, epoch: u64) -> std::result::Result<Self::Item, BadSample>;

@@ -89,6 +89,8 @@ fn write_run_yaml(out: &Path, name: &str, body: &str) -> Result<PathBuf> {
 }
 
 /// A run YAML of the demo (paths relative to `configs/`).
+// Each argument is one value the YAML spells out; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 fn run_yaml(o: &DemoOptions, teacher: &str, student: &str, init: &str, distill: bool, name: &str, steps: u64, lr: f64) -> String {
     format!(
         "# written by `sdkd demo`; rerun with: sdkd train --config <this file>\n\

@@ -269,7 +269,7 @@ fn step_seed(seed: u64, step: u64, micro: u64) -> i64 {
 /// SD-1.5's, embedded so that it does not depend on the working directory.
 fn noise_schedule(pipeline: Option<&PipelineDir>) -> Result<NoiseSchedule> {
     NoiseSchedule::new(match pipeline {
-        Some(p) => SchedulerConfig::from_path(&p.scheduler_config_path()?)?,
+        Some(p) => p.scheduler_config()?,
         None => SchedulerConfig::from_json_str(include_str!("../../configs/reference/sd15_scheduler_config.json"))?,
     })
 }

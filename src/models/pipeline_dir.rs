@@ -7,6 +7,7 @@ use super::clip_tokenizer::ClipTokenizer;
 use super::unet::UNet;
 use super::unet_config::UNetConfig;
 use super::vae::{Vae, VaeConfig};
+use crate::schedulers::SchedulerConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -173,5 +174,11 @@ impl PipelineDir {
     /// `scheduler/scheduler_config.json`, for the schedulers to parse.
     pub fn scheduler_config_path(&self) -> Result<PathBuf> {
         Ok(self.part_dir(Part::Scheduler)?.join(Part::Scheduler.config_file()))
+    }
+
+    /// The scheduler config, parsed and checked: a value any command would refuse is refused
+    /// here, for every command that opens the pipeline.
+    pub fn scheduler_config(&self) -> Result<SchedulerConfig> {
+        SchedulerConfig::from_path(&self.scheduler_config_path()?).with_context(|| self.context(Part::Scheduler))
     }
 }
