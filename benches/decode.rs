@@ -2,7 +2,7 @@
 //! collate, through the prefetching `Loader` with a consumer that does nothing.
 //!
 //! `cargo bench --bench decode` measures two made-up datasets: LAION-like 768x576 JPEGs at
-//! resolution 512 (the anchors' setting) and the 64 px synthetic PNGs of the demo.
+//! resolution 512 (BK-SDM's setting) and the 64 px synthetic PNGs of the demo.
 //! `cargo bench --bench decode -- --data <imagefolder> [--resolution 512] [--batch-size 16]
 //! [--samples 512] [--threads 0]` measures a real folder.
 use sdkd::data::order::splitmix64;

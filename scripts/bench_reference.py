@@ -1,4 +1,4 @@
-"""The PyTorch eager reference of `sdkd bench`: the anchors' distillation step (diffusers UNets,
+"""The PyTorch eager reference of `sdkd bench`: the distillation step of BK-SDM's training script (diffusers UNets,
 forward hooks for the block features as BK-SDM and Segmind do, the same three losses,
 clip_grad_norm_, torch.optim.AdamW with PyTorch's defaults) and the denoising step of inference
 (one UNet forward on the CFG batch and the guidance combination).

@@ -1,6 +1,6 @@
-//! The run YAML of `sdkd train` (architecture.md, "Run config"), parsed once into typed structs.
+//! The run YAML of `sdkd train`, parsed once into typed structs.
 //!
-//! Defaults follow the anchors (BK-SDM: batch 64 x 4, constant lr 5e-5, 50K steps, 512 px).
+//! Defaults follow BK-SDM's training script: batch 64 x 4, constant lr 5e-5, 50K steps, 512 px.
 //! Unknown keys are errors naming the key and line (serde_yaml reports both); `validate` checks
 //! ranges and cross-key rules with messages naming the key and value. Relative paths resolve
 //! against the config file's directory, so a run directory can be launched from anywhere.
@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+
+pub use crate::schedulers::SchedulerKind;
 
 /// A whole distillation (or from-scratch) run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,72 +56,49 @@ pub enum StudentInit {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// Image folder with metadata.jsonl / metadata.csv (`file_name`, `text`).
-    #[serde(default)]
     pub path: Option<PathBuf>,
     /// A `sdkd preprocess` output folder, read instead of images.
-    #[serde(default)]
     pub cache: Option<PathBuf>,
-    #[serde(default = "default_resolution")]
     pub resolution: u32,
-    #[serde(default = "yes")]
     pub center_crop: bool,
-    #[serde(default = "yes")]
     pub random_flip: bool,
-    #[serde(default)]
     pub on_bad_sample: OnBadSample,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig { path: None, cache: None, resolution: 512, center_crop: true, random_flip: true, on_bad_sample: OnBadSample::Skip }
+    }
 }
 
 pub use crate::data::OnBadSample;
 
-/// λ weights of `loss = task + output_kd + Σ feature_kd` (anchors.md, "The loss").
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LossWeights {
-    #[serde(default = "one")]
-    pub task: f64,
-    #[serde(default = "one")]
-    pub output_kd: f64,
-    #[serde(default = "one")]
-    pub feature_kd: f64,
-}
-
-impl Default for LossWeights {
-    fn default() -> Self {
-        LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0 }
-    }
-}
+pub use crate::distill::loss::LossWeights;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
-    #[serde(default = "default_lr")]
     pub lr: f64,
-    #[serde(default = "default_betas")]
     pub betas: [f64; 2],
-    #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
-    #[serde(default = "default_eps")]
     pub eps: f64,
     /// Global grad-norm clip; null disables clipping.
-    #[serde(default = "default_max_grad_norm")]
     pub max_grad_norm: Option<f64>,
-    #[serde(default)]
     pub schedule: Schedule,
-    #[serde(default)]
     pub warmup_steps: u64,
 }
 
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
-            lr: default_lr(),
-            betas: default_betas(),
-            weight_decay: default_weight_decay(),
-            eps: default_eps(),
-            max_grad_norm: default_max_grad_norm(),
+            lr: 5.0e-5,
+            betas: [0.9, 0.999],
+            weight_decay: 0.01,
+            eps: 1.0e-8,
+            max_grad_norm: Some(1.0),
             schedule: Schedule::default(),
             warmup_steps: 0,
         }
@@ -140,38 +119,30 @@ pub enum Schedule {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// Samples per micro-batch (one forward/backward).
-    #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Micro-batches per optimizer step: the effective batch is batch_size x grad_accum.
-    #[serde(default = "default_grad_accum")]
     pub grad_accum: usize,
     /// Optimizer steps of the whole run.
-    #[serde(default = "default_max_steps")]
     pub max_steps: u64,
-    #[serde(default = "default_seed")]
     pub seed: u64,
-    #[serde(default)]
     pub device: DeviceChoice,
-    #[serde(default)]
     pub precision: Precision,
     /// EMA of the student (e.g. 0.9999), starting from the student's initial weights; null = off.
-    #[serde(default)]
     pub ema_decay: Option<f64>,
     /// diffusers' `--noise_offset`: noise += offset · N(0, 1) per (sample, channel); 0 = off.
-    #[serde(default)]
     pub noise_offset: f64,
 }
 
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
-            batch_size: default_batch_size(),
-            grad_accum: default_grad_accum(),
-            max_steps: default_max_steps(),
-            seed: default_seed(),
+            batch_size: 64,
+            grad_accum: 4,
+            max_steps: 50_000,
+            seed: 42,
             device: DeviceChoice::default(),
             precision: Precision::default(),
             ema_decay: None,
@@ -224,22 +195,38 @@ impl FromStr for DeviceChoice {
     }
 }
 
-// A visitor rather than `try_from = "String"`: errors raised inside `visit_str` keep serde_yaml's
-// key path (`train.device`), errors from `try_from` lose it.
 impl<'de> Deserialize<'de> for DeviceChoice {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        struct V;
-        impl serde::de::Visitor<'_> for V {
-            type Value = DeviceChoice;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("auto, cpu, cuda or cuda:N")
-            }
-            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<DeviceChoice, E> {
-                s.parse().map_err(E::custom)
-            }
-        }
-        d.deserialize_str(V)
+        parsed(d)
     }
+}
+
+/// A string value through `FromStr`. A visitor rather than `try_from = "String"`: errors raised
+/// inside `visit_str` keep serde_yaml's key path (`train.device`), errors from `try_from` lose it.
+fn parsed<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<T: FromStr> serde::de::Visitor<'_> for V<T>
+    where
+        T::Err: fmt::Display,
+    {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<T, E> {
+            s.parse().map_err(E::custom)
+        }
+    }
+    d.deserialize_str(V(std::marker::PhantomData))
+}
+
+fn named<S: serde::Serializer>(kind: &SchedulerKind, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(kind.name())
 }
 
 impl fmt::Display for DeviceChoice {
@@ -290,128 +277,63 @@ impl Precision {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
     /// Optimizer steps between checkpoints (one is always written at the end); 0 = only at the end.
-    #[serde(default = "default_checkpoint_every")]
     pub every: u64,
     /// Complete checkpoints kept (the newest is never deleted).
-    #[serde(default = "default_keep")]
     pub keep: usize,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { every: default_checkpoint_every(), keep: default_keep() }
+        CheckpointConfig { every: 500, keep: 3 }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// Optimizer steps between log lines and TensorBoard scalars.
-    #[serde(default = "default_log_every")]
     pub every: u64,
-    #[serde(default = "yes")]
     pub tensorboard: bool,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { every: default_log_every(), tensorboard: true }
+        LogConfig { every: 10, tensorboard: true }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ValidationConfig {
     /// Optimizer steps between validation grids; 0 = off.
-    #[serde(default = "default_validation_every")]
     pub every: u64,
-    #[serde(default = "default_prompts")]
     pub prompts: Vec<String>,
     /// Sampler steps per image.
-    #[serde(default = "default_validation_steps")]
     pub steps: u32,
-    /// Sampler name, parsed by the pipeline (e.g. unipc, ddim, euler, dpmpp_2m).
-    #[serde(default = "default_scheduler")]
-    pub scheduler: String,
+    /// The sampler (unipc, ddim, euler, euler_a, dpmpp_2m, ddpm), checked when the config loads.
+    #[serde(deserialize_with = "parsed", serialize_with = "named")]
+    pub scheduler: SchedulerKind,
     /// Classifier-free guidance scale (1 = no guidance).
-    #[serde(default = "default_guidance_scale")]
     pub guidance_scale: f64,
 }
 
 impl Default for ValidationConfig {
     fn default() -> Self {
         ValidationConfig {
-            every: default_validation_every(),
-            prompts: default_prompts(),
-            steps: default_validation_steps(),
-            scheduler: default_scheduler(),
-            guidance_scale: default_guidance_scale(),
+            every: 1000,
+            prompts: vec!["a toy panda standing on a pile of broccoli".to_string()],
+            steps: 25,
+            scheduler: SchedulerKind::Unipc,
+            guidance_scale: 7.5,
         }
     }
 }
 
 fn yes() -> bool {
     true
-}
-fn one() -> f64 {
-    1.0
-}
-fn default_resolution() -> u32 {
-    512
-}
-fn default_lr() -> f64 {
-    5.0e-5
-}
-fn default_betas() -> [f64; 2] {
-    [0.9, 0.999]
-}
-fn default_weight_decay() -> f64 {
-    0.01
-}
-fn default_eps() -> f64 {
-    1.0e-8
-}
-fn default_max_grad_norm() -> Option<f64> {
-    Some(1.0)
-}
-fn default_batch_size() -> usize {
-    64
-}
-fn default_grad_accum() -> usize {
-    4
-}
-fn default_max_steps() -> u64 {
-    50_000
-}
-fn default_seed() -> u64 {
-    42
-}
-fn default_checkpoint_every() -> u64 {
-    500
-}
-fn default_keep() -> usize {
-    3
-}
-fn default_log_every() -> u64 {
-    10
-}
-fn default_validation_every() -> u64 {
-    1000
-}
-fn default_prompts() -> Vec<String> {
-    vec!["a toy panda standing on a pile of broccoli".to_string()]
-}
-fn default_validation_steps() -> u32 {
-    25
-}
-fn default_scheduler() -> String {
-    "unipc".to_string()
-}
-fn default_guidance_scale() -> f64 {
-    7.5
 }
 
 /// Keys that may change between a run and its resumption without changing the trained function
@@ -619,9 +541,6 @@ impl RunConfig {
         if v.steps < 1 {
             return Err(invalid("validation.steps", format!("validation.steps = {}: must be >= 1", v.steps)));
         }
-        if v.scheduler.trim().is_empty() {
-            return Err(invalid("validation.scheduler", "validation.scheduler is empty (e.g. unipc)".to_string()));
-        }
         if !(v.guidance_scale.is_finite() && v.guidance_scale >= 0.0) {
             return Err(invalid(
                 "validation.guidance_scale",
@@ -768,7 +687,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_follow_the_anchors() {
+    fn defaults_follow_bk_sdm() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.teacher.as_deref(), Some(Path::new("/base/models/sd15")));
         assert_eq!(c.output_dir, Path::new("/base/runs/x"));
@@ -785,9 +704,16 @@ mod tests {
         assert_eq!((t.device, t.precision, t.ema_decay), (DeviceChoice::Auto, Precision::Bf16, None));
         assert_eq!((c.checkpoint.every, c.checkpoint.keep), (500, 3));
         assert_eq!((c.log.every, c.log.tensorboard), (10, true));
-        assert_eq!((c.validation.every, c.validation.steps, c.validation.scheduler.as_str()), (1000, 25, "unipc"));
+        assert_eq!((c.validation.every, c.validation.steps, c.validation.scheduler), (1000, 25, SchedulerKind::Unipc));
         assert_eq!(c.validation.prompts, vec!["a toy panda standing on a pile of broccoli"]);
         assert_eq!((c.student_init, c.distill), (StudentInit::Teacher, true));
+    }
+
+    #[test]
+    fn a_validation_scheduler_typo_is_refused_at_load() {
+        let e = err(&format!("{MINIMAL}validation:\n  scheduler: unipcc\n"));
+        assert!(e.contains("validation.scheduler") && e.contains("unipcc") && e.contains("line 7"), "{e}");
+        assert_eq!(parse(&format!("{MINIMAL}validation:\n  scheduler: DDIM\n")).unwrap().validation.scheduler, SchedulerKind::Ddim);
     }
 
     #[test]

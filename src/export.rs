@@ -28,24 +28,6 @@ impl ExportFormat {
     }
 }
 
-/// Storage dtype of exported weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportDtype {
-    Fp32,
-    Fp16,
-    Bf16,
-}
-
-impl ExportDtype {
-    pub fn kind(self) -> Kind {
-        match self {
-            ExportDtype::Fp32 => Kind::Float,
-            ExportDtype::Fp16 => Kind::Half,
-            ExportDtype::Bf16 => Kind::BFloat16,
-        }
-    }
-}
-
 /// Writes the files of a diffusers UNet folder into `dir` (which must exist).
 pub fn fill_unet_dir(dir: &Path, config: &UNetConfig, tensors: &[(String, Tensor)], kind: Option<Kind>) -> Result<()> {
     let json = serde_json::to_string_pretty(&config.to_json())?;

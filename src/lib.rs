@@ -8,6 +8,7 @@ pub mod distill;
 pub mod export;
 pub mod fs_safe;
 pub mod grid;
+pub mod json_config;
 pub mod models;
 pub mod pipeline;
 pub mod png_meta;

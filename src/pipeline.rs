@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-/// One text-to-image call. Defaults follow the product's API brief (UniPC, 20 steps, 7.5).
+/// One text-to-image call. Defaults are those of docs/serve.md (UniPC, 20 steps, 7.5).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
     pub prompt: String,
@@ -253,6 +253,21 @@ pub fn generate_with(
     let z = (&latents / vae.config.scaling_factor).to_device(vae.device()).to_kind(vae.kind());
     let images = vae.decode(&z).to_kind(Kind::Float).to_device(Device::Cpu); // (n, 3, H, W)
     Ok(to_rgb_images(&images))
+}
+
+/// A validation grid's rows: one per UNet of `unets` (run on `parts`' other parts), one image per
+/// prompt, each made with `req` and that prompt.
+pub fn prompt_rows(parts: &Parts<'_>, unets: &[&UNet2DConditionModel], prompts: &[String], req: &GenerateRequest) -> Result<Vec<Vec<RgbImage>>> {
+    let mut rows = vec![];
+    for &unet in unets {
+        let mut row = vec![];
+        for prompt in prompts {
+            let req = GenerateRequest { prompt: prompt.clone(), ..req.clone() };
+            row.extend(generate_with(&Parts { unet, ..*parts }, &req, &mut |_, _| {})?);
+        }
+        rows.push(row);
+    }
+    Ok(rows)
 }
 
 /// (n, 3, H, W) decoder output in [-1, 1] -> RGB images, rounded as diffusers' `numpy_to_pil`.

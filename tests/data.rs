@@ -510,7 +510,7 @@ fn cache_round_trip_equals_direct_encoding() {
         for (r, &id) in b.data.sample_ids.iter().enumerate() {
             // Direct encoding of the same sample, as epoch 0 transforms it.
             let (img, caption) = source.get(id as usize, 0).unwrap();
-            let direct = enc.encode(&img.unsqueeze(0), &[caption.clone()]).unwrap();
+            let direct = enc.encode(&img.unsqueeze(0), std::slice::from_ref(&caption)).unwrap();
             assert!(equal(&b.data.latent_mean.get(r as i64), &direct.latent_mean.get(0)), "row {id} latent_mean");
             assert!(equal(&b.data.latent_std.get(r as i64), &direct.latent_std.get(0)), "row {id} latent_std");
             assert!(equal(&b.data.text_embeddings.get(r as i64), &direct.text_embeddings.get(0)), "row {id} text");

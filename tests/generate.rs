@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 
 const SCHEDULERS: [&str; 6] = ["ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "unipc"];
 const PANDA: &str = "a toy panda standing on a pile of broccoli";
-/// The API brief's negative prompt: longer than CLIP's 77 tokens, so truncation is exercised.
+/// A long negative prompt as users write them: longer than CLIP's 77 tokens, so truncation is exercised.
 const NEGATIVE: &str = "(deformed iris, deformed pupils, semi-realistic, cgi, render, sketch, cartoon, drawing, anime), text, cropped, out of frame, worst quality, low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, mutated hands, poorly drawn hands, poorly drawn face, mutation, deformed, blurry, dehydrated, bad anatomy, bad proportions, extra limbs, cloned face, disfigured, gross proportions, malformed limbs, missing arms, missing legs, extra arms, extra legs, fused fingers, too many fingers, long neck, BadDream, UnrealisticDream";
 const SD2_PROMPT: &str = "a red cube on a blue sphere, studio light";
 
@@ -190,8 +190,8 @@ fn mean_abs_diff(a: &image::RgbImage, b: &image::RgbImage) -> [f64; 3] {
     assert_eq!(a.dimensions(), b.dimensions(), "image sizes differ");
     let mut sum = [0f64; 3];
     for (pa, pb) in a.pixels().zip(b.pixels()) {
-        for c in 0..3 {
-            sum[c] += (pa.0[c] as f64 - pb.0[c] as f64).abs();
+        for (c, s) in sum.iter_mut().enumerate() {
+            *s += (pa.0[c] as f64 - pb.0[c] as f64).abs();
         }
     }
     let n = (a.width() * a.height()) as f64;

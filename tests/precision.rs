@@ -60,10 +60,10 @@ fn batch(device: Device) -> (Tensor, Tensor) {
 
 /// One micro-step with a fixed draw of noise and timesteps; returns (loss, flat fp32 gradient).
 fn loss_and_grad(d: &Distiller) -> (f64, Tensor) {
-    let (latents, context) = batch(d.student.model.device());
+    let (latents, context) = batch(d.student().model.device());
     tch::manual_seed(5);
     let terms = d.micro_step(&latents, &context, 1);
-    let grads: Vec<Tensor> = weights::named_tensors(&d.student.vs)
+    let grads: Vec<Tensor> = weights::named_tensors(&d.student().vs)
         .iter()
         .map(|(name, p)| {
             assert_eq!(p.kind(), Kind::Float, "master weight {name}");
@@ -77,7 +77,7 @@ fn loss_and_grad(d: &Distiller) -> (f64, Tensor) {
 }
 
 fn snapshot(d: &Distiller) -> Vec<Tensor> {
-    weights::named_tensors(&d.student.vs).iter().map(|(_, t)| t.copy()).collect()
+    weights::named_tensors(&d.student().vs).iter().map(|(_, t)| t.copy()).collect()
 }
 
 /// How far a reduced-precision step may be from the fp32 step: relative loss difference,
@@ -123,7 +123,7 @@ fn reduced_precision_matches_fp32(device: Device, bounds: [(Kind, Bounds); 2]) {
         let mut d = distiller_on(kind, device);
         let (loss, grad) = loss_and_grad(&d);
         // fp16 gradients come out multiplied by the loss scale until `update` divides them
-        let grad = grad / d.loss_scale.map_or(1.0, |s| s.scale);
+        let grad = grad / d.loss_scale().map_or(1.0, |s| s.scale);
         let rel = (loss - loss32).abs() / loss32;
         let cos = cosine(&grad, &grad32);
         let norm_ratio = (grad.norm() / grad32.norm()).double_value(&[]);
@@ -139,11 +139,11 @@ fn reduced_precision_matches_fp32(device: Device, bounds: [(Kind, Bounds); 2]) {
         assert!(norm < bound.norm, "{kind:?} gradient norm ratio {norm_ratio}, {bound:?}");
         // the student's activations and features are in `kind`, its weights stay fp32
         let (latents, context) = batch(device);
-        let wanted = d.plan.inner_features().1;
+        let wanted = d.plan().inner_features().1;
         let t = Tensor::from_slice(&[10i64, 900]).to_device(device);
-        let out = d.student.model.forward(&latents.to_kind(kind), &t, &context.to_kind(kind), &wanted);
+        let out = d.student().model.forward(&latents.to_kind(kind), &t, &context.to_kind(kind), &wanted);
         assert_eq!(out.sample.kind(), kind);
-        for p in &d.plan.feature_pairs {
+        for p in &d.plan().feature_pairs {
             assert_eq!(out.feature(&p.student).unwrap().kind(), kind, "feature {}", p.student);
         }
         let update = d.update(1e-3, Some(1.0)).unwrap();
@@ -167,7 +167,7 @@ fn bf16_training_lowers_the_loss() {
     assert!(losses[11] < 0.8 * losses[0], "loss did not fall: {losses:?}");
     let after = snapshot(&d);
     assert!(after.iter().all(|t| t.kind() == Kind::Float) && before.iter().zip(&after).any(|(a, b)| a != b));
-    let ema = d.ema.as_ref().unwrap().state_tensors();
+    let ema = d.ema().unwrap().state_tensors();
     assert!(ema.iter().all(|(_, t)| t.kind() == Kind::Float));
 }
 
@@ -175,30 +175,30 @@ fn bf16_training_lowers_the_loss() {
 fn fp16_overflow_skips_the_step_and_halves_the_scale() {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let mut d = distiller(Kind::Half);
-    assert_eq!(d.loss_scale, Some(LossScale::default()));
+    assert_eq!(d.loss_scale(), Some(LossScale::default()));
     let before = snapshot(&d);
-    let ema_before: Vec<Tensor> = d.ema.as_ref().unwrap().state_tensors().iter().map(|(_, t)| t.copy()).collect();
+    let ema_before: Vec<Tensor> = d.ema().unwrap().state_tensors().iter().map(|(_, t)| t.copy()).collect();
     // A scale no fp32 loss survives: every gradient is inf or NaN.
-    d.loss_scale = Some(LossScale { scale: 1e300, good_steps: 7 });
+    d.set_loss_scale(LossScale { scale: 1e300, good_steps: 7 });
     let (latents, context) = batch(Device::Cpu);
     d.micro_step(&latents, &context, 1);
     let update = d.update(1e-3, Some(1.0)).unwrap();
     assert!(update.skipped);
     assert!(!update.grad_norm.double_value(&[]).is_finite());
-    assert_eq!(d.loss_scale, Some(LossScale { scale: 5e299, good_steps: 0 }));
+    assert_eq!(d.loss_scale(), Some(LossScale { scale: 5e299, good_steps: 0 }));
     assert!(snapshot(&d).iter().zip(&before).all(|(a, b)| a == b), "a skipped step changed the weights");
-    let ema_after = d.ema.as_ref().unwrap().state_tensors();
+    let ema_after = d.ema().unwrap().state_tensors();
     assert!(ema_after.iter().zip(&ema_before).all(|((_, a), b)| a == b), "a skipped step moved the EMA");
-    assert!(d.optimizer.steps().iter().all(|(_, s)| *s == 0), "a skipped step counted as an AdamW step");
-    assert!(weights::named_tensors(&d.student.vs).iter().all(|(_, p)| !p.grad().defined()), "gradients were not cleared");
+    assert!(d.optimizer().steps().iter().all(|(_, s)| *s == 0), "a skipped step counted as an AdamW step");
+    assert!(weights::named_tensors(&d.student().vs).iter().all(|(_, p)| !p.grad().defined()), "gradients were not cleared");
 
     // With a sane scale the next step goes through.
-    d.loss_scale = Some(LossScale::default());
+    d.set_loss_scale(LossScale::default());
     d.micro_step(&latents, &context, 1);
     let update = d.update(1e-3, Some(1.0)).unwrap();
     assert!(!update.skipped && update.grad_norm.double_value(&[]).is_finite());
-    assert_eq!(d.loss_scale, Some(LossScale { scale: LossScale::INIT, good_steps: 1 }));
-    assert!(d.optimizer.steps().iter().all(|(_, s)| *s == 1));
+    assert_eq!(d.loss_scale(), Some(LossScale { scale: LossScale::INIT, good_steps: 1 }));
+    assert!(d.optimizer().steps().iter().all(|(_, s)| *s == 1));
     assert!(snapshot(&d).iter().zip(&before).any(|(a, b)| a != b));
 }
 

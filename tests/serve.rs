@@ -1,5 +1,5 @@
 //! `sdkd serve` over a tiny diffusers pipeline (tests/reference/make_pipeline.py), spoken to with
-//! plain HTTP/1.1: every status code of the API brief, `x-remaining-credits` on every answer,
+//! plain HTTP/1.1: every status code of docs/serve.md, `x-remaining-credits` on every answer,
 //! credits spent only on images made, and the served image equal to `sdkd generate`'s for the
 //! same request (which tests/generate.rs holds to diffusers').
 mod common;

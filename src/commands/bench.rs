@@ -19,7 +19,8 @@ use crate::models::{Init, UNet, UNetConfig};
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -196,21 +197,79 @@ fn check_args(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// A UNet that was timed: its name, size and config.
+#[derive(Debug, Serialize)]
+pub struct TimedUnet {
+    pub name: String,
+    pub params: i64,
+    pub config: Value,
+    /// Train mode: the (teacher, student) feature pairs of the KD loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feature_pairs: Option<Vec<[String; 2]>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TeacherSize {
+    pub params: i64,
+}
+
+/// What `sdkd bench --json` prints.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub mode: &'static str,
+    pub device: String,
+    pub precision: &'static str,
+    pub threads: i64,
+    pub omp_wait_policy: Option<String>,
+    pub gomp_spincount: Option<String>,
+    pub batch_size: i64,
+    /// What the UNet sees: twice `batch_size` in infer mode (the CFG batch).
+    pub unet_batch: i64,
+    pub latent_size: i64,
+    pub steps: usize,
+    pub warmup: usize,
+    pub steps_per_s: f64,
+    pub step_ms_median: f64,
+    pub step_ms_min: f64,
+    pub step_ms: Vec<f64>,
+    pub step_cpu_ms_median: f64,
+    pub step_cpu_ms: Vec<f64>,
+    pub peak_mem_mb: f64,
+    pub peak_mem_kind: &'static str,
+    /// CUDA only (null when nvidia-smi cannot say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_mem_mb: Option<Option<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_mem_kind: Option<&'static str>,
+    /// Train mode: the teacher and the student.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub teacher: Option<TeacherSize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub student: Option<TimedUnet>,
+    /// Infer mode: the UNet timed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unet: Option<TimedUnet>,
+}
+
 /// Wall and CPU times of each timed step, and what was timed.
-type Measured = ((StepTimes, StepTimes), Value);
+struct Measured {
+    times: (StepTimes, StepTimes),
+    teacher: Option<TeacherSize>,
+    timed: TimedUnet,
+}
 
 /// One denoising step with classifier-free guidance: the UNet on the CFG batch, then the guidance.
 fn infer(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Path>, device: Device, kind: Kind) -> Result<Measured> {
     let (b, l) = (args.batch_size, args.latent_size);
     let (unet, description) = if args.student == TEACHER_ITSELF {
         let unet = teacher_unet(teacher_config, teacher_dir, device, kind)?;
-        let d = json!({"name": TEACHER_ITSELF, "params": unet.num_params(), "config": teacher_config.to_json()});
+        let d = TimedUnet { name: TEACHER_ITSELF.into(), params: unet.num_params(), config: teacher_config.to_json(), feature_pairs: None };
         (unet, d)
     } else {
         // A student's speed does not depend on its values: random weights, no teacher load.
         let plan = StudentPlan::resolve(&args.student, Some(teacher_config)).with_context(|| format!("--student {:?}", args.student))?;
         let unet = UNet::build(&plan.config, device, kind, Init::Torch);
-        let d = json!({"name": plan.name, "params": unet.num_params(), "config": plan.config.to_json()});
+        let d = TimedUnet { name: plan.name.clone(), params: unet.num_params(), config: plan.config.to_json(), feature_pairs: None };
         (unet, d)
     };
     let latents = Tensor::randn([b, teacher_config.in_channels, l, l], (kind, device));
@@ -225,7 +284,7 @@ fn infer(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
             Ok(())
         })
     })?;
-    Ok((times, json!({ "unet": description })))
+    Ok(Measured { times, teacher: None, timed: description })
 }
 
 /// The scheduler config of the pipeline a UNet folder belongs to, else SD-1.5's defaults (the
@@ -250,15 +309,13 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
     copy_from_teacher(&plan, &teacher, &student)?;
     let schedule = Arc::new(NoiseSchedule::new(scheduler_config(teacher_dir)?)?);
     let (teacher_inner, _) = plan.inner_features();
-    let description = json!({
-        "teacher": {"params": teacher.num_params()},
-        "student": {
-            "name": plan.name,
-            "params": student.num_params(),
-            "config": plan.config.to_json(),
-            "feature_pairs": plan.feature_pairs.iter().map(|p| [&p.teacher, &p.student]).collect::<Vec<_>>(),
-        },
-    });
+    let teacher_size = TeacherSize { params: teacher.num_params() };
+    let description = TimedUnet {
+        name: plan.name.clone(),
+        params: student.num_params(),
+        config: plan.config.to_json(),
+        feature_pairs: Some(plan.feature_pairs.iter().map(|p| [p.teacher.clone(), p.student.clone()]).collect()),
+    };
     let teacher = Teacher::new(teacher, teacher_inner);
     let mut d = Distiller::new(student, plan, Some(teacher), schedule, AdamWConfig::default(), None, LossWeights::default())?;
     // The data of each step is drawn before the clock starts: loading is not the step.
@@ -277,11 +334,11 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
         }
         Ok(())
     })?;
-    Ok((times, description))
+    Ok(Measured { times, teacher: Some(teacher_size), timed: description })
 }
 
-/// Runs the benchmark and returns the JSON report.
-pub fn measure(args: &BenchArgs) -> Result<Value> {
+/// Runs the benchmark and returns its report.
+pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
     check_args(args)?;
     if let Some(t) = args.threads {
         tch::set_num_threads(t);
@@ -296,40 +353,40 @@ pub fn measure(args: &BenchArgs) -> Result<Value> {
     tch::manual_seed(args.seed);
     let (teacher_config, teacher_dir) = teacher_source(&args.teacher)?;
     let b = args.batch_size;
-    let ((times, cpu_times), model) = match args.mode {
-        BenchMode::Infer => infer(args, &teacher_config, teacher_dir.as_deref(), device, kind)?,
-        BenchMode::Train => train(args, &teacher_config, teacher_dir.as_deref(), device, kind)?,
+    let infer_mode = args.mode == BenchMode::Infer;
+    let Measured { times: (times, cpu_times), teacher, timed } = if infer_mode {
+        infer(args, &teacher_config, teacher_dir.as_deref(), device, kind)?
+    } else {
+        train(args, &teacher_config, teacher_dir.as_deref(), device, kind)?
     };
     let median = times.median();
-    let mut report = json!({
-        "mode": match args.mode { BenchMode::Train => "train", BenchMode::Infer => "infer" },
-        "device": format!("{device:?}"),
-        "precision": args.precision.name(),
-        "threads": tch::get_num_threads(),
-        "omp_wait_policy": std::env::var("OMP_WAIT_POLICY").ok(),
-        "gomp_spincount": std::env::var("GOMP_SPINCOUNT").ok(),
-        "batch_size": b,
-        "unet_batch": if args.mode == BenchMode::Infer { 2 * b } else { b },
-        "latent_size": args.latent_size,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "steps_per_s": 1e3 / median,
-        "step_ms_median": median,
-        "step_ms_min": times.min(),
-        "step_ms": times.0,
-        "step_cpu_ms_median": cpu_times.median(),
-        "step_cpu_ms": cpu_times.0,
-        "peak_mem_mb": peak_rss_mb(),
-        "peak_mem_kind": "peak RSS (getrusage ru_maxrss)",
-    });
-    if device.is_cuda() {
-        report["gpu_mem_mb"] = gpu_mem_mb().map(Value::from).unwrap_or(Value::Null);
-        report["gpu_mem_kind"] = json!("GPU memory held at the end (nvidia-smi): the caching allocator's reservation");
-    }
-    if let (Value::Object(r), Value::Object(m)) = (&mut report, model) {
-        r.extend(m);
-    }
-    Ok(report)
+    let (student, unet) = if infer_mode { (None, Some(timed)) } else { (Some(timed), None) };
+    Ok(BenchReport {
+        mode: if infer_mode { "infer" } else { "train" },
+        device: format!("{device:?}"),
+        precision: args.precision.name(),
+        threads: tch::get_num_threads() as i64,
+        omp_wait_policy: std::env::var("OMP_WAIT_POLICY").ok(),
+        gomp_spincount: std::env::var("GOMP_SPINCOUNT").ok(),
+        batch_size: b,
+        unet_batch: if infer_mode { 2 * b } else { b },
+        latent_size: args.latent_size,
+        steps: args.steps,
+        warmup: args.warmup,
+        steps_per_s: 1e3 / median,
+        step_ms_median: median,
+        step_ms_min: times.min(),
+        step_cpu_ms_median: cpu_times.median(),
+        step_ms: times.0,
+        step_cpu_ms: cpu_times.0,
+        peak_mem_mb: peak_rss_mb(),
+        peak_mem_kind: "peak RSS (getrusage ru_maxrss)",
+        gpu_mem_mb: device.is_cuda().then(gpu_mem_mb),
+        gpu_mem_kind: device.is_cuda().then_some("GPU memory held at the end (nvidia-smi): the caching allocator's reservation"),
+        teacher,
+        student,
+        unet,
+    })
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -338,34 +395,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
-    let what = match args.mode {
-        BenchMode::Train => format!(
+    let what = match (&r.teacher, &r.student, &r.unet) {
+        (Some(t), Some(s), _) => format!(
             "training step, {} -> {} ({} -> {} params), batch {}",
             args.teacher.display(),
-            r["student"]["name"].as_str().unwrap_or("?"),
-            r["teacher"]["params"],
-            r["student"]["params"],
+            s.name,
+            t.params,
+            s.params,
             args.batch_size
         ),
-        BenchMode::Infer => format!(
-            "denoising step, {} ({} params), CFG batch {}",
-            r["unet"]["name"].as_str().unwrap_or("?"),
-            r["unet"]["params"],
-            2 * args.batch_size
-        ),
+        (_, _, Some(u)) => format!("denoising step, {} ({} params), CFG batch {}", u.name, u.params, 2 * args.batch_size),
+        _ => unreachable!("measure reports the student (train) or the UNet (infer)"),
     };
-    println!("{what}, latent {0}x{0}, {1}, {2}, {3} thread(s)", args.latent_size, r["device"].as_str().unwrap_or("?"), r["precision"].as_str().unwrap_or("?"), r["threads"]);
+    println!("{what}, latent {0}x{0}, {1}, {2}, {3} thread(s)", args.latent_size, r.device, r.precision, r.threads);
     println!(
         "{:.1} ms/step median (min {:.1}, CPU time {:.1}) over {} steps after {} warm-up: {:.3} steps/s; peak RSS {:.0} MiB",
-        r["step_ms_median"].as_f64().unwrap_or(f64::NAN),
-        r["step_ms_min"].as_f64().unwrap_or(f64::NAN),
-        r["step_cpu_ms_median"].as_f64().unwrap_or(f64::NAN),
-        args.steps,
-        args.warmup,
-        r["steps_per_s"].as_f64().unwrap_or(f64::NAN),
-        r["peak_mem_mb"].as_f64().unwrap_or(f64::NAN)
+        r.step_ms_median, r.step_ms_min, r.step_cpu_ms_median, args.steps, args.warmup, r.steps_per_s, r.peak_mem_mb
     );
-    if let Some(g) = r.get("gpu_mem_mb").and_then(Value::as_f64) {
+    if let Some(Some(g)) = r.gpu_mem_mb {
         println!("GPU memory held at the end: {g:.0} MiB");
     }
     Ok(())

@@ -3,7 +3,8 @@
 //! other parts. `--out` must be new or empty, or an earlier sdkd export of the same format with
 //! `--overwrite`; never the checkpoint (or inside it), its run or the teacher (or inside it).
 use crate::distill::checkpoint::Checkpoint;
-use crate::export::{self, ExportDtype, ExportFormat};
+use crate::config::Precision;
+use crate::export::{self, ExportFormat};
 use crate::fs_safe;
 use crate::models::{weights, UNetConfig};
 use anyhow::{anyhow, Context, Result};
@@ -27,7 +28,7 @@ pub struct ExportArgs {
     pub format: ExportFormat,
     /// Storage dtype of the written weights.
     #[arg(long, value_enum, default_value = "fp32")]
-    pub dtype: ExportDtype,
+    pub dtype: Precision,
     /// The teacher pipeline whose other parts go beside the UNet (`--format pipeline`); by
     /// default the run's own teacher, recorded in the checkpoint.
     #[arg(long)]

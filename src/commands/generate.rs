@@ -2,7 +2,7 @@
 //! or distilled student). Writes PNGs whose text chunks record how they were made (prompt,
 //! negative_prompt, seed, scheduler, steps, guidance_scale, size, model, unet).
 //!
-//! Defaults follow the product's API brief: UniPC, 20 steps, guidance 7.5, a random seed (-1),
+//! Defaults are those of `sdkd serve` (docs/serve.md): UniPC, 20 steps, guidance 7.5, a random seed (-1),
 //! the size diffusers picks (the UNet's sample_size × the VAE's downscale factor).
 use crate::config::{DeviceChoice, Precision};
 use crate::pipeline::{resolve_seed, GenerateRequest, TextToImage, UnetSource};

@@ -162,9 +162,9 @@ pub fn describe_pipeline(dir: &std::path::Path) -> Result<Value> {
 
     let sched = p.scheduler_config()?;
     let mut sched_json = serde_json::Map::new();
-    let sched_class = sched.get("_class_name").and_then(Value::as_str).map(str::to_string);
-    sched_json.insert("class".into(), json!(sched_class.unwrap_or_else(|| class(Part::Scheduler, "unknown"))));
-    for (k, v) in sched.as_object().into_iter().flatten() {
+    let sched_class = sched.class_name.clone().unwrap_or_else(|| class(Part::Scheduler, "unknown"));
+    sched_json.insert("class".into(), json!(sched_class));
+    for (k, v) in sched.raw() {
         if !k.starts_with('_') {
             sched_json.insert(k.clone(), v.clone());
         }

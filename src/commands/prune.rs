@@ -2,7 +2,8 @@
 //! copy map, and write a diffusers UNet folder (or a whole pipeline). `--out` follows the same
 //! rule as `export --out`.
 use crate::distill::student::{copy_from_teacher, StudentPlan, StudentSpec};
-use crate::export::{self, ExportDtype, ExportFormat};
+use crate::config::Precision;
+use crate::export::{self, ExportFormat};
 use crate::fs_safe::{self, Marker, Purpose};
 use crate::models::{weights, Init, UNet};
 use anyhow::{bail, Context, Result};
@@ -25,7 +26,7 @@ pub struct PruneArgs {
     pub overwrite: bool,
     /// Storage dtype of the written weights.
     #[arg(long, value_enum, default_value = "fp32")]
-    pub dtype: ExportDtype,
+    pub dtype: Precision,
     /// `unet` writes a UNet folder; `pipeline` also copies the teacher pipeline's other parts.
     #[arg(long, value_enum, default_value = "unet")]
     pub format: ExportFormat,

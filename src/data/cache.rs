@@ -23,8 +23,10 @@
 //! would see it with the preprocess seed (use a centre crop and no flip to match evaluation).
 //! Reading a cache, the loader shuffles rows with the training seed exactly as it shuffles
 //! images, with the same [`Cursor`](super::order::Cursor) semantics.
-use super::dataset::{BadSample, ImageFolder, ImageSource, OnBadSample};
-use super::loader::{Loader, LoaderOptions, SampleSource};
+use super::dataset::ImageFolder;
+use super::image_source::ImageSource;
+use super::loader::{Loader, LoaderOptions};
+use super::source::{BadSample, OnBadSample, SampleSource};
 use super::order::{Cursor, Order};
 use super::transform::Transform;
 use crate::models::weights::{dtype_of, kind_of};

@@ -1,6 +1,7 @@
-//! Image-caption datasets in the Hugging Face "imagefolder" layout the anchors train on: a folder
-//! with `metadata.jsonl` or `metadata.csv` whose rows name a `file_name` (relative to the folder)
-//! and its `text`; other columns are ignored. Without a metadata file, every JPEG/PNG/WebP under the
+//! Image-caption datasets in the Hugging Face "imagefolder" layout that BK-SDM's and diffusers'
+//! training scripts read: a folder with `metadata.jsonl` or `metadata.csv` whose rows name a
+//! `file_name` (relative to the folder, and refused when it leads outside) and its `text`; other
+//! columns are ignored. Without a metadata file, every JPEG/PNG/WebP under the
 //! folder (recursively, in path order) is a sample whose caption is the `.txt` file of the same
 //! stem beside it.
 //!
@@ -12,56 +13,10 @@
 //! Images are read when a sample is loaded, so a missing, empty or corrupt image, or an empty
 //! caption, surfaces as a [`BadSample`] that the loader skips (and counts) or fails on, according
 //! to [`OnBadSample`].
-use super::loader::SampleSource;
 use super::order::splitmix64;
-use super::transform::{to_tensor, Transform};
+use super::source::{BadKind, BadSample};
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
-use std::fmt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use tch::Tensor;
-
-/// What to do with a sample that cannot be used (`data.on_bad_sample`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum OnBadSample {
-    /// Warn, count, and fill the batch from the next samples.
-    #[default]
-    Skip,
-    /// Stop with an error naming the file.
-    Fail,
-}
-
-/// Why a sample was unusable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BadKind {
-    /// The image file does not exist.
-    Missing,
-    /// The image file has zero bytes.
-    Empty,
-    /// The file could not be read or decoded as an image.
-    Corrupt,
-    /// The caption is empty, blank or absent.
-    EmptyCaption,
-}
-
-/// One unusable sample: which, where, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BadSample {
-    pub index: usize,
-    pub file: PathBuf,
-    pub kind: BadKind,
-    pub reason: String,
-}
-
-impl fmt::Display for BadSample {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.file.display(), self.reason)
-    }
-}
-
-impl std::error::Error for BadSample {}
+use std::path::{Component, Path, PathBuf};
 
 /// One row of the dataset.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,14 +126,40 @@ impl ImageFolder {
     }
 }
 
-fn sample(root: &Path, file_name: String, caption: Option<String>) -> Sample {
-    Sample { path: root.join(&file_name), file_name, caption }
+/// The sample of one metadata entry (`at` is its `file:line`). An entry that leaves the dataset
+/// folder is refused: an absolute path, `..` above the folder, or a symlink resolving outside it.
+/// The imagefolder convention keeps files inside, and a shared dataset must not make sdkd read
+/// arbitrary files. `real_root` is the folder with its symlinks resolved.
+fn sample(root: &Path, real_root: &Path, file_name: String, caption: Option<String>, at: &str) -> Result<Sample> {
+    let outside = |why: String| anyhow!("{at}: file_name {file_name:?} {why} the dataset folder {}", root.display());
+    let mut depth = 0usize;
+    for part in Path::new(&file_name).components() {
+        match part {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir if depth > 0 => depth -= 1,
+            _ => return Err(outside("leaves".into())),
+        }
+    }
+    let path = root.join(&file_name);
+    // A missing file is a bad sample when it is loaded; an existing one must resolve inside.
+    if let Ok(real) = path.canonicalize() {
+        if !real.starts_with(real_root) {
+            return Err(outside(format!("resolves to {}, outside", real.display())));
+        }
+    }
+    Ok(Sample { path, file_name, caption })
+}
+
+fn real_root(root: &Path) -> Result<PathBuf> {
+    root.canonicalize().with_context(|| format!("resolving dataset folder {}", root.display()))
 }
 
 /// `metadata.jsonl`: one JSON object per line with string `file_name` and `text` (null text is
 /// an empty caption, a bad sample at load time); blank lines are allowed.
 fn read_jsonl(root: &Path, path: &Path) -> Result<Vec<Sample>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let real_root = real_root(root)?;
     let mut out = vec![];
     for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
         let at = || format!("{}:{}", path.display(), i + 1);
@@ -200,7 +181,7 @@ fn read_jsonl(root: &Path, path: &Path) -> Result<Vec<Sample>> {
             Some(other) => bail!("{}: text must be a string, found {other}", at()),
             None => bail!("{}: no \"text\" field", at()),
         };
-        out.push(sample(root, file_name, text));
+        out.push(sample(root, &real_root, file_name, text, &at())?);
     }
     Ok(out)
 }
@@ -300,6 +281,7 @@ fn read_csv(root: &Path, path: &Path) -> Result<Vec<Sample>> {
         })
     };
     let (fc, tc) = (col("file_name")?, col("text")?);
+    let real_root = real_root(root)?;
     let mut out = vec![];
     for r in rows {
         if r.fields.len() != header.fields.len() {
@@ -315,7 +297,8 @@ fn read_csv(root: &Path, path: &Path) -> Result<Vec<Sample>> {
         if file_name.is_empty() {
             bail!("{}:{}: empty file_name", path.display(), r.line);
         }
-        out.push(sample(root, file_name, Some(r.fields[tc].clone())));
+        let at = format!("{}:{}", path.display(), r.line);
+        out.push(sample(root, &real_root, file_name, Some(r.fields[tc].clone()), &at)?);
     }
     Ok(out)
 }
@@ -371,71 +354,6 @@ fn read_sidecars(root: &Path) -> Result<Vec<Sample>> {
         );
     }
     Ok(samples)
-}
-
-/// A batch of images and their captions.
-#[derive(Debug)]
-pub struct ImageBatch {
-    /// (b, 3, res, res) f32 in [-1, 1].
-    pub images: Tensor,
-    pub captions: Vec<String>,
-}
-
-/// A decoded, transformed sample: `res`² HWC bytes and the caption.
-pub struct ImageItem {
-    pub pixels: Vec<u8>,
-    pub caption: String,
-}
-
-/// An [`ImageFolder`] seen through a [`Transform`], with crops and flips drawn from `seed`.
-pub struct ImageSource {
-    pub dataset: Arc<ImageFolder>,
-    pub transform: Transform,
-    pub seed: u64,
-}
-
-impl ImageSource {
-    pub fn new(dataset: Arc<ImageFolder>, transform: Transform, seed: u64) -> Self {
-        ImageSource { dataset, transform, seed }
-    }
-
-    /// Sample `index` as epoch `epoch` sees it: (3, res, res) in [-1, 1] and its caption.
-    pub fn get(&self, index: usize, epoch: u64) -> Result<(Tensor, String), BadSample> {
-        let item = self.load(index, epoch)?;
-        let r = self.transform.resolution as usize;
-        Ok((to_tensor(&item.pixels, 1, r).squeeze_dim(0), item.caption))
-    }
-}
-
-impl SampleSource for ImageSource {
-    type Item = ImageItem;
-    type Batch = ImageBatch;
-
-    fn len(&self) -> usize {
-        self.dataset.len()
-    }
-
-    fn load(&self, index: usize, epoch: u64) -> Result<ImageItem, BadSample> {
-        let (img, caption) = self.dataset.decode(index)?;
-        let resized = self.transform.resized_size(img.width(), img.height());
-        let aug = self.transform.augment(self.seed, epoch, index, resized);
-        Ok(ImageItem { pixels: self.transform.apply(&img, aug), caption })
-    }
-
-    fn collate(&self, items: Vec<ImageItem>) -> Result<ImageBatch> {
-        let r = self.transform.resolution as usize;
-        let mut pixels = Vec::with_capacity(items.len() * r * r * 3);
-        let mut captions = Vec::with_capacity(items.len());
-        for it in items {
-            pixels.extend_from_slice(&it.pixels);
-            captions.push(it.caption);
-        }
-        Ok(ImageBatch { images: to_tensor(&pixels, captions.len(), r), captions })
-    }
-
-    fn describe(&self) -> String {
-        format!("dataset {}", self.dataset.root.display())
-    }
 }
 
 #[cfg(test)]

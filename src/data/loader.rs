@@ -8,7 +8,7 @@
 //! following batches the same way in every run, however many threads decode and however far
 //! ahead they run. A batch carries the cursor after its last sample (`next`); a loader started
 //! from that cursor yields exactly the batches that would have followed.
-use super::dataset::{BadKind, BadSample, OnBadSample};
+use super::source::{BadKind, BadSample, OnBadSample, SampleSource};
 use super::order::{Cursor, Indexer, Order};
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
@@ -17,23 +17,6 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// Something a loader can draw samples from.
-pub trait SampleSource: Send + Sync + 'static {
-    /// One loaded sample.
-    type Item: Send + 'static;
-    /// A collated batch of items.
-    type Batch: Send + 'static;
-    /// Number of samples.
-    fn len(&self) -> usize;
-    /// Loads sample `index` as epoch `epoch` sees it (the epoch picks crops and flips). Must be a
-    /// pure function of (index, epoch); an unusable sample is a [`BadSample`].
-    fn load(&self, index: usize, epoch: u64) -> std::result::Result<Self::Item, BadSample>;
-    /// Stacks items into a batch.
-    fn collate(&self, items: Vec<Self::Item>) -> Result<Self::Batch>;
-    /// Names the source in messages ("dataset /data/x").
-    fn describe(&self) -> String;
-}
 
 /// How a loader walks its source.
 #[derive(Clone, Copy, Debug)]

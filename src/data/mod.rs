@@ -1,16 +1,22 @@
-//! Data for distillation: imagefolder datasets with the anchors' transforms ([`dataset`],
-//! [`transform`]), deterministic ordering and resumable cursors ([`order`]), parallel prefetching
-//! loaders ([`loader`]), the latent cache of `sdkd preprocess` ([`cache`]) and the built-in
-//! synthetic dataset of `sdkd synth` ([`synthetic`]).
+//! Data for distillation. [`source`] holds what every source shares (the [`SampleSource`] trait
+//! and the bad-sample types); the sources plug into it: imagefolder datasets ([`dataset`]) decoded
+//! through the training transforms of diffusers' `train_text_to_image.py` ([`transform`],
+//! [`image_source`]) and the latent cache of `sdkd preprocess` ([`cache`]). [`order`] fixes the
+//! order and resumable cursors, [`loader`] batches any source in parallel, and [`synthetic`] is
+//! the built-in dataset of `sdkd synth`.
 pub mod cache;
 pub mod dataset;
+pub mod image_source;
 pub mod loader;
 pub mod order;
+pub mod source;
 pub mod synthetic;
 pub mod transform;
 
 pub use cache::{build_cache, CacheIndex, CacheOptions, CacheReport, Encoded, LatentBatch, LatentCache, SampleEncoder};
-pub use dataset::{BadKind, BadSample, ImageBatch, ImageFolder, ImageSource, OnBadSample, Sample};
-pub use loader::{measure_throughput, Batch, BatchStream, Loader, LoaderOptions, LoaderStats, SampleSource, Throughput};
+pub use dataset::{ImageFolder, Sample};
+pub use image_source::{ImageBatch, ImageItem, ImageSource};
+pub use loader::{measure_throughput, Batch, BatchStream, Loader, LoaderOptions, LoaderStats, Throughput};
+pub use source::{BadKind, BadSample, OnBadSample, SampleSource};
 pub use order::{Cursor, Order};
 pub use transform::{Augment, Transform};

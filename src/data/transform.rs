@@ -1,4 +1,5 @@
-//! The anchors' torchvision image pipeline, reproduced exactly on 8-bit RGB:
+//! The torchvision image pipeline of diffusers' `train_text_to_image.py` and BK-SDM's training
+//! script, reproduced exactly on 8-bit RGB:
 //! `Resize(res, BILINEAR)` (short side to `res`, long side `int(res * long / short)`), then
 //! `CenterCrop(res)` or `RandomCrop(res)`, optional `RandomHorizontalFlip()`, `ToTensor()` and
 //! `Normalize([0.5], [0.5])`.
@@ -111,9 +112,9 @@ impl Taps {
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) - xmin;
             let (xmin, xmax) = (xmin as usize, xmax.max(0) as usize);
             let mut ww = 0.0;
-            for x in 0..xmax {
-                w[x] = triangle(((x + xmin) as f64 - center + 0.5) * ss);
-                ww += w[x];
+            for (x, wx) in w.iter_mut().enumerate().take(xmax) {
+                *wx = triangle(((x + xmin) as f64 - center + 0.5) * ss);
+                ww += *wx;
             }
             for x in 0..xmax {
                 let v = if ww != 0.0 { w[x] / ww } else { w[x] };

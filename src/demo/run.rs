@@ -14,8 +14,8 @@ use crate::distill::progress::ProgressMode;
 use crate::distill::trainer::Trainer;
 use crate::export::write_pipeline_dir;
 use crate::grid::grid;
-use crate::models::{weights, PipelineDir, UNet, UNetConfig};
-use crate::pipeline::{generate_with, GenerateRequest, Parts};
+use crate::models::{weights, PipelineDir, UNet};
+use crate::pipeline::{prompt_rows, GenerateRequest, Parts};
 use crate::schedulers::{NoiseSchedule, SchedulerConfig, SchedulerKind};
 use anyhow::{Context, Result};
 use image::RgbImage;
@@ -89,6 +89,8 @@ fn write_run_yaml(out: &Path, name: &str, body: &str) -> Result<PathBuf> {
 }
 
 /// A run YAML of the demo (paths relative to `configs/`).
+// Each argument is one value the YAML spells out; a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 fn run_yaml(o: &DemoOptions, teacher: &str, student: &str, init: &str, distill: bool, name: &str, steps: u64, lr: f64) -> String {
     format!(
         "# written by `sdkd demo`; rerun with: sdkd train --config <this file>\n\
@@ -108,8 +110,7 @@ fn train(config: &Path, progress: ProgressMode) -> Result<(UNet, f64)> {
     let cfg = RunConfig::load(config)?;
     let mut trainer = Trainer::new(cfg, None)?;
     trainer.run(&AtomicBool::new(false), progress)?;
-    let student = std::mem::replace(&mut trainer.distiller.student, UNet::build(&UNetConfig::default(), Device::Cpu, Kind::Float, crate::models::Init::Empty));
-    Ok((student, t.elapsed().as_secs_f64()))
+    Ok((trainer.into_student(), t.elapsed().as_secs_f64()))
 }
 
 /// Latent batches of a cache, drawn once with a fixed seed (the held-out problems).
@@ -212,22 +213,15 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
         originals.push(img);
         prompts.push(caption);
     }
+    let req = GenerateRequest {
+        scheduler: SchedulerKind::Unipc,
+        steps: o.sampling_steps,
+        guidance_scale: o.guidance_scale,
+        seed: o.seed,
+        ..GenerateRequest::default()
+    };
     let mut rows: Vec<Vec<RgbImage>> = vec![originals];
-    for unet in [&teacher, &kd, &scratch] {
-        let mut row = vec![];
-        for prompt in &prompts {
-            let req = GenerateRequest {
-                prompt: prompt.clone(),
-                scheduler: SchedulerKind::Unipc,
-                steps: o.sampling_steps,
-                guidance_scale: o.guidance_scale,
-                seed: o.seed,
-                ..GenerateRequest::default()
-            };
-            row.extend(generate_with(&Parts { unet: &unet.model, ..base }, &req, &mut |_, _| {})?);
-        }
-        rows.push(row);
-    }
+    rows.extend(prompt_rows(&base, &[&teacher.model, &kd.model, &scratch.model], &prompts, &req)?);
     let enlarged: Vec<Vec<RgbImage>> = rows
         .iter()
         .map(|r| r.iter().map(|im| image::imageops::resize(im, im.width() * 4, im.height() * 4, image::imageops::FilterType::Nearest)).collect())

@@ -5,8 +5,9 @@ use super::student::FeaturePair;
 use crate::models::UNetOutput;
 use tch::{Kind, Reduction, Tensor};
 
-/// λ weights of the three terms.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// λ weights of the three terms (the run YAML's `loss:`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct LossWeights {
     pub task: f64,
     pub output_kd: f64,

@@ -1,7 +1,7 @@
-//! Optimisation pieces of the trainer, each a reproduction of the PyTorch/diffusers function the
-//! anchors use, so runs compare with theirs:
-//! - `AdamW`: `torch.optim.AdamW` (default single-tensor path, non-amsgrad), written over tch
-//!   tensors because tch's optimizer keeps its moments out of reach and so cannot be checkpointed.
+//! Optimisation pieces of the trainer, each a reproduction of the PyTorch/diffusers function that
+//! BK-SDM's training script and diffusers' `train_text_to_image.py` use, so runs compare with theirs:
+//! - `AdamW`: `torch.optim.AdamW(fused=True)` (non-amsgrad), written over tch tensors because
+//!   tch's optimizer keeps its moments out of reach and so cannot be checkpointed.
 //! - `clip_grad_norm`: `torch.nn.utils.clip_grad_norm_` (2-norm, eps 1e-6).
 //! - `lr_at`: diffusers' `get_scheduler` schedules as a pure function of the step, so resuming
 //!   needs nothing but the step.

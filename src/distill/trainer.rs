@@ -19,12 +19,12 @@ use crate::data::{Cursor, ImageFolder, ImageSource, LatentCache, Loader, LoaderO
 use crate::export;
 use crate::grid::grid;
 use crate::models::{weights, Init, PipelineDir, UNet, UNet2DConditionModel, UNetConfig};
-use crate::pipeline::{generate_with, GenerateRequest, Parts};
+use crate::pipeline::{prompt_rows, GenerateRequest, Parts};
 use crate::png_meta::write_png;
-use crate::schedulers::{NoiseSchedule, SchedulerConfig, SchedulerKind};
+use crate::schedulers::{NoiseSchedule, SchedulerConfig};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -68,18 +68,18 @@ impl Teacher {
 /// is: its forward and backward run in `compute_kind` by casting the inputs, and the layers cast
 /// the weights to match (mixed precision without autocast; see `models::layers`).
 pub struct Distiller {
-    pub student: UNet,
-    pub plan: StudentPlan,
-    pub teacher: Option<Teacher>,
+    student: UNet,
+    plan: StudentPlan,
+    teacher: Option<Teacher>,
     student_inner: BTreeSet<String>,
-    pub schedule: Arc<NoiseSchedule>,
-    pub optimizer: AdamW,
-    pub ema: Option<Ema>,
-    pub weights: LossWeights,
-    pub noise_offset: f64,
+    schedule: Arc<NoiseSchedule>,
+    optimizer: AdamW,
+    ema: Option<Ema>,
+    weights: LossWeights,
+    noise_offset: f64,
     compute_kind: Kind,
     /// Present exactly when the student computes in fp16.
-    pub loss_scale: Option<LossScale>,
+    loss_scale: Option<LossScale>,
 }
 
 /// What `Distiller::update` did.
@@ -119,6 +119,34 @@ impl Distiller {
         self.compute_kind = kind;
         self.loss_scale = (kind == Kind::Half).then(LossScale::default);
         Ok(self)
+    }
+
+    pub fn student(&self) -> &UNet {
+        &self.student
+    }
+
+    pub fn plan(&self) -> &StudentPlan {
+        &self.plan
+    }
+
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    pub fn ema(&self) -> Option<&Ema> {
+        self.ema.as_ref()
+    }
+
+    /// The fp16 loss scale (`None` unless the student computes in fp16).
+    pub fn loss_scale(&self) -> Option<LossScale> {
+        self.loss_scale
+    }
+
+    /// Replaces the fp16 loss scale (what a resumed run restores).
+    pub fn set_loss_scale(&mut self, scale: LossScale) {
+        if let Some(s) = &mut self.loss_scale {
+            *s = scale;
+        }
     }
 
     /// Forward and backward of one micro-batch (`latents` scaled for the UNet, (b, c, h, w) on
@@ -225,7 +253,7 @@ impl Feed {
 pub struct Trainer {
     cfg: RunConfig,
     device: Device,
-    pub distiller: Distiller,
+    distiller: Distiller,
     encoder: Option<Rc<TeacherEncoder>>,
     scale: LatentScale,
     step: u64,
@@ -237,8 +265,45 @@ fn step_seed(seed: u64, step: u64, micro: u64) -> i64 {
     (hash(seed, Stream::Noise, step, micro) >> 1) as i64
 }
 
-fn pipeline_of(cfg: &RunConfig) -> Result<Option<PipelineDir>> {
-    cfg.teacher.as_deref().map(PipelineDir::open).transpose()
+/// The noise schedule of the teacher pipeline's scheduler config; a run without a teacher uses
+/// SD-1.5's, embedded so that it does not depend on the working directory.
+fn noise_schedule(pipeline: Option<&PipelineDir>) -> Result<NoiseSchedule> {
+    NoiseSchedule::new(match pipeline {
+        Some(p) => p.scheduler_config()?,
+        None => SchedulerConfig::from_json_str(include_str!("../../configs/reference/sd15_scheduler_config.json"))?,
+    })
+}
+
+/// The student from the run's seed (PyTorch's default init, then the teacher's weights when
+/// `student_init: teacher`), and the teacher when distilling.
+fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Device, compute_kind: Kind) -> Result<Distiller> {
+    let teacher_config = pipeline.map(|p| p.unet_config()).transpose()?;
+    let plan = StudentPlan::resolve(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student))?;
+    let schedule = Arc::new(noise_schedule(pipeline)?);
+    tch::manual_seed(step_seed(cfg.train.seed, u64::MAX, 0));
+    let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
+    let need_teacher_unet = cfg.distill || cfg.student_init == StudentInit::Teacher;
+    let teacher_unet = match (pipeline, need_teacher_unet) {
+        (Some(p), true) => Some(p.load_unet(device, compute_kind)?),
+        (None, true) => bail!("teacher: the run distils or copies the teacher, but `teacher` is not set"),
+        _ => None,
+    };
+    if let (StudentInit::Teacher, Some(t)) = (cfg.student_init, &teacher_unet) {
+        let report = copy_from_teacher(&plan, t, &student)?;
+        eprintln!(
+            "student {}: {} params, {} tensors copied from the teacher, {} left at their initialisation",
+            plan.name,
+            student.num_params(),
+            report.copied,
+            report.left_random.len()
+        );
+    }
+    let (teacher_inner, _) = plan.inner_features();
+    let teacher = if cfg.distill { teacher_unet.map(|unet| Teacher::new(unet, teacher_inner)) } else { None };
+    let mut d = Distiller::new(student, plan, teacher, schedule, AdamWConfig::from(&cfg.optim), cfg.train.ema_decay, cfg.loss)?
+        .with_compute_kind(compute_kind)?;
+    d.noise_offset = cfg.train.noise_offset;
+    Ok(d)
 }
 
 impl Trainer {
@@ -248,47 +313,13 @@ impl Trainer {
         // The dtype the teacher, its encoders and the student's forward and backward run in.
         // LibTorch's CPU kernels in bf16/fp16 are slow and inexact: the CPU computes in fp32.
         let compute_kind = if device == Device::Cpu { Kind::Float } else { cfg.train.precision.kind() };
-        let pipeline = pipeline_of(&cfg)?;
-        let teacher_config = pipeline.as_ref().map(|p| p.unet_config()).transpose()?;
-        let plan = StudentPlan::resolve(&cfg.student, teacher_config.as_ref())
-            .with_context(|| format!("student {:?}", cfg.student))?;
-
-        let schedule = Arc::new(NoiseSchedule::new(match &pipeline {
-            Some(p) => SchedulerConfig::from_path(&p.scheduler_config_path()?)?,
-            None => SchedulerConfig::from_path(Path::new("configs/reference/sd15_scheduler_config.json"))
-                .context("a run without a teacher uses SD-1.5's noise schedule")?,
-        })?);
-
-        // The student: PyTorch's default init from the run's seed, then the teacher's weights.
-        tch::manual_seed(step_seed(cfg.train.seed, u64::MAX, 0));
-        let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
-        let need_teacher_unet = cfg.distill || cfg.student_init == StudentInit::Teacher;
-        let teacher_unet = match (&pipeline, need_teacher_unet) {
-            (Some(p), true) => Some(p.load_unet(device, compute_kind)?),
-            (None, true) => bail!("teacher: the run distils or copies the teacher, but `teacher` is not set"),
-            _ => None,
-        };
-        if cfg.student_init == StudentInit::Teacher {
-            let t = teacher_unet.as_ref().expect("checked above");
-            let report = copy_from_teacher(&plan, t, &student)?;
-            eprintln!(
-                "student {}: {} params, {} tensors copied from the teacher, {} left at their initialisation",
-                plan.name,
-                student.num_params(),
-                report.copied,
-                report.left_random.len()
-            );
-        }
-        let (teacher_inner, _) = plan.inner_features();
-        let teacher = if cfg.distill { teacher_unet.map(|unet| Teacher::new(unet, teacher_inner)) } else { None };
-        let weights = LossWeights { task: cfg.loss.task, output_kd: cfg.loss.output_kd, feature_kd: cfg.loss.feature_kd };
-        let mut d = Distiller::new(student, plan, teacher, schedule, AdamWConfig::from(&cfg.optim), cfg.train.ema_decay, weights)?
-            .with_compute_kind(compute_kind)?;
-        d.noise_offset = cfg.train.noise_offset;
-
-        let encoder = match (&pipeline, cfg.data.cache.is_some()) {
-            (Some(p), false) => Some(Rc::new(TeacherEncoder::load(p, device, compute_kind)?)),
-            (Some(p), true) if cfg.validation.every > 0 => Some(Rc::new(TeacherEncoder::load(p, device, compute_kind)?)),
+        let pipeline = cfg.teacher.as_deref().map(PipelineDir::open).transpose()?;
+        let distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind)?;
+        // Images need the teacher's encoders; a latent cache needs them only for validation images.
+        let encoder = match &pipeline {
+            Some(p) if cfg.data.cache.is_none() || cfg.validation.every > 0 => {
+                Some(Rc::new(TeacherEncoder::load(p, device, compute_kind)?))
+            }
             _ => None,
         };
         let scale = match (&cfg.data.cache, &encoder) {
@@ -297,34 +328,40 @@ impl Trainer {
             (None, Some(e)) => e.latent_scale(),
             (None, None) => bail!("data: a run without a teacher pipeline must read a latent cache (data.cache)"),
         };
-
-        let mut step = 0;
-        let mut cursor = Cursor::default();
+        let mut trainer = Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default() };
         if let Some(arg) = resume {
-            let ckpt = checkpoint::resolve(&cfg.output_dir, arg)?;
-            ckpt.check_config(&cfg)?;
-            if ckpt.unet_config != d.plan.config.to_json() {
-                bail!(
-                    "checkpoint {} holds a student of another architecture than student {:?} of this run",
-                    ckpt.dir.display(),
-                    cfg.student
-                );
-            }
-            ckpt.load_student_into(&d.student.vs.variables())?;
-            d.optimizer.load_state_file(&ckpt.optimizer_file())?;
-            if let Some(ema) = &mut d.ema {
-                let file = ckpt.ema_file().ok_or_else(|| anyhow!("checkpoint {} has no EMA, but train.ema_decay is set", ckpt.dir.display()))?;
-                ema.load_state_file(&file)?;
-            }
-            if let (Some(scale), Some(saved)) = (&mut d.loss_scale, ckpt.meta.loss_scale) {
-                *scale = saved;
-            }
-            step = ckpt.meta.step;
-            cursor = serde_json::from_value(ckpt.meta.data_cursor.clone())
-                .with_context(|| format!("checkpoint {}: data_cursor", ckpt.dir.display()))?;
-            eprintln!("resuming from {} (step {step})", ckpt.dir.display());
+            trainer.resume(arg)?;
         }
-        Ok(Trainer { cfg, device, distiller: d, encoder, scale, step, cursor })
+        Ok(trainer)
+    }
+
+    /// Loads the student, optimizer, EMA, loss scale, step and data cursor of a checkpoint of
+    /// this run (`latest` or a checkpoint folder).
+    fn resume(&mut self, arg: &str) -> Result<()> {
+        let (cfg, d) = (&self.cfg, &mut self.distiller);
+        let ckpt = checkpoint::resolve(&cfg.output_dir, arg)?;
+        ckpt.check_config(cfg)?;
+        if ckpt.unet_config != d.plan.config.to_json() {
+            bail!(
+                "checkpoint {} holds a student of another architecture than student {:?} of this run",
+                ckpt.dir.display(),
+                cfg.student
+            );
+        }
+        ckpt.load_student_into(&d.student.vs.variables())?;
+        d.optimizer.load_state_file(&ckpt.optimizer_file())?;
+        if let Some(ema) = &mut d.ema {
+            let file = ckpt.ema_file().ok_or_else(|| anyhow!("checkpoint {} has no EMA, but train.ema_decay is set", ckpt.dir.display()))?;
+            ema.load_state_file(&file)?;
+        }
+        if let Some(saved) = ckpt.meta.loss_scale {
+            d.set_loss_scale(saved);
+        }
+        self.step = ckpt.meta.step;
+        self.cursor = serde_json::from_value(ckpt.meta.data_cursor.clone())
+            .with_context(|| format!("checkpoint {}: data_cursor", ckpt.dir.display()))?;
+        eprintln!("resuming from {} (step {})", ckpt.dir.display(), self.step);
+        Ok(())
     }
 
     fn feed(&self) -> Result<Feed> {
@@ -361,11 +398,11 @@ impl Trainer {
             let latents = self.scale.draw(&batch.mean.to_device(dev), &batch.std.to_device(dev));
             let context = batch.context.to_device(dev).to_kind(Kind::Float);
             let terms = self.distiller.micro_step(&latents, &context, accum);
-            s.add(&terms, accum);
+            s.add_terms(&terms, accum);
         }
         s.lr = lr_at(self.step, &self.cfg.optim, self.cfg.train.max_steps);
         let update = self.distiller.update(s.lr, self.cfg.optim.max_grad_norm)?;
-        s.grad_norm = update.grad_norm.double_value(&[]);
+        s.add("grad_norm", update.grad_norm.double_value(&[]));
         s.overflow_steps = update.skipped as usize;
         self.step += 1;
         Ok(s)
@@ -416,32 +453,21 @@ impl Trainer {
             if let (1, Some(scale)) = (s.overflow_steps, &self.distiller.loss_scale) {
                 progress.message(&format!("step {}: fp16 gradients overflowed, step skipped; loss scale now {}", self.step, scale.scale));
             }
-            progress.update(self.step, s.total, s.lr);
+            progress.update(self.step, s.mean("loss/total", 1), s.lr);
             window.merge(&s);
             window_steps += 1;
             if self.step.is_multiple_of(cfg.log.every.max(1)) || self.step == cfg.train.max_steps {
-                let m = window.mean(window_steps);
-                last_loss = m.total;
+                last_loss = window.mean("loss/total", window_steps);
                 if let Some(tb) = &mut tb {
                     let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
-                    let mut values: Vec<(String, f32)> = vec![
-                        ("loss/total".into(), m.total as f32),
-                        ("loss/task".into(), m.task as f32),
-                        ("lr".into(), m.lr as f32),
-                        ("grad_norm".into(), m.grad_norm as f32),
-                        ("samples_per_s".into(), (window.samples as f64 / elapsed) as f32),
-                        ("data/skipped_samples".into(), skipped_total as f32),
-                    ];
+                    let mut values: Vec<(String, f32)> =
+                        window.averaged.iter().map(|(name, _)| (name.clone(), window.mean(name, window_steps) as f32)).collect();
+                    values.push(("lr".into(), window.lr as f32));
+                    values.push(("samples_per_s".into(), (window.samples as f64 / elapsed) as f32));
+                    values.push(("data/skipped_samples".into(), skipped_total as f32));
                     if let Some(scale) = &self.distiller.loss_scale {
                         values.push(("fp16/loss_scale".into(), scale.scale as f32));
                         values.push(("fp16/overflow_steps".into(), window.overflow_steps as f32));
-                    }
-                    if self.distiller.teacher.is_some() {
-                        values.push(("loss/output_kd".into(), m.output_kd as f32));
-                        if !m.pairs.is_empty() {
-                            values.push(("loss/feature_kd".into(), m.feature_kd as f32));
-                        }
-                        values.extend(m.pairs.iter().map(|(n, v)| (format!("feature_kd/{n}"), *v as f32)));
                     }
                     let refs: Vec<(&str, f32)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
                     tb.add_scalars(&refs, self.step)?;
@@ -491,7 +517,6 @@ impl Trainer {
     fn validate(&self, tb: Option<&mut EventWriter>) -> Result<()> {
         let v = &self.cfg.validation;
         let encoder = self.encoder.as_ref().ok_or_else(|| anyhow!("validation needs the teacher pipeline's VAE and text encoder"))?;
-        let scheduler: SchedulerKind = v.scheduler.parse().map_err(|e| anyhow!("validation.scheduler: {e}"))?;
         let d = &self.distiller;
         let base = Parts {
             tokenizer: &encoder.tokenizer,
@@ -500,27 +525,16 @@ impl Trainer {
             unet: &d.student.model,
             schedule: &d.schedule,
         };
-        let mut models: Vec<&UNet2DConditionModel> = vec![];
-        if let Some(t) = &d.teacher {
-            models.push(&t.unet.model);
-        }
-        models.push(&d.student.model);
-        let mut rows = vec![];
-        for unet in models {
-            let mut row = vec![];
-            for prompt in &v.prompts {
-                let req = GenerateRequest {
-                    prompt: prompt.clone(),
-                    scheduler,
-                    steps: v.steps as usize,
-                    guidance_scale: v.guidance_scale,
-                    seed: self.cfg.train.seed,
-                    ..GenerateRequest::default()
-                };
-                row.extend(generate_with(&Parts { unet, ..base }, &req, &mut |_, _| {})?);
-            }
-            rows.push(row);
-        }
+        let mut unets: Vec<&UNet2DConditionModel> = d.teacher.iter().map(|t| &t.unet.model).collect();
+        unets.push(&d.student.model);
+        let req = GenerateRequest {
+            scheduler: v.scheduler,
+            steps: v.steps as usize,
+            guidance_scale: v.guidance_scale,
+            seed: self.cfg.train.seed,
+            ..GenerateRequest::default()
+        };
+        let rows = prompt_rows(&base, &unets, &v.prompts, &req)?;
         let image = grid(&rows);
         let dir = self.cfg.output_dir.join("samples");
         std::fs::create_dir_all(&dir)?;
@@ -537,17 +551,20 @@ impl Trainer {
     pub fn student_config(&self) -> &UNetConfig {
         &self.distiller.plan.config
     }
+
+    /// The trained student, when the run is over.
+    pub fn into_student(self) -> UNet {
+        self.distiller.student
+    }
 }
 
-/// Scalars of one step (or sums over a logging window).
-#[derive(Default, Clone)]
+/// Named scalars of one step, or their sums over a logging window: the loss terms
+/// (`loss/total`, `loss/task`, `loss/output_kd`, `loss/feature_kd`, `feature_kd/<pair>`) and
+/// `grad_norm`, averaged over the window, in the order they were first added; the last `lr`; and
+/// counters that stay sums.
+#[derive(Default)]
 struct StepScalars {
-    total: f64,
-    task: f64,
-    output_kd: f64,
-    feature_kd: f64,
-    pairs: Vec<(String, f64)>,
-    grad_norm: f64,
+    averaged: Vec<(String, f64)>,
     lr: f64,
     samples: usize,
     skipped: usize,
@@ -556,55 +573,39 @@ struct StepScalars {
 }
 
 impl StepScalars {
+    fn add(&mut self, name: &str, value: f64) {
+        match self.averaged.iter_mut().find(|(n, _)| n == name) {
+            Some(slot) => slot.1 += value,
+            None => self.averaged.push((name.to_string(), value)),
+        }
+    }
+
     /// Adds one micro-batch's terms (averaged over the accumulation).
-    fn add(&mut self, t: &LossTerms, accum: usize) {
-        let a = accum as f64;
-        let v = |x: &Tensor| x.double_value(&[]) / a;
-        self.total += v(&t.total);
-        self.task += v(&t.task);
-        self.output_kd += t.output_kd.as_ref().map(v).unwrap_or(0.0);
-        self.feature_kd += t.feature_kd.as_ref().map(v).unwrap_or(0.0);
-        if self.pairs.is_empty() {
-            self.pairs = t.per_pair.iter().map(|(n, x)| (n.clone(), v(x))).collect();
-        } else {
-            for (slot, (_, x)) in self.pairs.iter_mut().zip(&t.per_pair) {
-                slot.1 += v(x);
-            }
+    fn add_terms(&mut self, t: &LossTerms, accum: usize) {
+        let v = |x: &Tensor| x.double_value(&[]) / accum as f64;
+        self.add("loss/total", v(&t.total));
+        self.add("loss/task", v(&t.task));
+        let kd = [("loss/output_kd", &t.output_kd), ("loss/feature_kd", &t.feature_kd)];
+        for (name, x) in kd.iter().filter_map(|(n, x)| x.as_ref().map(|x| (n, x))) {
+            self.add(name, v(x));
+        }
+        for (pair, x) in &t.per_pair {
+            self.add(&format!("feature_kd/{pair}"), v(x));
         }
     }
 
     fn merge(&mut self, s: &StepScalars) {
-        self.total += s.total;
-        self.task += s.task;
-        self.output_kd += s.output_kd;
-        self.feature_kd += s.feature_kd;
-        if self.pairs.is_empty() {
-            self.pairs = s.pairs.clone();
-        } else {
-            for (slot, (_, x)) in self.pairs.iter_mut().zip(&s.pairs) {
-                slot.1 += x;
-            }
+        for (name, v) in &s.averaged {
+            self.add(name, *v);
         }
-        self.grad_norm += s.grad_norm;
         self.lr = s.lr;
         self.samples += s.samples;
         self.skipped += s.skipped;
         self.overflow_steps += s.overflow_steps;
     }
 
-    fn mean(&self, n: u64) -> StepScalars {
-        let n = n.max(1) as f64;
-        StepScalars {
-            total: self.total / n,
-            task: self.task / n,
-            output_kd: self.output_kd / n,
-            feature_kd: self.feature_kd / n,
-            pairs: self.pairs.iter().map(|(k, v)| (k.clone(), v / n)).collect(),
-            grad_norm: self.grad_norm / n,
-            lr: self.lr,
-            samples: self.samples,
-            skipped: self.skipped,
-            overflow_steps: self.overflow_steps,
-        }
+    /// The sum of `name`, divided by `steps`.
+    fn mean(&self, name: &str, steps: u64) -> f64 {
+        self.averaged.iter().find(|(n, _)| n == name).map_or(0.0, |(_, v)| v / steps.max(1) as f64)
     }
 }

@@ -4,32 +4,28 @@
 //! writes them without the `text_model.` prefix, and both load.
 use super::layers::{count_params, Builder, Embedding, Init, LayerNorm, Linear};
 use super::weights;
-use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use crate::json_config::{self, check_size, MAX_WIDTH};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 /// The MLP activation (`hidden_act`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum Activation {
     /// `x * sigmoid(1.702 x)`: OpenAI CLIP, SD-1.x.
+    #[serde(rename = "quick_gelu")]
     QuickGelu,
     /// exact (erf) GELU: OpenCLIP ViT-H, SD-2.x.
+    #[serde(rename = "gelu")]
     Gelu,
     /// tanh-approximated GELU (`gelu_new`, `gelu_pytorch_tanh`).
+    #[serde(rename = "gelu_pytorch_tanh", alias = "gelu_new")]
     GeluTanh,
 }
 
 impl Activation {
-    fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "quick_gelu" => Activation::QuickGelu,
-            "gelu" => Activation::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
-            other => bail!("key \"hidden_act\": {other:?} is not supported (quick_gelu, gelu, gelu_new, gelu_pytorch_tanh)"),
-        })
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Activation::QuickGelu => "quick_gelu",
@@ -48,7 +44,8 @@ impl Activation {
 }
 
 /// `text_encoder/config.json` (transformers' `CLIPTextConfig`), with its defaults for missing keys.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
 pub struct ClipTextConfig {
     pub vocab_size: i64,
     pub hidden_size: i64,
@@ -81,15 +78,16 @@ impl Default for ClipTextConfig {
 impl ClipTextConfig {
     /// Reads `config.json`, or `<dir>/config.json` when given a folder.
     pub fn from_path(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading text encoder config {}", file.display()))?;
-        let value: Value =
-            serde_json::from_str(&text).with_context(|| format!("text encoder config {} is not valid JSON", file.display()))?;
-        Self::from_json(&value).with_context(|| format!("text encoder config {}", file.display()))
+        let file = json_config::config_file(path, "config.json");
+        let obj = json_config::read_object(&file, "text encoder config", str::to_string)?;
+        Self::from_object(&obj).with_context(|| format!("text encoder config {}", file.display()))
     }
 
     pub fn from_json(value: &Value) -> Result<Self> {
-        let obj = value.as_object().ok_or_else(|| anyhow!("expected a JSON object"))?;
+        Self::from_object(json_config::object(value)?)
+    }
+
+    fn from_object(obj: &Map<String, Value>) -> Result<Self> {
         if let Some(arch) = obj.get("architectures").and_then(Value::as_array) {
             if !arch.iter().any(|a| a.as_str() == Some("CLIPTextModel")) {
                 bail!("key \"architectures\": {} is not supported (only CLIPTextModel)", Value::Array(arch.clone()));
@@ -100,39 +98,21 @@ impl ClipTextConfig {
                 bail!("key \"model_type\": {t:?} is not supported (only clip_text_model)");
             }
         }
-        let mut c = ClipTextConfig::default();
-        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-        let int = |k: &str, v: &Value| v.as_i64().ok_or_else(|| anyhow!("key {k:?}: expected an integer, got {v}"));
-        macro_rules! read_int {
-            ($($field:ident),*) => {$(
-                if let Some(v) = get(stringify!($field)) {
-                    c.$field = int(stringify!($field), v)?;
-                }
-            )*};
-        }
-        read_int!(vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, max_position_embeddings, eos_token_id);
-        if let Some(v) = get("layer_norm_eps") {
-            c.layer_norm_eps = v.as_f64().ok_or_else(|| anyhow!("key \"layer_norm_eps\": expected a number, got {v}"))?;
-        }
-        if let Some(v) = get("hidden_act") {
-            c.hidden_act = Activation::parse(v.as_str().ok_or_else(|| anyhow!("key \"hidden_act\": expected a string, got {v}"))?)?;
-        }
+        let c: ClipTextConfig = json_config::typed(obj)?;
         c.validate()?;
         Ok(c)
     }
 
     pub fn validate(&self) -> Result<()> {
-        for (key, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_hidden_layers),
-            ("num_attention_heads", self.num_attention_heads),
-            ("max_position_embeddings", self.max_position_embeddings),
+        for (key, v, max) in [
+            ("vocab_size", self.vocab_size, 1 << 20),
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("intermediate_size", self.intermediate_size, 4 * MAX_WIDTH),
+            ("num_hidden_layers", self.num_hidden_layers, 256),
+            ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
+            ("max_position_embeddings", self.max_position_embeddings, 1 << 16),
         ] {
-            if v <= 0 {
-                bail!("key {key:?}: {v} must be positive");
-            }
+            check_size(key, v, 1, max)?;
         }
         if self.hidden_size % self.num_attention_heads != 0 {
             bail!("key \"num_attention_heads\": hidden_size {} is not divisible into {} heads", self.hidden_size, self.num_attention_heads);
@@ -141,19 +121,10 @@ impl ClipTextConfig {
     }
 
     pub fn to_json(&self) -> Value {
-        json!({
-            "architectures": ["CLIPTextModel"],
-            "model_type": "clip_text_model",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": self.hidden_act.name(),
-            "layer_norm_eps": self.layer_norm_eps,
-            "eos_token_id": self.eos_token_id,
-        })
+        let mut m = serde_json::to_value(self).expect("a ClipTextConfig serializes to JSON");
+        m["architectures"] = json!(["CLIPTextModel"]);
+        m["model_type"] = json!("clip_text_model");
+        m
     }
 }
 

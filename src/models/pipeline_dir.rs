@@ -7,6 +7,7 @@ use super::clip_tokenizer::ClipTokenizer;
 use super::unet::UNet;
 use super::unet_config::UNetConfig;
 use super::vae::{Vae, VaeConfig};
+use crate::schedulers::SchedulerConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -175,17 +176,9 @@ impl PipelineDir {
         Ok(self.part_dir(Part::Scheduler)?.join(Part::Scheduler.config_file()))
     }
 
-    /// The scheduler config as JSON (an object).
-    pub fn scheduler_config(&self) -> Result<Value> {
-        let path = self.scheduler_config_path()?;
-        let read = || -> Result<Value> {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-            let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-            if !v.is_object() {
-                bail!("{} is not a JSON object", path.display());
-            }
-            Ok(v)
-        };
-        read().with_context(|| self.context(Part::Scheduler))
+    /// The scheduler config, parsed and checked: a value any command would refuse is refused
+    /// here, for every command that opens the pipeline.
+    pub fn scheduler_config(&self) -> Result<SchedulerConfig> {
+        SchedulerConfig::from_path(&self.scheduler_config_path()?).with_context(|| self.context(Part::Scheduler))
     }
 }

@@ -99,6 +99,8 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
+    // The arguments of diffusers' `DownBlock2D` / `CrossAttnDownBlock2D`, one for one.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         b: Builder,
         in_ch: i64,

@@ -1,19 +1,25 @@
 //! diffusers' `UNet2DConditionModel` config.json, parsed once into typed structs with the
 //! constructor's defaults for missing keys. Keys that would change the model in ways sdkd does not
 //! implement are errors naming the key and value, never a silently different model.
-use anyhow::{anyhow, bail, Context, Result};
+use crate::json_config::{self, check_size, MAX_WIDTH};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum DownBlockKind {
+    #[serde(rename = "CrossAttnDownBlock2D")]
     CrossAttn,
+    #[serde(rename = "DownBlock2D")]
     Plain,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 pub enum UpBlockKind {
+    #[serde(rename = "CrossAttnUpBlock2D")]
     CrossAttn,
+    #[serde(rename = "UpBlock2D")]
     Plain,
 }
 
@@ -36,7 +42,8 @@ impl UpBlockKind {
 }
 
 /// A typed `UNet2DConditionModel` config. Per-stage lists are expanded to one entry per stage.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
 pub struct UNetConfig {
     pub in_channels: i64,
     pub out_channels: i64,
@@ -47,19 +54,24 @@ pub struct UNetConfig {
     pub down_block_types: Vec<DownBlockKind>,
     pub up_block_types: Vec<UpBlockKind>,
     /// `mid_block_type: null` drops the mid block (BK-SDM's small and tiny students).
+    #[serde(skip)]
     pub mid_block: bool,
     pub block_out_channels: Vec<i64>,
+    #[serde(skip)]
     pub layers_per_block: Vec<i64>,
     pub downsample_padding: i64,
     pub mid_block_scale_factor: f64,
     pub norm_num_groups: i64,
     pub norm_eps: f64,
+    /// An int: a per-stage list is refused by serde, naming the key.
     pub cross_attention_dim: i64,
     /// Heads per stage. diffusers spells this `attention_head_dim` for historical reasons.
+    #[serde(skip)]
     pub num_heads: Vec<i64>,
     pub use_linear_projection: bool,
     pub upcast_attention: bool,
     /// Which of the heads keys the file used, so that a saved config spells it the same way.
+    #[serde(skip)]
     heads_key: &'static str,
 }
 
@@ -131,95 +143,44 @@ fn must_be_default() -> Vec<(&'static str, Value)> {
     ]
 }
 
-fn is_default(value: &Value, default: &Value) -> bool {
-    match (value, default) {
-        (Value::Null, _) if default.is_null() => true,
-        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
-        // a per-stage list of the default value is the default too
-        (Value::Array(items), d) if !d.is_null() => items.iter().all(|v| is_default(v, d)),
-        (a, b) => a == b,
-    }
+/// An int for every stage, or a list with one per stage.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PerStage {
+    One(i64),
+    Each(Vec<i64>),
 }
 
-fn int(key: &str, v: &Value) -> Result<i64> {
-    v.as_i64().ok_or_else(|| anyhow!("key {key:?}: expected an integer, got {v}"))
-}
-
-fn float(key: &str, v: &Value) -> Result<f64> {
-    v.as_f64().ok_or_else(|| anyhow!("key {key:?}: expected a number, got {v}"))
-}
-
-fn boolean(key: &str, v: &Value) -> Result<bool> {
-    v.as_bool().ok_or_else(|| anyhow!("key {key:?}: expected true or false, got {v}"))
-}
-
-fn strings(key: &str, v: &Value) -> Result<Vec<String>> {
-    let items = v.as_array().ok_or_else(|| anyhow!("key {key:?}: expected a list of block names, got {v}"))?;
-    items
-        .iter()
-        .map(|s| s.as_str().map(str::to_string).ok_or_else(|| anyhow!("key {key:?}: expected strings, got {s}")))
-        .collect()
-}
-
-/// An int or a per-stage list, expanded to `n` entries.
-fn per_stage(key: &str, v: &Value, n: usize) -> Result<Vec<i64>> {
-    match v {
-        Value::Array(items) => {
-            if items.len() != n {
-                bail!("key {key:?}: has {} entries but the model has {n} stages", items.len());
-            }
-            items.iter().map(|x| int(key, x)).collect()
-        }
-        other => Ok(vec![int(key, other)?; n]),
+/// `key` of `obj` expanded to `n` stages (`None` when absent or null).
+fn per_stage(obj: &Map<String, Value>, key: &str, n: usize) -> Result<Option<Vec<i64>>> {
+    match json_config::field::<PerStage>(obj, key)? {
+        None => Ok(None),
+        Some(PerStage::One(v)) => Ok(Some(vec![v; n])),
+        Some(PerStage::Each(items)) if items.len() == n => Ok(Some(items)),
+        Some(PerStage::Each(items)) => bail!("key {key:?}: has {} entries but the model has {n} stages", items.len()),
     }
 }
 
 impl UNetConfig {
     /// Reads `config.json`, or `<dir>/config.json` when given a folder.
     pub fn from_path(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading UNet config {}", file.display()))?;
-        let value: Value = serde_json::from_str(&text)
-            .with_context(|| format!("UNet config {} is not valid JSON", file.display()))?;
-        Self::from_json(&value).with_context(|| format!("UNet config {}", file.display()))
+        let file = json_config::config_file(path, "config.json");
+        let obj = json_config::read_object(&file, "UNet config", str::to_string)?;
+        Self::from_object(&obj).with_context(|| format!("UNet config {}", file.display()))
     }
 
     pub fn from_json(value: &Value) -> Result<Self> {
-        let obj = value.as_object().ok_or_else(|| anyhow!("expected a JSON object"))?;
+        Self::from_object(json_config::object(value)?)
+    }
+
+    fn from_object(obj: &Map<String, Value>) -> Result<Self> {
         if let Some(class) = obj.get("_class_name").and_then(Value::as_str) {
             if class != "UNet2DConditionModel" {
                 bail!("key \"_class_name\": {class:?} is not supported (only UNet2DConditionModel)");
             }
         }
-        for (key, default) in must_be_default() {
-            if let Some(v) = obj.get(key) {
-                if !is_default(v, &default) {
-                    bail!("key {key:?}: value {v} is not supported by sdkd (only {default})");
-                }
-            }
-        }
-        let mut c = UNetConfig::default();
-        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-        if let Some(v) = get("down_block_types") {
-            c.down_block_types = strings("down_block_types", v)?
-                .iter()
-                .map(|s| match s.as_str() {
-                    "CrossAttnDownBlock2D" => Ok(DownBlockKind::CrossAttn),
-                    "DownBlock2D" => Ok(DownBlockKind::Plain),
-                    other => Err(anyhow!("key \"down_block_types\": block type {other:?} is not supported (CrossAttnDownBlock2D, DownBlock2D)")),
-                })
-                .collect::<Result<_>>()?;
-        }
-        if let Some(v) = get("up_block_types") {
-            c.up_block_types = strings("up_block_types", v)?
-                .iter()
-                .map(|s| match s.as_str() {
-                    "CrossAttnUpBlock2D" => Ok(UpBlockKind::CrossAttn),
-                    "UpBlock2D" => Ok(UpBlockKind::Plain),
-                    other => Err(anyhow!("key \"up_block_types\": block type {other:?} is not supported (CrossAttnUpBlock2D, UpBlock2D)")),
-                })
-                .collect::<Result<_>>()?;
-        }
+        json_config::check_defaults(obj, &must_be_default(), "sdkd")?;
+        let mut c: UNetConfig = json_config::typed(obj)?;
         // Present-and-null means "no mid block"; absent means the default cross-attention one.
         match obj.get("mid_block_type") {
             None => {}
@@ -227,52 +188,16 @@ impl UNetConfig {
             Some(Value::String(s)) if s == "UNetMidBlock2DCrossAttn" => c.mid_block = true,
             Some(other) => bail!("key \"mid_block_type\": {other} is not supported (UNetMidBlock2DCrossAttn or null)"),
         }
-        if let Some(v) = get("block_out_channels") {
-            let items = v.as_array().ok_or_else(|| anyhow!("key \"block_out_channels\": expected a list"))?;
-            c.block_out_channels = items.iter().map(|x| int("block_out_channels", x)).collect::<Result<_>>()?;
-        }
         let n = c.block_out_channels.len();
-        if let Some(v) = get("layers_per_block") {
-            c.layers_per_block = per_stage("layers_per_block", v, n)?;
-        } else {
-            c.layers_per_block = vec![2; n];
-        }
+        c.layers_per_block = per_stage(obj, "layers_per_block", n)?.unwrap_or(vec![2; n]);
         // diffusers: num_attention_heads = num_attention_heads or attention_head_dim.
-        if let Some(v) = get("num_attention_heads") {
-            c.num_heads = per_stage("num_attention_heads", v, n)?;
-            c.heads_key = "num_attention_heads";
-        } else if let Some(v) = get("attention_head_dim") {
-            c.num_heads = per_stage("attention_head_dim", v, n)?;
-        } else {
-            c.num_heads = vec![8; n];
-        }
-        if let Some(v) = get("cross_attention_dim") {
-            if v.is_array() {
-                bail!("key \"cross_attention_dim\": a per-stage list ({v}) is not supported");
+        c.num_heads = match per_stage(obj, "num_attention_heads", n)? {
+            Some(heads) => {
+                c.heads_key = "num_attention_heads";
+                heads
             }
-            c.cross_attention_dim = int("cross_attention_dim", v)?;
-        }
-        macro_rules! read {
-            ($field:ident, $conv:ident) => {
-                if let Some(v) = get(stringify!($field)) {
-                    c.$field = $conv(stringify!($field), v)?;
-                }
-            };
-        }
-        read!(in_channels, int);
-        read!(out_channels, int);
-        read!(center_input_sample, boolean);
-        read!(flip_sin_to_cos, boolean);
-        read!(freq_shift, float);
-        read!(downsample_padding, int);
-        read!(mid_block_scale_factor, float);
-        read!(norm_num_groups, int);
-        read!(norm_eps, float);
-        read!(use_linear_projection, boolean);
-        read!(upcast_attention, boolean);
-        if let Some(v) = get("sample_size") {
-            c.sample_size = Some(int("sample_size", v)?);
-        }
+            None => per_stage(obj, "attention_head_dim", n)?.unwrap_or(vec![8; n]),
+        };
         c.validate()?;
         Ok(c)
     }
@@ -283,6 +208,14 @@ impl UNetConfig {
         if n == 0 {
             bail!("key \"block_out_channels\": must list at least one stage");
         }
+        check_size("block_out_channels", n as i64, 1, 8)?;
+        check_size("norm_num_groups", self.norm_num_groups, 1, MAX_WIDTH)?;
+        for (key, v) in [("in_channels", self.in_channels), ("out_channels", self.out_channels), ("cross_attention_dim", self.cross_attention_dim)] {
+            check_size(key, v, 1, MAX_WIDTH)?;
+        }
+        if let Some(s) = self.sample_size {
+            check_size("sample_size", s, 1, MAX_WIDTH)?;
+        }
         if self.down_block_types.len() != n {
             bail!("key \"down_block_types\": {} blocks but block_out_channels has {n}", self.down_block_types.len());
         }
@@ -290,15 +223,16 @@ impl UNetConfig {
             bail!("key \"up_block_types\": {} blocks but block_out_channels has {n}", self.up_block_types.len());
         }
         for (i, (&ch, &heads)) in self.block_out_channels.iter().zip(&self.num_heads).enumerate() {
-            if ch <= 0 || ch % self.norm_num_groups != 0 {
+            check_size(&format!("block_out_channels[{i}]"), ch, 1, MAX_WIDTH)?;
+            if ch % self.norm_num_groups != 0 {
                 bail!("key \"block_out_channels\": stage {i} has {ch} channels, not a positive multiple of norm_num_groups {}", self.norm_num_groups);
             }
             if heads <= 0 || ch % heads != 0 {
                 bail!("key {:?}: stage {i} has {ch} channels, not divisible into {heads} heads", self.heads_key);
             }
         }
-        if let Some(i) = self.layers_per_block.iter().position(|&l| l < 1) {
-            bail!("key \"layers_per_block\": stage {i} has {} layers (at least 1)", self.layers_per_block[i]);
+        if let Some(i) = self.layers_per_block.iter().position(|&l| !(1..=64).contains(&l)) {
+            bail!("key \"layers_per_block\": stage {i} has {} layers (1 to 64)", self.layers_per_block[i]);
         }
         if self.block_out_channels[0] % 2 != 0 {
             bail!("key \"block_out_channels\": the first stage's width must be even (timestep embedding)");
@@ -316,46 +250,15 @@ impl UNetConfig {
 
     /// The config as diffusers writes it: every key, so that diffusers loads it unchanged.
     pub fn to_json(&self) -> Value {
-        let heads: Value = if self.num_heads.iter().all(|&h| h == self.num_heads[0]) {
-            json!(self.num_heads[0])
-        } else {
-            json!(self.num_heads)
-        };
-        let layers: Value = if self.layers_per_block.iter().all(|&l| l == self.layers_per_block[0]) {
-            json!(self.layers_per_block[0])
-        } else {
-            json!(self.layers_per_block)
-        };
-        let mut m = Map::new();
-        m.insert("_class_name".into(), json!("UNet2DConditionModel"));
-        m.insert("_diffusers_version".into(), json!("0.42.1"));
-        m.insert("act_fn".into(), json!("silu"));
-        m.insert(self.heads_key.into(), heads);
-        m.insert("block_out_channels".into(), json!(self.block_out_channels));
-        m.insert("center_input_sample".into(), json!(self.center_input_sample));
-        m.insert("cross_attention_dim".into(), json!(self.cross_attention_dim));
-        m.insert(
-            "down_block_types".into(),
-            json!(self.down_block_types.iter().map(|k| k.diffusers_name()).collect::<Vec<_>>()),
-        );
-        m.insert("downsample_padding".into(), json!(self.downsample_padding));
-        m.insert("flip_sin_to_cos".into(), json!(self.flip_sin_to_cos));
-        m.insert("freq_shift".into(), json!(self.freq_shift));
-        m.insert("in_channels".into(), json!(self.in_channels));
-        m.insert("layers_per_block".into(), layers);
-        m.insert("mid_block_scale_factor".into(), json!(self.mid_block_scale_factor));
-        m.insert("mid_block_type".into(), if self.mid_block { json!("UNetMidBlock2DCrossAttn") } else { Value::Null });
-        m.insert("norm_eps".into(), json!(self.norm_eps));
-        m.insert("norm_num_groups".into(), json!(self.norm_num_groups));
-        m.insert("out_channels".into(), json!(self.out_channels));
-        m.insert("sample_size".into(), json!(self.sample_size));
-        m.insert(
-            "up_block_types".into(),
-            json!(self.up_block_types.iter().map(|k| k.diffusers_name()).collect::<Vec<_>>()),
-        );
-        m.insert("upcast_attention".into(), json!(self.upcast_attention));
-        m.insert("use_linear_projection".into(), json!(self.use_linear_projection));
-        Value::Object(m)
+        let collapse = |v: &[i64]| if v.iter().all(|&x| x == v[0]) { json!(v[0]) } else { json!(v) };
+        let mut m = serde_json::to_value(self).expect("a UNetConfig serializes to JSON");
+        m["_class_name"] = json!("UNet2DConditionModel");
+        m["_diffusers_version"] = json!("0.42.1");
+        m["act_fn"] = json!("silu");
+        m[self.heads_key] = collapse(&self.num_heads);
+        m["layers_per_block"] = collapse(&self.layers_per_block);
+        m["mid_block_type"] = if self.mid_block { json!("UNetMidBlock2DCrossAttn") } else { Value::Null };
+        m
     }
 }
 

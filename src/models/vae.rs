@@ -7,13 +7,16 @@ use super::layers::{count_params, Builder, Conv2d, GroupNorm, Init, Linear};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 use super::unet_blocks::{Downsample2D, Upsample2D};
 use super::weights;
-use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use crate::json_config::{self, check_size, MAX_WIDTH};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
 use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 /// `vae/config.json` (diffusers' `AutoencoderKL`), with the constructor's defaults.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
 pub struct VaeConfig {
     pub in_channels: i64,
     pub out_channels: i64,
@@ -22,6 +25,8 @@ pub struct VaeConfig {
     pub layers_per_block: i64,
     pub latent_channels: i64,
     pub norm_num_groups: i64,
+    /// Old configs write `[512, 512]`; the first entry counts.
+    #[serde(default, deserialize_with = "first_if_list")]
     pub sample_size: Option<i64>,
     /// Latents are `(z - shift_factor) * scaling_factor` for the UNet.
     pub scaling_factor: f64,
@@ -31,6 +36,19 @@ pub struct VaeConfig {
     pub use_quant_conv: bool,
     pub use_post_quant_conv: bool,
     pub mid_block_add_attention: bool,
+}
+
+fn first_if_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum IntOrList {
+        One(i64),
+        List(Vec<i64>),
+    }
+    Ok(match IntOrList::deserialize(d)? {
+        IntOrList::One(v) => Some(v),
+        IntOrList::List(v) => v.first().copied(),
+    })
 }
 
 impl Default for VaeConfig {
@@ -56,90 +74,52 @@ impl Default for VaeConfig {
 impl VaeConfig {
     /// Reads `config.json`, or `<dir>/config.json` when given a folder.
     pub fn from_path(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading VAE config {}", file.display()))?;
-        let value: Value = serde_json::from_str(&text).with_context(|| format!("VAE config {} is not valid JSON", file.display()))?;
-        Self::from_json(&value).with_context(|| format!("VAE config {}", file.display()))
+        let file = json_config::config_file(path, "config.json");
+        let obj = json_config::read_object(&file, "VAE config", str::to_string)?;
+        Self::from_object(&obj).with_context(|| format!("VAE config {}", file.display()))
     }
 
     pub fn from_json(value: &Value) -> Result<Self> {
-        let obj = value.as_object().ok_or_else(|| anyhow!("expected a JSON object"))?;
+        Self::from_object(json_config::object(value)?)
+    }
+
+    fn from_object(obj: &Map<String, Value>) -> Result<Self> {
         if let Some(class) = obj.get("_class_name").and_then(Value::as_str) {
             if class != "AutoencoderKL" {
                 bail!("key \"_class_name\": {class:?} is not supported (only AutoencoderKL)");
             }
         }
-        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-        let int = |k: &str, v: &Value| v.as_i64().ok_or_else(|| anyhow!("key {k:?}: expected an integer, got {v}"));
-        let float = |k: &str, v: &Value| v.as_f64().ok_or_else(|| anyhow!("key {k:?}: expected a number, got {v}"));
-        let boolean = |k: &str, v: &Value| v.as_bool().ok_or_else(|| anyhow!("key {k:?}: expected true or false, got {v}"));
-        if let Some(v) = get("act_fn") {
-            if v.as_str() != Some("silu") {
-                bail!("key \"act_fn\": {v} is not supported (only \"silu\")");
-            }
-        }
-        for key in ["latents_mean", "latents_std"] {
-            if let Some(v) = get(key) {
-                bail!("key {key:?}: {v} is not supported (only null)");
-            }
-        }
-        let mut c = VaeConfig::default();
-        if let Some(v) = get("block_out_channels") {
-            let items = v.as_array().ok_or_else(|| anyhow!("key \"block_out_channels\": expected a list, got {v}"))?;
-            c.block_out_channels = items.iter().map(|x| int("block_out_channels", x)).collect::<Result<_>>()?;
-        }
+        let defaults = [("act_fn", json!("silu")), ("latents_mean", Value::Null), ("latents_std", Value::Null)];
+        json_config::check_defaults(obj, &defaults, "sdkd")?;
+        let c: VaeConfig = json_config::typed(obj)?;
         let n = c.block_out_channels.len();
         for (key, want) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] {
-            let types: Vec<&str> = match get(key) {
-                None => vec![want],
-                Some(v) => v
-                    .as_array()
-                    .ok_or_else(|| anyhow!("key {key:?}: expected a list, got {v}"))?
-                    .iter()
-                    .map(|s| s.as_str().ok_or_else(|| anyhow!("key {key:?}: expected strings, got {s}")))
-                    .collect::<Result<_>>()?,
-            };
-            if let Some(other) = types.iter().find(|t| **t != want) {
+            // diffusers' default is the one-block tuple.
+            let types: Vec<String> = json_config::field(obj, key)?.unwrap_or_else(|| vec![want.to_string()]);
+            if let Some(other) = types.iter().find(|t| *t != want) {
                 bail!("key {key:?}: block type {other:?} is not supported (only {want})");
             }
             if types.len() != n {
                 bail!("key {key:?}: {} blocks but block_out_channels has {n}", types.len());
             }
         }
-        macro_rules! read {
-            ($conv:ident: $($field:ident),*) => {$(
-                if let Some(v) = get(stringify!($field)) {
-                    c.$field = $conv(stringify!($field), v)?;
-                }
-            )*};
-        }
-        read!(int: in_channels, out_channels, layers_per_block, latent_channels, norm_num_groups);
-        read!(float: scaling_factor);
-        read!(boolean: force_upcast, use_quant_conv, use_post_quant_conv, mid_block_add_attention);
-        c.shift_factor = get("shift_factor").map(|v| float("shift_factor", v)).transpose()?;
-        c.sample_size = match get("sample_size") {
-            None => None,
-            Some(Value::Array(items)) => items.first().map(|v| int("sample_size", v)).transpose()?,
-            Some(v) => Some(int("sample_size", v)?),
-        };
         c.validate()?;
         Ok(c)
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.block_out_channels.is_empty() {
-            bail!("key \"block_out_channels\": must list at least one block");
-        }
+        check_size("block_out_channels", self.block_out_channels.len() as i64, 1, 8)?;
+        check_size("norm_num_groups", self.norm_num_groups, 1, MAX_WIDTH)?;
         for (i, &ch) in self.block_out_channels.iter().enumerate() {
-            if ch <= 0 || ch % self.norm_num_groups != 0 {
+            check_size(&format!("block_out_channels[{i}]"), ch, 1, MAX_WIDTH)?;
+            if ch % self.norm_num_groups != 0 {
                 bail!("key \"block_out_channels\": block {i} has {ch} channels, not a positive multiple of norm_num_groups {}", self.norm_num_groups);
             }
         }
-        for (key, v) in [("in_channels", self.in_channels), ("out_channels", self.out_channels), ("latent_channels", self.latent_channels), ("layers_per_block", self.layers_per_block)] {
-            if v <= 0 {
-                bail!("key {key:?}: {v} must be positive");
-            }
+        for (key, v) in [("in_channels", self.in_channels), ("out_channels", self.out_channels), ("latent_channels", self.latent_channels)] {
+            check_size(key, v, 1, MAX_WIDTH)?;
         }
+        check_size("layers_per_block", self.layers_per_block, 1, 64)?;
         if self.scaling_factor == 0.0 {
             bail!("key \"scaling_factor\": must not be 0");
         }
@@ -153,26 +133,13 @@ impl VaeConfig {
 
     pub fn to_json(&self) -> Value {
         let n = self.block_out_channels.len();
-        json!({
-            "_class_name": "AutoencoderKL",
-            "_diffusers_version": "0.42.1",
-            "act_fn": "silu",
-            "block_out_channels": self.block_out_channels,
-            "down_block_types": vec!["DownEncoderBlock2D"; n],
-            "up_block_types": vec!["UpDecoderBlock2D"; n],
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "latent_channels": self.latent_channels,
-            "layers_per_block": self.layers_per_block,
-            "norm_num_groups": self.norm_num_groups,
-            "sample_size": self.sample_size,
-            "scaling_factor": self.scaling_factor,
-            "shift_factor": self.shift_factor,
-            "force_upcast": self.force_upcast,
-            "use_quant_conv": self.use_quant_conv,
-            "use_post_quant_conv": self.use_post_quant_conv,
-            "mid_block_add_attention": self.mid_block_add_attention,
-        })
+        let mut m = serde_json::to_value(self).expect("a VaeConfig serializes to JSON");
+        m["_class_name"] = json!("AutoencoderKL");
+        m["_diffusers_version"] = json!("0.42.1");
+        m["act_fn"] = json!("silu");
+        m["down_block_types"] = json!(vec!["DownEncoderBlock2D"; n]);
+        m["up_block_types"] = json!(vec!["UpDecoderBlock2D"; n]);
+        m
     }
 }
 

@@ -8,55 +8,76 @@
 //! Values sdkd does not implement are errors naming the key and value: shared keys at parse time,
 //! keys only some samplers read when such a sampler is built.
 use super::SchedulerKind;
+use crate::json_config;
 use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum BetaSchedule {
+    #[serde(rename = "linear")]
     Linear,
+    #[serde(rename = "scaled_linear")]
     ScaledLinear,
     /// Glide's cosine schedule through `betas_for_alpha_bar`, betas capped at 0.999.
+    #[serde(rename = "squaredcos_cap_v2")]
     SquaredcosCapV2,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum PredictionType {
+    #[serde(rename = "epsilon")]
     Epsilon,
+    #[serde(rename = "v_prediction")]
     VPrediction,
+    #[serde(rename = "sample")]
     Sample,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum TimestepSpacing {
+    #[serde(rename = "leading")]
     Leading,
+    #[serde(rename = "linspace")]
     Linspace,
+    #[serde(rename = "trailing")]
     Trailing,
 }
 
 /// What the last sigma is for sigma-based samplers (Euler, DPM++, UniPC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum FinalSigmas {
+    #[serde(rename = "zero")]
     Zero,
+    #[serde(rename = "sigma_min")]
     SigmaMin,
 }
 
 /// DDPM's posterior variance choice (the learned kinds need a UNet with twice the channels).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum VarianceType {
+    #[serde(rename = "fixed_small")]
     FixedSmall,
+    #[serde(rename = "fixed_small_log")]
     FixedSmallLog,
+    #[serde(rename = "fixed_large")]
     FixedLarge,
 }
 
 /// `solver_type` as written. DPM-Solver reads bh1/bh2/logrho as midpoint, UniPC reads
 /// midpoint/heun/logrho as bh2 (diffusers rewrites them the same way).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum SolverType {
+    #[serde(rename = "midpoint")]
     Midpoint,
+    #[serde(rename = "heun")]
     Heun,
+    #[serde(rename = "logrho")]
     Logrho,
+    #[serde(rename = "bh1")]
     Bh1,
+    #[serde(rename = "bh2")]
     Bh2,
 }
 
@@ -70,23 +91,13 @@ impl PredictionType {
     }
 }
 
-impl std::str::FromStr for PredictionType {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "epsilon" => Ok(PredictionType::Epsilon),
-            "v_prediction" => Ok(PredictionType::VPrediction),
-            "sample" => Ok(PredictionType::Sample),
-            other => bail!("prediction type {other:?} is not supported (epsilon, v_prediction, sample)"),
-        }
-    }
-}
-
 /// A typed scheduler config. Fields are diffusers' keys; `None` means "absent from the file: the
 /// sampler's own default".
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct SchedulerConfig {
     /// `_class_name` of the file (e.g. `PNDMScheduler`), informational.
+    #[serde(rename = "_class_name")]
     pub class_name: Option<String>,
     pub num_train_timesteps: usize,
     pub beta_start: f64,
@@ -123,6 +134,7 @@ pub struct SchedulerConfig {
     /// UniPC: step indices whose corrector is skipped.
     pub disable_corrector: Vec<usize>,
     /// The parsed file, for the per-sampler checks of keys read only at their defaults.
+    #[serde(skip)]
     raw: Map<String, Value>,
 }
 
@@ -178,10 +190,6 @@ fn read_only_at_default() -> Vec<(&'static str, Value, &'static [SchedulerKind])
     ]
 }
 
-fn int(key: &str, v: &Value) -> Result<i64> {
-    v.as_i64().ok_or_else(|| anyhow!("key {key:?}: expected an integer, got {v}"))
-}
-
 /// A number; also the strings that stand for Python's `json.dumps` output `Infinity`, `-Infinity`
 /// and `NaN` (see `quote_non_finite`).
 fn float(key: &str, v: &Value) -> Result<f64> {
@@ -190,22 +198,6 @@ fn float(key: &str, v: &Value) -> Result<f64> {
         Value::String(s) if s == "-Infinity" => Ok(f64::NEG_INFINITY),
         Value::String(s) if s == "NaN" => Ok(f64::NAN),
         _ => v.as_f64().ok_or_else(|| anyhow!("key {key:?}: expected a number, got {v}")),
-    }
-}
-
-fn boolean(key: &str, v: &Value) -> Result<bool> {
-    v.as_bool().ok_or_else(|| anyhow!("key {key:?}: expected true or false, got {v}"))
-}
-
-fn string<'a>(key: &str, v: &'a Value) -> Result<&'a str> {
-    v.as_str().ok_or_else(|| anyhow!("key {key:?}: expected a string, got {v}"))
-}
-
-fn is_default(value: &Value, default: &Value) -> bool {
-    match (value, default) {
-        (Value::Null, d) => d.is_null(),
-        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
-        (a, b) => a == b,
     }
 }
 
@@ -271,139 +263,21 @@ impl SchedulerConfig {
     }
 
     pub fn from_json(value: &Value) -> Result<Self> {
-        let obj = value.as_object().ok_or_else(|| anyhow!("expected a JSON object"))?;
-        let mut c = SchedulerConfig { raw: obj.clone(), ..Default::default() };
-        // A null value is the constructor default for every key sdkd reads.
-        let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-        if let Some(v) = get("_class_name") {
-            c.class_name = Some(string("_class_name", v)?.to_string());
-        }
-        if let Some(v) = get("num_train_timesteps") {
-            let n = int("num_train_timesteps", v)?;
-            if n < 2 {
-                bail!("key \"num_train_timesteps\": {n} is too small (at least 2)");
-            }
-            c.num_train_timesteps = n as usize;
-        }
-        if let Some(v) = get("beta_start") {
-            c.beta_start = float("beta_start", v)?;
-        }
-        if let Some(v) = get("beta_end") {
-            c.beta_end = float("beta_end", v)?;
-        }
-        if let Some(v) = get("beta_schedule") {
-            c.beta_schedule = match string("beta_schedule", v)? {
-                "linear" => BetaSchedule::Linear,
-                "scaled_linear" => BetaSchedule::ScaledLinear,
-                "squaredcos_cap_v2" => BetaSchedule::SquaredcosCapV2,
-                other => bail!(
-                    "key \"beta_schedule\": {other:?} is not supported (linear, scaled_linear, squaredcos_cap_v2)"
-                ),
-            };
-        }
-        if let Some(v) = get("trained_betas") {
-            let items = v.as_array().ok_or_else(|| anyhow!("key \"trained_betas\": expected a list, got {v}"))?;
-            c.trained_betas = Some(items.iter().map(|x| float("trained_betas", x)).collect::<Result<_>>()?);
-        }
-        if let Some(v) = get("prediction_type") {
-            let s = string("prediction_type", v)?;
-            c.prediction_type = s.parse().map_err(|_| {
-                anyhow!("key \"prediction_type\": {s:?} is not supported (epsilon, v_prediction, sample)")
-            })?;
-        }
-        if let Some(v) = get("timestep_spacing") {
-            c.timestep_spacing = Some(match string("timestep_spacing", v)? {
-                "leading" => TimestepSpacing::Leading,
-                "linspace" => TimestepSpacing::Linspace,
-                "trailing" => TimestepSpacing::Trailing,
-                other => bail!("key \"timestep_spacing\": {other:?} is not supported (leading, linspace, trailing)"),
-            });
-        }
-        if let Some(v) = get("steps_offset") {
-            c.steps_offset = int("steps_offset", v)?;
-        }
-        if let Some(v) = get("rescale_betas_zero_snr") {
-            c.rescale_betas_zero_snr = boolean("rescale_betas_zero_snr", v)?;
-        }
-        if let Some(v) = get("set_alpha_to_one") {
-            c.set_alpha_to_one = Some(boolean("set_alpha_to_one", v)?);
-        }
-        if let Some(v) = get("clip_sample") {
-            c.clip_sample = Some(boolean("clip_sample", v)?);
-        }
-        if let Some(v) = get("clip_sample_range") {
-            c.clip_sample_range = float("clip_sample_range", v)?;
-        }
-        if let Some(v) = get("variance_type") {
-            c.variance_type = Some(match string("variance_type", v)? {
-                "fixed_small" => VarianceType::FixedSmall,
-                "fixed_small_log" => VarianceType::FixedSmallLog,
-                "fixed_large" => VarianceType::FixedLarge,
-                other => bail!(
-                    "key \"variance_type\": {other:?} is not supported (fixed_small, fixed_small_log, fixed_large)"
-                ),
-            });
-        }
-        if let Some(v) = get("use_karras_sigmas") {
-            c.use_karras_sigmas = boolean("use_karras_sigmas", v)?;
-        }
-        if let Some(v) = get("sigma_min") {
-            c.sigma_min = Some(float("sigma_min", v)?);
-        }
-        if let Some(v) = get("sigma_max") {
-            c.sigma_max = Some(float("sigma_max", v)?);
-        }
-        if let Some(v) = get("final_sigmas_type") {
-            c.final_sigmas_type = match string("final_sigmas_type", v)? {
-                "zero" => FinalSigmas::Zero,
-                "sigma_min" => FinalSigmas::SigmaMin,
-                other => bail!("key \"final_sigmas_type\": {other:?} is not supported (zero, sigma_min)"),
-            };
-        }
-        if let Some(v) = get("solver_order") {
-            let n = int("solver_order", v)?;
-            if !(1..=3).contains(&n) {
-                bail!("key \"solver_order\": {n} is not supported (1, 2 or 3)");
-            }
-            c.solver_order = n as usize;
-        }
-        if let Some(v) = get("solver_type") {
-            c.solver_type = Some(match string("solver_type", v)? {
-                "midpoint" => SolverType::Midpoint,
-                "heun" => SolverType::Heun,
-                "logrho" => SolverType::Logrho,
-                "bh1" => SolverType::Bh1,
-                "bh2" => SolverType::Bh2,
-                other => bail!("key \"solver_type\": {other:?} is not supported (midpoint, heun, bh1, bh2)"),
-            });
-        }
-        if let Some(v) = get("lower_order_final") {
-            c.lower_order_final = boolean("lower_order_final", v)?;
-        }
-        if let Some(v) = get("euler_at_final") {
-            c.euler_at_final = boolean("euler_at_final", v)?;
-        }
-        if let Some(v) = get("predict_x0") {
-            c.predict_x0 = boolean("predict_x0", v)?;
-        }
-        if let Some(v) = get("disable_corrector") {
-            let items = v
-                .as_array()
-                .ok_or_else(|| anyhow!("key \"disable_corrector\": expected a list of step indices, got {v}"))?;
-            c.disable_corrector = items
-                .iter()
-                .map(|x| {
-                    let i = int("disable_corrector", x)?;
-                    usize::try_from(i).map_err(|_| anyhow!("key \"disable_corrector\": {i} is not a step index"))
-                })
-                .collect::<Result<_>>()?;
-        }
+        let obj = json_config::object(value)?;
+        let mut c: SchedulerConfig = json_config::typed(obj)?;
+        c.raw = obj.clone();
         c.validate()?;
         Ok(c)
     }
 
     /// Checks values that every sampler shares, naming the key.
     pub fn validate(&self) -> Result<()> {
+        if self.num_train_timesteps < 2 {
+            bail!("key \"num_train_timesteps\": {} is too small (at least 2)", self.num_train_timesteps);
+        }
+        if !(1..=3).contains(&self.solver_order) {
+            bail!("key \"solver_order\": {} is not supported (1, 2 or 3)", self.solver_order);
+        }
         if let Some(b) = &self.trained_betas {
             if b.len() != self.num_train_timesteps {
                 bail!(
@@ -434,20 +308,13 @@ impl SchedulerConfig {
     /// Errors (naming key and value) if the file sets a key that `kind` reads to a value sdkd
     /// does not implement for it.
     pub fn check_supported(&self, kind: SchedulerKind) -> Result<()> {
-        for (key, default, readers) in read_only_at_default() {
-            if !readers.contains(&kind) {
-                continue;
-            }
-            if let Some(v) = self.raw.get(key) {
-                if !is_default(v, &default) {
-                    bail!("key {key:?}: value {v} is not supported by sdkd's {kind} sampler (only {default})");
-                }
-            }
-        }
+        let read_by_kind: Vec<_> =
+            read_only_at_default().into_iter().filter(|(_, _, readers)| readers.contains(&kind)).map(|(k, v, _)| (k, v)).collect();
+        json_config::check_defaults(&self.raw, &read_by_kind, &format!("sdkd's {kind} sampler"))?;
         if kind == SchedulerKind::Dpmpp2m {
             if let Some(v) = self.raw.get("algorithm_type").filter(|v| !v.is_null()) {
                 // diffusers maps the retired "deis" onto dpmsolver++ too.
-                let s = string("algorithm_type", v)?;
+                let s = v.as_str().ok_or_else(|| anyhow!("key \"algorithm_type\": expected a string, got {v}"))?;
                 if s != "dpmsolver++" && s != "deis" {
                     bail!("key \"algorithm_type\": value {s:?} is not supported by sdkd's {kind} sampler (only \"dpmsolver++\")");
                 }

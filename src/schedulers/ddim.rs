@@ -4,11 +4,11 @@
 //! even when the spacing (linspace, trailing) puts the next listed timestep elsewhere, and the
 //! last step goes to ᾱ = 1 when `set_alpha_to_one` (default) or to ᾱ_0 otherwise. Default spacing
 //! `leading`, `clip_sample` on unless the config says otherwise.
-use super::config::{PredictionType, TimestepSpacing};
-use super::timesteps::{spaced_timesteps, Recipe};
+use super::config::PredictionType;
+use super::timesteps::integer_timesteps;
+use super::{div, scale, NoiseSchedule, Sampler, SchedulerKind};
+use anyhow::Result;
 use super::f32x;
-use super::{check_step_order, div, scale, NoiseSchedule, Sampler, SchedulerKind};
-use anyhow::{bail, Result};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
@@ -27,14 +27,7 @@ impl Ddim {
     pub fn new(schedule: Arc<NoiseSchedule>, num_inference_steps: usize) -> Result<Self> {
         let c = schedule.config();
         let n_train = schedule.num_train_timesteps();
-        let spacing = c.spacing_or(TimestepSpacing::Leading);
-        let timesteps = spaced_timesteps(Recipe::Integer, spacing, n_train, num_inference_steps, c.steps_offset);
-        if let Some(t) = timesteps.iter().find(|&&t| t < 0.0 || t >= n_train as f64) {
-            bail!(
-                "ddim: {num_inference_steps} steps with timestep_spacing {spacing:?} and steps_offset {} give timestep {t}, outside 0..{n_train}",
-                c.steps_offset
-            );
-        }
+        let timesteps = integer_timesteps(&schedule, num_inference_steps, SchedulerKind::Ddim)?;
         let final_alpha_cumprod =
             if c.set_alpha_to_one.unwrap_or(true) { 1.0 } else { schedule.alphas_cumprod()[0] as f32 };
         Ok(Ddim {
@@ -58,12 +51,11 @@ impl Sampler for Ddim {
         &self.timesteps
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
-        check_step_order(SchedulerKind::Ddim, self.next_step, step_index, self.timesteps.len());
-        self.next_step += 1;
-        let kind = sample.kind();
-        let mo = model_output.to_kind(Kind::Float);
-        let x = sample.to_kind(Kind::Float);
+    fn steps_taken(&mut self) -> &mut usize {
+        &mut self.next_step
+    }
+
+    fn step_f32(&mut self, mo: &Tensor, step_index: usize, x: &Tensor, _noise_kind: Kind) -> Tensor {
         let ac = self.schedule.alphas_cumprod();
         let t = self.timesteps[step_index] as i64;
         let prev_t = t - self.step_ratio;
@@ -72,13 +64,13 @@ impl Sampler for Ddim {
         let beta_t = 1.0 - a_t;
 
         let (mut x0, eps) = match self.prediction_type {
-            PredictionType::Epsilon => (div(&(&x - scale(&mo, f32x::sqrt(beta_t))), f32x::sqrt(a_t)), mo.shallow_clone()),
+            PredictionType::Epsilon => (div(&(x - scale(mo, f32x::sqrt(beta_t))), f32x::sqrt(a_t)), mo.shallow_clone()),
             PredictionType::Sample => {
-                let eps = div(&(&x - scale(&mo, f32x::sqrt(a_t))), f32x::sqrt(beta_t));
+                let eps = div(&(x - scale(mo, f32x::sqrt(a_t))), f32x::sqrt(beta_t));
                 (mo.shallow_clone(), eps)
             }
             PredictionType::VPrediction => {
-                (scale(&x, f32x::sqrt(a_t)) - scale(&mo, f32x::sqrt(beta_t)), scale(&mo, f32x::sqrt(a_t)) + scale(&x, f32x::sqrt(beta_t)))
+                (scale(x, f32x::sqrt(a_t)) - scale(mo, f32x::sqrt(beta_t)), scale(mo, f32x::sqrt(a_t)) + scale(x, f32x::sqrt(beta_t)))
             }
         };
         if let Some(r) = self.clip {
@@ -86,6 +78,6 @@ impl Sampler for Ddim {
         }
         // η = 0: σ_t = 0, so the direction term is sqrt(1 - ᾱ_prev)·ε
         let dir = scale(&eps, f32x::sqrt(1.0 - a_prev - 0.0f32));
-        (scale(&x0, f32x::sqrt(a_prev)) + dir).to_kind(kind)
+        scale(&x0, f32x::sqrt(a_prev)) + dir
     }
 }

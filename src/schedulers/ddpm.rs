@@ -1,11 +1,11 @@
 //! DDPM (Ho et al. 2020) ancestral sampling: the posterior mean of x_{t-1} given the predicted x0,
 //! plus posterior-variance noise on every step whose timestep is above 0 (diffusers'
 //! `DDPMScheduler`, default spacing `leading`, `clip_sample` on unless the config says otherwise).
-use super::config::{PredictionType, TimestepSpacing, VarianceType};
+use super::config::{PredictionType, VarianceType};
 use super::f32x;
-use super::timesteps::{spaced_timesteps, Recipe};
-use super::{check_step_order, div, randn, scale, NoiseSchedule, Sampler, SchedulerKind};
-use anyhow::{bail, Result};
+use super::timesteps::integer_timesteps;
+use super::{div, randn, scale, NoiseSchedule, Sampler, SchedulerKind};
+use anyhow::Result;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
@@ -21,15 +21,7 @@ pub struct Ddpm {
 impl Ddpm {
     pub fn new(schedule: Arc<NoiseSchedule>, num_inference_steps: usize) -> Result<Self> {
         let c = schedule.config();
-        let n_train = schedule.num_train_timesteps();
-        let spacing = c.spacing_or(TimestepSpacing::Leading);
-        let timesteps = spaced_timesteps(Recipe::Integer, spacing, n_train, num_inference_steps, c.steps_offset);
-        if let Some(t) = timesteps.iter().find(|&&t| t < 0.0 || t >= n_train as f64) {
-            bail!(
-                "ddpm: {num_inference_steps} steps with timestep_spacing {spacing:?} and steps_offset {} give timestep {t}, outside 0..{n_train}",
-                c.steps_offset
-            );
-        }
+        let timesteps = integer_timesteps(&schedule, num_inference_steps, SchedulerKind::Ddpm)?;
         Ok(Ddpm {
             timesteps,
             prediction_type: c.prediction_type,
@@ -50,12 +42,11 @@ impl Sampler for Ddpm {
         &self.timesteps
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
-        check_step_order(SchedulerKind::Ddpm, self.next_step, step_index, self.timesteps.len());
-        self.next_step += 1;
-        let kind = sample.kind();
-        let mo = model_output.to_kind(Kind::Float);
-        let x = sample.to_kind(Kind::Float);
+    fn steps_taken(&mut self) -> &mut usize {
+        &mut self.next_step
+    }
+
+    fn step_f32(&mut self, mo: &Tensor, step_index: usize, x: &Tensor, noise_kind: Kind) -> Tensor {
         let ac = self.schedule.alphas_cumprod();
         let t = self.timesteps[step_index] as usize;
         // the previous timestep is the next one in the list (-1 after the last)
@@ -67,9 +58,9 @@ impl Sampler for Ddpm {
         let cur_beta = 1.0 - cur_alpha;
 
         let mut x0 = match self.prediction_type {
-            PredictionType::Epsilon => div(&(&x - scale(&mo, f32x::sqrt(beta_t))), f32x::sqrt(a_t)),
+            PredictionType::Epsilon => div(&(x - scale(mo, f32x::sqrt(beta_t))), f32x::sqrt(a_t)),
             PredictionType::Sample => mo.shallow_clone(),
-            PredictionType::VPrediction => scale(&x, f32x::sqrt(a_t)) - scale(&mo, f32x::sqrt(beta_t)),
+            PredictionType::VPrediction => scale(x, f32x::sqrt(a_t)) - scale(mo, f32x::sqrt(beta_t)),
         };
         if let Some(r) = self.clip {
             x0 = x0.clamp(-(r as f64), r as f64);
@@ -77,10 +68,10 @@ impl Sampler for Ddpm {
         // posterior mean μ̃(x_t, x0)
         let c_x0 = (f32x::sqrt(a_prev) * cur_beta) / beta_t;
         let c_xt = f32x::sqrt(cur_alpha) * beta_prev / beta_t;
-        let mut prev = scale(&x0, c_x0) + scale(&x, c_xt);
+        let mut prev = scale(&x0, c_x0) + scale(x, c_xt);
         if t > 0 {
             // drawn in the model output's dtype, like diffusers
-            let noise = randn(&model_output.size(), model_output.kind(), model_output.device()).to_kind(Kind::Float);
+            let noise = randn(&mo.size(), noise_kind, mo.device()).to_kind(Kind::Float);
             let var = ((1.0 - a_prev) / (1.0 - a_t) * cur_beta).max(1e-20);
             let std = match self.variance_type {
                 VarianceType::FixedSmall => f32x::sqrt(var),
@@ -89,6 +80,6 @@ impl Sampler for Ddpm {
             };
             prev += scale(&noise, std);
         }
-        prev.to_kind(kind)
+        prev
     }
 }

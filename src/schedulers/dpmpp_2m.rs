@@ -2,20 +2,13 @@
 //! `DPMSolverMultistepScheduler` with `algorithm_type = dpmsolver++`: order 2 with the midpoint
 //! rule by default (heun and orders 1 and 3 too), a lower-order start, a first-order final step
 //! when the final σ is zero or `lower_order_final` with fewer than 15 steps, optional Karras σs.
-use super::config::{BetaSchedule, FinalSigmas, PredictionType, SolverType, TimestepSpacing};
+use super::config::{BetaSchedule, FinalSigmas, PredictionType, SolverType};
 use super::f32x;
-use super::timesteps::{interp, karras_sigmas, log_sigmas, sigma_to_t, spaced_timesteps, Recipe};
-use super::{check_step_order, div, scale, NoiseSchedule, Sampler, SchedulerKind};
+use super::timesteps::{multistep_sigmas, MultistepSigmas};
+use super::{div, scale, NoiseSchedule, Sampler, SchedulerKind};
 use anyhow::Result;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
-
-/// Timesteps and n + 1 float32 σs of a multistep solver (shared with UniPC, whose rules differ
-/// only in the Karras case).
-pub(crate) struct MultistepSigmas {
-    pub timesteps: Vec<f64>,
-    pub sigmas: Vec<f32>,
-}
 
 pub struct DpmSolverPP {
     steps: MultistepSigmas,
@@ -40,36 +33,12 @@ struct History {
 impl DpmSolverPP {
     pub fn new(schedule: Arc<NoiseSchedule>, num_inference_steps: usize) -> Result<Self> {
         let c = schedule.config();
-        let n = num_inference_steps;
-        let table = schedule.sigmas();
-        let spacing = c.spacing_or(TimestepSpacing::Linspace);
-        let mut timesteps =
-            spaced_timesteps(Recipe::Multistep, spacing, schedule.num_train_timesteps(), n, c.steps_offset);
-        let mut sigmas: Vec<f64>;
-        if c.use_karras_sigmas {
-            let logs = log_sigmas(table);
-            let sigma_min = c.sigma_min.unwrap_or(table[0]);
-            let sigma_max = c.sigma_max.unwrap_or(table[table.len() - 1]);
-            sigmas = karras_sigmas(sigma_min, sigma_max, n);
-            // rounded, except for the cosine schedule where diffusers only truncates to int64
-            let round = c.beta_schedule != BetaSchedule::SquaredcosCapV2;
-            timesteps = sigmas
-                .iter()
-                .map(|&s| {
-                    let t = sigma_to_t(s, &logs);
-                    (if round { t.round_ties_even() } else { t }).trunc()
-                })
-                .collect();
-        } else {
-            sigmas = timesteps.iter().map(|&t| interp(t, table)).collect();
-        }
-        sigmas.push(match c.final_sigmas_type {
-            FinalSigmas::Zero => 0.0,
-            FinalSigmas::SigmaMin => table[0],
-        });
+        // with Karras σs, rounded but for the cosine schedule, where diffusers only truncates to int64
+        let round = c.beta_schedule != BetaSchedule::SquaredcosCapV2;
+        let steps = multistep_sigmas(&schedule, num_inference_steps, round, false);
         let solver_type = c.solver_type.unwrap_or(SolverType::Midpoint);
         Ok(DpmSolverPP {
-            steps: MultistepSigmas { timesteps, sigmas: sigmas.iter().map(|&s| s as f32).collect() },
+            steps,
             prediction_type: c.prediction_type,
             solver_order: c.solver_order,
             heun: solver_type == SolverType::Heun,
@@ -143,24 +112,23 @@ impl Sampler for DpmSolverPP {
         &self.steps.sigmas
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
+    fn steps_taken(&mut self) -> &mut usize {
+        &mut self.state.next_step
+    }
+
+    fn step_f32(&mut self, mo: &Tensor, step_index: usize, x: &Tensor, _noise_kind: Kind) -> Tensor {
         let n = self.steps.timesteps.len();
-        check_step_order(SchedulerKind::Dpmpp2m, self.state.next_step, step_index, n);
-        self.state.next_step += 1;
         let i = step_index;
         let lower_order_final =
             i == n - 1 && (self.euler_at_final || (self.lower_order_final && n < 15) || self.final_sigma_zero);
         let lower_order_second = i + 2 == n && self.lower_order_final && n < 15;
-        let kind = sample.kind();
-        let mo = model_output.to_kind(Kind::Float);
-        let x = sample.to_kind(Kind::Float);
 
         // data prediction x0 at σ_i
         let (alpha_t, sigma_t) = f32x::alpha_sigma(self.steps.sigmas[i]);
         let x0 = match self.prediction_type {
-            PredictionType::Epsilon => div(&(&x - scale(&mo, sigma_t)), alpha_t),
+            PredictionType::Epsilon => div(&(x - scale(mo, sigma_t)), alpha_t),
             PredictionType::Sample => mo.shallow_clone(),
-            PredictionType::VPrediction => scale(&x, alpha_t) - scale(&mo, sigma_t),
+            PredictionType::VPrediction => scale(x, alpha_t) - scale(mo, sigma_t),
         };
         let history = &mut self.state.model_outputs;
         if history.len() == self.solver_order {
@@ -170,15 +138,15 @@ impl Sampler for DpmSolverPP {
 
         let nums = self.state.lower_order_nums;
         let prev = if self.solver_order == 1 || nums < 1 || lower_order_final {
-            self.first_order(i, &x, &x0)
+            self.first_order(i, x, &x0)
         } else if self.solver_order == 2 || nums < 2 || lower_order_second {
-            self.second_order(i, &x)
+            self.second_order(i, x)
         } else {
-            self.third_order(i, &x)
+            self.third_order(i, x)
         };
         if self.state.lower_order_nums < self.solver_order {
             self.state.lower_order_nums += 1;
         }
-        prev.to_kind(kind)
+        prev
     }
 }

@@ -1,16 +1,20 @@
 //! Euler's method on the probability-flow ODE in σ (Karras et al. 2022, algorithm 2 without
 //! churn), as diffusers' `EulerDiscreteScheduler`: float32 timesteps (fractional with the default
 //! linspace spacing), σ interpolated linearly in t, optional Karras σs, last σ zero or σ_min.
+//!
+//! Euler ancestral (k-diffusion's `sample_euler_ancestral`, η = 1), as diffusers'
+//! `EulerAncestralDiscreteScheduler`: an Euler step down to σ_down, then fresh noise of std σ_up,
+//! drawn on every step (also the last, where σ_up = 0) so the generator advances as diffusers'.
 use super::config::{FinalSigmas, PredictionType, TimestepSpacing};
 use super::timesteps::{interp, karras_sigmas, log_sigmas, sigma_to_t, spaced_timesteps, Recipe};
 use super::f32x;
-use super::{check_step_order, div, scale, NoiseSchedule, Sampler, SchedulerKind};
+use super::{div, randn, scale, NoiseSchedule, Sampler, SchedulerKind};
 use anyhow::Result;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 /// σ per step plus the final one, and the timesteps, shared with Euler ancestral.
-pub(crate) struct SigmaSteps {
+struct SigmaSteps {
     pub timesteps: Vec<f64>,
     /// n + 1 float32 values.
     pub sigmas: Vec<f32>,
@@ -19,7 +23,7 @@ pub(crate) struct SigmaSteps {
 
 /// diffusers' `EulerDiscreteScheduler.set_timesteps` (and, with `karras = false` and a zero final
 /// σ, `EulerAncestralDiscreteScheduler`'s).
-pub(crate) fn euler_sigmas(schedule: &NoiseSchedule, n: usize, karras: bool, final_sigmas: FinalSigmas) -> SigmaSteps {
+fn euler_sigmas(schedule: &NoiseSchedule, n: usize, karras: bool, final_sigmas: FinalSigmas) -> SigmaSteps {
     let c = schedule.config();
     let spacing = c.spacing_or(TimestepSpacing::Linspace);
     let table = schedule.sigmas();
@@ -47,12 +51,12 @@ pub(crate) fn euler_sigmas(schedule: &NoiseSchedule, n: usize, karras: bool, fin
 }
 
 /// x / sqrt(σ² + 1): the UNet sees unit-variance input.
-pub(crate) fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Tensor {
+fn scale_by_sigma(sample: &Tensor, sigma: f32) -> Tensor {
     div(sample, f32x::sqrt(sigma * sigma + 1.0))
 }
 
 /// x0 from the model output at σ (float32 tensors).
-pub(crate) fn predict_x0(prediction_type: PredictionType, mo: &Tensor, x: &Tensor, sigma: f32) -> Tensor {
+fn predict_x0(prediction_type: PredictionType, mo: &Tensor, x: &Tensor, sigma: f32) -> Tensor {
     match prediction_type {
         PredictionType::Epsilon => x - scale(mo, sigma),
         PredictionType::VPrediction => {
@@ -66,6 +70,8 @@ pub(crate) fn predict_x0(prediction_type: PredictionType, mo: &Tensor, x: &Tenso
 pub struct Euler {
     steps: SigmaSteps,
     prediction_type: PredictionType,
+    /// Euler ancestral: noise after each step.
+    ancestral: bool,
     next_step: usize,
 }
 
@@ -73,13 +79,23 @@ impl Euler {
     pub fn new(schedule: Arc<NoiseSchedule>, num_inference_steps: usize) -> Result<Self> {
         let c = schedule.config();
         let steps = euler_sigmas(&schedule, num_inference_steps, c.use_karras_sigmas, c.final_sigmas_type);
-        Ok(Euler { steps, prediction_type: c.prediction_type, next_step: 0 })
+        Ok(Euler { steps, prediction_type: c.prediction_type, ancestral: false, next_step: 0 })
+    }
+
+    pub fn ancestral(schedule: Arc<NoiseSchedule>, num_inference_steps: usize) -> Result<Self> {
+        // no Karras option and always a zero final σ in diffusers' class
+        let steps = euler_sigmas(&schedule, num_inference_steps, false, FinalSigmas::Zero);
+        Ok(Euler { steps, prediction_type: schedule.config().prediction_type, ancestral: true, next_step: 0 })
     }
 }
 
 impl Sampler for Euler {
     fn kind(&self) -> SchedulerKind {
-        SchedulerKind::Euler
+        if self.ancestral {
+            SchedulerKind::EulerAncestral
+        } else {
+            SchedulerKind::Euler
+        }
     }
 
     fn timesteps(&self) -> &[f64] {
@@ -98,17 +114,22 @@ impl Sampler for Euler {
         scale_by_sigma(sample, self.steps.sigmas[step_index])
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
-        check_step_order(SchedulerKind::Euler, self.next_step, step_index, self.steps.timesteps.len());
-        self.next_step += 1;
-        let kind = sample.kind();
-        let mo = model_output.to_kind(Kind::Float);
-        let x = sample.to_kind(Kind::Float);
+    fn steps_taken(&mut self) -> &mut usize {
+        &mut self.next_step
+    }
+
+    fn step_f32(&mut self, mo: &Tensor, step_index: usize, x: &Tensor, noise_kind: Kind) -> Tensor {
         // no churn (γ = 0): σ̂ = σ
-        let sigma = self.steps.sigmas[step_index];
-        let x0 = predict_x0(self.prediction_type, &mo, &x, sigma);
-        let derivative = div(&(&x - x0), sigma);
-        let dt = self.steps.sigmas[step_index + 1] - sigma;
-        (&x + scale(&derivative, dt)).to_kind(kind)
+        let (from, to) = (self.steps.sigmas[step_index], self.steps.sigmas[step_index + 1]);
+        let x0 = predict_x0(self.prediction_type, mo, x, from);
+        let derivative = div(&(x - x0), from);
+        if !self.ancestral {
+            return x + scale(&derivative, to - from);
+        }
+        let sigma_up = f32x::sqrt(to * to * (from * from - to * to) / (from * from));
+        let sigma_down = f32x::sqrt(to * to - sigma_up * sigma_up);
+        let prev = x + scale(&derivative, sigma_down - from);
+        let noise = randn(&mo.size(), noise_kind, mo.device()).to_kind(Kind::Float);
+        prev + scale(&noise, sigma_up)
     }
 }

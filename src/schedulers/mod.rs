@@ -27,7 +27,6 @@ pub mod ddim;
 pub mod ddpm;
 pub mod dpmpp_2m;
 pub mod euler;
-pub mod euler_ancestral;
 pub mod noise_schedule;
 pub mod timesteps;
 pub mod unipc;
@@ -77,8 +76,23 @@ pub trait Sampler: Send {
 
     /// x_{i+1} from the model output at `step_index` and the current sample x_i. Steps must be
     /// taken in order 0, 1, 2, ... (multistep samplers keep history). The result has `sample`'s
-    /// dtype; the arithmetic is float32.
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor;
+    /// dtype; the arithmetic is float32 (`step_f32`).
+    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
+        let (kind, total) = (self.kind(), self.num_inference_steps());
+        let taken = self.steps_taken();
+        assert!(step_index < total, "{kind}: step index {step_index} past the last step {}", total - 1);
+        assert_eq!(step_index, *taken, "{kind}: steps must be taken in order; expected step {taken}, got {step_index}");
+        *taken += 1;
+        let (mo, x) = (model_output.to_kind(Kind::Float), sample.to_kind(Kind::Float));
+        self.step_f32(&mo, step_index, &x, model_output.kind()).to_kind(sample.kind())
+    }
+
+    /// The update of `step` on float32 `mo` and `x`. Step noise is drawn in `noise_kind`, the model
+    /// output's dtype, as diffusers draws it.
+    fn step_f32(&mut self, mo: &Tensor, step_index: usize, x: &Tensor, noise_kind: Kind) -> Tensor;
+
+    /// How many steps were taken: `step` checks that they come in order.
+    fn steps_taken(&mut self) -> &mut usize;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -89,7 +103,7 @@ pub enum SchedulerKind {
     EulerAncestral,
     /// DPM-Solver++ multistep, order 2 (midpoint) by default.
     Dpmpp2m,
-    /// UniPC multistep (bh2, predict-x0, corrector on): the product's default.
+    /// UniPC multistep (bh2, predict-x0, corrector on): sdkd's default, as in Segmind's API.
     #[default]
     Unipc,
 }
@@ -141,9 +155,7 @@ impl SchedulerKind {
             SchedulerKind::Ddpm => Box::new(ddpm::Ddpm::new(schedule, num_inference_steps)?),
             SchedulerKind::Ddim => Box::new(ddim::Ddim::new(schedule, num_inference_steps)?),
             SchedulerKind::Euler => Box::new(euler::Euler::new(schedule, num_inference_steps)?),
-            SchedulerKind::EulerAncestral => {
-                Box::new(euler_ancestral::EulerAncestral::new(schedule, num_inference_steps)?)
-            }
+            SchedulerKind::EulerAncestral => Box::new(euler::Euler::ancestral(schedule, num_inference_steps)?),
             SchedulerKind::Dpmpp2m => Box::new(dpmpp_2m::DpmSolverPP::new(schedule, num_inference_steps)?),
             SchedulerKind::Unipc => Box::new(unipc::UniPc::new(schedule, num_inference_steps)?),
         })
@@ -222,11 +234,6 @@ pub(crate) fn scale(t: &Tensor, s: f32) -> Tensor {
 /// `tensor / s` for a float32 scalar.
 pub(crate) fn div(t: &Tensor, s: f32) -> Tensor {
     t / (s as f64)
-}
-
-pub(crate) fn check_step_order(kind: SchedulerKind, expected: usize, got: usize, total: usize) {
-    assert!(got < total, "{kind}: step index {got} past the last step {}", total - 1);
-    assert_eq!(got, expected, "{kind}: steps must be taken in order; expected step {expected}, got {got}");
 }
 
 #[cfg(test)]

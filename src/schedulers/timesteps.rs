@@ -2,7 +2,9 @@
 //! `linspace`, `arange` (with its fill rule), `round` (half to even), `interp`, and the
 //! `_sigma_to_t` / `_convert_to_karras` helpers, re-done step for step so that the integer (or
 //! float32) timesteps come out bit-identical.
-use super::config::TimestepSpacing;
+use super::config::{FinalSigmas, TimestepSpacing};
+use super::{NoiseSchedule, SchedulerKind};
+use anyhow::{bail, Result};
 
 /// `np.linspace(start, stop, num)` (endpoint included) in float64.
 pub fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
@@ -145,6 +147,58 @@ pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
 /// float32 log of each sigma (numpy's `np.log` of a float32 array), correctly rounded.
 pub fn log_sigmas(sigmas: &[f64]) -> Vec<f32> {
     sigmas.iter().map(|&s| s.ln() as f32).collect()
+}
+
+/// DDPM's and DDIM's integer timesteps (leading spacing by default), each checked to lie in
+/// `0..num_train_timesteps`.
+pub(crate) fn integer_timesteps(schedule: &NoiseSchedule, n: usize, kind: SchedulerKind) -> Result<Vec<f64>> {
+    let (c, n_train) = (schedule.config(), schedule.num_train_timesteps());
+    let spacing = c.spacing_or(TimestepSpacing::Leading);
+    let timesteps = spaced_timesteps(Recipe::Integer, spacing, n_train, n, c.steps_offset);
+    if let Some(t) = timesteps.iter().find(|&&t| t < 0.0 || t >= n_train as f64) {
+        bail!(
+            "{kind}: {n} steps with timestep_spacing {spacing:?} and steps_offset {} give timestep {t}, outside 0..{n_train}",
+            c.steps_offset
+        );
+    }
+    Ok(timesteps)
+}
+
+/// Timesteps and n + 1 float32 σs of diffusers' multistep solvers (DPM-Solver++, UniPC).
+pub struct MultistepSigmas {
+    pub timesteps: Vec<f64>,
+    pub sigmas: Vec<f32>,
+}
+
+/// The `set_timesteps` of DPM-Solver++ and UniPC: spaced timesteps with σs interpolated from the
+/// schedule's table, or Karras σs with the timesteps they map to, then the final σ. The classes
+/// differ only with Karras σs: DPM-Solver++ truncates the mapped timesteps without rounding for
+/// the cosine schedule (`round_karras_t` false), and UniPC's final `sigma_min` is the last Karras
+/// σ rather than the schedule's (`karras_min_is_last`).
+pub(crate) fn multistep_sigmas(schedule: &NoiseSchedule, n: usize, round_karras_t: bool, karras_min_is_last: bool) -> MultistepSigmas {
+    let (c, table) = (schedule.config(), schedule.sigmas());
+    let spacing = c.spacing_or(TimestepSpacing::Linspace);
+    let mut timesteps = spaced_timesteps(Recipe::Multistep, spacing, schedule.num_train_timesteps(), n, c.steps_offset);
+    let (mut sigmas, sigma_min): (Vec<f64>, f64) = if c.use_karras_sigmas {
+        let logs = log_sigmas(table);
+        let sigmas = karras_sigmas(c.sigma_min.unwrap_or(table[0]), c.sigma_max.unwrap_or(table[table.len() - 1]), n);
+        timesteps = sigmas
+            .iter()
+            .map(|&s| {
+                let t = sigma_to_t(s, &logs);
+                (if round_karras_t { t.round_ties_even() } else { t }).trunc()
+            })
+            .collect();
+        let last = sigmas[sigmas.len() - 1];
+        (sigmas, if karras_min_is_last { last } else { table[0] })
+    } else {
+        (timesteps.iter().map(|&t| interp(t, table)).collect(), table[0])
+    };
+    sigmas.push(match c.final_sigmas_type {
+        FinalSigmas::Zero => 0.0,
+        FinalSigmas::SigmaMin => sigma_min,
+    });
+    MultistepSigmas { timesteps, sigmas: sigmas.iter().map(|&s| s as f32).collect() }
 }
 
 #[cfg(test)]

@@ -2,11 +2,10 @@
 //! expm1(h) ("bh2"), data prediction (`predict_x0`), order 2 with a lower-order start and a
 //! first-order last step, and the UniC corrector applied at every step after the first (it
 //! refines the current sample with the new model output before the next predictor step).
-use super::config::{FinalSigmas, PredictionType, SolverType, TimestepSpacing};
-use super::dpmpp_2m::MultistepSigmas;
+use super::config::{PredictionType, SolverType};
 use super::f32x;
-use super::timesteps::{interp, karras_sigmas, log_sigmas, sigma_to_t, spaced_timesteps, Recipe};
-use super::{check_step_order, div, scale, NoiseSchedule, Sampler, SchedulerKind};
+use super::timesteps::{multistep_sigmas, MultistepSigmas};
+use super::{div, scale, NoiseSchedule, Sampler, SchedulerKind};
 use anyhow::Result;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
@@ -72,33 +71,10 @@ struct Coefficients {
 impl UniPc {
     pub fn new(schedule: Arc<NoiseSchedule>, num_inference_steps: usize) -> Result<Self> {
         let c = schedule.config();
-        let n = num_inference_steps;
-        let table = schedule.sigmas();
-        let spacing = c.spacing_or(TimestepSpacing::Linspace);
-        let mut timesteps =
-            spaced_timesteps(Recipe::Multistep, spacing, schedule.num_train_timesteps(), n, c.steps_offset);
-        let mut sigmas: Vec<f64>;
-        if c.use_karras_sigmas {
-            let logs = log_sigmas(table);
-            let sigma_min = c.sigma_min.unwrap_or(table[0]);
-            let sigma_max = c.sigma_max.unwrap_or(table[table.len() - 1]);
-            sigmas = karras_sigmas(sigma_min, sigma_max, n);
-            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &logs).round_ties_even()).collect();
-            // with Karras σs, "sigma_min" means the last Karras σ, not the schedule's
-            let last = sigmas[sigmas.len() - 1];
-            sigmas.push(match c.final_sigmas_type {
-                FinalSigmas::Zero => 0.0,
-                FinalSigmas::SigmaMin => last,
-            });
-        } else {
-            sigmas = timesteps.iter().map(|&t| interp(t, table)).collect();
-            sigmas.push(match c.final_sigmas_type {
-                FinalSigmas::Zero => 0.0,
-                FinalSigmas::SigmaMin => table[0],
-            });
-        }
+        // with Karras σs, "sigma_min" means the last Karras σ, not the schedule's
+        let steps = multistep_sigmas(&schedule, num_inference_steps, true, true);
         Ok(UniPc {
-            steps: MultistepSigmas { timesteps, sigmas: sigmas.iter().map(|&s| s as f32).collect() },
+            steps,
             prediction_type: c.prediction_type,
             solver_order: c.solver_order,
             bh1: c.solver_type == Some(SolverType::Bh1),
@@ -245,15 +221,15 @@ impl Sampler for UniPc {
         &self.steps.sigmas
     }
 
-    fn step(&mut self, model_output: &Tensor, step_index: usize, sample: &Tensor) -> Tensor {
+    fn steps_taken(&mut self) -> &mut usize {
+        &mut self.state.next_step
+    }
+
+    fn step_f32(&mut self, mo: &Tensor, step_index: usize, x: &Tensor, _noise_kind: Kind) -> Tensor {
         let n = self.steps.timesteps.len();
-        check_step_order(SchedulerKind::Unipc, self.state.next_step, step_index, n);
-        self.state.next_step += 1;
         let i = step_index;
-        let kind = sample.kind();
-        let mo = model_output.to_kind(Kind::Float);
-        let mut x = sample.to_kind(Kind::Float);
-        let converted = self.convert(&mo, &x, i);
+        let mut x = x.shallow_clone();
+        let converted = self.convert(mo, &x, i);
         let use_corrector = i > 0 && !self.disable_corrector.contains(&(i - 1));
         if let Some(last) = self.state.last_sample.as_ref().filter(|_| use_corrector) {
             x = self.corrector(&converted, last, i, self.state.this_order);
@@ -271,7 +247,7 @@ impl Sampler for UniPc {
         if self.state.lower_order_nums < self.solver_order {
             self.state.lower_order_nums += 1;
         }
-        prev.to_kind(kind)
+        prev
     }
 }
 

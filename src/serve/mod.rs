@@ -1,4 +1,4 @@
-//! `sdkd serve`: the text-to-image HTTP API of the product brief (docs/serve.md).
+//! `sdkd serve`: a text-to-image HTTP API in the style of Segmind's SD-Small/SD-Tiny API (docs/serve.md).
 //!
 //! `POST /v1/txt2img` with the key in `x-api-key` and a JSON body (`request.rs`); one credit per
 //! image (`keys.rs`). Every answer carries `x-remaining-credits` (0 without a valid key). Status

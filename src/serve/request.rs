@@ -1,5 +1,5 @@
-//! The JSON body of `POST /v1/txt2img`, with the product brief's names, defaults and ranges
-//! (docs/serve.md), checked into a `GenerateRequest`. Unknown fields are refused by name: a
+//! The JSON body of `POST /v1/txt2img`, with the names, defaults and ranges of
+//! docs/serve.md, checked into a `GenerateRequest`. Unknown fields are refused by name: a
 //! misspelt `num_inference_step` would otherwise be ignored silently.
 use crate::pipeline::{resolve_seed, GenerateRequest};
 use crate::schedulers::SchedulerKind;

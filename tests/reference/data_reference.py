@@ -4,7 +4,7 @@
                                         WebP, grayscale, RGBA and palette PNG, plus decoded.safetensors:
                                         what Pillow's Image.open(f).convert("RGB") reads from each.
     data_reference.py transform <dir>   writes noise images of awkward sizes, cases.json, and
-                                        expected.safetensors: the anchors' torchvision pipeline on each
+                                        expected.safetensors: train_text_to_image.py's torchvision pipeline on each
                                         (Resize(res, BILINEAR) -> crop -> flip -> ToTensor -> Normalize(0.5, 0.5)),
                                         computed with Pillow and numpy (torchvision is not installed; for
                                         PIL images it calls exactly these Pillow operations).
