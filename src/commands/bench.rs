@@ -260,7 +260,8 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
         },
     });
     let teacher = Teacher::new(teacher, teacher_inner);
-    let mut d = Distiller::new(student, plan, Some(teacher), schedule, AdamWConfig::default(), None, LossWeights::default())?;
+    // the student computes in --precision over its fp32 master weights, as `sdkd train` on a GPU
+    let mut d = Distiller::new(student, plan, Some(teacher), schedule, AdamWConfig::default(), None, LossWeights::default())?.with_compute_kind(kind)?;
     // The data of each step is drawn before the clock starts: loading is not the step.
     let (in_ch, ctx_dim) = (teacher_config.in_channels, teacher_config.cross_attention_dim);
     let data: Vec<(Tensor, Tensor)> = (0..args.warmup + args.steps)
@@ -325,6 +326,11 @@ pub fn measure(args: &BenchArgs) -> Result<Value> {
     if device.is_cuda() {
         report["gpu_mem_mb"] = gpu_mem_mb().map(Value::from).unwrap_or(Value::Null);
         report["gpu_mem_kind"] = json!("GPU memory held at the end (nvidia-smi): the caching allocator's reservation");
+        // torch.cuda.max_memory_allocated(): the peak of live tensors, what the eager reference reports
+        report["gpu_peak_allocated_mb"] = match device {
+            Device::Cuda(i) => crate::aten_extra::cuda_memory_peaks(i).map(|(allocated, _)| Value::from(allocated as f64 / 1048576.0)).unwrap_or(Value::Null),
+            _ => Value::Null,
+        };
     }
     if let (Value::Object(r), Value::Object(m)) = (&mut report, model) {
         r.extend(m);
