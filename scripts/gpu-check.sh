@@ -87,6 +87,7 @@ nvidia_libs=$("$py" -c 'import glob, os, sys
 print(":".join(sorted({d for p in sys.path for d in glob.glob(os.path.join(p, "nvidia", "*", "lib"))})))')
 export LD_LIBRARY_PATH=$torch_dir/lib${nvidia_libs:+:$nvidia_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 sdkd=$bin/bin/sdkd
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # no network there: never let a library try
 
 pylib=$work/pylib
 mkdir -p "$pylib"
