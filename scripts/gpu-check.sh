@@ -270,8 +270,8 @@ def find(o):
         return o.get("loss_scale") or next((r for r in map(find, o.values()) if r), None)
 scale = find(state)
 overflows = open(log).read().count("fp16 gradients overflowed")
-problems = [] if len(curve) == 20 and all(map(math.isfinite, curve)) else [f"losses {curve}"]
-note = f"{len(curve)} finite losses, {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "no losses"
+problems = [] if len(curve) == 20 and all(map(math.isfinite, curve)) else [f"not 20 finite losses: {curve}"]
+note = f"{len(curve)} losses, {curve[0]:.4f} -> {curve[-1]:.4f}" if curve else "no losses"
 if precision == "fp16" and dev == "cpu":
     # the trainer computes in fp32 on the CPU (train.precision applies on a GPU): no scale to check
     if scale is not None: problems.append(f"a loss scale {scale} on the CPU")
@@ -280,9 +280,12 @@ elif precision == "fp16":
     # GradScaler's rules: starts at 2^16, halves per overflowing (skipped) step, doubles after
     # 2000 good steps (not reached in 20)
     want = 65536.0 / 2 ** overflows
-    if scale is None or scale["scale"] != want or scale["good_steps"] > 20 - overflows:
-        problems.append(f"loss scale {scale}, expected {want} after {overflows} overflow(s)")
-    note += f"; loss scale {scale and scale['scale']:g} after {overflows} overflowed step(s) (65536 halved per overflow), {scale and scale['good_steps']} good steps"
+    if scale is None:
+        problems.append("no loss scale in the fp16 checkpoint")
+    else:
+        if scale["scale"] != want or scale["good_steps"] > 20 - overflows:
+            problems.append(f"loss scale {scale}, expected {want:g} after {overflows} overflow(s)")
+        note += f"; loss scale {scale['scale']:g} after {overflows} overflowed step(s) (65536 halved per overflow), {scale['good_steps']} good steps since the last"
 print(("FAIL" if problems else "PASS") + "|" + note + ("; " + "; ".join(problems) if problems else ""))
 EOF
     )
