@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
 
-.PHONY: setup build test demo bench gpu-check clean-runs
+.PHONY: setup build test demo bench gpu-build gpu-dry-run clean-runs
 
 setup:
 	@scripts/setup.sh
@@ -18,6 +18,14 @@ demo: build
 
 bench: build
 	scripts/bench.sh
+
+# gpu-bin/ for a lent GPU machine (sdkd built against its LibTorch, fixtures, wheels), and its
+# check run here on the CPU (docs/benchmarks.md, "GPU")
+gpu-build: setup
+	scripts/gpu-build.sh
+
+gpu-dry-run: gpu-build
+	scripts/gpu-check.sh --cpu-dry-run
 
 clean-runs:
 	rm -rf runs demo-out

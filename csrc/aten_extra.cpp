@@ -1,4 +1,4 @@
-// LibTorch operators that tch 0.26 does not wrap, behind a C ABI for src/aten_extra.rs.
+// LibTorch operators (and the CUDA caching allocator's statistics) that tch 0.26 does not wrap, behind a C ABI for src/aten_extra.rs.
 // A `tensor` is what tch hands out: a pointer to an at::Tensor (torch-sys' C_tensor).
 // C++ exceptions never cross the boundary: failures return a malloc'd message the caller frees.
 #include <ATen/core/Tensor.h>
@@ -9,6 +9,7 @@
 #include <ATen/ops/clamp_max.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/stack.h>
+#include <c10/core/CachingDeviceAllocator.h>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -71,6 +72,22 @@ char* sdkd_clip_grad_norm(at::Tensor* const* grads, int64_t n, double max_norm, 
 char* sdkd_set_grad_none(at::Tensor* t) {
   try {
     t->mutable_grad() = at::Tensor();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_message(e.what());
+  }
+}
+
+// torch.cuda.max_memory_allocated / max_memory_reserved: the caching allocator's peaks on CUDA
+// `device`, in bytes, since the process started. Through c10's device-generic allocator
+// interface, so it compiles against a CPU-only LibTorch and fails cleanly (an error message)
+// where no CUDA allocator is registered.
+char* sdkd_cuda_memory_peaks(int64_t device, int64_t* allocated_peak, int64_t* reserved_peak) {
+  try {
+    auto stats = c10::getDeviceAllocator(c10::DeviceType::CUDA)->getDeviceStats(static_cast<c10::DeviceIndex>(device));
+    constexpr auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated_peak = stats.allocated_bytes[all].peak;
+    *reserved_peak = stats.reserved_bytes[all].peak;
     return nullptr;
   } catch (const std::exception& e) {
     return error_message(e.what());

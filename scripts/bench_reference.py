@@ -5,13 +5,15 @@ clip_grad_norm_, torch.optim.AdamW with PyTorch's defaults) and the denoising st
 
 usage: bench_reference.py --teacher CONFIG.json [--student CONFIG.json] [--pairs PAIRS.json]
          --batch-size B --latent-size L --steps N [--warmup W] [--mode train|infer]
-         [--threads T] [--device cpu|cuda]
+         [--threads T] [--device cpu|cuda] [--precision fp32|bf16]
 PAIRS.json is a list of [teacher feature, student feature] module names (what `sdkd bench
 --json` reports as student.feature_pairs). In infer mode the student's config, when given, is
 the UNet timed; else the teacher's. Prints one JSON object with steps_per_s, step_ms_median,
 step_cpu_ms_median (process CPU time, all threads) and peak_mem_mb (peak RSS, including the
-Python interpreter). Weights are random: speed does not
-depend on their values. The timed region matches sdkd's: inputs are drawn before the clock
+Python interpreter) and on CUDA gpu_peak_allocated_mb / gpu_peak_reserved_mb (the caching
+allocator's peaks). --precision bf16 does what the anchors' mixed precision does: the frozen
+teacher (infer: the UNet) cast to bf16, the fp32 student under torch.autocast. Weights are
+random: speed does not depend on their values. The timed region matches sdkd's: inputs are drawn before the clock
 starts; a step ends after zero_grad (train) or the guidance combination (infer).
 """
 import argparse, json, os, resource, statistics, time
@@ -31,16 +33,20 @@ p.add_argument("--mode", default="train", choices=["train", "infer"])
 p.add_argument("--threads", type=int)
 p.add_argument("--device", default="cpu")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
 a = p.parse_args()
 if a.threads:
     torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
 dev = torch.device(a.device)
+dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
 
 
 def build(path):
     with open(path) as f:
-        return UNet2DConditionModel.from_config(json.load(f)).to(dev)
+        config = json.load(f)
+    with dev:  # initialised where it runs: a CPU init of SD-1.5 would dominate a GPU run
+        return UNet2DConditionModel.from_config(config)
 
 
 def sync():
@@ -53,10 +59,10 @@ times, cpu_times = [], []  # wall and process CPU time (all threads) per timed s
 info = {}
 
 if a.mode == "infer":
-    unet = build(a.student or a.teacher).eval().requires_grad_(False)
+    unet = build(a.student or a.teacher).eval().requires_grad_(False).to(dtype)
     info["params"] = sum(p.numel() for p in unet.parameters())
-    lat = torch.randn(B, unet.config.in_channels, L, L, device=dev)
-    ctx = torch.randn(2 * B, 77, unet.config.cross_attention_dim, device=dev)
+    lat = torch.randn(B, unet.config.in_channels, L, L, device=dev, dtype=dtype)
+    ctx = torch.randn(2 * B, 77, unet.config.cross_attention_dim, device=dev, dtype=dtype)
     t = torch.tensor(500, device=dev)
     with torch.no_grad():
         for i in range(a.warmup + a.steps):
@@ -70,7 +76,7 @@ if a.mode == "infer":
                 times.append(time.perf_counter() - t0)
                 cpu_times.append(time.process_time() - c0)
 else:
-    teacher = build(a.teacher).eval().requires_grad_(False)
+    teacher = build(a.teacher).eval().requires_grad_(False).to(dtype)
     student = build(a.student).train()
     info["params"] = sum(p.numel() for p in student.parameters())
     pairs = []
@@ -101,8 +107,9 @@ else:
         t = torch.randint(0, 1000, (B,), device=dev)
         noisy = sched.add_noise(latents, noise, t)
         with torch.no_grad():
-            t_out = teacher(noisy, t, encoder_hidden_states=ctx).sample
-        s_out = student(noisy, t, encoder_hidden_states=ctx).sample
+            t_out = teacher(noisy.to(dtype), t, encoder_hidden_states=ctx.to(dtype)).sample
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            s_out = student(noisy, t, encoder_hidden_states=ctx).sample
         loss = F.mse_loss(s_out.float(), noise.float()) + F.mse_loss(s_out.float(), t_out.float())
         for tn, sn in pairs:
             loss = loss + F.mse_loss(feats["student"][sn].float(), feats["teacher"][tn].float())
@@ -118,10 +125,13 @@ else:
     info["adamw"] = "foreach" if opt.defaults.get("foreach") else ("fused" if opt.defaults.get("fused") else "default (single-tensor on CPU)")
 
 med = statistics.median(times)
+if dev.type == "cuda":
+    info["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    info["gpu_peak_reserved_mb"] = torch.cuda.max_memory_reserved(dev) / 2**20
 print(json.dumps({"steps_per_s": 1.0 / med, "step_ms_median": med * 1000.0, "step_ms_min": min(times) * 1000.0,
                   "step_ms": [x * 1000.0 for x in times],
                   "step_cpu_ms_median": statistics.median(cpu_times) * 1000.0,
                   "step_cpu_ms": [x * 1000.0 for x in cpu_times],
                   "peak_mem_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                   "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                  "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "torch": torch.__version__, **info}))
+                  "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"), "torch": torch.__version__, "precision": a.precision, **info}))

@@ -1,6 +1,6 @@
 //! LibTorch operators that tch 0.26 does not wrap, compiled from `csrc/aten_extra.cpp` against the
 //! same LibTorch: PyTorch's fused AdamW kernel, the multi-tensor gradient clipping of
-//! `clip_grad_norm_`, and `zero_grad(set_to_none=True)`.
+//! `clip_grad_norm_`, `zero_grad(set_to_none=True)`, and the CUDA caching allocator's peak memory.
 use anyhow::{anyhow, bail, Result};
 use std::ffi::{c_char, c_void, CStr};
 use tch::Tensor;
@@ -21,6 +21,7 @@ extern "C" {
     ) -> *mut c_char;
     fn sdkd_clip_grad_norm(grads: *const *mut c_void, n: i64, max_norm: f64, total_out: *mut *mut c_void) -> *mut c_char;
     fn sdkd_set_grad_none(t: *mut c_void) -> *mut c_char;
+    fn sdkd_cuda_memory_peaks(device: i64, allocated_peak: *mut i64, reserved_peak: *mut i64) -> *mut c_char;
 }
 
 /// Turns the shim's error message (malloc'd, or null on success) into a Result.
@@ -91,4 +92,14 @@ pub fn clip_grad_norm_(grads: &[&Tensor], max_norm: Option<f64>) -> Result<Tenso
 pub fn set_grad_none(t: &Tensor) -> Result<()> {
     // SAFETY: `t` is a live tensor handle; resetting its grad field needs no other state.
     check(unsafe { sdkd_set_grad_none(t.as_ptr() as *mut c_void) }, "clearing a gradient")
+}
+
+/// Peak bytes (allocated, reserved) of LibTorch's CUDA caching allocator on `device` since the
+/// process started: `torch.cuda.max_memory_allocated` and `max_memory_reserved`. An error where
+/// CUDA is not in use.
+pub fn cuda_memory_peaks(device: usize) -> Result<(i64, i64)> {
+    let (mut allocated, mut reserved) = (0i64, 0i64);
+    // SAFETY: the shim only writes the two integers it is given.
+    check(unsafe { sdkd_cuda_memory_peaks(device as i64, &mut allocated, &mut reserved) }, "CUDA allocator statistics")?;
+    Ok((allocated, reserved))
 }

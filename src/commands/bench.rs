@@ -241,6 +241,9 @@ pub struct BenchReport {
     pub gpu_mem_mb: Option<Option<f64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_mem_kind: Option<&'static str>,
+    /// CUDA only: the caching allocator's peak of live tensors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_peak_allocated_mb: Option<f64>,
     /// Train mode: the teacher and the student.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher: Option<TeacherSize>,
@@ -317,7 +320,8 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
         feature_pairs: Some(plan.feature_pairs.iter().map(|p| [p.teacher.clone(), p.student.clone()]).collect()),
     };
     let teacher = Teacher::new(teacher, teacher_inner);
-    let mut d = Distiller::new(student, plan, Some(teacher), schedule, AdamWConfig::default(), None, LossWeights::default())?;
+    // the student computes in --precision over its fp32 master weights, as `sdkd train` on a GPU
+    let mut d = Distiller::new(student, plan, Some(teacher), schedule, AdamWConfig::default(), None, LossWeights::default())?.with_compute_kind(kind)?;
     // The data of each step is drawn before the clock starts: loading is not the step.
     let (in_ch, ctx_dim) = (teacher_config.in_channels, teacher_config.cross_attention_dim);
     let data: Vec<(Tensor, Tensor)> = (0..args.warmup + args.steps)
@@ -383,6 +387,11 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
         peak_mem_kind: "peak RSS (getrusage ru_maxrss)",
         gpu_mem_mb: device.is_cuda().then(gpu_mem_mb),
         gpu_mem_kind: device.is_cuda().then_some("GPU memory held at the end (nvidia-smi): the caching allocator's reservation"),
+        // torch.cuda.max_memory_allocated(): the peak of live tensors, what the eager reference reports
+        gpu_peak_allocated_mb: match device {
+            Device::Cuda(i) => crate::aten_extra::cuda_memory_peaks(i).map(|(allocated, _)| allocated as f64 / 1048576.0).ok(),
+            _ => None,
+        },
         teacher,
         student,
         unet,
