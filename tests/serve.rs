@@ -233,7 +233,7 @@ fn last_credit_race_has_one_winner() {
     use sdkd::serve::keys::{KeyStore, Spend};
     let dir = tempdir();
     let db = dir.path().join("keys.sqlite");
-    let admin = KeyStore::open(&db).unwrap();
+    let admin = KeyStore::create_or_open(&db).unwrap();
     let key = admin.add("racer", 0).unwrap();
     let rounds = 200;
     for round in 0..rounds {
