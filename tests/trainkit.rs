@@ -273,6 +273,11 @@ fn checkpoint_writer_loop() {
     }
 }
 
+/// A checkpoint folder still being written: sdkd's crash-safe writer fills `.step-N.tmp-<pid>`.
+fn is_temp_checkpoint(name: &str) -> bool {
+    name.starts_with(".step-") && name.contains(".tmp-")
+}
+
 /// Stops `child` (SIGSTOP) at a moment its temporary checkpoint folder exists in `dir`, so the
 /// SIGKILL that follows lands mid-write.
 fn stop_while_writing(child: &std::process::Child, dir: &std::path::Path) {
@@ -284,7 +289,7 @@ fn stop_while_writing(child: &std::process::Child, dir: &std::path::Path) {
         while !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap().contains(") T ") {
             std::thread::yield_now();
         }
-        let writing = std::fs::read_dir(dir).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".tmp-step-"));
+        let writing = std::fs::read_dir(dir).unwrap().any(|e| is_temp_checkpoint(&e.unwrap().file_name().to_string_lossy()));
         if writing {
             return;
         }
@@ -347,7 +352,7 @@ fn checkpoints_survive_kill_9() {
         .filter(|n| n.starts_with('.'))
         .collect();
     eprintln!("after 6 kills: {next} steps written, stale folders left by the kills: {stale:?}");
-    assert!(stale.iter().any(|n| n.starts_with(".tmp-step-")), "the last kill left no temp folder: {stale:?}");
+    assert!(stale.iter().any(|n| is_temp_checkpoint(n)), "the last kill left no temp folder: {stale:?}");
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "checkpoint_writer_loop", "--test-threads=1"])
         .env("SDKD_TEST_CKPT_LOOP", out.path())
