@@ -23,25 +23,13 @@ fn pipeline() -> &'static Path {
 fn edited_pipeline(file: &str, edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
     let tmp = tempdir();
     let copy = tmp.path().join("pipe");
-    copy_dir(pipeline(), &copy);
+    let cp = std::process::Command::new("cp").arg("-r").arg(pipeline()).arg(&copy).status().unwrap();
+    assert!(cp.success(), "copying the tiny pipeline");
     let path = copy.join(file);
     let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
     tmp
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 fn sd15_unet_with(edit: impl FnOnce(&mut Value)) -> Value {
