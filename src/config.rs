@@ -76,7 +76,21 @@ impl Default for DataConfig {
 
 pub use crate::data::OnBadSample;
 
-pub use crate::distill::loss::LossWeights;
+/// λ weights of `loss = task + output_kd + Σ feature_kd` (BK-SDM's defaults: all 1).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossWeights {
+    pub task: f64,
+    pub output_kd: f64,
+    pub feature_kd: f64,
+}
+
+impl Default for LossWeights {
+    /// BK-SDM's defaults: all three λ = 1.
+    fn default() -> Self {
+        LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0 }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -23,25 +23,13 @@ fn pipeline() -> &'static Path {
 fn edited_pipeline(file: &str, edit: impl FnOnce(&mut Value)) -> tempfile::TempDir {
     let tmp = tempdir();
     let copy = tmp.path().join("pipe");
-    copy_dir(pipeline(), &copy);
+    let cp = std::process::Command::new("cp").arg("-r").arg(pipeline()).arg(&copy).status().unwrap();
+    assert!(cp.success(), "copying the tiny pipeline");
     let path = copy.join(file);
     let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     edit(&mut v);
     std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
     tmp
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 fn sd15_unet_with(edit: impl FnOnce(&mut Value)) -> Value {
@@ -82,7 +70,7 @@ fn absurd_vae_and_text_encoder_sizes_are_refused_naming_the_key() {
 }
 
 #[test]
-fn bad_scheduler_configs_are_refused_by_inspect_and_generate() {
+fn bad_scheduler_configs_are_refused_by_inspect_generate_and_train() {
     for (key, value, shown) in [("num_train_timesteps", json!(-5), "-5"), ("beta_schedule", json!("weird"), "weird")] {
         let t = edited_pipeline("scheduler/scheduler_config.json", |v| v[key] = value.clone());
         let pipe = t.path().join("pipe");
@@ -94,6 +82,17 @@ fn bad_scheduler_configs_are_refused_by_inspect_and_generate() {
                               "--out", png.to_str().unwrap()]);
         assert_clean_failure(&generate, key);
         assert!(!png.exists());
+        let data = dataset_with(&["a.png"]);
+        let run = t.path().join("run.yaml");
+        let yaml = format!(
+            "teacher: {}\nstudent: bk_small\noutput_dir: {}\ndata:\n  path: {}\n  resolution: 16\ntrain:\n  device: cpu\n  max_steps: 1\n  batch_size: 1\n  grad_accum: 1\nvalidation:\n  every: 0\n",
+            pipe.display(),
+            t.path().join("out").display(),
+            data.path().join("data").display()
+        );
+        std::fs::write(&run, yaml).unwrap();
+        assert_clean_failure(&sdkd(&["train", "--config", run.to_str().unwrap()]), key);
+        assert!(!t.path().join("out").exists());
     }
 }
 

@@ -5,21 +5,7 @@ use super::student::FeaturePair;
 use crate::models::UNetOutput;
 use tch::{Kind, Reduction, Tensor};
 
-/// λ weights of the three terms (the run YAML's `loss:`).
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LossWeights {
-    pub task: f64,
-    pub output_kd: f64,
-    pub feature_kd: f64,
-}
-
-impl Default for LossWeights {
-    /// BK-SDM's defaults: all three λ = 1.
-    fn default() -> Self {
-        LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0 }
-    }
-}
+pub use crate::config::LossWeights;
 
 /// The terms of one step's loss, as scalar tensors (the total carries the graph).
 pub struct LossTerms {

@@ -277,9 +277,9 @@ fn noise_schedule(pipeline: Option<&PipelineDir>) -> Result<NoiseSchedule> {
 /// The student from the run's seed (PyTorch's default init, then the teacher's weights when
 /// `student_init: teacher`), and the teacher when distilling.
 fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Device, compute_kind: Kind) -> Result<Distiller> {
+    let schedule = Arc::new(noise_schedule(pipeline)?);
     let teacher_config = pipeline.map(|p| p.unet_config()).transpose()?;
     let plan = StudentPlan::resolve(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student))?;
-    let schedule = Arc::new(noise_schedule(pipeline)?);
     tch::manual_seed(step_seed(cfg.train.seed, u64::MAX, 0));
     let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
     let need_teacher_unet = cfg.distill || cfg.student_init == StudentInit::Teacher;
