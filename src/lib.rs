@@ -9,6 +9,7 @@ pub mod export;
 pub mod fs_safe;
 pub mod grid;
 pub mod json_config;
+pub mod memory;
 pub mod models;
 pub mod pipeline;
 pub mod png_meta;

@@ -166,12 +166,8 @@ impl Parts<'_> {
         let elt = self.vae.kind().elt_size_in_bytes() as f64;
         let bytes = samples as f64 * channels as f64 * width as f64 * height as f64 * elt * 3.0;
         let device = self.vae.device();
-        let fits = match device {
-            Device::Cpu => available_memory_bytes().is_none_or(|avail| bytes <= avail as f64),
-            _ => bytes < i64::MAX as f64 && Tensor::f_empty([bytes as i64], (Kind::Uint8, device)).is_ok(),
-        };
         ensure!(
-            fits,
+            crate::memory::device_can_hold(device, bytes),
             "width = {width}, height = {height} ({samples} image(s)): decoding needs at least {:.1} GiB, more than {device:?} can allocate; ask for a smaller size",
             bytes / (1u64 << 30) as f64
         );
@@ -183,14 +179,6 @@ impl Parts<'_> {
         let ids = self.tokenizer.encode_batch(&[text], Device::Cpu);
         self.text_encoder.prompt_embeds(&ids, 0)
     }
-}
-
-/// `MemAvailable` of /proc/meminfo in bytes (None where it cannot be read).
-fn available_memory_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Runs the pipeline on `parts`; `on_step(done, total)` is called after each step.

@@ -298,6 +298,30 @@ fn impossible_image_sizes_are_errors_not_panics() {
     assert!(stderr(&o).contains("width = 800000"), "{}", stderr(&o));
 }
 
+/// A batch or resolution no machine holds is refused before the loader allocates it (it used to
+/// abort the process inside the loader), and the run's output_dir is not claimed.
+#[test]
+fn impossible_batch_sizes_are_errors_not_aborts() {
+    let f = fixture();
+    let tmp = tempdir();
+    for (batch, resolution) in [(1_000_000_000u64, 16u64), (2, 800_000)] {
+        let out = tmp.path().join(format!("run-{batch}-{resolution}"));
+        let yaml = tmp.path().join(format!("run-{batch}-{resolution}.yaml"));
+        let text = format!(
+            "teacher: {}\nstudent: bk_small\noutput_dir: {}\ndata:\n  path: {}\n  resolution: {resolution}\n\
+             train:\n  batch_size: {batch}\n  max_steps: 2\n  device: cpu\n  precision: fp32\nvalidation:\n  every: 0\n",
+            f.teacher.display(),
+            out.display(),
+            f.data.display()
+        );
+        std::fs::write(&yaml, text).unwrap();
+        let o = sdkd(&["train", "--quiet", "--config", s(&yaml)]);
+        assert_clean_failure(&o, "train.batch_size");
+        assert!(stderr(&o).contains(&format!("data.resolution = {resolution}")), "{}", stderr(&o));
+        assert!(!out.exists(), "a refused run claimed {}", out.display());
+    }
+}
+
 #[test]
 fn integer_or_bool_unet_tensors_are_refused_by_name() {
     let tmp = tempdir();

@@ -22,7 +22,7 @@ use crate::models::{weights, Init, PipelineDir, UNet, UNet2DConditionModel, UNet
 use crate::pipeline::{prompt_rows, GenerateRequest, Parts};
 use crate::png_meta::write_png;
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -306,10 +306,28 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
     Ok(d)
 }
 
+/// Refuses a batch whose data alone this machine cannot hold, before any is loaded: the loader
+/// builds each batch in host memory (pixels as f32, or the cache's latent mean and std), and a
+/// failed allocation there would abort the process. A floor, not a plan of the whole step.
+fn check_batch_memory(cfg: &RunConfig) -> Result<()> {
+    let (batch, res) = (cfg.train.batch_size as f64, cfg.data.resolution as f64);
+    let per_sample = if cfg.data.cache.is_some() { 2.0 * 4.0 * (res / 8.0).powi(2) } else { 3.0 * res * res };
+    let bytes = batch * per_sample * 4.0;
+    ensure!(
+        crate::memory::device_can_hold(Device::Cpu, bytes),
+        "train.batch_size = {}, data.resolution = {}: one batch needs at least {:.1} GiB of host memory, more than this machine has available; lower one of them",
+        cfg.train.batch_size,
+        cfg.data.resolution,
+        bytes / (1u64 << 30) as f64
+    );
+    Ok(())
+}
+
 impl Trainer {
     /// Builds the run from its config, resuming from `resume` (`latest` or a checkpoint folder).
     pub fn new(cfg: RunConfig, resume: Option<&str>) -> Result<Trainer> {
         let device = cfg.train.device.resolve()?;
+        check_batch_memory(&cfg)?;
         // The dtype the teacher, its encoders and the student's forward and backward run in.
         // LibTorch's CPU kernels in bf16/fp16 are slow and inexact: the CPU computes in fp32.
         let compute_kind = if device == Device::Cpu { Kind::Float } else { cfg.train.precision.kind() };
