@@ -11,7 +11,7 @@ PAIRS.json is a list of [teacher feature, student feature] module names (what `s
 the UNet timed; else the teacher's. Prints one JSON object with steps_per_s, step_ms_median,
 step_cpu_ms_median (process CPU time, all threads) and peak_mem_mb (peak RSS, including the
 Python interpreter) and on CUDA gpu_peak_allocated_mb / gpu_peak_reserved_mb (the caching
-allocator's peaks). --precision bf16 does what the anchors' mixed precision does: the frozen
+allocator's peaks). --precision bf16 does what BK-SDM's and diffusers' training scripts do under accelerate's mixed precision: the frozen
 teacher (infer: the UNet) cast to bf16, the fp32 student under torch.autocast. Weights are
 random: speed does not depend on their values. The timed region matches sdkd's: inputs are drawn before the clock
 starts; a step ends after zero_grad (train) or the guidance combination (infer).

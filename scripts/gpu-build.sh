@@ -71,10 +71,10 @@ target_dir=$root/target/gpu-build/target-$torch_version
 mkdir -p "$src"
 while IFS= read -r f; do
   if ! cmp -s "$f" "$src/$f"; then mkdir -p "$src/$(dirname "$f")"; cp "$f" "$src/$f"; fi
-done < <(find src csrc tests benches build.rs -type f)
+done < <(find src csrc tests benches configs build.rs -type f)
 while IFS= read -r f; do
   [ -e "$f" ] || rm "$src/$f"
-done < <(cd "$src" && find src csrc tests benches -type f)
+done < <(cd "$src" && find src csrc tests benches configs -type f)
 # cargo moves tch and torch-sys in the copied lock to the pinned release (once per lock: offline
 # reruns need no registry)
 if ! cmp -s Cargo.lock "$src/Cargo.lock.main"; then cp Cargo.lock "$src/Cargo.lock"; cp Cargo.lock "$src/Cargo.lock.main"; fi

@@ -8,7 +8,7 @@
 #      nondeterminism);
 #   2. mixed precision: the mixed-precision test on CUDA, bf16 and fp16 training runs (finite
 #      losses, the fp16 loss scale);
-#   3. speed on SD-1.5 shapes, side by side with the eager PyTorch step of the anchors
+#   3. speed on SD-1.5 shapes, side by side with the eager PyTorch step of BK-SDM's training script (scripts/bench_reference.py)
 #      (scripts/bench_reference.py on the carried diffusers): the bf16 distillation step per preset
 #      at the largest batch that fits (up to 64, latent 64) and the bf16 inference step, with
 #      ms/step, the ratio, the caching allocator's peak and the MFU;
