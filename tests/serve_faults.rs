@@ -227,3 +227,151 @@ fn kill_9_at_20_random_instants_loses_no_credit() {
     assert_eq!(ledger(&db, "alice").0, balance);
     assert_eq!(ledger(&db, "bob").0, 7);
 }
+
+#[test]
+fn a_disconnecting_client_stops_its_generation_within_a_step() {
+    let (dir, model, db) = fixture();
+    let alice = add_key(&db, "alice", 10);
+    let server = Server::start(&model, &db, &dir.path().join("serve.log"), &[]);
+    // one step's time, from a 20-step request of the same size (an upper bound: it includes decoding)
+    let mut twenty = long();
+    twenty["num_inference_steps"] = json!(20);
+    let t = Instant::now();
+    let a = http(&server.addr, "POST", "/v1/txt2img", Some(&alice), Some(&twenty));
+    let step = t.elapsed() / 20;
+    assert_eq!((a.status, a.num("x-credits-charged"), a.num("x-remaining-credits")), (200, 1, 9), "{}", a.error());
+
+    let stream = send(&server.addr, "POST", "/v1/txt2img", Some(&alice), Some(&long())).unwrap();
+    std::thread::sleep(step * 5);
+    drop(stream);
+    let took = server.wait_log("the client disconnected", Duration::from_secs(30)).unwrap_or_else(|| panic!("not cancelled:\n{}", server.log()));
+    let log = server.log();
+    let line = log.lines().find(|l| l.contains("the client disconnected")).unwrap();
+    let done: usize = line.split("after ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(done < 100, "{line}");
+    assert!(took <= step * 2 + Duration::from_millis(500), "cancelled {took:?} after the disconnect, one step is {step:?}: {line}");
+    assert!(server.wait_log("credit(s) given back", Duration::from_secs(5)).is_some(), "{log}");
+    let (balance, served, states) = ledger(&db, "alice");
+    assert_eq!((balance, served, states.get("refunded").copied()), (9, 1, Some(1)), "{states:?}");
+    // the pipeline is free again at once
+    let a = http(&server.addr, "POST", "/v1/txt2img", Some(&alice), Some(&small(1)));
+    assert_eq!((a.status, a.num("x-remaining-credits")), (200, 8), "{}", a.error());
+}
+
+/// Starts a long request and waits until its credits are held and it runs; its answer, later.
+fn start_long(server: &Server, key: &str, db: &Path, name: &str, held_balance: i64) -> std::thread::JoinHandle<Answer> {
+    let (addr, key) = (server.addr.clone(), key.to_string());
+    let call = std::thread::spawn(move || http(&addr, "POST", "/v1/txt2img", Some(&key), Some(&long())));
+    let t = Instant::now();
+    while ledger(db, name).0 != held_balance {
+        assert!(t.elapsed() < Duration::from_secs(10), "the long request was not taken:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300)); // into its first steps
+    call
+}
+
+#[test]
+fn sigterm_gives_the_grace_then_cancels_and_a_second_one_cancels_at_once() {
+    let (dir, model, db) = fixture();
+    let alice = add_key(&db, "alice", 10);
+
+    // one SIGTERM: the request in flight has the grace (2 s), then it is cancelled and refunded
+    let mut server = Server::start(&model, &db, &dir.path().join("grace.log"), &["--shutdown-grace", "2"]);
+    let call = start_long(&server, &alice, &db, "alice", 9);
+    server.signal(libc::SIGTERM);
+    let (took, status) = server.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| panic!("still running:\n{}", server.log()));
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    assert!(took >= Duration::from_secs(2) && took <= Duration::from_secs(3), "exit {took:?} after SIGTERM with a 2 s grace");
+    let a = call.join().unwrap();
+    assert_eq!((a.status, a.num("x-credits-charged")), (503, 0), "{}", a.error());
+    assert!(a.error().contains("shutting down") && a.error().contains("given back"), "{}", a.error());
+    assert!(server.log().contains("shutdown grace over"), "{}", server.log());
+    assert_eq!(ledger(&db, "alice").0, 10);
+
+    // two SIGTERMs: cancelled at once, whatever the grace
+    let mut server = Server::start(&model, &db, &dir.path().join("twice.log"), &[]);
+    let call = start_long(&server, &alice, &db, "alice", 9);
+    server.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    server.signal(libc::SIGTERM);
+    let (took, status) = server.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| panic!("still running:\n{}", server.log()));
+    assert!(status.success() && took <= Duration::from_secs(1), "exit {took:?} after the second SIGTERM\n{}", server.log());
+    let a = call.join().unwrap();
+    assert_eq!(a.status, 503, "{}", a.error());
+    let (balance, served, states) = ledger(&db, "alice");
+    assert_eq!((balance, served, states.get("refunded").copied(), states.get("pending")), (10, 0, Some(2), None), "{states:?}");
+}
+
+#[test]
+fn a_full_queue_answers_503_and_takes_nothing_and_deadlines_cancel() {
+    let (dir, model, db) = fixture();
+    let alice = add_key(&db, "alice", 10);
+    let server = Server::start(&model, &db, &dir.path().join("serve.log"), &["--max-queue", "1", "--max-request-seconds", "4"]);
+    let running = start_long(&server, &alice, &db, "alice", 9);
+    let waiting = start_long(&server, &alice, &db, "alice", 8);
+    let metrics = String::from_utf8(http(&server.addr, "GET", "/metrics", None, None).body).unwrap();
+    assert!(metrics.lines().any(|l| l == "sdkd_queue_depth 1"), "{metrics}");
+    let a = http(&server.addr, "POST", "/v1/txt2img", Some(&alice), Some(&small(1)));
+    assert_eq!((a.status, a.num("x-credits-charged"), a.num("x-remaining-credits")), (503, 0, 8), "{}", a.error());
+    assert!(a.num("retry-after") >= 1 && a.error().contains("--max-queue 1"), "{:?} {}", a.headers, a.error());
+    // --max-request-seconds 4 cuts both (100 steps take far longer), between two steps
+    for call in [running, waiting] {
+        let a = call.join().unwrap();
+        assert_eq!((a.status, a.num("x-credits-charged")), (504, 0), "{}", a.error());
+        assert!(a.error().contains("--max-request-seconds 4") && a.error().contains("given back"), "{}", a.error());
+    }
+    let (balance, served, states) = ledger(&db, "alice");
+    assert_eq!((balance, served, states.get("refunded").copied(), states.len()), (10, 0, Some(2), 1), "{states:?}");
+}
+
+/// The rows of the price table in docs/serve.md: (samples, steps, width, height, credits).
+fn documented_prices() -> Vec<(i64, i64, i64, i64, i64)> {
+    let doc = std::fs::read_to_string(root().join("docs/serve.md")).unwrap();
+    let table = doc.split("| samples | steps | size | credits |").nth(1).expect("the price table in docs/serve.md");
+    let rows: Vec<_> = table
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            let cells: Vec<&str> = l.trim_matches('|').split('|').map(str::trim).collect();
+            let (w, h) = cells[2].split_once('×').unwrap();
+            let n = |s: &str| s.parse::<i64>().unwrap_or_else(|_| panic!("{s:?} in {l}"));
+            (n(cells[0]), n(cells[1]), n(w), n(h), n(cells[3]))
+        })
+        .collect();
+    assert!(rows.len() >= 8, "{rows:?}");
+    rows
+}
+
+#[test]
+fn charges_follow_the_price_table_of_the_docs() {
+    let (dir, model, db) = fixture();
+    add_key(&db, "first", 0);
+    let server = Server::start(&model, &db, &dir.path().join("serve.log"), &[]);
+    for (i, (samples, steps, width, height, credits)) in documented_prices().into_iter().enumerate() {
+        let body = json!({"prompt": "a toy panda", "samples": samples, "num_inference_steps": steps, "img_width": width, "img_height": height, "seed": 1});
+        // one credit short: 406, the message states the price, nothing taken
+        let short = add_key(&db, &format!("short{i}"), credits - 1);
+        let a = http(&server.addr, "POST", "/v1/txt2img", Some(&short), Some(&body));
+        assert_eq!((a.status, a.num("x-credits-charged"), a.num("x-remaining-credits")), (406, 0, credits - 1), "{body}: {}", a.error());
+        assert!(a.error().contains(&format!("cost {credits},")), "{body}: {}", a.error());
+        // exactly enough: served (the small sizes; the others take minutes on a CPU)
+        if width * height <= 64 * 64 {
+            let rich = add_key(&db, &format!("exact{i}"), credits);
+            let a = http(&server.addr, "POST", "/v1/txt2img", Some(&rich), Some(&body));
+            assert_eq!((a.status, a.num("x-credits-charged"), a.num("x-remaining-credits")), (200, credits, 0), "{body}: {}", a.error());
+        }
+    }
+    // a price table from a file
+    let pricing = dir.path().join("pricing.yaml");
+    std::fs::write(&pricing, "credits: 3\nsteps: 20\nwidth: 64\nheight: 64\n").unwrap();
+    drop(server);
+    let server = Server::start(&model, &db, &dir.path().join("priced.log"), &["--pricing", &pricing.display().to_string()]);
+    let key = add_key(&db, "priced", 20);
+    let a = http(&server.addr, "POST", "/v1/txt2img", Some(&key), Some(&json!({"prompt": "x", "samples": 2, "img_width": 64, "img_height": 128, "seed": 1})));
+    assert_eq!((a.status, a.num("x-credits-charged"), a.num("x-remaining-credits")), (200, 12, 8), "{}", a.error());
+    std::fs::write(&pricing, "credits: 3\nsteps: 0\nwidth: 64\nheight: 64\n").unwrap();
+    let out = sdkd(&["serve", "--model", &model.display().to_string(), "--db", &db.display().to_string(), "--device", "cpu", "--pricing", &pricing.display().to_string()]);
+    assert_clean_failure(&out, "steps = 0");
+}
