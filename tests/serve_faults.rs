@@ -375,3 +375,53 @@ fn charges_follow_the_price_table_of_the_docs() {
     let out = sdkd(&["serve", "--model", &model.display().to_string(), "--db", &db.display().to_string(), "--device", "cpu", "--pricing", &pricing.display().to_string()]);
     assert_clean_failure(&out, "steps = 0");
 }
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_keys_revoke_and_usage() {
+    let (dir, model, db) = fixture();
+    let alice = add_key(&db, "alice", 5);
+    let server = Server::start(&model, &db, &dir.path().join("serve.log"), &[]);
+    let a = http(&server.addr, "POST", "/v1/txt2img", Some(&alice), Some(&json!({"prompt": "x", "samples": 2, "img_width": 64, "img_height": 64, "seed": 1})));
+    assert_eq!(a.status, 200, "{}", a.error());
+    assert_eq!(http(&server.addr, "POST", "/v1/txt2img", Some(&alice), Some(&json!({"prompt": "x", "samples": 9}))).status, 400);
+    assert_eq!(http(&server.addr, "POST", "/v1/txt2img", None, Some(&small(1))).status, 401);
+    let text = http(&server.addr, "GET", "/metrics", None, None);
+    assert!(text.header("content-type").starts_with("text/plain; version=0.0.4"), "{:?}", text.headers);
+    let file = dir.path().join("metrics.txt");
+    std::fs::write(&file, &text.body).unwrap();
+    // prometheus_client's own parser reads it; its samples come back as JSON
+    let parse = "import sys, json\nfrom prometheus_client.parser import text_string_to_metric_families as parse\n\
+                 out = {}\nfor f in parse(open(sys.argv[1]).read()):\n    for s in f.samples:\n        \
+                 out[s.name + json.dumps(s.labels, sort_keys=True)] = [f.type, s.value]\nprint(json.dumps(out))";
+    let out = Command::new(python()).args(["-c", parse, &file.display().to_string()]).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&text.body));
+    let samples: BTreeMap<String, (String, f64)> = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |k: &str| samples.get(k).unwrap_or_else(|| panic!("{k} not in {samples:?}")).clone();
+    assert_eq!(get(r#"sdkd_http_requests_total{"code": "200"}"#), ("counter".into(), 1.0));
+    assert_eq!(get(r#"sdkd_http_requests_total{"code": "400"}"#).1, 1.0);
+    assert_eq!(get(r#"sdkd_http_requests_total{"code": "401"}"#).1, 1.0);
+    assert_eq!(get(r#"sdkd_http_request_duration_seconds_count{}"#), ("histogram".into(), 3.0));
+    assert_eq!(get(r#"sdkd_http_request_duration_seconds_bucket{"le": "+Inf"}"#).1, 3.0);
+    assert_eq!(get(r#"sdkd_queue_depth{}"#), ("gauge".into(), 0.0));
+    assert_eq!(get(r#"sdkd_images_total{}"#).1, 2.0);
+    assert_eq!(get(r#"sdkd_credits_charged_total{}"#).1, 2.0);
+    assert_eq!(get(r#"sdkd_credits_refunded_total{}"#).1, 0.0);
+
+    // revoked: 401 from now on, the balance and rows kept
+    let d = db.display().to_string();
+    let out = sdkd(&["keys", "revoke", "--db", &d, "--name", "alice"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let a = http(&server.addr, "POST", "/v1/txt2img", Some(&alice), Some(&small(1)));
+    assert_eq!((a.status, a.num("x-remaining-credits")), (401, 3), "{}", a.error());
+    assert!(a.error().contains("revoked"), "{}", a.error());
+    assert_clean_failure(&sdkd(&["keys", "revoke", "--db", &d, "--name", "nobody"]), "nobody");
+    let list = String::from_utf8(sdkd(&["keys", "list", "--db", &d]).stdout).unwrap();
+    assert!(list.lines().any(|l| l.starts_with("alice") && l.ends_with("revoked")), "{list}");
+    // usage: the one served generation, with its credits and images
+    let out = sdkd(&["keys", "usage", "--db", &d, "--name", "alice"]);
+    let usage = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<Vec<&str>> = usage.lines().skip(1).map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(rows.len(), 1, "{usage}");
+    assert_eq!(rows[0][2..6], ["served", "2", "2", "200"], "{usage}");
+    assert_clean_failure(&sdkd(&["keys", "usage", "--db", &d, "--name", "nobody"]), "nobody");
+}
