@@ -387,7 +387,11 @@ pub fn serve(app: Arc<App>, listen: &str) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}: cannot listen there"))?;
         let addr = listener.local_addr()?;
         let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(signals(app.clone(), stop_accepting));
+        // the handlers exist before anyone is told where to connect: an early SIGTERM is graceful too
+        use tokio::signal::unix::{signal, SignalKind};
+        let (term, int) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+        let (term, int) = (term.context("listening for SIGTERM")?, int.context("listening for SIGINT")?);
+        tokio::spawn(signals(app.clone(), term, int, stop_accepting));
         println!("listening on http://{addr} (POST /v1/txt2img)");
         use std::io::Write;
         std::io::stdout().flush()?;
@@ -405,12 +409,12 @@ pub fn serve(app: Arc<App>, listen: &str) -> Result<()> {
     served
 }
 
-async fn signals(app: Arc<App>, stop_accepting: tokio::sync::oneshot::Sender<()>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        eprintln!("cannot listen for SIGTERM/SIGINT: stop the server with SIGKILL (no credit is lost)");
-        return;
-    };
+async fn signals(
+    app: Arc<App>,
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    stop_accepting: tokio::sync::oneshot::Sender<()>,
+) {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
