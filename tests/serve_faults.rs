@@ -374,6 +374,10 @@ fn charges_follow_the_price_table_of_the_docs() {
     std::fs::write(&pricing, "credits: 3\nsteps: 0\nwidth: 64\nheight: 64\n").unwrap();
     let out = sdkd(&["serve", "--model", &model.display().to_string(), "--db", &db.display().to_string(), "--device", "cpu", "--pricing", &pricing.display().to_string()]);
     assert_clean_failure(&out, "steps = 0");
+    for (flag, value) in [("--max-queue", "0"), ("--shutdown-grace", "-1"), ("--max-request-seconds", "nan")] {
+        let out = sdkd(&["serve", "--model", &model.display().to_string(), "--db", &db.display().to_string(), flag, value]);
+        assert_clean_failure(&out, flag);
+    }
 }
 
 #[test]

@@ -25,10 +25,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
     /// Cancel (504, credits given back) a request not answered this many seconds after it came.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_request_seconds: Option<f64>,
     /// Seconds requests in flight may still run after SIGTERM/SIGINT (a second signal: none).
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     pub shutdown_grace: f64,
     /// Price table (YAML: credits, steps, width, height); default 1 credit per sample at 20
     /// steps, 512x512 (docs/serve.md).
@@ -41,6 +41,8 @@ fn seconds(flag: &str, v: f64) -> Result<Duration> {
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
+    // a request counts as waiting from its arrival until it runs, so 0 would refuse them all
+    anyhow::ensure!(args.max_queue >= 1, "--max-queue 0: must be 1 or more");
     let limits = Limits {
         max_queue: args.max_queue,
         max_request: args.max_request_seconds.map(|v| seconds("--max-request-seconds", v)).transpose()?,

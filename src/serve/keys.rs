@@ -423,7 +423,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_spend_refund_and_list() {
+    fn ledger_holds_serves_refunds_once_and_recovers() {
         let dir = tempfile::tempdir().unwrap();
         assert!(format!("{:#}", KeyStore::open(&dir.path().join("keys.sqlite")).err().unwrap()).contains("does not exist"));
         assert!(!dir.path().join("keys.sqlite").exists(), "open must not create a database");
