@@ -295,12 +295,18 @@ fn run(app: &App, token: &Token, id: i64, price: i64, api: &Txt2Img, req: &Gener
     slot.leave();
     let started = Instant::now();
     let stop = || token.stop().map(|s| s.cause);
-    let generated = if let Some(s) = token.stop() {
-        Err(anyhow::Error::from(Cancelled { cause: s.cause, done: 0, total: req.steps }))
-    } else {
-        generate_until(&pipeline.parts(), req, &mut |_, _| {}, &stop).map(|images| (images, pipeline.parts().truncated_prompts(req)))
-    };
-    let result = generated.and_then(|(images, truncated)| encode(app, api, req, images, &truncated));
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Response> {
+        if let Some(s) = token.stop() {
+            return Err(Cancelled { cause: s.cause, done: 0, total: req.steps }.into());
+        }
+        let images = generate_until(&pipeline.parts(), req, &mut |_, _| {}, &stop)?;
+        encode(app, api, req, images, &pipeline.parts().truncated_prompts(req))
+    }));
+    // a panic in LibTorch is this request's failure, settled here whether or not anyone listens
+    let result = caught.unwrap_or_else(|panic| {
+        let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(anyhow::anyhow!("the pipeline panicked: {}", what.unwrap_or_default()))
+    });
     drop(pipeline);
     app.last_run_ms.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
 
