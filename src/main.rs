@@ -26,7 +26,7 @@ enum Command {
     Generate(commands::generate::GenerateArgs),
     /// The HTTP text-to-image API with API keys and credits.
     Serve(commands::serve::ServeArgs),
-    /// API keys and credits of `sdkd serve`: add, credit, list.
+    /// API keys and credits of `sdkd serve`: add, credit, list, revoke, usage.
     Keys(commands::keys::KeysArgs),
     /// Write the built-in synthetic image-caption dataset (imagefolder layout).
     Synth(commands::synth::SynthArgs),

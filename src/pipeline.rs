@@ -188,6 +188,26 @@ pub fn generate_with(
     req: &GenerateRequest,
     on_step: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<RgbImage>> {
+    generate_until(parts, req, on_step, &|| None)
+}
+
+/// A generation that `generate_until`'s `stop` ended early: why, and after how many steps.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("cancelled after {done} of {total} steps: {cause}")]
+pub struct Cancelled {
+    pub cause: String,
+    pub done: usize,
+    pub total: usize,
+}
+
+/// `generate_with`, asking `stop` before each denoising step and before decoding: a cause from
+/// it ends the generation there with a `Cancelled` error (the server's cancellation token).
+pub fn generate_until(
+    parts: &Parts<'_>,
+    req: &GenerateRequest,
+    on_step: &mut dyn FnMut(usize, usize),
+    stop: &dyn Fn() -> Option<String>,
+) -> Result<Vec<RgbImage>> {
     req.validate()?;
     let (width, height) = parts.image_size(req)?;
     parts.check_memory(req.samples, width, height)?;
@@ -220,7 +240,13 @@ pub fn generate_with(
 
     // 4: the denoising loop
     let total = sampler.num_inference_steps();
-    for i in 0..total {
+    for i in 0..=total {
+        if let Some(cause) = stop() {
+            return Err(Cancelled { cause, done: i, total }.into());
+        }
+        if i == total {
+            break;
+        }
         let input = if cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
         let input = sampler.scale_model_input(&input, i);
         let t = sampler.timestep_tensor(i, device);

@@ -1,4 +1,4 @@
-//! `sdkd keys`: the API keys and credits of `sdkd serve` (one credit buys one image).
+//! `sdkd keys`: the API keys and credits of `sdkd serve` (docs/serve.md prices the images).
 use crate::serve::keys::KeyStore;
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -31,10 +31,24 @@ pub enum KeysAction {
         #[arg(long, allow_negative_numbers = true)]
         add: i64,
     },
-    /// Every key's name, credits, creation time and images served.
+    /// Every key's name, credits, images served, creation time (and whether revoked).
     List {
         #[arg(long)]
         db: PathBuf,
+    },
+    /// Revoke a key: the server answers it 401 from now on (its credits and rows stay).
+    Revoke {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
+    /// A key's generation requests, one row each: state, credits, images, status, cause.
+    Usage {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        name: String,
     },
 }
 
@@ -52,7 +66,23 @@ pub fn run(args: &KeysArgs) -> Result<()> {
         KeysAction::List { db } => {
             println!("{:<24} {:>10} {:>10}  created", "name", "credits", "images");
             for k in KeyStore::open(db)?.list()? {
-                println!("{:<24} {:>10} {:>10}  {}", k.name, k.credits, k.images, k.created_at);
+                let revoked = if k.revoked { "  revoked" } else { "" };
+                println!("{:<24} {:>10} {:>10}  {}{revoked}", k.name, k.credits, k.images, k.created_at);
+            }
+        }
+        KeysAction::Revoke { db, name } => {
+            if KeyStore::open(db)?.revoke(name)? {
+                println!("{name}: revoked");
+            } else {
+                println!("{name}: revoked already");
+            }
+        }
+        KeysAction::Usage { db, name } => {
+            println!("{:>6}  {:<24} {:<9} {:>8} {:>6} {:>6}  cause", "id", "created", "state", "credits", "images", "status");
+            for g in KeyStore::open(db)?.usage(name)? {
+                let status = g.status.map(|s| s.to_string()).unwrap_or_else(|| "-".into());
+                let cause = g.cause.unwrap_or_default();
+                println!("{:>6}  {:<24} {:<9} {:>8} {:>6} {:>6}  {cause}", g.id, g.created_at, g.state, g.credits, g.images, status);
             }
         }
     }

@@ -1,18 +1,22 @@
 //! `sdkd serve`: a text-to-image HTTP API in the style of Segmind's SD-Small/SD-Tiny API (docs/serve.md).
 //!
-//! `POST /v1/txt2img` with the key in `x-api-key` and a JSON body (`request.rs`); one credit per
-//! image (`keys.rs`). Every answer carries `x-remaining-credits` (0 without a valid key). Status
-//! codes: 200 image(s), 400 a bad request body (the message names the field), 401 no or an
-//! unknown key, 404 unknown URL, 405 method not allowed, 406 not enough credits, 500 the
-//! generation failed (its credits are given back). Errors are `{"error": "<message>"}`.
+//! `POST /v1/txt2img` with the key in `x-api-key` and a JSON body (`request.rs`), priced by
+//! `pricing.rs`, paid from the ledger of `keys.rs` (credits held before generating, kept when the
+//! images are delivered, given back otherwise). Every answer carries `x-remaining-credits` (0
+//! without a valid key) and `x-credits-charged`. Errors are `{"error": "<message>"}`; the status
+//! codes are in docs/serve.md. `GET /metrics` reports in Prometheus' text format.
 //!
 //! The model runs one request at a time on a blocking thread (one pipeline, and LibTorch already
-//! uses every core for one image); the HTTP side keeps answering meanwhile.
+//! uses every core for one image); the HTTP side keeps answering meanwhile. Each request has a
+//! cancellation token that the pipeline asks before every denoising step: the client going away,
+//! `--max-request-seconds` and shutdown end a generation within one step, and its credits return.
 pub mod keys;
+pub mod metrics;
+pub mod pricing;
 pub mod request;
 
 use crate::grid::grid;
-use crate::pipeline::{GenerateRequest, TextToImage};
+use crate::pipeline::{generate_until, Cancelled, GenerateRequest, TextToImage};
 use crate::png_meta::png_bytes;
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
@@ -23,23 +27,49 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
-use keys::{KeyStore, Spend};
+use keys::{Hold, KeyState, KeyStore};
+use metrics::Metrics;
+use pricing::Pricing;
 use request::Txt2Img;
 use serde_json::json;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub const KEY_HEADER: &str = "x-api-key";
 pub const CREDITS_HEADER: &str = "x-remaining-credits";
+pub const CHARGED_HEADER: &str = "x-credits-charged";
+
+/// The server's limits (`sdkd serve` flags).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Requests that may wait for the pipeline; one more is answered 503.
+    pub max_queue: usize,
+    /// A request still unfinished this long after it arrived is cancelled (504).
+    pub max_request: Option<Duration>,
+    /// After SIGTERM/SIGINT, how long requests in flight may still finish.
+    pub shutdown_grace: Duration,
+}
 
 /// What the handlers share.
 pub struct App {
     pipeline: Mutex<TextToImage>,
     keys: Mutex<KeyStore>,
+    /// This process's id in the ledger (`keys::KeyStore::start_instance`).
+    instance: String,
     /// What the PNG text chunks and `/v1/health` call the model.
     model: String,
     /// The VAE's downscale factor: image sides must be multiples of it.
     vae_factor: i64,
+    pricing: Pricing,
+    limits: Limits,
+    /// Requests admitted and not yet running.
+    waiting: AtomicUsize,
+    /// How long the last generation took, in ms: the `Retry-After` estimate.
+    last_run_ms: AtomicU64,
+    /// Set when shutdown cancels every request.
+    shutting_down: AtomicBool,
+    metrics: Metrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -48,9 +78,88 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl App {
-    pub fn new(pipeline: TextToImage, keys: KeyStore, model: String) -> Arc<App> {
+    /// The app over `pipeline` and `keys`, registered in the ledger as a new instance; the
+    /// pending generations of instances that no longer run are refunded first (and logged).
+    pub fn new(pipeline: TextToImage, keys: KeyStore, model: String, pricing: Pricing, limits: Limits) -> Result<Arc<App>> {
+        let instance = keys::new_instance_id()?;
+        for r in keys.start_instance(&instance).context("key database: refunding unfinished generations")? {
+            eprintln!(
+                "refunded {} credit(s) of {} generation(s) left pending by server instance {} (no longer running)",
+                r.credits, r.generations, r.instance
+            );
+        }
         let vae_factor = pipeline.vae.model.config.downscale_factor();
-        Arc::new(App { pipeline: Mutex::new(pipeline), keys: Mutex::new(keys), model, vae_factor })
+        Ok(Arc::new(App {
+            pipeline: Mutex::new(pipeline),
+            keys: Mutex::new(keys),
+            instance,
+            model,
+            vae_factor,
+            pricing,
+            limits,
+            waiting: AtomicUsize::new(0),
+            last_run_ms: AtomicU64::new(0),
+            shutting_down: AtomicBool::new(false),
+            metrics: Metrics::default(),
+        }))
+    }
+}
+
+/// Why a request stopped: the HTTP status and the message naming the cause.
+struct Stop {
+    status: StatusCode,
+    cause: String,
+}
+
+/// One request's cancellation token.
+struct Token {
+    app: Arc<App>,
+    deadline: Option<Instant>,
+    /// Set when the handler's future is dropped: hyper saw the connection close.
+    client_gone: AtomicBool,
+}
+
+impl Token {
+    fn stop(&self) -> Option<Stop> {
+        if self.client_gone.load(Ordering::SeqCst) {
+            return Some(Stop { status: StatusCode::INTERNAL_SERVER_ERROR, cause: "the client disconnected".into() });
+        }
+        if self.app.shutting_down.load(Ordering::SeqCst) {
+            return Some(Stop { status: StatusCode::SERVICE_UNAVAILABLE, cause: "the server is shutting down".into() });
+        }
+        match (self.deadline, self.app.limits.max_request) {
+            (Some(deadline), Some(limit)) if Instant::now() >= deadline => Some(Stop {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                cause: format!("the request ran past --max-request-seconds {}", limit.as_secs_f64()),
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Cancels the request when the handler's future is dropped before it answered.
+struct ClientWatch(Arc<Token>);
+
+impl Drop for ClientWatch {
+    fn drop(&mut self) {
+        self.0.client_gone.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A place in the queue: given back when the request starts running or ends.
+struct QueueSlot<'a>(&'a AtomicUsize, AtomicBool);
+
+impl QueueSlot<'_> {
+    fn leave(&self) {
+        if !self.1.swap(true, Ordering::SeqCst) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 
@@ -67,20 +176,28 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/v1/txt2img", post(txt2img).fallback(method_not_allowed))
         .route("/v1/health", get(health).fallback(method_not_allowed))
+        .route("/metrics", get(metrics_text).fallback(method_not_allowed))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "unknown URL: the API is POST /v1/txt2img") })
-        .layer(middleware::from_fn_with_state(app.clone(), remaining_credits))
+        .layer(middleware::from_fn_with_state(app.clone(), every_answer))
         .with_state(app)
 }
 
-/// Adds `x-remaining-credits` to every answer and logs the request.
-async fn remaining_credits(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+/// Adds `x-remaining-credits` and `x-credits-charged` (0 unless the handler charged) to every
+/// answer, counts it in the metrics and logs it.
+async fn every_answer(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let key = api_key(req.headers());
     let mut response = next.run(req).await;
     let credits = key.and_then(|k| lock(&app.keys).credits(&k).ok().flatten()).unwrap_or(0);
-    response.headers_mut().insert(CREDITS_HEADER, HeaderValue::from(credits));
-    eprintln!("{method} {path} -> {} in {:.2}s", response.status().as_u16(), started.elapsed().as_secs_f64());
+    let headers = response.headers_mut();
+    headers.insert(CREDITS_HEADER, HeaderValue::from(credits));
+    if !headers.contains_key(CHARGED_HEADER) {
+        headers.insert(CHARGED_HEADER, HeaderValue::from(0));
+    }
+    let elapsed = started.elapsed();
+    app.metrics.answered(response.status().as_u16(), elapsed);
+    eprintln!("{method} {path} -> {} in {:.2}s", response.status().as_u16(), elapsed.as_secs_f64());
     response
 }
 
@@ -88,13 +205,26 @@ async fn health(State(app): State<Arc<App>>) -> Response {
     Json(json!({ "status": "ok", "model": app.model })).into_response()
 }
 
+async fn metrics_text(State(app): State<Arc<App>>) -> Response {
+    let text = app.metrics.render(app.waiting.load(Ordering::SeqCst));
+    ([("content-type", "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+fn retry_after(app: &App) -> HeaderValue {
+    let waiting = app.waiting.load(Ordering::SeqCst) as u64 + 1;
+    HeaderValue::from((app.last_run_ms.load(Ordering::SeqCst) * waiting).div_ceil(1000).max(1))
+}
+
 async fn txt2img(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    let arrived = Instant::now();
     let Some(key) = api_key(&headers) else {
         return error(StatusCode::UNAUTHORIZED, format!("authentication failed: send your API key in the {KEY_HEADER} header"));
     };
-    match lock(&app.keys).credits(&key) {
-        Ok(Some(_)) => {}
-        Ok(None) => return error(StatusCode::UNAUTHORIZED, "authentication failed: unknown API key"),
+    let state = lock(&app.keys).key_state(&key);
+    match state {
+        Ok(KeyState::Active { .. }) => {}
+        Ok(KeyState::Unknown) => return error(StatusCode::UNAUTHORIZED, "authentication failed: unknown API key"),
+        Ok(KeyState::Revoked) => return error(StatusCode::UNAUTHORIZED, "authentication failed: this API key was revoked"),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("key database: {e:#}")),
     }
     let api = match Txt2Img::parse(&body) {
@@ -110,40 +240,103 @@ async fn txt2img(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
             return error(StatusCode::BAD_REQUEST, format!("{name} = {v}: must be a multiple of this model's VAE factor {}", app.vae_factor));
         }
     }
-    let n = req.samples as i64;
-    let spent = lock(&app.keys).spend(&key, n);
-    match spent {
-        Ok(Spend::Taken { .. }) => {}
-        Ok(Spend::Short { has }) => {
-            return error(StatusCode::NOT_ACCEPTABLE, format!("not enough credits: {n} image(s) cost {n}, the key has {has}"));
-        }
-        Ok(Spend::UnknownKey) => return error(StatusCode::UNAUTHORIZED, "authentication failed: unknown API key"),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("key database: {e:#}")),
-    }
 
-    let worker = app.clone();
-    let job = req.clone();
-    let generated = tokio::task::spawn_blocking(move || {
-        let pipeline = lock(&worker.pipeline);
-        pipeline.generate(&job).map(|images| (images, pipeline.parts().truncated_prompts(&job)))
-    })
-    .await;
-    let result = match generated {
-        Ok(Ok((images, truncated))) => encode(&app, &api, &req, images, &truncated),
-        Ok(Err(e)) => Err(e),
-        Err(join) => Err(anyhow::anyhow!("the generation thread failed: {join}")),
+    // a place in the queue before any credit is taken: a full queue costs nothing
+    let admitted = app.waiting.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w < app.limits.max_queue).then_some(w + 1));
+    if admitted.is_err() {
+        let mut response = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the queue is full ({} requests waiting, --max-queue {}): try again later", app.limits.max_queue, app.limits.max_queue),
+        );
+        response.headers_mut().insert("retry-after", retry_after(&app));
+        return response;
+    }
+    let slot = QueueSlot(&app.waiting, AtomicBool::new(false));
+
+    let n = req.samples as i64;
+    let price = app.pricing.price(n, req.steps as i64, api.img_width, api.img_height);
+    let held = lock(&app.keys).hold(&key, price, n, &app.instance);
+    let generation = match held {
+        Ok(Hold::Held { id, .. }) => id,
+        Ok(Hold::Short { has }) => {
+            return error(
+                StatusCode::NOT_ACCEPTABLE,
+                format!(
+                    "not enough credits: {n} sample(s) of {} steps at {}x{} cost {price}, the key has {has}",
+                    req.steps, api.img_width, api.img_height
+                ),
+            );
+        }
+        Ok(Hold::UnknownKey) => return error(StatusCode::UNAUTHORIZED, "authentication failed: unknown API key"),
+        Ok(Hold::Revoked) => return error(StatusCode::UNAUTHORIZED, "authentication failed: this API key was revoked"),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("key database: {e:#}")),
     };
-    let keys = lock(&app.keys);
-    match result {
-        Ok(response) => {
-            let _ = keys.record(&key, n, 200);
-            response
+    // the worker owns the queue place from here
+    std::mem::forget(slot);
+
+    let token = Arc::new(Token {
+        app: app.clone(),
+        deadline: app.limits.max_request.map(|d| arrived + d),
+        client_gone: AtomicBool::new(false),
+    });
+    let _watch = ClientWatch(token.clone());
+    let worker = app.clone();
+    // the worker settles the ledger itself: the answer is the same whether anyone still awaits it
+    tokio::task::spawn_blocking(move || run(&worker, &token, generation, price, &api, &req))
+        .await
+        .unwrap_or_else(|join| error(StatusCode::INTERNAL_SERVER_ERROR, format!("the generation thread failed: {join}")))
+}
+
+/// Generates generation `id` (its credits held) and settles it: served with the images, or
+/// refunded with a 5xx naming the cause.
+fn run(app: &App, token: &Token, id: i64, price: i64, api: &Txt2Img, req: &GenerateRequest) -> Response {
+    let slot = QueueSlot(&app.waiting, AtomicBool::new(false));
+    let pipeline = lock(&app.pipeline);
+    slot.leave();
+    let started = Instant::now();
+    let stop = || token.stop().map(|s| s.cause);
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Response> {
+        if let Some(s) = token.stop() {
+            return Err(Cancelled { cause: s.cause, done: 0, total: req.steps }.into());
         }
-        Err(e) => {
-            let _ = keys.refund(&key, n);
-            let _ = keys.record(&key, n, 500);
-            error(StatusCode::INTERNAL_SERVER_ERROR, format!("generation failed (credits given back): {e:#}"))
+        let images = generate_until(&pipeline.parts(), req, &mut |_, _| {}, &stop)?;
+        encode(app, api, req, images, &pipeline.parts().truncated_prompts(req))
+    }));
+    // a panic in LibTorch is this request's failure, settled here whether or not anyone listens
+    let result = caught.unwrap_or_else(|panic| {
+        let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(anyhow::anyhow!("the pipeline panicked: {}", what.unwrap_or_default()))
+    });
+    drop(pipeline);
+    app.last_run_ms.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
+
+    let (status, message) = match result {
+        Ok(mut response) => match lock(&app.keys).served(id) {
+            Ok(true) => {
+                app.metrics.served(req.samples as u64, price as u64);
+                response.headers_mut().insert(CHARGED_HEADER, HeaderValue::from(price));
+                return response;
+            }
+            Ok(false) => (StatusCode::INTERNAL_SERVER_ERROR, format!("generation {id} was settled elsewhere; not delivered")),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("key database: {e:#}")),
+        },
+        Err(e) => match e.downcast_ref::<Cancelled>() {
+            Some(c) => {
+                eprintln!("generation {id}: {c}");
+                let status = token.stop().map(|s| s.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                (status, format!("generation cancelled ({}) after {} of {} steps", c.cause, c.done, c.total))
+            }
+            None => (StatusCode::INTERNAL_SERVER_ERROR, format!("generation failed: {e:#}")),
+        },
+    };
+    match lock(&app.keys).refund(id, status.as_u16(), &message) {
+        Ok(true) => {
+            app.metrics.refunded(price as u64);
+            eprintln!("generation {id}: {price} credit(s) given back");
+            error(status, format!("{message}; its {price} credit(s) were given back"))
         }
+        Ok(false) => error(status, message),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{message}; key database: {e:#}")),
     }
 }
 
@@ -191,27 +384,54 @@ fn encode(
 }
 
 /// Serves `app` on `listen` until SIGINT or SIGTERM; prints `listening on http://<addr>` (the
-/// bound address: port 0 picks a free one) to stdout first.
+/// bound address: port 0 picks a free one) to stdout first. The first signal stops accepting and
+/// gives the requests in flight `--shutdown-grace`; then, or at a second signal, they are
+/// cancelled (and refunded).
 pub fn serve(app: Arc<App>, listen: &str) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}: cannot listen there"))?;
         let addr = listener.local_addr()?;
+        let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
+        // the handlers exist before anyone is told where to connect: an early SIGTERM is graceful too
+        use tokio::signal::unix::{signal, SignalKind};
+        let (term, int) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+        let (term, int) = (term.context("listening for SIGTERM")?, int.context("listening for SIGINT")?);
+        tokio::spawn(signals(app.clone(), term, int, stop_accepting));
         println!("listening on http://{addr} (POST /v1/txt2img)");
         use std::io::Write;
         std::io::stdout().flush()?;
-        axum::serve(listener, router(app)).with_graceful_shutdown(shutdown_signal()).await.context("serving")
-    })
+        axum::serve(listener, router(app.clone()))
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+            .context("serving")
+    });
+    // workers whose clients left may still run: stop them at their next step, then wait for them
+    app.shutting_down.store(true, Ordering::SeqCst);
+    runtime.shutdown_timeout(Duration::from_secs(600));
+    lock(&app.keys).stop_instance(&app.instance)?;
+    served
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return std::future::pending().await;
-    };
+async fn signals(
+    app: Arc<App>,
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    stop_accepting: tokio::sync::oneshot::Sender<()>,
+) {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-    eprintln!("shutting down: finishing the requests in flight");
+    let grace = app.limits.shutdown_grace;
+    eprintln!("shutting down: no new connections; requests in flight have {:.0} s (a second signal cancels them now)", grace.as_secs_f64());
+    let _ = stop_accepting.send(());
+    tokio::select! {
+        _ = tokio::time::sleep(grace) => eprintln!("shutdown grace over: cancelling the requests in flight"),
+        _ = term.recv() => eprintln!("second signal: cancelling the requests in flight"),
+        _ = int.recv() => eprintln!("second signal: cancelling the requests in flight"),
+    }
+    app.shutting_down.store(true, Ordering::SeqCst);
 }
