@@ -226,11 +226,11 @@ fn sha256_hex(text: &str) -> String {
 }
 
 /// Two threads, each on its own SQLite connection to one database, released together by a
-/// barrier, try to spend a key's last credit: exactly one gets it, and the balance ends at 0.
+/// barrier, try to hold a key's last credit for a generation: exactly one gets it, and the balance ends at 0.
 /// Many rounds, so that the two statements really meet inside SQLite.
 #[test]
 fn last_credit_race_has_one_winner() {
-    use sdkd::serve::keys::{KeyStore, Spend};
+    use sdkd::serve::keys::{Hold, KeyStore};
     let dir = tempdir();
     let db = dir.path().join("keys.sqlite");
     let admin = KeyStore::create_or_open(&db).unwrap();
@@ -239,20 +239,20 @@ fn last_credit_race_has_one_winner() {
     for round in 0..rounds {
         assert_eq!(admin.credit("racer", 1).unwrap(), 1);
         let barrier = std::sync::Barrier::new(2);
-        let results: Vec<Spend> = std::thread::scope(|s| {
+        let results: Vec<Hold> = std::thread::scope(|s| {
             let racers: Vec<_> = (0..2)
                 .map(|_| {
                     s.spawn(|| {
                         let store = KeyStore::open(&db).unwrap();
                         barrier.wait();
-                        store.spend(&key, 1).unwrap()
+                        store.hold(&key, 1, 1, "racer").unwrap()
                     })
                 })
                 .collect();
             racers.into_iter().map(|r| r.join().unwrap()).collect()
         });
-        let won = results.iter().filter(|r| matches!(r, Spend::Taken { left: 0 })).count();
-        let lost = results.iter().filter(|r| matches!(r, Spend::Short { has: 0 })).count();
+        let won = results.iter().filter(|r| matches!(r, Hold::Held { left: 0, .. })).count();
+        let lost = results.iter().filter(|r| matches!(r, Hold::Short { has: 0 })).count();
         assert_eq!((won, lost), (1, 1), "round {round}: {results:?}");
         assert_eq!(admin.credits(&key).unwrap(), Some(0), "round {round}");
     }
@@ -278,7 +278,7 @@ fn failed_generation_answers_500_and_refunds() {
     };
     let a = post("euler");
     assert_eq!((a.status, a.credits()), (500, 3), "{}", String::from_utf8_lossy(&a.body));
-    assert!(a.error().contains("credits given back") && a.error().contains("timestep_type"), "{}", a.error());
+    assert!(a.error().contains("given back") && a.error().contains("timestep_type"), "{}", a.error());
     // the same request with a scheduler that accepts the config is served and paid for
     let a = post("unipc");
     assert_eq!((a.status, a.credits()), (200, 1), "{}", String::from_utf8_lossy(&a.body));
