@@ -4,100 +4,11 @@
 //! same request (which tests/generate.rs holds to diffusers').
 mod common;
 
+use common::serve_http::*;
 use common::*;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
 const PANDA: &str = "a toy panda standing on a pile of broccoli";
-
-/// The server process, stopped with SIGTERM when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start(model: &Path, db: &Path) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sdkd"))
-            .args(["serve", "--model", &model.display().to_string(), "--db", &db.display().to_string()])
-            .args(["--listen", "127.0.0.1:0", "--device", "cpu"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("starting sdkd serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no address in {line:?}"))
-            .to_string();
-        Server { child, addr }
-    }
-
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Answer {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    fn credits(&self) -> i64 {
-        self.headers.get("x-remaining-credits").unwrap_or_else(|| panic!("no x-remaining-credits in {:?}", self.headers)).parse().unwrap()
-    }
-
-    fn error(&self) -> String {
-        self.json()["error"].as_str().unwrap_or_default().to_string()
-    }
-}
-
-fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: Option<&Value>) -> Answer {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    if !body.is_empty() {
-        head += "Content-Type: application/json\r\n";
-    }
-    if let Some(k) = key {
-        head += &format!("x-api-key: {k}\r\n");
-    }
-    stream.write_all(format!("{head}\r\n{body}").as_bytes()).unwrap();
-    let mut raw = vec![];
-    stream.read_to_end(&mut raw).unwrap();
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("no end of headers");
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let mut lines = head.lines();
-    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
-    Answer { status, headers, body: raw[split + 4..].to_vec() }
-}
-
-fn add_key(db: &Path, name: &str, credits: i64) -> String {
-    let out = sdkd(&["keys", "add", "--db", &db.display().to_string(), "--name", name, "--credits", &credits.to_string()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 #[test]
 fn api_status_codes_credits_and_images() {
@@ -105,7 +16,7 @@ fn api_status_codes_credits_and_images() {
     let (model, db) = (dir.path().join("pipe"), dir.path().join("keys.sqlite"));
     run_reference("make_pipeline.py", &[&model.display().to_string()]);
     let alice = add_key(&db, "alice", 3);
-    let mut server = Server::start(&model, &db);
+    let mut server = Server::start(&model, &db, &dir.path().join("serve.log"), &[]);
     let addr = server.addr.clone();
     let post = |key: Option<&str>, body: &Value| http(&addr, "POST", "/v1/txt2img", key, Some(body));
 
@@ -271,7 +182,7 @@ fn failed_generation_answers_500_and_refunds() {
     config["timestep_type"] = json!("continuous");
     std::fs::write(&config_path, config.to_string()).unwrap();
     let dave = add_key(&db, "dave", 3);
-    let mut server = Server::start(&model, &db);
+    let mut server = Server::start(&model, &db, &dir.path().join("serve.log"), &[]);
     let post = |scheduler: &str| {
         let body = json!({"prompt": PANDA, "scheduler": scheduler, "samples": 2, "img_width": 64, "img_height": 64, "seed": 1});
         http(&server.addr, "POST", "/v1/txt2img", Some(&dave), Some(&body))

@@ -1,6 +1,8 @@
 //! Shared test helpers: the project's `.venv` Python (diffusers/transformers are the referee)
 //! and the `sdkd` binary.
 #![allow(dead_code)]
+pub mod serve_http;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
