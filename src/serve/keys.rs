@@ -251,16 +251,7 @@ impl KeyStore {
 
     /// Whether `key` exists, is revoked, and its balance.
     pub fn key_state(&self, key: &str) -> Result<KeyState> {
-        let row: Option<(i64, bool)> = self
-            .db
-            .query_row(
-                "SELECT credits, EXISTS (SELECT 1 FROM revoked_keys r WHERE r.key_sha256 = k.key_sha256)
-                 FROM api_keys k WHERE key_sha256 = ?1",
-                [sha256_hex(key)],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        Ok(match row {
+        Ok(match balance_and_revoked(&self.db, &sha256_hex(key))? {
             None => KeyState::Unknown,
             Some((_, true)) => KeyState::Revoked,
             Some((credits, false)) => KeyState::Active { credits },
@@ -325,15 +316,7 @@ impl KeyStore {
     pub fn hold(&self, key: &str, credits: i64, images: i64, instance: &str) -> Result<Hold> {
         let hash = sha256_hex(key);
         let tx = self.immediate()?;
-        let row: Option<(i64, bool)> = tx
-            .query_row(
-                "SELECT credits, EXISTS (SELECT 1 FROM revoked_keys r WHERE r.key_sha256 = k.key_sha256)
-                 FROM api_keys k WHERE key_sha256 = ?1",
-                [&hash],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let has = match row {
+        let has = match balance_and_revoked(&tx, &hash)? {
             None => return Ok(Hold::UnknownKey),
             Some((_, true)) => return Ok(Hold::Revoked),
             Some((has, false)) => has,
@@ -371,6 +354,18 @@ impl KeyStore {
         tx.commit()?;
         Ok(refunded.is_some())
     }
+}
+
+/// (balance, revoked) of the key whose SHA-256 is `hash`, or None when there is no such key.
+fn balance_and_revoked(db: &Connection, hash: &str) -> Result<Option<(i64, bool)>> {
+    Ok(db
+        .query_row(
+            "SELECT credits, EXISTS (SELECT 1 FROM revoked_keys r WHERE r.key_sha256 = k.key_sha256)
+             FROM api_keys k WHERE key_sha256 = ?1",
+            [hash],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?)
 }
 
 /// Refunds pending generation `id` inside `tx`; returns its credits, or None when not pending.

@@ -39,6 +39,8 @@ use std::time::{Duration, Instant};
 pub const KEY_HEADER: &str = "x-api-key";
 pub const CREDITS_HEADER: &str = "x-remaining-credits";
 pub const CHARGED_HEADER: &str = "x-credits-charged";
+const UNKNOWN_KEY: &str = "authentication failed: unknown API key";
+const REVOKED_KEY: &str = "authentication failed: this API key was revoked";
 
 /// The server's limits (`sdkd serve` flags).
 #[derive(Debug, Clone)]
@@ -146,18 +148,22 @@ impl Drop for ClientWatch {
     }
 }
 
-/// A place in the queue: given back when the request starts running or ends.
-struct QueueSlot<'a>(&'a AtomicUsize, AtomicBool);
+/// A place in the queue (`App::waiting`), taken by the handler and moved to the worker: given
+/// back when the request starts running, or when it ends without having run.
+struct QueueSlot {
+    app: Arc<App>,
+    held: bool,
+}
 
-impl QueueSlot<'_> {
-    fn leave(&self) {
-        if !self.1.swap(true, Ordering::SeqCst) {
-            self.0.fetch_sub(1, Ordering::SeqCst);
+impl QueueSlot {
+    fn leave(&mut self) {
+        if std::mem::take(&mut self.held) {
+            self.app.waiting.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
 
-impl Drop for QueueSlot<'_> {
+impl Drop for QueueSlot {
     fn drop(&mut self) {
         self.leave();
     }
@@ -223,8 +229,8 @@ async fn txt2img(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
     let state = lock(&app.keys).key_state(&key);
     match state {
         Ok(KeyState::Active { .. }) => {}
-        Ok(KeyState::Unknown) => return error(StatusCode::UNAUTHORIZED, "authentication failed: unknown API key"),
-        Ok(KeyState::Revoked) => return error(StatusCode::UNAUTHORIZED, "authentication failed: this API key was revoked"),
+        Ok(KeyState::Unknown) => return error(StatusCode::UNAUTHORIZED, UNKNOWN_KEY),
+        Ok(KeyState::Revoked) => return error(StatusCode::UNAUTHORIZED, REVOKED_KEY),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("key database: {e:#}")),
     }
     let api = match Txt2Img::parse(&body) {
@@ -251,7 +257,7 @@ async fn txt2img(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
         response.headers_mut().insert("retry-after", retry_after(&app));
         return response;
     }
-    let slot = QueueSlot(&app.waiting, AtomicBool::new(false));
+    let slot = QueueSlot { app: app.clone(), held: true };
 
     let n = req.samples as i64;
     let price = app.pricing.price(n, req.steps as i64, api.img_width, api.img_height);
@@ -267,13 +273,11 @@ async fn txt2img(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
                 ),
             );
         }
-        Ok(Hold::UnknownKey) => return error(StatusCode::UNAUTHORIZED, "authentication failed: unknown API key"),
-        Ok(Hold::Revoked) => return error(StatusCode::UNAUTHORIZED, "authentication failed: this API key was revoked"),
+        // the key was removed or revoked since it was checked above
+        Ok(Hold::UnknownKey) => return error(StatusCode::UNAUTHORIZED, UNKNOWN_KEY),
+        Ok(Hold::Revoked) => return error(StatusCode::UNAUTHORIZED, REVOKED_KEY),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("key database: {e:#}")),
     };
-    // the worker owns the queue place from here
-    std::mem::forget(slot);
-
     let token = Arc::new(Token {
         app: app.clone(),
         deadline: app.limits.max_request.map(|d| arrived + d),
@@ -282,15 +286,14 @@ async fn txt2img(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
     let _watch = ClientWatch(token.clone());
     let worker = app.clone();
     // the worker settles the ledger itself: the answer is the same whether anyone still awaits it
-    tokio::task::spawn_blocking(move || run(&worker, &token, generation, price, &api, &req))
+    tokio::task::spawn_blocking(move || run(&worker, slot, &token, generation, price, &api, &req))
         .await
         .unwrap_or_else(|join| error(StatusCode::INTERNAL_SERVER_ERROR, format!("the generation thread failed: {join}")))
 }
 
-/// Generates generation `id` (its credits held) and settles it: served with the images, or
-/// refunded with a 5xx naming the cause.
-fn run(app: &App, token: &Token, id: i64, price: i64, api: &Txt2Img, req: &GenerateRequest) -> Response {
-    let slot = QueueSlot(&app.waiting, AtomicBool::new(false));
+/// Generates generation `id` (its credits held, its queue place `slot`) and settles it: served
+/// with the images, or refunded with a 5xx naming the cause.
+fn run(app: &App, mut slot: QueueSlot, token: &Token, id: i64, price: i64, api: &Txt2Img, req: &GenerateRequest) -> Response {
     let pipeline = lock(&app.pipeline);
     slot.leave();
     let started = Instant::now();
