@@ -1,12 +1,36 @@
 //! Bakes the LibTorch library directory into every binary's rpath so that `sdkd` runs without
 //! LD_LIBRARY_PATH, and compiles csrc/aten_extra.cpp: LibTorch operators tch does not wrap (the
-//! fused AdamW kernel). LIBTORCH comes from `.cargo/config.toml` (the project-local `.venv`).
-use std::path::PathBuf;
+//! fused AdamW kernel), and csrc/c10d.cpp: c10d's TCPStore and process groups (Gloo always; NCCL
+//! where LibTorch has CUDA and the CUDA and NCCL headers are found). LIBTORCH comes from
+//! `.cargo/config.toml` (the project-local `.venv`).
+use std::path::{Path, PathBuf};
+
+/// A folder holding the CUDA runtime headers (with their `crt/` internals) and one holding
+/// `nccl.h`: from SDKD_CUDA_INCLUDE (a `:` list), CUDA_HOME, /usr/local/cuda, or the nvidia
+/// packages beside LibTorch's wheel.
+fn cuda_and_nccl_includes(libtorch: &Path) -> Option<(PathBuf, PathBuf)> {
+    let mut dirs: Vec<PathBuf> = std::env::var("SDKD_CUDA_INCLUDE").unwrap_or_default().split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect();
+    if let Ok(home) = std::env::var("CUDA_HOME") {
+        dirs.push(Path::new(&home).join("include"));
+    }
+    dirs.push("/usr/local/cuda/include".into());
+    if let Some(site) = libtorch.parent() {
+        if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+            dirs.extend(entries.flatten().map(|e| e.path().join("include")));
+        }
+    }
+    let cuda = dirs.iter().find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_config.h").exists())?;
+    let nccl = dirs.iter().find(|d| d.join("nccl.h").exists())?;
+    Some((cuda.clone(), nccl.clone()))
+}
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-changed=csrc/aten_extra.cpp");
+    println!("cargo:rerun-if-changed=csrc/c10d.cpp");
+    println!("cargo:rerun-if-env-changed=SDKD_CUDA_INCLUDE");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         panic!("LIBTORCH is not set: run `make setup` (it is set in .cargo/config.toml)")
     };
@@ -29,6 +53,25 @@ fn main() {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .warnings(false)
         .compile("sdkd_aten_extra");
+    // Gloo's headers are not in the wheel; the few ProcessGroupGloo.hpp includes are vendored.
+    let mut c10d = cc::Build::new();
+    c10d.cpp(true)
+        .file("csrc/c10d.cpp")
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .include("csrc/third_party")
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .flag("-DUSE_C10D_GLOO")
+        .warnings(false);
+    match cuda_and_nccl_includes(&root) {
+        Some((cuda, nccl)) if lib.join("libtorch_cuda.so").exists() => {
+            c10d.include(cuda).include(nccl).flag("-DUSE_C10D_NCCL").flag("-DSDKD_WITH_NCCL");
+        }
+        _ => println!("cargo:warning=c10d: no CUDA+NCCL headers found (SDKD_CUDA_INCLUDE, CUDA_HOME): NCCL groups compiled out, Gloo only"),
+    }
+    c10d.compile("sdkd_c10d");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");

@@ -148,6 +148,9 @@ pub struct TrainConfig {
     pub ema_decay: Option<f64>,
     /// diffusers' `--noise_offset`: noise += offset · N(0, 1) per (sample, channel); 0 = off.
     pub noise_offset: f64,
+    /// Seconds a collective of a multi-process run (torchrun, SLURM) may wait for the other
+    /// ranks before the run fails naming the lost rank (docs/distributed.md).
+    pub dist_timeout_s: f64,
 }
 
 impl Default for TrainConfig {
@@ -161,6 +164,7 @@ impl Default for TrainConfig {
             precision: Precision::default(),
             ema_decay: None,
             noise_offset: 0.0,
+            dist_timeout_s: 1800.0,
         }
     }
 }
@@ -353,7 +357,7 @@ fn yes() -> bool {
 /// Keys that may change between a run and its resumption without changing the trained function
 /// (cadences, the step budget, where things go, which GPU): left out of `config_hash`.
 pub const RESUME_MUTABLE_KEYS: &[&str] =
-    &["output_dir", "train.max_steps", "train.device", "checkpoint", "log", "validation"];
+    &["output_dir", "train.max_steps", "train.device", "train.dist_timeout_s", "checkpoint", "log", "validation"];
 
 impl RunConfig {
     /// Reads, parses, resolves relative paths against the file's folder, and validates.
@@ -527,6 +531,12 @@ impl RunConfig {
                     format!("train.ema_decay = {e}: must be in (0, 1) (or null for no EMA)"),
                 ));
             }
+        }
+        if !(t.dist_timeout_s.is_finite() && t.dist_timeout_s > 0.0 && t.dist_timeout_s <= 7.0 * 86400.0) {
+            return Err(invalid(
+                "train.dist_timeout_s",
+                format!("train.dist_timeout_s = {}: must be > 0 and at most a week (604800)", t.dist_timeout_s),
+            ));
         }
         if !(t.noise_offset.is_finite() && t.noise_offset >= 0.0) {
             return Err(invalid(
@@ -785,6 +795,7 @@ mod tests {
             ("train:\n  ema_decay: 1.0\n", "train.ema_decay = 1"),
             ("train:\n  ema_decay: 0\n", "train.ema_decay = 0"),
             ("train:\n  noise_offset: -0.1\n", "train.noise_offset = -0.1"),
+            ("train:\n  dist_timeout_s: 0\n", "train.dist_timeout_s = 0"),
             ("loss:\n  feature_kd: -1\n", "loss.feature_kd = -1"),
             ("loss:\n  task: .nan\n", "loss.task = NaN"),
             ("loss:\n  task: 0\n  output_kd: 0\n  feature_kd: 0\n", "all 0"),

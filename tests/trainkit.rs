@@ -263,6 +263,7 @@ fn checkpoint_writer_loop() {
                 config: serde_json::Value::Null,
                 sdkd_version: "test".into(),
                 loss_scale: None,
+                world_size: 1,
             },
             unet_config: serde_json::json!({"step": step}),
             student: vec![("w".into(), t(step as f64))],

@@ -5,12 +5,17 @@
 //!
 //! `output_dir` must be new or empty, unless `--resume` continues the run it holds (same config)
 //! or `--overwrite` replaces a run sdkd made there; a folder sdkd did not make is never used.
+//!
+//! Under torchrun or SLURM (their environment variables; docs/distributed.md) every process is
+//! one rank of a data-parallel run: all check the config and output_dir, then join the process
+//! group; rank 0 alone writes and reports.
 use crate::config::{identity_diff, RunConfig};
 use crate::distill::checkpoint;
 use crate::fs_safe::{self, Existing, Marker, Purpose};
 use crate::distill::progress::ProgressMode;
-use crate::distill::trainer::Trainer;
-use anyhow::{bail, Result};
+use crate::distill::trainer::{identity_config, Trainer};
+use crate::distributed::{Backend, Launch, ProcessGroup, Ranks};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -44,17 +49,48 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
+/// Joins the process group of this rank (Gloo on the CPU, NCCL on `cuda:LOCAL_RANK`), with
+/// `train.device` moved to this rank's GPU.
+pub fn join_ranks(launch: &Launch, cfg: &mut RunConfig) -> Result<Ranks> {
+    let device = launch.device(cfg.train.device.resolve()?)?;
+    let backend = match device {
+        tch::Device::Cuda(i) => {
+            cfg.train.device = crate::config::DeviceChoice::Cuda(i);
+            Backend::Nccl
+        }
+        _ => Backend::Gloo,
+    };
+    if !backend.available() {
+        bail!("train.device = {}: a data-parallel CUDA run needs NCCL, which this sdkd was built without (no CUDA and NCCL headers at build time)", cfg.train.device);
+    }
+    let timeout = std::time::Duration::from_secs_f64(cfg.train.dist_timeout_s);
+    let group = ProcessGroup::join(launch, backend, timeout)
+        .with_context(|| format!("{} launch, train.dist_timeout_s = {}", launch.launcher, cfg.train.dist_timeout_s))?;
+    Ok(Ranks { group })
+}
+
 pub fn run(args: &TrainArgs) -> Result<()> {
-    let cfg = RunConfig::load(&args.config)?;
-    let claim = check_output_dir(&cfg, args.resume.is_some(), args.overwrite)?;
+    let launch = Launch::from_env(|k| std::env::var(k).ok())?;
+    let mut cfg = RunConfig::load(&args.config)?;
+    let world = launch.as_ref().map_or(1, |l| l.world_size);
+    let identity = identity_config(&cfg, world);
+    let claim = check_output_dir(&identity, args.resume.is_some(), args.overwrite)?;
     let stop = stop_flag()?;
-    let marker = run_marker(&cfg);
+    let marker = run_marker(&identity);
     let output_dir = cfg.output_dir.clone();
-    let mut trainer = Trainer::new(cfg, args.resume.as_deref())?;
+    // every rank has checked output_dir before any joins, so none sees rank 0's writes
+    let ranks = launch.as_ref().map(|l| join_ranks(l, &mut cfg)).transpose()?;
+    let leader = ranks.as_ref().is_none_or(Ranks::is_leader);
+    let mut trainer = Trainer::with_ranks(cfg, args.resume.as_deref(), ranks)?;
     // only once the run is known to start: a bad config or teacher leaves output_dir as it was
-    claim.apply(&output_dir, &marker)?;
-    let mode = if args.quiet { ProgressMode::Hidden } else { ProgressMode::detect() };
+    if leader {
+        claim.apply(&output_dir, &marker)?;
+    }
+    let mode = if args.quiet || !leader { ProgressMode::Hidden } else { ProgressMode::detect() };
     let outcome = trainer.run(&stop, mode)?;
+    if !leader {
+        return Ok(());
+    }
     let ckpt = outcome.last_checkpoint.map(|p| p.display().to_string()).unwrap_or_else(|| "none".into());
     if outcome.interrupted {
         println!("interrupted at step {}: checkpoint {ckpt}; continue with --resume latest", outcome.step);

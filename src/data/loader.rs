@@ -8,8 +8,14 @@
 //! following batches the same way in every run, however many threads decode and however far
 //! ahead they run. A batch carries the cursor after its last sample (`next`); a loader started
 //! from that cursor yields exactly the batches that would have followed.
+//!
+//! Sharded (`Loader::sharded`, one rank of a data-parallel run): a batch is this rank's run of
+//! `batch_size` positions of each round of `world` runs ([`Shard`]), decoded by this rank alone,
+//! and its `next` is the cursor after the whole round, the same on every rank. A bad sample
+//! leaves its batch one short rather than pulling in the next position, which belongs to
+//! another rank (knowing whether the others' samples are usable would mean decoding them).
 use super::source::{BadKind, BadSample, OnBadSample, SampleSource};
-use super::order::{Cursor, Indexer, Order};
+use super::order::{Cursor, Indexer, Order, Shard};
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
 use std::collections::VecDeque;
@@ -72,6 +78,7 @@ pub struct BatchStream<S: SampleSource> {
     pending: VecDeque<Pending<S::Item>>,
     pool: rayon::ThreadPool,
     window: usize,
+    shard: Option<Shard>,
 }
 
 impl<S: SampleSource> BatchStream<S> {
@@ -109,7 +116,74 @@ impl<S: SampleSource> BatchStream<S> {
             .build()
             .context("starting the decode threads")?;
         let window = opts.batch_size.max(4 * pool.current_num_threads());
-        Ok(BatchStream { indexer: Indexer::new(opts.order, len), source, opts, ahead, cursor: start, pending: VecDeque::new(), pool, window })
+        Ok(BatchStream { indexer: Indexer::new(opts.order, len), source, opts, ahead, cursor: start, pending: VecDeque::new(), pool, window, shard: None })
+    }
+
+    /// The stream of one rank's share (see the module comment); `start` is the first position
+    /// of a round. Shuffled orders only (endless, as training reads them).
+    pub fn sharded(source: Arc<S>, opts: LoaderOptions, start: Cursor, shard: Shard) -> Result<Self> {
+        if !matches!(opts.order, Order::Shuffled { .. }) {
+            bail!("a sharded loader walks a shuffled order");
+        }
+        if shard.world == 0 || shard.rank >= shard.world {
+            bail!("rank {} is not one of {} ranks", shard.rank, shard.world);
+        }
+        let mut stream = Self::new(source, opts, start)?;
+        stream.shard = Some(shard);
+        Ok(stream)
+    }
+
+    /// This rank's run of the next round: its positions decoded in parallel, the bad ones
+    /// skipped (not replaced), `next` after the round.
+    fn next_shard_batch(&mut self, shard: Shard) -> Result<Option<Batch<S::Batch>>> {
+        let len = self.source.len();
+        let b = self.opts.batch_size;
+        let order = self.opts.order;
+        let step = |c: Cursor| order.advance(c, len).expect("a shuffled order never ends");
+        let start = self.cursor;
+        let mut c = start;
+        for _ in 0..shard.rank * b {
+            c = step(c);
+        }
+        let mut todo = Vec::with_capacity(b);
+        for _ in 0..b {
+            todo.push((c, self.indexer.index(c)));
+            c = step(c);
+        }
+        for _ in 0..(shard.world - 1 - shard.rank) * b {
+            c = step(c);
+        }
+        self.cursor = c;
+        let source = &self.source;
+        let loaded: Vec<Pending<S::Item>> = self.pool.install(|| {
+            todo.par_iter()
+                .map(|&(cursor, index)| Pending { cursor, index, result: load_guarded(source.as_ref(), index, cursor.epoch) })
+                .collect()
+        });
+        let (mut items, mut indices, mut epochs, mut skipped) = (vec![], vec![], vec![], vec![]);
+        for p in loaded {
+            match p.result {
+                Ok(item) => {
+                    items.push(item);
+                    indices.push(p.index);
+                    epochs.push(p.cursor.epoch);
+                }
+                Err(bad) if self.opts.on_bad_sample == OnBadSample::Fail => {
+                    bail!("bad sample {bad} (on_bad_sample is fail; set it to skip to skip such samples)")
+                }
+                Err(bad) => skipped.push(bad),
+            }
+        }
+        if items.is_empty() {
+            bail!(
+                "all {b} samples of rank {}'s share of a batch of {} are unusable (the last: {}); a rank cannot train on none",
+                shard.rank,
+                source.describe(),
+                skipped.last().map(|s| s.to_string()).unwrap_or_default()
+            );
+        }
+        let data = self.pool.install(|| source.collate(items))?;
+        Ok(Some(Batch { data, indices, epochs, start, next: self.cursor, skipped }))
     }
 
     /// Decodes the next window of positions, in parallel, in order.
@@ -133,6 +207,9 @@ impl<S: SampleSource> BatchStream<S> {
     /// The next batch; None when a sequential pass is over. A bad sample under
     /// [`OnBadSample::Fail`] is an error naming its file.
     pub fn next_batch(&mut self) -> Result<Option<Batch<S::Batch>>> {
+        if let Some(shard) = self.shard {
+            return self.next_shard_batch(shard);
+        }
         let len = self.source.len();
         let start = self.cursor;
         let (mut items, mut indices, mut epochs, mut skipped) = (vec![], vec![], vec![], vec![]);
@@ -218,8 +295,18 @@ impl<S: SampleSource> Loader<S> {
     /// Starts producing batches from `start` (use the `next` cursor of the last batch a
     /// checkpoint saw to resume).
     pub fn new(source: Arc<S>, opts: LoaderOptions, start: Cursor) -> Result<Self> {
-        let describe = source.describe();
-        let mut stream = BatchStream::new(source, opts, start)?;
+        let stream = BatchStream::new(source, opts, start)?;
+        Self::spawn(stream, opts)
+    }
+
+    /// One rank's share of the stream ([`Shard`]), from `start`, the first position of a round.
+    pub fn sharded(source: Arc<S>, opts: LoaderOptions, start: Cursor, shard: Shard) -> Result<Self> {
+        let stream = BatchStream::sharded(source, opts, start, shard)?;
+        Self::spawn(stream, opts)
+    }
+
+    fn spawn(mut stream: BatchStream<S>, opts: LoaderOptions) -> Result<Self> {
+        let describe = stream.source.describe();
         let (tx, rx) = sync_channel::<Message<S::Batch>>(opts.prefetch.max(1));
         let worker = std::thread::Builder::new()
             .name("sdkd-data".into())
@@ -404,6 +491,31 @@ mod tests {
     fn bad_cursor_is_an_error() {
         let src = Arc::new(Numbers { n: 5, bad_every: 0 });
         assert!(Loader::new(src, opts(2, Order::Shuffled { seed: 0 }), Cursor::new(0, 5)).is_err());
+    }
+
+    #[test]
+    fn shards_together_read_the_unsharded_stream() {
+        let src = Arc::new(Numbers { n: 11, bad_every: 0 });
+        let o = opts(3, Order::Shuffled { seed: 4 });
+        let whole: Vec<_> = Loader::new(src.clone(), o, Cursor::default()).unwrap().take(6).map(|b| b.unwrap()).collect();
+        let ranks: Vec<Vec<_>> = (0..2)
+            .map(|rank| Loader::sharded(src.clone(), o, Cursor::default(), Shard { rank, world: 2 }).unwrap().take(3).map(|b| b.unwrap()).collect())
+            .collect();
+        for round in 0..3 {
+            for rank in 0..2 {
+                let (a, b) = (&whole[2 * round + rank], &ranks[rank][round]);
+                assert_eq!(a.data, b.data, "round {round} rank {rank}");
+                assert_eq!(b.next, whole[2 * round + 1].next, "every rank's cursor is the round's end");
+            }
+        }
+        // resumed from a round's end, a rank goes on as it would have
+        let resumed: Vec<_> = Loader::sharded(src.clone(), o, ranks[1][0].next, Shard { rank: 1, world: 2 }).unwrap().take(2).map(|b| b.unwrap()).collect();
+        assert_eq!(resumed[1].data, ranks[1][2].data);
+        // a bad sample shortens its rank's batch only
+        let bad = Arc::new(Numbers { n: 11, bad_every: 5 });
+        let shard: Vec<_> = Loader::sharded(bad, o, Cursor::default(), Shard { rank: 0, world: 2 }).unwrap().take(4).map(|b| b.unwrap()).collect();
+        assert!(shard.iter().any(|b| b.data.len() < 3 && b.skipped.len() == 3 - b.data.len()));
+        assert!(Loader::sharded(src, opts(3, Order::Sequential { start: 0, end: 11 }), Cursor::default(), Shard { rank: 0, world: 2 }).is_err());
     }
 
     #[test]

@@ -18,5 +18,5 @@ pub use dataset::{ImageFolder, Sample};
 pub use image_source::{ImageBatch, ImageItem, ImageSource};
 pub use loader::{measure_throughput, Batch, BatchStream, Loader, LoaderOptions, LoaderStats, Throughput};
 pub use source::{BadKind, BadSample, OnBadSample, SampleSource};
-pub use order::{Cursor, Order};
+pub use order::{Cursor, Order, Shard};
 pub use transform::{Augment, Transform};

@@ -60,6 +60,16 @@ impl Cursor {
     }
 }
 
+/// One rank's share of a stream read by `world` ranks together (data-parallel training): the
+/// stream is cut into consecutive runs of `batch_size` positions, and rank `rank` takes runs
+/// `rank`, `rank + world`, `rank + 2·world`, ... So global micro-batch `k` of a step holds the
+/// same positions whatever the world size, and each rank decodes only its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
 /// The order a loader walks its source in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Order {

@@ -47,6 +47,19 @@ pub struct StateMeta {
     /// The dynamic loss scale of an fp16 run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<LossScale>,
+    /// Processes of the data-parallel run that wrote it (absent: one). Its `config` counts
+    /// `train.grad_accum` over all of them, so a resume with another world size and the same
+    /// global batch continues the same run.
+    #[serde(default = "one_process", skip_serializing_if = "is_one_process")]
+    pub world_size: usize,
+}
+
+fn one_process() -> usize {
+    1
+}
+
+fn is_one_process(n: &usize) -> bool {
+    *n == 1
 }
 
 impl StateMeta {
@@ -61,6 +74,7 @@ impl StateMeta {
             config: cfg.resume_identity(),
             sdkd_version: env!("CARGO_PKG_VERSION").to_string(),
             loss_scale: None,
+            world_size: 1,
         }
     }
 }
@@ -376,6 +390,7 @@ mod tests {
                 config: serde_json::Value::Null,
                 sdkd_version: "test".into(),
                 loss_scale: None,
+                world_size: 1,
             },
             unet_config: serde_json::json!({"_class_name": "UNet2DConditionModel", "layers_per_block": 1}),
             student: vec![("conv_in.weight".into(), t(step as f32))],

@@ -5,6 +5,12 @@
 //! from a generator reseeded with `hash(seed, s, m)`, and the data order is a pure function of
 //! (seed, epoch, position): a resumed run needs only the step and the data cursor to continue
 //! exactly as an uninterrupted one (bit-for-bit on the CPU).
+//!
+//! Data parallel (`Trainer::with_ranks`, docs/distributed.md): rank `r` of `W` computes global
+//! micro-batches `m·W + r` of each step (m < grad_accum), each keyed and positioned as micro-batch
+//! `m·W + r` of a one-process run with `grad_accum·W` micro-batches, so both compute the same
+//! step up to the order of float additions. Gradients are averaged before clipping; every rank
+//! then takes the same AdamW and EMA step. Rank 0 alone writes; the others wait at barriers.
 use super::checkpoint::{self, CheckpointWriter, StateMeta, TrainState};
 use super::encoder::{LatentScale, TeacherEncoder};
 use super::loss::{distill_loss, LossTerms, LossWeights};
@@ -15,7 +21,8 @@ use super::student::{copy_from_teacher, StudentPlan};
 use super::tensorboard::EventWriter;
 use crate::config::{RunConfig, StudentInit};
 use crate::data::order::{hash, Stream};
-use crate::data::{Cursor, ImageFolder, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Transform};
+use crate::data::{Cursor, ImageFolder, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Shard, Transform};
+use crate::distributed::{checksum, Ranks};
 use crate::export;
 use crate::grid::grid;
 use crate::models::{weights, Init, PipelineDir, UNet, UNet2DConditionModel, UNetConfig};
@@ -258,6 +265,46 @@ pub struct Trainer {
     scale: LatentScale,
     step: u64,
     cursor: Cursor,
+    /// The process group of a data-parallel run; None for one process.
+    ranks: Option<Ranks>,
+    /// The config as checkpoints and the run folder's marker identify the run: `grad_accum`
+    /// counted over all ranks (the config itself for one process).
+    identity: RunConfig,
+}
+
+/// The config that identifies a run of `cfg` on `world` ranks: micro-batches per step counted
+/// over all of them, so 2 ranks × accum 1 and 1 rank × accum 2 are the same run.
+pub fn identity_config(cfg: &RunConfig, world: usize) -> RunConfig {
+    let mut c = cfg.clone();
+    c.train.grad_accum *= world;
+    c
+}
+
+/// Refuses a checkpoint of another global batch (`batch_size × grad_accum × world size`), which
+/// would be another run, with the numbers that differ and the grad_accum that would fit.
+fn check_global_batch(ckpt: &checkpoint::Checkpoint, cfg: &RunConfig, world: usize) -> Result<()> {
+    let train = &ckpt.meta.config["train"];
+    let (Some(batch), Some(accum_all)) = (train["batch_size"].as_u64(), train["grad_accum"].as_u64()) else {
+        return Ok(()); // an identity without them: check_config names what differs
+    };
+    let theirs = batch * accum_all;
+    let ours = (cfg.train.batch_size * cfg.train.grad_accum * world) as u64;
+    if theirs == ours {
+        return Ok(());
+    }
+    let w = ckpt.meta.world_size as u64;
+    let hint = match theirs % (cfg.train.batch_size * world) as u64 {
+        0 if batch == cfg.train.batch_size as u64 => format!("; with {world} process(es) that is train.grad_accum: {}", theirs / (cfg.train.batch_size * world) as u64),
+        _ => String::new(),
+    };
+    bail!(
+        "checkpoint {} was made with a global batch of {theirs} (batch_size {batch} × grad_accum {} × {w} process(es)); this run's is {ours} \
+         (batch_size {} × grad_accum {} × {world} process(es)): a run resumes only with the same global batch{hint}",
+        ckpt.dir.display(),
+        accum_all / w.max(1),
+        cfg.train.batch_size,
+        cfg.train.grad_accum
+    )
 }
 
 /// The seed of step `step`, micro-batch `micro`.
@@ -276,7 +323,8 @@ fn noise_schedule(pipeline: Option<&PipelineDir>) -> Result<NoiseSchedule> {
 
 /// The student from the run's seed (PyTorch's default init, then the teacher's weights when
 /// `student_init: teacher`), and the teacher when distilling.
-fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Device, compute_kind: Kind) -> Result<Distiller> {
+/// `report`: print what was copied (rank 0 of a data-parallel run only, the others stay quiet).
+fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Device, compute_kind: Kind, report: bool) -> Result<Distiller> {
     let schedule = Arc::new(noise_schedule(pipeline)?);
     let teacher_config = pipeline.map(|p| p.unet_config()).transpose()?;
     let plan = StudentPlan::resolve(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student))?;
@@ -289,14 +337,16 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
         _ => None,
     };
     if let (StudentInit::Teacher, Some(t)) = (cfg.student_init, &teacher_unet) {
-        let report = copy_from_teacher(&plan, t, &student)?;
-        eprintln!(
+        let copied = copy_from_teacher(&plan, t, &student)?;
+        if report {
+            eprintln!(
             "student {}: {} params, {} tensors copied from the teacher, {} left at their initialisation",
             plan.name,
             student.num_params(),
-            report.copied,
-            report.left_random.len()
-        );
+            copied.copied,
+            copied.left_random.len()
+            );
+        }
     }
     let (teacher_inner, _) = plan.inner_features();
     let teacher = if cfg.distill { teacher_unet.map(|unet| Teacher::new(unet, teacher_inner)) } else { None };
@@ -326,13 +376,20 @@ fn check_batch_memory(cfg: &RunConfig) -> Result<()> {
 impl Trainer {
     /// Builds the run from its config, resuming from `resume` (`latest` or a checkpoint folder).
     pub fn new(cfg: RunConfig, resume: Option<&str>) -> Result<Trainer> {
+        Self::with_ranks(cfg, resume, None)
+    }
+
+    /// `new` for one rank of a data-parallel run (`ranks`; its device is `train.device`): the
+    /// student and EMA are then rank 0's, and checked equal on every rank.
+    pub fn with_ranks(cfg: RunConfig, resume: Option<&str>, ranks: Option<Ranks>) -> Result<Trainer> {
         let device = cfg.train.device.resolve()?;
         check_batch_memory(&cfg)?;
         // The dtype the teacher, its encoders and the student's forward and backward run in.
         // LibTorch's CPU kernels in bf16/fp16 are slow and inexact: the CPU computes in fp32.
         let compute_kind = if device == Device::Cpu { Kind::Float } else { cfg.train.precision.kind() };
         let pipeline = cfg.teacher.as_deref().map(PipelineDir::open).transpose()?;
-        let distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind)?;
+        let leader = ranks.as_ref().is_none_or(Ranks::is_leader);
+        let distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind, leader)?;
         // Images need the teacher's encoders; a latent cache needs them only for validation images.
         let encoder = match &pipeline {
             Some(p) if cfg.data.cache.is_none() || cfg.validation.every > 0 => {
@@ -346,9 +403,17 @@ impl Trainer {
             (None, Some(e)) => e.latent_scale(),
             (None, None) => bail!("data: a run without a teacher pipeline must read a latent cache (data.cache)"),
         };
-        let mut trainer = Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default() };
+        let identity = identity_config(&cfg, ranks.as_ref().map_or(1, Ranks::size));
+        let mut trainer = Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity };
         if let Some(arg) = resume {
             trainer.resume(arg)?;
+        }
+        if let Some(ranks) = &trainer.ranks {
+            let d = &trainer.distiller;
+            let mut state: Vec<Tensor> = weights::named_tensors(&d.student.vs).into_iter().map(|(_, t)| t).collect();
+            state.extend(d.ema.iter().flat_map(|e| e.state_tensors().into_iter().map(|(_, t)| t)));
+            ranks.broadcast_from_leader(&state)?;
+            trainer.check_ranks_agree()?;
         }
         Ok(trainer)
     }
@@ -358,7 +423,9 @@ impl Trainer {
     fn resume(&mut self, arg: &str) -> Result<()> {
         let (cfg, d) = (&self.cfg, &mut self.distiller);
         let ckpt = checkpoint::resolve(&cfg.output_dir, arg)?;
-        ckpt.check_config(cfg)?;
+        let world = self.ranks.as_ref().map_or(1, Ranks::size);
+        check_global_batch(&ckpt, cfg, world)?;
+        ckpt.check_config(&self.identity)?;
         if ckpt.unet_config != d.plan.config.to_json() {
             bail!(
                 "checkpoint {} holds a student of another architecture than student {:?} of this run",
@@ -378,7 +445,9 @@ impl Trainer {
         self.step = ckpt.meta.step;
         self.cursor = serde_json::from_value(ckpt.meta.data_cursor.clone())
             .with_context(|| format!("checkpoint {}: data_cursor", ckpt.dir.display()))?;
-        eprintln!("resuming from {} (step {})", ckpt.dir.display(), self.step);
+        if self.ranks.as_ref().is_none_or(Ranks::is_leader) {
+            eprintln!("resuming from {} (step {})", ckpt.dir.display(), self.step);
+        }
         Ok(())
     }
 
@@ -386,16 +455,24 @@ impl Trainer {
         let d = &self.cfg.data;
         let mut opts = LoaderOptions::shuffled(self.cfg.train.batch_size, self.cfg.train.seed);
         opts.on_bad_sample = d.on_bad_sample;
+        // Each rank reads only its share of every round of micro-batches (one per rank).
+        let shard = self.ranks.as_ref().filter(|r| r.size() > 1).map(|r| Shard { rank: r.rank(), world: r.size() });
+        fn open<S: crate::data::SampleSource>(source: Arc<S>, opts: LoaderOptions, cursor: Cursor, shard: Option<Shard>) -> Result<Loader<S>> {
+            match shard {
+                Some(shard) => Loader::sharded(source, opts, cursor, shard),
+                None => Loader::new(source, opts, cursor),
+            }
+        }
         if let Some(cache) = &d.cache {
             let source = Arc::new(LatentCache::open(cache)?);
-            return Ok(Feed::Cache { loader: Loader::new(source, opts, self.cursor)? });
+            return Ok(Feed::Cache { loader: open(source, opts, self.cursor, shard)? });
         }
         let path = d.path.as_ref().ok_or_else(|| anyhow!("data: set data.path (an image folder) or data.cache"))?;
         let folder = Arc::new(ImageFolder::open(path)?);
         let transform = Transform { resolution: d.resolution, center_crop: d.center_crop, random_flip: d.random_flip };
         let source = Arc::new(ImageSource::new(folder, transform, self.cfg.train.seed));
         let encoder = self.encoder.clone().expect("an image run has the teacher's encoders");
-        Ok(Feed::Images { loader: Loader::new(source, opts, self.cursor)?, encoder })
+        Ok(Feed::Images { loader: open(source, opts, self.cursor, shard)?, encoder })
     }
 
     pub fn step(&self) -> u64 {
@@ -405,18 +482,24 @@ impl Trainer {
     /// One optimizer step over `grad_accum` micro-batches. Returns the logged scalars.
     fn train_step(&mut self, feed: &mut Feed) -> Result<StepScalars> {
         let accum = self.cfg.train.grad_accum;
+        let (rank, world) = self.ranks.as_ref().map_or((0, 1), |r| (r.rank() as u64, r.size() as u64));
         let mut s = StepScalars::default();
         for micro in 0..accum as u64 {
             let batch = feed.next()?;
             s.skipped += batch.skipped;
             s.samples += batch.mean.size()[0] as usize;
             self.cursor = batch.next;
-            tch::manual_seed(step_seed(self.cfg.train.seed, self.step, micro));
+            // keyed by the micro-batch's index in the whole step, whichever rank computes it
+            tch::manual_seed(step_seed(self.cfg.train.seed, self.step, micro * world + rank));
             let dev = self.device;
             let latents = self.scale.draw(&batch.mean.to_device(dev), &batch.std.to_device(dev));
             let context = batch.context.to_device(dev).to_kind(Kind::Float);
             let terms = self.distiller.micro_step(&latents, &context, accum);
             s.add_terms(&terms, accum);
+        }
+        if let Some(ranks) = &self.ranks {
+            ranks.average_gradients(&self.distiller.optimizer.params())?;
+            s.average_over(ranks)?;
         }
         s.lr = lr_at(self.step, &self.cfg.optim, self.cfg.train.max_steps);
         let update = self.distiller.update(s.lr, self.cfg.optim.max_grad_norm)?;
@@ -427,8 +510,9 @@ impl Trainer {
     }
 
     fn state(&self) -> TrainState {
-        let mut meta = StateMeta::new(&self.cfg, self.step, self.cursor.epoch, serde_json::to_value(self.cursor).expect("cursor serialises"));
+        let mut meta = StateMeta::new(&self.identity, self.step, self.cursor.epoch, serde_json::to_value(self.cursor).expect("cursor serialises"));
         meta.loss_scale = self.distiller.loss_scale;
+        meta.world_size = self.ranks.as_ref().map_or(1, Ranks::size);
         TrainState {
             meta,
             unet_config: self.distiller.plan.config.to_json(),
@@ -439,13 +523,19 @@ impl Trainer {
     }
 
     /// Runs until `train.max_steps` or until `stop` is raised (then checkpoints and returns).
+    /// In a data-parallel run every rank calls it; the ranks agree on the step a signal stops
+    /// them at, and rank 0 alone writes the config, logs, checkpoints, samples and final folders.
     pub fn run(&mut self, stop: &AtomicBool, progress_mode: ProgressMode) -> Result<RunOutcome> {
         let cfg = self.cfg.clone();
+        let leader = self.ranks.as_ref().is_none_or(Ranks::is_leader);
+        let progress_mode = if leader { progress_mode } else { ProgressMode::Hidden };
         let mut feed = self.feed()?; // before writing anything: a bad dataset leaves output_dir as it was
-        std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("creating {}", cfg.output_dir.display()))?;
-        std::fs::write(cfg.output_dir.join("config.yaml"), cfg.to_yaml()?)?;
+        if leader {
+            std::fs::create_dir_all(&cfg.output_dir).with_context(|| format!("creating {}", cfg.output_dir.display()))?;
+            std::fs::write(cfg.output_dir.join("config.yaml"), cfg.to_yaml()?)?;
+        }
         let writer = CheckpointWriter::new(&cfg.output_dir, cfg.checkpoint.keep);
-        let mut tb = if cfg.log.tensorboard {
+        let mut tb = if cfg.log.tensorboard && leader {
             Some(EventWriter::create(&cfg.output_dir.join("tb"), (self.step > 0).then_some(self.step))?)
         } else {
             None
@@ -459,7 +549,13 @@ impl Trainer {
         let mut last_loss = f64::NAN;
         let mut interrupted = false;
         while self.step < cfg.train.max_steps {
-            if stop.load(Ordering::SeqCst) {
+            let stopping = stop.load(Ordering::SeqCst);
+            // one rank's signal (SLURM signals every task, a user may signal one) stops all here
+            let stopping = match &self.ranks {
+                Some(ranks) => ranks.any(stopping)?,
+                None => stopping,
+            };
+            if stopping {
                 interrupted = true;
                 break;
             }
@@ -496,26 +592,67 @@ impl Trainer {
                 window_start = Instant::now();
             }
             if cfg.checkpoint.every > 0 && self.step.is_multiple_of(cfg.checkpoint.every) {
-                last_checkpoint = Some(writer.write(&self.state())?);
+                if let Some(agree) = self.check_ranks_agree()? {
+                    progress.message(&agree);
+                }
+                last_checkpoint = self.write_checkpoint(&writer)?;
                 progress.message(&format!("checkpoint step {} written", self.step));
             }
             if cfg.validation.every > 0 && self.step.is_multiple_of(cfg.validation.every) {
-                self.validate(tb.as_mut())?;
+                if leader {
+                    self.validate(tb.as_mut())?;
+                }
+                self.barrier()?;
             }
         }
         progress.finish();
         let done = self.step;
         if last_checkpoint.as_ref().is_none_or(|p: &PathBuf| !p.ends_with(format!("step-{done}"))) && done > 0 {
-            last_checkpoint = Some(writer.write(&self.state())?);
-            eprintln!("checkpoint step {done} written");
+            if let (true, Some(agree)) = (leader, self.check_ranks_agree()?) {
+                eprintln!("{agree}");
+            }
+            last_checkpoint = self.write_checkpoint(&writer)?;
+            if leader {
+                eprintln!("checkpoint step {done} written");
+            }
         }
-        if !interrupted {
+        if !interrupted && leader {
             self.export_final()?;
         }
         if let Some(tb) = &mut tb {
             tb.flush()?;
         }
+        self.barrier()?;
         Ok(RunOutcome { step: done, interrupted, last_checkpoint, last_loss })
+    }
+
+    /// Rank 0 writes the checkpoint (the others hold the same state) while the others wait.
+    fn write_checkpoint(&self, writer: &CheckpointWriter) -> Result<Option<PathBuf>> {
+        let written = match self.ranks.as_ref().is_none_or(Ranks::is_leader) {
+            true => Some(writer.write(&self.state())?),
+            false => Some(checkpoint::checkpoints_dir(&self.cfg.output_dir).join(format!("step-{}", self.step))),
+        };
+        self.barrier()?;
+        Ok(written)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        match &self.ranks {
+            Some(ranks) => ranks.group.barrier(),
+            None => Ok(()),
+        }
+    }
+
+    /// Compares a checksum of the student and EMA across the ranks (an error naming those that
+    /// differ); a line for rank 0 to print when they agree, None for one process.
+    fn check_ranks_agree(&self) -> Result<Option<String>> {
+        let Some(ranks) = &self.ranks else { return Ok(None) };
+        let d = &self.distiller;
+        let mut state: Vec<Tensor> = weights::named_tensors(&d.student.vs).into_iter().map(|(_, t)| t).collect();
+        state.extend(d.ema.iter().flat_map(|e| e.state_tensors().into_iter().map(|(_, t)| t)));
+        let sum = checksum(&state);
+        ranks.check_same(sum, &format!("at step {}, the student and EMA", self.step))?;
+        Ok(Some(format!("step {}: student and EMA bit-identical on all {} ranks (checksum {:016x})", self.step, ranks.size(), sum as u64)))
     }
 
     /// `final/unet` (and `final/unet_ema`) as diffusers UNet folders.
@@ -610,6 +747,18 @@ impl StepScalars {
         for (pair, x) in &t.per_pair {
             self.add(&format!("feature_kd/{pair}"), v(x));
         }
+    }
+
+    /// The loss terms averaged and the sample counts summed over the ranks: the step's scalars
+    /// as one process computing every micro-batch would log them.
+    fn average_over(&mut self, ranks: &Ranks) -> Result<()> {
+        let values: Vec<f64> = self.averaged.iter().map(|(_, v)| *v).collect();
+        for (slot, mean) in self.averaged.iter_mut().zip(ranks.mean(&values)?) {
+            slot.1 = mean;
+        }
+        let counts = ranks.sum_counts(&[self.samples as i64, self.skipped as i64])?;
+        (self.samples, self.skipped) = (counts[0] as usize, counts[1] as usize);
+        Ok(())
     }
 
     fn merge(&mut self, s: &StepScalars) {
