@@ -201,9 +201,15 @@ fn check_output_dir(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Cl
         Existing::Made(m) => {
             if let Some(hash) = m.config_hash.as_ref().filter(|h| **h != cfg.config_hash()) {
                 let diff = identity_diff(&m.config, &cfg.resume_identity());
+                // grad_accum is counted over all processes here: name the rule a world-size change must keep
+                let note = if diff.iter().any(|k| k.starts_with("train.grad_accum:")) {
+                    " (train.grad_accum counted over all processes: a run resumes only with the same global batch, batch_size × grad_accum × processes)"
+                } else {
+                    ""
+                };
                 let shown: Vec<String> = diff.into_iter().take(8).collect();
                 bail!(
-                    "output_dir {d} holds another run (config hash {hash} vs {}); differing keys (that run vs this config): {}; \
+                    "output_dir {d} holds another run (config hash {hash} vs {}); differing keys (that run vs this config): {}{note}; \
                      choose a new output_dir to resume into",
                     cfg.config_hash(),
                     if shown.is_empty() { "unknown".to_string() } else { shown.join("; ") }

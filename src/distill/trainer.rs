@@ -536,7 +536,8 @@ impl Trainer {
         }
         let writer = CheckpointWriter::new(&cfg.output_dir, cfg.checkpoint.keep);
         let mut tb = if cfg.log.tensorboard && leader {
-            Some(EventWriter::create(&cfg.output_dir.join("tb"), (self.step > 0).then_some(self.step))?)
+            // purges what a stopped run logged after its checkpoint (steps from self.step + 1 on)
+            Some(EventWriter::create(&cfg.output_dir.join("tb"), (self.step > 0).then_some(self.step + 1))?)
         } else {
             None
         };

@@ -23,7 +23,7 @@ pub struct Launch {
     pub store_is_external: bool,
     /// Keys of this run in the store, apart from the agent's own and from earlier attempts.
     pub store_prefix: String,
-    /// `torchrun` or `SLURM`, for messages.
+    /// `torchrun`, `RANK/WORLD_SIZE` (set by another launcher or by hand) or `SLURM`, for messages.
     pub launcher: &'static str,
 }
 
@@ -82,7 +82,7 @@ impl Launch {
                 master_port,
                 store_is_external: agent,
                 store_prefix: format!("sdkd/{run}/{attempt}/"),
-                launcher: "torchrun",
+                launcher: if agent { "torchrun" } else { "RANK/WORLD_SIZE" },
             }
         } else if let Some(procid) = get("SLURM_PROCID") {
             let rank = num("SLURM_PROCID", procid)?;
