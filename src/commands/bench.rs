@@ -9,12 +9,18 @@
 //! Weights are random when the teacher is given as a bare config.json: speed does not depend on
 //! their values. Every step is timed on its own after `--warmup` untimed steps; the median is the
 //! headline (robust to the other processes of a shared machine).
+//!
+//! Under torchrun or SLURM (as `sdkd train`, docs/distributed.md) each rank runs the step and its
+//! gradients are averaged across the ranks as the trainer does, timed on their own
+//! (`allreduce_ms`); `--mode allreduce` times that averaging alone, on gradients shaped as the
+//! student's (no teacher, no forward), so a small machine can measure a large student's.
 use crate::commands::prune::unet_dir;
 use crate::config::{DeviceChoice, Precision};
 use crate::distill::loss::LossWeights;
 use crate::distill::optim::AdamWConfig;
 use crate::distill::student::{copy_from_teacher, StudentPlan};
 use crate::distill::trainer::{Distiller, Teacher};
+use crate::distributed::{Launch, Ranks};
 use crate::models::{Init, UNet, UNetConfig};
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
 use anyhow::{bail, Context, Result};
@@ -32,6 +38,8 @@ pub enum BenchMode {
     Train,
     /// One denoising step with classifier-free guidance.
     Infer,
+    /// The gradient all-reduce of a data-parallel step alone (under a launch).
+    Allreduce,
 }
 
 /// What `--student` names in infer mode to time the teacher itself.
@@ -252,6 +260,16 @@ pub struct BenchReport {
     /// Infer mode: the UNet timed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unet: Option<TimedUnet>,
+    /// Under a launch: the processes, and the gradient averaging of each timed step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_ms_median: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allreduce_ms: Option<Vec<f64>>,
+    /// Bytes of gradients each rank contributes per step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gradient_bytes: Option<usize>,
 }
 
 /// Wall and CPU times of each timed step, and what was timed.
@@ -259,6 +277,8 @@ struct Measured {
     times: (StepTimes, StepTimes),
     teacher: Option<TeacherSize>,
     timed: TimedUnet,
+    /// Under a launch: each timed step's gradient averaging, and the gradients' bytes.
+    allreduce: Option<(StepTimes, usize)>,
 }
 
 /// One denoising step with classifier-free guidance: the UNet on the CFG batch, then the guidance.
@@ -287,7 +307,7 @@ fn infer(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
             Ok(())
         })
     })?;
-    Ok(Measured { times, teacher: None, timed: description })
+    Ok(Measured { times, teacher: None, timed: description, allreduce: None })
 }
 
 /// The scheduler config of the pipeline a UNet folder belongs to, else SD-1.5's defaults (the
@@ -300,7 +320,7 @@ fn scheduler_config(teacher_dir: Option<&Path>) -> Result<SchedulerConfig> {
 }
 
 /// The distillation step through the trainer's `Distiller`, one optimizer step per timed step.
-fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Path>, device: Device, kind: Kind) -> Result<Measured> {
+fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Path>, device: Device, kind: Kind, ranks: Option<&Ranks>) -> Result<Measured> {
     if args.student == TEACHER_ITSELF {
         bail!("--student {TEACHER_ITSELF} is only for --mode infer: name a preset, spec or UNet config to distil into");
     }
@@ -328,9 +348,21 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
         .map(|_| (Tensor::randn([b, in_ch, l, l], (Kind::Float, device)), Tensor::randn([b, 77, ctx_dim], (Kind::Float, device))))
         .collect();
     let lr = 5e-5;
+    let params = d.optimizer().params();
+    let gradient_bytes = params.iter().map(|p| p.numel() * 4).sum();
+    let mut allreduce = vec![];
     let times = time_steps(device, args.warmup, args.steps, |i| {
         let (latents, context) = &data[i];
         let terms = d.micro_step(latents, context, 1);
+        if let Some(ranks) = ranks {
+            sync(device);
+            let t0 = Instant::now();
+            ranks.average_gradients(&params)?;
+            sync(device);
+            if i >= args.warmup {
+                allreduce.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
         let _update = d.update(lr, Some(1.0))?;
         // read like the trainer's logging does (and a NaN would make the timing meaningless)
         if !terms.total.double_value(&[]).is_finite() {
@@ -338,7 +370,25 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
         }
         Ok(())
     })?;
-    Ok(Measured { times, teacher: Some(teacher_size), timed: description })
+    let allreduce = ranks.map(|_| (StepTimes(allreduce), gradient_bytes));
+    Ok(Measured { times, teacher: Some(teacher_size), timed: description, allreduce })
+}
+
+/// The gradient averaging of a data-parallel step alone: gradients of the student's shapes
+/// (ones, from a trivial backward), averaged across the ranks once per timed step.
+fn allreduce(args: &BenchArgs, teacher_config: &UNetConfig, device: Device, ranks: &Ranks) -> Result<Measured> {
+    let plan = StudentPlan::resolve(&args.student, Some(teacher_config)).with_context(|| format!("--student {:?}", args.student))?;
+    let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
+    let params: Vec<Tensor> = crate::models::weights::named_tensors(&student.vs).into_iter().map(|(_, t)| t).collect();
+    let mut loss = Tensor::zeros([], (Kind::Float, device));
+    for p in &params {
+        loss += p.sum(Kind::Float);
+    }
+    loss.backward();
+    let gradient_bytes = params.iter().map(|p| p.numel() * 4).sum();
+    let times = time_steps(device, args.warmup, args.steps, |_| ranks.average_gradients(&params))?;
+    let description = TimedUnet { name: plan.name.clone(), params: student.num_params(), config: plan.config.to_json(), feature_pairs: None };
+    Ok(Measured { allreduce: Some((times.0.clone(), gradient_bytes)), times, teacher: None, timed: description })
 }
 
 /// Runs the benchmark and returns its report.
@@ -354,19 +404,39 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
         d => d.resolve()?,
     };
     let kind = args.precision.kind();
+    let launch = Launch::from_env(|k| std::env::var(k).ok())?;
+    let (ranks, device) = match &launch {
+        Some(l) => {
+            let (ranks, device) = Ranks::join(l, device, std::time::Duration::from_secs(600))?;
+            (Some(ranks), device)
+        }
+        None if args.mode == BenchMode::Allreduce => {
+            bail!("--mode allreduce times the gradient all-reduce of a data-parallel step: run it under torchrun or srun (docs/distributed.md)")
+        }
+        None => (None, device),
+    };
     tch::manual_seed(args.seed);
     let (teacher_config, teacher_dir) = teacher_source(&args.teacher)?;
     let b = args.batch_size;
     let infer_mode = args.mode == BenchMode::Infer;
-    let Measured { times: (times, cpu_times), teacher, timed } = if infer_mode {
-        infer(args, &teacher_config, teacher_dir.as_deref(), device, kind)?
-    } else {
-        train(args, &teacher_config, teacher_dir.as_deref(), device, kind)?
+    let Measured { times: (times, cpu_times), teacher, timed, allreduce: reduced } = match (args.mode, &ranks) {
+        (BenchMode::Infer, _) => infer(args, &teacher_config, teacher_dir.as_deref(), device, kind)?,
+        (BenchMode::Train, _) => train(args, &teacher_config, teacher_dir.as_deref(), device, kind, ranks.as_ref())?,
+        (BenchMode::Allreduce, Some(r)) => allreduce(args, &teacher_config, device, r)?,
+        (BenchMode::Allreduce, None) => unreachable!("refused above"),
     };
     let median = times.median();
     let (student, unet) = if infer_mode { (None, Some(timed)) } else { (Some(timed), None) };
     Ok(BenchReport {
-        mode: if infer_mode { "infer" } else { "train" },
+        world_size: ranks.as_ref().map(Ranks::size),
+        allreduce_ms_median: reduced.as_ref().map(|(t, _)| t.median()),
+        allreduce_ms: reduced.as_ref().map(|(t, _)| t.0.clone()),
+        gradient_bytes: reduced.as_ref().map(|(_, b)| *b),
+        mode: match args.mode {
+            BenchMode::Train => "train",
+            BenchMode::Infer => "infer",
+            BenchMode::Allreduce => "allreduce",
+        },
         device: format!("{device:?}"),
         precision: args.precision.name(),
         threads: tch::get_num_threads() as i64,
@@ -400,6 +470,9 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let r = measure(args)?;
+    if std::env::var("RANK").or_else(|_| std::env::var("SLURM_PROCID")).is_ok_and(|r| r.trim() != "0") {
+        return Ok(()); // rank 0 reports for all
+    }
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
@@ -414,6 +487,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             args.batch_size
         ),
         (_, _, Some(u)) => format!("denoising step, {} ({} params), CFG batch {}", u.name, u.params, 2 * args.batch_size),
+        (None, Some(s), None) => format!("gradient all-reduce of {} ({} params)", s.name, s.params),
         _ => unreachable!("measure reports the student (train) or the UNet (infer)"),
     };
     println!("{what}, latent {0}x{0}, {1}, {2}, {3} thread(s)", args.latent_size, r.device, r.precision, r.threads);
@@ -421,6 +495,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "{:.1} ms/step median (min {:.1}, CPU time {:.1}) over {} steps after {} warm-up: {:.3} steps/s; peak RSS {:.0} MiB",
         r.step_ms_median, r.step_ms_min, r.step_cpu_ms_median, args.steps, args.warmup, r.steps_per_s, r.peak_mem_mb
     );
+    if let (Some(w), Some(ms), Some(bytes)) = (r.world_size, r.allreduce_ms_median, r.gradient_bytes) {
+        println!("gradients averaged over {w} process(es): {ms:.1} ms/step median ({:.1} MiB per rank)", bytes as f64 / 1048576.0);
+    }
     if let Some(Some(g)) = r.gpu_mem_mb {
         println!("GPU memory held at the end: {g:.0} MiB");
     }

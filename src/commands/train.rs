@@ -14,7 +14,7 @@ use crate::distill::checkpoint;
 use crate::fs_safe::{self, Existing, Marker, Purpose};
 use crate::distill::progress::ProgressMode;
 use crate::distill::trainer::{identity_config, Trainer};
-use crate::distributed::{Backend, Launch, ProcessGroup, Ranks};
+use crate::distributed::{Launch, Ranks};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -51,22 +51,14 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
 
 /// Joins the process group of this rank (Gloo on the CPU, NCCL on `cuda:LOCAL_RANK`), with
 /// `train.device` moved to this rank's GPU.
-pub fn join_ranks(launch: &Launch, cfg: &mut RunConfig) -> Result<Ranks> {
-    let device = launch.device(cfg.train.device.resolve()?)?;
-    let backend = match device {
-        tch::Device::Cuda(i) => {
-            cfg.train.device = crate::config::DeviceChoice::Cuda(i);
-            Backend::Nccl
-        }
-        _ => Backend::Gloo,
-    };
-    if !backend.available() {
-        bail!("train.device = {}: a data-parallel CUDA run needs NCCL, which this sdkd was built without (no CUDA and NCCL headers at build time)", cfg.train.device);
-    }
+fn join_ranks(launch: &Launch, cfg: &mut RunConfig) -> Result<Ranks> {
     let timeout = std::time::Duration::from_secs_f64(cfg.train.dist_timeout_s);
-    let group = ProcessGroup::join(launch, backend, timeout)
+    let (ranks, device) = Ranks::join(launch, cfg.train.device.resolve()?, timeout)
         .with_context(|| format!("{} launch, train.dist_timeout_s = {}", launch.launcher, cfg.train.dist_timeout_s))?;
-    Ok(Ranks { group })
+    if let tch::Device::Cuda(i) = device {
+        cfg.train.device = crate::config::DeviceChoice::Cuda(i);
+    }
+    Ok(ranks)
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {

@@ -157,6 +157,18 @@ pub struct Ranks {
 pub const BUCKET_BYTES: usize = 25 << 20;
 
 impl Ranks {
+    /// Joins the process group of `launch` for work on `device` (as a config resolves it): Gloo
+    /// on the CPU, NCCL on `cuda:LOCAL_RANK`. Returns the group and this rank's device.
+    pub fn join(launch: &Launch, device: Device, timeout: std::time::Duration) -> Result<(Ranks, Device)> {
+        let device = launch.device(device)?;
+        let backend = if device.is_cuda() { Backend::Nccl } else { Backend::Gloo };
+        if !backend.available() {
+            bail!("{device:?}: a data-parallel CUDA run needs NCCL, which this sdkd was built without (no CUDA and NCCL headers at build time)");
+        }
+        let group = ProcessGroup::join(launch, backend, timeout)?;
+        Ok((Ranks { group }, device))
+    }
+
     pub fn rank(&self) -> usize {
         self.group.rank
     }
