@@ -12,7 +12,8 @@
 #      (scripts/bench_reference.py on the carried diffusers): the bf16 distillation step per preset
 #      at the largest batch that fits (up to 64, latent 64) and the bf16 inference step, with
 #      ms/step, the ratio, the caching allocator's peak and the MFU;
-#   4. NCCL: once scale-out exists.
+#   4. data parallel: the 20 fp32 steps as a one-rank data-parallel run (WORLD_SIZE=1 set by
+#      hand, then under torchrun): NCCL on CUDA (Gloo in the dry run), against the CPU curve.
 # Each command has its own timeout and a stage is skipped, not cut, when the time left cannot
 # hold it. The report is ${OUT:-gpu-out}/gpu-check.md (logs beside it); exit 0 when every stage
 # that ran passed.
@@ -179,16 +180,19 @@ else
 fi
 
 # train NAME STEPS PRECISION [--resume latest]: a run of the carried YAML into $work/NAME; its
-# losses, one "step loss" line per step, into $work/NAME.losses.
+# losses, one "step loss" line per step, into $work/NAME.losses. $launch (an array, empty by
+# default) goes before sdkd: a launcher and its arguments, or `env VAR=...`.
+launch=()
 train() {
   local name=$1 steps=$2 precision=$3; shift 3
   sed -e "s|@ROOT@|$bin|" -e "s|@RUN@|$work/$name|" -e "s|@STEPS@|$steps|" -e "s|@DEVICE@|$dev|" \
     -e "s|@PRECISION@|$precision|" "$bin/train.yaml.in" > "$work/$name-$steps.yaml"
-  t 120 "$sdkd" train --config "$work/$name-$steps.yaml" "$@" > /dev/null 2>> "$out/logs/train-$name.txt" || return 1
+  t 120 "${launch[@]}" "$sdkd" train --config "$work/$name-$steps.yaml" "$@" > /dev/null 2>> "$out/logs/train-$name.txt" || return 1
   sed -n 's|^step \([0-9]*\)/[0-9]* ([0-9.]*%) loss \([^ ]*\) .*|\1 \2|p' "$out/logs/train-$name.txt" > "$work/$name.losses"
 }
-if train fp32 20 fp32; then
-  verdict=$("$py" - "$bin/reference/cpu-losses.txt" "$work/fp32.losses" "$loss_tol" "$first_tol" <<'EOF'
+# curve_verdict RUN_LOSSES: "PASS|..." or "FAIL|..." for a run's losses against the CPU curve
+curve_verdict() {
+  "$py" - "$bin/reference/cpu-losses.txt" "$1" "$loss_tol" "$first_tol" <<'EOF'
 import sys
 def curve(path):
     return {int(s): float(l) for s, l in (line.split() for line in open(path))}
@@ -203,7 +207,9 @@ print(("PASS" if ok else "FAIL") + f"|{len(cpu)} steps: loss {run[1]:.4f} -> {ru
       f"relative difference step 1 {rel[1]:.2e}, worst {rel[worst]:.2e} at step {worst} (tolerance {first_tol:g} at step 1, {tol:g} overall; "
       "losses as logged, 4 decimals)")
 EOF
-  )
+}
+if train fp32 20 fp32; then
+  verdict=$(curve_verdict "$work/fp32.losses")
   record "1b 20 training steps vs the CPU loss curve (fp32)" "${verdict%%|*}" "${verdict#*|}"
 else
   record "1b 20 training steps vs the CPU loss curve (fp32)" FAIL "sdkd train failed: $(tail -2 "$out/logs/train-fp32.txt" | tr '\n' ' ')"
@@ -390,10 +396,31 @@ for u in teacher bk_base bk_small bk_tiny; do
 done
 $speed_ok && record "3 speed" PASS "tables above; raw JSON in gpu-bench.jsonl" || record "3 speed" FAIL "see the rows marked failed or skipped"
 
-# --- 4. NCCL ---------------------------------------------------------------------------------
+# --- 4. Data parallel -------------------------------------------------------------------------
+# One rank (the machine has one GPU; NCCL refuses two ranks on one device): the trainer's whole
+# data-parallel path (rendezvous, broadcast, checksums, gradient buckets through the group, the
+# agreed stop), which must leave the fp32 curve of 1b unchanged.
 say ""
-say "## 4. NCCL"
-record "4 NCCL all-reduce (WORLD_SIZE=1)" SKIP "skipped: no scale-out yet"
+if $dry; then backend=Gloo; else backend=NCCL; fi
+say "## 4. Data parallel ($backend, one rank)"
+# dp_stage NAME TITLE: the 20 steps under $launch, recorded against the CPU curve
+dp_stage() {
+  if (( $(left) < 60 )); then record "$2" SKIP "out of time"; return; fi
+  if train "$1" 20 fp32; then
+    verdict=$(curve_verdict "$work/$1.losses")
+    record "$2" "${verdict%%|*}" "${verdict#*|}"
+  elif grep -q "built without NCCL" "$out/logs/train-$1.txt"; then
+    record "$2" SKIP "gpu-bin's sdkd was built without NCCL (no CUDA+NCCL headers on the build machine; docs/distributed.md, Building)"
+  else
+    record "$2" FAIL "sdkd train failed: $(tail -2 "$out/logs/train-$1.txt" | tr '\n' ' ')"
+  fi
+}
+port=$(( 20000 + $$ % 20000 ))
+launch=(env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port)
+dp_stage dp-env "4a WORLD_SIZE=1 ($backend) vs the CPU loss curve"
+launch=("$py" -m torch.distributed.run --no-python --nproc-per-node 1 --master-port $((port + 1)))
+dp_stage dp-torchrun "4b torchrun --nproc-per-node 1 on $dev ($backend) vs the CPU loss curve"
+launch=()
 
 # --- Summary ---------------------------------------------------------------------------------
 say ""
