@@ -5,6 +5,7 @@ pub mod config;
 pub mod data;
 pub mod demo;
 pub mod distill;
+pub mod eval;
 pub mod export;
 pub mod fs_safe;
 pub mod grid;
