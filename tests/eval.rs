@@ -93,14 +93,53 @@ fn inception_score_matches_torch_fidelity() {
     let (m, s) = inception_score::inception_score(&t["random_logits"], 10).unwrap();
     let w = &want["random_is"];
     assert!((m - w[0].as_f64().unwrap()).abs() <= 1e-9 && (s - w[1].as_f64().unwrap()).abs() <= 1e-9, "{m} {s} vs {w}");
-    // end to end on 12 images
-    let paths = eval::list_images(&reference().join("is")).unwrap();
-    let (_, logits) = eval::features(&net(), &paths, Frontend::TorchFidelity, 2048, 4).unwrap();
-    let (m, s) = inception_score::inception_score(&logits.unwrap(), 10).unwrap();
+}
+
+/// `sdkd eval --images ... --metrics is --out`: report.json and report.md, the IS equal to
+/// torch-fidelity's on the same 12 images; an existing report is never replaced without
+/// --overwrite, and a folder sdkd did not make never.
+#[test]
+fn eval_report_has_torch_fidelitys_inception_score() {
+    let want = expected();
+    let dir = tempdir();
+    let out = dir.path().join("eval");
+    let weights = reference().join("inception.pth");
+    let args = |out: &Path| -> Vec<String> {
+        ["eval", "--images", reference().join("is").to_str().unwrap(), "--metrics", "is", "--inception",
+            weights.to_str().unwrap(), "--batch-size", "4", "--out", out.to_str().unwrap()]
+            .map(String::from)
+            .to_vec()
+    };
+    let run = |a: &[String]| sdkd(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let o = run(&args(&out));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let (m, s) = (report["is_mean"].as_f64().unwrap(), report["is_std"].as_f64().unwrap());
     let (wm, ws) = (want["is_mean"].as_f64().unwrap(), want["is_std"].as_f64().unwrap());
     println!("IS: sdkd {m} ± {s}, torch-fidelity {wm} ± {ws}");
     assert!(wm > 1.05, "the random network's IS {wm} is too close to 1 to test anything");
-    assert!((m - wm).abs() <= 1e-3 && (s - ws).abs() <= 1e-3);
+    assert!((m - wm).abs() <= 1e-3 && (s - ws).abs() <= 1e-3, "{m} ± {s} vs {wm} ± {ws}");
+    assert_eq!(report["count"], 12);
+    assert_eq!(report["settings"]["is_splits"], 10);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains(&format!("{m:.4} ± {s:.4}")), "{md}");
+
+    // again: refused without --overwrite, the report untouched
+    let before = std::fs::read(out.join("report.json")).unwrap();
+    assert_clean_failure(&run(&args(&out)), "--overwrite");
+    assert_eq!(std::fs::read(out.join("report.json")).unwrap(), before);
+    // a user's folder is never written into
+    let user = dir.path().join("mine");
+    std::fs::create_dir(&user).unwrap();
+    std::fs::write(user.join("notes.txt"), "mine").unwrap();
+    assert_clean_failure(&run(&args(&user)), "sdkd did not make");
+    assert_eq!(std::fs::read_to_string(user.join("notes.txt")).unwrap(), "mine");
+    // FID needs the real images
+    let mut a = args(&dir.path().join("fid"));
+    a[4] = "fid,is".into();
+    assert_clean_failure(&run(&a), "--real");
+    a[4] = "fid,clip".into();
+    assert_clean_failure(&run(&a), "clip");
 }
 
 #[test]
