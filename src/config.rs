@@ -331,7 +331,7 @@ pub struct ValidationConfig {
     pub prompts: Vec<String>,
     /// Sampler steps per image.
     pub steps: u32,
-    /// The sampler (unipc, ddim, euler, euler_a, dpmpp_2m, ddpm), checked when the config loads.
+    /// The sampler (unipc, ddim, euler, euler_a, dpmpp_2m, ddpm, pndm), checked when the config loads.
     #[serde(deserialize_with = "parsed", serialize_with = "named")]
     pub scheduler: SchedulerKind,
     /// Classifier-free guidance scale (1 = no guidance).

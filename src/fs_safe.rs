@@ -33,6 +33,8 @@ pub enum Purpose {
     Dataset,
     /// The output of `sdkd demo`.
     Demo,
+    /// The report folder of `sdkd eval`.
+    Eval,
 }
 
 impl Purpose {
@@ -43,6 +45,7 @@ impl Purpose {
             Purpose::Pipeline => "a diffusers pipeline folder",
             Purpose::Dataset => "a synthetic dataset",
             Purpose::Demo => "an sdkd demo output",
+            Purpose::Eval => "an sdkd eval report",
         }
     }
 }

@@ -28,6 +28,8 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// API keys and credits of `sdkd serve`: add, credit, list, revoke, usage.
     Keys(commands::keys::KeysArgs),
+    /// FID and Inception Score of image folders, as pytorch-fid and torch-fidelity compute them.
+    Eval(commands::eval::EvalArgs),
     /// Write the built-in synthetic image-caption dataset (imagefolder layout).
     Synth(commands::synth::SynthArgs),
     /// Encode a dataset once (VAE latents, text embeddings) into a cache `train` can read.
@@ -97,6 +99,7 @@ fn main() {
         Command::Bench(a) => commands::bench::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Keys(a) => commands::keys::run(a),
+        Command::Eval(a) => commands::eval::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

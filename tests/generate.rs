@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-const SCHEDULERS: [&str; 6] = ["ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "unipc"];
+const SCHEDULERS: [&str; 7] = ["ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "pndm"];
 const PANDA: &str = "a toy panda standing on a pile of broccoli";
 /// A long negative prompt as users write them: longer than CLIP's 77 tokens, so truncation is exercised.
 const NEGATIVE: &str = "(deformed iris, deformed pupils, semi-realistic, cgi, render, sketch, cartoon, drawing, anime), text, cropped, out of frame, worst quality, low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, mutated hands, poorly drawn hands, poorly drawn face, mutation, deformed, blurry, dehydrated, bad anatomy, bad proportions, extra limbs, cloned face, disfigured, gross proportions, malformed limbs, missing arms, missing legs, extra arms, extra legs, fused fingers, too many fingers, long neck, BadDream, UnrealisticDream";

@@ -176,6 +176,13 @@ fn unipc_matches_diffusers() {
     run_cases(SchedulerKind::Unipc);
 }
 
+#[test]
+fn pndm_matches_diffusers() {
+    let report = run_cases(SchedulerKind::Pndm);
+    // both of diffusers' modes are covered: PLMS alone (skip_prk_steps) and the PRK warm-up
+    assert!(report.iter().any(|(n, _)| n.contains("prk")) && report.iter().any(|(n, _)| n.contains("sd15")));
+}
+
 /// Timesteps, σs and init_noise_sigma of set_timesteps(n) over many n, spacings, offsets, Karras.
 #[test]
 fn timesteps_and_sigmas_match_diffusers_sweep() {

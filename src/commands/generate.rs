@@ -53,7 +53,7 @@ pub struct GenerateArgs {
     /// What to steer away from (default: the empty prompt, as diffusers).
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    /// ddpm, ddim, euler, euler_a, dpmpp_2m or unipc (also diffusers' class names).
+    /// ddpm, ddim, euler, euler_a, dpmpp_2m, unipc or pndm (also diffusers' class names).
     #[arg(long, default_value = "unipc")]
     pub scheduler: SchedulerKind,
     #[arg(long, default_value_t = 20)]

@@ -2,6 +2,7 @@
 //! and reports.
 pub mod bench;
 pub mod demo;
+pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod inspect;

@@ -8,7 +8,9 @@
 //! interpolation: when shrinking it widens the triangle filter by the scale (antialiasing) and it
 //! works in 22-bit fixed point, rounding to 8 bits after each of its two passes. The resampler here
 //! follows Pillow's `Resample.c` step by step so that a model sees the pixels it would have seen
-//! in PyTorch; the tests compare against Pillow itself. Only the pixels inside the crop are
+//! in PyTorch; the tests compare against Pillow itself. The same code with Pillow's bicubic
+//! kernel (a = -0.5, support 2) gives `Image.resize(size, BICUBIC)`, which the evaluation
+//! protocol uses (FID's 256² squash, open_clip's 224 resize). Only the pixels inside the crop are
 //! computed (each output pixel depends only on the full-size filter coefficients).
 use super::order::{below, hash, Stream};
 use image::RgbImage;
@@ -77,9 +79,51 @@ impl Transform {
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
+/// Pillow's resampling filters that sdkd reproduces: `BILINEAR` (the training transform) and
+/// `BICUBIC` (a = -0.5; the FID protocol's 256² squash and open_clip's preprocessing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter {
+    Bilinear,
+    Bicubic,
+}
+
+impl Filter {
+    /// Pillow's `filter->support` (before widening by the scale when shrinking).
+    fn support(self) -> f64 {
+        match self {
+            Filter::Bilinear => 1.0,
+            Filter::Bicubic => 2.0,
+        }
+    }
+
+    /// Pillow's `bilinear_filter` / `bicubic_filter` (Resample.c), term for term.
+    fn weight(self, x: f64) -> f64 {
+        let x = x.abs();
+        match self {
+            Filter::Bilinear => {
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+            Filter::Bicubic => {
+                const A: f64 = -0.5;
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
 /// The fixed-point filter taps of one axis: output pixel `i` reads `count[i]` input pixels from
 /// `first[i]` with weights `k[i * ksize..]` (Pillow's `precompute_coeffs` and
-/// `normalize_coeffs_8bpc` for the bilinear filter on the whole image).
+/// `normalize_coeffs_8bpc` on the whole image).
 struct Taps {
     ksize: usize,
     first: Vec<usize>,
@@ -88,18 +132,10 @@ struct Taps {
 }
 
 impl Taps {
-    fn bilinear(in_size: u32, out_size: u32) -> Taps {
-        let triangle = |x: f64| {
-            let x = x.abs();
-            if x < 1.0 {
-                1.0 - x
-            } else {
-                0.0
-            }
-        };
+    fn new(filter: Filter, in_size: u32, out_size: u32) -> Taps {
         let scale = in_size as f64 / out_size as f64;
         let filterscale = scale.max(1.0);
-        let support = filterscale; // bilinear support 1.0, widened when shrinking
+        let support = filter.support() * filterscale; // widened when shrinking (antialiasing)
         let ksize = support.ceil() as usize * 2 + 1;
         let n = out_size as usize;
         let (mut first, mut count, mut k) = (vec![0; n], vec![0; n], vec![0i32; n * ksize]);
@@ -113,7 +149,7 @@ impl Taps {
             let (xmin, xmax) = (xmin as usize, xmax.max(0) as usize);
             let mut ww = 0.0;
             for (x, wx) in w.iter_mut().enumerate().take(xmax) {
-                *wx = triangle(((x + xmin) as f64 - center + 0.5) * ss);
+                *wx = filter.weight(((x + xmin) as f64 - center + 0.5) * ss);
                 ww += *wx;
             }
             for x in 0..xmax {
@@ -140,6 +176,17 @@ fn clip8(v: i32) -> u8 {
 /// The `crop` (width, height) window at `offset` of `img` resized to `size` with Pillow's
 /// bilinear filter (horizontal pass then vertical, as Pillow does), mirrored when `flip`.
 pub fn resize_crop(img: &RgbImage, size: (u32, u32), offset: (u32, u32), crop: (u32, u32), flip: bool) -> Vec<u8> {
+    resize_crop_with(Filter::Bilinear, img, size, offset, crop, flip)
+}
+
+/// `img.resize(size, filter)` as Pillow computes it, bit for bit.
+pub fn resize(img: &RgbImage, size: (u32, u32), filter: Filter) -> RgbImage {
+    let pixels = resize_crop_with(filter, img, size, (0, 0), size, false);
+    RgbImage::from_raw(size.0, size.1, pixels).expect("resize_crop_with returns size.0 * size.1 pixels")
+}
+
+/// [`resize_crop`] with any of Pillow's filters that sdkd reproduces.
+pub fn resize_crop_with(filter: Filter, img: &RgbImage, size: (u32, u32), offset: (u32, u32), crop: (u32, u32), flip: bool) -> Vec<u8> {
     let (in_w, in_h) = img.dimensions();
     let (out_w, out_h) = size;
     let (left, top) = (offset.0 as usize, offset.1 as usize);
@@ -148,7 +195,7 @@ pub fn resize_crop(img: &RgbImage, size: (u32, u32), offset: (u32, u32), crop: (
     let round = 1i32 << (PRECISION_BITS - 1);
 
     // Rows of the (horizontally resized) intermediate image that the vertical pass reads.
-    let vtaps = (out_h != in_h).then(|| Taps::bilinear(in_h, out_h));
+    let vtaps = (out_h != in_h).then(|| Taps::new(filter, in_h, out_h));
     let (y0, y1) = match &vtaps {
         Some(t) => {
             let first = (top..top + ch).map(|y| t.first[y]).min().unwrap_or(0);
@@ -162,7 +209,7 @@ pub fn resize_crop(img: &RgbImage, size: (u32, u32), offset: (u32, u32), crop: (
     let row_len = cw * 3;
     let mut mid = vec![0u8; (y1 - y0) * row_len];
     if out_w != in_w {
-        let htaps = Taps::bilinear(in_w, out_w);
+        let htaps = Taps::new(filter, in_w, out_w);
         let taps: Vec<(usize, &[i32])> = (0..cw).map(|c| htaps.taps(left + c)).collect();
         for (y, dst) in (y0..y1).zip(mid.chunks_exact_mut(row_len)) {
             let row = &src[y * in_w as usize * 3..(y + 1) * in_w as usize * 3];
@@ -294,7 +341,7 @@ mod tests {
     fn identity_resize_taps_copy_pixels() {
         let img = RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 50, 7]));
         // A pass with equal sizes would be an identity; check the taps say so too.
-        let taps = Taps::bilinear(5, 5);
+        let taps = Taps::new(Filter::Bilinear, 5, 5);
         for i in 0..5 {
             let (f, k) = taps.taps(i);
             assert_eq!(f, i);

@@ -106,11 +106,12 @@ pub struct SchedulerConfig {
     /// Explicit betas; replace `beta_start/beta_end/beta_schedule`.
     pub trained_betas: Option<Vec<f64>>,
     pub prediction_type: PredictionType,
-    /// DDPM/DDIM default to leading, the others to linspace.
+    /// DDPM/DDIM/PNDM default to leading, the others to linspace.
     pub timestep_spacing: Option<TimestepSpacing>,
     pub steps_offset: i64,
     pub rescale_betas_zero_snr: bool,
-    /// DDIM: the "previous" alpha of the last step is 1 (true) or alphas_cumprod[0]. Default true.
+    /// DDIM/PNDM: the "previous" alpha of the last step is 1 (true) or alphas_cumprod[0]. Default
+    /// true for DDIM, false for PNDM.
     pub set_alpha_to_one: Option<bool>,
     /// DDPM/DDIM: clamp the predicted x0 to ±clip_sample_range. Default true.
     pub clip_sample: Option<bool>,
@@ -133,6 +134,9 @@ pub struct SchedulerConfig {
     pub predict_x0: bool,
     /// UniPC: step indices whose corrector is skipped.
     pub disable_corrector: Vec<usize>,
+    /// PNDM: PLMS from the first step (true, every SD-1.x config) or a Runge-Kutta warm-up first
+    /// (false, diffusers' constructor default).
+    pub skip_prk_steps: bool,
     /// The parsed file, for the per-sampler checks of keys read only at their defaults.
     #[serde(skip)]
     raw: Map<String, Value>,
@@ -166,6 +170,7 @@ impl Default for SchedulerConfig {
             euler_at_final: false,
             predict_x0: true,
             disable_corrector: Vec::new(),
+            skip_prk_steps: false,
             raw: Map::new(),
         }
     }
@@ -324,6 +329,16 @@ impl SchedulerConfig {
                 if x != f64::NEG_INFINITY {
                     bail!("key \"lambda_min_clipped\": value {x} is not supported by sdkd's {kind} sampler (only -Infinity)");
                 }
+            }
+        }
+        if kind == SchedulerKind::Pndm {
+            if self.prediction_type == PredictionType::Sample {
+                bail!("key \"prediction_type\": value \"sample\" is not supported by the {kind} sampler (diffusers' PNDMScheduler takes epsilon or v_prediction)");
+            }
+            // PNDMScheduler has no such argument: diffusers keeps the plain betas, which the
+            // shared NoiseSchedule would not
+            if self.rescale_betas_zero_snr {
+                bail!("key \"rescale_betas_zero_snr\": value true is not supported by the {kind} sampler (diffusers' PNDMScheduler ignores it)");
             }
         }
         if kind == SchedulerKind::EulerAncestral && self.prediction_type == PredictionType::Sample {

@@ -28,6 +28,7 @@ pub mod ddpm;
 pub mod dpmpp_2m;
 pub mod euler;
 pub mod noise_schedule;
+pub mod pndm;
 pub mod timesteps;
 pub mod unipc;
 
@@ -54,6 +55,8 @@ pub trait Sampler: Send {
         Tensor::from(self.timesteps()[step_index] as f32).to_device(device)
     }
 
+    /// How many times `step` is called (UNet evaluations): the requested steps, but n + 1 for
+    /// PNDM's PLMS and n + 9 with its Runge-Kutta warm-up, as diffusers' pipelines loop.
     fn num_inference_steps(&self) -> usize {
         self.timesteps().len()
     }
@@ -106,16 +109,19 @@ pub enum SchedulerKind {
     /// UniPC multistep (bh2, predict-x0, corrector on): sdkd's default, as in Segmind's API.
     #[default]
     Unipc,
+    /// PNDM / PLMS (`skip_prk_steps`): the SD-1.x pipelines' default, BK-SDM's evaluation sampler.
+    Pndm,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 6] = [
+    pub const ALL: [SchedulerKind; 7] = [
         SchedulerKind::Ddpm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::Dpmpp2m,
         SchedulerKind::Unipc,
+        SchedulerKind::Pndm,
     ];
 
     /// The name sdkd uses on the command line and in PNG metadata.
@@ -127,6 +133,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "euler_a",
             SchedulerKind::Dpmpp2m => "dpmpp_2m",
             SchedulerKind::Unipc => "unipc",
+            SchedulerKind::Pndm => "pndm",
         }
     }
 
@@ -139,6 +146,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => "EulerAncestralDiscreteScheduler",
             SchedulerKind::Dpmpp2m => "DPMSolverMultistepScheduler",
             SchedulerKind::Unipc => "UniPCMultistepScheduler",
+            SchedulerKind::Pndm => "PNDMScheduler",
         }
     }
 
@@ -158,6 +166,7 @@ impl SchedulerKind {
             SchedulerKind::EulerAncestral => Box::new(euler::Euler::ancestral(schedule, num_inference_steps)?),
             SchedulerKind::Dpmpp2m => Box::new(dpmpp_2m::DpmSolverPP::new(schedule, num_inference_steps)?),
             SchedulerKind::Unipc => Box::new(unipc::UniPc::new(schedule, num_inference_steps)?),
+            SchedulerKind::Pndm => Box::new(pndm::Pndm::new(schedule, num_inference_steps)?),
         })
     }
 }
@@ -180,7 +189,8 @@ impl std::str::FromStr for SchedulerKind {
             "euler_a" | "euler_ancestral" | "eulerancestraldiscretescheduler" => SchedulerKind::EulerAncestral,
             "dpmpp_2m" | "dpm++2m" | "dpm++_2m" | "dpmpp2m" | "dpmsolvermultistepscheduler" => SchedulerKind::Dpmpp2m,
             "unipc" | "unipcmultistepscheduler" => SchedulerKind::Unipc,
-            _ => bail!("unknown scheduler {s:?} (ddpm, ddim, euler, euler_a, dpmpp_2m, unipc)"),
+            "pndm" | "plms" | "pndmscheduler" => SchedulerKind::Pndm,
+            _ => bail!("unknown scheduler {s:?} (ddpm, ddim, euler, euler_a, dpmpp_2m, unipc, pndm)"),
         })
     }
 }
@@ -249,8 +259,9 @@ mod tests {
         assert_eq!("Euler_Ancestral".parse::<SchedulerKind>().unwrap(), SchedulerKind::EulerAncestral);
         assert_eq!("DPM++2M".parse::<SchedulerKind>().unwrap(), SchedulerKind::Dpmpp2m);
         assert_eq!(SchedulerKind::default(), SchedulerKind::Unipc);
-        let e = "pndm".parse::<SchedulerKind>().unwrap_err().to_string();
-        assert!(e.contains("pndm"), "{e}");
+        assert_eq!("PLMS".parse::<SchedulerKind>().unwrap(), SchedulerKind::Pndm);
+        let e = "lms".parse::<SchedulerKind>().unwrap_err().to_string();
+        assert!(e.contains("lms"), "{e}");
     }
 
     #[test]
@@ -287,7 +298,9 @@ mod tests {
             assert!(k.build(&s, 0).is_err());
             assert!(k.build(&s, 1001).is_err());
             let sampler = k.build(&s, 20).unwrap();
-            assert_eq!(sampler.num_inference_steps(), 20);
+            // PNDM without skip_prk_steps (this config): 12 Runge-Kutta calls for 3 steps
+            let calls = if k == SchedulerKind::Pndm { 29 } else { 20 };
+            assert_eq!(sampler.num_inference_steps(), calls);
             assert_eq!(sampler.kind(), k);
         }
     }

@@ -105,5 +105,30 @@ def transform(out):
         json.dump(meta, f)
 
 
+def bicubic(out):
+    """Image.resize(size, BICUBIC) on noise and on hard-edged images (the negative lobes overshoot
+    and clip), shrinking, enlarging and one axis at a time: the FID 256² squash, open_clip's 224."""
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(77)
+    cases = [((512, 512), (256, 256)), ((640, 480), (256, 256)), ((500, 333), (256, 256)),
+             ((37, 23), (256, 256)), ((300, 200), (336, 224)), ((224, 224), (299, 299)),
+             ((256, 100), (256, 256)), ((100, 256), (77, 256)), ((7, 5), (3, 2))]
+    meta, expected = [], {}
+    for i, ((w, h), size) in enumerate(cases):
+        if i % 2:
+            px = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        else:  # blocks of black and white: the filter's negative weights ring past 0 and 255
+            px = ((np.add.outer(np.arange(h) // 3, np.arange(w) // 5) % 2) * 255).astype(np.uint8)
+            px = np.stack([px, 255 - px, rng.integers(0, 256, (h, w), dtype=np.uint8)], axis=-1)
+        name = f"bicubic{i}.png"
+        Image.fromarray(px).save(os.path.join(out, name))
+        img = Image.open(os.path.join(out, name)).convert("RGB")
+        expected[f"{i}"] = np.asarray(img.resize(size, Image.BICUBIC), dtype=np.uint8).copy()
+        meta.append({"file": name, "size": list(size)})
+    save_file(expected, os.path.join(out, "expected.safetensors"))
+    with open(os.path.join(out, "cases.json"), "w") as f:
+        json.dump(meta, f)
+
+
 if __name__ == "__main__":
-    {"formats": formats, "transform": transform}[sys.argv[1]](sys.argv[2])
+    {"formats": formats, "transform": transform, "bicubic": bicubic}[sys.argv[1]](sys.argv[2])

@@ -42,6 +42,7 @@ KINDS = {
     "euler_a": EulerAncestralDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
     "unipc": UniPCMultistepScheduler,
+    "pndm": PNDMScheduler,
 }
 SHAPE = (2, 4, 8, 8)
 
@@ -109,6 +110,15 @@ case("unipc-predict_eps-v-20", "unipc", sd(predict_x0=False, prediction_type="v_
 case("unipc-disable_corrector-12", "unipc", sd(disable_corrector=[0, 3]), 12)
 case("unipc-sample-10", "unipc", sd(prediction_type="sample"), 10)
 case("unipc-no_lower_order_final-sigma_min-12", "unipc", sd(lower_order_final=False, final_sigmas_type="sigma_min"), 12)
+# PNDM without skip_prk_steps (diffusers' default): the Runge-Kutta warm-up, then 4th-order PLMS
+for pred in ["epsilon", "v_prediction"]:
+    for steps in [4, 10, 25]:
+        case(f"pndm-prk-{pred}-{steps}", "pndm", sd(skip_prk_steps=False, prediction_type=pred), steps)
+case("pndm-prk-linspace-12", "pndm", sd(skip_prk_steps=False, timestep_spacing="linspace"), 12)
+for steps in [1, 2, 3]:
+    case(f"pndm-short-{steps}", "pndm", sd(), steps)
+case("pndm-alpha_one-10", "pndm", sd(set_alpha_to_one=True), 10)
+case("pndm-seeded-25", "pndm", sd(), 25, seed=1234)  # BK-SDM's protocol: 25 steps, seed 1234
 case("ddim-alpha_one-10", "ddim", sd(set_alpha_to_one=True), 10)
 case("ddim-clip-10", "ddim", sd(clip_sample=True), 10, scale=3.0)
 case("ddim-sample-10", "ddim", sd(prediction_type="sample"), 10)
@@ -212,10 +222,10 @@ for kind, cls in KINDS.items():
                     ts = [float(t) for t in sched.timesteps]
                     entry = dict(kind=kind, config=cfg, steps=n, timesteps=ts,
                                  init_noise_sigma=float(sched.init_noise_sigma))
-                    if hasattr(sched, "sigmas") and kind not in ("ddpm", "ddim"):
+                    if hasattr(sched, "sigmas") and kind not in ("ddpm", "ddim", "pndm"):
                         entry["sigmas"] = [float(s) for s in sched.sigmas]
-                    # DDPM/DDIM index alphas_cumprod by timestep: past the end they fail in step()
-                    entry["error"] = kind in ("ddpm", "ddim") and (max(ts) >= 1000 or min(ts) < 0)
+                    # DDPM/DDIM/PNDM index alphas_cumprod by timestep: past the end they fail in step()
+                    entry["error"] = kind in ("ddpm", "ddim", "pndm") and (max(ts) >= 1000 or min(ts) < 0)
                     sweep.append(entry)
 with open(os.path.join(out_dir, "sweep.json"), "w") as f:
     json.dump(sweep, f)
