@@ -1,6 +1,7 @@
 // LibTorch operators (and the CUDA caching allocator's statistics) that tch 0.26 does not wrap, behind a C ABI for src/aten_extra.rs.
 // A `tensor` is what tch hands out: a pointer to an at::Tensor (torch-sys' C_tensor).
 // C++ exceptions never cross the boundary: failures return a malloc'd message the caller frees.
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_foreach_add.h>
 #include <ATen/ops/_foreach_mul.h>
@@ -12,6 +13,7 @@
 #include <c10/core/CachingDeviceAllocator.h>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 namespace {
@@ -93,4 +95,29 @@ char* sdkd_cuda_memory_peaks(int64_t device, int64_t* allocated_peak, int64_t* r
     return error_message(e.what());
   }
 }
+
+// torch.get_rng_state() / torch.set_rng_state(): the CPU default generator's whole state as a
+// uint8 tensor, so that several seeded random sequences can take turns on the one generator.
+char* sdkd_cpu_rng_state(at::Tensor** out) {
+  try {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    *out = new at::Tensor(gen.get_state());
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_message(e.what());
+  }
+}
+
+char* sdkd_set_cpu_rng_state(const at::Tensor* state) {
+  try {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(*state);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_message(e.what());
+  }
+}
+
 }

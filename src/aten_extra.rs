@@ -1,6 +1,7 @@
 //! LibTorch operators that tch 0.26 does not wrap, compiled from `csrc/aten_extra.cpp` against the
 //! same LibTorch: PyTorch's fused AdamW kernel, the multi-tensor gradient clipping of
-//! `clip_grad_norm_`, `zero_grad(set_to_none=True)`, and the CUDA caching allocator's peak memory.
+//! `clip_grad_norm_`, `zero_grad(set_to_none=True)`, the CUDA caching allocator's peak memory, and the CPU generator's
+//! state (`torch.get_rng_state` / `set_rng_state`).
 use anyhow::{anyhow, bail, Result};
 use std::ffi::{c_char, c_void, CStr};
 use tch::Tensor;
@@ -22,6 +23,8 @@ extern "C" {
     fn sdkd_clip_grad_norm(grads: *const *mut c_void, n: i64, max_norm: f64, total_out: *mut *mut c_void) -> *mut c_char;
     fn sdkd_set_grad_none(t: *mut c_void) -> *mut c_char;
     fn sdkd_cuda_memory_peaks(device: i64, allocated_peak: *mut i64, reserved_peak: *mut i64) -> *mut c_char;
+    fn sdkd_cpu_rng_state(out: *mut *mut c_void) -> *mut c_char;
+    fn sdkd_set_cpu_rng_state(state: *const c_void) -> *mut c_char;
 }
 
 /// Turns the shim's error message (malloc'd, or null on success) into a Result.
@@ -102,4 +105,20 @@ pub fn cuda_memory_peaks(device: usize) -> Result<(i64, i64)> {
     // SAFETY: the shim only writes the two integers it is given.
     check(unsafe { sdkd_cuda_memory_peaks(device as i64, &mut allocated, &mut reserved) }, "CUDA allocator statistics")?;
     Ok((allocated, reserved))
+}
+
+/// The state of LibTorch's default CPU generator (`torch.get_rng_state()`): a uint8 tensor that
+/// `set_cpu_rng_state` puts back, so that seeded random sequences can take turns on it.
+pub fn cpu_rng_state() -> Result<Tensor> {
+    let mut state: *mut c_void = std::ptr::null_mut();
+    // SAFETY: on success `state` is a new at::Tensor* we own.
+    check(unsafe { sdkd_cpu_rng_state(&mut state) }, "reading the CPU generator's state")?;
+    // SAFETY: a tensor allocated by `new at::Tensor`, which tch frees with delete as its own.
+    Ok(unsafe { Tensor::from_ptr(state.cast()) })
+}
+
+/// `torch.set_rng_state(state)` with a state from `cpu_rng_state`.
+pub fn set_cpu_rng_state(state: &Tensor) -> Result<()> {
+    // SAFETY: `state` is a live tensor handle; the generator copies what it reads.
+    check(unsafe { sdkd_set_cpu_rng_state(state.as_ptr() as *const c_void) }, "setting the CPU generator's state")
 }

@@ -22,7 +22,7 @@ use crate::models::{
     weights, AutoencoderKL, ClipTextEncoder, ClipTextModel, ClipTokenizer, Init, PipelineDir, UNet,
     UNet2DConditionModel, Vae,
 };
-use crate::schedulers::{randn, NoiseSchedule, SchedulerConfig, SchedulerKind};
+use crate::schedulers::{randn, NoiseSchedule, Sampler, SchedulerConfig, SchedulerKind};
 use anyhow::{bail, ensure, Context, Result};
 use image::RgbImage;
 use std::path::{Path, PathBuf};
@@ -208,14 +208,166 @@ pub fn generate_until(
     on_step: &mut dyn FnMut(usize, usize),
     stop: &dyn Fn() -> Option<String>,
 ) -> Result<Vec<RgbImage>> {
+    let mut result = None;
+    generate_batch(parts, &[BatchMember { req, stop }], on_step, &mut |_, r| result = Some(r));
+    result.expect("generate_batch settles every member")
+}
+
+/// One request of a batch (`generate_batch`) and its cancellation token.
+pub struct BatchMember<'a> {
+    pub req: &'a GenerateRequest,
+    pub stop: &'a dyn Fn() -> Option<String>,
+}
+
+impl GenerateRequest {
+    /// Whether `self` and `other` can share one batched UNet call: the same image size, steps and
+    /// scheduler (so one timestep per step for all), guidance on or off alike and the same
+    /// samples (so each request has the same rows in the batch; the guidance scale itself, the
+    /// prompts and the seeds may differ).
+    pub fn batches_with(&self, other: &GenerateRequest) -> bool {
+        let shape = |r: &GenerateRequest| (r.width, r.height, r.steps, r.scheduler, r.samples, r.do_classifier_free_guidance());
+        shape(self) == shape(other)
+    }
+
+    /// The UNet batch rows of this request: samples, twice with guidance.
+    pub fn unet_rows(&self) -> i64 {
+        self.samples as i64 * if self.do_classifier_free_guidance() { 2 } else { 1 }
+    }
+}
+
+impl Parts<'_> {
+    /// Whether a batch of requests like `req` gives each the pixels of its own unbatched call on
+    /// the CPU (measured on LibTorch 2.13's CPU kernels, docs/serve.md): the time path is exact
+    /// by construction (`predict_stacked`); a convolution keeps each image's values whatever the
+    /// batch once a request brings 2 or more rows (alone, one row runs another algorithm: guidance
+    /// off with one sample); the other GEMMs keep a request's rows exact when it brings 12 or
+    /// more, or a multiple of 4. The fewest are in the deepest stage, `unet_rows` × its latent
+    /// area / 4^(stages - 1): only tiny images on deep UNets fall short (SD-1.5 at 64x64 with
+    /// guidance: 2). Requests that fail this run one at a time.
+    pub fn batches_exactly(&self, req: &GenerateRequest) -> bool {
+        if req.unet_rows() < 2 {
+            return false;
+        }
+        let Ok((width, height)) = self.image_size(req) else { return false };
+        let f = self.vae.config.downscale_factor();
+        let (mut h, mut w) = (height / f, width / f);
+        for _ in 1..self.unet.config.block_out_channels.len() {
+            (h, w) = ((h + 1) / 2, (w + 1) / 2); // a stride-2 convolution with padding 1
+        }
+        let rows = req.unet_rows() * h * w;
+        rows >= 12 || rows % 4 == 0
+    }
+}
+
+/// One batch member's state while it denoises.
+struct Denoising<'a> {
+    index: usize,
+    member: &'a BatchMember<'a>,
+    context: Tensor,
+    sampler: Box<dyn Sampler>,
+    latents: Tensor,
+    /// LibTorch's CPU generator as this request left it: DDPM and Euler ancestral draw their step
+    /// noise from it, so each request continues its own seeded sequence, whatever the batch.
+    rng: Tensor,
+}
+
+/// Generates the compatible requests of `members` (`GenerateRequest::batches_with`) together:
+/// one UNet call per step on all of them, stacked request after request (`predict_stacked`).
+/// Each request keeps its own prompt, guidance scale, seed, sampler and random sequence, so on
+/// the CPU its images equal those it gets alone. `done(i, result)` settles member i once: as soon
+/// as it fails its checks, when its `stop` gives a cause (it leaves the batch, the others go on),
+/// or with its images after decoding. `on_step` reports the batch's steps.
+pub fn generate_batch(
+    parts: &Parts<'_>,
+    members: &[BatchMember<'_>],
+    on_step: &mut dyn FnMut(usize, usize),
+    done: &mut dyn FnMut(usize, Result<Vec<RgbImage>>),
+) {
+    let _no_grad = tch::no_grad_guard();
+    let mut active = vec![];
+    for (index, member) in members.iter().enumerate() {
+        match start_denoising(parts, index, member, members[0].req) {
+            Ok(d) => active.push(d),
+            Err(e) => done(index, Err(e)),
+        }
+    }
+    let unet = parts.unet;
+    let (device, unet_kind) = (unet.device(), unet.kind());
+    let Some(first) = active.first() else { return };
+    let total = first.sampler.num_inference_steps();
+    let (rows, cfg) = (first.member.req.unet_rows(), first.member.req.do_classifier_free_guidance());
+    for i in 0..=total {
+        active.retain(|d| match (d.member.stop)() {
+            Some(cause) => {
+                done(d.index, Err(Cancelled { cause, done: i, total }.into()));
+                false
+            }
+            None => true,
+        });
+        if active.is_empty() {
+            return;
+        }
+        if i == total {
+            break;
+        }
+        let inputs: Vec<Tensor> = active
+            .iter()
+            .map(|d| {
+                let input = if cfg { Tensor::cat(&[&d.latents, &d.latents], 0) } else { d.latents.shallow_clone() };
+                d.sampler.scale_model_input(&input, i)
+            })
+            .collect();
+        let input = if inputs.len() == 1 { inputs[0].shallow_clone() } else { Tensor::cat(&inputs, 0) };
+        let context = if active.len() == 1 {
+            active[0].context.shallow_clone()
+        } else {
+            Tensor::cat(&active.iter().map(|d| &d.context).collect::<Vec<_>>(), 0)
+        };
+        let t = active[0].sampler.timestep_tensor(i, device);
+        let pred = unet.predict_stacked(&input.to_kind(unet_kind), &t, &context, rows).to_kind(Kind::Float);
+        let mut failed = vec![];
+        for (j, d) in active.iter_mut().enumerate() {
+            let pred = pred.narrow(0, j as i64 * rows, rows);
+            let pred = if cfg {
+                let halves = pred.chunk(2, 0);
+                let (uncond, text) = (&halves[0], &halves[1]);
+                uncond + (text - uncond) * d.member.req.guidance_scale
+            } else {
+                pred
+            };
+            let stepped = crate::aten_extra::set_cpu_rng_state(&d.rng).map(|()| d.sampler.step(&pred, i, &d.latents));
+            match stepped.and_then(|latents| Ok((latents, crate::aten_extra::cpu_rng_state()?))) {
+                Ok((latents, rng)) => (d.latents, d.rng) = (latents, rng),
+                Err(e) => failed.push((d.index, e)),
+            }
+        }
+        for (index, e) in failed {
+            active.retain(|d| d.index != index);
+            done(index, Err(e));
+        }
+        on_step(i + 1, total);
+    }
+
+    // 5: decode and quantise as diffusers' image processor does, one request at a time
+    let vae = parts.vae;
+    for d in active {
+        let z = (&d.latents / vae.config.scaling_factor).to_device(vae.device()).to_kind(vae.kind());
+        let images = vae.decode(&z).to_kind(Kind::Float).to_device(Device::Cpu); // (n, 3, H, W)
+        done(d.index, Ok(to_rgb_images(&images)));
+    }
+}
+
+/// Steps 1-3 for one member: its checks (and that it batches with `first`), prompt embeddings,
+/// sampler and seeded initial latents.
+fn start_denoising<'a>(parts: &Parts<'_>, index: usize, member: &'a BatchMember<'a>, first: &GenerateRequest) -> Result<Denoising<'a>> {
+    let req = member.req;
     req.validate()?;
+    ensure!(req.batches_with(first), "request {index} does not batch with the first one (size, steps, scheduler, samples and guidance on/off must agree)");
     let (width, height) = parts.image_size(req)?;
     parts.check_memory(req.samples, width, height)?;
-    let _no_grad = tch::no_grad_guard();
     let unet = parts.unet;
     let (device, unet_kind) = (unet.device(), unet.kind());
     let n = req.samples as i64;
-    let cfg = req.do_classifier_free_guidance();
 
     // 1-2: prompt embeddings, repeated per sample, [uncond; cond] with guidance
     let per_sample = |e: Tensor| -> Tensor {
@@ -223,7 +375,7 @@ pub fn generate_until(
         e.repeat([1, n, 1]).view([n, seq, dim])
     };
     let cond = per_sample(parts.encode_prompt(&req.prompt));
-    let context = if cfg {
+    let context = if req.do_classifier_free_guidance() {
         let uncond = per_sample(parts.encode_prompt(req.negative_prompt.as_deref().unwrap_or("")));
         Tensor::cat(&[uncond, cond], 0)
     } else {
@@ -232,41 +384,13 @@ pub fn generate_until(
     let context = context.to_device(device).to_kind(unet_kind); // (b, 77, cross_attention_dim)
 
     // 3: the sampler and the initial latents from the seed
-    let mut sampler = req.scheduler.build(parts.schedule, req.steps)?;
+    let sampler = req.scheduler.build(parts.schedule, req.steps)?;
     let f = parts.vae.config.downscale_factor();
     let shape = [n, unet.config.in_channels, height / f, width / f];
     tch::manual_seed(req.seed as i64); // the same bits as torch's manual_seed(u64)
-    let mut latents = randn(&shape, Kind::Float, device) * sampler.init_noise_sigma();
-
-    // 4: the denoising loop
-    let total = sampler.num_inference_steps();
-    for i in 0..=total {
-        if let Some(cause) = stop() {
-            return Err(Cancelled { cause, done: i, total }.into());
-        }
-        if i == total {
-            break;
-        }
-        let input = if cfg { Tensor::cat(&[&latents, &latents], 0) } else { latents.shallow_clone() };
-        let input = sampler.scale_model_input(&input, i);
-        let t = sampler.timestep_tensor(i, device);
-        let pred = unet.predict(&input.to_kind(unet_kind), &t, &context).to_kind(Kind::Float);
-        let pred = if cfg {
-            let halves = pred.chunk(2, 0);
-            let (uncond, text) = (&halves[0], &halves[1]);
-            uncond + (text - uncond) * req.guidance_scale
-        } else {
-            pred
-        };
-        latents = sampler.step(&pred, i, &latents);
-        on_step(i + 1, total);
-    }
-
-    // 5: decode and quantise as diffusers' image processor does
-    let vae = parts.vae;
-    let z = (&latents / vae.config.scaling_factor).to_device(vae.device()).to_kind(vae.kind());
-    let images = vae.decode(&z).to_kind(Kind::Float).to_device(Device::Cpu); // (n, 3, H, W)
-    Ok(to_rgb_images(&images))
+    let latents = randn(&shape, Kind::Float, device) * sampler.init_noise_sigma();
+    let rng = crate::aten_extra::cpu_rng_state()?;
+    Ok(Denoising { index, member, context, sampler, latents, rng })
 }
 
 /// A validation grid's rows: one per UNet of `unets` (run on `parts`' other parts), one image per

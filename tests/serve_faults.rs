@@ -1,7 +1,8 @@
 //! `sdkd serve` under faults, over the tiny diffusers pipeline (tests/reference/make_pipeline.py):
 //! `kill -9` at random instants loses no credit, a client that leaves stops its generation, SIGTERM
 //! gives a grace and a second one cancels at once, a full queue answers 503, prices follow the
-//! table of docs/serve.md, and `/metrics` parses as Prometheus text. Loopback addresses only;
+//! table of docs/serve.md, `/metrics` parses as Prometheus text, and `--max-batch` serves each
+//! request of a batch its unbatched image while a member that leaves is refunded. Loopback addresses only;
 //! every wait is bounded.
 mod common;
 
@@ -284,6 +285,8 @@ fn metrics_parse_as_prometheus_text_and_keys_revoke_and_usage() {
     assert_eq!(get(r#"sdkd_images_total{}"#).1, 2.0);
     assert_eq!(get(r#"sdkd_credits_charged_total{}"#).1, 2.0);
     assert_eq!(get(r#"sdkd_credits_refunded_total{}"#).1, 0.0);
+    assert_eq!(get(r#"sdkd_batch_size_count{}"#), ("histogram".into(), 1.0));
+    assert_eq!(get(r#"sdkd_batch_size_bucket{"le": "1"}"#).1, 1.0);
 
     // revoked: 401 from now on, the balance and rows kept
     let d = db.display().to_string();
@@ -302,4 +305,75 @@ fn metrics_parse_as_prometheus_text_and_keys_revoke_and_usage() {
     assert_eq!(rows.len(), 1, "{usage}");
     assert_eq!(rows[0][2..6], ["served", "2", "2", "200"], "{usage}");
     assert_clean_failure(&sdkd(&["keys", "usage", "--db", &d, "--name", "nobody"]), "nobody");
+}
+
+fn pixels(a: &Answer) -> image::RgbImage {
+    assert_eq!(a.status, 200, "{}", a.error());
+    image::load_from_memory(&a.body).unwrap().to_rgb8()
+}
+
+#[test]
+fn batched_requests_get_their_unbatched_pixels_and_a_leaving_member_is_refunded() {
+    let (dir, model, db) = fixture();
+    let alice = add_key(&db, "alice", 1000);
+    let server = Server::start(&model, &db, &dir.path().join("serve.log"), &["--max-batch", "4"]);
+    // Euler ancestral and DDPM draw noise at every step: each request must keep its own sequence.
+    // Prompts, seeds and guidance scales differ within a batch; size, steps and scheduler do not.
+    let request = |scheduler: &str, steps: i64, i: u64| {
+        json!({"prompt": format!("a toy panda, take {i}"), "scheduler": scheduler, "num_inference_steps": steps,
+               "guidance_scale": 2.0 + i as f64, "seed": 40 + i, "img_width": 64, "img_height": 64, "base64": false})
+    };
+    let euler_a: Vec<Value> = (0..4).map(|i| request("euler_a", 30, i)).collect();
+    let ddpm: Vec<Value> = (4..6).map(|i| request("ddpm", 20, i)).collect();
+
+    // a longer request holds the model while the others queue (alternating shapes); then they run
+    // as two batches: the four Euler ones (one of which leaves), then the two DDPM ones
+    let blocker = {
+        let (addr, key) = (server.addr.clone(), alice.clone());
+        let body = json!({"prompt": "a toy panda", "img_width": 64, "img_height": 64, "num_inference_steps": 50, "seed": 3});
+        std::thread::spawn(move || http(&addr, "POST", "/v1/txt2img", Some(&key), Some(&body)))
+    };
+    let wait_balance = |balance: i64| {
+        let t = Instant::now();
+        while ledger(&db, "alice").0 != balance {
+            assert!(t.elapsed() < Duration::from_secs(10), "balance not {balance}:\n{}", server.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_balance(999);
+    let mut streams = vec![];
+    for body in [&euler_a[0], &ddpm[0], &euler_a[1], &ddpm[1], &euler_a[2], &euler_a[3]] {
+        streams.push(send(&server.addr, "POST", "/v1/txt2img", Some(&alice), Some(body)).unwrap());
+        wait_balance(999 - streams.len() as i64); // one credit each, held in arrival order
+    }
+    let leaving = streams.pop().unwrap(); // euler_a[3]
+    let answers: Vec<std::thread::JoinHandle<Answer>> = streams.into_iter().map(|s| std::thread::spawn(move || receive(s).unwrap())).collect();
+    assert_eq!(blocker.join().unwrap().status, 200);
+    assert!(server.wait_log("batch of 4", Duration::from_secs(30)).is_some(), "{}", server.log());
+    std::thread::sleep(Duration::from_millis(500)); // a few steps into the batch
+    drop(leaving);
+    let answers: Vec<Answer> = answers.into_iter().map(|h| h.join().unwrap()).collect();
+    let log = server.log();
+    let batches: Vec<&str> = log.lines().filter(|l| l.starts_with("batch of")).collect();
+    assert_eq!(batches.len(), 2, "{log}");
+    assert!(batches[0].starts_with("batch of 4") && batches[1].starts_with("batch of 2"), "{log}");
+    let cancelled = log.lines().find(|l| l.contains("the client disconnected")).unwrap_or_else(|| panic!("{log}"));
+    let done: usize = cancelled.split("after ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!(done < 30, "{cancelled}");
+
+    // each answer equals the same request served alone (a batch of one)
+    let served: Vec<image::RgbImage> = answers.iter().map(pixels).collect();
+    let order = [&euler_a[0], &ddpm[0], &euler_a[1], &ddpm[1], &euler_a[2]];
+    for (got, body) in served.iter().zip(order) {
+        let alone = pixels(&http(&server.addr, "POST", "/v1/txt2img", Some(&alice), Some(body)));
+        assert!(*got == alone, "{body}: the batched image differs from the unbatched one");
+    }
+    assert_ne!(served[0], served[2], "two requests of one batch got one image");
+    // 1 credit each: the blocker, 5 batched, 5 alone; the leaving member's came back
+    let (balance, _, states) = ledger(&db, "alice");
+    assert_eq!((balance, states.get("served").copied(), states.get("refunded").copied()), (1000 - 11, Some(11), Some(1)), "{states:?}");
+    let metrics = String::from_utf8(http(&server.addr, "GET", "/metrics", None, None).body).unwrap();
+    for line in ["sdkd_batch_size_bucket{le=\"1\"} 6", "sdkd_batch_size_bucket{le=\"2\"} 7", "sdkd_batch_size_bucket{le=\"4\"} 8", "sdkd_batch_size_sum 12"] {
+        assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
+    }
 }

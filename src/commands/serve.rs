@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// Seconds requests in flight may still run after SIGTERM/SIGINT (a second signal: none).
     #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
     pub shutdown_grace: f64,
+    /// Requests generated together: up to N waiting requests of one shape (size, steps,
+    /// scheduler, samples, guidance on/off) share each batched UNet call (docs/serve.md).
+    #[arg(long, default_value_t = 1)]
+    pub max_batch: usize,
     /// Price table (YAML: credits, steps, width, height); default 1 credit per sample at 20
     /// steps, 512x512 (docs/serve.md).
     #[arg(long)]
@@ -43,10 +47,12 @@ fn seconds(flag: &str, v: f64) -> Result<Duration> {
 pub fn run(args: &ServeArgs) -> Result<()> {
     // a request counts as waiting from its arrival until it runs, so 0 would refuse them all
     anyhow::ensure!(args.max_queue >= 1, "--max-queue 0: must be 1 or more");
+    anyhow::ensure!(args.max_batch >= 1, "--max-batch 0: must be 1 or more");
     let limits = Limits {
         max_queue: args.max_queue,
         max_request: args.max_request_seconds.map(|v| seconds("--max-request-seconds", v)).transpose()?,
         shutdown_grace: seconds("--shutdown-grace", args.shutdown_grace)?,
+        max_batch: args.max_batch,
     };
     let pricing = args.pricing.as_deref().map(Pricing::load).transpose()?.unwrap_or_default();
     let device = args.device.resolve().context("--device")?;

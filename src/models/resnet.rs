@@ -35,11 +35,15 @@ impl ResnetBlock2D {
         }
     }
 
-    /// `x`: (b, c_in, h, w); `temb`: (b, temb_channels) or None.
+    /// `x`: (b, c_in, h, w); `temb`: (b, temb_channels), (r, temb_channels) tiled b / r times
+    /// over the batch (`UNet2DConditionModel::predict_stacked`), or None.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Tensor {
         let mut h = self.conv1.forward(&self.norm1.forward(x).silu());
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            h += proj.forward(&temb.silu()).unsqueeze(-1).unsqueeze(-1);
+            let t = proj.forward(&temb.silu());
+            let (batch, rows) = (x.size()[0], t.size()[0]);
+            let t = if rows == batch { t } else { t.repeat([batch / rows, 1]) };
+            h += t.unsqueeze(-1).unsqueeze(-1);
         }
         let h = self.conv2.forward(&self.norm2.forward(&h).silu());
         let shortcut = match &self.conv_shortcut {

@@ -121,11 +121,31 @@ impl UNet2DConditionModel {
 
     /// `sample`: (b, c, h, w); `timesteps`: (b,) or a scalar; `context`: (b, m, cross_attention_dim).
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, inner: &BTreeSet<String>) -> UNetOutput {
+        self.forward_time_rows(sample, timesteps, context, inner, None)
+    }
+
+    /// `forward`; with `time_rows` r (a scalar `timesteps`), the time embedding is computed for r
+    /// rows and every resnet's time projection on those r rows, tiled over the batch (b / r times).
+    fn forward_time_rows(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        inner: &BTreeSet<String>,
+        time_rows: Option<i64>,
+    ) -> UNetOutput {
         let c = &self.config;
         let (batch, _, height, width) = sample.size4().expect("UNet sample must be (b, c, h, w)");
         let mut taps = InnerTaps::new(inner);
         let sample = if c.center_input_sample { sample * 2.0 - 1.0 } else { sample.shallow_clone() };
-        let timesteps = if timesteps.dim() == 0 { timesteps.expand([batch], true) } else { timesteps.shallow_clone() };
+        let timesteps = match time_rows {
+            Some(rows) => {
+                assert!(timesteps.dim() == 0 && rows > 0 && batch % rows == 0, "time_rows {rows} must divide the batch {batch}, with one timestep");
+                timesteps.expand([rows], true)
+            }
+            None if timesteps.dim() == 0 => timesteps.expand([batch], true),
+            None => timesteps.shallow_clone(),
+        };
         let t_emb = timestep_embedding(&timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
             .to_kind(sample.kind());
         let temb = self.time_embedding.forward(&t_emb); // (b, 4·c0)
@@ -174,6 +194,17 @@ impl UNet2DConditionModel {
     /// The prediction alone (inference).
     pub fn predict(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Tensor {
         self.forward(sample, timesteps, context, &BTreeSet::new()).sample
+    }
+
+    /// `predict` for several requests stacked request after request, `rows_per_request` rows
+    /// each, at one shared scalar `timestep`; each request's rows equal its own `predict` on the
+    /// CPU. LibTorch's CPU GEMM rounds a row differently with the number of rows around it when
+    /// there are few (one request's 1 to 3 rows give other values than the same rows among 8), so
+    /// the time embedding and each resnet's time projection run on one request's rows and are
+    /// tiled over the batch. The wider layers (attention, convolutions) see at least 12 rows per
+    /// request at every size `Parts::batches_exactly` lets through, and keep each row's values.
+    pub fn predict_stacked(&self, sample: &Tensor, timestep: &Tensor, context: &Tensor, rows_per_request: i64) -> Tensor {
+        self.forward_time_rows(sample, timestep, context, &BTreeSet::new(), Some(rows_per_request)).sample
     }
 
     /// Every inner feature name this model can return.

@@ -16,6 +16,9 @@ struct Latency {
     sum: f64,
 }
 
+/// Upper bounds of the batch-size histogram's buckets (requests per batched generation).
+const BATCH_BUCKETS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+
 #[derive(Default)]
 pub struct Metrics {
     by_status: Mutex<BTreeMap<u16, u64>>,
@@ -23,6 +26,8 @@ pub struct Metrics {
     images: AtomicU64,
     credits_charged: AtomicU64,
     credits_refunded: AtomicU64,
+    /// Batches at or under each bound of `BATCH_BUCKETS` (not cumulative), their count and sum.
+    batches: Mutex<([u64; BATCH_BUCKETS.len()], u64, u64)>,
 }
 
 impl Metrics {
@@ -41,6 +46,16 @@ impl Metrics {
     pub fn served(&self, images: u64, credits: u64) {
         self.images.fetch_add(images, Ordering::SeqCst);
         self.credits_charged.fetch_add(credits, Ordering::SeqCst);
+    }
+
+    /// One generation of `size` requests together.
+    pub fn batch(&self, size: usize) {
+        let mut b = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = BATCH_BUCKETS.iter().position(|&bound| size <= bound) {
+            b.0[i] += 1;
+        }
+        b.1 += 1;
+        b.2 += size as u64;
     }
 
     pub fn refunded(&self, credits: u64) {
@@ -68,6 +83,18 @@ impl Metrics {
         let _ = writeln!(w, "sdkd_http_request_duration_seconds_sum {}", l.sum);
         let _ = writeln!(w, "sdkd_http_request_duration_seconds_count {}", l.count);
         drop(l);
+        let b = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(w, "# HELP sdkd_batch_size Requests per batched generation (--max-batch).");
+        let _ = writeln!(w, "# TYPE sdkd_batch_size histogram");
+        let mut cumulative = 0;
+        for (bound, n) in BATCH_BUCKETS.iter().zip(b.0) {
+            cumulative += n;
+            let _ = writeln!(w, "sdkd_batch_size_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(w, "sdkd_batch_size_bucket{{le=\"+Inf\"}} {}", b.1);
+        let _ = writeln!(w, "sdkd_batch_size_sum {}", b.2);
+        let _ = writeln!(w, "sdkd_batch_size_count {}", b.1);
+        drop(b);
         for (name, kind, help, value) in [
             ("sdkd_queue_depth", "gauge", "Generation requests waiting for the pipeline.", queue_depth as u64),
             ("sdkd_images_total", "counter", "Images delivered.", self.images.load(Ordering::SeqCst)),

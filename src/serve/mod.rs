@@ -6,17 +6,19 @@
 //! without a valid key) and `x-credits-charged`. Errors are `{"error": "<message>"}`; the status
 //! codes are in docs/serve.md. `GET /metrics` reports in Prometheus' text format.
 //!
-//! The model runs one request at a time on a blocking thread (one pipeline, and LibTorch already
-//! uses every core for one image); the HTTP side keeps answering meanwhile. Each request has a
-//! cancellation token that the pipeline asks before every denoising step: the client going away,
-//! `--max-request-seconds` and shutdown end a generation within one step, and its credits return.
+//! The model runs on one thread of its own (one pipeline; LibTorch already uses every core for
+//! one image), taking the oldest waiting request and, with `--max-batch N`, up to N - 1 waiting
+//! requests that batch with it (`GenerateRequest::batches_with`) into one batched generation;
+//! the HTTP side keeps answering meanwhile. Each request has a cancellation token that the
+//! pipeline asks before every denoising step: the client going away, `--max-request-seconds` and
+//! shutdown end that request within one step (it leaves its batch), and its credits return.
 pub mod keys;
 pub mod metrics;
 pub mod pricing;
 pub mod request;
 
 use crate::grid::grid;
-use crate::pipeline::{generate_until, Cancelled, GenerateRequest, TextToImage};
+use crate::pipeline::{generate_batch, BatchMember, Cancelled, GenerateRequest, TextToImage};
 use crate::png_meta::png_bytes;
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
@@ -32,8 +34,9 @@ use metrics::Metrics;
 use pricing::Pricing;
 use request::Txt2Img;
 use serde_json::json;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub const KEY_HEADER: &str = "x-api-key";
@@ -51,6 +54,8 @@ pub struct Limits {
     pub max_request: Option<Duration>,
     /// After SIGTERM/SIGINT, how long requests in flight may still finish.
     pub shutdown_grace: Duration,
+    /// Requests generated together in one batched UNet call per step (1: one at a time).
+    pub max_batch: usize,
 }
 
 /// What the handlers share.
@@ -71,7 +76,23 @@ pub struct App {
     last_run_ms: AtomicU64,
     /// Set when shutdown cancels every request.
     shutting_down: AtomicBool,
+    /// Admitted requests for the model thread, oldest first, and whether it should stop once
+    /// they are done (set when the HTTP side has stopped).
+    jobs: Mutex<(VecDeque<Job>, bool)>,
+    new_job: Condvar,
     metrics: Metrics,
+}
+
+/// A request for the model thread: its queue place, token, ledger row and price, and where its
+/// answer goes (the handler awaits it; nobody does once the client left).
+struct Job {
+    slot: QueueSlot,
+    token: Arc<Token>,
+    id: i64,
+    price: i64,
+    api: Txt2Img,
+    req: GenerateRequest,
+    reply: tokio::sync::oneshot::Sender<Response>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -102,6 +123,8 @@ impl App {
             waiting: AtomicUsize::new(0),
             last_run_ms: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
+            jobs: Mutex::new((VecDeque::new(), false)),
+            new_job: Condvar::new(),
             metrics: Metrics::default(),
         }))
     }
@@ -284,35 +307,99 @@ async fn txt2img(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
         client_gone: AtomicBool::new(false),
     });
     let _watch = ClientWatch(token.clone());
-    let worker = app.clone();
-    // the worker settles the ledger itself: the answer is the same whether anyone still awaits it
-    tokio::task::spawn_blocking(move || run(&worker, slot, &token, generation, price, &api, &req))
-        .await
-        .unwrap_or_else(|join| error(StatusCode::INTERNAL_SERVER_ERROR, format!("the generation thread failed: {join}")))
+    // the model thread settles the ledger itself: the answer is the same whether anyone awaits it
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    lock(&app.jobs).0.push_back(Job { slot, token, id: generation, price, api, req, reply });
+    app.new_job.notify_one();
+    answer.await.unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "the model thread ended without answering"))
 }
 
-/// Generates generation `id` (its credits held, its queue place `slot`) and settles it: served
-/// with the images, or refunded with a 5xx naming the cause.
-fn run(app: &App, mut slot: QueueSlot, token: &Token, id: i64, price: i64, api: &Txt2Img, req: &GenerateRequest) -> Response {
-    let pipeline = lock(&app.pipeline);
-    slot.leave();
-    let started = Instant::now();
-    let stop = || token.stop().map(|s| s.cause);
-    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Result<Response> {
-        if let Some(s) = token.stop() {
-            return Err(Cancelled { cause: s.cause, done: 0, total: req.steps }.into());
-        }
-        let images = generate_until(&pipeline.parts(), req, &mut |_, _| {}, &stop)?;
-        encode(app, api, req, images, &pipeline.parts().truncated_prompts(req))
-    }));
-    // a panic in LibTorch is this request's failure, settled here whether or not anyone listens
-    let result = caught.unwrap_or_else(|panic| {
-        let what = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-        Err(anyhow::anyhow!("the pipeline panicked: {}", what.unwrap_or_default()))
-    });
-    drop(pipeline);
-    app.last_run_ms.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
+/// The model thread: takes the oldest job and the waiting ones that batch with it, generates
+/// them, settles and answers each; returns when the HTTP side has stopped and no job is left.
+fn model_thread(app: &App) {
+    loop {
+        let pipeline = lock(&app.pipeline);
+        let batch = {
+            let mut jobs = lock(&app.jobs);
+            while jobs.0.is_empty() {
+                if jobs.1 {
+                    return;
+                }
+                jobs = app.new_job.wait(jobs).unwrap_or_else(|e| e.into_inner());
+            }
+            take_batch(&mut jobs.0, app.limits.max_batch, |req| pipeline.parts().batches_exactly(req))
+        };
+        run_batch(app, &pipeline, batch);
+    }
+}
 
+/// The oldest job and, when it `batches_exactly`, up to `max_batch - 1` more that batch with it,
+/// in arrival order (a later request may so pass an earlier one of another shape; the oldest
+/// always goes first).
+fn take_batch(jobs: &mut VecDeque<Job>, max_batch: usize, batches_exactly: impl Fn(&GenerateRequest) -> bool) -> Vec<Job> {
+    let first = jobs.pop_front().expect("a job to take");
+    let mut batch = vec![first];
+    if max_batch > 1 && batches_exactly(&batch[0].req) {
+        let mut i = 0;
+        while i < jobs.len() && batch.len() < max_batch {
+            if jobs[i].req.batches_with(&batch[0].req) {
+                batch.push(jobs.remove(i).expect("index in range"));
+            } else {
+                i += 1;
+            }
+        }
+    }
+    batch
+}
+
+/// Generates `batch` (their credits held) and settles each job as it ends: served with its
+/// images, or refunded with a 5xx naming the cause.
+fn run_batch(app: &App, pipeline: &TextToImage, batch: Vec<Job>) {
+    let started = Instant::now();
+    let (mut settle, mut members_of) = (vec![], vec![]);
+    for mut job in batch {
+        job.slot.leave();
+        members_of.push((job.token, job.req));
+        settle.push(Some((job.id, job.price, job.api, job.reply)));
+    }
+    if members_of.len() > 1 {
+        let ids: Vec<String> = settle.iter().flatten().map(|s| s.0.to_string()).collect();
+        eprintln!("batch of {}: generations {}", ids.len(), ids.join(", "));
+    }
+    app.metrics.batch(members_of.len());
+    let stops: Vec<Box<dyn Fn() -> Option<String> + '_>> =
+        members_of.iter().map(|(token, _)| Box::new(move || token.stop().map(|s| s.cause)) as Box<dyn Fn() -> Option<String>>).collect();
+    let members: Vec<BatchMember> = members_of.iter().zip(&stops).map(|((_, req), stop)| BatchMember { req, stop: stop.as_ref() }).collect();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        generate_batch(&pipeline.parts(), &members, &mut |_, _| {}, &mut |i, images| {
+            let Some((id, price, api, reply)) = settle[i].take() else { return };
+            let (token, req) = &members_of[i];
+            let response = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                images.and_then(|images| encode(app, &api, req, images, &pipeline.parts().truncated_prompts(req)))
+            }))
+            .unwrap_or_else(|panic| Err(anyhow::anyhow!("encoding the images panicked: {}", panic_text(&*panic))));
+            let _ = reply.send(settle_one(app, token, id, price, req, response)); // nobody listens once the client left
+        });
+    }));
+    // a panic in LibTorch is the failure of every request it left unsettled, settled here
+    if let Err(panic) = caught {
+        for (i, entry) in settle.iter_mut().enumerate() {
+            if let Some((id, price, _, reply)) = entry.take() {
+                let (token, req) = &members_of[i];
+                let failed = Err(anyhow::anyhow!("the pipeline panicked: {}", panic_text(&*panic)));
+                let _ = reply.send(settle_one(app, token, id, price, req, failed));
+            }
+        }
+    }
+    app.last_run_ms.store(started.elapsed().as_millis() as u64, Ordering::SeqCst);
+}
+
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default()
+}
+
+/// Settles generation `id` with its `result`: served (the price kept) or refunded.
+fn settle_one(app: &App, token: &Token, id: i64, price: i64, req: &GenerateRequest, result: Result<Response>) -> Response {
     let (status, message) = match result {
         Ok(mut response) => match lock(&app.keys).served(id) {
             Ok(true) => {
@@ -392,6 +479,10 @@ fn encode(
 /// cancelled (and refunded).
 pub fn serve(app: Arc<App>, listen: &str) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let model = std::thread::Builder::new().name("model".into()).spawn({
+        let app = app.clone();
+        move || model_thread(&app)
+    })?;
     let served = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("--listen {listen}: cannot listen there"))?;
         let addr = listener.local_addr()?;
@@ -411,8 +502,13 @@ pub fn serve(app: Arc<App>, listen: &str) -> Result<()> {
             .await
             .context("serving")
     });
-    // workers whose clients left may still run: stop them at their next step, then wait for them
+    // jobs whose clients left may still run or wait: stop them at their next step, settle them
     app.shutting_down.store(true, Ordering::SeqCst);
+    lock(&app.jobs).1 = true;
+    app.new_job.notify_all();
+    if model.join().is_err() {
+        eprintln!("the model thread panicked outside a generation");
+    }
     runtime.shutdown_timeout(Duration::from_secs(600));
     lock(&app.keys).stop_instance(&app.instance)?;
     served
