@@ -15,7 +15,8 @@ use super::student::{copy_from_teacher, StudentPlan};
 use super::tensorboard::EventWriter;
 use crate::config::{RunConfig, StudentInit};
 use crate::data::order::{hash, Stream};
-use crate::data::{Cursor, ImageFolder, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Transform};
+use crate::data::formats::warn_if_small;
+use crate::data::{open_image_rows, Cursor, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Transform};
 use crate::export;
 use crate::grid::grid;
 use crate::models::{weights, Init, PipelineDir, UNet, UNet2DConditionModel, UNetConfig};
@@ -390,10 +391,12 @@ impl Trainer {
             let source = Arc::new(LatentCache::open(cache)?);
             return Ok(Feed::Cache { loader: Loader::new(source, opts, self.cursor)? });
         }
-        let path = d.path.as_ref().ok_or_else(|| anyhow!("data: set data.path (an image folder) or data.cache"))?;
-        let folder = Arc::new(ImageFolder::open(path)?);
+        let (location, key) = d.location().ok_or_else(|| anyhow!("data: set data.path (an image folder), data.shards or data.cache"))?;
+        let options = d.options().map_err(|e| anyhow!("{}", e.message))?;
+        let rows = open_image_rows(&location, key, &options)?;
+        warn_if_small(rows.as_ref(), d.resolution);
         let transform = Transform { resolution: d.resolution, center_crop: d.center_crop, random_flip: d.random_flip };
-        let source = Arc::new(ImageSource::new(folder, transform, self.cfg.train.seed));
+        let source = Arc::new(ImageSource::new(rows, transform, self.cfg.train.seed));
         let encoder = self.encoder.clone().expect("an image run has the teacher's encoders");
         Ok(Feed::Images { loader: Loader::new(source, opts, self.cursor)?, encoder })
     }
