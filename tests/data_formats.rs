@@ -327,6 +327,14 @@ fn bad_data_settings_are_clean_errors() {
     assert_eq!(rows.len(), 10, "aesthetic is i % 4 within each shard of 10, 10, 4: 4 + 4 + 2 pass");
     let filters = Filters::from_config(Some(21), None, &Default::default()).unwrap();
     assert!(e(&f.path("ref/wds"), &DataOptions { filters, ..Default::default() }).contains("no samples (24 filtered out)"));
+    // The json's sizes (20 px) are below a resolution of 64: warned; the parquet has no sizes
+    // and is checked by decoding.
+    for loc in ["ref/wds", "ref/parquet"] {
+        let rows = open_image_rows(&f.path(loc), "data.shards", &d).unwrap();
+        let w = sdkd::data::formats::small_images_warning(rows.as_ref(), 64).unwrap_or_default();
+        assert!(w.contains("all 24 images checked") && w.contains("data.resolution 64") && w.contains("20 px"), "{loc}: {w}");
+        assert_eq!(sdkd::data::formats::small_images_warning(rows.as_ref(), 16), None);
+    }
     // The user's shards are only read.
     let before: Vec<_> = std::fs::read_dir(f.path("ref/wds")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(before.len(), 3);

@@ -68,6 +68,9 @@ pub fn run_with(a: &PreprocessArgs, encoder: &dyn SampleEncoder) -> Result<()> {
     let t0 = std::time::Instant::now();
     let options = DataOptions { format: a.format, caption: a.caption.clone(), image_column: a.image_column.clone(), filters: Default::default() };
     let dataset = open_image_rows(&a.data, "--data", &options)?;
+    if let Some(w) = crate::data::formats::small_images_warning(dataset.as_ref(), a.resolution) {
+        eprintln!("{}", w.replace("data.resolution", "--resolution"));
+    }
     let opts = CacheOptions {
         transform: a.transform(),
         seed: a.seed,

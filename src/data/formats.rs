@@ -71,9 +71,10 @@ pub fn open_image_rows(location: &str, key: &str, opts: &DataOptions) -> Result<
     Ok(rows)
 }
 
-/// Prints a warning when every image checked is smaller than `resolution` on its short side
+/// A warning when every image checked is smaller than `resolution` on its short side
 /// (img2dataset's default is 256 px, padded squares): such a set trains on upscaled images.
-pub fn warn_if_small(rows: &dyn ImageRows, resolution: u32) {
+/// 64 rows spread over the set are checked, by their metadata's size when it has one.
+pub fn small_images_warning(rows: &dyn ImageRows, resolution: u32) -> Option<String> {
     let n = rows.len();
     let checked = n.min(64);
     let mut short_sides = vec![];
@@ -84,15 +85,14 @@ pub fn warn_if_small(rows: &dyn ImageRows, resolution: u32) {
             short_sides.push(w.min(h));
         }
     }
-    if let Some(&largest) = short_sides.iter().max() {
-        if largest < resolution {
-            eprintln!(
-                "warning: all {} images checked of {} are smaller than data.resolution {resolution} (the largest short side is {largest} px): they will be upscaled; img2dataset's default --image_size is 256",
-                short_sides.len(),
-                rows.describe()
-            );
-        }
-    }
+    let largest = *short_sides.iter().max()?;
+    (largest < resolution).then(|| {
+        format!(
+            "warning: all {} images checked of {} are smaller than data.resolution {resolution} (the largest short side is {largest} px): they will be upscaled; img2dataset's default --image_size is 256",
+            short_sides.len(),
+            rows.describe()
+        )
+    })
 }
 
 /// The format of `location` when `data.format` is not given.

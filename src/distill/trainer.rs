@@ -15,7 +15,7 @@ use super::student::{copy_from_teacher, StudentPlan};
 use super::tensorboard::EventWriter;
 use crate::config::{RunConfig, StudentInit};
 use crate::data::order::{hash, Stream};
-use crate::data::formats::warn_if_small;
+use crate::data::formats::small_images_warning;
 use crate::data::{open_image_rows, Cursor, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Transform};
 use crate::export;
 use crate::grid::grid;
@@ -394,7 +394,9 @@ impl Trainer {
         let (location, key) = d.location().ok_or_else(|| anyhow!("data: set data.path (an image folder), data.shards or data.cache"))?;
         let options = d.options().map_err(|e| anyhow!("{}", e.message))?;
         let rows = open_image_rows(&location, key, &options)?;
-        warn_if_small(rows.as_ref(), d.resolution);
+        if let Some(w) = small_images_warning(rows.as_ref(), d.resolution) {
+            eprintln!("{w}");
+        }
         let transform = Transform { resolution: d.resolution, center_crop: d.center_crop, random_flip: d.random_flip };
         let source = Arc::new(ImageSource::new(rows, transform, self.cfg.train.seed));
         let encoder = self.encoder.clone().expect("an image run has the teacher's encoders");
