@@ -66,20 +66,29 @@ pub struct DataConfig {
     pub center_crop: bool,
     pub random_flip: bool,
     pub on_bad_sample: OnBadSample,
+    // The shard keys are left out of the serialised config at their defaults, so that configs
+    // without them hash (`config_hash`) as before and earlier checkpoints still resume.
     /// webdataset or parquet shards: a folder, a brace pattern (`laion/{00000..01023}.tar`) or a
     /// file listing one shard per line.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub shards: Option<String>,
     /// imagefolder, webdataset or parquet; detected from data.path / data.shards when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<DataFormat>,
     /// The caption: webdataset `txt` or a json key; parquet a column (default `text`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub caption: Option<String>,
     /// parquet: the image column, a {bytes, path} struct (default `image`).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub image_column: Option<String>,
     /// Rows whose image's short side (from the metadata) is smaller are left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub min_size: Option<u32>,
     /// Rows whose long side / short side is larger are left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_aspect: Option<f64>,
     /// Conditions on json keys / parquet columns, e.g. `aesthetic_score: ">= 6.5"`.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub filter: std::collections::BTreeMap<String, String>,
 }
 
@@ -767,6 +776,31 @@ mod tests {
 
     fn err(text: &str) -> String {
         format!("{:#}", parse(text).expect_err("config should be rejected"))
+    }
+
+    #[test]
+    fn shard_keys_are_checked_and_leave_older_hashes_alone() {
+        let c = parse(MINIMAL).unwrap();
+        let data: Vec<String> = c.resume_identity()["data"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(data, ["cache", "center_crop", "on_bad_sample", "path", "random_flip", "resolution"], "configs without shard keys hash as before");
+        let shards = MINIMAL.replace("  path: data/set\n", "  shards: laion/{00000..00009}.tar\n  filter: {aesthetic_score: \">= 6.5\"}\n  min_size: 256\n");
+        let s = parse(&shards).unwrap();
+        assert_eq!(s.data.shards.as_deref(), Some("/base/laion/{00000..00009}.tar"));
+        assert_eq!(s.data.location(), Some(("/base/laion/{00000..00009}.tar".to_string(), "data.shards")));
+        assert_ne!(s.config_hash(), c.config_hash());
+        for (yaml, key) in [
+            ("  filter: {aesthetic_score: \"high\"}\n", "data.filter.aesthetic_score"),
+            ("  max_aspect: 0\n", "data.max_aspect"),
+            ("  min_size: 0\n", "data.min_size"),
+            ("  format: tiff\n", "data.format"),
+            ("  caption: \" \"\n", "data.caption"),
+            ("  path: d\n", "data.shards"),
+            ("  format: imagefolder\n", "data.format"),
+        ] {
+            let base = MINIMAL.replace("  path: data/set\n", "  shards: laion/{00000..00009}.tar\n");
+            let e = err(&format!("{base}{yaml}"));
+            assert!(e.contains(key), "{yaml:?}: {e}");
+        }
     }
 
     #[test]
