@@ -14,7 +14,7 @@ test: build
 	$(CARGO) test --release
 
 demo: build
-	target/release/sdkd demo --out demo-out --overwrite
+	target/release/sdkd demo --out demo-out --overwrite $(DEMO_ARGS)
 
 bench: build
 	scripts/bench.sh

@@ -3,8 +3,9 @@
 //!
 //! `cargo bench --bench decode` measures two made-up datasets: LAION-like 768x576 JPEGs at
 //! resolution 512 (BK-SDM's setting) and the 64 px synthetic PNGs of the demo.
-//! `cargo bench --bench decode -- --data <imagefolder> [--resolution 512] [--batch-size 16]
-//! [--samples 512] [--threads 0]` measures a real folder.
+//! `cargo bench --bench decode -- --data <imagefolder, shard folder, pattern or list>
+//! [--resolution 512] [--batch-size 16] [--samples 512] [--threads 0]` measures a real dataset
+//! in any format (`scripts/bench_loader.py` runs it on webdataset shards against PyTorch).
 use sdkd::data::order::splitmix64;
 use sdkd::data::synthetic::{write_dataset, Scene};
 use sdkd::data::*;
@@ -36,7 +37,9 @@ fn jpeg_dataset(dir: &Path, n: usize) {
 }
 
 fn measure(label: &str, dir: &Path, res: u32, batch: usize, samples: usize, threads: usize) {
-    let ds = Arc::new(ImageFolder::open(dir).expect("opening the dataset"));
+    let opened = std::time::Instant::now();
+    let ds = open_image_rows(&dir.to_string_lossy(), "--data", &DataOptions::default()).expect("opening the dataset");
+    println!("opened {} ({} samples) in {:.3}s", ds.describe(), ds.len(), opened.elapsed().as_secs_f64());
     let t = Transform { resolution: res, center_crop: false, random_flip: true };
     let src = Arc::new(ImageSource::new(ds, t, 0));
     let opts = LoaderOptions { threads, prefetch: 4, ..LoaderOptions::shuffled(batch, 0) };

@@ -23,12 +23,14 @@ Sections (defaults in brackets; shapes are fixed so numbers compare across runs)
           PyTorch with libgomp's default spin and glibc's default malloc; the SD-1.5 teacher's
           inference step and the training step of bk_small [1 warm-up + 2 timed steps per run]
   decode  `cargo bench --bench decode` (images/s of the data loader)
+  loader  scripts/bench_loader.py: the loader on webdataset shards of LAION-like JPEGs against
+          webdataset + PIL + torch DataLoader, same transforms and worker count
 
 Environment:
   SDKD_BENCH_QUICK=1          smoke run: tiny shapes, one round, docs/benchmarks.md untouched
   SDKD_BENCH_ROUNDS=N         rounds per case [3]
   SDKD_BENCH_THREADS=N        intra-op threads of both sides [all cores]
-  SDKD_BENCH_SECTIONS=a,b     sections to run [train,infer,wait,own,decode]
+  SDKD_BENCH_SECTIONS=a,b     sections to run [train,infer,wait,own,decode,loader]
   SDKD_BENCH_STUDENTS=a,b     students of the train section [bk_small,bk_tiny]
   SDKD_BENCH_NO_DOCS=1        print the tables only
 """
@@ -56,7 +58,7 @@ env = os.environ
 QUICK = env.get("SDKD_BENCH_QUICK", "") not in ("", "0")
 ROUNDS = int(env.get("SDKD_BENCH_ROUNDS", "1" if QUICK else "3"))
 THREADS = int(env.get("SDKD_BENCH_THREADS", str(os.cpu_count() or 1)))
-SECTIONS = env.get("SDKD_BENCH_SECTIONS", "train,infer,wait,own,decode").split(",")
+SECTIONS = env.get("SDKD_BENCH_SECTIONS", "train,infer,wait,own,decode,loader").split(",")
 STUDENTS = env.get("SDKD_BENCH_STUDENTS", "bk_small,bk_tiny").split(",")
 WRITE_DOCS = not QUICK and env.get("SDKD_BENCH_NO_DOCS", "") in ("", "0")
 if QUICK:
@@ -306,6 +308,17 @@ def main():
         print("\n".join("  " + l.strip() for l in out))
         records.append({"_label": "decode", "lines": out})
         lines += ["### Data loader decode throughput (`cargo bench --bench decode`)", "", "```", *[l.strip() for l in out], "```", ""]
+
+    if "loader" in SECTIONS:
+        print("loader on webdataset shards against webdataset + PIL + DataLoader: scripts/bench_loader.py", flush=True)
+        p = subprocess.run([str(PYTHON), str(ROOT / "scripts" / "bench_loader.py")], cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"bench: scripts/bench_loader.py failed:\n{p.stderr[-3000:]}")
+        out = p.stdout.strip().splitlines()
+        print("\n".join("  " + l for l in out))
+        records.append({"_label": "loader", "lines": out})
+        lines += ["### Loader on webdataset shards vs webdataset + PIL + torch DataLoader (`scripts/bench_loader.py`)", "",
+                  "LAION-like 512-1024 px JPEGs, resize 512 + random crop + flip + to tensor, batch 16; median of rounds.", "", *out, ""]
 
     finished = datetime.datetime.now(datetime.timezone.utc)
     head = [

@@ -66,15 +66,70 @@ pub struct DataConfig {
     pub center_crop: bool,
     pub random_flip: bool,
     pub on_bad_sample: OnBadSample,
+    // The shard keys are left out of the serialised config at their defaults, so that configs
+    // without them hash (`config_hash`) as before and earlier checkpoints still resume.
+    /// webdataset or parquet shards: a folder, a brace pattern (`laion/{00000..01023}.tar`) or a
+    /// file listing one shard per line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<String>,
+    /// imagefolder, webdataset or parquet; detected from data.path / data.shards when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<DataFormat>,
+    /// The caption: webdataset `txt` or a json key; parquet a column (default `text`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
+    /// parquet: the image column, a {bytes, path} struct (default `image`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_column: Option<String>,
+    /// Rows whose image's short side (from the metadata) is smaller are left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_size: Option<u32>,
+    /// Rows whose long side / short side is larger are left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_aspect: Option<f64>,
+    /// Conditions on json keys / parquet columns, e.g. `aesthetic_score: ">= 6.5"`.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub filter: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { path: None, cache: None, resolution: 512, center_crop: true, random_flip: true, on_bad_sample: OnBadSample::Skip }
+        DataConfig {
+            path: None,
+            cache: None,
+            resolution: 512,
+            center_crop: true,
+            random_flip: true,
+            on_bad_sample: OnBadSample::Skip,
+            shards: None,
+            format: None,
+            caption: None,
+            image_column: None,
+            min_size: None,
+            max_aspect: None,
+            filter: Default::default(),
+        }
     }
 }
 
-pub use crate::data::OnBadSample;
+impl DataConfig {
+    /// Where the images are (`data.shards` or `data.path`) and the key that says so.
+    pub fn location(&self) -> Option<(String, &'static str)> {
+        match (&self.shards, &self.path) {
+            (Some(s), _) => Some((s.clone(), "data.shards")),
+            (None, Some(p)) => Some((p.to_string_lossy().into_owned(), "data.path")),
+            (None, None) => None,
+        }
+    }
+
+    /// How to read the images (validated by `RunConfig::validate`).
+    pub fn options(&self) -> std::result::Result<DataOptions, ConfigError> {
+        let filters = Filters::from_config(self.min_size, self.max_aspect, &self.filter).map_err(|(k, m)| invalid(&k, m))?;
+        Ok(DataOptions { format: self.format, caption: self.caption.clone(), image_column: self.image_column.clone(), filters })
+    }
+}
+
+pub use crate::data::{DataFormat, DataOptions, Filters, OnBadSample};
 
 /// λ weights of `loss = task + output_kd + Σ feature_kd` (BK-SDM's defaults: all 1).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -404,6 +459,11 @@ impl RunConfig {
         if let Some(p) = self.data.cache.as_mut() {
             abs(p);
         }
+        if let Some(s) = self.data.shards.as_mut() {
+            if Path::new(s.as_str()).is_relative() {
+                *s = base.join(s.as_str()).to_string_lossy().into_owned();
+            }
+        }
         if let Some(mut spec) = self.student_spec_path() {
             abs(&mut spec);
             self.student = spec.to_string_lossy().into_owned();
@@ -448,12 +508,30 @@ impl RunConfig {
             }
         }
         let d = &self.data;
-        if d.path.is_none() && d.cache.is_none() {
+        if d.path.is_none() && d.cache.is_none() && d.shards.is_none() {
             return Err(invalid(
                 "data.path",
-                "data: set data.path (an image folder) or data.cache (a `sdkd preprocess` output)".to_string(),
+                "data: set data.path (an image folder), data.shards (webdataset or parquet shards) or data.cache (a `sdkd preprocess` output)".to_string(),
             ));
         }
+        if d.path.is_some() && d.shards.is_some() {
+            return Err(invalid("data.shards", "data: set data.path (an image folder) or data.shards (webdataset or parquet shards), not both".to_string()));
+        }
+        if d.format == Some(DataFormat::Imagefolder) && d.shards.is_some() {
+            return Err(invalid("data.format", "data.format = imagefolder but data.shards is set: an imagefolder is given by data.path".to_string()));
+        }
+        if d.shards.as_deref().is_some_and(|s| s.trim().is_empty()) {
+            return Err(invalid("data.shards", "data.shards is empty".to_string()));
+        }
+        if d.min_size == Some(0) {
+            return Err(invalid("data.min_size", "data.min_size = 0: must be at least 1 (or leave it out)".to_string()));
+        }
+        for (key, v) in [("data.caption", &d.caption), ("data.image_column", &d.image_column)] {
+            if v.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(invalid(key, format!("{key} is empty: name a field or column (or leave it out)")));
+            }
+        }
+        d.options()?;
         if d.resolution == 0 || !d.resolution.is_multiple_of(8) {
             return Err(invalid(
                 "data.resolution",
@@ -708,6 +786,31 @@ mod tests {
 
     fn err(text: &str) -> String {
         format!("{:#}", parse(text).expect_err("config should be rejected"))
+    }
+
+    #[test]
+    fn shard_keys_are_checked_and_leave_older_hashes_alone() {
+        let c = parse(MINIMAL).unwrap();
+        let data: Vec<String> = c.resume_identity()["data"].as_object().unwrap().keys().cloned().collect();
+        assert_eq!(data, ["cache", "center_crop", "on_bad_sample", "path", "random_flip", "resolution"], "configs without shard keys hash as before");
+        let shards = MINIMAL.replace("  path: data/set\n", "  shards: laion/{00000..00009}.tar\n  filter: {aesthetic_score: \">= 6.5\"}\n  min_size: 256\n");
+        let s = parse(&shards).unwrap();
+        assert_eq!(s.data.shards.as_deref(), Some("/base/laion/{00000..00009}.tar"));
+        assert_eq!(s.data.location(), Some(("/base/laion/{00000..00009}.tar".to_string(), "data.shards")));
+        assert_ne!(s.config_hash(), c.config_hash());
+        for (yaml, key) in [
+            ("  filter: {aesthetic_score: \"high\"}\n", "data.filter.aesthetic_score"),
+            ("  max_aspect: 0\n", "data.max_aspect"),
+            ("  min_size: 0\n", "data.min_size"),
+            ("  format: tiff\n", "data.format"),
+            ("  caption: \" \"\n", "data.caption"),
+            ("  path: d\n", "data.shards"),
+            ("  format: imagefolder\n", "data.format"),
+        ] {
+            let base = MINIMAL.replace("  path: data/set\n", "  shards: laion/{00000..00009}.tar\n");
+            let e = err(&format!("{base}{yaml}"));
+            assert!(e.contains(key), "{yaml:?}: {e}");
+        }
     }
 
     #[test]

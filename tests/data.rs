@@ -664,7 +664,10 @@ fn preprocess_command_builds_and_resumes_a_cache() {
     cache_dataset(d.path(), 12);
     let mut args = PreprocessArgs {
         teacher: "unused-by-the-toy-encoder".into(),
-        data: d.path().into(),
+        data: d.path().to_string_lossy().into_owned(),
+        format: None,
+        caption: None,
+        image_column: None,
         resolution: 16,
         out: out.path().join("c"),
         center_crop: true,

@@ -30,13 +30,17 @@ pub struct DemoArgs {
     /// VAE training steps.
     #[arg(long)]
     pub vae_steps: Option<usize>,
+    /// The layout of the training pairs: imagefolder, webdataset (tar shards) or parquet; the VAE
+    /// and the latent caches read them in it.
+    #[arg(long, value_enum, default_value_t = crate::data::DataFormat::Imagefolder)]
+    pub data_format: crate::data::DataFormat,
     /// A minute-long smoke run with tiny step counts (the results mean little).
     #[arg(long)]
     pub quick: bool,
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
-    let mut o = DemoOptions { seed: a.seed, ..DemoOptions::default() };
+    let mut o = DemoOptions { seed: a.seed, data_format: a.data_format, ..DemoOptions::default() };
     if a.quick {
         o = DemoOptions { count: 128, held_out: 16, vae_steps: 30, teacher_steps: 10, student_steps: 6, prompts: 2, sampling_steps: 4, progress: ProgressMode::Hidden, ..o };
     }

@@ -1,20 +1,30 @@
 //! `sdkd preprocess`: encodes a dataset once into a latent cache that `train` reads through
 //! `data.cache` (see `data::cache` for the format). Everything but building the teacher's
 //! encoder is here: [`run_with`] takes any [`SampleEncoder`].
-use crate::data::{build_cache, CacheOptions, ImageFolder, OnBadSample, SampleEncoder, Transform};
+use crate::data::{build_cache, open_image_rows, CacheOptions, DataFormat, DataOptions, OnBadSample, SampleEncoder, Transform};
 use anyhow::Result;
 use clap::{ArgAction, Args};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 #[derive(Args, Debug, Clone)]
 pub struct PreprocessArgs {
     /// The teacher pipeline folder (diffusers layout: vae/, text_encoder/, tokenizer/).
     #[arg(long)]
     pub teacher: PathBuf,
-    /// The imagefolder to encode (metadata.jsonl or metadata.csv, or .txt sidecars).
+    /// The dataset to encode: an imagefolder (metadata.jsonl or metadata.csv, or .txt sidecars),
+    /// or webdataset/parquet shards (a folder, a brace pattern such as `laion/{00000..00099}.tar`,
+    /// or a file listing one shard per line).
     #[arg(long)]
-    pub data: PathBuf,
+    pub data: String,
+    /// imagefolder, webdataset or parquet (detected from --data when absent).
+    #[arg(long, value_enum)]
+    pub format: Option<DataFormat>,
+    /// The caption: webdataset `txt` or a json key; parquet a column (default `text`).
+    #[arg(long)]
+    pub caption: Option<String>,
+    /// parquet: the image column, a {bytes, path} struct (default `image`).
+    #[arg(long)]
+    pub image_column: Option<String>,
     /// Side of the square crops fed to the VAE, in pixels.
     #[arg(long)]
     pub resolution: u32,
@@ -56,7 +66,11 @@ pub fn run_with(a: &PreprocessArgs, encoder: &dyn SampleEncoder) -> Result<()> {
         anyhow::bail!("--resolution {} must be a positive multiple of 8 (the VAE downsamples by 8)", a.resolution);
     }
     let t0 = std::time::Instant::now();
-    let dataset = Arc::new(ImageFolder::open(&a.data)?);
+    let options = DataOptions { format: a.format, caption: a.caption.clone(), image_column: a.image_column.clone(), filters: Default::default() };
+    let dataset = open_image_rows(&a.data, "--data", &options)?;
+    if let Some(w) = crate::data::formats::small_images_warning(dataset.as_ref(), a.resolution) {
+        eprintln!("{}", w.replace("data.resolution", "--resolution"));
+    }
     let opts = CacheOptions {
         transform: a.transform(),
         seed: a.seed,

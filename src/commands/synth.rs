@@ -1,7 +1,8 @@
-//! `sdkd synth`: writes the built-in synthetic image-caption dataset in imagefolder layout, as one
-//! crash-safe folder. `--out` must be new or empty, or an earlier `sdkd synth` folder with
+//! `sdkd synth`: writes the built-in synthetic image-caption dataset as an imagefolder, webdataset
+//! shards or a parquet dataset, as one crash-safe folder. `--out` must be new or empty, or an earlier `sdkd synth` folder with
 //! `--overwrite`.
-use crate::data::synthetic::write_dataset;
+use crate::data::synthetic::{write_dataset, write_parquet, write_webdataset};
+use crate::data::DataFormat;
 use crate::fs_safe::{self, Marker, Purpose};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -24,6 +25,10 @@ pub struct SynthArgs {
     /// Side of the square images, in pixels.
     #[arg(long, default_value_t = 64)]
     pub resolution: u32,
+    /// imagefolder (PNGs + metadata.jsonl), webdataset (00000.tar ... of 250 samples) or parquet
+    /// (data/train-*.parquet): the same images and captions in each.
+    #[arg(long, value_enum, default_value_t = DataFormat::Imagefolder)]
+    pub format: DataFormat,
 }
 
 pub fn run(a: &SynthArgs) -> Result<()> {
@@ -32,10 +37,15 @@ pub fn run(a: &SynthArgs) -> Result<()> {
         bail!("--count must be at least 1"); // before --out: a bad count is the error to report
     }
     fs_safe::check_replaceable(&a.out, Purpose::Dataset, a.overwrite, "--out")?;
-    fs_safe::write_dir(&a.out, Some(&Marker::new(Purpose::Dataset)), |tmp| write_dataset(tmp, a.count, a.seed, a.resolution))?;
+    fs_safe::write_dir(&a.out, Some(&Marker::new(Purpose::Dataset)), |tmp| match a.format {
+        DataFormat::Imagefolder => write_dataset(tmp, a.count, a.seed, a.resolution),
+        DataFormat::Webdataset => write_webdataset(tmp, a.count, a.seed, a.resolution),
+        DataFormat::Parquet => write_parquet(tmp, a.count, a.seed, a.resolution),
+    })?;
     println!(
-        "wrote {} images of {res}x{res} with captions to {} in {:.1}s",
+        "wrote {} images of {res}x{res} with captions ({:?}) to {} in {:.1}s",
         a.count,
+        a.format,
         a.out.display(),
         t0.elapsed().as_secs_f64(),
         res = a.resolution

@@ -1,5 +1,5 @@
 //! The latent cache that `sdkd preprocess` writes and `train` reads through `data.cache`: every
-//! usable sample of an imagefolder encoded once, by a [`SampleEncoder`] (the teacher's VAE and
+//! usable sample of a dataset (imagefolder, webdataset or parquet) encoded once, by a [`SampleEncoder`] (the teacher's VAE and
 //! text encoder), into safetensors shards plus an `index.json`.
 //!
 //! Layout of a cache folder:
@@ -23,10 +23,9 @@
 //! would see it with the preprocess seed (use a centre crop and no flip to match evaluation).
 //! Reading a cache, the loader shuffles rows with the training seed exactly as it shuffles
 //! images, with the same [`Cursor`](super::order::Cursor) semantics.
-use super::dataset::ImageFolder;
 use super::image_source::ImageSource;
 use super::loader::{Loader, LoaderOptions};
-use super::source::{BadSample, OnBadSample, SampleSource};
+use super::source::{BadSample, ImageRows, OnBadSample, SampleSource};
 use super::order::{Cursor, Order};
 use super::transform::Transform;
 use crate::models::weights::{dtype_of, kind_of};
@@ -91,7 +90,7 @@ pub struct CacheIndex {
     pub version: u32,
     /// The dataset folder it was made from (informative).
     pub source: String,
-    /// [`ImageFolder::fingerprint`] of that dataset.
+    /// [`ImageRows::fingerprint`] of that dataset.
     pub fingerprint: String,
     pub num_source_samples: usize,
     pub transform: Transform,
@@ -176,7 +175,7 @@ fn shard_intact(dir: &Path, entry: &ShardEntry) -> bool {
 }
 
 /// Encodes `dataset` into the cache folder `out`, keeping shards an earlier run finished.
-pub fn build_cache(dataset: Arc<ImageFolder>, encoder: &dyn SampleEncoder, out: &Path, opts: &CacheOptions) -> Result<CacheReport> {
+pub fn build_cache(dataset: Arc<dyn ImageRows>, encoder: &dyn SampleEncoder, out: &Path, opts: &CacheOptions) -> Result<CacheReport> {
     if opts.shard_size == 0 || opts.batch_size == 0 {
         bail!("shard size and batch size must be at least 1");
     }
@@ -184,7 +183,7 @@ pub fn build_cache(dataset: Arc<ImageFolder>, encoder: &dyn SampleEncoder, out: 
     let mut index = CacheIndex {
         format: FORMAT.into(),
         version: VERSION,
-        source: dataset.root.display().to_string(),
+        source: dataset.describe(),
         fingerprint: dataset.fingerprint(),
         num_source_samples: n,
         transform: opts.transform,
@@ -287,7 +286,7 @@ fn encode_shard(
         embs.push(cpu(&enc.text_embeddings));
         for &i in &batch.indices {
             ids.push(i as i64);
-            files.push(dataset.samples[i].file_name.clone());
+            files.push(dataset.key(i));
         }
         captions.extend(batch.data.captions);
     }

@@ -13,8 +13,7 @@
 //! Images are read when a sample is loaded, so a missing, empty or corrupt image, or an empty
 //! caption, surfaces as a [`BadSample`] that the loader skips (and counts) or fails on, according
 //! to [`OnBadSample`].
-use super::order::splitmix64;
-use super::source::{BadKind, BadSample};
+use super::source::{decode_rgb, fingerprint_of, usable_caption, BadKind, BadSample, ImageRows};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Component, Path, PathBuf};
 
@@ -78,51 +77,46 @@ impl ImageFolder {
         self.samples.is_empty()
     }
 
-    /// A hash of every (file name, caption) row: tells a latent cache whether it was made from
-    /// this dataset.
-    pub fn fingerprint(&self) -> String {
-        let mut h = splitmix64(self.samples.len() as u64);
-        for s in &self.samples {
-            for part in [s.file_name.as_bytes(), b"\0", s.caption.as_deref().unwrap_or("\u{1}").as_bytes(), b"\0"] {
-                for chunk in part.chunks(8) {
-                    let mut b = [0u8; 8];
-                    b[..chunk.len()].copy_from_slice(chunk);
-                    h = splitmix64(h ^ u64::from_le_bytes(b) ^ chunk.len() as u64);
-                }
-            }
-        }
-        format!("{h:016x}")
-    }
-
     /// Reads and decodes the image of sample `index` as 8-bit RGB, checking its caption first.
     pub fn decode(&self, index: usize) -> Result<(image::RgbImage, String), BadSample> {
         let s = &self.samples[index];
-        let bad = |kind, reason: String| BadSample { index, file: s.path.clone(), kind, reason };
-        let caption = match &s.caption {
-            None => return Err(bad(BadKind::EmptyCaption, "no caption (its .txt file is missing)".into())),
-            Some(c) if c.trim().is_empty() => return Err(bad(BadKind::EmptyCaption, "empty caption".into())),
-            Some(c) => c.clone(),
-        };
+        let bad = |(kind, reason): (BadKind, String)| BadSample { index, file: s.path.clone(), kind, reason };
+        let caption = usable_caption(s.caption.as_deref(), "no caption (its .txt file is missing)").map_err(bad)?;
         let bytes = match std::fs::read(&s.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(bad(BadKind::Missing, "image file is missing".into()))
+                return Err(bad((BadKind::Missing, "image file is missing".into())))
             }
-            Err(e) => return Err(bad(BadKind::Corrupt, format!("cannot read the image: {e}"))),
+            Err(e) => return Err(bad((BadKind::Corrupt, format!("cannot read the image: {e}")))),
         };
         if bytes.is_empty() {
-            return Err(bad(BadKind::Empty, "image file is empty (0 bytes)".into()));
+            return Err(bad((BadKind::Empty, "image file is empty (0 bytes)".into())));
         }
-        // The format comes from the bytes, not the extension (scraped sets mislabel files).
-        let img = image::ImageReader::new(std::io::Cursor::new(&bytes))
-            .with_guessed_format()
-            .map_err(|e| bad(BadKind::Corrupt, format!("cannot read the image: {e}")))?
-            .decode()
-            .map_err(|e| bad(BadKind::Corrupt, format!("not a decodable JPEG/PNG/WebP image: {e}")))?;
-        if img.width() == 0 || img.height() == 0 {
-            return Err(bad(BadKind::Corrupt, "image has no pixels".into()));
-        }
-        Ok((img.to_rgb8(), caption))
+        Ok((decode_rgb(&bytes).map_err(bad)?, caption))
+    }
+}
+
+impl ImageRows for ImageFolder {
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    fn decode(&self, index: usize) -> Result<(image::RgbImage, String), BadSample> {
+        ImageFolder::decode(self, index)
+    }
+
+    fn key(&self, index: usize) -> String {
+        self.samples[index].file_name.clone()
+    }
+
+    /// A hash of every (file name, caption) row.
+    fn fingerprint(&self) -> String {
+        let parts = self.samples.iter().flat_map(|s| [s.file_name.as_bytes(), s.caption.as_deref().unwrap_or("\u{1}").as_bytes()]);
+        fingerprint_of(self.samples.len(), parts)
+    }
+
+    fn describe(&self) -> String {
+        format!("dataset {}", self.root.display())
     }
 }
 

@@ -1,7 +1,7 @@
-//! An [`ImageFolder`] as a [`SampleSource`]: each sample decoded, resized, cropped and flipped by
-//! a [`Transform`], with the crops and flips drawn from a seed.
-use super::dataset::ImageFolder;
-use super::source::{BadSample, SampleSource};
+//! Any [`ImageRows`] dataset (imagefolder, webdataset, parquet) as a [`SampleSource`]: each
+//! sample decoded, resized, cropped and flipped by a [`Transform`], with the crops and flips
+//! drawn from a seed.
+use super::source::{BadSample, ImageRows, SampleSource};
 use super::transform::{to_tensor, Transform};
 use anyhow::Result;
 use std::sync::Arc;
@@ -21,15 +21,15 @@ pub struct ImageItem {
     pub caption: String,
 }
 
-/// An [`ImageFolder`] seen through a [`Transform`], with crops and flips drawn from `seed`.
+/// An image-caption dataset seen through a [`Transform`], with crops and flips drawn from `seed`.
 pub struct ImageSource {
-    pub dataset: Arc<ImageFolder>,
+    pub dataset: Arc<dyn ImageRows>,
     pub transform: Transform,
     pub seed: u64,
 }
 
 impl ImageSource {
-    pub fn new(dataset: Arc<ImageFolder>, transform: Transform, seed: u64) -> Self {
+    pub fn new(dataset: Arc<dyn ImageRows>, transform: Transform, seed: u64) -> Self {
         ImageSource { dataset, transform, seed }
     }
 
@@ -68,6 +68,6 @@ impl SampleSource for ImageSource {
     }
 
     fn describe(&self) -> String {
-        format!("dataset {}", self.dataset.root.display())
+        self.dataset.describe()
     }
 }

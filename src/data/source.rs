@@ -1,5 +1,6 @@
 //! What every data source shares: the [`SampleSource`] trait the loader draws from (decoded
-//! images in `image_source.rs`, latent rows in `cache.rs`), and the bad-sample types a source
+//! images in `image_source.rs`, latent rows in `cache.rs`), the [`ImageRows`] trait of the
+//! image-caption formats (imagefolder, webdataset, parquet), and the bad-sample types a source
 //! reports and the loader skips or fails on.
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -66,3 +67,66 @@ impl fmt::Display for BadSample {
 }
 
 impl std::error::Error for BadSample {}
+
+/// An image-caption dataset in some on-disk format: random access to encoded rows by index, so
+/// that [`SampleSource::load`] stays a pure function of (index, epoch) and resuming is exact.
+pub trait ImageRows: Send + Sync + 'static {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Reads and decodes row `index` as 8-bit RGB with its caption.
+    fn decode(&self, index: usize) -> std::result::Result<(image::RgbImage, String), BadSample>;
+    /// Names row `index` within the dataset (a file name, `shard.tar/KEY`, `file.parquet#row`).
+    fn key(&self, index: usize) -> String;
+    /// A hash of every row's key and caption: tells a latent cache whether it was made from
+    /// this dataset.
+    fn fingerprint(&self) -> String;
+    /// Where the dataset is ("imagefolder /data/x", "webdataset /data/{00000..00009}.tar").
+    fn describe(&self) -> String;
+    /// (width, height) of row `index` when its metadata says so without decoding.
+    fn size_hint(&self, _index: usize) -> Option<(u32, u32)> {
+        None
+    }
+}
+
+/// Decodes an encoded image by its content (not its name: scraped sets mislabel files) as 8-bit
+/// RGB (alpha dropped, grey replicated, palettes expanded, as Pillow's `convert("RGB")`).
+pub fn decode_rgb(bytes: &[u8]) -> std::result::Result<image::RgbImage, (BadKind, String)> {
+    if bytes.is_empty() {
+        return Err((BadKind::Empty, "image is empty (0 bytes)".into()));
+    }
+    let img = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| (BadKind::Corrupt, format!("cannot read the image: {e}")))?
+        .decode()
+        .map_err(|e| (BadKind::Corrupt, format!("not a decodable JPEG/PNG/WebP image: {e}")))?;
+    if img.width() == 0 || img.height() == 0 {
+        return Err((BadKind::Corrupt, "image has no pixels".into()));
+    }
+    Ok(img.to_rgb8())
+}
+
+/// A caption that can be trained on, or why not.
+pub fn usable_caption(caption: Option<&str>, missing: &str) -> std::result::Result<String, (BadKind, String)> {
+    match caption {
+        None => Err((BadKind::EmptyCaption, missing.to_string())),
+        Some(c) if c.trim().is_empty() => Err((BadKind::EmptyCaption, "empty caption".into())),
+        Some(c) => Ok(c.to_string()),
+    }
+}
+
+/// A fingerprint over a stream of strings (keys and captions), order-sensitive.
+pub fn fingerprint_of<'a>(n: usize, parts: impl Iterator<Item = &'a [u8]>) -> String {
+    let mut h = super::order::splitmix64(n as u64);
+    for part in parts {
+        for piece in [part, b"\0"] {
+            for chunk in piece.chunks(8) {
+                let mut b = [0u8; 8];
+                b[..chunk.len()].copy_from_slice(chunk);
+                h = super::order::splitmix64(h ^ u64::from_le_bytes(b) ^ chunk.len() as u64);
+            }
+        }
+    }
+    format!("{h:016x}")
+}

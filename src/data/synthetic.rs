@@ -1,6 +1,7 @@
 //! The built-in condensed dataset (`sdkd synth`): procedurally drawn scenes of 1-3 shapes with
 //! captions that describe them ("two small red circles on a blue background, top left"), written
-//! as PNGs plus `metadata.jsonl` in imagefolder layout.
+//! as PNGs plus `metadata.jsonl` in imagefolder layout, or the same PNGs and captions as
+//! webdataset tar shards (img2dataset's layout) or a Hugging Face parquet dataset.
 //!
 //! It exists so the demo and the tests can train without downloads, so it must be learnable on
 //! two CPU cores in minutes: a small closed vocabulary (6 colours, 4 shapes, 2 sizes, 4 positions,
@@ -13,6 +14,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 /// A named colour.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -285,6 +287,117 @@ pub fn write_dataset(out: &Path, count: usize, seed: u64, resolution: u32) -> Re
     }
     f.sync_all().with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, &meta).with_context(|| format!("renaming {} to {}", tmp.display(), meta.display()))?;
+    Ok(())
+}
+
+/// Samples per tar shard / parquet file that `sdkd synth --format webdataset|parquet` writes.
+pub const SAMPLES_PER_SHARD: usize = 250;
+/// Rows per parquet row group, as `datasets` writes image datasets.
+const ROWS_PER_GROUP: usize = 100;
+
+/// One rendered sample: PNG bytes, caption and the json img2dataset would write.
+struct Rendered {
+    png: Vec<u8>,
+    caption: String,
+    json: serde_json::Value,
+}
+
+fn render_all(count: usize, seed: u64, resolution: u32) -> Result<Vec<Rendered>> {
+    if count == 0 {
+        bail!("--count must be at least 1");
+    }
+    if !(8..=4096).contains(&resolution) {
+        bail!("--resolution {resolution} is outside 8..=4096");
+    }
+    (0..count)
+        .into_par_iter()
+        .map(|i| {
+            let scene = Scene::sample(seed, i);
+            let mut png = vec![];
+            scene.render(resolution).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+            let caption = scene.caption();
+            let json = serde_json::json!({
+                "caption": caption, "key": "", "status": "success", "width": resolution, "height": resolution,
+                "original_width": resolution, "original_height": resolution,
+                "count": scene.count, "size": scene.size.name(), "colour": scene.colour.name,
+                "shape": scene.shape.name(), "background": scene.background.name, "position": scene.position.name(),
+            });
+            Ok(Rendered { png, caption, json })
+        })
+        .collect()
+}
+
+/// The same samples as [`write_dataset`] (same PNG pixels, same captions, same order) as
+/// img2dataset-style webdataset shards `00000.tar`, `00001.tar`, ... of [`SAMPLES_PER_SHARD`]
+/// samples: `KEY.png`, `KEY.txt`, `KEY.json` with KEY the shard id then the index in the shard.
+pub fn write_webdataset(out: &Path, count: usize, seed: u64, resolution: u32) -> Result<()> {
+    let rows = render_all(count, seed, resolution)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    for (s, chunk) in rows.chunks(SAMPLES_PER_SHARD).enumerate() {
+        let path = out.join(format!("{s:05}.tar"));
+        let file = std::fs::File::create(&path).with_context(|| format!("writing {}", path.display()))?;
+        let mut tar = tar::Builder::new(std::io::BufWriter::new(file));
+        for (i, r) in chunk.iter().enumerate() {
+            let key = format!("{s:05}{i:04}");
+            let mut json = r.json.clone();
+            json["key"] = key.clone().into();
+            let json = serde_json::to_vec(&json)?;
+            for (ext, data) in [("png", &r.png[..]), ("txt", r.caption.as_bytes()), ("json", &json[..])] {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(data.len() as u64);
+                header.set_mode(0o644);
+                header.set_mtime(0);
+                tar.append_data(&mut header, format!("{key}.{ext}"), data).with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        let file = tar.into_inner().with_context(|| format!("writing {}", path.display()))?;
+        file.into_inner().map_err(|e| e.into_error()).and_then(|f| f.sync_all()).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The same samples as a Hugging Face parquet dataset: `data/train-0000K-of-0000N.parquet` with
+/// an `image` struct {bytes, path} (the `datasets` Image feature), `text`, `width`, `height`,
+/// snappy-compressed, 100 rows per row group.
+pub fn write_parquet(out: &Path, count: usize, seed: u64, resolution: u32) -> Result<()> {
+    use parquet::data_type::{ByteArray, ByteArrayType, Int32Type};
+    let rows = render_all(count, seed, resolution)?;
+    let dir = out.join("data");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let schema = Arc::new(parquet::schema::parser::parse_message_type(
+        "message schema { optional group image { optional binary bytes; optional binary path (STRING); } optional binary text (STRING); optional int32 width; optional int32 height; }",
+    )?);
+    let props = Arc::new(parquet::file::properties::WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build());
+    let files = count.div_ceil(SAMPLES_PER_SHARD);
+    for (k, chunk) in rows.chunks(SAMPLES_PER_SHARD).enumerate() {
+        let path = dir.join(format!("train-{k:05}-of-{files:05}.parquet"));
+        let file = std::fs::File::create(&path).with_context(|| format!("writing {}", path.display()))?;
+        let mut writer = parquet::file::writer::SerializedFileWriter::new(file, schema.clone(), props.clone())?;
+        for group in chunk.chunks(ROWS_PER_GROUP) {
+            let n = group.len();
+            let mut rg = writer.next_row_group()?;
+            let mut column = 0;
+            while let Some(mut col) = rg.next_column()? {
+                match column {
+                    0 => {
+                        let v: Vec<ByteArray> = group.iter().map(|r| ByteArray::from(r.png.clone())).collect();
+                        col.typed::<ByteArrayType>().write_batch(&v, Some(&vec![2; n]), None)?;
+                    }
+                    // path: null inside a present struct.
+                    1 => drop(col.typed::<ByteArrayType>().write_batch(&[], Some(&vec![1; n]), None)?),
+                    2 => {
+                        let v: Vec<ByteArray> = group.iter().map(|r| ByteArray::from(r.caption.as_str())).collect();
+                        col.typed::<ByteArrayType>().write_batch(&v, Some(&vec![1; n]), None)?;
+                    }
+                    _ => drop(col.typed::<Int32Type>().write_batch(&vec![resolution as i32; n], Some(&vec![1; n]), None)?),
+                }
+                col.close()?;
+                column += 1;
+            }
+            rg.close()?;
+        }
+        writer.close()?;
+    }
     Ok(())
 }
 

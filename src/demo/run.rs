@@ -6,8 +6,8 @@
 //! and a report with each model's held-out denoising loss.
 use super::{build_demo_teacher, DemoTeacherOptions, VaeTrainOptions, DEMO_RESOLUTION};
 use crate::config::RunConfig;
-use crate::data::synthetic::write_dataset;
-use crate::data::{build_cache, CacheOptions, ImageFolder, LatentCache, OnBadSample, Transform};
+use crate::data::synthetic::{write_dataset, write_parquet, write_webdataset};
+use crate::data::{build_cache, open_image_rows, CacheOptions, DataFormat, DataOptions, ImageFolder, LatentCache, OnBadSample, Transform};
 use crate::distill::encoder::{LatentScale, TeacherEncoder};
 use crate::distill::evaluate::denoising_loss;
 use crate::distill::progress::ProgressMode;
@@ -41,6 +41,8 @@ pub struct DemoOptions {
     pub sampling_steps: usize,
     pub guidance_scale: f64,
     pub progress: ProgressMode,
+    /// The layout the training pairs are written in and read from (VAE, caches).
+    pub data_format: DataFormat,
 }
 
 impl Default for DemoOptions {
@@ -57,6 +59,7 @@ impl Default for DemoOptions {
             sampling_steps: 25,
             guidance_scale: 4.0,
             progress: ProgressMode::detect(),
+            data_format: DataFormat::Imagefolder,
         }
     }
 }
@@ -138,7 +141,7 @@ fn encode(pipeline: &Path, data: &Path, cache: &Path, seed: u64) -> Result<()> {
         on_bad_sample: OnBadSample::Fail,
         threads: 0,
     };
-    build_cache(Arc::new(ImageFolder::open(data)?), &encoder, cache, &opts)?;
+    build_cache(open_image_rows(&data.to_string_lossy(), "demo data", &DataOptions::default())?, &encoder, cache, &opts)?;
     Ok(())
 }
 
@@ -149,7 +152,11 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
 
     step("synthetic data");
-    write_dataset(&out.join("data"), o.count, o.seed, DEMO_RESOLUTION)?;
+    match o.data_format {
+        DataFormat::Imagefolder => write_dataset(&out.join("data"), o.count, o.seed, DEMO_RESOLUTION)?,
+        DataFormat::Webdataset => write_webdataset(&out.join("data"), o.count, o.seed, DEMO_RESOLUTION)?,
+        DataFormat::Parquet => write_parquet(&out.join("data"), o.count, o.seed, DEMO_RESOLUTION)?,
+    }
     write_dataset(&out.join("heldout"), o.held_out, o.seed.wrapping_add(1_000_003), DEMO_RESOLUTION)?;
 
     step("demo pipeline: tokenizer, frozen text encoder, VAE trained on the images");

@@ -6,7 +6,7 @@
 //!
 //! Everything is a function of the seed: the init (`tch::manual_seed`), the batch order
 //! (`data::order::permutation`) and the posterior noise.
-use crate::data::dataset::ImageFolder;
+use crate::data::{open_image_rows, DataOptions};
 use crate::data::order::permutation;
 use crate::data::transform::to_tensor;
 use crate::distill::optim::{AdamW, AdamWConfig};
@@ -75,21 +75,21 @@ fn lr_at(step: usize, o: &VaeTrainOptions) -> f64 {
     floor + (o.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
-/// Reads every image of the imagefolder at `dir` (all of one square size) as a (n, 3, r, r) f32
-/// tensor in [-1, 1], with the captions.
+/// Reads every image of the dataset at `dir` (an imagefolder or shards; all of one square size)
+/// as a (n, 3, r, r) f32 tensor in [-1, 1], with the captions.
 pub fn load_images(dir: &Path) -> Result<(Tensor, Vec<String>)> {
-    let folder = ImageFolder::open(dir)?;
+    let folder = open_image_rows(&dir.to_string_lossy(), "demo data", &DataOptions::default())?;
     let decoded: Vec<(RgbImage, String)> =
         (0..folder.len()).into_par_iter().map(|i| folder.decode(i).map_err(anyhow::Error::from)).collect::<Result<_>>()?;
     let (w, h) = decoded[0].0.dimensions();
     if w != h {
-        bail!("{}: image {} is {w}x{h}, the demo needs square images", dir.display(), folder.samples[0].file_name);
+        bail!("{}: image {} is {w}x{h}, the demo needs square images", dir.display(), folder.key(0));
     }
     let mut pixels = Vec::with_capacity(decoded.len() * (w * h * 3) as usize);
     for (i, (img, _)) in decoded.iter().enumerate() {
         if img.dimensions() != (w, h) {
             let (iw, ih) = img.dimensions();
-            bail!("{}: image {} is {iw}x{ih}, the first one is {w}x{h}: the demo needs one size", dir.display(), folder.samples[i].file_name);
+            bail!("{}: image {} is {iw}x{ih}, the first one is {w}x{h}: the demo needs one size", dir.display(), folder.key(i));
         }
         pixels.extend_from_slice(img.as_raw());
     }

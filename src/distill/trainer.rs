@@ -21,7 +21,8 @@ use super::student::{copy_from_teacher, StudentPlan};
 use super::tensorboard::EventWriter;
 use crate::config::{RunConfig, StudentInit};
 use crate::data::order::{hash, Stream};
-use crate::data::{Cursor, ImageFolder, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Shard, Transform};
+use crate::data::formats::small_images_warning;
+use crate::data::{open_image_rows, Cursor, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Shard, Transform};
 use crate::distributed::{checksum, Ranks};
 use crate::export;
 use crate::grid::grid;
@@ -467,10 +468,16 @@ impl Trainer {
             let source = Arc::new(LatentCache::open(cache)?);
             return Ok(Feed::Cache { loader: open(source, opts, self.cursor, shard)? });
         }
-        let path = d.path.as_ref().ok_or_else(|| anyhow!("data: set data.path (an image folder) or data.cache"))?;
-        let folder = Arc::new(ImageFolder::open(path)?);
+        let (location, key) = d.location().ok_or_else(|| anyhow!("data: set data.path (an image folder), data.shards or data.cache"))?;
+        let options = d.options().map_err(|e| anyhow!("{}", e.message))?;
+        let rows = open_image_rows(&location, key, &options)?;
+        if let Some(w) = small_images_warning(rows.as_ref(), d.resolution) {
+            if self.ranks.as_ref().is_none_or(Ranks::is_leader) {
+                eprintln!("{w}");
+            }
+        }
         let transform = Transform { resolution: d.resolution, center_crop: d.center_crop, random_flip: d.random_flip };
-        let source = Arc::new(ImageSource::new(folder, transform, self.cfg.train.seed));
+        let source = Arc::new(ImageSource::new(rows, transform, self.cfg.train.seed));
         let encoder = self.encoder.clone().expect("an image run has the teacher's encoders");
         Ok(Feed::Images { loader: open(source, opts, self.cursor, shard)?, encoder })
     }
