@@ -1,12 +1,14 @@
 //! Bakes the LibTorch library directory into every binary's rpath so that `sdkd` runs without
 //! LD_LIBRARY_PATH, and compiles csrc/aten_extra.cpp: LibTorch operators tch does not wrap (the
-//! fused AdamW kernel). LIBTORCH comes from `.cargo/config.toml` (the project-local `.venv`).
+//! fused AdamW kernel), and csrc/recompute.cpp (gradient checkpointing). LIBTORCH comes from
+//! `.cargo/config.toml` (the project-local `.venv`).
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-changed=csrc/aten_extra.cpp");
+    println!("cargo:rerun-if-changed=csrc/recompute.cpp");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         panic!("LIBTORCH is not set: run `make setup` (it is set in .cargo/config.toml)")
     };
@@ -23,7 +25,9 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/aten_extra.cpp")
+        .file("csrc/recompute.cpp")
         .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")

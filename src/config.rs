@@ -148,6 +148,8 @@ pub struct TrainConfig {
     pub ema_decay: Option<f64>,
     /// diffusers' `--noise_offset`: noise += offset · N(0, 1) per (sample, channel); 0 = off.
     pub noise_offset: f64,
+    /// What the student's backward recomputes instead of storing: `none`, `blocks`, `attention`.
+    pub gradient_checkpointing: crate::models::Checkpointing,
 }
 
 impl Default for TrainConfig {
@@ -161,6 +163,7 @@ impl Default for TrainConfig {
             precision: Precision::default(),
             ema_decay: None,
             noise_offset: 0.0,
+            gradient_checkpointing: crate::models::Checkpointing::None,
         }
     }
 }

@@ -2,6 +2,7 @@
 use super::attention::TransformerConfig;
 use super::embeddings::{timestep_embedding, TimestepEmbedding};
 use super::layers::{count_params, Builder, Conv2d, GroupNorm, Init};
+use super::recompute::Recompute;
 use super::resnet::ResnetConfig;
 use super::unet_blocks::{BlockConfig, DownBlock, InnerTaps, MidBlock, UpBlock, UpBlockChannels};
 use super::unet_config::{DownBlockKind, UNetConfig, UpBlockKind};
@@ -121,6 +122,19 @@ impl UNet2DConditionModel {
 
     /// `sample`: (b, c, h, w); `timesteps`: (b,) or a scalar; `context`: (b, m, cross_attention_dim).
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, inner: &BTreeSet<String>) -> UNetOutput {
+        self.forward_with(sample, timesteps, context, inner, &Recompute::off())
+    }
+
+    /// `forward` with the blocks or transformers that `rc` checkpoints recomputed in backward
+    /// (`rc` must outlive the backward).
+    pub fn forward_with<'a>(
+        &'a self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        inner: &'a BTreeSet<String>,
+        rc: &Recompute<'a>,
+    ) -> UNetOutput {
         let c = &self.config;
         let (batch, _, height, width) = sample.size4().expect("UNet sample must be (b, c, h, w)");
         let mut taps = InnerTaps::new(inner);
@@ -134,13 +148,13 @@ impl UNet2DConditionModel {
         let mut skips = vec![h.shallow_clone()];
         let mut down = Vec::with_capacity(self.down_blocks.len());
         for block in &self.down_blocks {
-            let (out, block_skips) = block.forward(&h, &temb, context, &mut taps);
+            let (out, block_skips) = block.forward(&h, &temb, context, &mut taps, rc);
             skips.extend(block_skips);
             down.push(out.shallow_clone());
             h = out;
         }
         let mid = self.mid_block.as_ref().map(|m| {
-            h = m.forward(&h, &temb, context, &mut taps);
+            h = m.forward(&h, &temb, context, &mut taps, rc);
             h.shallow_clone()
         });
         // When the input is not a multiple of the total downscale, each upsampler goes to the
@@ -154,7 +168,7 @@ impl UNet2DConditionModel {
                 let s = skips.last().expect("skip states run out before the last up block").size();
                 (s[2], s[3])
             });
-            h = block.forward(&h, &block_skips, &temb, context, upsample_size, &mut taps);
+            h = block.forward(&h, &block_skips, &temb, context, upsample_size, &mut taps, rc);
             up.push(h.shallow_clone());
         }
         let sample = self.conv_out.forward(&self.conv_norm_out.forward(&h).silu());

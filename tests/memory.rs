@@ -1,0 +1,124 @@
+//! Memory: gradient checkpointing (`train.gradient_checkpointing`) against stored activations,
+//! bit for bit on the CPU.
+use sdkd::distill::loss::LossWeights;
+use sdkd::distill::optim::AdamWConfig;
+use sdkd::distill::student::{copy_from_teacher, StudentPlan};
+use sdkd::distill::trainer::{Distiller, Teacher};
+use sdkd::models::{weights, Checkpointing, Init, UNet, UNetConfig};
+use sdkd::schedulers::{NoiseSchedule, SchedulerConfig};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tch::{Device, Kind, Tensor};
+
+/// tch's generator is global and the tests of one binary run in parallel.
+static RNG: Mutex<()> = Mutex::new(());
+
+/// An SD-shaped teacher (4 stages, 2 layers each, a mid block) small enough for the CPU.
+fn tiny_config() -> UNetConfig {
+    UNetConfig::from_json(&serde_json::json!({
+        "block_out_channels": [16, 32, 32, 32],
+        "attention_head_dim": 2,
+        "norm_num_groups": 8,
+        "cross_attention_dim": 16,
+        "sample_size": 16
+    }))
+    .unwrap()
+}
+
+fn medium_config() -> UNetConfig {
+    UNetConfig::from_path(Path::new("configs/bench/medium_unet_config.json")).unwrap()
+}
+
+/// What a run of `steps` optimizer steps leaves: every loss, the gradients of each step and the
+/// final weights and EMA.
+struct Trace {
+    losses: Vec<f64>,
+    grads: Vec<Vec<Tensor>>,
+    weights: Vec<Tensor>,
+    ema: Vec<Tensor>,
+}
+
+fn train(config: &UNetConfig, preset: &str, mode: Checkpointing, distill: bool, latent: i64, accum: usize) -> Trace {
+    tch::manual_seed(11);
+    let teacher = UNet::build(config, Device::Cpu, Kind::Float, Init::Torch);
+    let plan = StudentPlan::resolve(preset, Some(config)).unwrap();
+    let student = UNet::build(&plan.config, Device::Cpu, Kind::Float, Init::Torch);
+    copy_from_teacher(&plan, &teacher, &student).unwrap();
+    let (teacher_inner, _) = plan.inner_features();
+    let teacher = distill.then(|| Teacher::new(teacher, teacher_inner));
+    let schedule = NoiseSchedule::new(SchedulerConfig::from_path(Path::new("configs/reference/sd15_scheduler_config.json")).unwrap()).unwrap();
+    let mut d = Distiller::new(student, plan, teacher, Arc::new(schedule), AdamWConfig::default(), Some(0.9), LossWeights::default())
+        .unwrap()
+        .with_checkpointing(mode);
+    let params = weights::named_tensors(&d.student().vs);
+    let mut trace = Trace { losses: vec![], grads: vec![], weights: vec![], ema: vec![] };
+    for step in 0..5 {
+        for micro in 0..accum {
+            tch::manual_seed(100 + (step * accum + micro) as i64);
+            let latents = Tensor::randn([2, 4, latent, latent], (Kind::Float, Device::Cpu));
+            let context = Tensor::randn([2, 5, config.cross_attention_dim], (Kind::Float, Device::Cpu));
+            trace.losses.push(d.micro_step(&latents, &context, accum).total.double_value(&[]));
+        }
+        trace.grads.push(params.iter().map(|(_, p)| p.grad().copy()).collect());
+        let update = d.update(1e-3, Some(1.0)).unwrap();
+        assert!(!update.skipped);
+    }
+    trace.weights = params.iter().map(|(_, p)| p.copy()).collect();
+    trace.ema = d.ema().unwrap().state_tensors().into_iter().map(|(_, t)| t).collect();
+    trace
+}
+
+fn assert_identical(a: &Trace, b: &Trace, what: &str) {
+    assert_eq!(a.losses, b.losses, "{what}: losses");
+    for (step, (ga, gb)) in a.grads.iter().zip(&b.grads).enumerate() {
+        assert!(ga.iter().all(Tensor::defined), "{what}: a parameter got no gradient at step {step}");
+        for (i, (x, y)) in ga.iter().zip(gb).enumerate() {
+            assert!(x.equal(y), "{what}: gradient {i} differs at step {step}");
+        }
+    }
+    assert!(a.weights.iter().zip(&b.weights).all(|(x, y)| x.equal(y)), "{what}: weights after 5 steps");
+    assert!(a.ema.iter().zip(&b.ema).all(|(x, y)| x.equal(y)), "{what}: EMA after 5 steps");
+}
+
+/// Every preset, both checkpointing modes, distilling (task + output KD + feature KD on the
+/// block outputs) and, where `scratch`, the task loss alone.
+fn equivalence(config: &UNetConfig, name: &str, latent: i64, accum: usize, scratch: bool) {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    for preset in ["bk_base", "bk_small", "bk_tiny"] {
+        for distill in [true, false].into_iter().filter(|&d| d || scratch) {
+            let reference = train(config, preset, Checkpointing::None, distill, latent, accum);
+            assert!(reference.losses.iter().all(|l| l.is_finite() && *l > 0.0));
+            for mode in [Checkpointing::Blocks, Checkpointing::Attention] {
+                let what = format!("{name} {preset} distill={distill} {mode:?}");
+                assert_identical(&train(config, preset, mode, distill, latent, accum), &reference, &what);
+                eprintln!("{what}: 5 steps bit-identical to stored activations");
+            }
+        }
+    }
+}
+
+#[test]
+fn checkpointing_is_bit_identical_on_the_tiny_unet() {
+    // two micro-batches per step: the gradients of the second add to the first's
+    equivalence(&tiny_config(), "tiny", 16, 2, true);
+}
+
+#[test]
+fn checkpointing_is_bit_identical_on_the_medium_unet() {
+    // distilling only: the task-loss-only graph is a part of it, and the tiny test covers it
+    equivalence(&medium_config(), "medium", 8, 1, false);
+}
+
+
+#[test]
+fn an_unknown_checkpointing_value_is_a_clean_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("run.yaml");
+    let yaml = "student: bk_small\nstudent_init: random\noutput_dir: run\ndata:\n  cache: cache\ntrain:\n  gradient_checkpointing: everything\n";
+    std::fs::write(&cfg, yaml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdkd")).args(["train", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("train.gradient_checkpointing") && stderr.contains("everything") && !stderr.contains("panicked"), "{stderr}");
+    assert!(!dir.path().join("run").exists(), "nothing written for a refused config");
+}
