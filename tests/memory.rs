@@ -122,3 +122,86 @@ fn an_unknown_checkpointing_value_is_a_clean_error() {
     assert!(stderr.contains("train.gradient_checkpointing") && stderr.contains("everything") && !stderr.contains("panicked"), "{stderr}");
     assert!(!dir.path().join("run").exists(), "nothing written for a refused config");
 }
+
+mod bf16_state {
+    use sdkd::distill::optim::{AdamW, AdamWConfig};
+    use sdkd::models::weights;
+    use tch::{Device, Kind, Tensor};
+
+    fn params() -> Vec<(String, Tensor)> {
+        tch::manual_seed(1);
+        vec![("a".into(), Tensor::randn([64, 33], (Kind::Float, Device::Cpu)).set_requires_grad(true)), ("b".into(), Tensor::randn([7], (Kind::Float, Device::Cpu)).set_requires_grad(true))]
+    }
+
+    fn with_grads(ps: &[(String, Tensor)], seed: i64) {
+        tch::manual_seed(seed);
+        for (_, p) in ps {
+            let loss = (p * Tensor::randn(p.size(), (Kind::Float, Device::Cpu))).sum(Kind::Float);
+            loss.backward();
+        }
+    }
+
+    fn adamw(ps: &[(String, Tensor)], state_kind: Kind) -> AdamW {
+        AdamW::new(ps.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(), AdamWConfig { state_kind, ..AdamWConfig::default() }).unwrap()
+    }
+
+    fn moments(o: &AdamW) -> Vec<Tensor> {
+        o.state_tensors().into_iter().filter(|(n, _)| n.starts_with("exp_avg")).map(|(_, t)| t.copy()).collect()
+    }
+
+    /// From zero moments the first update computes in fp32 either way: the parameters equal the
+    /// fp32-state step's, and the stored moments are its moments rounded to bf16. Half the bytes.
+    #[test]
+    fn a_bf16_state_step_is_the_fp32_step_rounded() {
+        let _rng = super::RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let (p32, p16) = (params(), params());
+        let (mut o32, mut o16) = (adamw(&p32, Kind::Float), adamw(&p16, Kind::BFloat16));
+        assert_eq!(o16.state_kind(), Kind::BFloat16);
+        assert_eq!(2 * o16.state_bytes(), o32.state_bytes());
+        with_grads(&p32, 2);
+        with_grads(&p16, 2);
+        o32.step(1e-2).unwrap();
+        o16.step(1e-2).unwrap();
+        for ((_, a), (_, b)) in p32.iter().zip(&p16) {
+            assert!(a.equal(b), "parameters after the first step");
+        }
+        for (m32, m16) in moments(&o32).iter().zip(moments(&o16)) {
+            assert_eq!(m16.kind(), Kind::BFloat16);
+            assert!(m32.to_kind(Kind::BFloat16).equal(&m16), "bf16 moments are the fp32 ones rounded");
+        }
+        // later steps read the rounded moments: close to fp32 state, not equal
+        o32.zero_grad();
+        o16.zero_grad();
+        with_grads(&p32, 3);
+        with_grads(&p16, 3);
+        o32.step(1e-2).unwrap();
+        o16.step(1e-2).unwrap();
+        let (a, b) = (&p32[0].1, &p16[0].1);
+        assert!(!a.equal(b));
+        assert!(((a - b).abs().max().double_value(&[])) < 1e-4);
+    }
+
+    /// A checkpoint's moments load into either state dtype: fp32 into bf16 rounded, bf16 into
+    /// fp32 exactly, and `load_state_file` says it converted.
+    #[test]
+    fn saved_moments_convert_between_state_dtypes() {
+        let _rng = super::RNG.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::tempdir().unwrap();
+        for (from, to) in [(Kind::Float, Kind::BFloat16), (Kind::BFloat16, Kind::Float), (Kind::BFloat16, Kind::BFloat16)] {
+            let ps = params();
+            let mut saved = adamw(&ps, from);
+            with_grads(&ps, 4);
+            saved.step(1e-2).unwrap();
+            let file = dir.path().join("optimizer.safetensors");
+            weights::save(&file, &saved.state_tensors(), None).unwrap();
+            let mut loaded = adamw(&ps, to);
+            let converted = loaded.load_state_file(&file).unwrap();
+            assert_eq!(converted, (from != to).then_some(from), "{from:?} -> {to:?}");
+            assert_eq!(loaded.state_kind(), to);
+            for (a, b) in moments(&saved).iter().zip(moments(&loaded)) {
+                assert!(a.to_kind(to).equal(&b), "{from:?} -> {to:?}");
+            }
+            assert_eq!(loaded.steps(), saved.steps());
+        }
+    }
+}

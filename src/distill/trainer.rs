@@ -381,7 +381,14 @@ impl Trainer {
             );
         }
         ckpt.load_student_into(&d.student.vs.variables())?;
-        d.optimizer.load_state_file(&ckpt.optimizer_file())?;
+        if let Some(saved) = d.optimizer.load_state_file(&ckpt.optimizer_file())? {
+            eprintln!(
+                "checkpoint {}: AdamW moments saved as {saved:?}, converted to {:?} (optim.state_dtype = {})",
+                ckpt.dir.display(),
+                d.optimizer.state_kind(),
+                serde_json::to_value(cfg.optim.state_dtype).map(|v| v.to_string()).unwrap_or_default()
+            );
+        }
         if let Some(ema) = &mut d.ema {
             let file = ckpt.ema_file().ok_or_else(|| anyhow!("checkpoint {} has no EMA, but train.ema_decay is set", ckpt.dir.display()))?;
             ema.load_state_file(&file)?;
