@@ -22,6 +22,7 @@ extern "C" {
     fn sdkd_clip_grad_norm(grads: *const *mut c_void, n: i64, max_norm: f64, total_out: *mut *mut c_void) -> *mut c_char;
     fn sdkd_set_grad_none(t: *mut c_void) -> *mut c_char;
     fn sdkd_cuda_memory_peaks(device: i64, allocated_peak: *mut i64, reserved_peak: *mut i64) -> *mut c_char;
+    fn sdkd_cuda_memory_reset_peaks(device: i64, allocated_now: *mut i64) -> *mut c_char;
 }
 
 /// Turns the shim's error message (malloc'd, or null on success) into a Result.
@@ -102,4 +103,14 @@ pub fn cuda_memory_peaks(device: usize) -> Result<(i64, i64)> {
     // SAFETY: the shim only writes the two integers it is given.
     check(unsafe { sdkd_cuda_memory_peaks(device as i64, &mut allocated, &mut reserved) }, "CUDA allocator statistics")?;
     Ok((allocated, reserved))
+}
+
+/// Restarts the caching allocator's peaks on `device` from what is allocated now
+/// (`torch.cuda.reset_peak_memory_stats`) and returns that (`torch.cuda.memory_allocated`), in
+/// bytes. An error where CUDA is not in use.
+pub fn cuda_memory_reset_peaks(device: usize) -> Result<i64> {
+    let mut now = 0i64;
+    // SAFETY: the shim only writes the integer it is given.
+    check(unsafe { sdkd_cuda_memory_reset_peaks(device as i64, &mut now) }, "CUDA allocator statistics")?;
+    Ok(now)
 }

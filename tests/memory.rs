@@ -205,3 +205,59 @@ mod bf16_state {
         }
     }
 }
+
+mod plan {
+    use serde_json::Value;
+    use std::path::Path;
+    use std::process::Command;
+
+    fn sdkd_json(args: &[&str]) -> Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_sdkd")).args(args).output().unwrap();
+        assert!(out.status.success(), "sdkd {args:?}:\n{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("sdkd {args:?}: not JSON ({e})"))
+    }
+
+    /// A teacher "pipeline" of the medium UNet's config alone: all that plan and bench read.
+    fn medium_pipeline(dir: &Path) {
+        std::fs::create_dir_all(dir.join("pipe/unet")).unwrap();
+        std::fs::copy("configs/bench/medium_unet_config.json", dir.join("pipe/unet/config.json")).unwrap();
+        std::fs::write(dir.join("pipe/model_index.json"), r#"{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}"#).unwrap();
+    }
+
+    /// `sdkd plan` measures batch 1 and 2 and extrapolates; a real training step (`sdkd bench
+    /// --mode train`, the trainer's `Distiller` step, in its own process) at batch 3 and 6 has
+    /// the peak RSS it predicts, within 15%.
+    #[test]
+    fn plan_predicts_the_peak_rss_of_real_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        medium_pipeline(dir.path());
+        let teacher = dir.path().join("pipe/unet/config.json");
+        for student in ["bk_small", "bk_tiny"] {
+            let run = dir.path().join(format!("{student}.yaml"));
+            let yaml = format!(
+                "teacher: pipe\nstudent: {student}\noutput_dir: out\ndata:\n  cache: cache\n  resolution: 256\ntrain:\n  batch_size: 3\n  device: cpu\n  precision: fp32\nvalidation:\n  every: 0\n"
+            );
+            std::fs::write(&run, yaml).unwrap();
+            let plan = sdkd_json(&["plan", "--config", run.to_str().unwrap(), "--json", "--gpu-mem", "24GB"]);
+            let (fixed, per_sample) = (plan["fixed_mb"].as_f64().unwrap(), plan["activations_per_sample_mb"].as_f64().unwrap());
+            assert!(per_sample > 0.0 && fixed > 0.0, "{plan}");
+            assert_eq!(plan["predicted_peak_mb"].as_f64().unwrap(), fixed + 3.0 * per_sample);
+            assert_eq!(plan["fits"], true);
+            for batch in [3, 6] {
+                let b = batch.to_string();
+                let real = sdkd_json(&[
+                    "bench", "--mode", "train", "--json", "--report-memory", "--teacher", teacher.to_str().unwrap(), "--student", student,
+                    "--batch-size", &b, "--latent-size", "32", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                ]);
+                let measured = real["peak_mem_mb"].as_f64().unwrap();
+                let predicted = fixed + batch as f64 * per_sample;
+                let err = (predicted - measured).abs() / measured;
+                eprintln!("{student} batch {batch}: plan {predicted:.0} MiB, measured peak RSS {measured:.0} MiB ({:.1}%)", 100.0 * err);
+                assert!(err < 0.15, "{student} batch {batch}: plan {predicted} MiB vs measured {measured} MiB");
+                let m = &real["memory"];
+                assert!(m["peak_mb"].as_f64().unwrap() >= m["before_mb"].as_f64().unwrap() && m["step_mb"].as_f64().unwrap() > 0.0, "{m}");
+                assert_eq!(m["optimizer_state_mb"].as_f64().unwrap(), plan["optimizer_mb"].as_f64().unwrap());
+            }
+        }
+    }
+}

@@ -10,12 +10,12 @@
 //! their values. Every step is timed on its own after `--warmup` untimed steps; the median is the
 //! headline (robust to the other processes of a shared machine).
 use crate::commands::prune::unet_dir;
-use crate::config::{DeviceChoice, Precision};
+use crate::config::{DeviceChoice, Precision, StateDtype};
 use crate::distill::loss::LossWeights;
 use crate::distill::optim::AdamWConfig;
 use crate::distill::student::{copy_from_teacher, StudentPlan};
 use crate::distill::trainer::{Distiller, Teacher};
-use crate::models::{Init, UNet, UNetConfig};
+use crate::models::{Checkpointing, Init, UNet, UNetConfig};
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -76,6 +76,35 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Train mode: what the student's backward recomputes (none, blocks, attention), as
+    /// `train.gradient_checkpointing`.
+    #[arg(long, default_value = "none", value_parser = parse_yaml_value::<Checkpointing>)]
+    pub gradient_checkpointing: Checkpointing,
+    /// Train mode: the dtype of AdamW's moments (fp32, bf16), as `optim.state_dtype`.
+    #[arg(long, default_value = "fp32", value_parser = parse_yaml_value::<StateDtype>)]
+    pub state_dtype: StateDtype,
+    /// Train mode: the memory peak of the steps alone (CPU: peak RSS; CUDA: the caching
+    /// allocator's peak) and what was held before them.
+    #[arg(long)]
+    pub report_memory: bool,
+}
+
+/// A flag value spelled as in the run YAML (`blocks`, `bf16`).
+fn parse_yaml_value<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(Value::String(s.to_string())).map_err(|e| e.to_string())
+}
+
+/// `--report-memory`: the steps' memory peak (warm-up included), in MiB.
+#[derive(Debug, Serialize)]
+pub struct StepMemory {
+    /// Held when the steps began: the models, AdamW's moments, the EMA, the runtime.
+    pub before_mb: f64,
+    pub peak_mb: f64,
+    /// `peak_mb - before_mb`: the gradients, the activations and the temporaries of a step.
+    pub step_mb: f64,
+    /// What AdamW's moments take (part of `before_mb`).
+    pub optimizer_state_mb: f64,
+    pub method: &'static str,
 }
 
 /// Timings of the timed steps, in milliseconds.
@@ -189,6 +218,9 @@ fn check_args(args: &BenchArgs) -> Result<()> {
     if args.steps < 1 {
         bail!("--steps {} must be at least 1", args.steps);
     }
+    if args.mode == BenchMode::Infer && (args.report_memory || args.gradient_checkpointing != Checkpointing::None || args.state_dtype != StateDtype::Fp32) {
+        bail!("--report-memory, --gradient-checkpointing and --state-dtype are for --mode train");
+    }
     if let Some(t) = args.threads {
         if t < 1 {
             bail!("--threads {t} must be at least 1");
@@ -244,6 +276,14 @@ pub struct BenchReport {
     /// CUDA only: the caching allocator's peak of live tensors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_peak_allocated_mb: Option<f64>,
+    /// `--report-memory`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<StepMemory>,
+    /// Train mode: the student's `gradient_checkpointing` and AdamW's `state_dtype`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<Checkpointing>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dtype: Option<StateDtype>,
     /// Train mode: the teacher and the student.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher: Option<TeacherSize>,
@@ -257,6 +297,7 @@ pub struct BenchReport {
 /// Wall and CPU times of each timed step, and what was timed.
 struct Measured {
     times: (StepTimes, StepTimes),
+    memory: Option<StepMemory>,
     teacher: Option<TeacherSize>,
     timed: TimedUnet,
 }
@@ -287,7 +328,7 @@ fn infer(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
             Ok(())
         })
     })?;
-    Ok(Measured { times, teacher: None, timed: description })
+    Ok(Measured { times, memory: None, teacher: None, timed: description })
 }
 
 /// The scheduler config of the pipeline a UNet folder belongs to, else SD-1.5's defaults (the
@@ -321,13 +362,17 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
     };
     let teacher = Teacher::new(teacher, teacher_inner);
     // the student computes in --precision over its fp32 master weights, as `sdkd train` on a GPU
-    let mut d = Distiller::new(student, plan, Some(teacher), schedule, AdamWConfig::default(), None, LossWeights::default())?.with_compute_kind(kind)?;
+    let optim = AdamWConfig { state_kind: args.state_dtype.kind(), ..AdamWConfig::default() };
+    let mut d = Distiller::new(student, plan, Some(teacher), schedule, optim, None, LossWeights::default())?
+        .with_compute_kind(kind)?
+        .with_checkpointing(args.gradient_checkpointing);
     // The data of each step is drawn before the clock starts: loading is not the step.
     let (in_ch, ctx_dim) = (teacher_config.in_channels, teacher_config.cross_attention_dim);
     let data: Vec<(Tensor, Tensor)> = (0..args.warmup + args.steps)
         .map(|_| (Tensor::randn([b, in_ch, l, l], (Kind::Float, device)), Tensor::randn([b, 77, ctx_dim], (Kind::Float, device))))
         .collect();
     let lr = 5e-5;
+    let window = args.report_memory.then(|| crate::memory::PeakWindow::start(device)).transpose()?;
     let times = time_steps(device, args.warmup, args.steps, |i| {
         let (latents, context) = &data[i];
         let terms = d.micro_step(latents, context, 1);
@@ -338,7 +383,20 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
         }
         Ok(())
     })?;
-    Ok(Measured { times, teacher: Some(teacher_size), timed: description })
+    let mb = |bytes: i64| bytes as f64 / 1048576.0;
+    let memory = window
+        .map(|w| -> Result<StepMemory> {
+            let peak = w.peak()?;
+            Ok(StepMemory {
+                before_mb: mb(w.before),
+                peak_mb: mb(peak),
+                step_mb: mb(peak - w.before),
+                optimizer_state_mb: mb(d.optimizer().state_bytes()),
+                method: w.what(),
+            })
+        })
+        .transpose()?;
+    Ok(Measured { times, memory, teacher: Some(teacher_size), timed: description })
 }
 
 /// Runs the benchmark and returns its report.
@@ -358,7 +416,7 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
     let (teacher_config, teacher_dir) = teacher_source(&args.teacher)?;
     let b = args.batch_size;
     let infer_mode = args.mode == BenchMode::Infer;
-    let Measured { times: (times, cpu_times), teacher, timed } = if infer_mode {
+    let Measured { times: (times, cpu_times), memory, teacher, timed } = if infer_mode {
         infer(args, &teacher_config, teacher_dir.as_deref(), device, kind)?
     } else {
         train(args, &teacher_config, teacher_dir.as_deref(), device, kind)?
@@ -392,6 +450,9 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
             Device::Cuda(i) => crate::aten_extra::cuda_memory_peaks(i).map(|(allocated, _)| allocated as f64 / 1048576.0).ok(),
             _ => None,
         },
+        memory,
+        gradient_checkpointing: (!infer_mode).then_some(args.gradient_checkpointing),
+        state_dtype: (!infer_mode).then_some(args.state_dtype),
         teacher,
         student,
         unet,
@@ -421,6 +482,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "{:.1} ms/step median (min {:.1}, CPU time {:.1}) over {} steps after {} warm-up: {:.3} steps/s; peak RSS {:.0} MiB",
         r.step_ms_median, r.step_ms_min, r.step_cpu_ms_median, args.steps, args.warmup, r.steps_per_s, r.peak_mem_mb
     );
+    if let Some(m) = &r.memory {
+        println!(
+            "memory: {:.0} MiB held before the steps ({:.0} MiB of it AdamW's moments), peak {:.0} MiB, so {:.0} MiB for a step; {}",
+            m.before_mb, m.optimizer_state_mb, m.peak_mb, m.step_mb, m.method
+        );
+    }
     if let Some(Some(g)) = r.gpu_mem_mb {
         println!("GPU memory held at the end: {g:.0} MiB");
     }
