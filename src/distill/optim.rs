@@ -258,9 +258,10 @@ impl AdamW {
     }
 }
 
-/// At most this many elements of widened (fp32) moments exist at once during a bf16-state step:
-/// 256 MiB per moment.
-const WIDE_CHUNK: i64 = 1 << 26;
+/// At most this many elements of widened (fp32) moments exist at once during a bf16-state step
+/// (32 MiB per moment; a larger parameter goes alone): small against what bf16 saves, and a
+/// few hundred fused calls for an SD-sized student.
+const WIDE_CHUNK: i64 = 1 << 23;
 
 /// `ids` in order, split into runs whose `numel` sum stays within `limit` (a larger one alone).
 fn chunks_of_elements(ids: &[usize], numel: impl Fn(usize) -> usize, limit: i64) -> Vec<Vec<usize>> {
