@@ -1,7 +1,8 @@
 //! Bakes the LibTorch library directory into every binary's rpath so that `sdkd` runs without
 //! LD_LIBRARY_PATH, and compiles csrc/aten_extra.cpp: LibTorch operators tch does not wrap (the
-//! fused AdamW kernel), and csrc/c10d.cpp: c10d's TCPStore and process groups (Gloo always; NCCL
-//! where LibTorch has CUDA and the CUDA and NCCL headers are found). LIBTORCH comes from
+//! fused AdamW kernel), csrc/recompute.cpp (gradient checkpointing), and csrc/c10d.cpp: c10d's
+//! TCPStore and process groups (Gloo always; NCCL where LibTorch has CUDA and the CUDA and NCCL
+//! headers are found). LIBTORCH comes from
 //! `.cargo/config.toml` (the project-local `.venv`).
 use std::path::{Path, PathBuf};
 
@@ -31,6 +32,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/c10d.cpp");
     println!("cargo:rerun-if-env-changed=SDKD_CUDA_INCLUDE");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    println!("cargo:rerun-if-changed=csrc/recompute.cpp");
     let Ok(libtorch) = std::env::var("LIBTORCH") else {
         panic!("LIBTORCH is not set: run `make setup` (it is set in .cargo/config.toml)")
     };
@@ -47,7 +49,9 @@ fn main() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/aten_extra.cpp")
+        .file("csrc/recompute.cpp")
         .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
         .flag("-DGLOG_USE_GLOG_EXPORT")

@@ -109,6 +109,21 @@ char* sdkd_cpu_rng_state(at::Tensor** out) {
   }
 }
 
+// torch.cuda.reset_peak_memory_stats(device) and torch.cuda.memory_allocated(device): the peak
+// restarts from what is allocated now, which goes to *allocated_now.
+char* sdkd_cuda_memory_reset_peaks(int64_t device, int64_t* allocated_now) {
+  try {
+    auto* allocator = c10::getDeviceAllocator(c10::DeviceType::CUDA);
+    auto index = static_cast<c10::DeviceIndex>(device);
+    allocator->resetPeakStats(index);
+    constexpr auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    *allocated_now = allocator->getDeviceStats(index).allocated_bytes[all].current;
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_message(e.what());
+  }
+}
+
 char* sdkd_set_cpu_rng_state(const at::Tensor* state) {
   try {
     auto gen = at::detail::getDefaultCPUGenerator();

@@ -12,6 +12,8 @@
 #      (scripts/bench_reference.py on the carried diffusers): the bf16 distillation step per preset
 #      at the largest batch that fits (up to 64, latent 64) and the bf16 inference step, with
 #      ms/step, the ratio, the caching allocator's peak and the MFU;
+#   3m. memory: `sdkd plan` for bk_base in two settings, its 24 GB batch checked by one real step
+#      (the caching allocator's peak against the prediction);
 #   4. data parallel: the 20 fp32 steps as a one-rank data-parallel run (WORLD_SIZE=1 set by
 #      hand, then under torchrun): NCCL on CUDA (Gloo in the dry run), against the CPU curve.
 # Each command has its own timeout and a stage is skipped, not cut, when the time left cannot
@@ -326,6 +328,61 @@ print("\n| UNet | GMACs per forward (batch 1) | without attention's QK^T/AV |\n|
 for n in ["teacher", "bk_base", "bk_small", "bk_tiny"]:
     print(f"| {n} | {m[n]['macs'] / 1e9:.1f} | {m[n]['macs_without_attention_products'] / 1e9:.1f} |")
 EOF
+# --- 3m. Memory: sdkd plan against the measured peak ------------------------------------------
+# bk_base on these shapes in two settings: `sdkd plan` (probe steps at batch 1 and 2 on this
+# device) predicts the largest batch that fits 24 GB and the peak at it; one real step at that
+# batch (capped at 64) checks the prediction against the caching allocator's peak (within 15%)
+# and that it fits. docs/benchmarks.md, "Memory", has the CPU-planned figures this checks.
+say ""
+say "## 3m. Memory: sdkd plan for bk_base, $(basename "$shapes") shapes (latent $latent), bf16, on $dev"
+say ""
+say "| gradient_checkpointing | state_dtype | per sample MiB | fixed MiB | largest batch, 24 GB | largest, 80 GB | checked at batch | predicted MiB | measured MiB | error |"
+say "|---|---|---|---|---|---|---|---|---|---|"
+mkdir -p "$work/plan-pipe/unet"
+cp "$shapes/teacher.json" "$work/plan-pipe/unet/config.json"
+echo '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}' > "$work/plan-pipe/model_index.json"
+mem_ok=true
+for setting in "none fp32" "blocks bf16"; do
+  read -r ckpt state <<< "$setting"
+  if (( $(left) < 90 )); then say "| $ckpt | $state | skipped: out of time | | | | | | | |"; continue; fi
+  printf 'teacher: %s\nstudent: bk_base\noutput_dir: %s\ndata:\n  cache: %s\n  resolution: %s\ntrain:\n  batch_size: 1\n  device: %s\n  precision: bf16\n  gradient_checkpointing: %s\noptim:\n  state_dtype: %s\nvalidation:\n  every: 0\n' \
+    "$work/plan-pipe" "$work/plan-out" "$work/plan-cache" $((latent * 8)) "$dev" "$ckpt" "$state" > "$work/plan-$ckpt.yaml"
+  plan=$out/logs/plan-$ckpt-$state.json
+  if ! t 120 "$sdkd" plan --json --config "$work/plan-$ckpt.yaml" --gpu-mem 80GB > "$plan" 2> "$plan.err"; then
+    say "| $ckpt | $state | plan failed: $(tail -1 "$plan.err") | | | | | | | |"; mem_ok=false; continue
+  fi
+  b=$("$py" -c 'import json, sys; p = json.load(open(sys.argv[1])); print(max(1, min(64, int((24 * 1024 - p["fixed_mb"]) // max(p["activations_per_sample_mb"], 1e-9)))))' "$plan")
+  $dry && (( b > 4 )) && b=4   # the CPU dry run checks the arithmetic, not 24 GB
+  real=$out/logs/plan-check-$ckpt-$state.json
+  t 120 "$sdkd" bench --json --report-memory --device "$dev" --precision bf16 --teacher "$shapes/teacher.json" --student bk_base \
+    --batch-size "$b" --latent-size "$latent" --steps 1 --warmup 1 --gradient-checkpointing "$ckpt" --state-dtype "$state" > "$real" 2> "$real.err"
+  row=$("$py" - "$plan" "$real" "$b" "$ckpt" "$state" "$dev" <<'EOF'
+import json, sys
+plan, real, b, ckpt, state, dev = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
+p = json.load(open(plan))
+try:
+    r = json.loads(open(real).read().splitlines()[-1])
+except Exception:
+    r = None
+fixed, per = p["fixed_mb"], p["activations_per_sample_mb"]
+largest = lambda gb: int((gb * 1024 - fixed) // per) if per > 0 else -1
+predicted = fixed + b * per
+cells = f"{ckpt} | {state} | {per:,.0f} | {fixed:,.0f} | {largest(24)} | {largest(80)} | {b} | {predicted:,.0f}"
+if r is None:
+    print(f"FAIL|| {cells} | the step failed (out of memory?) |")
+    sys.exit()
+# CUDA: the allocator's peak (what plan predicts there); CPU: the process's peak RSS
+measured = r["peak_mem_mb"] if dev == "cpu" else r["memory"]["peak_mb"]
+err = abs(predicted - measured) / measured
+ok = err < 0.15 and (dev == "cpu" or measured < 24 * 1024)
+print(f"{'PASS' if ok else 'FAIL'}|| {cells} | {measured:,.0f} | {100 * err:.1f}%")
+EOF
+  )
+  say "| ${row#*||} |"
+  [ "${row%%||*}" = PASS ] || mem_ok=false
+done
+$mem_ok && record "3m memory plan" PASS "sdkd plan within 15% of the measured peak at its 24 GB batch" || record "3m memory plan" FAIL "see the memory table"
+
 raw=$out/gpu-bench.jsonl
 : > "$raw"
 # pair MODE UNET B SDKD_JSON_FILE EAGER_JSON_FILE: one table row, one JSON line into $raw

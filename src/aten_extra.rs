@@ -25,6 +25,7 @@ extern "C" {
     fn sdkd_cuda_memory_peaks(device: i64, allocated_peak: *mut i64, reserved_peak: *mut i64) -> *mut c_char;
     fn sdkd_cpu_rng_state(out: *mut *mut c_void) -> *mut c_char;
     fn sdkd_set_cpu_rng_state(state: *const c_void) -> *mut c_char;
+    fn sdkd_cuda_memory_reset_peaks(device: i64, allocated_now: *mut i64) -> *mut c_char;
 }
 
 /// Turns the shim's error message (malloc'd, or null on success) into a Result.
@@ -121,4 +122,14 @@ pub fn cpu_rng_state() -> Result<Tensor> {
 pub fn set_cpu_rng_state(state: &Tensor) -> Result<()> {
     // SAFETY: `state` is a live tensor handle; the generator copies what it reads.
     check(unsafe { sdkd_set_cpu_rng_state(state.as_ptr() as *const c_void) }, "setting the CPU generator's state")
+}
+
+/// Restarts the caching allocator's peaks on `device` from what is allocated now
+/// (`torch.cuda.reset_peak_memory_stats`) and returns that (`torch.cuda.memory_allocated`), in
+/// bytes. An error where CUDA is not in use.
+pub fn cuda_memory_reset_peaks(device: usize) -> Result<i64> {
+    let mut now = 0i64;
+    // SAFETY: the shim only writes the integer it is given.
+    check(unsafe { sdkd_cuda_memory_reset_peaks(device as i64, &mut now) }, "CUDA allocator statistics")?;
+    Ok(now)
 }

@@ -158,6 +158,8 @@ pub struct OptimConfig {
     pub max_grad_norm: Option<f64>,
     pub schedule: Schedule,
     pub warmup_steps: u64,
+    /// The dtype AdamW keeps its two moments in (`distill::optim`).
+    pub state_dtype: StateDtype,
 }
 
 impl Default for OptimConfig {
@@ -170,6 +172,26 @@ impl Default for OptimConfig {
             max_grad_norm: Some(1.0),
             schedule: Schedule::default(),
             warmup_steps: 0,
+            state_dtype: StateDtype::default(),
+        }
+    }
+}
+
+/// `optim.state_dtype`: AdamW's moments in fp32, or in bf16 (half the memory; the update itself
+/// still runs in fp32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateDtype {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl StateDtype {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            StateDtype::Fp32 => tch::Kind::Float,
+            StateDtype::Bf16 => tch::Kind::BFloat16,
         }
     }
 }
@@ -206,6 +228,8 @@ pub struct TrainConfig {
     /// Seconds a collective of a multi-process run (torchrun, SLURM) may wait for the other
     /// ranks before the run fails naming the lost rank (docs/distributed.md).
     pub dist_timeout_s: f64,
+    /// What the student's backward recomputes instead of storing: `none`, `blocks`, `attention`.
+    pub gradient_checkpointing: crate::models::Checkpointing,
 }
 
 impl Default for TrainConfig {
@@ -220,6 +244,7 @@ impl Default for TrainConfig {
             ema_decay: None,
             noise_offset: 0.0,
             dist_timeout_s: 1800.0,
+            gradient_checkpointing: crate::models::Checkpointing::None,
         }
     }
 }
@@ -411,8 +436,19 @@ fn yes() -> bool {
 
 /// Keys that may change between a run and its resumption without changing the trained function
 /// (cadences, the step budget, where things go, which GPU): left out of `config_hash`.
-pub const RESUME_MUTABLE_KEYS: &[&str] =
-    &["output_dir", "train.max_steps", "train.device", "train.dist_timeout_s", "checkpoint", "log", "validation"];
+/// `train.gradient_checkpointing` changes memory, not the computation; `optim.state_dtype` may be
+/// switched on resume (the moments are converted, `AdamW::load_state_file`).
+pub const RESUME_MUTABLE_KEYS: &[&str] = &[
+    "output_dir",
+    "train.max_steps",
+    "train.device",
+    "train.dist_timeout_s",
+    "train.gradient_checkpointing",
+    "optim.state_dtype",
+    "checkpoint",
+    "log",
+    "validation",
+];
 
 impl RunConfig {
     /// Reads, parses, resolves relative paths against the file's folder, and validates.

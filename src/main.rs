@@ -36,6 +36,8 @@ enum Command {
     Preprocess(commands::preprocess::PreprocessArgs),
     /// Time the distillation training step or a denoising step on random inputs.
     Bench(commands::bench::BenchArgs),
+    /// The memory a run's training step needs (measured at batch 1 and 2), and whether it fits a GPU.
+    Plan(commands::plan::PlanArgs),
 }
 
 /// How LibTorch's OpenMP workers wait between kernels. libgomp's default spins 300000 times
@@ -97,6 +99,7 @@ fn main() {
         Command::Generate(a) => commands::generate::run(a),
         Command::Preprocess(a) => commands::preprocess::run(a),
         Command::Bench(a) => commands::bench::run(a),
+        Command::Plan(a) => commands::plan::run(a),
         Command::Serve(a) => commands::serve::run(a),
         Command::Keys(a) => commands::keys::run(a),
         Command::Eval(a) => commands::eval::run(a),

@@ -19,3 +19,48 @@ pub fn device_can_hold(device: Device, bytes: f64) -> bool {
         _ => bytes < i64::MAX as f64 && Tensor::f_empty([bytes as i64], (Kind::Uint8, device)).is_ok(),
     }
 }
+
+/// A process's memory high-water mark over a stretch of work: on the CPU the kernel's VmHWM,
+/// restarted by writing 5 to /proc/self/clear_refs (Linux 4.0+); on CUDA the caching allocator's
+/// peak of live tensors, restarted through the shim. Both exclude what came before `start`,
+/// except what is still held then (`before`).
+pub struct PeakWindow {
+    device: Device,
+    /// Bytes held when the window started: resident set (CPU), allocated tensors (CUDA).
+    pub before: i64,
+}
+
+/// `VmRSS`/`VmHWM` of /proc/self/status in bytes.
+fn proc_status_bytes(key: &str) -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    Some(line.split_whitespace().nth(1)?.parse::<i64>().ok()? * 1024)
+}
+
+impl PeakWindow {
+    pub fn start(device: Device) -> anyhow::Result<PeakWindow> {
+        let before = match device {
+            Device::Cuda(i) => crate::aten_extra::cuda_memory_reset_peaks(i)?,
+            _ => {
+                std::fs::write("/proc/self/clear_refs", "5").map_err(|e| anyhow::anyhow!("restarting the peak RSS (/proc/self/clear_refs): {e}"))?;
+                proc_status_bytes("VmRSS:").ok_or_else(|| anyhow::anyhow!("/proc/self/status has no VmRSS"))?
+            }
+        };
+        Ok(PeakWindow { device, before })
+    }
+
+    /// The peak in bytes since `start`.
+    pub fn peak(&self) -> anyhow::Result<i64> {
+        match self.device {
+            Device::Cuda(i) => Ok(crate::aten_extra::cuda_memory_peaks(i)?.0),
+            _ => proc_status_bytes("VmHWM:").ok_or_else(|| anyhow::anyhow!("/proc/self/status has no VmHWM")),
+        }
+    }
+
+    pub fn what(&self) -> &'static str {
+        match self.device {
+            Device::Cuda(_) => "CUDA caching allocator: peak of live tensors during the steps (warm-up included), reset before them",
+            _ => "peak RSS during the steps (warm-up included): VmHWM after a reset through /proc/self/clear_refs before them",
+        }
+    }
+}

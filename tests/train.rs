@@ -173,3 +173,34 @@ fn bad_configs_and_foreign_checkpoints_are_clean_errors() {
     assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap(), "--resume", "latest"]), "student");
     assert_clean_failure(&sdkd(&["train", "--config", cfg.to_str().unwrap(), "--resume", "/nonexistent/ckpt"]), "/nonexistent/ckpt");
 }
+
+/// `optim.state_dtype: bf16`: the moments are stored in bf16 and resume stays bit-exact; a run
+/// resumed with the other state dtype converts the moments and says so.
+#[test]
+fn bf16_optimizer_state_resumes_bit_exact_and_converts_on_a_dtype_change() {
+    let with_state = |path: PathBuf, dtype: &str| {
+        let text = std::fs::read_to_string(&path).unwrap().replace("  warmup_steps: 2\n", &format!("  warmup_steps: 2\n  state_dtype: {dtype}\n"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let straight = tempdir();
+    train(&["--config", with_state(config(straight.path(), 6, ""), "bf16").to_str().unwrap()]);
+    let split = tempdir();
+    train(&["--config", with_state(config(split.path(), 3, ""), "bf16").to_str().unwrap()]);
+    train(&["--config", with_state(config(split.path(), 6, ""), "bf16").to_str().unwrap(), "--resume", "latest"]);
+    let step6 = straight.path().join("run/checkpoints/step-6");
+    assert_same_checkpoint(&step6, &split.path().join("run/checkpoints/step-6"));
+    let moments = read_tensors(&step6.join("optimizer.safetensors"));
+    assert!(moments.iter().filter(|(k, _)| k.starts_with("exp_avg")).all(|(_, t)| t.kind() == tch::Kind::BFloat16));
+    // the bf16-state checkpoint of step 3 resumed with fp32 state (the other direction and the
+    // values converted: tests/memory.rs)
+    let other = tempdir();
+    let from = split.path().join("run/checkpoints/step-3");
+    let cfg = with_state(config(other.path(), 6, ""), "fp32");
+    let out = sdkd(&["train", "--quiet", "--config", cfg.to_str().unwrap(), "--resume", from.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("saved as BFloat16, converted to Float") && stderr.contains("optim.state_dtype = \"fp32\""), "{stderr}");
+    let moments = read_tensors(&other.path().join("run/checkpoints/step-6/optimizer.safetensors"));
+    assert!(moments.iter().filter(|(k, _)| k.starts_with("exp_avg")).all(|(_, t)| t.kind() == tch::Kind::Float && t.isfinite().all().int64_value(&[]) == 1));
+}

@@ -15,13 +15,13 @@
 //! (`allreduce_ms`); `--mode allreduce` times that averaging alone, on gradients shaped as the
 //! student's (no teacher, no forward), so a small machine can measure a large student's.
 use crate::commands::prune::unet_dir;
-use crate::config::{DeviceChoice, Precision};
+use crate::config::{DeviceChoice, Precision, StateDtype};
 use crate::distill::loss::LossWeights;
 use crate::distill::optim::AdamWConfig;
 use crate::distill::student::{copy_from_teacher, StudentPlan};
 use crate::distill::trainer::{Distiller, Teacher};
 use crate::distributed::{Launch, Ranks};
-use crate::models::{Init, UNet, UNetConfig};
+use crate::models::{Checkpointing, Init, UNet, UNetConfig};
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -84,6 +84,35 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Train mode: what the student's backward recomputes (none, blocks, attention), as
+    /// `train.gradient_checkpointing`.
+    #[arg(long, default_value = "none", value_parser = parse_yaml_value::<Checkpointing>)]
+    pub gradient_checkpointing: Checkpointing,
+    /// Train mode: the dtype of AdamW's moments (fp32, bf16), as `optim.state_dtype`.
+    #[arg(long, default_value = "fp32", value_parser = parse_yaml_value::<StateDtype>)]
+    pub state_dtype: StateDtype,
+    /// Train mode: the memory peak of the steps alone (CPU: peak RSS; CUDA: the caching
+    /// allocator's peak) and what was held before them.
+    #[arg(long)]
+    pub report_memory: bool,
+}
+
+/// A flag value spelled as in the run YAML (`blocks`, `bf16`).
+fn parse_yaml_value<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(Value::String(s.to_string())).map_err(|e| e.to_string())
+}
+
+/// `--report-memory`: the steps' memory peak (warm-up included), in MiB.
+#[derive(Debug, Serialize)]
+pub struct StepMemory {
+    /// Held when the steps began: the models, AdamW's moments, the EMA, the runtime.
+    pub before_mb: f64,
+    pub peak_mb: f64,
+    /// `peak_mb - before_mb`: the gradients, the activations and the temporaries of a step.
+    pub step_mb: f64,
+    /// What AdamW's moments take (part of `before_mb`).
+    pub optimizer_state_mb: f64,
+    pub method: &'static str,
 }
 
 /// Timings of the timed steps, in milliseconds.
@@ -197,6 +226,9 @@ fn check_args(args: &BenchArgs) -> Result<()> {
     if args.steps < 1 {
         bail!("--steps {} must be at least 1", args.steps);
     }
+    if args.mode == BenchMode::Infer && (args.report_memory || args.gradient_checkpointing != Checkpointing::None || args.state_dtype != StateDtype::Fp32) {
+        bail!("--report-memory, --gradient-checkpointing and --state-dtype are for --mode train");
+    }
     if let Some(t) = args.threads {
         if t < 1 {
             bail!("--threads {t} must be at least 1");
@@ -252,6 +284,14 @@ pub struct BenchReport {
     /// CUDA only: the caching allocator's peak of live tensors.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_peak_allocated_mb: Option<f64>,
+    /// `--report-memory`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<StepMemory>,
+    /// Train mode: the student's `gradient_checkpointing` and AdamW's `state_dtype`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gradient_checkpointing: Option<Checkpointing>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dtype: Option<StateDtype>,
     /// Train mode: the teacher and the student.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher: Option<TeacherSize>,
@@ -275,6 +315,7 @@ pub struct BenchReport {
 /// Wall and CPU times of each timed step, and what was timed.
 struct Measured {
     times: (StepTimes, StepTimes),
+    memory: Option<StepMemory>,
     teacher: Option<TeacherSize>,
     timed: TimedUnet,
     /// Under a launch: each timed step's gradient averaging, and the gradients' bytes.
@@ -307,7 +348,7 @@ fn infer(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
             Ok(())
         })
     })?;
-    Ok(Measured { times, teacher: None, timed: description, allreduce: None })
+    Ok(Measured { times, memory: None, teacher: None, timed: description, allreduce: None })
 }
 
 /// The scheduler config of the pipeline a UNet folder belongs to, else SD-1.5's defaults (the
@@ -341,7 +382,10 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
     };
     let teacher = Teacher::new(teacher, teacher_inner);
     // the student computes in --precision over its fp32 master weights, as `sdkd train` on a GPU
-    let mut d = Distiller::new(student, plan, Some(teacher), schedule, AdamWConfig::default(), None, LossWeights::default())?.with_compute_kind(kind)?;
+    let optim = AdamWConfig { state_kind: args.state_dtype.kind(), ..AdamWConfig::default() };
+    let mut d = Distiller::new(student, plan, Some(teacher), schedule, optim, None, LossWeights::default())?
+        .with_compute_kind(kind)?
+        .with_checkpointing(args.gradient_checkpointing);
     // The data of each step is drawn before the clock starts: loading is not the step.
     let (in_ch, ctx_dim) = (teacher_config.in_channels, teacher_config.cross_attention_dim);
     let data: Vec<(Tensor, Tensor)> = (0..args.warmup + args.steps)
@@ -351,6 +395,7 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
     let params = d.optimizer().params();
     let gradient_bytes = params.iter().map(|p| p.numel() * 4).sum();
     let mut allreduce = vec![];
+    let window = args.report_memory.then(|| crate::memory::PeakWindow::start(device)).transpose()?;
     let times = time_steps(device, args.warmup, args.steps, |i| {
         let (latents, context) = &data[i];
         let terms = d.micro_step(latents, context, 1);
@@ -371,7 +416,20 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
         Ok(())
     })?;
     let allreduce = ranks.map(|_| (StepTimes(allreduce), gradient_bytes));
-    Ok(Measured { times, teacher: Some(teacher_size), timed: description, allreduce })
+    let mb = |bytes: i64| bytes as f64 / 1048576.0;
+    let memory = window
+        .map(|w| -> Result<StepMemory> {
+            let peak = w.peak()?;
+            Ok(StepMemory {
+                before_mb: mb(w.before),
+                peak_mb: mb(peak),
+                step_mb: mb(peak - w.before),
+                optimizer_state_mb: mb(d.optimizer().state_bytes()),
+                method: w.what(),
+            })
+        })
+        .transpose()?;
+    Ok(Measured { times, memory, teacher: Some(teacher_size), timed: description, allreduce })
 }
 
 /// The gradient averaging of a data-parallel step alone: gradients of the student's shapes
@@ -388,7 +446,7 @@ fn allreduce(args: &BenchArgs, teacher_config: &UNetConfig, device: Device, rank
     let gradient_bytes = params.iter().map(|p| p.numel() * 4).sum();
     let times = time_steps(device, args.warmup, args.steps, |_| ranks.average_gradients(&params))?;
     let description = TimedUnet { name: plan.name.clone(), params: student.num_params(), config: plan.config.to_json(), feature_pairs: None };
-    Ok(Measured { allreduce: Some((times.0.clone(), gradient_bytes)), times, teacher: None, timed: description })
+    Ok(Measured { allreduce: Some((times.0.clone(), gradient_bytes)), times, memory: None, teacher: None, timed: description })
 }
 
 /// Runs the benchmark and returns its report.
@@ -419,7 +477,7 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
     let (teacher_config, teacher_dir) = teacher_source(&args.teacher)?;
     let b = args.batch_size;
     let infer_mode = args.mode == BenchMode::Infer;
-    let Measured { times: (times, cpu_times), teacher, timed, allreduce: reduced } = match (args.mode, &ranks) {
+    let Measured { times: (times, cpu_times), memory, teacher, timed, allreduce: reduced } = match (args.mode, &ranks) {
         (BenchMode::Infer, _) => infer(args, &teacher_config, teacher_dir.as_deref(), device, kind)?,
         (BenchMode::Train, _) => train(args, &teacher_config, teacher_dir.as_deref(), device, kind, ranks.as_ref())?,
         (BenchMode::Allreduce, Some(r)) => allreduce(args, &teacher_config, device, r)?,
@@ -462,6 +520,9 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
             Device::Cuda(i) => crate::aten_extra::cuda_memory_peaks(i).map(|(allocated, _)| allocated as f64 / 1048576.0).ok(),
             _ => None,
         },
+        memory,
+        gradient_checkpointing: (!infer_mode).then_some(args.gradient_checkpointing),
+        state_dtype: (!infer_mode).then_some(args.state_dtype),
         teacher,
         student,
         unet,
@@ -495,6 +556,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "{:.1} ms/step median (min {:.1}, CPU time {:.1}) over {} steps after {} warm-up: {:.3} steps/s; peak RSS {:.0} MiB",
         r.step_ms_median, r.step_ms_min, r.step_cpu_ms_median, args.steps, args.warmup, r.steps_per_s, r.peak_mem_mb
     );
+    if let Some(m) = &r.memory {
+        println!(
+            "memory: {:.0} MiB held before the steps ({:.0} MiB of it AdamW's moments), peak {:.0} MiB, so {:.0} MiB for a step; {}",
+            m.before_mb, m.optimizer_state_mb, m.peak_mb, m.step_mb, m.method
+        );
+    }
     if let (Some(w), Some(ms), Some(bytes)) = (r.world_size, r.allreduce_ms_median, r.gradient_bytes) {
         println!("gradients averaged over {w} process(es): {ms:.1} ms/step median ({:.1} MiB per rank)", bytes as f64 / 1048576.0);
     }

@@ -7,6 +7,7 @@ pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod keys;
+pub mod plan;
 pub mod preprocess;
 pub mod prune;
 pub mod serve;

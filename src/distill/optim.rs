@@ -17,7 +17,7 @@ use crate::config::{OptimConfig, Schedule};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// The learning rate of optimizer update number `step` (0-based: the number of updates already
 /// done), equal to diffusers' `get_scheduler(...)` after `step` calls of `lr_scheduler.step()`.
@@ -51,18 +51,20 @@ pub struct AdamWConfig {
     pub betas: (f64, f64),
     pub eps: f64,
     pub weight_decay: f64,
+    /// The dtype of the moments (`optim.state_dtype`): the parameters' own, or bf16.
+    pub state_kind: Kind,
 }
 
 impl Default for AdamWConfig {
     /// torch.optim.AdamW's defaults.
     fn default() -> Self {
-        AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01 }
+        AdamWConfig { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01, state_kind: Kind::Float }
     }
 }
 
 impl From<&OptimConfig> for AdamWConfig {
     fn from(c: &OptimConfig) -> Self {
-        AdamWConfig { betas: (c.betas[0], c.betas[1]), eps: c.eps, weight_decay: c.weight_decay }
+        AdamWConfig { betas: (c.betas[0], c.betas[1]), eps: c.eps, weight_decay: c.weight_decay, state_kind: c.state_dtype.kind() }
     }
 }
 
@@ -100,8 +102,10 @@ impl AdamW {
                 if !param.is_floating_point() {
                     bail!("optimizer parameter {name} is {:?}, not floating point", param.kind());
                 }
-                let exp_avg = tch::no_grad(|| param.f_zeros_like())?;
-                let exp_avg_sq = tch::no_grad(|| param.f_zeros_like())?;
+                // bf16 moments under fp32 parameters (master weights); otherwise the parameter's dtype
+                let kind = if cfg.state_kind == Kind::BFloat16 && param.kind() == Kind::Float { Kind::BFloat16 } else { param.kind() };
+                let exp_avg = Tensor::f_zeros(param.size(), (kind, param.device()))?;
+                let exp_avg_sq = Tensor::f_zeros(param.size(), (kind, param.device()))?;
                 let step_t = Tensor::f_zeros([], (tch::Kind::Float, param.device()))?;
                 Ok(Slot { name, param, exp_avg, exp_avg_sq, step: 0, step_t })
             })
@@ -121,30 +125,49 @@ impl AdamW {
     /// One AdamW update with learning rate `lr` of every parameter that has a gradient:
     /// `p *= 1 - lr·wd; m = lerp(m, g, 1-β1); v = β2·v + (1-β2)·g²;
     ///  p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)`.
+    ///
+    /// Moments stored in a narrower dtype than their parameter (bf16 under fp32) are widened for
+    /// the update and rounded back (to nearest even) after it, a bounded group of parameters at a
+    /// time, so the fp32 copies never hold more than `WIDE_CHUNK` elements.
     pub fn step(&mut self, lr: f64) -> Result<()> {
-        let AdamWConfig { betas, eps, weight_decay } = self.cfg;
+        let AdamWConfig { betas, eps, weight_decay, .. } = self.cfg;
         tch::no_grad(|| -> Result<()> {
             let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
             let live: Vec<usize> = (0..self.slots.len()).filter(|&i| grads[i].defined()).collect();
-            let pick = |f: &dyn Fn(&Slot) -> &Tensor| live.iter().map(|&i| f(&self.slots[i])).collect::<Vec<_>>();
-            let grads: Vec<&Tensor> = live.iter().map(|&i| &grads[i]).collect();
-            aten_extra::fused_adamw_(
-                &pick(&|s| &s.param),
-                &grads,
-                &pick(&|s| &s.exp_avg),
-                &pick(&|s| &s.exp_avg_sq),
-                &pick(&|s| &s.step_t),
-                lr,
-                betas,
-                weight_decay,
-                eps,
-            )?;
+            let (same, narrow): (Vec<usize>, Vec<usize>) = live.iter().partition(|&&i| self.slots[i].exp_avg.kind() == self.slots[i].param.kind());
+            let pick = |ids: &[usize], f: &dyn Fn(&Slot) -> &Tensor| ids.iter().map(|&i| f(&self.slots[i])).collect::<Vec<_>>();
+            let grads_of = |ids: &[usize]| ids.iter().map(|&i| &grads[i]).collect::<Vec<_>>();
+            let fused = |ids: &[usize], m: &[&Tensor], v: &[&Tensor]| {
+                aten_extra::fused_adamw_(&pick(ids, &|s| &s.param), &grads_of(ids), m, v, &pick(ids, &|s| &s.step_t), lr, betas, weight_decay, eps)
+            };
+            fused(&same, &pick(&same, &|s| &s.exp_avg), &pick(&same, &|s| &s.exp_avg_sq))?;
+            for ids in chunks_of_elements(&narrow, |i| self.slots[i].param.numel(), WIDE_CHUNK) {
+                let wide = |f: &dyn Fn(&Slot) -> &Tensor| -> Result<Vec<Tensor>> {
+                    ids.iter().map(|&i| Ok(f(&self.slots[i]).f_to_kind(self.slots[i].param.kind())?)).collect()
+                };
+                let (m, v) = (wide(&|s| &s.exp_avg)?, wide(&|s| &s.exp_avg_sq)?);
+                fused(&ids, &m.iter().collect::<Vec<_>>(), &v.iter().collect::<Vec<_>>())?;
+                for (k, &i) in ids.iter().enumerate() {
+                    self.slots[i].exp_avg.shallow_clone().f_copy_(&m[k])?;
+                    self.slots[i].exp_avg_sq.shallow_clone().f_copy_(&v[k])?;
+                }
+            }
             for &i in &live {
                 self.slots[i].step += 1;
             }
             Ok(())
         })
         .context("AdamW step")
+    }
+
+    /// The dtype of the moments (the parameters' own, or bf16).
+    pub fn state_kind(&self) -> Kind {
+        self.slots.first().map_or(self.cfg.state_kind, |s| s.exp_avg.kind())
+    }
+
+    /// Bytes the moments take.
+    pub fn state_bytes(&self) -> i64 {
+        self.slots.iter().map(|s| 2 * s.exp_avg.numel() as i64 * s.exp_avg.kind().elt_size_in_bytes() as i64).sum()
     }
 
     /// Drops every gradient (PyTorch's `zero_grad(set_to_none=True)`, its default): the next
@@ -184,11 +207,26 @@ impl AdamW {
 
     /// `load_state` from a safetensors file, memory-mapped, one tensor at a time (the moments of
     /// a full student are gigabytes: no second copy in memory).
-    pub fn load_state_file(&mut self, path: &Path) -> Result<()> {
+    ///
+    /// Moments saved in another dtype than this optimizer keeps (a run resumed with another
+    /// `optim.state_dtype`) are converted: bf16 to fp32 exactly, fp32 to bf16 rounded to nearest
+    /// even, as the bf16 state rounds after every step. Returns the saved dtype when it differed.
+    pub fn load_state_file(&mut self, path: &Path) -> Result<Option<Kind>> {
         let steps: Vec<Tensor> = self.slots.iter().map(|_| Tensor::from(0i64)).collect();
         let dst: HashMap<String, Tensor> = self.state_targets(&steps).into_iter().collect();
+        let saved = self.saved_state_kind(path)?;
         crate::models::weights::load_strict(&dst, &[path.to_path_buf()])?;
-        self.set_steps(&steps)
+        self.set_steps(&steps)?;
+        Ok(saved.filter(|&k| k != self.state_kind()))
+    }
+
+    /// The dtype of the first moment in an `optimizer.safetensors` (None when it holds none).
+    fn saved_state_kind(&self, path: &Path) -> Result<Option<Kind>> {
+        let Some(first) = self.slots.first() else { return Ok(None) };
+        let file = crate::models::weights::MappedFile::open(path)?;
+        let st = file.parse()?;
+        let Ok(view) = st.tensor(&format!("{EXP_AVG}{}", first.name)) else { return Ok(None) };
+        Ok(crate::models::weights::kind_of(view.dtype()).ok()) // an unusable dtype: load_strict names it
     }
 
     fn state_targets(&self, steps: &[Tensor]) -> Vec<(String, Tensor)> {
@@ -218,6 +256,27 @@ impl AdamW {
     pub fn steps(&self) -> Vec<(String, i64)> {
         self.slots.iter().map(|s| (s.name.clone(), s.step)).collect()
     }
+}
+
+/// At most this many elements of widened (fp32) moments exist at once during a bf16-state step
+/// (32 MiB per moment; a larger parameter goes alone): small against what bf16 saves, and a
+/// few hundred fused calls for an SD-sized student.
+const WIDE_CHUNK: i64 = 1 << 23;
+
+/// `ids` in order, split into runs whose `numel` sum stays within `limit` (a larger one alone).
+fn chunks_of_elements(ids: &[usize], numel: impl Fn(usize) -> usize, limit: i64) -> Vec<Vec<usize>> {
+    let mut out: Vec<Vec<usize>> = vec![];
+    let mut total = 0i64;
+    for &i in ids {
+        let n = numel(i) as i64;
+        if out.is_empty() || total + n > limit {
+            out.push(vec![]);
+            total = 0;
+        }
+        out.last_mut().expect("a chunk was pushed").push(i);
+        total += n;
+    }
+    out
 }
 
 /// `torch.nn.utils.clip_grad_norm_(params, max_norm)`: the 2-norm of all gradients together

@@ -26,7 +26,7 @@ use crate::data::{open_image_rows, Cursor, ImageSource, LatentCache, Loader, Loa
 use crate::distributed::{checksum, Ranks};
 use crate::export;
 use crate::grid::grid;
-use crate::models::{weights, Init, PipelineDir, UNet, UNet2DConditionModel, UNetConfig};
+use crate::models::{weights, Checkpointing, Init, PipelineDir, Recompute, UNet, UNet2DConditionModel, UNetConfig};
 use crate::pipeline::{prompt_rows, GenerateRequest, Parts};
 use crate::png_meta::write_png;
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
@@ -88,6 +88,8 @@ pub struct Distiller {
     compute_kind: Kind,
     /// Present exactly when the student computes in fp16.
     loss_scale: Option<LossScale>,
+    /// What the student's backward recomputes (`train.gradient_checkpointing`).
+    checkpointing: Checkpointing,
 }
 
 /// What `Distiller::update` did.
@@ -115,6 +117,7 @@ impl Distiller {
             noise_offset: 0.0,
             compute_kind: Kind::Float,
             loss_scale: None,
+            checkpointing: Checkpointing::None,
         })
     }
 
@@ -127,6 +130,13 @@ impl Distiller {
         self.compute_kind = kind;
         self.loss_scale = (kind == Kind::Half).then(LossScale::default);
         Ok(self)
+    }
+
+    /// Recompute the student's blocks or transformers in backward instead of storing their
+    /// activations; the gradients are the same bit for bit on the CPU (`models::recompute`).
+    pub fn with_checkpointing(mut self, checkpointing: Checkpointing) -> Distiller {
+        self.checkpointing = checkpointing;
+        self
     }
 
     pub fn student(&self) -> &UNet {
@@ -176,7 +186,10 @@ impl Distiller {
             tch::no_grad(|| teacher.unet.model.forward(&noisy.to_kind(kind), &t, &context.to_kind(kind), &teacher.inner))
         });
         let kind = self.compute_kind;
-        let student_out = self.student.model.forward(&noisy.to_kind(kind), &t, &context.to_kind(kind), &self.student_inner);
+        // Lives until after the backward: it holds what the checkpointed regions recompute.
+        let recompute = Recompute::new(self.checkpointing);
+        let student_out =
+            self.student.model.forward_with(&noisy.to_kind(kind), &t, &context.to_kind(kind), &self.student_inner, &recompute);
         let pairs = if teacher_out.is_some() { &self.plan.feature_pairs[..] } else { &[] };
         let terms = distill_loss(&student_out, teacher_out.as_ref(), &target, pairs, &self.weights);
         let scale = self.loss_scale.map_or(1.0, |s| s.scale);
@@ -352,7 +365,8 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
     let (teacher_inner, _) = plan.inner_features();
     let teacher = if cfg.distill { teacher_unet.map(|unet| Teacher::new(unet, teacher_inner)) } else { None };
     let mut d = Distiller::new(student, plan, teacher, schedule, AdamWConfig::from(&cfg.optim), cfg.train.ema_decay, cfg.loss)?
-        .with_compute_kind(compute_kind)?;
+        .with_compute_kind(compute_kind)?
+        .with_checkpointing(cfg.train.gradient_checkpointing);
     d.noise_offset = cfg.train.noise_offset;
     Ok(d)
 }
@@ -435,7 +449,14 @@ impl Trainer {
             );
         }
         ckpt.load_student_into(&d.student.vs.variables())?;
-        d.optimizer.load_state_file(&ckpt.optimizer_file())?;
+        if let Some(saved) = d.optimizer.load_state_file(&ckpt.optimizer_file())? {
+            eprintln!(
+                "checkpoint {}: AdamW moments saved as {saved:?}, converted to {:?} (optim.state_dtype = {})",
+                ckpt.dir.display(),
+                d.optimizer.state_kind(),
+                serde_json::to_value(cfg.optim.state_dtype).map(|v| v.to_string()).unwrap_or_default()
+            );
+        }
         if let Some(ema) = &mut d.ema {
             let file = ckpt.ema_file().ok_or_else(|| anyhow!("checkpoint {} has no EMA, but train.ema_decay is set", ckpt.dir.display()))?;
             ema.load_state_file(&file)?;

@@ -2,6 +2,7 @@
 use super::attention::TransformerConfig;
 use super::embeddings::{timestep_embedding, TimestepEmbedding};
 use super::layers::{count_params, Builder, Conv2d, GroupNorm, Init};
+use super::recompute::Recompute;
 use super::resnet::ResnetConfig;
 use super::unet_blocks::{BlockConfig, DownBlock, InnerTaps, MidBlock, UpBlock, UpBlockChannels};
 use super::unet_config::{DownBlockKind, UNetConfig, UpBlockKind};
@@ -121,18 +122,33 @@ impl UNet2DConditionModel {
 
     /// `sample`: (b, c, h, w); `timesteps`: (b,) or a scalar; `context`: (b, m, cross_attention_dim).
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, inner: &BTreeSet<String>) -> UNetOutput {
-        self.forward_time_rows(sample, timesteps, context, inner, None)
+        self.forward_with(sample, timesteps, context, inner, &Recompute::off())
     }
 
-    /// `forward`; with `time_rows` r (a scalar `timesteps`), the time embedding is computed for r
-    /// rows and every resnet's time projection on those r rows, tiled over the batch (b / r times).
-    fn forward_time_rows(
-        &self,
+    /// `forward` with the blocks or transformers that `rc` checkpoints recomputed in backward
+    /// (`rc` must outlive the backward).
+    pub fn forward_with<'a>(
+        &'a self,
         sample: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
-        inner: &BTreeSet<String>,
+        inner: &'a BTreeSet<String>,
+        rc: &Recompute<'a>,
+    ) -> UNetOutput {
+        self.forward_inner(sample, timesteps, context, inner, None, rc)
+    }
+
+    /// `forward_with`; with `time_rows` r (a scalar `timesteps`), the time embedding is computed
+    /// for r rows and every resnet's time projection on those r rows, tiled over the batch (b / r
+    /// times).
+    fn forward_inner<'a>(
+        &'a self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        inner: &'a BTreeSet<String>,
         time_rows: Option<i64>,
+        rc: &Recompute<'a>,
     ) -> UNetOutput {
         let c = &self.config;
         let (batch, _, height, width) = sample.size4().expect("UNet sample must be (b, c, h, w)");
@@ -154,13 +170,13 @@ impl UNet2DConditionModel {
         let mut skips = vec![h.shallow_clone()];
         let mut down = Vec::with_capacity(self.down_blocks.len());
         for block in &self.down_blocks {
-            let (out, block_skips) = block.forward(&h, &temb, context, &mut taps);
+            let (out, block_skips) = block.forward(&h, &temb, context, &mut taps, rc);
             skips.extend(block_skips);
             down.push(out.shallow_clone());
             h = out;
         }
         let mid = self.mid_block.as_ref().map(|m| {
-            h = m.forward(&h, &temb, context, &mut taps);
+            h = m.forward(&h, &temb, context, &mut taps, rc);
             h.shallow_clone()
         });
         // When the input is not a multiple of the total downscale, each upsampler goes to the
@@ -174,7 +190,7 @@ impl UNet2DConditionModel {
                 let s = skips.last().expect("skip states run out before the last up block").size();
                 (s[2], s[3])
             });
-            h = block.forward(&h, &block_skips, &temb, context, upsample_size, &mut taps);
+            h = block.forward(&h, &block_skips, &temb, context, upsample_size, &mut taps, rc);
             up.push(h.shallow_clone());
         }
         let sample = self.conv_out.forward(&self.conv_norm_out.forward(&h).silu());
@@ -204,7 +220,7 @@ impl UNet2DConditionModel {
     /// tiled over the batch. The wider layers (attention, convolutions) see at least 12 rows per
     /// request at every size `Parts::batches_exactly` lets through, and keep each row's values.
     pub fn predict_stacked(&self, sample: &Tensor, timestep: &Tensor, context: &Tensor, rows_per_request: i64) -> Tensor {
-        self.forward_time_rows(sample, timestep, context, &BTreeSet::new(), Some(rows_per_request)).sample
+        self.forward_inner(sample, timestep, context, &BTreeSet::new(), Some(rows_per_request), &Recompute::off()).sample
     }
 
     /// Every inner feature name this model can return.

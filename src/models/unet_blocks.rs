@@ -3,6 +3,7 @@
 //! is a cross-attention block without attentions, so one struct serves both kinds.
 use super::attention::{Transformer2DModel, TransformerConfig};
 use super::layers::{Builder, Conv2d};
+use super::recompute::{Recompute, Region};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 use std::collections::{BTreeMap, BTreeSet};
 use tch::Tensor;
@@ -31,13 +32,45 @@ impl NamedTransformer {
         NamedTransformer { proj_out_name: format!("{}.proj_out", b.name()), model: Transformer2DModel::new(b, channels, cfg) }
     }
 
-    fn forward(&self, x: &Tensor, context: &Tensor, taps: &mut InnerTaps) -> Tensor {
-        let out = self.model.forward(x, context);
-        if taps.wanted.contains(&self.proj_out_name) {
-            taps.got.insert(self.proj_out_name.clone(), out.proj_out);
+    /// One `Region::Attention`: the hidden state, and `proj_out` when it is a wanted tap.
+    fn forward<'a>(&'a self, x: &Tensor, context: &Tensor, taps: &mut InnerTaps, rc: &Recompute<'a>) -> Tensor {
+        let want = taps.wanted.contains(&self.proj_out_name);
+        let mut outs = rc.run(Region::Attention, &[x, context], move |xs, _| {
+            let out = self.model.forward(&xs[0], &xs[1]);
+            if want {
+                vec![out.hidden, out.proj_out]
+            } else {
+                vec![out.hidden]
+            }
+        });
+        if want {
+            taps.got.insert(self.proj_out_name.clone(), outs.pop().expect("the region returns proj_out"));
         }
-        out.hidden
+        outs.swap_remove(0)
     }
+}
+
+/// One `Region::Block` around `body`: its inputs go through the region, and so do the taps of
+/// `names` that `taps` wants, appended to the body's outputs and taken off again here.
+fn block_region<'a>(
+    rc: &Recompute<'a>,
+    inputs: &[&Tensor],
+    names: Vec<String>,
+    taps: &mut InnerTaps<'a>,
+    body: impl Fn(&[Tensor], &mut InnerTaps<'a>, &Recompute<'a>) -> Vec<Tensor> + 'a,
+) -> Vec<Tensor> {
+    let wanted = taps.wanted;
+    let tapped: Vec<String> = names.into_iter().filter(|n| wanted.contains(n)).collect();
+    let inside = tapped.clone();
+    let mut outs = rc.run(Region::Block, inputs, move |xs, inner| {
+        let mut taps = InnerTaps::new(wanted);
+        let mut outs = body(xs, &mut taps, inner);
+        outs.extend(inside.iter().map(|n| taps.got.remove(n).expect("a block's wanted tap was computed")));
+        outs
+    });
+    let values = outs.split_off(outs.len() - tapped.len());
+    taps.got.extend(tapped.into_iter().zip(values));
+    outs
 }
 
 /// The names of the inner features a block list can offer.
@@ -124,22 +157,30 @@ impl DownBlock {
         DownBlock { resnets, attentions, downsampler }
     }
 
-    /// Returns the block's output and the skip states it hands to the up path.
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps) -> (Tensor, Vec<Tensor>) {
+    /// Returns the block's output and the skip states it hands to the up path (the output is
+    /// the last of them). One `Region::Block`.
+    pub fn forward<'a>(&'a self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps<'a>, rc: &Recompute<'a>) -> (Tensor, Vec<Tensor>) {
+        let skips = block_region(rc, &[x, temb, context], self.inner_feature_names(), taps, move |xs, taps, rc| {
+            self.body(&xs[0], &xs[1], &xs[2], taps, rc)
+        });
+        (skips.last().expect("a down block has a resnet").shallow_clone(), skips)
+    }
+
+    fn body<'a>(&'a self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps, rc: &Recompute<'a>) -> Vec<Tensor> {
         let mut h = x.shallow_clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(&h, Some(temb));
             if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context, taps);
+                h = attn.forward(&h, context, taps, rc);
             }
             skips.push(h.shallow_clone());
         }
         if let Some(down) = &self.downsampler {
             h = down.forward(&h);
-            skips.push(h.shallow_clone());
+            skips.push(h);
         }
-        (h, skips)
+        skips
     }
 
     pub fn inner_feature_names(&self) -> Vec<String> {
@@ -161,13 +202,18 @@ impl MidBlock {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps) -> Tensor {
-        let mut h = self.resnets[0].forward(x, Some(temb));
-        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-            h = attn.forward(&h, context, taps);
-            h = resnet.forward(&h, Some(temb));
-        }
-        h
+    /// One `Region::Block`.
+    pub fn forward<'a>(&'a self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps<'a>, rc: &Recompute<'a>) -> Tensor {
+        let mut outs = block_region(rc, &[x, temb, context], self.inner_feature_names(), taps, move |xs, taps, rc| {
+            let (temb, context) = (&xs[1], &xs[2]);
+            let mut h = self.resnets[0].forward(&xs[0], Some(temb));
+            for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
+                h = attn.forward(&h, context, taps, rc);
+                h = resnet.forward(&h, Some(temb));
+            }
+            vec![h]
+        });
+        outs.swap_remove(0)
     }
 
     pub fn inner_feature_names(&self) -> Vec<String> {
@@ -213,27 +259,36 @@ impl UpBlock {
     }
 
     /// `skips` are this block's skip states in the order the down path made them; they are
-    /// consumed last first.
-    pub fn forward(
-        &self,
+    /// consumed last first. One `Region::Block`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward<'a>(
+        &'a self,
         x: &Tensor,
         skips: &[Tensor],
         temb: &Tensor,
         context: &Tensor,
         upsample_size: Option<(i64, i64)>,
-        taps: &mut InnerTaps,
+        taps: &mut InnerTaps<'a>,
+        rc: &Recompute<'a>,
     ) -> Tensor {
-        let mut h = x.shallow_clone();
-        for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
-            h = resnet.forward(&Tensor::cat(&[&h, skip], 1), Some(temb));
-            if let Some(attn) = self.attentions.get(i) {
-                h = attn.forward(&h, context, taps);
+        let n = skips.len();
+        let mut inputs: Vec<&Tensor> = vec![x, temb, context];
+        inputs.extend(skips);
+        let mut outs = block_region(rc, &inputs, self.inner_feature_names(), taps, move |xs, taps, rc| {
+            let (temb, context, skips) = (&xs[1], &xs[2], &xs[3..3 + n]);
+            let mut h = xs[0].shallow_clone();
+            for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
+                h = resnet.forward(&Tensor::cat(&[&h, skip], 1), Some(temb));
+                if let Some(attn) = self.attentions.get(i) {
+                    h = attn.forward(&h, context, taps, rc);
+                }
             }
-        }
-        match &self.upsampler {
-            Some(up) => up.forward(&h, upsample_size),
-            None => h,
-        }
+            vec![match &self.upsampler {
+                Some(up) => up.forward(&h, upsample_size),
+                None => h,
+            }]
+        });
+        outs.swap_remove(0)
     }
 
     pub fn inner_feature_names(&self) -> Vec<String> {
