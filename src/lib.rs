@@ -15,3 +15,4 @@ pub mod pipeline;
 pub mod png_meta;
 pub mod serve;
 pub mod schedulers;
+pub mod torch_pickle;
