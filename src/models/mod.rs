@@ -6,6 +6,7 @@ pub mod clip_tokenizer;
 pub mod embeddings;
 pub mod layers;
 pub mod pipeline_dir;
+pub mod single_file;
 pub mod resnet;
 pub mod unet;
 pub mod unet_blocks;
