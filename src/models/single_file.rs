@@ -575,6 +575,15 @@ impl SingleFile {
             (None, None, Family::Sd1) => vec![8; n],
             (None, None, Family::Sd2) => c.block_out_channels.iter().map(|ch| ch / 64).collect(),
         };
+        if let Some(i) = c.block_out_channels.iter().zip(&c.num_heads).position(|(ch, &h)| h <= 0 || ch % h != 0) {
+            bail!(
+                "{file}: the attention heads cannot be seen in the weights, and {}'s default does not fit stage {i} ({} channels): \
+                 put the model's LDM config beside it as {} (num_head_channels or num_heads)",
+                self.family.name(),
+                c.block_out_channels[i],
+                self.state.path().with_extension("yaml").display()
+            );
+        }
         let v = self.prediction_type().map(|p| p == "v_prediction").unwrap_or(false);
         // diffusers' SD-2.1 768-v config upcasts attention (fp16 overflows there).
         c.upcast_attention = self.family == Family::Sd2 && v;
