@@ -187,7 +187,10 @@ fn student_single_files_reimport_identically_and_are_contiguous() {
         assert_eq!(has_mid, name == "bk_base", "{name}: middle_block present = {has_mid}");
         assert!(keys.iter().all(|k| !k.ends_with("mid.attn_1.q.weight")) || keys.iter().any(|k| k.starts_with("first_stage_model.")));
         let yaml = std::fs::read_to_string(file.with_extension("yaml")).unwrap();
-        assert!(yaml.contains(&format!("use_middle_block: {}", name == "bk_base")), "{name}: {yaml}");
+        assert!(yaml.contains(&format!("num_res_blocks: [{}]", if name == "custom" { "2, 1, 1, 2" } else if name == "bk_tiny" { "1, 1, 1" } else { "1, 1, 1, 1" })), "{name}: {yaml}");
+        assert!(yaml.contains(&format!("  middle_block: {}", name == "bk_base")), "{name}: {yaml}");
+        let parsed: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+        assert_eq!(parsed["model"]["params"]["unet_config"]["params"]["num_heads"], serde_yaml::Value::from(8), "{name}");
         let half = mapped.parse().unwrap().tensor("model.diffusion_model.out.2.weight").unwrap().dtype();
         assert_eq!(half, safetensors::Dtype::F16, "{name}: single files default to fp16");
         // re-import

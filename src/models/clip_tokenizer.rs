@@ -230,15 +230,18 @@ impl TokenizerSettings {
 /// carry no tokenizer.
 const CLIP_MERGES_GZ: &[u8] = include_bytes!("../../assets/clip/bpe_simple_vocab_16e6.txt.gz");
 
+/// BPE merges, in rank order.
+type Merges = Vec<(String, String)>;
+
 /// CLIP's vocabulary and merges as its `SimpleTokenizer` builds them from the merges file: the
 /// 256 byte characters (printable ones first, as GPT-2's map lists them), the same with `</w>`,
 /// one token per merge (48,894), then BOS and EOS: 49,408 tokens.
-fn embedded_vocab() -> Result<(Vec<String>, Vec<(String, String)>)> {
+fn embedded_vocab() -> Result<(Vec<String>, Merges)> {
     use std::io::Read;
     let mut text = String::new();
     flate2::read::GzDecoder::new(CLIP_MERGES_GZ).read_to_string(&mut text).context("decompressing the embedded CLIP merges")?;
     let lines: Vec<&str> = text.split('\n').collect();
-    let merges: Vec<(String, String)> = lines[1..49152 - 256 - 2 + 1]
+    let merges: Merges = lines[1..49152 - 256 - 2 + 1]
         .iter()
         .map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| anyhow!("embedded CLIP merges: bad line {l:?}")))
         .collect::<Result<_>>()?;

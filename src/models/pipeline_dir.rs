@@ -14,7 +14,7 @@ use crate::schedulers::SchedulerConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::rc::Rc;
 use tch::{Device, Kind};
 
 /// One part of a pipeline folder.
@@ -67,7 +67,7 @@ impl Part {
 pub struct PipelineDir {
     root: PathBuf,
     index: Map<String, Value>,
-    single: Option<Arc<SingleFile>>,
+    single: Option<Rc<SingleFile>>,
 }
 
 /// The configs of SD's published schedulers (SD-1.5's; SD-2.x differs only in prediction type).
@@ -83,7 +83,7 @@ impl PipelineDir {
     pub fn open_with(dir: &Path, options: &SingleFileOptions) -> Result<Self> {
         if dir.is_file() {
             let single = SingleFile::open(dir, options)?;
-            return Ok(PipelineDir { root: dir.to_path_buf(), index: Map::new(), single: Some(Arc::new(single)) });
+            return Ok(PipelineDir { root: dir.to_path_buf(), index: Map::new(), single: Some(Rc::new(single)) });
         }
         if !dir.is_dir() {
             bail!("pipeline {}: not a folder or a single-file checkpoint", dir.display());
@@ -231,7 +231,7 @@ impl PipelineDir {
     }
 
     /// `scheduler/scheduler_config.json`, for the schedulers to parse.
-    fn scheduler_config_path(&self) -> Result<PathBuf> {
+    pub fn scheduler_config_path(&self) -> Result<PathBuf> {
         Ok(self.part_dir(Part::Scheduler)?.join(Part::Scheduler.config_file()))
     }
 
