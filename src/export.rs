@@ -1,13 +1,16 @@
-//! Writing what sdkd makes as diffusers folders: a UNet folder (config.json +
-//! diffusion_pytorch_model.safetensors) or a whole pipeline folder (the teacher's other parts
-//! beside the new unet/). Each is written by `fs_safe::write_dir` (complete or absent after a
-//! crash) and carries its marker, so a later `--overwrite` knows sdkd made it.
+//! Writing what sdkd makes: a diffusers UNet folder (config.json +
+//! diffusion_pytorch_model.safetensors), a whole pipeline folder (the teacher's other parts
+//! beside the new unet/), or a single file in the LDM layout (`models::single_file`) for
+//! ComfyUI, A1111 and sd.cpp. Each is written through `fs_safe` (complete or absent after a
+//! crash) and carries its mark (a folder's marker, a single file's header key), so a later
+//! `--overwrite` knows sdkd made it.
 use crate::fs_safe::{self, Marker, Purpose};
-use crate::models::{weights, UNetConfig};
+use crate::models::{single_file, weights, ClipTokenizer, PipelineDir, UNetConfig};
 use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -16,6 +19,11 @@ pub enum ExportFormat {
     Unet,
     /// A whole StableDiffusionPipeline folder: the teacher's parts with the new unet/.
     Pipeline,
+    /// One .safetensors file in the LDM layout with the teacher's VAE and text encoder (and a
+    /// .yaml of the UNet's LDM config beside it).
+    #[serde(rename = "single-file")]
+    #[value(name = "single-file")]
+    SingleFile,
 }
 
 impl ExportFormat {
@@ -23,7 +31,7 @@ impl ExportFormat {
     pub fn purpose(self) -> Purpose {
         match self {
             ExportFormat::Unet => Purpose::Unet,
-            ExportFormat::Pipeline => Purpose::Pipeline,
+            ExportFormat::Pipeline | ExportFormat::SingleFile => Purpose::Pipeline,
         }
     }
 }
@@ -87,5 +95,147 @@ pub fn write_pipeline_dir(
         let unet = tmp.join("unet");
         fs::create_dir_all(&unet)?;
         fill_unet_dir(&unet, config, tensors, kind)
+    })
+}
+
+/// The storage dtype a format gets when `--dtype` is not given: fp16 for a single file (what
+/// the community's files are), fp32 for diffusers folders.
+pub fn default_dtype(format: ExportFormat) -> crate::config::Precision {
+    match format {
+        ExportFormat::SingleFile => crate::config::Precision::Fp16,
+        _ => crate::config::Precision::Fp32,
+    }
+}
+
+/// Writes a student UNet beside the other parts of `teacher` (a pipeline folder or single
+/// file) as a pipeline folder or a single file.
+pub fn write_student(
+    dest: &Path,
+    format: ExportFormat,
+    teacher: &Path,
+    config: &UNetConfig,
+    tensors: &[(String, Tensor)],
+    kind: Option<Kind>,
+    title: &str,
+) -> Result<()> {
+    match format {
+        ExportFormat::Unet => write_unet_dir(dest, config, tensors, kind),
+        ExportFormat::Pipeline if teacher.is_dir() => write_pipeline_dir(dest, teacher, config, tensors, kind),
+        ExportFormat::Pipeline => write_pipeline_from(dest, &PipelineDir::open(teacher)?, config, tensors, kind),
+        ExportFormat::SingleFile => write_single_file(dest, &PipelineDir::open(teacher)?, config, tensors, kind, title),
+    }
+}
+
+/// The header key that marks a single file as sdkd's (the overwrite rule reads it).
+const SDKD_MARK: &str = "sdkd.purpose";
+
+/// Whether `path` is a single file sdkd wrote.
+pub fn is_sdkd_single_file(path: &Path) -> bool {
+    weights::MappedFile::open(path).and_then(|f| f.metadata()).is_ok_and(|m| m.get(SDKD_MARK).is_some_and(|v| v == "single-file"))
+}
+
+/// The overwrite rule for a single file and its `.yaml` beside it.
+pub fn check_single_file_replaceable(dest: &Path, overwrite: bool, flag: &str) -> Result<()> {
+    if dest.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        bail!("{flag} {}: a single file is written as .safetensors; name it <name>.safetensors", dest.display());
+    }
+    fs_safe::check_file_replaceable(dest, || is_sdkd_single_file(dest), overwrite, flag)?;
+    let yaml = dest.with_extension("yaml");
+    let yaml_ours = || fs::read_to_string(&yaml).is_ok_and(|t| t.starts_with(YAML_HEADER));
+    fs_safe::check_file_replaceable(&yaml, yaml_ours, overwrite || !dest.exists(), flag)
+}
+
+const YAML_HEADER: &str = "# The LDM config of this checkpoint's UNet, written by sdkd.";
+
+/// Writes a self-contained single file in the LDM layout: `unet` (config and diffusers-named
+/// tensors) as `model.diffusion_model.*`, with the VAE and text encoder of `pipeline`, stored
+/// as `kind`, ModelSpec metadata in the header (what ComfyUI and A1111 show), and `<stem>.yaml`
+/// beside it with the UNet's LDM config. Each file is written atomically; the caller applies the
+/// overwrite rule (`check_single_file_replaceable`).
+pub fn write_single_file(
+    dest: &Path,
+    pipeline: &PipelineDir,
+    unet_config: &UNetConfig,
+    unet_tensors: &[(String, Tensor)],
+    kind: Option<Kind>,
+    title: &str,
+) -> Result<()> {
+    let vae = pipeline.load_vae(Device::Cpu, Kind::Float)?;
+    let text = pipeline.load_text_encoder(Device::Cpu, Kind::Float)?;
+    let family = single_file::family_of(&text.model.config);
+    let prediction = pipeline.scheduler_json()?["prediction_type"].as_str().unwrap_or("epsilon").to_string();
+    let v = prediction == "v_prediction";
+    if !matches!(prediction.as_str(), "epsilon" | "v_prediction") {
+        bail!("pipeline {}: scheduler prediction_type {prediction:?}: an LDM single file records only epsilon or v", pipeline.root().display());
+    }
+    let mut tensors = single_file::unet_to_ldm(unet_config, unet_tensors)?;
+    tensors.extend(single_file::vae_to_ldm(&vae.model.config, &weights::named_tensors(&vae.vs))?);
+    tensors.extend(single_file::text_encoder_to_ldm(&text.model.config, family, &weights::named_tensors(&text.vs))?);
+    let res = unet_config.sample_size.unwrap_or(64) * vae.model.config.downscale_factor();
+    let architecture = match (family, v) {
+        (single_file::Family::Sd1, _) => "stable-diffusion-v1",
+        (single_file::Family::Sd2, true) => "stable-diffusion-v2-768-v",
+        (single_file::Family::Sd2, false) => "stable-diffusion-v2-512",
+    };
+    let meta: BTreeMap<String, String> = [
+        ("modelspec.sai_model_spec", "1.0.0".to_string()),
+        ("modelspec.architecture", architecture.to_string()),
+        ("modelspec.implementation", "https://github.com/Stability-AI/generative-models".to_string()),
+        ("modelspec.title", title.to_string()),
+        ("modelspec.resolution", format!("{res}x{res}")),
+        ("modelspec.prediction_type", if v { "v" } else { "epsilon" }.to_string()),
+        ("modelspec.description", format!("{title}, written by sdkd {}", env!("CARGO_PKG_VERSION"))),
+        (SDKD_MARK, "single-file".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let yaml = single_file::ldm_yaml(unet_config, v, vae.model.config.scaling_factor);
+    debug_assert!(yaml.starts_with(YAML_HEADER));
+    fs_safe::write_file_with(dest, |tmp| weights::save_with_metadata(tmp, &tensors, kind, &meta))?;
+    fs_safe::write_file(&dest.with_extension("yaml"), yaml.as_bytes())
+}
+
+/// Writes a diffusers pipeline folder at `dest` from any pipeline (a single file's parts are
+/// converted; the tokenizer is the embedded CLIP one, the scheduler SD's), with `unet` as its
+/// UNet, atomically (the caller applies the overwrite rule).
+pub fn write_pipeline_from(dest: &Path, pipeline: &PipelineDir, unet_config: &UNetConfig, unet_tensors: &[(String, Tensor)], kind: Option<Kind>) -> Result<()> {
+    let vae = pipeline.load_vae(Device::Cpu, Kind::Float)?;
+    let text = pipeline.load_text_encoder(Device::Cpu, Kind::Float)?;
+    let family = single_file::family_of(&text.model.config);
+    let scheduler = pipeline.scheduler_json()?;
+    let pad = match pipeline.single_file() {
+        Some(f) => f.family.pad_token(),
+        None => family.pad_token(),
+    };
+    fs_safe::write_dir(dest, Some(&Marker::new(Purpose::Pipeline)), |tmp| {
+        let part = |name: &str| -> Result<std::path::PathBuf> {
+            let d = tmp.join(name);
+            fs::create_dir_all(&d)?;
+            Ok(d)
+        };
+        let json = |v: &serde_json::Value| serde_json::to_string_pretty(v).map(|s| s + "\n");
+        fill_unet_dir(&part("unet")?, unet_config, unet_tensors, kind)?;
+        let d = part("vae")?;
+        fs::write(d.join("config.json"), json(&vae.model.config.to_json())?)?;
+        weights::save(&d.join("diffusion_pytorch_model.safetensors"), &weights::named_tensors(&vae.vs), kind)?;
+        let d = part("text_encoder")?;
+        fs::write(d.join("config.json"), json(&text.model.config.to_json())?)?;
+        weights::save(&d.join("model.safetensors"), &weights::named_tensors(&text.vs), kind)?;
+        let d = part("tokenizer")?;
+        for (name, content) in ClipTokenizer::embedded_files(pad)? {
+            fs::write(d.join(name), content)?;
+        }
+        let d = part("scheduler")?;
+        fs::write(d.join("scheduler_config.json"), json(&scheduler)?)?;
+        let class = scheduler.get("_class_name").and_then(|c| c.as_str()).unwrap_or("PNDMScheduler");
+        let index = serde_json::json!({
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+            "feature_extractor": [null, null], "image_encoder": [null, null], "requires_safety_checker": false,
+            "safety_checker": [null, null], "scheduler": ["diffusers", class], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        });
+        fs::write(tmp.join("model_index.json"), json(&index)?)?;
+        Ok(())
     })
 }

@@ -260,6 +260,37 @@ pub fn remove_dir(dir: &Path) -> Result<()> {
     fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))
 }
 
+/// The overwrite rule for a single output file at `dest` (named by `flag`): nothing there, or a
+/// file sdkd wrote for the same purpose (`ours`, which the caller reads from it) with `overwrite`.
+pub fn check_file_replaceable(dest: &Path, ours: impl FnOnce() -> bool, overwrite: bool, flag: &str) -> Result<()> {
+    let d = dest.display();
+    match fs::symlink_metadata(dest) {
+        Err(_) => Ok(()),
+        Ok(m) if !m.is_file() => bail!("{flag} {d} exists and is not a file: sdkd will not write there; choose a new file name"),
+        Ok(_) if !ours() => bail!("{flag} {d} exists and sdkd did not write it: sdkd will not replace it; choose a new file name"),
+        Ok(_) if !overwrite => bail!("{flag} {d} is a file sdkd wrote earlier: pass --overwrite to replace it, or choose another {flag}"),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Writes the file `path` with `fill` into a hidden sibling, fsynced, then renamed over `path`:
+/// complete or absent after a crash.
+pub fn write_file_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    if let Some(parent) = parent_of(path) {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let tmp = sibling(path, "tmp");
+    let filled = fill(&tmp).and_then(|_| {
+        fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("fsync {}", tmp.display()))
+    });
+    if let Err(e) = filled {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    sync_dir(parent_of(path).unwrap_or(Path::new(".")))
+}
+
 /// Writes `bytes` to `path` through a hidden sibling, fsynced, then renamed over `path`.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = sibling(path, "tmp");

@@ -18,8 +18,10 @@ enum Command {
     Prune(commands::prune::PruneArgs),
     /// Distil (or train from scratch) a student from a run YAML; resumable.
     Train(commands::train::TrainArgs),
-    /// Write a checkpoint as a diffusers UNet folder or a whole pipeline folder.
+    /// Write a checkpoint as a diffusers UNet folder, a whole pipeline folder or a single file.
     Export(commands::export::ExportArgs),
+    /// A single-file checkpoint (LDM layout) to a diffusers pipeline folder, or the other way round.
+    Convert(commands::convert::ConvertArgs),
     /// The whole job on embedded data: synthetic set, teacher, distillation, control, images, report.
     Demo(commands::demo::DemoArgs),
     /// Text to image with a pipeline folder (and optionally a student UNet); writes PNGs.
@@ -94,6 +96,7 @@ fn main() {
         Command::Prune(a) => commands::prune::run(a),
         Command::Train(a) => commands::train::run(a),
         Command::Export(a) => commands::export::run(a),
+        Command::Convert(a) => commands::convert::run(a),
         Command::Demo(a) => commands::demo::run(a),
         Command::Synth(a) => commands::synth::run(a),
         Command::Generate(a) => commands::generate::run(a),

@@ -509,16 +509,14 @@ pub struct TextToImage {
 }
 
 impl TextToImage {
-    /// Loads the pipeline folder `model_dir` on `device`, with `unet` replacing its UNet when
+    /// Loads the pipeline folder or single file `model_dir` on `device`, with `unet` replacing its UNet when
     /// given. The UNet and text encoder run in `kind`; the VAE always decodes in fp32, as
     /// diffusers' `force_upcast` does (SD VAEs overflow fp16).
     pub fn load(model_dir: &Path, unet: Option<&UnetSource>, device: Device, kind: Kind) -> Result<Self> {
         let pipe = PipelineDir::open(model_dir)?;
-        let schedule_path = pipe.scheduler_config_path()?;
-        let config =
-            SchedulerConfig::from_path(&schedule_path).with_context(|| format!("pipeline {}", model_dir.display()))?;
+        let config = pipe.scheduler_config()?;
         let schedule = Arc::new(
-            NoiseSchedule::new(config).with_context(|| format!("scheduler config {}", schedule_path.display()))?,
+            NoiseSchedule::new(config).with_context(|| format!("pipeline {}: scheduler config", model_dir.display()))?,
         );
         let unet = match unet {
             Some(source) => source.load(device, kind)?,

@@ -1,6 +1,7 @@
-//! `sdkd export --checkpoint <dir> --out <dir> [--ema] [--format unet|pipeline] [--dtype]`: a
-//! training checkpoint as a diffusers UNet folder, or as a whole pipeline beside the teacher's
-//! other parts. `--out` must be new or empty, or an earlier sdkd export of the same format with
+//! `sdkd export --checkpoint <dir> --out <dir> [--ema] [--format unet|pipeline|single-file] [--dtype]`:
+//! a training checkpoint as a diffusers UNet folder, as a whole pipeline beside the teacher's
+//! other parts, or as one LDM-layout `.safetensors` file with the teacher's VAE and text encoder.
+//! `--out` must be new or empty, or an earlier sdkd export of the same format with
 //! `--overwrite`; never the checkpoint (or inside it), its run or the teacher (or inside it).
 use crate::distill::checkpoint::Checkpoint;
 use crate::config::Precision;
@@ -26,11 +27,12 @@ pub struct ExportArgs {
     pub ema: bool,
     #[arg(long, value_enum, default_value = "unet")]
     pub format: ExportFormat,
-    /// Storage dtype of the written weights.
-    #[arg(long, value_enum, default_value = "fp32")]
-    pub dtype: Precision,
-    /// The teacher pipeline whose other parts go beside the UNet (`--format pipeline`); by
-    /// default the run's own teacher, recorded in the checkpoint.
+    /// Storage dtype of the written weights (default fp32; fp16 for `--format single-file`).
+    #[arg(long, value_enum)]
+    pub dtype: Option<Precision>,
+    /// The teacher pipeline (folder or single file) whose other parts go beside the UNet
+    /// (`--format pipeline`/`single-file`); by default the run's own teacher, recorded in the
+    /// checkpoint.
     #[arg(long)]
     pub teacher: Option<PathBuf>,
 }
@@ -56,20 +58,27 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     };
     let teacher = match (args.format, &args.teacher) {
         (ExportFormat::Unet, _) => None,
-        (ExportFormat::Pipeline, Some(t)) => Some(t.clone()),
-        (ExportFormat::Pipeline, None) => Some(ckpt.meta.config["teacher"].as_str().map(PathBuf::from).ok_or_else(|| {
+        (_, Some(t)) => Some(t.clone()),
+        (_, None) => Some(ckpt.meta.config["teacher"].as_str().map(PathBuf::from).ok_or_else(|| {
             anyhow!("checkpoint {} records no teacher pipeline: pass --teacher <pipeline dir>", ckpt.dir.display())
         })?),
     };
     if let Some(teacher) = &teacher {
         fs_safe::check_apart(&args.out, teacher, "the teacher pipeline", "--out")?;
     }
-    fs_safe::check_replaceable(&args.out, args.format.purpose(), args.overwrite, "--out")?;
+    if args.format == ExportFormat::SingleFile {
+        export::check_single_file_replaceable(&args.out, args.overwrite, "--out")?;
+    } else {
+        fs_safe::check_replaceable(&args.out, args.format.purpose(), args.overwrite, "--out")?;
+    }
     let tensors = weights::read_all(&file)?;
-    let kind = Some(args.dtype.kind());
+    let kind = Some(args.dtype.unwrap_or(export::default_dtype(args.format)).kind());
     match &teacher {
         None => export::write_unet_dir(&args.out, &config, &tensors, kind)?,
-        Some(teacher) => export::write_pipeline_dir(&args.out, teacher, &config, &tensors, kind)?,
+        Some(teacher) => {
+            let title = format!("{} step {}", ckpt.meta.config["student"].as_str().unwrap_or("student"), ckpt.meta.step);
+            export::write_student(&args.out, args.format, teacher, &config, &tensors, kind, &title)?
+        }
     }
     println!(
         "exported step {} ({}) of {} to {}",

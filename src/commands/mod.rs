@@ -1,6 +1,7 @@
 //! One module per `sdkd` subcommand: its clap arguments and what it does. `main.rs` only parses
 //! and reports.
 pub mod bench;
+pub mod convert;
 pub mod demo;
 pub mod eval;
 pub mod export;

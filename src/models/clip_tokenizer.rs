@@ -226,6 +226,86 @@ impl TokenizerSettings {
     }
 }
 
+/// OpenAI's CLIP BPE merges (MIT; `assets/clip/LICENSE`), for single-file checkpoints, which
+/// carry no tokenizer.
+const CLIP_MERGES_GZ: &[u8] = include_bytes!("../../assets/clip/bpe_simple_vocab_16e6.txt.gz");
+
+/// BPE merges, in rank order.
+type Merges = Vec<(String, String)>;
+
+/// CLIP's vocabulary and merges as its `SimpleTokenizer` builds them from the merges file: the
+/// 256 byte characters (printable ones first, as GPT-2's map lists them), the same with `</w>`,
+/// one token per merge (48,894), then BOS and EOS: 49,408 tokens.
+fn embedded_vocab() -> Result<(Vec<String>, Merges)> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(CLIP_MERGES_GZ).read_to_string(&mut text).context("decompressing the embedded CLIP merges")?;
+    let lines: Vec<&str> = text.split('\n').collect();
+    let merges: Merges = lines[1..49152 - 256 - 2 + 1]
+        .iter()
+        .map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| anyhow!("embedded CLIP merges: bad line {l:?}")))
+        .collect::<Result<_>>()?;
+    let table = bytes_to_unicode();
+    let printable = |b: usize| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let chars: Vec<String> =
+        (0..256).filter(|&b| printable(b)).chain((0..256).filter(|&b| !printable(b))).map(|b| table[b].to_string()).collect();
+    let mut vocab = chars.clone();
+    vocab.extend(chars.iter().map(|c| format!("{c}{END_OF_WORD}")));
+    vocab.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+    vocab.push(DEFAULT_BOS.to_string());
+    vocab.push(DEFAULT_EOS.to_string());
+    Ok((vocab, merges))
+}
+
+fn added_token_json(content: &str) -> Value {
+    serde_json::json!({"__type": "AddedToken", "content": content, "lstrip": false, "normalized": true, "rstrip": false, "single_word": false})
+}
+
+impl ClipTokenizer {
+    /// The tokenizer of the published SD pipelines from the embedded CLIP vocabulary: pad
+    /// `<|endoftext|>` for SD-1.x, `!` for SD-2.x; 77 tokens.
+    pub fn embedded(pad_token: &str) -> Result<Self> {
+        let (list, merges) = embedded_vocab()?;
+        let vocab: HashMap<String, i64> = list.into_iter().enumerate().map(|(i, t)| (t, i as i64)).collect();
+        let mut roles = HashMap::new();
+        roles.insert("bos_token", (DEFAULT_BOS.to_string(), true));
+        roles.insert("eos_token", (DEFAULT_EOS.to_string(), true));
+        roles.insert("unk_token", (DEFAULT_EOS.to_string(), true));
+        roles.insert("pad_token", (pad_token.to_string(), false));
+        let settings =
+            TokenizerSettings { roles, extra_special: vec![], added_tokens_decoder: None, model_max_length: Some(DEFAULT_MAX_LENGTH) };
+        let added = Self::specials_as_added(&vocab, &settings);
+        Self::new(vocab, &merges, added, &settings, "the embedded CLIP vocabulary".into())
+    }
+
+    /// The files of a transformers `CLIPTokenizer` folder holding the embedded vocabulary (what
+    /// the published SD-1.x/SD-2.x `tokenizer/` folders hold), as (file name, content).
+    pub fn embedded_files(pad_token: &str) -> Result<Vec<(&'static str, String)>> {
+        let (list, merges) = embedded_vocab()?;
+        let vocab: serde_json::Map<String, Value> = list.into_iter().enumerate().map(|(i, t)| (t, serde_json::json!(i))).collect();
+        let merges_txt = format!("#version: 0.2\n{}\n", merges.iter().map(|(a, b)| format!("{a} {b}")).collect::<Vec<_>>().join("\n"));
+        let config = serde_json::json!({
+            "add_prefix_space": false, "bos_token": added_token_json(DEFAULT_BOS), "do_lower_case": true,
+            "eos_token": added_token_json(DEFAULT_EOS), "errors": "replace", "model_max_length": DEFAULT_MAX_LENGTH,
+            "pad_token": pad_token, "tokenizer_class": "CLIPTokenizer", "unk_token": added_token_json(DEFAULT_EOS),
+        });
+        let plain = |content: &str| {
+            let mut v = added_token_json(content);
+            v.as_object_mut().map(|o| o.remove("__type"));
+            v
+        };
+        let special = serde_json::json!({
+            "bos_token": plain(DEFAULT_BOS), "eos_token": plain(DEFAULT_EOS), "unk_token": plain(DEFAULT_EOS), "pad_token": pad_token,
+        });
+        Ok(vec![
+            ("vocab.json", serde_json::to_string(&Value::Object(vocab))?),
+            ("merges.txt", merges_txt),
+            ("tokenizer_config.json", serde_json::to_string_pretty(&config)?),
+            ("special_tokens_map.json", serde_json::to_string_pretty(&special)?),
+        ])
+    }
+}
+
 impl ClipTokenizer {
     /// A `tokenizer/` folder: `tokenizer.json` if present, else `vocab.json` + `merges.txt`.
     pub fn from_dir(dir: &Path) -> Result<Self> {

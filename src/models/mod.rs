@@ -7,6 +7,7 @@ pub mod embeddings;
 pub mod layers;
 pub mod pipeline_dir;
 pub mod recompute;
+pub mod single_file;
 pub mod resnet;
 pub mod unet;
 pub mod unet_blocks;

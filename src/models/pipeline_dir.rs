@@ -1,9 +1,12 @@
-//! A diffusers Stable Diffusion pipeline folder: `model_index.json` plus the `unet/ vae/
-//! text_encoder/ tokenizer/ scheduler/` parts. Opening checks only `model_index.json`; each part
-//! is checked when it is loaded (a distillation teacher needs only `unet/` when it trains from a
-//! latent cache), and every error names the part at fault.
+//! A Stable Diffusion pipeline: a diffusers folder (`model_index.json` plus the `unet/ vae/
+//! text_encoder/ tokenizer/ scheduler/` parts) or a single-file checkpoint in the LDM layout
+//! (`models::single_file`, with the embedded CLIP tokenizer and SD's scheduler config), so
+//! every command that takes a pipeline takes either. Opening checks only `model_index.json` (or
+//! the file's header); each part is checked when it is loaded (a distillation teacher needs only
+//! its UNet when it trains from a latent cache), and every error names the part at fault.
 use super::clip::{ClipTextConfig, ClipTextEncoder};
 use super::clip_tokenizer::ClipTokenizer;
+use super::single_file::{SingleFile, SingleFileOptions, CLIP_PREFIX, OPEN_CLIP_PREFIX, VAE_PREFIX};
 use super::unet::UNet;
 use super::unet_config::UNetConfig;
 use super::vae::{Vae, VaeConfig};
@@ -11,6 +14,7 @@ use crate::schedulers::SchedulerConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use tch::{Device, Kind};
 
 /// One part of a pipeline folder.
@@ -58,25 +62,43 @@ impl Part {
     }
 }
 
-/// An opened pipeline folder.
+/// An opened pipeline folder or single file.
 #[derive(Debug, Clone)]
 pub struct PipelineDir {
     root: PathBuf,
     index: Map<String, Value>,
+    single: Option<Rc<SingleFile>>,
 }
 
+/// The configs of SD's published schedulers (SD-1.5's; SD-2.x differs only in prediction type).
+const SD_SCHEDULER_CONFIG: &str = include_str!("../../configs/reference/sd15_scheduler_config.json");
+
 impl PipelineDir {
-    /// Reads `<dir>/model_index.json`.
+    /// Reads `<dir>/model_index.json`, or the header of a single-file checkpoint.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, &SingleFileOptions::default())
+    }
+
+    /// `open`, with what a single file cannot say itself (EMA weights, prediction type).
+    pub fn open_with(dir: &Path, options: &SingleFileOptions) -> Result<Self> {
+        if dir.is_file() {
+            let single = SingleFile::open(dir, options)?;
+            return Ok(PipelineDir { root: dir.to_path_buf(), index: Map::new(), single: Some(Rc::new(single)) });
+        }
         if !dir.is_dir() {
-            bail!("pipeline {}: not a folder", dir.display());
+            bail!("pipeline {}: not a folder or a single-file checkpoint", dir.display());
         }
         let path = dir.join("model_index.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("pipeline {}: reading {} (a diffusers pipeline folder has one)", dir.display(), path.display()))?;
         let json: Value = serde_json::from_str(&text).with_context(|| format!("pipeline {}: {} is not valid JSON", dir.display(), path.display()))?;
         let index = json.as_object().cloned().ok_or_else(|| anyhow!("pipeline {}: {} is not a JSON object", dir.display(), path.display()))?;
-        Ok(PipelineDir { root: dir.to_path_buf(), index })
+        Ok(PipelineDir { root: dir.to_path_buf(), index, single: None })
+    }
+
+    /// The single-file checkpoint this pipeline is, if it is one.
+    pub fn single_file(&self) -> Option<&SingleFile> {
+        self.single.as_deref()
     }
 
     pub fn root(&self) -> &Path {
@@ -85,11 +107,17 @@ impl PipelineDir {
 
     /// `_class_name` of model_index.json (e.g. `StableDiffusionPipeline`).
     pub fn class_name(&self) -> Option<&str> {
+        if self.single.is_some() {
+            return Some("StableDiffusionPipeline");
+        }
         self.index.get("_class_name").and_then(Value::as_str)
     }
 
     /// The class model_index.json gives a part (`["diffusers", "AutoencoderKL"]` -> `AutoencoderKL`).
     pub fn part_class(&self, part: Part) -> Option<&str> {
+        if self.single.is_some() {
+            return part.classes().map(|c| c[0]).or(Some("PNDMScheduler"));
+        }
         self.index.get(part.name()).and_then(Value::as_array).and_then(|a| a.get(1)).and_then(Value::as_str)
     }
 
@@ -130,6 +158,16 @@ impl PipelineDir {
 
     /// Checks that each of `parts` is present (without loading weights).
     pub fn validate(&self, parts: &[Part]) -> Result<()> {
+        if let Some(f) = &self.single {
+            for &part in parts {
+                match part {
+                    Part::Vae => f.check_has(VAE_PREFIX, "VAE (first_stage_model)")?,
+                    Part::TextEncoder if !f.state.has_prefix(CLIP_PREFIX) => f.check_has(OPEN_CLIP_PREFIX, "text encoder (cond_stage_model)")?,
+                    _ => {}
+                }
+            }
+            return Ok(());
+        }
         for &part in parts {
             self.part_dir(part)?;
         }
@@ -137,36 +175,57 @@ impl PipelineDir {
     }
 
     pub fn unet_config(&self) -> Result<UNetConfig> {
+        if let Some(f) = &self.single {
+            return f.unet_config();
+        }
         let dir = self.part_dir(Part::Unet)?;
         UNetConfig::from_path(&dir).with_context(|| self.context(Part::Unet))
     }
 
     pub fn vae_config(&self) -> Result<VaeConfig> {
+        if let Some(f) = &self.single {
+            return f.vae_config();
+        }
         let dir = self.part_dir(Part::Vae)?;
         VaeConfig::from_path(&dir).with_context(|| self.context(Part::Vae))
     }
 
     pub fn text_encoder_config(&self) -> Result<ClipTextConfig> {
+        if let Some(f) = &self.single {
+            return f.text_encoder_config();
+        }
         let dir = self.part_dir(Part::TextEncoder)?;
         ClipTextConfig::from_path(&dir).with_context(|| self.context(Part::TextEncoder))
     }
 
     pub fn load_unet(&self, device: Device, kind: Kind) -> Result<UNet> {
+        if let Some(f) = &self.single {
+            return f.load_unet(device, kind);
+        }
         let dir = self.part_dir(Part::Unet)?;
         UNet::load(&dir, device, kind).with_context(|| self.context(Part::Unet))
     }
 
     pub fn load_vae(&self, device: Device, kind: Kind) -> Result<Vae> {
+        if let Some(f) = &self.single {
+            return f.load_vae(device, kind);
+        }
         let dir = self.part_dir(Part::Vae)?;
         Vae::load(&dir, device, kind).with_context(|| self.context(Part::Vae))
     }
 
     pub fn load_text_encoder(&self, device: Device, kind: Kind) -> Result<ClipTextEncoder> {
+        if let Some(f) = &self.single {
+            return f.load_text_encoder(device, kind);
+        }
         let dir = self.part_dir(Part::TextEncoder)?;
         ClipTextEncoder::load(&dir, device, kind).with_context(|| self.context(Part::TextEncoder))
     }
 
     pub fn load_tokenizer(&self) -> Result<ClipTokenizer> {
+        if let Some(f) = &self.single {
+            return ClipTokenizer::embedded(f.family.pad_token());
+        }
         let dir = self.part_dir(Part::Tokenizer)?;
         ClipTokenizer::from_dir(&dir).with_context(|| self.context(Part::Tokenizer))
     }
@@ -176,9 +235,25 @@ impl PipelineDir {
         Ok(self.part_dir(Part::Scheduler)?.join(Part::Scheduler.config_file()))
     }
 
+    /// The scheduler config as JSON: the folder's file, or for a single file SD's with the
+    /// file's prediction type.
+    pub fn scheduler_json(&self) -> Result<Value> {
+        if let Some(f) = &self.single {
+            let mut v: Value = serde_json::from_str(SD_SCHEDULER_CONFIG)?;
+            v["prediction_type"] = Value::String(f.prediction_type()?);
+            return Ok(v);
+        }
+        let path = self.scheduler_config_path()?;
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+    }
+
     /// The scheduler config, parsed and checked: a value any command would refuse is refused
     /// here, for every command that opens the pipeline.
     pub fn scheduler_config(&self) -> Result<SchedulerConfig> {
+        if self.single.is_some() {
+            return SchedulerConfig::from_json(&self.scheduler_json()?).with_context(|| self.context(Part::Scheduler));
+        }
         SchedulerConfig::from_path(&self.scheduler_config_path()?).with_context(|| self.context(Part::Scheduler))
     }
 }

@@ -56,6 +56,13 @@ pub struct MappedFile {
 }
 
 impl MappedFile {
+    /// The header's `__metadata__` (without reading any tensor).
+    pub fn metadata(&self) -> Result<HashMap<String, String>> {
+        let (_, meta) = SafeTensors::read_metadata(&self.mmap)
+            .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", self.path.display()))?;
+        Ok(meta.metadata().clone().unwrap_or_default())
+    }
+
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         // SAFETY: the file is opened read-only; a concurrent writer truncating it is outside what
@@ -217,6 +224,11 @@ pub fn load_strict_mapped(
 /// Writes named tensors as one safetensors file with `format: pt` metadata (what diffusers and
 /// transformers write), converting each to `kind` when given. The caller makes the write atomic.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], kind: Option<Kind>) -> Result<()> {
+    save_with_metadata(path, tensors, kind, &BTreeMap::new())
+}
+
+/// `save` with more header metadata (a single file's ModelSpec keys).
+pub fn save_with_metadata(path: &Path, tensors: &[(String, Tensor)], kind: Option<Kind>, extra: &BTreeMap<String, String>) -> Result<()> {
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = t.detach().to_device(tch::Device::Cpu);
@@ -236,7 +248,8 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], kind: Option<Kind>) -> Re
         .iter()
         .map(|(name, dtype, shape, bytes)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?)))
         .collect::<Result<_>>()?;
-    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let mut metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    metadata.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     safetensors::serialize_to_file(views, Some(metadata), path)
         .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
     Ok(())
