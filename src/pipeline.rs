@@ -22,7 +22,7 @@ use crate::models::{
     weights, AutoencoderKL, ClipTextEncoder, ClipTextModel, ClipTokenizer, Init, PipelineDir, UNet,
     UNet2DConditionModel, Vae,
 };
-use crate::schedulers::{randn, NoiseSchedule, Sampler, SchedulerConfig, SchedulerKind};
+use crate::schedulers::{randn, NoiseSchedule, Sampler, SchedulerKind};
 use anyhow::{bail, ensure, Context, Result};
 use image::RgbImage;
 use std::path::{Path, PathBuf};
