@@ -2,8 +2,7 @@
 //! Inception features of two image sets (or pytorch-fid `.npz` files holding `mu` and `sigma`),
 //! then ‖μ₁ - μ₂‖² + tr Σ₁ + tr Σ₂ - 2 tr √(Σ₁Σ₂).
 //!
-//! Statistics are float64 (pytorch-fid's `np.cov` is; its mean is float32, a difference far below
-//! the 1e-3 the tests allow). The trace of the matrix square root is computed without scipy's
+//! Statistics are float64, as pytorch-fid's (it stores the float32 features in a float64 array). The trace of the matrix square root is computed without scipy's
 //! `sqrtm` (a Schur method on the non-symmetric product): Σ₁Σ₂ is similar to the symmetric
 //! positive semi-definite √Σ₁ Σ₂ √Σ₁, so tr √(Σ₁Σ₂) is the sum of the square roots of that
 //! matrix's eigenvalues, found with LibTorch's `eigh` in float64 (negative round-off eigenvalues
