@@ -935,6 +935,8 @@ fn to_value(o: &Obj, depth: usize) -> Result<Value> {
         Obj::Tensor(t) => Value::Tensor(t.shallow_clone()),
         Obj::Storage(t) => Value::Tensor(t.shallow_clone()),
         Obj::Global(Global::Dtype(k)) => Value::Dtype(*k),
+        // a class referred to but never called
+        Obj::Global(Global::Inert(class)) => Value::Object { class: class.clone(), args: vec![], state: None },
         Obj::Global(g) => Value::Object { class: format!("{g:?}"), args: vec![], state: None },
         Obj::Object(o) => {
             let o = o.borrow();

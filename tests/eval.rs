@@ -78,6 +78,18 @@ fn fid_matches_pytorch_fid_from_folders_and_npz() {
     let d = fid::frechet_distance(&back, &b).unwrap();
     let w = want["fid64_npz"].as_f64().unwrap();
     assert!((d - w).abs() <= 1e-3, "FID from the .npz {d} vs pytorch-fid {w}");
+    // --save-stats writes what pytorch-fid's save_fid_stats wrote for the same folder
+    let saved = dir.path().join("a_saved.npz");
+    let out = sdkd(&["eval", "fid", reference().join("a").to_str().unwrap(), saved.to_str().unwrap(), "--save-stats",
+        "--dims", "64", "--inception", reference().join("inception.pth").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ours = fid::Stats::read_npz(&saved).unwrap();
+    let (e_mu, e_sigma) = (rel_err(&ours.mu, &stats.mu), rel_err(&ours.sigma, &stats.sigma));
+    println!("--save-stats vs pytorch-fid: mu {e_mu:.2e}, sigma {e_sigma:.2e}");
+    assert!(e_mu <= 1e-6 && e_sigma <= 1e-9, "{e_mu:e} {e_sigma:e}");
+    // and never over an existing file
+    assert_clean_failure(&sdkd(&["eval", "fid", reference().join("a").to_str().unwrap(), saved.to_str().unwrap(), "--save-stats",
+        "--dims", "64", "--inception", reference().join("inception.pth").to_str().unwrap()]), "replaces nothing");
     // a stats-vs-itself distance is 0 (the square root's round-off stays far below 1e-3)
     assert!(fid::frechet_distance(&b, &b).unwrap().abs() < 1e-6);
 }

@@ -25,6 +25,7 @@ pub struct EvalArgs {
     /// The report folder (report.json, report.md): new or empty, or an earlier one with --overwrite.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace an earlier sdkd eval report in --out (never a folder sdkd did not make).
     #[arg(long)]
     pub overwrite: bool,
     #[command(flatten)]

@@ -2,8 +2,7 @@
 //! Inception features of two image sets (or pytorch-fid `.npz` files holding `mu` and `sigma`),
 //! then ‖μ₁ - μ₂‖² + tr Σ₁ + tr Σ₂ - 2 tr √(Σ₁Σ₂).
 //!
-//! Statistics are float64 (pytorch-fid's `np.cov` is; its mean is float32, a difference far below
-//! the 1e-3 the tests allow). The trace of the matrix square root is computed without scipy's
+//! Statistics are float64, as pytorch-fid's (it stores the float32 features in a float64 array). The trace of the matrix square root is computed without scipy's
 //! `sqrtm` (a Schur method on the non-symmetric product): Σ₁Σ₂ is similar to the symmetric
 //! positive semi-definite √Σ₁ Σ₂ √Σ₁, so tr √(Σ₁Σ₂) is the sum of the square roots of that
 //! matrix's eigenvalues, found with LibTorch's `eigh` in float64 (negative round-off eigenvalues
@@ -56,10 +55,19 @@ impl Stats {
         Ok(Stats { mu, sigma, count: None })
     }
 
-    /// Writes them as pytorch-fid's `--save-stats` does (float64 `mu` and `sigma`).
+    /// Writes them as pytorch-fid's `--save-stats` does (float64 `mu` and `sigma`), to a temp
+    /// file renamed into place: complete or absent.
     pub fn write_npz(&self, path: &Path) -> Result<()> {
-        Tensor::write_npz(&[("mu", &self.mu), ("sigma", &self.sigma)], path)
-            .with_context(|| format!("writing FID statistics {}", path.display()))
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+        let written = Tensor::write_npz(&[("mu", &self.mu), ("sigma", &self.sigma)], &tmp)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all().map_err(Into::into))
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(Into::into));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.with_context(|| format!("writing FID statistics {}", path.display()))
     }
 }
 

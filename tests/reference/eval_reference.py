@@ -125,7 +125,7 @@ u8 = u8_batch(os.path.join(out, "a"), files_a[:3])
 with torch.no_grad():
     f2048, logits = fe(u8)
 tensors["fidelity/2048"], tensors["fidelity/logits_unbiased"] = f2048, logits
-m = torch_fidelity.calculate_metrics(input1=is_dir, isc=True, cuda=False, verbose=False,
+m = torch_fidelity.calculate_metrics(input1=is_dir, isc=True, cuda=False, verbose=False, save_cpu_ram=True,
                                      feature_extractor_weights_path=weights, batch_size=12)
 expected["is_mean"], expected["is_std"] = m["inception_score_mean"], m["inception_score_std"]
 
