@@ -219,17 +219,33 @@ fn sigterm_to_one_rank_stops_all_with_one_checkpoint_and_the_run_resumes() {
     let no_periodic = "checkpoint:\n  every: 1000\n  keep: 3\n";
     let cfg = config(tmp.path(), 1, 10, no_periodic);
     let port = free_port();
-    let ranks: Vec<Child> = (0..2).map(|r| rank_train(r, 2, port, &cfg, &[])).collect();
-    // under way once TensorBoard has a few steps; then SIGTERM rank 1 alone
-    let tb = tmp.path().join("run/tb");
+    let mut ranks: Vec<Child> = (0..2).map(|r| rank_train(r, 2, port, &cfg, &[])).collect();
+    // once rank 0 has logged step 2, SIGTERM rank 1 alone
+    let stderr = ranks[0].stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
     let t0 = Instant::now();
-    while std::fs::read_dir(&tb).map(|d| d.count()).unwrap_or(0) == 0 && t0.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(20));
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(120).saturating_sub(t0.elapsed())) {
+        if line.starts_with("step 2/10") {
+            unsafe { libc_kill(ranks[1].id() as i32, 15) };
+            break;
+        }
     }
-    std::thread::sleep(Duration::from_millis(1500));
-    unsafe { libc_kill(ranks[1].id() as i32, 15) };
-    let logs: Vec<String> = ranks.into_iter().map(|c| succeeded(c.wait_with_output().unwrap(), "a signalled rank exits 0")).collect();
-    assert!(logs[0].contains("interrupted at step"), "{}", logs[0]);
+    let outs: Vec<Output> = ranks.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let log0 = reader.join().unwrap();
+    for (r, out) in outs.iter().enumerate() {
+        assert_eq!(out.status.code(), Some(0), "rank {r} exits 0 after a signal:\n{log0}\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(String::from_utf8_lossy(&outs[0].stdout).contains("interrupted at step"), "{log0}");
     let ckpts = sdkd::distill::checkpoint::list(&tmp.path().join("run")).unwrap();
     assert_eq!(ckpts.len(), 1, "one checkpoint: {ckpts:?}");
     let stopped = ckpts[0].0;
