@@ -239,6 +239,33 @@ fn preprocess_on_shards_equals_the_imagefolders_cache_and_resumes() {
     }
     let r = build("ref/bad-wds", "bad", None).unwrap();
     assert_eq!((r.rows, r.skipped), (COUNT - 3, 3));
+
+    // The command: shards by brace pattern, filtered on the json.
+    use sdkd::commands::preprocess::{run_with, PreprocessArgs};
+    let mut args = PreprocessArgs {
+        teacher: "unused-by-the-toy-encoder".into(),
+        data: f.path("ref/wds/{00000..00002}.tar"),
+        format: None,
+        caption: None,
+        image_column: None,
+        min_size: Some(20),
+        max_aspect: Some(1.0),
+        filters: vec!["aesthetic=>= 2".into()],
+        resolution: 16,
+        out: out.path().join("cli"),
+        center_crop: true,
+        random_flip: false,
+        seed: 0,
+        shard_size: 4,
+        batch_size: 4,
+        on_bad_sample: OnBadSample::Fail,
+        threads: 1,
+    };
+    run_with(&args, &ToyEncoder { calls: Cell::new(0), fail_after_calls: None }).unwrap();
+    assert_eq!(LatentCache::open(&args.out).unwrap().len(), 10, "aesthetic >= 2: 4 + 4 + 2 of the shards of 10, 10, 4");
+    args.filters = vec!["aesthetic=high".into()];
+    let e = run_with(&args, &ToyEncoder { calls: Cell::new(0), fail_after_calls: None }).unwrap_err().to_string();
+    assert!(e.contains("--filter aesthetic"), "{e}");
 }
 
 /// `sdkd train` on webdataset and parquet shards trains the same student as on the imagefolder;

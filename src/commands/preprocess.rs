@@ -1,7 +1,7 @@
 //! `sdkd preprocess`: encodes a dataset once into a latent cache that `train` reads through
 //! `data.cache` (see `data::cache` for the format). Everything but building the teacher's
 //! encoder is here: [`run_with`] takes any [`SampleEncoder`].
-use crate::data::{build_cache, open_image_rows, CacheOptions, DataFormat, DataOptions, OnBadSample, SampleEncoder, Transform};
+use crate::data::{build_cache, open_image_rows, CacheOptions, DataFormat, DataOptions, Filters, OnBadSample, SampleEncoder, Transform};
 use anyhow::Result;
 use clap::{ArgAction, Args};
 use std::path::PathBuf;
@@ -25,6 +25,16 @@ pub struct PreprocessArgs {
     /// parquet: the image column, a {bytes, path} struct (default `image`).
     #[arg(long)]
     pub image_column: Option<String>,
+    /// Leave out rows whose image's short side (metadata width/height) is smaller (data.min_size).
+    #[arg(long)]
+    pub min_size: Option<u32>,
+    /// Leave out rows whose long side / short side is larger (data.max_aspect).
+    #[arg(long)]
+    pub max_aspect: Option<f64>,
+    /// A condition on a json key or column, `KEY=OP VALUE` such as `aesthetic_score=>= 6.5`
+    /// (data.filter); repeatable.
+    #[arg(long = "filter")]
+    pub filters: Vec<String>,
     /// Side of the square crops fed to the VAE, in pixels.
     #[arg(long)]
     pub resolution: u32,
@@ -66,7 +76,20 @@ pub fn run_with(a: &PreprocessArgs, encoder: &dyn SampleEncoder) -> Result<()> {
         anyhow::bail!("--resolution {} must be a positive multiple of 8 (the VAE downsamples by 8)", a.resolution);
     }
     let t0 = std::time::Instant::now();
-    let options = DataOptions { format: a.format, caption: a.caption.clone(), image_column: a.image_column.clone(), filters: Default::default() };
+    let mut conditions = std::collections::BTreeMap::new();
+    for f in &a.filters {
+        let (k, c) = f.split_once('=').ok_or_else(|| anyhow::anyhow!("--filter {f:?}: expected KEY=CONDITION, such as aesthetic_score=\">= 6.5\""))?;
+        conditions.insert(k.trim().to_string(), c.to_string());
+    }
+    let filters = Filters::from_config(a.min_size, a.max_aspect, &conditions)
+        .map_err(|(key, message)| {
+            let flag = match key.as_str() {
+                "data.max_aspect" => "--max-aspect".to_string(),
+                k => format!("--filter {}", k.trim_start_matches("data.filter.")),
+            };
+            anyhow::anyhow!("{}", message.replace(&key, &flag))
+        })?;
+    let options = DataOptions { format: a.format, caption: a.caption.clone(), image_column: a.image_column.clone(), filters };
     let dataset = open_image_rows(&a.data, "--data", &options)?;
     if let Some(w) = crate::data::formats::small_images_warning(dataset.as_ref(), a.resolution) {
         eprintln!("{}", w.replace("data.resolution", "--resolution"));

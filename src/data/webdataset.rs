@@ -13,7 +13,9 @@
 //!
 //! A shard that ends inside a member (a truncated download) keeps the samples before it; the
 //! cut sample is a bad sample named by shard and key, as are a sample without a caption or
-//! image and one whose image does not decode.
+//! image and one whose image does not decode. A shard cut inside a tar header is warned about
+//! when it is opened (no key can be named for what followed); one cut exactly between two
+//! members cannot be told from a complete tar.
 use super::formats::{Filters, Meta};
 use super::source::{decode_rgb, fingerprint_of, usable_caption, BadKind, BadSample, ImageRows};
 use anyhow::{Context, Result};
@@ -97,12 +99,15 @@ fn scan_shard(path: &Path) -> Result<Vec<Pending>> {
     let mut out: Vec<Pending> = vec![];
     let entries = archive.entries_with_seek().with_context(|| format!("reading shard {}", path.display()))?;
     for entry in entries {
-        // A header cut short or garbled ends the shard: the samples before it are kept.
-        let Ok(mut entry) = entry else {
-            if let Some(last) = out.last_mut() {
-                last.truncated = true;
+        // A header cut short or garbled ends the shard: the samples before it are kept (a
+        // sample whose later members were lost reports that when it is loaded).
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                let after = out.last().map_or("its start".to_string(), |p| format!("key {}", p.key));
+                eprintln!("warning: shard {} ends in a damaged tar header after {after} ({e}): the rest of it is not read", path.display());
+                break;
             }
-            break;
         };
         if !entry.header().entry_type().is_file() {
             continue;
