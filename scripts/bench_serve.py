@@ -8,7 +8,9 @@ Each round starts a server per setting, alternating (A/B/A/B, so both see the sa
 shared machine), sends one warm-up request, then lets CLIENTS threads each send their requests
 one after another (same size, steps and scheduler, so they can batch; each its own seed and
 prompt) and times from the first send to the last answer. It prints images/s per round and the
-medians, and the speed-up max-batch N / max-batch 1. Python's standard library only.
+medians, and the speed-up max-batch N / max-batch 1, and the server's CPU seconds (user +
+system, all threads, from /proc) per image: on a shared machine the steadier figure. Python's
+standard library only.
 """
 import argparse
 import http.client
@@ -46,6 +48,11 @@ def body(args, seed):
             "num_inference_steps": args.steps, "base64": False}
 
 
+def cpu_seconds(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def round_trip(args, max_batch, db, key, log):
     proc, host, port = start(args.sdkd, args.model, db, max_batch, log)
     try:
@@ -60,15 +67,20 @@ def round_trip(args, max_batch, db, key, log):
                 errors.append(e)
 
         threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), cpu_seconds(proc.pid)
         for th in threads:
             th.start()
         for th in threads:
             th.join()
-        elapsed = time.perf_counter() - t
+        elapsed, cpu = time.perf_counter() - t, cpu_seconds(proc.pid) - cpu
         if errors:
             raise RuntimeError(f"--max-batch {max_batch}: {errors[0]}")
-        return args.clients * args.requests_per_client / elapsed
+        images = args.clients * args.requests_per_client
+        conn = http.client.HTTPConnection(host, port, timeout=60)
+        conn.request("GET", "/metrics")
+        metrics = dict(line.split() for line in conn.getresponse().read().decode().splitlines() if line.startswith("sdkd_batch_size_"))
+        mean_batch = float(metrics["sdkd_batch_size_sum"]) / float(metrics["sdkd_batch_size_count"])  # warm-up included
+        return images / elapsed, cpu / images, mean_batch
     finally:
         proc.terminate()
         proc.wait()
@@ -89,17 +101,20 @@ def main():
         db = os.path.join(tmp, "keys.sqlite")
         key = subprocess.run([args.sdkd, "keys", "add", "--db", db, "--name", "bench", "--credits", "1000000000"],
                              check=True, capture_output=True, text=True).stdout.strip()
-        rates = {1: [], args.max_batch: []}
+        rates, cpus = {1: [], args.max_batch: []}, {1: [], args.max_batch: []}
         with open(os.path.join(tmp, "serve.log"), "w") as log:
             for r in range(args.rounds):
                 for mb in (1, args.max_batch):
-                    rates[mb].append(round_trip(args, mb, db, key, log))
-                    print(f"round {r + 1}: --max-batch {mb}: {rates[mb][-1]:.3f} images/s", flush=True)
+                    rate, cpu, mean_batch = round_trip(args, mb, db, key, log)
+                    rates[mb].append(rate)
+                    cpus[mb].append(cpu)
+                    print(f"round {r + 1}: --max-batch {mb}: {rate:.3f} images/s, {cpu:.3f} CPU s/image, {mean_batch:.1f} requests per generation", flush=True)
     one, many = statistics.median(rates[1]), statistics.median(rates[args.max_batch])
     speedups = [b / a for a, b in zip(rates[1], rates[args.max_batch])]
     print(f"{args.clients} clients x {args.requests_per_client} requests, {args.size}x{args.size}, {args.steps} steps, "
           f"{args.rounds} rounds: --max-batch 1 {one:.3f} images/s, --max-batch {args.max_batch} {many:.3f} images/s, "
-          f"{many / one:.2f}x (per round {min(speedups):.2f}-{max(speedups):.2f}x)")
+          f"{many / one:.2f}x (per round {min(speedups):.2f}-{max(speedups):.2f}x); CPU s/image "
+          f"{statistics.median(cpus[1]):.3f} and {statistics.median(cpus[args.max_batch]):.3f}")
 
 
 if __name__ == "__main__":
