@@ -16,6 +16,10 @@
 //!
 //! Note: seeding is through LibTorch's *global* generator (tch exposes no generator objects), so a
 //! caller with its own random stream (the trainer) must reseed it after generating.
+//!
+//! `generate_batch` runs several compatible requests as one UNet call per step (`sdkd serve
+//! --max-batch`); each keeps its own random sequence on that one generator by saving its state
+//! after the request's draws and putting it back before the next (`aten_extra::cpu_rng_state`).
 use crate::commands::prune::unet_dir;
 use crate::models::unet_config::UNetConfig;
 use crate::models::{
