@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 /// The model to run: a pipeline folder, optionally with another UNet (`generate` and `serve`).
 #[derive(Args, Debug)]
 pub struct PipelineArgs {
-    /// A diffusers Stable Diffusion pipeline folder.
+    /// A diffusers Stable Diffusion pipeline folder, or a single-file checkpoint (LDM layout).
     #[arg(long)]
     pub model: PathBuf,
     /// A UNet to use instead of the pipeline's: a UNet folder (from prune or export), a pipeline

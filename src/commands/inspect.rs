@@ -16,7 +16,7 @@ pub struct InspectArgs {
     /// A student preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny) or spec YAML to build from it.
     #[arg(long)]
     pub student: Option<String>,
-    /// A diffusers pipeline folder: loads every part and counts its parameters.
+    /// A diffusers pipeline folder or a single-file checkpoint: loads every part and counts its parameters.
     #[arg(long, conflicts_with = "unet")]
     pub model: Option<PathBuf>,
     /// Print JSON instead of tables.
