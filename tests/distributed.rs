@@ -12,30 +12,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    teacher: PathBuf,
-    data: PathBuf,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = tempdir();
-        let teacher = dir.path().join("teacher");
-        run_reference("make_pipeline.py", &[teacher.to_str().unwrap(), "--stages", "4", "--sample-size", "8", "--scheduler", "ddpm"]);
-        let data = dir.path().join("data");
-        let o = sdkd(&["synth", "--out", data.to_str().unwrap(), "--count", "40", "--resolution", "16"]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        Fixture { _dir: dir, teacher, data }
-    })
-}
 
 /// A tiny run: global batch 4 = batch 2 × `accum` × world; a constant lr after the warm-up (so
 /// max_steps does not change the schedule), a loss and a checkpoint every step unless `extra`
 /// says otherwise.
 fn config(dir: &Path, accum: usize, max_steps: u64, extra: &str) -> PathBuf {
-    let f = fixture();
+    let f = train_fixture();
     let text = format!(
         "teacher: {}\nstudent: bk_small\noutput_dir: {}\ndata:\n  path: {}\n  resolution: 16\n\
          train:\n  batch_size: 2\n  grad_accum: {accum}\n  max_steps: {max_steps}\n  seed: 7\n  device: cpu\n  precision: fp32\n  ema_decay: 0.9\n  dist_timeout_s: 5\n\

@@ -6,29 +6,10 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    teacher: PathBuf,
-    data: PathBuf,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = tempdir();
-        let teacher = dir.path().join("teacher");
-        run_reference("make_pipeline.py", &[teacher.to_str().unwrap(), "--stages", "4", "--sample-size", "8", "--scheduler", "ddpm"]);
-        let data = dir.path().join("data");
-        let o = sdkd(&["synth", "--out", data.to_str().unwrap(), "--count", "40", "--resolution", "16"]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        Fixture { _dir: dir, teacher, data }
-    })
-}
 
 fn config(dir: &Path, max_steps: u64, extra: &str) -> PathBuf {
-    let f = fixture();
+    let f = train_fixture();
     let text = format!(
         "teacher: {}\nstudent: bk_small\noutput_dir: {}\ndata:\n  path: {}\n  resolution: 16\n\
          train:\n  batch_size: 4\n  grad_accum: 2\n  max_steps: {max_steps}\n  seed: 7\n  device: cpu\n  precision: fp32\n  ema_decay: 0.9\n\
@@ -165,7 +146,7 @@ fn bad_configs_and_foreign_checkpoints_are_clean_errors() {
     assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap()]), "batch_sise");
     std::fs::write(&bad, text.replace("student: bk_small", "student: bk_giant")).unwrap();
     assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap()]), "bk_giant");
-    std::fs::write(&bad, text.replace(&fixture().data.display().to_string(), "/nonexistent/data")).unwrap();
+    std::fs::write(&bad, text.replace(&train_fixture().data.display().to_string(), "/nonexistent/data")).unwrap();
     assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap()]), "/nonexistent/data");
     // a checkpoint of a bk_small run cannot resume a bk_tiny run
     train(&["--config", cfg.to_str().unwrap()]);

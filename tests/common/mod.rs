@@ -77,3 +77,24 @@ pub fn reference_unets() -> &'static Path {
     });
     path
 }
+
+/// A tiny 4-stage teacher pipeline (perturbed, DDPM) and 40 synthetic 16 px pairs, made once per
+/// test binary: the run of tests/train.rs and tests/distributed.rs.
+pub struct TrainFixture {
+    _dir: tempfile::TempDir,
+    pub teacher: PathBuf,
+    pub data: PathBuf,
+}
+
+pub fn train_fixture() -> &'static TrainFixture {
+    static F: std::sync::OnceLock<TrainFixture> = std::sync::OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempdir();
+        let teacher = dir.path().join("teacher");
+        run_reference("make_pipeline.py", &[teacher.to_str().unwrap(), "--stages", "4", "--sample-size", "8", "--scheduler", "ddpm"]);
+        let data = dir.path().join("data");
+        let o = sdkd(&["synth", "--out", data.to_str().unwrap(), "--count", "40", "--resolution", "16"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        TrainFixture { _dir: dir, teacher, data }
+    })
+}
