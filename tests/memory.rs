@@ -121,6 +121,14 @@ fn an_unknown_checkpointing_value_is_a_clean_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("train.gradient_checkpointing") && stderr.contains("everything") && !stderr.contains("panicked"), "{stderr}");
     assert!(!dir.path().join("run").exists(), "nothing written for a refused config");
+    // plan reads the same config, and refuses a size it cannot read
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdkd")).args(["plan", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && stderr.contains("train.gradient_checkpointing") && stderr.contains("everything"), "{stderr}");
+    std::fs::write(&cfg, yaml.replace("everything", "blocks")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdkd")).args(["plan", "--config", cfg.to_str().unwrap(), "--gpu-mem", "24XB"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && stderr.contains("--gpu-mem \"24XB\"") && !stderr.contains("panicked"), "{stderr}");
 }
 
 mod bf16_state {
