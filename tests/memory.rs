@@ -276,3 +276,12 @@ mod plan {
         }
     }
 }
+
+/// Recomputing a forward is exact only without randomness: a UNet config with dropout is
+/// refused when it loads, so no checkpointed block ever draws a dropout mask.
+#[test]
+fn a_unet_with_dropout_is_refused() {
+    let err = UNetConfig::from_json(&serde_json::json!({"block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8, "dropout": 0.1})).unwrap_err();
+    assert!(format!("{err:#}").contains("dropout"), "{err:#}");
+    assert!(UNetConfig::from_json(&serde_json::json!({"block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8, "dropout": 0.0})).is_ok());
+}
