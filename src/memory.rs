@@ -28,6 +28,14 @@ pub struct PeakWindow {
     device: Device,
     /// Bytes held when the window started: resident set (CPU), allocated tensors (CUDA).
     pub before: i64,
+    /// CPU: this program's peak RSS before the restart (what the restart forgets).
+    pub rss_peak_before_start: Option<i64>,
+}
+
+/// This program's peak resident set (VmHWM of /proc/self/status) in bytes. Unlike getrusage's
+/// ru_maxrss it starts afresh at exec, so a parent's memory does not count.
+pub fn peak_rss_bytes() -> Option<i64> {
+    proc_status_bytes("VmHWM:")
 }
 
 /// `VmRSS`/`VmHWM` of /proc/self/status in bytes.
@@ -39,6 +47,7 @@ fn proc_status_bytes(key: &str) -> Option<i64> {
 
 impl PeakWindow {
     pub fn start(device: Device) -> anyhow::Result<PeakWindow> {
+        let rss_peak_before_start = peak_rss_bytes();
         let before = match device {
             Device::Cuda(i) => crate::aten_extra::cuda_memory_reset_peaks(i)?,
             _ => {
@@ -46,7 +55,7 @@ impl PeakWindow {
                 proc_status_bytes("VmRSS:").ok_or_else(|| anyhow::anyhow!("/proc/self/status has no VmRSS"))?
             }
         };
-        Ok(PeakWindow { device, before })
+        Ok(PeakWindow { device, before, rss_peak_before_start })
     }
 
     /// The peak in bytes since `start`.

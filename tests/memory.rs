@@ -121,6 +121,14 @@ fn an_unknown_checkpointing_value_is_a_clean_error() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("train.gradient_checkpointing") && stderr.contains("everything") && !stderr.contains("panicked"), "{stderr}");
     assert!(!dir.path().join("run").exists(), "nothing written for a refused config");
+    // plan reads the same config, and refuses a size it cannot read
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdkd")).args(["plan", "--config", cfg.to_str().unwrap()]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && stderr.contains("train.gradient_checkpointing") && stderr.contains("everything"), "{stderr}");
+    std::fs::write(&cfg, yaml.replace("everything", "blocks")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdkd")).args(["plan", "--config", cfg.to_str().unwrap(), "--gpu-mem", "24XB"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && stderr.contains("--gpu-mem \"24XB\"") && !stderr.contains("panicked"), "{stderr}");
 }
 
 mod bf16_state {
@@ -249,6 +257,7 @@ mod plan {
                     "bench", "--mode", "train", "--json", "--report-memory", "--teacher", teacher.to_str().unwrap(), "--student", student,
                     "--batch-size", &b, "--latent-size", "32", "--steps", "1", "--warmup", "1", "--device", "cpu",
                 ]);
+                // VmHWM: getrusage's ru_maxrss also counted this (forking) test process's memory
                 let measured = real["peak_mem_mb"].as_f64().unwrap();
                 let predicted = fixed + batch as f64 * per_sample;
                 let err = (predicted - measured).abs() / measured;
@@ -260,4 +269,13 @@ mod plan {
             }
         }
     }
+}
+
+/// Recomputing a forward is exact only without randomness: a UNet config with dropout is
+/// refused when it loads, so no checkpointed block ever draws a dropout mask.
+#[test]
+fn a_unet_with_dropout_is_refused() {
+    let err = UNetConfig::from_json(&serde_json::json!({"block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8, "dropout": 0.1})).unwrap_err();
+    assert!(format!("{err:#}").contains("dropout"), "{err:#}");
+    assert!(UNetConfig::from_json(&serde_json::json!({"block_out_channels": [16, 32, 32, 32], "norm_num_groups": 8, "dropout": 0.0})).is_ok());
 }

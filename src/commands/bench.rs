@@ -172,9 +172,17 @@ fn rusage() -> Option<libc::rusage> {
     (unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0).then_some(usage)
 }
 
-/// Peak resident set size of this process in MiB (getrusage's ru_maxrss, KiB on Linux).
-pub fn peak_rss_mb() -> f64 {
-    rusage().map(|u| u.ru_maxrss as f64 / 1024.0).unwrap_or(f64::NAN)
+/// Peak resident set size of this program in MiB: VmHWM, not getrusage's ru_maxrss, which also
+/// counts the parent's resident set when the process was forked from a large one (a test
+/// harness, `sdkd plan`). Under `--report-memory` the kernel's mark was restarted before the
+/// steps, so the larger of the mark before that and the one after.
+pub fn peak_rss_mb(window: Option<&crate::memory::PeakWindow>) -> f64 {
+    let now = crate::memory::peak_rss_bytes();
+    let before = window.and_then(|w| w.rss_peak_before_start);
+    match (now, before) {
+        (Some(n), b) => n.max(b.unwrap_or(0)) as f64 / 1048576.0,
+        (None, _) => rusage().map(|u| u.ru_maxrss as f64 / 1024.0).unwrap_or(f64::NAN),
+    }
 }
 
 /// CPU time (user + system, all threads) this process has used, in milliseconds: unlike wall
@@ -316,6 +324,7 @@ pub struct BenchReport {
 struct Measured {
     times: (StepTimes, StepTimes),
     memory: Option<StepMemory>,
+    window: Option<crate::memory::PeakWindow>,
     teacher: Option<TeacherSize>,
     timed: TimedUnet,
     /// Under a launch: each timed step's gradient averaging, and the gradients' bytes.
@@ -348,7 +357,7 @@ fn infer(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
             Ok(())
         })
     })?;
-    Ok(Measured { times, memory: None, teacher: None, timed: description, allreduce: None })
+    Ok(Measured { times, memory: None, window: None, teacher: None, timed: description, allreduce: None })
 }
 
 /// The scheduler config of the pipeline a UNet folder belongs to, else SD-1.5's defaults (the
@@ -418,6 +427,7 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
     let allreduce = ranks.map(|_| (StepTimes(allreduce), gradient_bytes));
     let mb = |bytes: i64| bytes as f64 / 1048576.0;
     let memory = window
+        .as_ref()
         .map(|w| -> Result<StepMemory> {
             let peak = w.peak()?;
             Ok(StepMemory {
@@ -429,7 +439,7 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
             })
         })
         .transpose()?;
-    Ok(Measured { times, memory, teacher: Some(teacher_size), timed: description, allreduce })
+    Ok(Measured { times, memory, window, teacher: Some(teacher_size), timed: description, allreduce })
 }
 
 /// The gradient averaging of a data-parallel step alone: gradients of the student's shapes
@@ -446,7 +456,7 @@ fn allreduce(args: &BenchArgs, teacher_config: &UNetConfig, device: Device, rank
     let gradient_bytes = params.iter().map(|p| p.numel() * 4).sum();
     let times = time_steps(device, args.warmup, args.steps, |_| ranks.average_gradients(&params))?;
     let description = TimedUnet { name: plan.name.clone(), params: student.num_params(), config: plan.config.to_json(), feature_pairs: None };
-    Ok(Measured { allreduce: Some((times.0.clone(), gradient_bytes)), times, memory: None, teacher: None, timed: description })
+    Ok(Measured { allreduce: Some((times.0.clone(), gradient_bytes)), times, memory: None, window: None, teacher: None, timed: description })
 }
 
 /// Runs the benchmark and returns its report.
@@ -477,7 +487,7 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
     let (teacher_config, teacher_dir) = teacher_source(&args.teacher)?;
     let b = args.batch_size;
     let infer_mode = args.mode == BenchMode::Infer;
-    let Measured { times: (times, cpu_times), memory, teacher, timed, allreduce: reduced } = match (args.mode, &ranks) {
+    let Measured { times: (times, cpu_times), memory, window, teacher, timed, allreduce: reduced } = match (args.mode, &ranks) {
         (BenchMode::Infer, _) => infer(args, &teacher_config, teacher_dir.as_deref(), device, kind)?,
         (BenchMode::Train, _) => train(args, &teacher_config, teacher_dir.as_deref(), device, kind, ranks.as_ref())?,
         (BenchMode::Allreduce, Some(r)) => allreduce(args, &teacher_config, device, r)?,
@@ -511,8 +521,8 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
         step_cpu_ms_median: cpu_times.median(),
         step_ms: times.0,
         step_cpu_ms: cpu_times.0,
-        peak_mem_mb: peak_rss_mb(),
-        peak_mem_kind: "peak RSS (getrusage ru_maxrss)",
+        peak_mem_mb: peak_rss_mb(window.as_ref()),
+        peak_mem_kind: "peak RSS of this program (VmHWM)",
         gpu_mem_mb: device.is_cuda().then(gpu_mem_mb),
         gpu_mem_kind: device.is_cuda().then_some("GPU memory held at the end (nvidia-smi): the caching allocator's reservation"),
         // torch.cuda.max_memory_allocated(): the peak of live tensors, what the eager reference reports

@@ -151,8 +151,8 @@ fn probe(cfg: &RunConfig, teacher_config: &Path, device: Device, batch: usize) -
 }
 
 pub fn plan(args: &PlanArgs) -> Result<MemoryPlan> {
-    let cfg = RunConfig::load(&args.config)?;
     let gpu_mem = args.gpu_mem.as_deref().map(parse_mem).transpose()?;
+    let cfg = RunConfig::load(&args.config)?;
     let device = args.device.unwrap_or(cfg.train.device).resolve()?;
     let teacher = cfg.teacher.as_deref().ok_or_else(|| anyhow!("{}: plan needs `teacher` (the student's shapes come from its UNet)", args.config.display()))?;
     let pipeline = PipelineDir::open(teacher)?;
