@@ -6,10 +6,12 @@
 //! `.cargo/config.toml` (the project-local `.venv`).
 use std::path::{Path, PathBuf};
 
-/// A folder holding the CUDA runtime headers (with their `crt/` internals) and one holding
-/// `nccl.h`: from SDKD_CUDA_INCLUDE (a `:` list), CUDA_HOME, /usr/local/cuda, or the nvidia
-/// packages beside LibTorch's wheel.
-fn cuda_and_nccl_includes(libtorch: &Path) -> Option<(PathBuf, PathBuf)> {
+/// The include folders NCCL's c10d header needs: the CUDA runtime headers, their `crt/`
+/// internals and CCCL's `nv/target` (one folder in a CUDA toolkit, three pip packages:
+/// nvidia-cuda-runtime, nvidia-cuda-crt, nvidia-cuda-cccl), and `nccl.h`. Searched in
+/// SDKD_CUDA_INCLUDE (a `:` list), CUDA_HOME, /usr/local/cuda and the nvidia packages beside
+/// LibTorch's wheel.
+fn cuda_and_nccl_includes(libtorch: &Path) -> Option<Vec<PathBuf>> {
     let mut dirs: Vec<PathBuf> = std::env::var("SDKD_CUDA_INCLUDE").unwrap_or_default().split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect();
     if let Ok(home) = std::env::var("CUDA_HOME") {
         dirs.push(Path::new(&home).join("include"));
@@ -20,9 +22,18 @@ fn cuda_and_nccl_includes(libtorch: &Path) -> Option<(PathBuf, PathBuf)> {
             dirs.extend(entries.flatten().map(|e| e.path().join("include")));
         }
     }
-    let cuda = dirs.iter().find(|d| d.join("cuda_runtime_api.h").exists() && d.join("crt/host_config.h").exists())?;
-    let nccl = dirs.iter().find(|d| d.join("nccl.h").exists())?;
-    Some((cuda.clone(), nccl.clone()))
+    // CCCL's headers sit in include/cccl in the pip packages.
+    let more: Vec<PathBuf> = dirs.iter().map(|d| d.join("cccl")).collect();
+    dirs.extend(more);
+    let find = |file: &str| dirs.iter().find(|d| d.join(file).exists()).cloned();
+    let mut found = vec![];
+    for file in ["cuda_runtime_api.h", "crt/host_config.h", "nv/target", "nccl.h"] {
+        let dir = find(file)?;
+        if !found.contains(&dir) {
+            found.push(dir);
+        }
+    }
+    Some(found)
 }
 
 fn main() {
@@ -70,8 +81,11 @@ fn main() {
         .flag("-DUSE_C10D_GLOO")
         .warnings(false);
     match cuda_and_nccl_includes(&root) {
-        Some((cuda, nccl)) if lib.join("libtorch_cuda.so").exists() => {
-            c10d.include(cuda).include(nccl).flag("-DUSE_C10D_NCCL").flag("-DSDKD_WITH_NCCL");
+        Some(includes) if lib.join("libtorch_cuda.so").exists() => {
+            for dir in includes {
+                c10d.include(dir);
+            }
+            c10d.flag("-DUSE_C10D_NCCL").flag("-DSDKD_WITH_NCCL");
         }
         _ => println!("cargo:warning=c10d: no CUDA+NCCL headers found (SDKD_CUDA_INCLUDE, CUDA_HOME): NCCL groups compiled out, Gloo only"),
     }

@@ -71,10 +71,10 @@ target_dir=$root/target/gpu-build/target-$torch_version
 mkdir -p "$src"
 while IFS= read -r f; do
   if ! cmp -s "$f" "$src/$f"; then mkdir -p "$src/$(dirname "$f")"; cp "$f" "$src/$f"; fi
-done < <(find src csrc tests benches configs build.rs -type f)
+done < <(find src csrc tests benches configs assets build.rs -type f)
 while IFS= read -r f; do
   [ -e "$f" ] || rm "$src/$f"
-done < <(cd "$src" && find src csrc tests benches configs -type f)
+done < <(cd "$src" && find src csrc tests benches configs assets -type f)
 # cargo moves tch and torch-sys in the copied lock to the pinned release (once per lock: offline
 # reruns need no registry)
 if ! cmp -s Cargo.lock "$src/Cargo.lock.main"; then cp Cargo.lock "$src/Cargo.lock"; cp Cargo.lock "$src/Cargo.lock.main"; fi
@@ -82,6 +82,10 @@ sed "s/^tch = \".*\"/tch = \"=$tch_version\"/" Cargo.toml > "$src/Cargo.toml.new
 grep -q "^tch = \"=$tch_version\"" "$src/Cargo.toml.new" || { echo "gpu-build: no tch line to pin in Cargo.toml" >&2; exit 1; }
 if cmp -s "$src/Cargo.toml.new" "$src/Cargo.toml"; then rm "$src/Cargo.toml.new"; else mv "$src/Cargo.toml.new" "$src/Cargo.toml"; fi
 step "building sdkd with tch $tch_version against LibTorch $torch_version (target/gpu-build/)"
+# The wheel alone has no CUDA or NCCL headers: those of the .venv's nvidia packages (the same
+# CUDA 13.0; setup.sh adds crt/ and CCCL) let build.rs compile the NCCL process group.
+nvidia=$("$python" -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__) if nvidia.__file__ else list(nvidia.__path__)[0])')
+export SDKD_CUDA_INCLUDE=$nvidia/cu13/include:$nvidia/cu13/include/cccl:$nvidia/nccl/include
 export LIBTORCH=$libtorch LIBTORCH_CXX11_ABI=1 CARGO_TARGET_DIR=$target_dir
 (cd "$src" && cargo build --release --bin sdkd)
 # The mixed-precision test (tests/precision.rs) as a binary: on the device it runs its CUDA case.

@@ -129,7 +129,7 @@ mod tests {
             (r#"{"prompt": "x", "samples": 5}"#, "samples"),
             (r#"{"prompt": "x", "img_width": 500}"#, "img_width"),
             (r#"{"prompt": "x", "img_height": 2048}"#, "img_height"),
-            (r#"{"prompt": "x", "scheduler": "pndm"}"#, "scheduler"),
+            (r#"{"prompt": "x", "scheduler": "heun"}"#, "scheduler"),
             (r#"{"prompt": "x", "seed": -2}"#, "seed"),
             (r#"{"prompt": "  "}"#, "prompt"),
             (r#"{"negative_prompt": "x"}"#, "prompt"),
