@@ -68,7 +68,7 @@ fn api_status_codes_credits_and_images() {
     for (body, field) in [
         (json!({"prompt": PANDA, "num_inference_steps": 10}), "num_inference_steps"),
         (json!({"prompt": PANDA, "img_width": 100}), "img_width"),
-        (json!({"prompt": PANDA, "scheduler": "pndm"}), "scheduler"),
+        (json!({"prompt": PANDA, "scheduler": "heun"}), "scheduler"),
         (json!({"prompt": PANDA, "sampels": 2}), "sampels"),
         (json!({"prompt": PANDA, "samples": "two"}), "samples"),
     ] {
