@@ -47,6 +47,14 @@ if [ ! -e "$site/torch/lib/libtorch_cpu.so" ]; then
   rm -rf "$site"
   mv "$site.partial" "$site"
 fi
+# The torchvision of that torch, beside it: the dry run imports the .venv's transformers, which
+# imports any torchvision it finds, and the .venv's is built for torch 2.13.
+vision_version=$(case "${torch_version%.*}" in 2.11) echo 0.26.0 ;; 2.12) echo 0.27.0 ;; 2.13) echo 0.28.0 ;; esac)
+if [ ! -e "$site/torchvision-$vision_version.dist-info" ]; then
+  step "downloading torchvision==$vision_version (once, into $cache/wheels)"
+  "$python" -m pip download -q --no-deps "torchvision==$vision_version" -d "$cache/wheels"
+  (cd "$site" && unzip -q -o "$(ls "$cache"/wheels/torchvision-"$vision_version"-*.whl | head -1)")
+fi
 libtorch=$site/torch
 
 # patchelf, to drop the rpath build.rs bakes in (it names this machine's cache, not the device's
