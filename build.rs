@@ -40,6 +40,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     println!("cargo:rerun-if-changed=csrc/aten_extra.cpp");
+    println!("cargo:rerun-if-changed=csrc/shim.h");
     println!("cargo:rerun-if-changed=csrc/c10d.cpp");
     println!("cargo:rerun-if-env-changed=SDKD_CUDA_INCLUDE");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");

@@ -11,24 +11,15 @@
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/stack.h>
 #include <c10/core/CachingDeviceAllocator.h>
+#include "shim.h"
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <vector>
 
 namespace {
-char* error_message(const char* what) {
-  char* msg = static_cast<char*>(std::malloc(std::strlen(what) + 1));
-  if (msg) std::strcpy(msg, what);
-  return msg;
-}
-
-std::vector<at::Tensor> list(at::Tensor* const* ts, int64_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (int64_t i = 0; i < n; ++i) out.push_back(*ts[i]);
-  return out;
-}
+using sdkd_shim::error_message;
+using sdkd_shim::list;
 }  // namespace
 
 extern "C" {

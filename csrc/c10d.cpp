@@ -15,6 +15,7 @@
 #ifdef SDKD_WITH_NCCL
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
+#include "shim.h"
 
 #include <atomic>
 #include <chrono>
@@ -28,14 +29,10 @@
 #include <vector>
 
 namespace {
+using sdkd_shim::error_message;
+using sdkd_shim::list;
 using namespace std::chrono;
 constexpr milliseconds kBeat{500};
-
-char* error_message(const std::string& what) {
-  char* msg = static_cast<char*>(std::malloc(what.size() + 1));
-  if (msg) std::memcpy(msg, what.c_str(), what.size() + 1);
-  return msg;
-}
 
 std::string beat_key(int rank) { return "sdkd/heartbeat/" + std::to_string(rank); }
 
@@ -129,12 +126,6 @@ void wait_all(Group* g, std::vector<c10::intrusive_ptr<c10d::Work>>& works) {
   for (auto& w : works) w->wait(g->timeout);
 }
 
-std::vector<at::Tensor> list(at::Tensor* const* ts, int64_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (int64_t i = 0; i < n; ++i) out.push_back(*ts[i]);
-  return out;
-}
 }  // namespace
 
 extern "C" {

@@ -4,6 +4,7 @@
 // reentrant form of torch.utils.checkpoint: the inner backward accumulates into the parameters'
 // .grad itself (as PyTorch's does), so parameters need not be inputs of the Function.
 // C++ exceptions never cross the C ABI: failures return a malloc'd message the caller frees.
+#include "shim.h"
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <atomic>
@@ -24,12 +25,7 @@ typedef char* (*sdkd_recompute_fn)(const void* closure, at::Tensor** inputs, int
 }
 
 namespace {
-char* error_message(const char* what) {
-  char* msg = static_cast<char*>(std::malloc(std::strlen(what) + 1));
-  if (msg) std::strcpy(msg, what);
-  return msg;
-}
-
+using sdkd_shim::error_message;
 // Cleared when the Rust scope that owns the closures ends; a graph that outlives it refuses to
 // call them in backward instead of calling freed memory.
 struct Scope {

@@ -59,6 +59,9 @@ impl Launch {
         let num = |k: &str, v: String| -> Result<usize> {
             v.trim().parse::<usize>().with_context(|| format!("launch environment: {k}={v:?} is not a non-negative integer"))
         };
+        let port_number = |p: &str| -> Result<u16> {
+            p.trim().parse::<u16>().ok().filter(|p| *p > 0).with_context(|| format!("launch environment: MASTER_PORT={p:?} is not a port (1-65535)"))
+        };
         let torchrun = ["RANK", "WORLD_SIZE", "LOCAL_RANK"].iter().any(|k| get(k).is_some());
         let launch = if torchrun {
             let rank = num("RANK", get("RANK").context("launch environment: WORLD_SIZE or LOCAL_RANK is set but RANK is not")?)?;
@@ -69,7 +72,7 @@ impl Launch {
                 "launch environment: RANK and WORLD_SIZE are set but MASTER_ADDR is not (the host of rank 0's rendezvous store; torchrun sets it)",
             )?;
             let port = get("MASTER_PORT").context("launch environment: RANK and WORLD_SIZE are set but MASTER_PORT is not (torchrun sets it)")?;
-            let master_port = port.trim().parse::<u16>().ok().filter(|p| *p > 0).with_context(|| format!("launch environment: MASTER_PORT={port:?} is not a port (1-65535)"))?;
+            let master_port = port_number(&port)?;
             let agent = get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
             let run = get("TORCHELASTIC_RUN_ID").unwrap_or_else(|| "none".into());
             let attempt = get("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
@@ -102,7 +105,7 @@ impl Launch {
             };
             let job = get("SLURM_JOB_ID").unwrap_or_else(|| "0".into());
             let master_port = match get("MASTER_PORT") {
-                Some(p) => p.trim().parse::<u16>().ok().filter(|p| *p > 0).with_context(|| format!("launch environment: MASTER_PORT={p:?} is not a port (1-65535)"))?,
+                Some(p) => port_number(&p)?,
                 None => slurm_port(&job),
             };
             let attempt = get("SLURM_RESTART_COUNT").unwrap_or_else(|| "0".into());
