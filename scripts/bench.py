@@ -25,12 +25,15 @@ Sections (defaults in brackets; shapes are fixed so numbers compare across runs)
   decode  `cargo bench --bench decode` (images/s of the data loader)
   loader  scripts/bench_loader.py: the loader on webdataset shards of LAION-like JPEGs against
           webdataset + PIL + torch DataLoader, same transforms and worker count
+  eval    scripts/bench_eval.py: `sdkd eval --model` generation (batch 1 and 8) against BK-SDM's
+          diffusers loop (StableDiffusionPipeline, batch 1, one generator) on the tiny 4-stage test
+          pipeline at 64 px [10 images, 10 PNDM steps per run]
 
 Environment:
   SDKD_BENCH_QUICK=1          smoke run: tiny shapes, one round, docs/benchmarks.md untouched
   SDKD_BENCH_ROUNDS=N         rounds per case [3]
   SDKD_BENCH_THREADS=N        intra-op threads of both sides [all cores]
-  SDKD_BENCH_SECTIONS=a,b     sections to run [train,infer,wait,own,decode,loader]
+  SDKD_BENCH_SECTIONS=a,b     sections to run [train,infer,wait,own,decode,loader,eval]
   SDKD_BENCH_STUDENTS=a,b     students of the train section [bk_small,bk_tiny]
   SDKD_BENCH_NO_DOCS=1        print the tables only
 """
@@ -58,7 +61,7 @@ env = os.environ
 QUICK = env.get("SDKD_BENCH_QUICK", "") not in ("", "0")
 ROUNDS = int(env.get("SDKD_BENCH_ROUNDS", "1" if QUICK else "3"))
 THREADS = int(env.get("SDKD_BENCH_THREADS", str(os.cpu_count() or 1)))
-SECTIONS = env.get("SDKD_BENCH_SECTIONS", "train,infer,wait,own,decode,loader").split(",")
+SECTIONS = env.get("SDKD_BENCH_SECTIONS", "train,infer,wait,own,decode,loader,eval").split(",")
 STUDENTS = env.get("SDKD_BENCH_STUDENTS", "bk_small,bk_tiny").split(",")
 WRITE_DOCS = not QUICK and env.get("SDKD_BENCH_NO_DOCS", "") in ("", "0")
 if QUICK:
@@ -319,6 +322,39 @@ def main():
         records.append({"_label": "loader", "lines": out})
         lines += ["### Loader on webdataset shards vs webdataset + PIL + torch DataLoader (`scripts/bench_loader.py`)", "",
                   "LAION-like 512-1024 px JPEGs, resize 512 + random crop + flip + to tensor, batch 16; median of rounds.", "", *out, ""]
+
+    if "eval" in SECTIONS:
+        pipe = OUT / "eval-pipeline"
+        if not (pipe / "model_index.json").exists():
+            subprocess.run([str(PYTHON), str(ROOT / "tests" / "reference" / "make_pipeline.py"), str(pipe), "--stages", "4",
+                            "--sample-size", "32"], cwd=ROOT, check=True, capture_output=True)
+        count, steps = (4, 3) if QUICK else (10, 10)
+        print(f"eval generation: sdkd eval --model against diffusers' StableDiffusionPipeline at batch 1, {ROUNDS} round(s)", flush=True)
+        p = subprocess.run([str(PYTHON), str(ROOT / "scripts" / "bench_eval.py"), "--model", str(pipe), "--count", str(count),
+                            "--steps", str(steps), "--size", "64", "--batch", "8", "--rounds", str(ROUNDS), "--threads", str(THREADS)],
+                           cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            sys.exit(f"bench: scripts/bench_eval.py failed:\n{p.stderr[-3000:]}")
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        records.append({"_label": "eval", **r})
+        m, per = r["median"], r["seconds_per_image"]
+        ratios = [d / s for s, d in zip(per["sdkd b1"], per["diffusers b1"])]
+        rows = [f"| {k} | {1 / v:.3f} | {v:.3f} | {m['diffusers b1'] / v:.2f}x |" for k, v in m.items()]
+        lines += [
+            "### Evaluation: generating the images (`sdkd eval --model` vs BK-SDM's diffusers loop)",
+            "",
+            f"The tiny 4-stage test pipeline (tests/reference/make_pipeline.py --stages 4 --sample-size 32), {count} prompts, "
+            f"64x64, {steps} PNDM steps, guidance 7.5, PNGs written; diffusers' `StableDiffusionPipeline` one prompt per call "
+            f"with one CPU generator (BK-SDM's generate.py at batch 1); {THREADS} threads, {ROUNDS} rounds A/B/C. "
+            "Time per image from the first prompt to the last PNG, without loading (sdkd: report.json's seconds_per_image).",
+            "",
+            "| side | images/s (median) | s/image | speed-up vs diffusers batch 1 |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            f"Per-round sdkd batch 1 / diffusers batch 1: {min(ratios):.2f}-{max(ratios):.2f}x.",
+            "",
+        ]
 
     finished = datetime.datetime.now(datetime.timezone.utc)
     head = [

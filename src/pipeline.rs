@@ -213,7 +213,7 @@ pub fn generate_until(
     stop: &dyn Fn() -> Option<String>,
 ) -> Result<Vec<RgbImage>> {
     let mut result = None;
-    generate_batch(parts, &[BatchMember { req, stop }], on_step, &mut |_, r| result = Some(r));
+    generate_batch(parts, &[BatchMember { req, stop, noise: None }], on_step, &mut |_, r| result = Some(r));
     result.expect("generate_batch settles every member")
 }
 
@@ -221,6 +221,10 @@ pub fn generate_until(
 pub struct BatchMember<'a> {
     pub req: &'a GenerateRequest,
     pub stop: &'a dyn Fn() -> Option<String>,
+    /// The initial noise, (samples, 4, h/f, w/f) on the CPU, instead of drawing it from `req.seed`
+    /// (diffusers' `latents=` argument; `sdkd eval --seeding consecutive` draws it from one
+    /// generator for the whole run). Step noise still comes from `req.seed`'s generator.
+    pub noise: Option<&'a Tensor>,
 }
 
 impl GenerateRequest {
@@ -392,7 +396,14 @@ fn start_denoising<'a>(parts: &Parts<'_>, index: usize, member: &'a BatchMember<
     let f = parts.vae.config.downscale_factor();
     let shape = [n, unet.config.in_channels, height / f, width / f];
     tch::manual_seed(req.seed as i64); // the same bits as torch's manual_seed(u64)
-    let latents = randn(&shape, Kind::Float, device) * sampler.init_noise_sigma();
+    let noise = match member.noise {
+        Some(noise) => {
+            ensure!(noise.size() == shape, "request {index}: initial noise of shape {:?}, expected {shape:?}", noise.size());
+            noise.to_kind(Kind::Float).to_device(device)
+        }
+        None => randn(&shape, Kind::Float, device),
+    };
+    let latents = noise * sampler.init_noise_sigma();
     let rng = crate::aten_extra::cpu_rng_state()?;
     Ok(Denoising { index, member, context, sampler, latents, rng })
 }

@@ -55,7 +55,7 @@ fn batched(t2i: &TextToImage, reqs: &[GenerateRequest], cancel: &[(usize, usize)
             }) as Box<dyn Fn() -> Option<String>>
         })
         .collect();
-    let members: Vec<BatchMember> = reqs.iter().zip(&stops).map(|(req, stop)| BatchMember { req, stop: stop.as_ref() }).collect();
+    let members: Vec<BatchMember> = reqs.iter().zip(&stops).map(|(req, stop)| BatchMember { req, stop: stop.as_ref(), noise: None }).collect();
     let mut results: Vec<Option<anyhow::Result<Vec<image::RgbImage>>>> = reqs.iter().map(|_| None).collect();
     generate_batch(&t2i.parts(), &members, &mut |_, _| {}, &mut |i, r| {
         assert!(results[i].is_none(), "member {i} settled twice");

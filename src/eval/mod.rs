@@ -2,8 +2,10 @@
 //! Inception Score (torch-fidelity), both on the TF-ported Inception-v3 read from its published
 //! `.pth` file. docs/eval.md gives the protocol and the measured agreement.
 pub mod fid;
+pub mod generate;
 pub mod inception;
 pub mod inception_score;
+pub mod prompts;
 
 use anyhow::{bail, Context, Result};
 use inception::InceptionV3;
@@ -104,4 +106,118 @@ pub fn few_images_warning(what: &Path, count: usize, dims: i64) -> Option<String
             what.display()
         )
     })
+}
+
+/// The metrics `sdkd eval --metrics` computes; each is one arm of `commands::eval::score`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Fid,
+    Is,
+}
+
+impl Metric {
+    /// `--metrics fid,is`: the metrics in their order, each once.
+    pub fn parse_list(list: &str) -> Result<Vec<Metric>> {
+        let mut out = vec![];
+        for name in list.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+            let m = match name {
+                "fid" => Metric::Fid,
+                "is" => Metric::Is,
+                other => bail!("--metrics: unknown metric {other:?} (fid, is; the CLIP score is not implemented yet)"),
+            };
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+        if out.is_empty() {
+            bail!("--metrics is empty: give fid, is or both");
+        }
+        Ok(out)
+    }
+
+    /// Whether it runs the Inception network.
+    pub fn needs_inception(self) -> bool {
+        matches!(self, Metric::Fid | Metric::Is)
+    }
+}
+
+/// Per-image Inception outputs of a generation run, so a resumed or re-scored run computes only
+/// the new images': `<root>/<weights stem>-<sha256 prefix>/<frontend>-<dims>/<image stem>.safetensors`
+/// (float32 `pool` and, with dims 2048, `logits`). Keyed by the weights file's content, so another
+/// Inception file never mixes in.
+pub struct FeatureCache {
+    dir: PathBuf,
+}
+
+impl FeatureCache {
+    pub fn new(root: &Path, weights: &Path) -> Result<Self> {
+        use sha2::{Digest, Sha256};
+        use std::io::Read;
+        let mut file = std::fs::File::open(weights).with_context(|| format!("reading {}", weights.display()))?;
+        let (mut hasher, mut buf) = (Sha256::new(), vec![0u8; 1 << 20]);
+        loop {
+            let n = file.read(&mut buf).with_context(|| format!("reading {}", weights.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        let hex: String = hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let stem = weights.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(FeatureCache { dir: root.join(format!("{stem}-{hex}")) })
+    }
+
+    fn file(&self, frontend: Frontend, dims: i64, image: &Path) -> PathBuf {
+        let front = match frontend {
+            Frontend::PytorchFid => "pytorch-fid",
+            Frontend::TorchFidelity => "torch-fidelity",
+        };
+        let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        self.dir.join(format!("{front}-{dims}")).join(format!("{stem}.safetensors"))
+    }
+}
+
+/// `features`, reading the images `cache` holds and adding the others to it.
+pub fn features_cached(
+    net: &InceptionV3,
+    paths: &[PathBuf],
+    frontend: Frontend,
+    dims: i64,
+    batch_size: usize,
+    cache: Option<&FeatureCache>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let Some(cache) = cache else { return features(net, paths, frontend, dims, batch_size) };
+    let mut rows: Vec<Option<(Tensor, Option<Tensor>)>> = vec![];
+    for p in paths {
+        let file = cache.file(frontend, dims, p);
+        rows.push(match file.is_file() {
+            true => {
+                let t: std::collections::HashMap<String, Tensor> = crate::models::weights::read_all(&file)
+                    .with_context(|| format!("reading the cached features {} (delete it to recompute)", file.display()))?
+                    .into_iter()
+                    .collect();
+                let pool = t.get("pool").with_context(|| format!("{}: no `pool` tensor (delete it to recompute)", file.display()))?;
+                Some((pool.shallow_clone(), t.get("logits").map(Tensor::shallow_clone)))
+            }
+            false => None,
+        });
+    }
+    let missing: Vec<usize> = (0..paths.len()).filter(|&i| rows[i].is_none()).collect();
+    if !missing.is_empty() {
+        let todo: Vec<PathBuf> = missing.iter().map(|&i| paths[i].clone()).collect();
+        let (pool, logits) = features(net, &todo, frontend, dims, batch_size)?;
+        for (j, &i) in missing.iter().enumerate() {
+            let row = (pool.get(j as i64), logits.as_ref().map(|l| l.get(j as i64).to_kind(Kind::Float)));
+            let mut named = vec![("pool".to_string(), row.0.shallow_clone())];
+            named.extend(row.1.as_ref().map(|l| ("logits".to_string(), l.shallow_clone())));
+            let file = cache.file(frontend, dims, &paths[i]);
+            std::fs::create_dir_all(file.parent().expect("cache files are in folders"))?;
+            crate::fs_safe::write_file_with(&file, |tmp| crate::models::weights::save(tmp, &named, Some(Kind::Float)))?;
+            rows[i] = Some(row);
+        }
+    }
+    let rows: Vec<(Tensor, Option<Tensor>)> = rows.into_iter().map(|r| r.expect("every row read or computed")).collect();
+    let pool = Tensor::stack(&rows.iter().map(|r| &r.0).collect::<Vec<_>>(), 0);
+    let logits = rows.iter().map(|r| r.1.as_ref()).collect::<Option<Vec<_>>>().map(|l| Tensor::stack(&l, 0));
+    Ok((pool, logits))
 }

@@ -369,7 +369,7 @@ fn run_batch(app: &App, pipeline: &TextToImage, batch: Vec<Job>) {
     app.metrics.batch(members_of.len());
     let stops: Vec<Box<dyn Fn() -> Option<String> + '_>> =
         members_of.iter().map(|(token, _)| Box::new(move || token.stop().map(|s| s.cause)) as Box<dyn Fn() -> Option<String>>).collect();
-    let members: Vec<BatchMember> = members_of.iter().zip(&stops).map(|((_, req), stop)| BatchMember { req, stop: stop.as_ref() }).collect();
+    let members: Vec<BatchMember> = members_of.iter().zip(&stops).map(|((_, req), stop)| BatchMember { req, stop: stop.as_ref(), noise: None }).collect();
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         generate_batch(&pipeline.parts(), &members, &mut |_, _| {}, &mut |i, images| {
             let Some((id, price, api, reply)) = settle[i].take() else { return };

@@ -1,6 +1,6 @@
 """References for tests/eval.rs: pytorch-fid and torch-fidelity on a random-weight TF Inception.
 
-usage: eval_reference.py OUT_DIR
+usage: eval_reference.py OUT_DIR [--weights-only]
 
 Writes OUT_DIR/inception.pth (a random state dict in the published files' layout, saved with
 torch.save; both packages' weight download is patched to load it), image folders a/ and b/
@@ -9,6 +9,8 @@ torch.save; both packages' weight download is patched to load it), image folders
 - calculate_fid_given_paths(a, b, dims=64) and the same with a/ saved as .npz (save_fid_stats),
 - torch-fidelity's inception-v3-compat 2048 features and logits_unbiased, and its ISC on a/,
 - isc_features_to_metric on random logits and numpy's RandomState(2020).permutation.
+With --weights-only it writes just OUT_DIR/inception.pth (the random network, unfitted head) and
+stops: a cheap network for tests that compare sdkd with itself.
 """
 import json
 import os
@@ -57,6 +59,8 @@ for k, v in net.state_dict().items():
     sd[k] = v
 weights = os.path.join(out, "inception.pth")
 torch.save(sd, weights)
+if "--weights-only" in sys.argv:
+    sys.exit(0)
 pfi.load_state_dict_from_url = lambda *a, **k: torch.load(weights)
 
 # image folders: smooth random colour fields (a) and a shifted distribution (b)
