@@ -76,6 +76,10 @@ pub struct EvalArgs {
     /// Square images of this many pixels.
     #[arg(long, default_value_t = 512)]
     pub resolution: i64,
+    /// With --model: score copies resized to this square size with Pillow's BICUBIC (BK-SDM's
+    /// 256, images_<size>/); 0 scores the images as generated.
+    #[arg(long, default_value_t = 256)]
+    pub score_size: u32,
     /// Put the report.json of these eval folders in one table.
     #[arg(long, num_args = 1.., conflicts_with_all = ["images", "model"])]
     pub compare: Vec<PathBuf>,
@@ -320,7 +324,15 @@ fn run_generated(a: &EvalArgs) -> Result<()> {
         0 => previous.as_ref().and_then(|p| p["seconds_per_image"].as_f64()),
         n => Some(outcome.seconds / n as f64),
     };
-    let paths: Vec<PathBuf> = (0..texts.len()).map(|k| images.join(gen::image_name(k))).collect();
+    let mut paths: Vec<PathBuf> = (0..texts.len()).map(|k| images.join(gen::image_name(k))).collect();
+    let scored = match a.score_size {
+        0 => images.clone(),
+        size => {
+            let dir = out.join(format!("images_{size}"));
+            paths = gen::resized(&paths, &dir, size)?;
+            dir
+        }
+    };
     let cache = match &a.common.inception {
         Some(w) if net.is_some() => Some(FeatureCache::new(&out.join("features"), w)?),
         _ => None,
@@ -333,13 +345,14 @@ fn run_generated(a: &EvalArgs) -> Result<()> {
         }
     }
     settings["batch_size"] = batch_size.into();
+    settings["score_size"] = a.score_size.into();
     settings["prompts"] = prompts_file.display().to_string().into();
     settings["sample_seed"] = a.sample_seed.into();
     let mut report = json!({"model": label, "count": texts.len(), "images": images.display().to_string(),
         "unet_params": t2i.unet.num_params(), "seconds_per_image": seconds_per_image,
-        "kept": outcome.kept, "generated": outcome.generated, "settings": settings});
+        "kept": outcome.kept, "generated": outcome.generated, "scored": scored.display().to_string(), "settings": settings});
     drop(t2i);
-    let scoring = Scoring { net, paths, images: &images, real: a.real.as_deref(), dims: a.dims, batch: INCEPTION_BATCH, cache };
+    let scoring = Scoring { net, paths, images: &scored, real: a.real.as_deref(), dims: a.dims, batch: INCEPTION_BATCH, cache };
     let mut warnings = vec![];
     for &m in &metrics {
         score(m, &scoring, &mut report, &mut warnings)?;

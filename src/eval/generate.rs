@@ -179,3 +179,23 @@ pub fn generate_missing(
     outcome.seconds = start.elapsed().as_secs_f64();
     Ok(outcome)
 }
+
+/// Copies of `paths` in `dir` resized to `size`² with Pillow's BICUBIC (BK-SDM scores its 512²
+/// images at 256²: `img.resize((256, 256), Image.BICUBIC)`, no crop); those already there are
+/// kept. Returns the copies' paths.
+pub fn resized(paths: &[PathBuf], dir: &Path, size: u32) -> Result<Vec<PathBuf>> {
+    use crate::data::transform::{resize, Filter};
+    std::fs::create_dir_all(dir)?;
+    fs_safe::clean_stale(dir)?;
+    let mut out = vec![];
+    for p in paths {
+        let target = dir.join(p.file_name().expect("image paths have names"));
+        if !target.is_file() {
+            let img = image::open(p).map_err(|e| anyhow::anyhow!("decoding {}: {e}", p.display()))?.to_rgb8();
+            let small = resize(&img, (size, size), Filter::Bicubic);
+            fs_safe::write_file_with(&target, |tmp| write_png(tmp, &small, &[]))?;
+        }
+        out.push(target);
+    }
+    Ok(out)
+}

@@ -142,7 +142,7 @@ impl Metric {
 }
 
 /// Per-image Inception outputs of a generation run, so a resumed or re-scored run computes only
-/// the new images': `<root>/<weights stem>-<sha256 prefix>/<frontend>-<dims>/<image stem>.safetensors`
+/// the new images': `<root>/<weights stem>-<sha256 prefix>/<image folder>/<frontend>-<dims>/<image stem>.safetensors`
 /// (float32 `pool` and, with dims 2048, `logits`). Keyed by the weights file's content, so another
 /// Inception file never mixes in.
 pub struct FeatureCache {
@@ -172,8 +172,9 @@ impl FeatureCache {
             Frontend::PytorchFid => "pytorch-fid",
             Frontend::TorchFidelity => "torch-fidelity",
         };
-        let stem = image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        self.dir.join(format!("{front}-{dims}")).join(format!("{stem}.safetensors"))
+        let name = |p: Option<&std::ffi::OsStr>| p.map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let (folder, stem) = (name(image.parent().and_then(Path::file_name)), name(image.file_stem()));
+        self.dir.join(folder).join(format!("{front}-{dims}")).join(format!("{stem}.safetensors"))
     }
 }
 

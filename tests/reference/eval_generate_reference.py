@@ -4,7 +4,8 @@ generate.py at batch size 1), PNDM from the pipeline's scheduler config, no nega
 
 usage: eval_generate_reference.py PIPELINE PROMPTS_JSON OUT_DIR SEED STEPS RESOLUTION
 
-Writes OUT_DIR/<k:06d>.png for each prompt k of PROMPTS_JSON (a list of strings), and
+Writes OUT_DIR/<k:06d>.png for each prompt k of PROMPTS_JSON (a list of strings), its copy
+resized as BK-SDM scores it (`img.resize((256, 256), Image.BICUBIC)`) as OUT_DIR/256/<k:06d>.png, and
 OUT_DIR/randn.json: whether torch's CPU randn of (B, 4, h, w) equals B consecutive (1, 4, h, w)
 draws from one generator, for several latent sizes (equal when 4·h·w is a multiple of 16, the
 vectorised normal kernel's chunk, or below 16 elements, the scalar path).
@@ -15,6 +16,7 @@ import sys
 
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 torch.set_num_threads(1)
 model, prompts_file, out, seed, steps, res = sys.argv[1:7]
@@ -30,6 +32,8 @@ for k, prompt in enumerate(prompts):
     image = pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, height=res, width=res,
                  generator=generator, output_type="pil").images[0]
     image.save(os.path.join(out, f"{k:06d}.png"))
+    os.makedirs(os.path.join(out, "256"), exist_ok=True)
+    image.resize((256, 256), Image.BICUBIC).save(os.path.join(out, "256", f"{k:06d}.png"))
 
 randn = {}
 for h, w in [(64, 64), (16, 16), (8, 8), (1, 1), (3, 3), (5, 7)]:
