@@ -43,7 +43,7 @@ print(json.dumps({"seconds_per_image": (time.perf_counter() - t0) / len(prompts)
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--count", type=int, default=10)
+    ap.add_argument("--count", type=int, default=10)  # at least 10: sdkd eval scores IS (10 splits)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)

@@ -122,6 +122,8 @@ fn batch_size_changes_no_image_and_no_metric() {
     println!("batch 1: {:?}, batch 4: {:?}", metrics(&r1), metrics(&r4));
     assert_eq!(metrics(&r1), metrics(&r4));
     assert_eq!(r1["count"], COUNT);
+    // 10 images < 2 x 64 dims: said, and FID reported anyway
+    assert!(r1["warnings"][0].as_str().is_some_and(|w| w.contains("unreliable")), "{r1}");
     assert!(r1["unet_params"].as_i64().unwrap() > 1000, "{r1}");
     assert!(r1["seconds_per_image"].as_f64().unwrap() > 0.0, "{r1}");
     for (k, v) in [("scheduler", "pndm"), ("seeding", "consecutive"), ("dtype", "fp32")] {
@@ -183,6 +185,13 @@ fn per_image_seeding_is_sdkd_generate_with_seed_plus_index() {
         "--out", f.root.join("ea").to_str().unwrap()]);
     assert_clean_failure(&o, "--seeding per-image");
     assert!(!f.root.join("ea").exists());
+    // an unreadable Inception file fails before anything is generated
+    let junk = f.root.join("junk.pth");
+    std::fs::write(&junk, b"not a checkpoint").unwrap();
+    let o = sdkd(&["eval", "--model", f.pipeline.to_str().unwrap(), "--prompts", f.prompts.to_str().unwrap(),
+        "--metrics", "is", "--inception", junk.to_str().unwrap(), "--out", f.root.join("junk").to_str().unwrap()]);
+    assert_clean_failure(&o, "junk.pth");
+    assert!(!f.root.join("junk").exists());
 }
 
 #[test]
