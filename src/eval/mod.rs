@@ -1,6 +1,7 @@
 //! Image-quality metrics by the protocol distillation papers report (BK-SDM): FID (pytorch-fid),
 //! Inception Score (torch-fidelity), both on the TF-ported Inception-v3 read from its published
 //! `.pth` file. docs/eval.md gives the protocol and the measured agreement.
+pub mod clip_score;
 pub mod fid;
 pub mod inception;
 pub mod inception_score;
