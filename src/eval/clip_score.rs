@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 use unicode_normalization::UnicodeNormalization;
 
-/// open_clip's `OPENAI_DATASET_MEAN` / `OPENAI_DATASET_STD` (ViT-g-14's `preprocess_cfg`).
-pub const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-pub const STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+/// open_clip's `OPENAI_DATASET_MEAN` / `OPENAI_DATASET_STD` (ViT-g-14's `preprocess_cfg`), as
+/// the Python floats torchvision's `Normalize` rounds to float32.
+pub const MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub const STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Python's `int(round(x / 2.0))` for a non-negative integer x: round half to even.
 fn half_even(d: u32) -> u32 {
@@ -46,12 +47,13 @@ pub fn preprocess(img: &RgbImage, size: u32) -> Tensor {
     let (left, top) = (half_even(nw - size), half_even(nh - size));
     let raw = img.as_raw();
     let s = size as usize;
+    let (mean, std) = (MEAN.map(|m| m as f32), STD.map(|v| v as f32));
     let mut out = vec![0f32; 3 * s * s];
     for y in 0..s {
         for x in 0..s {
             let p = ((top as usize + y) * nw as usize + left as usize + x) * 3;
             for c in 0..3 {
-                out[c * s * s + y * s + x] = (raw[p + c] as f32 / 255.0 - MEAN[c]) / STD[c];
+                out[c * s * s + y * s + x] = (raw[p + c] as f32 / 255.0 - mean[c]) / std[c];
             }
         }
     }

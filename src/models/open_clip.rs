@@ -240,8 +240,15 @@ fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     read.with_context(|| format!("reading the CLIP weights {} (expected {WEIGHTS_HELP})", path.display()))
 }
 
+/// What `open_clip_config.json` says that the shapes do not.
+struct Sidecar {
+    vision_heads: Option<i64>,
+    text_heads: Option<i64>,
+    act: Activation,
+}
+
 /// Head counts and activation from `open_clip_config.json` beside `path`, if there is one.
-fn sidecar(path: &Path) -> Result<Option<(Option<i64>, Option<i64>, Activation)>> {
+fn sidecar(path: &Path) -> Result<Option<Sidecar>> {
     let file = path.with_file_name(CONFIG_FILE);
     if !file.is_file() {
         return Ok(None);
@@ -265,7 +272,7 @@ fn sidecar(path: &Path) -> Result<Option<(Option<i64>, Option<i64>, Activation)>
     };
     let text_heads = int(&["text_cfg", "heads"]).or(cfg.get("text_cfg").map(|_| 8)); // CLIPTextCfg's default
     let quick = cfg.get("quick_gelu").and_then(serde_json::Value::as_bool).unwrap_or(false);
-    Ok(Some((vision_heads, text_heads, if quick { Activation::QuickGelu } else { Activation::Gelu })))
+    Ok(Some(Sidecar { vision_heads, text_heads, act: if quick { Activation::QuickGelu } else { Activation::Gelu } }))
 }
 
 impl OpenClip {
@@ -299,7 +306,7 @@ impl OpenClip {
             return Err(w.missing("transformer.resblocks.0.ln_1.weight"));
         }
         let tmlp = w.shape("transformer.resblocks.0.mlp.c_fc.weight")?[0];
-        let (vh, th, act) = side.unwrap_or((None, None, Activation::Gelu));
+        let Sidecar { vision_heads: vh, text_heads: th, act } = side.unwrap_or(Sidecar { vision_heads: None, text_heads: None, act: Activation::Gelu });
         let config = OpenClipConfig {
             embed_dim,
             vision: VisionConfig { width, layers: vlayers, heads: vh.unwrap_or(default_heads(width)), patch_size: patch, image_size: grid * patch, mlp_width: vmlp },
