@@ -12,8 +12,8 @@
 //!
 //! The sizes come from the tensors' shapes. The head counts are not in the shapes: they come
 //! from `open_clip_config.json` beside the weights (the hub repos publish it), else from the rule
-//! every open_clip ViT config follows (width / 64 heads up to width 1024, 16 heads above:
-//! ViT-B/L/H/g/bigG-14).
+//! every open_clip ViT config follows (image: width / 64 heads up to width 1024, 16 above, so
+//! ViT-g-14's 1408 has 16; text: width / 64, so ViT-g-14's 1024 has 16).
 use super::clip::{Activation, ClipTextConfig, ClipTextEncoder};
 use super::layers::Init;
 use super::weights;
@@ -65,13 +65,19 @@ pub struct OpenClipConfig {
     pub act: Activation,
 }
 
-/// open_clip's head count for a width when no config says otherwise.
-pub fn default_heads(width: i64) -> i64 {
+/// open_clip's image-tower head count for a width when no config says otherwise: width / 64 up
+/// to 1024, 16 above (the rule all 48 ViT configs in open_clip 3.3's model_configs follow).
+pub fn default_vision_heads(width: i64) -> i64 {
     if width <= 1024 {
         (width / 64).max(1)
     } else {
         16
     }
+}
+
+/// The text tower's: width / 64 (likewise for every open_clip config).
+pub fn default_text_heads(width: i64) -> i64 {
+    (width / 64).max(1)
 }
 
 /// One pre-norm residual block of open_clip's `Transformer` (no mask: the image tower).
@@ -309,8 +315,8 @@ impl OpenClip {
         let Sidecar { vision_heads: vh, text_heads: th, act } = side.unwrap_or(Sidecar { vision_heads: None, text_heads: None, act: Activation::Gelu });
         let config = OpenClipConfig {
             embed_dim,
-            vision: VisionConfig { width, layers: vlayers, heads: vh.unwrap_or(default_heads(width)), patch_size: patch, image_size: grid * patch, mlp_width: vmlp },
-            text: TextConfig { width: twidth, layers: tlayers, heads: th.unwrap_or(default_heads(twidth)), context_length: ctx, vocab_size: tok[0], mlp_width: tmlp },
+            vision: VisionConfig { width, layers: vlayers, heads: vh.unwrap_or(default_vision_heads(width)), patch_size: patch, image_size: grid * patch, mlp_width: vmlp },
+            text: TextConfig { width: twidth, layers: tlayers, heads: th.unwrap_or(default_text_heads(twidth)), context_length: ctx, vocab_size: tok[0], mlp_width: tmlp },
             act,
         };
         for (what, width, heads) in [("image", width, config.vision.heads), ("text", twidth, config.text.heads)] {
@@ -388,5 +394,18 @@ impl OpenClip {
             );
         }
         Ok(OpenClip { config, visual, text, path: path.to_path_buf() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_heads_are_open_clip_configs() {
+        // (vision width, heads, text width, heads): ViT-B-32, ViT-L-14, ViT-H-14, ViT-g-14, ViT-bigG-14
+        for (vw, vh, tw, th) in [(768, 12, 512, 8), (1024, 16, 768, 12), (1280, 16, 1024, 16), (1408, 16, 1024, 16), (1664, 16, 1280, 20)] {
+            assert_eq!((default_vision_heads(vw), default_text_heads(tw)), (vh, th));
+        }
     }
 }
