@@ -1,12 +1,12 @@
-//! `sdkd eval`: FID (pytorch-fid) and Inception Score (torch-fidelity), with the TF Inception-v3
-//! read from its published `.pth`. `sdkd eval fid A B` is pytorch-fid's own command line;
+//! `sdkd eval`: FID (pytorch-fid), Inception Score (torch-fidelity) and CLIP score (open_clip),
+//! with the networks read from their published weight files. `sdkd eval fid A B` is pytorch-fid's own command line;
 //! `sdkd eval --images ... --out ...` scores a folder; `sdkd eval --model ... --prompts ... --out ...`
 //! generates the images first by BK-SDM's protocol (resumable, batch-invariant seeds) and scores
 //! them with a per-image feature cache; `sdkd eval --compare A/ B/` tabulates reports.
 use crate::commands::generate::PipelineArgs;
 use crate::config::Precision;
 use crate::eval::generate::{self as gen, Generation, Seeding};
-use crate::eval::{self, fid, inception::InceptionV3, inception_score, prompts, FeatureCache, Frontend, Metric};
+use crate::eval::{self, clip_score, fid, inception::InceptionV3, inception_score, prompts, FeatureCache, Frontend, Metric};
 use crate::fs_safe::{self, Existing, Marker, Purpose};
 use crate::schedulers::SchedulerKind;
 use anyhow::{bail, Context, Result};
@@ -26,7 +26,7 @@ pub struct EvalArgs {
     /// The real images' folder, or a pytorch-fid .npz of their statistics (FID only).
     #[arg(long)]
     pub real: Option<PathBuf>,
-    /// Comma-separated: fid, is.
+    /// Comma-separated: fid, is, clip.
     #[arg(long, default_value = "fid,is")]
     pub metrics: String,
     /// FID's Inception features: 64, 192, 768 or 2048 (pool3, the standard).
@@ -53,7 +53,9 @@ pub struct EvalArgs {
     /// The UNet's and text encoder's dtype (default fp16 on CUDA, fp32 on the CPU; the VAE decodes in fp32).
     #[arg(long, value_enum)]
     pub dtype: Option<Precision>,
-    /// The captions: a metadata.csv or .jsonl (file_name, text or caption), or COCO's captions_val2014.json.
+    /// The captions: a metadata.csv or .jsonl (file_name, text or caption), or COCO's
+    /// captions_val2014.json. With --images (for the CLIP score): the images' metadata file, or a
+    /// folder holding one (default: the --images folder).
     #[arg(long)]
     pub prompts: Option<PathBuf>,
     /// Images to generate (default: one per caption): the first N captions, or with --sample-seed a seeded sample.
@@ -92,6 +94,9 @@ pub struct CommonArgs {
     /// The Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or torch-fidelity's copy).
     #[arg(long)]
     pub inception: Option<PathBuf>,
+    /// The CLIP weights: open_clip's ViT-g-14 open_clip_pytorch_model.bin or open_clip_model.safetensors.
+    #[arg(long)]
+    pub clip: Option<PathBuf>,
     /// Images per batch: with --model, prompts per UNet call (default 8; the images do not
     /// depend on it); otherwise images per Inception batch (default 50, pytorch-fid's).
     #[arg(long)]
@@ -183,6 +188,8 @@ fn warn_few(path: &Path, s: &fid::Stats, dims: i64) {
 /// What the metrics are computed on, and where their results go.
 struct Scoring<'a> {
     net: Option<InceptionV3>,
+    /// The CLIP scorer and the (image, caption) pairs it scores, when `clip` is asked for.
+    clip: Option<(clip_score::ClipScorer, Vec<(PathBuf, String)>)>,
     paths: Vec<PathBuf>,
     images: &'a Path,
     real: Option<&'a Path>,
@@ -221,6 +228,19 @@ fn score(metric: Metric, s: &Scoring<'_>, report: &mut Value, warnings: &mut Vec
             report["is_mean"] = m.into();
             report["is_std"] = sd.into();
         }
+        Metric::Clip => {
+            let (scorer, pairs) = s.clip.as_ref().expect("loaded when clip is asked for");
+            let c = scorer.score_files(pairs, s.batch)?;
+            report["clip_score"] = c.mean_cosine.into();
+            report["clip_score_torchmetrics"] = c.torchmetrics.into();
+            report["clip_count"] = c.count.into();
+            let cfg = &scorer.model.config;
+            report["settings"]["clip"] = json!({
+                "weights": scorer.model.path.display().to_string(),
+                "image_size": cfg.vision.image_size, "patch_size": cfg.vision.patch_size, "vision_width": cfg.vision.width,
+                "vision_layers": cfg.vision.layers, "text_width": cfg.text.width, "text_layers": cfg.text.layers, "embed_dim": cfg.embed_dim,
+            });
+        }
     }
     Ok(())
 }
@@ -247,6 +267,18 @@ fn load_for(metrics: &[Metric], a: &EvalArgs) -> Result<Option<InceptionV3>> {
     metrics.iter().any(|m| m.needs_inception()).then(|| network(&a.common)).transpose()
 }
 
+/// The CLIP scorer when `clip` is asked for, or an error that says which file is needed and
+/// where users get it.
+fn clip_for(metrics: &[Metric], c: &CommonArgs) -> Result<Option<clip_score::ClipScorer>> {
+    if !metrics.contains(&Metric::Clip) {
+        return Ok(None);
+    }
+    let Some(path) = &c.clip else {
+        bail!("--metrics clip needs --clip <weights>: sdkd downloads nothing and never scores with random weights; it needs {}", crate::models::open_clip::WEIGHTS_HELP);
+    };
+    clip_score::ClipScorer::load(path, device(c.device.as_deref())?).map(Some)
+}
+
 fn run_report(a: &EvalArgs) -> Result<()> {
     let images = a.images.as_ref().context("give --images <folder>, --model <pipeline> --prompts <file>, or --compare (or use `sdkd eval fid A B`)")?;
     let out = a.out.as_ref().context("give --out <folder> for report.json and report.md")?;
@@ -259,11 +291,16 @@ fn run_report(a: &EvalArgs) -> Result<()> {
     fs_safe::check_replaceable(out, Purpose::Eval, a.overwrite, "--out")?;
     fs_safe::check_apart(out, images, "the --images folder", "--out")?;
     let batch = a.common.batch_size.unwrap_or(INCEPTION_BATCH);
+    let clip = clip_for(&metrics, &a.common)?; // every weights file is checked before any network runs
     let net = load_for(&metrics, a)?;
     let paths = eval::list_images(images)?;
+    let clip = match clip {
+        Some(scorer) => Some((scorer, clip_score::read_captions(images, a.prompts.as_deref().unwrap_or(images))?)),
+        None => None,
+    };
     let mut report = json!({"model": images.display().to_string(), "count": paths.len(), "images": images.display().to_string(),
                             "settings": scoring_settings(a, &metrics, batch)});
-    let scoring = Scoring { net, paths, images, real: a.real.as_deref(), dims: a.dims, batch, cache: None };
+    let scoring = Scoring { net, clip, paths, images, real: a.real.as_deref(), dims: a.dims, batch, cache: None };
     let mut warnings = vec![];
     for &m in &metrics {
         score(m, &scoring, &mut report, &mut warnings)?;
@@ -299,7 +336,9 @@ fn run_generated(a: &EvalArgs) -> Result<()> {
         resolution: a.resolution,
     };
     generation.validate()?;
-    let net = load_for(&metrics, a)?; // before hours of generation: a bad weights file fails now
+    // before hours of generation: a bad weights file fails now
+    let clip = clip_for(&metrics, &a.common)?;
+    let net = load_for(&metrics, a)?;
     let identity = json!({"model": model.display().to_string(), "unet": a.unet.as_ref().map(|u| u.display().to_string()),
                           "ema": a.ema, "dtype": dtype.name(), "device": if device.is_cuda() { "cuda" } else { "cpu" },
                           "generation": &generation});
@@ -352,7 +391,9 @@ fn run_generated(a: &EvalArgs) -> Result<()> {
         "unet_params": t2i.unet.num_params(), "seconds_per_image": seconds_per_image,
         "kept": outcome.kept, "generated": outcome.generated, "scored": scored.display().to_string(), "settings": settings});
     drop(t2i);
-    let scoring = Scoring { net, paths, images: &scored, real: a.real.as_deref(), dims: a.dims, batch: INCEPTION_BATCH, cache };
+    // CLIP scores the images as generated (its own preprocessing resizes them to 224), paired with their captions
+    let clip = clip.map(|scorer| (scorer, texts.iter().enumerate().map(|(k, t)| (images.join(gen::image_name(k)), t.clone())).collect()));
+    let scoring = Scoring { net, clip, paths, images: &scored, real: a.real.as_deref(), dims: a.dims, batch: INCEPTION_BATCH, cache };
     let mut warnings = vec![];
     for &m in &metrics {
         score(m, &scoring, &mut report, &mut warnings)?;

@@ -181,14 +181,14 @@ fn read_jsonl(root: &Path, path: &Path) -> Result<Vec<Sample>> {
 }
 
 /// One CSV record and the line it starts on.
-struct Record {
-    line: usize,
-    fields: Vec<String>,
+pub(crate) struct Record {
+    pub(crate) line: usize,
+    pub(crate) fields: Vec<String>,
 }
 
 /// RFC 4180 CSV: comma-separated, fields optionally double-quoted, `""` for a quote inside
 /// quotes, quoted fields may hold commas and newlines; LF or CRLF line ends; blank lines skipped.
-fn parse_csv(text: &str, path: &Path) -> Result<Vec<Record>> {
+pub(crate) fn parse_csv(text: &str, path: &Path) -> Result<Vec<Record>> {
     let text = text.trim_start_matches('\u{feff}');
     let mut records = vec![];
     let mut chars = text.chars().peekable();

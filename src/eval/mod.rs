@@ -1,6 +1,7 @@
 //! Image-quality metrics by the protocol distillation papers report (BK-SDM): FID (pytorch-fid),
 //! Inception Score (torch-fidelity), both on the TF-ported Inception-v3 read from its published
 //! `.pth` file. docs/eval.md gives the protocol and the measured agreement.
+pub mod clip_score;
 pub mod fid;
 pub mod generate;
 pub mod inception;
@@ -113,6 +114,7 @@ pub fn few_images_warning(what: &Path, count: usize, dims: i64) -> Option<String
 pub enum Metric {
     Fid,
     Is,
+    Clip,
 }
 
 impl Metric {
@@ -123,14 +125,15 @@ impl Metric {
             let m = match name {
                 "fid" => Metric::Fid,
                 "is" => Metric::Is,
-                other => bail!("--metrics: unknown metric {other:?} (fid, is; the CLIP score is not implemented yet)"),
+                "clip" => Metric::Clip,
+                other => bail!("--metrics: unknown metric {other:?} (fid, is, clip)"),
             };
             if !out.contains(&m) {
                 out.push(m);
             }
         }
         if out.is_empty() {
-            bail!("--metrics is empty: give fid, is or both");
+            bail!("--metrics is empty: give one or more of fid, is, clip");
         }
         Ok(out)
     }

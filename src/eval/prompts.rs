@@ -24,7 +24,7 @@ pub fn read(path: &Path) -> Result<Vec<Caption>> {
     let body = std::fs::read_to_string(path).with_context(|| format!("reading the prompts file {}", path.display()))?;
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let captions = match ext.as_str() {
-        "csv" => from_csv(&body),
+        "csv" => from_csv(&body, path),
         "jsonl" => from_jsonl(&body),
         "json" => from_coco(&body),
         _ => bail!("expected a .csv (metadata.csv), .jsonl or COCO captions .json"),
@@ -48,45 +48,8 @@ pub fn select(captions: Vec<Caption>, count: Option<usize>, sample_seed: Option<
     })
 }
 
-/// RFC 4180 CSV: quoted fields may hold commas, doubled quotes and line breaks.
-fn csv_records(body: &str) -> Result<Vec<Vec<String>>> {
-    let (mut records, mut record, mut field) = (vec![], vec![], String::new());
-    let (mut quoted, mut chars, mut line) = (false, body.trim_start_matches('\u{feff}').chars().peekable(), 1);
-    while let Some(c) = chars.next() {
-        match (quoted, c) {
-            (true, '"') if chars.peek() == Some(&'"') => {
-                chars.next();
-                field.push('"');
-            }
-            (true, '"') => quoted = false,
-            (true, c) => {
-                line += (c == '\n') as usize;
-                field.push(c)
-            }
-            (false, '"') if field.is_empty() => quoted = true,
-            (false, ',') => record.push(std::mem::take(&mut field)),
-            (false, '\r') if chars.peek() == Some(&'\n') => {}
-            (false, '\n') => {
-                line += 1;
-                record.push(std::mem::take(&mut field));
-                records.push(std::mem::take(&mut record));
-            }
-            (false, c) => field.push(c),
-        }
-    }
-    if quoted {
-        bail!("a quoted field opened before line {line} is never closed");
-    }
-    if !field.is_empty() || !record.is_empty() {
-        record.push(field);
-        records.push(record);
-    }
-    records.retain(|r| !(r.len() == 1 && r[0].is_empty())); // blank lines
-    Ok(records)
-}
-
-fn from_csv(body: &str) -> Result<Vec<Caption>> {
-    let records = csv_records(body)?;
+fn from_csv(body: &str, path: &Path) -> Result<Vec<Caption>> {
+    let records: Vec<Vec<String>> = crate::data::dataset::parse_csv(body, path)?.into_iter().map(|r| r.fields).collect();
     let Some((header, rows)) = records.split_first() else { bail!("empty CSV: expected a header with file_name and text (or caption)") };
     let Some(text) = TEXT_KEYS.iter().find_map(|k| header.iter().position(|h| h.trim() == *k)) else {
         bail!("no `text` or `caption` column in the header ({})", header.join(", "));

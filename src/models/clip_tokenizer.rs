@@ -527,6 +527,16 @@ impl ClipTokenizer {
         ids
     }
 
+    /// The BPE ids of one pre-tokenized word (its UTF-8 bytes mapped to characters, `</w>` on
+    /// the last): the step open_clip's `SimpleTokenizer`, which splits words with its own
+    /// pattern, shares with this tokenizer (src/eval/clip_score.rs).
+    pub fn bpe_word(&self, word: &str) -> Vec<i64> {
+        let chars: String = word.bytes().map(|b| self.byte_to_char[b as usize]).collect();
+        let mut ids = vec![];
+        self.bpe(&chars, &mut ids);
+        ids
+    }
+
     /// Pre-tokenizes normalized text into words and BPE-encodes each.
     fn encode_text(&self, text: &str, ids: &mut Vec<i64>) {
         for clip_word in self.clip_re.find_iter(text) {

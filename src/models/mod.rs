@@ -5,6 +5,7 @@ pub mod clip;
 pub mod clip_tokenizer;
 pub mod embeddings;
 pub mod layers;
+pub mod open_clip;
 pub mod pipeline_dir;
 pub mod recompute;
 pub mod single_file;
