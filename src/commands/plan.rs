@@ -178,7 +178,7 @@ pub fn plan(args: &PlanArgs) -> Result<MemoryPlan> {
     let teacher_loaded = cfg.distill || cfg.student_init == crate::config::StudentInit::Teacher;
     let teacher_weights = if teacher_loaded { teacher_params * compute.elt_size_in_bytes() as f64 } else { 0.0 };
     let probe_resolution = args.probe_resolution.unwrap_or(cfg.data.resolution);
-    if probe_resolution < 8 || probe_resolution % 8 != 0 {
+    if probe_resolution < 8 || !probe_resolution.is_multiple_of(8) {
         bail!("--probe-resolution {probe_resolution}: must be a positive multiple of 8 (the VAE's downscale)");
     }
     let scale = (cfg.data.resolution as f64 / probe_resolution as f64).powi(2);
