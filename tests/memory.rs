@@ -234,8 +234,7 @@ mod plan {
 
     /// `sdkd plan` measures batch 1 and 2 and extrapolates; a real training step (`sdkd bench
     /// --mode train`, the trainer's `Distiller` step, in its own process) at batch 3 and 6 has
-    /// the peak RSS it predicts, within 15%. bk_tiny's plan probes at 128 px and scales the
-    /// activations by the pixel ratio (`--probe-resolution`) to predict the 256 px steps.
+    /// the peak RSS it predicts, within 15%.
     #[test]
     fn plan_predicts_the_peak_rss_of_real_steps() {
         let dir = tempfile::tempdir().unwrap();
@@ -247,15 +246,7 @@ mod plan {
                 "teacher: pipe\nstudent: {student}\noutput_dir: out\ndata:\n  cache: cache\n  resolution: 256\ntrain:\n  batch_size: 3\n  device: cpu\n  precision: fp32\nvalidation:\n  every: 0\n"
             );
             std::fs::write(&run, yaml).unwrap();
-            let mut args = vec!["plan", "--config", run.to_str().unwrap(), "--json", "--gpu-mem", "24GB"];
-            let scale = if student == "bk_tiny" {
-                args.extend(["--probe-resolution", "128"]);
-                4.0
-            } else {
-                1.0
-            };
-            let plan = sdkd_json(&args);
-            assert_eq!(plan["activation_scale"].as_f64().unwrap(), scale, "{plan}");
+            let plan = sdkd_json(&["plan", "--config", run.to_str().unwrap(), "--json", "--gpu-mem", "24GB"]);
             let (fixed, per_sample) = (plan["fixed_mb"].as_f64().unwrap(), plan["activations_per_sample_mb"].as_f64().unwrap());
             assert!(per_sample > 0.0 && fixed > 0.0, "{plan}");
             assert_eq!(plan["predicted_peak_mb"].as_f64().unwrap(), fixed + 3.0 * per_sample);
