@@ -10,10 +10,14 @@
 #include <ATen/ops/clamp_max.h>
 #include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/stack.h>
+#include <c10/core/Allocator.h>
 #include <c10/core/CachingDeviceAllocator.h>
+#include <c10/util/ThreadLocalDebugInfo.h>
 #include "shim.h"
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -81,6 +85,50 @@ char* sdkd_cuda_memory_peaks(int64_t device, int64_t* allocated_peak, int64_t* r
     constexpr auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
     *allocated_peak = stats.allocated_bytes[all].peak;
     *reserved_peak = stats.reserved_bytes[all].peak;
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_message(e.what());
+  }
+}
+
+// Live CPU tensor bytes over a window (`sdkd bench --report-memory`): LibTorch's default CPU
+// allocator reports each allocation and free to the MemoryReportingInfoBase on the calling
+// thread's debug info (the hook of the profiler's profile_memory), counting only blocks allocated
+// while one is installed; this one keeps their running sum and its peak. Blocks allocated before
+// the window count for nothing when freed (c10 logs a warning about them now and then).
+namespace {
+struct CpuLiveBytes final : c10::MemoryReportingInfoBase {
+  std::atomic<int64_t> live{0}, peak{0};
+  void reportMemoryUsage(void*, int64_t alloc_size, size_t, size_t, c10::Device device) override {
+    if (device.type() != c10::DeviceType::CPU) return;
+    int64_t now = live.fetch_add(alloc_size) + alloc_size;
+    int64_t p = peak.load();
+    while (now > p && !peak.compare_exchange_weak(p, now)) {
+    }
+  }
+  bool memoryProfilingEnabled() const override { return true; }
+};
+}  // namespace
+
+// Installs a counter on this thread (the autograd engine carries it into CPU backward).
+char* sdkd_cpu_live_bytes_start() {
+  try {
+    c10::ThreadLocalDebugInfo::_push(c10::DebugInfoKind::PROFILER_STATE, std::make_shared<CpuLiveBytes>());
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_message(e.what());
+  }
+}
+
+// The installed counter's live bytes and peak; `stop` also removes it.
+char* sdkd_cpu_live_bytes_read(int64_t* live, int64_t* peak, bool stop) {
+  try {
+    auto info = stop ? c10::ThreadLocalDebugInfo::_pop(c10::DebugInfoKind::PROFILER_STATE)
+                     : c10::ThreadLocalDebugInfo::_peek(c10::DebugInfoKind::PROFILER_STATE);
+    auto counter = std::dynamic_pointer_cast<CpuLiveBytes>(info);
+    if (!counter) return error_message("no live-bytes counter is installed on this thread");
+    *live = counter->live.load();
+    *peak = counter->peak.load();
     return nullptr;
   } catch (const std::exception& e) {
     return error_message(e.what());

@@ -26,6 +26,8 @@ extern "C" {
     fn sdkd_cpu_rng_state(out: *mut *mut c_void) -> *mut c_char;
     fn sdkd_set_cpu_rng_state(state: *const c_void) -> *mut c_char;
     fn sdkd_cuda_memory_reset_peaks(device: i64, allocated_now: *mut i64) -> *mut c_char;
+    fn sdkd_cpu_live_bytes_start() -> *mut c_char;
+    fn sdkd_cpu_live_bytes_read(live: *mut i64, peak: *mut i64, stop: bool) -> *mut c_char;
 }
 
 /// Turns the shim's error message (malloc'd, or null on success) into a Result.
@@ -132,4 +134,30 @@ pub fn cuda_memory_reset_peaks(device: usize) -> Result<i64> {
     // SAFETY: the shim only writes the integer it is given.
     check(unsafe { sdkd_cuda_memory_reset_peaks(device as i64, &mut now) }, "CUDA allocator statistics")?;
     Ok(now)
+}
+
+/// Starts counting the CPU tensor bytes this thread allocates (and frees) from now on, with
+/// their peak, through the default CPU allocator's memory-reporting hook (the one
+/// `torch.profiler`'s `profile_memory` uses). `cpu_live_bytes` reads the count, until
+/// `cpu_live_bytes_stop` ends it; no other profiler may run meanwhile.
+pub fn cpu_live_bytes_start() -> Result<()> {
+    // SAFETY: no arguments; the shim installs a counter on this thread.
+    check(unsafe { sdkd_cpu_live_bytes_start() }, "counting CPU tensor bytes")
+}
+
+/// (live, peak) bytes of the CPU tensors allocated since `cpu_live_bytes_start`.
+pub fn cpu_live_bytes() -> Result<(i64, i64)> {
+    read_live_bytes(false)
+}
+
+/// `cpu_live_bytes`, and removes the counter.
+pub fn cpu_live_bytes_stop() -> Result<(i64, i64)> {
+    read_live_bytes(true)
+}
+
+fn read_live_bytes(stop: bool) -> Result<(i64, i64)> {
+    let (mut live, mut peak) = (0i64, 0i64);
+    // SAFETY: the shim only writes the two integers it is given.
+    check(unsafe { sdkd_cpu_live_bytes_read(&mut live, &mut peak, stop) }, "reading the CPU tensor byte count")?;
+    Ok((live, peak))
 }

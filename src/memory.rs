@@ -30,6 +30,8 @@ pub struct PeakWindow {
     pub before: i64,
     /// CPU: this program's peak RSS before the restart (what the restart forgets).
     pub rss_peak_before_start: Option<i64>,
+    /// CPU: whether the tensor-byte counter of `crate::aten_extra::cpu_live_bytes_start` runs.
+    counting: bool,
 }
 
 /// This program's peak resident set (VmHWM of /proc/self/status) in bytes. Unlike getrusage's
@@ -51,11 +53,12 @@ impl PeakWindow {
         let before = match device {
             Device::Cuda(i) => crate::aten_extra::cuda_memory_reset_peaks(i)?,
             _ => {
+                crate::aten_extra::cpu_live_bytes_start()?;
                 std::fs::write("/proc/self/clear_refs", "5").map_err(|e| anyhow::anyhow!("restarting the peak RSS (/proc/self/clear_refs): {e}"))?;
                 proc_status_bytes("VmRSS:").ok_or_else(|| anyhow::anyhow!("/proc/self/status has no VmRSS"))?
             }
         };
-        Ok(PeakWindow { device, before, rss_peak_before_start })
+        Ok(PeakWindow { device, before, rss_peak_before_start, counting: !device.is_cuda() })
     }
 
     /// The peak in bytes since `start`.
@@ -66,10 +69,29 @@ impl PeakWindow {
         }
     }
 
+    /// CPU: the peak bytes of the tensors allocated since `start` and live at once (what a
+    /// step's gradients, activations and temporaries take, without the allocator's slack and
+    /// fragmentation that the peak RSS includes). None on CUDA (the allocator's peak is that).
+    pub fn tensor_peak(&self) -> anyhow::Result<Option<i64>> {
+        if !self.counting {
+            return Ok(None);
+        }
+        Ok(Some(crate::aten_extra::cpu_live_bytes()?.1))
+    }
+
     pub fn what(&self) -> &'static str {
         match self.device {
             Device::Cuda(_) => "CUDA caching allocator: peak of live tensors during the steps (warm-up included), reset before them",
             _ => "peak RSS during the steps (warm-up included): VmHWM after a reset through /proc/self/clear_refs before them",
+        }
+    }
+}
+
+impl Drop for PeakWindow {
+    fn drop(&mut self) {
+        if self.counting {
+            // the counter is removed from this thread; its last reading no longer matters
+            let _ = crate::aten_extra::cpu_live_bytes_stop();
         }
     }
 }

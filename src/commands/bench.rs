@@ -112,6 +112,10 @@ pub struct StepMemory {
     pub step_mb: f64,
     /// What AdamW's moments take (part of `before_mb`).
     pub optimizer_state_mb: f64,
+    /// CPU: the peak of the tensor bytes allocated during the steps and live at once (the
+    /// gradients, activations and temporaries, without the heap's slack that `step_mb` has).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step_tensors_mb: Option<f64>,
     pub method: &'static str,
 }
 
@@ -435,6 +439,7 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
                 peak_mb: mb(peak),
                 step_mb: mb(peak - w.before),
                 optimizer_state_mb: mb(d.optimizer().state_bytes()),
+                step_tensors_mb: w.tensor_peak()?.map(mb),
                 method: w.what(),
             })
         })
@@ -571,6 +576,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "memory: {:.0} MiB held before the steps ({:.0} MiB of it AdamW's moments), peak {:.0} MiB, so {:.0} MiB for a step; {}",
             m.before_mb, m.optimizer_state_mb, m.peak_mb, m.step_mb, m.method
         );
+        if let Some(t) = m.step_tensors_mb {
+            println!("tensors allocated during the steps: {t:.0} MiB live at the peak");
+        }
     }
     if let (Some(w), Some(ms), Some(bytes)) = (r.world_size, r.allreduce_ms_median, r.gradient_bytes) {
         println!("gradients averaged over {w} process(es): {ms:.1} ms/step median ({:.1} MiB per rank)", bytes as f64 / 1048576.0);

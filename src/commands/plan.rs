@@ -32,6 +32,13 @@ pub struct PlanArgs {
     /// the GPU; activations then have the CPU's kernels and dtype: fp32).
     #[arg(long)]
     pub device: Option<DeviceChoice>,
+    /// Measure the probe steps at this resolution (px) instead of `data.resolution`, and scale
+    /// the per-sample activations by the pixel ratio (resolution / probe)²: for a run too large
+    /// to probe at its own size on this machine. Activations grow with the pixel count
+    /// (convolutions, norms, and attention with memory-efficient SDPA); docs/benchmarks.md,
+    /// "Memory", has the check of that scaling.
+    #[arg(long)]
+    pub probe_resolution: Option<u32>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -52,8 +59,12 @@ pub struct MemoryPlan {
     pub optimizer_mb: f64,
     pub ema_mb: f64,
     pub teacher_weights_mb: f64,
-    /// Measured: peak(2) - peak(1).
+    /// Measured: peak(2) - peak(1), times `activation_scale`.
     pub activations_per_sample_mb: f64,
+    /// The resolution the probe steps ran at (`--probe-resolution`, else `resolution`).
+    pub probe_resolution: u32,
+    /// (resolution / probe_resolution)²: 1 unless `--probe-resolution` differs.
+    pub activation_scale: f64,
     /// Measured peaks of the probe steps at batch 1 and 2 (without EMA).
     pub probe_peak_mb: [f64; 2],
     /// What the peak holds besides the counted parts and the activations: the runtime, the
@@ -114,7 +125,7 @@ struct ProbeMemory {
 }
 
 /// One probe step in a fresh process: `sdkd bench --mode train --report-memory --json`.
-fn probe(cfg: &RunConfig, teacher_config: &Path, device: Device, batch: usize) -> Result<Probe> {
+fn probe(cfg: &RunConfig, teacher_config: &Path, device: Device, resolution: u32, batch: usize) -> Result<Probe> {
     let exe = std::env::current_exe().context("finding the sdkd executable for the probe steps")?;
     let device = match device {
         Device::Cuda(i) => format!("cuda:{i}"),
@@ -132,7 +143,7 @@ fn probe(cfg: &RunConfig, teacher_config: &Path, device: Device, batch: usize) -
         "--batch-size".into(),
         batch.to_string(),
         "--latent-size".into(),
-        (cfg.data.resolution / 8).max(1).to_string(),
+        (resolution / 8).max(1).to_string(),
         "--device".into(),
         device,
         "--precision".into(),
@@ -166,15 +177,22 @@ pub fn plan(args: &PlanArgs) -> Result<MemoryPlan> {
     let compute = if device == Device::Cpu { Kind::Float } else { cfg.train.precision.kind() };
     let teacher_loaded = cfg.distill || cfg.student_init == crate::config::StudentInit::Teacher;
     let teacher_weights = if teacher_loaded { teacher_params * compute.elt_size_in_bytes() as f64 } else { 0.0 };
-    let probes = [probe(&cfg, &teacher_config_file, device, 1)?, probe(&cfg, &teacher_config_file, device, 2)?];
+    let probe_resolution = args.probe_resolution.unwrap_or(cfg.data.resolution);
+    if probe_resolution < 8 || !probe_resolution.is_multiple_of(8) {
+        bail!("--probe-resolution {probe_resolution}: must be a positive multiple of 8 (the VAE's downscale)");
+    }
+    let scale = (cfg.data.resolution as f64 / probe_resolution as f64).powi(2);
+    let probes = [probe(&cfg, &teacher_config_file, device, probe_resolution, 1)?, probe(&cfg, &teacher_config_file, device, probe_resolution, 2)?];
     let peak = |p: &Probe| if device.is_cuda() { p.memory.peak_mb } else { p.peak_mem_mb };
     let (p1, p2) = (peak(&probes[0]), peak(&probes[1]));
-    let per_sample = (p2 - p1).max(0.0);
+    let measured_per_sample = (p2 - p1).max(0.0);
+    let per_sample = measured_per_sample * scale;
     let ema = if cfg.train.ema_decay.is_some() { student_params * 4.0 / MB } else { 0.0 };
     let (weights, grads) = (student_params * 4.0 / MB, student_params * 4.0 / MB);
     let optimizer = probes[0].memory.optimizer_state_mb;
     let counted = weights + grads + optimizer + teacher_weights / MB;
-    let fixed = p1 - per_sample + ema;
+    // batch 1's peak less one sample at the probe's size: the batch-independent part
+    let fixed = p1 - measured_per_sample + ema;
     let batch = cfg.train.batch_size;
     let predicted = fixed + batch as f64 * per_sample;
     let (fits, largest_batch) = match gpu_mem {
@@ -199,8 +217,10 @@ pub fn plan(args: &PlanArgs) -> Result<MemoryPlan> {
         ema_mb: ema,
         teacher_weights_mb: teacher_weights / MB,
         activations_per_sample_mb: per_sample,
+        probe_resolution,
+        activation_scale: scale,
         probe_peak_mb: [p1, p2],
-        other_mb: p1 - per_sample - counted,
+        other_mb: p1 - measured_per_sample - counted,
         predicted_peak_mb: predicted,
         fixed_mb: fixed,
         peak_kind: if device.is_cuda() { "CUDA caching allocator peak (the CUDA context comes on top)" } else { "peak RSS of the process" },
@@ -236,6 +256,9 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         ("runtime and the rest of a step", p.other_mb),
         ("activations, per sample (measured)", p.activations_per_sample_mb),
     ];
+    if p.probe_resolution != p.resolution {
+        println!("  (activations measured at {} px and scaled by the pixel ratio {:.2})", p.probe_resolution, p.activation_scale);
+    }
     for (what, mb) in rows {
         println!("  {what:<38} {:>9.2} GiB", gib(mb));
     }

@@ -1,6 +1,6 @@
-//! Gradient checkpointing (`train.gradient_checkpointing`): a region of the UNet (a down, mid or
-//! up block, or one spatial transformer) runs its forward without keeping activations and runs it
-//! again in backward, through the autograd Function of `csrc/recompute.cpp` (the reentrant form
+//! Gradient checkpointing (`train.gradient_checkpointing`): a region of the UNet (one resnet, one
+//! spatial transformer, one resampler, or the output head) runs its forward without keeping
+//! activations and runs it again in backward, through the autograd Function of `csrc/recompute.cpp` (the reentrant form
 //! of `torch.utils.checkpoint`). The recomputed forward is the same deterministic computation:
 //! sdkd's UNet has no dropout (`dropout` ≠ 0 is refused when a UNet config loads), so nothing
 //! random is drawn twice.
@@ -28,8 +28,12 @@ pub enum Checkpointing {
     /// Every activation is stored.
     #[default]
     None,
-    /// Every down, mid and up block: only the block boundaries (its inputs, skips and outputs,
-    /// which feature KD reads anyway) are stored.
+    /// Every layer of the down, mid and up blocks, one region each (each resnet, transformer
+    /// and resampler, as diffusers' `gradient_checkpointing` does), and the output head: only
+    /// the layer boundaries are stored, among them the block outputs and skips that feature KD
+    /// and the up path read anyway. Per layer rather than per block, because backward holds one
+    /// recomputed region's activations at a time, and a whole full-resolution up block's are
+    /// a large share of the step's.
     Blocks,
     /// Only the spatial transformers, whose attention activations are the largest.
     Attention,
@@ -38,7 +42,9 @@ pub enum Checkpointing {
 /// The kinds of region the UNet offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Region {
-    Block,
+    /// A resnet, a resampler, the output head.
+    Layer,
+    /// A spatial transformer.
     Attention,
 }
 
@@ -84,7 +90,7 @@ impl<'a> Recompute<'a> {
     }
 
     fn checkpoints(&self, region: Region) -> bool {
-        matches!((self.mode, region), (Checkpointing::Blocks, Region::Block) | (Checkpointing::Attention, Region::Attention))
+        matches!((self.mode, region), (Checkpointing::Blocks, _) | (Checkpointing::Attention, Region::Attention))
     }
 
     /// `f(inputs)`, checkpointed when the mode covers `region`. `f` receives aliases of

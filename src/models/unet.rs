@@ -2,7 +2,7 @@
 use super::attention::TransformerConfig;
 use super::embeddings::{timestep_embedding, TimestepEmbedding};
 use super::layers::{count_params, Builder, Conv2d, GroupNorm, Init};
-use super::recompute::Recompute;
+use super::recompute::{Recompute, Region};
 use super::resnet::ResnetConfig;
 use super::unet_blocks::{BlockConfig, DownBlock, InnerTaps, MidBlock, UpBlock, UpBlockChannels};
 use super::unet_config::{DownBlockKind, UNetConfig, UpBlockKind};
@@ -193,7 +193,9 @@ impl UNet2DConditionModel {
             h = block.forward(&h, &block_skips, &temb, context, upsample_size, &mut taps, rc);
             up.push(h.shallow_clone());
         }
-        let sample = self.conv_out.forward(&self.conv_norm_out.forward(&h).silu());
+        // the output head: two more full-resolution tensors, recomputed under `blocks`
+        let head = |xs: &[Tensor], _: &Recompute<'a>| vec![self.conv_out.forward(&self.conv_norm_out.forward(&xs[0]).silu())];
+        let sample = rc.run(Region::Layer, &[&h], head).swap_remove(0);
         UNetOutput { sample, down, mid, up, inner: taps.got }
     }
 

@@ -50,27 +50,14 @@ impl NamedTransformer {
     }
 }
 
-/// One `Region::Block` around `body`: its inputs go through the region, and so do the taps of
-/// `names` that `taps` wants, appended to the body's outputs and taken off again here.
-fn block_region<'a>(
-    rc: &Recompute<'a>,
-    inputs: &[&Tensor],
-    names: Vec<String>,
-    taps: &mut InnerTaps<'a>,
-    body: impl Fn(&[Tensor], &mut InnerTaps<'a>, &Recompute<'a>) -> Vec<Tensor> + 'a,
-) -> Vec<Tensor> {
-    let wanted = taps.wanted;
-    let tapped: Vec<String> = names.into_iter().filter(|n| wanted.contains(n)).collect();
-    let inside = tapped.clone();
-    let mut outs = rc.run(Region::Block, inputs, move |xs, inner| {
-        let mut taps = InnerTaps::new(wanted);
-        let mut outs = body(xs, &mut taps, inner);
-        outs.extend(inside.iter().map(|n| taps.got.remove(n).expect("a block's wanted tap was computed")));
-        outs
-    });
-    let values = outs.split_off(outs.len() - tapped.len());
-    taps.got.extend(tapped.into_iter().zip(values));
-    outs
+/// A resnet as one `Region::Layer`; `skip` (an up block's) is concatenated inside the region, so
+/// the concatenation is recomputed rather than stored.
+fn resnet_region<'a>(rc: &Recompute<'a>, resnet: &'a ResnetBlock2D, x: &Tensor, skip: Option<&Tensor>, temb: &Tensor) -> Tensor {
+    let mut outs = match skip {
+        Some(skip) => rc.run(Region::Layer, &[x, skip, temb], move |xs, _| vec![resnet.forward(&Tensor::cat(&[&xs[0], &xs[1]], 1), Some(&xs[2]))]),
+        None => rc.run(Region::Layer, &[x, temb], move |xs, _| vec![resnet.forward(&xs[0], Some(&xs[1]))]),
+    };
+    outs.swap_remove(0)
 }
 
 /// The names of the inner features a block list can offer.
@@ -158,29 +145,22 @@ impl DownBlock {
     }
 
     /// Returns the block's output and the skip states it hands to the up path (the output is
-    /// the last of them). One `Region::Block`.
-    pub fn forward<'a>(&'a self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps<'a>, rc: &Recompute<'a>) -> (Tensor, Vec<Tensor>) {
-        let skips = block_region(rc, &[x, temb, context], self.inner_feature_names(), taps, move |xs, taps, rc| {
-            self.body(&xs[0], &xs[1], &xs[2], taps, rc)
-        });
-        (skips.last().expect("a down block has a resnet").shallow_clone(), skips)
-    }
-
-    fn body<'a>(&'a self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps, rc: &Recompute<'a>) -> Vec<Tensor> {
+    /// the last of them). Each resnet, transformer and the downsampler is one region.
+    pub fn forward<'a>(&'a self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps, rc: &Recompute<'a>) -> (Tensor, Vec<Tensor>) {
         let mut h = x.shallow_clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, Some(temb));
+            h = resnet_region(rc, resnet, &h, None, temb);
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context, taps, rc);
             }
             skips.push(h.shallow_clone());
         }
         if let Some(down) = &self.downsampler {
-            h = down.forward(&h);
-            skips.push(h);
+            h = rc.run(Region::Layer, &[&h], move |xs, _| vec![down.forward(&xs[0])]).swap_remove(0);
+            skips.push(h.shallow_clone());
         }
-        skips
+        (h, skips)
     }
 
     pub fn inner_feature_names(&self) -> Vec<String> {
@@ -202,18 +182,14 @@ impl MidBlock {
         }
     }
 
-    /// One `Region::Block`.
-    pub fn forward<'a>(&'a self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps<'a>, rc: &Recompute<'a>) -> Tensor {
-        let mut outs = block_region(rc, &[x, temb, context], self.inner_feature_names(), taps, move |xs, taps, rc| {
-            let (temb, context) = (&xs[1], &xs[2]);
-            let mut h = self.resnets[0].forward(&xs[0], Some(temb));
-            for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
-                h = attn.forward(&h, context, taps, rc);
-                h = resnet.forward(&h, Some(temb));
-            }
-            vec![h]
-        });
-        outs.swap_remove(0)
+    /// Each resnet and transformer is one region.
+    pub fn forward<'a>(&'a self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps, rc: &Recompute<'a>) -> Tensor {
+        let mut h = resnet_region(rc, &self.resnets[0], x, None, temb);
+        for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
+            h = attn.forward(&h, context, taps, rc);
+            h = resnet_region(rc, resnet, &h, None, temb);
+        }
+        h
     }
 
     pub fn inner_feature_names(&self) -> Vec<String> {
@@ -259,7 +235,8 @@ impl UpBlock {
     }
 
     /// `skips` are this block's skip states in the order the down path made them; they are
-    /// consumed last first. One `Region::Block`.
+    /// consumed last first. Each resnet (with its skip concatenation), transformer and the
+    /// upsampler is one region.
     #[allow(clippy::too_many_arguments)]
     pub fn forward<'a>(
         &'a self,
@@ -268,27 +245,21 @@ impl UpBlock {
         temb: &Tensor,
         context: &Tensor,
         upsample_size: Option<(i64, i64)>,
-        taps: &mut InnerTaps<'a>,
+        taps: &mut InnerTaps,
         rc: &Recompute<'a>,
     ) -> Tensor {
-        let n = skips.len();
-        let mut inputs: Vec<&Tensor> = vec![x, temb, context];
-        inputs.extend(skips);
-        let mut outs = block_region(rc, &inputs, self.inner_feature_names(), taps, move |xs, taps, rc| {
-            let (temb, context, skips) = (&xs[1], &xs[2], &xs[3..3 + n]);
-            let mut h = xs[0].shallow_clone();
-            for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
-                h = resnet.forward(&Tensor::cat(&[&h, skip], 1), Some(temb));
-                if let Some(attn) = self.attentions.get(i) {
-                    h = attn.forward(&h, context, taps, rc);
-                }
+        let mut h = x.shallow_clone();
+        for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
+            h = resnet_region(rc, resnet, &h, Some(skip), temb);
+            if let Some(attn) = self.attentions.get(i) {
+                h = attn.forward(&h, context, taps, rc);
             }
-            vec![match &self.upsampler {
-                Some(up) => up.forward(&h, upsample_size),
-                None => h,
-            }]
-        });
-        outs.swap_remove(0)
+        }
+        match &self.upsampler {
+            // the ×2 input of its conv is the largest tensor of the block: recomputed, not stored
+            Some(up) => rc.run(Region::Layer, &[&h], move |xs, _| vec![up.forward(&xs[0], upsample_size)]).swap_remove(0),
+            None => h,
+        }
     }
 
     pub fn inner_feature_names(&self) -> Vec<String> {
