@@ -50,7 +50,7 @@ pub struct DemoArgs {
 pub fn run(a: &DemoArgs) -> Result<()> {
     let mut o = DemoOptions { seed: a.seed, data_format: a.data_format, ..DemoOptions::default() };
     if a.quick {
-        o = DemoOptions { count: 128, held_out: 16, vae_steps: 30, teacher_steps: 10, student_steps: 6, prompts: 2, sampling_steps: 4, progress: ProgressMode::Hidden, ..o };
+        o = DemoOptions { count: 128, held_out: 16, vae_steps: 30, teacher_steps: 10, student_steps: 6, prompts: 4, sampling_steps: 10, progress: ProgressMode::Hidden, ..o };
     }
     o.teacher_steps = a.teacher_steps.unwrap_or(o.teacher_steps);
     o.student_steps = a.student_steps.unwrap_or(o.student_steps);

@@ -19,7 +19,7 @@ use super::caption_score;
 use crate::export::write_pipeline_dir;
 use crate::grid::grid;
 use crate::models::{weights, PipelineDir, UNet};
-use crate::pipeline::{prompt_rows, GenerateRequest, Parts};
+use crate::pipeline::{generate_batch, BatchMember, GenerateRequest, Parts};
 use crate::schedulers::{NoiseSchedule, SchedulerConfig, SchedulerKind};
 use anyhow::{Context, Result};
 use image::RgbImage;
@@ -260,7 +260,7 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
         seed: o.seed,
         ..GenerateRequest::default()
     };
-    let sampled = prompt_rows(&base, &[&teacher.model, &kd.model, &scratch.model], &captions, &req)?;
+    let sampled = [&teacher.model, &kd.model, &scratch.model].iter().map(|u| sample_batched(&Parts { unet: u, ..base }, &captions, &req)).collect::<Result<Vec<_>>>()?;
     let real_accuracy = caption_score::accuracy(&originals, &captions)?;
     let sampled_models = [(0, "teacher"), (2, "student_kd"), (3, "student_scratch")];
     for ((m, dir), images) in sampled_models.iter().zip(&sampled) {
@@ -314,6 +314,23 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     std::fs::write(&report, report_markdown(o, &models, &facts, &parts, t0.elapsed().as_secs_f64()))?;
     step(&format!("done: {} and {}", grid_path.display(), report.display()));
     Ok(DemoSummary { models, grid: grid_path, report, seconds: t0.elapsed().as_secs_f64() })
+}
+
+/// `req` for each of `prompts` (same seed), 16 prompts per batched UNet call: the images of
+/// one call per prompt, in far less time on the CPU (`pipeline::generate_batch`).
+fn sample_batched(parts: &Parts<'_>, prompts: &[String], req: &GenerateRequest) -> Result<Vec<RgbImage>> {
+    let mut images = vec![];
+    for chunk in prompts.chunks(16) {
+        let reqs: Vec<GenerateRequest> = chunk.iter().map(|p| GenerateRequest { prompt: p.clone(), ..req.clone() }).collect();
+        let never = || None;
+        let members: Vec<BatchMember<'_>> = reqs.iter().map(|r| BatchMember { req: r, stop: &never }).collect();
+        let mut out: Vec<Option<Result<Vec<RgbImage>>>> = (0..chunk.len()).map(|_| None).collect();
+        generate_batch(parts, &members, &mut |_, _| {}, &mut |i, r| out[i] = Some(r));
+        for r in out {
+            images.extend(r.expect("generate_batch settles every member")?);
+        }
+    }
+    Ok(images)
 }
 
 /// The mean cosine similarity, over pairs of different captions, of the text encoder's
