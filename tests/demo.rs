@@ -57,4 +57,13 @@ fn quick_demo_runs_the_whole_job() {
         sdkd::config::RunConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
     }
     assert!(out.join("runs/student_kd/tb").is_dir());
+    // the accuracies also go to each run's TensorBoard log, at its last step
+    let tb = std::process::Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(out.join("runs/teacher/tb")).output().unwrap();
+    assert!(tb.status.success(), "{}", String::from_utf8_lossy(&tb.stderr));
+    let tb: serde_json::Value = serde_json::from_slice(&tb.stdout).unwrap();
+    for a in ["background", "object_colour", "position"] {
+        let points = tb["scalars"][format!("eval/caption_accuracy/{a}")].as_array().unwrap_or_else(|| panic!("no eval/caption_accuracy/{a}: {tb}")).clone();
+        assert_eq!(points.len(), 1, "{a}: {points:?}");
+        assert_eq!(points[0][0].as_i64(), Some(10), "at the teacher's last step");
+    }
 }
