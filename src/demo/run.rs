@@ -415,7 +415,7 @@ fn report_markdown(o: &DemoOptions, models: &[ModelResult], f: &ReportFacts<'_>,
         "## Caption following\n\nEach model draws all {} held-out captions (UniPC, {} steps, guidance {}, seed {}; \
          `samples/<model>/`), and the attributes the caption states are read back from the pixels \
          (`demo::caption_score`): the background colour (the border's median, nearest palette colour), the object \
-         colour (the most common shape colour among the pixels far from the background) and the position (the \
+         colour (the shape colour most of the pixels far from the background are close to) and the position (the \
          quadrant of those pixels' centroid). Chance is about 25% for each.\n\n",
         f.captions.len(),
         o.sampling_steps,
