@@ -90,6 +90,15 @@ pub struct DataConfig {
     /// Conditions on json keys / parquet columns, e.g. `aesthetic_score: ">= 6.5"`.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub filter: std::collections::BTreeMap<String, String>,
+    /// Probability that a training sample's caption is replaced by the empty prompt (diffusers'
+    /// `proportion_empty_prompts`; SD trained with 0.1), which teaches the unconditional
+    /// prediction classifier-free guidance samples with.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub caption_dropout: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl Default for DataConfig {
@@ -108,6 +117,7 @@ impl Default for DataConfig {
             min_size: None,
             max_aspect: None,
             filter: Default::default(),
+            caption_dropout: 0.0,
         }
     }
 }
@@ -568,6 +578,18 @@ impl RunConfig {
             }
         }
         d.options()?;
+        if !(0.0..=1.0).contains(&d.caption_dropout) {
+            return Err(invalid(
+                "data.caption_dropout",
+                format!("data.caption_dropout = {}: must be a probability in [0, 1]", d.caption_dropout),
+            ));
+        }
+        if d.caption_dropout > 0.0 && self.teacher.is_none() {
+            return Err(invalid(
+                "data.caption_dropout",
+                format!("data.caption_dropout = {} needs the empty prompt's embedding from the text encoder that made data.cache: set teacher to its pipeline", d.caption_dropout),
+            ));
+        }
         if d.resolution == 0 || !d.resolution.is_multiple_of(8) {
             return Err(invalid(
                 "data.resolution",

@@ -18,7 +18,7 @@ fn quick_demo_runs_the_whole_job() {
     }
     let losses: Vec<f64> = report
         .lines()
-        .filter(|l| l.starts_with("| teacher") || l.starts_with("| bk_small"))
+        .filter(|l| (l.starts_with("| teacher") || l.starts_with("| bk_small")) && l.matches('|').count() == 8)
         .map(|l| l.trim_end_matches('|').rsplit('|').next().unwrap().trim().parse().unwrap())
         .collect();
     assert!(losses.len() == 4 && losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
@@ -30,9 +30,25 @@ fn quick_demo_runs_the_whole_job() {
     // half the measured margin: KD at least 9% below scratch, and training improved on the copy
     assert!(kd < 0.91 * scratch, "KD student {kd} is not 9% below the scratch control {scratch}:\n{report}");
     assert!(kd < pruned, "6 KD steps did not improve on the pruned copy ({kd} vs {pruned})");
-    // 4 rows (held-out image, teacher, KD student, control) of 2 prompts, 32 px enlarged 4x
+    // 4 rows (held-out image, teacher, KD student, control) of 4 prompts, 32 px enlarged 4x
     let grid = image::open(out.join("grid.png")).unwrap();
-    assert!(grid.height() >= 4 * 128 && grid.width() >= 2 * 128, "{}x{}", grid.width(), grid.height());
+    assert!(grid.height() >= 4 * 128 && grid.width() >= 4 * 128, "{}x{}", grid.width(), grid.height());
+    // caption following: the reader reads the held-out images themselves, and scores every model
+    let accuracy = |row: &str| -> Vec<f64> {
+        let line = report.lines().find(|l| l.starts_with(&format!("| {row} |")) && l.matches('|').count() == 5).unwrap_or_else(|| panic!("no accuracy row {row}:\n{report}"));
+        line.split('|').skip(2).filter_map(|c| c.trim().strip_suffix('%')).map(|c| c.parse::<f64>().unwrap() / 100.0).collect()
+    };
+    assert_eq!(accuracy("held-out images (the reader's check)"), vec![1.0; 3], "{report}");
+    for row in ["teacher", "bk_small KD", "bk_small scratch"] {
+        let a = accuracy(row);
+        assert!(a.len() == 3 && a.iter().all(|x| (0.0..=1.0).contains(x)), "{row}: {a:?}");
+    }
+    assert!(report.contains("mean cosine similarity"), "{report}");
+    for model in ["teacher", "student_kd", "student_scratch"] {
+        assert_eq!(std::fs::read_dir(out.join("samples").join(model)).unwrap().count(), 16, "every held-out caption drawn");
+    }
+    // without --inception the report says where the weights come from
+    assert!(report.contains("Not computed: pass `--inception <file>`") && report.contains("pt_inception-2015-12-05-6726825d.pth"), "{report}");
     for dir in ["teacher", "student_kd", "student_scratch"] {
         run_reference("check_pipeline.py", &[out.join(dir).to_str().unwrap()]);
     }
@@ -41,4 +57,13 @@ fn quick_demo_runs_the_whole_job() {
         sdkd::config::RunConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
     }
     assert!(out.join("runs/student_kd/tb").is_dir());
+    // the accuracies also go to each run's TensorBoard log, at its last step
+    let tb = std::process::Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(out.join("runs/teacher/tb")).output().unwrap();
+    assert!(tb.status.success(), "{}", String::from_utf8_lossy(&tb.stderr));
+    let tb: serde_json::Value = serde_json::from_slice(&tb.stdout).unwrap();
+    for a in ["background", "object_colour", "position"] {
+        let points = tb["scalars"][format!("eval/caption_accuracy/{a}")].as_array().unwrap_or_else(|| panic!("no eval/caption_accuracy/{a}: {tb}")).clone();
+        assert_eq!(points.len(), 1, "{a}: {points:?}");
+        assert_eq!(points[0][0].as_i64(), Some(10), "at the teacher's last step");
+    }
 }

@@ -148,6 +148,8 @@ fn bad_configs_and_foreign_checkpoints_are_clean_errors() {
     assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap()]), "bk_giant");
     std::fs::write(&bad, text.replace(&train_fixture().data.display().to_string(), "/nonexistent/data")).unwrap();
     assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap()]), "/nonexistent/data");
+    std::fs::write(&bad, text.replace("  resolution: 16\n", "  resolution: 16\n  caption_dropout: 1.5\n")).unwrap();
+    assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap()]), "data.caption_dropout");
     // a checkpoint of a bk_small run cannot resume a bk_tiny run
     train(&["--config", cfg.to_str().unwrap()]);
     std::fs::write(&bad, text.replace("student: bk_small", "student: bk_tiny")).unwrap();
@@ -184,4 +186,27 @@ fn bf16_optimizer_state_resumes_bit_exact_and_converts_on_a_dtype_change() {
     assert!(stderr.contains("saved as BFloat16, converted to Float") && stderr.contains("optim.state_dtype = \"fp32\""), "{stderr}");
     let moments = read_tensors(&other.path().join("run/checkpoints/step-6/optimizer.safetensors"));
     assert!(moments.iter().filter(|(k, _)| k.starts_with("exp_avg")).all(|(_, t)| t.kind() == tch::Kind::Float && t.isfinite().all().int64_value(&[]) == 1));
+}
+
+/// `data.caption_dropout`: which samples train on the empty prompt is a pure function of (seed,
+/// step, sample), so a resumed run is bit-exact; and it changes the run (the dropped samples
+/// really see another conditioning).
+#[test]
+fn caption_dropout_resumes_bit_exact_and_changes_the_run() {
+    let with_dropout = |path: PathBuf, p: f64| {
+        let text = std::fs::read_to_string(&path).unwrap().replace("  resolution: 16\n", &format!("  resolution: 16\n  caption_dropout: {p}\n"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let straight = tempdir();
+    train(&["--config", with_dropout(config(straight.path(), 6, ""), 0.5).to_str().unwrap()]);
+    let split = tempdir();
+    train(&["--config", with_dropout(config(split.path(), 3, ""), 0.5).to_str().unwrap()]);
+    train(&["--config", with_dropout(config(split.path(), 6, ""), 0.5).to_str().unwrap(), "--resume", "latest"]);
+    let step6 = straight.path().join("run/checkpoints/step-6");
+    assert_same_checkpoint(&step6, &split.path().join("run/checkpoints/step-6"));
+    let plain = tempdir();
+    train(&["--config", config(plain.path(), 3, "").to_str().unwrap()]);
+    let (a, b) = (read_tensors(&split.path().join("run/checkpoints/step-3/student.safetensors")), read_tensors(&plain.path().join("run/checkpoints/step-3/student.safetensors")));
+    assert!(a.iter().any(|(k, v)| !v.equal(&b[k])), "caption_dropout 0.5 trained the same student as no dropout");
 }

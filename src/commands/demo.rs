@@ -34,6 +34,14 @@ pub struct DemoArgs {
     /// and the latent caches read them in it.
     #[arg(long, value_enum, default_value_t = crate::data::DataFormat::Imagefolder)]
     pub data_format: crate::data::DataFormat,
+    /// Probability that a training sample's caption is replaced by the empty prompt
+    /// (`data.caption_dropout` of the demo's runs; default 0.1, as Stable Diffusion).
+    #[arg(long)]
+    pub caption_dropout: Option<f64>,
+    /// pytorch-fid's Inception weights (pt_inception-2015-12-05-6726825d.pth): adds FID and IS of
+    /// each model on the held-out set to the report.
+    #[arg(long)]
+    pub inception: Option<PathBuf>,
     /// A minute-long smoke run with tiny step counts (the results mean little).
     #[arg(long)]
     pub quick: bool,
@@ -42,17 +50,27 @@ pub struct DemoArgs {
 pub fn run(a: &DemoArgs) -> Result<()> {
     let mut o = DemoOptions { seed: a.seed, data_format: a.data_format, ..DemoOptions::default() };
     if a.quick {
-        o = DemoOptions { count: 128, held_out: 16, vae_steps: 30, teacher_steps: 10, student_steps: 6, prompts: 2, sampling_steps: 4, progress: ProgressMode::Hidden, ..o };
+        o = DemoOptions { count: 128, held_out: 16, vae_steps: 30, teacher_steps: 10, student_steps: 6, prompts: 4, sampling_steps: 10, progress: ProgressMode::Hidden, ..o };
     }
     o.teacher_steps = a.teacher_steps.unwrap_or(o.teacher_steps);
     o.student_steps = a.student_steps.unwrap_or(o.student_steps);
     o.count = a.count.unwrap_or(o.count);
     o.vae_steps = a.vae_steps.unwrap_or(o.vae_steps);
+    o.caption_dropout = a.caption_dropout.unwrap_or(o.caption_dropout);
+    if !(0.0..=1.0).contains(&o.caption_dropout) {
+        bail!("--caption-dropout {}: must be a probability in [0, 1]", o.caption_dropout);
+    }
+    if let Some(p) = &a.inception {
+        // before minutes of training, not after
+        crate::eval::inception::InceptionV3::load(p, tch::Device::Cpu)?;
+    }
+    o.inception = a.inception.clone();
     prepare_out(&a.out, a.overwrite)?;
     let s = run_demo(&a.out, &o)?;
-    println!("{:<18} {:>12} {:>8} {:>10}  held-out loss", "model", "params", "steps", "time");
+    println!("{:<18} {:>12} {:>8} {:>10}  held-out loss  caption accuracy (background, object colour, position)", "model", "params", "steps", "time");
     for m in &s.models {
-        println!("{:<18} {:>12} {:>8} {:>9.0}s  {:.4}", m.name, crate::commands::inspect::group_digits(m.params), m.steps, m.seconds, m.held_out_loss);
+        let acc = m.caption_accuracy.map(|a| format!("{:.0}% {:.0}% {:.0}%", 100.0 * a[0], 100.0 * a[1], 100.0 * a[2])).unwrap_or_default();
+        println!("{:<18} {:>12} {:>8} {:>9.0}s  {:<13.4}  {acc}", m.name, crate::commands::inspect::group_digits(m.params), m.steps, m.seconds, m.held_out_loss);
     }
     println!("grid: {}\nreport: {}\ndone in {:.0}s", s.grid.display(), s.report.display(), s.seconds);
     Ok(())

@@ -22,6 +22,8 @@ pub enum Stream {
     Synth = 5,
     /// The trainer's per-step draws: latent samples, noise, timesteps, student init.
     Noise = 6,
+    /// Which samples of a step train on the empty prompt (`data.caption_dropout`).
+    CaptionDropout = 7,
 }
 
 /// A 64-bit value that depends only on (seed, stream, a, b).
@@ -33,6 +35,15 @@ pub fn hash(seed: u64, stream: Stream, a: u64, b: u64) -> u64 {
 /// Maps a uniform u64 onto `0..n` (Lemire's multiply-shift; the bias is below n / 2^64).
 pub fn below(x: u64, n: u64) -> u64 {
     ((x as u128 * n as u128) >> 64) as u64
+}
+
+/// Whether sample `sample` (its position in the step's global batch) of optimizer step `step`
+/// trains on the empty prompt instead of its caption, with probability `p` (`data.caption_dropout`,
+/// diffusers' `proportion_empty_prompts`). A pure function, so a resumed run drops the same ones.
+pub fn drops_caption(seed: u64, step: u64, sample: u64, p: f64) -> bool {
+    // the top 53 bits as a uniform number in [0, 1)
+    let u = (hash(seed, Stream::CaptionDropout, step, sample) >> 11) as f64 / (1u64 << 53) as f64;
+    p > 0.0 && u < p
 }
 
 /// The order in which epoch `epoch` visits `n` samples: a Fisher-Yates shuffle whose every swap
@@ -164,6 +175,22 @@ mod tests {
         for c in counts {
             assert!((800..1200).contains(&c), "{counts:?}");
         }
+    }
+
+    #[test]
+    fn caption_dropout_is_a_pure_function_near_its_rate() {
+        let dropped = |seed: u64, step: u64| (0..64).filter(|&i| drops_caption(seed, step, i, 0.25)).collect::<Vec<_>>();
+        assert_eq!(dropped(3, 10), dropped(3, 10));
+        assert_ne!(dropped(3, 10), dropped(3, 11), "steps must differ");
+        assert_ne!(dropped(3, 10), dropped(4, 10), "seeds must differ");
+        for p in [0.1, 0.5] {
+            let n = 20_000u64;
+            let hits = (0..n).filter(|&i| drops_caption(9, i / 16, i % 16, p)).count() as f64;
+            // 4 standard deviations of a binomial(20000, p) count
+            assert!((hits / n as f64 - p).abs() < 4.0 * (p * (1.0 - p) / n as f64).sqrt(), "p {p}: {hits}");
+        }
+        assert!((0..1000).all(|i| !drops_caption(1, i, 0, 0.0)));
+        assert!((0..1000).all(|i| drops_caption(1, i, 0, 1.0)));
     }
 
     #[test]

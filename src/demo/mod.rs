@@ -4,6 +4,7 @@
 //! images, SD-1.5's DDPM schedule and a randomly initialised SD-1.x-shaped UNet that the demo
 //! then trains. The folder is an ordinary diffusers `StableDiffusionPipeline` folder: sdkd's
 //! `PipelineDir` and diffusers' `from_pretrained` both load it.
+pub mod caption_score;
 pub mod parts;
 pub mod run;
 pub mod tokenizer;

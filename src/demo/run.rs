@@ -11,11 +11,15 @@ use crate::data::{build_cache, open_image_rows, CacheOptions, DataFormat, DataOp
 use crate::distill::encoder::{LatentScale, TeacherEncoder};
 use crate::distill::evaluate::denoising_loss;
 use crate::distill::progress::ProgressMode;
+use crate::distill::tensorboard::EventWriter;
 use crate::distill::trainer::Trainer;
+use crate::eval::inception::{InceptionV3, WEIGHTS_HELP};
+use crate::eval::{fid, inception_score, Frontend};
+use super::caption_score;
 use crate::export::write_pipeline_dir;
 use crate::grid::grid;
 use crate::models::{weights, PipelineDir, UNet};
-use crate::pipeline::{prompt_rows, GenerateRequest, Parts};
+use crate::pipeline::{generate_batch, BatchMember, GenerateRequest, Parts};
 use crate::schedulers::{NoiseSchedule, SchedulerConfig, SchedulerKind};
 use anyhow::{Context, Result};
 use image::RgbImage;
@@ -43,6 +47,13 @@ pub struct DemoOptions {
     pub progress: ProgressMode,
     /// The layout the training pairs are written in and read from (VAE, caches).
     pub data_format: DataFormat,
+    /// `data.caption_dropout` of every training run: the teacher learns the unconditional
+    /// prediction that guidance needs, and the students learn the teacher's.
+    pub caption_dropout: f64,
+    /// Learning rate of the teacher (from scratch).
+    pub teacher_lr: f64,
+    /// pytorch-fid's Inception weights: FID and IS of each model on the held-out set.
+    pub inception: Option<PathBuf>,
 }
 
 impl Default for DemoOptions {
@@ -55,11 +66,14 @@ impl Default for DemoOptions {
             teacher_steps: 900,
             student_steps: 240,
             batch_size: 16,
-            prompts: 6,
+            prompts: 8,
             sampling_steps: 25,
             guidance_scale: 4.0,
             progress: ProgressMode::detect(),
             data_format: DataFormat::Imagefolder,
+            caption_dropout: 0.1,
+            teacher_lr: 1e-3,
+            inception: None,
         }
     }
 }
@@ -73,6 +87,12 @@ pub struct ModelResult {
     pub steps: u64,
     pub seconds: f64,
     pub held_out_loss: f64,
+    /// Caption-following accuracy per `caption_score::ATTRIBUTES` on the held-out captions (None
+    /// for the untrained pruned copy, which is not sampled).
+    pub caption_accuracy: Option<[f64; 3]>,
+    /// FID against the held-out images and IS (mean, std), with `--inception`.
+    pub fid: Option<f64>,
+    pub inception_score: Option<(f64, f64)>,
 }
 
 #[derive(Debug)]
@@ -98,10 +118,11 @@ fn run_yaml(o: &DemoOptions, teacher: &str, student: &str, init: &str, distill: 
     format!(
         "# written by `sdkd demo`; rerun with: sdkd train --config <this file>\n\
          teacher: ../{teacher}\nstudent: {student}\nstudent_init: {init}\ndistill: {distill}\noutput_dir: ../runs/{name}\n\
-         data:\n  cache: ../cache\n  resolution: {DEMO_RESOLUTION}\n\
+         data:\n  cache: ../cache\n  resolution: {DEMO_RESOLUTION}\n  caption_dropout: {}\n\
          train:\n  batch_size: {}\n  grad_accum: 1\n  max_steps: {steps}\n  seed: {}\n  device: cpu\n  precision: fp32\n\
          optim:\n  lr: {lr:e}\n  schedule: cosine\n  warmup_steps: {}\n  weight_decay: 0.01\n\
          checkpoint:\n  every: {steps}\n  keep: 1\nlog:\n  every: 20\n  tensorboard: true\nvalidation:\n  every: 0\n",
+        o.caption_dropout,
         o.batch_size,
         o.seed,
         (steps / 20).max(1)
@@ -174,7 +195,7 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     encode(&out.join("pipeline-init"), &out.join("heldout"), &out.join("cache-heldout"), o.seed)?;
 
     step(&format!("teacher: training the UNet from scratch, {} steps", o.teacher_steps));
-    let cfg = write_run_yaml(out, "teacher", &run_yaml(o, "pipeline-init", "../pipeline-init/unet", "random", false, "teacher", o.teacher_steps, 1e-3))?;
+    let cfg = write_run_yaml(out, "teacher", &run_yaml(o, "pipeline-init", "../pipeline-init/unet", "random", false, "teacher", o.teacher_steps, o.teacher_lr))?;
     let (teacher, teacher_secs) = train(&cfg, o.progress)?;
     let teacher_config = teacher.model.config.clone();
     write_pipeline_dir(&out.join("teacher"), &out.join("pipeline-init"), &teacher_config, &weights::named_tensors(&teacher.vs), None)?;
@@ -201,25 +222,37 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     let schedule = Arc::new(NoiseSchedule::new(SchedulerConfig::from_path(&out.join("teacher/scheduler"))?)?);
     let held = cache_batches(&out.join("cache-heldout"), 64, o.seed as i64 + 17)?;
     let eval = |u: &UNet| denoising_loss(&u.model, &schedule, &held, 10, o.seed as i64 + 23);
-    let models = vec![
-        ModelResult { name: "teacher".into(), what: "trained from scratch (task loss)".into(), params: teacher.num_params(), steps: o.teacher_steps, seconds: teacher_secs, held_out_loss: eval(&teacher) },
-        ModelResult { name: "bk_small pruned".into(), what: "the teacher's copy map, untrained".into(), params: pruned.num_params(), steps: 0, seconds: 0.0, held_out_loss: eval(&pruned) },
-        ModelResult { name: "bk_small KD".into(), what: "pruned, then task + output KD + feature KD".into(), params: kd.num_params(), steps: o.student_steps, seconds: kd_secs, held_out_loss: eval(&kd) },
-        ModelResult { name: "bk_small scratch".into(), what: "random init, task loss only (control)".into(), params: scratch.num_params(), steps: o.student_steps, seconds: scratch_secs, held_out_loss: eval(&scratch) },
+    let row = |name: &str, what: &str, u: &UNet, steps: u64, seconds: f64| ModelResult {
+        name: name.into(),
+        what: what.into(),
+        params: u.num_params(),
+        steps,
+        seconds,
+        held_out_loss: eval(u),
+        caption_accuracy: None,
+        fid: None,
+        inception_score: None,
+    };
+    let mut models = vec![
+        row("teacher", "trained from scratch (task loss)", &teacher, o.teacher_steps, teacher_secs),
+        row("bk_small pruned", "the teacher's copy map, untrained", &pruned, 0, 0.0),
+        row("bk_small KD", "pruned, then task + output KD + feature KD", &kd, o.student_steps, kd_secs),
+        row("bk_small scratch", "random init, task loss only (control)", &scratch, o.student_steps, scratch_secs),
     ];
 
-    step("generating the held-out captions with each model");
+    step("generating every held-out caption with each model");
     let heldout = ImageFolder::open(&out.join("heldout"))?;
     let p = PipelineDir::open(&out.join("teacher"))?;
     let encoder = TeacherEncoder::load(&p, Device::Cpu, Kind::Float)?;
     let base = Parts { tokenizer: &encoder.tokenizer, text_encoder: &encoder.text_encoder.model, vae: &encoder.vae.model, unet: &teacher.model, schedule: &schedule };
     let mut originals = vec![];
-    let mut prompts = vec![];
-    for i in 0..o.prompts.min(heldout.len()) {
+    let mut captions = vec![];
+    for i in 0..heldout.len() {
         let (img, caption) = heldout.decode(i).map_err(|e| anyhow::anyhow!("{}: {}", e.file.display(), e.reason))?;
         originals.push(img);
-        prompts.push(caption);
+        captions.push(caption);
     }
+    let embedding_cosine = caption_embedding_cosine(&encoder, &captions);
     let req = GenerateRequest {
         scheduler: SchedulerKind::Unipc,
         steps: o.sampling_steps,
@@ -227,8 +260,48 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
         seed: o.seed,
         ..GenerateRequest::default()
     };
-    let mut rows: Vec<Vec<RgbImage>> = vec![originals];
-    rows.extend(prompt_rows(&base, &[&teacher.model, &kd.model, &scratch.model], &prompts, &req)?);
+    let sampled = [&teacher.model, &kd.model, &scratch.model].iter().map(|u| sample_batched(&Parts { unet: u, ..base }, &captions, &req)).collect::<Result<Vec<_>>>()?;
+    let real_accuracy = caption_score::accuracy(&originals, &captions)?;
+    let sampled_models = [(0, "teacher"), (2, "student_kd"), (3, "student_scratch")];
+    for ((m, dir), images) in sampled_models.iter().zip(&sampled) {
+        let folder = out.join("samples").join(dir);
+        std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+        for (i, im) in images.iter().enumerate() {
+            let path = folder.join(format!("{i:06}.png"));
+            im.save(&path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        let acc = caption_score::accuracy(images, &captions)?;
+        models[*m].caption_accuracy = Some(acc);
+        // beside the run's training curves, at its last step
+        let mut tb = EventWriter::create(&out.join("runs").join(dir).join("tb"), None)?;
+        let tags: Vec<String> = caption_score::ATTRIBUTES.iter().map(|a| format!("eval/caption_accuracy/{a}")).collect();
+        let values: Vec<(&str, f32)> = tags.iter().zip(acc).map(|(t, a)| (t.as_str(), a as f32)).collect();
+        tb.add_scalars(&values, models[*m].steps)?;
+        tb.flush()?;
+    }
+    let inception = match &o.inception {
+        Some(path) => {
+            step("FID and IS on the held-out set (--inception)");
+            let net = InceptionV3::load(path, Device::Cpu)?;
+            let real = crate::eval::list_images(&out.join("heldout"))?;
+            let (f, _) = crate::eval::features(&net, &real, Frontend::PytorchFid, 2048, 16)?;
+            let real_stats = fid::Stats::from_features(&f)?;
+            for (m, dir) in sampled_models {
+                let paths = crate::eval::list_images(&out.join("samples").join(dir))?;
+                let (f, _) = crate::eval::features(&net, &paths, Frontend::PytorchFid, 2048, 16)?;
+                models[m].fid = Some(fid::frechet_distance(&fid::Stats::from_features(&f)?, &real_stats)?);
+                let (_, logits) = crate::eval::features(&net, &paths, Frontend::TorchFidelity, 2048, 16)?;
+                let logits = logits.context("2048-d features come with logits")?;
+                models[m].inception_score = Some(inception_score::inception_score(&logits, inception_score::SPLITS)?);
+            }
+            Some(path.clone())
+        }
+        None => None,
+    };
+
+    let columns = o.prompts.min(captions.len());
+    let mut rows: Vec<Vec<RgbImage>> = vec![originals[..columns].to_vec()];
+    rows.extend(sampled.iter().map(|r| r[..columns].to_vec()));
     let enlarged: Vec<Vec<RgbImage>> = rows
         .iter()
         .map(|r| r.iter().map(|im| image::imageops::resize(im, im.width() * 4, im.height() * 4, image::imageops::FilterType::Nearest)).collect())
@@ -237,22 +310,77 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     grid(&enlarged).save(&grid_path).with_context(|| format!("writing {}", grid_path.display()))?;
 
     let report = out.join("report.md");
-    std::fs::write(&report, report_markdown(o, &models, &prompts, &parts, t0.elapsed().as_secs_f64()))?;
+    let facts = ReportFacts { captions: &captions, columns, real_accuracy, embedding_cosine, inception: inception.as_deref() };
+    std::fs::write(&report, report_markdown(o, &models, &facts, &parts, t0.elapsed().as_secs_f64()))?;
     step(&format!("done: {} and {}", grid_path.display(), report.display()));
     Ok(DemoSummary { models, grid: grid_path, report, seconds: t0.elapsed().as_secs_f64() })
 }
 
-fn report_markdown(o: &DemoOptions, models: &[ModelResult], prompts: &[String], parts: &super::DemoTeacherReport, seconds: f64) -> String {
+/// `req` for each of `prompts` (same seed), 16 prompts per batched UNet call: the images of
+/// one call per prompt, in far less time on the CPU (`pipeline::generate_batch`).
+fn sample_batched(parts: &Parts<'_>, prompts: &[String], req: &GenerateRequest) -> Result<Vec<RgbImage>> {
+    let mut images = vec![];
+    for chunk in prompts.chunks(16) {
+        let reqs: Vec<GenerateRequest> = chunk.iter().map(|p| GenerateRequest { prompt: p.clone(), ..req.clone() }).collect();
+        let never = || None;
+        let members: Vec<BatchMember<'_>> = reqs.iter().map(|r| BatchMember { req: r, stop: &never, noise: None }).collect();
+        let mut out: Vec<Option<Result<Vec<RgbImage>>>> = (0..chunk.len()).map(|_| None).collect();
+        generate_batch(parts, &members, &mut |_, _| {}, &mut |i, r| out[i] = Some(r));
+        for r in out {
+            images.extend(r.expect("generate_batch settles every member")?);
+        }
+    }
+    Ok(images)
+}
+
+/// The mean cosine similarity, over pairs of different captions, of the text encoder's
+/// embeddings of their words (positions 1..=12, the longest caption's tokens after the start
+/// token), and of the whole 77-token sequence the UNet attends to.
+fn caption_embedding_cosine(encoder: &TeacherEncoder, captions: &[String]) -> (f64, f64) {
+    let mut unique: Vec<&String> = captions.iter().collect();
+    unique.sort();
+    unique.dedup();
+    let e = encoder.encode_text(&unique).to_kind(Kind::Double);
+    let mean_cos = |x: &Tensor| {
+        let x = x.flatten(1, -1);
+        let x = &x / x.norm_scalaropt_dim(2, [1], true);
+        let c = x.mm(&x.tr());
+        let n = c.size()[0];
+        (c.sum(Kind::Double).double_value(&[]) - n as f64) / (n * (n - 1)).max(1) as f64
+    };
+    (mean_cos(&e.narrow(1, 1, 12)), mean_cos(&e))
+}
+
+/// What the report says besides the model rows.
+struct ReportFacts<'a> {
+    captions: &'a [String],
+    /// The first `columns` captions are the grid's.
+    columns: usize,
+    /// The reader on the held-out images themselves.
+    real_accuracy: [f64; 3],
+    /// `caption_embedding_cosine`.
+    embedding_cosine: (f64, f64),
+    /// The Inception weights FID and IS were computed with.
+    inception: Option<&'a Path>,
+}
+
+fn percent(x: f64) -> String {
+    format!("{:.0}%", 100.0 * x)
+}
+
+fn report_markdown(o: &DemoOptions, models: &[ModelResult], f: &ReportFacts<'_>, parts: &super::DemoTeacherReport, seconds: f64) -> String {
     let teacher = &models[0];
     let mut s = String::from("# sdkd demo report\n\n");
     s += &format!(
         "The whole job on embedded data in {seconds:.0} s on this machine: {} synthetic {res}x{res} image-caption pairs \
          ({} held out), a demo pipeline (a VAE trained here to {:.1} dB PSNR on held-out images, a frozen random \
          CLIP text encoder over the captions' words), a teacher UNet trained from scratch, and a BK-SDM `bk_small` \
-         student distilled from it, against the same student trained from scratch for the same steps.\n\n",
+         student distilled from it, against the same student trained from scratch for the same steps. Every run \
+         trains on the empty prompt with probability {} (`data.caption_dropout`).\n\n",
         o.count,
         o.held_out,
         parts.psnr_held_out,
+        o.caption_dropout,
         res = DEMO_RESOLUTION
     );
     s += "| model | how | parameters | of teacher | steps | train time | held-out denoising loss |\n|---|---|---|---|---|---|---|\n";
@@ -283,10 +411,73 @@ fn report_markdown(o: &DemoOptions, models: &[ModelResult], prompts: &[String], 
             format!("here KD is {:.1}% worse, unlike BK-SDM's finding", 100.0 * (kd.held_out_loss / scratch.held_out_loss - 1.0))
         }
     );
-    s += "`grid.png`: one column per held-out caption; rows: the held-out image, the teacher, the KD student, the \
-          control (UniPC, ";
-    s += &format!("{} steps, guidance {}, seed {}).\n\nCaptions:\n\n", o.sampling_steps, o.guidance_scale, o.seed);
-    for (i, p) in prompts.iter().enumerate() {
+    s += &format!(
+        "## Caption following\n\nEach model draws all {} held-out captions (UniPC, {} steps, guidance {}, seed {}; \
+         `samples/<model>/`), and the attributes the caption states are read back from the pixels \
+         (`demo::caption_score`): the background colour (the border's median, nearest palette colour), the object \
+         colour (the shape colour most of the pixels far from the background are close to) and the position (the \
+         quadrant of those pixels' centroid). Chance is about 25% for each.\n\n",
+        f.captions.len(),
+        o.sampling_steps,
+        o.guidance_scale,
+        o.seed
+    );
+    s += "| images | background | object colour | position |\n|---|---|---|---|\n";
+    let acc_row = |name: &str, a: &[f64; 3]| format!("| {name} | {} | {} | {} |\n", percent(a[0]), percent(a[1]), percent(a[2]));
+    s += &acc_row("held-out images (the reader's check)", &f.real_accuracy);
+    for m in models {
+        if let Some(a) = &m.caption_accuracy {
+            s += &acc_row(&m.name, a);
+        }
+    }
+    if let (Some(t), Some(k), Some(c)) = (&teacher.caption_accuracy, &kd.caption_accuracy, &scratch.caption_accuracy) {
+        let ratio = |i: usize| if t[i] > 0.0 { format!("{:.0}%", 100.0 * k[i] / t[i]) } else { "-".into() };
+        s += &format!(
+            "\nThe KD student keeps {} / {} / {} of the teacher's accuracies (background / object colour / position); \
+             it is ahead of the control by {:+.0} / {:+.0} / {:+.0} points.\n",
+            ratio(0),
+            ratio(1),
+            ratio(2),
+            100.0 * (k[0] - c[0]),
+            100.0 * (k[1] - c[1]),
+            100.0 * (k[2] - c[2])
+        );
+    }
+    s += &format!(
+        "\nThe frozen text encoder keeps captions apart: the mean cosine similarity between the embeddings of two \
+         different held-out captions is {:.3} over their word positions and {:.3} over the whole 77-token sequence \
+         (1 would be indistinguishable).\n\n",
+        f.embedding_cosine.0, f.embedding_cosine.1
+    );
+    s += "## FID and IS\n\n";
+    match f.inception {
+        Some(path) => {
+            s += &format!(
+                "Against the {} held-out images, with the Inception weights {} (pytorch-fid's FID, torch-fidelity's IS, \
+                 `sdkd eval`'s code). From {} images per set, far fewer than the 2 x 2048 the covariance needs, FID is \
+                 biased upward and unstable: these numbers compare the models of this run with each other, not with \
+                 published FIDs.\n\n| model | FID | IS |\n|---|---|---|\n",
+                f.captions.len(),
+                path.display(),
+                f.captions.len()
+            );
+            for m in models {
+                if let (Some(fid), Some((is, sd))) = (m.fid, m.inception_score) {
+                    s += &format!("| {} | {fid:.2} | {is:.3} ± {sd:.3} |\n", m.name);
+                }
+            }
+            s += "\n";
+        }
+        None => {
+            s += &format!("Not computed: pass `--inception <file>` to add FID and IS on the held-out set; sdkd needs {WEIGHTS_HELP}\n\n");
+        }
+    }
+    s += &format!(
+        "`grid.png`: one column per held-out caption (the first {}); rows: the held-out image, the teacher, the KD \
+         student, the control.\n\nCaptions:\n\n",
+        f.columns
+    );
+    for (i, p) in f.captions[..f.columns].iter().enumerate() {
         s += &format!("{}. {p}\n", i + 1);
     }
     s += "\nEverything here can be rerun by hand: `configs/*.yaml` are the run files (`sdkd train --config ...`), \

@@ -20,7 +20,7 @@ use super::progress::{Progress, ProgressMode};
 use super::student::{copy_from_teacher, StudentPlan};
 use super::tensorboard::EventWriter;
 use crate::config::{RunConfig, StudentInit};
-use crate::data::order::{hash, Stream};
+use crate::data::order::{drops_caption, hash, Stream};
 use crate::data::formats::small_images_warning;
 use crate::data::{open_image_rows, Cursor, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Shard, Transform};
 use crate::distributed::{checksum, Ranks};
@@ -224,6 +224,24 @@ impl Distiller {
     }
 }
 
+/// `context` with the rows `dropped(row)` picks replaced by `empty` (the empty prompt's
+/// embedding, (1, tokens, dim)).
+fn drop_captions(context: &Tensor, empty: &Tensor, dropped: impl Fn(u64) -> bool) -> Result<Tensor> {
+    let b = context.size()[0];
+    let mask: Vec<bool> = (0..b as u64).map(dropped).collect();
+    if !mask.contains(&true) {
+        return Ok(context.shallow_clone());
+    }
+    ensure!(
+        empty.size()[1..] == context.size()[1..],
+        "data.caption_dropout: the empty prompt's embedding is {:?}, the batch's text embeddings {:?} (a latent cache made with another text encoder than the teacher's?)",
+        empty.size(),
+        context.size()
+    );
+    let mask = Tensor::from_slice(&mask).to_device(context.device()).view([b, 1, 1]);
+    Ok(context.where_self(&mask.logical_not(), &empty.to_device(context.device())))
+}
+
 /// Divides every gradient by `scale` and returns their total norm (inf or NaN when one overflowed).
 fn unscale_grads(params: &[Tensor], scale: f64) -> Result<Tensor> {
     tch::no_grad(|| -> Result<()> {
@@ -284,6 +302,8 @@ pub struct Trainer {
     /// The config as checkpoints and the run folder's marker identify the run: `grad_accum`
     /// counted over all ranks (the config itself for one process).
     identity: RunConfig,
+    /// (1, tokens, dim): the empty prompt's text embedding, when `data.caption_dropout` > 0.
+    empty_prompt: Option<Tensor>,
 }
 
 /// The config that identifies a run of `cfg` on `world` ranks: micro-batches per step counted
@@ -418,8 +438,20 @@ impl Trainer {
             (None, Some(e)) => e.latent_scale(),
             (None, None) => bail!("data: a run without a teacher pipeline must read a latent cache (data.cache)"),
         };
+        let empty_prompt = match (cfg.data.caption_dropout > 0.0, &encoder, &pipeline) {
+            (false, _, _) => None,
+            (true, Some(e), _) => Some(e.encode_text(&[""]).to_kind(Kind::Float)),
+            // a cache run without validation loaded no encoder: the text encoder alone suffices
+            (true, None, Some(p)) => {
+                let mut text_encoder = p.load_text_encoder(device, compute_kind)?;
+                text_encoder.vs.freeze();
+                let ids = p.load_tokenizer()?.encode_batch(&[""], device);
+                Some(tch::no_grad(|| text_encoder.model.prompt_embeds(&ids, 0)).to_kind(Kind::Float))
+            }
+            (true, None, None) => bail!("data.caption_dropout needs the teacher pipeline's text encoder (set teacher)"),
+        };
         let identity = identity_config(&cfg, ranks.as_ref().map_or(1, Ranks::size));
-        let mut trainer = Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity };
+        let mut trainer = Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity, empty_prompt };
         if let Some(arg) = resume {
             trainer.resume(arg)?;
         }
@@ -521,7 +553,11 @@ impl Trainer {
             tch::manual_seed(step_seed(self.cfg.train.seed, self.step, micro * world + rank));
             let dev = self.device;
             let latents = self.scale.draw(&batch.mean.to_device(dev), &batch.std.to_device(dev));
-            let context = batch.context.to_device(dev).to_kind(Kind::Float);
+            let mut context = batch.context.to_device(dev).to_kind(Kind::Float);
+            if let Some(empty) = &self.empty_prompt {
+                let first = (micro * world + rank) * self.cfg.train.batch_size as u64;
+                context = drop_captions(&context, empty, |i| drops_caption(self.cfg.train.seed, self.step, first + i, self.cfg.data.caption_dropout))?;
+            }
             let terms = self.distiller.micro_step(&latents, &context, accum);
             s.add_terms(&terms, accum);
         }
