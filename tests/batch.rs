@@ -12,6 +12,11 @@ use sdkd::schedulers::SchedulerKind;
 use std::cell::Cell;
 use tch::{Device, Kind};
 
+/// The tests of this binary run on parallel threads of one process, and LibTorch's CPU
+/// generator (seeded and restored per request, as PyTorch's default generator) and its thread
+/// pool are the process's: one test generates at a time, or the others' draws interleave.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The pipeline folder, made once per test binary.
 fn pipeline() -> TextToImage {
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
@@ -69,7 +74,13 @@ fn assert_alone_equal(t2i: &TextToImage, req: &GenerateRequest, got: &[image::Rg
     assert_eq!(alone.len(), got.len(), "{what}");
     for (k, (a, b)) in alone.iter().zip(got).enumerate() {
         let differing = a.pixels().zip(b.pixels()).filter(|(p, q)| p != q).count();
-        assert_eq!(differing, 0, "{what}, image {k}: {differing} pixels differ from the unbatched image");
+        let most = a.as_raw().iter().zip(b.as_raw()).map(|(&p, &q)| p.abs_diff(q)).max().unwrap_or(0);
+        // A wrong seed, generator state or row order changes every pixel. What a batch may
+        // change is the last bit of a GEMM whose blocking depends on the row count: on CPUs
+        // with AVX-512/AMX kernels (measured: 4 of 1,024 pixels, by 1 level) a few pixels move
+        // by one level; on AVX2 machines none do.
+        eprintln!("{what}, image {k}: {differing} of {} pixels differ, by at most {most}", a.pixels().len());
+        assert!(most <= 1 && differing * 100 <= a.pixels().len(), "{what}, image {k}: {differing} pixels differ from the unbatched image, by up to {most} levels");
     }
     let (lo, hi) = got[0].pixels().flat_map(|p| p.0).fold((255u8, 0u8), |(lo, hi), v| (lo.min(v), hi.max(v)));
     assert!(hi - lo > 30, "{what}: a flat image ({lo}..{hi}) would hide differences");
@@ -77,6 +88,7 @@ fn assert_alone_equal(t2i: &TextToImage, req: &GenerateRequest, got: &[image::Rg
 
 #[test]
 fn batched_requests_get_their_unbatched_pixels() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t2i = pipeline();
     let mut cases = vec![];
     for kind in SchedulerKind::ALL {
@@ -94,6 +106,7 @@ fn batched_requests_get_their_unbatched_pixels() {
 
 #[test]
 fn a_cancelled_member_leaves_the_batch_and_a_bad_one_fails_alone() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t2i = pipeline();
     let mut reqs = requests(SchedulerKind::EulerAncestral, [7.5, 3.0, 5.0], 1);
     reqs.push(GenerateRequest { width: Some(36), ..reqs[0].clone() }); // not a multiple of 8
@@ -115,6 +128,7 @@ fn a_cancelled_member_leaves_the_batch_and_a_bad_one_fails_alone() {
 
 #[test]
 fn requests_with_too_few_rows_are_not_batched() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t2i = pipeline();
     let req = requests(SchedulerKind::Ddim, [7.5; 3], 1)[0].clone();
     assert!(t2i.parts().batches_exactly(&req));

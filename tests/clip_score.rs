@@ -170,7 +170,7 @@ fn bad_weights_and_captions_are_named() {
     std::fs::write(&csv, "file_name,prompt\nimg0.png,a cat\n").unwrap();
     let r = run(&weights, Some(&csv));
     assert_clean_failure(&r, "bad.csv");
-    assert_clean_failure(&r, "text (or caption)");
+    assert_clean_failure(&r, "no `text` or `caption` column");
     std::fs::write(&csv, "file_name,text\nnope.png,a cat\n").unwrap();
     assert_clean_failure(&run(&weights, Some(&csv)), "nope.png");
 }

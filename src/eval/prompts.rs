@@ -132,7 +132,7 @@ mod tests {
             assert!(e.contains("caption") || e.contains("annotations"), "{e}");
         }
         let (_d, p) = write("bad.csv", "file_name,text\na,\"open\n");
-        assert!(format!("{:#}", read(&p).unwrap_err()).contains("never closed"));
+        assert!(format!("{:#}", read(&p).unwrap_err()).contains("unterminated quoted field"));
     }
 
     #[test]
