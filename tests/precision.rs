@@ -91,11 +91,12 @@ struct Bounds {
 
 /// On the CPU: about twice what was measured (bf16: loss 1.7e-4, cosine gap 1.5e-4, norm 3.3e-4;
 /// fp16: loss 2.3e-5, cosine gap 2.9e-6, norm 7.2e-5). LibTorch picks its bf16 kernels by the
-/// CPU's instruction set: another machine's measured bf16 norm ratio was 7.7e-4 (loss 5.0e-5,
-/// cosine gap 1.5e-4), so the bf16 norm bound is twice that.
+/// CPU's instruction set: on a Xeon with AVX-512/AMX the measured norm ratio was 7.7e-4 for bf16
+/// (loss 5.0e-5, cosine gap 1.5e-4) and 1.7e-4 for fp16 (loss 2.2e-5, cosine gap 3.1e-6), so the
+/// norm bounds are twice those.
 const CPU_BOUNDS: [(Kind, Bounds); 2] = [
     (Kind::BFloat16, Bounds { loss: 4e-4, cosine_gap: 3e-4, norm: 1.5e-3 }),
-    (Kind::Half, Bounds { loss: 5e-5, cosine_gap: 6e-6, norm: 1.5e-4 }),
+    (Kind::Half, Bounds { loss: 5e-5, cosine_gap: 6e-6, norm: 3.5e-4 }),
 ];
 
 /// On CUDA, never measured yet (no GPU run has been made): the looser bounds of rounding.
