@@ -426,6 +426,8 @@ pub struct ValidationConfig {
     pub scheduler: SchedulerKind,
     /// Classifier-free guidance scale (1 = no guidance).
     pub guidance_scale: f64,
+    /// FID / IS / CLIP score of the student at a cadence (`sdkd eval`'s protocol on a caption subset).
+    pub eval: EvalConfig,
 }
 
 impl Default for ValidationConfig {
@@ -436,6 +438,68 @@ impl Default for ValidationConfig {
             steps: 25,
             scheduler: SchedulerKind::Unipc,
             guidance_scale: 7.5,
+            eval: EvalConfig::default(),
+        }
+    }
+}
+
+/// `validation.eval`: every `every` steps the student (its EMA when the run keeps one) draws
+/// `count` captions by `sdkd eval --model`'s protocol (PNDM, 25 steps, guidance 7.5, one
+/// generator seeded 1234), the images are scored, and `eval/fid`, `eval/is`, `eval/clip_score`
+/// go to TensorBoard and `<output_dir>/eval/step-N/report.json`, so a checkpoint can be picked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Optimizer steps between evaluations; 0 = off.
+    pub every: u64,
+    /// Captions: a metadata.csv or .jsonl (file_name, text or caption), or COCO's captions_val2014.json.
+    pub prompts: Option<PathBuf>,
+    /// Images per evaluation: the first `count` captions, or a seeded sample with `sample_seed`.
+    pub count: usize,
+    pub sample_seed: Option<u32>,
+    pub metrics: Vec<crate::eval::Metric>,
+    /// Real images' folder or a pytorch-fid `.npz` (FID).
+    pub real: Option<PathBuf>,
+    /// pytorch-fid's Inception weights (FID, IS).
+    pub inception: Option<PathBuf>,
+    /// open_clip's weights (CLIP score).
+    pub clip: Option<PathBuf>,
+    #[serde(deserialize_with = "parsed", serialize_with = "named")]
+    pub scheduler: SchedulerKind,
+    pub steps: u32,
+    pub guidance_scale: f64,
+    pub seed: u64,
+    pub seeding: crate::eval::generate::Seeding,
+    /// Square image side in pixels; default: the student's `sample_size` times the VAE's factor.
+    pub resolution: Option<i64>,
+    /// FID and IS score copies resized to this size with Pillow's BICUBIC (BK-SDM's 256); 0 = as generated.
+    pub score_size: u32,
+    /// Prompts per UNet call (the images do not depend on it).
+    pub batch_size: usize,
+    /// Evaluate the EMA weights when the run keeps an EMA (`train.ema_decay`).
+    pub ema: bool,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            every: 0,
+            prompts: None,
+            count: 1000,
+            sample_seed: None,
+            metrics: vec![crate::eval::Metric::Fid, crate::eval::Metric::Is],
+            real: None,
+            inception: None,
+            clip: None,
+            scheduler: SchedulerKind::Pndm,
+            steps: 25,
+            guidance_scale: 7.5,
+            seed: 1234,
+            seeding: crate::eval::generate::Seeding::Consecutive,
+            resolution: None,
+            score_size: 256,
+            batch_size: 8,
+            ema: true,
         }
     }
 }
@@ -509,6 +573,10 @@ impl RunConfig {
             if Path::new(s.as_str()).is_relative() {
                 *s = base.join(s.as_str()).to_string_lossy().into_owned();
             }
+        }
+        let e = &mut self.validation.eval;
+        for p in [&mut e.prompts, &mut e.real, &mut e.inception, &mut e.clip].into_iter().flatten() {
+            abs(p);
         }
         if let Some(mut spec) = self.student_spec_path() {
             abs(&mut spec);
@@ -705,6 +773,54 @@ impl RunConfig {
             return Err(invalid(
                 "validation.guidance_scale",
                 format!("validation.guidance_scale = {}: must be >= 0", v.guidance_scale),
+            ));
+        }
+        self.validate_eval()
+    }
+
+    fn validate_eval(&self) -> std::result::Result<(), ConfigError> {
+        use crate::eval::Metric;
+        let e = &self.validation.eval;
+        if e.every == 0 {
+            return Ok(());
+        }
+        let every = e.every;
+        if self.teacher.is_none() {
+            return Err(invalid("teacher", format!("teacher is null but validation.eval.every = {every}: generating needs the teacher pipeline's VAE and text encoder; set validation.eval.every: 0")));
+        }
+        if e.prompts.is_none() {
+            return Err(invalid("validation.eval.prompts", format!("validation.eval.every = {every} but validation.eval.prompts is not set: give a metadata.csv, .jsonl or captions_val2014.json")));
+        }
+        if e.metrics.is_empty() {
+            return Err(invalid("validation.eval.metrics", "validation.eval.metrics is empty: give one or more of fid, is, clip".to_string()));
+        }
+        let needs = |m: Metric, key: &str, what: &Option<PathBuf>, help: &str| match e.metrics.contains(&m) && what.is_none() {
+            true => Err(invalid(&format!("validation.eval.{key}"), format!("validation.eval.metrics has {} but validation.eval.{key} is not set: {help}", format!("{m:?}").to_lowercase()))),
+            false => Ok(()),
+        };
+        needs(Metric::Fid, "real", &e.real, "give the real images' folder or a pytorch-fid .npz")?;
+        needs(Metric::Fid, "inception", &e.inception, "give pytorch-fid's pt_inception-2015-12-05-6726825d.pth")?;
+        needs(Metric::Is, "inception", &e.inception, "give pytorch-fid's pt_inception-2015-12-05-6726825d.pth")?;
+        needs(Metric::Clip, "clip", &e.clip, "give open_clip's open_clip_pytorch_model.bin or open_clip_model.safetensors")?;
+        for (key, value, min) in [("count", e.count, 1), ("batch_size", e.batch_size, 1), ("steps", e.steps as usize, 1)] {
+            if value < min {
+                return Err(invalid(&format!("validation.eval.{key}"), format!("validation.eval.{key} = {value}: must be >= {min}")));
+            }
+        }
+        if e.metrics.contains(&Metric::Is) && e.count < crate::eval::inception_score::SPLITS {
+            let splits = crate::eval::inception_score::SPLITS;
+            return Err(invalid("validation.eval.count", format!("validation.eval.count = {}: the Inception Score's {splits} splits need at least {splits} images", e.count)));
+        }
+        if !(e.guidance_scale.is_finite() && e.guidance_scale >= 0.0) {
+            return Err(invalid("validation.eval.guidance_scale", format!("validation.eval.guidance_scale = {}: must be >= 0", e.guidance_scale)));
+        }
+        if let Some(r) = e.resolution.filter(|&r| r < 8) {
+            return Err(invalid("validation.eval.resolution", format!("validation.eval.resolution = {r}: must be >= 8 pixels")));
+        }
+        if e.seeding == crate::eval::generate::Seeding::Consecutive && matches!(e.scheduler, SchedulerKind::Ddpm | SchedulerKind::EulerAncestral) {
+            return Err(invalid(
+                "validation.eval.seeding",
+                format!("validation.eval.scheduler {} draws step noise, which seeding: consecutive cannot keep batch-invariant: set seeding: per-image", e.scheduler),
             ));
         }
         Ok(())

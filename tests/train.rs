@@ -210,3 +210,96 @@ fn caption_dropout_resumes_bit_exact_and_changes_the_run() {
     let (a, b) = (read_tensors(&split.path().join("run/checkpoints/step-3/student.safetensors")), read_tensors(&plain.path().join("run/checkpoints/step-3/student.safetensors")));
     assert!(a.iter().any(|(k, v)| !v.equal(&b[k])), "caption_dropout 0.5 trained the same student as no dropout");
 }
+
+/// The random Inception network and the tiny open_clip model of the eval tests, made once.
+fn eval_networks() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
+    static NETS: std::sync::OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = std::sync::OnceLock::new();
+    NETS.get_or_init(|| {
+        let dir = tempdir();
+        let (net, clip) = (dir.path().join("net"), dir.path().join("clip"));
+        std::thread::scope(|s| {
+            s.spawn(|| run_reference("eval_reference.py", &[net.to_str().unwrap(), "--weights-only"]));
+            s.spawn(|| run_reference("clip_score_reference.py", &[clip.to_str().unwrap()]));
+        });
+        let (inception, clip) = (net.join("inception.pth"), clip.join("model/open_clip_model.safetensors"));
+        (dir, inception, clip)
+    })
+}
+
+/// `validation.eval` at steps 2 and 4 with FID, IS and CLIP: TensorBoard gets the scalars at both
+/// steps, `eval/step-N/report.json` holds them, only the newest step keeps its images, and the
+/// last evaluation is exactly what `sdkd eval --model --unet <checkpoint> --ema` measures on the
+/// run's final checkpoint (same images, byte for byte, and the same numbers).
+#[test]
+fn validation_eval_logs_the_metrics_sdkd_eval_gives_for_the_checkpoint() {
+    let (_, inception, clip) = eval_networks();
+    let f = train_fixture();
+    let tmp = tempdir();
+    let prompts = f.data.join("metadata.jsonl");
+    let eval = format!(
+        "validation:\n  every: 0\n  eval:\n    every: 2\n    prompts: {}\n    count: 10\n    metrics: [fid, is, clip]\n    real: {}\n    inception: {}\n    clip: {}\n    steps: 4\n    batch_size: 3\n",
+        prompts.display(), f.data.display(), inception.display(), clip.display()
+    );
+    train(&["--config", config(tmp.path(), 4, &eval).to_str().unwrap()]);
+    let run = tmp.path().join("run");
+    let tb = tensorboard(&run.join("tb"));
+    for tag in ["eval/fid", "eval/is", "eval/is_std", "eval/clip_score"] {
+        let steps: Vec<i64> = tb["scalars"][tag].as_array().unwrap_or_else(|| panic!("no {tag} in {tb}")).iter().map(|e| e[0].as_i64().unwrap()).collect();
+        assert_eq!(steps, [2, 4], "{tag}");
+    }
+    let report = |step: u64| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(run.join(format!("eval/step-{step}/report.json"))).unwrap()).unwrap() };
+    let (r2, r4) = (report(2), report(4));
+    assert_eq!(r4["model"], "student EMA");
+    assert_eq!(r4["count"], 10);
+    assert!(!run.join("eval/step-2/images").exists(), "an older evaluation kept its images");
+    assert_eq!(std::fs::read_dir(run.join("eval/step-4/images")).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "png")).count(), 10);
+    let last = tb["scalars"]["eval/fid"][1][1].as_f64().unwrap();
+    assert!((last - r4["fid"].as_f64().unwrap()).abs() <= 1e-4 * last.abs().max(1.0), "TensorBoard {last} vs report {}", r4["fid"]);
+    assert_ne!(r2["fid"], r4["fid"], "two steps of training left the FID unchanged");
+
+    // the same protocol by hand on the final checkpoint's EMA
+    let out = tmp.path().join("by-hand");
+    let resolution = r4["settings"]["resolution"].as_i64().unwrap().to_string();
+    let o = sdkd(&["eval", "--model", f.teacher.to_str().unwrap(), "--unet", run.join("checkpoints/step-4").to_str().unwrap(), "--ema",
+        "--prompts", prompts.to_str().unwrap(), "--count", "10", "--steps", "4", "--resolution", &resolution, "--metrics", "fid,is,clip",
+        "--real", f.data.to_str().unwrap(), "--inception", inception.to_str().unwrap(), "--clip", clip.to_str().unwrap(),
+        "--device", "cpu", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for k in 0..10 {
+        let name = format!("{k:06}.png");
+        let (a, b) = (image::open(run.join("eval/step-4/images").join(&name)).unwrap().to_rgb8(), image::open(out.join("images").join(&name)).unwrap().to_rgb8());
+        assert!(a == b, "image {name} differs between validation.eval and sdkd eval --unet --ema");
+    }
+    let by_hand: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    for key in ["fid", "is_mean", "is_std", "clip_score"] {
+        let (a, b) = (r4[key].as_f64().unwrap(), by_hand[key].as_f64().unwrap());
+        println!("{key}: validation.eval {a}, sdkd eval {b}");
+        assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{key}: validation.eval {a} vs sdkd eval {b}");
+    }
+}
+
+/// A `validation.eval` that cannot run is refused before the first step, naming the key or file.
+#[test]
+fn validation_eval_bad_settings_fail_before_training() {
+    let (_, inception, _) = eval_networks();
+    let f = train_fixture();
+    let tmp = tempdir();
+    let prompts = f.data.join("metadata.jsonl");
+    let cases = [
+        (format!("    prompts: {}\n    metrics: [fid]\n    inception: {}\n", prompts.display(), inception.display()), "validation.eval.real"),
+        (format!("    prompts: {}\n    metrics: [is]\n    inception: /nonexistent/pt_inception.pth\n", prompts.display()), "/nonexistent/pt_inception.pth"),
+        (format!("    prompts: {}\n    metrics: [fidd]\n", prompts.display()), "fidd"),
+        (format!("    prompts: {}\n    metrics: [is]\n    inception: {}\n    count: 1000\n", prompts.display(), inception.display()), "validation.eval.count"),
+        (format!("    prompts: {}\n    metrics: [is]\n    inception: {}\n    count: 5\n", prompts.display(), inception.display()), "splits need at least 10"),
+        (format!("    metrics: [is]\n    inception: {}\n", inception.display()), "validation.eval.prompts"),
+        (format!("    prompts: {}\n    metrics: [is]\n    inception: {}\n    steps: 2\n", prompts.display(), inception.display()), "validation.eval.scheduler pndm"),
+    ];
+    for (i, (body, needle)) in cases.iter().enumerate() {
+        let dir = tmp.path().join(format!("case{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let count = if body.contains("count:") { "" } else { "    count: 10\n" };
+        let cfg = config(&dir, 2, &format!("validation:\n  every: 0\n  eval:\n    every: 1\n{count}{body}"));
+        assert_clean_failure(&sdkd(&["train", "--config", cfg.to_str().unwrap()]), needle);
+        assert!(!dir.join("run/checkpoints").exists(), "case {i} trained before failing");
+    }
+}

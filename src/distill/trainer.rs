@@ -24,6 +24,7 @@ use crate::data::order::{drops_caption, hash, Stream};
 use crate::data::formats::small_images_warning;
 use crate::data::{open_image_rows, Cursor, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Shard, Transform};
 use crate::distributed::{checksum, Ranks};
+use crate::eval::periodic::PeriodicEval;
 use crate::export;
 use crate::grid::grid;
 use crate::models::{weights, Checkpointing, Init, PipelineDir, Recompute, UNet, UNet2DConditionModel, UNetConfig};
@@ -304,6 +305,8 @@ pub struct Trainer {
     identity: RunConfig,
     /// (1, tokens, dim): the empty prompt's text embedding, when `data.caption_dropout` > 0.
     empty_prompt: Option<Tensor>,
+    /// `validation.eval` on the leader, when on.
+    periodic_eval: Option<PeriodicEval>,
 }
 
 /// The config that identifies a run of `cfg` on `world` ranks: micro-batches per step counted
@@ -427,7 +430,7 @@ impl Trainer {
         let distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind, leader)?;
         // Images need the teacher's encoders; a latent cache needs them only for validation images.
         let encoder = match &pipeline {
-            Some(p) if cfg.data.cache.is_none() || cfg.validation.every > 0 => {
+            Some(p) if cfg.data.cache.is_none() || cfg.validation.every > 0 || cfg.validation.eval.every > 0 => {
                 Some(Rc::new(TeacherEncoder::load(p, device, compute_kind)?))
             }
             _ => None,
@@ -451,7 +454,13 @@ impl Trainer {
             (true, None, None) => bail!("data.caption_dropout needs the teacher pipeline's text encoder (set teacher)"),
         };
         let identity = identity_config(&cfg, ranks.as_ref().map_or(1, Ranks::size));
-        let mut trainer = Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity, empty_prompt };
+        // before the first step: a bad captions or weights file fails now, not hours in
+        let periodic_eval = match cfg.validation.eval.every > 0 && leader {
+            true => Some(PeriodicEval::prepare(&cfg.validation.eval, &distiller.schedule, device)?),
+            false => None,
+        };
+        let mut trainer =
+            Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity, empty_prompt, periodic_eval };
         if let Some(arg) = resume {
             trainer.resume(arg)?;
         }
@@ -669,6 +678,14 @@ impl Trainer {
                 }
                 self.barrier()?;
             }
+            if cfg.validation.eval.every > 0 && self.step.is_multiple_of(cfg.validation.eval.every) {
+                if leader {
+                    progress.message(&format!("step {}: evaluating {} images (validation.eval)", self.step, cfg.validation.eval.count));
+                    let line = self.evaluate(tb.as_mut())?;
+                    progress.message(&line);
+                }
+                self.barrier()?;
+            }
         }
         progress.finish();
         let done = self.step;
@@ -766,6 +783,35 @@ impl Trainer {
             tb.flush()?;
         }
         Ok(())
+    }
+
+    /// `validation.eval` at this step: the student's (or its EMA's) metrics to TensorBoard and
+    /// `eval/step-N/`; returns the line to print.
+    fn evaluate(&self, tb: Option<&mut EventWriter>) -> Result<String> {
+        let periodic = self.periodic_eval.as_ref().expect("prepared on the leader when validation.eval is on");
+        let encoder = self.encoder.as_ref().ok_or_else(|| anyhow!("validation.eval needs the teacher pipeline's VAE and text encoder"))?;
+        let d = &self.distiller;
+        // the EMA weights in a UNet of their own (the student keeps training on its own)
+        let ema_unet = match (&d.ema, self.cfg.validation.eval.ema) {
+            (Some(ema), true) => {
+                let kind = d.student.vs.variables().values().next().map_or(Kind::Float, Tensor::kind);
+                let unet = UNet::build(&d.plan.config, self.device, kind, Init::Empty);
+                super::optim::copy_named(&weights::named_tensors(&unet.vs), &ema.state_tensors(), "EMA weights for validation.eval")?;
+                Some(unet)
+            }
+            _ => None,
+        };
+        let (unet, what) = match &ema_unet {
+            Some(u) => (&u.model, "student EMA"),
+            None => (&d.student.model, "student"),
+        };
+        let parts = Parts { tokenizer: &encoder.tokenizer, text_encoder: &encoder.text_encoder.model, vae: &encoder.vae.model, unet, schedule: &d.schedule };
+        let scores = tch::no_grad(|| periodic.run(&parts, what, self.step, &self.cfg.output_dir.join("eval")))?;
+        if let Some(tb) = tb {
+            tb.add_scalars(&scores.scalars(), self.step)?;
+            tb.flush()?;
+        }
+        Ok(format!("step {}: {what}: {} (eval/step-{}/report.json)", self.step, scores.summary(), self.step))
     }
 
     pub fn student_config(&self) -> &UNetConfig {

@@ -6,6 +6,7 @@ pub mod fid;
 pub mod generate;
 pub mod inception;
 pub mod inception_score;
+pub mod periodic;
 pub mod prompts;
 
 use anyhow::{bail, Context, Result};
@@ -110,7 +111,8 @@ pub fn few_images_warning(what: &Path, count: usize, dims: i64) -> Option<String
 }
 
 /// The metrics `sdkd eval --metrics` computes; each is one arm of `commands::eval::score`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Metric {
     Fid,
     Is,
