@@ -1,7 +1,8 @@
 //! `sdkd demo --quick`: the whole job runs end to end and leaves what a person looks at: a report
 //! with every model's held-out loss, a grid, pipelines diffusers loads, and rerunnable run files.
 //! Even at the quick run's 6 student steps, the KD student beats the control trained from scratch
-//! on held-out loss (measured: 0.671 against 0.817, 18% lower).
+//! on held-out loss (measured with the v-prediction teacher of 10 steps: 0.757 against 0.805, 6.0%
+//! lower).
 mod common;
 
 use common::*;
@@ -27,8 +28,8 @@ fn quick_demo_runs_the_whole_job() {
     assert!(report.contains(" | 1,918,660 | 58.5% |"), "{report}");
     let (pruned, kd, scratch) = (losses[1], losses[2], losses[3]);
     eprintln!("held-out loss: pruned {pruned:.4}, KD {kd:.4}, scratch {scratch:.4}: KD {:.1}% lower", 100.0 * (1.0 - kd / scratch));
-    // half the measured margin: KD at least 9% below scratch, and training improved on the copy
-    assert!(kd < 0.91 * scratch, "KD student {kd} is not 9% below the scratch control {scratch}:\n{report}");
+    // half the measured margin: KD at least 3% below scratch, and training improved on the copy
+    assert!(kd < 0.97 * scratch, "KD student {kd} is not 3% below the scratch control {scratch}:\n{report}");
     assert!(kd < pruned, "6 KD steps did not improve on the pruned copy ({kd} vs {pruned})");
     // 4 rows (held-out image, teacher, KD student, control) of 4 prompts, 32 px enlarged 4x
     let grid = image::open(out.join("grid.png")).unwrap();

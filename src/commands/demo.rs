@@ -3,7 +3,7 @@
 use crate::demo::run::{run_demo, DemoOptions};
 use crate::distill::progress::ProgressMode;
 use crate::fs_safe::{self, Existing, Marker, Purpose};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 
@@ -48,7 +48,8 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
-    let mut o = DemoOptions { seed: a.seed, data_format: a.data_format, ..DemoOptions::default() };
+    let sdkd = std::env::current_exe().context("finding the sdkd executable the training runs start")?;
+    let mut o = DemoOptions { seed: a.seed, data_format: a.data_format, sdkd, ..DemoOptions::default() };
     if a.quick {
         o = DemoOptions { count: 128, held_out: 16, vae_steps: 30, teacher_steps: 10, student_steps: 6, prompts: 4, sampling_steps: 10, progress: ProgressMode::Hidden, ..o };
     }

@@ -1,7 +1,7 @@
 //! The demo's embedded teacher pipeline. No pretrained weights are reachable, so `sdkd demo`
 //! makes its own Stable Diffusion pipeline folder from the synthetic dataset: a BPE tokenizer
 //! over the captions' words, a frozen random CLIP text encoder, a small VAE trained here on the
-//! images, SD-1.5's DDPM schedule and a randomly initialised SD-1.x-shaped UNet that the demo
+//! images, SD-1.5's DDPM schedule with v-prediction and a randomly initialised SD-1.x-shaped UNet that the demo
 //! then trains. The folder is an ordinary diffusers `StableDiffusionPipeline` folder: sdkd's
 //! `PipelineDir` and diffusers' `from_pretrained` both load it.
 pub mod caption_score;

@@ -2,7 +2,8 @@
 //! user would use: synthetic data -> the demo pipeline (tokenizer, frozen text encoder, a VAE
 //! trained here) -> latent caches -> a teacher UNet trained from scratch (task loss only) -> a
 //! `bk_small` student distilled from it with KD, and as a control the same student trained from
-//! scratch for the same steps -> exported pipelines -> the same prompts through each -> a grid
+//! scratch for the same steps (each run a `sdkd train` process: the teacher as two data-parallel
+//! ranks, the two students side by side) -> exported pipelines -> the same prompts through each -> a grid
 //! and a report with each model's held-out denoising loss.
 use super::{build_demo_teacher, DemoTeacherOptions, VaeTrainOptions, DEMO_RESOLUTION};
 use crate::config::RunConfig;
@@ -12,7 +13,6 @@ use crate::distill::encoder::{LatentScale, TeacherEncoder};
 use crate::distill::evaluate::denoising_loss;
 use crate::distill::progress::ProgressMode;
 use crate::distill::tensorboard::EventWriter;
-use crate::distill::trainer::Trainer;
 use crate::eval::inception::{InceptionV3, WEIGHTS_HELP};
 use crate::eval::{fid, inception_score, Frontend};
 use super::caption_score;
@@ -21,15 +21,14 @@ use crate::grid::grid;
 use crate::models::{weights, PipelineDir, UNet};
 use crate::pipeline::{generate_batch, BatchMember, GenerateRequest, Parts};
 use crate::schedulers::{NoiseSchedule, SchedulerConfig, SchedulerKind};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-/// The sizes of a demo run; the defaults take about ten minutes on two CPU cores.
+/// The sizes of a demo run; the defaults take about 19 minutes on two idle CPU cores (README).
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
     pub seed: u64,
@@ -52,6 +51,10 @@ pub struct DemoOptions {
     pub caption_dropout: f64,
     /// Learning rate of the teacher (from scratch).
     pub teacher_lr: f64,
+    /// Processes of the teacher's data-parallel run (each trains on `batch_size` samples a step).
+    pub teacher_ranks: usize,
+    /// The `sdkd` executable the training runs are started with (`sdkd train --config ...`).
+    pub sdkd: PathBuf,
     /// pytorch-fid's Inception weights: FID and IS of each model on the held-out set.
     pub inception: Option<PathBuf>,
 }
@@ -63,7 +66,7 @@ impl Default for DemoOptions {
             count: 1000,
             held_out: 64,
             vae_steps: VaeTrainOptions::default().steps,
-            teacher_steps: 900,
+            teacher_steps: 1800,
             student_steps: 240,
             batch_size: 16,
             prompts: 8,
@@ -73,6 +76,8 @@ impl Default for DemoOptions {
             data_format: DataFormat::Imagefolder,
             caption_dropout: 0.1,
             teacher_lr: 1e-3,
+            teacher_ranks: 2,
+            sdkd: PathBuf::from("sdkd"),
             inception: None,
         }
     }
@@ -114,27 +119,97 @@ fn write_run_yaml(out: &Path, name: &str, body: &str) -> Result<PathBuf> {
 /// A run YAML of the demo (paths relative to `configs/`).
 // Each argument is one value the YAML spells out; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
-fn run_yaml(o: &DemoOptions, teacher: &str, student: &str, init: &str, distill: bool, name: &str, steps: u64, lr: f64) -> String {
+/// `batch` is each process's; a run of R processes trains on R × batch samples a step.
+fn run_yaml(o: &DemoOptions, teacher: &str, student: &str, init: &str, distill: bool, name: &str, steps: u64, lr: f64, batch: usize) -> String {
     format!(
         "# written by `sdkd demo`; rerun with: sdkd train --config <this file>\n\
          teacher: ../{teacher}\nstudent: {student}\nstudent_init: {init}\ndistill: {distill}\noutput_dir: ../runs/{name}\n\
          data:\n  cache: ../cache\n  resolution: {DEMO_RESOLUTION}\n  caption_dropout: {}\n\
-         train:\n  batch_size: {}\n  grad_accum: 1\n  max_steps: {steps}\n  seed: {}\n  device: cpu\n  precision: fp32\n\
+         train:\n  batch_size: {}\n  grad_accum: 1\n  max_steps: {steps}\n  seed: {}\n  device: cpu\n  precision: fp32\n  dist_timeout_s: 300\n\
          optim:\n  lr: {lr:e}\n  schedule: cosine\n  warmup_steps: {}\n  weight_decay: 0.01\n\
          checkpoint:\n  every: {steps}\n  keep: 1\nlog:\n  every: 20\n  tensorboard: true\nvalidation:\n  every: 0\n",
         o.caption_dropout,
-        o.batch_size,
+        batch,
         o.seed,
         (steps / 20).max(1)
     )
 }
 
-fn train(config: &Path, progress: ProgressMode) -> Result<(UNet, f64)> {
-    let t = Instant::now();
-    let cfg = RunConfig::load(config)?;
-    let mut trainer = Trainer::new(cfg, None)?;
-    trainer.run(&AtomicBool::new(false), progress)?;
-    Ok((trainer.into_student(), t.elapsed().as_secs_f64()))
+/// One `sdkd train --config <file>` run started as `ranks` processes of a data-parallel job on
+/// this machine (Gloo between CPU processes, rank 0 hosting the rendezvous on a free local port),
+/// as `torchrun --nproc-per-node <ranks>` would start them. On two cores this is the demo's
+/// speed-up: a run of these tiny UNets keeps one core busy dispatching kernels, so two processes
+/// (two ranks of the teacher, or the two students side by side) do twice the work in the time.
+struct TrainJob {
+    name: String,
+    output_dir: PathBuf,
+    ranks: Vec<(std::process::Child, PathBuf)>,
+    started: Instant,
+}
+
+impl TrainJob {
+    /// Rank 0 shows its progress when `show` (stderr inherited); every other rank, and rank 0
+    /// otherwise, writes its output to `logs/<name>-rank<r>.log`.
+    fn start(o: &DemoOptions, out: &Path, name: &str, config: &Path, ranks: usize, show: bool) -> Result<TrainJob> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).context("finding a free local port for the rendezvous")?.port();
+        let logs = out.join("logs");
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        let mut children = vec![];
+        for rank in 0..ranks {
+            let log = logs.join(format!("{name}-rank{rank}.log"));
+            let mut cmd = std::process::Command::new(&o.sdkd);
+            cmd.args(["train", "--config"]).arg(config);
+            if !show || o.progress == ProgressMode::Hidden {
+                cmd.arg("--quiet");
+            }
+            if ranks > 1 {
+                cmd.env("RANK", rank.to_string()).env("WORLD_SIZE", ranks.to_string()).env("LOCAL_RANK", rank.to_string());
+                cmd.env("LOCAL_WORLD_SIZE", ranks.to_string()).env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", port.to_string());
+            }
+            let file = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+            match show && rank == 0 {
+                true => cmd.stdout(file),
+                false => cmd.stdout(file.try_clone()?).stderr(file),
+            };
+            let child = cmd.spawn().with_context(|| format!("starting {} train --config {}", o.sdkd.display(), config.display()))?;
+            children.push((child, log));
+        }
+        let output_dir = RunConfig::load(config)?.output_dir;
+        Ok(TrainJob { name: name.to_string(), output_dir, ranks: children, started: Instant::now() })
+    }
+
+    /// Waits for every rank; a failed rank stops the others, and the error quotes its log.
+    /// Returns the trained UNet (`final/unet`) and the wall seconds.
+    fn finish(mut self) -> Result<(UNet, f64)> {
+        let mut failed = None;
+        while failed.is_none() && !self.ranks.is_empty() {
+            let mut i = 0;
+            while i < self.ranks.len() {
+                match self.ranks[i].0.try_wait()? {
+                    Some(status) if status.success() => drop(self.ranks.remove(i)),
+                    Some(status) => {
+                        failed = Some((i, status));
+                        break;
+                    }
+                    None => i += 1,
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        if let Some((i, status)) = failed {
+            for (child, _) in &mut self.ranks {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let log = &self.ranks[i].1;
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(12).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("the {} run failed ({status}); {}:\n{}", self.name, log.display(), tail.join("\n"));
+        }
+        let seconds = self.started.elapsed().as_secs_f64();
+        Ok((UNet::load(&self.output_dir.join("final/unet"), Device::Cpu, Kind::Float)?, seconds))
+    }
 }
 
 /// Latent batches of a cache, drawn once with a fixed seed (the held-out problems).
@@ -194,20 +269,25 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     encode(&out.join("pipeline-init"), &out.join("data"), &out.join("cache"), o.seed)?;
     encode(&out.join("pipeline-init"), &out.join("heldout"), &out.join("cache-heldout"), o.seed)?;
 
-    step(&format!("teacher: training the UNet from scratch, {} steps", o.teacher_steps));
-    let cfg = write_run_yaml(out, "teacher", &run_yaml(o, "pipeline-init", "../pipeline-init/unet", "random", false, "teacher", o.teacher_steps, o.teacher_lr))?;
-    let (teacher, teacher_secs) = train(&cfg, o.progress)?;
+    step(&format!("teacher: training the UNet from scratch, {} steps, as {} data-parallel processes", o.teacher_steps, o.teacher_ranks));
+    // the teacher's ranks share its batch: the same run as one process, in less time
+    let teacher_batch = (o.batch_size / o.teacher_ranks.max(1)).max(1);
+    let cfg = write_run_yaml(out, "teacher", &run_yaml(o, "pipeline-init", "../pipeline-init/unet", "random", false, "teacher", o.teacher_steps, o.teacher_lr, teacher_batch))?;
+    let (teacher, teacher_secs) = TrainJob::start(o, out, "teacher", &cfg, o.teacher_ranks, true)?.finish()?;
     let teacher_config = teacher.model.config.clone();
     write_pipeline_dir(&out.join("teacher"), &out.join("pipeline-init"), &teacher_config, &weights::named_tensors(&teacher.vs), None)?;
 
-    step(&format!("student bk_small: distilling from the teacher, {} steps", o.student_steps));
-    let cfg = write_run_yaml(out, "student_kd", &run_yaml(o, "teacher", "bk_small", "teacher", true, "student_kd", o.student_steps, 5e-4))?;
-    let (kd, kd_secs) = train(&cfg, o.progress)?;
+    step(&format!(
+        "student bk_small distilled from the teacher, and beside it the control (the same student from scratch, task loss only), {} steps each",
+        o.student_steps
+    ));
+    let kd_cfg = write_run_yaml(out, "student_kd", &run_yaml(o, "teacher", "bk_small", "teacher", true, "student_kd", o.student_steps, 5e-4, o.batch_size))?;
+    let scratch_cfg = write_run_yaml(out, "student_scratch", &run_yaml(o, "teacher", "bk_small", "random", false, "student_scratch", o.student_steps, 1e-3, o.batch_size))?;
+    let kd_job = TrainJob::start(o, out, "student_kd", &kd_cfg, 1, true)?;
+    let scratch_job = TrainJob::start(o, out, "student_scratch", &scratch_cfg, 1, false)?;
+    let (kd, kd_secs) = kd_job.finish()?;
+    let (scratch, scratch_secs) = scratch_job.finish()?;
     write_pipeline_dir(&out.join("student_kd"), &out.join("teacher"), &kd.model.config, &weights::named_tensors(&kd.vs), None)?;
-
-    step(&format!("control bk_small: the same student from scratch, task loss only, {} steps", o.student_steps));
-    let cfg = write_run_yaml(out, "student_scratch", &run_yaml(o, "teacher", "bk_small", "random", false, "student_scratch", o.student_steps, 1e-3))?;
-    let (scratch, scratch_secs) = train(&cfg, o.progress)?;
     write_pipeline_dir(&out.join("student_scratch"), &out.join("teacher"), &scratch.model.config, &weights::named_tensors(&scratch.vs), None)?;
 
     // the student as pruned, before any training: what KD starts from
@@ -374,12 +454,14 @@ fn report_markdown(o: &DemoOptions, models: &[ModelResult], f: &ReportFacts<'_>,
     s += &format!(
         "The whole job on embedded data in {seconds:.0} s on this machine: {} synthetic {res}x{res} image-caption pairs \
          ({} held out), a demo pipeline (a VAE trained here to {:.1} dB PSNR on held-out images, a frozen random \
-         CLIP text encoder over the captions' words), a teacher UNet trained from scratch, and a BK-SDM `bk_small` \
-         student distilled from it, against the same student trained from scratch for the same steps. Every run \
-         trains on the empty prompt with probability {} (`data.caption_dropout`).\n\n",
+         CLIP text encoder over the captions' words, SD-1.5's noise schedule with v-prediction), a teacher UNet \
+         trained from scratch as {} data-parallel processes, and a BK-SDM `bk_small` student distilled from it, \
+         against the same student trained from scratch for the same steps. Every run trains on the empty prompt \
+         with probability {} (`data.caption_dropout`).\n\n",
         o.count,
         o.held_out,
         parts.psnr_held_out,
+        o.teacher_ranks,
         o.caption_dropout,
         res = DEMO_RESOLUTION
     );
@@ -399,7 +481,7 @@ fn report_markdown(o: &DemoOptions, models: &[ModelResult], f: &ReportFacts<'_>,
     let kd = &models[2];
     let scratch = &models[3];
     s += &format!(
-        "\nHeld-out denoising loss: the MSE of each UNet's noise prediction on {} held-out latents at 10 fixed \
+        "\nHeld-out denoising loss: the MSE of each UNet's prediction of its target (v, the scheduler's `prediction_type`) on {} held-out latents at 10 fixed \
          timesteps with fixed noise (lower is better). With the same steps, data and seed, the distilled student \
          reaches {:.4} and the student trained from scratch {:.4}: {}.\n\n",
         o.held_out,
