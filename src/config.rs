@@ -279,7 +279,7 @@ impl DeviceChoice {
             DeviceChoice::Cuda(i) => {
                 let n = tch::Cuda::device_count() as usize;
                 if i >= n {
-                    bail!("train.device = cuda:{i}, but this machine has {n} CUDA device(s)");
+                    bail!("cuda:{i}, but this machine has {n} CUDA device(s)");
                 }
                 Ok(tch::Device::Cuda(i))
             }

@@ -470,12 +470,7 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
     if let Some(t) = args.threads {
         tch::set_num_threads(t);
     }
-    let device = match args.device {
-        DeviceChoice::Cuda(i) if i as i64 >= tch::Cuda::device_count() => {
-            bail!("--device {}: this machine has {} CUDA device(s)", args.device, tch::Cuda::device_count())
-        }
-        d => d.resolve()?,
-    };
+    let device = args.device.resolve().context("--device")?;
     let kind = args.precision.kind();
     let launch = Launch::from_env(|k| std::env::var(k).ok())?;
     let (ranks, device) = match &launch {

@@ -4,16 +4,15 @@
 //! generates the images first by BK-SDM's protocol (resumable, batch-invariant seeds) and scores
 //! them with a per-image feature cache; `sdkd eval --compare A/ B/` tabulates reports.
 use crate::commands::generate::PipelineArgs;
-use crate::config::Precision;
+use crate::config::{DeviceChoice, Precision};
 use crate::eval::generate::{self as gen, Generation, Seeding};
-use crate::eval::{self, clip_score, fid, inception::InceptionV3, inception_score, prompts, FeatureCache, Frontend, Metric};
+use crate::eval::{self, clip_score, fid, inception::InceptionV3, inception_score, prompts, FeatureCache, Metric};
 use crate::fs_safe::{self, Existing, Marker, Purpose};
 use crate::schedulers::SchedulerKind;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use tch::Device;
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -101,9 +100,17 @@ pub struct CommonArgs {
     /// depend on it); otherwise images per Inception batch (default 50, pytorch-fid's).
     #[arg(long)]
     pub batch_size: Option<usize>,
-    /// cpu, or cuda (the default when one is present).
+    /// auto (the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
+}
+
+impl CommonArgs {
+    /// `--device` through the run config's device parser (default auto), a bad value an exit-1 error.
+    fn device(&self) -> Result<tch::Device> {
+        let choice: DeviceChoice = self.device.as_deref().unwrap_or("auto").parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+        choice.resolve().context("--device")
+    }
 }
 
 #[derive(Subcommand)]
@@ -127,24 +134,12 @@ pub struct FidArgs {
     pub common: CommonArgs,
 }
 
-fn device(name: Option<&str>) -> Result<Device> {
-    Ok(match name {
-        None => Device::cuda_if_available(),
-        Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::Cuda(0),
-        Some(other) => match other.strip_prefix("cuda:").and_then(|i| i.parse().ok()) {
-            Some(i) => Device::Cuda(i),
-            None => bail!("--device {other:?}: expected cpu, cuda or cuda:N"),
-        },
-    })
-}
-
 /// The network, or an error that says which file is needed and where users get it.
 fn network(c: &CommonArgs) -> Result<InceptionV3> {
     let Some(path) = &c.inception else {
         bail!("--inception is required: sdkd downloads nothing and never scores with random weights; it needs {}", eval::inception::WEIGHTS_HELP);
     };
-    InceptionV3::load(path, device(c.device.as_deref())?)
+    InceptionV3::load(path, c.device()?)
 }
 
 pub fn run(a: &EvalArgs) -> Result<()> {
@@ -209,22 +204,19 @@ fn score(metric: Metric, s: &Scoring<'_>, report: &mut Value, warnings: &mut Vec
     match metric {
         Metric::Fid => {
             let real = s.real.context("--metrics fid needs --real <image folder or .npz>")?;
-            let (f, _) = eval::features_cached(s.net(), &s.paths, Frontend::PytorchFid, s.dims, s.batch, s.cache.as_ref())?;
-            let gen = fid::Stats::from_features(&f)?;
             let real_stats = eval::stats_of(real, s.net(), s.dims, s.batch)?;
+            let (fid, gen) = eval::fid_against(s.net(), &s.paths, s.dims, s.batch, s.cache.as_ref(), &real_stats)?;
             for (p, st) in [(s.images, &gen), (real, &real_stats)] {
                 if let Some(w) = st.count.and_then(|n| eval::few_images_warning(p, n, s.dims)) {
                     eprintln!("{w}");
                     warnings.push(w);
                 }
             }
-            report["fid"] = fid::frechet_distance(&gen, &real_stats)?.into();
+            report["fid"] = fid.into();
             report["real"] = real.display().to_string().into();
         }
         Metric::Is => {
-            let (_, logits) =
-                eval::features_cached(s.net(), &s.paths, Frontend::TorchFidelity, 2048, s.batch, s.cache.as_ref())?;
-            let (m, sd) = inception_score::inception_score(&logits.expect("2048 features come with logits"), inception_score::SPLITS)?;
+            let (m, sd) = eval::inception_score_of(s.net(), &s.paths, s.batch, s.cache.as_ref())?;
             report["is_mean"] = m.into();
             report["is_std"] = sd.into();
         }
@@ -276,7 +268,7 @@ fn clip_for(metrics: &[Metric], c: &CommonArgs) -> Result<Option<clip_score::Cli
     let Some(path) = &c.clip else {
         bail!("--metrics clip needs --clip <weights>: sdkd downloads nothing and never scores with random weights; it needs {}", crate::models::open_clip::WEIGHTS_HELP);
     };
-    clip_score::ClipScorer::load(path, device(c.device.as_deref())?).map(Some)
+    clip_score::ClipScorer::load(path, c.device()?).map(Some)
 }
 
 fn run_report(a: &EvalArgs) -> Result<()> {
@@ -325,7 +317,7 @@ fn run_generated(a: &EvalArgs) -> Result<()> {
     let metrics = Metric::parse_list(&a.metrics)?;
     let captions = prompts::select(prompts::read(prompts_file)?, a.count, a.sample_seed)?;
     let texts: Vec<String> = captions.into_iter().map(|c| c.text).collect();
-    let device = device(a.common.device.as_deref())?;
+    let device = a.common.device()?;
     let dtype = a.dtype.unwrap_or(if device.is_cuda() { Precision::Fp16 } else { Precision::Fp32 });
     let generation = Generation {
         scheduler: a.scheduler.name().to_string(),

@@ -139,12 +139,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     // bad sizes and counts fail before anything is loaded
     req.validate()?;
     let paths = output_paths(&args.out, args.samples)?;
-    let device = match args.device {
-        DeviceChoice::Cuda(i) if i >= tch::Cuda::device_count().max(0) as usize => {
-            bail!("--device cuda:{i}: this machine has {} CUDA device(s)", tch::Cuda::device_count())
-        }
-        d => d.resolve().context("--device")?,
-    };
+    let device = args.device.resolve().context("--device")?;
 
     let (t2i, unet) = args.pipeline.load(device)?;
     let (width, height) = t2i.parts().image_size(&req)?;

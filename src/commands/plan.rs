@@ -164,7 +164,10 @@ fn probe(cfg: &RunConfig, teacher_config: &Path, device: Device, resolution: u32
 pub fn plan(args: &PlanArgs) -> Result<MemoryPlan> {
     let gpu_mem = args.gpu_mem.as_deref().map(parse_mem).transpose()?;
     let cfg = RunConfig::load(&args.config)?;
-    let device = args.device.unwrap_or(cfg.train.device).resolve()?;
+    let device = match args.device {
+        Some(d) => d.resolve().context("--device")?,
+        None => cfg.train.device.resolve().context("train.device")?,
+    };
     let teacher = cfg.teacher.as_deref().ok_or_else(|| anyhow!("{}: plan needs `teacher` (the student's shapes come from its UNet)", args.config.display()))?;
     let pipeline = PipelineDir::open(teacher)?;
     let teacher_config = pipeline.unet_config()?;

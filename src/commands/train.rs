@@ -53,7 +53,7 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
 /// `train.device` moved to this rank's GPU.
 fn join_ranks(launch: &Launch, cfg: &mut RunConfig) -> Result<Ranks> {
     let timeout = std::time::Duration::from_secs_f64(cfg.train.dist_timeout_s);
-    let (ranks, device) = Ranks::join(launch, cfg.train.device.resolve()?, timeout)
+    let (ranks, device) = Ranks::join(launch, cfg.train.device.resolve().context("train.device")?, timeout)
         .with_context(|| format!("{} launch, train.dist_timeout_s = {}", launch.launcher, cfg.train.dist_timeout_s))?;
     if let tch::Device::Cuda(i) = device {
         cfg.train.device = crate::config::DeviceChoice::Cuda(i);

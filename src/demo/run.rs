@@ -14,7 +14,6 @@ use crate::distill::evaluate::denoising_loss;
 use crate::distill::progress::ProgressMode;
 use crate::distill::tensorboard::EventWriter;
 use crate::eval::inception::{InceptionV3, WEIGHTS_HELP};
-use crate::eval::{fid, inception_score, Frontend};
 use super::caption_score;
 use crate::export::write_pipeline_dir;
 use crate::grid::grid;
@@ -363,16 +362,11 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
         Some(path) => {
             step("FID and IS on the held-out set (--inception)");
             let net = InceptionV3::load(path, Device::Cpu)?;
-            let real = crate::eval::list_images(&out.join("heldout"))?;
-            let (f, _) = crate::eval::features(&net, &real, Frontend::PytorchFid, 2048, 16)?;
-            let real_stats = fid::Stats::from_features(&f)?;
+            let real_stats = crate::eval::stats_of(&out.join("heldout"), &net, 2048, 16)?;
             for (m, dir) in sampled_models {
                 let paths = crate::eval::list_images(&out.join("samples").join(dir))?;
-                let (f, _) = crate::eval::features(&net, &paths, Frontend::PytorchFid, 2048, 16)?;
-                models[m].fid = Some(fid::frechet_distance(&fid::Stats::from_features(&f)?, &real_stats)?);
-                let (_, logits) = crate::eval::features(&net, &paths, Frontend::TorchFidelity, 2048, 16)?;
-                let logits = logits.context("2048-d features come with logits")?;
-                models[m].inception_score = Some(inception_score::inception_score(&logits, inception_score::SPLITS)?);
+                models[m].fid = Some(crate::eval::fid_against(&net, &paths, 2048, 16, None, &real_stats)?.0);
+                models[m].inception_score = Some(crate::eval::inception_score_of(&net, &paths, 16, None)?);
             }
             Some(path.clone())
         }

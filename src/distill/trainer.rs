@@ -420,7 +420,7 @@ impl Trainer {
     /// `new` for one rank of a data-parallel run (`ranks`; its device is `train.device`): the
     /// student and EMA are then rank 0's, and checked equal on every rank.
     pub fn with_ranks(cfg: RunConfig, resume: Option<&str>, ranks: Option<Ranks>) -> Result<Trainer> {
-        let device = cfg.train.device.resolve()?;
+        let device = cfg.train.device.resolve().context("train.device")?;
         check_batch_memory(&cfg)?;
         // The dtype the teacher, its encoders and the student's forward and backward run in.
         // LibTorch's CPU kernels in bf16/fp16 are slow and inexact: the CPU computes in fp32.

@@ -82,6 +82,20 @@ pub fn features(net: &InceptionV3, paths: &[PathBuf], frontend: Frontend, dims: 
     Ok((Tensor::cat(&pools, 0), logits))
 }
 
+/// FID of the images at `paths` against `real` (pytorch-fid's front end, `dims` features), and
+/// the images' statistics.
+pub fn fid_against(net: &InceptionV3, paths: &[PathBuf], dims: i64, batch_size: usize, cache: Option<&FeatureCache>, real: &fid::Stats) -> Result<(f64, fid::Stats)> {
+    let (f, _) = features_cached(net, paths, Frontend::PytorchFid, dims, batch_size, cache)?;
+    let stats = fid::Stats::from_features(&f)?;
+    Ok((fid::frechet_distance(&stats, real)?, stats))
+}
+
+/// Inception Score of the images at `paths` (torch-fidelity's front end and 10 splits): (mean, std).
+pub fn inception_score_of(net: &InceptionV3, paths: &[PathBuf], batch_size: usize, cache: Option<&FeatureCache>) -> Result<(f64, f64)> {
+    let (_, logits) = features_cached(net, paths, Frontend::TorchFidelity, 2048, batch_size, cache)?;
+    inception_score::inception_score(&logits.context("2048-d features come with logits")?, inception_score::SPLITS)
+}
+
 /// FID statistics of a folder of images or a pytorch-fid `.npz`.
 pub fn stats_of(source: &Path, net: &InceptionV3, dims: i64, batch_size: usize) -> Result<fid::Stats> {
     if source.extension().is_some_and(|e| e == "npz") {

@@ -6,7 +6,7 @@
 //! 512² are about 0.4 GB); every one keeps its `report.json`.
 use super::generate::{self as gen, Generation};
 use super::inception::InceptionV3;
-use super::{clip_score, fid, inception_score, prompts, Frontend, Metric};
+use super::{clip_score, fid, inception_score, prompts, Metric};
 use crate::config::EvalConfig;
 use crate::pipeline::{GenerateRequest, Parts};
 use crate::schedulers::NoiseSchedule;
@@ -96,10 +96,6 @@ impl PeriodicEval {
         Ok(PeriodicEval { cfg: cfg.clone(), captions, inception, real, device })
     }
 
-    pub fn every(&self) -> u64 {
-        self.cfg.every
-    }
-
     fn generation(&self, parts: &Parts<'_>) -> Result<Generation> {
         let resolution = match self.cfg.resolution {
             Some(r) => r,
@@ -151,14 +147,10 @@ impl PeriodicEval {
         for &m in &self.cfg.metrics {
             match m {
                 Metric::Fid => {
-                    let (f, _) = super::features(net()?, scored, Frontend::PytorchFid, FID_DIMS, INCEPTION_BATCH)?;
                     let real = self.real.as_ref().context("the real statistics are read for fid")?;
-                    s.fid = Some(fid::frechet_distance(&fid::Stats::from_features(&f)?, real)?);
+                    s.fid = Some(super::fid_against(net()?, scored, FID_DIMS, INCEPTION_BATCH, None, real)?.0);
                 }
-                Metric::Is => {
-                    let (_, logits) = super::features(net()?, scored, Frontend::TorchFidelity, 2048, INCEPTION_BATCH)?;
-                    s.is = Some(inception_score::inception_score(&logits.context("2048-d features come with logits")?, inception_score::SPLITS)?);
-                }
+                Metric::Is => s.is = Some(super::inception_score_of(net()?, scored, INCEPTION_BATCH, None)?),
                 Metric::Clip => {
                     let path = self.cfg.clip.as_ref().context("validation.eval.clip is set for clip")?;
                     let scorer = clip_score::ClipScorer::load(path, self.device).context("validation.eval.clip")?;
