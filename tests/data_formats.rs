@@ -127,6 +127,35 @@ fn resume_is_exact_on_webdataset_and_parquet() {
     }
 }
 
+/// The loader's threads read row groups of one parquet file at once, each group for the first
+/// time; every row still decodes to its own image (reads that shared one file offset returned
+/// other bytes: rows reported as missing, or another row's image).
+#[test]
+fn concurrent_parquet_reads_give_each_row_its_own_image() {
+    let f = fixture();
+    let loc = f.path("ref/bad-parquet");
+    let serial = open_image_rows(&loc, "test", &DataOptions::default()).unwrap();
+    let expected: Vec<Option<Vec<u8>>> = (0..serial.len()).map(|i| serial.decode(i).ok().map(|(im, _)| im.into_raw())).collect();
+    assert_eq!(expected.iter().filter(|e| e.is_none()).count(), 1, "one bad row in the fixture");
+    for round in 0..10 {
+        // a fresh set, so no row group is decoded yet and the threads read them together
+        let rows = open_image_rows(&loc, "test", &DataOptions::default()).unwrap();
+        let n = rows.len();
+        std::thread::scope(|scope| {
+            for t in 0..4 {
+                let (rows, expected) = (&rows, &expected);
+                scope.spawn(move || {
+                    for k in 0..n {
+                        let i = (k + t * n / 4) % n;
+                        let got = rows.decode(i).ok().map(|(im, _)| im.into_raw());
+                        assert!(got == expected[i], "round {round}, thread {t}: row {i} decoded differently from a serial read");
+                    }
+                });
+            }
+        });
+    }
+}
+
 /// (shard file name, key) of a skipped sample, from its message.
 fn shard_and_key(b: &BadSample) -> (String, String) {
     let shard = b.file.file_name().unwrap().to_string_lossy().into_owned();

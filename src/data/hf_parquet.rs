@@ -10,16 +10,23 @@
 //! one row group read per sample: `datasets` writes image datasets with 100 rows per group;
 //! files with much larger groups are slow to shuffle and are warned about.
 //!
+//! The loader's threads read row groups of one file at once. parquet's `ChunkReader` for `File`
+//! clones the descriptor and seeks, and clones share one offset, so concurrent reads interleave
+//! and return the wrong bytes; the readers here read by position instead (`PositionedFile`).
+//!
 //! A row whose image is null, or whose struct holds only a `path` (an image that was never
 //! embedded), is a bad sample named by file and row; paths are never followed.
 use super::formats::{Filters, Meta};
 use super::source::{decode_rgb, fingerprint_of, usable_caption, BadKind, BadSample, ImageRows};
 use anyhow::{anyhow, bail, Context, Result};
 use parquet::basic::Compression;
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use bytes::Bytes;
+use parquet::file::reader::{ChunkReader, FileReader, Length, SerializedFileReader};
 use parquet::record::{Field, Row};
 use parquet::schema::types::Type;
 use std::collections::VecDeque;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -40,6 +47,46 @@ struct Entry {
     size: Option<(u32, u32)>,
 }
 
+/// A parquet file read with positional reads (`pread`), which share no offset between threads.
+struct PositionedFile {
+    file: Arc<std::fs::File>,
+    len: u64,
+}
+
+/// A reader of a `PositionedFile` from one position on, with its own offset.
+struct PositionedRead {
+    file: Arc<std::fs::File>,
+    at: u64,
+}
+
+impl Read for PositionedRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+impl Length for PositionedFile {
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl ChunkReader for PositionedFile {
+    type T = std::io::BufReader<PositionedRead>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        Ok(std::io::BufReader::new(PositionedRead { file: self.file.clone(), at: start }))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<Bytes> {
+        let mut buf = vec![0; length];
+        self.file.read_exact_at(&mut buf, start)?;
+        Ok(buf.into())
+    }
+}
+
 type GroupImages = Arc<Vec<Option<Vec<u8>>>>;
 
 /// An opened set of parquet files.
@@ -47,7 +94,7 @@ pub struct ParquetSet {
     pub files: Vec<PathBuf>,
     pub spec: String,
     pub image_column: String,
-    readers: Vec<SerializedFileReader<std::fs::File>>,
+    readers: Vec<SerializedFileReader<PositionedFile>>,
     entries: Vec<Entry>,
     pub filtered_out: usize,
     recent: Mutex<VecDeque<((u32, u32), GroupImages)>>,
@@ -101,7 +148,8 @@ impl ParquetSet {
         for (f, path) in files.iter().enumerate() {
             let at = || path.display().to_string();
             let file = std::fs::File::open(path).with_context(|| format!("opening {}", at()))?;
-            let reader = SerializedFileReader::new(file).map_err(|e| anyhow!("{} is not a readable parquet file: {e}", at()))?;
+            let len = file.metadata().with_context(|| format!("reading {}", at()))?.len();
+            let reader = SerializedFileReader::new(PositionedFile { file: Arc::new(file), len }).map_err(|e| anyhow!("{} is not a readable parquet file: {e}", at()))?;
             let meta = reader.metadata();
             let root = meta.file_metadata().schema();
             let has = |n: &str| root.get_fields().iter().any(|c| c.name() == n);
