@@ -1,8 +1,9 @@
 //! `sdkd demo --quick`: the whole job runs end to end and leaves what a person looks at: a report
 //! with every model's held-out loss, a grid, pipelines diffusers loads, and rerunnable run files.
-//! Even at the quick run's 6 student steps, the KD student beats the control trained from scratch
-//! on held-out loss (measured with the v-prediction teacher of 10 steps: 0.757 against 0.805, 6.0%
-//! lower).
+//! The quick teacher (150 steps) already reads the background colour from its captions, and even
+//! at the quick run's 6 student steps the KD student keeps that and beats the control trained from
+//! scratch on held-out loss. Measured: teacher background 100%, KD student 88% (14 of 16), control
+//! 31%; held-out loss KD 0.3526 against the control's 0.6751, 47.8% lower.
 mod common;
 
 use common::*;
@@ -28,8 +29,8 @@ fn quick_demo_runs_the_whole_job() {
     assert!(report.contains(" | 1,918,660 | 58.5% |"), "{report}");
     let (pruned, kd, scratch) = (losses[1], losses[2], losses[3]);
     eprintln!("held-out loss: pruned {pruned:.4}, KD {kd:.4}, scratch {scratch:.4}: KD {:.1}% lower", 100.0 * (1.0 - kd / scratch));
-    // half the measured margin: KD at least 3% below scratch, and training improved on the copy
-    assert!(kd < 0.97 * scratch, "KD student {kd} is not 3% below the scratch control {scratch}:\n{report}");
+    // half the measured margin: KD at least 24% below scratch, and training improved on the copy
+    assert!(kd < 0.76 * scratch, "KD student {kd} is not 24% below the scratch control {scratch}:\n{report}");
     assert!(kd < pruned, "6 KD steps did not improve on the pruned copy ({kd} vs {pruned})");
     // 4 rows (held-out image, teacher, KD student, control) of 4 prompts, 32 px enlarged 4x
     let grid = image::open(out.join("grid.png")).unwrap();
@@ -43,6 +44,13 @@ fn quick_demo_runs_the_whole_job() {
     for row in ["teacher", "bk_small KD", "bk_small scratch"] {
         let a = accuracy(row);
         assert!(a.len() == 3 && a.iter().all(|x| (0.0..=1.0).contains(x)), "{row}: {a:?}");
+    }
+    // The background read from the caption: at least 12 of the 16 held-out captions. Chance is
+    // 31% (the set's most common background, 5 of 16, is what a model ignoring its captions
+    // scores at best), and a model right 31% of the time reaches 12 of 16 with probability ~4e-4.
+    for row in ["teacher", "bk_small KD"] {
+        let background = accuracy(row)[0];
+        assert!(background >= 0.75, "{row}: background accuracy {background} is not above chance (0.31) by the bar (0.75):\n{report}");
     }
     assert!(report.contains("mean cosine similarity"), "{report}");
     for model in ["teacher", "student_kd", "student_scratch"] {
@@ -65,6 +73,6 @@ fn quick_demo_runs_the_whole_job() {
     for a in ["background", "object_colour", "position"] {
         let points = tb["scalars"][format!("eval/caption_accuracy/{a}")].as_array().unwrap_or_else(|| panic!("no eval/caption_accuracy/{a}: {tb}")).clone();
         assert_eq!(points.len(), 1, "{a}: {points:?}");
-        assert_eq!(points[0][0].as_i64(), Some(10), "at the teacher's last step");
+        assert_eq!(points[0][0].as_i64(), Some(150), "at the teacher's last step");
     }
 }
