@@ -9,9 +9,16 @@
 //! The rule: every folder sdkd makes for a user (a run's `output_dir`, an exported or pruned UNet
 //! or pipeline, a synthetic dataset, a demo's output) holds a small marker, [`MARKER`], naming its purpose. sdkd
 //! writes only where nothing is, into an empty folder, or over a folder it marked for the same
-//! purpose, and over that only when asked (`--overwrite`). Anything else is refused by name.
+//! purpose, and over that only when asked (`--overwrite`) and only when every file in it, at
+//! any depth, is one sdkd wrote there ([`foreign_files`]). Anything else is refused by name.
+//!
+//! Which files sdkd wrote: a folder written whole by [`write_dir`] lists them in its marker
+//! (name and size, so a file the user added or changed counts as theirs); a folder that grows
+//! after it is made (a run, a demo until it finishes, an eval generation) is judged by the names
+//! its purpose writes ([`Purpose::layout`]), and a marked folder inside it by its own marker.
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -48,6 +55,71 @@ impl Purpose {
             Purpose::Eval => "an sdkd eval report",
         }
     }
+
+    /// The paths (relative, `/`-separated; `*` within a name, a final `**` for anything below)
+    /// that sdkd writes into a folder of this purpose whose marker lists no files: a run and an
+    /// eval generation, which grow after their marker is written, and folders marked by an sdkd
+    /// that did not list its files. Anything else there is the user's.
+    pub fn layout(self) -> &'static [&'static str] {
+        match self {
+            // distill::checkpoint (a step folder's files, listed in its state.json), the trainer's
+            // config.yaml, final/ (marked UNet folders), TensorBoard events, sample grids and
+            // validation.eval's reports and images
+            Purpose::Run => &[
+                "config.yaml",
+                "checkpoints/step-*/state.json",
+                "checkpoints/step-*/student.safetensors",
+                "checkpoints/step-*/ema.safetensors",
+                "checkpoints/step-*/optimizer.safetensors",
+                "checkpoints/step-*/unet/config.json",
+                "final/unet/config.json",
+                "final/unet/diffusion_pytorch_model.safetensors",
+                "final/unet_ema/config.json",
+                "final/unet_ema/diffusion_pytorch_model.safetensors",
+                "tb/events.out.tfevents.*",
+                "samples/step-*.png",
+                "eval/step-*/report.json",
+                "eval/step-*/images/*.png",
+                "eval/step-*/images_*/*.png",
+                "eval/.step-*.partial/**",
+            ],
+            Purpose::Unet => &["config.json", "diffusion_pytorch_model.safetensors"],
+            Purpose::Pipeline => &[
+                "model_index.json",
+                "*/config.json",
+                "*/diffusion_pytorch_model.safetensors",
+                "*/model.safetensors",
+                "tokenizer/*",
+                "scheduler/scheduler_config.json",
+            ],
+            Purpose::Dataset => &["metadata.jsonl", "*.png", "*.tar", "data/train-*.parquet"],
+            // the demo's own writers (src/demo/); its pipelines and runs carry their own markers
+            Purpose::Demo => &[
+                "cache/**",
+                "cache-heldout/**",
+                "configs/*.yaml",
+                "data/**",
+                "heldout/**",
+                "logs/*.log",
+                "pipeline-init/**",
+                "runs/**",
+                "samples/**",
+                "student_kd/**",
+                "student_scratch/**",
+                "teacher/**",
+                "grid.png",
+                "report.md",
+                "vae_reconstructions.png",
+            ],
+            Purpose::Eval => &["report.json", "report.md", "images/*.png", "images/captions.jsonl", "images_*/*.png", "features/*"],
+        }
+    }
+}
+
+/// A file as sdkd wrote it (its size), in a marker's list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Written {
+    pub size: u64,
 }
 
 /// The content of [`MARKER`].
@@ -61,11 +133,28 @@ pub struct Marker {
     /// A run's `RunConfig::resume_identity`, so a refusal can name the keys that differ.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub config: serde_json::Value,
+    /// Every file sdkd wrote into the folder (relative path, `/`-separated), when it wrote the
+    /// folder whole; absent for a folder that grows (judged by [`Purpose::layout`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<BTreeMap<String, Written>>,
 }
 
 impl Marker {
     pub fn new(purpose: Purpose) -> Marker {
-        Marker { purpose, sdkd_version: env!("CARGO_PKG_VERSION").to_string(), config_hash: None, config: serde_json::Value::Null }
+        Marker {
+            purpose,
+            sdkd_version: env!("CARGO_PKG_VERSION").to_string(),
+            config_hash: None,
+            config: serde_json::Value::Null,
+            files: None,
+        }
+    }
+
+    /// This marker listing every file now under `dir` (its own marker excepted).
+    pub fn listing(&self, dir: &Path) -> Result<Marker> {
+        let mut files = BTreeMap::new();
+        list_files(dir, "", &mut files)?;
+        Ok(Marker { files: Some(files), ..self.clone() })
     }
 
     /// Writes the marker into `dir` (atomically).
@@ -122,6 +211,101 @@ fn read_marker(dir: &Path) -> Result<Marker> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// Every file under `dir` (not following symbolic links; the root's marker left out), by
+/// relative `/`-separated path.
+fn list_files(dir: &Path, prefix: &str, out: &mut BTreeMap<String, Written>) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let rel = format!("{prefix}{name}");
+        if rel == MARKER {
+            continue;
+        }
+        let meta = entry.metadata().with_context(|| format!("looking at {}", entry.path().display()))?;
+        if meta.is_dir() {
+            list_files(&entry.path(), &format!("{rel}/"), out)?;
+        } else {
+            out.insert(rel, Written { size: meta.len() });
+        }
+    }
+    Ok(())
+}
+
+/// The files and links under `dir`, a folder sdkd marked with `marker`, that sdkd did not write
+/// there (relative paths, sorted): what `--overwrite` would delete of the user's. A file is
+/// sdkd's when the marker lists it with its size, or (a marker listing no files) its path is in
+/// the purpose's [`Purpose::layout`]; a marked folder inside is judged by its own marker, and
+/// the hidden temp and replaced folders of a writer ([`clean_stale`]'s) are sdkd's.
+pub fn foreign_files(dir: &Path, marker: &Marker) -> Result<Vec<String>> {
+    let mut foreign = vec![];
+    walk_foreign(dir, "", marker, "", &mut foreign)?;
+    foreign.sort();
+    Ok(foreign)
+}
+
+/// `rel` is the path from the governing marker's folder, `shown` the prefix from the root.
+fn walk_foreign(dir: &Path, rel: &str, marker: &Marker, shown: &str, foreign: &mut Vec<String>) -> Result<()> {
+    let mut entries = vec![];
+    for entry in fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        entries.push(entry.with_context(|| format!("listing {}", dir.display()))?);
+    }
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let (path, here, show) = (entry.path(), format!("{rel}{name}"), format!("{shown}{name}"));
+        if here == MARKER || stale_pid(&name).is_some() {
+            continue;
+        }
+        let meta = fs::symlink_metadata(&path).with_context(|| format!("looking at {}", path.display()))?;
+        if meta.file_type().is_symlink() {
+            foreign.push(show); // sdkd makes no links
+        } else if meta.is_dir() {
+            // a folder with its own marker (one sdkd made inside: a run's final/unet) answers for itself
+            let inner = path.join(MARKER);
+            if inner.is_file() {
+                match read_marker(&path) {
+                    Ok(m) => walk_foreign(&path, "", &m, &format!("{show}/"), foreign)?,
+                    Err(_) => foreign.push(format!("{show}/{MARKER}")),
+                }
+            } else {
+                walk_foreign(&path, &format!("{here}/"), marker, &format!("{show}/"), foreign)?;
+            }
+        } else {
+            let ours = match &marker.files {
+                Some(files) => files.get(&here) == Some(&Written { size: meta.len() }),
+                None => marker.purpose.layout().iter().any(|p| path_matches(p, &here)),
+            };
+            if !ours {
+                foreign.push(show);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the `/`-separated `path` matches `pattern` (`*` within a name; a last `**` matches
+/// everything below).
+fn path_matches(pattern: &str, path: &str) -> bool {
+    let mut parts = path.split('/');
+    for p in pattern.split('/') {
+        if p == "**" {
+            return parts.next().is_some();
+        }
+        match parts.next() {
+            Some(name) if name_matches(p.as_bytes(), name.as_bytes()) => {}
+            _ => return false,
+        }
+    }
+    parts.next().is_none()
+}
+
+fn name_matches(p: &[u8], n: &[u8]) -> bool {
+    match p.split_first() {
+        None => n.is_empty(),
+        Some((b'*', rest)) => (0..=n.len()).any(|i| name_matches(rest, &n[i..])),
+        Some((c, rest)) => n.first() == Some(c) && name_matches(rest, &n[1..]),
+    }
+}
+
 /// "a, b, c and 4 more".
 pub fn list_some(names: &[String]) -> String {
     const SHOWN: usize = 5;
@@ -138,7 +322,17 @@ pub fn check_replaceable(dest: &Path, purpose: Purpose, overwrite: bool, flag: &
     let d = dest.display();
     match existing(dest)? {
         Existing::Nothing => Ok(()),
-        Existing::Made(m) if m.purpose == purpose && overwrite => Ok(()),
+        Existing::Made(m) if m.purpose == purpose && overwrite => {
+            let foreign = foreign_files(dest, &m)?;
+            if !foreign.is_empty() {
+                bail!(
+                    "--overwrite: {flag} {d} holds {} that sdkd did not write there: {}; move them out first (sdkd replaces the whole folder), or choose another {flag}",
+                    if foreign.len() == 1 { "a file" } else { "files" },
+                    list_some(&foreign)
+                );
+            }
+            Ok(())
+        }
         Existing::Made(m) if m.purpose == purpose => {
             bail!("{flag} {d} holds {} that sdkd wrote earlier: pass --overwrite to replace it, or choose another {flag}", purpose.describe())
         }
@@ -232,7 +426,15 @@ pub fn write_dir(dest: &Path, marker: Option<&Marker>, fill: impl FnOnce(&Path) 
         fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
     fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let filled = fill(&tmp).and_then(|_| marker.map_or(Ok(()), |m| m.write_into(&tmp))).and_then(|_| sync_tree(&tmp));
+    // the marker lists what was written, so a later --overwrite can tell the user's additions
+    let mark = |m: &Marker| -> Result<()> {
+        let listed = m.listing(&tmp)?;
+        match listed.files.as_ref().is_some_and(|f| f.is_empty()) {
+            true => m.write_into(&tmp), // made empty, filled later: judged by its layout
+            false => listed.write_into(&tmp),
+        }
+    };
+    let filled = fill(&tmp).and_then(|_| marker.map_or(Ok(()), mark)).and_then(|_| sync_tree(&tmp));
     if let Err(e) = filled {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
@@ -250,6 +452,24 @@ pub fn write_dir(dest: &Path, marker: Option<&Marker>, fill: impl FnOnce(&Path) 
         fs::remove_dir_all(&old).with_context(|| format!("removing the replaced {}", old.display()))?;
     }
     Ok(())
+}
+
+/// The mode a file created now gets, as any tool's (`open(2)` with 0666): 0666 & !umask. The
+/// umask is read from /proc/self/status (setting it to read it would race other threads); 022
+/// where it cannot be read.
+pub fn file_mode() -> u32 {
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Umask:").and_then(|v| u32::from_str_radix(v.trim(), 8).ok())))
+        .unwrap_or(0o022);
+    0o666 & !umask
+}
+
+/// Gives `path` the mode of a file created now ([`file_mode`]): for a file a library wrote
+/// through a private temp file (mode 0600, kept by its rename), such as the safetensors crate's.
+pub fn set_file_mode(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(file_mode())).with_context(|| format!("setting the mode of {}", path.display()))
 }
 
 /// Removes the folder `dir`, renamed aside first so that a crash never leaves half of it under
@@ -351,7 +571,60 @@ mod tests {
         assert_eq!(leftovers.len(), 1, "{leftovers:?}");
         write_dir(&dest, Some(&Marker::new(Purpose::Unet)), |d| Ok(fs::write(d.join("b"), "3")?)).unwrap();
         assert!(!dest.join("a").exists() && dest.join("b").exists());
-        assert_eq!(existing(&dest).unwrap(), Existing::Made(Marker::new(Purpose::Unet)));
+        let listed = Marker { files: Some([("b".to_string(), Written { size: 1 })].into()), ..Marker::new(Purpose::Unet) };
+        assert_eq!(existing(&dest).unwrap(), Existing::Made(listed));
+    }
+
+    #[test]
+    fn foreign_files_at_any_depth() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = |n: &str| tmp.path().join(n);
+        // a folder written whole: its listing decides, by name and size
+        write_dir(&p("unet"), Some(&Marker::new(Purpose::Unet)), |d| {
+            fs::create_dir(d.join("sub"))?;
+            fs::write(d.join("sub/w"), "12")?;
+            Ok(fs::write(d.join("config.json"), "{}")?)
+        })
+        .unwrap();
+        let m = read_marker(&p("unet")).unwrap();
+        assert!(foreign_files(&p("unet"), &m).unwrap().is_empty());
+        fs::write(p("unet/sub/notes.txt"), "mine").unwrap();
+        fs::write(p("unet/config.json"), "{\"edited\": 1}").unwrap();
+        assert_eq!(foreign_files(&p("unet"), &m).unwrap(), ["config.json", "sub/notes.txt"]);
+        let e = format!("{:#}", check_replaceable(&p("unet"), Purpose::Unet, true, "--out").unwrap_err());
+        assert!(e.contains("sub/notes.txt") && e.contains("config.json"), "{e}");
+        // a folder that grows: its purpose's layout, and a marked folder inside by its own marker
+        let run = p("run");
+        write_dir(&run, Some(&Marker::new(Purpose::Run)), |_| Ok(())).unwrap();
+        let m = read_marker(&run).unwrap();
+        assert_eq!(m.files, None);
+        for f in ["config.yaml", "checkpoints/step-2/state.json", "checkpoints/step-2/unet/config.json", "tb/events.out.tfevents.1.h.2.0", "samples/step-2.png"] {
+            fs::create_dir_all(run.join(f).parent().unwrap()).unwrap();
+            fs::write(run.join(f), "x").unwrap();
+        }
+        fs::create_dir_all(run.join("checkpoints/.step-4.tmp-99999999")).unwrap();
+        fs::write(run.join("checkpoints/.step-4.tmp-99999999/student.safetensors"), "half").unwrap();
+        write_dir(&run.join("final/unet"), Some(&Marker::new(Purpose::Unet)), |d| Ok(fs::write(d.join("config.json"), "{}")?)).unwrap();
+        assert!(foreign_files(&run, &m).unwrap().is_empty());
+        for f in ["checkpoints/notes.txt", "checkpoints/step-2/x.ckpt", "tb/mine", "samples/cat.png", "final/unet/README.md"] {
+            fs::write(run.join(f), "mine").unwrap();
+        }
+        assert_eq!(
+            foreign_files(&run, &m).unwrap(),
+            ["checkpoints/notes.txt", "checkpoints/step-2/x.ckpt", "final/unet/README.md", "samples/cat.png", "tb/mine"]
+        );
+        assert!(path_matches("eval/.step-*.partial/**", "eval/.step-3.partial/images/000001.png"));
+        assert!(!path_matches("eval/.step-*.partial/**", "eval/.step-3.partial"));
+        assert!(!path_matches("samples/step-*.png", "samples/step-2.png/x"));
+        assert!(!path_matches("*.png", "a/b.png"));
+    }
+
+    #[test]
+    fn file_mode_is_umask_of_0666() {
+        // the test harness's umask, read the way a shell does
+        let umask = std::process::Command::new("sh").args(["-c", "umask"]).output().unwrap();
+        let umask = u32::from_str_radix(String::from_utf8_lossy(&umask.stdout).trim(), 8).unwrap();
+        assert_eq!(file_mode(), 0o666 & !umask);
     }
 
     #[test]

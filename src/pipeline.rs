@@ -359,6 +359,11 @@ pub fn generate_batch(
     // 5: decode and quantise as diffusers' image processor does, one request at a time
     let vae = parts.vae;
     for d in active {
+        // a UNet with NaN weights (or one that overflows in fp16) would decode to a flat image
+        if d.latents.isfinite().all().int64_value(&[]) == 0 {
+            done(d.index, Err(anyhow::anyhow!("the denoised latents hold NaN or infinite values after {total} steps: the UNet's weights or its arithmetic (--dtype) are not finite; no image made")));
+            continue;
+        }
         let z = (&d.latents / vae.config.scaling_factor).to_device(vae.device()).to_kind(vae.kind());
         let images = vae.decode(&z).to_kind(Kind::Float).to_device(Device::Cpu); // (n, 3, H, W)
         done(d.index, Ok(to_rgb_images(&images)));

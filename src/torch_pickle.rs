@@ -196,7 +196,36 @@ fn read(path: &Path) -> Result<Value> {
     let pickle = read_entry(&mut zip, &map, &pkl_name)?;
     let mut storages = Storages { zip, map: &map, prefix, big_endian, loaded: HashMap::new() };
     let root = Unpickler::new(&pickle, &mut storages).run()?;
-    to_value(&root, 0)
+    let value = to_value(&root, 0);
+    drop_flat(vec![root]);
+    value
+}
+
+/// Drops `objs` and what only they hold one container at a time: a hostile pickle nests
+/// containers hundreds of thousands deep (refused by `to_value`'s depth check), and dropping
+/// them recursively would overflow the stack.
+fn drop_flat(mut objs: Vec<Obj>) {
+    while let Some(o) = objs.pop() {
+        match o {
+            Obj::List(l) => objs.extend(Rc::try_unwrap(l).map(RefCell::into_inner).unwrap_or_default()),
+            Obj::Tuple(t) => objs.extend(Rc::try_unwrap(t).unwrap_or_default()),
+            Obj::Dict(d) => objs.extend(Rc::try_unwrap(d).map(RefCell::into_inner).unwrap_or_default().into_iter().flat_map(|(k, v)| [k, v])),
+            Obj::Object(i) => {
+                if let Ok(i) = Rc::try_unwrap(i).map(RefCell::into_inner) {
+                    objs.extend(i.args.into_iter().chain(i.state));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Drop for Unpickler<'_, '_, '_> {
+    fn drop(&mut self) {
+        drop_flat(std::mem::take(&mut self.stack));
+        drop_flat(self.memo.drain().map(|(_, o)| o).collect());
+        drop_flat(std::mem::take(&mut self.popped));
+    }
 }
 
 /// An entry's bytes: a slice of the map for stored entries (what torch writes), else decoded.
@@ -404,12 +433,15 @@ struct Unpickler<'d, 's, 'a> {
     pos: usize,
     stack: Vec<Obj>,
     memo: HashMap<u32, Obj>,
+    /// Every container that left the stack, kept until the unpickler is dropped (by `drop_flat`):
+    /// a local dropping the last reference to a deeply nested value would recurse.
+    popped: Vec<Obj>,
     storages: &'s mut Storages<'a>,
 }
 
 impl<'d, 's, 'a> Unpickler<'d, 's, 'a> {
     fn new(data: &'d [u8], storages: &'s mut Storages<'a>) -> Self {
-        Self { data, pos: 0, stack: vec![], memo: HashMap::new(), storages }
+        Self { data, pos: 0, stack: vec![], memo: HashMap::new(), popped: vec![], storages }
     }
 
     fn take(&mut self, n: usize) -> Result<&'d [u8]> {
@@ -447,7 +479,15 @@ impl<'d, 's, 'a> Unpickler<'d, 's, 'a> {
     fn pop(&mut self) -> Result<Obj> {
         match self.stack.pop() {
             Some(Obj::Mark) | None => bail!("the pickle pops an empty stack at byte {}", self.pos),
-            Some(o) => Ok(o),
+            Some(o) => {
+                self.keep(&o);
+                Ok(o)
+            }
+        }
+    }
+    fn keep(&mut self, o: &Obj) {
+        if matches!(o, Obj::List(_) | Obj::Tuple(_) | Obj::Dict(_) | Obj::Object(_)) {
+            self.popped.push(o.clone());
         }
     }
     fn top(&mut self) -> Result<&mut Obj> {
@@ -458,6 +498,7 @@ impl<'d, 's, 'a> Unpickler<'d, 's, 'a> {
         let at = self.stack.iter().rposition(|o| matches!(o, Obj::Mark)).ok_or_else(|| anyhow!("the pickle has no MARK to pop to"))?;
         let items = self.stack.split_off(at + 1);
         self.stack.pop();
+        items.iter().for_each(|o| self.keep(o));
         Ok(items)
     }
     fn memo_get(&self, i: u32) -> Result<Obj> {

@@ -356,7 +356,7 @@ fn a_truncated_prompt_is_reported_by_generate() {
     ok(&o);
     let e = stderr(&o);
     assert!(e.contains("--prompt") && e.contains("truncated") && e.contains(tail), "{e}");
-    let o = sdkd(&["generate", "--model", s(&fixture().teacher), "--prompt", "a red circle", "--steps", "1", "--out", s(&out), "--device", "cpu"]);
+    let o = sdkd(&["generate", "--model", s(&fixture().teacher), "--prompt", "a red circle", "--steps", "1", "--out", s(&out), "--device", "cpu", "--overwrite"]);
     ok(&o);
     assert!(!stderr(&o).contains("truncated"), "{}", stderr(&o));
 }
@@ -412,4 +412,440 @@ fn resume_latest_names_the_damaged_checkpoint_it_skips() {
     let e = stderr(&o);
     assert!(e.contains("skipping") && e.contains("step-4") && e.contains("student.safetensors"), "{e}");
     assert!(e.contains("step-2"), "it resumes from step-2: {e}");
+}
+
+// ---- issue 29: the overwrite rule at every depth, outputs, foreign databases, hostile files ----
+
+/// `--overwrite` of a folder sdkd made refuses while any file in it, at any depth, is one sdkd
+/// did not write there (named), and leaves every file as it was; without them it replaces.
+#[test]
+fn overwrite_refuses_files_sdkd_did_not_write_at_any_depth() {
+    let f = fixture();
+    let tmp = tempdir();
+    // a run: the user's files inside checkpoints/, samples/ and tb/ (once only the top was looked at)
+    let run = own_run(tmp.path());
+    let cfg = config(f, &run, 2, 7, 1);
+    for (rel, needle) in [("checkpoints/notes.txt", "checkpoints/notes.txt"), ("checkpoints/step-2/mine.ckpt", "step-2/mine.ckpt"), ("samples/cat.png", "samples/cat.png"), ("tb/other.events", "tb/other.events")] {
+        std::fs::create_dir_all(run.join(rel).parent().unwrap()).unwrap();
+        std::fs::write(run.join(rel), "the user's").unwrap();
+        let before = snapshot(&run);
+        assert_clean_failure(&sdkd(&["train", "--quiet", "--config", s(&cfg), "--overwrite"]), needle);
+        assert_unchanged(&run, &before);
+        std::fs::remove_file(run.join(rel)).unwrap();
+    }
+
+    // export (a UNet folder and a pipeline folder), prune and synth: a model card, a licence, notes deep inside
+    let ckpt = run.join("checkpoints/step-4");
+    let export = |out: &Path, extra: &[&str]| sdkd(&[&["export", "--checkpoint", s(&ckpt), "--out", s(out), "--overwrite"][..], extra].concat());
+    let prune = |out: &Path| sdkd(&["prune", "--teacher", s(&f.teacher), "--student", "bk_tiny", "--out", s(out), "--overwrite"]);
+    let synth = |out: &Path| sdkd(&["synth", "--out", s(out), "--count", "2", "--resolution", "16", "--overwrite"]);
+    let cases: Vec<(PathBuf, &str, Box<dyn Fn(&Path) -> Output>)> = vec![
+        (tmp.path().join("unet"), "README.md", Box::new(|o: &Path| export(o, &[]))),
+        (tmp.path().join("pipe"), "unet/notes.txt", Box::new(|o: &Path| export(o, &["--format", "pipeline"]))),
+        (tmp.path().join("pipe2"), "LICENSE", Box::new(|o: &Path| export(o, &["--format", "pipeline"]))),
+        (tmp.path().join("pruned"), "README.md", Box::new(|o: &Path| prune(o))),
+        (tmp.path().join("set"), "holiday.png", Box::new(|o: &Path| synth(o))),
+    ];
+    for (out, added, make) in &cases {
+        ok(&make(out));
+        std::fs::write(out.join(added), "the user's own").unwrap();
+        let before = snapshot(out);
+        assert_clean_failure(&make(out), added);
+        assert_unchanged(out, &before);
+        // a file sdkd wrote, changed by the user (its size differs), is theirs too
+        std::fs::remove_file(out.join(added)).unwrap();
+        let written = if out.join("config.json").exists() { out.join("config.json") } else if out.join("metadata.jsonl").exists() { out.join("metadata.jsonl") } else { out.join("model_index.json") };
+        let mut text = std::fs::read(&written).unwrap();
+        text.extend_from_slice(b"\n");
+        std::fs::write(&written, &text).unwrap();
+        let before = snapshot(out);
+        let name = written.file_name().unwrap().to_str().unwrap();
+        assert_clean_failure(&make(out), name);
+        assert_unchanged(out, &before);
+        std::fs::write(&written, &text[..text.len() - 1]).unwrap();
+        ok(&make(out)); // only sdkd's files: replaced
+    }
+}
+
+/// A folder of another trainer's layout (Lightning, Hydra: config.yaml and checkpoints/) is not
+/// a run sdkd made, even with --overwrite.
+#[test]
+fn train_overwrite_refuses_another_tools_checkpoints() {
+    let f = fixture();
+    let tmp = tempdir();
+    let other = tmp.path().join("lightning");
+    std::fs::create_dir_all(other.join("checkpoints")).unwrap();
+    std::fs::create_dir_all(other.join("lightning_logs/version_0")).unwrap();
+    std::fs::write(other.join("config.yaml"), "model:\n  lr: 0.001\n").unwrap();
+    std::fs::write(other.join("checkpoints/epoch=3-step=400.ckpt"), vec![7u8; 1000]).unwrap();
+    std::fs::write(other.join("lightning_logs/version_0/events.out.tfevents.1.host"), b"events").unwrap();
+    let before = snapshot(&other);
+    let cfg = config(f, &other, 2, 42, 1);
+    for extra in [&[][..], &["--overwrite"][..], &["--resume", "latest"][..]] {
+        let o = sdkd(&[&["train", "--quiet", "--config", s(&cfg)][..], extra].concat());
+        assert_clean_failure(&o, "which sdkd did not make");
+        assert_unchanged(&other, &before);
+    }
+}
+
+/// `generate` writes no PNG over a file that is there: a named one, image-N.png in a folder, a
+/// numbered sibling; with --overwrite only over an image an earlier `sdkd generate` wrote.
+#[test]
+fn generate_replaces_no_image_it_did_not_write() {
+    let f = fixture();
+    let tmp = tempdir();
+    let photo = std::fs::read(f.data.join("000000.png")).unwrap();
+    let gen = |out: &Path, extra: &[&str]| {
+        sdkd(&[&["generate", "--model", s(&f.teacher), "--prompt", "x", "--steps", "1", "--seed", "1", "--out", s(out)][..], extra].concat())
+    };
+    let holiday = tmp.path().join("holiday.png");
+    std::fs::write(&holiday, &photo).unwrap();
+    let folder = tmp.path().join("imgs");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("image-0.png"), &photo).unwrap();
+    std::fs::write(tmp.path().join("out-1.png"), &photo).unwrap();
+    let before = snapshot(tmp.path());
+    for extra in [&[][..], &["--overwrite"][..]] {
+        assert_clean_failure(&gen(&holiday, extra), "holiday.png");
+        assert_clean_failure(&gen(&folder, extra), "image-0.png");
+        assert_clean_failure(&gen(&tmp.path().join("out.png"), &[extra, &["--samples", "2"][..]].concat()), "out-1.png");
+        assert_unchanged(tmp.path(), &before);
+    }
+    // its own image: refused without --overwrite, replaced with it
+    let mine = tmp.path().join("new.png");
+    ok(&gen(&mine, &[]));
+    let first = std::fs::read(&mine).unwrap();
+    assert_clean_failure(&gen(&mine, &[]), "--overwrite");
+    assert_eq!(std::fs::read(&mine).unwrap(), first);
+    ok(&gen(&mine, &["--overwrite"]));
+}
+
+/// `keys` writes only into an sdkd key database: another application's SQLite file (its own
+/// tables, or its own application_id) and a file that is not SQLite are refused, byte for byte.
+#[test]
+fn keys_refuse_another_applications_database() {
+    let tmp = tempdir();
+    let theirs = tmp.path().join("photos.sqlite");
+    let c = rusqlite::Connection::open(&theirs).unwrap();
+    c.execute_batch("CREATE TABLE photos (id INTEGER PRIMARY KEY, path TEXT); INSERT INTO photos (path) VALUES ('a.jpg');").unwrap();
+    drop(c);
+    let marked = tmp.path().join("marked.sqlite");
+    let c = rusqlite::Connection::open(&marked).unwrap();
+    c.execute_batch("PRAGMA application_id = 1234;").unwrap();
+    drop(c);
+    let text = tmp.path().join("notes.txt");
+    std::fs::write(&text, "not a database at all, but long enough to look like one's header ........").unwrap();
+    let before = snapshot(tmp.path());
+    for (db, needle) in [(&theirs, "photos"), (&marked, "application_id"), (&text, "not an SQLite database")] {
+        for args in [&["keys", "add", "--db", s(db), "--name", "a", "--credits", "5"][..], &["keys", "list", "--db", s(db)][..]] {
+            assert_clean_failure(&sdkd(args), needle);
+        }
+    }
+    assert_unchanged(tmp.path(), &before);
+    // sdkd's own database is marked as sdkd's and reopens
+    let db = tmp.path().join("keys.sqlite");
+    ok(&sdkd(&["keys", "add", "--db", s(&db), "--name", "a", "--credits", "5"]));
+    ok(&sdkd(&["keys", "add", "--db", s(&db), "--name", "b", "--credits", "5"]));
+    let id: i64 = rusqlite::Connection::open(&db).unwrap().query_row("PRAGMA application_id", [], |r| r.get(0)).unwrap();
+    assert_eq!(id, 0x7364_6b64);
+    // a revoked key's credit says it is revoked
+    ok(&sdkd(&["keys", "revoke", "--db", s(&db), "--name", "a"]));
+    let o = sdkd(&["keys", "credit", "--db", s(&db), "--name", "a", "--add", "3"]);
+    ok(&o);
+    assert!(stderr(&o).contains("revoked"), "{}", stderr(&o));
+}
+
+/// A `.ckpt` whose pickle nests 200,000 lists (a 400 KB file) is refused, not a stack overflow
+/// (rc 134): the depth check fired, and dropping the nested values recursed.
+#[test]
+fn a_deeply_nested_pickle_is_an_error_not_a_stack_overflow() {
+    use std::io::Write;
+    let tmp = tempdir();
+    const N: usize = 200_000;
+    let mut root = b"\x80\x02".to_vec();
+    root.extend(std::iter::repeat_n(b']', N));
+    root.extend(std::iter::repeat_n(b'a', N - 1));
+    let mut popped = root.clone();
+    root.push(b'.');
+    popped.extend_from_slice(b"0N."); // the nested value dropped by POP, then None
+    for (name, pickle) in [("deep.ckpt", root), ("popped.ckpt", popped)] {
+        let path = tmp.path().join(name);
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+        let opts = zip::write::FileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        zip.start_file("archive/data.pkl", opts).unwrap();
+        zip.write_all(&pickle).unwrap();
+        zip.start_file("archive/byteorder", opts).unwrap();
+        zip.write_all(b"little").unwrap();
+        zip.finish().unwrap();
+        let o = sdkd(&["convert", "--from", s(&path), "--to", s(&tmp.path().join(format!("{name}.out")))]);
+        assert_clean_failure(&o, name);
+        assert!(!tmp.path().join(format!("{name}.out")).exists());
+    }
+}
+
+/// FID statistics no image set has (NaN, infinite, a covariance with a negative eigenvalue or
+/// not symmetric) are refused when read, naming the array; once they scored or panicked.
+#[test]
+fn impossible_fid_statistics_are_refused() {
+    use sdkd::eval::fid::Stats;
+    use tch::{Kind, Tensor};
+    let tmp = tempdir();
+    let d = 8;
+    let eye = Tensor::eye(d, (Kind::Double, tch::Device::Cpu));
+    let mu = Tensor::zeros([d], (Kind::Double, tch::Device::Cpu));
+    let asym = eye.copy();
+    let _ = asym.get(0).get(1).fill_(0.5);
+    let cases = [
+        ("negative", mu.copy(), -&eye, "negative eigenvalue"),
+        ("inf_mu", mu.fill(f64::INFINITY), eye.copy(), "mu"),
+        ("nan_sigma", mu.copy(), eye.fill(f64::NAN), "sigma"),
+        ("asymmetric", mu.copy(), asym, "symmetric"),
+    ];
+    for (name, m, sigma, needle) in cases {
+        let path = tmp.path().join(format!("{name}.npz"));
+        Tensor::write_npz(&[("mu", &m), ("sigma", &sigma)], &path).unwrap();
+        let e = format!("{:#}", Stats::read_npz(&path).err().unwrap_or_else(|| panic!("{name}: accepted")));
+        assert!(e.contains(needle) && e.contains(&format!("{name}.npz")), "{name}: {e}");
+    }
+    let good = tmp.path().join("good.npz");
+    Tensor::write_npz(&[("mu", &mu), ("sigma", &eye)], &good).unwrap();
+    let s = Stats::read_npz(&good).unwrap();
+    assert!(sdkd::eval::fid::frechet_distance(&s, &s).unwrap().abs() < 1e-9);
+}
+
+/// Sizes no machine holds are refused by name before anything is allocated: `plan` at an
+/// absurd data.resolution (once its probe panicked or was OOM-killed), `bench --latent-size`.
+#[test]
+fn plan_and_bench_refuse_sizes_no_machine_holds() {
+    let f = fixture();
+    let tmp = tempdir();
+    let yaml = tmp.path().join("huge.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "teacher: {}\nstudent: bk_small\noutput_dir: {}\ndata:\n  path: {}\n  resolution: 800000\ntrain:\n  batch_size: 1\n  device: cpu\n  precision: fp32\nvalidation:\n  every: 0\n",
+            f.teacher.display(),
+            tmp.path().join("out").display(),
+            f.data.display()
+        ),
+    )
+    .unwrap();
+    assert_clean_failure(&sdkd(&["plan", "--config", s(&yaml), "--device", "cpu"]), "data.resolution = 800000");
+    for mode in ["infer", "train"] {
+        let o = sdkd(&["bench", "--mode", mode, "--teacher", s(&f.teacher), "--student", "bk_small", "--latent-size", "100000", "--steps", "1", "--warmup", "0"]);
+        assert_clean_failure(&o, "--latent-size 100000");
+    }
+}
+
+/// Files sdkd writes get the process umask's mode, as any tool's (0666 & !umask): the
+/// safetensors files once were 0600 whatever the umask.
+#[test]
+fn written_files_follow_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let f = fixture();
+    let tmp = tempdir();
+    for (umask, want) in [(0o002u32, 0o664u32), (0o022, 0o644)] {
+        let out = tmp.path().join(format!("pruned-{umask:o}"));
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sdkd"));
+        cmd.args(["prune", "--teacher", s(&f.teacher), "--student", "bk_tiny", "--out", s(&out)]);
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::umask(umask as libc::mode_t);
+                Ok(())
+            });
+        }
+        ok(&cmd.output().unwrap());
+        for rel in snapshot(&out).keys() {
+            let mode = std::fs::metadata(out.join(rel)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, want, "{} has mode {mode:o} under umask {umask:o}", rel.display());
+        }
+    }
+}
+
+/// Zero counts that would do nothing (or everything) are refused by flag, as their config keys are.
+#[test]
+fn zero_counts_are_refused_by_flag() {
+    let f = fixture();
+    let tmp = tempdir();
+    let t = s(&f.teacher);
+    let out = tmp.path().join("out");
+    let db = tmp.path().join("keys.sqlite");
+    let prompts = f.data.join("metadata.jsonl");
+    ok(&sdkd(&["keys", "add", "--db", s(&db), "--name", "a"]));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["eval", "--images", s(&f.data), "--out", s(&out), "--batch-size", "0"], "--batch-size 0"),
+        (vec!["eval", "--model", t, "--prompts", s(&prompts), "--out", s(&out), "--batch-size", "0"], "--batch-size 0"),
+        (vec!["eval", "fid", s(&f.data), s(&f.data), "--batch-size", "0"], "--batch-size 0"),
+        (vec!["serve", "--model", t, "--db", s(&db), "--max-request-seconds", "0"], "--max-request-seconds 0"),
+        (vec!["preprocess", "--teacher", t, "--data", s(&f.data), "--resolution", "16", "--out", s(&out), "--min-size", "0"], "--min-size"),
+    ];
+    for (args, needle) in cases {
+        assert_clean_failure(&sdkd(&args), needle);
+    }
+    assert!(!out.exists());
+}
+
+/// A run's output_dir never lies inside what the run reads (the teacher, the data), as export
+/// and prune refuse it; nothing is created there.
+#[test]
+fn train_refuses_an_output_dir_inside_what_it_reads() {
+    let f = fixture();
+    let tmp = tempdir();
+    let teacher_before = snapshot(&f.teacher);
+    let data_before = snapshot(&f.data);
+    for (inside, needle) in [(f.teacher.join("runs/a"), "teacher"), (f.data.join("run"), "data.path")] {
+        let yaml = tmp.path().join("c.yaml");
+        let text = format!(
+            "teacher: {}\nstudent: bk_small\noutput_dir: {}\ndata:\n  path: {}\n  resolution: 16\ntrain:\n  batch_size: 2\n  max_steps: 2\n  device: cpu\nvalidation:\n  every: 0\n",
+            f.teacher.display(),
+            inside.display(),
+            f.data.display()
+        );
+        std::fs::write(&yaml, text).unwrap();
+        assert_clean_failure(&sdkd(&["train", "--quiet", "--config", s(&yaml)]), needle);
+        assert!(!inside.exists(), "{} was created", inside.display());
+    }
+    assert_unchanged(&f.teacher, &teacher_before);
+    assert_unchanged(&f.data, &data_before);
+}
+
+/// A latent cache decides the resolution (a data.resolution that differs is named, not recorded
+/// in config.yaml as if used), and a data.cache that is no cache says so.
+#[test]
+fn a_latent_cache_is_checked_against_the_config() {
+    let f = fixture();
+    let tmp = tempdir();
+    let cache = tmp.path().join("cache");
+    ok(&sdkd(&["preprocess", "--teacher", s(&f.teacher), "--data", s(&f.data), "--resolution", "16", "--out", s(&cache)]));
+    let run = |cache: &Path, resolution: u32| {
+        let out = tmp.path().join(format!("run-{resolution}"));
+        let yaml = tmp.path().join(format!("cache-{resolution}.yaml"));
+        std::fs::write(
+            &yaml,
+            format!(
+                "teacher: {}\nstudent: bk_small\noutput_dir: {}\ndata:\n  cache: {}\n  resolution: {resolution}\ntrain:\n  batch_size: 2\n  max_steps: 1\n  device: cpu\n  precision: fp32\nvalidation:\n  every: 0\n",
+                f.teacher.display(),
+                out.display(),
+                cache.display()
+            ),
+        )
+        .unwrap();
+        (sdkd(&["train", "--quiet", "--config", s(&yaml)]), out)
+    };
+    let (o, out) = run(&cache, 32);
+    assert_clean_failure(&o, "data.resolution = 32");
+    assert!(stderr(&o).contains("16 px"), "{}", stderr(&o));
+    assert!(!out.exists());
+    let (o, _) = run(&f.data, 16);
+    assert_clean_failure(&o, "data.cache");
+    assert!(stderr(&o).contains("not an sdkd latent cache"), "{}", stderr(&o));
+    let (o, out) = run(&cache, 16);
+    ok(&o);
+    assert!(std::fs::read_to_string(out.join("config.yaml")).unwrap().contains("resolution: 16"));
+}
+
+/// A UNet whose weights are NaN makes no image: the load names the tensor.
+#[test]
+fn non_finite_weights_are_refused_by_name() {
+    let tmp = tempdir();
+    let pipe = tmp.path().join("pipe");
+    copy_tree(&fixture().teacher, &pipe);
+    let file = pipe.join("unet/diffusion_pytorch_model.safetensors");
+    let tensors: Vec<(String, tch::Tensor)> =
+        sdkd::models::weights::read_all(&file).unwrap().into_iter().map(|(n, t)| (n, t.fill(f64::NAN))).collect();
+    sdkd::models::weights::save(&file, &tensors, None).unwrap();
+    let out = tmp.path().join("x.png");
+    let o = sdkd(&["generate", "--model", s(&pipe), "--prompt", "x", "--steps", "1", "--out", s(&out)]);
+    assert_clean_failure(&o, "NaN or infinite");
+    assert!(stderr(&o).contains("conv_in.weight"), "{}", stderr(&o));
+    assert!(!out.exists());
+}
+
+/// A webdataset `.txt` caption that is not UTF-8 is a bad sample naming its shard and key (it
+/// was trained on as U+FFFD).
+#[test]
+fn a_non_utf8_caption_in_a_shard_is_a_bad_sample() {
+    use sdkd::data::{open_image_rows, DataFormat, DataOptions, Filters};
+    let tmp = tempdir();
+    let shard = tmp.path().join("00000.tar");
+    let png = std::fs::read(fixture().data.join("000000.png")).unwrap();
+    let mut tar = tar::Builder::new(std::fs::File::create(&shard).unwrap());
+    for (key, txt) in [("a0", &b"a red circle"[..]), ("a1", &b"caf\xe9 \xff"[..])] {
+        for (ext, data) in [("png", &png[..]), ("txt", txt)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            tar.append_data(&mut h, format!("{key}.{ext}"), data).unwrap();
+        }
+    }
+    tar.finish().unwrap();
+    drop(tar);
+    let opts = DataOptions { format: Some(DataFormat::Webdataset), caption: None, image_column: None, filters: Filters::default() };
+    let rows = open_image_rows(s(tmp.path()), "data.shards", &opts).unwrap();
+    assert_eq!(rows.decode(0).unwrap().1, "a red circle");
+    let bad = rows.decode(1).err().expect("a caption that is not UTF-8 is a bad sample");
+    assert!(bad.reason.contains("a1") && bad.reason.contains("UTF-8") && bad.file.ends_with("00000.tar"), "{bad:?}");
+}
+
+/// A parquet caption column that holds numbers is named as such (it was "null text").
+#[test]
+fn a_parquet_caption_column_of_numbers_is_named() {
+    let tmp = tempdir();
+    let file = tmp.path().join("train-00000-of-00001.parquet");
+    let script = format!(
+        "import pyarrow as pa, pyarrow.parquet as pq\n\
+         png = open({:?}, 'rb').read()\n\
+         t = pa.table({{'image': [{{'bytes': png, 'path': None}}], 'text': pa.array([7], pa.int64())}})\n\
+         pq.write_table(t, {:?})\n",
+        s(&fixture().data.join("000000.png")),
+        s(&file)
+    );
+    let py = std::process::Command::new(python()).args(["-c", &script]).output().unwrap();
+    ok(&py);
+    let opts = sdkd::data::DataOptions { format: Some(sdkd::data::DataFormat::Parquet), caption: None, image_column: None, filters: Default::default() };
+    let e = format!("{:#}", sdkd::data::open_image_rows(s(tmp.path()), "data.shards", &opts).err().expect("refused"));
+    assert!(e.contains("\"text\"") && e.contains("INT64") && e.contains("not text"), "{e}");
+}
+
+/// `data.filter` conditions no value passes (NaN) are refused when the config loads, by key.
+#[test]
+fn a_nan_filter_is_refused_by_key() {
+    let f = fixture();
+    let tmp = tempdir();
+    let yaml = tmp.path().join("nan.yaml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "teacher: {}\nstudent: bk_small\noutput_dir: {}\ndata:\n  shards: {}\n  filter: {{aesthetic_score: \">= nan\"}}\n  resolution: 16\ntrain:\n  device: cpu\nvalidation:\n  every: 0\n",
+            f.teacher.display(),
+            tmp.path().join("out").display(),
+            tmp.path().display()
+        ),
+    )
+    .unwrap();
+    assert_clean_failure(&sdkd(&["train", "--quiet", "--config", s(&yaml)]), "data.filter.aesthetic_score");
+}
+
+/// A checkpoint whose bytes changed at the same size (a flipped bit) is named when a run resumes
+/// from it, by the CRC-32 its state.json records: `latest` skips it, a named one is refused.
+#[test]
+fn a_checkpoint_flipped_at_equal_size_is_named_on_resume() {
+    let f = fixture();
+    let tmp = tempdir();
+    let run = own_run(tmp.path());
+    let student = run.join("checkpoints/step-4/student.safetensors");
+    let mut bytes = std::fs::read(&student).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x10;
+    std::fs::write(&student, &bytes).unwrap();
+    let cfg = config(f, &run, 4, 42, 10);
+    let o = sdkd(&["train", "--quiet", "--config", s(&cfg), "--resume", s(&run.join("checkpoints/step-4"))]);
+    assert_clean_failure(&o, "CRC-32");
+    assert!(stderr(&o).contains("student.safetensors"), "{}", stderr(&o));
+    let o = sdkd(&["train", "--quiet", "--config", s(&cfg), "--resume", "latest"]);
+    ok(&o);
+    let e = stderr(&o);
+    assert!(e.contains("skipping") && e.contains("step-4") && e.contains("CRC-32"), "{e}");
 }

@@ -377,3 +377,43 @@ fn batched_requests_get_their_unbatched_pixels_and_a_leaving_member_is_refunded(
         assert!(metrics.lines().any(|l| l == line), "{line} not in\n{metrics}");
     }
 }
+
+/// A second SIGTERM ends the server within about a second even while one denoising step lasts
+/// far longer (1024² on the tiny pipeline, whose VAE downsamples by 2: a 512² latent, a step of
+/// over a minute here): the request is refunded, and the balance is whole after a restart.
+#[test]
+fn a_second_sigterm_ends_the_server_during_a_step_far_longer_than_a_second() {
+    let (dir, model, db) = fixture();
+    const INITIAL: i64 = 100_000;
+    let alice = add_key(&db, "alice", INITIAL);
+    let mut server = Server::start(&model, &db, &dir.path().join("slow.log"), &[]);
+    let big = json!({"prompt": "a toy panda", "img_width": 1024, "img_height": 1024, "num_inference_steps": 20, "seed": 1});
+    let call = {
+        let (addr, key) = (server.addr.clone(), alice.clone());
+        std::thread::spawn(move || send(&addr, "POST", "/v1/txt2img", Some(&key), Some(&big)).and_then(receive))
+    };
+    let t = Instant::now();
+    while ledger(&db, "alice").0 == INITIAL {
+        assert!(t.elapsed() < Duration::from_secs(20), "the request was not taken:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1500)); // inside its first step
+    server.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    server.signal(libc::SIGTERM);
+    let (took, status) = server.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| panic!("still running:\n{}", server.log()));
+    assert!(took <= Duration::from_secs(2), "exit {took:?} after the second SIGTERM\n{}", server.log());
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    if let Ok(a) = call.join().unwrap() {
+        assert_eq!(a.status, 503, "{}", a.error());
+        assert!(a.error().contains("given back"), "{}", a.error());
+    }
+    let (balance, served, states) = ledger(&db, "alice");
+    assert_eq!((balance, served, states.get("pending")), (INITIAL, 0, None), "refunded before exit: {states:?}");
+    // a restart finds nothing to recover, and the balance stays whole
+    let mut again = Server::start(&model, &db, &dir.path().join("again.log"), &[]);
+    assert!(!again.log().contains("left pending"), "{}", again.log());
+    again.signal(libc::SIGTERM);
+    again.wait_exit(Duration::from_secs(10)).expect("SIGTERM ends it");
+    assert_eq!(ledger(&db, "alice").0, INITIAL);
+}

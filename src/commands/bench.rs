@@ -23,7 +23,7 @@ use crate::distill::trainer::{Distiller, Teacher};
 use crate::distributed::{Launch, Ranks};
 use crate::models::{Checkpointing, Init, UNet, UNetConfig};
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use serde_json::Value;
@@ -464,6 +464,21 @@ fn allreduce(args: &BenchArgs, teacher_config: &UNetConfig, device: Device, rank
     Ok(Measured { allreduce: Some((times.0.clone(), gradient_bytes)), times, memory: None, window: None, teacher: None, timed: description })
 }
 
+/// Refuses a UNet step whose activations `device` cannot hold, before any is allocated (a failed
+/// LibTorch allocation ends the process): a floor, the latents and three of the first block's
+/// feature maps at `latent`² for `batch` samples (`sdkd plan` asks it before its probe steps).
+pub fn check_step_memory(config: &UNetConfig, batch: i64, latent: i64, device: Device, kind: Kind) -> Result<()> {
+    let c0 = config.block_out_channels.first().copied().unwrap_or(1) as f64;
+    let map = batch as f64 * (latent as f64).powi(2) * kind.elt_size_in_bytes() as f64;
+    let bytes = map * (config.in_channels as f64 + 3.0 * c0);
+    ensure!(
+        crate::memory::device_can_hold(device, bytes),
+        "a UNet step on {batch} latent(s) of {latent}x{latent} needs at least {:.1} GiB, more than {device:?} can allocate; ask for a smaller size",
+        bytes / (1u64 << 30) as f64
+    );
+    Ok(())
+}
+
 /// Runs the benchmark and returns its report.
 pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
     check_args(args)?;
@@ -487,6 +502,11 @@ pub fn measure(args: &BenchArgs) -> Result<BenchReport> {
     let (teacher_config, teacher_dir) = teacher_source(&args.teacher)?;
     let b = args.batch_size;
     let infer_mode = args.mode == BenchMode::Infer;
+    if args.mode != BenchMode::Allreduce {
+        let unet_batch = if infer_mode { 2 * b } else { b };
+        check_step_memory(&teacher_config, unet_batch, args.latent_size, device, kind)
+            .with_context(|| format!("--batch-size {b}, --latent-size {}", args.latent_size))?;
+    }
     let Measured { times: (times, cpu_times), memory, window, teacher, timed, allreduce: reduced } = match (args.mode, &ranks) {
         (BenchMode::Infer, _) => infer(args, &teacher_config, teacher_dir.as_deref(), device, kind)?,
         (BenchMode::Train, _) => train(args, &teacher_config, teacher_dir.as_deref(), device, kind, ranks.as_ref())?,

@@ -81,6 +81,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     o.inception = a.inception.clone();
     prepare_out(&a.out, a.overwrite)?;
     let s = run_demo(&a.out, &o)?;
+    // the finished demo lists its files, so a later --overwrite can tell the user's additions
+    Marker::new(Purpose::Demo).listing(&a.out)?.write_into(&a.out)?;
     println!("{:<18} {:>12} {:>8} {:>10}  held-out loss  caption accuracy (background, object colour, position)", "model", "params", "steps", "time");
     for m in &s.models {
         let acc = m.caption_accuracy.map(|a| format!("{:.0}% {:.0}% {:.0}%", 100.0 * a[0], 100.0 * a[1], 100.0 * a[2])).unwrap_or_default();
@@ -96,7 +98,16 @@ fn prepare_out(out: &Path, overwrite: bool) -> Result<()> {
     let unmarked_demo = matches!(fs_safe::existing(out)?, Existing::Foreign(_))
         && ["report.md", "runs", "pipeline-init"].iter().all(|p| out.join(p).exists());
     match (unmarked_demo, overwrite) {
-        (true, true) => {}
+        (true, true) => {
+            let foreign = fs_safe::foreign_files(out, &Marker::new(Purpose::Demo))?;
+            if !foreign.is_empty() {
+                bail!(
+                    "--overwrite: --out {} also holds {}, which sdkd did not write: move them out first, or choose another --out",
+                    out.display(),
+                    fs_safe::list_some(&foreign)
+                );
+            }
+        }
         (true, false) => bail!("--out {} holds an earlier demo output: pass --overwrite to replace it, or choose another --out", out.display()),
         (false, _) => fs_safe::check_replaceable(out, Purpose::Demo, overwrite, "--out")?,
     }

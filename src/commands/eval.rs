@@ -143,6 +143,13 @@ fn network(c: &CommonArgs) -> Result<InceptionV3> {
 }
 
 pub fn run(a: &EvalArgs) -> Result<()> {
+    let common = match &a.tool {
+        Some(EvalTool::Fid(f)) => &f.common,
+        None => &a.common,
+    };
+    if common.batch_size == Some(0) {
+        bail!("--batch-size 0: must be at least 1");
+    }
     match &a.tool {
         Some(EvalTool::Fid(f)) => run_fid(f),
         None if !a.compare.is_empty() => run_compare(a),

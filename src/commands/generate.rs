@@ -76,6 +76,10 @@ pub struct GenerateArgs {
     /// A .png file, or a folder (created) that gets image-0.png, image-1.png, ...
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace PNGs at the output paths that an earlier `sdkd generate` wrote (any other file
+    /// there is refused, with or without it).
+    #[arg(long)]
+    pub overwrite: bool,
     /// auto, cpu, cuda or cuda:N. The seed reproduces diffusers' images on any device (the noise
     /// is drawn on the CPU), up to the device's arithmetic.
     #[arg(long, default_value = "cpu")]
@@ -104,6 +108,20 @@ pub fn output_paths(out: &Path, samples: usize) -> Result<Vec<PathBuf>> {
             Ok((0..samples).map(|i| out.join(format!("image-{i}.png"))).collect())
         }
     }
+}
+
+/// Whether the PNG at `path` is one `sdkd generate` wrote (its `Software` text chunk).
+fn written_by_generate(path: &Path) -> bool {
+    crate::png_meta::read_png_text(path).is_ok_and(|t| t.iter().any(|(k, v)| k == "Software" && v.starts_with("sdkd ")))
+}
+
+/// The overwrite rule for every output path (before anything is loaded): a new name, or an image
+/// an earlier `sdkd generate` wrote with `--overwrite`.
+pub fn check_outputs(paths: &[PathBuf], overwrite: bool) -> Result<()> {
+    for path in paths {
+        crate::fs_safe::check_file_replaceable(path, || written_by_generate(path), overwrite, "--out")?;
+    }
+    Ok(())
 }
 
 fn progress_bar(steps: usize) -> ProgressBar {
@@ -139,6 +157,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     // bad sizes and counts fail before anything is loaded
     req.validate()?;
     let paths = output_paths(&args.out, args.samples)?;
+    check_outputs(&paths, args.overwrite)?;
     let device = args.device.resolve().context("--device")?;
 
     let (t2i, unet) = args.pipeline.load(device)?;
@@ -170,7 +189,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     for (i, (image, path)) in images.iter().zip(&paths).enumerate() {
         let mut chunks = text.clone();
         chunks.push(("sample_index", i.to_string()));
-        write_png(path, image, &chunks)?;
+        crate::fs_safe::write_file_with(path, |tmp| write_png(tmp, image, &chunks))?;
         println!("wrote {}", path.display());
     }
     let random = if args.seed == -1 { " (random)" } else { "" };

@@ -60,8 +60,12 @@ pub fn run(args: &KeysArgs) -> Result<()> {
             println!("{key}");
         }
         KeysAction::Credit { db, name, add } => {
-            let balance = KeyStore::open(db)?.credit(name, *add)?;
+            let store = KeyStore::open(db)?;
+            let balance = store.credit(name, *add)?;
             println!("{name}: {balance} credits");
+            if store.is_revoked(name)? {
+                eprintln!("warning: key {name:?} is revoked: the server refuses it (401) whatever its credits");
+            }
         }
         KeysAction::List { db } => {
             println!("{:<24} {:>10} {:>10}  created", "name", "credits", "images");

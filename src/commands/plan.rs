@@ -156,7 +156,12 @@ fn probe(cfg: &RunConfig, teacher_config: &Path, device: Device, resolution: u32
     .collect();
     let out = Command::new(exe).args(&args).output().context("running the probe step")?;
     if !out.status.success() {
-        bail!("the probe step at batch {batch} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        use std::os::unix::process::ExitStatusExt;
+        let killed = match out.status.signal() {
+            Some(9) => " (killed by SIGKILL: most likely the kernel's out-of-memory killer; plan with a smaller --probe-resolution)",
+            _ => "",
+        };
+        bail!("the probe step at batch {batch} failed ({}){killed}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     serde_json::from_slice(&out.stdout).context("reading the probe step's report")
 }
@@ -185,6 +190,10 @@ pub fn plan(args: &PlanArgs) -> Result<MemoryPlan> {
         bail!("--probe-resolution {probe_resolution}: must be a positive multiple of 8 (the VAE's downscale)");
     }
     let scale = (cfg.data.resolution as f64 / probe_resolution as f64).powi(2);
+    // the probe steps run in other processes: a size no machine holds is refused here, by name
+    let what = if args.probe_resolution.is_some() { "--probe-resolution" } else { "data.resolution" };
+    crate::commands::bench::check_step_memory(&student.config, 2, (probe_resolution / 8).max(1) as i64, device, compute)
+        .with_context(|| format!("{what} = {probe_resolution}: the probe steps at batch 2 (give a smaller --probe-resolution to plan a large run)"))?;
     let probes = [probe(&cfg, &teacher_config_file, device, probe_resolution, 1)?, probe(&cfg, &teacher_config_file, device, probe_resolution, 2)?];
     let peak = |p: &Probe| if device.is_cuda() { p.memory.peak_mb } else { p.peak_mem_mb };
     let (p1, p2) = (peak(&probes[0]), peak(&probes[1]));

@@ -85,6 +85,7 @@ pub fn run_with(a: &PreprocessArgs, encoder: &dyn SampleEncoder) -> Result<()> {
         .map_err(|(key, message)| {
             let flag = match key.as_str() {
                 "data.max_aspect" => "--max-aspect".to_string(),
+                "data.min_size" => "--min-size".to_string(),
                 k => format!("--filter {}", k.trim_start_matches("data.filter.")),
             };
             anyhow::anyhow!("{}", message.replace(&key, &flag))

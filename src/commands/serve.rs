@@ -50,7 +50,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     anyhow::ensure!(args.max_batch >= 1, "--max-batch 0: must be 1 or more");
     let limits = Limits {
         max_queue: args.max_queue,
-        max_request: args.max_request_seconds.map(|v| seconds("--max-request-seconds", v)).transpose()?,
+        max_request: args
+            .max_request_seconds
+            .map(|v| seconds("--max-request-seconds", v).and_then(|d| {
+                anyhow::ensure!(!d.is_zero(), "--max-request-seconds {v}: must be more than 0 (leave it out for no limit)");
+                Ok(d)
+            }))
+            .transpose()?,
         shutdown_grace: seconds("--shutdown-grace", args.shutdown_grace)?,
         max_batch: args.max_batch,
     };

@@ -110,20 +110,6 @@ fn describe_run(dir: &Path) -> String {
     parts.join(", ")
 }
 
-/// The entries of a run folder that a run does not write (a user's own files).
-fn entries_not_of_a_run(dir: &Path) -> Result<Vec<String>> {
-    const RUN_ENTRIES: [&str; 6] = [fs_safe::MARKER, "config.yaml", "checkpoints", "final", "tb", "samples"];
-    let mut others = vec![];
-    for entry in std::fs::read_dir(dir)? {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if !RUN_ENTRIES.contains(&name.as_str()) {
-            others.push(name);
-        }
-    }
-    others.sort();
-    Ok(others)
-}
-
 /// What `check_output_dir` found may be done with `output_dir`.
 enum Claim {
     /// Nothing there: create it.
@@ -159,9 +145,17 @@ fn run_marker(cfg: &RunConfig) -> Marker {
 fn check_output_dir(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Claim> {
     let dir = &cfg.output_dir;
     let d = dir.display();
+    // what the run reads is neither written into nor replaced (as export and prune refuse it)
+    let read = [(cfg.teacher.as_deref(), "the teacher (teacher)"), (cfg.data.path.as_deref(), "the data (data.path)"), (cfg.data.cache.as_deref(), "the latent cache (data.cache)")];
+    for (source, what) in read {
+        if let Some(source) = source {
+            fs_safe::check_apart(dir, source, what, "output_dir")?;
+        }
+    }
     let found = match fs_safe::existing(dir)? {
-        // A run of an sdkd from before folder markers: its config.yaml and checkpoints/.
-        Existing::Foreign(_) if dir.join("config.yaml").is_file() && checkpoint::checkpoints_dir(dir).is_dir() => {
+        // A run of an sdkd from before folder markers: its config.yaml and a checkpoint of its
+        // own layout (a config.yaml and checkpoints/ alone are also Lightning's and Hydra's)
+        Existing::Foreign(_) if dir.join("config.yaml").is_file() && !checkpoint::list(dir).unwrap_or_default().is_empty() => {
             Existing::Made(Marker::new(Purpose::Run))
         }
         found => found,
@@ -175,8 +169,8 @@ fn check_output_dir(cfg: &RunConfig, resume: bool, overwrite: bool) -> Result<Cl
             "output_dir {d} holds {}, not a training run: choose a new output_dir",
             m.purpose.describe()
         ),
-        Existing::Made(_) if overwrite => {
-            let others = entries_not_of_a_run(dir)?;
+        Existing::Made(m) if overwrite => {
+            let others = fs_safe::foreign_files(dir, &m)?;
             if !others.is_empty() {
                 bail!(
                     "--overwrite: output_dir {d} also holds {}, which sdkd did not write: move them out first",

@@ -108,6 +108,9 @@ const INDEX: &str = "index.json";
 impl CacheIndex {
     pub fn read(dir: &Path) -> Result<CacheIndex> {
         let path = dir.join(INDEX);
+        if dir.is_dir() && !path.exists() {
+            bail!("{} is not an sdkd latent cache (it has no {INDEX}; `sdkd preprocess --out` makes one)", dir.display());
+        }
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let index: CacheIndex =
             serde_json::from_str(&text).map_err(|e| anyhow!("{} is not a latent cache index: {e}", path.display()))?;

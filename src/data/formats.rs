@@ -261,8 +261,12 @@ impl Condition {
         if rest.is_empty() {
             return Err(format!("{text:?}: no value after the operator"));
         }
-        if matches!(op, Op::Ge | Op::Gt | Op::Le | Op::Lt) && rest.parse::<f64>().is_err() {
-            return Err(format!("{text:?}: {rest:?} is not a number"));
+        let number = rest.parse::<f64>();
+        if matches!(op, Op::Ge | Op::Gt | Op::Le | Op::Lt) && !number.as_ref().is_ok_and(|x| x.is_finite()) {
+            return Err(format!("{text:?}: {rest:?} is not a finite number"));
+        }
+        if number.is_ok_and(f64::is_nan) {
+            return Err(format!("{text:?}: no value equals NaN"));
         }
         Ok(Condition { op, value: rest.to_string() })
     }
@@ -304,6 +308,9 @@ impl Filters {
             if !(a.is_finite() && a >= 1.0) {
                 return Err(("data.max_aspect".into(), format!("data.max_aspect = {a}: must be a number >= 1 (long side over short side)")));
             }
+        }
+        if min_size == Some(0) {
+            return Err(("data.min_size".into(), "data.min_size = 0: must be at least 1 (or leave it out)".into()));
         }
         let mut columns = BTreeMap::new();
         for (k, v) in filter {

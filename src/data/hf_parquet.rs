@@ -160,6 +160,11 @@ impl ParquetSet {
             if !has(text_column) {
                 bail!("{}: no caption column {text_column:?} (data.caption; columns: {columns:?})", at());
             }
+            let text = root.get_fields().iter().find(|c| c.name() == text_column).expect("checked");
+            if !text.is_primitive() || text.get_physical_type() != parquet::basic::Type::BYTE_ARRAY {
+                let kind = if text.is_primitive() { format!("{}", text.get_physical_type()) } else { "a group".to_string() };
+                bail!("{}: the caption column {text_column:?} holds {kind}, not text (data.caption names the caption column; columns: {columns:?})", at());
+            }
             let image = root.get_fields().iter().find(|c| c.name() == image_column).expect("checked");
             if !image.is_group() || !image.get_fields().iter().any(|c| c.name() == "bytes") {
                 bail!("{}: column {image_column:?} is not a struct with a \"bytes\" field (the datasets Image feature)", at());

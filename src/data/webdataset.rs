@@ -56,6 +56,8 @@ struct Entry {
     size: Option<(u32, u32)>,
     /// The shard ends inside this sample's members.
     truncated: bool,
+    /// Its caption is a `.txt` member that is not UTF-8.
+    caption_not_utf8: bool,
 }
 
 /// An opened set of webdataset shards.
@@ -87,6 +89,8 @@ struct Pending {
     key: String,
     image: Option<(u64, u64)>,
     txt: Option<String>,
+    /// The `.txt` member is not UTF-8 (a bad sample when it is the caption).
+    txt_not_utf8: bool,
     json: Option<serde_json::Map<String, serde_json::Value>>,
     truncated: bool,
 }
@@ -137,7 +141,10 @@ fn scan_shard(path: &Path) -> Result<Vec<Pending>> {
                 break;
             }
             if ext == "txt" {
-                pending.txt = Some(String::from_utf8_lossy(&bytes).trim().to_string());
+                match String::from_utf8(bytes) {
+                    Ok(text) => pending.txt = Some(text.trim().to_string()),
+                    Err(_) => pending.txt_not_utf8 = true,
+                }
             } else {
                 // A json that does not parse is ignored (as if absent): its caption or filter
                 // fields are then missing, which the sample reports when it is loaded.
@@ -166,17 +173,18 @@ impl WebDataset {
                 let json = p.json.as_ref();
                 let from_json = |k: &str| json.and_then(|j| j.get(k)).and_then(|v| v.as_str()).map(|c| c.trim().to_string());
                 let text = match caption {
-                    CaptionField::Default => p.txt.clone().or_else(|| from_json("caption")),
+                    CaptionField::Default => p.txt.clone().or_else(|| from_json("caption").filter(|_| !p.txt_not_utf8)),
                     CaptionField::Txt => p.txt.clone(),
                     CaptionField::JsonKey(k) => from_json(k),
                 };
+                let caption_not_utf8 = p.txt_not_utf8 && matches!(caption, CaptionField::Default | CaptionField::Txt);
                 let meta = JsonMeta(json);
                 let size = meta.size();
                 if !p.truncated && !filters.keep(&meta, size).with_context(|| format!("{} key {}", shards[s].display(), p.key))? {
                     filtered_out += 1;
                     continue;
                 }
-                entries.push(Entry { shard: s as u32, key: p.key, image: p.image, caption: text, size, truncated: p.truncated });
+                entries.push(Entry { shard: s as u32, key: p.key, image: p.image, caption: text, size, truncated: p.truncated, caption_not_utf8 });
             }
         }
         if entries.is_empty() {
@@ -224,6 +232,9 @@ impl ImageRows for WebDataset {
         };
         if e.truncated {
             return Err(bad((BadKind::Corrupt, "the shard ends inside this sample (a truncated tar)".into())));
+        }
+        if e.caption_not_utf8 {
+            return Err(bad((BadKind::Corrupt, "its .txt caption is not valid UTF-8".into())));
         }
         let caption = usable_caption(e.caption.as_deref(), "no caption (no .txt member and no caption in its .json)").map_err(bad)?;
         let Some((offset, size)) = e.image else {

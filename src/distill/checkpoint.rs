@@ -9,6 +9,9 @@
 //!
 //! `state.json` is written last and lists every file with its size: a folder is a complete
 //! checkpoint exactly when its `state.json` parses and every listed file is there with that size.
+//! It also records each file's CRC-32, checked when a run resumes from the checkpoint
+//! (`resolve`): bytes that changed at the same size (a flipped bit, a bad disk) are named there
+//! rather than trained on. Checkpoints without CRCs (older sdkd) resume on sizes alone.
 //! One writer per output folder (two runs writing into one folder would delete each other's
 //! temporary folders).
 use super::loss_scale::LossScale;
@@ -96,6 +99,23 @@ struct StateFile {
     meta: StateMeta,
     /// Relative path -> size in bytes of every other file of the checkpoint.
     files: BTreeMap<String, u64>,
+    /// Relative path -> CRC-32 (IEEE) of the same files.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    crc32: BTreeMap<String, u32>,
+}
+
+/// The CRC-32 of the file at `path`, read in 8 MiB pieces.
+fn crc32_of(path: &Path) -> Result<u32> {
+    use std::io::Read;
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let (mut hasher, mut buf) = (crc32fast::Hasher::new(), vec![0u8; 8 << 20]);
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(hasher.finalize());
+        }
+        hasher.update(&buf[..n]);
+    }
 }
 
 /// The keep-last-K policy: of the complete checkpoints' steps, those to delete (oldest first) so
@@ -172,12 +192,13 @@ impl CheckpointWriter {
 
 fn write_files(tmp: &Path, state: &TrainState, after_file: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
     std::fs::create_dir_all(tmp.join("unet")).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut files = BTreeMap::new();
+    let (mut files, mut crc32) = (BTreeMap::new(), BTreeMap::new());
     let mut record = |rel: &str, files: &mut BTreeMap<String, u64>| -> Result<()> {
         let path = tmp.join(rel);
         let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         file.sync_all().with_context(|| format!("fsync {}", path.display()))?;
         files.insert(rel.to_string(), file.metadata()?.len());
+        crc32.insert(rel.to_string(), crc32_of(&path)?);
         after_file(&path)
     };
     let config = serde_json::to_string_pretty(&state.unet_config)?;
@@ -193,7 +214,7 @@ fn write_files(tmp: &Path, state: &TrainState, after_file: &mut dyn FnMut(&Path)
     record(OPTIMIZER_FILE, &mut files)?;
     fs_safe::sync_dir(&tmp.join("unet"))?;
     // state.json last: its presence with matching sizes is what makes the folder complete.
-    let json = serde_json::to_string_pretty(&StateFile { meta: state.meta.clone(), files })?;
+    let json = serde_json::to_string_pretty(&StateFile { meta: state.meta.clone(), files, crc32 })?;
     write_text(&tmp.join(STATE_FILE), &json)?;
     File::open(tmp.join(STATE_FILE))?.sync_all()?;
     after_file(&tmp.join(STATE_FILE))?;
@@ -217,6 +238,7 @@ pub struct Checkpoint {
     pub meta: StateMeta,
     pub unet_config: serde_json::Value,
     files: BTreeMap<String, u64>,
+    crc32: BTreeMap<String, u32>,
 }
 
 impl Checkpoint {
@@ -253,7 +275,22 @@ impl Checkpoint {
             &std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?,
         )
         .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
-        Ok(Checkpoint { dir: dir.to_path_buf(), meta: state.meta, unet_config, files: state.files })
+        Ok(Checkpoint { dir: dir.to_path_buf(), meta: state.meta, unet_config, files: state.files, crc32: state.crc32 })
+    }
+
+    /// Checks every file against the CRC-32 its `state.json` records (a read of the whole
+    /// checkpoint: done on resume, not when listing).
+    pub fn verify(&self) -> Result<()> {
+        for (rel, want) in &self.crc32 {
+            let got = crc32_of(&self.dir.join(rel))?;
+            if got != *want {
+                bail!(
+                    "checkpoint {} is damaged: {rel} has CRC-32 {got:08x}, {STATE_FILE} says {want:08x} (its bytes changed after it was written)",
+                    self.dir.display()
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn has_ema(&self) -> bool {
@@ -348,11 +385,11 @@ pub fn latest(output_dir: &Path) -> Result<Option<PathBuf>> {
 /// `latest` says on stderr which newer checkpoints it skipped, and why.
 pub fn resolve(output_dir: &Path, arg: &str) -> Result<Checkpoint> {
     if arg != "latest" {
-        return Checkpoint::open(Path::new(arg)).with_context(|| format!("--resume {arg}"));
+        return Checkpoint::open(Path::new(arg)).and_then(|c| c.verify().map(|()| c)).with_context(|| format!("--resume {arg}"));
     }
     let mut folders = step_folders(&checkpoints_dir(output_dir))?;
     while let Some((_, dir, opened)) = folders.pop() {
-        match opened {
+        match opened.and_then(|c| c.verify().map(|()| c)) {
             Ok(c) => return Ok(c),
             Err(e) => eprintln!("warning: --resume latest: skipping {}: {e:#}", dir.display()),
         }

@@ -436,8 +436,20 @@ impl Trainer {
             _ => None,
         };
         let scale = match (&cfg.data.cache, &encoder) {
-            (Some(cache), _) => LatentScale::from_description(&crate::data::CacheIndex::read(cache)?.encoder)
-                .with_context(|| format!("data.cache {}", cache.display()))?,
+            (Some(cache), _) => {
+                let index = crate::data::CacheIndex::read(cache).with_context(|| format!("data.cache {}", cache.display()))?;
+                // the cache's latents decide the resolution: a config saying otherwise would be recorded wrongly
+                ensure!(
+                    index.transform.resolution == cfg.data.resolution,
+                    "data.resolution = {} but data.cache {} holds latents of {} px images: set data.resolution: {} (or make the cache at {} px)",
+                    cfg.data.resolution,
+                    cache.display(),
+                    index.transform.resolution,
+                    index.transform.resolution,
+                    cfg.data.resolution
+                );
+                LatentScale::from_description(&index.encoder).with_context(|| format!("data.cache {}", cache.display()))?
+            }
             (None, Some(e)) => e.latent_scale(),
             (None, None) => bail!("data: a run without a teacher pipeline must read a latent cache (data.cache)"),
         };

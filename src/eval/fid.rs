@@ -30,7 +30,32 @@ impl Stats {
         let mu = x.mean_dim(0, false, Kind::Double);
         let centred = &x - mu.unsqueeze(0);
         let sigma = centred.tr().mm(&centred) / (n - 1) as f64;
-        Ok(Stats { mu, sigma, count: Some(n as usize) })
+        let stats = Stats { mu, sigma, count: Some(n as usize) };
+        stats.check().context("the Inception features of these images")?;
+        Ok(stats)
+    }
+
+    /// Refuses statistics no set of images has: a non-finite `mu` or `sigma`, or a `sigma` that
+    /// is not a covariance (symmetric, no eigenvalue below -1e-6 of the largest magnitude). FID
+    /// of such statistics is meaningless (negative, inf or NaN); pytorch-fid refuses them too.
+    pub fn check(&self) -> Result<()> {
+        let finite = |t: &Tensor| t.isfinite().all().int64_value(&[]) == 1;
+        if !finite(&self.mu) {
+            bail!("mu holds a NaN or infinite value");
+        }
+        if !finite(&self.sigma) {
+            bail!("sigma holds a NaN or infinite value");
+        }
+        let scale = self.sigma.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
+        let asym = (&self.sigma - self.sigma.tr()).abs().max().double_value(&[]);
+        if asym > 1e-6 * scale {
+            bail!("sigma is not symmetric (entries differ from their transpose by up to {asym:.3e}): not a covariance matrix");
+        }
+        let least = self.sigma.f_linalg_eigvalsh("L").context("the eigenvalues of sigma")?.min().double_value(&[]);
+        if least < -1e-6 * scale {
+            bail!("sigma has a negative eigenvalue ({least:.3e}): not a covariance matrix");
+        }
+        Ok(())
     }
 
     pub fn dims(&self) -> i64 {
@@ -52,7 +77,9 @@ impl Stats {
         if d.len() != 1 || sigma.size() != [d[0], d[0]] {
             bail!("{}: mu has shape {:?} and sigma {:?}; expected (d,) and (d, d)", path.display(), mu.size(), sigma.size());
         }
-        Ok(Stats { mu, sigma, count: None })
+        let stats = Stats { mu, sigma, count: None };
+        stats.check().with_context(|| format!("FID statistics {}", path.display()))?;
+        Ok(stats)
     }
 
     /// Writes them as pytorch-fid's `--save-stats` does (float64 `mu` and `sigma`), to a temp
@@ -72,12 +99,13 @@ impl Stats {
 }
 
 /// tr √(Σ₁Σ₂) through the symmetric form √Σ₁ Σ₂ √Σ₁ (see the module comment).
-pub fn trace_sqrt_product(sigma1: &Tensor, sigma2: &Tensor) -> f64 {
-    let (l1, v1) = sigma1.linalg_eigh("L");
+pub fn trace_sqrt_product(sigma1: &Tensor, sigma2: &Tensor) -> Result<f64> {
+    let (l1, v1) = sigma1.f_linalg_eigh("L").context("the eigendecomposition of a covariance")?;
     let root1 = (&v1 * l1.clamp_min(0.0).sqrt().unsqueeze(0)).mm(&v1.tr());
     let m = root1.mm(sigma2).mm(&root1);
     let m = (&m + m.tr()) / 2.0;
-    m.linalg_eigvalsh("L").clamp_min(0.0).sqrt().sum(Kind::Double).double_value(&[])
+    let eig = m.f_linalg_eigvalsh("L").context("the eigenvalues of √Σ₁ Σ₂ √Σ₁")?;
+    Ok(eig.clamp_min(0.0).sqrt().sum(Kind::Double).double_value(&[]))
 }
 
 /// The Fréchet distance of two Gaussians.
@@ -88,5 +116,9 @@ pub fn frechet_distance(a: &Stats, b: &Stats) -> Result<f64> {
     let diff = &a.mu - &b.mu;
     let d2 = diff.dot(&diff).double_value(&[]);
     let tr = a.sigma.trace().double_value(&[]) + b.sigma.trace().double_value(&[]);
-    Ok(d2 + tr - 2.0 * trace_sqrt_product(&a.sigma, &b.sigma))
+    let fid = d2 + tr - 2.0 * trace_sqrt_product(&a.sigma, &b.sigma)?;
+    if !fid.is_finite() {
+        bail!("the FID of these statistics is {fid}: a statistic overflows float64");
+    }
+    Ok(fid)
 }

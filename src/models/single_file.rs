@@ -527,11 +527,11 @@ impl SingleFile {
             }
             k += 1;
         }
+        self.check_contiguous("input_blocks", k)?; // a gap first: it also ends the stage early
         if cur.1 == 0 {
             bail!("{file}: key {}: the last input stage has no resnet", key(&format!("input_blocks.{}", k - 1)));
         }
         stages.push(cur);
-        self.check_contiguous("input_blocks", k)?;
         let n = stages.len();
         c.block_out_channels = stages.iter().map(|s| s.0).collect();
         c.layers_per_block = stages.iter().map(|s| s.1).collect();

@@ -138,6 +138,8 @@ struct Mismatches {
     misshaped: Vec<String>,
     /// Integer or bool data for a floating model tensor.
     mistyped: Vec<String>,
+    /// Floating-point data holding NaN or infinite values.
+    nonfinite: Vec<String>,
 }
 
 impl Mismatches {
@@ -149,6 +151,7 @@ impl Mismatches {
             ("unexpected", &self.unexpected),
             ("mis-shaped", &self.misshaped),
             ("not floating-point", &self.mistyped),
+            ("holding NaN or infinite values", &self.nonfinite),
         ]
         {
             if !list.is_empty() {
@@ -211,6 +214,11 @@ pub fn load_strict_mapped(
                 continue;
             }
             let src = view_to_tensor(&view).with_context(|| format!("{}: {name}", path.display()))?;
+            if floating && src.isfinite().all().int64_value(&[]) == 0 {
+                bad.nonfinite.push(name.to_string());
+                seen.insert(target);
+                continue;
+            }
             tch::no_grad(|| var.shallow_clone().copy_(&src));
             seen.insert(target);
         }
@@ -252,7 +260,8 @@ pub fn save_with_metadata(path: &Path, tensors: &[(String, Tensor)], kind: Optio
     metadata.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
     safetensors::serialize_to_file(views, Some(metadata), path)
         .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
-    Ok(())
+    // the crate writes through a 0600 temp file: give it the mode every other file gets
+    crate::fs_safe::set_file_mode(path)
 }
 
 /// The named parameters of a var store in a stable order.

@@ -53,6 +53,12 @@ CREATE TABLE IF NOT EXISTS revoked_keys (
 );
 ";
 
+/// sdkd's SQLite `application_id` ("sdkd" in ASCII), set in every key database it makes: an
+/// existing file is written only when it carries it, or (made before sdkd set it) holds sdkd's
+/// tables and no others, or no tables at all.
+const APPLICATION_ID: i64 = 0x7364_6b64;
+const TABLES: [&str; 5] = ["api_keys", "usage", "generations", "instances", "revoked_keys"];
+
 /// One key's row, as `sdkd keys list` shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KeyInfo {
@@ -153,9 +159,36 @@ impl KeyStore {
     }
 
     fn init(db: Connection, path: &Path) -> Result<KeyStore> {
+        let p = path.display();
         db.busy_timeout(std::time::Duration::from_secs(5))?;
-        db.execute_batch(SCHEMA).with_context(|| format!("key database {}: creating its tables", path.display()))?;
+        let id: i64 = db
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .with_context(|| format!("--db {p}: not an SQLite database (an sdkd key database is one)"))?;
+        if id != APPLICATION_ID {
+            if id != 0 {
+                bail!("--db {p} is another application's SQLite database (application_id {id:#x}), not an sdkd key database: sdkd will not write into it; give --db a new file");
+            }
+            let mut query = db.prepare("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite_%' ORDER BY name")?;
+            let tables: Vec<String> = query.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            let others: Vec<String> = tables.iter().filter(|t| !TABLES.contains(&t.as_str())).cloned().collect();
+            if !others.is_empty() || (!tables.is_empty() && !tables.iter().any(|t| t == "api_keys")) {
+                bail!(
+                    "--db {p} is an SQLite database of something else (its tables: {}), not an sdkd key database: sdkd will not write into it; give --db a new file",
+                    crate::fs_safe::list_some(&tables)
+                );
+            }
+        }
+        db.execute_batch(SCHEMA).with_context(|| format!("key database {p}: creating its tables"))?;
+        if id != APPLICATION_ID {
+            db.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}")).with_context(|| format!("key database {p}: marking it as sdkd's"))?;
+        }
         Ok(KeyStore { db })
+    }
+
+    /// Whether the key named `name` is revoked.
+    pub fn is_revoked(&self, name: &str) -> Result<bool> {
+        let hash = self.hash_of(name)?;
+        Ok(self.db.query_row("SELECT COUNT(*) FROM revoked_keys WHERE key_sha256 = ?1", [hash], |r| r.get::<_, i64>(0))? > 0)
     }
 
     fn immediate(&self) -> Result<Transaction<'_>> {
@@ -306,6 +339,15 @@ impl KeyStore {
     }
 
     /// Unregisters `instance` at a clean exit (its rows are all settled by then).
+    /// Refunds every pending generation of `instance` (a server leaving a step it cannot wait
+    /// for); returns (generations, credits).
+    pub fn refund_instance(&self, instance: &str, cause: &str) -> Result<(i64, i64)> {
+        let tx = self.immediate()?;
+        let refunded = refund_pending(&tx, instance, cause)?;
+        tx.commit()?;
+        Ok(refunded)
+    }
+
     pub fn stop_instance(&self, instance: &str) -> Result<()> {
         self.db.execute("DELETE FROM instances WHERE id = ?1", [instance])?;
         Ok(())

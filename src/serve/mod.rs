@@ -76,6 +76,9 @@ pub struct App {
     last_run_ms: AtomicU64,
     /// Set when shutdown cancels every request.
     shutting_down: AtomicBool,
+    /// Told (true) when shutdown cancels every request: the handlers still waiting settle their
+    /// request themselves if the model thread is inside a step longer than [`STEP_WAIT`].
+    cancel_all: tokio::sync::watch::Sender<bool>,
     /// Admitted requests for the model thread, oldest first, and whether it should stop once
     /// they are done (set when the HTTP side has stopped).
     jobs: Mutex<(VecDeque<Job>, bool)>,
@@ -123,12 +126,19 @@ impl App {
             waiting: AtomicUsize::new(0),
             last_run_ms: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
+            cancel_all: tokio::sync::watch::channel(false).0,
             jobs: Mutex::new((VecDeque::new(), false)),
             new_job: Condvar::new(),
             metrics: Metrics::default(),
         }))
     }
 }
+
+/// How long a cancelled request (shutdown, `--max-request-seconds`) waits for the model thread to
+/// reach the end of its denoising step; past it the request is refunded and answered without it,
+/// and at shutdown the process leaves the step unfinished. One step of a large image on a small
+/// machine can last minutes.
+const STEP_WAIT: Duration = Duration::from_millis(500);
 
 /// Why a request stopped: the HTTP status and the message naming the cause.
 struct Stop {
@@ -308,10 +318,48 @@ async fn txt2img(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
     });
     let _watch = ClientWatch(token.clone());
     // the model thread settles the ledger itself: the answer is the same whether anyone awaits it
-    let (reply, answer) = tokio::sync::oneshot::channel();
+    let (reply, mut answer) = tokio::sync::oneshot::channel();
+    let deadline = token.deadline;
     lock(&app.jobs).0.push_back(Job { slot, token, id: generation, price, api, req, reply });
     app.new_job.notify_one();
-    answer.await.unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "the model thread ended without answering"))
+    let lost = |_| error(StatusCode::INTERNAL_SERVER_ERROR, "the model thread ended without answering");
+    // the model thread stops a cancelled request between two steps; past STEP_WAIT the handler
+    // settles it itself (a refund, only if still pending: the model thread may have settled it)
+    let mut shutdown = app.cancel_all.subscribe();
+    let overdue = async {
+        let past_deadline = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let stop = tokio::select! {
+            _ = async { while !*shutdown.borrow_and_update() { if shutdown.changed().await.is_err() { std::future::pending::<()>().await } } } => {
+                Stop { status: StatusCode::SERVICE_UNAVAILABLE, cause: "the server is shutting down".into() }
+            }
+            _ = past_deadline => Stop {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                cause: format!("the request ran past --max-request-seconds {}", app.limits.max_request.unwrap_or_default().as_secs_f64()),
+            },
+        };
+        tokio::time::sleep(STEP_WAIT).await;
+        stop
+    };
+    tokio::select! {
+        a = &mut answer => a.unwrap_or_else(lost),
+        stop = overdue => {
+            let message = format!("generation cancelled ({}) during a denoising step", stop.cause);
+            let refunded = lock(&app.keys).refund(generation, stop.status.as_u16(), &message); // the lock is not held below
+            match refunded {
+                Ok(true) => {
+                    app.metrics.refunded(price as u64);
+                    eprintln!("generation {generation}: {message}; {price} credit(s) given back");
+                    error(stop.status, format!("{message}; its {price} credit(s) were given back"))
+                }
+                _ => answer.await.unwrap_or_else(lost),
+            }
+        }
+    }
 }
 
 /// The model thread: takes the oldest job and the waiting ones that batch with it, generates
@@ -504,8 +552,24 @@ pub fn serve(app: Arc<App>, listen: &str) -> Result<()> {
     });
     // jobs whose clients left may still run or wait: stop them at their next step, settle them
     app.shutting_down.store(true, Ordering::SeqCst);
+    app.cancel_all.send_replace(true);
     lock(&app.jobs).1 = true;
     app.new_job.notify_all();
+    let waited = Instant::now();
+    while !model.is_finished() && waited.elapsed() < STEP_WAIT {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if !model.is_finished() {
+        // inside a step longer than STEP_WAIT: settle what it holds and leave without it (its
+        // LibTorch call cannot be interrupted, and exit's destructors must not run under it)
+        let (generations, credits) = lock(&app.keys).refund_instance(&app.instance, "the server stopped during its denoising step")?;
+        lock(&app.keys).stop_instance(&app.instance)?;
+        eprintln!("stopped during a denoising step: {credits} credit(s) of {generations} generation(s) given back; exiting");
+        use std::io::Write;
+        let _ = (std::io::stdout().flush(), std::io::stderr().flush());
+        // SAFETY: _exit ends the process at once; nothing after it runs
+        unsafe { libc::_exit(if served.is_ok() { 0 } else { 1 }) }
+    }
     if model.join().is_err() {
         eprintln!("the model thread panicked outside a generation");
     }
@@ -533,4 +597,5 @@ async fn signals(
         _ = int.recv() => eprintln!("second signal: cancelling the requests in flight"),
     }
     app.shutting_down.store(true, Ordering::SeqCst);
+    app.cancel_all.send_replace(true);
 }
