@@ -56,7 +56,7 @@ fn join_ranks(launch: &Launch, cfg: &mut RunConfig) -> Result<Ranks> {
     let (ranks, device) = Ranks::join(launch, cfg.train.device.resolve().context("train.device")?, timeout)
         .with_context(|| format!("{} launch, train.dist_timeout_s = {}", launch.launcher, cfg.train.dist_timeout_s))?;
     if let tch::Device::Cuda(i) = device {
-        cfg.train.device = crate::config::DeviceChoice::Cuda(i);
+        cfg.train.device = crate::runtime::DeviceChoice::Cuda(i);
     }
     Ok(ranks)
 }
@@ -73,7 +73,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     // every rank has checked output_dir before any joins, so none sees rank 0's writes
     let ranks = launch.as_ref().map(|l| join_ranks(l, &mut cfg)).transpose()?;
     let leader = ranks.as_ref().is_none_or(Ranks::is_leader);
-    let mut trainer = Trainer::with_ranks(cfg, args.resume.as_deref(), ranks)?;
+    let mut trainer = Trainer::build(cfg, ranks)?;
+    if let Some(arg) = args.resume.as_deref() {
+        trainer.resume(arg)?;
+    }
+    trainer.sync_ranks()?;
     // only once the run is known to start: a bad config or teacher leaves output_dir as it was
     if leader {
         claim.apply(&output_dir, &marker)?;
