@@ -336,7 +336,7 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     let heldout = ImageFolder::open(&out.join("heldout"))?;
     let p = PipelineDir::open(&out.join("teacher"))?;
     let encoder = TeacherEncoder::load(&p, Device::Cpu, Kind::Float)?;
-    let base = Parts { tokenizer: &encoder.tokenizer, text_encoder: &encoder.text_encoder.model, vae: &encoder.vae.model, unet: &teacher.model, schedule: &schedule };
+    let base = Parts { tokenizer: &encoder.tokenizer, text_encoder: &encoder.text_encoder.model, vae: &encoder.vae.model, unet: &teacher.model, schedule: &schedule, xl: None };
     let mut originals = vec![];
     let mut captions = vec![];
     for i in 0..heldout.len() {

@@ -364,6 +364,10 @@ fn noise_schedule(pipeline: Option<&PipelineDir>) -> Result<NoiseSchedule> {
 fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Device, compute_kind: Kind, report: bool) -> Result<Distiller> {
     let schedule = Arc::new(noise_schedule(pipeline)?);
     let teacher_config = pipeline.map(|p| p.unet_config()).transpose()?;
+    if let Some(c) = teacher_config.as_ref().filter(|c| c.addition_embed.is_some() || c.time_cond_proj_dim.is_some()) {
+        let what = if c.addition_embed.is_some() { "an SDXL UNet (addition_embed_type \"text_time\")" } else { "a UNet with time_cond_proj_dim" };
+        bail!("teacher: {what} cannot be distilled yet: training conditions only on the text embeddings (sdkd generate and inspect take it)");
+    }
     let plan = StudentPlan::resolve(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student))?;
     tch::manual_seed(step_seed(cfg.train.seed, u64::MAX, 0));
     let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
@@ -761,6 +765,7 @@ impl Trainer {
             vae: &encoder.vae.model,
             unet: &d.student.model,
             schedule: &d.schedule,
+            xl: None,
         };
         let mut unets: Vec<&UNet2DConditionModel> = d.teacher.iter().map(|t| &t.unet.model).collect();
         unets.push(&d.student.model);
@@ -805,7 +810,7 @@ impl Trainer {
             Some(u) => (&u.model, "student EMA"),
             None => (&d.student.model, "student"),
         };
-        let parts = Parts { tokenizer: &encoder.tokenizer, text_encoder: &encoder.text_encoder.model, vae: &encoder.vae.model, unet, schedule: &d.schedule };
+        let parts = Parts { tokenizer: &encoder.tokenizer, text_encoder: &encoder.text_encoder.model, vae: &encoder.vae.model, unet, schedule: &d.schedule, xl: None };
         let scores = tch::no_grad(|| periodic.run(&parts, what, self.step, &self.cfg.output_dir.join("eval")))?;
         if let Some(tb) = tb {
             tb.add_scalars(&scores.scalars(), self.step)?;
