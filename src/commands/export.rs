@@ -4,7 +4,7 @@
 //! `--out` must be new or empty, or an earlier sdkd export of the same format with
 //! `--overwrite`; never the checkpoint (or inside it), its run or the teacher (or inside it).
 use crate::distill::checkpoint::Checkpoint;
-use crate::config::Precision;
+use crate::runtime::Precision;
 use crate::export::{self, ExportFormat};
 use crate::fs_safe;
 use crate::models::{weights, UNetConfig};
