@@ -331,6 +331,14 @@ fn inspect_counts_sdxl_base_and_refuses_bad_configs() {
     assert_eq!(d["teacher"]["params"], json!(2_567_463_684i64), "{d}");
     assert_eq!(d["teacher"]["transformer_blocks"], json!(70));
     let tmp = tempdir();
+    // a student spec over SDXL's three stages: each kept transformer keeps its depth
+    // (1 of 2 down layers and 2 of 3 up layers per stage: 1·2 + 1·10 + 2·10 + 2·2)
+    let spec = tmp.path().join("spec.yaml");
+    std::fs::write(&spec, "down: [[0], [0], [0]]\nup: [[0, 2], [0, 2], [0, 2]]\nmid_block: false\n").unwrap();
+    let o = sdkd(&["inspect", "--unet", config.to_str().unwrap(), "--student", spec.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(d["student"]["transformer_blocks"], json!(36), "{}", d["student"]["config"]);
     let base: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
     for (key, value, needle) in [
         ("addition_embed_type", json!("text"), "addition_embed_type"),
@@ -346,4 +354,29 @@ fn inspect_counts_sdxl_base_and_refuses_bad_configs() {
         std::fs::write(&file, v.to_string()).unwrap();
         assert_clean_failure(&sdkd(&["inspect", "--unet", file.to_str().unwrap()]), needle);
     }
+}
+
+/// Several SDXL requests in one `generate_batch` call (a `serve --max-batch` batch, an evaluation
+/// batch) each get the images they get alone: other prompts, seeds, guidance and micro-conditioning.
+#[test]
+fn batched_sdxl_requests_equal_their_own_images() {
+    use sdkd::pipeline::{generate_batch, BatchMember, GenerateRequest, TextToImage};
+    let t2i = TextToImage::load(&fixture().join("pipe"), None, Device::Cpu, Kind::Float).unwrap();
+    let base = GenerateRequest { steps: 3, width: Some(16), height: Some(16), ..GenerateRequest::default() };
+    let reqs = [
+        GenerateRequest { prompt: "a red cube".into(), seed: 3, ..base.clone() },
+        GenerateRequest { prompt: "a toy panda".into(), seed: 4, guidance_scale: 3.0, original_size: Some((512, 256)), ..base.clone() },
+        GenerateRequest { prompt: "two spheres".into(), negative_prompt: Some("blurry".into()), seed: 5, crop: (8, 16), ..base },
+    ];
+    assert!(!t2i.parts().batches_exactly(&reqs[0]), "SDXL requests are not stacked in one UNet call");
+    let stop = || None;
+    let members: Vec<BatchMember> = reqs.iter().map(|req| BatchMember { req, stop: &stop, noise: None }).collect();
+    let mut results: Vec<Option<Vec<image::RgbImage>>> = vec![None, None, None];
+    generate_batch(&t2i.parts(), &members, &mut |_, _| {}, &mut |i, r| results[i] = Some(r.unwrap()));
+    for (i, req) in reqs.iter().enumerate() {
+        let alone = t2i.generate(req).unwrap();
+        assert_eq!(results[i].as_ref().unwrap(), &alone, "request {i}: batched images differ from its own");
+    }
+    // the requests differ, so equal images are not a coincidence
+    assert_ne!(results[0], results[1]);
 }
