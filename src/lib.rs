@@ -10,6 +10,7 @@ pub mod eval;
 pub mod export;
 pub mod fs_safe;
 pub mod grid;
+pub mod hub;
 pub mod json_config;
 pub mod memory;
 pub mod models;

@@ -139,7 +139,7 @@ fn network(c: &CommonArgs) -> Result<InceptionV3> {
     let Some(path) = &c.inception else {
         bail!("--inception is required: sdkd downloads nothing and never scores with random weights; it needs {}", eval::inception::WEIGHTS_HELP);
     };
-    InceptionV3::load(path, c.device()?)
+    InceptionV3::load(&crate::hub::local(path, crate::hub::Want::File)?, c.device()?)
 }
 
 pub fn run(a: &EvalArgs) -> Result<()> {
@@ -268,7 +268,7 @@ fn clip_for(metrics: &[Metric], c: &CommonArgs) -> Result<Option<clip_score::Cli
     let Some(path) = &c.clip else {
         bail!("--metrics clip needs --clip <weights>: sdkd downloads nothing and never scores with random weights; it needs {}", crate::models::open_clip::WEIGHTS_HELP);
     };
-    clip_score::ClipScorer::load(path, c.device()?).map(Some)
+    clip_score::ClipScorer::load(&crate::hub::local(path, crate::hub::Want::File)?, c.device()?).map(Some)
 }
 
 fn run_report(a: &EvalArgs) -> Result<()> {
