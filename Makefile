@@ -11,6 +11,7 @@ build: setup
 	$(CARGO) build --release
 
 test: build
+	python3 scripts/import_cycles.py
 	$(CARGO) test --release
 
 demo: build

@@ -100,10 +100,10 @@ pub fn write_pipeline_dir(
 
 /// The storage dtype a format gets when `--dtype` is not given: fp16 for a single file (what
 /// the community's files are), fp32 for diffusers folders.
-pub fn default_dtype(format: ExportFormat) -> crate::config::Precision {
+pub fn default_dtype(format: ExportFormat) -> crate::runtime::Precision {
     match format {
-        ExportFormat::SingleFile => crate::config::Precision::Fp16,
-        _ => crate::config::Precision::Fp32,
+        ExportFormat::SingleFile => crate::runtime::Precision::Fp16,
+        _ => crate::runtime::Precision::Fp32,
     }
 }
 

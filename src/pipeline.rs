@@ -20,16 +20,15 @@
 //! `generate_batch` runs several compatible requests as one UNet call per step (`sdkd serve
 //! --max-batch`); each keeps its own random sequence on that one generator by saving its state
 //! after the request's draws and putting it back before the next (`aten_extra::cpu_rng_state`).
-use crate::commands::prune::unet_dir;
-use crate::models::unet_config::UNetConfig;
+pub use crate::models::pipeline_dir::UnetSource;
 use crate::models::{
-    weights, AutoencoderKL, ClipTextEncoder, ClipTextModel, ClipTokenizer, Init, PipelineDir, UNet,
+    AutoencoderKL, ClipTextEncoder, ClipTextModel, ClipTokenizer, PipelineDir, UNet,
     UNet2DConditionModel, Vae,
 };
 use crate::schedulers::{randn, NoiseSchedule, Sampler, SchedulerKind};
 use anyhow::{bail, ensure, Context, Result};
 use image::RgbImage;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
@@ -437,82 +436,6 @@ pub fn to_rgb_images(images: &Tensor) -> Vec<RgbImage> {
         .collect()
 }
 
-/// Where a replacement UNet comes from (`--unet`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UnetSource {
-    /// A diffusers UNet folder (from `prune`, `export`, or a pipeline's `unet/`).
-    Folder(PathBuf),
-    /// A training checkpoint: `unet/config.json` plus these weights (`student.safetensors` or
-    /// `ema.safetensors`).
-    Checkpoint { config_dir: PathBuf, weights: PathBuf },
-}
-
-impl UnetSource {
-    /// Reads what `path` is: a UNet folder, a pipeline folder (its `unet/`), a training
-    /// checkpoint (`unet/config.json` + `student.safetensors` / `ema.safetensors`), or a run's
-    /// `final/` (`unet/`, `unet_ema/`). `ema` picks the EMA weights (`ema.safetensors` or
-    /// `unet_ema/`); otherwise a checkpoint gives its student weights, or its EMA when that is all
-    /// it has.
-    pub fn resolve(path: &Path, ema: bool) -> Result<Self> {
-        if !path.is_dir() {
-            bail!("--unet {}: not a folder (a UNet folder, a pipeline folder or a checkpoint folder)", path.display());
-        }
-        let is_unet = |dir: &Path| {
-            dir.join("config.json").is_file() && weights::weight_files(dir, "diffusion_pytorch_model").is_ok()
-        };
-        let path = unet_dir(path);
-        let config_dir = path.join("unet");
-        if config_dir.join("config.json").is_file() {
-            let (student, ema_file) = (path.join("student.safetensors"), path.join("ema.safetensors"));
-            let weights = match (ema, student.is_file(), ema_file.is_file()) {
-                (true, _, true) | (false, false, true) => Some(ema_file),
-                (false, true, _) => Some(student),
-                _ => None,
-            };
-            if let Some(weights) = weights {
-                return Ok(UnetSource::Checkpoint { config_dir, weights });
-            }
-        }
-        let candidates = if ema { vec![path.join("unet_ema")] } else { vec![path.clone(), config_dir] };
-        if let Some(dir) = candidates.into_iter().find(|d| is_unet(d)) {
-            return Ok(UnetSource::Folder(dir));
-        }
-        if ema {
-            bail!(
-                "--unet {} --ema: no EMA weights there (a checkpoint's ema.safetensors or a run's final/unet_ema/)",
-                path.display()
-            );
-        }
-        bail!(
-            "--unet {}: found no UNet in it (expected config.json + diffusion_pytorch_model.safetensors, a pipeline \
-             folder, or a checkpoint folder with unet/config.json and student.safetensors or ema.safetensors)",
-            path.display()
-        )
-    }
-
-    pub fn load(&self, device: Device, kind: Kind) -> Result<UNet> {
-        match self {
-            UnetSource::Folder(dir) => UNet::load(dir, device, kind),
-            UnetSource::Checkpoint { config_dir, weights: file } => {
-                let config = UNetConfig::from_path(config_dir)?;
-                let unet = UNet::build(&config, device, kind, Init::Empty);
-                weights::load_strict(&unet.vs.variables(), std::slice::from_ref(file)).with_context(|| {
-                    format!("loading checkpoint UNet {} with {}", file.display(), config_dir.display())
-                })?;
-                Ok(unet)
-            }
-        }
-    }
-
-    /// What the PNG's `unet` chunk records.
-    pub fn describe(&self) -> String {
-        match self {
-            UnetSource::Folder(dir) => dir.display().to_string(),
-            UnetSource::Checkpoint { weights, .. } => weights.display().to_string(),
-        }
-    }
-}
-
 /// A Stable Diffusion pipeline loaded once: tokenizer, text encoder, VAE, UNet and the noise
 /// schedule of its `scheduler_config.json` (every sampler is configured from it).
 pub struct TextToImage {
@@ -603,54 +526,6 @@ mod tests {
         assert!(resolve_seed(-1).unwrap() < 1 << 32);
         let e = resolve_seed(-2).unwrap_err().to_string();
         assert!(e.contains("-2"), "{e}");
-    }
-
-    #[test]
-    fn unet_sources() {
-        let root = std::env::temp_dir().join(format!("sdkd-unet-source-{}", std::process::id()));
-        let touch = |p: &str| {
-            let p = root.join(p);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, b"{}").unwrap();
-        };
-        for f in ["u/config.json", "u/diffusion_pytorch_model.safetensors"] {
-            touch(f);
-        }
-        for f in ["p/model_index.json", "p/unet/config.json", "p/unet/diffusion_pytorch_model.fp16.safetensors"] {
-            touch(f);
-        }
-        for f in [
-            "c/unet/config.json",
-            "c/student.safetensors",
-            "c/ema.safetensors",
-            "e/unet/config.json",
-            "e/ema.safetensors",
-        ] {
-            touch(f);
-        }
-        for f in ["f/unet/config.json", "f/unet/diffusion_pytorch_model.safetensors"] {
-            touch(f);
-        }
-        for f in ["f/unet_ema/config.json", "f/unet_ema/diffusion_pytorch_model.safetensors"] {
-            touch(f);
-        }
-        let r = |p: &str, ema: bool| UnetSource::resolve(&root.join(p), ema);
-        let folder = |p: &str| UnetSource::Folder(root.join(p));
-        let ckpt = |c: &str, w: &str| UnetSource::Checkpoint { config_dir: root.join(c), weights: root.join(w) };
-        assert_eq!(r("u", false).unwrap(), folder("u"));
-        assert_eq!(r("p", false).unwrap(), folder("p/unet"));
-        assert_eq!(r("c", false).unwrap(), ckpt("c/unet", "c/student.safetensors"));
-        assert_eq!(r("c", true).unwrap(), ckpt("c/unet", "c/ema.safetensors"));
-        assert_eq!(r("e", false).unwrap(), ckpt("e/unet", "e/ema.safetensors")); // only the EMA exists
-        assert_eq!(r("f", false).unwrap(), folder("f/unet"));
-        assert_eq!(r("f", true).unwrap(), folder("f/unet_ema"));
-        for (p, ema, needle) in
-            [("u", true, "--ema"), ("p", true, "--ema"), ("nope", false, "nope"), ("c/unet", false, "c/unet")]
-        {
-            let e = r(p, ema).unwrap_err().to_string();
-            assert!(e.contains(needle), "{p}: {e}");
-        }
-        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //! gradients are averaged across the ranks as the trainer does, timed on their own
 //! (`allreduce_ms`); `--mode allreduce` times that averaging alone, on gradients shaped as the
 //! student's (no teacher, no forward), so a small machine can measure a large student's.
-use crate::commands::prune::unet_dir;
-use crate::config::{DeviceChoice, Precision, StateDtype};
+use crate::models::pipeline_dir::unet_dir;
+use crate::config::StateDtype;
+use crate::runtime::{DeviceChoice, Precision};
 use crate::distill::loss::LossWeights;
 use crate::distill::optim::AdamWConfig;
 use crate::distill::student::{copy_from_teacher, StudentPlan};

@@ -3,7 +3,7 @@
 //! file; the direction follows from what `--from` is. `--to` follows the overwrite rule of
 //! `export --out` (a folder: new, empty or an earlier sdkd pipeline; a file: new or an earlier
 //! sdkd single file), and is never the source.
-use crate::config::Precision;
+use crate::runtime::Precision;
 use crate::export::{self, ExportFormat};
 use crate::fs_safe::{self, Purpose};
 use crate::models::single_file::SingleFileOptions;

@@ -84,7 +84,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     println!("{:<18} {:>12} {:>8} {:>10}  held-out loss  caption accuracy (background, object colour, position)", "model", "params", "steps", "time");
     for m in &s.models {
         let acc = m.caption_accuracy.map(|a| format!("{:.0}% {:.0}% {:.0}%", 100.0 * a[0], 100.0 * a[1], 100.0 * a[2])).unwrap_or_default();
-        println!("{:<18} {:>12} {:>8} {:>9.0}s  {:<13.4}  {acc}", m.name, crate::commands::inspect::group_digits(m.params), m.steps, m.seconds, m.held_out_loss);
+        println!("{:<18} {:>12} {:>8} {:>9.0}s  {:<13.4}  {acc}", m.name, crate::formatting::group_digits(m.params), m.steps, m.seconds, m.held_out_loss);
     }
     println!("grid: {}\nreport: {}\ndone in {:.0}s", s.grid.display(), s.report.display(), s.seconds);
     Ok(())

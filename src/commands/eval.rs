@@ -4,7 +4,7 @@
 //! generates the images first by BK-SDM's protocol (resumable, batch-invariant seeds) and scores
 //! them with a per-image feature cache; `sdkd eval --compare A/ B/` tabulates reports.
 use crate::commands::generate::PipelineArgs;
-use crate::config::{DeviceChoice, Precision};
+use crate::runtime::{DeviceChoice, Precision};
 use crate::eval::generate::{self as gen, Generation, Seeding};
 use crate::eval::{self, clip_score, fid, inception::InceptionV3, inception_score, prompts, FeatureCache, Metric};
 use crate::fs_safe::{self, Existing, Marker, Purpose};

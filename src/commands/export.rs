@@ -6,7 +6,7 @@
 //! Every export gets a model card (`README.md`, `hub::card`); `--push-to-hub org/name` then
 //! uploads the export with it as one commit (`hub::push`).
 use crate::distill::checkpoint::Checkpoint;
-use crate::config::Precision;
+use crate::runtime::Precision;
 use crate::export::{self, ExportFormat};
 use crate::fs_safe;
 use crate::hub::{self, Want};

@@ -4,7 +4,7 @@
 //!
 //! Defaults are those of `sdkd serve` (docs/serve.md): UniPC, 20 steps, guidance 7.5, a random seed (-1),
 //! the size diffusers picks (the UNet's sample_size × the VAE's downscale factor).
-use crate::config::{DeviceChoice, Precision};
+use crate::runtime::{DeviceChoice, Precision};
 use crate::pipeline::{resolve_seed, GenerateRequest, TextToImage, UnetSource};
 use crate::png_meta::write_png;
 use crate::schedulers::SchedulerKind;

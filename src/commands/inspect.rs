@@ -1,5 +1,6 @@
 //! `sdkd inspect`: architecture tables and parameter counts, of a UNet (and a student built
 //! from it) or of a whole pipeline.
+use crate::formatting::group_digits;
 use crate::distill::student::{StudentPlan, StudentSpec};
 use crate::models::{Init, Part, PipelineDir, UNet, UNetConfig};
 use anyhow::Result;
@@ -110,22 +111,6 @@ pub fn format_table(title: &str, d: &Value) -> String {
     s
 }
 
-pub fn group_digits(n: i64) -> String {
-    let digits = n.abs().to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    if n < 0 {
-        format!("-{out}")
-    } else {
-        out
-    }
-}
-
 /// Loads every part of a pipeline (on the CPU, fp32, one part at a time) and describes it:
 /// `{"unet": {"params": N, ...}, "vae": {...}, "text_encoder": {...}, "tokenizer": {...},
 /// "scheduler": {...}}`. Any missing or broken part is an error naming it.
@@ -205,7 +190,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     let Some(unet_path) = &args.unet else {
         anyhow::bail!("inspect needs --unet <config.json or unet dir> or --model <pipeline dir>");
     };
-    let config = UNetConfig::from_path(&crate::commands::prune::unet_dir(&crate::hub::local(unet_path, crate::hub::Want::Unet)?))?;
+    let config = UNetConfig::from_path(&crate::models::pipeline_dir::unet_dir(&crate::hub::local(unet_path, crate::hub::Want::Unet)?))?;
     let teacher = describe_unet(&config);
     let mut report = json!({ "teacher": teacher });
     let mut text = format_table(&format!("teacher: {}", unet_path.display()), &teacher);

@@ -9,7 +9,8 @@
 //! caching allocator's peak (the CUDA context, some hundreds of MiB, comes on top).
 //! Not included: the text encoder and VAE that image runs and validation load, and the loader's
 //! prefetched batches.
-use crate::config::{DeviceChoice, RunConfig, StateDtype};
+use crate::config::{RunConfig, StateDtype};
+use crate::runtime::DeviceChoice;
 use crate::distill::student::StudentPlan;
 use crate::models::{Checkpointing, Init, Part, PipelineDir, UNet};
 use anyhow::{anyhow, bail, Context, Result};

@@ -2,13 +2,14 @@
 //! copy map, and write a diffusers UNet folder (or a whole pipeline). `--out` follows the same
 //! rule as `export --out`.
 use crate::distill::student::{copy_from_teacher, StudentPlan, StudentSpec};
-use crate::config::Precision;
+use crate::runtime::Precision;
 use crate::export::{self, ExportFormat};
 use crate::fs_safe::{self, Marker, Purpose};
+use crate::models::pipeline_dir::unet_dir;
 use crate::models::{weights, Init, PipelineDir, UNet};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tch::{Device, Kind};
 
 #[derive(Args, Debug, Clone)]
@@ -32,15 +33,6 @@ pub struct PruneArgs {
     /// `single-file` writes one LDM-layout .safetensors with the teacher's VAE and text encoder.
     #[arg(long, value_enum, default_value = "unet")]
     pub format: ExportFormat,
-}
-
-/// A UNet folder given directly or as a pipeline's `unet/`.
-pub fn unet_dir(path: &Path) -> PathBuf {
-    if path.join("model_index.json").is_file() {
-        path.join("unet")
-    } else {
-        path.to_path_buf()
-    }
 }
 
 pub fn run(args: &PruneArgs) -> Result<()> {

@@ -1,6 +1,6 @@
 //! `sdkd serve`: the HTTP text-to-image API (docs/serve.md) over a pipeline folder, optionally
 //! with a student UNet, with API keys and credits in a SQLite file (`sdkd keys`).
-use crate::config::DeviceChoice;
+use crate::runtime::DeviceChoice;
 use super::generate::PipelineArgs;
 use crate::serve::{keys::KeyStore, pricing::Pricing, serve, App, Limits};
 use anyhow::{Context, Result};

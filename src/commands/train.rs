@@ -56,7 +56,7 @@ fn join_ranks(launch: &Launch, cfg: &mut RunConfig) -> Result<Ranks> {
     let (ranks, device) = Ranks::join(launch, cfg.train.device.resolve().context("train.device")?, timeout)
         .with_context(|| format!("{} launch, train.dist_timeout_s = {}", launch.launcher, cfg.train.dist_timeout_s))?;
     if let tch::Device::Cuda(i) = device {
-        cfg.train.device = crate::config::DeviceChoice::Cuda(i);
+        cfg.train.device = crate::runtime::DeviceChoice::Cuda(i);
     }
     Ok(ranks)
 }

@@ -16,7 +16,7 @@
 //!
 //! A row whose image is null, or whose struct holds only a `path` (an image that was never
 //! embedded), is a bad sample named by file and row; paths are never followed.
-use super::formats::{Filters, Meta};
+use super::filters::{Filters, Meta};
 use super::source::{decode_rgb, fingerprint_of, usable_caption, BadKind, BadSample, ImageRows};
 use anyhow::{anyhow, bail, Context, Result};
 use parquet::basic::Compression;

@@ -1,13 +1,15 @@
 //! Data for distillation. [`source`] holds what every source shares (the [`SampleSource`] trait,
 //! the [`ImageRows`] trait of image-caption formats and the bad-sample types); the sources plug
 //! into it: imagefolder datasets ([`dataset`]), webdataset tar shards ([`webdataset`]) and
-//! Hugging Face parquet files ([`hf_parquet`]), chosen by [`formats`], decoded
+//! Hugging Face parquet files ([`hf_parquet`]), chosen by [`formats`] and filtered by
+//! [`filters`], decoded
 //! through the training transforms of diffusers' `train_text_to_image.py` ([`transform`],
 //! [`image_source`]) and the latent cache of `sdkd preprocess` ([`cache`]). [`order`] fixes the
 //! order and resumable cursors, [`loader`] batches any source in parallel, and [`synthetic`] is
 //! the built-in dataset of `sdkd synth`.
 pub mod cache;
 pub mod dataset;
+pub mod filters;
 pub mod formats;
 pub mod hf_parquet;
 pub mod image_source;
@@ -22,7 +24,8 @@ pub use cache::{build_cache, CacheIndex, CacheOptions, CacheReport, Encoded, Lat
 pub use dataset::{ImageFolder, Sample};
 pub use image_source::{ImageBatch, ImageItem, ImageSource};
 pub use loader::{measure_throughput, Batch, BatchStream, Loader, LoaderOptions, LoaderStats, Throughput};
-pub use formats::{open_image_rows, DataFormat, DataOptions, Filters};
+pub use filters::Filters;
+pub use formats::{open_image_rows, DataFormat, DataOptions};
 pub use hf_parquet::ParquetSet;
 pub use source::{BadKind, BadSample, ImageRows, OnBadSample, SampleSource};
 pub use webdataset::WebDataset;

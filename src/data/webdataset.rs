@@ -16,7 +16,7 @@
 //! image and one whose image does not decode. A shard cut inside a tar header is warned about
 //! when it is opened (no key can be named for what followed); one cut exactly between two
 //! members cannot be told from a complete tar.
-use super::formats::{Filters, Meta};
+use super::filters::{Filters, Meta};
 use super::source::{decode_rgb, fingerprint_of, usable_caption, BadKind, BadSample, ImageRows};
 use anyhow::{Context, Result};
 use rayon::prelude::*;
