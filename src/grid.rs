@@ -26,6 +26,13 @@ pub fn grid(rows: &[Vec<RgbImage>]) -> RgbImage {
     out
 }
 
+/// `rows` with every image enlarged `scale` times, each pixel a `scale`² block (small images
+/// made legible before `grid`).
+pub fn enlarged(rows: &[Vec<RgbImage>], scale: u32) -> Vec<Vec<RgbImage>> {
+    let up = |im: &RgbImage| image::imageops::resize(im, im.width() * scale, im.height() * scale, image::imageops::FilterType::Nearest);
+    rows.iter().map(|r| r.iter().map(up).collect()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +54,14 @@ mod tests {
         assert_eq!(g.get_pixel(4 + GAP, 3 + GAP), &BACKGROUND); // the short row's empty cell
         assert_eq!(grid(&[]).dimensions(), (1, 1));
         assert_eq!(grid(&[vec![solid(5, 7, 1)]]).dimensions(), (5, 7));
+    }
+
+    #[test]
+    fn enlarging_repeats_pixels() {
+        let mut im = solid(2, 1, 0);
+        im.put_pixel(1, 0, Rgb([200; 3]));
+        let big = &enlarged(&[vec![im]], 3)[0][0];
+        assert_eq!(big.dimensions(), (6, 3));
+        assert_eq!((big.get_pixel(2, 2), big.get_pixel(3, 0)), (&Rgb([0; 3]), &Rgb([200; 3])));
     }
 }

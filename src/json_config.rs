@@ -79,6 +79,29 @@ pub fn check_size(key: &str, v: i64, lo: i64, hi: i64) -> Result<()> {
 /// The widest layer sdkd builds: 16384 channels, far past SD-XL's 1280 or CLIP ViT-bigG's 1280.
 pub const MAX_WIDTH: i64 = 1 << 14;
 
+/// The dotted keys whose values differ between two JSON values, with the old and new value
+/// (objects are compared key by key, a missing key as null; "" names a difference at the top).
+pub fn differing_keys(old: &Value, new: &Value) -> Vec<(String, Value, Value)> {
+    fn walk(prefix: &str, a: &Value, b: &Value, out: &mut Vec<(String, Value, Value)>) {
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+                keys.sort();
+                keys.dedup();
+                for k in keys {
+                    let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    walk(&p, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), out);
+                }
+            }
+            _ if a != b => out.push((prefix.to_string(), a.clone(), b.clone())),
+            _ => {}
+        }
+    }
+    let mut out = vec![];
+    walk("", old, new, &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

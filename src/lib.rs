@@ -2,6 +2,7 @@
 pub mod aten_extra;
 pub mod commands;
 pub mod config;
+pub mod config_error;
 pub mod data;
 pub mod demo;
 pub mod distill;

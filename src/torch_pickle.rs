@@ -399,6 +399,153 @@ struct Instance {
     state: Option<Obj>,
 }
 
+/// The pickle opcodes of protocols 0 to 5, named as Python's `pickletools` names them
+/// (`BININT1` is `BinInt1`); `Unpickler::apply` reads each, or refuses it by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Proto,
+    Frame,
+    Stop,
+    Mark,
+    None,
+    NewTrue,
+    NewFalse,
+    BinInt,
+    BinInt1,
+    BinInt2,
+    Long1,
+    Long4,
+    Int,
+    Long,
+    BinFloat,
+    Float,
+    BinUnicode,
+    ShortBinUnicode,
+    BinUnicode8,
+    Unicode,
+    BinBytes,
+    ShortBinBytes,
+    BinBytes8,
+    ByteArray8,
+    BinString,
+    ShortBinString,
+    String,
+    EmptyList,
+    List,
+    EmptyTuple,
+    Tuple,
+    Tuple1,
+    Tuple2,
+    Tuple3,
+    EmptyDict,
+    Dict,
+    EmptySet,
+    AddItems,
+    FrozenSet,
+    Append,
+    Appends,
+    SetItem,
+    SetItems,
+    BinPut,
+    LongBinPut,
+    Put,
+    Memoize,
+    BinGet,
+    LongBinGet,
+    Get,
+    Pop,
+    PopMark,
+    Dup,
+    Global,
+    StackGlobal,
+    BinPersId,
+    PersId,
+    Reduce,
+    NewObj,
+    NewObjEx,
+    Build,
+    Ext1,
+    Ext2,
+    Ext4,
+    NextBuffer,
+    ReadOnlyBuffer,
+}
+
+impl Op {
+    fn from_byte(b: u8) -> Option<Op> {
+        use Op::*;
+        Some(match b {
+            0x80 => Proto,
+            0x95 => Frame,
+            b'.' => Stop,
+            b'(' => Mark,
+            b'N' => None,
+            0x88 => NewTrue,
+            0x89 => NewFalse,
+            b'J' => BinInt,
+            b'K' => BinInt1,
+            b'M' => BinInt2,
+            0x8a => Long1,
+            0x8b => Long4,
+            b'I' => Int,
+            b'L' => Long,
+            b'G' => BinFloat,
+            b'F' => Float,
+            b'X' => BinUnicode,
+            0x8c => ShortBinUnicode,
+            0x8d => BinUnicode8,
+            b'V' => Unicode,
+            b'B' => BinBytes,
+            b'C' => ShortBinBytes,
+            0x8e => BinBytes8,
+            0x96 => ByteArray8,
+            b'T' => BinString,
+            b'U' => ShortBinString,
+            b'S' => String,
+            b']' => EmptyList,
+            b'l' => List,
+            b')' => EmptyTuple,
+            b't' => Tuple,
+            0x85 => Tuple1,
+            0x86 => Tuple2,
+            0x87 => Tuple3,
+            b'}' => EmptyDict,
+            b'd' => Dict,
+            0x8f => EmptySet,
+            0x90 => AddItems,
+            0x91 => FrozenSet,
+            b'a' => Append,
+            b'e' => Appends,
+            b's' => SetItem,
+            b'u' => SetItems,
+            b'q' => BinPut,
+            b'r' => LongBinPut,
+            b'p' => Put,
+            0x94 => Memoize,
+            b'h' => BinGet,
+            b'j' => LongBinGet,
+            b'g' => Get,
+            b'0' => Pop,
+            b'1' => PopMark,
+            b'2' => Dup,
+            b'c' => Global,
+            0x93 => StackGlobal,
+            b'Q' => BinPersId,
+            b'P' => PersId,
+            b'R' => Reduce,
+            0x81 => NewObj,
+            0x92 => NewObjEx,
+            b'b' => Build,
+            0x82 => Ext1,
+            0x83 => Ext2,
+            0x84 => Ext4,
+            0x97 => NextBuffer,
+            0x98 => ReadOnlyBuffer,
+            _ => return Option::None,
+        })
+    }
+}
+
 struct Unpickler<'d, 's, 'a> {
     data: &'d [u8],
     pos: usize,
@@ -471,236 +618,259 @@ impl<'d, 's, 'a> Unpickler<'d, 's, 'a> {
 
     fn run(mut self) -> Result<Obj> {
         loop {
-            let op = self.u8()?;
-            match op {
-                0x80 => {
-                    let proto = self.u8()?;
-                    if proto > 5 {
-                        bail!("pickle protocol {proto} is newer than 5");
-                    }
-                }
-                0x95 => {
-                    self.u64()?; // FRAME: a length hint
-                }
-                b'.' => return self.pop(),
-                b'(' => self.stack.push(Obj::Mark),
-                b'N' => self.stack.push(Obj::None),
-                0x88 => self.stack.push(Obj::Bool(true)),
-                0x89 => self.stack.push(Obj::Bool(false)),
-                b'J' => {
-                    let v = i32::from_le_bytes(self.take(4)?.try_into().unwrap());
-                    self.stack.push(Obj::Int(v as i64))
-                }
-                b'K' => {
-                    let v = self.u8()?;
-                    self.stack.push(Obj::Int(v as i64))
-                }
-                b'M' => {
-                    let v = self.u16()?;
-                    self.stack.push(Obj::Int(v as i64))
-                }
-                0x8a | 0x8b => {
-                    let n = if op == 0x8a { self.u8()? as usize } else { self.u32()? as usize };
-                    let b = self.take(n)?;
-                    self.stack.push(long_from_bytes(b));
-                }
-                b'I' => {
-                    let l = self.line()?;
-                    self.stack.push(match l {
-                        "00" => Obj::Bool(false),
-                        "01" => Obj::Bool(true),
-                        _ => Obj::Int(l.parse().map_err(|_| anyhow!("bad INT {l:?} in the pickle"))?),
-                    })
-                }
-                b'L' => {
-                    let l = self.line()?;
-                    let v = l.trim_end_matches('L').parse().map_err(|_| anyhow!("LONG {l:?} beyond 64 bits in the pickle"))?;
-                    self.stack.push(Obj::Int(v))
-                }
-                b'G' => {
-                    let v = f64::from_be_bytes(self.take(8)?.try_into().unwrap());
-                    self.stack.push(Obj::Float(v))
-                }
-                b'F' => {
-                    let l = self.line()?;
-                    self.stack.push(Obj::Float(l.parse().map_err(|_| anyhow!("bad FLOAT {l:?} in the pickle"))?))
-                }
-                b'X' => {
-                    let n = self.u32()? as usize;
-                    let s = self.utf8(n)?;
-                    self.stack.push(s)
-                }
-                0x8c => {
-                    let n = self.u8()? as usize;
-                    let s = self.utf8(n)?;
-                    self.stack.push(s)
-                }
-                0x8d => {
-                    let n = usize::try_from(self.u64()?)?;
-                    let s = self.utf8(n)?;
-                    self.stack.push(s)
-                }
-                b'V' => {
-                    let l = self.line()?;
-                    self.stack.push(Obj::Str(l.into()))
-                }
-                b'B' | b'C' | 0x8e | 0x96 | b'T' | b'U' => {
-                    let n = match op {
-                        b'B' | b'T' => self.u32()? as usize,
-                        b'C' | b'U' => self.u8()? as usize,
-                        _ => usize::try_from(self.u64()?)?,
-                    };
-                    let b = self.take(n)?;
-                    self.stack.push(Obj::Bytes(b.into()))
-                }
-                b'S' => {
-                    // a protocol-0 quoted byte string; torch never writes it, only plain ones kept
-                    let l = self.line()?;
-                    let s = l.trim_matches(|c| c == '\'' || c == '"');
-                    self.stack.push(Obj::Str(s.into()))
-                }
-                b']' => self.stack.push(Obj::List(Rc::new(RefCell::new(vec![])))),
-                b'l' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Obj::List(Rc::new(RefCell::new(items))))
-                }
-                b')' => self.stack.push(Obj::Tuple(Rc::new(vec![]))),
-                b't' => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Obj::Tuple(Rc::new(items)))
-                }
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
-                    if self.stack.len() < n || self.stack[self.stack.len() - n..].iter().any(|o| matches!(o, Obj::Mark)) {
-                        bail!("TUPLE{n} on a short stack");
-                    }
-                    let items = self.stack.split_off(self.stack.len() - n);
-                    self.stack.push(Obj::Tuple(Rc::new(items)))
-                }
-                b'}' => self.stack.push(Obj::Dict(Rc::new(RefCell::new(vec![])))),
-                b'd' => {
-                    let items = self.pop_mark()?;
-                    let pairs = pairs(items)?;
-                    self.stack.push(Obj::Dict(Rc::new(RefCell::new(pairs))))
-                }
-                0x8f => self.stack.push(Obj::List(Rc::new(RefCell::new(vec![])))), // EMPTY_SET
-                0x90 => {
-                    let items = self.pop_mark()?;
-                    append(self.top()?, items)?
-                }
-                0x91 => {
-                    let items = self.pop_mark()?;
-                    self.stack.push(Obj::List(Rc::new(RefCell::new(items))))
-                }
-                b'a' => {
-                    let v = self.pop()?;
-                    append(self.top()?, vec![v])?
-                }
-                b'e' => {
-                    let items = self.pop_mark()?;
-                    append(self.top()?, items)?
-                }
-                b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    set_items(self.top()?, vec![(k, v)])?
-                }
-                b'u' => {
-                    let items = self.pop_mark()?;
-                    let pairs = pairs(items)?;
-                    set_items(self.top()?, pairs)?
-                }
-                b'q' => {
-                    let i = self.u8()? as u32;
-                    self.memo_put(i)?
-                }
-                b'r' => {
-                    let i = self.u32()?;
-                    self.memo_put(i)?
-                }
-                b'p' => {
-                    let i = self.line()?.parse().map_err(|_| anyhow!("bad PUT index in the pickle"))?;
-                    self.memo_put(i)?
-                }
-                0x94 => {
-                    let i = self.memo.len() as u32;
-                    self.memo_put(i)?
-                }
-                b'h' => {
-                    let i = self.u8()? as u32;
-                    let v = self.memo_get(i)?;
-                    self.stack.push(v)
-                }
-                b'j' => {
-                    let i = self.u32()?;
-                    let v = self.memo_get(i)?;
-                    self.stack.push(v)
-                }
-                b'g' => {
-                    let i = self.line()?.parse().map_err(|_| anyhow!("bad GET index in the pickle"))?;
-                    let v = self.memo_get(i)?;
-                    self.stack.push(v)
-                }
-                b'0' => {
-                    self.pop()?;
-                }
-                b'1' => {
-                    self.pop_mark()?;
-                }
-                b'2' => {
-                    let v = self.top()?.clone();
-                    self.stack.push(v)
-                }
-                b'c' => {
-                    let module = self.line()?;
-                    let name = self.line()?;
-                    let g = resolve_global(module, name)?;
-                    self.stack.push(Obj::Global(g))
-                }
-                0x93 => {
-                    let name = self.pop()?;
-                    let module = self.pop()?;
-                    let (Obj::Str(module), Obj::Str(name)) = (module, name) else { bail!("STACK_GLOBAL without two strings") };
-                    let g = resolve_global(&module, &name)?;
-                    self.stack.push(Obj::Global(g))
-                }
-                b'Q' => {
-                    let pid = self.pop()?;
-                    let s = self.persistent_load(pid)?;
-                    self.stack.push(s)
-                }
-                b'P' => bail!("text persistent ids (PERSID) are not what torch.save writes"),
-                b'R' => {
-                    let args = self.pop()?;
-                    let func = self.pop()?;
-                    let Obj::Tuple(args) = args else { bail!("REDUCE with arguments that are not a tuple") };
-                    let v = self.call(func, &args)?;
-                    self.stack.push(v)
-                }
-                0x81 => {
-                    let args = self.pop()?;
-                    let cls = self.pop()?;
-                    let Obj::Tuple(args) = args else { bail!("NEWOBJ with arguments that are not a tuple") };
-                    let v = self.call(cls, &args)?;
-                    self.stack.push(v)
-                }
-                0x92 => {
-                    let _kwargs = self.pop()?;
-                    let args = self.pop()?;
-                    let cls = self.pop()?;
-                    let Obj::Tuple(args) = args else { bail!("NEWOBJ_EX with arguments that are not a tuple") };
-                    let v = self.call(cls, &args)?;
-                    self.stack.push(v)
-                }
-                b'b' => {
-                    let state = self.pop()?;
-                    build(self.top()?, state)?
-                }
-                0x82..=0x84 => bail!("the pickle uses the extension registry (EXT opcodes), which torch.save never writes"),
-                0x97 | 0x98 => bail!("out-of-band pickle buffers are not what torch.save writes"),
-                _ => bail!("unknown pickle opcode 0x{op:02x} at byte {}", self.pos - 1),
+            let byte = self.u8()?;
+            let op = Op::from_byte(byte).ok_or_else(|| anyhow!("unknown pickle opcode 0x{byte:02x} at byte {}", self.pos - 1))?;
+            if op == Op::Stop {
+                return self.pop();
             }
+            self.apply(op)?;
         }
+    }
+
+    /// One opcode's effect on the stack and the memo (`Stop` is `run`'s).
+    fn apply(&mut self, op: Op) -> Result<()> {
+        use Op::*;
+        match op {
+            Proto => {
+                let proto = self.u8()?;
+                if proto > 5 {
+                    bail!("pickle protocol {proto} is newer than 5");
+                }
+            }
+            Frame => {
+                self.u64()?; // a length hint
+            }
+            None | NewTrue | NewFalse | BinInt | BinInt1 | BinInt2 | Long1 | Long4 | Int | Long | BinFloat | Float => {
+                let v = self.number(op)?;
+                self.stack.push(v)
+            }
+            BinUnicode | ShortBinUnicode | BinUnicode8 | Unicode | BinBytes | ShortBinBytes | BinBytes8 | ByteArray8 | BinString
+            | ShortBinString | String => {
+                let v = self.text(op)?;
+                self.stack.push(v)
+            }
+            Mark | EmptyList | List | EmptyTuple | Tuple | Tuple1 | Tuple2 | Tuple3 | EmptyDict | Dict | EmptySet | AddItems
+            | FrozenSet | Append | Appends | SetItem | SetItems => self.container(op)?,
+            BinPut | LongBinPut | Put | Memoize | BinGet | LongBinGet | Get | Pop | PopMark | Dup => self.memo_or_stack(op)?,
+            Global | StackGlobal | BinPersId | PersId | Reduce | NewObj | NewObjEx | Build => self.object(op)?,
+            Ext1 | Ext2 | Ext4 => bail!("the pickle uses the extension registry (EXT opcodes), which torch.save never writes"),
+            NextBuffer | ReadOnlyBuffer => bail!("out-of-band pickle buffers are not what torch.save writes"),
+            Stop => unreachable!("run returns at STOP"),
+        }
+        Ok(())
+    }
+
+    /// The value of a number opcode (None and the booleans too).
+    fn number(&mut self, op: Op) -> Result<Obj> {
+        Ok(match op {
+            Op::None => Obj::None,
+            Op::NewTrue => Obj::Bool(true),
+            Op::NewFalse => Obj::Bool(false),
+            Op::BinInt => Obj::Int(i32::from_le_bytes(self.take(4)?.try_into().unwrap()) as i64),
+            Op::BinInt1 => Obj::Int(self.u8()? as i64),
+            Op::BinInt2 => Obj::Int(self.u16()? as i64),
+            Op::Long1 | Op::Long4 => {
+                let n = if op == Op::Long1 { self.u8()? as usize } else { self.u32()? as usize };
+                long_from_bytes(self.take(n)?)
+            }
+            Op::Int => {
+                let l = self.line()?;
+                match l {
+                    "00" => Obj::Bool(false),
+                    "01" => Obj::Bool(true),
+                    _ => Obj::Int(l.parse().map_err(|_| anyhow!("bad INT {l:?} in the pickle"))?),
+                }
+            }
+            Op::Long => {
+                let l = self.line()?;
+                Obj::Int(l.trim_end_matches('L').parse().map_err(|_| anyhow!("LONG {l:?} beyond 64 bits in the pickle"))?)
+            }
+            Op::BinFloat => Obj::Float(f64::from_be_bytes(self.take(8)?.try_into().unwrap())),
+            Op::Float => {
+                let l = self.line()?;
+                Obj::Float(l.parse().map_err(|_| anyhow!("bad FLOAT {l:?} in the pickle"))?)
+            }
+            _ => unreachable!("{op:?} is no number"),
+        })
+    }
+
+    /// The value of a string or bytes opcode.
+    fn text(&mut self, op: Op) -> Result<Obj> {
+        Ok(match op {
+            Op::BinUnicode => {
+                let n = self.u32()? as usize;
+                self.utf8(n)?
+            }
+            Op::ShortBinUnicode => {
+                let n = self.u8()? as usize;
+                self.utf8(n)?
+            }
+            Op::BinUnicode8 => {
+                let n = usize::try_from(self.u64()?)?;
+                self.utf8(n)?
+            }
+            Op::Unicode => Obj::Str(self.line()?.into()),
+            Op::BinBytes | Op::BinString => {
+                let n = self.u32()? as usize;
+                Obj::Bytes(self.take(n)?.into())
+            }
+            Op::ShortBinBytes | Op::ShortBinString => {
+                let n = self.u8()? as usize;
+                Obj::Bytes(self.take(n)?.into())
+            }
+            Op::BinBytes8 | Op::ByteArray8 => {
+                let n = usize::try_from(self.u64()?)?;
+                Obj::Bytes(self.take(n)?.into())
+            }
+            Op::String => {
+                // a protocol-0 quoted byte string; torch never writes it, only plain ones kept
+                let l = self.line()?;
+                Obj::Str(l.trim_matches(|c| c == '\'' || c == '"').into())
+            }
+            _ => unreachable!("{op:?} is no string"),
+        })
+    }
+
+    /// Marks, lists, tuples, dicts and sets: made, or filled in place.
+    fn container(&mut self, op: Op) -> Result<()> {
+        let list = |items: Vec<Obj>| Obj::List(Rc::new(RefCell::new(items)));
+        match op {
+            Op::Mark => self.stack.push(Obj::Mark),
+            Op::EmptyList | Op::EmptySet => self.stack.push(list(vec![])),
+            Op::List | Op::FrozenSet => {
+                let items = self.pop_mark()?;
+                self.stack.push(list(items))
+            }
+            Op::EmptyTuple => self.stack.push(Obj::Tuple(Rc::new(vec![]))),
+            Op::Tuple => {
+                let items = self.pop_mark()?;
+                self.stack.push(Obj::Tuple(Rc::new(items)))
+            }
+            Op::Tuple1 | Op::Tuple2 | Op::Tuple3 => {
+                let n = match op {
+                    Op::Tuple1 => 1,
+                    Op::Tuple2 => 2,
+                    _ => 3,
+                };
+                if self.stack.len() < n || self.stack[self.stack.len() - n..].iter().any(|o| matches!(o, Obj::Mark)) {
+                    bail!("TUPLE{n} on a short stack");
+                }
+                let items = self.stack.split_off(self.stack.len() - n);
+                self.stack.push(Obj::Tuple(Rc::new(items)))
+            }
+            Op::EmptyDict => self.stack.push(Obj::Dict(Rc::new(RefCell::new(vec![])))),
+            Op::Dict => {
+                let items = self.pop_mark()?;
+                let pairs = pairs(items)?;
+                self.stack.push(Obj::Dict(Rc::new(RefCell::new(pairs))))
+            }
+            Op::AddItems | Op::Appends => {
+                let items = self.pop_mark()?;
+                append(self.top()?, items)?
+            }
+            Op::Append => {
+                let v = self.pop()?;
+                append(self.top()?, vec![v])?
+            }
+            Op::SetItem => {
+                let v = self.pop()?;
+                let k = self.pop()?;
+                set_items(self.top()?, vec![(k, v)])?
+            }
+            Op::SetItems => {
+                let items = self.pop_mark()?;
+                let pairs = pairs(items)?;
+                set_items(self.top()?, pairs)?
+            }
+            _ => unreachable!("{op:?} is no container opcode"),
+        }
+        Ok(())
+    }
+
+    /// The memo's PUT and GET opcodes, and POP, POP_MARK and DUP.
+    fn memo_or_stack(&mut self, op: Op) -> Result<()> {
+        match op {
+            Op::BinPut => {
+                let i = self.u8()? as u32;
+                self.memo_put(i)?
+            }
+            Op::LongBinPut => {
+                let i = self.u32()?;
+                self.memo_put(i)?
+            }
+            Op::Put => {
+                let i = self.line()?.parse().map_err(|_| anyhow!("bad PUT index in the pickle"))?;
+                self.memo_put(i)?
+            }
+            Op::Memoize => {
+                let i = self.memo.len() as u32;
+                self.memo_put(i)?
+            }
+            Op::BinGet | Op::LongBinGet | Op::Get => {
+                let i = match op {
+                    Op::BinGet => self.u8()? as u32,
+                    Op::LongBinGet => self.u32()?,
+                    _ => self.line()?.parse().map_err(|_| anyhow!("bad GET index in the pickle"))?,
+                };
+                let v = self.memo_get(i)?;
+                self.stack.push(v)
+            }
+            Op::Pop => {
+                self.pop()?;
+            }
+            Op::PopMark => {
+                self.pop_mark()?;
+            }
+            Op::Dup => {
+                let v = self.top()?.clone();
+                self.stack.push(v)
+            }
+            _ => unreachable!("{op:?} is no memo or stack opcode"),
+        }
+        Ok(())
+    }
+
+    /// Globals (allow-listed only, `resolve_global`), storages, calls and BUILD.
+    fn object(&mut self, op: Op) -> Result<()> {
+        let v = match op {
+            Op::Global => {
+                let module = self.line()?;
+                let name = self.line()?;
+                Obj::Global(resolve_global(module, name)?)
+            }
+            Op::StackGlobal => {
+                let name = self.pop()?;
+                let module = self.pop()?;
+                let (Obj::Str(module), Obj::Str(name)) = (module, name) else { bail!("STACK_GLOBAL without two strings") };
+                Obj::Global(resolve_global(&module, &name)?)
+            }
+            Op::BinPersId => {
+                let pid = self.pop()?;
+                self.persistent_load(pid)?
+            }
+            Op::PersId => bail!("text persistent ids (PERSID) are not what torch.save writes"),
+            Op::Reduce | Op::NewObj | Op::NewObjEx => {
+                if op == Op::NewObjEx {
+                    let _kwargs = self.pop()?;
+                }
+                let args = self.pop()?;
+                let func = self.pop()?;
+                let name = match op {
+                    Op::Reduce => "REDUCE",
+                    Op::NewObj => "NEWOBJ",
+                    _ => "NEWOBJ_EX",
+                };
+                let Obj::Tuple(args) = args else { bail!("{name} with arguments that are not a tuple") };
+                self.call(func, &args)?
+            }
+            Op::Build => {
+                let state = self.pop()?;
+                return build(self.top()?, state);
+            }
+            _ => unreachable!("{op:?} is no object opcode"),
+        };
+        self.stack.push(v);
+        Ok(())
     }
 
     /// `('storage', storage type, key, location, numel)` → the storage's 1-D tensor.

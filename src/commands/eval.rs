@@ -3,11 +3,16 @@
 //! `sdkd eval --images ... --out ...` scores a folder; `sdkd eval --model ... --prompts ... --out ...`
 //! generates the images first by BK-SDM's protocol (resumable, batch-invariant seeds) and scores
 //! them with a per-image feature cache; `sdkd eval --compare A/ B/` tabulates reports.
-use crate::commands::generate::PipelineArgs;
-use crate::runtime::{DeviceChoice, Precision};
 use crate::eval::generate::{self as gen, Generation, Seeding};
-use crate::eval::{self, clip_score, fid, inception::InceptionV3, inception_score, prompts, FeatureCache, Metric};
+use crate::eval::protocol::{
+    ClipWeights, FidDims, GenerationSettings, Images, ModelSettings, RealStats, Report, Scorer, Settings, GENERATION_BATCH,
+    INCEPTION_BATCH,
+};
+use crate::eval::{self, clip_score, fid, inception::InceptionV3, prompts, FeatureCache, Metric};
 use crate::fs_safe::{self, Existing, Marker, Purpose};
+use crate::json_config::differing_keys;
+use crate::pipeline::{TextToImage, UnetSource};
+use crate::runtime::{DeviceChoice, Precision};
 use crate::schedulers::SchedulerKind;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -26,11 +31,11 @@ pub struct EvalArgs {
     #[arg(long)]
     pub real: Option<PathBuf>,
     /// Comma-separated: fid, is, clip.
-    #[arg(long, default_value = "fid,is")]
-    pub metrics: String,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "fid,is")]
+    pub metrics: Vec<Metric>,
     /// FID's Inception features: 64, 192, 768 or 2048 (pool3, the standard).
-    #[arg(long, default_value_t = 2048)]
-    pub dims: i64,
+    #[arg(long, value_enum, default_value = "2048")]
+    pub dims: FidDims,
     /// The report folder (report.json, report.md): new or empty, or an earlier one with
     /// --overwrite. With --model it also holds images/ and features/, and a rerun resumes it.
     /// With --compare: a .md file for the table.
@@ -101,15 +106,13 @@ pub struct CommonArgs {
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// auto (the first CUDA device when there is one, else the CPU), cpu, cuda or cuda:N.
-    #[arg(long)]
-    pub device: Option<String>,
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
 }
 
 impl CommonArgs {
-    /// `--device` through the run config's device parser (default auto), a bad value an exit-1 error.
     fn device(&self) -> Result<tch::Device> {
-        let choice: DeviceChoice = self.device.as_deref().unwrap_or("auto").parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-        choice.resolve().context("--device")
+        self.device.resolve().context("--device")
     }
 }
 
@@ -125,8 +128,8 @@ pub struct FidArgs {
     #[arg(num_args = 2, required = true)]
     pub paths: Vec<PathBuf>,
     /// Inception features: 64, 192, 768 or 2048 (pool3, the standard).
-    #[arg(long, default_value_t = 2048)]
-    pub dims: i64,
+    #[arg(long, value_enum, default_value = "2048")]
+    pub dims: FidDims,
     /// Write the first path's statistics to the second (a .npz) instead of computing FID.
     #[arg(long)]
     pub save_stats: bool,
@@ -151,104 +154,53 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     }
 }
 
-/// pytorch-fid's default Inception batch.
-const INCEPTION_BATCH: usize = 50;
-
 fn run_fid(f: &FidArgs) -> Result<()> {
     let net = network(&f.common)?;
     let batch = f.common.batch_size.unwrap_or(INCEPTION_BATCH);
     let (p1, p2) = (&f.paths[0], &f.paths[1]);
+    let dims = f.dims.features();
+    let read = |p: &Path| -> Result<RealStats> {
+        let s = RealStats::read(p, &net, dims, batch)?;
+        if let Some(w) = s.warning(dims) {
+            eprintln!("{w}");
+        }
+        Ok(s)
+    };
     if f.save_stats {
         if p2.exists() {
             bail!("{} exists: --save-stats writes a new .npz and replaces nothing", p2.display());
         }
-        let s = eval::stats_of(p1, &net, f.dims, batch)?;
-        warn_few(p1, &s, f.dims);
-        return s.write_npz(p2);
+        return read(p1)?.stats.write_npz(p2);
     }
-    let s1 = eval::stats_of(p1, &net, f.dims, batch)?;
-    warn_few(p1, &s1, f.dims);
-    let s2 = eval::stats_of(p2, &net, f.dims, batch)?;
-    warn_few(p2, &s2, f.dims);
-    println!("FID: {}", fid::frechet_distance(&s1, &s2)?);
+    let (s1, s2) = (read(p1)?, read(p2)?);
+    println!("FID: {}", fid::frechet_distance(&s1.stats, &s2.stats)?);
     Ok(())
 }
 
-fn warn_few(path: &Path, s: &fid::Stats, dims: i64) {
-    if let Some(w) = s.count.and_then(|n| eval::few_images_warning(path, n, dims)) {
-        eprintln!("{w}");
-    }
-}
-
-/// What the metrics are computed on, and where their results go.
-struct Scoring<'a> {
-    net: Option<InceptionV3>,
-    /// The CLIP scorer and the (image, caption) pairs it scores, when `clip` is asked for.
-    clip: Option<(clip_score::ClipScorer, Vec<(PathBuf, String)>)>,
-    paths: Vec<PathBuf>,
-    images: &'a Path,
-    real: Option<&'a Path>,
-    dims: i64,
-    batch: usize,
-    cache: Option<FeatureCache>,
-}
-
-impl Scoring<'_> {
-    fn net(&self) -> &InceptionV3 {
-        self.net.as_ref().expect("loaded for the metrics that need it")
-    }
-}
-
-/// Computes `metric` into `report` (one arm per metric), with its warnings.
-fn score(metric: Metric, s: &Scoring<'_>, report: &mut Value, warnings: &mut Vec<String>) -> Result<()> {
-    match metric {
-        Metric::Fid => {
-            let real = s.real.context("--metrics fid needs --real <image folder or .npz>")?;
-            let real_stats = eval::stats_of(real, s.net(), s.dims, s.batch)?;
-            let (fid, gen) = eval::fid_against(s.net(), &s.paths, s.dims, s.batch, s.cache.as_ref(), &real_stats)?;
-            for (p, st) in [(s.images, &gen), (real, &real_stats)] {
-                if let Some(w) = st.count.and_then(|n| eval::few_images_warning(p, n, s.dims)) {
-                    eprintln!("{w}");
-                    warnings.push(w);
-                }
-            }
-            report["fid"] = fid.into();
-            report["real"] = real.display().to_string().into();
-        }
-        Metric::Is => {
-            let (m, sd) = eval::inception_score_of(s.net(), &s.paths, s.batch, s.cache.as_ref())?;
-            report["is_mean"] = m.into();
-            report["is_std"] = sd.into();
-        }
-        Metric::Clip => {
-            let (scorer, pairs) = s.clip.as_ref().expect("loaded when clip is asked for");
-            let c = scorer.score_files(pairs, s.batch)?;
-            report["clip_score"] = c.mean_cosine.into();
-            report["clip_score_torchmetrics"] = c.torchmetrics.into();
-            report["clip_count"] = c.count.into();
-            let cfg = &scorer.model.config;
-            report["settings"]["clip"] = json!({
-                "weights": scorer.model.path.display().to_string(),
-                "image_size": cfg.vision.image_size, "patch_size": cfg.vision.patch_size, "vision_width": cfg.vision.width,
-                "vision_layers": cfg.vision.layers, "text_width": cfg.text.width, "text_layers": cfg.text.layers, "embed_dim": cfg.embed_dim,
-            });
+/// The asked metrics, each once, in their order.
+fn metrics(a: &EvalArgs) -> Vec<Metric> {
+    let mut out: Vec<Metric> = vec![];
+    for &m in &a.metrics {
+        if !out.contains(&m) {
+            out.push(m);
         }
     }
-    Ok(())
+    out
 }
 
-/// The scoring settings every report records.
-fn scoring_settings(a: &EvalArgs, metrics: &[Metric], batch: usize) -> Value {
-    json!({"inception": a.common.inception.as_ref().map(|p| p.display().to_string()),
-           "fid_dims": a.dims, "is_splits": inception_score::SPLITS, "is_shuffle_seed": inception_score::SHUFFLE_SEED,
-           "metrics": metrics.iter().map(|m| format!("{m:?}").to_lowercase()).collect::<Vec<_>>(),
-           "inception_batch_size": batch})
-}
-
-fn load_for(metrics: &[Metric], a: &EvalArgs) -> Result<Option<InceptionV3>> {
-    if !eval::inception::DIMS.contains(&a.dims) {
-        bail!("--dims {}: expected one of 64, 192, 768, 2048", a.dims);
-    }
+/// The scorer of `metrics`: every weights file is read before any network runs or image is
+/// generated, and each missing file is named with the flag that gives it and where users get it.
+/// The real statistics come later (`with_real`), as they may take a while.
+fn scorer(metrics: Vec<Metric>, a: &EvalArgs, batch: usize) -> Result<Scorer> {
+    let clip = match metrics.contains(&Metric::Clip) {
+        true => {
+            let Some(path) = &a.common.clip else {
+                bail!("--metrics clip needs --clip <weights>: sdkd downloads nothing and never scores with random weights; it needs {}", crate::models::open_clip::WEIGHTS_HELP);
+            };
+            Some(ClipWeights::Loaded(clip_score::ClipScorer::load(&crate::hub::local(path, crate::hub::Want::File)?, a.common.device()?)?))
+        }
+        false => None,
+    };
     if metrics.contains(&Metric::Fid) {
         match a.real.as_deref() {
             None => bail!("--metrics fid needs --real <image folder or .npz>"),
@@ -256,25 +208,24 @@ fn load_for(metrics: &[Metric], a: &EvalArgs) -> Result<Option<InceptionV3>> {
             _ => {}
         }
     }
-    metrics.iter().any(|m| m.needs_inception()).then(|| network(&a.common)).transpose()
+    let inception = match metrics.iter().any(|m| m.needs_inception()) {
+        true => Some((network(&a.common)?, a.common.inception.clone().expect("network() needs it"))),
+        false => None,
+    };
+    Ok(Scorer { metrics, inception, real: None, clip, dims: a.dims.features(), batch })
 }
 
-/// The CLIP scorer when `clip` is asked for, or an error that says which file is needed and
-/// where users get it.
-fn clip_for(metrics: &[Metric], c: &CommonArgs) -> Result<Option<clip_score::ClipScorer>> {
-    if !metrics.contains(&Metric::Clip) {
-        return Ok(None);
+/// The scorer with the real images' statistics, when FID is asked for.
+fn with_real(mut s: Scorer, a: &EvalArgs) -> Result<Scorer> {
+    if let (true, Some(real), Some((net, _))) = (s.metrics.contains(&Metric::Fid), a.real.as_deref(), &s.inception) {
+        s.real = Some(RealStats::read(real, net, s.dims, s.batch)?);
     }
-    let Some(path) = &c.clip else {
-        bail!("--metrics clip needs --clip <weights>: sdkd downloads nothing and never scores with random weights; it needs {}", crate::models::open_clip::WEIGHTS_HELP);
-    };
-    clip_score::ClipScorer::load(&crate::hub::local(path, crate::hub::Want::File)?, c.device()?).map(Some)
+    Ok(s)
 }
 
 fn run_report(a: &EvalArgs) -> Result<()> {
     let images = a.images.as_ref().context("give --images <folder>, --model <pipeline> --prompts <file>, or --compare (or use `sdkd eval fid A B`)")?;
     let out = a.out.as_ref().context("give --out <folder> for report.json and report.md")?;
-    let metrics = Metric::parse_list(&a.metrics)?;
     if let Existing::Made(m) = fs_safe::existing(out)? {
         if !m.config.is_null() {
             bail!("--out {} holds generated images (an `sdkd eval --model` run): sdkd will not replace them; choose another --out", out.display());
@@ -282,24 +233,31 @@ fn run_report(a: &EvalArgs) -> Result<()> {
     }
     fs_safe::check_replaceable(out, Purpose::Eval, a.overwrite, "--out")?;
     fs_safe::check_apart(out, images, "the --images folder", "--out")?;
-    let batch = a.common.batch_size.unwrap_or(INCEPTION_BATCH);
-    let clip = clip_for(&metrics, &a.common)?; // every weights file is checked before any network runs
-    let net = load_for(&metrics, a)?;
+    let scorer = scorer(metrics(a), a, a.common.batch_size.unwrap_or(INCEPTION_BATCH))?;
     let paths = eval::list_images(images)?;
-    let clip = match clip {
-        Some(scorer) => Some((scorer, clip_score::read_captions(images, a.prompts.as_deref().unwrap_or(images))?)),
-        None => None,
+    let captioned = match scorer.clip.is_some() {
+        true => clip_score::read_captions(images, a.prompts.as_deref().unwrap_or(images))?,
+        false => vec![],
     };
-    let mut report = json!({"model": images.display().to_string(), "count": paths.len(), "images": images.display().to_string(),
-                            "settings": scoring_settings(a, &metrics, batch)});
-    let scoring = Scoring { net, clip, paths, images, real: a.real.as_deref(), dims: a.dims, batch, cache: None };
-    let mut warnings = vec![];
-    for &m in &metrics {
-        score(m, &scoring, &mut report, &mut warnings)?;
-    }
-    report["warnings"] = warnings.into();
-    let md = report_md(&[report.clone()]);
-    let json = serde_json::to_string_pretty(&report)? + "\n";
+    let scorer = with_real(scorer, a)?;
+    let scores = scorer.score(&Images { folder: images, scored: &paths, captioned, cache: None })?;
+    let report = Report {
+        model: images.display().to_string(),
+        step: None,
+        count: paths.len(),
+        images: Some(images.display().to_string()),
+        scored: None,
+        unet_params: None,
+        kept: None,
+        generated: None,
+        seconds_per_image: None,
+        seconds: None,
+        settings: Settings { scoring: scorer.settings(scores.clip_settings.clone()), generation: None },
+        warnings: warned(&scores.warnings),
+        scores,
+    };
+    let md = report_md(&[serde_json::to_value(&report)?]);
+    let json = report.to_json()?;
     fs_safe::write_dir(out, Some(&Marker::new(Purpose::Eval)), |tmp| {
         std::fs::write(tmp.join("report.json"), &json)?;
         std::fs::write(tmp.join("report.md"), &md)?;
@@ -309,18 +267,33 @@ fn run_report(a: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// Prints the warnings of a scoring; returns them for the report.
+fn warned(warnings: &[String]) -> Vec<String> {
+    for w in warnings {
+        eprintln!("{w}");
+    }
+    warnings.to_vec()
+}
+
+/// What decides a `--model` run's images and marks its --out (a rerun must match it).
+#[derive(serde::Serialize)]
+struct Identity<'a> {
+    #[serde(flatten)]
+    model: &'a ModelSettings,
+    generation: &'a Generation,
+}
+
 /// Generates (or completes) `--out/images/` by the protocol, then scores the first `--count`.
 fn run_generated(a: &EvalArgs) -> Result<()> {
     let model = a.model.as_ref().expect("run_generated needs --model");
     let out = a.out.as_ref().context("give --out <folder>: it gets images/, features/, report.json and report.md")?;
     let prompts_file = a.prompts.as_ref().context("--model needs --prompts <metadata.csv, .jsonl or captions_val2014.json>")?;
-    let metrics = Metric::parse_list(&a.metrics)?;
     let captions = prompts::select(prompts::read(prompts_file)?, a.count, a.sample_seed)?;
     let texts: Vec<String> = captions.into_iter().map(|c| c.text).collect();
     let device = a.common.device()?;
     let dtype = a.dtype.unwrap_or(if device.is_cuda() { Precision::Fp16 } else { Precision::Fp32 });
     let generation = Generation {
-        scheduler: a.scheduler.name().to_string(),
+        scheduler: a.scheduler,
         steps: a.steps,
         guidance_scale: a.guidance_scale,
         seed: a.seed,
@@ -329,18 +302,22 @@ fn run_generated(a: &EvalArgs) -> Result<()> {
     };
     generation.validate()?;
     // before hours of generation: a bad weights file fails now
-    let clip = clip_for(&metrics, &a.common)?;
-    let net = load_for(&metrics, a)?;
-    let identity = json!({"model": model.display().to_string(), "unet": a.unet.as_ref().map(|u| u.display().to_string()),
-                          "ema": a.ema, "dtype": dtype.name(), "device": if device.is_cuda() { "cuda" } else { "cpu" },
-                          "generation": &generation});
+    let scorer = scorer(metrics(a), a, INCEPTION_BATCH)?;
+    let source = ModelSettings {
+        model: model.display().to_string(),
+        unet: a.unet.as_ref().map(|u| u.display().to_string()),
+        ema: a.ema,
+        dtype: dtype.name(),
+        device: if device.is_cuda() { "cuda" } else { "cpu" },
+    };
+    let identity = serde_json::to_value(Identity { model: &source, generation: &generation })?;
     let images = out.join("images");
     claim_out(out, &identity)?;
     let all_captions = merge_captions(&images, &texts)?;
 
-    let pipeline = PipelineArgs { model: model.clone(), unet: a.unet.clone(), ema: a.ema, dtype };
-    let (t2i, unet) = pipeline.load(device)?;
-    let batch_size = a.common.batch_size.unwrap_or(8);
+    let unet = a.unet.as_deref().map(|p| UnetSource::resolve(p, a.ema)).transpose()?;
+    let t2i = TextToImage::load(model, unet.as_ref(), device, dtype.kind())?;
+    let batch_size = a.common.batch_size.unwrap_or(GENERATION_BATCH);
     let mut text = vec![("model", model.display().to_string())];
     text.extend(unet.as_ref().map(|u| ("unet", u.describe())));
     text.push(("Software", format!("sdkd {}", env!("CARGO_PKG_VERSION"))));
@@ -355,44 +332,53 @@ fn run_generated(a: &EvalArgs) -> Result<()> {
         0 => previous.as_ref().and_then(|p| p["seconds_per_image"].as_f64()),
         n => Some(outcome.seconds / n as f64),
     };
-    let mut paths: Vec<PathBuf> = (0..texts.len()).map(|k| images.join(gen::image_name(k))).collect();
-    let scored = match a.score_size {
-        0 => images.clone(),
+    let generated: Vec<PathBuf> = (0..texts.len()).map(|k| images.join(gen::image_name(k))).collect();
+    let (scored_dir, scored) = match a.score_size {
+        0 => (images.clone(), generated.clone()),
         size => {
             let dir = out.join(format!("images_{size}"));
-            paths = gen::resized(&paths, &dir, size)?;
-            dir
+            let paths = gen::resized(&generated, &dir, size)?;
+            (dir, paths)
         }
     };
-    let cache = match &a.common.inception {
-        Some(w) if net.is_some() => Some(FeatureCache::new(&out.join("features"), w)?),
-        _ => None,
+    let cache = match &scorer.inception {
+        Some((_, w)) => Some(FeatureCache::new(&out.join("features"), w)?),
+        None => None,
     };
-    let label = a.unet.as_ref().unwrap_or(model).display().to_string();
-    let mut settings = scoring_settings(a, &metrics, INCEPTION_BATCH);
-    for (k, v) in identity.as_object().expect("an object").iter().chain(json!(generation).as_object().expect("an object")) {
-        if k != "generation" {
-            settings[k] = v.clone();
-        }
-    }
-    settings["batch_size"] = batch_size.into();
-    settings["score_size"] = a.score_size.into();
-    settings["prompts"] = prompts_file.display().to_string().into();
-    settings["sample_seed"] = a.sample_seed.into();
-    let mut report = json!({"model": label, "count": texts.len(), "images": images.display().to_string(),
-        "unet_params": t2i.unet.num_params(), "seconds_per_image": seconds_per_image,
-        "kept": outcome.kept, "generated": outcome.generated, "scored": scored.display().to_string(), "settings": settings});
+    let unet_params = t2i.unet.num_params();
     drop(t2i);
+    let scorer = with_real(scorer, a)?;
     // CLIP scores the images as generated (its own preprocessing resizes them to 224), paired with their captions
-    let clip = clip.map(|scorer| (scorer, texts.iter().enumerate().map(|(k, t)| (images.join(gen::image_name(k)), t.clone())).collect()));
-    let scoring = Scoring { net, clip, paths, images: &scored, real: a.real.as_deref(), dims: a.dims, batch: INCEPTION_BATCH, cache };
-    let mut warnings = vec![];
-    for &m in &metrics {
-        score(m, &scoring, &mut report, &mut warnings)?;
-    }
-    report["warnings"] = warnings.into();
-    let md = report_md(&[report.clone()]);
-    fs_safe::write_file(&out.join("report.json"), (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
+    let captioned = generated.into_iter().zip(texts.iter().cloned()).collect();
+    let scores = scorer.score(&Images { folder: &scored_dir, scored: &scored, captioned, cache: cache.as_ref() })?;
+    let settings = Settings {
+        scoring: scorer.settings(scores.clip_settings.clone()),
+        generation: Some(GenerationSettings {
+            generation,
+            batch_size,
+            score_size: a.score_size,
+            prompts: prompts_file.display().to_string(),
+            sample_seed: a.sample_seed,
+            model: Some(source),
+        }),
+    };
+    let report = Report {
+        model: a.unet.as_ref().unwrap_or(model).display().to_string(),
+        step: None,
+        count: texts.len(),
+        images: Some(images.display().to_string()),
+        scored: Some(scored_dir.display().to_string()),
+        unet_params: Some(unet_params),
+        kept: Some(outcome.kept),
+        generated: Some(outcome.generated),
+        seconds_per_image: Some(seconds_per_image),
+        seconds: None,
+        settings,
+        warnings: warned(&scores.warnings),
+        scores,
+    };
+    let md = report_md(&[serde_json::to_value(&report)?]);
+    fs_safe::write_file(&out.join("report.json"), report.to_json()?.as_bytes())?;
     fs_safe::write_file(&out.join("report.md"), md.as_bytes())?;
     print!("{md}");
     Ok(())
@@ -415,7 +401,10 @@ fn claim_out(out: &Path, identity: &Value) -> Result<()> {
             bail!("--out {} holds an `sdkd eval --images` report, not generated images: choose another --out", out.display())
         }
         Existing::Made(m) if m.purpose == Purpose::Eval => {
-            let differ = differing_keys(&m.config, identity);
+            let differ: Vec<(String, Value)> = differing_keys(&m.config, identity)
+                .into_iter()
+                .map(|(k, old, _)| (if k.is_empty() { "settings".to_string() } else { k }, old))
+                .collect();
             bail!(
                 "--out {} holds images generated with other settings ({}: was {}): sdkd will not mix or replace them; choose another --out",
                 out.display(),
@@ -425,26 +414,6 @@ fn claim_out(out: &Path, identity: &Value) -> Result<()> {
         }
         _ => fs_safe::check_replaceable(out, Purpose::Eval, false, "--out"),
     }
-}
-
-/// The keys (dotted) whose values differ, with the old value.
-fn differing_keys(old: &Value, new: &Value) -> Vec<(String, Value)> {
-    let mut out = vec![];
-    match (old.as_object(), new.as_object()) {
-        (Some(o), Some(n)) => {
-            for k in o.keys().chain(n.keys().filter(|k| !o.contains_key(*k))) {
-                let (ov, nv) = (o.get(k).unwrap_or(&Value::Null), n.get(k).unwrap_or(&Value::Null));
-                if ov != nv {
-                    match (ov.is_object(), nv.is_object()) {
-                        (true, true) => out.extend(differing_keys(ov, nv).into_iter().map(|(s, v)| (format!("{k}.{s}"), v))),
-                        _ => out.push((k.clone(), ov.clone())),
-                    }
-                }
-            }
-        }
-        _ => out.push(("settings".into(), old.clone())),
-    }
-    out
 }
 
 /// The captions sidecar after this run: `texts`, then those of earlier images beyond them (a

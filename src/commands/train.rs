@@ -74,7 +74,11 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     // every rank has checked output_dir before any joins, so none sees rank 0's writes
     let ranks = launch.as_ref().map(|l| join_ranks(l, &mut cfg)).transpose()?;
     let leader = ranks.as_ref().is_none_or(Ranks::is_leader);
-    let mut trainer = Trainer::with_ranks(cfg, args.resume.as_deref(), ranks)?;
+    let mut trainer = Trainer::build(cfg, ranks)?;
+    if let Some(arg) = args.resume.as_deref() {
+        trainer.resume(arg)?;
+    }
+    trainer.sync_ranks()?;
     // only once the run is known to start: a bad config or teacher leaves output_dir as it was
     if leader {
         claim.apply(&output_dir, &marker)?;

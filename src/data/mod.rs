@@ -8,6 +8,7 @@
 //! order and resumable cursors, [`loader`] batches any source in parallel, and [`synthetic`] is
 //! the built-in dataset of `sdkd synth`.
 pub mod cache;
+pub mod config;
 pub mod dataset;
 pub mod filters;
 pub mod formats;
@@ -20,6 +21,7 @@ pub mod synthetic;
 pub mod transform;
 pub mod webdataset;
 
+pub use config::DataConfig;
 pub use cache::{build_cache, CacheIndex, CacheOptions, CacheReport, Encoded, LatentBatch, LatentCache, SampleEncoder};
 pub use dataset::{ImageFolder, Sample};
 pub use image_source::{ImageBatch, ImageItem, ImageSource};

@@ -12,7 +12,6 @@ use anyhow::{bail, Context, Result};
 use image::{Rgb, RgbImage};
 use rayon::prelude::*;
 use serde::Serialize;
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -279,15 +278,8 @@ pub fn write_dataset(out: &Path, count: usize, seed: u64, resolution: u32) -> Re
             Ok(serde_json::to_string(&row)?)
         })
         .collect::<Result<_>>()?;
-    let meta = out.join("metadata.jsonl");
-    let tmp = out.join("metadata.jsonl.tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    for l in &lines {
-        writeln!(f, "{l}").with_context(|| format!("writing {}", tmp.display()))?;
-    }
-    f.sync_all().with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &meta).with_context(|| format!("renaming {} to {}", tmp.display(), meta.display()))?;
-    Ok(())
+    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    crate::fs_safe::write_file(&out.join("metadata.jsonl"), body.as_bytes())
 }
 
 /// Samples per tar shard / parquet file that `sdkd synth --format webdataset|parquet` writes.

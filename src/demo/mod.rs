@@ -17,6 +17,7 @@ pub use vae_train::{VaeTrainOptions, VaeTrainStats};
 use crate::models::clip::ClipTextEncoder;
 use crate::models::weights::{named_tensors, save};
 use crate::models::{Init, UNet, Vae};
+use crate::pipeline::to_rgb_images;
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use serde_json::Value;
@@ -125,7 +126,8 @@ pub fn build_demo_teacher(out_dir: &Path, data_dir: &Path, opts: &DemoTeacherOpt
     let (psnr_held_out, grid) = if held_out > 0 {
         let rec = vae_train::reconstruct(&vae, &test);
         let k = opts.grid_images.min(held_out) as i64;
-        let grid = vae_train::image_grid(&[vae_train::to_images(&test.narrow(0, 0, k)), vae_train::to_images(&rec.narrow(0, 0, k))], 4);
+        let rows = [to_rgb_images(&test.narrow(0, 0, k).to_device(Device::Cpu)), to_rgb_images(&rec.narrow(0, 0, k).to_device(Device::Cpu))];
+        let grid = crate::grid::grid(&crate::grid::enlarged(&rows, 4));
         (vae_train::psnr(&rec, &test), grid)
     } else {
         (f64::NAN, RgbImage::new(1, 1))

@@ -14,6 +14,8 @@ use crate::distill::evaluate::denoising_loss;
 use crate::distill::progress::ProgressMode;
 use crate::distill::tensorboard::EventWriter;
 use crate::eval::inception::{InceptionV3, WEIGHTS_HELP};
+use crate::eval::protocol::{Images, RealStats, Scorer, FID_DIMS, INCEPTION_BATCH};
+use crate::eval::Metric;
 use super::caption_score;
 use crate::export::write_pipeline_dir;
 use crate::grid::grid;
@@ -303,12 +305,7 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     write_pipeline_dir(&out.join("student_scratch"), &out.join("teacher"), &scratch.model.config, &weights::named_tensors(&scratch.vs), None)?;
 
     // the student as pruned, before any training: what KD starts from
-    let pruned = {
-        let plan = crate::distill::student::StudentPlan::resolve("bk_small", Some(&teacher_config))?;
-        let s = UNet::build(&plan.config, Device::Cpu, Kind::Float, crate::models::Init::Torch);
-        crate::distill::student::copy_from_teacher(&plan, &teacher, &s)?;
-        s
-    };
+    let pruned = pruned_student(&teacher)?;
 
     step("held-out denoising loss");
     let schedule = Arc::new(NoiseSchedule::new(SchedulerConfig::from_path(&out.join("teacher/scheduler"))?)?);
@@ -333,17 +330,10 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     ];
 
     step("generating every held-out caption with each model");
-    let heldout = ImageFolder::open(&out.join("heldout"))?;
     let p = PipelineDir::open(&out.join("teacher"))?;
     let encoder = TeacherEncoder::load(&p, Device::Cpu, Kind::Float)?;
     let base = Parts { tokenizer: &encoder.tokenizer, text_encoder: &encoder.text_encoder.model, vae: &encoder.vae.model, unet: &teacher.model, schedule: &schedule };
-    let mut originals = vec![];
-    let mut captions = vec![];
-    for i in 0..heldout.len() {
-        let (img, caption) = heldout.decode(i).map_err(|e| anyhow::anyhow!("{}: {}", e.file.display(), e.reason))?;
-        originals.push(img);
-        captions.push(caption);
-    }
+    let (originals, captions) = held_out_pairs(&out.join("heldout"))?;
     let embedding_cosine = caption_embedding_cosine(&encoder, &captions);
     let req = GenerateRequest {
         scheduler: SchedulerKind::Unipc,
@@ -356,31 +346,12 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     let real_accuracy = caption_score::accuracy(&originals, &captions)?;
     let sampled_models = [(0, "teacher"), (2, "student_kd"), (3, "student_scratch")];
     for ((m, dir), images) in sampled_models.iter().zip(&sampled) {
-        let folder = out.join("samples").join(dir);
-        std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
-        for (i, im) in images.iter().enumerate() {
-            let path = folder.join(format!("{i:06}.png"));
-            im.save(&path).with_context(|| format!("writing {}", path.display()))?;
-        }
-        let acc = caption_score::accuracy(images, &captions)?;
-        models[*m].caption_accuracy = Some(acc);
-        // beside the run's training curves, at its last step
-        let mut tb = EventWriter::create(&out.join("runs").join(dir).join("tb"), None)?;
-        let tags: Vec<String> = caption_score::ATTRIBUTES.iter().map(|a| format!("eval/caption_accuracy/{a}")).collect();
-        let values: Vec<(&str, f32)> = tags.iter().zip(acc).map(|(t, a)| (t.as_str(), a as f32)).collect();
-        tb.add_scalars(&values, models[*m].steps)?;
-        tb.flush()?;
+        models[*m].caption_accuracy = Some(record_samples(out, dir, images, &captions, models[*m].steps)?);
     }
     let inception = match &o.inception {
         Some(path) => {
             step("FID and IS on the held-out set (--inception)");
-            let net = InceptionV3::load(path, Device::Cpu)?;
-            let real_stats = crate::eval::stats_of(&out.join("heldout"), &net, 2048, 16)?;
-            for (m, dir) in sampled_models {
-                let paths = crate::eval::list_images(&out.join("samples").join(dir))?;
-                models[m].fid = Some(crate::eval::fid_against(&net, &paths, 2048, 16, None, &real_stats)?.0);
-                models[m].inception_score = Some(crate::eval::inception_score_of(&net, &paths, 16, None)?);
-            }
+            score_samples(out, path, &sampled_models, &mut models)?;
             Some(path.clone())
         }
         None => None,
@@ -389,18 +360,75 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     let columns = o.prompts.min(captions.len());
     let mut rows: Vec<Vec<RgbImage>> = vec![originals[..columns].to_vec()];
     rows.extend(sampled.iter().map(|r| r[..columns].to_vec()));
-    let enlarged: Vec<Vec<RgbImage>> = rows
-        .iter()
-        .map(|r| r.iter().map(|im| image::imageops::resize(im, im.width() * 4, im.height() * 4, image::imageops::FilterType::Nearest)).collect())
-        .collect();
     let grid_path = out.join("grid.png");
-    grid(&enlarged).save(&grid_path).with_context(|| format!("writing {}", grid_path.display()))?;
+    grid(&crate::grid::enlarged(&rows, 4)).save(&grid_path).with_context(|| format!("writing {}", grid_path.display()))?;
 
     let report = out.join("report.md");
     let facts = ReportFacts { captions: &captions, columns, real_accuracy, embedding_cosine, inception: inception.as_deref() };
     std::fs::write(&report, report_markdown(o, &models, &facts, &parts, t0.elapsed().as_secs_f64()))?;
     step(&format!("done: {} and {}", grid_path.display(), report.display()));
     Ok(DemoSummary { models, grid: grid_path, report, seconds: t0.elapsed().as_secs_f64() })
+}
+
+/// The student as pruned from `teacher`, before any training: what KD starts from.
+fn pruned_student(teacher: &UNet) -> Result<UNet> {
+    let plan = crate::distill::student::StudentPlan::resolve("bk_small", Some(&teacher.model.config))?;
+    let s = UNet::build(&plan.config, Device::Cpu, Kind::Float, crate::models::Init::Torch);
+    crate::distill::student::copy_from_teacher(&plan, teacher, &s)?;
+    Ok(s)
+}
+
+/// The held-out images and their captions, in order.
+fn held_out_pairs(dir: &Path) -> Result<(Vec<RgbImage>, Vec<String>)> {
+    let heldout = ImageFolder::open(dir)?;
+    let (mut images, mut captions) = (vec![], vec![]);
+    for i in 0..heldout.len() {
+        let (img, caption) = heldout.decode(i).map_err(|e| anyhow::anyhow!("{}: {}", e.file.display(), e.reason))?;
+        images.push(img);
+        captions.push(caption);
+    }
+    Ok((images, captions))
+}
+
+/// Writes a model's `images` of the held-out captions to `samples/<dir>/`, and their caption
+/// accuracies beside its run's training curves (`runs/<dir>/tb`, at its last step `step`).
+fn record_samples(out: &Path, dir: &str, images: &[RgbImage], captions: &[String], step: u64) -> Result<[f64; 3]> {
+    let folder = out.join("samples").join(dir);
+    std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+    for (i, im) in images.iter().enumerate() {
+        let path = folder.join(format!("{i:06}.png"));
+        im.save(&path).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let acc = caption_score::accuracy(images, captions)?;
+    let mut tb = EventWriter::create(&out.join("runs").join(dir).join("tb"), None)?;
+    let tags: Vec<String> = caption_score::ATTRIBUTES.iter().map(|a| format!("eval/caption_accuracy/{a}")).collect();
+    let values: Vec<(&str, f32)> = tags.iter().zip(acc).map(|(t, a)| (t.as_str(), a as f32)).collect();
+    tb.add_scalars(&values, step)?;
+    tb.flush()?;
+    Ok(acc)
+}
+
+/// FID and IS of each sampled model's images against the held-out ones (`sdkd eval`'s protocol),
+/// with the Inception weights at `inception`.
+fn score_samples(out: &Path, inception: &Path, sampled: &[(usize, &str)], models: &mut [ModelResult]) -> Result<()> {
+    let net = InceptionV3::load(inception, Device::Cpu)?;
+    let real = RealStats::read(&out.join("heldout"), &net, FID_DIMS, INCEPTION_BATCH)?;
+    let scorer = Scorer {
+        metrics: vec![Metric::Fid, Metric::Is],
+        inception: Some((net, inception.to_path_buf())),
+        real: Some(real),
+        clip: None,
+        dims: FID_DIMS,
+        batch: INCEPTION_BATCH,
+    };
+    for &(m, dir) in sampled {
+        let folder = out.join("samples").join(dir);
+        let paths = crate::eval::list_images(&folder)?;
+        let s = scorer.score(&Images { folder: &folder, scored: &paths, captioned: vec![], cache: None })?;
+        models[m].fid = s.fid;
+        models[m].inception_score = s.is_mean.zip(s.is_std);
+    }
+    Ok(())
 }
 
 /// `req` for each of `prompts` (same seed), 16 prompts per batched UNet call: the images of

@@ -195,42 +195,6 @@ pub fn latent_std(vae: &Vae, images: &Tensor, seed: u64) -> f64 {
     z.to_kind(Kind::Double).std(true).double_value(&[])
 }
 
-/// (n, 3, r, r) in [-1, 1] -> n RGB images.
-pub fn to_images(t: &Tensor) -> Vec<RgbImage> {
-    let t = ((t.to_device(Device::Cpu).to_kind(Kind::Float).clamp(-1.0, 1.0) + 1.0) * 127.5).round().to_kind(Kind::Uint8);
-    let (n, _, h, w) = t.size4().expect("images must be (n, 3, h, w)");
-    (0..n)
-        .map(|i| {
-            let hwc = t.get(i).permute([1, 2, 0]).contiguous();
-            let mut buf = vec![0u8; (h * w * 3) as usize];
-            let len = buf.len();
-            hwc.copy_data_u8(&mut buf, len);
-            RgbImage::from_raw(w as u32, h as u32, buf).expect("buffer holds h·w·3 bytes")
-        })
-        .collect()
-}
-
-/// Rows of images side by side, each pixel drawn as a `scale`² block, with a 2-pixel gray gutter
-/// between cells (row 0: originals, row 1: reconstructions, ...).
-pub fn image_grid(rows: &[Vec<RgbImage>], scale: u32) -> RgbImage {
-    let cols = rows.iter().map(Vec::len).max().unwrap_or(0) as u32;
-    let (w, h) = rows.iter().flatten().next().map(|im| im.dimensions()).unwrap_or((1, 1));
-    let gap = 2;
-    let (cw, ch) = (w * scale + gap, h * scale + gap);
-    let mut grid = RgbImage::from_pixel(cols * cw + gap, rows.len() as u32 * ch + gap, image::Rgb([96, 96, 96]));
-    for (r, row) in rows.iter().enumerate() {
-        for (c, im) in row.iter().enumerate() {
-            for (x, y, p) in im.enumerate_pixels() {
-                for dy in 0..scale {
-                    for dx in 0..scale {
-                        grid.put_pixel(gap + c as u32 * cw + x * scale + dx, gap + r as u32 * ch + y * scale + dy, *p);
-                    }
-                }
-            }
-        }
-    }
-    grid
-}
 
 #[cfg(test)]
 mod tests {
@@ -260,12 +224,9 @@ mod tests {
         let b = a.ones_like() * 0.2; // 0.1 on the [0, 1] scale: 20 dB
         assert!((psnr(&b, &a) - 20.0).abs() < 1e-6);
         // every channel plane is [[-1, 1], [0, -1]]
-        let ims = to_images(&Tensor::from_slice(&[-1f32, 1.0, 0.0, -1.0]).view([1, 1, 2, 2]).repeat([1, 3, 1, 1]));
+        let ims = crate::pipeline::to_rgb_images(&Tensor::from_slice(&[-1f32, 1.0, 0.0, -1.0]).view([1, 1, 2, 2]).repeat([1, 3, 1, 1]));
         assert_eq!(ims[0].get_pixel(0, 0).0, [0, 0, 0]);
         assert_eq!(ims[0].get_pixel(1, 0).0, [255, 255, 255]);
         assert_eq!(ims[0].get_pixel(0, 1).0, [128, 128, 128]);
-        let g = image_grid(&[ims.clone(), ims], 3);
-        assert_eq!(g.dimensions(), (2 + 6 + 2, 2 * 8 + 2));
-        assert_eq!(g.get_pixel(2 + 3, 2).0, [255, 255, 255]);
     }
 }

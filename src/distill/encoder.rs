@@ -67,7 +67,7 @@ impl TeacherEncoder {
 
 impl SampleEncoder for TeacherEncoder {
     fn encode(&self, images: &Tensor, captions: &[String]) -> Result<Encoded> {
-        let kind = self.vae.vs.variables().values().next().map(|t| t.kind()).unwrap_or(Kind::Float);
+        let kind = crate::models::weights::var_kind(&self.vae.vs);
         let posterior = tch::no_grad(|| self.vae.model.encode(&images.to_device(self.device).to_kind(kind)));
         Ok(Encoded {
             latent_mean: posterior.mean.to_kind(Kind::Float),

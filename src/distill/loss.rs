@@ -2,10 +2,38 @@
 //! over all elements) computed in fp32. Every term is returned on its own, because the feature
 //! term is typically much larger than the others (BK-SDM issue 21) and users need to see that.
 use super::student::FeaturePair;
+use crate::config_error::{invalid, ConfigError};
 use crate::models::UNetOutput;
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Reduction, Tensor};
 
-pub use crate::config::LossWeights;
+/// λ weights of `loss = task + output_kd + Σ feature_kd` (BK-SDM's defaults: all 1).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossWeights {
+    pub task: f64,
+    pub output_kd: f64,
+    pub feature_kd: f64,
+}
+
+impl Default for LossWeights {
+    /// BK-SDM's defaults: all three λ = 1.
+    fn default() -> Self {
+        LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0 }
+    }
+}
+
+impl LossWeights {
+    /// Each weight finite and >= 0 (whether any is active depends on `distill`: `RunConfig`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, v) in [("loss.task", self.task), ("loss.output_kd", self.output_kd), ("loss.feature_kd", self.feature_kd)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(key, format!("{key} = {v}: must be a finite number >= 0")));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The terms of one step's loss, as scalar tensors (the total carries the graph).
 pub struct LossTerms {

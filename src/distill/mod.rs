@@ -1,5 +1,5 @@
-//! Distillation: students and their copy map, losses, optimizer, checkpoints, logging, and the
-//! trainer that runs them.
+//! Distillation: students and their copy map, losses, optimizer, checkpoints, logging, the
+//! distillation step (`step`) and the trainer that feeds it a run's data (`trainer`).
 pub mod checkpoint;
 pub mod encoder;
 pub mod evaluate;
@@ -7,6 +7,8 @@ pub mod loss;
 pub mod loss_scale;
 pub mod optim;
 pub mod progress;
+pub mod scalars;
+pub mod step;
 pub mod student;
 pub mod tensorboard;
 pub mod trainer;

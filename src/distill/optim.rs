@@ -7,17 +7,118 @@
 //!   needs nothing but the step.
 //! - `Ema`: an exponential moving average of the student, starting from the weights it is given.
 //!
+//! `OptimConfig` is the run YAML's `optim:` section (checked by its `validate`); `AdamWConfig` is
+//! what the update kernel reads of it (`AdamWConfig::from(&OptimConfig)`), the learning rate
+//! coming from `lr_at` per step.
+//!
 //! The update is LibTorch's `_fused_adamw_` kernel (reached through `crate::aten_extra`, since
 //! tch 0.26 does not wrap it): `torch.optim.AdamW(fused=True)`, bit-identical to it, one pass over
 //! each parameter instead of the ten of the default single-tensor path (3x faster on CPU, one
 //! kernel launch instead of thousands on CUDA). It differs from the single-tensor path only in
 //! rounding (< 1e-6 relative after hundreds of steps; tests/trainkit.rs checks both).
 use crate::aten_extra;
-use crate::config::{OptimConfig, Schedule};
+use crate::config_error::{invalid, ConfigError};
 use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use tch::{Kind, Tensor};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub betas: [f64; 2],
+    pub weight_decay: f64,
+    pub eps: f64,
+    /// Global grad-norm clip; null disables clipping.
+    pub max_grad_norm: Option<f64>,
+    pub schedule: Schedule,
+    pub warmup_steps: u64,
+    /// The dtype AdamW keeps its two moments in.
+    pub state_dtype: StateDtype,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 5.0e-5,
+            betas: [0.9, 0.999],
+            weight_decay: 0.01,
+            eps: 1.0e-8,
+            max_grad_norm: Some(1.0),
+            schedule: Schedule::default(),
+            warmup_steps: 0,
+            state_dtype: StateDtype::default(),
+        }
+    }
+}
+
+/// `optim.state_dtype`: AdamW's moments in fp32, or in bf16 (half the memory; the update itself
+/// still runs in fp32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateDtype {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl StateDtype {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            StateDtype::Fp32 => tch::Kind::Float,
+            StateDtype::Bf16 => tch::Kind::BFloat16,
+        }
+    }
+}
+
+/// LR schedules with diffusers' `get_scheduler` semantics (see `lr_at`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// diffusers `constant`, or `constant_with_warmup` when warmup_steps > 0.
+    #[default]
+    Constant,
+    /// diffusers `cosine` (half a cosine from lr to 0 after the warmup).
+    Cosine,
+    /// diffusers `linear` (straight from lr to 0 after the warmup).
+    Linear,
+}
+
+impl OptimConfig {
+    /// The `optim.*` checks that need no other section (warmup against `train.max_steps` is
+    /// `RunConfig`'s); each message names the key and value.
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        let o = self;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return Err(invalid("optim.lr", format!("optim.lr = {}: must be > 0", o.lr)));
+        }
+        for (i, b) in o.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                return Err(invalid("optim.betas", format!("optim.betas[{i}] = {b}: must be in [0, 1)")));
+            }
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            return Err(invalid(
+                "optim.weight_decay",
+                format!("optim.weight_decay = {}: must be >= 0", o.weight_decay),
+            ));
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            return Err(invalid("optim.eps", format!("optim.eps = {}: must be > 0", o.eps)));
+        }
+        if let Some(n) = o.max_grad_norm {
+            if !(n.is_finite() && n > 0.0) {
+                return Err(invalid(
+                    "optim.max_grad_norm",
+                    format!("optim.max_grad_norm = {n}: must be > 0 (or null to disable clipping)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The learning rate of optimizer update number `step` (0-based: the number of updates already
 /// done), equal to diffusers' `get_scheduler(...)` after `step` calls of `lr_scheduler.step()`.

@@ -6,7 +6,7 @@ use crate::models::UNet;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 /// What a student keeps of its teacher. Indices refer to the teacher's stages and blocks.
@@ -37,26 +37,95 @@ fn yes() -> bool {
     true
 }
 
-pub const PRESETS: [&str; 3] = ["bk_base", "bk_small", "bk_tiny"];
+/// The BK-SDM presets, with Segmind's names for two of them (`sd_small` is `bk_base`, `sd_tiny`
+/// is `bk_tiny`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    BkBase,
+    BkSmall,
+    BkTiny,
+}
 
-impl StudentSpec {
-    /// A BK-SDM preset for a teacher with `stages` stages: down stages keep resnet/attention 0,
-    /// up blocks keep 0 and 2. `sd_small` and `sd_tiny` are Segmind's names for base and tiny.
-    pub fn preset(name: &str, stages: usize) -> Result<StudentSpec> {
-        let canonical = match name {
-            "bk_base" | "sd_small" => "bk_base",
-            "bk_small" => "bk_small",
-            "bk_tiny" | "sd_tiny" => "bk_tiny",
-            other => bail!("unknown student preset {other:?} (bk_base/sd_small, bk_small, bk_tiny/sd_tiny, or a spec .yaml)"),
-        };
-        Ok(StudentSpec {
-            name: canonical.to_string(),
+impl Preset {
+    pub const ALL: [Preset; 3] = [Preset::BkBase, Preset::BkSmall, Preset::BkTiny];
+
+    /// Its canonical name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::BkBase => "bk_base",
+            Preset::BkSmall => "bk_small",
+            Preset::BkTiny => "bk_tiny",
+        }
+    }
+
+    /// Its spec for a teacher with `stages` stages: down stages keep resnet/attention 0, up blocks
+    /// keep 0 and 2; base keeps the mid block, tiny drops the innermost stage.
+    pub fn spec(self, stages: usize) -> StudentSpec {
+        StudentSpec {
+            name: self.name().to_string(),
             down: vec![vec![0]; stages],
             up: vec![vec![0, 2]; stages],
-            mid_block: canonical == "bk_base",
-            drop_stages: if canonical == "bk_tiny" { vec![stages - 1] } else { vec![] },
+            mid_block: self == Preset::BkBase,
+            drop_stages: if self == Preset::BkTiny { vec![stages - 1] } else { vec![] },
             feature_pairs: None,
+        }
+    }
+}
+
+impl std::str::FromStr for Preset {
+    type Err = anyhow::Error;
+    fn from_str(name: &str) -> Result<Preset> {
+        Ok(match name {
+            "bk_base" | "sd_small" => Preset::BkBase,
+            "bk_small" => Preset::BkSmall,
+            "bk_tiny" | "sd_tiny" => Preset::BkTiny,
+            other => bail!("unknown student preset {other:?} (bk_base/sd_small, bk_small, bk_tiny/sd_tiny, or a spec .yaml)"),
         })
+    }
+}
+
+/// What a `student` value names, read once: a preset, a spec YAML, or a UNet config (a
+/// `config.json` or a UNet folder) taken as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StudentChoice {
+    Preset(Preset),
+    Spec(PathBuf),
+    Config(PathBuf),
+}
+
+impl StudentChoice {
+    /// A folder or `.json` is a UNet config, a `.yaml`/`.yml` or an existing file a spec,
+    /// anything else a preset name.
+    pub fn parse(arg: &str) -> Result<StudentChoice> {
+        let path = Path::new(arg);
+        Ok(if path.is_dir() || arg.ends_with(".json") {
+            StudentChoice::Config(path.to_path_buf())
+        } else if arg.ends_with(".yaml") || arg.ends_with(".yml") || path.is_file() {
+            StudentChoice::Spec(path.to_path_buf())
+        } else {
+            StudentChoice::Preset(arg.parse()?)
+        })
+    }
+}
+
+impl StudentSpec {
+    /// A BK-SDM preset by name (`Preset`) for a teacher with `stages` stages.
+    pub fn preset(name: &str, stages: usize) -> Result<StudentSpec> {
+        Ok(name.parse::<Preset>()?.spec(stages))
+    }
+
+    /// A preset name, or a path to a spec YAML, for `teacher`.
+    pub fn resolve(arg: &str, teacher: &UNetConfig) -> Result<StudentSpec> {
+        StudentSpec::of(StudentChoice::parse(arg)?, arg, teacher)
+    }
+
+    /// The spec `choice` (read from `arg`) names for `teacher`; a UNet config is no spec.
+    fn of(choice: StudentChoice, arg: &str, teacher: &UNetConfig) -> Result<StudentSpec> {
+        match choice {
+            StudentChoice::Spec(path) => StudentSpec::from_yaml(&path),
+            StudentChoice::Preset(p) => Ok(p.spec(teacher.num_stages())),
+            StudentChoice::Config(_) => Ok(arg.parse::<Preset>()?.spec(teacher.num_stages())),
+        }
     }
 
     pub fn from_yaml(path: &Path) -> Result<StudentSpec> {
@@ -69,14 +138,6 @@ impl StudentSpec {
         Ok(spec)
     }
 
-    /// A preset name, or a path to a spec YAML.
-    pub fn resolve(arg: &str, teacher: &UNetConfig) -> Result<StudentSpec> {
-        if arg.ends_with(".yaml") || arg.ends_with(".yml") || Path::new(arg).is_file() {
-            StudentSpec::from_yaml(Path::new(arg))
-        } else {
-            StudentSpec::preset(arg, teacher.num_stages())
-        }
-    }
 }
 
 /// A `[teacher, student]` pair of feature names that feature KD compares.
@@ -224,13 +285,12 @@ impl StudentPlan {
 
     /// A preset, a spec YAML, or a UNet config (a `config.json` or a UNet folder) for `teacher`.
     pub fn resolve(arg: &str, teacher: Option<&UNetConfig>) -> Result<StudentPlan> {
-        let path = Path::new(arg);
-        if path.is_dir() || arg.ends_with(".json") {
-            let config = UNetConfig::from_path(path)?;
-            return Ok(StudentPlan::explicit(config, teacher));
+        let choice = StudentChoice::parse(arg);
+        if let Ok(StudentChoice::Config(path)) = &choice {
+            return Ok(StudentPlan::explicit(UNetConfig::from_path(path)?, teacher));
         }
         let teacher = teacher.ok_or_else(|| anyhow!("student {arg:?} is defined relative to a teacher, but the run has none"))?;
-        let spec = StudentSpec::resolve(arg, teacher)?;
+        let spec = StudentSpec::of(choice?, arg, teacher)?;
         StudentPlan::new(&spec, teacher)
     }
 

@@ -13,12 +13,12 @@
 //! then takes the same AdamW and EMA step. Rank 0 alone writes; the others wait at barriers.
 use super::checkpoint::{self, CheckpointWriter, StateMeta, TrainState};
 use super::encoder::{LatentScale, TeacherEncoder};
-use super::loss::{distill_loss, LossTerms, LossWeights};
-use super::loss_scale::LossScale;
-use super::optim::{grad_norm, lr_at, AdamW, AdamWConfig, Ema};
+use super::optim::{lr_at, AdamWConfig, Ema};
 use super::progress::{Progress, ProgressMode};
+use super::scalars::{LogWindow, StepScalars};
 use super::student::{copy_from_teacher, StudentPlan};
 use super::tensorboard::EventWriter;
+pub use super::step::{Distiller, Teacher, Update};
 use crate::config::{RunConfig, StudentInit};
 use crate::data::order::{drops_caption, hash, Stream};
 use crate::data::formats::small_images_warning;
@@ -27,17 +27,15 @@ use crate::distributed::{checksum, Ranks};
 use crate::eval::periodic::PeriodicEval;
 use crate::export;
 use crate::grid::grid;
-use crate::models::{weights, Checkpointing, Init, PipelineDir, Recompute, UNet, UNet2DConditionModel, UNetConfig};
+use crate::models::{weights, Init, PipelineDir, UNet, UNet2DConditionModel, UNetConfig};
 use crate::pipeline::{prompt_rows, GenerateRequest, Parts};
 use crate::png_meta::write_png;
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// How a run ended.
@@ -50,179 +48,6 @@ pub struct RunOutcome {
     pub last_checkpoint: Option<PathBuf>,
     /// Mean total loss of the last logged window.
     pub last_loss: f64,
-}
-
-/// The frozen teacher UNet and the inner features its side of the pairs needs.
-pub struct Teacher {
-    pub unet: UNet,
-    pub inner: BTreeSet<String>,
-}
-
-impl Teacher {
-    pub fn new(mut unet: UNet, inner: BTreeSet<String>) -> Teacher {
-        unet.vs.freeze();
-        Teacher { unet, inner }
-    }
-
-    fn kind(&self) -> Kind {
-        self.unet.vs.variables().values().next().map(|v| v.kind()).unwrap_or(Kind::Float)
-    }
-}
-
-/// The distillation step on ready latents and text embeddings: noise, the frozen teacher's
-/// forward, the student's forward and backward, the three losses, clipping, AdamW and EMA. The
-/// trainer feeds it data; `sdkd bench` feeds it random tensors.
-///
-/// The student's weights, gradients, optimizer state and EMA are fp32 whatever `compute_kind`
-/// is: its forward and backward run in `compute_kind` by casting the inputs, and the layers cast
-/// the weights to match (mixed precision without autocast; see `models::layers`).
-pub struct Distiller {
-    student: UNet,
-    plan: StudentPlan,
-    teacher: Option<Teacher>,
-    student_inner: BTreeSet<String>,
-    schedule: Arc<NoiseSchedule>,
-    optimizer: AdamW,
-    ema: Option<Ema>,
-    weights: LossWeights,
-    noise_offset: f64,
-    compute_kind: Kind,
-    /// Present exactly when the student computes in fp16.
-    loss_scale: Option<LossScale>,
-    /// What the student's backward recomputes (`train.gradient_checkpointing`).
-    checkpointing: Checkpointing,
-}
-
-/// What `Distiller::update` did.
-pub struct Update {
-    /// The gradient norm before clipping, as a tensor (reading it waits for the device).
-    pub grad_norm: Tensor,
-    /// fp16 gradients overflowed: no AdamW or EMA step, and the loss scale was halved.
-    pub skipped: bool,
-}
-
-impl Distiller {
-    pub fn new(student: UNet, plan: StudentPlan, teacher: Option<Teacher>, schedule: Arc<NoiseSchedule>, optim: AdamWConfig, ema_decay: Option<f64>, weights: LossWeights) -> Result<Distiller> {
-        let optimizer = AdamW::new(weights::named_tensors(&student.vs), optim)?;
-        let ema = ema_decay.map(|d| Ema::new(weights::named_tensors(&student.vs), d)).transpose()?;
-        let (_, student_inner) = plan.inner_features();
-        Ok(Distiller {
-            student,
-            plan,
-            teacher,
-            student_inner,
-            schedule,
-            optimizer,
-            ema,
-            weights,
-            noise_offset: 0.0,
-            compute_kind: Kind::Float,
-            loss_scale: None,
-            checkpointing: Checkpointing::None,
-        })
-    }
-
-    /// The dtype the student's forward and backward run in: fp32, bf16, or fp16 (which brings
-    /// dynamic loss scaling).
-    pub fn with_compute_kind(mut self, kind: Kind) -> Result<Distiller> {
-        if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
-            bail!("the student computes in fp32, bf16 or fp16, not {kind:?}");
-        }
-        self.compute_kind = kind;
-        self.loss_scale = (kind == Kind::Half).then(LossScale::default);
-        Ok(self)
-    }
-
-    /// Recompute the student's blocks or transformers in backward instead of storing their
-    /// activations; the gradients are the same bit for bit on the CPU (`models::recompute`).
-    pub fn with_checkpointing(mut self, checkpointing: Checkpointing) -> Distiller {
-        self.checkpointing = checkpointing;
-        self
-    }
-
-    pub fn student(&self) -> &UNet {
-        &self.student
-    }
-
-    pub fn plan(&self) -> &StudentPlan {
-        &self.plan
-    }
-
-    pub fn optimizer(&self) -> &AdamW {
-        &self.optimizer
-    }
-
-    pub fn ema(&self) -> Option<&Ema> {
-        self.ema.as_ref()
-    }
-
-    /// The fp16 loss scale (`None` unless the student computes in fp16).
-    pub fn loss_scale(&self) -> Option<LossScale> {
-        self.loss_scale
-    }
-
-    /// Replaces the fp16 loss scale (what a resumed run restores).
-    pub fn set_loss_scale(&mut self, scale: LossScale) {
-        if let Some(s) = &mut self.loss_scale {
-            *s = scale;
-        }
-    }
-
-    /// Forward and backward of one micro-batch (`latents` scaled for the UNet, (b, c, h, w) on
-    /// the student's device); gradients accumulate, scaled by 1/`accum`. Draws noise and timesteps
-    /// from the current generator.
-    pub fn micro_step(&self, latents: &Tensor, context: &Tensor, accum: usize) -> LossTerms {
-        let dev = latents.device();
-        let b = latents.size()[0];
-        let mut noise = Tensor::randn(latents.size(), (Kind::Float, Device::Cpu)).to_device(dev);
-        if self.noise_offset > 0.0 {
-            let offset = Tensor::randn([b, latents.size()[1], 1, 1], (Kind::Float, Device::Cpu)).to_device(dev);
-            noise += offset * self.noise_offset;
-        }
-        let t = self.schedule.sample_timesteps(b, Device::Cpu).to_device(dev);
-        let noisy = self.schedule.add_noise(latents, &noise, &t);
-        let target = self.schedule.training_target(self.schedule.prediction_type(), latents, &noise, &t);
-        let teacher_out = self.teacher.as_ref().map(|teacher| {
-            let kind = teacher.kind();
-            tch::no_grad(|| teacher.unet.model.forward(&noisy.to_kind(kind), &t, &context.to_kind(kind), &teacher.inner))
-        });
-        let kind = self.compute_kind;
-        // Lives until after the backward: it holds what the checkpointed regions recompute.
-        let recompute = Recompute::new(self.checkpointing);
-        let student_out =
-            self.student.model.forward_with(&noisy.to_kind(kind), &t, &context.to_kind(kind), &self.student_inner, &recompute);
-        let pairs = if teacher_out.is_some() { &self.plan.feature_pairs[..] } else { &[] };
-        let terms = distill_loss(&student_out, teacher_out.as_ref(), &target, pairs, &self.weights);
-        let scale = self.loss_scale.map_or(1.0, |s| s.scale);
-        (&terms.total * (scale / accum as f64)).backward();
-        terms
-    }
-
-    /// Clips the accumulated gradients (or only measures them), steps AdamW at `lr`, clears the
-    /// gradients and updates the EMA. Under fp16 the gradients are unscaled first, and a step
-    /// whose gradients overflowed is skipped.
-    pub fn update(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<Update> {
-        let params = self.optimizer.params();
-        if let Some(loss_scale) = &mut self.loss_scale {
-            let norm = unscale_grads(&params, loss_scale.scale)?;
-            let finite = norm.double_value(&[]).is_finite();
-            loss_scale.update(finite);
-            if !finite {
-                self.optimizer.zero_grad();
-                return Ok(Update { grad_norm: norm, skipped: true });
-            }
-        }
-        let norm = match max_grad_norm {
-            Some(max) => self.optimizer.clip_grad_norm(max)?,
-            None => grad_norm(&params)?,
-        };
-        self.optimizer.step(lr)?;
-        self.optimizer.zero_grad();
-        if let Some(ema) = &mut self.ema {
-            ema.update()?;
-        }
-        Ok(Update { grad_norm: norm, skipped: false })
-    }
 }
 
 /// `context` with the rows `dropped(row)` picks replaced by `empty` (the empty prompt's
@@ -241,20 +66,6 @@ fn drop_captions(context: &Tensor, empty: &Tensor, dropped: impl Fn(u64) -> bool
     );
     let mask = Tensor::from_slice(&mask).to_device(context.device()).view([b, 1, 1]);
     Ok(context.where_self(&mask.logical_not(), &empty.to_device(context.device())))
-}
-
-/// Divides every gradient by `scale` and returns their total norm (inf or NaN when one overflowed).
-fn unscale_grads(params: &[Tensor], scale: f64) -> Result<Tensor> {
-    tch::no_grad(|| -> Result<()> {
-        for p in params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.f_mul_scalar_(1.0 / scale)?;
-            }
-        }
-        Ok(())
-    })?;
-    grad_norm(params)
 }
 
 /// Batches of (latent mean, latent std, text embeddings): from images through the teacher's
@@ -320,8 +131,13 @@ pub fn identity_config(cfg: &RunConfig, world: usize) -> RunConfig {
 /// Refuses a checkpoint of another global batch (`batch_size × grad_accum × world size`), which
 /// would be another run, with the numbers that differ and the grad_accum that would fit.
 fn check_global_batch(ckpt: &checkpoint::Checkpoint, cfg: &RunConfig, world: usize) -> Result<()> {
-    let train = &ckpt.meta.config["train"];
-    let (Some(batch), Some(accum_all)) = (train["batch_size"].as_u64(), train["grad_accum"].as_u64()) else {
+    /// What a checkpoint's stored identity says of its batch.
+    #[derive(serde::Deserialize)]
+    struct Batch {
+        batch_size: u64,
+        grad_accum: u64,
+    }
+    let Ok(Batch { batch_size: batch, grad_accum: accum_all }) = serde_json::from_value(ckpt.meta.config["train"].clone()) else {
         return Ok(()); // an identity without them: check_config names what differs
     };
     let theirs = batch * accum_all;
@@ -412,14 +228,10 @@ fn check_batch_memory(cfg: &RunConfig) -> Result<()> {
 }
 
 impl Trainer {
-    /// Builds the run from its config, resuming from `resume` (`latest` or a checkpoint folder).
-    pub fn new(cfg: RunConfig, resume: Option<&str>) -> Result<Trainer> {
-        Self::with_ranks(cfg, resume, None)
-    }
-
-    /// `new` for one rank of a data-parallel run (`ranks`; its device is `train.device`): the
-    /// student and EMA are then rank 0's, and checked equal on every rank.
-    pub fn with_ranks(cfg: RunConfig, resume: Option<&str>, ranks: Option<Ranks>) -> Result<Trainer> {
+    /// Builds the run from its config, on one process or as one rank of a data-parallel run
+    /// (`ranks`; its device is `train.device`). Nothing is loaded from a checkpoint and nothing
+    /// is exchanged with the other ranks: `resume` and `sync_ranks` do that.
+    pub fn build(cfg: RunConfig, ranks: Option<Ranks>) -> Result<Trainer> {
         let device = cfg.train.device.resolve().context("train.device")?;
         check_batch_memory(&cfg)?;
         // The dtype the teacher, its encoders and the student's forward and backward run in.
@@ -459,24 +271,22 @@ impl Trainer {
             true => Some(PeriodicEval::prepare(&cfg.validation.eval, &distiller.schedule, device)?),
             false => None,
         };
-        let mut trainer =
-            Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity, empty_prompt, periodic_eval };
-        if let Some(arg) = resume {
-            trainer.resume(arg)?;
+        Ok(Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity, empty_prompt, periodic_eval })
+    }
+
+    /// A data-parallel run's start: rank 0's student and EMA (built, or resumed) broadcast to
+    /// every rank, then checked equal. Nothing for one process.
+    pub fn sync_ranks(&self) -> Result<()> {
+        if let Some(ranks) = &self.ranks {
+            ranks.broadcast_from_leader(&self.distiller.state_tensors())?;
+            self.check_ranks_agree()?;
         }
-        if let Some(ranks) = &trainer.ranks {
-            let d = &trainer.distiller;
-            let mut state: Vec<Tensor> = weights::named_tensors(&d.student.vs).into_iter().map(|(_, t)| t).collect();
-            state.extend(d.ema.iter().flat_map(|e| e.state_tensors().into_iter().map(|(_, t)| t)));
-            ranks.broadcast_from_leader(&state)?;
-            trainer.check_ranks_agree()?;
-        }
-        Ok(trainer)
+        Ok(())
     }
 
     /// Loads the student, optimizer, EMA, loss scale, step and data cursor of a checkpoint of
     /// this run (`latest` or a checkpoint folder).
-    fn resume(&mut self, arg: &str) -> Result<()> {
+    pub fn resume(&mut self, arg: &str) -> Result<()> {
         let (cfg, d) = (&self.cfg, &mut self.distiller);
         let ckpt = checkpoint::resolve(&cfg.output_dir, arg)?;
         let world = self.ranks.as_ref().map_or(1, Ranks::size);
@@ -615,9 +425,7 @@ impl Trainer {
             None
         };
         let mut progress = Progress::new(progress_mode, self.step, cfg.train.max_steps, cfg.log.every.max(1));
-        let mut window = StepScalars::default();
-        let mut window_steps = 0u64;
-        let mut window_start = Instant::now();
+        let mut window = LogWindow::default();
         let mut last_checkpoint = None;
         let mut skipped_total = 0usize;
         let mut last_loss = f64::NAN;
@@ -642,28 +450,15 @@ impl Trainer {
                 progress.message(&format!("step {}: fp16 gradients overflowed, step skipped; loss scale now {}", self.step, scale.scale));
             }
             progress.update(self.step, s.mean("loss/total", 1), s.lr);
-            window.merge(&s);
-            window_steps += 1;
+            window.push(&s);
             if self.step.is_multiple_of(cfg.log.every.max(1)) || self.step == cfg.train.max_steps {
-                last_loss = window.mean("loss/total", window_steps);
+                last_loss = window.mean_loss();
+                let values = window.close(skipped_total, self.distiller.loss_scale.map(|s| s.scale));
                 if let Some(tb) = &mut tb {
-                    let elapsed = window_start.elapsed().as_secs_f64().max(1e-9);
-                    let mut values: Vec<(String, f32)> =
-                        window.averaged.iter().map(|(name, _)| (name.clone(), window.mean(name, window_steps) as f32)).collect();
-                    values.push(("lr".into(), window.lr as f32));
-                    values.push(("samples_per_s".into(), (window.samples as f64 / elapsed) as f32));
-                    values.push(("data/skipped_samples".into(), skipped_total as f32));
-                    if let Some(scale) = &self.distiller.loss_scale {
-                        values.push(("fp16/loss_scale".into(), scale.scale as f32));
-                        values.push(("fp16/overflow_steps".into(), window.overflow_steps as f32));
-                    }
                     let refs: Vec<(&str, f32)> = values.iter().map(|(k, v)| (k.as_str(), *v)).collect();
                     tb.add_scalars(&refs, self.step)?;
                     tb.flush()?;
                 }
-                window = StepScalars::default();
-                window_steps = 0;
-                window_start = Instant::now();
             }
             if cfg.checkpoint.every > 0 && self.step.is_multiple_of(cfg.checkpoint.every) {
                 if let Some(agree) = self.check_ranks_agree()? {
@@ -729,10 +524,7 @@ impl Trainer {
     /// differ); a line for rank 0 to print when they agree, None for one process.
     fn check_ranks_agree(&self) -> Result<Option<String>> {
         let Some(ranks) = &self.ranks else { return Ok(None) };
-        let d = &self.distiller;
-        let mut state: Vec<Tensor> = weights::named_tensors(&d.student.vs).into_iter().map(|(_, t)| t).collect();
-        state.extend(d.ema.iter().flat_map(|e| e.state_tensors().into_iter().map(|(_, t)| t)));
-        let sum = checksum(&state);
+        let sum = checksum(&self.distiller.state_tensors());
         ranks.check_same(sum, &format!("at step {}, the student and EMA", self.step))?;
         Ok(Some(format!("step {}: student and EMA bit-identical on all {} ranks (checksum {:016x})", self.step, ranks.size(), sum as u64)))
     }
@@ -748,6 +540,17 @@ impl Trainer {
         Ok(())
     }
 
+    /// The teacher pipeline's tokenizer, text encoder and VAE with `unet`, to generate with.
+    fn parts<'a>(&'a self, encoder: &'a TeacherEncoder, unet: &'a UNet2DConditionModel) -> Parts<'a> {
+        Parts {
+            tokenizer: &encoder.tokenizer,
+            text_encoder: &encoder.text_encoder.model,
+            vae: &encoder.vae.model,
+            unet,
+            schedule: &self.distiller.schedule,
+        }
+    }
+
     /// The validation prompts through the teacher (when one is loaded) and the student, with the
     /// run's seed: `samples/step-N.png` (a teacher row over a student row) and a TensorBoard image.
     /// Sampling reseeds the generator, which changes nothing for training: each step reseeds too.
@@ -755,13 +558,7 @@ impl Trainer {
         let v = &self.cfg.validation;
         let encoder = self.encoder.as_ref().ok_or_else(|| anyhow!("validation needs the teacher pipeline's VAE and text encoder"))?;
         let d = &self.distiller;
-        let base = Parts {
-            tokenizer: &encoder.tokenizer,
-            text_encoder: &encoder.text_encoder.model,
-            vae: &encoder.vae.model,
-            unet: &d.student.model,
-            schedule: &d.schedule,
-        };
+        let base = self.parts(encoder, &d.student.model);
         let mut unets: Vec<&UNet2DConditionModel> = d.teacher.iter().map(|t| &t.unet.model).collect();
         unets.push(&d.student.model);
         let req = GenerateRequest {
@@ -794,7 +591,7 @@ impl Trainer {
         // the EMA weights in a UNet of their own (the student keeps training on its own)
         let ema_unet = match (&d.ema, self.cfg.validation.eval.ema) {
             (Some(ema), true) => {
-                let kind = d.student.vs.variables().values().next().map_or(Kind::Float, Tensor::kind);
+                let kind = weights::var_kind(&d.student.vs);
                 let unet = UNet::build(&d.plan.config, self.device, kind, Init::Empty);
                 super::optim::copy_named(&weights::named_tensors(&unet.vs), &ema.state_tensors(), "EMA weights for validation.eval")?;
                 Some(unet)
@@ -805,7 +602,7 @@ impl Trainer {
             Some(u) => (&u.model, "student EMA"),
             None => (&d.student.model, "student"),
         };
-        let parts = Parts { tokenizer: &encoder.tokenizer, text_encoder: &encoder.text_encoder.model, vae: &encoder.vae.model, unet, schedule: &d.schedule };
+        let parts = self.parts(encoder, unet);
         let scores = tch::no_grad(|| periodic.run(&parts, what, self.step, &self.cfg.output_dir.join("eval")))?;
         if let Some(tb) = tb {
             tb.add_scalars(&scores.scalars(), self.step)?;
@@ -821,69 +618,5 @@ impl Trainer {
     /// The trained student, when the run is over.
     pub fn into_student(self) -> UNet {
         self.distiller.student
-    }
-}
-
-/// Named scalars of one step, or their sums over a logging window: the loss terms
-/// (`loss/total`, `loss/task`, `loss/output_kd`, `loss/feature_kd`, `feature_kd/<pair>`) and
-/// `grad_norm`, averaged over the window, in the order they were first added; the last `lr`; and
-/// counters that stay sums.
-#[derive(Default)]
-struct StepScalars {
-    averaged: Vec<(String, f64)>,
-    lr: f64,
-    samples: usize,
-    skipped: usize,
-    /// Steps skipped because fp16 gradients overflowed.
-    overflow_steps: usize,
-}
-
-impl StepScalars {
-    fn add(&mut self, name: &str, value: f64) {
-        match self.averaged.iter_mut().find(|(n, _)| n == name) {
-            Some(slot) => slot.1 += value,
-            None => self.averaged.push((name.to_string(), value)),
-        }
-    }
-
-    /// Adds one micro-batch's terms (averaged over the accumulation).
-    fn add_terms(&mut self, t: &LossTerms, accum: usize) {
-        let v = |x: &Tensor| x.double_value(&[]) / accum as f64;
-        self.add("loss/total", v(&t.total));
-        self.add("loss/task", v(&t.task));
-        let kd = [("loss/output_kd", &t.output_kd), ("loss/feature_kd", &t.feature_kd)];
-        for (name, x) in kd.iter().filter_map(|(n, x)| x.as_ref().map(|x| (n, x))) {
-            self.add(name, v(x));
-        }
-        for (pair, x) in &t.per_pair {
-            self.add(&format!("feature_kd/{pair}"), v(x));
-        }
-    }
-
-    /// The loss terms averaged and the sample counts summed over the ranks: the step's scalars
-    /// as one process computing every micro-batch would log them.
-    fn average_over(&mut self, ranks: &Ranks) -> Result<()> {
-        let values: Vec<f64> = self.averaged.iter().map(|(_, v)| *v).collect();
-        for (slot, mean) in self.averaged.iter_mut().zip(ranks.mean(&values)?) {
-            slot.1 = mean;
-        }
-        let counts = ranks.sum_counts(&[self.samples as i64, self.skipped as i64])?;
-        (self.samples, self.skipped) = (counts[0] as usize, counts[1] as usize);
-        Ok(())
-    }
-
-    fn merge(&mut self, s: &StepScalars) {
-        for (name, v) in &s.averaged {
-            self.add(name, *v);
-        }
-        self.lr = s.lr;
-        self.samples += s.samples;
-        self.skipped += s.skipped;
-        self.overflow_steps += s.overflow_steps;
-    }
-
-    /// The sum of `name`, divided by `steps`.
-    fn mean(&self, name: &str, steps: u64) -> f64 {
-        self.averaged.iter().find(|(n, _)| n == name).map_or(0.0, |(_, v)| v / steps.max(1) as f64)
     }
 }

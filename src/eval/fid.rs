@@ -58,16 +58,8 @@ impl Stats {
     /// Writes them as pytorch-fid's `--save-stats` does (float64 `mu` and `sigma`), to a temp
     /// file renamed into place: complete or absent.
     pub fn write_npz(&self, path: &Path) -> Result<()> {
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        let written = Tensor::write_npz(&[("mu", &self.mu), ("sigma", &self.sigma)], &tmp)
-            .map_err(anyhow::Error::from)
-            .and_then(|()| std::fs::File::open(&tmp)?.sync_all().map_err(Into::into))
-            .and_then(|()| std::fs::rename(&tmp, path).map_err(Into::into));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written.with_context(|| format!("writing FID statistics {}", path.display()))
+        crate::fs_safe::write_file_with(path, |tmp| Ok(Tensor::write_npz(&[("mu", &self.mu), ("sigma", &self.sigma)], tmp)?))
+            .with_context(|| format!("writing FID statistics {}", path.display()))
     }
 }
 

@@ -36,12 +36,19 @@ impl Seeding {
             Seeding::PerImage => "per-image",
         }
     }
+
+    /// Whether images drawn with `scheduler` stay batch-invariant under this seeding: one
+    /// generator's consecutive draws cannot also feed a stochastic sampler's step noise in the
+    /// unbatched order.
+    pub fn allows(self, scheduler: SchedulerKind) -> bool {
+        !(self == Seeding::Consecutive && scheduler.draws_step_noise())
+    }
 }
 
 /// What decides the images (not the batch size: it changes no pixel on the CPU).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Generation {
-    pub scheduler: String,
+    pub scheduler: SchedulerKind,
     pub steps: usize,
     pub guidance_scale: f64,
     pub seed: u64,
@@ -50,10 +57,6 @@ pub struct Generation {
 }
 
 impl Generation {
-    fn scheduler(&self) -> Result<SchedulerKind> {
-        self.scheduler.parse()
-    }
-
     /// Image `index`'s request for `prompt`.
     pub fn request(&self, prompt: &str, index: usize) -> Result<GenerateRequest> {
         let seed = match self.seeding {
@@ -63,7 +66,7 @@ impl Generation {
         Ok(GenerateRequest {
             prompt: prompt.to_string(),
             negative_prompt: None,
-            scheduler: self.scheduler()?,
+            scheduler: self.scheduler,
             steps: self.steps,
             guidance_scale: self.guidance_scale,
             seed,
@@ -73,11 +76,10 @@ impl Generation {
         })
     }
 
-    /// Refuses what batching could not reproduce: one generator's consecutive draws cannot also
-    /// feed a stochastic sampler's step noise in the unbatched order.
+    /// Refuses what batching could not reproduce (`Seeding::allows`).
     pub fn validate(&self) -> Result<()> {
-        let s = self.scheduler()?;
-        if self.seeding == Seeding::Consecutive && matches!(s, SchedulerKind::Ddpm | SchedulerKind::EulerAncestral) {
+        let s = self.scheduler;
+        if !self.seeding.allows(s) {
             bail!("--scheduler {s} draws step noise, which --seeding consecutive cannot keep batch-invariant: use --seeding per-image");
         }
         self.request("", 0)?.validate()

@@ -80,6 +80,16 @@ fn max_pool(x: &Tensor, stride: i64, padding: i64) -> Tensor {
     x.max_pool2d([3, 3], [stride, stride], [padding, padding], [1, 1], false)
 }
 
+/// The double 3×3 branch of Inception blocks A and B: 1×1 to 64, 3×3 to 96, 3×3 to 96 with the
+/// block's last stride and padding.
+fn branch3x3dbl(w: &mut Weights, n: &str, cin: i64, stride: i64, padding: i64) -> Result<[BasicConv; 3]> {
+    Ok([
+        w.conv(&format!("{n}.branch3x3dbl_1"), cin, 64, sq(1), 1, sq(0))?,
+        w.conv(&format!("{n}.branch3x3dbl_2"), 64, 96, sq(3), 1, sq(1))?,
+        w.conv(&format!("{n}.branch3x3dbl_3"), 96, 96, sq(3), stride, sq(padding))?,
+    ])
+}
+
 struct BlockA {
     b1: BasicConv,
     b5: [BasicConv; 2],
@@ -92,11 +102,7 @@ impl BlockA {
         Ok(BlockA {
             b1: w.conv(&format!("{n}.branch1x1"), cin, 64, sq(1), 1, sq(0))?,
             b5: [w.conv(&format!("{n}.branch5x5_1"), cin, 48, sq(1), 1, sq(0))?, w.conv(&format!("{n}.branch5x5_2"), 48, 64, sq(5), 1, sq(2))?],
-            b3: [
-                w.conv(&format!("{n}.branch3x3dbl_1"), cin, 64, sq(1), 1, sq(0))?,
-                w.conv(&format!("{n}.branch3x3dbl_2"), 64, 96, sq(3), 1, sq(1))?,
-                w.conv(&format!("{n}.branch3x3dbl_3"), 96, 96, sq(3), 1, sq(1))?,
-            ],
+            b3: branch3x3dbl(w, n, cin, 1, 1)?,
             pool: w.conv(&format!("{n}.branch_pool"), cin, pool_features, sq(1), 1, sq(0))?,
         })
     }
@@ -118,11 +124,7 @@ impl BlockB {
     fn new(w: &mut Weights, n: &str, cin: i64) -> Result<Self> {
         Ok(BlockB {
             b3: w.conv(&format!("{n}.branch3x3"), cin, 384, sq(3), 2, sq(0))?,
-            dbl: [
-                w.conv(&format!("{n}.branch3x3dbl_1"), cin, 64, sq(1), 1, sq(0))?,
-                w.conv(&format!("{n}.branch3x3dbl_2"), 64, 96, sq(3), 1, sq(1))?,
-                w.conv(&format!("{n}.branch3x3dbl_3"), 96, 96, sq(3), 2, sq(0))?,
-            ],
+            dbl: branch3x3dbl(w, n, cin, 2, 0)?,
         })
     }
     fn forward(&self, x: &Tensor) -> Tensor {

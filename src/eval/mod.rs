@@ -1,13 +1,16 @@
 //! Image-quality metrics by the protocol distillation papers report (BK-SDM): FID (pytorch-fid),
 //! Inception Score (torch-fidelity), both on the TF-ported Inception-v3 read from its published
-//! `.pth` file. docs/eval.md gives the protocol and the measured agreement.
+//! `.pth` file, and the CLIP score (open_clip); `protocol` is the one scoring path and report
+//! every evaluation goes through. docs/eval.md gives the protocol and the measured agreement.
 pub mod clip_score;
+pub mod config;
 pub mod fid;
 pub mod generate;
 pub mod inception;
 pub mod inception_score;
 pub mod periodic;
 pub mod prompts;
+pub mod protocol;
 
 use anyhow::{bail, Context, Result};
 use inception::InceptionV3;
@@ -124,8 +127,9 @@ pub fn few_images_warning(what: &Path, count: usize, dims: i64) -> Option<String
     })
 }
 
-/// The metrics `sdkd eval --metrics` computes; each is one arm of `commands::eval::score`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// The metrics `sdkd eval --metrics` and `validation.eval.metrics` compute; each is one arm of
+/// `protocol::Scorer::score`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Metric {
     Fid,
@@ -134,26 +138,6 @@ pub enum Metric {
 }
 
 impl Metric {
-    /// `--metrics fid,is`: the metrics in their order, each once.
-    pub fn parse_list(list: &str) -> Result<Vec<Metric>> {
-        let mut out = vec![];
-        for name in list.split(',').map(str::trim).filter(|m| !m.is_empty()) {
-            let m = match name {
-                "fid" => Metric::Fid,
-                "is" => Metric::Is,
-                "clip" => Metric::Clip,
-                other => bail!("--metrics: unknown metric {other:?} (fid, is, clip)"),
-            };
-            if !out.contains(&m) {
-                out.push(m);
-            }
-        }
-        if out.is_empty() {
-            bail!("--metrics is empty: give one or more of fid, is, clip");
-        }
-        Ok(out)
-    }
-
     /// Whether it runs the Inception network.
     pub fn needs_inception(self) -> bool {
         matches!(self, Metric::Fid | Metric::Is)

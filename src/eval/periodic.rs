@@ -4,63 +4,24 @@
 //! first step); each evaluation generates into `<output_dir>/eval/.step-N.partial/` and renames it
 //! to `eval/step-N/` when scored. Only the newest evaluation keeps its images (1,000 images of
 //! 512² are about 0.4 GB); every one keeps its `report.json`.
+use super::config::EvalConfig;
 use super::generate::{self as gen, Generation};
 use super::inception::InceptionV3;
-use super::{clip_score, fid, inception_score, prompts, Metric};
-use crate::config::EvalConfig;
+use super::protocol::{ClipWeights, GenerationSettings, Images, RealStats, Report, Scorer, Scores, Settings, FID_DIMS, INCEPTION_BATCH};
+use super::{prompts, Metric};
 use crate::pipeline::{GenerateRequest, Parts};
 use crate::schedulers::NoiseSchedule;
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::Device;
 
-/// One evaluation's numbers (each present when its metric was asked for).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Scores {
-    pub fid: Option<f64>,
-    /// Inception Score mean and std over torch-fidelity's 10 splits.
-    pub is: Option<(f64, f64)>,
-    /// Mean raw cosine (BK-SDM's CLIP score).
-    pub clip: Option<f64>,
-}
-
-impl Scores {
-    /// The TensorBoard scalars: `eval/fid`, `eval/is`, `eval/is_std`, `eval/clip_score`.
-    pub fn scalars(&self) -> Vec<(&'static str, f32)> {
-        let mut v = vec![];
-        v.extend(self.fid.map(|f| ("eval/fid", f as f32)));
-        if let Some((m, sd)) = self.is {
-            v.extend([("eval/is", m as f32), ("eval/is_std", sd as f32)]);
-        }
-        v.extend(self.clip.map(|c| ("eval/clip_score", c as f32)));
-        v
-    }
-
-    /// One line for the progress output.
-    pub fn summary(&self) -> String {
-        let mut parts = vec![];
-        parts.extend(self.fid.map(|f| format!("FID {f:.3}")));
-        parts.extend(self.is.map(|(m, sd)| format!("IS {m:.3} ± {sd:.3}")));
-        parts.extend(self.clip.map(|c| format!("CLIP score {c:.4}")));
-        parts.join(", ")
-    }
-}
-
-/// What a run's evaluations share: the settings, the captions and the loaded networks.
+/// What a run's evaluations share: the settings, the captions and the scorer.
 pub struct PeriodicEval {
     cfg: EvalConfig,
     captions: Vec<String>,
-    inception: Option<InceptionV3>,
-    real: Option<fid::Stats>,
-    device: Device,
+    scorer: Scorer,
 }
-
-/// FID over pool3 features, as BK-SDM reports it.
-const FID_DIMS: i64 = 2048;
-/// Images per Inception batch (pytorch-fid's default).
-const INCEPTION_BATCH: usize = 50;
 
 impl PeriodicEval {
     /// Reads the captions, loads the Inception network and computes (or reads) the real
@@ -72,28 +33,31 @@ impl PeriodicEval {
             .with_context(|| format!("validation.eval.count {} of {}", cfg.count, file.display()))?;
         let captions: Vec<String> = captions.into_iter().map(|c| c.text).collect();
         let inception = match (cfg.metrics.iter().any(|m| m.needs_inception()), &cfg.inception) {
-            (true, Some(path)) => Some(InceptionV3::load(path, device).context("validation.eval.inception")?),
+            (true, Some(path)) => Some((InceptionV3::load(path, device).context("validation.eval.inception")?, path.clone())),
             _ => None,
         };
         let real = match (&inception, cfg.metrics.contains(&Metric::Fid), &cfg.real) {
-            (Some(net), true, Some(real)) => {
+            (Some((net, _)), true, Some(real)) => {
                 if !real.exists() {
                     anyhow::bail!("validation.eval.real {}: no such folder or file", real.display());
                 }
-                let stats = super::stats_of(real, net, FID_DIMS, INCEPTION_BATCH).with_context(|| format!("validation.eval.real {}", real.display()))?;
-                if let Some(w) = stats.count.and_then(|n| super::few_images_warning(real, n, FID_DIMS)) {
+                let stats = RealStats::read(real, net, FID_DIMS, INCEPTION_BATCH).with_context(|| format!("validation.eval.real {}", real.display()))?;
+                if let Some(w) = stats.warning(FID_DIMS) {
                     eprintln!("validation.eval: {w}");
                 }
                 Some(stats)
             }
             _ => None,
         };
-        if let (true, Some(path)) = (cfg.metrics.contains(&Metric::Clip), &cfg.clip) {
-            // the model is loaded again for each evaluation and dropped after it: ViT-g-14 would
-            // hold 5.5 GB of the training device between evaluations
-            drop(clip_score::ClipScorer::load(path, Device::Cpu).context("validation.eval.clip")?);
-        }
-        Ok(PeriodicEval { cfg: cfg.clone(), captions, inception, real, device })
+        let clip = match (cfg.metrics.contains(&Metric::Clip), &cfg.clip) {
+            (true, Some(path)) => {
+                drop(super::clip_score::ClipScorer::load(path, Device::Cpu).context("validation.eval.clip")?);
+                Some(ClipWeights::EachTime { path: path.clone(), device })
+            }
+            _ => None,
+        };
+        let scorer = Scorer { metrics: cfg.metrics.clone(), inception, real, clip, dims: FID_DIMS, batch: INCEPTION_BATCH };
+        Ok(PeriodicEval { cfg: cfg.clone(), captions, scorer })
     }
 
     fn generation(&self, parts: &Parts<'_>) -> Result<Generation> {
@@ -102,7 +66,7 @@ impl PeriodicEval {
             None => parts.image_size(&GenerateRequest::default())?.0,
         };
         Ok(Generation {
-            scheduler: self.cfg.scheduler.name().to_string(),
+            scheduler: self.cfg.scheduler,
             steps: self.cfg.steps as usize,
             guidance_scale: self.cfg.guidance_scale,
             seed: self.cfg.seed,
@@ -112,78 +76,72 @@ impl PeriodicEval {
     }
 
     /// Generates the captions with `parts` (whose UNet is the model evaluated, `what` names it),
-    /// scores them, and writes `<eval_root>/step-<step>/` (images of earlier steps removed).
+    /// scores them, and writes `<eval_root>/step-<step>/` whole (`fs_safe::write_dir`; a step
+    /// evaluated again is replaced); the images of earlier steps are removed.
     pub fn run(&self, parts: &Parts<'_>, what: &str, step: u64, eval_root: &Path) -> Result<Scores> {
         let generation = self.generation(parts)?;
         let started = std::time::Instant::now();
         std::fs::create_dir_all(eval_root).with_context(|| format!("creating {}", eval_root.display()))?;
-        let partial = eval_root.join(format!(".step-{step}.partial"));
-        if partial.exists() {
-            std::fs::remove_dir_all(&partial).with_context(|| format!("removing the unfinished {}", partial.display()))?;
-        }
-        let images = partial.join("images");
+        crate::fs_safe::clean_stale(eval_root)?;
+        let target = eval_root.join(format!("step-{step}"));
+        let mut scores = None;
+        crate::fs_safe::write_dir(&target, None, |dir| {
+            scores = Some(self.evaluate_into(dir, &target, parts, what, step, generation, started)?);
+            Ok(())
+        })?;
+        self.remove_older_images(eval_root, &target)?;
+        Ok(scores.expect("set when the folder was written"))
+    }
+
+    /// One evaluation into `dir` (renamed to `target` when complete).
+    #[allow(clippy::too_many_arguments)]
+    fn evaluate_into(&self, dir: &Path, target: &Path, parts: &Parts<'_>, what: &str, step: u64, generation: Generation, started: std::time::Instant) -> Result<Scores> {
+        let images = dir.join("images");
         let text = [("model", what.to_string()), ("step", step.to_string())];
         let outcome = gen::generate_missing(parts, &self.captions, &generation, self.cfg.batch_size, &images, &text, &mut |_, _| {})?;
         let generated: Vec<PathBuf> = (0..self.captions.len()).map(|k| images.join(gen::image_name(k))).collect();
         let scored = match self.cfg.score_size {
             0 => generated.clone(),
-            size => gen::resized(&generated, &partial.join(format!("images_{size}")), size)?,
+            size => gen::resized(&generated, &dir.join(format!("images_{size}")), size)?,
         };
-        let scores = self.score(&generated, &scored)?;
-        let report = json!({
-            "model": what, "step": step, "count": self.captions.len(),
-            "fid": scores.fid, "is_mean": scores.is.map(|s| s.0), "is_std": scores.is.map(|s| s.1), "clip_score": scores.clip,
-            "seconds_per_image": outcome.seconds / outcome.generated.max(1) as f64, "seconds": started.elapsed().as_secs_f64(),
-            "settings": self.settings(&generation),
-        });
-        crate::fs_safe::write_file(&partial.join("report.json"), (serde_json::to_string_pretty(&report)? + "\n").as_bytes())?;
-        self.publish(&partial, eval_root, step)?;
+        let captioned: Vec<(PathBuf, String)> = generated.iter().cloned().zip(self.captions.iter().cloned()).collect();
+        let scores = self.scorer.score(&Images { folder: &target.join("images"), scored: &scored, captioned, cache: None })?;
+        let settings = Settings {
+            scoring: self.scorer.settings(scores.clip_settings.clone()),
+            generation: Some(GenerationSettings {
+                generation,
+                batch_size: self.cfg.batch_size,
+                score_size: self.cfg.score_size,
+                prompts: self.cfg.prompts.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+                sample_seed: self.cfg.sample_seed,
+                model: None,
+            }),
+        };
+        let report = Report {
+            model: what.to_string(),
+            step: Some(step),
+            count: self.captions.len(),
+            images: None,
+            scored: None,
+            unet_params: None,
+            kept: None,
+            generated: None,
+            seconds_per_image: Some(Some(outcome.seconds / outcome.generated.max(1) as f64)),
+            seconds: Some(started.elapsed().as_secs_f64()),
+            warnings: scores.warnings.clone(),
+            scores: scores.clone(),
+            settings,
+        };
+        std::fs::write(dir.join("report.json"), report.to_json()?).with_context(|| format!("writing {}", dir.join("report.json").display()))?;
         Ok(scores)
     }
 
-    fn score(&self, generated: &[PathBuf], scored: &[PathBuf]) -> Result<Scores> {
-        let mut s = Scores::default();
-        let net = || self.inception.as_ref().context("the Inception network is loaded for fid and is");
-        for &m in &self.cfg.metrics {
-            match m {
-                Metric::Fid => {
-                    let real = self.real.as_ref().context("the real statistics are read for fid")?;
-                    s.fid = Some(super::fid_against(net()?, scored, FID_DIMS, INCEPTION_BATCH, None, real)?.0);
-                }
-                Metric::Is => s.is = Some(super::inception_score_of(net()?, scored, INCEPTION_BATCH, None)?),
-                Metric::Clip => {
-                    let path = self.cfg.clip.as_ref().context("validation.eval.clip is set for clip")?;
-                    let scorer = clip_score::ClipScorer::load(path, self.device).context("validation.eval.clip")?;
-                    // CLIP scores the images as generated (its preprocessing resizes them to its own size)
-                    let pairs: Vec<(PathBuf, String)> = generated.iter().cloned().zip(self.captions.iter().cloned()).collect();
-                    s.clip = Some(scorer.score_files(&pairs, self.cfg.batch_size)?.mean_cosine);
-                }
-            }
-        }
-        Ok(s)
-    }
-
-    fn settings(&self, g: &Generation) -> Value {
-        let mut v = serde_json::to_value(&self.cfg).expect("the eval config serialises");
-        v["resolution"] = g.resolution.into();
-        v["fid_dims"] = FID_DIMS.into();
-        v["is_splits"] = inception_score::SPLITS.into();
-        v
-    }
-
-    /// `partial` becomes `step-<step>`; the images of every other step are removed (their
-    /// reports stay).
-    fn publish(&self, partial: &Path, eval_root: &Path, step: u64) -> Result<()> {
-        let target = eval_root.join(format!("step-{step}"));
-        if target.exists() {
-            // a resumed run evaluating a step again
-            std::fs::remove_dir_all(&target).with_context(|| format!("replacing {}", target.display()))?;
-        }
-        std::fs::rename(partial, &target).with_context(|| format!("renaming {} to {}", partial.display(), target.display()))?;
+    /// Removes the images of every evaluation but `kept` (their reports stay).
+    fn remove_older_images(&self, eval_root: &Path, kept: &Path) -> Result<()> {
         for entry in std::fs::read_dir(eval_root)? {
             let dir = entry?.path();
             let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if dir == target || !name.starts_with("step-") || !dir.is_dir() {
+            if dir == kept || !name.starts_with("step-") || !dir.is_dir() {
                 continue;
             }
             for sub in std::fs::read_dir(&dir)? {

@@ -255,6 +255,11 @@ pub fn save_with_metadata(path: &Path, tensors: &[(String, Tensor)], kind: Optio
     Ok(())
 }
 
+/// The dtype a var store's parameters are in (fp32 when it holds none).
+pub fn var_kind(vs: &tch::nn::VarStore) -> tch::Kind {
+    vs.variables().values().next().map_or(tch::Kind::Float, Tensor::kind)
+}
+
 /// The named parameters of a var store in a stable order.
 pub fn named_tensors(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
     let map: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();

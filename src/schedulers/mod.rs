@@ -137,6 +137,12 @@ impl SchedulerKind {
         }
     }
 
+    /// Whether its steps draw noise (DDPM's variance, Euler ancestral's σ_up), from the same
+    /// generator as the initial latents.
+    pub fn draws_step_noise(self) -> bool {
+        matches!(self, SchedulerKind::Ddpm | SchedulerKind::EulerAncestral)
+    }
+
     /// The diffusers class it reproduces.
     pub fn diffusers_class(self) -> &'static str {
         match self {
@@ -192,6 +198,20 @@ impl std::str::FromStr for SchedulerKind {
             "pndm" | "plms" | "pndmscheduler" => SchedulerKind::Pndm,
             _ => bail!("unknown scheduler {s:?} (ddpm, ddim, euler, euler_a, dpmpp_2m, unipc, pndm)"),
         })
+    }
+}
+
+/// Written as its `name`, read through `FromStr` (any accepted spelling), so a run YAML's
+/// `validation.scheduler` is checked when it loads and the error keeps serde_yaml's key path.
+impl serde::Serialize for SchedulerKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SchedulerKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        crate::runtime::parsed(d)
     }
 }
 

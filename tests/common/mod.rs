@@ -65,23 +65,59 @@ pub fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, tch::Tens
     sdkd::models::weights::read_all(path).expect("reading reference tensors").into_iter().collect()
 }
 
-/// The tiny perturbed diffusers UNets of `tests/reference/make_unets.py` (with their reference
-/// outputs), generated once per test binary.
-pub fn reference_unets() -> &'static Path {
-    static DIR: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
-    let (_keep, path) = DIR.get_or_init(|| {
-        let dir = tempdir();
-        run_reference("make_unets.py", &[dir.path().to_str().unwrap()]);
-        let path = dir.path().to_path_buf();
-        (dir, path)
-    });
-    path
+/// A fixture that several test binaries use, made once for all of them: `make` fills a fresh
+/// folder, renamed to `<target>/tmp/fixtures/<name>-<key>` when complete, which later calls (in
+/// this binary or another) read. `inputs` is what decides the contents (the generating scripts'
+/// text, the pinned packages, the sdkd binary), hashed into `key`, so a change makes a new one.
+/// Callers must only read it.
+pub fn shared_fixture(name: &str, inputs: &[Vec<u8>], make: impl FnOnce(&Path)) -> PathBuf {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
+    for b in inputs.iter().flat_map(|i| i.iter().chain(&[0xff])) {
+        h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+    let dir = root.join(format!("{name}-{h:016x}"));
+    if dir.is_dir() {
+        return dir;
+    }
+    std::fs::create_dir_all(&root).expect("creating the fixtures folder");
+    let tmp = root.join(format!(".{name}-{h:016x}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).expect("creating a fixture folder");
+    make(&tmp);
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // another binary made it meanwhile: use theirs
+        assert!(dir.is_dir(), "could not rename {} to {}", tmp.display(), dir.display());
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    dir
 }
 
-/// A tiny 4-stage teacher pipeline (perturbed, DDPM) and 40 synthetic 16 px pairs, made once per
-/// test binary: the run of tests/train.rs and tests/distributed.rs.
+/// What a file holds, for `shared_fixture`'s inputs.
+pub fn file_bytes(relative: &str) -> Vec<u8> {
+    std::fs::read(root().join(relative)).unwrap_or_else(|e| panic!("reading {relative}: {e}"))
+}
+
+/// The sdkd binary of this test run, as a `shared_fixture` input (its size and modification time).
+pub fn sdkd_identity() -> Vec<u8> {
+    let m = std::fs::metadata(env!("CARGO_BIN_EXE_sdkd")).expect("the sdkd binary");
+    let t = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    format!("{} {t}", m.len()).into_bytes()
+}
+
+/// The tiny perturbed diffusers UNets of `tests/reference/make_unets.py` (with their reference
+/// outputs), made once for every test binary (students.rs and unet_parity.rs).
+pub fn reference_unets() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let inputs = [file_bytes("tests/reference/make_unets.py"), file_bytes("scripts/constraints.txt")];
+        shared_fixture("reference-unets", &inputs, |dir| run_reference("make_unets.py", &[dir.to_str().unwrap()]))
+    })
+}
+
+/// A tiny 4-stage teacher pipeline (perturbed, DDPM) and 40 synthetic 16 px pairs, made once for
+/// every test binary: the run of tests/train.rs and tests/distributed.rs.
 pub struct TrainFixture {
-    _dir: tempfile::TempDir,
     pub teacher: PathBuf,
     pub data: PathBuf,
 }
@@ -89,12 +125,14 @@ pub struct TrainFixture {
 pub fn train_fixture() -> &'static TrainFixture {
     static F: std::sync::OnceLock<TrainFixture> = std::sync::OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempdir();
-        let teacher = dir.path().join("teacher");
-        run_reference("make_pipeline.py", &[teacher.to_str().unwrap(), "--stages", "4", "--sample-size", "8", "--scheduler", "ddpm"]);
-        let data = dir.path().join("data");
-        let o = sdkd(&["synth", "--out", data.to_str().unwrap(), "--count", "40", "--resolution", "16"]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        TrainFixture { _dir: dir, teacher, data }
+        let inputs = [file_bytes("tests/reference/make_pipeline.py"), file_bytes("scripts/constraints.txt"), sdkd_identity()];
+        let dir = shared_fixture("train", &inputs, |dir| {
+            let teacher = dir.join("teacher");
+            run_reference("make_pipeline.py", &[teacher.to_str().unwrap(), "--stages", "4", "--sample-size", "8", "--scheduler", "ddpm"]);
+            let data = dir.join("data");
+            let o = sdkd(&["synth", "--out", data.to_str().unwrap(), "--count", "40", "--resolution", "16"]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        });
+        TrainFixture { teacher: dir.join("teacher"), data: dir.join("data") }
     })
 }

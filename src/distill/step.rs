@@ -1,0 +1,209 @@
+//! The distillation step, apart from the loop that feeds it (burn's TrainStep and Learner): on
+//! ready latents and text embeddings, noise and timesteps, the frozen teacher's forward, the
+//! student's forward and backward, the three losses, then clipping, AdamW, EMA and the fp16 loss
+//! scale. `Trainer` feeds it a run's data; `sdkd bench` and the tests feed it random tensors.
+use super::loss::{distill_loss, LossTerms, LossWeights};
+use super::loss_scale::LossScale;
+use super::optim::{grad_norm, AdamW, AdamWConfig, Ema};
+use super::student::StudentPlan;
+use crate::models::{weights, Checkpointing, Recompute, UNet};
+use crate::schedulers::NoiseSchedule;
+use anyhow::{bail, Result};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// The frozen teacher UNet and the inner features its side of the pairs needs.
+pub struct Teacher {
+    pub unet: UNet,
+    pub inner: BTreeSet<String>,
+}
+
+impl Teacher {
+    pub fn new(mut unet: UNet, inner: BTreeSet<String>) -> Teacher {
+        unet.vs.freeze();
+        Teacher { unet, inner }
+    }
+
+    fn kind(&self) -> Kind {
+        weights::var_kind(&self.unet.vs)
+    }
+}
+
+/// The distillation step on ready latents and text embeddings: noise, the frozen teacher's
+/// forward, the student's forward and backward, the three losses, clipping, AdamW and EMA. The
+/// trainer feeds it data; `sdkd bench` feeds it random tensors.
+///
+/// The student's weights, gradients, optimizer state and EMA are fp32 whatever `compute_kind`
+/// is: its forward and backward run in `compute_kind` by casting the inputs, and the layers cast
+/// the weights to match (mixed precision without autocast; see `models::layers`).
+pub struct Distiller {
+    pub(crate) student: UNet,
+    pub(crate) plan: StudentPlan,
+    pub(crate) teacher: Option<Teacher>,
+    student_inner: BTreeSet<String>,
+    pub(crate) schedule: Arc<NoiseSchedule>,
+    pub(crate) optimizer: AdamW,
+    pub(crate) ema: Option<Ema>,
+    weights: LossWeights,
+    pub(crate) noise_offset: f64,
+    compute_kind: Kind,
+    /// Present exactly when the student computes in fp16.
+    pub(crate) loss_scale: Option<LossScale>,
+    /// What the student's backward recomputes (`train.gradient_checkpointing`).
+    checkpointing: Checkpointing,
+}
+
+/// What `Distiller::update` did.
+pub struct Update {
+    /// The gradient norm before clipping, as a tensor (reading it waits for the device).
+    pub grad_norm: Tensor,
+    /// fp16 gradients overflowed: no AdamW or EMA step, and the loss scale was halved.
+    pub skipped: bool,
+}
+
+impl Distiller {
+    pub fn new(student: UNet, plan: StudentPlan, teacher: Option<Teacher>, schedule: Arc<NoiseSchedule>, optim: AdamWConfig, ema_decay: Option<f64>, weights: LossWeights) -> Result<Distiller> {
+        let optimizer = AdamW::new(weights::named_tensors(&student.vs), optim)?;
+        let ema = ema_decay.map(|d| Ema::new(weights::named_tensors(&student.vs), d)).transpose()?;
+        let (_, student_inner) = plan.inner_features();
+        Ok(Distiller {
+            student,
+            plan,
+            teacher,
+            student_inner,
+            schedule,
+            optimizer,
+            ema,
+            weights,
+            noise_offset: 0.0,
+            compute_kind: Kind::Float,
+            loss_scale: None,
+            checkpointing: Checkpointing::None,
+        })
+    }
+
+    /// The dtype the student's forward and backward run in: fp32, bf16, or fp16 (which brings
+    /// dynamic loss scaling).
+    pub fn with_compute_kind(mut self, kind: Kind) -> Result<Distiller> {
+        if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
+            bail!("the student computes in fp32, bf16 or fp16, not {kind:?}");
+        }
+        self.compute_kind = kind;
+        self.loss_scale = (kind == Kind::Half).then(LossScale::default);
+        Ok(self)
+    }
+
+    /// Recompute the student's blocks or transformers in backward instead of storing their
+    /// activations; the gradients are the same bit for bit on the CPU (`models::recompute`).
+    pub fn with_checkpointing(mut self, checkpointing: Checkpointing) -> Distiller {
+        self.checkpointing = checkpointing;
+        self
+    }
+
+    pub fn student(&self) -> &UNet {
+        &self.student
+    }
+
+    pub fn plan(&self) -> &StudentPlan {
+        &self.plan
+    }
+
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    pub fn ema(&self) -> Option<&Ema> {
+        self.ema.as_ref()
+    }
+
+    /// The student's tensors then the EMA's, in a fixed order: what the ranks of a data-parallel
+    /// run broadcast at start and compare by checksum.
+    pub fn state_tensors(&self) -> Vec<Tensor> {
+        let mut state: Vec<Tensor> = weights::named_tensors(&self.student.vs).into_iter().map(|(_, t)| t).collect();
+        state.extend(self.ema.iter().flat_map(|e| e.state_tensors().into_iter().map(|(_, t)| t)));
+        state
+    }
+
+    /// The fp16 loss scale (`None` unless the student computes in fp16).
+    pub fn loss_scale(&self) -> Option<LossScale> {
+        self.loss_scale
+    }
+
+    /// Replaces the fp16 loss scale (what a resumed run restores).
+    pub fn set_loss_scale(&mut self, scale: LossScale) {
+        if let Some(s) = &mut self.loss_scale {
+            *s = scale;
+        }
+    }
+
+    /// Forward and backward of one micro-batch (`latents` scaled for the UNet, (b, c, h, w) on
+    /// the student's device); gradients accumulate, scaled by 1/`accum`. Draws noise and timesteps
+    /// from the current generator.
+    pub fn micro_step(&self, latents: &Tensor, context: &Tensor, accum: usize) -> LossTerms {
+        let dev = latents.device();
+        let b = latents.size()[0];
+        let mut noise = Tensor::randn(latents.size(), (Kind::Float, Device::Cpu)).to_device(dev);
+        if self.noise_offset > 0.0 {
+            let offset = Tensor::randn([b, latents.size()[1], 1, 1], (Kind::Float, Device::Cpu)).to_device(dev);
+            noise += offset * self.noise_offset;
+        }
+        let t = self.schedule.sample_timesteps(b, Device::Cpu).to_device(dev);
+        let noisy = self.schedule.add_noise(latents, &noise, &t);
+        let target = self.schedule.training_target(self.schedule.prediction_type(), latents, &noise, &t);
+        let teacher_out = self.teacher.as_ref().map(|teacher| {
+            let kind = teacher.kind();
+            tch::no_grad(|| teacher.unet.model.forward(&noisy.to_kind(kind), &t, &context.to_kind(kind), &teacher.inner))
+        });
+        let kind = self.compute_kind;
+        // Lives until after the backward: it holds what the checkpointed regions recompute.
+        let recompute = Recompute::new(self.checkpointing);
+        let student_out =
+            self.student.model.forward_with(&noisy.to_kind(kind), &t, &context.to_kind(kind), &self.student_inner, &recompute);
+        let pairs = if teacher_out.is_some() { &self.plan.feature_pairs[..] } else { &[] };
+        let terms = distill_loss(&student_out, teacher_out.as_ref(), &target, pairs, &self.weights);
+        let scale = self.loss_scale.map_or(1.0, |s| s.scale);
+        (&terms.total * (scale / accum as f64)).backward();
+        terms
+    }
+
+    /// Clips the accumulated gradients (or only measures them), steps AdamW at `lr`, clears the
+    /// gradients and updates the EMA. Under fp16 the gradients are unscaled first, and a step
+    /// whose gradients overflowed is skipped.
+    pub fn update(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<Update> {
+        let params = self.optimizer.params();
+        if let Some(loss_scale) = &mut self.loss_scale {
+            let norm = unscale_grads(&params, loss_scale.scale)?;
+            let finite = norm.double_value(&[]).is_finite();
+            loss_scale.update(finite);
+            if !finite {
+                self.optimizer.zero_grad();
+                return Ok(Update { grad_norm: norm, skipped: true });
+            }
+        }
+        let norm = match max_grad_norm {
+            Some(max) => self.optimizer.clip_grad_norm(max)?,
+            None => grad_norm(&params)?,
+        };
+        self.optimizer.step(lr)?;
+        self.optimizer.zero_grad();
+        if let Some(ema) = &mut self.ema {
+            ema.update()?;
+        }
+        Ok(Update { grad_norm: norm, skipped: false })
+    }
+}
+
+/// Divides every gradient by `scale` and returns their total norm (inf or NaN when one overflowed).
+fn unscale_grads(params: &[Tensor], scale: f64) -> Result<Tensor> {
+    tch::no_grad(|| -> Result<()> {
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.f_mul_scalar_(1.0 / scale)?;
+            }
+        }
+        Ok(())
+    })?;
+    grad_norm(params)
+}
