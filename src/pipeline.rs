@@ -21,6 +21,8 @@
 //! --max-batch`); each keeps its own random sequence on that one generator by saving its state
 //! after the request's draws and putting it back before the next (`aten_extra::cpu_rng_state`).
 pub use crate::models::pipeline_dir::UnetSource;
+use crate::models::unet::AddedCond;
+use crate::models::unet_config::TIME_IDS;
 use crate::models::{
     AutoencoderKL, ClipTextEncoder, ClipTextModel, ClipTokenizer, PipelineDir, UNet,
     UNet2DConditionModel, Vae,
@@ -49,6 +51,14 @@ pub struct GenerateRequest {
     pub height: Option<i64>,
     /// Images drawn together in one batch from one seed (diffusers' `num_images_per_prompt`).
     pub samples: usize,
+    /// `guidance_rescale` (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+    /// Flawed", section 3.4): 0 is off.
+    pub guidance_rescale: f64,
+    /// SDXL's micro-conditioning, (height, width) in pixels: `original_size` and `target_size`
+    /// default to the image size, `crop` (top, left) to (0, 0). Only SDXL UNets read them.
+    pub original_size: Option<(i64, i64)>,
+    pub crop: (i64, i64),
+    pub target_size: Option<(i64, i64)>,
 }
 
 impl Default for GenerateRequest {
@@ -63,6 +73,10 @@ impl Default for GenerateRequest {
             width: None,
             height: None,
             samples: 1,
+            guidance_rescale: 0.0,
+            original_size: None,
+            crop: (0, 0),
+            target_size: None,
         }
     }
 }
@@ -82,7 +96,33 @@ impl GenerateRequest {
                 ensure!(v > 0 && v % 8 == 0, "{name} = {v}: must be a positive multiple of 8");
             }
         }
+        ensure!(
+            self.guidance_rescale.is_finite() && (0.0..=1.0).contains(&self.guidance_rescale),
+            "guidance_rescale = {}: must be between 0 and 1",
+            self.guidance_rescale
+        );
+        for (name, size) in [("original_size", self.original_size), ("target_size", self.target_size)] {
+            if let Some((h, w)) = size {
+                ensure!(
+                    [h, w].iter().all(|&v| v > 0 && v % 8 == 0 && v <= MAX_MICRO_SIZE),
+                    "{name} = {h}x{w} (height x width): each must be a positive multiple of 8 up to {MAX_MICRO_SIZE}"
+                );
+            }
+        }
+        let (top, left) = self.crop;
+        ensure!(
+            (0..=MAX_MICRO_SIZE).contains(&top) && (0..=MAX_MICRO_SIZE).contains(&left),
+            "crop = {top},{left} (top, left): each must be between 0 and {MAX_MICRO_SIZE}"
+        );
         Ok(())
+    }
+
+    /// SDXL's six time ids: original size, crop top-left, target size, as diffusers'
+    /// `_get_add_time_ids` orders them, for an image of `width`x`height`.
+    pub fn time_ids(&self, width: i64, height: i64) -> [i64; 6] {
+        let (oh, ow) = self.original_size.unwrap_or((height, width));
+        let (th, tw) = self.target_size.unwrap_or((height, width));
+        [oh, ow, self.crop.0, self.crop.1, th, tw]
     }
 
     pub fn do_classifier_free_guidance(&self) -> bool {
@@ -92,7 +132,21 @@ impl GenerateRequest {
     /// The PNG text chunks that record how an image of `width`x`height` from `model` was made
     /// (what `sdkd generate` and `sdkd serve` write; callers append their own).
     pub fn png_text(&self, width: i64, height: i64, model: String) -> Vec<(&'static str, String)> {
-        vec![
+        let pair = |(a, b): (i64, i64)| format!("{a},{b}");
+        let mut extra = vec![];
+        if self.guidance_rescale > 0.0 {
+            extra.push(("guidance_rescale", self.guidance_rescale.to_string()));
+        }
+        if let Some(s) = self.original_size {
+            extra.push(("original_size", pair(s)));
+        }
+        if self.crop != (0, 0) {
+            extra.push(("crop", pair(self.crop)));
+        }
+        if let Some(s) = self.target_size {
+            extra.push(("target_size", pair(s)));
+        }
+        let mut text = vec![
             ("prompt", self.prompt.clone()),
             ("negative_prompt", self.negative_prompt.clone().unwrap_or_default()),
             ("seed", self.seed.to_string()),
@@ -102,9 +156,15 @@ impl GenerateRequest {
             ("width", width.to_string()),
             ("height", height.to_string()),
             ("model", model),
-        ]
+        ];
+        text.extend(extra);
+        text
     }
 }
+
+/// The largest original or target size and crop offset a request may state (16384 px: well past
+/// the 4096 px SDXL's training metadata reaches).
+pub const MAX_MICRO_SIZE: i64 = 16384;
 
 /// `seed` as given on the command line: -1 draws a random one (in 0..2^32, short enough to type
 /// back), any other value must be >= 0.
@@ -132,6 +192,18 @@ pub struct Parts<'a> {
     pub vae: &'a AutoencoderKL,
     pub unet: &'a UNet2DConditionModel,
     pub schedule: &'a Arc<NoiseSchedule>,
+    /// SDXL's second text encoder and its settings; `None` for SD-1.x/2.x.
+    pub xl: Option<XlParts<'a>>,
+}
+
+/// What an SDXL pipeline adds to SD's parts (diffusers' `StableDiffusionXLPipeline`).
+#[derive(Clone, Copy)]
+pub struct XlParts<'a> {
+    pub tokenizer_2: &'a ClipTokenizer,
+    pub text_encoder_2: &'a ClipTextModel,
+    /// model_index.json's `force_zeros_for_empty_prompt`: zeros, not the empty prompt's
+    /// embeddings, as the unconditional input when no negative prompt is given.
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 impl Parts<'_> {
@@ -177,11 +249,42 @@ impl Parts<'_> {
         Ok(())
     }
 
-    /// The text encoder's output for one prompt, (1, 77, hidden), as the UNet wants it.
-    fn encode_prompt(&self, text: &str) -> Tensor {
+    /// The text encoder's output for one prompt, (1, 77, hidden), as the UNet wants it, and for
+    /// SDXL the pooled embedding (1, projection_dim): `encode_prompt` of diffusers'
+    /// `StableDiffusionXLPipeline` for one prompt (the same text for both encoders): both
+    /// encoders' penultimate hidden states concatenated, `text_embeds` of the second.
+    fn encode_prompt(&self, text: &str) -> (Tensor, Option<Tensor>) {
         let ids = self.tokenizer.encode_batch(&[text], Device::Cpu);
-        self.text_encoder.prompt_embeds(&ids, 0)
+        let Some(xl) = &self.xl else { return (self.text_encoder.prompt_embeds(&ids, 0), None) };
+        let (h1, _) = self.text_encoder.penultimate_and_pooled(&ids, 0);
+        let ids2 = xl.tokenizer_2.encode_batch(&[text], Device::Cpu);
+        let (h2, pooled) = xl.text_encoder_2.penultimate_and_pooled(&ids2, 0);
+        let pooled = pooled.expect("text_encoder_2 is loaded with its projection");
+        let h2 = h2.to_device(h1.device()).to_kind(h1.kind());
+        (Tensor::cat(&[h1, h2], -1), Some(pooled))
     }
+
+    /// The unconditional embeddings: `negative`'s, or with none given and
+    /// `force_zeros_for_empty_prompt` zeros shaped like `cond`'s (SDXL), else the empty prompt's.
+    fn encode_negative(&self, negative: Option<&str>, cond: &(Tensor, Option<Tensor>)) -> (Tensor, Option<Tensor>) {
+        match (negative, &self.xl) {
+            (None, Some(xl)) if xl.force_zeros_for_empty_prompt => (cond.0.zeros_like(), cond.1.as_ref().map(Tensor::zeros_like)),
+            _ => self.encode_prompt(negative.unwrap_or("")),
+        }
+    }
+}
+
+/// diffusers' `get_guidance_scale_embedding` of `guidance_scale - 1` for `time_cond_proj_dim`
+/// UNets (LCM's guidance-distilled students), (rows, dim) in fp32.
+fn guidance_scale_embedding(guidance_scale: f64, dim: i64, rows: i64) -> Tensor {
+    let w = Tensor::from((guidance_scale - 1.0) as f32) * 1000.0;
+    let half = dim / 2;
+    let step = Tensor::from(10000f32).log() / (half - 1) as f64;
+    let freqs = (Tensor::arange(half, (Kind::Float, Device::Cpu)) * -step).exp();
+    let args = w.view([1, 1]) * freqs.unsqueeze(0); // (1, half)
+    let emb = Tensor::cat(&[args.sin(), args.cos()], 1);
+    let emb = if dim % 2 == 1 { emb.constant_pad_nd([0, 1, 0, 0]) } else { emb };
+    emb.repeat([rows, 1])
 }
 
 /// Runs the pipeline on `parts`; `on_step(done, total)` is called after each step.
@@ -243,6 +346,13 @@ impl GenerateRequest {
 }
 
 impl Parts<'_> {
+    /// Whether `req` runs with classifier-free guidance on this UNet: a guidance scale above 1,
+    /// and no guidance embedding (a `time_cond_proj_dim` UNet is guided through it instead, as
+    /// diffusers' `do_classifier_free_guidance` says).
+    pub fn guided(&self, req: &GenerateRequest) -> bool {
+        req.do_classifier_free_guidance() && self.unet.config.time_cond_proj_dim.is_none()
+    }
+
     /// Whether a batch of requests like `req` gives each the pixels of its own unbatched call on
     /// the CPU (measured on LibTorch 2.13's CPU kernels, docs/serve.md): the time path is exact
     /// by construction (`predict_stacked`); a convolution keeps each image's values whatever the
@@ -252,7 +362,7 @@ impl Parts<'_> {
     /// area / 4^(stages - 1): only tiny images on deep UNets fall short (SD-1.5 at 64x64 with
     /// guidance: 2). Requests that fail this run one at a time.
     pub fn batches_exactly(&self, req: &GenerateRequest) -> bool {
-        if req.unet_rows() < 2 {
+        if req.unet_rows() < 2 || self.unet.needs_added_cond() {
             return false;
         }
         let Ok((width, height)) = self.image_size(req) else { return false };
@@ -266,11 +376,23 @@ impl Parts<'_> {
     }
 }
 
+/// diffusers' `rescale_noise_cfg`: the guided prediction rescaled to the text prediction's
+/// standard deviation per image, mixed with it by `guidance_rescale`.
+fn rescale_noise_cfg(guided: &Tensor, text: &Tensor, guidance_rescale: f64) -> Tensor {
+    let dims: &[i64] = &[1, 2, 3];
+    let std_text = text.std_dim(dims, true, true);
+    let std_cfg = guided.std_dim(dims, true, true);
+    let rescaled = guided * (std_text / std_cfg);
+    rescaled * guidance_rescale + guided * (1.0 - guidance_rescale)
+}
+
 /// One batch member's state while it denoises.
 struct Denoising<'a> {
     index: usize,
     member: &'a BatchMember<'a>,
     context: Tensor,
+    /// SDXL's pooled embeddings and time ids, and a guidance-embedding UNet's condition.
+    added: AddedCond,
     sampler: Box<dyn Sampler>,
     latents: Tensor,
     /// LibTorch's CPU generator as this request left it: DDPM and Euler ancestral draw their step
@@ -291,6 +413,14 @@ pub fn generate_batch(
     done: &mut dyn FnMut(usize, Result<Vec<RgbImage>>),
 ) {
     let _no_grad = tch::no_grad_guard();
+    if members.len() > 1 && parts.unet.needs_added_cond() {
+        // Each request's pooled embedding and time ids condition the time path, which
+        // `predict_stacked` computes on one request's rows: such requests run one at a time.
+        for (index, member) in members.iter().enumerate() {
+            generate_batch(parts, std::slice::from_ref(member), on_step, &mut |_, r| done(index, r));
+        }
+        return;
+    }
     let mut active = vec![];
     for (index, member) in members.iter().enumerate() {
         match start_denoising(parts, index, member, members[0].req) {
@@ -302,7 +432,8 @@ pub fn generate_batch(
     let (device, unet_kind) = (unet.device(), unet.kind());
     let Some(first) = active.first() else { return };
     let total = first.sampler.num_inference_steps();
-    let (rows, cfg) = (first.member.req.unet_rows(), first.member.req.do_classifier_free_guidance());
+    let cfg = parts.guided(first.member.req);
+    let rows = first.member.req.samples as i64 * if cfg { 2 } else { 1 };
     for i in 0..=total {
         active.retain(|d| match (d.member.stop)() {
             Some(cause) => {
@@ -331,14 +462,20 @@ pub fn generate_batch(
             Tensor::cat(&active.iter().map(|d| &d.context).collect::<Vec<_>>(), 0)
         };
         let t = active[0].sampler.timestep_tensor(i, device);
-        let pred = unet.predict_stacked(&input.to_kind(unet_kind), &t, &context, rows).to_kind(Kind::Float);
+        let pred = unet.predict_stacked(&input.to_kind(unet_kind), &t, &context, &active[0].added, rows).to_kind(Kind::Float);
         let mut failed = vec![];
         for (j, d) in active.iter_mut().enumerate() {
             let pred = pred.narrow(0, j as i64 * rows, rows);
+            let req = d.member.req;
             let pred = if cfg {
                 let halves = pred.chunk(2, 0);
                 let (uncond, text) = (&halves[0], &halves[1]);
-                uncond + (text - uncond) * d.member.req.guidance_scale
+                let guided = uncond + (text - uncond) * req.guidance_scale;
+                if req.guidance_rescale > 0.0 {
+                    rescale_noise_cfg(&guided, text, req.guidance_rescale)
+                } else {
+                    guided
+                }
             } else {
                 pred
             };
@@ -381,14 +518,29 @@ fn start_denoising<'a>(parts: &Parts<'_>, index: usize, member: &'a BatchMember<
         let (_, seq, dim) = e.size3().expect("prompt embeddings are (1, seq, dim)");
         e.repeat([1, n, 1]).view([n, seq, dim])
     };
-    let cond = per_sample(parts.encode_prompt(&req.prompt));
-    let context = if req.do_classifier_free_guidance() {
-        let uncond = per_sample(parts.encode_prompt(req.negative_prompt.as_deref().unwrap_or("")));
-        Tensor::cat(&[uncond, cond], 0)
-    } else {
-        cond
+    let per_sample_pooled = |e: Tensor| -> Tensor { e.repeat([1, n]).view([n, -1]) };
+    let cond = parts.encode_prompt(&req.prompt);
+    let uncond = parts.guided(req).then(|| parts.encode_negative(req.negative_prompt.as_deref(), &cond));
+    let (context, pooled) = match uncond {
+        Some(uncond) => (
+            Tensor::cat(&[per_sample(uncond.0), per_sample(cond.0)], 0),
+            cond.1.zip(uncond.1).map(|(c, u)| Tensor::cat(&[per_sample_pooled(u), per_sample_pooled(c)], 0)),
+        ),
+        None => (per_sample(cond.0), cond.1.map(per_sample_pooled)),
     };
     let context = context.to_device(device).to_kind(unet_kind); // (b, 77, cross_attention_dim)
+    let rows = n * if parts.guided(req) { 2 } else { 1 };
+    let mut added = AddedCond::default();
+    if unet.needs_text_time() {
+        let Some(pooled) = pooled else { bail!("the UNet is an SDXL UNet (addition_embed_type \"text_time\") but the pipeline has no text_encoder_2") };
+        added.text_embeds = Some(pooled.to_device(device).to_kind(unet_kind)); // (b, projection_dim)
+        // diffusers makes them in the prompt embeddings' dtype
+        let ids = Tensor::from_slice(&req.time_ids(width, height)).to_kind(unet_kind).to_device(device);
+        added.time_ids = Some(ids.view([1, 6]).repeat([rows, 1])); // (b, 6)
+    }
+    if let Some(dim) = unet.config.time_cond_proj_dim {
+        added.timestep_cond = Some(guidance_scale_embedding(req.guidance_scale, dim, rows).to_device(device).to_kind(unet_kind));
+    }
 
     // 3: the sampler and the initial latents from the seed
     let sampler = req.scheduler.build(parts.schedule, req.steps)?;
@@ -404,7 +556,7 @@ fn start_denoising<'a>(parts: &Parts<'_>, index: usize, member: &'a BatchMember<
     };
     let latents = noise * sampler.init_noise_sigma();
     let rng = crate::aten_extra::cpu_rng_state()?;
-    Ok(Denoising { index, member, context, sampler, latents, rng })
+    Ok(Denoising { index, member, context, added, sampler, latents, rng })
 }
 
 /// A validation grid's rows: one per UNet of `unets` (run on `parts`' other parts), one image per
@@ -444,12 +596,23 @@ pub struct TextToImage {
     pub vae: Vae,
     pub unet: UNet,
     pub schedule: Arc<NoiseSchedule>,
+    /// SDXL's second tokenizer and text encoder.
+    pub xl: Option<XlEncoder>,
+}
+
+/// SDXL's second text encoder, owned (`XlParts` borrows it).
+pub struct XlEncoder {
+    pub tokenizer_2: ClipTokenizer,
+    pub text_encoder_2: ClipTextEncoder,
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 impl TextToImage {
     /// Loads the pipeline folder or single file `model_dir` on `device`, with `unet` replacing its UNet when
-    /// given. The UNet and text encoder run in `kind`; the VAE always decodes in fp32, as
-    /// diffusers' `force_upcast` does (SD VAEs overflow fp16).
+    /// given. The UNet and text encoders run in `kind`; the VAE decodes in fp32 unless its
+    /// config sets `force_upcast: false` (as diffusers: SD's VAEs overflow fp16, SDXL's fp16-fix
+    /// VAE does not). An SDXL pipeline (`StableDiffusionXLPipeline`) also loads `tokenizer_2`
+    /// and `text_encoder_2`.
     pub fn load(model_dir: &Path, unet: Option<&UnetSource>, device: Device, kind: Kind) -> Result<Self> {
         let pipe = PipelineDir::open(model_dir)?;
         let config = pipe.scheduler_config()?;
@@ -460,12 +623,23 @@ impl TextToImage {
             Some(source) => source.load(device, kind)?,
             None => pipe.load_unet(device, kind)?,
         };
+        let vae_kind = if pipe.vae_config()?.force_upcast { Kind::Float } else { kind };
+        let xl = if pipe.is_xl() {
+            Some(XlEncoder {
+                tokenizer_2: pipe.load_tokenizer_2()?,
+                text_encoder_2: pipe.load_text_encoder_2(device, kind)?,
+                force_zeros_for_empty_prompt: pipe.force_zeros_for_empty_prompt()?,
+            })
+        } else {
+            None
+        };
         let t2i = TextToImage {
             tokenizer: pipe.load_tokenizer()?,
             text_encoder: pipe.load_text_encoder(device, kind)?,
-            vae: pipe.load_vae(device, Kind::Float)?,
+            vae: pipe.load_vae(device, vae_kind)?,
             unet,
             schedule,
+            xl,
         };
         t2i.check_compatible(&t2i.unet.model).with_context(|| format!("pipeline {}", model_dir.display()))?;
         Ok(t2i)
@@ -473,13 +647,40 @@ impl TextToImage {
 
     /// Checks that `unet` fits this pipeline's text encoder and VAE (a swapped-in UNet must).
     pub fn check_compatible(&self, unet: &UNet2DConditionModel) -> Result<()> {
-        let (c, hidden, latent) =
-            (&unet.config, self.text_encoder.model.config.hidden_size, self.vae.model.config.latent_channels);
-        ensure!(
-            c.cross_attention_dim == hidden,
-            "the UNet's cross_attention_dim {} differs from the text encoder's hidden_size {hidden}",
-            c.cross_attention_dim
-        );
+        let (c, latent) = (&unet.config, self.vae.model.config.latent_channels);
+        let hidden = self.text_encoder.model.config.hidden_size;
+        match &self.xl {
+            None => {
+                ensure!(
+                    c.cross_attention_dim == hidden,
+                    "the UNet's cross_attention_dim {} differs from the text encoder's hidden_size {hidden}",
+                    c.cross_attention_dim
+                );
+                ensure!(
+                    c.addition_embed.is_none(),
+                    "the UNet is an SDXL UNet (addition_embed_type \"text_time\"), but the pipeline is not an SDXL pipeline (model_index.json \"_class_name\": StableDiffusionXLPipeline, with text_encoder_2)"
+                );
+            }
+            Some(xl) => {
+                let c2 = &xl.text_encoder_2.model.config;
+                ensure!(
+                    c.cross_attention_dim == hidden + c2.hidden_size,
+                    "the UNet's cross_attention_dim {} differs from the text encoders' hidden sizes {hidden} + {} together",
+                    c.cross_attention_dim,
+                    c2.hidden_size
+                );
+                let Some(e) = c.addition_embed else {
+                    bail!("the pipeline is an SDXL pipeline but its UNet has no addition_embed_type \"text_time\" (the pooled embedding and time ids)")
+                };
+                ensure!(
+                    e.input_dim == c2.projection_dim + TIME_IDS * e.time_embed_dim,
+                    "the UNet's projection_class_embeddings_input_dim {} is not text_encoder_2's projection_dim {} + {TIME_IDS} time ids x addition_time_embed_dim {} (the SDXL refiner's UNet takes 5 time ids: not supported)",
+                    e.input_dim,
+                    c2.projection_dim,
+                    e.time_embed_dim
+                );
+            }
+        }
         ensure!(
             c.in_channels == latent && c.out_channels == latent,
             "the UNet's in/out channels {}/{} differ from the VAE's latent_channels {latent}",
@@ -498,6 +699,11 @@ impl TextToImage {
             vae: &self.vae.model,
             unet: &self.unet.model,
             schedule: &self.schedule,
+            xl: self.xl.as_ref().map(|x| XlParts {
+                tokenizer_2: &x.tokenizer_2,
+                text_encoder_2: &x.text_encoder_2.model,
+                force_zeros_for_empty_prompt: x.force_zeros_for_empty_prompt,
+            }),
         }
     }
 

@@ -42,6 +42,7 @@ fn requests(scheduler: SchedulerKind, guidance: [f64; 3], samples: usize) -> Vec
             width: Some(32),
             height: Some(32),
             samples,
+            ..GenerateRequest::default()
         })
         .collect()
 }

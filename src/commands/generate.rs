@@ -78,10 +78,33 @@ pub struct GenerateArgs {
     /// A .png file, or a folder (created) that gets image-0.png, image-1.png, ...
     #[arg(long)]
     pub out: PathBuf,
+    /// diffusers' `guidance_rescale` (0 to 1; 0 is off): the guided prediction pulled back to the
+    /// text prediction's standard deviation, against over-exposure.
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance_rescale: f64,
+    /// SDXL micro-conditioning: the size the model is told the training image had, as
+    /// HEIGHT,WIDTH in pixels (diffusers' `original_size`; default: the output size).
+    #[arg(long, value_parser = parse_pair)]
+    pub original_size: Option<(i64, i64)>,
+    /// SDXL: the crop's top-left corner as TOP,LEFT in pixels (`crops_coords_top_left`; default 0,0).
+    #[arg(long, value_parser = parse_pair)]
+    pub crop: Option<(i64, i64)>,
+    /// SDXL: the target size as HEIGHT,WIDTH (`target_size`; default: the output size).
+    #[arg(long, value_parser = parse_pair)]
+    pub target_size: Option<(i64, i64)>,
     /// auto, cpu, cuda or cuda:N. The seed reproduces diffusers' images on any device (the noise
     /// is drawn on the CPU), up to the device's arithmetic.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
+}
+
+/// `A,B` as two integers (`--original-size 1024,768`).
+fn parse_pair(s: &str) -> Result<(i64, i64), String> {
+    let parse = |v: &str| v.trim().parse::<i64>().map_err(|_| format!("{s:?}: expected two integers as A,B (e.g. 1024,1024)"));
+    match s.split_once(',') {
+        Some((a, b)) => Ok((parse(a)?, parse(b)?)),
+        None => Err(format!("{s:?}: expected two integers as A,B (e.g. 1024,1024)")),
+    }
 }
 
 /// Where the `samples` images go: `out` itself for one image to a .png path, numbered siblings
@@ -137,6 +160,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         width: args.width,
         height: args.height,
         samples: args.samples,
+        guidance_rescale: args.guidance_rescale,
+        original_size: args.original_size,
+        crop: args.crop.unwrap_or((0, 0)),
+        target_size: args.target_size,
     };
     // bad sizes and counts fail before anything is loaded
     req.validate()?;
@@ -144,6 +171,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let device = args.device.resolve().context("--device")?;
 
     let (t2i, unet) = args.pipeline.load(device)?;
+    if !t2i.unet.model.needs_text_time() {
+        let given = [("--original-size", args.original_size.is_some()), ("--crop", args.crop.is_some()), ("--target-size", args.target_size.is_some())];
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            bail!("{flag}: only SDXL UNets (addition_embed_type \"text_time\") read the micro-conditioning; {} has none", args.pipeline.model.display());
+        }
+    }
     let (width, height) = t2i.parts().image_size(&req)?;
     t2i.parts().check_memory(req.samples, width, height).context("--width/--height/--samples")?;
     for (name, dropped) in t2i.parts().truncated_prompts(&req) {

@@ -2,7 +2,7 @@
 //! from it) or of a whole pipeline.
 use crate::formatting::group_digits;
 use crate::distill::student::{StudentPlan, StudentSpec};
-use crate::models::{Init, Part, PipelineDir, UNet, UNetConfig};
+use crate::models::{ClipTextEncoder, ClipTokenizer, Init, Part, PipelineDir, UNet, UNetConfig};
 use anyhow::Result;
 use clap::Args;
 use serde_json::{json, Value};
@@ -62,10 +62,10 @@ pub fn describe_unet(config: &UNetConfig) -> Value {
             params: params_under(&prefix),
         });
     }
-    if config.mid_block {
+    if let Some(mid) = config.mid_block {
         rows.push(BlockRow {
             name: "mid_block".into(),
-            kind: "UNetMidBlock2DCrossAttn".into(),
+            kind: mid.diffusers_name().into(),
             channels: config.block_out_channels[n - 1],
             resnets: count("mid_block.", "resnets"),
             attentions: count("mid_block.", "attentions"),
@@ -90,7 +90,7 @@ pub fn describe_unet(config: &UNetConfig) -> Value {
                    "attentions": r.attentions, "params": r.params})
         })
         .collect();
-    json!({"params": unet.num_params(), "blocks": blocks, "config": config.to_json()})
+    json!({"params": unet.num_params(), "transformer_blocks": config.transformer_block_count(), "blocks": blocks, "config": config.to_json()})
 }
 
 /// The architecture table of a `describe_unet` value.
@@ -108,6 +108,7 @@ pub fn format_table(title: &str, d: &Value) -> String {
         );
     }
     s += &format!("{:<16} {:>68}\n", "total", group_digits(d["params"].as_i64().unwrap_or(0)));
+    s += &format!("{:<16} {:>68}\n", "transformer blocks", d["transformer_blocks"].as_i64().unwrap_or(0));
     s
 }
 
@@ -132,18 +133,19 @@ pub fn describe_pipeline(dir: &std::path::Path) -> Result<Value> {
         "downscale_factor": c.downscale_factor(), "config": c.to_json()});
     drop(vae);
 
-    let te = p.load_text_encoder(device, kind)?;
-    let c = &te.model.config;
-    let te_json = json!({"params": te.num_params(), "class": class(Part::TextEncoder, "CLIPTextModel"),
-        "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers, "hidden_act": c.hidden_act.name(),
-        "config": c.to_json()});
-    drop(te);
-
-    let tok = p.load_tokenizer()?;
-    let tok_json = json!({"class": class(Part::Tokenizer, "CLIPTokenizer"), "vocab_size": tok.vocab_size(),
-        "merges": tok.num_merges(), "model_max_length": tok.model_max_length(),
-        "bos_token": tok.special.bos, "eos_token": tok.special.eos, "pad_token": tok.special.pad,
-        "bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_id(), "pad_token_id": tok.pad_id(), "source": tok.source});
+    let describe_te = |te: ClipTextEncoder, part: Part, default: &str| {
+        let c = &te.model.config;
+        json!({"params": te.num_params(), "class": class(part, default), "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers, "hidden_act": c.hidden_act.name(), "config": c.to_json()})
+    };
+    let describe_tok = |tok: ClipTokenizer, part: Part| {
+        json!({"class": class(part, "CLIPTokenizer"), "vocab_size": tok.vocab_size(),
+            "merges": tok.num_merges(), "model_max_length": tok.model_max_length(),
+            "bos_token": tok.special.bos, "eos_token": tok.special.eos, "pad_token": tok.special.pad,
+            "bos_token_id": tok.bos_id(), "eos_token_id": tok.eos_id(), "pad_token_id": tok.pad_id(), "source": tok.source})
+    };
+    let te_json = describe_te(p.load_text_encoder(device, kind)?, Part::TextEncoder, "CLIPTextModel");
+    let tok_json = describe_tok(p.load_tokenizer()?, Part::Tokenizer);
 
     let sched = p.scheduler_config()?;
     let mut sched_json = serde_json::Map::new();
@@ -154,7 +156,12 @@ pub fn describe_pipeline(dir: &std::path::Path) -> Result<Value> {
             sched_json.insert(k.clone(), v.clone());
         }
     }
-    Ok(json!({"unet": unet, "vae": vae_json, "text_encoder": te_json, "tokenizer": tok_json, "scheduler": sched_json}))
+    let mut d = json!({"unet": unet, "vae": vae_json, "text_encoder": te_json, "tokenizer": tok_json, "scheduler": sched_json});
+    if p.is_xl() {
+        d["text_encoder_2"] = describe_te(p.load_text_encoder_2(device, kind)?, Part::TextEncoder2, "CLIPTextModelWithProjection");
+        d["tokenizer_2"] = describe_tok(p.load_tokenizer_2()?, Part::Tokenizer2);
+    }
+    Ok(d)
 }
 
 /// The one-screen summary of a `describe_pipeline` value.
@@ -169,9 +176,13 @@ pub fn format_pipeline(dir: &std::path::Path, d: &Value) -> String {
     out += &row("vae", &d["vae"], params(&d["vae"]));
     out += &row("text_encoder", &d["text_encoder"], params(&d["text_encoder"]));
     out += &row("tokenizer", t, format!("vocab {}, max length {}, pad {:?}", t["vocab_size"], t["model_max_length"], text(&t["pad_token"])));
+    if let (Some(te2), Some(t2)) = (d.get("text_encoder_2"), d.get("tokenizer_2")) {
+        out += &row("text_encoder_2", te2, params(te2));
+        out += &row("tokenizer_2", t2, format!("vocab {}, max length {}, pad {:?}", t2["vocab_size"], t2["model_max_length"], text(&t2["pad_token"])));
+    }
     out += &row("scheduler", s, format!("{} train steps, {} betas {}..{}, {}", s["num_train_timesteps"], text(&s["beta_schedule"]),
         s["beta_start"], s["beta_end"], text(s.get("prediction_type").unwrap_or(&json!("epsilon")))));
-    let total: i64 = ["unet", "vae", "text_encoder"].iter().map(|k| d[*k]["params"].as_i64().unwrap_or(0)).sum();
+    let total: i64 = ["unet", "vae", "text_encoder", "text_encoder_2"].iter().map(|k| d[*k]["params"].as_i64().unwrap_or(0)).sum();
     out += &format!("{:<14} {:<24} {:>14} params\n", "total", "", group_digits(total));
     out
 }

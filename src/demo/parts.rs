@@ -10,7 +10,7 @@
 //!   so the `bk_base` / `bk_small` / `bk_tiny` presets apply, 32-64 channels wide;
 //! - the SD-1.5 DDPM noise schedule.
 use crate::models::clip::{Activation, ClipTextConfig};
-use crate::models::unet_config::{DownBlockKind, UNetConfig, UpBlockKind};
+use crate::models::unet_config::{DownBlockKind, MidBlockKind, UNetConfig, UpBlockKind};
 use crate::models::VaeConfig;
 use serde_json::{json, Value};
 
@@ -37,6 +37,7 @@ pub fn text_encoder_config(vocab_size: i64, eos_token_id: i64) -> ClipTextConfig
         hidden_act: Activation::QuickGelu,
         layer_norm_eps: 1e-5,
         eos_token_id,
+        ..ClipTextConfig::default()
     }
 }
 
@@ -79,7 +80,7 @@ pub fn unet_config(latent_size: i64) -> UNetConfig {
     c.layers_per_block = vec![2; 4];
     c.down_block_types = vec![DownBlockKind::CrossAttn, DownBlockKind::CrossAttn, DownBlockKind::CrossAttn, DownBlockKind::Plain];
     c.up_block_types = vec![UpBlockKind::Plain, UpBlockKind::CrossAttn, UpBlockKind::CrossAttn, UpBlockKind::CrossAttn];
-    c.mid_block = true;
+    c.mid_block = Some(MidBlockKind::CrossAttn);
     c.num_heads = vec![2; 4];
     c.norm_num_groups = 8;
     c.cross_attention_dim = TEXT_HIDDEN;

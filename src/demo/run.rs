@@ -332,7 +332,7 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     step("generating every held-out caption with each model");
     let p = PipelineDir::open(&out.join("teacher"))?;
     let encoder = TeacherEncoder::load(&p, Device::Cpu, Kind::Float)?;
-    let base = Parts { tokenizer: &encoder.tokenizer, text_encoder: &encoder.text_encoder.model, vae: &encoder.vae.model, unet: &teacher.model, schedule: &schedule };
+    let base = Parts { tokenizer: &encoder.tokenizer, text_encoder: &encoder.text_encoder.model, vae: &encoder.vae.model, unet: &teacher.model, schedule: &schedule, xl: None };
     let (originals, captions) = held_out_pairs(&out.join("heldout"))?;
     let embedding_cosine = caption_embedding_cosine(&encoder, &captions);
     let req = GenerateRequest {

@@ -188,7 +188,7 @@ impl StudentPlan {
         if stages.is_empty() {
             bail!("student spec {:?}: drop_stages removes every stage", spec.name);
         }
-        if spec.mid_block && !teacher.mid_block {
+        if spec.mid_block && teacher.mid_block.is_none() {
             bail!("student spec {:?}: keeps the mid block, but the teacher has none", spec.name);
         }
         let m = stages.len();
@@ -198,7 +198,7 @@ impl StudentPlan {
         config.down_block_types = stages.iter().map(|&s| teacher.down_block_types[s]).collect();
         config.up_block_types = (0..m).map(|k| teacher.up_block_types[up_of(stages[m - 1 - k], n)]).collect();
         config.num_heads = stages.iter().map(|&s| teacher.num_heads[s]).collect();
-        config.mid_block = spec.mid_block;
+        config.mid_block = teacher.mid_block.filter(|_| spec.mid_block);
         config.layers_per_block = Vec::with_capacity(m);
         for &s in &stages {
             let tu = up_of(s, n);
@@ -214,6 +214,13 @@ impl StudentPlan {
             }
             config.layers_per_block.push(spec.down[s].len() as i64);
         }
+        // Each kept transformer keeps its depth (SDXL's per-stage and per-layer depths).
+        if !teacher.transformer_layers_per_block.is_empty() {
+            config.transformer_layers_per_block = stages.iter().map(|&s| teacher.transformer_layers_per_block[s].select(&spec.down[s])).collect();
+        }
+        config.reverse_transformer_layers_per_block = teacher.reverse_transformer_layers_per_block.as_ref().map(|rev| {
+            (0..m).map(|k| up_of(stages[m - 1 - k], n)).map(|tu| rev[tu].select(&spec.up[tu])).collect()
+        });
         config.validate().with_context(|| format!("student spec {:?} gives an invalid UNet", spec.name))?;
 
         // The copy map, walked over the student's own tensor names.

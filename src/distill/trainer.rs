@@ -180,6 +180,10 @@ fn noise_schedule(pipeline: Option<&PipelineDir>) -> Result<NoiseSchedule> {
 fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Device, compute_kind: Kind, report: bool) -> Result<Distiller> {
     let schedule = Arc::new(noise_schedule(pipeline)?);
     let teacher_config = pipeline.map(|p| p.unet_config()).transpose()?;
+    if let Some(c) = teacher_config.as_ref().filter(|c| c.addition_embed.is_some() || c.time_cond_proj_dim.is_some()) {
+        let what = if c.addition_embed.is_some() { "an SDXL UNet (addition_embed_type \"text_time\")" } else { "a UNet with time_cond_proj_dim" };
+        bail!("teacher: {what} cannot be distilled yet: training conditions only on the text embeddings (sdkd generate and inspect take it)");
+    }
     let plan = StudentPlan::resolve(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student))?;
     tch::manual_seed(step_seed(cfg.train.seed, u64::MAX, 0));
     let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
@@ -548,6 +552,7 @@ impl Trainer {
             vae: &encoder.vae.model,
             unet,
             schedule: &self.distiller.schedule,
+            xl: None,
         }
     }
 

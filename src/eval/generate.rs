@@ -73,6 +73,7 @@ impl Generation {
             width: Some(self.resolution),
             height: Some(self.resolution),
             samples: 1,
+            ..GenerateRequest::default()
         })
     }
 

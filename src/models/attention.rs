@@ -109,6 +109,8 @@ pub struct TransformerConfig {
     pub groups: i64,
     pub use_linear_projection: bool,
     pub upcast_attention: bool,
+    /// `BasicTransformerBlock`s in the spatial transformer (`transformer_layers_per_block`).
+    pub depth: i64,
 }
 
 #[derive(Debug)]
@@ -150,14 +152,12 @@ impl Transformer2DModel {
         Transformer2DModel {
             norm: GroupNorm::new(b.pp("norm"), cfg.groups, channels, 1e-6),
             proj_in: Projection::new(b.pp("proj_in"), lin, channels, inner),
-            transformer_blocks: vec![BasicTransformerBlock::new(
-                b.pp("transformer_blocks").pp(0),
-                inner,
-                cfg.heads,
-                head_dim,
-                cfg.context_dim,
-                cfg.upcast_attention,
-            )],
+            transformer_blocks: (0..cfg.depth)
+                .map(|i| {
+                    let b = b.pp("transformer_blocks").pp(i);
+                    BasicTransformerBlock::new(b, inner, cfg.heads, head_dim, cfg.context_dim, cfg.upcast_attention)
+                })
+                .collect(),
             proj_out: Projection::new(b.pp("proj_out"), lin, inner, channels),
         }
     }

@@ -57,6 +57,11 @@ pub struct ClipTextConfig {
     pub layer_norm_eps: f64,
     /// Picks the pooled position: the first EOS, or (old configs that say 2) the largest id.
     pub eos_token_id: i64,
+    /// Width of `text_projection` (`CLIPTextModelWithProjection`: SDXL's second encoder).
+    pub projection_dim: i64,
+    /// `architectures` names `CLIPTextModelWithProjection`: the model has `text_projection`.
+    #[serde(skip)]
+    pub with_projection: bool,
 }
 
 impl Default for ClipTextConfig {
@@ -71,6 +76,8 @@ impl Default for ClipTextConfig {
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
             eos_token_id: 49407,
+            projection_dim: 512,
+            with_projection: false,
         }
     }
 }
@@ -88,9 +95,14 @@ impl ClipTextConfig {
     }
 
     fn from_object(obj: &Map<String, Value>) -> Result<Self> {
+        let mut with_projection = false;
         if let Some(arch) = obj.get("architectures").and_then(Value::as_array) {
-            if !arch.iter().any(|a| a.as_str() == Some("CLIPTextModel")) {
-                bail!("key \"architectures\": {} is not supported (only CLIPTextModel)", Value::Array(arch.clone()));
+            with_projection = arch.iter().any(|a| a.as_str() == Some("CLIPTextModelWithProjection"));
+            if !with_projection && !arch.iter().any(|a| a.as_str() == Some("CLIPTextModel")) {
+                bail!(
+                    "key \"architectures\": {} is not supported (CLIPTextModel or CLIPTextModelWithProjection)",
+                    Value::Array(arch.clone())
+                );
             }
         }
         if let Some(t) = obj.get("model_type").and_then(Value::as_str) {
@@ -98,7 +110,8 @@ impl ClipTextConfig {
                 bail!("key \"model_type\": {t:?} is not supported (only clip_text_model)");
             }
         }
-        let c: ClipTextConfig = json_config::typed(obj)?;
+        let mut c: ClipTextConfig = json_config::typed(obj)?;
+        c.with_projection = with_projection;
         c.validate()?;
         Ok(c)
     }
@@ -111,6 +124,7 @@ impl ClipTextConfig {
             ("num_hidden_layers", self.num_hidden_layers, 256),
             ("num_attention_heads", self.num_attention_heads, MAX_WIDTH),
             ("max_position_embeddings", self.max_position_embeddings, 1 << 16),
+            ("projection_dim", self.projection_dim, MAX_WIDTH),
         ] {
             check_size(key, v, 1, max)?;
         }
@@ -122,7 +136,7 @@ impl ClipTextConfig {
 
     pub fn to_json(&self) -> Value {
         let mut m = serde_json::to_value(self).expect("a ClipTextConfig serializes to JSON");
-        m["architectures"] = json!(["CLIPTextModel"]);
+        m["architectures"] = json!([if self.with_projection { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }]);
         m["model_type"] = json!("clip_text_model");
         m
     }
@@ -200,6 +214,8 @@ pub struct ClipTextOutput {
     /// transformers' `hidden_states`: the embeddings, then each layer's output (before the
     /// final layer norm); `num_hidden_layers + 1` tensors of (b, n, hidden).
     pub hidden_states: Vec<Tensor>,
+    /// (b, projection_dim): `pooled` through `text_projection`, for `CLIPTextModelWithProjection`.
+    pub text_embeds: Option<Tensor>,
 }
 
 #[derive(Debug)]
@@ -209,6 +225,7 @@ pub struct ClipTextModel {
     position_embedding: Embedding,
     layers: Vec<ClipEncoderLayer>,
     final_layer_norm: LayerNorm,
+    text_projection: Option<Linear>,
 }
 
 impl ClipTextModel {
@@ -223,6 +240,8 @@ impl ClipTextModel {
             position_embedding: Embedding::new(emb.pp("position_embedding"), c.max_position_embeddings, c.hidden_size),
             layers: (0..c.num_hidden_layers).map(|i| ClipEncoderLayer::new(t.pp("encoder").pp("layers").pp(i), c)).collect(),
             final_layer_norm: LayerNorm::new(t.pp("final_layer_norm"), c.hidden_size, c.layer_norm_eps),
+            // beside text_model, as transformers' CLIPTextModelWithProjection names it
+            text_projection: c.with_projection.then(|| Linear::new(b.pp("text_projection"), c.hidden_size, c.projection_dim, false)),
         }
     }
 
@@ -253,7 +272,8 @@ impl ClipTextModel {
         let rows = Tensor::arange(b, (Kind::Int64, ids.device()));
         let pooled = last_hidden_state.index(&[Some(rows), Some(eos_pos)]); // (b, hidden)
         debug_assert_eq!(pooled.size(), vec![b, self.config.hidden_size]);
-        ClipTextOutput { last_hidden_state, pooled, hidden_states }
+        let text_embeds = self.text_projection.as_ref().map(|p| p.forward(&pooled));
+        ClipTextOutput { last_hidden_state, pooled, hidden_states, text_embeds }
     }
 
     /// The prompt embedding diffusers feeds the UNet. `clip_skip` 0 is the last layer; k skips
@@ -270,6 +290,16 @@ impl ClipTextModel {
             self.layers.len()
         );
         self.final_layer_norm.forward(&out.hidden_states[out.hidden_states.len() - 1 - clip_skip])
+    }
+
+    /// What SDXL's pipeline takes from this encoder: the hidden state `clip_skip + 2` from the end
+    /// (the penultimate layer's output for 0, no final layer norm), and `text_embeds` when the
+    /// model has a projection.
+    pub fn penultimate_and_pooled(&self, input_ids: &Tensor, clip_skip: usize) -> (Tensor, Option<Tensor>) {
+        let mut out = self.forward(input_ids);
+        let n = out.hidden_states.len();
+        assert!(clip_skip + 2 <= n, "clip_skip {clip_skip} exceeds the {} layers of the text encoder", n - 1);
+        (out.hidden_states.swap_remove(n - 2 - clip_skip), out.text_embeds)
     }
 }
 
@@ -290,16 +320,28 @@ impl ClipTextEncoder {
     /// `kind`. Accepts names with or without the `text_model.` prefix and ignores the
     /// `position_ids` buffer older checkpoints carry.
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
-        let config = ClipTextConfig::from_path(dir)?;
-        let enc = Self::build(&config, device, kind, Init::Empty);
+        Self::load_config(dir, &ClipTextConfig::from_path(dir)?, device, kind)
+    }
+
+    fn load_config(dir: &Path, config: &ClipTextConfig, device: Device, kind: Kind) -> Result<Self> {
+        let enc = Self::build(config, device, kind, Init::Empty);
         let files = weights::weight_files(dir, "model")?;
         let map = |name: &str| -> Option<String> {
-            let full = if name.starts_with("text_model.") { name.to_string() } else { format!("text_model.{name}") };
+            let keep = name.starts_with("text_model.") || name.starts_with("text_projection.");
+            let full = if keep { name.to_string() } else { format!("text_model.{name}") };
             (full != "text_model.embeddings.position_ids").then_some(full)
         };
         weights::load_strict_mapped(&enc.vs.variables(), &files, &map)
             .with_context(|| format!("loading text encoder {}", dir.display()))?;
         Ok(enc)
+    }
+
+    /// `load` for a `CLIPTextModelWithProjection` folder (SDXL's `text_encoder_2`), also when its
+    /// config.json names no architecture.
+    pub fn load_with_projection(dir: &Path, device: Device, kind: Kind) -> Result<Self> {
+        let mut config = ClipTextConfig::from_path(dir)?;
+        config.with_projection = true;
+        Self::load_config(dir, &config, device, kind)
     }
 
     pub fn num_params(&self) -> i64 {
@@ -316,6 +358,18 @@ mod tests {
         // openai/clip-vit-large-patch14's text tower: 123,060,480 parameters.
         let c = ClipTextConfig { hidden_size: 768, intermediate_size: 3072, num_attention_heads: 12, ..Default::default() };
         assert_eq!(ClipTextEncoder::build(&c, Device::Cpu, Kind::Float, Init::Empty).num_params(), 123_060_480);
+        // SDXL's text_encoder_2 (OpenCLIP ViT-bigG/14 with its projection): 694,659,840.
+        let c = ClipTextConfig {
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            hidden_act: Activation::Gelu,
+            projection_dim: 1280,
+            with_projection: true,
+            ..Default::default()
+        };
+        assert_eq!(ClipTextEncoder::build(&c, Device::Cpu, Kind::Half, Init::Empty).num_params(), 694_659_840);
     }
 
     #[test]

@@ -25,17 +25,26 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: i64, flip_sin_to_cos: bool, f
 pub struct TimestepEmbedding {
     linear_1: Linear,
     linear_2: Linear,
+    /// `time_cond_proj_dim` UNets (LCM's guidance embedding): a bias-free projection of the
+    /// condition added to the input.
+    cond_proj: Option<Linear>,
 }
 
 impl TimestepEmbedding {
-    pub fn new(b: Builder, in_dim: i64, time_embed_dim: i64) -> Self {
+    pub fn new(b: Builder, in_dim: i64, time_embed_dim: i64, cond_proj_dim: Option<i64>) -> Self {
         TimestepEmbedding {
             linear_1: Linear::new(b.pp("linear_1"), in_dim, time_embed_dim, true),
             linear_2: Linear::new(b.pp("linear_2"), time_embed_dim, time_embed_dim, true),
+            cond_proj: cond_proj_dim.map(|d| Linear::new(b.pp("cond_proj"), d, in_dim, false)),
         }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.linear_2.forward(&self.linear_1.forward(x).silu())
+    /// `condition` is ignored without a `cond_proj`, as in diffusers.
+    pub fn forward(&self, x: &Tensor, condition: Option<&Tensor>) -> Tensor {
+        let x = match (&self.cond_proj, condition) {
+            (Some(proj), Some(c)) => x + proj.forward(c),
+            _ => x.shallow_clone(),
+        };
+        self.linear_2.forward(&self.linear_1.forward(&x).silu())
     }
 }

@@ -350,6 +350,7 @@ impl OpenClip {
             hidden_act: act,
             layer_norm_eps: LN_EPS,
             eos_token_id: 2, // pool at the largest id: open_clip's argmax pooling
+            ..ClipTextConfig::default()
         };
         text_config.validate().with_context(|| format!("{}: the text tower", path.display()))?;
         let encoder = ClipTextEncoder::build(&text_config, device, Kind::Float, Init::Empty);

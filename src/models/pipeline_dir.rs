@@ -27,6 +27,9 @@ pub enum Part {
     TextEncoder,
     Tokenizer,
     Scheduler,
+    /// SDXL's second text encoder (`CLIPTextModelWithProjection`, OpenCLIP ViT-bigG).
+    TextEncoder2,
+    Tokenizer2,
 }
 
 impl Part {
@@ -40,6 +43,8 @@ impl Part {
             Part::TextEncoder => "text_encoder",
             Part::Tokenizer => "tokenizer",
             Part::Scheduler => "scheduler",
+            Part::TextEncoder2 => "text_encoder_2",
+            Part::Tokenizer2 => "tokenizer_2",
         }
     }
 
@@ -49,7 +54,8 @@ impl Part {
             Part::Unet => Some(&["UNet2DConditionModel"]),
             Part::Vae => Some(&["AutoencoderKL"]),
             Part::TextEncoder => Some(&["CLIPTextModel"]),
-            Part::Tokenizer => Some(&["CLIPTokenizer", "CLIPTokenizerFast"]),
+            Part::Tokenizer | Part::Tokenizer2 => Some(&["CLIPTokenizer", "CLIPTokenizerFast"]),
+            Part::TextEncoder2 => Some(&["CLIPTextModelWithProjection"]),
             Part::Scheduler => None,
         }
     }
@@ -58,7 +64,7 @@ impl Part {
     fn config_file(self) -> &'static str {
         match self {
             Part::Scheduler => "scheduler_config.json",
-            Part::Tokenizer => "tokenizer_config.json",
+            Part::Tokenizer | Part::Tokenizer2 => "tokenizer_config.json",
             _ => "config.json",
         }
     }
@@ -95,7 +101,34 @@ impl PipelineDir {
             .with_context(|| format!("pipeline {}: reading {} (a diffusers pipeline folder has one)", dir.display(), path.display()))?;
         let json: Value = serde_json::from_str(&text).with_context(|| format!("pipeline {}: {} is not valid JSON", dir.display(), path.display()))?;
         let index = json.as_object().cloned().ok_or_else(|| anyhow!("pipeline {}: {} is not a JSON object", dir.display(), path.display()))?;
+        match index.get("_class_name").and_then(Value::as_str) {
+            Some(class @ ("StableDiffusionXLImg2ImgPipeline" | "StableDiffusionXLInpaintPipeline")) => bail!(
+                "pipeline {}: model_index.json key \"_class_name\" is {class:?} (the SDXL refiner or an inpainting model); \
+                 sdkd takes text-to-image pipelines: StableDiffusionPipeline or StableDiffusionXLPipeline (an SDXL base)",
+                dir.display()
+            ),
+            _ => {}
+        }
         Ok(PipelineDir { root: dir.to_path_buf(), index, single: None })
+    }
+
+    /// Whether this is an SDXL pipeline (`StableDiffusionXLPipeline`: two text encoders and a
+    /// `text_time` UNet).
+    pub fn is_xl(&self) -> bool {
+        self.class_name() == Some("StableDiffusionXLPipeline")
+    }
+
+    /// model_index.json's `force_zeros_for_empty_prompt` (diffusers' default: true): with no
+    /// negative prompt, SDXL's unconditional embeddings are zeros, not the empty prompt's.
+    pub fn force_zeros_for_empty_prompt(&self) -> Result<bool> {
+        match self.index.get("force_zeros_for_empty_prompt") {
+            None | Some(Value::Null) => Ok(true),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => bail!(
+                "pipeline {}: model_index.json key \"force_zeros_for_empty_prompt\": {other} is not true or false",
+                self.root.display()
+            ),
+        }
     }
 
     /// The single-file checkpoint this pipeline is, if it is one.
@@ -222,6 +255,18 @@ impl PipelineDir {
         }
         let dir = self.part_dir(Part::TextEncoder)?;
         ClipTextEncoder::load(&dir, device, kind).with_context(|| self.context(Part::TextEncoder))
+    }
+
+    /// SDXL's `text_encoder_2` (with its projection).
+    pub fn load_text_encoder_2(&self, device: Device, kind: Kind) -> Result<ClipTextEncoder> {
+        let dir = self.part_dir(Part::TextEncoder2)?;
+        ClipTextEncoder::load_with_projection(&dir, device, kind).with_context(|| self.context(Part::TextEncoder2))
+    }
+
+    /// SDXL's `tokenizer_2`: its pad token ("!" in SDXL's) is read from its files.
+    pub fn load_tokenizer_2(&self) -> Result<ClipTokenizer> {
+        let dir = self.part_dir(Part::Tokenizer2)?;
+        ClipTokenizer::from_dir(&dir).with_context(|| self.context(Part::Tokenizer2))
     }
 
     pub fn load_tokenizer(&self) -> Result<ClipTokenizer> {

@@ -20,7 +20,7 @@
 use super::clip::{Activation, ClipTextConfig, ClipTextEncoder};
 use super::layers::Init;
 use super::unet::UNet;
-use super::unet_config::{DownBlockKind, UNetConfig, UpBlockKind};
+use super::unet_config::{DownBlockKind, MidBlockKind, UNetConfig, UpBlockKind};
 use super::vae::{Vae, VaeConfig};
 use super::weights::{kind_of, MappedFile};
 use anyhow::{anyhow, bail, Context, Result};
@@ -282,7 +282,7 @@ fn unet_map(c: &UNetConfig) -> NameMap {
             k += 1;
         }
     }
-    if c.mid_block {
+    if c.mid_block.is_some() {
         m.add("mid_block.resnets.0", "middle_block.0", Rename::UnetResnet);
         m.add("mid_block.attentions.0", "middle_block.1", Rename::Plain);
         m.add("mid_block.resnets.1", "middle_block.2", Rename::UnetResnet);
@@ -536,7 +536,7 @@ impl SingleFile {
         c.block_out_channels = stages.iter().map(|s| s.0).collect();
         c.layers_per_block = stages.iter().map(|s| s.1).collect();
         c.down_block_types = stages.iter().map(|s| if s.2 { DownBlockKind::CrossAttn } else { DownBlockKind::Plain }).collect();
-        c.mid_block = has("middle_block.");
+        c.mid_block = has("middle_block.").then_some(MidBlockKind::CrossAttn);
         // The up path: up block i mirrors stage n-1-i with one more resnet; an upsampler ends it.
         let mut up_types = vec![];
         let mut k = 0;
@@ -859,7 +859,7 @@ pub fn ldm_yaml(c: &UNetConfig, v_prediction: bool, scale_factor: f64) -> String
         depth.join(", "),
         c.cross_attention_dim,
         c.use_linear_projection,
-        c.mid_block,
+        c.mid_block.is_some(),
     )
 }
 

@@ -5,7 +5,7 @@ use super::layers::{count_params, Builder, Conv2d, GroupNorm, Init};
 use super::recompute::{Recompute, Region};
 use super::resnet::ResnetConfig;
 use super::unet_blocks::{BlockConfig, DownBlock, InnerTaps, MidBlock, UpBlock, UpBlockChannels};
-use super::unet_config::{DownBlockKind, UNetConfig, UpBlockKind};
+use super::unet_config::{DownBlockKind, MidBlockKind, UNetConfig, UpBlockKind, TIME_IDS};
 use super::weights;
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
@@ -42,11 +42,43 @@ impl UNetOutput {
     }
 }
 
+/// What conditions a UNet besides the sample, the timestep and the text context: diffusers'
+/// `added_cond_kwargs` (`text_embeds`, `time_ids`) and `timestep_cond`. Empty for SD-1.x/2.x.
+#[derive(Default)]
+pub struct AddedCond {
+    /// `text_time` UNets (SDXL): the pooled text embedding, (b, pooled width).
+    pub text_embeds: Option<Tensor>,
+    /// `text_time` UNets: (b, 6) original size (h, w), crop top-left (y, x), target size (h, w).
+    pub time_ids: Option<Tensor>,
+    /// `time_cond_proj_dim` UNets: (b, time_cond_proj_dim), added to the timestep features.
+    pub timestep_cond: Option<Tensor>,
+}
+
+/// diffusers' `add_time_proj` + `add_embedding` of `addition_embed_type: "text_time"`.
+#[derive(Debug)]
+struct TextTimeEmbedding {
+    time_embed_dim: i64,
+    add_embedding: TimestepEmbedding,
+}
+
+impl TextTimeEmbedding {
+    /// (b, pooled) and (b, 6) -> (b, time_embed_dim): the time ids' sinusoidal features (fp32)
+    /// concatenated after the pooled embedding, in the embedding's dtype.
+    fn forward(&self, c: &UNetConfig, text_embeds: &Tensor, time_ids: &Tensor, kind: Kind) -> Tensor {
+        let b = text_embeds.size()[0];
+        let time = timestep_embedding(&time_ids.flatten(0, -1), self.time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            .reshape([b, -1]);
+        let add = Tensor::cat(&[text_embeds.to_kind(Kind::Float), time], -1).to_kind(kind);
+        self.add_embedding.forward(&add, None)
+    }
+}
+
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
+    add_embedding: Option<TextTimeEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
@@ -72,6 +104,7 @@ impl UNet2DConditionModel {
                 groups: c.norm_num_groups,
                 use_linear_projection: c.use_linear_projection,
                 upcast_attention: c.upcast_attention,
+                depth: 1,
             },
         };
         let down_blocks = (0..n)
@@ -81,15 +114,19 @@ impl UNet2DConditionModel {
                     if i == 0 { ch[0] } else { ch[i - 1] },
                     ch[i],
                     c.layers_per_block[i],
-                    c.down_block_types[i] == DownBlockKind::CrossAttn,
+                    (c.down_block_types[i] == DownBlockKind::CrossAttn)
+                        .then(|| (0..c.layers_per_block[i] as usize).map(|l| c.down_depth(i, l)).collect::<Vec<_>>())
+                        .as_deref(),
                     i + 1 < n,
                     c.downsample_padding,
                     &block_cfg(i, 1.0),
                 )
             })
             .collect();
-        let mid_block =
-            c.mid_block.then(|| MidBlock::new(b.pp("mid_block"), ch[n - 1], &block_cfg(n - 1, c.mid_block_scale_factor)));
+        let mid_block = c.mid_block.map(|kind| {
+            let depth = (kind == MidBlockKind::CrossAttn).then(|| c.mid_depth());
+            MidBlock::new(b.pp("mid_block"), ch[n - 1], depth, &block_cfg(n - 1, c.mid_block_scale_factor))
+        });
         let up_blocks = (0..n)
             .map(|i| {
                 let stage = n - 1 - i; // the down stage this up block mirrors
@@ -102,7 +139,9 @@ impl UNet2DConditionModel {
                     b.pp("up_blocks").pp(i),
                     &channels,
                     c.layers_per_block[stage] + 1,
-                    c.up_block_types[i] == UpBlockKind::CrossAttn,
+                    (c.up_block_types[i] == UpBlockKind::CrossAttn)
+                        .then(|| (0..=c.layers_per_block[stage] as usize).map(|l| c.up_depth(i, l)).collect::<Vec<_>>())
+                        .as_deref(),
                     i + 1 < n,
                     &block_cfg(stage, 1.0),
                 )
@@ -111,7 +150,11 @@ impl UNet2DConditionModel {
         UNet2DConditionModel {
             config: c.clone(),
             conv_in: Conv2d::new(b.pp("conv_in"), c.in_channels, ch[0], 3, 1, 1),
-            time_embedding: TimestepEmbedding::new(b.pp("time_embedding"), ch[0], c.time_embed_dim()),
+            time_embedding: TimestepEmbedding::new(b.pp("time_embedding"), ch[0], c.time_embed_dim(), c.time_cond_proj_dim),
+            add_embedding: c.addition_embed.map(|e| TextTimeEmbedding {
+                time_embed_dim: e.time_embed_dim,
+                add_embedding: TimestepEmbedding::new(b.pp("add_embedding"), e.input_dim, c.time_embed_dim(), None),
+            }),
             down_blocks,
             mid_block,
             up_blocks,
@@ -121,8 +164,26 @@ impl UNet2DConditionModel {
     }
 
     /// `sample`: (b, c, h, w); `timesteps`: (b,) or a scalar; `context`: (b, m, cross_attention_dim).
+    /// For a UNet that needs `AddedCond` (SDXL's `text_time`), use `forward_cond`.
     pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, inner: &BTreeSet<String>) -> UNetOutput {
         self.forward_with(sample, timesteps, context, inner, &Recompute::off())
+    }
+
+    /// `forward` with the added conditioning (pooled text embedding and time ids, the guidance
+    /// embedding's condition).
+    pub fn forward_cond(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, added: &AddedCond, inner: &BTreeSet<String>) -> UNetOutput {
+        self.forward_inner(sample, timesteps, context, added, inner, None, &Recompute::off())
+    }
+
+    /// Whether this UNet needs `AddedCond::text_embeds` and `time_ids` (`addition_embed_type: "text_time"`).
+    pub fn needs_text_time(&self) -> bool {
+        self.add_embedding.is_some()
+    }
+
+    /// Whether any `AddedCond` input conditions this UNet's time path (SDXL's `text_time`, a
+    /// `time_cond_proj_dim` guidance embedding).
+    pub fn needs_added_cond(&self) -> bool {
+        self.needs_text_time() || self.config.time_cond_proj_dim.is_some()
     }
 
     /// `forward` with the blocks or transformers that `rc` checkpoints recomputed in backward
@@ -135,17 +196,19 @@ impl UNet2DConditionModel {
         inner: &'a BTreeSet<String>,
         rc: &Recompute<'a>,
     ) -> UNetOutput {
-        self.forward_inner(sample, timesteps, context, inner, None, rc)
+        self.forward_inner(sample, timesteps, context, &AddedCond::default(), inner, None, rc)
     }
 
     /// `forward_with`; with `time_rows` r (a scalar `timesteps`), the time embedding is computed
     /// for r rows and every resnet's time projection on those r rows, tiled over the batch (b / r
-    /// times).
+    /// times). `added` must then have r rows too (one request's).
+    #[allow(clippy::too_many_arguments)]
     fn forward_inner<'a>(
         &'a self,
         sample: &Tensor,
         timesteps: &Tensor,
         context: &Tensor,
+        added: &AddedCond,
         inner: &'a BTreeSet<String>,
         time_rows: Option<i64>,
         rc: &Recompute<'a>,
@@ -164,7 +227,14 @@ impl UNet2DConditionModel {
         };
         let t_emb = timestep_embedding(&timesteps, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
             .to_kind(sample.kind());
-        let temb = self.time_embedding.forward(&t_emb); // (b, 4·c0)
+        let mut temb = self.time_embedding.forward(&t_emb, added.timestep_cond.as_ref()); // (b, 4·c0)
+        if let Some(add) = &self.add_embedding {
+            let (Some(text_embeds), Some(time_ids)) = (&added.text_embeds, &added.time_ids) else {
+                panic!("a text_time UNet needs AddedCond::text_embeds and time_ids (check needs_text_time before calling)")
+            };
+            assert_eq!(time_ids.size()[1..], [TIME_IDS], "time_ids must be (b, {TIME_IDS})");
+            temb = temb + add.forward(c, text_embeds, time_ids, sample.kind());
+        }
 
         let mut h = self.conv_in.forward(&sample);
         let mut skips = vec![h.shallow_clone()];
@@ -214,6 +284,11 @@ impl UNet2DConditionModel {
         self.forward(sample, timesteps, context, &BTreeSet::new()).sample
     }
 
+    /// `predict` with the added conditioning.
+    pub fn predict_cond(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, added: &AddedCond) -> Tensor {
+        self.forward_cond(sample, timesteps, context, added, &BTreeSet::new()).sample
+    }
+
     /// `predict` for several requests stacked request after request, `rows_per_request` rows
     /// each, at one shared scalar `timestep`; each request's rows equal its own `predict` on the
     /// CPU. LibTorch's CPU GEMM rounds a row differently with the number of rows around it when
@@ -221,8 +296,10 @@ impl UNet2DConditionModel {
     /// the time embedding and each resnet's time projection run on one request's rows and are
     /// tiled over the batch. The wider layers (attention, convolutions) see at least 12 rows per
     /// request at every size `Parts::batches_exactly` lets through, and keep each row's values.
-    pub fn predict_stacked(&self, sample: &Tensor, timestep: &Tensor, context: &Tensor, rows_per_request: i64) -> Tensor {
-        self.forward_inner(sample, timestep, context, &BTreeSet::new(), Some(rows_per_request), &Recompute::off()).sample
+    /// `added` holds one request's rows (`rows_per_request`): the conditioning is shared by the
+    /// batch (`Parts::batches_exactly` keeps other SDXL requests apart).
+    pub fn predict_stacked(&self, sample: &Tensor, timestep: &Tensor, context: &Tensor, added: &AddedCond, rows_per_request: i64) -> Tensor {
+        self.forward_inner(sample, timestep, context, added, &BTreeSet::new(), Some(rows_per_request), &Recompute::off()).sample
     }
 
     /// Every inner feature name this model can return.
@@ -285,6 +362,26 @@ mod tests {
         let c = UNetConfig::from_path(Path::new("configs/reference/sd21_unet_config.json")).unwrap();
         let unet = UNet::build(&c, Device::Cpu, Kind::Float, Init::Empty);
         assert_eq!(unet.num_params(), 865_910_724);
+    }
+
+    /// SDXL-base's config (the published file), built with unwritten half-precision storage.
+    #[test]
+    fn sdxl_counts_the_published_parameters() {
+        let c = UNetConfig::from_path(Path::new("configs/reference/sdxl_unet_config.json")).unwrap();
+        let unet = UNet::build(&c, Device::Cpu, Kind::Half, Init::Empty);
+        assert_eq!(unet.num_params(), 2_567_463_684);
+        let vars = unet.vs.variables();
+        let blocks: BTreeSet<String> = vars
+            .keys()
+            .filter_map(|k| k.find(".transformer_blocks.").map(|i| {
+                let rest = &k[i + ".transformer_blocks.".len()..];
+                format!("{}.{}", &k[..i], &rest[..rest.find('.').unwrap()])
+            }))
+            .collect();
+        assert_eq!(blocks.len(), 70);
+        assert_eq!(c.transformer_block_count(), 70);
+        let embed: i64 = vars.iter().filter(|(k, _)| k.starts_with("add_embedding.") || k.starts_with("time_embedding.")).map(|(_, t)| t.numel() as i64).sum();
+        assert_eq!(embed, 7_296_000);
     }
 
     #[test]

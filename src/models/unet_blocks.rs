@@ -111,6 +111,17 @@ pub struct BlockConfig {
     pub transformer: TransformerConfig,
 }
 
+impl BlockConfig {
+    /// The spatial transformers of a block, one per layer, `depths[i]` transformer blocks deep.
+    fn transformers(&self, b: &Builder, channels: i64, depths: &[i64]) -> Vec<NamedTransformer> {
+        depths
+            .iter()
+            .enumerate()
+            .map(|(i, &depth)| NamedTransformer::new(b.pp("attentions").pp(i), channels, &TransformerConfig { depth, ..self.transformer }))
+            .collect()
+    }
+}
+
 #[derive(Debug)]
 pub struct DownBlock {
     resnets: Vec<ResnetBlock2D>,
@@ -119,14 +130,15 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
-    // The arguments of diffusers' `DownBlock2D` / `CrossAttnDownBlock2D`, one for one.
+    // The arguments of diffusers' `DownBlock2D` / `CrossAttnDownBlock2D`, one for one;
+    // `attention_depths` is `None` for a plain block, else each layer's transformer depth.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         b: Builder,
         in_ch: i64,
         out_ch: i64,
         layers: i64,
-        cross_attn: bool,
+        attention_depths: Option<&[i64]>,
         add_downsample: bool,
         downsample_padding: i64,
         cfg: &BlockConfig,
@@ -134,11 +146,7 @@ impl DownBlock {
         let resnets = (0..layers)
             .map(|i| ResnetBlock2D::new(b.pp("resnets").pp(i), if i == 0 { in_ch } else { out_ch }, out_ch, &cfg.resnet))
             .collect();
-        let attentions = if cross_attn {
-            (0..layers).map(|i| NamedTransformer::new(b.pp("attentions").pp(i), out_ch, &cfg.transformer)).collect()
-        } else {
-            vec![]
-        };
+        let attentions = attention_depths.map_or(vec![], |d| cfg.transformers(&b, out_ch, d));
         let downsampler =
             add_downsample.then(|| Downsample2D::new(b.pp("downsamplers").pp(0), out_ch, downsample_padding));
         DownBlock { resnets, attentions, downsampler }
@@ -175,10 +183,13 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    pub fn new(b: Builder, channels: i64, cfg: &BlockConfig) -> Self {
+    /// `UNetMidBlock2DCrossAttn` (resnet, transformer `attention_depth` deep, resnet), or with
+    /// `None` diffusers' `UNetMidBlock2D` as `mid_block_type` builds it: one resnet.
+    pub fn new(b: Builder, channels: i64, attention_depth: Option<i64>, cfg: &BlockConfig) -> Self {
+        let resnets = if attention_depth.is_some() { 2 } else { 1 };
         MidBlock {
-            resnets: (0..2).map(|i| ResnetBlock2D::new(b.pp("resnets").pp(i), channels, channels, &cfg.resnet)).collect(),
-            attentions: vec![NamedTransformer::new(b.pp("attentions").pp(0), channels, &cfg.transformer)],
+            resnets: (0..resnets).map(|i| ResnetBlock2D::new(b.pp("resnets").pp(i), channels, channels, &cfg.resnet)).collect(),
+            attentions: attention_depth.map_or(vec![], |d| cfg.transformers(&b, channels, &[d])),
         }
     }
 
@@ -213,7 +224,8 @@ pub struct UpBlockChannels {
 }
 
 impl UpBlock {
-    pub fn new(b: Builder, ch: &UpBlockChannels, layers: i64, cross_attn: bool, add_upsample: bool, cfg: &BlockConfig) -> Self {
+    /// `attention_depths` as for `DownBlock::new`.
+    pub fn new(b: Builder, ch: &UpBlockChannels, layers: i64, attention_depths: Option<&[i64]>, add_upsample: bool, cfg: &BlockConfig) -> Self {
         let resnets = (0..layers)
             .map(|i| {
                 let skip = if i == layers - 1 { ch.in_ch } else { ch.out_ch };
@@ -221,11 +233,7 @@ impl UpBlock {
                 ResnetBlock2D::new(b.pp("resnets").pp(i), input + skip, ch.out_ch, &cfg.resnet)
             })
             .collect();
-        let attentions = if cross_attn {
-            (0..layers).map(|i| NamedTransformer::new(b.pp("attentions").pp(i), ch.out_ch, &cfg.transformer)).collect()
-        } else {
-            vec![]
-        };
+        let attentions = attention_depths.map_or(vec![], |d| cfg.transformers(&b, ch.out_ch, d));
         let upsampler = add_upsample.then(|| Upsample2D::new(b.pp("upsamplers").pp(0), ch.out_ch));
         UpBlock { resnets, attentions, upsampler }
     }

@@ -2,7 +2,7 @@
 //! constructor's defaults for missing keys. Keys that would change the model in ways sdkd does not
 //! implement are errors naming the key and value, never a silently different model.
 use crate::json_config::{self, check_size, MAX_WIDTH};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -21,6 +21,62 @@ pub enum UpBlockKind {
     CrossAttn,
     #[serde(rename = "UpBlock2D")]
     Plain,
+}
+
+/// `mid_block_type`: SD's cross-attention mid block, or one resnet (SSD-1B, Segmind-Vega).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MidBlockKind {
+    /// `UNetMidBlock2DCrossAttn`: resnet, spatial transformer, resnet.
+    CrossAttn,
+    /// `UNetMidBlock2D` as diffusers builds it for this key: one resnet, no attention.
+    Plain,
+}
+
+impl MidBlockKind {
+    pub fn diffusers_name(self) -> &'static str {
+        match self {
+            MidBlockKind::CrossAttn => "UNetMidBlock2DCrossAttn",
+            MidBlockKind::Plain => "UNetMidBlock2D",
+        }
+    }
+}
+
+/// One stage's `transformer_layers_per_block` entry: one depth for every spatial transformer of
+/// the stage, or one per transformer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Depth {
+    Uniform(i64),
+    PerLayer(Vec<i64>),
+}
+
+impl Depth {
+    /// The depth of the stage's `layer`-th transformer.
+    pub fn at(&self, layer: usize) -> i64 {
+        match self {
+            Depth::Uniform(d) => *d,
+            Depth::PerLayer(v) => v.get(layer).copied().unwrap_or(0),
+        }
+    }
+
+    /// The depths of the transformers `keep` (a pruned stage keeps these layers).
+    pub fn select(&self, keep: &[usize]) -> Depth {
+        match self {
+            Depth::Uniform(d) => Depth::Uniform(*d),
+            Depth::PerLayer(v) => Depth::PerLayer(keep.iter().map(|&i| v.get(i).copied().unwrap_or(0)).collect()),
+        }
+    }
+}
+
+/// `addition_embed_type: "text_time"` (SDXL's micro-conditioning): the pooled text embedding
+/// and the sinusoidal features of the time ids, through `add_embedding`, added to the time
+/// embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeEmbed {
+    /// `addition_time_embed_dim`: sinusoidal features per time id (`add_time_proj`).
+    pub time_embed_dim: i64,
+    /// `projection_class_embeddings_input_dim`: pooled width + time ids × time_embed_dim.
+    pub input_dim: i64,
 }
 
 impl DownBlockKind {
@@ -53,9 +109,9 @@ pub struct UNetConfig {
     pub freq_shift: f64,
     pub down_block_types: Vec<DownBlockKind>,
     pub up_block_types: Vec<UpBlockKind>,
-    /// `mid_block_type: null` drops the mid block (BK-SDM's small and tiny students).
+    /// `mid_block_type`; `null` drops the mid block (BK-SDM's small and tiny students, KOALA-700M).
     #[serde(skip)]
-    pub mid_block: bool,
+    pub mid_block: Option<MidBlockKind>,
     pub block_out_channels: Vec<i64>,
     #[serde(skip)]
     pub layers_per_block: Vec<i64>,
@@ -70,6 +126,18 @@ pub struct UNetConfig {
     pub num_heads: Vec<i64>,
     pub use_linear_projection: bool,
     pub upcast_attention: bool,
+    /// Transformer blocks per spatial transformer, per down stage (empty: 1 everywhere). The mid
+    /// block takes the last stage's first depth, as diffusers does.
+    #[serde(skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    pub transformer_layers_per_block: Vec<Depth>,
+    /// Per up block; `None`: the down stages' depths reversed (diffusers requires it when a down
+    /// stage lists per-layer depths, as SSD-1B's asymmetric decoder does).
+    pub reverse_transformer_layers_per_block: Option<Vec<Depth>>,
+    /// `addition_embed_type: "text_time"` with its two sizes.
+    #[serde(skip)]
+    pub addition_embed: Option<TextTimeEmbed>,
+    /// Width of `time_embedding.cond_proj` (LCM's guidance embedding), when present.
+    pub time_cond_proj_dim: Option<i64>,
     /// Which of the heads keys the file used, so that a saved config spells it the same way.
     #[serde(skip)]
     heads_key: &'static str,
@@ -92,7 +160,7 @@ impl Default for UNetConfig {
                 DownBlockKind::Plain,
             ],
             up_block_types: vec![UpBlockKind::Plain, UpBlockKind::CrossAttn, UpBlockKind::CrossAttn, UpBlockKind::CrossAttn],
-            mid_block: true,
+            mid_block: Some(MidBlockKind::CrossAttn),
             block_out_channels: vec![320, 640, 1280, 1280],
             layers_per_block: vec![2; 4],
             downsample_padding: 1,
@@ -103,6 +171,10 @@ impl Default for UNetConfig {
             num_heads: vec![8; 4],
             use_linear_projection: false,
             upcast_attention: false,
+            transformer_layers_per_block: vec![],
+            reverse_transformer_layers_per_block: None,
+            addition_embed: None,
+            time_cond_proj_dim: None,
             heads_key: "attention_head_dim",
         }
     }
@@ -113,9 +185,7 @@ impl Default for UNetConfig {
 fn must_be_default() -> Vec<(&'static str, Value)> {
     vec![
         ("act_fn", json!("silu")),
-        ("addition_embed_type", Value::Null),
         ("addition_embed_type_num_heads", json!(64)),
-        ("addition_time_embed_dim", Value::Null),
         ("attention_type", json!("default")),
         ("class_embed_type", Value::Null),
         ("class_embeddings_concat", json!(false)),
@@ -129,19 +199,19 @@ fn must_be_default() -> Vec<(&'static str, Value)> {
         ("mid_block_only_cross_attention", Value::Null),
         ("num_class_embeds", Value::Null),
         ("only_cross_attention", json!(false)),
-        ("projection_class_embeddings_input_dim", Value::Null),
         ("resnet_out_scale_factor", json!(1.0)),
         ("resnet_skip_time_act", json!(false)),
         ("resnet_time_scale_shift", json!("default")),
-        ("reverse_transformer_layers_per_block", Value::Null),
-        ("time_cond_proj_dim", Value::Null),
         ("time_embedding_act_fn", Value::Null),
         ("time_embedding_dim", Value::Null),
         ("time_embedding_type", json!("positional")),
         ("timestep_post_act", Value::Null),
-        ("transformer_layers_per_block", json!(1)),
     ]
 }
+
+/// The time ids of `text_time` conditioning: original size (h, w), crop top-left (y, x), target
+/// size (h, w).
+pub const TIME_IDS: i64 = 6;
 
 /// An int for every stage, or a list with one per stage.
 #[derive(Deserialize)]
@@ -149,6 +219,14 @@ fn must_be_default() -> Vec<(&'static str, Value)> {
 enum PerStage {
     One(i64),
     Each(Vec<i64>),
+}
+
+/// `transformer_layers_per_block`: one depth for all, or one entry per stage.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Depths {
+    One(i64),
+    Each(Vec<Depth>),
 }
 
 /// `key` of `obj` expanded to `n` stages (`None` when absent or null).
@@ -182,14 +260,41 @@ impl UNetConfig {
         json_config::check_defaults(obj, &must_be_default(), "sdkd")?;
         let mut c: UNetConfig = json_config::typed(obj)?;
         // Present-and-null means "no mid block"; absent means the default cross-attention one.
-        match obj.get("mid_block_type") {
-            None => {}
-            Some(Value::Null) => c.mid_block = false,
-            Some(Value::String(s)) if s == "UNetMidBlock2DCrossAttn" => c.mid_block = true,
-            Some(other) => bail!("key \"mid_block_type\": {other} is not supported (UNetMidBlock2DCrossAttn or null)"),
+        c.mid_block = match obj.get("mid_block_type") {
+            None => Some(MidBlockKind::CrossAttn),
+            Some(Value::Null) => None,
+            Some(Value::String(s)) if s == "UNetMidBlock2DCrossAttn" => Some(MidBlockKind::CrossAttn),
+            Some(Value::String(s)) if s == "UNetMidBlock2D" => Some(MidBlockKind::Plain),
+            Some(other) => bail!("key \"mid_block_type\": {other} is not supported (UNetMidBlock2DCrossAttn, UNetMidBlock2D or null)"),
+        };
+        c.addition_embed = match obj.get("addition_embed_type") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s == "text_time" => {
+                let size = |key: &str| -> Result<i64> {
+                    json_config::field::<i64>(obj, key)?
+                        .ok_or_else(|| anyhow!("key {key:?}: required with addition_embed_type \"text_time\""))
+                };
+                Some(TextTimeEmbed {
+                    time_embed_dim: size("addition_time_embed_dim")?,
+                    input_dim: size("projection_class_embeddings_input_dim")?,
+                })
+            }
+            Some(other) => bail!("key \"addition_embed_type\": {other} is not supported by sdkd (only null or \"text_time\")"),
+        };
+        if c.addition_embed.is_none() {
+            for key in ["addition_time_embed_dim", "projection_class_embeddings_input_dim"] {
+                if obj.get(key).is_some_and(|v| !v.is_null()) {
+                    bail!("key {key:?}: {} is set but addition_embed_type is not \"text_time\" (sdkd implements no class embedding)", obj[key]);
+                }
+            }
         }
         let n = c.block_out_channels.len();
         c.layers_per_block = per_stage(obj, "layers_per_block", n)?.unwrap_or(vec![2; n]);
+        c.transformer_layers_per_block = match json_config::field::<Depths>(obj, "transformer_layers_per_block")? {
+            None => vec![],
+            Some(Depths::One(d)) => vec![Depth::Uniform(d); n],
+            Some(Depths::Each(depths)) => depths,
+        };
         // diffusers: num_attention_heads = num_attention_heads or attention_head_dim.
         c.num_heads = match per_stage(obj, "num_attention_heads", n)? {
             Some(heads) => {
@@ -237,7 +342,96 @@ impl UNetConfig {
         if self.block_out_channels[0] % 2 != 0 {
             bail!("key \"block_out_channels\": the first stage's width must be even (timestep embedding)");
         }
+        self.validate_depths()?;
+        if let Some(e) = self.addition_embed {
+            check_size("addition_time_embed_dim", e.time_embed_dim, 1, MAX_WIDTH)?;
+            check_size("projection_class_embeddings_input_dim", e.input_dim, 1, MAX_WIDTH)?;
+            if e.input_dim <= TIME_IDS * e.time_embed_dim {
+                bail!(
+                    "key \"projection_class_embeddings_input_dim\": {} leaves no room for the pooled text embedding beside {TIME_IDS} time ids of addition_time_embed_dim {}",
+                    e.input_dim,
+                    e.time_embed_dim
+                );
+            }
+        }
+        if let Some(d) = self.time_cond_proj_dim {
+            check_size("time_cond_proj_dim", d, 1, MAX_WIDTH)?;
+        }
         Ok(())
+    }
+
+    /// The per-stage and per-layer transformer depths against the stages' layer counts.
+    fn validate_depths(&self) -> Result<()> {
+        let n = self.num_stages();
+        let check = |key: &str, depths: &[Depth], layers: &dyn Fn(usize) -> i64, attends: &dyn Fn(usize) -> bool| -> Result<()> {
+            if depths.len() != n {
+                bail!("key {key:?}: has {} entries but the model has {n} stages", depths.len());
+            }
+            for (i, d) in depths.iter().enumerate() {
+                let values: Vec<i64> = match d {
+                    Depth::Uniform(v) => vec![*v],
+                    Depth::PerLayer(v) => {
+                        if attends(i) && v.len() as i64 != layers(i) {
+                            bail!("key {key:?}: block {i} lists {} depths for its {} transformers", v.len(), layers(i));
+                        }
+                        v.clone()
+                    }
+                };
+                if let Some(v) = values.iter().find(|v| !(1..=64).contains(*v)) {
+                    bail!("key {key:?}: block {i} has depth {v} (1 to 64)");
+                }
+            }
+            Ok(())
+        };
+        if !self.transformer_layers_per_block.is_empty() {
+            let down_attends = |i: usize| self.down_block_types[i] == DownBlockKind::CrossAttn;
+            check("transformer_layers_per_block", &self.transformer_layers_per_block, &|i| self.layers_per_block[i], &down_attends)?;
+        }
+        match &self.reverse_transformer_layers_per_block {
+            Some(rev) => {
+                let up_attends = |i: usize| self.up_block_types[i] == UpBlockKind::CrossAttn;
+                check("reverse_transformer_layers_per_block", rev, &|i| self.layers_per_block[n - 1 - i] + 1, &up_attends)?
+            }
+            None if self.transformer_layers_per_block.iter().any(|d| matches!(d, Depth::PerLayer(_))) => bail!(
+                "key \"reverse_transformer_layers_per_block\": required when transformer_layers_per_block lists per-layer depths (an asymmetric UNet), as diffusers requires"
+            ),
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Transformer blocks in down stage `stage`'s `layer`-th spatial transformer.
+    pub fn down_depth(&self, stage: usize, layer: usize) -> i64 {
+        self.transformer_layers_per_block.get(stage).map_or(1, |d| d.at(layer))
+    }
+
+    /// Transformer blocks in up block `block`'s `layer`-th spatial transformer.
+    pub fn up_depth(&self, block: usize, layer: usize) -> i64 {
+        match &self.reverse_transformer_layers_per_block {
+            Some(rev) => rev[block].at(layer),
+            None => self.down_depth(self.num_stages() - 1 - block, 0),
+        }
+    }
+
+    /// Transformer blocks in the mid block's spatial transformer (diffusers gives it
+    /// `transformer_layers_per_block[-1]`).
+    pub fn mid_depth(&self) -> i64 {
+        self.down_depth(self.num_stages() - 1, 0)
+    }
+
+    /// Every `BasicTransformerBlock` of the model (SDXL-base: 70).
+    pub fn transformer_block_count(&self) -> i64 {
+        let n = self.num_stages();
+        let down: i64 = (0..n)
+            .filter(|&i| self.down_block_types[i] == DownBlockKind::CrossAttn)
+            .map(|i| (0..self.layers_per_block[i] as usize).map(|l| self.down_depth(i, l)).sum::<i64>())
+            .sum();
+        let up: i64 = (0..n)
+            .filter(|&i| self.up_block_types[i] == UpBlockKind::CrossAttn)
+            .map(|i| (0..=self.layers_per_block[n - 1 - i] as usize).map(|l| self.up_depth(i, l)).sum::<i64>())
+            .sum();
+        let mid = if self.mid_block == Some(MidBlockKind::CrossAttn) { self.mid_depth() } else { 0 };
+        down + mid + up
     }
 
     pub fn num_stages(&self) -> usize {
@@ -257,7 +451,12 @@ impl UNetConfig {
         m["act_fn"] = json!("silu");
         m[self.heads_key] = collapse(&self.num_heads);
         m["layers_per_block"] = collapse(&self.layers_per_block);
-        m["mid_block_type"] = if self.mid_block { json!("UNetMidBlock2DCrossAttn") } else { Value::Null };
+        m["mid_block_type"] = self.mid_block.map_or(Value::Null, |k| json!(k.diffusers_name()));
+        if let Some(e) = self.addition_embed {
+            m["addition_embed_type"] = json!("text_time");
+            m["addition_time_embed_dim"] = json!(e.time_embed_dim);
+            m["projection_class_embeddings_input_dim"] = json!(e.input_dim);
+        }
         m
     }
 }
@@ -276,7 +475,7 @@ mod tests {
         assert_eq!(c.block_out_channels, vec![320, 640, 1280, 1280]);
         assert_eq!(c.num_heads, vec![8; 4]);
         assert_eq!(c.cross_attention_dim, 768);
-        assert!(c.mid_block);
+        assert_eq!(c.mid_block, Some(MidBlockKind::CrossAttn));
         assert_eq!(c.layers_per_block, vec![2; 4]);
     }
 
@@ -284,7 +483,7 @@ mod tests {
     fn null_mid_block_drops_it() {
         let mut v = sd15();
         v["mid_block_type"] = Value::Null;
-        assert!(!UNetConfig::from_json(&v).unwrap().mid_block);
+        assert_eq!(UNetConfig::from_json(&v).unwrap().mid_block, None);
     }
 
     #[test]
@@ -298,8 +497,45 @@ mod tests {
         let e = UNetConfig::from_json(&v).unwrap_err().to_string();
         assert!(e.contains("AttnDownBlock2D"), "{e}");
         let mut v = sd15();
-        v["transformer_layers_per_block"] = json!(2);
-        assert!(UNetConfig::from_json(&v).unwrap_err().to_string().contains("transformer_layers_per_block"));
+        v["addition_embed_type"] = json!("text");
+        let e = UNetConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("addition_embed_type") && e.contains("\"text\""), "{e}");
+        let mut v = sd15();
+        v["addition_embed_type"] = json!("text_time");
+        let e = UNetConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("addition_time_embed_dim") && e.contains("required"), "{e}");
+        let mut v = sd15();
+        v["transformer_layers_per_block"] = json!([1, [2, 2], 1, 1]);
+        let e = UNetConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("reverse_transformer_layers_per_block"), "{e}");
+        v["reverse_transformer_layers_per_block"] = json!([1, 1, [2, 2], 1]);
+        let e = UNetConfig::from_json(&v).unwrap_err().to_string();
+        assert!(e.contains("reverse_transformer_layers_per_block") && e.contains("block 2 lists 2 depths for its 3"), "{e}");
+        let mut v = sd15();
+        v["mid_block_type"] = json!("UNetMidBlock2DSimpleCrossAttn");
+        assert!(UNetConfig::from_json(&v).unwrap_err().to_string().contains("mid_block_type"));
+    }
+
+    fn sdxl() -> Value {
+        serde_json::from_str(include_str!("../../configs/reference/sdxl_unet_config.json")).unwrap()
+    }
+
+    #[test]
+    fn sdxl_depths_and_micro_conditioning() {
+        let c = UNetConfig::from_json(&sdxl()).unwrap();
+        assert_eq!(c.num_heads, vec![5, 10, 20]);
+        assert_eq!(c.addition_embed, Some(TextTimeEmbed { time_embed_dim: 256, input_dim: 2816 }));
+        assert_eq!((c.down_depth(2, 1), c.mid_depth(), c.up_depth(0, 2), c.up_depth(1, 0)), (10, 10, 10, 2));
+        assert_eq!(c.transformer_block_count(), 70);
+        // SSD-1B's asymmetric decoder and single-resnet mid block
+        let mut v = sdxl();
+        v["transformer_layers_per_block"] = json!([1, [2, 2], [4, 4]]);
+        v["reverse_transformer_layers_per_block"] = json!([[4, 4, 10], [2, 1, 1], 1]);
+        v["mid_block_type"] = json!("UNetMidBlock2D");
+        let c = UNetConfig::from_json(&v).unwrap();
+        assert_eq!(c.mid_block, Some(MidBlockKind::Plain));
+        assert_eq!(c.transformer_block_count(), 12 + 22);
+        assert_eq!(UNetConfig::from_json(&c.to_json()).unwrap(), c);
     }
 
     #[test]

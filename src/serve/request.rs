@@ -98,6 +98,7 @@ impl Txt2Img {
             width: Some(self.img_width),
             height: Some(self.img_height),
             samples: self.samples as usize,
+            ..GenerateRequest::default()
         })
     }
 }

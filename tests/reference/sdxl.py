@@ -1,0 +1,227 @@
+"""Tiny random SDXL-shaped models and diffusers'/transformers' outputs on them, for tests/sdxl.rs.
+
+usage: sdxl.py make OUT_DIR
+       sdxl.py generate CASES_JSON
+
+`make` writes, every weight perturbed (default init hides bugs behind zero out-projections):
+
+  OUT_DIR/unets/NAME/unet/ and OUT_DIR/unets/NAME/ref.safetensors, for three UNet2DConditionModels
+  with `addition_embed_type: "text_time"`, linear projections and per-stage head counts:
+    xl:    SDXL's layout (DownBlock2D then two cross-attention stages, layers_per_block 2, the mid
+           block), transformer_layers_per_block [1, 2, 3]
+    asym:  an asymmetric decoder as SSD-1B's: per-layer depths [1, [1, 2], [3]] with
+           reverse_transformer_layers_per_block [[2, 1], [1, 1, 2], 1], layers_per_block
+           [1, 2, 1], mid_block_type UNetMidBlock2D (one resnet), time_cond_proj_dim 16
+    nomid: KOALA-700M-like: layers_per_block 1, mid_block_type null
+  ref.safetensors holds the inputs (sample, timesteps, context, text_embeds, time_ids and, for
+  asym, timestep_cond), the prediction (`out`) and the block features (`feat.down_blocks.0`, ...).
+
+  OUT_DIR/pipe/: a StableDiffusionXLPipeline folder (save_pretrained): text_encoder CLIPTextModel
+  (quick_gelu, hidden 8), text_encoder_2 CLIPTextModelWithProjection (gelu, hidden 16,
+  projection_dim 12, eos_token_id 2 as SDXL's config says), tokenizer (pad <|endoftext|>) and
+  tokenizer_2 (pad "!") with the real CLIP vocabulary, the xl UNet's layout at sample_size 8,
+  an AutoencoderKL (2x downscale, scaling_factor 0.13025), SDXL's EulerDiscreteScheduler config
+  (leading spacing, steps_offset 1), force_zeros_for_empty_prompt true.
+  OUT_DIR/encoders.safetensors: for the prompts of PROMPTS, each encoder's input_ids, its
+  hidden_states[-2] (`te1.penultimate`, `te2.penultimate`) and text_embeds (`te2.text_embeds`),
+  and the pipeline's encode_prompt outputs for PROMPTS[0] with and without a negative prompt.
+  OUT_DIR/counts.json: transformers' and diffusers' parameter counts of SDXL-base's two text
+  encoders and VAE built from their published configs on the meta device.
+
+`generate` runs StableDiffusionXLPipeline on each case of CASES_JSON, a list of
+  {"model", "prompt", "negative_prompt" or null, "scheduler": euler | dpmpp_2m | unipc | ...,
+   "steps", "guidance_scale", "guidance_rescale", "seed", "width", "height", "samples",
+   "original_size" [h, w] or null, "crop" [y, x], "target_size" [h, w] or null, "out": prefix}
+and writes <out>-<i>.png.
+"""
+import json
+import os
+import sys
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import clip_vocab  # noqa: E402
+
+PROMPTS = ["a red cube on a blue table", "", "A photo of an astronaut riding a horse on mars, highly detailed"]
+BASE = dict(in_channels=4, out_channels=4, norm_num_groups=8, cross_attention_dim=24, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=12 + 6 * 8,
+            block_out_channels=[16, 32, 64], attention_head_dim=[1, 2, 4],
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"])
+UNETS = {
+    "xl": dict(BASE, layers_per_block=2, transformer_layers_per_block=[1, 2, 3]),
+    "asym": dict(BASE, layers_per_block=[1, 2, 1], transformer_layers_per_block=[1, [1, 2], [3]],
+                 reverse_transformer_layers_per_block=[[2, 1], [1, 1, 2], 1], mid_block_type="UNetMidBlock2D",
+                 time_cond_proj_dim=16),
+    "nomid": dict(BASE, layers_per_block=1, transformer_layers_per_block=[1, 1, 2], mid_block_type=None),
+}
+SCHEDULERS = {
+    "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler",
+}
+
+
+def perturb(model, scale, gen):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def unet_features(model, sample, t, ctx, added, cond):
+    feats, hooks = {}, []
+
+    def hook(name):
+        def f(_m, _i, out):
+            feats[name] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+        return f
+    for i, b in enumerate(model.down_blocks):
+        hooks.append(b.register_forward_hook(hook(f"down_blocks.{i}")))
+    if model.mid_block is not None:
+        hooks.append(model.mid_block.register_forward_hook(hook("mid_block")))
+    for i, b in enumerate(model.up_blocks):
+        hooks.append(b.register_forward_hook(hook(f"up_blocks.{i}")))
+    with torch.no_grad():
+        out = model(sample, t, encoder_hidden_states=ctx, added_cond_kwargs=added, timestep_cond=cond).sample
+    for h in hooks:
+        h.remove()
+    return out, feats
+
+
+def make_unets(out_dir, gen):
+    from diffusers import UNet2DConditionModel
+
+    for name, cfg in UNETS.items():
+        model = UNet2DConditionModel(**cfg).eval()
+        perturb(model, 0.05, gen)
+        d = os.path.join(out_dir, "unets", name)
+        model.save_pretrained(os.path.join(d, "unet"), safe_serialization=True)
+        sample = torch.randn(2, 4, 12, 12, generator=gen)
+        t = torch.tensor([10, 900], dtype=torch.int64)
+        ctx = torch.randn(2, 7, cfg["cross_attention_dim"], generator=gen)
+        added = {"text_embeds": torch.randn(2, 12, generator=gen),
+                 "time_ids": torch.tensor([[96.0, 80.0, 0.0, 8.0, 96.0, 96.0], [1024.0, 768.0, 16.0, 0.0, 512.0, 512.0]])}
+        cond = torch.randn(2, cfg["time_cond_proj_dim"], generator=gen) if cfg.get("time_cond_proj_dim") else None
+        out, feats = unet_features(model, sample, t, ctx, added, cond)
+        tensors = {"sample": sample, "timesteps": t, "context": ctx, "out": out, **added}
+        if cond is not None:
+            tensors["timestep_cond"] = cond
+        tensors.update({f"feat.{k}": v.contiguous() for k, v in feats.items()})
+        save_file(tensors, os.path.join(d, "ref.safetensors"))
+
+
+def make_pipeline(out_dir, gen):
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    unet = UNet2DConditionModel(sample_size=8, **UNETS["xl"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+                        norm_num_groups=4, sample_size=16, scaling_factor=0.13025, force_upcast=True,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    te1 = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=8, intermediate_size=17, num_hidden_layers=3,
+                                       num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu"))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=37,
+                                                     num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=77,
+                                                     hidden_act="gelu", projection_dim=12, bos_token_id=0, eos_token_id=2,
+                                                     pad_token_id=1))
+    for model in (unet, vae, te1, te2):
+        perturb(model, 0.05, gen)
+    with tempfile.TemporaryDirectory() as tmp:
+        clip_vocab.write_tokenizer(os.path.join(tmp, "1"), pad_token=clip_vocab.EOS)
+        clip_vocab.write_tokenizer(os.path.join(tmp, "2"), pad_token="!")
+        tok1 = CLIPTokenizer.from_pretrained(os.path.join(tmp, "1"))
+        tok2 = CLIPTokenizer.from_pretrained(os.path.join(tmp, "2"))
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+                                       interpolation_type="linear", prediction_type="epsilon", use_karras_sigmas=False)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+                                     unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False)
+    path = os.path.join(out_dir, "pipe")
+    pipe.save_pretrained(path, safe_serialization=True)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False)
+    tensors = {}
+    with torch.no_grad():
+        for i, p in enumerate(PROMPTS):
+            for k, (tok, te) in enumerate([(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]):
+                ids = tok(p, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids
+                out = te(ids, output_hidden_states=True)
+                tensors[f"{i}.te{k + 1}.input_ids"] = ids
+                tensors[f"{i}.te{k + 1}.penultimate"] = out.hidden_states[-2].contiguous()
+                if k == 1:
+                    tensors[f"{i}.te2.text_embeds"] = out.text_embeds.contiguous()
+        for neg_name, neg in [("none", None), ("neg", PROMPTS[2])]:
+            pe, npe, pooled, npooled = pipe.encode_prompt(PROMPTS[0], device="cpu", num_images_per_prompt=1,
+                                                          do_classifier_free_guidance=True, negative_prompt=neg)
+            tensors.update({f"encode.{neg_name}.prompt_embeds": pe, f"encode.{neg_name}.negative_prompt_embeds": npe,
+                            f"encode.{neg_name}.pooled": pooled, f"encode.{neg_name}.negative_pooled": npooled})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "encoders.safetensors"))
+
+
+def sdxl_counts(out_dir):
+    """SDXL-base's text encoders and VAE from their published configs, counted on the meta device."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    te1 = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+    te2 = CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                         num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    with torch.device("meta"):
+        counts = {"text_encoder": count(CLIPTextModel(te1)), "text_encoder_2": count(CLIPTextModelWithProjection(te2)),
+                  "vae": count(AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                                             down_block_types=["DownEncoderBlock2D"] * 4,
+                                             up_block_types=["UpDecoderBlock2D"] * 4, sample_size=1024))}
+    with open(os.path.join(out_dir, "counts.json"), "w") as f:
+        json.dump(counts, f)
+
+
+def generate(cases_file):
+    import diffusers
+    from diffusers import StableDiffusionXLPipeline
+
+    with open(cases_file) as f:
+        cases = json.load(f)
+    pipes = {}
+    for case in cases:
+        if case["model"] not in pipes:
+            pipe = StableDiffusionXLPipeline.from_pretrained(case["model"], add_watermarker=False)
+            pipe.set_progress_bar_config(disable=True)
+            pipes[case["model"]] = (pipe, pipe.scheduler.config)
+        pipe, base = pipes[case["model"]]
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[case["scheduler"]]).from_config(base)
+        extra = {}
+        for key, arg in [("original_size", "original_size"), ("target_size", "target_size"), ("crop", "crops_coords_top_left")]:
+            if case.get(key) is not None:
+                extra[arg] = tuple(case[key])
+        images = pipe(case["prompt"], negative_prompt=case.get("negative_prompt"), num_inference_steps=case["steps"],
+                      guidance_scale=case["guidance_scale"], guidance_rescale=case.get("guidance_rescale", 0.0),
+                      height=case["height"], width=case["width"], num_images_per_prompt=case["samples"],
+                      generator=torch.Generator("cpu").manual_seed(case["seed"]), output_type="pil", **extra).images
+        for i, image in enumerate(images):
+            image.save(f"{case['out']}-{i}.png")
+
+
+def main():
+    torch.set_num_threads(1)
+    if sys.argv[1] == "make":
+        out_dir = sys.argv[2]
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(1)
+        make_unets(out_dir, gen)
+        make_pipeline(out_dir, gen)
+        sdxl_counts(out_dir)
+    elif sys.argv[1] == "generate":
+        generate(sys.argv[2])
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main()

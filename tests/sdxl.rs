@@ -1,0 +1,382 @@
+//! SDXL teachers against diffusers and transformers on tiny random SDXL-shaped models made at
+//! test time by tests/reference/sdxl.py: the `text_time` UNet (SDXL's layout, an asymmetric
+//! decoder with a single-resnet mid block and a guidance embedding, no mid block), both text
+//! encoders, `sdkd generate` pixel for pixel against `StableDiffusionXLPipeline`, and the bad
+//! inputs SDXL adds. The counts of SDXL-base's real configs are unit tests
+//! (`models::unet`, `models::clip`) and `full_size_counts_equal_the_references` below.
+mod common;
+
+use common::*;
+use sdkd::models::clip::{Activation, ClipTextConfig};
+use sdkd::models::unet::AddedCond;
+use sdkd::models::{ClipTextEncoder, ClipTokenizer, Init, UNet, Vae, VaeConfig};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use tch::{Device, Kind, Tensor};
+
+/// The models and references of `sdxl.py make`, made once for this test binary.
+fn fixture() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_keep, path) = DIR.get_or_init(|| {
+        let dir = tempdir();
+        run_reference("sdxl.py", &["make", dir.path().to_str().unwrap()]);
+        let path = dir.path().to_path_buf();
+        (dir, path)
+    });
+    path
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+}
+
+#[test]
+fn unet_forward_matches_diffusers() {
+    for name in ["xl", "asym", "nomid"] {
+        let dir = fixture().join("unets").join(name);
+        let unet = UNet::load(&dir.join("unet"), Device::Cpu, Kind::Float).unwrap();
+        assert!(unet.model.needs_text_time(), "{name}");
+        let r = read_tensors(&dir.join("ref.safetensors"));
+        let added = AddedCond {
+            text_embeds: Some(r["text_embeds"].shallow_clone()),
+            time_ids: Some(r["time_ids"].shallow_clone()),
+            timestep_cond: r.get("timestep_cond").map(Tensor::shallow_clone),
+        };
+        assert_eq!(added.timestep_cond.is_some(), name == "asym");
+        let out = tch::no_grad(|| unet.model.forward_cond(&r["sample"], &r["timesteps"], &r["context"], &added, &BTreeSet::new()));
+        let (err, abs) = (rel_err(&out.sample, &r["out"]), max_abs(&out.sample, &r["out"]));
+        eprintln!("{name}: prediction rel err {err:e}, max abs diff {abs:e}");
+        assert!(err <= 1e-5, "{name}: prediction rel err {err:e}");
+        let mut compared = 0;
+        for (key, want) in r.iter().filter(|(k, _)| k.starts_with("feat.")) {
+            let feature = &key["feat.".len()..];
+            let got = out.feature(feature).unwrap_or_else(|| panic!("{name}: no feature {feature}"));
+            let err = rel_err(got, want);
+            assert!(err <= 1e-5, "{name}: feature {feature} rel err {err:e}");
+            compared += 1;
+        }
+        assert_eq!(compared, out.down.len() + out.up.len() + usize::from(out.mid.is_some()), "{name}: every block compared");
+        // the added conditioning is used: without the time ids' effect the prediction moves
+        let other = AddedCond {
+            text_embeds: Some(r["text_embeds"].shallow_clone()),
+            time_ids: Some(r["time_ids"].flip([0])),
+            timestep_cond: r.get("timestep_cond").map(Tensor::shallow_clone),
+        };
+        let moved = tch::no_grad(|| unet.model.predict_cond(&r["sample"], &r["timesteps"], &r["context"], &other));
+        assert!(rel_err(&moved, &r["out"]) > 1e-3, "{name}: the time ids change nothing");
+    }
+}
+
+/// SDXL-base's text encoders and VAE from their published configs, counted by sdkd with
+/// unwritten storage, against what transformers and diffusers count on the meta device.
+#[test]
+fn full_size_counts_equal_the_references() {
+    let want: Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("counts.json")).unwrap()).unwrap();
+    let te1 = ClipTextConfig { hidden_size: 768, intermediate_size: 3072, num_attention_heads: 12, ..Default::default() };
+    let te2 = ClipTextConfig {
+        hidden_size: 1280,
+        intermediate_size: 5120,
+        num_hidden_layers: 32,
+        num_attention_heads: 20,
+        hidden_act: Activation::Gelu,
+        projection_dim: 1280,
+        with_projection: true,
+        ..Default::default()
+    };
+    let count = |c: &ClipTextConfig| ClipTextEncoder::build(c, Device::Cpu, Kind::Half, Init::Empty).num_params();
+    assert_eq!(count(&te1), want["text_encoder"].as_i64().unwrap());
+    assert_eq!(count(&te2), want["text_encoder_2"].as_i64().unwrap());
+    let vae = VaeConfig::from_json(&json!({"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"], "sample_size": 1024,
+        "scaling_factor": 0.13025})).unwrap();
+    assert_eq!(Vae::build(&vae, Device::Cpu, Kind::Half, Init::Empty).num_params(), want["vae"].as_i64().unwrap());
+    eprintln!("SDXL text_encoder {}, text_encoder_2 {}, VAE {}", want["text_encoder"], want["text_encoder_2"], want["vae"]);
+}
+
+#[test]
+fn encoders_match_transformers() {
+    let pipe = fixture().join("pipe");
+    let r = read_tensors(&fixture().join("encoders.safetensors"));
+    let te1 = ClipTextEncoder::load(&pipe.join("text_encoder"), Device::Cpu, Kind::Float).unwrap();
+    let te2 = ClipTextEncoder::load(&pipe.join("text_encoder_2"), Device::Cpu, Kind::Float).unwrap();
+    assert!(te2.model.config.with_projection && !te1.model.config.with_projection);
+    let tok1 = ClipTokenizer::from_dir(&pipe.join("tokenizer")).unwrap();
+    let tok2 = ClipTokenizer::from_dir(&pipe.join("tokenizer_2")).unwrap();
+    let prompts = ["a red cube on a blue table", "", "A photo of an astronaut riding a horse on mars, highly detailed"];
+    for (i, p) in prompts.iter().enumerate() {
+        for (k, (tok, te)) in [(&tok1, &te1), (&tok2, &te2)].into_iter().enumerate() {
+            let key = |what: &str| format!("{i}.te{}.{what}", k + 1);
+            let ids = tok.encode_batch(&[*p], Device::Cpu);
+            assert!(ids.equal(&r[&key("input_ids")].to_kind(ids.kind())), "prompt {i}: tokenizer {} ids differ", k + 1);
+            let (penultimate, pooled) = tch::no_grad(|| te.model.penultimate_and_pooled(&ids, 0));
+            let d = max_abs(&penultimate, &r[&key("penultimate")]);
+            assert!(d <= 1e-6, "prompt {i}: encoder {} penultimate state max abs diff {d:e}", k + 1);
+            eprintln!("prompt {i} encoder {}: penultimate max abs diff {d:e}", k + 1);
+            if k == 1 {
+                let d = max_abs(&pooled.unwrap(), &r[&key("text_embeds")]);
+                assert!(d <= 1e-6, "prompt {i}: text_embeds max abs diff {d:e}");
+                eprintln!("prompt {i}: text_embeds max abs diff {d:e}");
+            }
+        }
+    }
+    // tokenizer_2 pads with "!" (id 0), read from its files; tokenizer with <|endoftext|>
+    let ids2 = tok2.encode_batch(&["a"], Device::Cpu);
+    assert_eq!(ids2.int64_value(&[0, 76]), 0);
+    assert_eq!(tok1.encode_batch(&["a"], Device::Cpu).int64_value(&[0, 76]), 49407);
+}
+
+/// One SDXL generation, by diffusers and by `sdkd generate`.
+struct Case {
+    name: &'static str,
+    prompt: &'static str,
+    negative_prompt: Option<&'static str>,
+    scheduler: &'static str,
+    guidance_scale: f64,
+    guidance_rescale: f64,
+    samples: usize,
+    original_size: Option<(i64, i64)>,
+    crop: Option<(i64, i64)>,
+    target_size: Option<(i64, i64)>,
+}
+
+const W: i64 = 16;
+const H: i64 = 24;
+const STEPS: usize = 4;
+
+fn cases() -> Vec<Case> {
+    let base = |name, scheduler| Case {
+        name,
+        prompt: "a red cube on a blue table",
+        negative_prompt: None,
+        scheduler,
+        guidance_scale: 5.0,
+        guidance_rescale: 0.0,
+        samples: 1,
+        original_size: None,
+        crop: None,
+        target_size: None,
+    };
+    vec![
+        // the pipeline's own scheduler config: EulerDiscreteScheduler, leading spacing
+        base("euler", "euler"),
+        Case { negative_prompt: Some("blurry, low quality"), original_size: Some((1024, 768)), crop: Some((16, 48)), ..base("euler-neg-micro", "euler") },
+        Case { negative_prompt: Some("blurry"), guidance_rescale: 0.7, target_size: Some((512, 512)), ..base("dpmpp_2m-neg-rescale", "dpmpp_2m") },
+        Case { samples: 2, original_size: Some((256, 512)), crop: Some((8, 0)), ..base("unipc-2", "unipc") },
+        Case { guidance_scale: 1.0, ..base("unipc-noguidance", "unipc") },
+    ]
+}
+
+fn pair(p: Option<(i64, i64)>) -> Value {
+    p.map_or(Value::Null, |(a, b)| json!([a, b]))
+}
+
+/// diffusers' images of every case, made once.
+fn references() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = fixture().join("ref");
+        std::fs::create_dir_all(&dir).unwrap();
+        let cases: Vec<Value> = cases()
+            .iter()
+            .map(|c| {
+                json!({"model": fixture().join("pipe"), "prompt": c.prompt, "negative_prompt": c.negative_prompt,
+                       "scheduler": c.scheduler, "steps": STEPS, "guidance_scale": c.guidance_scale,
+                       "guidance_rescale": c.guidance_rescale, "seed": 7, "width": W, "height": H,
+                       "samples": c.samples, "original_size": pair(c.original_size), "crop": pair(c.crop),
+                       "target_size": pair(c.target_size), "out": dir.join(c.name)})
+            })
+            .collect();
+        let file = fixture().join("cases.json");
+        std::fs::write(&file, serde_json::to_string(&cases).unwrap()).unwrap();
+        run_reference("sdxl.py", &["generate", file.to_str().unwrap()]);
+        dir
+    })
+}
+
+fn sdkd1(args: &[String]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sdkd")).args(args).env("OMP_NUM_THREADS", "1").output().expect("running sdkd")
+}
+
+fn generate_args(c: &Case, model: &Path, out: &Path) -> Vec<String> {
+    let mut a: Vec<String> = ["generate", "--model"].map(String::from).to_vec();
+    a.push(model.display().to_string());
+    a.extend(["--prompt".into(), c.prompt.into()]);
+    if let Some(n) = c.negative_prompt {
+        a.extend(["--negative-prompt".into(), n.into()]);
+    }
+    for (k, v) in [
+        ("--scheduler", c.scheduler.to_string()),
+        ("--steps", STEPS.to_string()),
+        ("--guidance-scale", c.guidance_scale.to_string()),
+        ("--guidance-rescale", c.guidance_rescale.to_string()),
+        ("--seed", "7".into()),
+        ("--width", W.to_string()),
+        ("--height", H.to_string()),
+        ("--samples", c.samples.to_string()),
+        ("--out", out.display().to_string()),
+    ] {
+        a.extend([k.to_string(), v]);
+    }
+    for (k, v) in [("--original-size", c.original_size), ("--crop", c.crop), ("--target-size", c.target_size)] {
+        if let Some((x, y)) = v {
+            a.extend([k.to_string(), format!("{x},{y}")]);
+        }
+    }
+    a
+}
+
+fn read_rgb(path: &Path) -> image::RgbImage {
+    image::open(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display())).to_rgb8()
+}
+
+#[test]
+fn generate_is_pixel_identical_to_diffusers() {
+    let refs = references();
+    let mut images = 0;
+    for c in cases() {
+        let out = fixture().join("ours").join(c.name);
+        let o = sdkd1(&generate_args(&c, &fixture().join("pipe"), &out));
+        assert!(o.status.success(), "{}: sdkd generate failed:\n{}", c.name, String::from_utf8_lossy(&o.stderr));
+        for i in 0..c.samples {
+            let ours = read_rgb(&out.join(format!("image-{i}.png")));
+            let theirs = read_rgb(&refs.join(format!("{}-{i}.png", c.name)));
+            assert_eq!(ours.dimensions(), (W as u32, H as u32), "{}", c.name);
+            let mid = theirs.as_raw().iter().filter(|&&v| v > 5 && v < 250).count();
+            assert!(mid * 2 > theirs.as_raw().len(), "{}: diffusers' image is mostly saturated", c.name);
+            let differ = ours.as_raw().iter().zip(theirs.as_raw()).filter(|(a, b)| a != b).count();
+            assert_eq!(differ, 0, "{} sample {i}: {differ} of {} channel values differ from diffusers'", c.name, ours.as_raw().len());
+            images += 1;
+        }
+        eprintln!("{}: pixel-identical to StableDiffusionXLPipeline", c.name);
+    }
+    assert_eq!(images, 6);
+}
+
+/// A copy of the fixture pipeline to break (weights linked, not copied).
+fn pipeline_copy(dst: &Path) -> PathBuf {
+    fn copy(src: &Path, dst: &Path) {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            if e.path().is_dir() {
+                copy(&e.path(), &dst.join(e.file_name()));
+            } else {
+                std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+            }
+        }
+    }
+    copy(&fixture().join("pipe"), dst);
+    dst.to_path_buf()
+}
+
+fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn bad_sdxl_inputs_exit_1_naming_the_fault() {
+    let tmp = tempdir();
+    let out = tmp.path().join("out.png");
+    let gen = |model: &Path, extra: &[&str]| {
+        let mut a: Vec<String> = ["generate", "--prompt", "x", "--steps", "1", "--width", "16", "--height", "16", "--seed", "1"].map(String::from).to_vec();
+        a.extend(["--model".into(), model.display().to_string(), "--out".into(), out.display().to_string()]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        sdkd1(&a)
+    };
+    // the refiner
+    let refiner = pipeline_copy(&tmp.path().join("refiner"));
+    edit_json(&refiner.join("model_index.json"), |v| v["_class_name"] = json!("StableDiffusionXLImg2ImgPipeline"));
+    assert_clean_failure(&gen(&refiner, &[]), "StableDiffusionXLImg2ImgPipeline");
+    // a missing second text encoder, and a tokenizer_2 without its files
+    let no_te2 = pipeline_copy(&tmp.path().join("no_te2"));
+    std::fs::remove_dir_all(no_te2.join("text_encoder_2")).unwrap();
+    assert_clean_failure(&gen(&no_te2, &[]), "text_encoder_2");
+    let no_tok2 = pipeline_copy(&tmp.path().join("no_tok2"));
+    for f in std::fs::read_dir(no_tok2.join("tokenizer_2")).unwrap() {
+        std::fs::remove_file(f.unwrap().path()).unwrap();
+    }
+    assert_clean_failure(&gen(&no_tok2, &[]), "tokenizer_2");
+    // an addition_embed_type sdkd does not implement
+    let text = pipeline_copy(&tmp.path().join("text"));
+    edit_json(&text.join("unet/config.json"), |v| v["addition_embed_type"] = json!("image"));
+    assert_clean_failure(&gen(&text, &[]), "addition_embed_type");
+    // an asymmetric decoder without its reverse depths
+    let asym = pipeline_copy(&tmp.path().join("asym"));
+    edit_json(&asym.join("unet/config.json"), |v| v["transformer_layers_per_block"] = json!([1, [2, 2], 3]));
+    assert_clean_failure(&gen(&asym, &[]), "reverse_transformer_layers_per_block");
+    // micro-conditioning sizes
+    let pipe = fixture().join("pipe");
+    assert_clean_failure(&gen(&pipe, &["--original-size", "1000,1001"]), "original_size");
+    assert_clean_failure(&gen(&pipe, &["--crop=-8,0"]), "crop = -8,0");
+    let o = gen(&pipe, &["--target-size", "1024"]);
+    assert_eq!(o.status.code(), Some(2), "a malformed flag value is a usage error");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--target-size"));
+    assert!(!out.exists(), "a failed generate wrote its output");
+}
+
+/// `sdkd inspect --unet` on SDXL-base's published config: the published count and 70
+/// transformer blocks; unsupported keys exit 1 naming them.
+#[test]
+fn inspect_counts_sdxl_base_and_refuses_bad_configs() {
+    let config = root().join("configs/reference/sdxl_unet_config.json");
+    let o = sdkd(&["inspect", "--unet", config.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(d["teacher"]["params"], json!(2_567_463_684i64), "{d}");
+    assert_eq!(d["teacher"]["transformer_blocks"], json!(70));
+    let tmp = tempdir();
+    // a student spec over SDXL's three stages: each kept transformer keeps its depth
+    // (1 of 2 down layers and 2 of 3 up layers per stage: 1·2 + 1·10 + 2·10 + 2·2)
+    let spec = tmp.path().join("spec.yaml");
+    std::fs::write(&spec, "down: [[0], [0], [0]]\nup: [[0, 2], [0, 2], [0, 2]]\nmid_block: false\n").unwrap();
+    let o = sdkd(&["inspect", "--unet", config.to_str().unwrap(), "--student", spec.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(d["student"]["transformer_blocks"], json!(36), "{}", d["student"]["config"]);
+    let base: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    for (key, value, needle) in [
+        ("addition_embed_type", json!("text"), "addition_embed_type"),
+        ("addition_time_embed_dim", Value::Null, "addition_time_embed_dim"),
+        ("mid_block_type", json!("UNetMidBlock2DSimpleCrossAttn"), "mid_block_type"),
+        ("transformer_layers_per_block", json!([1, [2, 2], 10]), "reverse_transformer_layers_per_block"),
+        ("class_embed_type", json!("timestep"), "class_embed_type"),
+        ("time_cond_proj_dim", json!(-3), "time_cond_proj_dim"),
+    ] {
+        let mut v = base.clone();
+        v[key] = value;
+        let file = tmp.path().join(format!("{key}.json"));
+        std::fs::write(&file, v.to_string()).unwrap();
+        assert_clean_failure(&sdkd(&["inspect", "--unet", file.to_str().unwrap()]), needle);
+    }
+}
+
+/// Several SDXL requests in one `generate_batch` call (a `serve --max-batch` batch, an evaluation
+/// batch) each get the images they get alone: other prompts, seeds, guidance and micro-conditioning.
+#[test]
+fn batched_sdxl_requests_equal_their_own_images() {
+    use sdkd::pipeline::{generate_batch, BatchMember, GenerateRequest, TextToImage};
+    let t2i = TextToImage::load(&fixture().join("pipe"), None, Device::Cpu, Kind::Float).unwrap();
+    let base = GenerateRequest { steps: 3, width: Some(16), height: Some(16), ..GenerateRequest::default() };
+    let reqs = [
+        GenerateRequest { prompt: "a red cube".into(), seed: 3, ..base.clone() },
+        GenerateRequest { prompt: "a toy panda".into(), seed: 4, guidance_scale: 3.0, original_size: Some((512, 256)), ..base.clone() },
+        GenerateRequest { prompt: "two spheres".into(), negative_prompt: Some("blurry".into()), seed: 5, crop: (8, 16), ..base },
+    ];
+    assert!(!t2i.parts().batches_exactly(&reqs[0]), "SDXL requests are not stacked in one UNet call");
+    let stop = || None;
+    let members: Vec<BatchMember> = reqs.iter().map(|req| BatchMember { req, stop: &stop, noise: None }).collect();
+    let mut results: Vec<Option<Vec<image::RgbImage>>> = vec![None, None, None];
+    generate_batch(&t2i.parts(), &members, &mut |_, _| {}, &mut |i, r| results[i] = Some(r.unwrap()));
+    for (i, req) in reqs.iter().enumerate() {
+        let alone = t2i.generate(req).unwrap();
+        assert_eq!(results[i].as_ref().unwrap(), &alone, "request {i}: batched images differ from its own");
+    }
+    // the requests differ, so equal images are not a coincidence
+    assert_ne!(results[0], results[1]);
+}
