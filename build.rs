@@ -81,15 +81,31 @@ fn main() {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .flag("-DUSE_C10D_GLOO")
         .warnings(false);
-    match cuda_and_nccl_includes(&root) {
-        Some(includes) if lib.join("libtorch_cuda.so").exists() => {
+    let cuda = lib.join("libtorch_cuda.so").exists();
+    let nccl = match cuda_and_nccl_includes(&root) {
+        Some(includes) if cuda => {
             for dir in includes {
                 c10d.include(dir);
             }
             c10d.flag("-DUSE_C10D_NCCL").flag("-DSDKD_WITH_NCCL");
+            true
         }
-        _ => println!("cargo:warning=c10d: no CUDA+NCCL headers found (SDKD_CUDA_INCLUDE, CUDA_HOME): NCCL groups compiled out, Gloo only"),
-    }
+        _ => {
+            println!("cargo:warning=c10d: no CUDA+NCCL headers found (SDKD_CUDA_INCLUDE, CUDA_HOME): NCCL groups compiled out, Gloo only");
+            false
+        }
+    };
+    // What `sdkd --version` states, so that a build without NCCL shows (scripts/gpu-build.sh
+    // refuses one): the LibTorch version (torch/version.py of the wheel), CUDA, process groups.
+    let torch_version = std::fs::read_to_string(root.join("version.py"))
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("__version__ = ").map(|v| v.trim_matches(['\'', '"']).to_string())))
+        .unwrap_or_else(|| "unknown".into());
+    println!(
+        "cargo:rustc-env=SDKD_BUILD=LibTorch {torch_version}, {}, process groups: {}",
+        if cuda { "CUDA" } else { "CPU only" },
+        if nccl { "gloo nccl" } else { "gloo" }
+    );
     c10d.compile("sdkd_c10d");
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");

@@ -15,6 +15,11 @@ allocator's peaks). --precision bf16 does what BK-SDM's and diffusers' training 
 teacher (infer: the UNet) cast to bf16, the fp32 student under torch.autocast. Weights are
 random: speed does not depend on their values. The timed region matches sdkd's: inputs are drawn before the clock
 starts; a step ends after zero_grad (train) or the guidance combination (infer).
+
+--check-loss DIR (train mode, fp32, no timing): the teacher's and student's weights from
+DIR/teacher.safetensors and DIR/student.safetensors, latents, context, noise and timesteps from
+DIR/inputs.safetensors; prints the step's loss terms as JSON (tests/bench.rs compares them with
+sdkd's step on the same weights and inputs).
 """
 import argparse, json, os, resource, statistics, time
 import torch
@@ -34,6 +39,7 @@ p.add_argument("--threads", type=int)
 p.add_argument("--device", default="cpu")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+p.add_argument("--check-loss")
 a = p.parse_args()
 if a.threads:
     torch.set_num_threads(a.threads)
@@ -97,6 +103,26 @@ else:
             modules[pair[idx]].register_forward_hook(hook(side, pair[idx]))
     opt = torch.optim.AdamW(student.parameters(), lr=5e-5, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+    def step_loss(latents, ctx, noise, t):
+        """BK-SDM's loss: task (epsilon) + output KD + the summed feature KD MSEs."""
+        noisy = sched.add_noise(latents, noise, t)
+        with torch.no_grad():
+            t_out = teacher(noisy.to(dtype), t, encoder_hidden_states=ctx.to(dtype)).sample
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            s_out = student(noisy, t, encoder_hidden_states=ctx).sample
+        task, out_kd = F.mse_loss(s_out.float(), noise.float()), F.mse_loss(s_out.float(), t_out.float())
+        feat_kd = sum(F.mse_loss(feats["student"][sn].float(), feats["teacher"][tn].float()) for tn, sn in pairs)
+        return task + out_kd + feat_kd, (task, out_kd, feat_kd)
+
+    if a.check_loss:
+        from safetensors.torch import load_file
+        teacher.load_state_dict(load_file(os.path.join(a.check_loss, "teacher.safetensors")), strict=True)
+        student.load_state_dict(load_file(os.path.join(a.check_loss, "student.safetensors")), strict=True)
+        x = load_file(os.path.join(a.check_loss, "inputs.safetensors"))
+        total, (task, out_kd, feat_kd) = step_loss(x["latents"], x["context"], x["noise"], x["timesteps"])
+        print(json.dumps({"total": total.item(), "task": task.item(), "output_kd": out_kd.item(), "feature_kd": float(feat_kd)}))
+        raise SystemExit(0)
     ctx_dim = teacher.config.cross_attention_dim
     data = [(torch.randn(B, teacher.config.in_channels, L, L, device=dev), torch.randn(B, 77, ctx_dim, device=dev))
             for _ in range(a.warmup + a.steps)]
@@ -105,14 +131,7 @@ else:
         t0, c0 = time.perf_counter(), time.process_time()
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (B,), device=dev)
-        noisy = sched.add_noise(latents, noise, t)
-        with torch.no_grad():
-            t_out = teacher(noisy.to(dtype), t, encoder_hidden_states=ctx.to(dtype)).sample
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            s_out = student(noisy, t, encoder_hidden_states=ctx).sample
-        loss = F.mse_loss(s_out.float(), noise.float()) + F.mse_loss(s_out.float(), t_out.float())
-        for tn, sn in pairs:
-            loss = loss + F.mse_loss(feats["student"][sn].float(), feats["teacher"][tn].float())
+        loss, _ = step_loss(latents, ctx, noise, t)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use sdkd::commands;
 
 #[derive(Parser)]
-#[command(name = "sdkd", version, about = "Distil Stable Diffusion UNets (BK-SDM / SD-Small / SD-Tiny)")]
+#[command(name = "sdkd", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("SDKD_BUILD"), ")"), about = "Distil Stable Diffusion UNets (BK-SDM / SD-Small / SD-Tiny)")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

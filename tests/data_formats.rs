@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use sdkd::data::*;
 use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use tch::{Kind, Tensor};
@@ -18,12 +19,41 @@ struct Fixture {
     dir: tempfile::TempDir,
     /// (shard file, key) the corrupted sets must skip: {"wds": [...], "parquet": [...]}.
     skips: serde_json::Value,
+    /// Every file under `ref/` (the user's shards) and its bytes, as made.
+    shards: BTreeMap<PathBuf, Vec<u8>>,
 }
 
 impl Fixture {
     fn path(&self, p: &str) -> String {
         self.dir.path().join(p).to_string_lossy().into_owned()
     }
+
+    /// The user's shards are only read: the same files under `ref/`, byte for byte, and nothing
+    /// added beside them (no index, no lock, no temp file).
+    fn assert_shards_untouched(&self) {
+        let now = snapshot(&self.dir.path().join("ref"));
+        assert_eq!(now.keys().collect::<Vec<_>>(), self.shards.keys().collect::<Vec<_>>(), "files under the shards' folder");
+        for (rel, bytes) in &self.shards {
+            assert!(now[rel] == *bytes, "{} changed", rel.display());
+        }
+    }
+}
+
+/// Every file under `dir` (relative path) and its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
 }
 
 fn fixture() -> &'static Fixture {
@@ -42,7 +72,9 @@ fn fixture() -> &'static Fixture {
             .unwrap();
         assert!(out.status.success(), "make_shards.py: {}", String::from_utf8_lossy(&out.stderr));
         let skips = serde_json::from_slice(&out.stdout).unwrap();
-        Fixture { dir, skips }
+        let shards = snapshot(&dir.path().join("ref"));
+        assert!(shards.len() >= 3 + 3 + 3, "wds, bad-wds, parquet shards: {:?}", shards.keys());
+        Fixture { dir, skips, shards }
     })
 }
 
@@ -295,6 +327,7 @@ fn preprocess_on_shards_equals_the_imagefolders_cache_and_resumes() {
     args.filters = vec!["aesthetic=high".into()];
     let e = run_with(&args, &ToyEncoder { calls: Cell::new(0), fail_after_calls: None }).unwrap_err().to_string();
     assert!(e.contains("--filter aesthetic"), "{e}");
+    f.assert_shards_untouched();
 }
 
 /// `sdkd train` on webdataset and parquet shards trains the same student as on the imagefolder;
@@ -355,6 +388,7 @@ fn train_on_shards_equals_train_on_the_imagefolder() {
         named.extend(seen);
     }
     assert_eq!(named.len(), 4);
+    f.assert_shards_untouched();
 }
 
 #[test]
@@ -391,7 +425,5 @@ fn bad_data_settings_are_clean_errors() {
         assert!(w.contains("all 24 images checked") && w.contains("data.resolution 64") && w.contains("20 px"), "{loc}: {w}");
         assert_eq!(sdkd::data::formats::small_images_warning(rows.as_ref(), 16), None);
     }
-    // The user's shards are only read.
-    let before: Vec<_> = std::fs::read_dir(f.path("ref/wds")).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(before.len(), 3);
+    f.assert_shards_untouched();
 }

@@ -24,9 +24,28 @@ fn quick_demo_runs_the_whole_job() {
         .map(|l| l.trim_end_matches('|').rsplit('|').next().unwrap().trim().parse().unwrap())
         .collect();
     assert!(losses.len() == 4 && losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
-    // the README's sizes: a 3.3M-parameter teacher, a bk_small student of 58.5% of it
-    assert!(report.contains("| teacher | ") && report.contains(" | 3,277,988 | 100.0% |"), "{report}");
-    assert!(report.contains(" | 1,918,660 | 58.5% |"), "{report}");
+    // The README's sizes, counted by diffusers: each exported pipeline loaded by
+    // StableDiffusionPipeline (check_pipeline.py), its UNet's parameters summed there; the report
+    // must give diffusers' counts, and they must be the README's 3.3M teacher and 58.5% student.
+    let diffusers_params = |dir: &str| -> i64 {
+        let o = std::process::Command::new(python())
+            .arg(root().join("tests/reference/check_pipeline.py"))
+            .arg(out.join(dir))
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "check_pipeline.py {dir}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{dir}: {e}"));
+        v["unet_params"].as_i64().unwrap()
+    };
+    let (teacher_n, kd_n, scratch_n) = (diffusers_params("teacher"), diffusers_params("student_kd"), diffusers_params("student_scratch"));
+    let row_params = |row: &str| -> i64 {
+        let line = report.lines().find(|l| l.starts_with(&format!("| {row} |")) && l.matches('|').count() == 8).unwrap_or_else(|| panic!("no row {row}:\n{report}"));
+        line.split('|').nth(3).unwrap().trim().replace(',', "").parse().unwrap()
+    };
+    assert_eq!((row_params("teacher"), row_params("bk_small KD"), row_params("bk_small scratch")), (teacher_n, kd_n, scratch_n), "report vs diffusers:\n{report}");
+    assert_eq!((teacher_n, kd_n), (3_277_988, 1_918_660), "the README's counts vs diffusers'");
+    assert_eq!(format!("{:.1}%", 100.0 * kd_n as f64 / teacher_n as f64), "58.5%");
     let (pruned, kd, scratch) = (losses[1], losses[2], losses[3]);
     eprintln!("held-out loss: pruned {pruned:.4}, KD {kd:.4}, scratch {scratch:.4}: KD {:.1}% lower", 100.0 * (1.0 - kd / scratch));
     // half the measured margin: KD at least 24% below scratch, and training improved on the copy
@@ -58,9 +77,6 @@ fn quick_demo_runs_the_whole_job() {
     }
     // without --inception the report says where the weights come from
     assert!(report.contains("Not computed: pass `--inception <file>`") && report.contains("pt_inception-2015-12-05-6726825d.pth"), "{report}");
-    for dir in ["teacher", "student_kd", "student_scratch"] {
-        run_reference("check_pipeline.py", &[out.join(dir).to_str().unwrap()]);
-    }
     for cfg in ["teacher", "student_kd", "student_scratch"] {
         let path = out.join("configs").join(format!("{cfg}.yaml"));
         sdkd::config::RunConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));

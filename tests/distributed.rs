@@ -43,26 +43,50 @@ fn torchrun() -> PathBuf {
 }
 
 /// `torchrun --no-python ... sdkd train --config cfg`, its output captured.
-fn torchrun_train(torchrun_args: &[&str], cfg: &Path) -> Child {
-    Command::new(torchrun())
-        .arg("--no-python")
+fn torchrun_cmd(torchrun_args: &[&str], cfg: &Path) -> Command {
+    let mut c = Command::new(torchrun());
+    c.arg("--no-python")
         .args(torchrun_args)
         .args([env!("CARGO_BIN_EXE_sdkd"), "train", "--config", cfg.to_str().unwrap()])
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::piped());
+    c
 }
 
-/// Rank `rank` of `world` started as srun would (its launch environment set by hand).
-fn rank_train(rank: usize, world: usize, port: u16, cfg: &Path, extra_args: &[&str]) -> Child {
+fn torchrun_train(torchrun_args: &[&str], cfg: &Path) -> Child {
+    torchrun_cmd(torchrun_args, cfg).spawn().unwrap()
+}
+
+/// A job id whose SLURM port (15000 + id mod 20000, as `distributed::Launch` derives it when
+/// MASTER_PORT is unset) nobody listens on now.
+fn free_slurm_job() -> u16 {
+    // tests run in parallel: each call starts its search elsewhere
+    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let start = ((std::process::id() % 20000) as u16 + 211 * CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % 20000;
+    (0..20000u16)
+        .map(|i| (start + i) % 20000)
+        .find(|id| std::net::TcpListener::bind(("127.0.0.1", 15000 + id)).is_ok())
+        .expect("a free port in 15000-34999")
+}
+
+/// Task `rank` of a `world`-task SLURM job on this node, with the variables srun sets (no
+/// MASTER_ADDR/MASTER_PORT: the store is on the node list's first host at the job's port), one
+/// intra-op thread as torchrun would give it.
+fn rank_train(rank: usize, world: usize, job: u16, cfg: &Path, extra_args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sdkd"))
         .args(["train", "--config", cfg.to_str().unwrap()])
         .args(extra_args)
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
+        .env("OMP_NUM_THREADS", "1")
+        .env("SLURM_PROCID", rank.to_string())
+        .env("SLURM_NTASKS", world.to_string())
+        .env("SLURM_LOCALID", rank.to_string())
+        .env("SLURM_NTASKS_PER_NODE", world.to_string())
+        .env("SLURM_JOB_NODELIST", "localhost")
+        .env("SLURM_JOB_ID", job.to_string())
+        .env_remove("MASTER_ADDR")
+        .env_remove("MASTER_PORT")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -75,8 +99,10 @@ fn succeeded(out: Output, what: &str) -> String {
     format!("{}{err}", String::from_utf8_lossy(&out.stdout))
 }
 
+/// One process, at one intra-op thread as each rank has (see `reference`).
 fn train_one(cfg: &Path, args: &[&str]) -> String {
-    succeeded(sdkd(&[&["train", "--config", cfg.to_str().unwrap()], args].concat()), "one process")
+    let out = Command::new(env!("CARGO_BIN_EXE_sdkd")).args(["train", "--config", cfg.to_str().unwrap()]).args(args).env("OMP_NUM_THREADS", "1").output().unwrap();
+    succeeded(out, "one process, one thread")
 }
 
 /// loss/total per step, read by TensorBoard's own reader.
@@ -87,7 +113,10 @@ fn losses(run: &Path) -> Vec<(i64, f64)> {
     v["scalars"]["loss/total"].as_array().unwrap().iter().map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap())).collect()
 }
 
-/// The 1-process × accum 2 run of 10 steps every data-parallel run here is held to.
+/// The 1-process × accum 2 run of 10 steps every data-parallel run here is held to, at one
+/// intra-op thread as each rank has (torchrun sets OMP_NUM_THREADS=1). At LibTorch's default
+/// thread count (all cores) the one process's kernels sum in another order, and the two runs
+/// drift apart: measured 3e-4 relative after 6 steps (bk_tiny, lr 1e-3).
 fn reference() -> &'static Path {
     static R: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     let (_keep, run) = R.get_or_init(|| {
@@ -139,10 +168,28 @@ fn two_ranks_compute_the_run_of_one_process_with_doubled_accum() {
     let reference = reference();
     let tmp = tempdir();
     let port = free_port().to_string();
-    let child = torchrun_train(&["--nproc-per-node", "2", "--master-port", &port], &config(tmp.path(), 1, 10, ""));
+    let states = tmp.path().join("rank-state");
+    let mut cmd = torchrun_cmd(&["--nproc-per-node", "2", "--master-port", &port], &config(tmp.path(), 1, 10, ""));
+    let child = cmd.env(sdkd::distill::trainer::RANK_STATE_DIR, &states).spawn().unwrap();
     let log = succeeded(child.wait_with_output().unwrap(), "torchrun --nproc-per-node 2");
     let run = tmp.path().join("run");
     assert_identical_every_step(&log, 1..=10);
+    // the same, read from each rank's own copy (not through sdkd's checksum): rank 1's student
+    // and EMA equal rank 0's at the start and after every step, and rank 0's are the checkpoints'
+    // (the last 3 kept)
+    for step in 0..=10 {
+        let (r0, r1) = (read_tensors(&states.join(format!("rank-0/step-{step}.safetensors"))), read_tensors(&states.join(format!("rank-1/step-{step}.safetensors"))));
+        assert!(r0.len() > 100 && r0.keys().any(|k| k.starts_with("ema.")), "step {step}: {} tensors", r0.len());
+        assert_eq!(r0.keys().collect::<Vec<_>>(), r1.keys().collect::<Vec<_>>());
+        for (k, v) in &r0 {
+            assert!(v.equal(&r1[k]), "step {step}: rank 1's {k} differs from rank 0's");
+        }
+        if step >= 8 {
+            for (k, v) in read_tensors(&step_dir(&run, step).join("student.safetensors")) {
+                assert!(v.equal(&r0[&format!("student.{k}")]), "step {step}: checkpoint's {k} vs rank 0's");
+            }
+        }
+    }
     assert_eq!(log.matches("finished at step 10").count(), 1, "only rank 0 reports:\n{log}");
     assert_losses_match(&run, 1..=10);
     assert_close_checkpoints(&step_dir(&run, 10), &step_dir(reference, 10));
@@ -194,81 +241,140 @@ fn a_run_resumes_across_world_sizes_at_the_same_global_batch() {
     assert!(!elsewhere.path().join("run").exists(), "a refused resume writes nothing");
 }
 
+/// SIGTERM to rank 1, then (resumed) to rank 0: each time every rank exits 0 after one
+/// checkpoint, and the run resumed once more finishes as the reference's.
 #[test]
 fn sigterm_to_one_rank_stops_all_with_one_checkpoint_and_the_run_resumes() {
     let reference = reference();
     let tmp = tempdir();
     let no_periodic = "checkpoint:\n  every: 1000\n  keep: 3\n";
     let cfg = config(tmp.path(), 1, 10, no_periodic);
-    let port = free_port();
-    let mut ranks: Vec<Child> = (0..2).map(|r| rank_train(r, 2, port, &cfg, &[])).collect();
-    // once rank 0 has logged step 2, SIGTERM rank 1 alone
-    let stderr = ranks[0].stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line.clone());
-            all.push_str(&line);
-            all.push('\n');
+    let mut stopped = 0;
+    for (victim, resume) in [(1usize, false), (0, true)] {
+        let job = free_slurm_job();
+        let args: &[&str] = if resume { &["--resume", "latest"] } else { &[] };
+        let mut ranks: Vec<Child> = (0..2).map(|r| rank_train(r, 2, job, &cfg, args)).collect();
+        // once rank 0 has logged a step past the one it started from, SIGTERM the victim alone
+        let stderr = ranks[0].stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut all = String::new();
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line.clone());
+                all.push_str(&line);
+                all.push('\n');
+            }
+            all
+        });
+        let t0 = Instant::now();
+        while let Ok(line) = rx.recv_timeout(Duration::from_secs(120).saturating_sub(t0.elapsed())) {
+            let step = line.strip_prefix("step ").and_then(|l| l.split('/').next()).and_then(|n| n.parse::<u64>().ok());
+            if step.is_some_and(|s| s >= stopped + 2) {
+                unsafe { libc_kill(ranks[victim].id() as i32, 15) };
+                break;
+            }
         }
-        all
-    });
-    let t0 = Instant::now();
-    while let Ok(line) = rx.recv_timeout(Duration::from_secs(120).saturating_sub(t0.elapsed())) {
-        if line.starts_with("step 2/10") {
-            unsafe { libc_kill(ranks[1].id() as i32, 15) };
-            break;
+        let outs: Vec<Output> = ranks.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+        let log0 = reader.join().unwrap();
+        for (r, out) in outs.iter().enumerate() {
+            assert_eq!(out.status.code(), Some(0), "SIGTERM to rank {victim}: rank {r} exits 0:\n{log0}\n{}", String::from_utf8_lossy(&out.stderr));
         }
+        assert!(String::from_utf8_lossy(&outs[0].stdout).contains("interrupted at step"), "{log0}");
+        let ckpts = sdkd::distill::checkpoint::list(&tmp.path().join("run")).unwrap();
+        assert_eq!(ckpts.len(), 1 + usize::from(resume), "one checkpoint per stop: {ckpts:?}");
+        let newest = ckpts.iter().map(|c| c.0).max().unwrap();
+        assert!((stopped + 1..10).contains(&newest), "SIGTERM to rank {victim}: stopped at step {newest}, after {stopped}");
+        stopped = newest;
     }
-    let outs: Vec<Output> = ranks.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
-    let log0 = reader.join().unwrap();
-    for (r, out) in outs.iter().enumerate() {
-        assert_eq!(out.status.code(), Some(0), "rank {r} exits 0 after a signal:\n{log0}\n{}", String::from_utf8_lossy(&out.stderr));
-    }
-    assert!(String::from_utf8_lossy(&outs[0].stdout).contains("interrupted at step"), "{log0}");
-    let ckpts = sdkd::distill::checkpoint::list(&tmp.path().join("run")).unwrap();
-    assert_eq!(ckpts.len(), 1, "one checkpoint: {ckpts:?}");
-    let stopped = ckpts[0].0;
-    assert!((1..10).contains(&stopped), "stopped at step {stopped}");
     // resumed on 2 ranks again, it finishes the reference's run
-    let port = free_port();
-    let ranks: Vec<Child> = (0..2).map(|r| rank_train(r, 2, port, &cfg, &["--resume", "latest"])).collect();
+    let job = free_slurm_job();
+    let ranks: Vec<Child> = (0..2).map(|r| rank_train(r, 2, job, &cfg, &["--resume", "latest"])).collect();
     for c in ranks {
         succeeded(c.wait_with_output().unwrap(), "resumed rank");
     }
     assert_close_checkpoints(&step_dir(&tmp.path().join("run"), 10), &step_dir(reference, 10));
 }
 
+/// kill -9 of rank 1, then (another run) of rank 0, which hosts the rendezvous store: the
+/// survivor exits 1 naming the lost rank within train.dist_timeout_s (5 s) + 6 s (measured:
+/// 3.2 s after rank 1's death; 8.6 s after rank 0's, whose store the survivor waits on for the
+/// timeout before naming it), and every checkpoint folder left is complete.
 #[test]
 fn a_killed_rank_fails_the_survivor_within_the_timeout_naming_it() {
-    let tmp = tempdir();
-    let cfg = config(tmp.path(), 1, 500, "");
-    let port = free_port();
-    let mut ranks: Vec<Child> = (0..2).map(|r| rank_train(r, 2, port, &cfg, &["--quiet"])).collect();
-    let second = step_dir(&tmp.path().join("run"), 2);
-    let t0 = Instant::now();
-    while !second.exists() && t0.elapsed() < Duration::from_secs(120) {
-        std::thread::sleep(Duration::from_millis(10));
+    for victim in [1, 0] {
+        let tmp = tempdir();
+        let cfg = config(tmp.path(), 1, 500, "");
+        let job = free_slurm_job();
+        let mut ranks: Vec<Child> = (0..2).map(|r| rank_train(r, 2, job, &cfg, &["--quiet"])).collect();
+        let second = step_dir(&tmp.path().join("run"), 2);
+        let t0 = Instant::now();
+        while !second.exists() && t0.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ranks[victim].kill().unwrap(); // SIGKILL
+        let killed = Instant::now();
+        let _ = ranks[victim].wait();
+        let survivor = ranks.remove(1 - victim).wait_with_output().unwrap();
+        let took = killed.elapsed();
+        let err = String::from_utf8_lossy(&survivor.stderr);
+        eprintln!("rank {victim} killed: the survivor exited after {took:?}");
+        assert_eq!(survivor.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("lost rank {victim} of 2")), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(took < Duration::from_secs(5 + 6), "the survivor took {took:?} (train.dist_timeout_s: 5)");
+        // every checkpoint folder there is complete, and the newest loads
+        let run = tmp.path().join("run");
+        let complete = sdkd::distill::checkpoint::list(&run).unwrap();
+        let folders = std::fs::read_dir(run.join("checkpoints")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("step-")).count();
+        assert!(!complete.is_empty() && complete.len() == folders, "{complete:?} of {folders} folders");
+        let newest = sdkd::distill::checkpoint::resolve(&run, "latest").unwrap();
+        newest.read_state().unwrap();
     }
-    ranks[1].kill().unwrap(); // SIGKILL
-    let killed = Instant::now();
-    let _ = ranks[1].wait();
-    let survivor = ranks.remove(0).wait_with_output().unwrap();
-    let took = killed.elapsed();
-    let err = String::from_utf8_lossy(&survivor.stderr);
-    assert_eq!(survivor.status.code(), Some(1), "{err}");
-    assert!(err.contains("lost rank 1 of 2"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
-    assert!(took < Duration::from_secs(5 + 3), "the survivor took {took:?} (train.dist_timeout_s: 5)");
-    // every checkpoint folder there is complete, and the newest loads
-    let run = tmp.path().join("run");
-    let complete = sdkd::distill::checkpoint::list(&run).unwrap();
-    let folders = std::fs::read_dir(run.join("checkpoints")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("step-")).count();
-    assert!(!complete.is_empty() && complete.len() == folders, "{complete:?} of {folders} folders");
-    let newest = sdkd::distill::checkpoint::resolve(&run, "latest").unwrap();
-    newest.read_state().unwrap();
+}
+
+/// The negative control of the rank check: rank 1 started with another learning rate takes
+/// another AdamW step from the same averaged gradients. Step 1's learning rate is 0 on both (the
+/// first of 2 warm-up steps), so the ranks part at step 2: that comparison fails both ranks with
+/// exit 1, naming rank 1, and the ranks' own copies show what the checksum reported: equal at the
+/// start and after step 1, not after step 2.
+#[test]
+fn a_diverged_rank_is_caught_by_the_rank_check() {
+    let tmp = tempdir();
+    let (cfg, other) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::create_dir_all(&other).unwrap();
+    let cfg = config(&cfg, 1, 3, "");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("lr: 1.0e-3"));
+    std::fs::write(other.join("run.yaml"), text.replace("lr: 1.0e-3", "lr: 2.0e-3")).unwrap();
+    let states = tmp.path().join("rank-state");
+    let port = free_port();
+    let ranks: Vec<Child> = [(0, cfg.clone()), (1, other.join("run.yaml"))]
+        .into_iter()
+        .map(|(r, c)| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdkd"));
+            cmd.args(["train", "--quiet", "--config", c.to_str().unwrap()])
+                .envs([("OMP_NUM_THREADS", "1"), ("RANK", &r.to_string()), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &port.to_string())])
+                .env(sdkd::distill::trainer::RANK_STATE_DIR, &states)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            cmd.spawn().unwrap()
+        })
+        .collect();
+    for (r, c) in ranks.into_iter().enumerate() {
+        let out = c.wait_with_output().unwrap();
+        assert_clean_failure(&out, "at step 2, the student and EMA of rank(s) 1 differ from rank 0's");
+        eprintln!("rank {r}: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+    }
+    let differing = |step: u64| -> usize {
+        let (a, b) = (read_tensors(&states.join(format!("rank-0/step-{step}.safetensors"))), read_tensors(&states.join(format!("rank-1/step-{step}.safetensors"))));
+        a.iter().filter(|(k, v)| !v.equal(&b[*k])).count()
+    };
+    assert_eq!(differing(0), 0, "rank 0's weights broadcast at the start");
+    assert_eq!(differing(1), 0, "step 1 at learning rate 0");
+    assert!(differing(2) > 100, "step 2: {} tensors differ", differing(2));
+    assert!(!states.join("rank-0/step-3.safetensors").exists(), "the run went on after the divergence");
 }
 
 #[test]
@@ -292,4 +398,19 @@ fn bad_launch_environments_are_exit_1_errors() {
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// `sdkd --version` states the build's process groups. The main build is against the `.venv`'s
+/// CUDA torch wheel with the CUDA and NCCL headers `make setup` adds, so it has NCCL.
+#[test]
+fn the_build_states_its_process_groups() {
+    let out = sdkd(&["--version"]);
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{version}");
+    eprintln!("{}", version.trim());
+    assert!(version.starts_with(&format!("sdkd {} (LibTorch ", env!("CARGO_PKG_VERSION"))), "{version}");
+    let cuda = root().join(".venv/libtorch/lib/libtorch_cuda.so").exists();
+    assert_eq!(cuda, version.contains(", CUDA,"), "{version}");
+    let groups = if cuda { "process groups: gloo nccl)" } else { "process groups: gloo)" };
+    assert!(version.trim_end().ends_with(groups), "{version}: expected {groups}");
 }

@@ -131,6 +131,47 @@ fn sigterm_checkpoints_and_resume_finishes_the_same_run() {
     assert_same_checkpoint(&straight.path().join("run/checkpoints/step-30"), &cut.path().join("run/checkpoints/step-30"));
 }
 
+/// A second signal exits at once with 130 (README, "A distillation run"; docs/distributed.md),
+/// without waiting for the step or its checkpoint; the checkpoints already written stay complete
+/// and the newest loads.
+#[test]
+fn a_second_signal_exits_at_once_with_130() {
+    let tmp = tempdir();
+    let cfg = config(tmp.path(), 10_000, "");
+    let child = Command::new(env!("CARGO_BIN_EXE_sdkd"))
+        .args(["train", "--quiet", "--config", cfg.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let first = tmp.path().join("run/checkpoints/step-3");
+    let t0 = std::time::Instant::now();
+    while !first.exists() && t0.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // two different signals, so that the second cannot merge with a still-pending first
+    unsafe {
+        libc_kill(child.id() as i32, 15);
+        libc_kill(child.id() as i32, 2);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(130), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("interrupted at step"), "the first signal's orderly stop was not waited for: {stdout}");
+    let run = tmp.path().join("run");
+    sdkd::distill::checkpoint::resolve(&run, "latest").unwrap().read_state().unwrap();
+}
+
+/// Bad command-line usage (clap's errors) exits 2, not 1.
+#[test]
+fn usage_errors_exit_2() {
+    for args in [&["train"][..], &["frobnicate"], &["train", "--config", "run.yaml", "--no-such-flag"], &["eval", "fid", "--dims", "sixty"]] {
+        let out = sdkd(args);
+        assert_eq!(out.status.code(), Some(2), "sdkd {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
+    }
+}
+
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
@@ -229,7 +270,7 @@ fn eval_networks() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
 /// `validation.eval` at steps 2 and 4 with FID, IS and CLIP: TensorBoard gets the scalars at both
 /// steps, `eval/step-N/report.json` holds them, only the newest step keeps its images, and the
 /// last evaluation is exactly what `sdkd eval --model --unet <checkpoint> --ema` measures on the
-/// run's final checkpoint (same images, byte for byte, and the same numbers).
+/// run's final checkpoint (the same decoded pixels, and FID/IS/CLIP within 1e-6 relative).
 #[test]
 fn validation_eval_logs_the_metrics_sdkd_eval_gives_for_the_checkpoint() {
     let (_, inception, clip) = eval_networks();

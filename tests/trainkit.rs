@@ -73,7 +73,8 @@ fn adamw_clip_schedules_and_ema_match_torch() {
     let norm_err = r.norms.iter().zip(&ref_norms).map(|(a, &b)| ((a - b as f64) / b as f64).abs()).fold(0.0, f64::max);
     let clipped = ref_norms.iter().filter(|&&n| n > 1.0).count();
     eprintln!("clip_grad_norm: max rel err of total norm over {STEPS} steps {norm_err:.3e} ({clipped} steps clipped)");
-    assert!(norm_err <= 1e-6 && clipped > 30 && clipped < STEPS - 30, "norm err {norm_err}, clipped {clipped}");
+    // the same float32 norm as torch's clip_grad_norm_ (both _foreach_norm), every step
+    assert!(norm_err == 0.0 && clipped > 30 && clipped < STEPS - 30, "norm err {norm_err}, clipped {clipped}");
 
     // Parameters against each torch AdamW implementation, moments and steps against the default.
     let mut worst = BTreeMap::new();
@@ -85,8 +86,9 @@ fn adamw_clip_schedules_and_ema_match_torch() {
         }
     }
     eprintln!("AdamW final params, max rel err vs torch: {worst:?}");
+    // docs/benchmarks.md: within 5e-7 of the single-tensor and foreach paths (measured 4.6e-7)
     for (variant, e) in &worst {
-        assert!(*e <= 1e-6, "AdamW vs torch {variant}: rel err {e}");
+        assert!(*e <= 5e-7, "AdamW vs torch {variant}: rel err {e}");
     }
     // sdkd calls the kernel of torch.optim.AdamW(fused=True): bit-identical to it.
     for (name, p) in &r.params {

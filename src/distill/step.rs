@@ -120,8 +120,13 @@ impl Distiller {
     /// The student's tensors then the EMA's, in a fixed order: what the ranks of a data-parallel
     /// run broadcast at start and compare by checksum.
     pub fn state_tensors(&self) -> Vec<Tensor> {
-        let mut state: Vec<Tensor> = weights::named_tensors(&self.student.vs).into_iter().map(|(_, t)| t).collect();
-        state.extend(self.ema.iter().flat_map(|e| e.state_tensors().into_iter().map(|(_, t)| t)));
+        self.named_state_tensors().into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// `state_tensors` named `student.<param>` and `ema.<param>` (what `SDKD_RANK_STATE_DIR` writes).
+    pub fn named_state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut state: Vec<(String, Tensor)> = weights::named_tensors(&self.student.vs).into_iter().map(|(n, t)| (format!("student.{n}"), t)).collect();
+        state.extend(self.ema.iter().flat_map(|e| e.state_tensors().into_iter().map(|(n, t)| (format!("ema.{n}"), t))));
         state
     }
 

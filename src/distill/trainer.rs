@@ -32,7 +32,7 @@ use crate::pipeline::{prompt_rows, GenerateRequest, Parts};
 use crate::png_meta::write_png;
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -122,6 +122,12 @@ pub struct Trainer {
 
 /// The config that identifies a run of `cfg` on `world` ranks: micro-batches per step counted
 /// over all of them, so 2 ranks × accum 1 and 1 rank × accum 2 are the same run.
+/// A folder where every rank of a data-parallel run writes the student and EMA it holds at each
+/// cross-rank comparison (start, checkpoints, end): `rank-R/step-N.safetensors` (names prefixed
+/// `student.` / `ema.`). For looking into a divergence, and for tests/distributed.rs to compare
+/// the ranks without trusting the checksum (docs/distributed.md).
+pub const RANK_STATE_DIR: &str = "SDKD_RANK_STATE_DIR";
+
 pub fn identity_config(cfg: &RunConfig, world: usize) -> RunConfig {
     let mut c = cfg.clone();
     c.train.grad_accum *= world;
@@ -528,7 +534,14 @@ impl Trainer {
     /// differ); a line for rank 0 to print when they agree, None for one process.
     fn check_ranks_agree(&self) -> Result<Option<String>> {
         let Some(ranks) = &self.ranks else { return Ok(None) };
-        let sum = checksum(&self.distiller.state_tensors());
+        let named = self.distiller.named_state_tensors();
+        if let Some(dir) = std::env::var_os(RANK_STATE_DIR) {
+            // before the comparison, so that a rank that differs leaves what it held
+            let file = Path::new(&dir).join(format!("rank-{}", ranks.rank())).join(format!("step-{}.safetensors", self.step));
+            std::fs::create_dir_all(file.parent().unwrap()).with_context(|| format!("{RANK_STATE_DIR}: creating {}", file.parent().unwrap().display()))?;
+            weights::save(&file, &named, None).with_context(|| format!("{RANK_STATE_DIR}: writing {}", file.display()))?;
+        }
+        let sum = checksum(&named.into_iter().map(|(_, t)| t).collect::<Vec<_>>());
         ranks.check_same(sum, &format!("at step {}, the student and EMA", self.step))?;
         Ok(Some(format!("step {}: student and EMA bit-identical on all {} ranks (checksum {:016x})", self.step, ranks.size(), sum as u64)))
     }

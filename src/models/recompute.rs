@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tch::Tensor;
 
 /// What `train.gradient_checkpointing` recomputes in backward.
@@ -46,6 +47,17 @@ pub enum Region {
     Layer,
     /// A spatial transformer.
     Attention,
+}
+
+/// Regions checkpointed (forwards run without keeping activations) and region runs (those
+/// forwards and their recomputations in backward), process-wide: after a backward the runs are
+/// twice the regions when every region was recomputed once (`tests/memory.rs`).
+static CHECKPOINTED: AtomicU64 = AtomicU64::new(0);
+static RUNS: AtomicU64 = AtomicU64::new(0);
+
+/// (regions checkpointed, region runs) so far in this process; see `CHECKPOINTED`.
+pub fn counts() -> (u64, u64) {
+    (CHECKPOINTED.load(Ordering::Relaxed), RUNS.load(Ordering::Relaxed))
 }
 
 type RegionFn<'a> = dyn Fn(&[Tensor], &Recompute<'a>) -> Vec<Tensor> + 'a;
@@ -106,6 +118,7 @@ impl<'a> Recompute<'a> {
             aliases.reverse();
             return f(&aliases, self);
         };
+        CHECKPOINTED.fetch_add(1, Ordering::Relaxed);
         let closure: Box<Box<RegionFn<'a>>> = Box::new(Box::new(f));
         let closure_ptr = &*closure as *const Box<RegionFn<'a>> as *const c_void;
         self.closures.borrow_mut().push(closure);
@@ -166,6 +179,7 @@ unsafe extern "C" fn run_region(closure: *const c_void, inputs: *mut *mut c_void
     // SAFETY: `n` new at::Tensor* handed over to us.
     let xs: Vec<Tensor> = (0..n as usize).map(|i| unsafe { Tensor::from_ptr((*inputs.add(i)).cast()) }).collect();
     let inner = Recompute::off();
+    RUNS.fetch_add(1, Ordering::Relaxed);
     match catch_unwind(AssertUnwindSafe(|| f(&xs, &inner))) {
         Ok(outputs) => {
             for t in &outputs {

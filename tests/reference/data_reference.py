@@ -5,9 +5,9 @@
                                         what Pillow's Image.open(f).convert("RGB") reads from each.
     data_reference.py transform <dir>   writes noise images of awkward sizes, cases.json, and
                                         expected.safetensors: train_text_to_image.py's torchvision pipeline on each
-                                        (Resize(res, BILINEAR) -> crop -> flip -> ToTensor -> Normalize(0.5, 0.5)),
-                                        computed with Pillow and numpy (torchvision is not installed; for
-                                        PIL images it calls exactly these Pillow operations).
+                                        (Resize(res, BILINEAR) -> CenterCrop or crop -> hflip -> ToTensor ->
+                                        Normalize(0.5, 0.5)), run by torchvision itself (pinned in
+                                        scripts/constraints.txt) on the PIL image.
 """
 import json
 import os
@@ -49,28 +49,28 @@ def formats(out):
     save_file(decoded, os.path.join(out, "decoded.safetensors"))
 
 
-def resized_size(w, h, size):
-    """torchvision.transforms.functional._compute_resized_output_size for an int size."""
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    return (new_short, new_long) if w <= h else (new_long, new_short)
-
-
 def pipeline(img, res, center, left, top, flip):
-    w, h = img.size
-    nw, nh = resized_size(w, h, res)
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BILINEAR)
-    if center:  # torchvision CenterCrop: int(round((size - crop) / 2.0))
+    """train_text_to_image.py's transforms, by torchvision, with a given crop offset unless
+    `center`. Returns the cropped pixels, the normalised tensor, the crop offset and whether the
+    resize left the size as it was."""
+    from torchvision import transforms
+    from torchvision.transforms import functional as TF
+
+    size = img.size
+    img = transforms.Resize(res, interpolation=transforms.InterpolationMode.BILINEAR)(img)
+    nw, nh = img.size
+    if center:
+        img = transforms.CenterCrop(res)(img)
+        # the offset CenterCrop used (torchvision's center_crop: int(round((size - crop) / 2.0))),
+        # for cases.json; checked against the crop itself below
         left, top = int(round((nw - res) / 2.0)), int(round((nh - res) / 2.0))
-    img = img.crop((left, top, left + res, top + res))
+    else:
+        img = TF.crop(img, top, left, res, res)
     if flip:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = TF.hflip(img)
     pixels = np.asarray(img, dtype=np.uint8).copy()
-    x = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255)  # ToTensor
-    x = (x - np.float32(0.5)) / np.float32(0.5)  # Normalize([0.5], [0.5])
-    # safetensors.numpy writes arrays in memory order: make the transposed result C-contiguous.
-    return pixels, np.ascontiguousarray(x), left, top
+    x = transforms.Normalize([0.5], [0.5])(transforms.ToTensor()(img)).numpy()
+    return pixels, np.ascontiguousarray(x), left, top, (nw, nh) == size
 
 
 def transform(out):
@@ -95,11 +95,15 @@ def transform(out):
         name = f"case{i}.png"
         noise = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         Image.fromarray(noise).save(os.path.join(out, name))
-        pixels, x, left, top = pipeline(Image.open(os.path.join(out, name)).convert("RGB"), res, center, left, top, flip)
+        source = Image.open(os.path.join(out, name)).convert("RGB")
+        pixels, x, left, top, resize_free = pipeline(source, res, center, left, top, flip)
+        if center:  # the offset recorded is the one CenterCrop took
+            again, _, _, _, _ = pipeline(source, res, False, left, top, flip)
+            assert np.array_equal(again, pixels), f"case {i}: CenterCrop's offset is not ({left}, {top})"
         expected[f"{i}.pixels"] = pixels
         expected[f"{i}.tensor"] = x
         meta.append({"file": name, "resolution": res, "center_crop": center, "left": left, "top": top, "flip": flip,
-                     "resize_free": resized_size(w, h, res) == (w, h)})
+                     "resize_free": resize_free})
     save_file(expected, os.path.join(out, "expected.safetensors"))
     with open(os.path.join(out, "cases.json"), "w") as f:
         json.dump(meta, f)
