@@ -96,6 +96,14 @@ nvidia=$("$python" -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__)
 export SDKD_CUDA_INCLUDE=$nvidia/cu13/include:$nvidia/cu13/include/cccl:$nvidia/nccl/include
 export LIBTORCH=$libtorch LIBTORCH_CXX11_ABI=1 CARGO_TARGET_DIR=$target_dir
 (cd "$src" && cargo build --release --bin sdkd)
+# It must have the NCCL process group (build.rs compiles it out, with a warning, when the CUDA
+# and NCCL headers are missing; `sdkd --version` says which it has).
+nvidia_libs=$(ls -d "$root"/.venv/lib/python3*/site-packages/nvidia/*/lib 2>/dev/null | paste -sd: -)
+version=$(LD_LIBRARY_PATH="$libtorch/lib:$nvidia_libs" "$target_dir/release/sdkd" --version)
+case "$version" in
+  *"process groups: gloo nccl"*) step "built: $version" ;;
+  *) echo "gpu-build: $version: built without NCCL; the GPU build needs the CUDA and NCCL headers (SDKD_CUDA_INCLUDE: $SDKD_CUDA_INCLUDE)" >&2; exit 1 ;;
+esac
 # The mixed-precision test (tests/precision.rs) as a binary: on the device it runs its CUDA case.
 precision_test=$(cd "$src" && cargo test --release --test precision --no-run --message-format=json 2>/dev/null |
   "$python" -c 'import json, sys
@@ -119,10 +127,15 @@ echo "$tch_version" > "$out.partial/tch-version"
 git rev-parse --short HEAD > "$out.partial/commit" 2>/dev/null || echo unknown > "$out.partial/commit"
 echo "$site" > "$out.partial/build-torch-site"   # what the dry run here imports as the device's torch
 
-# The 2.11 binary runs here on that LibTorch and the .venv's CUDA libraries: it makes the CPU
-# references, so they are what this very binary computes on the CPU.
-nvidia_libs=$(ls -d "$root"/.venv/lib/python3*/site-packages/nvidia/*/lib 2>/dev/null | paste -sd: -)
+# The 2.11 binary runs here on that LibTorch and the .venv's CUDA libraries (fixtures, configs).
+# The CPU references of gpu-check.sh's stage 1 come from another build, the main one (LibTorch
+# 2.13, target/release/sdkd): a reference the checked binary made itself would pass whatever it
+# computes.
 sdkd() { LD_LIBRARY_PATH="$libtorch/lib:$nvidia_libs" "$out.partial/bin/sdkd" "$@"; }
+step "the main build, for the references (cargo build --release)"
+(unset LIBTORCH LIBTORCH_CXX11_ABI CARGO_TARGET_DIR SDKD_CUDA_INCLUDE; cargo build --release --bin sdkd)
+ref_sdkd() { env -u LD_LIBRARY_PATH "$root/target/release/sdkd" "$@"; }
+echo "$(ref_sdkd --version), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), target/release/sdkd" > "$out.partial/reference/made-by"
 
 step "fixtures: tiny pipeline, synthetic data, CPU references"
 "$python" tests/reference/make_pipeline.py "$out.partial/pipeline" --stages 4 --sample-size 8 --scheduler ddpm \
@@ -137,7 +150,7 @@ for path in glob.glob(f"{sys.argv[1]}/*/*.safetensors"):
     save_file({k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
 EOF
 sdkd synth --out "$out.partial/data" --count 40 --resolution 16 >/dev/null
-sdkd generate --model "$out.partial/pipeline" --prompt "two small red circles on a blue background" --scheduler unipc \
+ref_sdkd generate --model "$out.partial/pipeline" --prompt "two small red circles on a blue background" --scheduler unipc \
   --steps 20 --seed 1 --width 32 --height 32 --device cpu --out "$out.partial/reference/cpu.png" >/dev/null
 
 # The run YAML of gpu-check.sh's training stages (@...@ filled in there): the tiny pipeline as
@@ -171,13 +184,13 @@ log:
 validation:
   every: 0
 EOF
-# Its losses on the CPU (one "step N/M (..%) loss X" line per step on stderr) are the curve that
-# CUDA must follow.
+# Its losses on the CPU by the main build (one "step N/M (..%) loss X" line per step on stderr)
+# are the curve that CUDA (and, in the dry run, the 2.11 build on the CPU) must follow.
 ref_run=$out.partial/reference/train
 mkdir -p "$ref_run"
 sed -e "s|@ROOT@|$out.partial|" -e "s|@RUN@|$ref_run/run|" -e "s|@STEPS@|20|" -e "s|@DEVICE@|cpu|" \
   -e "s|@PRECISION@|fp32|" "$out.partial/train.yaml.in" > "$ref_run/run.yaml"
-sdkd train --config "$ref_run/run.yaml" > /dev/null 2> "$ref_run/log.txt" || { cat "$ref_run/log.txt" >&2; exit 1; }
+ref_sdkd train --config "$ref_run/run.yaml" > /dev/null 2> "$ref_run/log.txt" || { cat "$ref_run/log.txt" >&2; exit 1; }
 sed -n 's|^step \([0-9]*\)/[0-9]* ([0-9.]*%) loss \([^ ]*\) .*|\1 \2|p' "$ref_run/log.txt" > "$out.partial/reference/cpu-losses.txt"
 if [ "$(wc -l < "$out.partial/reference/cpu-losses.txt")" != 20 ]; then
   echo "gpu-build: the CPU run did not log 20 losses" >&2; cat "$ref_run/log.txt" >&2; exit 1

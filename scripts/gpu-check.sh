@@ -17,8 +17,10 @@
 #   4. data parallel: the 20 fp32 steps as a one-rank data-parallel run (WORLD_SIZE=1 set by
 #      hand, then under torchrun): NCCL on CUDA (Gloo in the dry run), against the CPU curve.
 # Each command has its own timeout and a stage is skipped, not cut, when the time left cannot
-# hold it. The report is ${OUT:-gpu-out}/gpu-check.md (logs beside it); exit 0 when every stage
-# that ran passed.
+# hold it. The report is ${OUT:-gpu-out}/gpu-check.md (logs beside it); exit 0 only when every
+# stage passed: a SKIP (out of time, a table row not run) fails the check like a FAIL, except
+# the one expected skip, "SKIP (expected)": the CUDA case of tests/precision.rs in the dry run
+# (no GPU there).
 #
 # usage: scripts/gpu-check.sh [--cpu-dry-run]
 #   --cpu-dry-run  every stage on this machine's CPU with the same gpu-bin/ (tiny shapes for the
@@ -58,10 +60,11 @@ t() {
   (( s < 1 )) && return 124
   timeout --kill-after=5 "$s" "$@"
 }
-results=()   # "stage|verdict|detail"
+results=()   # "stage|verdict|detail"; verdicts PASS, FAIL, SKIP, "SKIP (expected)"
 record() { results+=("$1|$2|$3"); say ""; say "**$1: $2** ($3)"; }
 
 [ -x "$bin/bin/sdkd" ] || die "gpu-bin/bin/sdkd missing: run scripts/gpu-build.sh on the build machine and carry gpu-bin"
+[ -e "$bin/reference/made-by" ] || die "gpu-bin/reference/made-by missing: gpu-bin/ is from an older scripts/gpu-build.sh, rebuild it"
 want_torch=$(cat "$bin/torch-version")
 
 # --- The Python with this machine's torch, its libraries, the carried wheels ---------------------
@@ -143,6 +146,10 @@ if ! $dry; then
   say "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -1)"
 fi
 say "Ran: $sdkd (LD_LIBRARY_PATH from $torch_dir/lib)"
+version=$("$sdkd" --version 2>&1) || die "$sdkd --version failed: $version"
+say "Its build: $version"
+case "$version" in *"process groups: gloo nccl"*) ;; *) die "gpu-bin's sdkd has no NCCL process group ($version): scripts/gpu-build.sh refuses such a build" ;; esac
+say "The CPU references (stage 1) were made by another build: $(cat "$bin/reference/made-by")"
 say "Wheels installed into a temporary --target: $(grep '^installing' "$out/logs/wheels.txt" | cut -d' ' -f2 | paste -sd' ' -)$(grep '^not carried' "$out/logs/wheels.txt" | sed 's/^/; /')"
 (( wheels_rc == 0 )) || { cat "$out/logs/wheels.txt"; die "installing the carried wheels failed (logs/wheels.txt)"; }
 t 60 "$py" -c 'import diffusers; print(diffusers.__version__)' > "$out/logs/diffusers.txt" 2>&1 ||
@@ -153,8 +160,10 @@ say "diffusers $(tail -1 "$out/logs/diffusers.txt") from the carried wheel"
 say ""
 say "## 1. Correctness in fp32 on $dev"
 if $dry; then
-  # the references were made by this binary on the CPU: anything but identical is a bug
-  image_tol="0 0"; loss_tol=0; first_tol=0
+  # The references were made by the main build (LibTorch 2.13) on the CPU, this is the 2.11
+  # build on the same CPU: the same arithmetic on another LibTorch's CPU kernels. Held to the
+  # CUDA stage's tolerances until a dry run has measured how far apart the two builds are.
+  image_tol="0.5 8"; loss_tol=1e-2; first_tol=1e-3
 else
   # LibTorch lets cuDNN use TF32 for fp32 convolutions (its default on Ampere and later) and CUDA
   # kernels sum in other orders than the CPU's: a close image, not the same bytes.
@@ -261,9 +270,16 @@ say "## 2. Mixed precision on $dev"
 # tests/precision.rs, built as a binary: on CUDA its ignored case, bf16/fp16 against fp32 there.
 filter=(); $dry || filter=(--include-ignored)
 if t 120 "$bin/bin/precision-test" "${filter[@]}" > "$out/logs/precision-test.txt" 2>&1; then
-  record "2a tests/precision.rs" PASS "$(grep -E '^test result' "$out/logs/precision-test.txt" | head -1); $($dry && echo 'the CUDA case is ignored on the CPU' || echo 'with its CUDA case')"
+  record "2a tests/precision.rs" PASS "$(grep -E '^test result' "$out/logs/precision-test.txt" | head -1); $($dry && echo 'its CPU cases' || echo 'with its CUDA case')"
 else
   record "2a tests/precision.rs" FAIL "$(grep -E 'panicked|FAILED|test result' "$out/logs/precision-test.txt" | head -3 | tr '\n' ' ')"
+fi
+if $dry; then
+  if grep -qE '^test result: ok\. [0-9]+ passed; 0 failed; 1 ignored' "$out/logs/precision-test.txt"; then
+    record "2a' tests/precision.rs, CUDA case" "SKIP (expected)" "no GPU in the dry run: its one ignored case"
+  else
+    record "2a' tests/precision.rs, CUDA case" FAIL "expected exactly one ignored case (the CUDA one): $(grep -E '^test result' "$out/logs/precision-test.txt" | head -1)"
+  fi
 fi
 for precision in bf16 fp16; do
   if (( $(left) < 40 )); then record "2b $precision training" SKIP "out of time"; continue; fi
@@ -341,10 +357,10 @@ say "|---|---|---|---|---|---|---|---|---|---|"
 mkdir -p "$work/plan-pipe/unet"
 cp "$shapes/teacher.json" "$work/plan-pipe/unet/config.json"
 echo '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}' > "$work/plan-pipe/model_index.json"
-mem_ok=true
+mem_ok=true mem_skipped=0
 for setting in "none fp32" "blocks bf16"; do
   read -r ckpt state <<< "$setting"
-  if (( $(left) < 90 )); then say "| $ckpt | $state | skipped: out of time | | | | | | | |"; continue; fi
+  if (( $(left) < 90 )); then say "| $ckpt | $state | skipped: out of time | | | | | | | |"; mem_skipped=$((mem_skipped + 1)); continue; fi
   printf 'teacher: %s\nstudent: bk_base\noutput_dir: %s\ndata:\n  cache: %s\n  resolution: %s\ntrain:\n  batch_size: 1\n  device: %s\n  precision: bf16\n  gradient_checkpointing: %s\noptim:\n  state_dtype: %s\nvalidation:\n  every: 0\n' \
     "$work/plan-pipe" "$work/plan-out" "$work/plan-cache" $((latent * 8)) "$dev" "$ckpt" "$state" > "$work/plan-$ckpt.yaml"
   plan=$out/logs/plan-$ckpt-$state.json
@@ -381,7 +397,9 @@ EOF
   say "| ${row#*||} |"
   [ "${row%%||*}" = PASS ] || mem_ok=false
 done
-$mem_ok && record "3m memory plan" PASS "sdkd plan within 15% of the measured peak at its 24 GB batch" || record "3m memory plan" FAIL "see the memory table"
+if ! $mem_ok; then record "3m memory plan" FAIL "see the memory table"
+elif (( mem_skipped > 0 )); then record "3m memory plan" SKIP "$mem_skipped of 2 settings not run: out of time"
+else record "3m memory plan" PASS "sdkd plan within 15% of the measured peak at its 24 GB batch"; fi
 
 raw=$out/gpu-bench.jsonl
 : > "$raw"
@@ -406,7 +424,7 @@ EOF
 oom() { grep -qiE "out of memory|OutOfMemoryError" "$1"; }
 header="| %s | batch | sdkd ms/step | PyTorch ms/step | speed-up | TFLOP/step | sdkd MFU | PyTorch MFU | sdkd peak MiB | PyTorch peak MiB |"
 sep="|---|---|---|---|---|---|---|---|---|---|"
-speed_ok=true
+speed_ok=true speed_skipped=0
 
 say ""
 say "### Distillation training step: teacher (bf16, frozen) -> student (fp32 master weights, bf16 compute)"
@@ -416,7 +434,7 @@ say "$sep"
 for p in bk_base bk_small bk_tiny; do
   done_p=false
   for b in $batches; do
-    if (( $(left) < 45 )); then say "| $p | $b | skipped: out of time | | | | | | | |"; done_p=true; break; fi
+    if (( $(left) < 45 )); then say "| $p | $b | skipped: out of time | | | | | | | |"; speed_skipped=$((speed_skipped + 1)); done_p=true; break; fi
     ours=$out/logs/train-$p-b$b.json eager=$out/logs/train-$p-b$b-eager.json
     t 150 "$sdkd" bench --json --device "$dev" --precision bf16 --teacher "$shapes/teacher.json" --student "$p" \
       --batch-size "$b" --latent-size "$latent" $train_steps > "$ours" 2> "$ours.err"
@@ -439,7 +457,7 @@ say ""
 say "$(printf "$header" UNet)"
 say "$sep"
 for u in teacher bk_base bk_small bk_tiny; do
-  if (( $(left) < 25 )); then say "| $u | 1 | skipped: out of time | | | | | | | |"; continue; fi
+  if (( $(left) < 25 )); then say "| $u | 1 | skipped: out of time | | | | | | | |"; speed_skipped=$((speed_skipped + 1)); continue; fi
   ours=$out/logs/infer-$u.json eager=$out/logs/infer-$u-eager.json
   student_arg=(--student "$shapes/$u.json"); [ "$u" = teacher ] && student_arg=()
   if t 90 "$sdkd" bench --json --mode infer --device "$dev" --precision bf16 --teacher "$shapes/teacher.json" \
@@ -451,7 +469,9 @@ for u in teacher bk_base bk_small bk_tiny; do
     say "| $u | 1 | failed: $(tail -1 "$ours.err" "$eager.err" 2>/dev/null | grep -v '^==>' | grep . | tail -1) | | | | | | | |"; speed_ok=false
   fi
 done
-$speed_ok && record "3 speed" PASS "tables above; raw JSON in gpu-bench.jsonl" || record "3 speed" FAIL "see the rows marked failed or skipped"
+if ! $speed_ok; then record "3 speed" FAIL "see the rows marked failed"
+elif (( speed_skipped > 0 )); then record "3 speed" SKIP "$speed_skipped of 7 rows not run: out of time"
+else record "3 speed" PASS "tables above; raw JSON in gpu-bench.jsonl"; fi
 
 # --- 4. Data parallel -------------------------------------------------------------------------
 # One rank (the machine has one GPU; NCCL refuses two ranks on one device): the trainer's whole
@@ -466,8 +486,6 @@ dp_stage() {
   if train "$1" 20 fp32; then
     verdict=$(curve_verdict "$work/$1.losses")
     record "$2" "${verdict%%|*}" "${verdict#*|}"
-  elif grep -q "built without NCCL" "$out/logs/train-$1.txt"; then
-    record "$2" SKIP "gpu-bin's sdkd was built without NCCL (no CUDA+NCCL headers on the build machine; docs/distributed.md, Building)"
   else
     record "$2" FAIL "sdkd train failed: $(tail -2 "$out/logs/train-$1.txt" | tr '\n' ' ')"
   fi
@@ -485,12 +503,21 @@ say "## Summary ($(( $(date +%s) - start )) s)"
 say ""
 say "| stage | verdict | detail |"
 say "|---|---|---|"
-failed=0
+failed=0 skipped=0 expected=0
 for r in "${results[@]}"; do
   IFS='|' read -r name verdict detail <<< "$r"
   say "| $name | $verdict | $detail |"
-  [ "$verdict" = FAIL ] && failed=$((failed + 1))
+  case "$verdict" in
+    PASS) ;;
+    "SKIP (expected)") expected=$((expected + 1)) ;;
+    SKIP) skipped=$((skipped + 1)) ;;
+    *) failed=$((failed + 1)) ;;
+  esac
 done
 say ""
-if (( failed == 0 )); then say "gpu-check: every stage that ran passed"; else say "gpu-check: $failed stage(s) failed"; fi
-(( failed == 0 ))
+if (( failed + skipped == 0 )); then
+  say "gpu-check: every stage passed ($expected expected skip(s))"
+else
+  say "gpu-check: $failed stage(s) failed, $skipped skipped (a skip that is not the expected one fails the check)"
+fi
+(( failed + skipped == 0 ))
