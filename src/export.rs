@@ -160,6 +160,12 @@ pub fn write_single_file(
     kind: Option<Kind>,
     title: &str,
 ) -> Result<()> {
+    if pipeline.is_xl() || unet_config.addition_embed.is_some() {
+        bail!(
+            "pipeline {}: SDXL single files (the SGM layout: conditioner.embedders, label_emb) cannot be written yet; keep the diffusers folder",
+            pipeline.root().display()
+        );
+    }
     let vae = pipeline.load_vae(Device::Cpu, Kind::Float)?;
     let text = pipeline.load_text_encoder(Device::Cpu, Kind::Float)?;
     let family = single_file::family_of(&text.model.config);

@@ -318,6 +318,16 @@ fn bad_sdxl_inputs_exit_1_naming_the_fault() {
     assert_eq!(o.status.code(), Some(2), "a malformed flag value is a usage error");
     assert!(String::from_utf8_lossy(&o.stderr).contains("--target-size"));
     assert!(!out.exists(), "a failed generate wrote its output");
+    // not supported yet, refused rather than done wrong: a single file, a latent cache
+    let single = tmp.path().join("xl.safetensors");
+    assert_clean_failure(&sdkd(&["convert", "--from", pipe.to_str().unwrap(), "--to", single.to_str().unwrap()]), "SDXL single files");
+    assert!(!single.exists());
+    let data = tmp.path().join("data");
+    assert!(sdkd(&["synth", "--out", data.to_str().unwrap(), "--count", "2", "--resolution", "32"]).status.success());
+    let cache = tmp.path().join("cache");
+    let o = sdkd(&["preprocess", "--teacher", pipe.to_str().unwrap(), "--data", data.to_str().unwrap(), "--resolution", "32", "--out", cache.to_str().unwrap()]);
+    assert_clean_failure(&o, "cannot be a distillation teacher");
+    assert!(!cache.exists(), "a refused preprocess wrote a cache");
 }
 
 /// `sdkd inspect --unet` on SDXL-base's published config: the published count and 70

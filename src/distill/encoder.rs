@@ -40,6 +40,12 @@ pub struct TeacherEncoder {
 
 impl TeacherEncoder {
     pub fn load(pipeline: &PipelineDir, device: Device, kind: Kind) -> Result<TeacherEncoder> {
+        if pipeline.is_xl() {
+            anyhow::bail!(
+                "pipeline {}: an SDXL pipeline cannot be a distillation teacher yet: the latent cache and training would need both text encoders and the pooled embedding (sdkd generate and inspect take it)",
+                pipeline.root().display()
+            );
+        }
         let mut vae = pipeline.load_vae(device, kind)?;
         vae.vs.freeze();
         let mut text_encoder = pipeline.load_text_encoder(device, kind)?;
