@@ -28,10 +28,18 @@ pub use crate::schedulers::SchedulerKind;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
-    /// Teacher pipeline folder (diffusers layout). May be null only for a from-scratch run
+    /// Teacher pipeline folder (diffusers layout), single file, or hub id (`org/name`, kept as
+    /// written when no such path exists). May be null only for a from-scratch run
     /// (`student_init: random` and `distill: false`).
     #[serde(default)]
     pub teacher: Option<PathBuf>,
+    /// The hub revision (branch, tag or commit) of a hub-id teacher; `sdkd train` records the
+    /// commit it resolved to here, so a resume loads the same weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// diffusers' `variant` of a hub-id teacher's weights (`fp16`): which files are fetched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     /// A preset name (`bk_base`, `bk_small`, `bk_tiny`, aliases) or a path to a spec YAML.
     pub student: String,
     pub output_dir: PathBuf,
@@ -299,7 +307,7 @@ impl RunConfig {
                 *p = base.join(&*p);
             }
         };
-        if let Some(t) = self.teacher.as_mut() {
+        if let Some(t) = self.teacher.as_mut().filter(|t| !crate::hub::is_hub_id(t, Some(base))) {
             abs(t);
         }
         abs(&mut self.output_dir);
@@ -309,6 +317,34 @@ impl RunConfig {
             abs(&mut spec);
             self.student = spec.to_string_lossy().into_owned();
         }
+    }
+
+    /// The teacher as a local path (a hub id fetched into the Hugging Face cache as needed, at
+    /// `revision` with `variant`), and the hub repository and commit when it was one.
+    pub fn teacher_local(&self, want: crate::hub::Want) -> Result<Option<crate::hub::Resolved>> {
+        let options = crate::hub::Options { revision: self.revision.clone(), variant: self.variant.clone() };
+        self.teacher.as_deref().map(|t| crate::hub::resolve(t, want, &options).context("teacher")).transpose()
+    }
+
+    /// Resolves a hub-id teacher and records the commit in `revision` (a path teacher is left as
+    /// it is). `recorded`: the commit an earlier run of this output_dir recorded, which a resume
+    /// keeps unless `revision` names a commit itself.
+    pub fn pin_teacher(&mut self, recorded: Option<&str>) -> Result<()> {
+        if !self.teacher.as_deref().is_some_and(|t| crate::hub::is_hub_id(t, None)) {
+            return Ok(());
+        }
+        if let Some(commit) = recorded.filter(|_| !self.revision.as_deref().is_some_and(crate::hub::cache::is_commit)) {
+            self.revision = Some(commit.to_string());
+        }
+        if let Some(origin) = self.teacher_local(crate::hub::Want::Pipeline)?.and_then(|r| r.origin) {
+            self.revision = Some(origin.commit);
+            // `org/name@rev[/file]` becomes `org/name[/file]` with the commit in `revision`
+            let id = self.teacher.as_deref().and_then(|t| t.to_str()).and_then(crate::hub::HubId::parse);
+            if let Some(id) = id.filter(|i| i.revision.is_some()) {
+                self.teacher = Some(PathBuf::from(crate::hub::HubId { revision: None, ..id }.to_string()));
+            }
+        }
+        Ok(())
     }
 
     /// The spec file when `student` names one rather than a preset (made absolute by `resolve_paths`).

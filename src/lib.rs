@@ -12,6 +12,7 @@ pub mod export;
 pub mod formatting;
 pub mod fs_safe;
 pub mod grid;
+pub mod hub;
 pub mod json_config;
 pub mod memory;
 pub mod models;

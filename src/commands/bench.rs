@@ -146,6 +146,7 @@ impl StepTimes {
 
 /// The teacher's config and, when `path` is a folder, its weights.
 fn teacher_source(path: &Path) -> Result<(UNetConfig, Option<PathBuf>)> {
+    let path = &crate::hub::local(path, crate::hub::Want::Unet)?;
     if path.is_dir() {
         let dir = unet_dir(path);
         Ok((UNetConfig::from_path(&dir).with_context(|| format!("--teacher {}", path.display()))?, Some(dir)))

@@ -13,7 +13,7 @@ use clap::Args;
 use std::path::PathBuf;
 use tch::{Device, Kind};
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct ConvertArgs {
     /// A single-file checkpoint (.safetensors) or a diffusers pipeline folder.
     #[arg(long)]
@@ -36,6 +36,7 @@ pub struct ConvertArgs {
 }
 
 pub fn run(args: &ConvertArgs) -> Result<()> {
+    let args = &ConvertArgs { from: crate::hub::local(&args.from, crate::hub::Want::Pipeline)?, ..args.clone() };
     fs_safe::check_apart(&args.to, &args.from, "--from", "--to")?;
     let to_file = args.from.is_dir();
     if to_file && (args.use_ema || args.prediction_type.is_some()) {

@@ -142,7 +142,7 @@ fn network(c: &CommonArgs) -> Result<InceptionV3> {
     let Some(path) = &c.inception else {
         bail!("--inception is required: sdkd downloads nothing and never scores with random weights; it needs {}", eval::inception::WEIGHTS_HELP);
     };
-    InceptionV3::load(path, c.device()?)
+    InceptionV3::load(&crate::hub::local(path, crate::hub::Want::File)?, c.device()?)
 }
 
 pub fn run(a: &EvalArgs) -> Result<()> {
@@ -204,7 +204,7 @@ fn scorer(metrics: Vec<Metric>, a: &EvalArgs, batch: usize) -> Result<Scorer> {
             let Some(path) = &a.common.clip else {
                 bail!("--metrics clip needs --clip <weights>: sdkd downloads nothing and never scores with random weights; it needs {}", crate::models::open_clip::WEIGHTS_HELP);
             };
-            Some(ClipWeights::Loaded(clip_score::ClipScorer::load(path, a.common.device()?)?))
+            Some(ClipWeights::Loaded(clip_score::ClipScorer::load(&crate::hub::local(path, crate::hub::Want::File)?, a.common.device()?)?))
         }
         false => None,
     };

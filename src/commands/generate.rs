@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 /// The model to run: a pipeline folder, optionally with another UNet (`generate` and `serve`).
 #[derive(Args, Debug)]
 pub struct PipelineArgs {
-    /// A diffusers Stable Diffusion pipeline folder, or a single-file checkpoint (LDM layout).
+    /// A diffusers Stable Diffusion pipeline folder, or a single-file checkpoint (LDM layout), or
+    /// a hub id (`org/name[@revision]`, `org/name/file.safetensors`).
     #[arg(long)]
     pub model: PathBuf,
     /// A UNet to use instead of the pipeline's: a UNet folder (from prune or export), a pipeline
@@ -38,8 +39,9 @@ impl PipelineArgs {
     /// Loads the pipeline (with the --unet swapped in) on `device`; also returns where the UNet
     /// came from when it is not the pipeline's.
     pub fn load(&self, device: tch::Device) -> Result<(TextToImage, Option<UnetSource>)> {
-        let unet = self.unet.as_deref().map(|p| UnetSource::resolve(p, self.ema)).transpose()?;
-        let t2i = TextToImage::load(&self.model, unet.as_ref(), device, self.dtype.kind())?;
+        use crate::hub::{local, Want};
+        let unet = self.unet.as_deref().map(|p| UnetSource::resolve(&local(p, Want::Unet)?, self.ema)).transpose()?;
+        let t2i = TextToImage::load(&local(&self.model, Want::Pipeline)?, unet.as_ref(), device, self.dtype.kind())?;
         Ok((t2i, unet))
     }
 }

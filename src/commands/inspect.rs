@@ -189,6 +189,7 @@ pub fn format_pipeline(dir: &std::path::Path, d: &Value) -> String {
 
 pub fn run(args: &InspectArgs) -> Result<()> {
     if let Some(dir) = &args.model {
+        let dir = &crate::hub::local(dir, crate::hub::Want::Pipeline)?;
         let d = describe_pipeline(dir)?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&d)?);
@@ -200,7 +201,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     let Some(unet_path) = &args.unet else {
         anyhow::bail!("inspect needs --unet <config.json or unet dir> or --model <pipeline dir>");
     };
-    let config = UNetConfig::from_path(&crate::models::pipeline_dir::unet_dir(unet_path))?;
+    let config = UNetConfig::from_path(&crate::models::pipeline_dir::unet_dir(&crate::hub::local(unet_path, crate::hub::Want::Unet)?))?;
     let teacher = describe_unet(&config);
     let mut report = json!({ "teacher": teacher });
     let mut text = format_table(&format!("teacher: {}", unet_path.display()), &teacher);

@@ -174,8 +174,8 @@ pub fn plan(args: &PlanArgs) -> Result<MemoryPlan> {
         Some(d) => d.resolve().context("--device")?,
         None => cfg.train.device.resolve().context("train.device")?,
     };
-    let teacher = cfg.teacher.as_deref().ok_or_else(|| anyhow!("{}: plan needs `teacher` (the student's shapes come from its UNet)", args.config.display()))?;
-    let pipeline = PipelineDir::open(teacher)?;
+    let teacher = cfg.teacher_local(crate::hub::Want::Unet)?.ok_or_else(|| anyhow!("{}: plan needs `teacher` (the student's shapes come from its UNet)", args.config.display()))?;
+    let pipeline = PipelineDir::open(&teacher.path)?;
     let teacher_config = pipeline.unet_config()?;
     let teacher_config_file = pipeline.part_dir(Part::Unet)?.join("config.json");
     let student = StudentPlan::resolve(&cfg.student, Some(&teacher_config)).with_context(|| format!("student {:?}", cfg.student))?;

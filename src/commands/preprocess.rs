@@ -120,7 +120,7 @@ pub fn run_with(a: &PreprocessArgs, encoder: &dyn SampleEncoder) -> Result<()> {
 
 /// Encodes with the teacher pipeline's own VAE and text encoder (fp32; on CUDA when present).
 pub fn run(a: &PreprocessArgs) -> Result<()> {
-    let pipeline = crate::models::PipelineDir::open(&a.teacher)?;
+    let pipeline = crate::models::PipelineDir::open(&crate::hub::local(&a.teacher, crate::hub::Want::Pipeline)?)?;
     let encoder = crate::distill::encoder::TeacherEncoder::load(&pipeline, tch::Device::cuda_if_available(), tch::Kind::Float)?;
     run_with(a, &encoder)
 }

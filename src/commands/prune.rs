@@ -12,7 +12,7 @@ use clap::Args;
 use std::path::PathBuf;
 use tch::{Device, Kind};
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct PruneArgs {
     /// The teacher: a diffusers UNet folder, a pipeline folder (its unet/ is used) or a
     /// single-file checkpoint.
@@ -36,6 +36,9 @@ pub struct PruneArgs {
 }
 
 pub fn run(args: &PruneArgs) -> Result<()> {
+    let want = if args.format == ExportFormat::Unet { crate::hub::Want::Unet } else { crate::hub::Want::Pipeline };
+    let teacher_path = crate::hub::local(&args.teacher, want)?;
+    let args = &PruneArgs { teacher: teacher_path, ..args.clone() };
     let teacher_dir = unet_dir(&args.teacher);
     fs_safe::check_apart(&args.out, &args.teacher, "the teacher", "--out")?;
     if args.format == ExportFormat::SingleFile {

@@ -64,6 +64,7 @@ fn join_ranks(launch: &Launch, cfg: &mut RunConfig) -> Result<Ranks> {
 pub fn run(args: &TrainArgs) -> Result<()> {
     let launch = Launch::from_env(|k| std::env::var(k).ok())?;
     let mut cfg = RunConfig::load(&args.config)?;
+    cfg.pin_teacher(recorded_teacher_commit(&cfg, args.resume.is_some())?.as_deref())?;
     let world = launch.as_ref().map_or(1, |l| l.world_size);
     let identity = identity_config(&cfg, world);
     let claim = check_output_dir(&identity, args.resume.is_some(), args.overwrite)?;
@@ -94,6 +95,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         println!("finished at step {}: loss {:.5}, checkpoint {ckpt}", outcome.step, outcome.last_loss);
     }
     Ok(())
+}
+
+/// The hub commit of the teacher that the run in output_dir recorded, when resuming it with the
+/// same teacher id (a resume loads the same weights even if the branch has moved since).
+fn recorded_teacher_commit(cfg: &RunConfig, resume: bool) -> Result<Option<String>> {
+    if !resume {
+        return Ok(None);
+    }
+    let Existing::Made(marker) = fs_safe::existing(&cfg.output_dir)? else { return Ok(None) };
+    let same_teacher = marker.config["teacher"].as_str() == cfg.teacher.as_deref().and_then(|t| t.to_str());
+    Ok(marker.config["revision"].as_str().filter(|_| same_teacher).map(str::to_string))
 }
 
 /// What a run folder holds, in words: "config.yaml, checkpoints step-2, step-4, final/".

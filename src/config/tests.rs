@@ -2,7 +2,7 @@
 //! config hash.
 use super::*;
 
-const MINIMAL: &str = "teacher: models/sd15\nstudent: bk_small\noutput_dir: runs/x\ndata:\n  path: data/set\n";
+const MINIMAL: &str = "teacher: /base/models/sd15\nstudent: bk_small\noutput_dir: runs/x\ndata:\n  path: data/set\n";
 
 fn parse(text: &str) -> Result<RunConfig> {
     RunConfig::from_yaml(text, Path::new("/base"), "run.yaml")
@@ -41,6 +41,11 @@ fn shard_keys_are_checked_and_leave_older_hashes_alone() {
 fn defaults_follow_bk_sdm() {
     let c = parse(MINIMAL).unwrap();
     assert_eq!(c.teacher.as_deref(), Some(Path::new("/base/models/sd15")));
+    // a relative teacher that does not exist and reads `org/name` is a hub id, kept as written
+    let hub = parse(&MINIMAL.replace("/base/models/sd15", "models/sd15")).unwrap();
+    assert_eq!(hub.teacher.as_deref(), Some(Path::new("models/sd15")));
+    let path = parse(&MINIMAL.replace("/base/models/sd15", "./models/sd15")).unwrap();
+    assert_eq!(path.teacher.as_deref(), Some(Path::new("/base/./models/sd15")));
     assert_eq!(c.output_dir, Path::new("/base/runs/x"));
     assert_eq!(c.data.path.as_deref(), Some(Path::new("/base/data/set")));
     assert_eq!((c.data.resolution, c.data.center_crop, c.data.random_flip), (512, true, true));
@@ -256,7 +261,7 @@ fn every_example_config_parses() {
 }
 
 /// Every key set away from its default, for `config_hashes_are_unchanged`.
-const EVERY_KEY: &str = "teacher: models/sd15
+const EVERY_KEY: &str = "teacher: /base/models/sd15
 student: specs/mine.yaml
 output_dir: runs/x
 student_init: random

@@ -247,7 +247,7 @@ impl Trainer {
         // The dtype the teacher, its encoders and the student's forward and backward run in.
         // LibTorch's CPU kernels in bf16/fp16 are slow and inexact: the CPU computes in fp32.
         let compute_kind = if device == Device::Cpu { Kind::Float } else { cfg.train.precision.kind() };
-        let pipeline = cfg.teacher.as_deref().map(PipelineDir::open).transpose()?;
+        let pipeline = cfg.teacher_local(crate::hub::Want::Pipeline)?.map(|t| PipelineDir::open(&t.path)).transpose()?;
         let leader = ranks.as_ref().is_none_or(Ranks::is_leader);
         let distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind, leader)?;
         // Images need the teacher's encoders; a latent cache needs them only for validation images.
