@@ -211,6 +211,12 @@ fn read_marker(dir: &Path) -> Result<Marker> {
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
+/// Lists in `dir`'s marker every file now in it: for a writer that adds a file of its own to a
+/// folder `write_dir` made (export's model card), so a later `--overwrite` counts it as sdkd's.
+pub fn relist(dir: &Path) -> Result<()> {
+    read_marker(dir)?.listing(dir)?.write_into(dir)
+}
+
 /// Every file under `dir` (not following symbolic links; the root's marker left out), by
 /// relative `/`-separated path.
 fn list_files(dir: &Path, prefix: &str, out: &mut BTreeMap<String, Written>) -> Result<()> {

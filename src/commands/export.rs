@@ -171,6 +171,9 @@ fn write_card(args: &ExportArgs, ckpt: &Checkpoint, config: &UNetConfig, teacher
         _ => args.out.join("README.md"),
     };
     fs_safe::write_file(&path, card.render().as_bytes()).with_context(|| format!("writing the model card {}", path.display()))?;
+    if args.format != ExportFormat::SingleFile {
+        fs_safe::relist(&args.out)?; // the card is sdkd's too
+    }
     Ok(path)
 }
 
