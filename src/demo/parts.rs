@@ -37,6 +37,8 @@ pub fn text_encoder_config(vocab_size: i64, eos_token_id: i64) -> ClipTextConfig
         hidden_act: Activation::QuickGelu,
         layer_norm_eps: 1e-5,
         eos_token_id,
+        // transformers writes the (unused) projection width of a CLIPTextModel as its width
+        projection_dim: TEXT_HIDDEN,
         ..ClipTextConfig::default()
     }
 }
