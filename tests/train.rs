@@ -103,24 +103,30 @@ fn resume_is_bit_exact_also_into_a_new_folder() {
     );
 }
 
-#[test]
-fn sigterm_checkpoints_and_resume_finishes_the_same_run() {
-    let straight = tempdir();
-    train(&["--config", config(straight.path(), 30, "").to_str().unwrap()]);
-    let cut = tempdir();
-    let cfg = config(cut.path(), 30, "");
+/// Starts `sdkd train` on `cfg` and returns once its first checkpoint (step 3) exists under `dir`.
+fn train_until_first_checkpoint(cfg: &Path, dir: &Path) -> std::process::Child {
     let child = Command::new(env!("CARGO_BIN_EXE_sdkd"))
         .args(["train", "--quiet", "--config", cfg.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // wait until training is under way (its first checkpoint exists), then stop it
-    let first = cut.path().join("run/checkpoints/step-3");
+    let first = dir.join("run/checkpoints/step-3");
     let t0 = std::time::Instant::now();
     while !first.exists() && t0.elapsed().as_secs() < 120 {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    child
+}
+
+#[test]
+fn sigterm_checkpoints_and_resume_finishes_the_same_run() {
+    let straight = tempdir();
+    train(&["--config", config(straight.path(), 30, "").to_str().unwrap()]);
+    let cut = tempdir();
+    let cfg = config(cut.path(), 30, "");
+    // wait until training is under way (its first checkpoint exists), then stop it
+    let child = train_until_first_checkpoint(&cfg, cut.path());
     unsafe { libc_kill(child.id() as i32, 15) };
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -138,17 +144,7 @@ fn sigterm_checkpoints_and_resume_finishes_the_same_run() {
 fn a_second_signal_exits_at_once_with_130() {
     let tmp = tempdir();
     let cfg = config(tmp.path(), 10_000, "");
-    let child = Command::new(env!("CARGO_BIN_EXE_sdkd"))
-        .args(["train", "--quiet", "--config", cfg.to_str().unwrap()])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let first = tmp.path().join("run/checkpoints/step-3");
-    let t0 = std::time::Instant::now();
-    while !first.exists() && t0.elapsed().as_secs() < 120 {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let child = train_until_first_checkpoint(&cfg, tmp.path());
     // two different signals, so that the second cannot merge with a still-pending first
     unsafe {
         libc_kill(child.id() as i32, 15);
