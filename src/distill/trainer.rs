@@ -190,7 +190,7 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
         let what = if c.addition_embed.is_some() { "an SDXL UNet (addition_embed_type \"text_time\")" } else { "a UNet with time_cond_proj_dim" };
         bail!("teacher: {what} cannot be distilled yet: training conditions only on the text embeddings (sdkd generate and inspect take it)");
     }
-    let plan = StudentPlan::resolve(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student))?;
+    let plan = StudentPlan::of(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student.to_string()))?;
     tch::manual_seed(step_seed(cfg.train.seed, u64::MAX, 0));
     let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
     let need_teacher_unet = cfg.distill || cfg.student_init == StudentInit::Teacher;
@@ -318,7 +318,7 @@ impl Trainer {
             bail!(
                 "checkpoint {} holds a student of another architecture than student {:?} of this run",
                 ckpt.dir.display(),
-                cfg.student
+                cfg.student.to_string()
             );
         }
         ckpt.load_student_into(&d.student.vs.variables())?;
