@@ -138,26 +138,7 @@ impl SingleFile {
         c.addition_embed = self.text_time()?;
         c.cross_attention_dim = context.unwrap_or(768);
         c.use_linear_projection = linear.unwrap_or(false);
-        // Heads are not in the weights: LDM's config gives num_head_channels (SD-2: 64) or
-        // num_heads (SD-1: 8).
-        let head_channels = self.unet_param("num_head_channels").filter(|&h| h > 0);
-        let heads = self.unet_param("num_heads").filter(|&h| h > 0);
-        c.num_heads = match (head_channels, heads, self.family) {
-            (Some(h), _, _) => c.block_out_channels.iter().map(|ch| ch / h).collect(),
-            (None, Some(h), _) => vec![h; n],
-            (None, None, Family::Sd1) => vec![8; n],
-            (None, None, Family::Sd2 | Family::Sdxl) => c.block_out_channels.iter().map(|ch| ch / 64).collect(),
-        };
-        if let Some(i) = c.block_out_channels.iter().zip(&c.num_heads).position(|(ch, &h)| h <= 0 || ch % h != 0) {
-            bail!(
-                "{file}: the attention heads cannot be seen in the weights, and {}'s default does not fit stage {i} ({} channels): \
-                 put the model's LDM config beside it as {} (num_head_channels or num_heads), or convert it once with \
-                 `sdkd convert --from <file> --config <a diffusers folder of the model> --to <folder>`",
-                self.family.name(),
-                c.block_out_channels[i],
-                self.state.path().with_extension("yaml").display()
-            );
-        }
+        c.num_heads = self.heads(&c.block_out_channels)?;
         let v = self.prediction_type().map(|p| p == "v_prediction").unwrap_or(false);
         // diffusers' SD-2.1 768-v config upcasts attention (fp16 overflows there).
         c.upcast_attention = self.family == Family::Sd2 && v;
@@ -169,6 +150,32 @@ impl SingleFile {
         c.sample_size = Some(self.unet_param("image_size").unwrap_or(default_size));
         c.validate().with_context(|| format!("{file}: the UNet its shapes describe{CONFIG_HINT}"))?;
         Ok(c)
+    }
+
+    /// Heads per stage, which are not in the weights: LDM's config gives num_head_channels (SD-2,
+    /// SDXL: 64) or num_heads (SD-1: 8).
+    fn heads(&self, channels: &[i64]) -> Result<Vec<i64>> {
+        let n = channels.len();
+        let head_channels = self.unet_param("num_head_channels").filter(|&h| h > 0);
+        let heads = self.unet_param("num_heads").filter(|&h| h > 0);
+        let per_stage: Vec<i64> = match (head_channels, heads, self.family) {
+            (Some(h), _, _) => channels.iter().map(|ch| ch / h).collect(),
+            (None, Some(h), _) => vec![h; n],
+            (None, None, Family::Sd1) => vec![8; n],
+            (None, None, Family::Sd2 | Family::Sdxl) => channels.iter().map(|ch| ch / 64).collect(),
+        };
+        if let Some(i) = channels.iter().zip(&per_stage).position(|(ch, &h)| h <= 0 || ch % h != 0) {
+            bail!(
+                "{}: the attention heads cannot be seen in the weights, and {}'s default does not fit stage {i} ({} channels): \
+                 put the model's LDM config beside it as {} (num_head_channels or num_heads), or convert it once with \
+                 `sdkd convert --from <file> --config <a diffusers folder of the model> --to <folder>`",
+                self.file(),
+                self.family.name(),
+                channels[i],
+                self.state.path().with_extension("yaml").display()
+            );
+        }
+        Ok(per_stage)
     }
 
     /// `transformer_layers_per_block` (and its reverse for the decoder, when the decoder's depths
