@@ -22,8 +22,9 @@ impl SingleFile {
         if let Some(p) = &self.options.prediction_type {
             return Ok(p.clone());
         }
-        if let Some((path, _)) = &self.yaml {
-            return match self.model_param("parameterization").and_then(serde_yaml::Value::as_str) {
+        if let Some(sidecar) = &self.yaml {
+            let path = &sidecar.path;
+            return match sidecar.model_param("parameterization").and_then(serde_yaml::Value::as_str) {
                 None | Some("eps") => Ok("epsilon".into()),
                 Some("v") => Ok("v_prediction".into()),
                 Some(other) => bail!("{}: key model.params.parameterization: {other:?} is not supported (\"eps\" or \"v\")", path.display()),
@@ -147,7 +148,7 @@ impl SingleFile {
             Family::Sd2 if v => 96,
             _ => 64,
         };
-        c.sample_size = Some(self.unet_param("image_size").unwrap_or(default_size));
+        c.sample_size = Some(self.yaml.as_ref().and_then(|y| y.unet_param("image_size")).unwrap_or(default_size));
         c.validate().with_context(|| format!("{file}: the UNet its shapes describe{CONFIG_HINT}"))?;
         Ok(c)
     }
@@ -156,8 +157,8 @@ impl SingleFile {
     /// SDXL: 64) or num_heads (SD-1: 8).
     fn heads(&self, channels: &[i64]) -> Result<Vec<i64>> {
         let n = channels.len();
-        let head_channels = self.unet_param("num_head_channels").filter(|&h| h > 0);
-        let heads = self.unet_param("num_heads").filter(|&h| h > 0);
+        let head_channels = self.yaml.as_ref().and_then(|y| y.unet_param("num_head_channels")).filter(|&h| h > 0);
+        let heads = self.yaml.as_ref().and_then(|y| y.unet_param("num_heads")).filter(|&h| h > 0);
         let per_stage: Vec<i64> = match (head_channels, heads, self.family) {
             (Some(h), _, _) => channels.iter().map(|ch| ch / h).collect(),
             (None, Some(h), _) => vec![h; n],
@@ -276,7 +277,7 @@ impl SingleFile {
                 Family::Sdxl => 1024,
             }),
             // SDXL's VAE: 0.13025 (its diffusers config); SD's: 0.18215
-            scaling_factor: self.model_param("scale_factor").and_then(serde_yaml::Value::as_f64).unwrap_or(if self.family == Family::Sdxl {
+            scaling_factor: self.yaml.as_ref().and_then(|y| y.model_param("scale_factor")).and_then(serde_yaml::Value::as_f64).unwrap_or(if self.family == Family::Sdxl {
                 0.13025
             } else {
                 0.18215

@@ -44,9 +44,9 @@ pub use state_dict::StateDict;
 pub use yaml::ldm_yaml;
 
 use super::clip::{Activation, ClipTextConfig};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use std::path::{Path, PathBuf};
-use yaml::sidecar;
+use yaml::Sidecar;
 
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
@@ -121,7 +121,7 @@ pub struct SingleFile {
     pub family: Family,
     pub options: SingleFileOptions,
     /// The sidecar LDM config, when there is one.
-    pub yaml: Option<(PathBuf, serde_yaml::Value)>,
+    pub yaml: Option<Sidecar>,
     /// Where the SD-1 text encoder's names start (older files lack `text_model.`).
     sd1_text_prefix: String,
 }
@@ -163,14 +163,7 @@ impl SingleFile {
         let clip = if family == Family::Sdxl { XL_CLIP_PREFIX } else { CLIP_PREFIX };
         let sd1_text_prefix =
             if state.has_prefix(&format!("{clip}text_model.")) || !state.has_prefix(clip) { format!("{clip}text_model.") } else { clip.to_string() };
-        let yaml = match sidecar(state.path()) {
-            Some(p) => {
-                let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-                let v: serde_yaml::Value = serde_yaml::from_str(&text).with_context(|| format!("{}: not valid YAML", p.display()))?;
-                Some((p, v))
-            }
-            None => None,
-        };
+        let yaml = Sidecar::beside(state.path())?;
         if options.use_ema && !state.has_prefix(EMA_PREFIX) {
             bail!("{file}: --use-ema: the file has no {EMA_PREFIX}* keys (no EMA weights)");
         }

@@ -1,23 +1,35 @@
 //! The sidecar LDM `.yaml`: read for what the weights cannot say (heads, v-prediction, the VAE
 //! scale), written beside exported files.
 use super::super::unet_config::{DownBlockKind, UNetConfig};
-use super::SingleFile;
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
-/// `<stem>.yaml` (or `.yml`) beside `path`.
-pub(super) fn sidecar(path: &Path) -> Option<PathBuf> {
-    ["yaml", "yml"].iter().map(|e| path.with_extension(e)).find(|p| p.is_file())
+/// A sidecar LDM config as read: where it is and its YAML.
+#[derive(Debug)]
+pub struct Sidecar {
+    pub path: PathBuf,
+    value: serde_yaml::Value,
 }
 
 fn yaml_get<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> Option<&'a serde_yaml::Value> {
     path.iter().try_fold(v, |v, k| v.get(*k))
 }
 
-impl SingleFile {
+impl Sidecar {
+    /// `<stem>.yaml` (or `.yml`) beside the weights at `path`, read when there is one.
+    pub(super) fn beside(path: &Path) -> Result<Option<Sidecar>> {
+        let Some(path) = ["yaml", "yml"].iter().map(|e| path.with_extension(e)).find(|p| p.is_file()) else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let value = serde_yaml::from_str(&text).with_context(|| format!("{}: not valid YAML", path.display()))?;
+        Ok(Some(Sidecar { path, value }))
+    }
+
     /// An integer of the sidecar's `model.params.unet_config.params` (LDM) or
     /// `model.params.network_config.params` (SGM, SDXL's configs).
     pub(super) fn unet_param(&self, key: &str) -> Option<i64> {
-        let (_, v) = self.yaml.as_ref()?;
+        let v = &self.value;
         ["unet_config", "network_config"]
             .iter()
             .find_map(|section| yaml_get(v, &["model", "params", section, "params", key]))
@@ -25,7 +37,7 @@ impl SingleFile {
     }
 
     pub(super) fn model_param(&self, key: &str) -> Option<&serde_yaml::Value> {
-        self.yaml.as_ref().and_then(|(_, v)| yaml_get(v, &["model", "params", key]))
+        yaml_get(&self.value, &["model", "params", key])
     }
 }
 
