@@ -12,6 +12,7 @@ build: setup
 
 test: build
 	python3 scripts/import_cycles.py
+	python3 scripts/fn_lengths.py
 	$(CARGO) test --release
 
 demo: build

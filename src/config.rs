@@ -8,7 +8,8 @@
 //!
 //! Each section is beside what it configures, with the checks that need no other section
 //! (`DataConfig` in `data/config.rs`, `LossWeights` in `distill/loss.rs`, `OptimConfig` in
-//! `distill/optim.rs`, `EvalConfig` in `eval/config.rs`, `DeviceChoice` and `Precision` in
+//! `distill/optim.rs`, `LogConfig` in `distill/scalars.rs`, `StudentChoice` in
+//! `distill/student.rs`, `EvalConfig` in `eval/config.rs`, `DeviceChoice` and `Precision` in
 //! `runtime.rs`); `RunConfig` composes them and keeps only the rules across sections.
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,8 @@ pub use crate::data::{DataFormat, DataOptions, Filters, OnBadSample};
 pub use crate::distill::lcm::{ConsistencyLoss, LcmConfig, Method};
 pub use crate::distill::loss::LossWeights;
 pub use crate::distill::optim::{OptimConfig, Schedule, StateDtype};
+pub use crate::distill::scalars::LogConfig;
+pub use crate::distill::student::StudentChoice;
 pub use crate::eval::config::EvalConfig;
 pub use crate::runtime::{DeviceChoice, Precision};
 pub use crate::schedulers::SchedulerKind;
@@ -41,8 +44,8 @@ pub struct RunConfig {
     /// diffusers' `variant` of a hub-id teacher's weights (`fp16`): which files are fetched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
-    /// A preset name (`bk_base`, `bk_small`, `bk_tiny`, aliases) or a path to a spec YAML.
-    pub student: String,
+    /// A preset (`bk_base`, `bk_small`, `bk_tiny`, aliases), a spec YAML or a UNet config.
+    pub student: StudentChoice,
     pub output_dir: PathBuf,
     /// Where the student's weights start: copied from the teacher, or PyTorch's default init.
     #[serde(default)]
@@ -184,29 +187,6 @@ impl CheckpointConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    /// Optimizer steps between log lines and TensorBoard scalars.
-    pub every: u64,
-    pub tensorboard: bool,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig { every: 10, tensorboard: true }
-    }
-}
-
-impl LogConfig {
-    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
-        if self.every < 1 {
-            return Err(invalid("log.every", format!("log.every = {}: must be >= 1", self.every)));
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct ValidationConfig {
     /// Optimizer steps between validation grids; 0 = off.
     pub every: u64,
@@ -295,7 +275,7 @@ impl RunConfig {
         let mut cfg: RunConfig = serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
         cfg.resolve_paths(base_dir);
         if let Err(e) = cfg.validate() {
-            let at = line_of_key(text, &e.key).map(|l| format!(" (line {l})")).unwrap_or_default();
+            let at = e.line_in(text).map(|l| format!(" (line {l})")).unwrap_or_default();
             bail!("invalid run config {source}{at}: {e}");
         }
         Ok(cfg)
@@ -306,8 +286,8 @@ impl RunConfig {
         Ok(serde_yaml::to_string(self)?)
     }
 
-    /// Makes every relative path absolute against `base`. The student is a path only when it
-    /// looks like one (ends in .yaml/.yml or contains a separator); otherwise it is a preset name.
+    /// Makes every relative path absolute against `base` (the student's when it reads as a path,
+    /// `StudentChoice::resolve_against`).
     pub fn resolve_paths(&mut self, base: &Path) {
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -321,10 +301,7 @@ impl RunConfig {
         self.data.resolve_paths(base);
         self.validation.eval.resolve_paths(base);
         self.lcm.resolve_paths(base);
-        if let Some(mut spec) = self.student_spec_path() {
-            abs(&mut spec);
-            self.student = spec.to_string_lossy().into_owned();
-        }
+        self.student.resolve_against(base);
     }
 
     /// The teacher as a local path (a hub id fetched into the Hugging Face cache as needed, at
@@ -355,13 +332,6 @@ impl RunConfig {
         Ok(())
     }
 
-    /// The spec file when `student` names one rather than a preset (made absolute by `resolve_paths`).
-    pub fn student_spec_path(&self) -> Option<PathBuf> {
-        let s = self.student.as_str();
-        let looks_like_path = s.ends_with(".yaml") || s.ends_with(".yml") || s.contains('/') || s.contains('\\');
-        looks_like_path.then(|| PathBuf::from(s))
-    }
-
     /// True when the run trains on the task loss alone from random weights: no teacher UNet needed.
     pub fn from_scratch(&self) -> bool {
         self.student_init == StudentInit::Random && !self.distill
@@ -370,12 +340,6 @@ impl RunConfig {
     /// Each section's checks and the rules across sections, in the order of the YAML's keys;
     /// each message names the key and the value at fault.
     pub fn validate(&self) -> std::result::Result<(), ConfigError> {
-        if self.student.trim().is_empty() {
-            return Err(invalid(
-                "student",
-                "student is empty: give a preset (bk_base, bk_small, bk_tiny) or a spec YAML path".to_string(),
-            ));
-        }
         if self.output_dir.as_os_str().is_empty() {
             return Err(invalid("output_dir", "output_dir is empty".to_string()));
         }
@@ -480,37 +444,6 @@ impl RunConfig {
 /// Dotted keys whose values differ between two `resume_identity` values (for error messages).
 pub fn identity_diff(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
     crate::json_config::differing_keys(a, b).into_iter().map(|(k, a, b)| format!("{k}: {a} vs {b}")).collect()
-}
-
-/// The 1-based line where a dotted key (`train.batch_size`) is set in block-style YAML, if found.
-fn line_of_key(text: &str, dotted: &str) -> Option<usize> {
-    let parts: Vec<&str> = dotted.split('.').collect();
-    let mut depth = 0; // how many parts have matched
-    let mut indents: Vec<usize> = vec![];
-    for (n, line) in text.lines().enumerate() {
-        let trimmed = line.trim_start();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        let indent = line.len() - trimmed.len();
-        while let Some(&i) = indents.last() {
-            if indent <= i {
-                indents.pop();
-                depth -= 1;
-            } else {
-                break;
-            }
-        }
-        let key = trimmed.split(':').next().unwrap_or("").trim().trim_matches(|c| c == '"' || c == '\'');
-        if depth < parts.len() && key == parts[depth] && trimmed.contains(':') {
-            depth += 1;
-            indents.push(indent);
-            if depth == parts.len() {
-                return Some(n + 1);
-            }
-        }
-    }
-    None
 }
 
 fn remove_path(v: &mut serde_json::Value, dotted: &str) {

@@ -140,7 +140,7 @@ fn probe(cfg: &RunConfig, teacher_config: &Path, device: Device, resolution: u32
     .chain([
         teacher_config.display().to_string(),
         "--student".into(),
-        cfg.student.clone(),
+        cfg.student.to_string(),
         "--batch-size".into(),
         batch.to_string(),
         "--latent-size".into(),
@@ -178,7 +178,7 @@ pub fn plan(args: &PlanArgs) -> Result<MemoryPlan> {
     let pipeline = PipelineDir::open(&teacher.path)?;
     let teacher_config = pipeline.unet_config()?;
     let teacher_config_file = pipeline.part_dir(Part::Unet)?.join("config.json");
-    let student = StudentPlan::resolve(&cfg.student, Some(&teacher_config)).with_context(|| format!("student {:?}", cfg.student))?;
+    let student = StudentPlan::of(&cfg.student, Some(&teacher_config)).with_context(|| format!("student {:?}", cfg.student.to_string()))?;
     // counted without touching memory: uninitialised parameters are never paged in
     let count = |c| UNet::build(c, Device::Cpu, Kind::Float, Init::Empty).num_params() as f64;
     let (student_params, teacher_params) = (count(&student.config), count(&teacher_config));

@@ -183,10 +183,9 @@ fn devices_and_paths() {
     assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
     let c = parse("teacher: /abs/t\nstudent: specs/mine.yaml\noutput_dir: /abs/o\ndata:\n  cache: ../c\n").unwrap();
     assert_eq!(c.teacher.as_deref(), Some(Path::new("/abs/t")));
-    assert_eq!(c.student, "/base/specs/mine.yaml");
-    assert_eq!(c.student_spec_path().as_deref(), Some(Path::new("/base/specs/mine.yaml")));
+    assert_eq!(c.student, StudentChoice::Spec("/base/specs/mine.yaml".into()));
     assert_eq!(c.data.cache.as_deref(), Some(Path::new("/base/../c")));
-    assert_eq!(parse(MINIMAL).unwrap().student_spec_path(), None);
+    assert!(matches!(parse(MINIMAL).unwrap().student, StudentChoice::Preset { .. }));
 }
 
 #[test]
@@ -248,7 +247,7 @@ fn every_example_config_parses() {
     assert!(seen >= 4, "only {seen} example configs in {}", dir.display());
     for preset in ["base", "small", "tiny"] {
         let c = RunConfig::load(&dir.join(format!("sd15_bk_{preset}.yaml"))).unwrap();
-        assert_eq!(c.student, format!("bk_{preset}"));
+        assert_eq!(c.student.to_string(), format!("bk_{preset}"));
         let t = &c.train;
         assert_eq!((t.batch_size, t.grad_accum, t.max_steps, t.precision), (64, 4, 50_000, Precision::Bf16));
         assert_eq!(
@@ -339,6 +338,30 @@ validation:
 /// The config hash (and the resolved YAML a run writes) of every example config, the minimal
 /// one and one that sets every key, pinned: a change here means existing checkpoints no longer
 /// resume (`sdkd train --resume` refuses another hash).
+/// `student` is read once into a `StudentChoice`: an alias stays as written (so its config hash
+/// is that of its text), paths resolve against the config's folder, a bare folder name does not,
+/// and an unknown or empty value is refused when the file loads, naming the line.
+#[test]
+fn student_is_parsed_once_and_written_back_as_given() {
+    let alias = parse(&MINIMAL.replace("bk_small", "sd_small")).unwrap();
+    assert_eq!(alias.student, StudentChoice::Preset { preset: crate::distill::student::Preset::BkBase, name: "sd_small" });
+    assert!(alias.to_yaml().unwrap().contains("student: sd_small\n"));
+    assert_ne!(alias.config_hash(), parse(&MINIMAL.replace("bk_small", "bk_base")).unwrap().config_hash());
+    for (value, want) in [
+        ("unets/s", StudentChoice::Config("/base/unets/s".into())),
+        ("unets/s/config.json", StudentChoice::Config("/base/unets/s/config.json".into())),
+        ("config.json", StudentChoice::Config("config.json".into())),
+        ("mine.yml", StudentChoice::Spec("/base/mine.yml".into())),
+        ("/abs/spec.yaml", StudentChoice::Spec("/abs/spec.yaml".into())),
+    ] {
+        assert_eq!(parse(&MINIMAL.replace("bk_small", value)).unwrap().student, want, "{value}");
+    }
+    let e = err(&MINIMAL.replace("bk_small", "bk_giant"));
+    assert!(e.contains("unknown student preset \"bk_giant\"") && e.contains("line 2"), "{e}");
+    let e = err(&MINIMAL.replace("bk_small", "\"\""));
+    assert!(e.contains("student is empty") && e.contains("line 2"), "{e}");
+}
+
 #[test]
 fn config_hashes_are_unchanged() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");

@@ -1,11 +1,38 @@
 //! What a run logs: the named scalars of one optimizer step (`StepScalars`) and the window of
-//! steps between two log lines (`LogWindow`), averaged into TensorBoard scalars.
+//! steps between two log lines (`LogWindow`), averaged into TensorBoard scalars; and the run
+//! YAML's `log:` section that sets the window (`LogConfig`).
 use super::lcd::LcdTerms;
 use super::loss::LossTerms;
+use crate::config_error::{invalid, ConfigError};
 use crate::distributed::Ranks;
 use anyhow::Result;
+use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use tch::Tensor;
+
+/// The run YAML's `log:` section: how often a run logs, and whether to TensorBoard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Optimizer steps between log lines and TensorBoard scalars.
+    pub every: u64,
+    pub tensorboard: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { every: 10, tensorboard: true }
+    }
+}
+
+impl LogConfig {
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        if self.every < 1 {
+            return Err(invalid("log.every", format!("log.every = {}: must be >= 1", self.every)));
+        }
+        Ok(())
+    }
+}
 
 /// Named scalars of one step, or their sums over a logging window: the loss terms
 /// (`loss/total`, `loss/task`, `loss/output_kd`, `loss/feature_kd`, `feature_kd/<pair>`; LCD's

@@ -49,6 +49,20 @@ pub enum Preset {
 impl Preset {
     pub const ALL: [Preset; 3] = [Preset::BkBase, Preset::BkSmall, Preset::BkTiny];
 
+    /// Every name a preset answers to: its own and Segmind's.
+    const NAMES: [(&'static str, Preset); 5] = [
+        ("bk_base", Preset::BkBase),
+        ("sd_small", Preset::BkBase),
+        ("bk_small", Preset::BkSmall),
+        ("bk_tiny", Preset::BkTiny),
+        ("sd_tiny", Preset::BkTiny),
+    ];
+
+    /// The preset a name (or alias) means, with that name as a `'static` string.
+    fn named(name: &str) -> Option<(Preset, &'static str)> {
+        Preset::NAMES.iter().find(|(n, _)| *n == name).map(|&(n, p)| (p, n))
+    }
+
     /// Its canonical name.
     pub fn name(self) -> &'static str {
         match self {
@@ -75,36 +89,98 @@ impl Preset {
 impl std::str::FromStr for Preset {
     type Err = anyhow::Error;
     fn from_str(name: &str) -> Result<Preset> {
-        Ok(match name {
-            "bk_base" | "sd_small" => Preset::BkBase,
-            "bk_small" => Preset::BkSmall,
-            "bk_tiny" | "sd_tiny" => Preset::BkTiny,
-            other => bail!("unknown student preset {other:?} (bk_base/sd_small, bk_small, bk_tiny/sd_tiny, or a spec .yaml)"),
-        })
+        Preset::named(name).map(|(preset, _)| preset).ok_or_else(|| unknown_preset(name))
     }
 }
 
-/// What a `student` value names, read once: a preset, a spec YAML, or a UNet config (a
-/// `config.json` or a UNet folder) taken as it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+fn unknown_preset(name: &str) -> anyhow::Error {
+    anyhow!("unknown student preset {name:?} (bk_base/sd_small, bk_small, bk_tiny/sd_tiny, or a spec .yaml)")
+}
+
+/// What a `student` value names, read once (the run YAML's `student`, `--student`): a preset, a
+/// spec YAML, or a UNet config (a `config.json` or a UNet folder) taken as it is. It serialises
+/// back to the text it was read from (a preset keeps the alias it was given), so the config hash
+/// of a run is that of its YAML.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
 pub enum StudentChoice {
-    Preset(Preset),
+    /// A preset and the name it was given by.
+    Preset { preset: Preset, name: &'static str },
     Spec(PathBuf),
     Config(PathBuf),
 }
 
 impl StudentChoice {
-    /// A folder or `.json` is a UNet config, a `.yaml`/`.yml` or an existing file a spec,
-    /// anything else a preset name.
+    /// A `.yaml`/`.yml` value is a spec and a `.json` one a UNet config; then a preset name; then
+    /// an existing file is a spec, and a folder or any other value with a path separator a UNet
+    /// config; anything else an unknown preset.
     pub fn parse(arg: &str) -> Result<StudentChoice> {
+        if arg.trim().is_empty() {
+            bail!("student is empty: give a preset (bk_base, bk_small, bk_tiny) or a spec YAML path");
+        }
         let path = Path::new(arg);
-        Ok(if path.is_dir() || arg.ends_with(".json") {
-            StudentChoice::Config(path.to_path_buf())
-        } else if arg.ends_with(".yaml") || arg.ends_with(".yml") || path.is_file() {
+        Ok(if arg.ends_with(".yaml") || arg.ends_with(".yml") {
             StudentChoice::Spec(path.to_path_buf())
+        } else if arg.ends_with(".json") {
+            StudentChoice::Config(path.to_path_buf())
+        } else if let Some((preset, name)) = Preset::named(arg) {
+            StudentChoice::Preset { preset, name }
+        } else if path.is_file() {
+            StudentChoice::Spec(path.to_path_buf())
+        } else if path.is_dir() || is_pathlike(arg) {
+            StudentChoice::Config(path.to_path_buf())
         } else {
-            StudentChoice::Preset(arg.parse()?)
+            return Err(unknown_preset(arg));
         })
+    }
+
+    /// Makes a relative spec or config path absolute against `base` (a run YAML's folder) when
+    /// the value reads as a path (a `.yaml`/`.yml` name or one with a separator); a bare name
+    /// stays relative to the working directory.
+    pub fn resolve_against(&mut self, base: &Path) {
+        if let StudentChoice::Spec(p) | StudentChoice::Config(p) = self {
+            let s = p.to_string_lossy();
+            if p.is_relative() && (s.ends_with(".yaml") || s.ends_with(".yml") || is_pathlike(&s)) {
+                *p = base.join(&*p);
+            }
+        }
+    }
+}
+
+fn is_pathlike(s: &str) -> bool {
+    s.contains('/') || s.contains('\\')
+}
+
+impl std::fmt::Display for StudentChoice {
+    /// The text it was read from (paths made absolute by `resolve_against`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StudentChoice::Preset { name, .. } => f.write_str(name),
+            StudentChoice::Spec(p) | StudentChoice::Config(p) => write!(f, "{}", p.to_string_lossy()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StudentChoice {
+    /// Through a visitor, so that serde_yaml's error names the key and the line.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<StudentChoice, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = StudentChoice;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a student preset name or a path")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> std::result::Result<StudentChoice, E> {
+                StudentChoice::parse(text).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Text)
+    }
+}
+
+impl From<StudentChoice> for String {
+    fn from(choice: StudentChoice) -> String {
+        choice.to_string()
     }
 }
 
@@ -116,15 +192,15 @@ impl StudentSpec {
 
     /// A preset name, or a path to a spec YAML, for `teacher`.
     pub fn resolve(arg: &str, teacher: &UNetConfig) -> Result<StudentSpec> {
-        StudentSpec::of(StudentChoice::parse(arg)?, arg, teacher)
+        StudentSpec::of(&StudentChoice::parse(arg)?, teacher)
     }
 
-    /// The spec `choice` (read from `arg`) names for `teacher`; a UNet config is no spec.
-    fn of(choice: StudentChoice, arg: &str, teacher: &UNetConfig) -> Result<StudentSpec> {
+    /// The spec `choice` names for `teacher`; a UNet config is no spec.
+    pub fn of(choice: &StudentChoice, teacher: &UNetConfig) -> Result<StudentSpec> {
         match choice {
-            StudentChoice::Spec(path) => StudentSpec::from_yaml(&path),
-            StudentChoice::Preset(p) => Ok(p.spec(teacher.num_stages())),
-            StudentChoice::Config(_) => Ok(arg.parse::<Preset>()?.spec(teacher.num_stages())),
+            StudentChoice::Spec(path) => StudentSpec::from_yaml(path),
+            StudentChoice::Preset { preset, .. } => Ok(preset.spec(teacher.num_stages())),
+            StudentChoice::Config(_) => Ok(choice.to_string().parse::<Preset>()?.spec(teacher.num_stages())),
         }
     }
 
@@ -292,13 +368,16 @@ impl StudentPlan {
 
     /// A preset, a spec YAML, or a UNet config (a `config.json` or a UNet folder) for `teacher`.
     pub fn resolve(arg: &str, teacher: Option<&UNetConfig>) -> Result<StudentPlan> {
-        let choice = StudentChoice::parse(arg);
-        if let Ok(StudentChoice::Config(path)) = &choice {
+        StudentPlan::of(&StudentChoice::parse(arg)?, teacher)
+    }
+
+    /// The plan `choice` names for `teacher` (which only a UNet config does without).
+    pub fn of(choice: &StudentChoice, teacher: Option<&UNetConfig>) -> Result<StudentPlan> {
+        if let StudentChoice::Config(path) = choice {
             return Ok(StudentPlan::explicit(UNetConfig::from_path(path)?, teacher));
         }
-        let teacher = teacher.ok_or_else(|| anyhow!("student {arg:?} is defined relative to a teacher, but the run has none"))?;
-        let spec = StudentSpec::of(choice?, arg, teacher)?;
-        StudentPlan::new(&spec, teacher)
+        let teacher = teacher.ok_or_else(|| anyhow!("student {:?} is defined relative to a teacher, but the run has none", choice.to_string()))?;
+        StudentPlan::new(&StudentSpec::of(choice, teacher)?, teacher)
     }
 
     /// Inner feature names each side must compute for the pairs.

@@ -190,7 +190,7 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
         let what = if c.addition_embed.is_some() { "an SDXL UNet (addition_embed_type \"text_time\")" } else { "a UNet with time_cond_proj_dim" };
         bail!("teacher: {what} cannot be distilled yet: training conditions only on the text embeddings (sdkd generate and inspect take it)");
     }
-    let mut plan = StudentPlan::resolve(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student))?;
+    let mut plan = StudentPlan::of(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student.to_string()))?;
     let lcm = cfg.method == Method::Lcm;
     if lcm {
         // the guidance embedding's projection, PyTorch's default init like the rest (the script's
@@ -365,7 +365,7 @@ impl Trainer {
             bail!(
                 "checkpoint {} holds a student of another architecture than student {:?} of this run",
                 ckpt.dir.display(),
-                cfg.student
+                cfg.student.to_string()
             );
         }
         ckpt.load_student_into(&d.student.vs.variables())?;
