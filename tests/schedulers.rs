@@ -1,8 +1,8 @@
 //! Parity of sdkd's samplers and noise schedule with diffusers 0.42.1, step by step on fixed
 //! model-output sequences (tests/reference/scheduler_steps.py): timesteps exactly, every step's
 //! sample exactly (UniPC: to a relative error, max |Δ| / max |ref|, of at most `UNIPC_STEP_TOL`),
-//! seeded runs (DDPM, Euler ancestral) drawing the same noise as a
-//! `torch.Generator("cpu").manual_seed(S)`.
+//! seeded runs (DDPM, Euler ancestral, LCM) drawing the same noise as a
+//! `torch.Generator("cpu").manual_seed(S)`; LCM also on custom timestep lists.
 mod common;
 
 use sdkd::schedulers::{randn, NoiseSchedule, Sampler, SchedulerConfig, SchedulerKind};
@@ -98,7 +98,15 @@ fn run_cases(kind: SchedulerKind) -> Vec<(String, f64)> {
         let name = c["name"].as_str().unwrap();
         let steps = c["steps"].as_u64().unwrap() as usize;
         let config = &c["config"];
-        let mut sampler = build(kind, config, steps).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let mut sampler = match c["custom"].as_array() {
+            Some(ts) => {
+                let ts: Vec<i64> = ts.iter().map(|v| v.as_i64().unwrap()).collect();
+                let schedule = Arc::new(NoiseSchedule::new(SchedulerConfig::from_json(config).unwrap()).unwrap());
+                kind.build_with_timesteps(&schedule, &ts)
+            }
+            None => build(kind, config, steps),
+        }
+        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
         let want_t: Vec<f64> = c["timesteps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
         check_timesteps(name, kind, config, sampler.timesteps(), &want_t);
         let ins = c["init_noise_sigma"].as_f64().unwrap();
@@ -177,6 +185,15 @@ fn unipc_matches_diffusers() {
 }
 
 #[test]
+fn lcm_matches_diffusers() {
+    let report = run_cases(SchedulerKind::Lcm);
+    // 1 to 8 steps, custom timesteps and LCMScheduler's own beta defaults are all covered
+    for name in ["lcm-sd15-1", "lcm-sd15-4", "lcm-sd15-8", "lcm-custom-offgrid", "lcm-defaults-12"] {
+        assert!(report.iter().any(|(n, _)| n == name), "no case {name}");
+    }
+}
+
+#[test]
 fn pndm_matches_diffusers() {
     let report = run_cases(SchedulerKind::Pndm);
     // both of diffusers' modes are covered: PLMS alone (skip_prk_steps) and the PRK warm-up
@@ -195,8 +212,10 @@ fn timesteps_and_sigmas_match_diffusers_sweep() {
         let label = format!("{kind} n={n} {config}");
         let built = build(kind, config, n);
         if e["error"].as_bool().unwrap() {
-            let err = built.err().unwrap_or_else(|| panic!("{label}: diffusers fails at step time, sdkd built it"));
-            assert!(err.to_string().contains("outside"), "{label}: {err}");
+            let err = built.err().unwrap_or_else(|| panic!("{label}: diffusers fails, sdkd built it"));
+            // LCM: set_timesteps refuses more steps than the distillation grid has
+            let why = if kind == SchedulerKind::Lcm { "original_inference_steps" } else { "outside" };
+            assert!(err.to_string().contains(why), "{label}: {err}");
             continue;
         }
         let s = built.unwrap_or_else(|err| panic!("{label}: {err:#}"));

@@ -69,6 +69,8 @@ fn api_status_codes_credits_and_images() {
         (json!({"prompt": PANDA, "num_inference_steps": 10}), "num_inference_steps"),
         (json!({"prompt": PANDA, "img_width": 100}), "img_width"),
         (json!({"prompt": PANDA, "scheduler": "heun"}), "scheduler"),
+        // LCM takes 1 to original_inference_steps (50 in this config) steps
+        (json!({"prompt": PANDA, "scheduler": "lcm", "num_inference_steps": 60}), "original_inference_steps"),
         (json!({"prompt": PANDA, "sampels": 2}), "sampels"),
         (json!({"prompt": PANDA, "samples": "two"}), "samples"),
     ] {

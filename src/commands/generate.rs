@@ -196,6 +196,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             bail!("{flag}: only SDXL UNets (addition_embed_type \"text_time\") read the micro-conditioning; {} has none", args.pipeline.model.display());
         }
     }
+    if t2i.unet.model.config.time_cond_proj_dim.is_some() && req.negative_prompt.is_some() {
+        eprintln!("note: --negative-prompt is not used: the UNet has time_cond_proj_dim, so --guidance-scale is embedded (w = g - 1) and there is no unconditional batch, as in diffusers (docs/lcm.md)");
+    }
     let (width, height) = t2i.parts().image_size(&req)?;
     t2i.parts().check_memory(req.samples, width, height).context("--width/--height/--samples")?;
     for (name, dropped) in t2i.parts().truncated_prompts(&req) {

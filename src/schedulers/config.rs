@@ -81,6 +81,16 @@ pub enum SolverType {
     Bh2,
 }
 
+impl BetaSchedule {
+    pub fn name(self) -> &'static str {
+        match self {
+            BetaSchedule::Linear => "linear",
+            BetaSchedule::ScaledLinear => "scaled_linear",
+            BetaSchedule::SquaredcosCapV2 => "squaredcos_cap_v2",
+        }
+    }
+}
+
 impl PredictionType {
     pub fn name(self) -> &'static str {
         match self {
@@ -137,13 +147,18 @@ pub struct SchedulerConfig {
     /// PNDM: PLMS from the first step (true, every SD-1.x config) or a Runge-Kutta warm-up first
     /// (false, diffusers' constructor default).
     pub skip_prk_steps: bool,
+    /// LCM: the distillation's grid has this many points, T / it apart (default 50: 19, 39, ..., 999).
+    pub original_inference_steps: usize,
+    /// LCM: the timestep is multiplied by this in the boundary scalings c_skip and c_out (default 10).
+    pub timestep_scaling: f64,
     /// The parsed file, for the per-sampler checks of keys read only at their defaults.
     #[serde(skip)]
     raw: Map<String, Value>,
 }
 
 impl Default for SchedulerConfig {
-    /// diffusers' constructor defaults (shared by all six classes for these keys).
+    /// diffusers' constructor defaults (shared by all its classes for these keys, but for
+    /// LCMScheduler's betas: `lcm.rs` puts those in where the file has none).
     fn default() -> Self {
         SchedulerConfig {
             class_name: None,
@@ -171,6 +186,8 @@ impl Default for SchedulerConfig {
             predict_x0: true,
             disable_corrector: Vec::new(),
             skip_prk_steps: false,
+            original_inference_steps: 50,
+            timestep_scaling: 10.0,
             raw: Map::new(),
         }
     }
@@ -182,7 +199,7 @@ fn read_only_at_default() -> Vec<(&'static str, Value, &'static [SchedulerKind])
     use serde_json::json;
     use SchedulerKind::*;
     vec![
-        ("thresholding", json!(false), &[Ddpm, Ddim, Dpmpp2m, Unipc]),
+        ("thresholding", json!(false), &[Ddpm, Ddim, Dpmpp2m, Unipc, Lcm]),
         ("use_exponential_sigmas", json!(false), &[Euler, Dpmpp2m, Unipc]),
         ("use_beta_sigmas", json!(false), &[Euler, Dpmpp2m, Unipc]),
         ("use_flow_sigmas", json!(false), &[Dpmpp2m, Unipc]),
@@ -341,10 +358,48 @@ impl SchedulerConfig {
                 bail!("key \"rescale_betas_zero_snr\": value true is not supported by the {kind} sampler (diffusers' PNDMScheduler ignores it)");
             }
         }
+        if kind == SchedulerKind::Lcm {
+            let (n, t) = (self.original_inference_steps, self.num_train_timesteps);
+            if n == 0 || n > t {
+                bail!("key \"original_inference_steps\": {n} is out of range for the {kind} sampler (1 to num_train_timesteps = {t})");
+            }
+            let s = self.timestep_scaling;
+            if !(s.is_finite() && s > 0.0) {
+                bail!("key \"timestep_scaling\": {s} is not supported by the {kind} sampler (a finite number above 0)");
+            }
+        }
         if kind == SchedulerKind::EulerAncestral && self.prediction_type == PredictionType::Sample {
             bail!("key \"prediction_type\": value \"sample\" is not supported by the {kind} sampler (diffusers does not implement it either)");
         }
         Ok(())
+    }
+
+    /// This noise schedule as a complete `LCMScheduler` config (what an exported LCM student's
+    /// pipeline carries): the betas, `prediction_type` and zero-SNR setting as this config
+    /// resolves them, every other key at `LCMScheduler`'s default, on a distillation grid of
+    /// `original_inference_steps` points.
+    pub fn to_lcm_json(&self, original_inference_steps: usize) -> Value {
+        serde_json::json!({
+            "_class_name": SchedulerKind::Lcm.diffusers_class(),
+            "_diffusers_version": "0.42.1",
+            "num_train_timesteps": self.num_train_timesteps,
+            "beta_start": self.beta_start,
+            "beta_end": self.beta_end,
+            "beta_schedule": self.beta_schedule.name(),
+            "trained_betas": self.trained_betas,
+            "original_inference_steps": original_inference_steps,
+            "clip_sample": false,
+            "clip_sample_range": self.clip_sample_range,
+            "set_alpha_to_one": true,
+            "steps_offset": self.steps_offset,
+            "prediction_type": self.prediction_type.name(),
+            "thresholding": false,
+            "dynamic_thresholding_ratio": 0.995,
+            "sample_max_value": 1.0,
+            "timestep_spacing": "leading",
+            "timestep_scaling": 10.0,
+            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+        })
     }
 
     /// `timestep_spacing`, or the default of the sampler reading it.
@@ -442,6 +497,37 @@ mod tests {
         std::fs::write(sched.join("scheduler_config.json"), "{").unwrap();
         let e = format!("{:#}", SchedulerConfig::from_path(&sched).unwrap_err());
         assert!(e.contains("scheduler_config.json"), "{e}");
+    }
+
+    #[test]
+    fn impossible_lcm_keys_name_key_and_value() {
+        for (key, value, shown) in [
+            ("original_inference_steps", json!(0), "0"),
+            ("original_inference_steps", json!(1001), "1001"),
+            ("timestep_scaling", json!(0.0), "0"),
+            ("timestep_scaling", json!(-10.0), "-10"),
+            ("thresholding", json!(true), "true"),
+        ] {
+            let mut v: Value = serde_json::from_str(sd15()).unwrap();
+            v[key] = value;
+            let c = SchedulerConfig::from_json(&v).unwrap();
+            let e = c.check_supported(SchedulerKind::Lcm).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains(shown), "{e}");
+            // the other samplers do not read the LCM keys
+            if key != "thresholding" {
+                c.check_supported(SchedulerKind::Ddim).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn lcm_json_keeps_the_noise_schedule() {
+        let c = SchedulerConfig::from_json_str(sd15()).unwrap();
+        let lcm = SchedulerConfig::from_json(&c.to_lcm_json(50)).unwrap();
+        assert_eq!(lcm.class_name.as_deref(), Some("LCMScheduler"));
+        assert_eq!((lcm.beta_schedule, lcm.beta_start, lcm.beta_end), (c.beta_schedule, c.beta_start, c.beta_end));
+        assert_eq!((lcm.original_inference_steps, lcm.timestep_scaling, lcm.clip_sample), (50, 10.0, Some(false)));
+        lcm.check_supported(SchedulerKind::Lcm).unwrap();
     }
 
     #[test]

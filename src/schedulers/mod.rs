@@ -27,6 +27,7 @@ pub mod ddim;
 pub mod ddpm;
 pub mod dpmpp_2m;
 pub mod euler;
+pub mod lcm;
 pub mod noise_schedule;
 pub mod pndm;
 pub mod timesteps;
@@ -111,10 +112,12 @@ pub enum SchedulerKind {
     Unipc,
     /// PNDM / PLMS (`skip_prk_steps`): the SD-1.x pipelines' default, BK-SDM's evaluation sampler.
     Pndm,
+    /// The latent consistency model sampler, 1 to 8 steps for LCM-distilled UNets and LCM-LoRAs.
+    Lcm,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 7] = [
+    pub const ALL: [SchedulerKind; 8] = [
         SchedulerKind::Ddpm,
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
@@ -122,6 +125,7 @@ impl SchedulerKind {
         SchedulerKind::Dpmpp2m,
         SchedulerKind::Unipc,
         SchedulerKind::Pndm,
+        SchedulerKind::Lcm,
     ];
 
     /// The name sdkd uses on the command line and in PNG metadata.
@@ -134,13 +138,14 @@ impl SchedulerKind {
             SchedulerKind::Dpmpp2m => "dpmpp_2m",
             SchedulerKind::Unipc => "unipc",
             SchedulerKind::Pndm => "pndm",
+            SchedulerKind::Lcm => "lcm",
         }
     }
 
-    /// Whether its steps draw noise (DDPM's variance, Euler ancestral's σ_up), from the same
-    /// generator as the initial latents.
+    /// Whether its steps draw noise (DDPM's variance, Euler ancestral's σ_up, LCM's re-noising),
+    /// from the same generator as the initial latents.
     pub fn draws_step_noise(self) -> bool {
-        matches!(self, SchedulerKind::Ddpm | SchedulerKind::EulerAncestral)
+        matches!(self, SchedulerKind::Ddpm | SchedulerKind::EulerAncestral | SchedulerKind::Lcm)
     }
 
     /// The diffusers class it reproduces.
@@ -153,6 +158,7 @@ impl SchedulerKind {
             SchedulerKind::Dpmpp2m => "DPMSolverMultistepScheduler",
             SchedulerKind::Unipc => "UniPCMultistepScheduler",
             SchedulerKind::Pndm => "PNDMScheduler",
+            SchedulerKind::Lcm => "LCMScheduler",
         }
     }
 
@@ -173,7 +179,18 @@ impl SchedulerKind {
             SchedulerKind::Dpmpp2m => Box::new(dpmpp_2m::DpmSolverPP::new(schedule, num_inference_steps)?),
             SchedulerKind::Unipc => Box::new(unipc::UniPc::new(schedule, num_inference_steps)?),
             SchedulerKind::Pndm => Box::new(pndm::Pndm::new(schedule, num_inference_steps)?),
+            SchedulerKind::Lcm => Box::new(lcm::Lcm::new(schedule, num_inference_steps)?),
         })
+    }
+
+    /// A sampler on the given timesteps instead of a step count (diffusers' `timesteps=`): only
+    /// LCM takes them in sdkd; they must descend strictly and lie in 0..num_train_timesteps.
+    pub fn build_with_timesteps(self, schedule: &Arc<NoiseSchedule>, timesteps: &[i64]) -> Result<Box<dyn Sampler>> {
+        schedule.config().check_supported(self)?;
+        match self {
+            SchedulerKind::Lcm => Ok(Box::new(lcm::Lcm::with_timesteps(Arc::clone(schedule), timesteps)?)),
+            _ => bail!("{self}: custom timesteps are supported only by the lcm sampler in sdkd (give a step count instead)"),
+        }
     }
 }
 
@@ -196,7 +213,8 @@ impl std::str::FromStr for SchedulerKind {
             "dpmpp_2m" | "dpm++2m" | "dpm++_2m" | "dpmpp2m" | "dpmsolvermultistepscheduler" => SchedulerKind::Dpmpp2m,
             "unipc" | "unipcmultistepscheduler" => SchedulerKind::Unipc,
             "pndm" | "plms" | "pndmscheduler" => SchedulerKind::Pndm,
-            _ => bail!("unknown scheduler {s:?} (ddpm, ddim, euler, euler_a, dpmpp_2m, unipc, pndm)"),
+            "lcm" | "lcmscheduler" => SchedulerKind::Lcm,
+            _ => bail!("unknown scheduler {s:?} (ddpm, ddim, euler, euler_a, dpmpp_2m, unipc, pndm, lcm)"),
         })
     }
 }

@@ -68,6 +68,8 @@ pub struct App {
     model: String,
     /// The VAE's downscale factor: image sides must be multiples of it.
     vae_factor: i64,
+    /// The pipeline's noise schedule: a request's sampler is built from it before it queues.
+    schedule: Arc<crate::schedulers::NoiseSchedule>,
     pricing: Pricing,
     limits: Limits,
     /// Requests admitted and not yet running.
@@ -115,12 +117,14 @@ impl App {
             );
         }
         let vae_factor = pipeline.vae.model.config.downscale_factor();
+        let schedule = Arc::clone(&pipeline.schedule);
         Ok(Arc::new(App {
             pipeline: Mutex::new(pipeline),
             keys: Mutex::new(keys),
             instance,
             model,
             vae_factor,
+            schedule,
             pricing,
             limits,
             waiting: AtomicUsize::new(0),
@@ -278,6 +282,10 @@ async fn txt2img(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -
         if v % app.vae_factor != 0 {
             return error(StatusCode::BAD_REQUEST, format!("{name} = {v}: must be a multiple of this model's VAE factor {}", app.vae_factor));
         }
+    }
+    // what the scheduler config makes impossible (LCM: more steps than original_inference_steps)
+    if let Err(e) = req.scheduler.build(&app.schedule, req.steps) {
+        return error(StatusCode::BAD_REQUEST, format!("scheduler {} with num_inference_steps = {}: {e:#}", req.scheduler, req.steps));
     }
 
     // a place in the queue before any credit is taken: a full queue costs nothing

@@ -72,7 +72,14 @@ impl Txt2Img {
     pub fn to_generate_request(&self) -> Result<GenerateRequest> {
         ensure!(!self.prompt.trim().is_empty(), "prompt: must not be empty");
         let scheduler: SchedulerKind = self.scheduler.parse().map_err(|e| anyhow!("scheduler: {e}"))?;
-        ensure!((20..=100).contains(&self.num_inference_steps), "num_inference_steps = {}: must be 20 to 100", self.num_inference_steps);
+        // LCM models sample in 1 to 8 steps; its sampler refuses more than its config's
+        // original_inference_steps (50 by default) when the request is built
+        let min_steps = if scheduler == SchedulerKind::Lcm { 1 } else { 20 };
+        ensure!(
+            (min_steps..=100).contains(&self.num_inference_steps),
+            "num_inference_steps = {}: must be {min_steps} to 100 with scheduler {scheduler}",
+            self.num_inference_steps
+        );
         ensure!(
             (0.1..=25.0).contains(&self.guidance_scale),
             "guidance_scale = {}: must be 0.1 to 25",
@@ -119,6 +126,8 @@ mod tests {
         assert!(Txt2Img::parse(br#"{"prompt": "x"}"#).unwrap().base64);
         let r = req(r#"{"prompt": "x", "scheduler": "dpmpp_2m", "num_inference_steps": 100, "guidance_scale": 0.1, "samples": 4, "img_width": 64, "img_height": 1024}"#).unwrap();
         assert_eq!((r.scheduler, r.steps, r.samples, r.width, r.height), (SchedulerKind::Dpmpp2m, 100, 4, Some(64), Some(1024)));
+        let r = req(r#"{"prompt": "x", "scheduler": "lcm", "num_inference_steps": 1}"#).unwrap();
+        assert_eq!((r.scheduler, r.steps), (SchedulerKind::Lcm, 1));
     }
 
     #[test]

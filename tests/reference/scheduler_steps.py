@@ -4,8 +4,9 @@ usage: scheduler_steps.py OUT_DIR
 
 Writes
 - OUT_DIR/cases.json: one entry per case: name, kind (sdkd's name), config (the dict handed to
-  `Class.from_config`, also what sdkd parses), steps, seed (null, or the generator seed of a seeded
-  run), timesteps, init_noise_sigma.
+  `Class.from_config`, also what sdkd parses), steps, custom (null, or the list given to
+  `set_timesteps(timesteps=...)`), seed (null, or the generator seed of a seeded run), timesteps,
+  init_noise_sigma.
 - OUT_DIR/steps.safetensors: per case NAME: NAME/init (the starting sample), NAME/model_outputs
   (steps, 2, 4, 8, 8), NAME/scaled (every step's scale_model_input), NAME/samples (every step's
   prev_sample). Unseeded runs start from seeded random noise times init_noise_sigma; seeded runs
@@ -16,7 +17,7 @@ Writes
   DDPMScheduler on per-sample timesteps.
 - OUT_DIR/sweep.json: timesteps, sigmas and init_noise_sigma of set_timesteps(n) for every
   scheduler, spacing, steps_offset and Karras setting over many n; "error": true where diffusers
-  would index past the schedule.
+  would index past the schedule, or (LCMScheduler, over several original_inference_steps) refuses n.
 """
 import json
 import os
@@ -25,7 +26,7 @@ import sys
 import numpy as np
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
+                       EulerDiscreteScheduler, LCMScheduler, PNDMScheduler, UniPCMultistepScheduler)
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import save_file
 
@@ -43,7 +44,10 @@ KINDS = {
     "dpmpp_2m": DPMSolverMultistepScheduler,
     "unipc": UniPCMultistepScheduler,
     "pndm": PNDMScheduler,
+    "lcm": LCMScheduler,
 }
+# the samplers whose steps draw noise from the pipeline's generator
+NOISY = ("ddpm", "euler_a", "lcm")
 SHAPE = (2, 4, 8, 8)
 
 # A config that only names a class and leaves every key missing gets the target's defaults, also
@@ -59,10 +63,11 @@ for cls in KINDS.values():
 cases = []
 
 
-def case(name, kind, config, steps, seed=None, scale=1.0):
-    if seed is None and kind in ("ddpm", "euler_a"):
+def case(name, kind, config, steps, seed=None, scale=1.0, custom=None):
+    """`custom`: a timestep list for set_timesteps(timesteps=...) instead of the step count."""
+    if seed is None and kind in NOISY:
         seed = 100 + len(cases)  # they draw step noise: always from a seeded generator
-    cases.append(dict(name=name, kind=kind, config=config, steps=steps, seed=seed, scale=scale))
+    cases.append(dict(name=name, kind=kind, config=config, steps=steps, seed=seed, scale=scale, custom=custom))
 
 
 def sd(**kw):
@@ -127,10 +132,19 @@ case("ddpm-fixed_large-10", "ddpm", sd(variance_type="fixed_large"), 10, seed=7)
 case("ddpm-fixed_small_log-10", "ddpm", sd(variance_type="fixed_small_log"), 10, seed=8)
 case("ddpm-sample-10", "ddpm", sd(prediction_type="sample"), 10, seed=9)
 case("euler-sample-10", "euler", sd(prediction_type="sample"), 10)
-for kind in ["ddim", "euler", "euler_a", "dpmpp_2m", "unipc"]:
+# LCM: the step counts LCM students run at, a custom list (on and off the distillation grid),
+# every prediction type, clipping, another grid and boundary scaling
+for steps in [1, 2, 3, 4, 8, 50]:
+    case(f"lcm-sd15-{steps}", "lcm", sd(), steps)
+case("lcm-custom-999-499", "lcm", sd(), 2, custom=[999, 499])
+case("lcm-custom-offgrid", "lcm", sd(), 3, custom=[980, 700, 33])
+case("lcm-sample-4", "lcm", sd(prediction_type="sample"), 4)
+case("lcm-clip-4", "lcm", sd(clip_sample=True), 4, scale=3.0)
+case("lcm-original20-scaling2.5-6", "lcm", sd(original_inference_steps=20, timestep_scaling=2.5), 6)
+for kind in ["ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "lcm"]:
     # zero terminal SNR, as the paper recommends: v-prediction, trailing spacing
     case(f"{kind}-zero_snr-10", kind, sd(rescale_betas_zero_snr=True, prediction_type="v_prediction",
-                                         timestep_spacing="trailing"), 10, seed=11 if kind == "euler_a" else None)
+                                         timestep_spacing="trailing"), 10, seed=11 if kind in NOISY else None)
 # seeded runs: latents and step noise from one CPU generator (the pipelines' order)
 case("ddpm-seeded-leading-10", "ddpm", sd(), 10, seed=1234)  # last timestep 1: noise on every step
 case("ddpm-seeded-linspace-10", "ddpm", sd(timestep_spacing="linspace"), 10, seed=2313248373)  # last t = 0: none
@@ -144,7 +158,10 @@ assert len(names) == len(set(names)), "duplicate case names"
 tensors = {}
 for idx, c in enumerate(cases):
     sched = KINDS[c["kind"]].from_config(c["config"])
-    sched.set_timesteps(c["steps"])
+    if c["custom"] is not None:
+        sched.set_timesteps(timesteps=c["custom"])
+    else:
+        sched.set_timesteps(c["steps"])
     if hasattr(sched, "set_begin_index"):
         # keyed by index like sdkd: diffusers' look-up by timestep value breaks on repeated
         # timesteps (Karras sigmas on the cosine schedule); otherwise this changes nothing
@@ -164,7 +181,7 @@ for idx, c in enumerate(cases):
     scaled, samples = [], []
     for i, t in enumerate(sched.timesteps):
         scaled.append(sched.scale_model_input(sample, t))
-        kwargs = {"generator": g} if c["kind"] in ("ddpm", "euler_a") else {}
+        kwargs = {"generator": g} if c["kind"] in NOISY else {}
         sample = sched.step(outs[i], t, sample, **kwargs).prev_sample
         samples.append(sample)
     p = c["name"]
@@ -210,6 +227,8 @@ NS = list(range(1, 31)) + [37, 50, 64, 99, 100]
 NS_LONG = NS + [128, 250, 333, 500, 999, 1000]
 sweep = []
 for kind, cls in KINDS.items():
+    if kind == "lcm":
+        continue  # spacing and offset do not apply: its own sweep below
     for spacing in ["leading", "linspace", "trailing"]:
         for offset in [0, 1]:
             for karras in [False, True] if kind in ("euler", "dpmpp_2m", "unipc") else [False]:
@@ -227,6 +246,18 @@ for kind, cls in KINDS.items():
                     # DDPM/DDIM/PNDM index alphas_cumprod by timestep: past the end they fail in step()
                     entry["error"] = kind in ("ddpm", "ddim", "pndm") and (max(ts) >= 1000 or min(ts) < 0)
                     sweep.append(entry)
+# LCM: set_timesteps(n) on several distillation grids; "error": true where diffusers refuses n
+for original in [50, 4, 7, 1000]:
+    cfg = sd(original_inference_steps=original)
+    sched = LCMScheduler.from_config(cfg)
+    for n in NS_LONG:
+        entry = dict(kind="lcm", config=cfg, steps=n, init_noise_sigma=1.0)
+        try:
+            sched.set_timesteps(n)
+            entry.update(timesteps=[float(t) for t in sched.timesteps], error=False)
+        except ValueError:
+            entry.update(timesteps=[], error=True)
+        sweep.append(entry)
 with open(os.path.join(out_dir, "sweep.json"), "w") as f:
     json.dump(sweep, f)
 print(f"{len(cases)} cases, {len(sweep)} sweep entries")
