@@ -22,13 +22,11 @@ use crate::models::embeddings::guidance_scale_embedding;
 use crate::models::unet::AddedCond;
 use crate::models::{weights, Checkpointing, Init, Recompute, UNet};
 use crate::schedulers::config::PredictionType;
+use crate::schedulers::lcm::boundary_scalings;
 use crate::schedulers::NoiseSchedule;
 use anyhow::{bail, ensure, Result};
 use std::collections::BTreeSet;
 use tch::{Device, Kind, Tensor};
-
-/// σ_data of the consistency models' boundary condition.
-const SIGMA_DATA: f64 = 0.5;
 
 /// Deterministic DDIM (η = 0) on the skipping grid of N points, as the script's `DDIMSolver`.
 #[derive(Debug, Clone)]
@@ -78,19 +76,6 @@ impl DdimSolver {
         let dir_xt = (-&a + 1.0).sqrt() * pred_noise;
         a.sqrt() * pred_x0 + dir_xt
     }
-}
-
-/// The consistency models' boundary scalings at integer timesteps t (b,), float32 (b, 1, 1, 1):
-/// `c_skip = σd² / ((s·t)² + σd²)`, `c_out = s·t / sqrt((s·t)² + σd²)` (LCMScheduler's
-/// `get_scalings_for_boundary_condition_discrete`), in the script's float32 operations (PyTorch
-/// computes `scalar / tensor` as `reciprocal(tensor) · scalar`).
-pub fn boundary_scalings(t: &Tensor, timestep_scaling: f64) -> (Tensor, Tensor) {
-    let b = t.size()[0];
-    let scaled = t.to_kind(Kind::Float) * timestep_scaling;
-    let denom = scaled.square() + SIGMA_DATA * SIGMA_DATA;
-    let c_skip = denom.reciprocal() * (SIGMA_DATA * SIGMA_DATA);
-    let c_out = &scaled / denom.sqrt();
-    (c_skip.view([b, 1, 1, 1]), c_out.view([b, 1, 1, 1]))
 }
 
 /// The x0 and ε a UNet output `out` at timesteps `t` on `sample` means (the script's
@@ -218,8 +203,9 @@ impl Consistency {
         let latents = latents.to_kind(Kind::Float);
         let index = inputs.index.to_device(dev);
         let (start, t_n) = c.solver.start_and_target(&index);
-        let (skip_start, out_start) = boundary_scalings(&start, c.cfg.timestep_scaling);
-        let (skip_n, out_n) = boundary_scalings(&t_n, c.cfg.timestep_scaling);
+        let per_sample = |(skip, out): (Tensor, Tensor)| (skip.view([b, 1, 1, 1]), out.view([b, 1, 1, 1]));
+        let (skip_start, out_start) = per_sample(boundary_scalings(&start, c.cfg.timestep_scaling));
+        let (skip_n, out_n) = per_sample(boundary_scalings(&t_n, c.cfg.timestep_scaling));
         let noisy = m.schedule.add_noise(&latents, &inputs.noise.to_device(dev), &start);
         let w_emb = guidance_scale_embedding(&inputs.w, c.cfg.time_cond_proj_dim).to_device(dev);
         let w = inputs.w.to_device(dev).to_kind(Kind::Float).view([b, 1, 1, 1]);
@@ -288,15 +274,5 @@ mod tests {
         for n in [0, 3, 1001] {
             assert!(DdimSolver::new(&s, n).unwrap_err().to_string().contains("lcm.num_ddim_timesteps"), "{n}");
         }
-    }
-
-    #[test]
-    fn boundary_scalings_at_the_ends() {
-        let (skip, out) = boundary_scalings(&Tensor::from_slice(&[0i64, 999]), 10.0);
-        assert_eq!(skip.double_value(&[0, 0, 0, 0]), 1.0);
-        assert_eq!(out.double_value(&[0, 0, 0, 0]), 0.0);
-        // at t = 999: c_skip = 0.25 / (9990² + 0.25), c_out ≈ 1
-        assert!((skip.double_value(&[1, 0, 0, 0]) - 0.25 / (9990f64.powi(2) + 0.25)).abs() < 1e-15);
-        assert!((out.double_value(&[1, 0, 0, 0]) - 1.0).abs() < 1e-7);
     }
 }
