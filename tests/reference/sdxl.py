@@ -44,7 +44,8 @@ usage: sdxl.py make OUT_DIR
 `generate` runs StableDiffusionXLPipeline on each case of CASES_JSON, a list of
   {"model", "prompt", "negative_prompt" or null, "scheduler": euler | dpmpp_2m | unipc | ...,
    "steps", "guidance_scale", "guidance_rescale", "seed", "width", "height", "samples",
-   "original_size" [h, w] or null, "crop" [y, x], "target_size" [h, w] or null, "out": prefix}
+   "original_size" [h, w] or null, "crop" [y, x], "target_size" [h, w] or null, "out": prefix,
+   "dtype": optional "bf16" | "fp16", the pipeline's torch_dtype}
 and writes <out>-<i>.png.
 """
 import json
@@ -202,12 +203,14 @@ def generate(cases_file):
     with open(cases_file) as f:
         cases = json.load(f)
     pipes = {}
+    dtypes = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for case in cases:
-        if case["model"] not in pipes:
-            pipe = StableDiffusionXLPipeline.from_pretrained(case["model"], add_watermarker=False)
+        key = (case["model"], case.get("dtype"))
+        if key not in pipes:
+            pipe = StableDiffusionXLPipeline.from_pretrained(case["model"], add_watermarker=False, torch_dtype=dtypes[key[1]])
             pipe.set_progress_bar_config(disable=True)
-            pipes[case["model"]] = (pipe, pipe.scheduler.config)
-        pipe, base = pipes[case["model"]]
+            pipes[key] = (pipe, pipe.scheduler.config)
+        pipe, base = pipes[key]
         pipe.scheduler = getattr(diffusers, SCHEDULERS[case["scheduler"]]).from_config(base)
         extra = {}
         for key, arg in [("original_size", "original_size"), ("target_size", "target_size"), ("crop", "crops_coords_top_left")]:
