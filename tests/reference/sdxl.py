@@ -29,7 +29,7 @@ usage: sdxl.py make OUT_DIR
   encoders and VAE built from their published configs on the meta device.
 
 `generate` runs StableDiffusionXLPipeline on each case of CASES_JSON, a list of
-  {"model", "prompt", "negative_prompt" or null, "scheduler": euler | dpmpp_2m | unipc | ...,
+  {"model", "unet": a UNet folder to use instead of the pipeline's, or null, "prompt", "negative_prompt" or null, "scheduler": euler | dpmpp_2m | unipc | ...,
    "steps", "guidance_scale", "guidance_rescale", "seed", "width", "height", "samples",
    "original_size" [h, w] or null, "crop" [y, x], "target_size" [h, w] or null, "out": prefix}
 and writes <out>-<i>.png.
@@ -61,7 +61,7 @@ UNETS = {
 SCHEDULERS = {
     "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler", "lcm": "LCMScheduler",
 }
 
 
@@ -184,17 +184,19 @@ def sdxl_counts(out_dir):
 
 def generate(cases_file):
     import diffusers
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     with open(cases_file) as f:
         cases = json.load(f)
     pipes = {}
     for case in cases:
-        if case["model"] not in pipes:
-            pipe = StableDiffusionXLPipeline.from_pretrained(case["model"], add_watermarker=False)
+        key = (case["model"], case.get("unet"))
+        if key not in pipes:
+            extra = {"unet": UNet2DConditionModel.from_pretrained(case["unet"])} if case.get("unet") else {}
+            pipe = StableDiffusionXLPipeline.from_pretrained(case["model"], add_watermarker=False, **extra)
             pipe.set_progress_bar_config(disable=True)
-            pipes[case["model"]] = (pipe, pipe.scheduler.config)
-        pipe, base = pipes[case["model"]]
+            pipes[key] = (pipe, pipe.scheduler.config)
+        pipe, base = pipes[key]
         pipe.scheduler = getattr(diffusers, SCHEDULERS[case["scheduler"]]).from_config(base)
         extra = {}
         for key, arg in [("original_size", "original_size"), ("target_size", "target_size"), ("crop", "crops_coords_top_left")]:
