@@ -195,15 +195,13 @@ pub fn write_single_file(
     kind: Option<Kind>,
     title: &str,
 ) -> Result<()> {
-    if pipeline.is_xl() || unet_config.addition_embed.is_some() {
-        bail!(
-            "pipeline {}: SDXL single files (the SGM layout: conditioner.embedders, label_emb) cannot be written yet; keep the diffusers folder",
-            pipeline.root().display()
-        );
+    let xl = pipeline.is_xl();
+    if !xl && unet_config.addition_embed.is_some() {
+        bail!("pipeline {}: a text_time UNet (SDXL's) beside a pipeline that is not SDXL's", pipeline.root().display());
     }
     let vae = pipeline.load_vae(Device::Cpu, Kind::Float)?;
     let text = pipeline.load_text_encoder(Device::Cpu, Kind::Float)?;
-    let family = single_file::family_of(&text.model.config);
+    let family = if xl { single_file::Family::Sdxl } else { single_file::family_of(&text.model.config) };
     let prediction = pipeline.scheduler_json()?["prediction_type"].as_str().unwrap_or("epsilon").to_string();
     let v = prediction == "v_prediction";
     if !matches!(prediction.as_str(), "epsilon" | "v_prediction") {
@@ -212,11 +210,17 @@ pub fn write_single_file(
     let mut tensors = single_file::unet_to_ldm(unet_config, unet_tensors)?;
     tensors.extend(single_file::vae_to_ldm(&vae.model.config, &weights::named_tensors(&vae.vs))?);
     tensors.extend(single_file::text_encoder_to_ldm(&text.model.config, family, &weights::named_tensors(&text.vs))?);
+    if xl {
+        let text_2 = pipeline.load_text_encoder_2(Device::Cpu, Kind::Float)?;
+        tensors.extend(single_file::text_encoder_2_to_ldm(&text_2.model.config, &weights::named_tensors(&text_2.vs))?);
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    }
     let res = unet_config.sample_size.unwrap_or(64) * vae.model.config.downscale_factor();
     let architecture = match (family, v) {
         (single_file::Family::Sd1, _) => "stable-diffusion-v1",
         (single_file::Family::Sd2, true) => "stable-diffusion-v2-768-v",
         (single_file::Family::Sd2, false) => "stable-diffusion-v2-512",
+        (single_file::Family::Sdxl, _) => "stable-diffusion-xl-v1-base",
     };
     let meta: BTreeMap<String, String> = [
         ("modelspec.sai_model_spec", "1.0.0".to_string()),
@@ -249,6 +253,8 @@ pub fn write_pipeline_from(dest: &Path, pipeline: &PipelineDir, unet_config: &UN
         Some(f) => f.family.pad_token(),
         None => family.pad_token(),
     };
+    // SDXL's second encoder and tokenizer (which pads with "!", as SDXL's tokenizer_2 does)
+    let text_2 = if pipeline.is_xl() { Some(pipeline.load_text_encoder_2(Device::Cpu, Kind::Float)?) } else { None };
     fs_safe::write_dir(dest, Some(&Marker::new(Purpose::Pipeline)), |tmp| {
         let part = |name: &str| -> Result<std::path::PathBuf> {
             let d = tmp.join(name);
@@ -270,6 +276,24 @@ pub fn write_pipeline_from(dest: &Path, pipeline: &PipelineDir, unet_config: &UN
         let d = part("scheduler")?;
         fs::write(d.join("scheduler_config.json"), json(&scheduler)?)?;
         let class = scheduler.get("_class_name").and_then(|c| c.as_str()).unwrap_or("PNDMScheduler");
+        if let Some(text_2) = &text_2 {
+            let d = part("text_encoder_2")?;
+            fs::write(d.join("config.json"), json(&text_2.model.config.to_json())?)?;
+            weights::save(&d.join("model.safetensors"), &weights::named_tensors(&text_2.vs), kind)?;
+            let d = part("tokenizer_2")?;
+            for (name, content) in ClipTokenizer::embedded_files("!")? {
+                fs::write(d.join(name), content)?;
+            }
+            let index = serde_json::json!({
+                "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+                "feature_extractor": [null, null], "force_zeros_for_empty_prompt": pipeline.force_zeros_for_empty_prompt()?,
+                "image_encoder": [null, null], "scheduler": ["diffusers", class], "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            });
+            fs::write(tmp.join("model_index.json"), json(&index)?)?;
+            return Ok(());
+        }
         let index = serde_json::json!({
             "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
             "feature_extractor": [null, null], "image_encoder": [null, null], "requires_safety_checker": false,

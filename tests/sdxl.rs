@@ -344,10 +344,7 @@ fn bad_sdxl_inputs_exit_1_naming_the_fault() {
     assert_eq!(o.status.code(), Some(2), "a malformed flag value is a usage error");
     assert!(String::from_utf8_lossy(&o.stderr).contains("--target-size"));
     assert!(!out.exists(), "a failed generate wrote its output");
-    // not supported yet, refused rather than done wrong: a single file, a latent cache
-    let single = tmp.path().join("xl.safetensors");
-    assert_clean_failure(&sdkd(&["convert", "--from", pipe.to_str().unwrap(), "--to", single.to_str().unwrap()]), "SDXL single files");
-    assert!(!single.exists());
+    // not supported yet, refused rather than done wrong: a latent cache
     let data = tmp.path().join("data");
     assert!(sdkd(&["synth", "--out", data.to_str().unwrap(), "--count", "2", "--resolution", "32"]).status.success());
     let cache = tmp.path().join("cache");
@@ -415,4 +412,121 @@ fn batched_sdxl_requests_equal_their_own_images() {
     }
     // the requests differ, so equal images are not a coincidence
     assert_ne!(results[0], results[1]);
+}
+
+/// The tensors of a pipeline part's weights; transformers 5 saves CLIPTextModel without `text_model.`.
+fn part_tensors(dir: &Path, part: &str) -> std::collections::BTreeMap<String, Tensor> {
+    let stem = if part.starts_with("text_encoder") { "model" } else { "diffusion_pytorch_model" };
+    read_tensors(&dir.join(part).join(format!("{stem}.safetensors")))
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("text_model.").map(str::to_string).unwrap_or(k), v))
+        .collect()
+}
+
+fn assert_same_tensors(a: &std::collections::BTreeMap<String, Tensor>, b: &std::collections::BTreeMap<String, Tensor>, what: &str) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: tensor names differ");
+    for (k, t) in a {
+        assert!(t.size() == b[k].size() && t.to_kind(Kind::Float).equal(&b[k].to_kind(Kind::Float)), "{what}: {k} differs");
+    }
+}
+
+/// The fixture pipeline's four weighted parts, tensor for tensor.
+fn assert_same_pipeline(ours: &Path, what: &str) {
+    for part in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        assert_same_tensors(&part_tensors(ours, part), &part_tensors(&fixture().join("pipe"), part), &format!("{what}: {part}"));
+    }
+}
+
+/// The fixture pipeline as an SDXL single file by sdkd (`ours.safetensors`, fp32) and by diffusers'
+/// SDXL conversion tables (`theirs.safetensors`, `theirs.ckpt`), and diffusers'
+/// `StableDiffusionXLPipeline.from_single_file` of sdkd's file saved as a folder (`diffusers/`).
+fn single_files() -> &'static Path {
+    static DIR: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_keep, path) = DIR.get_or_init(|| {
+        let dir = tempdir();
+        let p = |n: &str| dir.path().join(n).display().to_string();
+        let pipe = fixture().join("pipe").display().to_string();
+        let o = sdkd(&["convert", "--from", &pipe, "--to", &p("ours.safetensors"), "--dtype", "fp32"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        run_reference("sdxl.py", &["single_files", &pipe, &p("ours.safetensors"), &p("theirs"), &p("diffusers")]);
+        let path = dir.path().to_path_buf();
+        (dir, path)
+    });
+    path
+}
+
+/// SDXL single files both ways: sdkd writes the keys and tensors of diffusers' SDXL conversion
+/// tables (SGM names, `label_emb`, the bigG tower with `in_proj` fused and `text_projection`
+/// transposed, blocks numbered without gaps), diffusers' `from_single_file` reads sdkd's file
+/// back tensor for tensor, and sdkd reads diffusers' file, `.safetensors` and `.ckpt`, tensor for
+/// tensor (with `--config`: the tiny model's norm groups and heads are not SDXL's).
+#[test]
+fn single_files_in_and_out_match_diffusers() {
+    let d = single_files();
+    let ours = read_tensors(&d.join("ours.safetensors"));
+    assert_same_tensors(&ours, &read_tensors(&d.join("theirs.safetensors")), "sdkd's single file vs diffusers' tables");
+    for key in ["model.diffusion_model.label_emb.0.2.bias", "conditioner.embedders.1.model.text_projection", "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight"] {
+        assert!(ours.contains_key(key), "{key}");
+    }
+    assert_same_pipeline(&d.join("diffusers"), "diffusers' from_single_file of sdkd's file");
+    let tmp = tempdir();
+    let pipe = fixture().join("pipe");
+    for file in ["theirs.safetensors", "theirs.ckpt"] {
+        let out = tmp.path().join(file);
+        let o = sdkd(&["convert", "--from", d.join(file).to_str().unwrap(), "--config", pipe.to_str().unwrap(), "--to", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{file}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_same_pipeline(&out, &format!("sdkd's reading of {file}"));
+        let index = std::fs::read_to_string(out.join("model_index.json")).unwrap();
+        assert!(index.contains("StableDiffusionXLPipeline") && index.contains("text_encoder_2"), "{index}");
+    }
+}
+
+/// Bad SDXL single files exit 1 naming the file and key: a bigG tower missing a layer, a
+/// refiner-like file (one OpenCLIP encoder), a model whose norm groups a file cannot carry
+/// (pointing to `--config`); an SDXL file is no distillation teacher yet.
+#[test]
+fn bad_sdxl_single_files_exit_1_naming_the_key() {
+    let d = single_files();
+    let tmp = tempdir();
+    let pipe = fixture().join("pipe");
+    let all = read_tensors(&d.join("theirs.safetensors"));
+    let write = |name: &str, keep: &dyn Fn(&str) -> Option<String>| -> PathBuf {
+        let path = tmp.path().join(name);
+        let t: Vec<(String, Tensor)> = all.iter().filter_map(|(k, v)| keep(k).map(|k| (k, v.shallow_clone()))).collect();
+        sdkd::models::weights::save(&path, &t, None).unwrap();
+        path
+    };
+    let convert = |file: &Path| {
+        sdkd(&["convert", "--from", file.to_str().unwrap(), "--config", pipe.to_str().unwrap(), "--to", tmp.path().join("out").to_str().unwrap()])
+    };
+    // the bigG tower without its layer 1
+    let layer = "conditioner.embedders.1.model.transformer.resblocks.1.";
+    let truncated = write("truncated.safetensors", &|k| (!k.starts_with(layer)).then(|| k.to_string()));
+    let o = convert(&truncated);
+    assert_clean_failure(&o, "truncated.safetensors");
+    assert_clean_failure(&o, layer);
+    // a refiner: its one OpenCLIP encoder at conditioner.embedders.0.model
+    let refiner = write("refiner.safetensors", &|k| {
+        if k.starts_with("conditioner.embedders.0.") {
+            None
+        } else {
+            Some(k.replace("conditioner.embedders.1.model.", "conditioner.embedders.0.model."))
+        }
+    });
+    let o = sdkd(&["generate", "--model", refiner.to_str().unwrap(), "--prompt", "x", "--out", tmp.path().join("o.png").to_str().unwrap()]);
+    assert_clean_failure(&o, "refiner.safetensors");
+    assert_clean_failure(&o, "conditioner.embedders.0.model.");
+    assert_clean_failure(&o, "SDXL refiner");
+    // the tiny model's heads and norm groups are not in the weights: the error says what to do
+    let o = sdkd(&["inspect", "--model", d.join("theirs.safetensors").to_str().unwrap()]);
+    assert_clean_failure(&o, "theirs.safetensors");
+    assert_clean_failure(&o, "--config");
+    assert!(!tmp.path().join("out").exists() && !tmp.path().join("o.png").exists(), "a refused command wrote its output");
+    // training on SDXL is refused, for a file as for a folder
+    let data = tmp.path().join("data");
+    assert!(sdkd(&["synth", "--out", data.to_str().unwrap(), "--count", "2", "--resolution", "32"]).status.success());
+    let cache = tmp.path().join("cache");
+    let o = sdkd(&["preprocess", "--teacher", d.join("theirs.safetensors").to_str().unwrap(), "--data", data.to_str().unwrap(), "--resolution", "32", "--out", cache.to_str().unwrap()]);
+    assert_clean_failure(&o, "cannot be a distillation teacher");
+    assert!(!cache.exists());
 }

@@ -30,6 +30,10 @@ pub struct ConvertArgs {
     /// What the UNet predicts, for a file whose weights cannot say (SD-2.x without its .yaml).
     #[arg(long, value_parser = ["epsilon", "v_prediction"])]
     pub prediction_type: Option<String>,
+    /// A diffusers pipeline folder whose configs describe a single-file --from (diffusers'
+    /// `from_single_file(config=…)`), for models whose norm groups or heads are not the defaults.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Storage dtype (default fp32 for a folder, fp16 for a single file).
     #[arg(long, value_enum)]
     pub dtype: Option<Precision>,
@@ -39,10 +43,15 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     let args = &ConvertArgs { from: crate::hub::local(&args.from, crate::hub::Want::Pipeline)?, ..args.clone() };
     fs_safe::check_apart(&args.to, &args.from, "--from", "--to")?;
     let to_file = args.from.is_dir();
-    if to_file && (args.use_ema || args.prediction_type.is_some()) {
-        bail!("--use-ema and --prediction-type describe a single-file --from; {} is a folder", args.from.display());
+    if to_file && (args.use_ema || args.prediction_type.is_some() || args.config.is_some()) {
+        bail!("--use-ema, --prediction-type and --config describe a single-file --from; {} is a folder", args.from.display());
     }
-    let options = SingleFileOptions { use_ema: args.use_ema, prediction_type: args.prediction_type.clone() };
+    if let Some(dir) = &args.config {
+        if !dir.join("model_index.json").is_file() {
+            bail!("--config {}: not a diffusers pipeline folder (no model_index.json)", dir.display());
+        }
+    }
+    let options = SingleFileOptions { use_ema: args.use_ema, prediction_type: args.prediction_type.clone(), config: args.config.clone() };
     let pipe = PipelineDir::open_with(&args.from, &options)?;
     let format = if to_file { ExportFormat::SingleFile } else { ExportFormat::Pipeline };
     if to_file {

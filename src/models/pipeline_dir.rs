@@ -6,7 +6,7 @@
 //! its UNet when it trains from a latent cache), and every error names the part at fault.
 use super::clip::{ClipTextConfig, ClipTextEncoder};
 use super::clip_tokenizer::ClipTokenizer;
-use super::single_file::{SingleFile, SingleFileOptions, CLIP_PREFIX, OPEN_CLIP_PREFIX, VAE_PREFIX};
+use super::single_file::{Family, SingleFile, SingleFileOptions, VAE_PREFIX, XL_OPEN_CLIP_PREFIX};
 use super::unet::UNet;
 use super::layers::Init;
 use super::unet_config::UNetConfig;
@@ -80,6 +80,8 @@ pub struct PipelineDir {
 
 /// The configs of SD's published schedulers (SD-1.5's; SD-2.x differs only in prediction type).
 const SD_SCHEDULER_CONFIG: &str = include_str!("../../configs/reference/sd15_scheduler_config.json");
+/// SDXL base's (`EulerDiscreteScheduler`, leading spacing).
+const SDXL_SCHEDULER_CONFIG: &str = include_str!("../../configs/reference/sdxl_scheduler_config.json");
 
 impl PipelineDir {
     /// Reads `<dir>/model_index.json`, or the header of a single-file checkpoint.
@@ -142,8 +144,8 @@ impl PipelineDir {
 
     /// `_class_name` of model_index.json (e.g. `StableDiffusionPipeline`).
     pub fn class_name(&self) -> Option<&str> {
-        if self.single.is_some() {
-            return Some("StableDiffusionPipeline");
+        if let Some(f) = &self.single {
+            return Some(if f.family == Family::Sdxl { "StableDiffusionXLPipeline" } else { "StableDiffusionPipeline" });
         }
         self.index.get("_class_name").and_then(Value::as_str)
     }
@@ -197,7 +199,8 @@ impl PipelineDir {
             for &part in parts {
                 match part {
                     Part::Vae => f.check_has(VAE_PREFIX, "VAE (first_stage_model)")?,
-                    Part::TextEncoder if !f.state.has_prefix(CLIP_PREFIX) => f.check_has(OPEN_CLIP_PREFIX, "text encoder (cond_stage_model)")?,
+                    Part::TextEncoder => f.check_has(f.text_prefix(), "text encoder")?,
+                    Part::TextEncoder2 => f.check_has(XL_OPEN_CLIP_PREFIX, "second text encoder (OpenCLIP ViT-bigG)")?,
                     _ => {}
                 }
             }
@@ -259,19 +262,31 @@ impl PipelineDir {
 
     /// SDXL's `text_encoder_2` (with its projection).
     pub fn load_text_encoder_2(&self, device: Device, kind: Kind) -> Result<ClipTextEncoder> {
+        if let Some(f) = &self.single {
+            return f.load_text_encoder_2(device, kind);
+        }
         let dir = self.part_dir(Part::TextEncoder2)?;
         ClipTextEncoder::load_with_projection(&dir, device, kind).with_context(|| self.context(Part::TextEncoder2))
     }
 
     /// SDXL's `tokenizer_2`: its pad token ("!" in SDXL's) is read from its files.
     pub fn load_tokenizer_2(&self) -> Result<ClipTokenizer> {
+        if let Some(f) = &self.single {
+            return match &f.options.config {
+                Some(dir) => ClipTokenizer::from_dir(&dir.join("tokenizer_2")).with_context(|| format!("--config {}: tokenizer_2", dir.display())),
+                None => ClipTokenizer::embedded("!"), // SDXL's tokenizer_2 pads with "!"
+            };
+        }
         let dir = self.part_dir(Part::Tokenizer2)?;
         ClipTokenizer::from_dir(&dir).with_context(|| self.context(Part::Tokenizer2))
     }
 
     pub fn load_tokenizer(&self) -> Result<ClipTokenizer> {
         if let Some(f) = &self.single {
-            return ClipTokenizer::embedded(f.family.pad_token());
+            return match &f.options.config {
+                Some(dir) => ClipTokenizer::from_dir(&dir.join("tokenizer")).with_context(|| format!("--config {}: tokenizer", dir.display())),
+                None => ClipTokenizer::embedded(f.family.pad_token()),
+            };
         }
         let dir = self.part_dir(Part::Tokenizer)?;
         ClipTokenizer::from_dir(&dir).with_context(|| self.context(Part::Tokenizer))
@@ -286,7 +301,13 @@ impl PipelineDir {
     /// file's prediction type.
     pub fn scheduler_json(&self) -> Result<Value> {
         if let Some(f) = &self.single {
-            let mut v: Value = serde_json::from_str(SD_SCHEDULER_CONFIG)?;
+            if let Some(dir) = &f.options.config {
+                let path = dir.join("scheduler").join(Part::Scheduler.config_file());
+                let text = std::fs::read_to_string(&path).with_context(|| format!("--config: reading {}", path.display()))?;
+                return serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()));
+            }
+            let base = if f.family == Family::Sdxl { SDXL_SCHEDULER_CONFIG } else { SD_SCHEDULER_CONFIG };
+            let mut v: Value = serde_json::from_str(base)?;
             v["prediction_type"] = Value::String(f.prediction_type()?);
             return Ok(v);
         }

@@ -28,6 +28,19 @@ usage: sdxl.py make OUT_DIR
   OUT_DIR/counts.json: transformers' and diffusers' parameter counts of SDXL-base's two text
   encoders and VAE built from their published configs on the meta device.
 
+`sgm PIPE OUT_STEM` writes PIPE as an SGM/LDM single file, OUT_STEM.safetensors and OUT_STEM.ckpt
+  (torch.save({"state_dict": ...})), by the tables of diffusers' scripts/convert_diffusers_to_original_sdxl.py
+  (ported: they are not in the wheel; its VAE tables are written for the fixture's level count instead of
+  a hard-coded 4, and `text_projection` is stored as SGM stores it, the transpose of the linear weight
+  under the name `text_projection`, which is what diffusers' single_file_utils reads; the script leaves it
+  as `text_projection.weight`).
+
+`from_single_file FILE CONFIG OUT_DIR`: StableDiffusionXLPipeline.from_single_file(FILE, config=CONFIG),
+  offline, saved with save_pretrained at OUT_DIR.
+
+`single_files PIPE FILE OUT_STEM OUT_DIR`: `sgm PIPE OUT_STEM` and `from_single_file FILE PIPE OUT_DIR` in one
+  process (diffusers' import costs seconds).
+
 `generate` runs StableDiffusionXLPipeline on each case of CASES_JSON, a list of
   {"model", "unet": a UNet folder to use instead of the pipeline's, or null, "prompt", "negative_prompt" or null, "scheduler": euler | dpmpp_2m | unipc | ...,
    "steps", "guidance_scale", "guidance_rescale", "seed", "width", "height", "samples",
@@ -210,6 +223,129 @@ def generate(cases_file):
             image.save(f"{case['out']}-{i}.png")
 
 
+# --- the tables of diffusers' scripts/convert_diffusers_to_original_sdxl.py (SDXL's UNet layout) ---------
+UNET_MAP = [
+    ("time_embed.0.weight", "time_embedding.linear_1.weight"), ("time_embed.0.bias", "time_embedding.linear_1.bias"),
+    ("time_embed.2.weight", "time_embedding.linear_2.weight"), ("time_embed.2.bias", "time_embedding.linear_2.bias"),
+    ("input_blocks.0.0.weight", "conv_in.weight"), ("input_blocks.0.0.bias", "conv_in.bias"),
+    ("out.0.weight", "conv_norm_out.weight"), ("out.0.bias", "conv_norm_out.bias"),
+    ("out.2.weight", "conv_out.weight"), ("out.2.bias", "conv_out.bias"),
+    ("label_emb.0.0.weight", "add_embedding.linear_1.weight"), ("label_emb.0.0.bias", "add_embedding.linear_1.bias"),
+    ("label_emb.0.2.weight", "add_embedding.linear_2.weight"), ("label_emb.0.2.bias", "add_embedding.linear_2.bias"),
+]
+UNET_MAP_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"), ("out_layers.3", "conv2"),
+                   ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
+UNET_MAP_LAYER = []
+for i in range(3):
+    for j in range(2):
+        UNET_MAP_LAYER.append((f"input_blocks.{3 * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
+        if i > 0:
+            UNET_MAP_LAYER.append((f"input_blocks.{3 * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
+    for j in range(4):
+        UNET_MAP_LAYER.append((f"output_blocks.{3 * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
+        if i < 2:
+            UNET_MAP_LAYER.append((f"output_blocks.{3 * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
+    if i < 3:
+        UNET_MAP_LAYER.append((f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+        UNET_MAP_LAYER.append((f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", f"up_blocks.{i}.upsamplers.0."))
+UNET_MAP_LAYER.append(("output_blocks.2.2.conv.", "output_blocks.2.1.conv."))
+UNET_MAP_LAYER.append(("middle_block.1.", "mid_block.attentions.0."))
+for j in range(2):
+    UNET_MAP_LAYER.append((f"middle_block.{2 * j}.", f"mid_block.resnets.{j}."))
+
+
+def sgm_unet(sd):
+    mapping = {k: k for k in sd}
+    for sd_name, hf_name in UNET_MAP:
+        mapping[hf_name] = sd_name
+    for k, v in mapping.items():
+        if "resnets" in k:
+            for sd_part, hf_part in UNET_MAP_RESNET:
+                v = v.replace(hf_part, sd_part)
+            mapping[k] = v
+    for k, v in mapping.items():
+        for sd_part, hf_part in UNET_MAP_LAYER:
+            v = v.replace(hf_part, sd_part)
+        mapping[k] = v
+    return {"model.diffusion_model." + v: sd[k] for k, v in mapping.items()}
+
+
+def sgm_vae(sd, levels, layers):
+    vae_map = [("nin_shortcut", "conv_shortcut"), ("norm_out", "conv_norm_out"), ("mid.attn_1.", "mid_block.attentions.0.")]
+    for i in range(levels):
+        for j in range(layers):
+            vae_map.append((f"encoder.down.{i}.block.{j}.", f"encoder.down_blocks.{i}.resnets.{j}."))
+        if i < levels - 1:
+            vae_map.append((f"down.{i}.downsample.", f"down_blocks.{i}.downsamplers.0."))
+            vae_map.append((f"up.{levels - 1 - i}.upsample.", f"up_blocks.{i}.upsamplers.0."))
+        for j in range(layers + 1):
+            vae_map.append((f"decoder.up.{levels - 1 - i}.block.{j}.", f"decoder.up_blocks.{i}.resnets.{j}."))
+    for i in range(2):
+        vae_map.append((f"mid.block_{i + 1}.", f"mid_block.resnets.{i}."))
+    attn_map = [("norm.", "group_norm."), ("q.", "to_q."), ("k.", "to_k."), ("v.", "to_v."), ("proj_out.", "to_out.0.")]
+    out = {}
+    for k, t in sd.items():
+        v = k
+        for sd_part, hf_part in vae_map:
+            v = v.replace(hf_part, sd_part)
+        if "attentions" in k:
+            for sd_part, hf_part in attn_map:
+                v = v.replace(hf_part, sd_part)
+        if any(f"mid.attn_1.{w}.weight" in v for w in ["q", "k", "v", "proj_out"]) and t.ndim != 1:
+            t = t.reshape(*t.shape, 1, 1)
+        out["first_stage_model." + v] = t
+    return out
+
+
+TEXTENC_MAP = [("transformer.resblocks.", "text_model.encoder.layers."), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+               (".c_fc.", ".fc1."), (".c_proj.", ".fc2."), (".attn", ".self_attn"), ("ln_final.", "text_model.final_layer_norm."),
+               ("token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+               ("positional_embedding", "text_model.embeddings.position_embedding.weight")]
+
+
+def sgm_open_clip(sd):
+    import re
+    protected = {re.escape(hf): ldm for ldm, hf in TEXTENC_MAP}
+    pattern = re.compile("|".join(protected.keys()))
+    relabel = lambda k: pattern.sub(lambda m: protected[re.escape(m.group(0))], k)  # noqa: E731
+    out, qkv = {}, {}
+    for k, v in sd.items():
+        m = re.match(r"(.*)\.(q|k|v)_proj\.(weight|bias)$", k)
+        if m and m.group(1).endswith(".self_attn"):
+            qkv.setdefault((m.group(1), m.group(3)), [None] * 3)["qkv".index(m.group(2))] = v
+            continue
+        if k == "text_projection.weight":
+            out["text_projection"] = v.T.contiguous()  # SGM's layout: x @ text_projection
+            continue
+        out[relabel(k)] = v
+    for (pre, leaf), parts in qkv.items():
+        out[relabel(pre) + f".in_proj_{leaf}"] = torch.cat(parts)
+    return {"conditioner.embedders.1.model." + k: v for k, v in out.items()}
+
+
+def write_sgm(pipe_dir, stem):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(pipe_dir, add_watermarker=False)
+    vae_cfg = pipe.vae.config
+    sd = {**sgm_unet(pipe.unet.state_dict()),
+          **sgm_vae(pipe.vae.state_dict(), len(vae_cfg.block_out_channels), vae_cfg.layers_per_block),
+          # SGM's FrozenCLIPEmbedder holds a transformers CLIPTextModel: text_model.* below the prefix
+          **{"conditioner.embedders.0.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v
+             for k, v in pipe.text_encoder.state_dict().items()},
+          **sgm_open_clip(pipe.text_encoder_2.state_dict())}
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    save_file(sd, stem + ".safetensors")
+    torch.save({"state_dict": sd, "global_step": 1}, stem + ".ckpt")
+
+
+def from_single_file(file, config, out_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_single_file(file, config=config, local_files_only=True, add_watermarker=False)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+
+
 def main():
     torch.set_num_threads(1)
     if sys.argv[1] == "make":
@@ -219,6 +355,13 @@ def main():
         make_unets(out_dir, gen)
         make_pipeline(out_dir, gen)
         sdxl_counts(out_dir)
+    elif sys.argv[1] == "sgm":
+        write_sgm(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "single_files":
+        write_sgm(sys.argv[2], sys.argv[4])
+        from_single_file(sys.argv[3], sys.argv[2], sys.argv[5])
+    elif sys.argv[1] == "from_single_file":
+        from_single_file(sys.argv[2], sys.argv[3], sys.argv[4])
     elif sys.argv[1] == "generate":
         generate(sys.argv[2])
     else:

@@ -1,10 +1,18 @@
 //! The diffusers configs of a single file's UNet, VAE and text encoder, from its shapes (and
 //! its sidecar `.yaml` for what shapes cannot tell).
 use super::super::clip::{Activation, ClipTextConfig};
-use super::super::unet_config::{DownBlockKind, MidBlockKind, UNetConfig, UpBlockKind};
+use super::super::unet_config::{Depth, DownBlockKind, MidBlockKind, TextTimeEmbed, UNetConfig, UpBlockKind};
 use super::super::vae::VaeConfig;
-use super::{Family, SingleFile, UNET_PREFIX, VAE_PREFIX};
+use super::{Family, SingleFile, UNET_PREFIX, VAE_PREFIX, XL_OPEN_CLIP_PREFIX};
 use anyhow::{bail, Context, Result};
+
+/// What to do when the defaults the weights cannot override do not fit.
+const CONFIG_HINT: &str = " (with the norm groups, 32, that LDM and SGM hard-code; for a model whose norm groups or heads \
+differ, convert it once with `sdkd convert --from <file> --config <a diffusers folder of the model> --to <folder>`)";
+
+/// SDXL's `addition_time_embed_dim` (SGM's `ConcatTimestepEmbedderND` outdim), used when the
+/// file has no second text encoder to size the pooled part of `label_emb`.
+const XL_TIME_EMBED_DIM: i64 = 256;
 
 impl SingleFile {
     /// `epsilon` or `v_prediction`: the flag, else the sidecar's `parameterization`, else
@@ -22,7 +30,7 @@ impl SingleFile {
             };
         }
         match self.family {
-            Family::Sd1 => Ok("epsilon".into()),
+            Family::Sd1 | Family::Sdxl => Ok("epsilon".into()),
             Family::Sd2 => bail!(
                 "{}: an SD-2.x checkpoint (OpenCLIP text encoder, 1024-wide context): whether it predicts v (768-v models) or \
                  noise (512-base) cannot be seen in the weights, and sdkd does not guess; put the model's LDM config beside it \
@@ -36,6 +44,9 @@ impl SingleFile {
 
     /// The UNet's diffusers config, from the shapes under `model.diffusion_model.`.
     pub fn unet_config(&self) -> Result<UNetConfig> {
+        if let Some(dir) = self.config_dir("unet") {
+            return UNetConfig::from_path(&dir).with_context(|| format!("--config: {}", dir.display()));
+        }
         let file = self.file();
         let key = |rest: &str| format!("{UNET_PREFIX}{rest}");
         let has = |rest: &str| self.state.has_prefix(&key(rest));
@@ -44,7 +55,10 @@ impl SingleFile {
         let mut c = UNetConfig::default();
         c.in_channels = conv_in[1];
         c.out_channels = out[0];
+        // the transformer blocks of a spatial transformer (0: none)
+        let depth = |b: &str| (0..).take_while(|d| has(&format!("{b}1.transformer_blocks.{d}."))).count() as i64;
         let mut stages: Vec<(i64, i64, bool)> = vec![]; // (channels, layers, cross-attention)
+        let mut down_depths: Vec<Vec<i64>> = vec![vec![]];
         let mut cur: (i64, i64, bool) = (conv_in[0], 0, false);
         let mut k = 1;
         let mut context = None;
@@ -56,6 +70,7 @@ impl SingleFile {
             }
             if has(&format!("{b}0.op.")) {
                 stages.push(cur);
+                down_depths.push(vec![]);
                 cur = (cur.0, 0, false);
             } else {
                 let ch = self.shape(&key(&format!("{b}0.out_layers.3.weight")))?[0];
@@ -64,10 +79,8 @@ impl SingleFile {
                     bail!("{file}: key {}: a stage changes width or attention between its blocks (not a UNet2DConditionModel)", key(&b));
                 }
                 cur = (ch, cur.1 + 1, attn);
+                down_depths.last_mut().expect("one per stage").push(depth(&b));
                 if attn {
-                    if has(&format!("{b}1.transformer_blocks.1.")) {
-                        bail!("{file}: key {}transformer_blocks.1: transformer depth above 1 is not supported", key(&format!("{b}1.")));
-                    }
                     let to_k = self.shape(&key(&format!("{b}1.transformer_blocks.0.attn2.to_k.weight")))?;
                     context.get_or_insert(to_k[1]);
                     linear.get_or_insert(self.shape(&key(&format!("{b}1.proj_in.weight")))?.len() == 2);
@@ -84,13 +97,22 @@ impl SingleFile {
         c.block_out_channels = stages.iter().map(|s| s.0).collect();
         c.layers_per_block = stages.iter().map(|s| s.1).collect();
         c.down_block_types = stages.iter().map(|s| if s.2 { DownBlockKind::CrossAttn } else { DownBlockKind::Plain }).collect();
-        c.mid_block = has("middle_block.").then_some(MidBlockKind::CrossAttn);
+        // UNetMidBlock2DCrossAttn (resnet, transformer, resnet), UNetMidBlock2D (one resnet, as
+        // diffusers builds SSD-1B's) or none
+        let mid_depth = depth("middle_block.");
+        c.mid_block = match (mid_depth > 0, has("middle_block.")) {
+            (true, _) => Some(MidBlockKind::CrossAttn),
+            (false, true) => Some(MidBlockKind::Plain),
+            (false, false) => None,
+        };
         // The up path: up block i mirrors stage n-1-i with one more resnet; an upsampler ends it.
         let mut up_types = vec![];
+        let mut up_depths: Vec<Vec<i64>> = vec![];
         let mut k = 0;
         for i in 0..n {
             let want = c.layers_per_block[n - 1 - i] + 1;
             let mut attn = None;
+            up_depths.push(vec![]);
             for j in 0..want {
                 let b = format!("output_blocks.{k}.");
                 if !has(&b) {
@@ -98,6 +120,7 @@ impl SingleFile {
                 }
                 let a = has(&format!("{b}1.proj_in."));
                 attn.get_or_insert(a);
+                up_depths[i].push(depth(&b));
                 let upsampler = has(&format!("{b}1.conv.")) || has(&format!("{b}2.conv."));
                 if upsampler != (j + 1 == want && i + 1 < n) {
                     bail!("{file}: key {}: an upsampler where the input side has no stage boundary (or none where it has one)", key(&b));
@@ -111,33 +134,107 @@ impl SingleFile {
         }
         self.check_contiguous("output_blocks", k)?;
         c.up_block_types = up_types;
+        self.set_depths(&mut c, &down_depths, &up_depths, mid_depth)?;
+        c.addition_embed = self.text_time()?;
         c.cross_attention_dim = context.unwrap_or(768);
         c.use_linear_projection = linear.unwrap_or(false);
-        // Heads are not in the weights: LDM's config gives num_head_channels (SD-2: 64) or
-        // num_heads (SD-1: 8).
-        let head_channels = self.unet_param("num_head_channels").filter(|&h| h > 0);
-        let heads = self.unet_param("num_heads").filter(|&h| h > 0);
-        c.num_heads = match (head_channels, heads, self.family) {
-            (Some(h), _, _) => c.block_out_channels.iter().map(|ch| ch / h).collect(),
-            (None, Some(h), _) => vec![h; n],
-            (None, None, Family::Sd1) => vec![8; n],
-            (None, None, Family::Sd2) => c.block_out_channels.iter().map(|ch| ch / 64).collect(),
-        };
-        if let Some(i) = c.block_out_channels.iter().zip(&c.num_heads).position(|(ch, &h)| h <= 0 || ch % h != 0) {
-            bail!(
-                "{file}: the attention heads cannot be seen in the weights, and {}'s default does not fit stage {i} ({} channels): \
-                 put the model's LDM config beside it as {} (num_head_channels or num_heads)",
-                self.family.name(),
-                c.block_out_channels[i],
-                self.state.path().with_extension("yaml").display()
-            );
-        }
+        c.num_heads = self.heads(&c.block_out_channels)?;
         let v = self.prediction_type().map(|p| p == "v_prediction").unwrap_or(false);
         // diffusers' SD-2.1 768-v config upcasts attention (fp16 overflows there).
         c.upcast_attention = self.family == Family::Sd2 && v;
-        c.sample_size = Some(self.unet_param("image_size").unwrap_or(if self.family == Family::Sd2 && v { 96 } else { 64 }));
-        c.validate().with_context(|| format!("{file}: the UNet its shapes describe"))?;
+        let default_size = match self.family {
+            Family::Sdxl => 128,
+            Family::Sd2 if v => 96,
+            _ => 64,
+        };
+        c.sample_size = Some(self.unet_param("image_size").unwrap_or(default_size));
+        c.validate().with_context(|| format!("{file}: the UNet its shapes describe{CONFIG_HINT}"))?;
         Ok(c)
+    }
+
+    /// Heads per stage, which are not in the weights: LDM's config gives num_head_channels (SD-2,
+    /// SDXL: 64) or num_heads (SD-1: 8).
+    fn heads(&self, channels: &[i64]) -> Result<Vec<i64>> {
+        let n = channels.len();
+        let head_channels = self.unet_param("num_head_channels").filter(|&h| h > 0);
+        let heads = self.unet_param("num_heads").filter(|&h| h > 0);
+        let per_stage: Vec<i64> = match (head_channels, heads, self.family) {
+            (Some(h), _, _) => channels.iter().map(|ch| ch / h).collect(),
+            (None, Some(h), _) => vec![h; n],
+            (None, None, Family::Sd1) => vec![8; n],
+            (None, None, Family::Sd2 | Family::Sdxl) => channels.iter().map(|ch| ch / 64).collect(),
+        };
+        if let Some(i) = channels.iter().zip(&per_stage).position(|(ch, &h)| h <= 0 || ch % h != 0) {
+            bail!(
+                "{}: the attention heads cannot be seen in the weights, and {}'s default does not fit stage {i} ({} channels): \
+                 put the model's LDM config beside it as {} (num_head_channels or num_heads), or convert it once with \
+                 `sdkd convert --from <file> --config <a diffusers folder of the model> --to <folder>`",
+                self.file(),
+                self.family.name(),
+                channels[i],
+                self.state.path().with_extension("yaml").display()
+            );
+        }
+        Ok(per_stage)
+    }
+
+    /// `transformer_layers_per_block` (and its reverse for the decoder, when the decoder's depths
+    /// are not the encoder's mirrored) from the counted depths; left empty when every spatial
+    /// transformer has one block (SD-1.x/2.x), so their configs stay as they were.
+    fn set_depths(&self, c: &mut UNetConfig, down: &[Vec<i64>], up: &[Vec<i64>], mid: i64) -> Result<()> {
+        let n = c.num_stages();
+        let attn_depths = down.iter().chain(up).flatten().filter(|&&d| d > 0);
+        if attn_depths.clone().all(|&d| d == 1) && mid <= 1 {
+            return Ok(());
+        }
+        let depth = |v: &[i64], plain: i64| -> Depth {
+            match v.first() {
+                None | Some(0) => Depth::Uniform(plain),
+                Some(&d0) if v.iter().all(|&d| d == d0) => Depth::Uniform(d0),
+                _ => Depth::PerLayer(v.to_vec()),
+            }
+        };
+        // diffusers gives the mid block the last stage's depth: a plain last stage carries it
+        let mid_or_1 = if mid > 0 { mid } else { 1 };
+        c.transformer_layers_per_block = (0..n).map(|i| depth(&down[i], if i + 1 == n { mid_or_1 } else { 1 })).collect();
+        if mid > 0 && c.down_depth(n - 1, 0) != mid {
+            bail!(
+                "{}: key {UNET_PREFIX}middle_block.1: {mid} transformer blocks, but the last input stage has {}: diffusers gives the \
+                 mid block the last stage's depth",
+                self.file(),
+                c.down_depth(n - 1, 0)
+            );
+        }
+        let mirrored = (0..n).all(|i| up[i].iter().all(|&d| d == 0 || d == c.down_depth(n - 1 - i, 0)));
+        let per_layer = c.transformer_layers_per_block.iter().any(|d| matches!(d, Depth::PerLayer(_)));
+        if !mirrored || per_layer {
+            c.reverse_transformer_layers_per_block = Some((0..n).map(|i| depth(&up[i], 1)).collect());
+        }
+        Ok(())
+    }
+
+    /// SDXL's micro-conditioning (`label_emb.0.0` = `add_embedding.linear_1`): its input is the
+    /// pooled width (the bigG projection's, when the file has it) plus 6 sinusoidal time ids.
+    fn text_time(&self) -> Result<Option<TextTimeEmbed>> {
+        let key = format!("{UNET_PREFIX}label_emb.0.0.weight");
+        let Some(shape) = self.state.shape(&key) else { return Ok(None) };
+        if shape.len() != 2 {
+            bail!("{}: key {key}: shape {shape:?} is not a linear weight", self.file());
+        }
+        let input_dim = shape[1];
+        let pooled = self.state.shape(&format!("{XL_OPEN_CLIP_PREFIX}text_projection")).and_then(|s| s.get(1).copied());
+        let time_embed_dim = match pooled {
+            Some(p) if input_dim > p && (input_dim - p) % 6 == 0 => (input_dim - p) / 6,
+            Some(p) => bail!(
+                "{}: key {key}: input width {input_dim} is not the pooled text embedding ({p}) plus 6 time ids",
+                self.file()
+            ),
+            None => XL_TIME_EMBED_DIM,
+        };
+        if input_dim <= 6 * time_embed_dim {
+            bail!("{}: key {key}: input width {input_dim} leaves no room for a pooled embedding beside 6 × {time_embed_dim} time features", self.file());
+        }
+        Ok(Some(TextTimeEmbed { time_embed_dim, input_dim }))
     }
 
     /// Refuses numbered blocks beyond a gap (loaders that count blocks stop at the first one).
@@ -154,6 +251,9 @@ impl SingleFile {
 
     pub fn vae_config(&self) -> Result<VaeConfig> {
         self.check_has(VAE_PREFIX, "VAE (first_stage_model)")?;
+        if let Some(dir) = self.config_dir("vae") {
+            return VaeConfig::from_path(&dir).with_context(|| format!("--config: {}", dir.display()));
+        }
         let key = |rest: &str| format!("{VAE_PREFIX}{rest}");
         let mut ch = vec![];
         while self.state.has_prefix(&key(&format!("encoder.down.{}.", ch.len()))) {
@@ -170,33 +270,41 @@ impl SingleFile {
             layers_per_block: layers,
             latent_channels: self.shape(&key("decoder.conv_in.weight"))?[1],
             norm_num_groups: 32,
-            sample_size: Some(if self.family == Family::Sd2 { 768 } else { 512 }),
-            scaling_factor: self.model_param("scale_factor").and_then(serde_yaml::Value::as_f64).unwrap_or(0.18215),
+            sample_size: Some(match self.family {
+                Family::Sd1 => 512,
+                Family::Sd2 => 768,
+                Family::Sdxl => 1024,
+            }),
+            // SDXL's VAE: 0.13025 (its diffusers config); SD's: 0.18215
+            scaling_factor: self.model_param("scale_factor").and_then(serde_yaml::Value::as_f64).unwrap_or(if self.family == Family::Sdxl {
+                0.13025
+            } else {
+                0.18215
+            }),
             use_quant_conv: self.state.has_prefix(&key("quant_conv.")),
             use_post_quant_conv: self.state.has_prefix(&key("post_quant_conv.")),
             mid_block_add_attention: self.state.has_prefix(&key("encoder.mid.attn_1.")),
             ..VaeConfig::default()
         };
-        c.validate().with_context(|| format!("{}: the VAE its shapes describe", self.file()))?;
+        c.validate().with_context(|| format!("{}: the VAE its shapes describe{CONFIG_HINT}", self.file()))?;
         Ok(c)
     }
 
     pub fn text_encoder_config(&self) -> Result<ClipTextConfig> {
+        if let Some(dir) = self.config_dir("text_encoder") {
+            return ClipTextConfig::from_path(&dir).with_context(|| format!("--config: {}", dir.display()));
+        }
         let p = self.text_prefix();
-        self.check_has(p, "text encoder (cond_stage_model)")?;
+        self.check_has(p, "text encoder (cond_stage_model or conditioner.embedders.0)")?;
         let c = match self.family {
-            Family::Sd1 => {
+            Family::Sd1 | Family::Sdxl => {
                 let t = &self.sd1_text_prefix;
                 let tok = self.shape(&format!("{t}embeddings.token_embedding.weight"))?.to_vec();
-                let mut layers = 0;
-                while self.state.has_prefix(&format!("{t}encoder.layers.{layers}.")) {
-                    layers += 1;
-                }
                 ClipTextConfig {
                     vocab_size: tok[0],
                     hidden_size: tok[1],
                     intermediate_size: self.shape(&format!("{t}encoder.layers.0.mlp.fc1.weight"))?[0],
-                    num_hidden_layers: layers,
+                    num_hidden_layers: self.count_layers(&format!("{t}encoder.layers."))?,
                     num_attention_heads: (tok[1] / 64).max(1),
                     max_position_embeddings: self.shape(&format!("{t}embeddings.position_embedding.weight"))?[0],
                     hidden_act: Activation::QuickGelu,
@@ -204,29 +312,68 @@ impl SingleFile {
                 }
             }
             Family::Sd2 => {
-                let tok = self.shape(&format!("{p}token_embedding.weight"))?.to_vec();
-                let mut layers = 0;
-                while self.state.has_prefix(&format!("{p}transformer.resblocks.{layers}.")) {
-                    layers += 1;
+                let mut c = self.open_clip_config(p)?;
+                if c.num_hidden_layers < 2 {
+                    bail!("{}: key {p}transformer.resblocks: {} layers; SD-2 uses the penultimate of at least 2", self.file(), c.num_hidden_layers);
                 }
-                if layers < 2 {
-                    bail!("{}: key {p}transformer.resblocks: {layers} layers; SD-2 uses the penultimate of at least 2", self.file());
-                }
-                ClipTextConfig {
-                    vocab_size: tok[0],
-                    hidden_size: tok[1],
-                    intermediate_size: self.shape(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"))?[0],
-                    // SD-2 conditions on the penultimate layer: the last is not part of the model.
-                    num_hidden_layers: layers - 1,
-                    num_attention_heads: (tok[1] / 64).max(1),
-                    max_position_embeddings: self.shape(&format!("{p}positional_embedding"))?[0],
-                    hidden_act: Activation::Gelu,
-                    ..ClipTextConfig::default()
-                }
+                // SD-2 conditions on the penultimate layer: the last is not part of the model.
+                c.num_hidden_layers -= 1;
+                c
             }
         };
         c.validate().with_context(|| format!("{}: the text encoder its shapes describe", self.file()))?;
         Ok(c)
     }
 
+    /// SDXL's second text encoder: OpenCLIP ViT-bigG, every layer (the pooled embedding is the
+    /// last layer's), and its projection.
+    pub fn text_encoder_2_config(&self) -> Result<ClipTextConfig> {
+        if let Some(dir) = self.config_dir("text_encoder_2") {
+            let mut c = ClipTextConfig::from_path(&dir).with_context(|| format!("--config: {}", dir.display()))?;
+            c.with_projection = true;
+            return Ok(c);
+        }
+        let p = XL_OPEN_CLIP_PREFIX;
+        self.check_has(p, "second text encoder (conditioner.embedders.1, OpenCLIP ViT-bigG)")?;
+        let proj = self.shape(&format!("{p}text_projection"))?.to_vec();
+        let mut c = self.open_clip_config(p)?;
+        if proj.len() != 2 || proj[0] != c.hidden_size {
+            bail!("{}: key {p}text_projection: shape {proj:?}, not (width {}, projection)", self.file(), c.hidden_size);
+        }
+        c.with_projection = true;
+        c.projection_dim = proj[1];
+        // SDXL's text_encoder_2 config: pool at the largest id (open_clip's argmax pooling)
+        c.eos_token_id = 2;
+        c.validate().with_context(|| format!("{}: the second text encoder its shapes describe", self.file()))?;
+        Ok(c)
+    }
+
+    /// An OpenCLIP text tower's sizes under `p`, every layer counted.
+    fn open_clip_config(&self, p: &str) -> Result<ClipTextConfig> {
+        let tok = self.shape(&format!("{p}token_embedding.weight"))?.to_vec();
+        Ok(ClipTextConfig {
+            vocab_size: tok[0],
+            hidden_size: tok[1],
+            intermediate_size: self.shape(&format!("{p}transformer.resblocks.0.mlp.c_fc.weight"))?[0],
+            num_hidden_layers: self.count_layers(&format!("{p}transformer.resblocks."))?,
+            num_attention_heads: (tok[1] / 64).max(1),
+            max_position_embeddings: self.shape(&format!("{p}positional_embedding"))?[0],
+            hidden_act: Activation::Gelu,
+            ..ClipTextConfig::default()
+        })
+    }
+
+    /// The layers `{prefix}0.`, `{prefix}1.`, ... up to the first missing one; a layer numbered
+    /// beyond it (a truncated or damaged tower) is refused, naming the missing layer.
+    fn count_layers(&self, prefix: &str) -> Result<i64> {
+        let mut n = 0;
+        while self.state.has_prefix(&format!("{prefix}{n}.")) {
+            n += 1;
+        }
+        let beyond = self.state.with_prefix(prefix).find(|k| k[prefix.len()..].split('.').next().and_then(|i| i.parse::<i64>().ok()).is_some_and(|i| i > n));
+        if let Some(k) = beyond {
+            bail!("{}: key {prefix}{n}.*: missing, but {k} exists: the text encoder's layers have a gap (a truncated or damaged file)", self.file());
+        }
+        Ok(n)
+    }
 }

@@ -4,8 +4,8 @@ use super::super::clip::ClipTextEncoder;
 use super::super::layers::Init;
 use super::super::unet::UNet;
 use super::super::vae::Vae;
-use super::names::{ema_name, text_map, unet_map, vae_map, NameMap, Transform};
-use super::{SingleFile, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX};
+use super::names::{ema_name, open_clip_map, text_map, unet_map, vae_map, NameMap, Transform};
+use super::{SingleFile, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, XL_OPEN_CLIP_PREFIX};
 use anyhow::{anyhow, bail, Result};
 use std::collections::{BTreeSet, HashMap};
 use tch::{Device, Kind, Tensor};
@@ -45,6 +45,8 @@ impl SingleFile {
                         }
                         t.narrow(0, i as i64 * want[0], want[0])
                     }
+                    Transform::Transposed if shape.len() == 2 => t.tr(),
+                    Transform::Transposed => bail!("{file}: key {source}: shape {shape:?} is not a matrix"),
                 };
                 if t.size() != want {
                     bail!("{file}: key {source}: shape {shape:?} in the file, but the model ({name}) needs {want:?}");
@@ -99,6 +101,17 @@ impl SingleFile {
                 || k.starts_with(&last)
         };
         self.load_part(&enc.vs.variables(), &map, "", self.text_prefix(), &ignore, false)?;
+        Ok(enc)
+    }
+
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG with its projection).
+    pub fn load_text_encoder_2(&self, device: Device, kind: Kind) -> Result<ClipTextEncoder> {
+        let config = self.text_encoder_2_config()?;
+        let enc = ClipTextEncoder::build(&config, device, kind, Init::Empty);
+        let map = open_clip_map(&config, XL_OPEN_CLIP_PREFIX);
+        // open_clip's contrastive temperature and causal mask buffer are not transformers' model
+        let ignore = |k: &str| k == format!("{XL_OPEN_CLIP_PREFIX}logit_scale") || k == format!("{XL_OPEN_CLIP_PREFIX}attn_mask");
+        self.load_part(&enc.vs.variables(), &map, "", XL_OPEN_CLIP_PREFIX, &ignore, false)?;
         Ok(enc)
     }
 }

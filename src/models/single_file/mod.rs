@@ -18,6 +18,18 @@
 //! from a sidecar LDM `.yaml` (`<stem>.yaml`) or SD's defaults, and an SD-2.x file with neither
 //! is refused rather than guessed.
 //!
+//! SDXL files (Stability's SGM layout, as `sd_xl_base_1.0.safetensors` and its fine-tunes come)
+//! keep the UNet and VAE names, add `model.diffusion_model.label_emb.0.{0,2}` (diffusers'
+//! `add_embedding.linear_1/2`, the micro-conditioning) and carry two text encoders:
+//! `conditioner.embedders.0.transformer.text_model.*` (CLIP ViT-L, transformers' names) and
+//! `conditioner.embedders.1.model.*` (OpenCLIP ViT-bigG: `transformer.resblocks` for the layers,
+//! `in_proj` fusing q/k/v, `text_projection` stored as the matrix that multiplies, the transpose
+//! of transformers' linear weight). A file is SDXL when it has the bigG tower (diffusers'
+//! `single_file_utils` detects SDXL base by the same keys); the refiner
+//! (`conditioner.embedders.0.model.*`, one OpenCLIP encoder) is refused. What the shapes cannot
+//! tell, a diffusers folder can: with `SingleFileOptions::config` (diffusers'
+//! `from_single_file(config=…)`) the configs come from it.
+//!
 //! One file per concern: `state_dict` (the tensors of a `.safetensors` or `.ckpt`), `names`
 //! (diffusers <-> LDM names, both directions), `yaml` (the sidecar LDM config, read and written),
 //! `infer` (the diffusers configs from the shapes) and `load` (the weights into sdkd's models).
@@ -27,7 +39,7 @@ mod names;
 mod state_dict;
 mod yaml;
 
-pub use names::{text_encoder_to_ldm, unet_to_ldm, vae_to_ldm};
+pub use names::{text_encoder_2_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm};
 pub use state_dict::StateDict;
 pub use yaml::ldm_yaml;
 
@@ -40,6 +52,12 @@ pub const UNET_PREFIX: &str = "model.diffusion_model.";
 pub const VAE_PREFIX: &str = "first_stage_model.";
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 pub const OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+/// SDXL's first text encoder (CLIP ViT-L, transformers' names below it).
+pub const XL_CLIP_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// SDXL's second text encoder (OpenCLIP ViT-bigG, open_clip's names below it).
+pub const XL_OPEN_CLIP_PREFIX: &str = "conditioner.embedders.1.model.";
+/// The SDXL refiner's only text encoder (OpenCLIP ViT-bigG).
+const XL_REFINER_PREFIX: &str = "conditioner.embedders.0.model.";
 const EMA_PREFIX: &str = "model_ema.";
 
 /// Which Stable Diffusion generation a file is, by its text encoder.
@@ -49,6 +67,8 @@ pub enum Family {
     Sd1,
     /// OpenCLIP ViT-H/14 text encoder (1024 wide), penultimate layer.
     Sd2,
+    /// SDXL base: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 with its projection, and a `text_time` UNet.
+    Sdxl,
 }
 
 impl Family {
@@ -56,13 +76,15 @@ impl Family {
         match self {
             Family::Sd1 => "SD-1.x",
             Family::Sd2 => "SD-2.x",
+            Family::Sdxl => "SDXL",
         }
     }
 
-    /// The tokenizer's pad token in the published pipelines.
+    /// The (first) tokenizer's pad token in the published pipelines (SDXL's `tokenizer_2` pads
+    /// with "!").
     pub fn pad_token(self) -> &'static str {
         match self {
-            Family::Sd1 => "<|endoftext|>",
+            Family::Sd1 | Family::Sdxl => "<|endoftext|>",
             Family::Sd2 => "!",
         }
     }
@@ -75,6 +97,10 @@ pub struct SingleFileOptions {
     pub use_ema: bool,
     /// `epsilon` or `v_prediction`; wins over the sidecar `.yaml`.
     pub prediction_type: Option<String>,
+    /// A diffusers pipeline folder whose config files describe the file (diffusers'
+    /// `from_single_file(config=…)`): for models whose hyper-parameters the weights cannot carry
+    /// (norm groups, heads) and the defaults do not fit. Its tokenizers and scheduler are used too.
+    pub config: Option<PathBuf>,
 }
 
 /// The family of a pipeline by its text encoder: gelu and a 1024-wide context are SD-2's
@@ -108,15 +134,21 @@ impl SingleFile {
 
     pub fn from_state(state: StateDict, options: &SingleFileOptions) -> Result<SingleFile> {
         let file = state.path().display().to_string();
-        for key in ["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight", "model.diffusion_model.label_emb.0.0.weight"] {
-            if state.contains(key) || (key.starts_with("conditioner") && state.has_prefix("conditioner.embedders.")) {
-                bail!("{file}: key {key}: this is an SDXL checkpoint; SDXL is not supported yet (SD-1.x and SD-2.x are)");
+        let family = if state.has_prefix("conditioner.embedders.") {
+            if state.has_prefix(XL_REFINER_PREFIX) {
+                bail!(
+                    "{file}: key {XL_REFINER_PREFIX}*: an SDXL refiner (one OpenCLIP text encoder, image-to-image); \
+                     sdkd takes text-to-image models: SD-1.x, SD-2.x and SDXL base checkpoints"
+                );
             }
-        }
-        if !state.has_prefix(UNET_PREFIX) {
-            bail!("{file}: no {UNET_PREFIX}* keys: not a Stable Diffusion 1.x/2.x checkpoint in the CompVis/LDM layout");
-        }
-        let family = if state.has_prefix(OPEN_CLIP_PREFIX) {
+            if !state.has_prefix(XL_OPEN_CLIP_PREFIX) || !state.has_prefix(XL_CLIP_PREFIX) {
+                let missing = if state.has_prefix(XL_CLIP_PREFIX) { XL_OPEN_CLIP_PREFIX } else { XL_CLIP_PREFIX };
+                bail!("{file}: conditioner.embedders.* but no {missing}* keys: not an SDXL base checkpoint (it has both text encoders)");
+            }
+            Family::Sdxl
+        } else if state.has_prefix(&format!("{UNET_PREFIX}label_emb.")) {
+            Family::Sdxl // a UNet-only SDXL file: label_emb is its micro-conditioning
+        } else if state.has_prefix(OPEN_CLIP_PREFIX) {
             Family::Sd2
         } else if state.has_prefix(CLIP_PREFIX) {
             Family::Sd1
@@ -125,12 +157,12 @@ impl SingleFile {
             let ctx = state.names().find(|k| k.starts_with(UNET_PREFIX) && k.ends_with("attn2.to_k.weight")).and_then(|k| state.shape(k)).map(|s| s[1]);
             if ctx == Some(1024) { Family::Sd2 } else { Family::Sd1 }
         };
+        if !state.has_prefix(UNET_PREFIX) {
+            bail!("{file}: no {UNET_PREFIX}* keys: not a Stable Diffusion checkpoint in the CompVis/LDM (or SGM) layout");
+        }
+        let clip = if family == Family::Sdxl { XL_CLIP_PREFIX } else { CLIP_PREFIX };
         let sd1_text_prefix =
-            if state.has_prefix(&format!("{CLIP_PREFIX}text_model.")) || !state.has_prefix(CLIP_PREFIX) {
-                format!("{CLIP_PREFIX}text_model.")
-            } else {
-                CLIP_PREFIX.to_string()
-            };
+            if state.has_prefix(&format!("{clip}text_model.")) || !state.has_prefix(clip) { format!("{clip}text_model.") } else { clip.to_string() };
         let yaml = match sidecar(state.path()) {
             Some(p) => {
                 let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
@@ -161,11 +193,18 @@ impl SingleFile {
         Ok(())
     }
 
-    fn text_prefix(&self) -> &str {
+    /// Where the (first) text encoder's keys start.
+    pub fn text_prefix(&self) -> &'static str {
         match self.family {
             Family::Sd1 => CLIP_PREFIX,
             Family::Sd2 => OPEN_CLIP_PREFIX,
+            Family::Sdxl => XL_CLIP_PREFIX,
         }
+    }
+
+    /// The diffusers folder's config of `part` (`unet`, `vae`, ...), when `--config` gave one.
+    fn config_dir(&self, part: &str) -> Option<PathBuf> {
+        self.options.config.as_ref().map(|d| d.join(part))
     }
 
 }

@@ -3,7 +3,7 @@
 use super::super::clip::ClipTextConfig;
 use super::super::unet_config::{DownBlockKind, UNetConfig, UpBlockKind};
 use super::super::vae::VaeConfig;
-use super::{Family, EMA_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX};
+use super::{Family, CLIP_PREFIX, EMA_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, XL_CLIP_PREFIX, XL_OPEN_CLIP_PREFIX};
 use anyhow::{anyhow, Result};
 use std::collections::BTreeMap;
 use tch::Tensor;
@@ -16,6 +16,8 @@ pub(super) enum Transform {
     Conv1x1,
     /// Part `i` of 3 of OpenCLIP's fused `in_proj` (q, k, v).
     QkvPart(usize),
+    /// A linear weight stored as the matrix that multiplies (OpenCLIP's `text_projection`).
+    Transposed,
 }
 
 /// How names below a mapped prefix are renamed.
@@ -26,6 +28,8 @@ enum Rename {
     VaeResnet,
     VaeAttention,
     OpenClipLayer,
+    /// The one tensor of an exact name, transposed.
+    Transposed,
 }
 
 const UNET_RESNET: &[(&str, &str)] = &[
@@ -50,7 +54,7 @@ const OPEN_CLIP_LAYER: &[(&str, &str)] = &[
 impl Rename {
     fn apply(self, suffix: &str) -> Option<(String, Transform)> {
         let table = match self {
-            Rename::Plain => return Some((suffix.to_string(), Transform::Same)),
+            Rename::Plain | Rename::Transposed => return Some((suffix.to_string(), Transform::Same)),
             Rename::UnetResnet => UNET_RESNET,
             Rename::VaeResnet => VAE_RESNET,
             Rename::VaeAttention => VAE_ATTENTION,
@@ -99,7 +103,7 @@ impl NameMap {
         }
         let (d, l, rename) = best?;
         if name == d {
-            return Some((l.clone(), Transform::Same));
+            return Some((l.clone(), if *rename == Rename::Transposed { Transform::Transposed } else { Transform::Same }));
         }
         let (suffix, transform) = rename.apply(&name[d.len() + 1..])?;
         Some((format!("{l}.{suffix}"), transform))
@@ -112,6 +116,10 @@ pub(super) fn unet_map(c: &UNetConfig) -> NameMap {
     let n = c.num_stages();
     m.add("time_embedding.linear_1", "time_embed.0", Rename::Plain);
     m.add("time_embedding.linear_2", "time_embed.2", Rename::Plain);
+    if c.addition_embed.is_some() {
+        m.add("add_embedding.linear_1", "label_emb.0.0", Rename::Plain);
+        m.add("add_embedding.linear_2", "label_emb.0.2", Rename::Plain);
+    }
     m.add("conv_in", "input_blocks.0.0", Rename::Plain);
     let mut k = 1;
     for i in 0..n {
@@ -184,18 +192,28 @@ pub(super) fn vae_map(c: &VaeConfig) -> NameMap {
 
 /// The text encoder's LDM names (full keys, prefix included).
 pub(super) fn text_map(c: &ClipTextConfig, family: Family, sd1_prefix: &str) -> NameMap {
-    let mut m = NameMap::default();
     match family {
-        Family::Sd1 => m.add("text_model", sd1_prefix.trim_end_matches('.'), Rename::Plain),
-        Family::Sd2 => {
-            let p = OPEN_CLIP_PREFIX;
-            m.add("text_model.embeddings.token_embedding", format!("{p}token_embedding"), Rename::Plain);
-            m.add("text_model.embeddings.position_embedding.weight", format!("{p}positional_embedding"), Rename::Plain);
-            m.add("text_model.final_layer_norm", format!("{p}ln_final"), Rename::Plain);
-            for i in 0..c.num_hidden_layers {
-                m.add(format!("text_model.encoder.layers.{i}"), format!("{p}transformer.resblocks.{i}"), Rename::OpenClipLayer);
-            }
+        Family::Sd1 | Family::Sdxl => {
+            let mut m = NameMap::default();
+            m.add("text_model", sd1_prefix.trim_end_matches('.'), Rename::Plain);
+            m
         }
+        Family::Sd2 => open_clip_map(c, OPEN_CLIP_PREFIX),
+    }
+}
+
+/// An OpenCLIP text tower's names under `p` (SD-2's ViT-H, SDXL's ViT-bigG), with
+/// `text_projection` when the model has one.
+pub(super) fn open_clip_map(c: &ClipTextConfig, p: &str) -> NameMap {
+    let mut m = NameMap::default();
+    m.add("text_model.embeddings.token_embedding", format!("{p}token_embedding"), Rename::Plain);
+    m.add("text_model.embeddings.position_embedding.weight", format!("{p}positional_embedding"), Rename::Plain);
+    m.add("text_model.final_layer_norm", format!("{p}ln_final"), Rename::Plain);
+    for i in 0..c.num_hidden_layers {
+        m.add(format!("text_model.encoder.layers.{i}"), format!("{p}transformer.resblocks.{i}"), Rename::OpenClipLayer);
+    }
+    if c.with_projection {
+        m.add("text_projection.weight", format!("{p}text_projection"), Rename::Transposed);
     }
     m
 }
@@ -220,6 +238,7 @@ fn to_ldm(tensors: &[(String, Tensor)], map: &NameMap, prefix: &str) -> Result<V
                 out.push((key, t.reshape([s[0], s[1], 1, 1])))
             }
             Transform::QkvPart(i) => fused.entry(key).or_default()[i] = Some(t.shallow_clone()),
+            Transform::Transposed => out.push((key, t.tr().contiguous())),
         }
     }
     for (key, parts) in fused {
@@ -242,10 +261,17 @@ pub fn vae_to_ldm(config: &VaeConfig, tensors: &[(String, Tensor)]) -> Result<Ve
 }
 
 /// The text encoder's tensors in LDM names: SD-1 as `cond_stage_model.transformer.text_model.*`,
-/// SD-2 in OpenCLIP's names (q/k/v fused into `in_proj`); the SD-2 layer the model does not use
-/// is not invented.
+/// SD-2 in OpenCLIP's names (q/k/v fused into `in_proj`; the SD-2 layer the model does not use
+/// is not invented), SDXL's first as `conditioner.embedders.0.transformer.text_model.*`.
 pub fn text_encoder_to_ldm(config: &ClipTextConfig, family: Family, tensors: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
-    to_ldm(tensors, &text_map(config, family, &format!("{CLIP_PREFIX}text_model.")), "")
+    let clip = if family == Family::Sdxl { XL_CLIP_PREFIX } else { CLIP_PREFIX };
+    to_ldm(tensors, &text_map(config, family, &format!("{clip}text_model.")), "")
+}
+
+/// SDXL's second text encoder in SGM's names (`conditioner.embedders.1.model.*`: OpenCLIP's,
+/// q/k/v fused into `in_proj`, `text_projection` transposed).
+pub fn text_encoder_2_to_ldm(config: &ClipTextConfig, tensors: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
+    to_ldm(tensors, &open_clip_map(config, XL_OPEN_CLIP_PREFIX), "")
 }
 
 #[cfg(test)]

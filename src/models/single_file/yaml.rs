@@ -14,9 +14,14 @@ fn yaml_get<'a>(v: &'a serde_yaml::Value, path: &[&str]) -> Option<&'a serde_yam
 }
 
 impl SingleFile {
-    /// An integer of the sidecar's `model.params.unet_config.params`.
+    /// An integer of the sidecar's `model.params.unet_config.params` (LDM) or
+    /// `model.params.network_config.params` (SGM, SDXL's configs).
     pub(super) fn unet_param(&self, key: &str) -> Option<i64> {
-        self.yaml.as_ref().and_then(|(_, v)| yaml_get(v, &["model", "params", "unet_config", "params", key])).and_then(serde_yaml::Value::as_i64)
+        let (_, v) = self.yaml.as_ref()?;
+        ["unet_config", "network_config"]
+            .iter()
+            .find_map(|section| yaml_get(v, &["model", "params", section, "params", key]))
+            .and_then(serde_yaml::Value::as_i64)
     }
 
     pub(super) fn model_param(&self, key: &str) -> Option<&serde_yaml::Value> {
@@ -38,7 +43,12 @@ pub fn ldm_yaml(c: &UNetConfig, v_prediction: bool, scale_factor: f64) -> String
         .filter(|(_, t)| **t == DownBlockKind::CrossAttn)
         .map(|(i, _)| (1i64 << i).to_string())
         .collect();
-    let depth: Vec<String> = c.down_block_types.iter().map(|t| if *t == DownBlockKind::CrossAttn { "1" } else { "0" }.to_string()).collect();
+    let depth: Vec<String> = c
+        .down_block_types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| if *t == DownBlockKind::CrossAttn { c.down_depth(i, 0) } else { 0 }.to_string())
+        .collect();
     let heads_line = if c.num_heads.iter().all(|&h| h == c.num_heads[0]) {
         format!("        num_heads: {}\n", c.num_heads[0])
     } else {
