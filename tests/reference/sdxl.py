@@ -44,7 +44,8 @@ usage: sdxl.py make OUT_DIR
 `generate` runs StableDiffusionXLPipeline on each case of CASES_JSON, a list of
   {"model", "unet": a UNet folder to use instead of the pipeline's, or null, "prompt", "negative_prompt" or null, "scheduler": euler | dpmpp_2m | unipc | ...,
    "steps", "guidance_scale", "guidance_rescale", "seed", "width", "height", "samples",
-   "original_size" [h, w] or null, "crop" [y, x], "target_size" [h, w] or null, "out": prefix}
+   "original_size" [h, w] or null, "crop" [y, x], "target_size" [h, w] or null, "out": prefix,
+   "dtype": optional "bf16" | "fp16", the pipeline's torch_dtype}
 and writes <out>-<i>.png.
 """
 import json
@@ -202,11 +203,13 @@ def generate(cases_file):
     with open(cases_file) as f:
         cases = json.load(f)
     pipes = {}
+    dtypes = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for case in cases:
-        key = (case["model"], case.get("unet"))
+        key = (case["model"], case.get("unet"), case.get("dtype"))
         if key not in pipes:
-            extra = {"unet": UNet2DConditionModel.from_pretrained(case["unet"])} if case.get("unet") else {}
-            pipe = StableDiffusionXLPipeline.from_pretrained(case["model"], add_watermarker=False, **extra)
+            dtype = dtypes[key[2]]
+            extra = {"unet": UNet2DConditionModel.from_pretrained(case["unet"], torch_dtype=dtype)} if case.get("unet") else {}
+            pipe = StableDiffusionXLPipeline.from_pretrained(case["model"], add_watermarker=False, torch_dtype=dtype, **extra)
             pipe.set_progress_bar_config(disable=True)
             pipes[key] = (pipe, pipe.scheduler.config)
         pipe, base = pipes[key]
