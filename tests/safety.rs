@@ -421,12 +421,17 @@ fn overwrite_refuses_files_sdkd_did_not_write_at_any_depth() {
     let export = |out: &Path, extra: &[&str]| sdkd(&[&["export", "--checkpoint", s(&ckpt), "--out", s(out), "--overwrite"][..], extra].concat());
     let prune = |out: &Path| sdkd(&["prune", "--teacher", s(&f.teacher), "--student", "bk_tiny", "--out", s(out), "--overwrite"]);
     let synth = |out: &Path| sdkd(&["synth", "--out", s(out), "--count", "2", "--resolution", "16", "--overwrite"]);
+    // convert: a single file to a pipeline folder
+    let single = tmp.path().join("single.safetensors");
+    ok(&sdkd(&["convert", "--from", s(&f.teacher), "--to", s(&single)]));
+    let convert = |out: &Path| sdkd(&["convert", "--from", s(&single), "--config", s(&f.teacher), "--to", s(out), "--overwrite"]);
     let cases: Vec<(PathBuf, &str, Box<dyn Fn(&Path) -> Output>)> = vec![
         (tmp.path().join("unet"), "README.md", Box::new(|o: &Path| export(o, &[]))),
         (tmp.path().join("pipe"), "unet/notes.txt", Box::new(|o: &Path| export(o, &["--format", "pipeline"]))),
         (tmp.path().join("pipe2"), "LICENSE", Box::new(|o: &Path| export(o, &["--format", "pipeline"]))),
         (tmp.path().join("pruned"), "README.md", Box::new(|o: &Path| prune(o))),
         (tmp.path().join("set"), "holiday.png", Box::new(|o: &Path| synth(o))),
+        (tmp.path().join("converted"), "scheduler/notes.txt", Box::new(|o: &Path| convert(o))),
     ];
     for (out, added, make) in &cases {
         ok(&make(out));
@@ -830,4 +835,25 @@ fn a_checkpoint_flipped_at_equal_size_is_named_on_resume() {
     ok(&o);
     let e = stderr(&o);
     assert!(e.contains("skipping") && e.contains("step-4") && e.contains("CRC-32"), "{e}");
+}
+
+/// An imagefolder's sidecar `.txt` caption that is not UTF-8 is a bad sample naming the file, as
+/// in shards (it was trained on as U+FFFD); the other samples load.
+#[test]
+fn a_non_utf8_sidecar_caption_is_a_bad_sample() {
+    let tmp = tempdir();
+    let png = std::fs::read(fixture().data.join("000000.png")).unwrap();
+    for (name, txt) in [("a", &b"a red circle"[..]), ("b", &b"caf\xe9 \xff"[..])] {
+        std::fs::write(tmp.path().join(format!("{name}.png")), &png).unwrap();
+        std::fs::write(tmp.path().join(format!("{name}.txt")), txt).unwrap();
+    }
+    let folder = sdkd::data::ImageFolder::open(tmp.path()).unwrap();
+    assert_eq!(folder.decode(0).unwrap().1, "a red circle");
+    let bad = folder.decode(1).err().expect("a caption that is not UTF-8 is a bad sample");
+    assert!(bad.reason.contains("b.txt") && bad.reason.contains("UTF-8") && bad.file.ends_with("b.png"), "{bad:?}");
+    // through the CLI: counted and warned, naming the file, the other sample cached
+    let out = tmp.path().join("cache");
+    let o = sdkd(&["preprocess", "--teacher", s(&fixture().teacher), "--data", s(tmp.path()), "--resolution", "16", "--out", s(&out)]);
+    ok(&o);
+    assert!(stderr(&o).contains("b.txt") && String::from_utf8_lossy(&o.stdout).contains("1 bad samples skipped"), "{}{}", stderr(&o), String::from_utf8_lossy(&o.stdout));
 }
