@@ -152,6 +152,11 @@ EOF
 sdkd synth --out "$out.partial/data" --count 40 --resolution 16 >/dev/null
 ref_sdkd generate --model "$out.partial/pipeline" --prompt "two small red circles on a blue background" --scheduler unipc \
   --steps 20 --seed 1 --width 32 --height 32 --device cpu --out "$out.partial/reference/cpu.png" >/dev/null
+# An LCM student of the tiny pipeline (its UNet with time_cond_proj_dim, docs/lcm.md) and its
+# 4-step CPU image, for gpu-check.sh's stage 1d.
+"$python" tests/reference/lcm_unet.py "$out.partial/pipeline/unet" "$out.partial/lcm_unet" >/dev/null
+ref_sdkd generate --model "$out.partial/pipeline" --unet "$out.partial/lcm_unet" --prompt "two small red circles on a blue background" \
+  --scheduler lcm --steps 4 --guidance-scale 6 --seed 1 --width 32 --height 32 --device cpu --out "$out.partial/reference/cpu-lcm.png" >/dev/null
 
 # The run YAML of gpu-check.sh's training stages (@...@ filled in there): the tiny pipeline as
 # teacher, bk_small, 20 steps, a checkpoint every 10 for the resume check, a loss every step. A

@@ -3,7 +3,8 @@
 # That machine has no Rust and no network: everything comes in gpu-bin/ (scripts/gpu-build.sh,
 # carried with the call) and runs against the machine's own PyTorch, whose torch/lib goes on
 # LD_LIBRARY_PATH. Stages:
-#   1. fp32 correctness on CUDA: `sdkd generate` against the CPU image made here, 20 training
+#   1. fp32 correctness on CUDA: `sdkd generate` against the CPU image made here (also an LCM
+#      student at 4 `lcm` steps, stage 1d), 20 training
 #      steps against the CPU loss curve, resume (bit-exact, or within CUDA's own run-to-run
 #      nondeterminism);
 #   2. mixed precision: the mixed-precision test on CUDA, bf16 and fp16 training runs (finite
@@ -170,9 +171,9 @@ else
   image_tol="0.5 8"; loss_tol=1e-2; first_tol=1e-3
 fi
 prompt="two small red circles on a blue background"
-if t 120 "$sdkd" generate --model "$bin/pipeline" --prompt "$prompt" --scheduler unipc --steps 20 --seed 1 \
-    --width 32 --height 32 --device "$dev" --out "$work/image.png" > "$out/logs/generate.txt" 2>&1; then
-  verdict=$("$py" - "$bin/reference/cpu.png" "$work/image.png" $image_tol <<'EOF'
+# image_verdict REF GOT: "PASS|..." or "FAIL|..." for GOT against the CPU's REF within $image_tol.
+image_verdict() {
+  "$py" - "$1" "$2" $image_tol <<'EOF'
 import sys
 import numpy as np
 from PIL import Image
@@ -184,10 +185,22 @@ ok = a.shape == b.shape and d.mean() <= mean_tol and d.max() <= max_tol
 print(("PASS" if ok else "FAIL") + f"|{a.shape[1]}x{a.shape[0]} image vs the CPU's: mean abs diff {d.mean():.4f}/255, max {d.max()}/255, "
       f"{(d > 0).mean() * 100:.2f}% of values differ (tolerance: mean <= {mean_tol}/255, max <= {max_tol:g}/255)")
 EOF
-  )
+}
+if t 120 "$sdkd" generate --model "$bin/pipeline" --prompt "$prompt" --scheduler unipc --steps 20 --seed 1 \
+    --width 32 --height 32 --device "$dev" --out "$work/image.png" > "$out/logs/generate.txt" 2>&1; then
+  verdict=$(image_verdict "$bin/reference/cpu.png" "$work/image.png")
   record "1a generate (tiny pipeline, UniPC, 20 steps, fp32)" "${verdict%%|*}" "${verdict#*|}"
 else
   record "1a generate (tiny pipeline, UniPC, 20 steps, fp32)" FAIL "sdkd generate failed: $(tail -2 "$out/logs/generate.txt" | tr '\n' ' ')"
+fi
+# 1d: an LCM student (guidance embedded through time_cond_proj_dim, the lcm sampler's seeded
+# re-noising drawn on the CPU generator and moved to the device), 4 steps
+if t 60 "$sdkd" generate --model "$bin/pipeline" --unet "$bin/lcm_unet" --prompt "$prompt" --scheduler lcm --steps 4 \
+    --guidance-scale 6 --seed 1 --width 32 --height 32 --device "$dev" --out "$work/image-lcm.png" > "$out/logs/generate-lcm.txt" 2>&1; then
+  verdict=$(image_verdict "$bin/reference/cpu-lcm.png" "$work/image-lcm.png")
+  record "1d generate an LCM student (lcm, 4 steps, fp32)" "${verdict%%|*}" "${verdict#*|}"
+else
+  record "1d generate an LCM student (lcm, 4 steps, fp32)" FAIL "sdkd generate failed: $(tail -2 "$out/logs/generate-lcm.txt" | tr '\n' ' ')"
 fi
 
 # train NAME STEPS PRECISION [--resume latest]: a run of the carried YAML into $work/NAME; its

@@ -43,6 +43,37 @@ pub fn fill_unet_dir(dir: &Path, config: &UNetConfig, tensors: &[(String, Tensor
     weights::save(&dir.join("diffusion_pytorch_model.safetensors"), tensors, kind)
 }
 
+/// The distillation grid an exported LCM student's scheduler config names: diffusers' default
+/// `original_inference_steps`, and the default `num_ddim_timesteps`.
+pub const LCM_ORIGINAL_INFERENCE_STEPS: usize = 50;
+
+/// Makes the pipeline folder `dir` sample its UNet as an LCM student when the UNet has a guidance
+/// embedding (`time_cond_proj_dim`): `scheduler/scheduler_config.json` becomes an `LCMScheduler`
+/// config on the same noise schedule (`SchedulerConfig::to_lcm_json` with a grid of
+/// `original_inference_steps`) and `model_index.json` names that class, so diffusers'
+/// `StableDiffusionPipeline`/`StableDiffusionXLPipeline.from_pretrained(dir)` samples it as
+/// diffusers' LCM pipelines do. Any other UNet leaves the folder as it is.
+pub fn lcm_scheduler_for(dir: &Path, unet: &UNetConfig, original_inference_steps: usize) -> Result<()> {
+    if unet.time_cond_proj_dim.is_none() {
+        return Ok(());
+    }
+    let file = dir.join("scheduler").join("scheduler_config.json");
+    let config = crate::schedulers::SchedulerConfig::from_path(&file)?;
+    let lcm = config.to_lcm_json(original_inference_steps);
+    lcm_config_checked(&lcm)?;
+    fs::write(&file, serde_json::to_string_pretty(&lcm)? + "\n").with_context(|| format!("writing {}", file.display()))?;
+    let index_file = dir.join("model_index.json");
+    let text = fs::read_to_string(&index_file).with_context(|| format!("reading {}", index_file.display()))?;
+    let mut index: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index_file.display()))?;
+    index["scheduler"] = serde_json::json!(["diffusers", crate::schedulers::SchedulerKind::Lcm.diffusers_class()]);
+    fs::write(&index_file, serde_json::to_string_pretty(&index)? + "\n").with_context(|| format!("writing {}", index_file.display()))
+}
+
+/// The LCM config sdkd writes must be one its own sampler runs.
+fn lcm_config_checked(lcm: &serde_json::Value) -> Result<()> {
+    crate::schedulers::SchedulerConfig::from_json(lcm)?.check_supported(crate::schedulers::SchedulerKind::Lcm)
+}
+
 /// Writes a diffusers UNet folder at `dest`, atomically (the caller applies the overwrite rule).
 pub fn write_unet_dir(dest: &Path, config: &UNetConfig, tensors: &[(String, Tensor)], kind: Option<Kind>) -> Result<()> {
     fs_safe::write_dir(dest, Some(&Marker::new(Purpose::Unet)), |tmp| fill_unet_dir(tmp, config, tensors, kind))
@@ -94,7 +125,8 @@ pub fn write_pipeline_dir(
         }
         let unet = tmp.join("unet");
         fs::create_dir_all(&unet)?;
-        fill_unet_dir(&unet, config, tensors, kind)
+        fill_unet_dir(&unet, config, tensors, kind)?;
+        lcm_scheduler_for(tmp, config, LCM_ORIGINAL_INFERENCE_STEPS)
     })
 }
 
@@ -122,6 +154,9 @@ pub fn write_student(
         ExportFormat::Unet => write_unet_dir(dest, config, tensors, kind),
         ExportFormat::Pipeline if teacher.is_dir() => write_pipeline_dir(dest, teacher, config, tensors, kind),
         ExportFormat::Pipeline => write_pipeline_from(dest, &PipelineDir::open(teacher)?, config, tensors, kind),
+        ExportFormat::SingleFile if config.time_cond_proj_dim.is_some() => bail!(
+            "the UNet has time_cond_proj_dim (an LCM student's guidance embedding, time_embedding.cond_proj), which the LDM single-file layout has no name for: export --format pipeline (docs/lcm.md)"
+        ),
         ExportFormat::SingleFile => write_single_file(dest, &PipelineDir::open(teacher)?, config, tensors, kind, title),
     }
 }
@@ -266,6 +301,6 @@ pub fn write_pipeline_from(dest: &Path, pipeline: &PipelineDir, unet_config: &UN
             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         });
         fs::write(tmp.join("model_index.json"), json(&index)?)?;
-        Ok(())
+        lcm_scheduler_for(tmp, unet_config, LCM_ORIGINAL_INFERENCE_STEPS)
     })
 }

@@ -1,5 +1,6 @@
 //! Pipeline and UNet folders that diffusers' StableDiffusionPipeline loads as they are: from
-//! `prune --format pipeline` and from `export` of a training checkpoint (student and EMA).
+//! `prune --format pipeline` and from `export` of a training checkpoint (student and EMA); an LCM
+//! student's pipeline that diffusers samples with its own `LCMScheduler` config.
 mod common;
 
 use common::*;
@@ -49,4 +50,43 @@ fn pruned_and_trained_students_export_as_loadable_pipelines() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(read_tensors(&out.join("diffusion_pytorch_model.safetensors")).values().all(|t| t.kind() == tch::Kind::Half));
     assert_clean_failure(&sdkd(&["export", "--checkpoint", tmp.path().join("nope").to_str().unwrap(), "--out", out.to_str().unwrap()]), "nope");
+}
+
+/// An LCM student (a UNet with `time_cond_proj_dim`, made from the teacher's as diffusers' LCD
+/// scripts make it) exported as a pipeline carries `time_cond_proj_dim` and an `LCMScheduler`
+/// config: diffusers' `StableDiffusionPipeline.from_pretrained` loads it as it is and samples it
+/// pixel-identically to `sdkd generate --scheduler lcm` on the export.
+#[test]
+fn lcm_student_exports_a_pipeline_diffusers_samples_with_lcm() {
+    use sdkd::export::{write_student, ExportFormat};
+    use sdkd::models::{weights, UNetConfig};
+    let tmp = tempdir();
+    let p = |s: &str| tmp.path().join(s);
+    let s = |p: &std::path::Path| p.display().to_string();
+    run_reference("make_pipeline.py", &[&s(&p("teacher")), "--stages", "2", "--sample-size", "8"]);
+    run_reference("lcm_unet.py", &[&s(&p("teacher/unet")), &s(&p("student"))]);
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p("student/config.json")).unwrap()).unwrap();
+    let config = UNetConfig::from_json(&json).unwrap();
+    let tensors = weights::read_all(&p("student/diffusion_pytorch_model.safetensors")).unwrap();
+    write_student(&p("export"), ExportFormat::Pipeline, &p("teacher"), &config, &tensors, None, "lcm student").unwrap();
+
+    let read = |f: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p("export").join(f)).unwrap()).unwrap() };
+    assert_eq!(read("unet/config.json")["time_cond_proj_dim"], 32);
+    let sched = read("scheduler/scheduler_config.json");
+    assert_eq!((sched["_class_name"].as_str(), sched["original_inference_steps"].as_i64()), (Some("LCMScheduler"), Some(50)));
+    let teacher_sched = read("../teacher/scheduler/scheduler_config.json");
+    for key in ["beta_start", "beta_end", "beta_schedule", "prediction_type", "num_train_timesteps"] {
+        assert_eq!(sched[key], teacher_sched[key], "{key}: the noise schedule must stay the teacher's");
+    }
+    assert_eq!(read("model_index.json")["scheduler"], serde_json::json!(["diffusers", "LCMScheduler"]));
+
+    run_reference("lcm_unet.py", &["check", &s(&p("export")), &s(&p("theirs.png")), "4", "5", "6.0"]);
+    let o = sdkd(&["generate", "--model", &s(&p("export")), "--prompt", "a red cube on a blue table", "--scheduler", "lcm", "--steps", "4",
+        "--seed", "5", "--guidance-scale", "6", "--width", "32", "--height", "32", "--out", &s(&p("ours.png"))]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ours, theirs) = (image::open(p("ours.png")).unwrap().to_rgb8(), image::open(p("theirs.png")).unwrap().to_rgb8());
+    let differ = ours.as_raw().iter().zip(theirs.as_raw()).filter(|(a, b)| a != b).count();
+    assert_eq!(differ, 0, "{differ} of {} channel values differ from diffusers' on the exported LCM pipeline", ours.as_raw().len());
+    let (lo, hi) = theirs.as_raw().iter().fold((255u8, 0u8), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    assert!(hi - lo > 30, "a flat image ({lo}..{hi}) would hide differences");
 }

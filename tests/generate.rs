@@ -2,7 +2,9 @@
 //! (tests/reference/make_pipeline.py): an SD-1.x-like one (4 stages, mid block, epsilon, conv
 //! projections, PNDM config), also with a pruned bk_small student swapped in, and an SD-2-like one
 //! (v_prediction, linear projections, upcast attention, gelu, DDIM config). Every scheduler, the
-//! seeded latents and step noise, guidance on and off, several samples: on the CPU in fp32 the
+//! seeded latents and step noise, guidance on and off, several samples, and LCM: the SD-1.x-like
+//! UNet given a guidance embedding (`time_cond_proj_dim`, tests/reference/lcm_unet.py) at 1, 2, 4
+//! and 8 LCM steps, and LCM-LoRA style (the plain UNet, LCM steps, real guidance): on the CPU in fp32 the
 //! images must be pixel-identical, every channel value of every pixel equal (the PNG files' bytes
 //! may differ: encoders compress differently). tests/reference/generate_reference.py makes
 //! diffusers' PNGs.
@@ -14,7 +16,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-const SCHEDULERS: [&str; 7] = ["ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "pndm"];
+const SCHEDULERS: [&str; 8] = ["ddpm", "ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "pndm", "lcm"];
+/// The step counts LCM students are run at.
+const LCM_STEPS: [usize; 4] = [1, 2, 4, 8];
 const PANDA: &str = "a toy panda standing on a pile of broccoli";
 /// A long negative prompt as users write them: longer than CLIP's 77 tokens, so truncation is exercised.
 const NEGATIVE: &str = "(deformed iris, deformed pupils, semi-realistic, cgi, render, sketch, cartoon, drawing, anime), text, cropped, out of frame, worst quality, low quality, jpeg artifacts, ugly, duplicate, morbid, mutilated, extra fingers, mutated hands, poorly drawn hands, poorly drawn face, mutation, deformed, blurry, dehydrated, bad anatomy, bad proportions, extra limbs, cloned face, disfigured, gross proportions, malformed limbs, missing arms, missing legs, extra arms, extra legs, fused fingers, too many fingers, long neck, BadDream, UnrealisticDream";
@@ -69,6 +73,8 @@ struct Fixture {
     sd2: PathBuf,
     student: PathBuf,
     checkpoint: PathBuf,
+    /// sd1's UNet with `time_cond_proj_dim` 32, as an LCM student is made from its teacher.
+    lcm_unet: PathBuf,
     cases: BTreeMap<String, Case>,
 }
 
@@ -121,6 +127,10 @@ fn cases(f: &Fixture) -> Vec<Case> {
         ..base("sd1-noguidance".into(), &f.sd1, "euler_a")
     });
     out.push(Case { unet: Some(f.student.clone()), seed: 11, ..base("student".into(), &f.sd1, "dpmpp_2m") });
+    for steps in LCM_STEPS {
+        // guidance embedded (w = 6 - 1), no unconditional batch: the negative prompt is unused
+        out.push(Case { unet: Some(f.lcm_unet.clone()), steps, guidance_scale: 6.0, seed: 20 + steps as u64, ..base(format!("lcm-{steps}"), &f.sd1, "lcm") });
+    }
     out
 }
 
@@ -131,8 +141,9 @@ fn fixture() -> &'static Fixture {
         let root = DIR.get_or_init(tempdir).path().to_path_buf();
         let p = |s: &str| root.join(s);
         let s = |p: &Path| p.display().to_string();
-        let (sd1, sd2, student, checkpoint) = (p("sd1"), p("sd2"), p("student"), p("checkpoint"));
+        let (sd1, sd2, student, checkpoint, lcm_unet) = (p("sd1"), p("sd2"), p("student"), p("checkpoint"), p("lcm_unet"));
         run_reference("make_pipeline.py", &[&s(&sd1), "--stages", "4"]);
+        run_reference("lcm_unet.py", &[&s(&sd1.join("unet")), &s(&lcm_unet)]);
         run_reference(
             "make_pipeline.py",
             &[
@@ -159,7 +170,7 @@ fn fixture() -> &'static Fixture {
         std::fs::copy(student.join("diffusion_pytorch_model.safetensors"), checkpoint.join("student.safetensors"))
             .unwrap();
 
-        let mut f = Fixture { root: root.clone(), sd1, sd2, student, checkpoint, cases: BTreeMap::new() };
+        let mut f = Fixture { root: root.clone(), sd1, sd2, student, checkpoint, lcm_unet, cases: BTreeMap::new() };
         let list = cases(&f);
         std::fs::create_dir_all(root.join("ref")).unwrap();
         let json: Vec<_> = list
@@ -272,6 +283,26 @@ fn every_scheduler_matches_diffusers_sd2_v_prediction() {
     for s in SCHEDULERS {
         compare_case(f, &format!("sd2-{s}"));
     }
+}
+
+/// An LCM student (a `time_cond_proj_dim` UNet) against `StableDiffusionPipeline` + `LCMScheduler`
+/// at the step counts LCM is run at; the plain UNet with `lcm` (LCM-LoRA style, real guidance) is
+/// in the every-scheduler tests above.
+#[test]
+fn lcm_student_matches_diffusers_at_1_2_4_8_steps() {
+    let f = fixture();
+    for steps in LCM_STEPS {
+        compare_case(f, &format!("lcm-{steps}"));
+    }
+    // the guidance scale reaches the UNet through the embedding: another scale, another image
+    let case = Case { guidance_scale: 2.0, ..f.case("lcm-4").clone() };
+    let out = f.root.join("ours").join("lcm-4-g2");
+    let args = case.sdkd_args(&out);
+    let o = sdkd1(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--negative-prompt is not used"), "no note on the unused negative prompt");
+    let d = mean_abs_diff(&read_rgb(&out.join("image-0.png")), &read_rgb(&f.reference("lcm-4", 0)));
+    assert!(d.iter().all(|&x| x > 1.0), "guidance 2 and 6 gave near-equal LCM images: {d:?}");
 }
 
 #[test]
@@ -418,5 +449,11 @@ fn bad_requests_fail_cleanly() {
     run(&set("--steps", "0"), "steps");
     run(&set("--out", "x.jpg"), "x.jpg");
     run(&set("--model", "/nonexistent/pipeline"), "/nonexistent/pipeline");
+    // LCM: more steps than the scheduler config's original_inference_steps (50) have grid points
+    let lcm51 = |args: &mut Vec<String>| {
+        set("--scheduler", "lcm")(args);
+        set("--steps", "51")(args);
+    };
+    run(&lcm51, "original_inference_steps");
     assert!(!f.root.join("bad.png").exists());
 }

@@ -1,8 +1,9 @@
 //! SDXL teachers against diffusers and transformers on tiny random SDXL-shaped models made at
 //! test time by tests/reference/sdxl.py: the `text_time` UNet (SDXL's layout, an asymmetric
 //! decoder with a single-resnet mid block and a guidance embedding, no mid block), both text
-//! encoders, `sdkd generate` pixel for pixel against `StableDiffusionXLPipeline`, and the bad
-//! inputs SDXL adds. The counts of SDXL-base's real configs are unit tests
+//! encoders, `sdkd generate` pixel for pixel against `StableDiffusionXLPipeline` (also an LCM
+//! student: the pipeline's UNet given `time_cond_proj_dim` by tests/reference/lcm_unet.py, with
+//! `LCMScheduler` at 1, 2, 4 and 8 steps), and the bad inputs SDXL adds. The counts of SDXL-base's real configs are unit tests
 //! (`models::unet`, `models::clip`) and `full_size_counts_equal_the_references` below.
 mod common;
 
@@ -131,6 +132,9 @@ struct Case {
     original_size: Option<(i64, i64)>,
     crop: Option<(i64, i64)>,
     target_size: Option<(i64, i64)>,
+    steps: usize,
+    /// Run with the LCM student UNet (`lcm_unet()`) instead of the pipeline's.
+    lcm_unet: bool,
 }
 
 const W: i64 = 16;
@@ -149,7 +153,10 @@ fn cases() -> Vec<Case> {
         original_size: None,
         crop: None,
         target_size: None,
+        steps: STEPS,
+        lcm_unet: false,
     };
+    let lcm = |name, steps| Case { steps, lcm_unet: true, guidance_scale: 6.0, ..base(name, "lcm") };
     vec![
         // the pipeline's own scheduler config: EulerDiscreteScheduler, leading spacing
         base("euler", "euler"),
@@ -157,7 +164,23 @@ fn cases() -> Vec<Case> {
         Case { negative_prompt: Some("blurry"), guidance_rescale: 0.7, target_size: Some((512, 512)), ..base("dpmpp_2m-neg-rescale", "dpmpp_2m") },
         Case { samples: 2, original_size: Some((256, 512)), crop: Some((8, 0)), ..base("unipc-2", "unipc") },
         Case { guidance_scale: 1.0, ..base("unipc-noguidance", "unipc") },
+        // LCM-LoRA style: LCM steps on the plain UNet with real guidance
+        Case { guidance_scale: 1.5, ..base("lcm-cfg", "lcm") },
+        lcm("lcm-1", 1),
+        lcm("lcm-2", 2),
+        Case { negative_prompt: Some("blurry"), ..lcm("lcm-4", 4) }, // unused, as in diffusers
+        lcm("lcm-8", 8),
     ]
+}
+
+/// The pipeline's UNet with a guidance embedding (`time_cond_proj_dim` 32), made once.
+fn lcm_unet() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = fixture().join("lcm_unet");
+        run_reference("lcm_unet.py", &[fixture().join("pipe/unet").to_str().unwrap(), dir.to_str().unwrap()]);
+        dir
+    })
 }
 
 fn pair(p: Option<(i64, i64)>) -> Value {
@@ -173,8 +196,8 @@ fn references() -> &'static Path {
         let cases: Vec<Value> = cases()
             .iter()
             .map(|c| {
-                json!({"model": fixture().join("pipe"), "prompt": c.prompt, "negative_prompt": c.negative_prompt,
-                       "scheduler": c.scheduler, "steps": STEPS, "guidance_scale": c.guidance_scale,
+                json!({"model": fixture().join("pipe"), "unet": c.lcm_unet.then(lcm_unet), "prompt": c.prompt, "negative_prompt": c.negative_prompt,
+                       "scheduler": c.scheduler, "steps": c.steps, "guidance_scale": c.guidance_scale,
                        "guidance_rescale": c.guidance_rescale, "seed": 7, "width": W, "height": H,
                        "samples": c.samples, "original_size": pair(c.original_size), "crop": pair(c.crop),
                        "target_size": pair(c.target_size), "out": dir.join(c.name)})
@@ -194,13 +217,16 @@ fn sdkd1(args: &[String]) -> std::process::Output {
 fn generate_args(c: &Case, model: &Path, out: &Path) -> Vec<String> {
     let mut a: Vec<String> = ["generate", "--model"].map(String::from).to_vec();
     a.push(model.display().to_string());
+    if c.lcm_unet {
+        a.extend(["--unet".into(), lcm_unet().display().to_string()]);
+    }
     a.extend(["--prompt".into(), c.prompt.into()]);
     if let Some(n) = c.negative_prompt {
         a.extend(["--negative-prompt".into(), n.into()]);
     }
     for (k, v) in [
         ("--scheduler", c.scheduler.to_string()),
-        ("--steps", STEPS.to_string()),
+        ("--steps", c.steps.to_string()),
         ("--guidance-scale", c.guidance_scale.to_string()),
         ("--guidance-rescale", c.guidance_rescale.to_string()),
         ("--seed", "7".into()),
@@ -243,7 +269,7 @@ fn generate_is_pixel_identical_to_diffusers() {
         }
         eprintln!("{}: pixel-identical to StableDiffusionXLPipeline", c.name);
     }
-    assert_eq!(images, 6);
+    assert_eq!(images, 11);
 }
 
 /// A copy of the fixture pipeline to break (weights linked, not copied).

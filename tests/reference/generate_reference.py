@@ -4,7 +4,7 @@ usage: generate_reference.py CASES_JSON
 
 CASES_JSON is a list of cases, each
   {"model": pipeline dir, "unet": UNet folder or null, "prompt": str, "negative_prompt": str or null,
-   "scheduler": "ddpm" | "ddim" | "euler" | "euler_a" | "dpmpp_2m" | "unipc" | "pndm", "steps": int,
+   "scheduler": "ddpm" | "ddim" | "euler" | "euler_a" | "dpmpp_2m" | "unipc" | "pndm" | "lcm", "steps": int,
    "guidance_scale": float, "seed": int, "width": int, "height": int, "samples": int,
    "out": path prefix}
 and each writes <out>-<i>.png for i < samples: the PIL images of
@@ -20,7 +20,8 @@ import sys
 
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UniPCMultistepScheduler)
+                       EulerDiscreteScheduler, LCMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel,
+                       UniPCMultistepScheduler)
 
 SCHEDULERS = {
     "ddpm": DDPMScheduler,
@@ -30,6 +31,7 @@ SCHEDULERS = {
     "dpmpp_2m": DPMSolverMultistepScheduler,
     "unipc": UniPCMultistepScheduler,
     "pndm": PNDMScheduler,
+    "lcm": LCMScheduler,
 }
 
 

@@ -42,7 +42,7 @@ usage: sdxl.py make OUT_DIR
   process (diffusers' import costs seconds).
 
 `generate` runs StableDiffusionXLPipeline on each case of CASES_JSON, a list of
-  {"model", "prompt", "negative_prompt" or null, "scheduler": euler | dpmpp_2m | unipc | ...,
+  {"model", "unet": a UNet folder to use instead of the pipeline's, or null, "prompt", "negative_prompt" or null, "scheduler": euler | dpmpp_2m | unipc | ...,
    "steps", "guidance_scale", "guidance_rescale", "seed", "width", "height", "samples",
    "original_size" [h, w] or null, "crop" [y, x], "target_size" [h, w] or null, "out": prefix,
    "dtype": optional "bf16" | "fp16", the pipeline's torch_dtype}
@@ -75,7 +75,7 @@ UNETS = {
 SCHEDULERS = {
     "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler", "pndm": "PNDMScheduler", "lcm": "LCMScheduler",
 }
 
 
@@ -198,16 +198,18 @@ def sdxl_counts(out_dir):
 
 def generate(cases_file):
     import diffusers
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     with open(cases_file) as f:
         cases = json.load(f)
     pipes = {}
     dtypes = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for case in cases:
-        key = (case["model"], case.get("dtype"))
+        key = (case["model"], case.get("unet"), case.get("dtype"))
         if key not in pipes:
-            pipe = StableDiffusionXLPipeline.from_pretrained(case["model"], add_watermarker=False, torch_dtype=dtypes[key[1]])
+            dtype = dtypes[key[2]]
+            extra = {"unet": UNet2DConditionModel.from_pretrained(case["unet"], torch_dtype=dtype)} if case.get("unet") else {}
+            pipe = StableDiffusionXLPipeline.from_pretrained(case["model"], add_watermarker=False, torch_dtype=dtype, **extra)
             pipe.set_progress_bar_config(disable=True)
             pipes[key] = (pipe, pipe.scheduler.config)
         pipe, base = pipes[key]
