@@ -61,24 +61,6 @@ fn config(f: &Fixture, output_dir: &Path, max_steps: u64, seed: u64, keep: u64) 
     path
 }
 
-/// Every file under `dir`, relative path -> bytes.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
-    assert!(!out.is_empty(), "nothing to compare in {}", dir.display());
-    out
-}
-
 /// Every file of `before` is still there, byte for byte.
 fn assert_unchanged(dir: &Path, before: &BTreeMap<PathBuf, Vec<u8>>) {
     for (rel, bytes) in before {

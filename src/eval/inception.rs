@@ -90,29 +90,62 @@ fn branch3x3dbl(w: &mut Weights, n: &str, cin: i64, stride: i64, padding: i64) -
     ])
 }
 
-struct BlockA {
+/// Inception blocks A (Mixed_5b-d) and C (Mixed_6b-e): a 1×1 branch, two chains of convolutions
+/// and a pooled 1×1 branch, concatenated; the two kinds differ only in their chains.
+struct FourBranch {
     b1: BasicConv,
-    b5: [BasicConv; 2],
-    b3: [BasicConv; 3],
+    chains: [Vec<BasicConv>; 2],
     pool: BasicConv,
 }
 
-impl BlockA {
-    fn new(w: &mut Weights, n: &str, cin: i64, pool_features: i64) -> Result<Self> {
-        Ok(BlockA {
+impl FourBranch {
+    /// Block A: a 5×5 chain and the double 3×3 chain.
+    fn block_a(w: &mut Weights, n: &str, cin: i64, pool_features: i64) -> Result<Self> {
+        Ok(FourBranch {
             b1: w.conv(&format!("{n}.branch1x1"), cin, 64, sq(1), 1, sq(0))?,
-            b5: [w.conv(&format!("{n}.branch5x5_1"), cin, 48, sq(1), 1, sq(0))?, w.conv(&format!("{n}.branch5x5_2"), 48, 64, sq(5), 1, sq(2))?],
-            b3: branch3x3dbl(w, n, cin, 1, 1)?,
+            chains: [
+                vec![w.conv(&format!("{n}.branch5x5_1"), cin, 48, sq(1), 1, sq(0))?, w.conv(&format!("{n}.branch5x5_2"), 48, 64, sq(5), 1, sq(2))?],
+                branch3x3dbl(w, n, cin, 1, 1)?.into(),
+            ],
             pool: w.conv(&format!("{n}.branch_pool"), cin, pool_features, sq(1), 1, sq(0))?,
         })
     }
+
+    /// Block C: factorised 7×7 chains (1×7 and 7×1) of width `c7`.
+    fn block_c(w: &mut Weights, n: &str, cin: i64, c7: i64) -> Result<Self> {
+        let (r, c) = ([1, 7], [7, 1]);
+        let (pr, pc) = ([0, 3], [3, 0]);
+        Ok(FourBranch {
+            b1: w.conv(&format!("{n}.branch1x1"), cin, 192, sq(1), 1, sq(0))?,
+            chains: [
+                vec![
+                    w.conv(&format!("{n}.branch7x7_1"), cin, c7, sq(1), 1, sq(0))?,
+                    w.conv(&format!("{n}.branch7x7_2"), c7, c7, r, 1, pr)?,
+                    w.conv(&format!("{n}.branch7x7_3"), c7, 192, c, 1, pc)?,
+                ],
+                vec![
+                    w.conv(&format!("{n}.branch7x7dbl_1"), cin, c7, sq(1), 1, sq(0))?,
+                    w.conv(&format!("{n}.branch7x7dbl_2"), c7, c7, c, 1, pc)?,
+                    w.conv(&format!("{n}.branch7x7dbl_3"), c7, c7, r, 1, pr)?,
+                    w.conv(&format!("{n}.branch7x7dbl_4"), c7, c7, c, 1, pc)?,
+                    w.conv(&format!("{n}.branch7x7dbl_5"), c7, 192, r, 1, pr)?,
+                ],
+            ],
+            pool: w.conv(&format!("{n}.branch_pool"), cin, 192, sq(1), 1, sq(0))?,
+        })
+    }
+
     fn forward(&self, x: &Tensor) -> Tensor {
         let b1 = self.b1.forward(x);
-        let b5 = self.b5[1].forward(&self.b5[0].forward(x));
-        let b3 = self.b3.iter().fold(x.shallow_clone(), |y, c| c.forward(&y));
+        let [a, b] = &self.chains;
         let bp = self.pool.forward(&tf_avg_pool(x));
-        Tensor::cat(&[b1, b5, b3, bp], 1)
+        Tensor::cat(&[b1, chain(a, x), chain(b, x), bp], 1)
     }
+}
+
+/// Convolutions applied one after the other.
+fn chain(convs: &[BasicConv], x: &Tensor) -> Tensor {
+    convs.iter().fold(x.shallow_clone(), |y, c| c.forward(&y))
 }
 
 struct BlockB {
@@ -129,45 +162,8 @@ impl BlockB {
     }
     fn forward(&self, x: &Tensor) -> Tensor {
         let b3 = self.b3.forward(x);
-        let dbl = self.dbl.iter().fold(x.shallow_clone(), |y, c| c.forward(&y));
+        let dbl = chain(&self.dbl, x);
         Tensor::cat(&[b3, dbl, max_pool(x, 2, 0)], 1)
-    }
-}
-
-struct BlockC {
-    b1: BasicConv,
-    b7: [BasicConv; 3],
-    dbl: [BasicConv; 5],
-    pool: BasicConv,
-}
-
-impl BlockC {
-    fn new(w: &mut Weights, n: &str, cin: i64, c7: i64) -> Result<Self> {
-        let (r, c) = ([1, 7], [7, 1]);
-        let (pr, pc) = ([0, 3], [3, 0]);
-        Ok(BlockC {
-            b1: w.conv(&format!("{n}.branch1x1"), cin, 192, sq(1), 1, sq(0))?,
-            b7: [
-                w.conv(&format!("{n}.branch7x7_1"), cin, c7, sq(1), 1, sq(0))?,
-                w.conv(&format!("{n}.branch7x7_2"), c7, c7, r, 1, pr)?,
-                w.conv(&format!("{n}.branch7x7_3"), c7, 192, c, 1, pc)?,
-            ],
-            dbl: [
-                w.conv(&format!("{n}.branch7x7dbl_1"), cin, c7, sq(1), 1, sq(0))?,
-                w.conv(&format!("{n}.branch7x7dbl_2"), c7, c7, c, 1, pc)?,
-                w.conv(&format!("{n}.branch7x7dbl_3"), c7, c7, r, 1, pr)?,
-                w.conv(&format!("{n}.branch7x7dbl_4"), c7, c7, c, 1, pc)?,
-                w.conv(&format!("{n}.branch7x7dbl_5"), c7, 192, r, 1, pr)?,
-            ],
-            pool: w.conv(&format!("{n}.branch_pool"), cin, 192, sq(1), 1, sq(0))?,
-        })
-    }
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let b1 = self.b1.forward(x);
-        let b7 = self.b7.iter().fold(x.shallow_clone(), |y, c| c.forward(&y));
-        let dbl = self.dbl.iter().fold(x.shallow_clone(), |y, c| c.forward(&y));
-        let bp = self.pool.forward(&tf_avg_pool(x));
-        Tensor::cat(&[b1, b7, dbl, bp], 1)
     }
 }
 
@@ -192,8 +188,8 @@ impl BlockD {
         })
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        let b3 = self.b3.iter().fold(x.shallow_clone(), |y, c| c.forward(&y));
-        let b7 = self.b7.iter().fold(x.shallow_clone(), |y, c| c.forward(&y));
+        let b3 = chain(&self.b3, x);
+        let b7 = chain(&self.b7, x);
         Tensor::cat(&[b3, b7, max_pool(x, 2, 0)], 1)
     }
 }
@@ -243,9 +239,9 @@ impl BlockE {
 pub struct InceptionV3 {
     stem: [BasicConv; 3],
     stem2: [BasicConv; 2],
-    mixed_5: [BlockA; 3],
+    mixed_5: [FourBranch; 3],
     mixed_6a: BlockB,
-    mixed_6: [BlockC; 4],
+    mixed_6: [FourBranch; 4],
     mixed_7a: BlockD,
     mixed_7: [BlockE; 2],
     fc_weight: Tensor,
@@ -283,16 +279,16 @@ impl InceptionV3 {
             ],
             stem2: [w.conv("Conv2d_3b_1x1", 64, 80, sq(1), 1, sq(0))?, w.conv("Conv2d_4a_3x3", 80, 192, sq(3), 1, sq(0))?],
             mixed_5: [
-                BlockA::new(&mut w, "Mixed_5b", 192, 32)?,
-                BlockA::new(&mut w, "Mixed_5c", 256, 64)?,
-                BlockA::new(&mut w, "Mixed_5d", 288, 64)?,
+                FourBranch::block_a(&mut w, "Mixed_5b", 192, 32)?,
+                FourBranch::block_a(&mut w, "Mixed_5c", 256, 64)?,
+                FourBranch::block_a(&mut w, "Mixed_5d", 288, 64)?,
             ],
             mixed_6a: BlockB::new(&mut w, "Mixed_6a", 288)?,
             mixed_6: [
-                BlockC::new(&mut w, "Mixed_6b", 768, 128)?,
-                BlockC::new(&mut w, "Mixed_6c", 768, 160)?,
-                BlockC::new(&mut w, "Mixed_6d", 768, 160)?,
-                BlockC::new(&mut w, "Mixed_6e", 768, 192)?,
+                FourBranch::block_c(&mut w, "Mixed_6b", 768, 128)?,
+                FourBranch::block_c(&mut w, "Mixed_6c", 768, 160)?,
+                FourBranch::block_c(&mut w, "Mixed_6d", 768, 160)?,
+                FourBranch::block_c(&mut w, "Mixed_6e", 768, 192)?,
             ],
             mixed_7a: BlockD::new(&mut w, "Mixed_7a", 768)?,
             mixed_7: [BlockE::new(&mut w, "Mixed_7b", 1280, false)?, BlockE::new(&mut w, "Mixed_7c", 2048, true)?],
@@ -318,7 +314,7 @@ impl InceptionV3 {
         }
         let _guard = tch::no_grad_guard();
         let pool = |t: &Tensor| t.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
-        let mut x = self.stem.iter().fold(x.shallow_clone(), |y, c| c.forward(&y));
+        let mut x = chain(&self.stem, x);
         x = max_pool(&x, 2, 0);
         if dims == 64 {
             return Ok(Features { pool: pool(&x), logits_unbiased: None });

@@ -83,6 +83,25 @@ impl Default for ClipTextConfig {
 }
 
 impl ClipTextConfig {
+    /// openai/clip-vit-large-patch14's text tower: SD-1.x's text encoder and SDXL's first.
+    pub fn clip_vit_l() -> Self {
+        ClipTextConfig { hidden_size: 768, intermediate_size: 3072, num_attention_heads: 12, ..Default::default() }
+    }
+
+    /// OpenCLIP ViT-bigG/14's text tower with its projection: SDXL's `text_encoder_2`.
+    pub fn open_clip_big_g() -> Self {
+        ClipTextConfig {
+            hidden_size: 1280,
+            intermediate_size: 5120,
+            num_hidden_layers: 32,
+            num_attention_heads: 20,
+            hidden_act: Activation::Gelu,
+            projection_dim: 1280,
+            with_projection: true,
+            ..Default::default()
+        }
+    }
+
     /// Reads `config.json`, or `<dir>/config.json` when given a folder.
     pub fn from_path(path: &Path) -> Result<Self> {
         let file = json_config::config_file(path, "config.json");
@@ -356,19 +375,10 @@ mod tests {
     #[test]
     fn sd15_text_encoder_counts() {
         // openai/clip-vit-large-patch14's text tower: 123,060,480 parameters.
-        let c = ClipTextConfig { hidden_size: 768, intermediate_size: 3072, num_attention_heads: 12, ..Default::default() };
+        let c = ClipTextConfig::clip_vit_l();
         assert_eq!(ClipTextEncoder::build(&c, Device::Cpu, Kind::Float, Init::Empty).num_params(), 123_060_480);
         // SDXL's text_encoder_2 (OpenCLIP ViT-bigG/14 with its projection): 694,659,840.
-        let c = ClipTextConfig {
-            hidden_size: 1280,
-            intermediate_size: 5120,
-            num_hidden_layers: 32,
-            num_attention_heads: 20,
-            hidden_act: Activation::Gelu,
-            projection_dim: 1280,
-            with_projection: true,
-            ..Default::default()
-        };
+        let c = ClipTextConfig::open_clip_big_g();
         assert_eq!(ClipTextEncoder::build(&c, Device::Cpu, Kind::Half, Init::Empty).num_params(), 694_659_840);
     }
 

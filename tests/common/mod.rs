@@ -61,6 +61,25 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("sdkd-test-").tempdir().expect("tempdir")
 }
 
+/// Every file under `dir` (relative path) and its bytes; a folder without files is a test error
+/// (comparing nothing would pass).
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<PathBuf, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(p.strip_prefix(root).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    assert!(!out.is_empty(), "nothing to compare in {}", dir.display());
+    out
+}
+
 pub fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, tch::Tensor> {
     sdkd::models::weights::read_all(path).expect("reading reference tensors").into_iter().collect()
 }
