@@ -1,5 +1,5 @@
 //! The `sdkd` command line: parse, call the library, report. Exit codes: 0 success, 1 failure
-//! (one message naming the file, key or value), 2 usage.
+//! (one message naming the file, key or value; also a text argument that is not UTF-8), 2 usage.
 use clap::{Parser, Subcommand};
 use sdkd::commands;
 
@@ -88,10 +88,32 @@ fn keep_freed_memory() {
     }
 }
 
+/// clap says only "invalid UTF-8 was detected in one or more arguments": name the argument (a
+/// text value such as a prompt, a name or a filter; paths may be any bytes) and the flag before
+/// it. A value the user typed is bad input, exit code 1, not a usage error.
+fn not_utf8_argument() -> String {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match args.iter().position(|a| a.to_str().is_none()) {
+        Some(i) => {
+            let flag = i.checked_sub(1).and_then(|j| args.get(j)).and_then(|f| f.to_str()).filter(|f| f.starts_with('-'));
+            let what = flag.map(|f| format!("the value of {f}")).unwrap_or_else(|| format!("argument {i}"));
+            format!("{what} ({:?}) is not valid UTF-8: text values (prompts, names, filters) must be UTF-8", args[i].to_string_lossy())
+        }
+        None => "an argument is not valid UTF-8".into(),
+    }
+}
+
 fn main() {
     ensure_openmp_wait_setting();
     keep_freed_memory();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.kind() == clap::error::ErrorKind::InvalidUtf8 => {
+            eprintln!("error: {}", not_utf8_argument());
+            std::process::exit(1);
+        }
+        Err(e) => e.exit(),
+    };
     let result = match &cli.command {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Prune(a) => commands::prune::run(a),

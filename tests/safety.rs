@@ -831,3 +831,24 @@ fn a_checkpoint_flipped_at_equal_size_is_named_on_resume() {
     let e = stderr(&o);
     assert!(e.contains("skipping") && e.contains("step-4") && e.contains("CRC-32"), "{e}");
 }
+
+/// An imagefolder's sidecar `.txt` caption that is not UTF-8 is a bad sample naming the file, as
+/// in shards (it was trained on as U+FFFD); the other samples load.
+#[test]
+fn a_non_utf8_sidecar_caption_is_a_bad_sample() {
+    let tmp = tempdir();
+    let png = std::fs::read(fixture().data.join("000000.png")).unwrap();
+    for (name, txt) in [("a", &b"a red circle"[..]), ("b", &b"caf\xe9 \xff"[..])] {
+        std::fs::write(tmp.path().join(format!("{name}.png")), &png).unwrap();
+        std::fs::write(tmp.path().join(format!("{name}.txt")), txt).unwrap();
+    }
+    let folder = sdkd::data::ImageFolder::open(tmp.path()).unwrap();
+    assert_eq!(folder.decode(0).unwrap().1, "a red circle");
+    let bad = folder.decode(1).err().expect("a caption that is not UTF-8 is a bad sample");
+    assert!(bad.reason.contains("b.txt") && bad.reason.contains("UTF-8") && bad.file.ends_with("b.png"), "{bad:?}");
+    // through the CLI: counted and warned, naming the file, the other sample cached
+    let out = tmp.path().join("cache");
+    let o = sdkd(&["preprocess", "--teacher", s(&fixture().teacher), "--data", s(tmp.path()), "--resolution", "16", "--out", s(&out)]);
+    ok(&o);
+    assert!(stderr(&o).contains("b.txt") && String::from_utf8_lossy(&o.stdout).contains("1 bad samples skipped"), "{}{}", stderr(&o), String::from_utf8_lossy(&o.stdout));
+}

@@ -230,6 +230,9 @@ fn time_steps(device: Device, warmup: usize, steps: usize, mut step: impl FnMut(
     Ok((StepTimes(wall), StepTimes(cpu)))
 }
 
+/// The most steps (timed and warm-up) one benchmark runs.
+const MAX_STEPS: usize = 10_000;
+
 fn check_args(args: &BenchArgs) -> Result<()> {
     if args.batch_size < 1 {
         bail!("--batch-size {} must be at least 1", args.batch_size);
@@ -239,6 +242,10 @@ fn check_args(args: &BenchArgs) -> Result<()> {
     }
     if args.steps < 1 {
         bail!("--steps {} must be at least 1", args.steps);
+    }
+    // Each step's random inputs are drawn before the clock starts, so the count sizes memory.
+    if args.steps.saturating_add(args.warmup) > MAX_STEPS {
+        bail!("--steps {} and --warmup {}: at most {MAX_STEPS} steps in all (their inputs are drawn before timing)", args.steps, args.warmup);
     }
     if args.mode == BenchMode::Infer && (args.report_memory || args.gradient_checkpointing != Checkpointing::None || args.state_dtype != StateDtype::Fp32) {
         bail!("--report-memory, --gradient-checkpointing and --state-dtype are for --mode train");

@@ -71,6 +71,17 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     o.count = a.count.unwrap_or(o.count);
     o.vae_steps = a.vae_steps.unwrap_or(o.vae_steps);
     o.caption_dropout = a.caption_dropout.unwrap_or(o.caption_dropout);
+    // The demo is a minutes-long tour: a count or step number past these is a typo, not a run.
+    for (flag, value, max) in [
+        ("--count", o.count as u64, 100_000),
+        ("--vae-steps", o.vae_steps as u64, 1_000_000),
+        ("--teacher-steps", o.teacher_steps, 1_000_000),
+        ("--student-steps", o.student_steps, 1_000_000),
+    ] {
+        if !(1..=max).contains(&value) {
+            bail!("{flag} {value}: must be 1 to {max}");
+        }
+    }
     if !(0.0..=1.0).contains(&o.caption_dropout) {
         bail!("--caption-dropout {}: must be a probability in [0, 1]", o.caption_dropout);
     }

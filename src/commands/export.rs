@@ -197,7 +197,7 @@ fn upload_list(out: &Path, format: ExportFormat, card: &Path) -> Result<Vec<hub:
         let mut files = vec![Upload { path_in_repo: "README.md".into(), local: card.to_path_buf() }];
         for p in [out.to_path_buf(), out.with_extension("yaml")] {
             if p.is_file() {
-                files.push(Upload { path_in_repo: p.file_name().unwrap().to_string_lossy().into_owned(), local: p });
+                files.push(Upload { path_in_repo: p.file_name().expect("a path that is_file has a name").to_string_lossy().into_owned(), local: p });
             }
         }
         return Ok(files);

@@ -75,6 +75,17 @@ pub fn run_with(a: &PreprocessArgs, encoder: &dyn SampleEncoder) -> Result<()> {
     if a.resolution == 0 || !a.resolution.is_multiple_of(8) {
         anyhow::bail!("--resolution {} must be a positive multiple of 8 (the VAE downsamples by 8)", a.resolution);
     }
+    // The loader builds each batch's pixels in host memory (f32): refuse a batch that cannot be
+    // held before decoding, where a failed allocation would abort the process.
+    let batch_bytes = a.batch_size.min(a.shard_size) as f64 * 3.0 * (a.resolution as f64).powi(2) * 4.0;
+    if !crate::memory::device_can_hold(tch::Device::Cpu, batch_bytes) {
+        anyhow::bail!(
+            "--batch-size {}, --resolution {}: one batch of pixels needs {:.1} GiB of host memory, more than this machine has available; lower one of them",
+            a.batch_size,
+            a.resolution,
+            batch_bytes / (1u64 << 30) as f64
+        );
+    }
     let t0 = std::time::Instant::now();
     let mut conditions = std::collections::BTreeMap::new();
     for f in &a.filters {

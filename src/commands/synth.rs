@@ -31,10 +31,15 @@ pub struct SynthArgs {
     pub format: DataFormat,
 }
 
+/// The most pairs one `sdkd synth` writes.
+const MAX_COUNT: usize = 10_000_000;
+
 pub fn run(a: &SynthArgs) -> Result<()> {
     let t0 = std::time::Instant::now();
-    if a.count == 0 {
-        bail!("--count must be at least 1"); // before --out: a bad count is the error to report
+    // before --out: a bad count is the error to report; past the bound it is a typo (a count
+    // near u64::MAX would write until the disk is full)
+    if !(1..=MAX_COUNT).contains(&a.count) {
+        bail!("--count {}: must be 1 to {MAX_COUNT}", a.count);
     }
     fs_safe::check_replaceable(&a.out, Purpose::Dataset, a.overwrite, "--out")?;
     fs_safe::write_dir(&a.out, Some(&Marker::new(Purpose::Dataset)), |tmp| match a.format {

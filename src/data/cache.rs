@@ -182,6 +182,9 @@ pub fn build_cache(dataset: Arc<dyn ImageRows>, encoder: &dyn SampleEncoder, out
     if opts.shard_size == 0 || opts.batch_size == 0 {
         bail!("shard size and batch size must be at least 1");
     }
+    if opts.batch_size > opts.shard_size {
+        bail!("batch size {} is larger than the shard size {}: a batch never spans two shards", opts.batch_size, opts.shard_size);
+    }
     let n = dataset.len();
     let mut index = CacheIndex {
         format: FORMAT.into(),

@@ -26,6 +26,9 @@ pub struct Sample {
     pub path: PathBuf,
     /// The caption; None when a sidecar `.txt` is missing.
     pub caption: Option<String>,
+    /// A sidecar `.txt` that is not UTF-8: a bad sample when loaded (as a webdataset `.txt`),
+    /// never a caption of U+FFFD.
+    pub caption_not_utf8: bool,
 }
 
 /// Where an imagefolder's captions came from.
@@ -81,6 +84,9 @@ impl ImageFolder {
     pub fn decode(&self, index: usize) -> Result<(image::RgbImage, String), BadSample> {
         let s = &self.samples[index];
         let bad = |(kind, reason): (BadKind, String)| BadSample { index, file: s.path.clone(), kind, reason };
+        if s.caption_not_utf8 {
+            return Err(bad((BadKind::Corrupt, format!("its caption {} is not valid UTF-8", s.path.with_extension("txt").display()))));
+        }
         let caption = usable_caption(s.caption.as_deref(), "no caption (its .txt file is missing)").map_err(bad)?;
         let bytes = match std::fs::read(&s.path) {
             Ok(b) => b,
@@ -142,7 +148,7 @@ fn sample(root: &Path, real_root: &Path, file_name: String, caption: Option<Stri
             return Err(outside(format!("resolves to {}, outside", real.display())));
         }
     }
-    Ok(Sample { path, file_name, caption })
+    Ok(Sample { path, file_name, caption, caption_not_utf8: false })
 }
 
 fn real_root(root: &Path) -> Result<PathBuf> {
@@ -334,10 +340,12 @@ fn read_sidecars(root: &Path) -> Result<Vec<Sample>> {
         .into_iter()
         .map(|path| {
             let txt = path.with_extension("txt");
-            let caption = std::fs::read(&txt).ok().map(|b| String::from_utf8_lossy(&b).trim().to_string());
-            with_caption += caption.is_some() as usize;
+            let bytes = std::fs::read(&txt).ok();
+            with_caption += bytes.is_some() as usize;
+            let caption = bytes.as_ref().and_then(|b| std::str::from_utf8(b).ok()).map(|t| t.trim().to_string());
+            let caption_not_utf8 = bytes.is_some() && caption.is_none();
             let file_name = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
-            Sample { file_name, path, caption }
+            Sample { file_name, path, caption, caption_not_utf8 }
         })
         .collect();
     if with_caption == 0 {

@@ -205,7 +205,7 @@ impl ParquetSet {
                         row.get_column_iter().filter_map(|(k, v)| scalar(v).map(|v| (k.clone(), v))).collect();
                     let meta_row = RowMeta(values);
                     let caption = meta_row.field(text_column).and_then(|v| v.as_str().map(str::to_string));
-                    let dim = |k: &str| meta_row.field(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+                    let dim = |k: &str| meta_row.field(k).and_then(|v| v.as_u64()).map(|v| u32::try_from(v).unwrap_or(u32::MAX));
                     let size = dim("width").zip(dim("height"));
                     if !filters.keep(&meta_row, size).with_context(|| format!("{} row {file_row}", at()))? {
                         filtered_out += 1;

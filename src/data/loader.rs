@@ -145,7 +145,7 @@ impl<S: SampleSource> BatchStream<S> {
         for _ in 0..shard.rank * b {
             c = step(c);
         }
-        let mut todo = Vec::with_capacity(b);
+        let mut todo = Vec::with_capacity(b.min(len)); // a hint: b comes from the user
         for _ in 0..b {
             todo.push((c, self.indexer.index(c)));
             c = step(c);
@@ -189,7 +189,7 @@ impl<S: SampleSource> BatchStream<S> {
     /// Decodes the next window of positions, in parallel, in order.
     fn refill(&mut self) {
         let len = self.source.len();
-        let mut todo = Vec::with_capacity(self.window);
+        let mut todo = Vec::with_capacity(self.window.min(len)); // a hint: the window comes from the user's batch size
         while todo.len() < self.window {
             let Some(c) = self.ahead else { break };
             todo.push((c, self.indexer.index(c)));

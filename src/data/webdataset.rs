@@ -127,7 +127,8 @@ fn scan_shard(path: &Path) -> Result<Vec<Pending>> {
         let offset = entry.raw_file_position();
         let size = entry.size();
         let pending = out.last_mut().expect("pushed above");
-        if offset + size > file_len {
+        // checked: a GNU base-256 size can be near u64::MAX and wrap the sum past the test
+        if offset.checked_add(size).is_none_or(|end| end > file_len) {
             pending.truncated = true;
             break;
         }
@@ -211,7 +212,7 @@ impl Meta for JsonMeta<'_> {
 
 impl JsonMeta<'_> {
     fn size(&self) -> Option<(u32, u32)> {
-        let dim = |k: &str| self.field(k).and_then(|v| v.as_u64()).map(|v| v as u32);
+        let dim = |k: &str| self.field(k).and_then(|v| v.as_u64()).map(|v| u32::try_from(v).unwrap_or(u32::MAX));
         Some((dim("width")?, dim("height")?))
     }
 }

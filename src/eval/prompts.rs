@@ -27,7 +27,7 @@ pub fn read(path: &Path) -> Result<Vec<Caption>> {
         "csv" => from_csv(&body, path),
         "jsonl" => from_jsonl(&body),
         "json" => from_coco(&body),
-        _ => bail!("expected a .csv (metadata.csv), .jsonl or COCO captions .json"),
+        _ => bail!("prompts file {}: expected a .csv (metadata.csv), .jsonl or COCO captions .json", path.display()),
     }
     .with_context(|| format!("prompts file {}", path.display()))?;
     if captions.is_empty() {

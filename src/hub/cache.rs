@@ -133,11 +133,11 @@ impl RepoCache {
     /// the cache can be moved), replacing whatever link was there in one rename.
     pub fn link(&self, commit: &str, file: &str, etag: &str) -> Result<PathBuf> {
         let pointer = self.snapshot(commit).join(file);
-        let parent = pointer.parent().expect("a file in a snapshot");
+        let parent = pointer.parent().expect("a file in a snapshot"); // `file` is a listed name (no `..`, client::revision)
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
         let depth = file.matches('/').count() + 2;
         let target = PathBuf::from("../".repeat(depth)).join("blobs").join(etag);
-        let tmp = parent.join(format!(".{}.sdkd-{}.tmp", pointer.file_name().unwrap().to_string_lossy(), std::process::id()));
+        let tmp = parent.join(format!(".{}.sdkd-{}.tmp", pointer.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
         let _ = fs::remove_file(&tmp);
         std::os::unix::fs::symlink(&target, &tmp).with_context(|| format!("linking {}", tmp.display()))?;
         fs::rename(&tmp, &pointer).with_context(|| format!("linking {}", pointer.display()))?;

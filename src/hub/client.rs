@@ -179,6 +179,8 @@ impl<'a> Client<'a> {
             .ok_or_else(|| anyhow!("{url}: the answer lists no files (siblings)"))?
             .iter()
             .filter_map(|s| s["rfilename"].as_str().map(str::to_string))
+            // a name that could leave the snapshot folder is no file sdkd fetches
+            .filter(|f: &String| !f.starts_with('/') && !f.contains('\\') && f.split('/').all(|s| !s.is_empty() && s != "." && s != ".."))
             .collect();
         Ok(RevisionInfo { commit: commit.to_string(), files })
     }

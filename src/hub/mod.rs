@@ -283,7 +283,7 @@ fn select(
     let mut files: Vec<String> = vec![];
     match want {
         Want::File => {
-            let path = id.path.as_deref().expect("a file id");
+            let path = id.path.as_deref().expect("a file id"); // Want::File only for is_file() ids (resolve_id)
             if !has(path) {
                 return Err(missing(path));
             }
@@ -297,7 +297,7 @@ fn select(
             }
         }
         Want::Pipeline | Want::Unet if id.path.is_some() => {
-            let dir = id.path.as_deref().unwrap();
+            let dir = id.path.as_deref().expect("matched on is_some");
             let found = model_folder_files(listing, dir, variant);
             if found.is_empty() {
                 return Err(missing(&format!("folder {dir}")));

@@ -153,6 +153,10 @@ impl KeyStore {
                 path.display()
             );
         }
+        // SQLite takes an empty file for an empty database and would write its tables there.
+        if path.metadata().is_ok_and(|m| m.len() == 0) {
+            bail!("--db {}: the file is empty, not an sdkd key database: make one with `sdkd keys add`", path.display());
+        }
         let db = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .with_context(|| format!("opening key database {}", path.display()))?;
         KeyStore::init(db, path)
