@@ -19,6 +19,7 @@ pub use crate::config_error::ConfigError;
 use crate::config_error::invalid;
 pub use crate::data::config::DataConfig;
 pub use crate::data::{DataFormat, DataOptions, Filters, OnBadSample};
+pub use crate::distill::lcm::{ConsistencyLoss, LcmConfig, Method};
 pub use crate::distill::loss::LossWeights;
 pub use crate::distill::optim::{OptimConfig, Schedule, StateDtype};
 pub use crate::distill::scalars::LogConfig;
@@ -52,6 +53,12 @@ pub struct RunConfig {
     /// false = task loss only: the teacher UNet never runs and the KD weights are ignored.
     #[serde(default = "yes")]
     pub distill: bool,
+    /// `kd` (BK-SDM's objective) or `lcm` (latent consistency distillation, the `lcm:` section).
+    /// Left out of the serialised config at `kd`, so configs written before it keep their hash.
+    #[serde(default, skip_serializing_if = "Method::is_kd")]
+    pub method: Method,
+    #[serde(default, skip_serializing_if = "LcmConfig::is_default")]
+    pub lcm: LcmConfig,
     pub data: DataConfig,
     #[serde(default)]
     pub loss: LossWeights,
@@ -293,6 +300,7 @@ impl RunConfig {
         abs(&mut self.output_dir);
         self.data.resolve_paths(base);
         self.validation.eval.resolve_paths(base);
+        self.lcm.resolve_paths(base);
         self.student.resolve_against(base);
     }
 
@@ -345,6 +353,7 @@ impl RunConfig {
                 format!("data.caption_dropout = {} needs the empty prompt's embedding from the text encoder that made data.cache: set teacher to its pipeline", self.data.caption_dropout),
             ));
         }
+        self.validate_method()?;
         self.loss.validate()?;
         let active =
             if self.distill { self.loss.task + self.loss.output_kd + self.loss.feature_kd } else { self.loss.task };
@@ -372,6 +381,28 @@ impl RunConfig {
             return Err(invalid("teacher", format!("teacher is null but validation.eval.every = {every}: generating needs the teacher pipeline's VAE and text encoder; set validation.eval.every: 0")));
         }
         self.validation.eval.validate()
+    }
+
+    /// `method` against the sections it uses: an `lcm:` section only with `method: lcm`, and LCD
+    /// needs the teacher and trains on its own loss.
+    fn validate_method(&self) -> std::result::Result<(), ConfigError> {
+        if self.method == Method::Kd {
+            if !self.lcm.is_default() {
+                return Err(invalid("lcm", "an lcm: section is set but method is kd: set method: lcm (or remove the section)".to_string()));
+            }
+            return Ok(());
+        }
+        self.lcm.validate()?;
+        if !self.distill || self.teacher.is_none() {
+            return Err(invalid("distill", "method: lcm needs the teacher (its guided ODE step is the target): set teacher and distill: true".to_string()));
+        }
+        if self.loss != LossWeights::default() {
+            return Err(invalid("loss", "method: lcm trains on the consistency loss (lcm.loss); KD terms beside it are not implemented: remove the loss: section".to_string()));
+        }
+        if self.train.noise_offset != 0.0 {
+            return Err(invalid("train.noise_offset", format!("train.noise_offset = {}: method: lcm noises with the DDIM solver's timesteps and no offset; set it to 0", self.train.noise_offset)));
+        }
+        Ok(())
     }
 
     /// A run without a teacher pipeline: from scratch, on a latent cache, without validation images.

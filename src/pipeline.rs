@@ -21,6 +21,7 @@
 //! --max-batch`); each keeps its own random sequence on that one generator by saving its state
 //! after the request's draws and putting it back before the next (`aten_extra::cpu_rng_state`).
 pub use crate::models::pipeline_dir::UnetSource;
+use crate::models::embeddings::guidance_scale_embedding;
 use crate::models::unet::AddedCond;
 use crate::models::unet_config::TIME_IDS;
 use crate::models::{
@@ -272,19 +273,6 @@ impl Parts<'_> {
             _ => self.encode_prompt(negative.unwrap_or("")),
         }
     }
-}
-
-/// diffusers' `get_guidance_scale_embedding` of `guidance_scale - 1` for `time_cond_proj_dim`
-/// UNets (LCM's guidance-distilled students), (rows, dim) in fp32.
-fn guidance_scale_embedding(guidance_scale: f64, dim: i64, rows: i64) -> Tensor {
-    let w = Tensor::from((guidance_scale - 1.0) as f32) * 1000.0;
-    let half = dim / 2;
-    let step = Tensor::from(10000f32).log() / (half - 1) as f64;
-    let freqs = (Tensor::arange(half, (Kind::Float, Device::Cpu)) * -step).exp();
-    let args = w.view([1, 1]) * freqs.unsqueeze(0); // (1, half)
-    let emb = Tensor::cat(&[args.sin(), args.cos()], 1);
-    let emb = if dim % 2 == 1 { emb.constant_pad_nd([0, 1, 0, 0]) } else { emb };
-    emb.repeat([rows, 1])
 }
 
 /// Runs the pipeline on `parts`; `on_step(done, total)` is called after each step.
@@ -544,7 +532,9 @@ fn start_denoising<'a>(parts: &Parts<'_>, index: usize, member: &'a BatchMember<
         added.time_ids = Some(ids.view([1, 6]).repeat([rows, 1])); // (b, 6)
     }
     if let Some(dim) = unet.config.time_cond_proj_dim {
-        added.timestep_cond = Some(guidance_scale_embedding(req.guidance_scale, dim, rows).to_device(device).to_kind(unet_kind));
+        // diffusers embeds w = guidance_scale - 1 (the LCM convention), for every row
+        let w = Tensor::from_slice(&[(req.guidance_scale - 1.0) as f32]);
+        added.timestep_cond = Some(guidance_scale_embedding(&w, dim).repeat([rows, 1]).to_device(device).to_kind(unet_kind));
     }
 
     // 3: the sampler and the initial latents from the seed

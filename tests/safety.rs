@@ -421,12 +421,17 @@ fn overwrite_refuses_files_sdkd_did_not_write_at_any_depth() {
     let export = |out: &Path, extra: &[&str]| sdkd(&[&["export", "--checkpoint", s(&ckpt), "--out", s(out), "--overwrite"][..], extra].concat());
     let prune = |out: &Path| sdkd(&["prune", "--teacher", s(&f.teacher), "--student", "bk_tiny", "--out", s(out), "--overwrite"]);
     let synth = |out: &Path| sdkd(&["synth", "--out", s(out), "--count", "2", "--resolution", "16", "--overwrite"]);
+    // convert: a single file to a pipeline folder
+    let single = tmp.path().join("single.safetensors");
+    ok(&sdkd(&["convert", "--from", s(&f.teacher), "--to", s(&single)]));
+    let convert = |out: &Path| sdkd(&["convert", "--from", s(&single), "--config", s(&f.teacher), "--to", s(out), "--overwrite"]);
     let cases: Vec<(PathBuf, &str, Box<dyn Fn(&Path) -> Output>)> = vec![
         (tmp.path().join("unet"), "README.md", Box::new(|o: &Path| export(o, &[]))),
         (tmp.path().join("pipe"), "unet/notes.txt", Box::new(|o: &Path| export(o, &["--format", "pipeline"]))),
         (tmp.path().join("pipe2"), "LICENSE", Box::new(|o: &Path| export(o, &["--format", "pipeline"]))),
         (tmp.path().join("pruned"), "README.md", Box::new(|o: &Path| prune(o))),
         (tmp.path().join("set"), "holiday.png", Box::new(|o: &Path| synth(o))),
+        (tmp.path().join("converted"), "scheduler/notes.txt", Box::new(|o: &Path| convert(o))),
     ];
     for (out, added, make) in &cases {
         ok(&make(out));

@@ -270,6 +270,7 @@ fn checkpoint_writer_loop() {
             unet_config: serde_json::json!({"step": step}),
             student: vec![("w".into(), t(step as f64))],
             ema: Some(vec![("w".into(), t(-(step as f64)))]),
+            target: None,
             optimizer: vec![("exp_avg.w".into(), t(0.5 * step as f64))],
         };
         w.write(&state).unwrap();

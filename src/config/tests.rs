@@ -471,3 +471,34 @@ fn a_recorded_run_keeps_its_hash_and_yaml() {
     assert_eq!(c.config_hash(), RECORDED_HASH);
     assert_eq!(c.to_yaml().unwrap(), RECORDED_YAML);
 }
+
+#[test]
+fn method_lcm_takes_its_section_and_refuses_what_it_does_not_use() {
+    let c = parse(&format!("{MINIMAL}method: lcm\n")).unwrap();
+    assert_eq!((c.method, &c.lcm), (Method::Lcm, &LcmConfig::default()));
+    assert_eq!((c.lcm.num_ddim_timesteps, c.lcm.w_min, c.lcm.w_max, c.lcm.time_cond_proj_dim), (50, 5.0, 15.0, 256));
+    assert_eq!((c.lcm.timestep_scaling, c.lcm.target_ema, c.lcm.loss, c.lcm.huber_c), (10.0, 0.95, ConsistencyLoss::L2, 0.001));
+    // method is part of the run's identity: a kd checkpoint does not resume an lcm run
+    let kd = parse(MINIMAL).unwrap();
+    assert_ne!(c.config_hash(), kd.config_hash());
+    assert!(identity_diff(&kd.resume_identity(), &c.resume_identity()).iter().any(|d| d.starts_with("method")));
+    let huber = parse(&format!("{MINIMAL}method: lcm\nlcm:\n  loss: huber\n  w_min: 3\n")).unwrap();
+    assert_eq!((huber.lcm.loss, huber.lcm.w_min), (ConsistencyLoss::Huber, 3.0));
+    assert_ne!(huber.config_hash(), c.config_hash());
+    for (yaml, key) in [
+        ("lcm:\n  w_min: 16\n", "lcm.w_min"),
+        ("lcm:\n  time_cond_proj_dim: 255\n", "lcm.time_cond_proj_dim"),
+        ("lcm:\n  num_ddim_timesteps: 0\n", "lcm.num_ddim_timesteps"),
+        ("lcm:\n  loss: l1\n", "l1"),
+        ("lcm:\n  student_init: /nonexistent/kd-run\n", "lcm.student_init"),
+        ("loss:\n  feature_kd: 2\n", "loss"),
+        ("distill: false\n", "distill"),
+        ("train:\n  noise_offset: 0.1\n", "train.noise_offset"),
+    ] {
+        let e = err(&format!("{MINIMAL}method: lcm\n{yaml}"));
+        assert!(e.contains(key), "{yaml:?}: {e}");
+    }
+    // an lcm: section without method: lcm is a mistake, not ignored
+    assert!(err(&format!("{MINIMAL}lcm:\n  w_min: 3\n")).contains("method"));
+    assert!(err(&format!("{MINIMAL}method: lcd\n")).contains("lcd"));
+}

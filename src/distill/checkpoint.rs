@@ -1,5 +1,5 @@
 //! Training checkpoints, split as burn splits them:
-//! - *what*: `TrainState` — student, EMA and optimizer tensors by name, plus `StateMeta` (step,
+//! - *what*: `TrainState` — student, EMA, LCD target network and optimizer tensors by name, plus `StateMeta` (step,
 //!   epoch, data cursor, seed, config hash) and the student's diffusers `unet/config.json`;
 //! - *where*: `CheckpointWriter` — `<output_dir>/checkpoints/step-<N>/`, written by
 //!   `fs_safe::write_dir` (a hidden temp folder, every file and folder fsynced, then renamed), so
@@ -28,6 +28,8 @@ use tch::Tensor;
 
 pub const STUDENT_FILE: &str = "student.safetensors";
 pub const EMA_FILE: &str = "ema.safetensors";
+/// `method: lcm`: the target network (diffusers' script saves it as `unet_target/`).
+pub const TARGET_FILE: &str = "target.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "state.json";
 pub const UNET_CONFIG_FILE: &str = "unet/config.json";
@@ -90,6 +92,8 @@ pub struct TrainState {
     pub unet_config: serde_json::Value,
     pub student: Vec<(String, Tensor)>,
     pub ema: Option<Vec<(String, Tensor)>>,
+    /// `method: lcm`: the target network's weights (the student's parameter names).
+    pub target: Option<Vec<(String, Tensor)>>,
     pub optimizer: Vec<(String, Tensor)>,
 }
 
@@ -210,6 +214,10 @@ fn write_files(tmp: &Path, state: &TrainState, after_file: &mut dyn FnMut(&Path)
         weights::save(&tmp.join(EMA_FILE), ema, None)?;
         record(EMA_FILE, &mut files)?;
     }
+    if let Some(target) = &state.target {
+        weights::save(&tmp.join(TARGET_FILE), target, None)?;
+        record(TARGET_FILE, &mut files)?;
+    }
     weights::save(&tmp.join(OPTIMIZER_FILE), &state.optimizer, None)?;
     record(OPTIMIZER_FILE, &mut files)?;
     fs_safe::sync_dir(&tmp.join("unet"))?;
@@ -305,6 +313,11 @@ impl Checkpoint {
         self.has_ema().then(|| self.dir.join(EMA_FILE))
     }
 
+    /// `method: lcm`'s target network, when the checkpoint has one.
+    pub fn target_file(&self) -> Option<PathBuf> {
+        self.files.contains_key(TARGET_FILE).then(|| self.dir.join(TARGET_FILE))
+    }
+
     pub fn optimizer_file(&self) -> PathBuf {
         self.dir.join(OPTIMIZER_FILE)
     }
@@ -339,6 +352,7 @@ impl Checkpoint {
             unet_config: self.unet_config.clone(),
             student: weights::read_all(&self.student_file())?,
             ema: self.ema_file().map(|p| weights::read_all(&p)).transpose()?,
+            target: self.target_file().map(|p| weights::read_all(&p)).transpose()?,
             optimizer: weights::read_all(&self.optimizer_file())?,
         })
     }
@@ -432,6 +446,7 @@ mod tests {
             unet_config: serde_json::json!({"_class_name": "UNet2DConditionModel", "layers_per_block": 1}),
             student: vec![("conv_in.weight".into(), t(step as f32))],
             ema: ema.then(|| vec![("conv_in.weight".into(), t(0.5))]),
+            target: None,
             optimizer: vec![
                 ("exp_avg.conv_in.weight".into(), t(1.0)),
                 ("step.conv_in.weight".into(), Tensor::from(step as i64)),

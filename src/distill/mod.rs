@@ -3,6 +3,8 @@
 pub mod checkpoint;
 pub mod encoder;
 pub mod evaluate;
+pub mod lcd;
+pub mod lcm;
 pub mod loss;
 pub mod loss_scale;
 pub mod optim;

@@ -428,6 +428,26 @@ impl Ema {
         Ok(Ema { decay, slots })
     }
 
+    /// An EMA of `params` kept in `shadow` (tensors of the same names and shapes, updated in
+    /// place: another model's variables, such as LCM's target network), which starts as a copy
+    /// of `params`. `decay` may be 0 here (the shadow then follows the parameters exactly).
+    pub fn into_shadow(params: Vec<(String, Tensor)>, shadow: Vec<(String, Tensor)>, decay: f64) -> Result<Ema> {
+        if !(0.0..1.0).contains(&decay) {
+            bail!("EMA decay {decay} is not in [0, 1)");
+        }
+        check_unique(&params, "EMA")?;
+        copy_named(&shadow, &params, "EMA shadow")?;
+        let mut shadow: HashMap<String, Tensor> = shadow.into_iter().collect();
+        let slots = params
+            .into_iter()
+            .map(|(name, p)| {
+                let s = shadow.remove(&name).ok_or_else(|| anyhow::anyhow!("EMA shadow has no {name}"))?;
+                Ok((name, p, s))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Ema { decay, slots })
+    }
+
     pub fn decay(&self) -> f64 {
         self.decay
     }

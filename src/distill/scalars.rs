@@ -1,6 +1,7 @@
 //! What a run logs: the named scalars of one optimizer step (`StepScalars`) and the window of
 //! steps between two log lines (`LogWindow`), averaged into TensorBoard scalars; and the run
 //! YAML's `log:` section that sets the window (`LogConfig`).
+use super::lcd::LcdTerms;
 use super::loss::LossTerms;
 use crate::config_error::{invalid, ConfigError};
 use crate::distributed::Ranks;
@@ -34,8 +35,8 @@ impl LogConfig {
 }
 
 /// Named scalars of one step, or their sums over a logging window: the loss terms
-/// (`loss/total`, `loss/task`, `loss/output_kd`, `loss/feature_kd`, `feature_kd/<pair>`) and
-/// `grad_norm`, averaged over the window, in the order they were first added; the last `lr`; and
+/// (`loss/total`, `loss/task`, `loss/output_kd`, `loss/feature_kd`, `feature_kd/<pair>`; LCD's
+/// `loss/consistency`, `lcm/w_mean`, `lcm/target_ema`) and `grad_norm`, averaged over the window, in the order they were first added; the last `lr`; and
 /// counters that stay sums.
 #[derive(Default)]
 pub struct StepScalars {
@@ -67,6 +68,14 @@ impl StepScalars {
         for (pair, x) in &t.per_pair {
             self.add(&format!("feature_kd/{pair}"), v(x));
         }
+    }
+
+    /// Adds one LCD micro-batch's consistency loss (also the total) and the mean of its w.
+    pub fn add_lcd(&mut self, t: &LcdTerms, accum: usize) {
+        let loss = t.loss.double_value(&[]) / accum as f64;
+        self.add("loss/total", loss);
+        self.add("loss/consistency", loss);
+        self.add("lcm/w_mean", t.w_mean / accum as f64);
     }
 
     /// The loss terms averaged and the sample counts summed over the ranks: the step's scalars

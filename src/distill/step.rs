@@ -3,12 +3,14 @@
 //! student's forward and backward, the three losses, then clipping, AdamW, EMA and the fp16 loss
 //! scale. `Trainer` feeds it a run's data; `sdkd bench` and the tests feed it random tensors.
 use super::loss::{distill_loss, LossTerms, LossWeights};
+use super::lcd::{Consistency, LcdInputs, LcdModels, LcdTerms};
+use super::lcm::LcmConfig;
 use super::loss_scale::LossScale;
 use super::optim::{grad_norm, AdamW, AdamWConfig, Ema};
 use super::student::StudentPlan;
 use crate::models::{weights, Checkpointing, Recompute, UNet};
 use crate::schedulers::NoiseSchedule;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
@@ -52,6 +54,8 @@ pub struct Distiller {
     pub(crate) loss_scale: Option<LossScale>,
     /// What the student's backward recomputes (`train.gradient_checkpointing`).
     checkpointing: Checkpointing,
+    /// `method: lcm`: the LCD step's solver and target network (`lcd.rs`); None for KD.
+    pub(crate) consistency: Option<Consistency>,
 }
 
 /// What `Distiller::update` did.
@@ -80,6 +84,7 @@ impl Distiller {
             compute_kind: Kind::Float,
             loss_scale: None,
             checkpointing: Checkpointing::None,
+            consistency: None,
         })
     }
 
@@ -117,16 +122,18 @@ impl Distiller {
         self.ema.as_ref()
     }
 
-    /// The student's tensors then the EMA's, in a fixed order: what the ranks of a data-parallel
+    /// The student's tensors, the EMA's, then LCD's target network's, in a fixed order: what the ranks of a data-parallel
     /// run broadcast at start and compare by checksum.
     pub fn state_tensors(&self) -> Vec<Tensor> {
         self.named_state_tensors().into_iter().map(|(_, t)| t).collect()
     }
 
-    /// `state_tensors` named `student.<param>` and `ema.<param>` (what `SDKD_RANK_STATE_DIR` writes).
+    /// `state_tensors` named `student.<param>`, `ema.<param>` and `target.<param>` (what
+    /// `SDKD_RANK_STATE_DIR` writes).
     pub fn named_state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut state: Vec<(String, Tensor)> = weights::named_tensors(&self.student.vs).into_iter().map(|(n, t)| (format!("student.{n}"), t)).collect();
         state.extend(self.ema.iter().flat_map(|e| e.state_tensors().into_iter().map(|(n, t)| (format!("ema.{n}"), t))));
+        state.extend(self.consistency.iter().flat_map(|c| c.target_tensors().into_iter().map(|(n, t)| (format!("target.{n}"), t))));
         state
     }
 
@@ -172,8 +179,51 @@ impl Distiller {
         terms
     }
 
+    /// Turns this distiller into an LCD one (`method: lcm`, `lcd.rs`): the target network starts
+    /// as a copy of the student, which must have `time_embedding.cond_proj` of
+    /// `cfg.time_cond_proj_dim`; `uncond` is the teacher's unconditional text embedding
+    /// (1, tokens, dim).
+    pub fn with_consistency(mut self, cfg: &LcmConfig, uncond: Tensor) -> Result<Distiller> {
+        if self.teacher.is_none() {
+            bail!("method: lcm needs the teacher UNet");
+        }
+        self.consistency = Some(Consistency::new(cfg, &self.student, &self.schedule, uncond)?);
+        Ok(self)
+    }
+
+    pub fn consistency(&self) -> Option<&Consistency> {
+        self.consistency.as_ref()
+    }
+
+    pub fn consistency_mut(&mut self) -> Option<&mut Consistency> {
+        self.consistency.as_mut()
+    }
+
+    /// One LCD micro-batch with its index, noise and w drawn from the current generator;
+    /// gradients accumulate, scaled by 1/`accum`.
+    pub fn lcd_micro_step(&self, latents: &Tensor, context: &Tensor, accum: usize) -> Result<LcdTerms> {
+        let c = self.consistency.as_ref().ok_or_else(|| anyhow!("not an LCD distiller (with_consistency)"))?;
+        let inputs = LcdInputs::draw(latents, c.config());
+        self.lcd_micro_step_with(latents, context, &inputs, accum)
+    }
+
+    /// `lcd_micro_step` on given draws (what the parity test feeds).
+    pub fn lcd_micro_step_with(&self, latents: &Tensor, context: &Tensor, inputs: &LcdInputs, accum: usize) -> Result<LcdTerms> {
+        let c = self.consistency.as_ref().ok_or_else(|| anyhow!("not an LCD distiller (with_consistency)"))?;
+        let teacher = self.teacher.as_ref().ok_or_else(|| anyhow!("method: lcm needs the teacher UNet"))?;
+        let models = LcdModels {
+            student: &self.student,
+            teacher: &teacher.unet,
+            schedule: &self.schedule,
+            compute_kind: self.compute_kind,
+            checkpointing: self.checkpointing,
+        };
+        let scale = self.loss_scale.map_or(1.0, |s| s.scale);
+        Ok(c.micro_step(&models, latents, context, inputs, scale / accum as f64))
+    }
+
     /// Clips the accumulated gradients (or only measures them), steps AdamW at `lr`, clears the
-    /// gradients and updates the EMA. Under fp16 the gradients are unscaled first, and a step
+    /// gradients and updates the EMA and LCD's target network. Under fp16 the gradients are unscaled first, and a step
     /// whose gradients overflowed is skipped.
     pub fn update(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<Update> {
         let params = self.optimizer.params();
@@ -194,6 +244,9 @@ impl Distiller {
         self.optimizer.zero_grad();
         if let Some(ema) = &mut self.ema {
             ema.update()?;
+        }
+        if let Some(c) = &mut self.consistency {
+            c.update_target()?;
         }
         Ok(Update { grad_norm: norm, skipped: false })
     }

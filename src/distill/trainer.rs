@@ -19,7 +19,7 @@ use super::scalars::{LogWindow, StepScalars};
 use super::student::{copy_from_teacher, StudentPlan};
 use super::tensorboard::EventWriter;
 pub use super::step::{Distiller, Teacher, Update};
-use crate::config::{RunConfig, StudentInit};
+use crate::config::{Method, RunConfig, StudentInit};
 use crate::data::order::{drops_caption, hash, Stream};
 use crate::data::formats::small_images_warning;
 use crate::data::{open_image_rows, Cursor, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Shard, Transform};
@@ -190,7 +190,13 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
         let what = if c.addition_embed.is_some() { "an SDXL UNet (addition_embed_type \"text_time\")" } else { "a UNet with time_cond_proj_dim" };
         bail!("teacher: {what} cannot be distilled yet: training conditions only on the text embeddings (sdkd generate and inspect take it)");
     }
-    let plan = StudentPlan::of(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student.to_string()))?;
+    let mut plan = StudentPlan::of(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student.to_string()))?;
+    let lcm = cfg.method == Method::Lcm;
+    if lcm {
+        // the guidance embedding's projection, PyTorch's default init like the rest (the script's
+        // `from_config(teacher.config, time_cond_proj_dim=...)`)
+        plan.config.time_cond_proj_dim = Some(cfg.lcm.time_cond_proj_dim);
+    }
     tch::manual_seed(step_seed(cfg.train.seed, u64::MAX, 0));
     let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
     let need_teacher_unet = cfg.distill || cfg.student_init == StudentInit::Teacher;
@@ -199,7 +205,12 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
         (None, true) => bail!("teacher: the run distils or copies the teacher, but `teacher` is not set"),
         _ => None,
     };
-    if let (StudentInit::Teacher, Some(t)) = (cfg.student_init, &teacher_unet) {
+    if let Some(from) = cfg.lcm.student_init.as_ref().filter(|_| lcm) {
+        let n = init_lcm_student(from, &plan, &student, device)?;
+        if report {
+            eprintln!("student {}: {} params, {n} tensors from lcm.student_init {}", plan.name, student.num_params(), from.display());
+        }
+    } else if let (StudentInit::Teacher, Some(t)) = (cfg.student_init, &teacher_unet) {
         let copied = copy_from_teacher(&plan, t, &student)?;
         if report {
             eprintln!(
@@ -211,13 +222,42 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
             );
         }
     }
-    let (teacher_inner, _) = plan.inner_features();
+    // LCD's teacher calls take no features
+    let teacher_inner = if lcm { Default::default() } else { plan.inner_features().0 };
     let teacher = if cfg.distill { teacher_unet.map(|unet| Teacher::new(unet, teacher_inner)) } else { None };
     let mut d = Distiller::new(student, plan, teacher, schedule, AdamWConfig::from(&cfg.optim), cfg.train.ema_decay, cfg.loss)?
         .with_compute_kind(compute_kind)?
         .with_checkpointing(cfg.train.gradient_checkpointing);
     d.noise_offset = cfg.train.noise_offset;
     Ok(d)
+}
+
+/// Copies a KD run's student (checkpoint, `final/` or UNet folder) into the LCD student, which
+/// must be the same architecture; `time_embedding.cond_proj` keeps its fresh initialisation
+/// unless the source has one of the same width. Returns the number of tensors copied.
+fn init_lcm_student(from: &Path, plan: &StudentPlan, student: &UNet, device: Device) -> Result<usize> {
+    let what = || format!("lcm.student_init {}", from.display());
+    let source = crate::models::pipeline_dir::UnetSource::resolve(from, false).with_context(what)?;
+    let init = source.load(device, Kind::Float).with_context(what)?;
+    let theirs = &init.model.config;
+    let mut ours = plan.config.clone();
+    if theirs.time_cond_proj_dim.is_none() {
+        ours.time_cond_proj_dim = None; // a KD student: cond_proj stays as initialised
+    }
+    if theirs.to_json() != ours.to_json() {
+        let diff = crate::json_config::differing_keys(&theirs.to_json(), &ours.to_json());
+        let keys: Vec<String> = diff.iter().take(5).map(|(k, a, b)| format!("{k}: {a} vs {b}")).collect();
+        bail!("{}: its UNet is not the architecture of student {:?} ({})", what(), plan.name, keys.join("; "));
+    }
+    let named = weights::named_tensors(&init.vs);
+    let ours: std::collections::HashMap<String, Tensor> = weights::named_tensors(&student.vs).into_iter().collect();
+    tch::no_grad(|| -> Result<usize> {
+        for (name, t) in &named {
+            let dst = ours.get(name).ok_or_else(|| anyhow!("{}: {name} is not a tensor of the student", what()))?;
+            dst.shallow_clone().f_copy_(t)?;
+        }
+        Ok(named.len())
+    })
 }
 
 /// Refuses a batch whose data alone this machine cannot hold, before any is loaded: the loader
@@ -249,7 +289,7 @@ impl Trainer {
         let compute_kind = if device == Device::Cpu { Kind::Float } else { cfg.train.precision.kind() };
         let pipeline = cfg.teacher_local(crate::hub::Want::Pipeline)?.map(|t| PipelineDir::open(&t.path)).transpose()?;
         let leader = ranks.as_ref().is_none_or(Ranks::is_leader);
-        let distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind, leader)?;
+        let mut distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind, leader)?;
         // Images need the teacher's encoders; a latent cache needs them only for validation images.
         let encoder = match &pipeline {
             Some(p) if cfg.data.cache.is_none() || cfg.validation.every > 0 || cfg.validation.eval.every > 0 => {
@@ -275,7 +315,9 @@ impl Trainer {
             (None, Some(e)) => e.latent_scale(),
             (None, None) => bail!("data: a run without a teacher pipeline must read a latent cache (data.cache)"),
         };
-        let empty_prompt = match (cfg.data.caption_dropout > 0.0, &encoder, &pipeline) {
+        // the empty prompt's embedding: what dropped captions become, and LCD's unconditional input
+        let lcm = cfg.method == Method::Lcm;
+        let empty_prompt = match (cfg.data.caption_dropout > 0.0 || lcm, &encoder, &pipeline) {
             (false, _, _) => None,
             (true, Some(e), _) => Some(e.encode_text(&[""]).to_kind(Kind::Float)),
             // a cache run without validation loaded no encoder: the text encoder alone suffices
@@ -285,8 +327,13 @@ impl Trainer {
                 let ids = p.load_tokenizer()?.encode_batch(&[""], device);
                 Some(tch::no_grad(|| text_encoder.model.prompt_embeds(&ids, 0)).to_kind(Kind::Float))
             }
-            (true, None, None) => bail!("data.caption_dropout needs the teacher pipeline's text encoder (set teacher)"),
+            (true, None, None) => bail!("data.caption_dropout and method: lcm need the teacher pipeline's text encoder (set teacher)"),
         };
+        if lcm {
+            let uncond = empty_prompt.as_ref().expect("made above for method: lcm").shallow_clone();
+            distiller = distiller.with_consistency(&cfg.lcm, uncond)?;
+        }
+        let empty_prompt = empty_prompt.filter(|_| cfg.data.caption_dropout > 0.0);
         let identity = identity_config(&cfg, ranks.as_ref().map_or(1, Ranks::size));
         // before the first step: a bad captions or weights file fails now, not hours in
         let periodic_eval = match cfg.validation.eval.every > 0 && leader {
@@ -333,6 +380,10 @@ impl Trainer {
         if let Some(ema) = &mut d.ema {
             let file = ckpt.ema_file().ok_or_else(|| anyhow!("checkpoint {} has no EMA, but train.ema_decay is set", ckpt.dir.display()))?;
             ema.load_state_file(&file)?;
+        }
+        if let Some(c) = d.consistency_mut() {
+            let file = ckpt.target_file().ok_or_else(|| anyhow!("checkpoint {} has no LCD target network, but method is lcm", ckpt.dir.display()))?;
+            c.load_target_file(&file)?;
         }
         if let Some(saved) = ckpt.meta.loss_scale {
             d.set_loss_scale(saved);
@@ -399,8 +450,13 @@ impl Trainer {
                 let first = (micro * world + rank) * self.cfg.train.batch_size as u64;
                 context = drop_captions(&context, empty, |i| drops_caption(self.cfg.train.seed, self.step, first + i, self.cfg.data.caption_dropout))?;
             }
-            let terms = self.distiller.micro_step(&latents, &context, accum);
-            s.add_terms(&terms, accum);
+            if self.distiller.consistency().is_some() {
+                let terms = self.distiller.lcd_micro_step(&latents, &context, accum)?;
+                s.add_lcd(&terms, accum);
+            } else {
+                let terms = self.distiller.micro_step(&latents, &context, accum);
+                s.add_terms(&terms, accum);
+            }
         }
         if let Some(ranks) = &self.ranks {
             ranks.average_gradients(&self.distiller.optimizer.params())?;
@@ -409,6 +465,9 @@ impl Trainer {
         s.lr = lr_at(self.step, &self.cfg.optim, self.cfg.train.max_steps);
         let update = self.distiller.update(s.lr, self.cfg.optim.max_grad_norm)?;
         s.add("grad_norm", update.grad_norm.double_value(&[]));
+        if let Some(c) = self.distiller.consistency() {
+            s.add("lcm/target_ema", c.config().target_ema);
+        }
         s.overflow_steps = update.skipped as usize;
         self.step += 1;
         Ok(s)
@@ -423,6 +482,7 @@ impl Trainer {
             unet_config: self.distiller.plan.config.to_json(),
             student: weights::named_tensors(&self.distiller.student.vs),
             ema: self.distiller.ema.as_ref().map(Ema::state_tensors),
+            target: self.distiller.consistency().map(|c| c.target_tensors()),
             optimizer: self.distiller.optimizer.state_tensors(),
         }
     }
@@ -558,13 +618,16 @@ impl Trainer {
         Ok(Some(format!("step {}: student and EMA bit-identical on all {} ranks (checksum {:016x})", self.step, ranks.size(), sum as u64)))
     }
 
-    /// `final/unet` (and `final/unet_ema`) as diffusers UNet folders.
+    /// `final/unet` (and `final/unet_ema`, and LCD's `final/unet_target`) as diffusers UNet folders.
     fn export_final(&self) -> Result<()> {
         let dir = self.cfg.output_dir.join("final");
         let d = &self.distiller;
         export::write_unet_dir(&dir.join("unet"), &d.plan.config, &weights::named_tensors(&d.student.vs), None)?;
         if let Some(ema) = &d.ema {
             export::write_unet_dir(&dir.join("unet_ema"), &d.plan.config, &ema.state_tensors(), None)?;
+        }
+        if let Some(c) = d.consistency() {
+            export::write_unet_dir(&dir.join("unet_target"), &d.plan.config, &c.target_tensors(), None)?;
         }
         Ok(())
     }

@@ -21,6 +21,24 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: i64, flip_sin_to_cos: bool, f
     }
 }
 
+/// diffusers' `get_guidance_scale_embedding` (Latent Consistency Models' w embedding, after VDM):
+/// `w` (b,) -> (b, dim) fp32, sin | cos of `1000·w` over `dim / 2` log-spaced frequencies, in
+/// diffusers' float32 order of operations. A `time_cond_proj_dim` UNet adds its projection to
+/// the timestep features.
+pub fn guidance_scale_embedding(w: &Tensor, dim: i64) -> Tensor {
+    let w = w.to_kind(Kind::Float) * 1000.0;
+    let half = dim / 2;
+    let step = Tensor::from(10000f32).log() / (half - 1) as f64;
+    let freqs = (Tensor::arange(half, (Kind::Float, w.device())) * -step.to_device(w.device())).exp();
+    let args = w.view([-1, 1]) * freqs.unsqueeze(0); // (b, half)
+    let emb = Tensor::cat(&[args.sin(), args.cos()], 1);
+    if dim % 2 == 1 {
+        emb.constant_pad_nd([0, 1, 0, 0])
+    } else {
+        emb
+    }
+}
+
 #[derive(Debug)]
 pub struct TimestepEmbedding {
     linear_1: Linear,

@@ -175,6 +175,20 @@ impl UNet2DConditionModel {
         self.forward_inner(sample, timesteps, context, added, inner, None, &Recompute::off())
     }
 
+    /// `forward_cond` with the regions `rc` checkpoints recomputed in backward (`rc` must outlive
+    /// the backward).
+    pub fn forward_cond_with<'a>(
+        &'a self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        added: &AddedCond,
+        inner: &'a BTreeSet<String>,
+        rc: &Recompute<'a>,
+    ) -> UNetOutput {
+        self.forward_inner(sample, timesteps, context, added, inner, None, rc)
+    }
+
     /// Whether this UNet needs `AddedCond::text_embeds` and `time_ids` (`addition_embed_type: "text_time"`).
     pub fn needs_text_time(&self) -> bool {
         self.add_embedding.is_some()

@@ -33,6 +33,18 @@ use tch::{Kind, Tensor};
 /// σ_data of the boundary condition (diffusers' `sigma_data`, the LCM paper's 0.5).
 const SIGMA_DATA: f64 = 0.5;
 
+/// (c_skip, c_out) at integer timesteps `t` (any shape; the training step's are one per sample),
+/// as diffusers' `get_scalings_for_boundary_condition_discrete` and the LCD script's
+/// `scalings_for_boundary_conditions` compute them from an int64 tensor: float32 results of
+/// LibTorch's kernels (`0.25 / x` is Python's `x.reciprocal() * 0.25`, `x ** 0.5` its sqrt).
+pub fn boundary_scalings(t: &Tensor, timestep_scaling: f64) -> (Tensor, Tensor) {
+    let scaled = t * timestep_scaling; // int64 × float: float32
+    let denom = scaled.pow_tensor_scalar(2) + SIGMA_DATA * SIGMA_DATA;
+    let c_skip = denom.reciprocal() * (SIGMA_DATA * SIGMA_DATA);
+    let c_out = &scaled / denom.pow_tensor_scalar(0.5);
+    (c_skip, c_out)
+}
+
 pub struct Lcm {
     schedule: Arc<NoiseSchedule>,
     timesteps: Vec<f64>,
@@ -125,14 +137,9 @@ impl Lcm {
         })
     }
 
-    /// (c_skip, c_out) at integer timestep `t`, as diffusers' `get_scalings_for_boundary_condition_discrete`
-    /// computes them from a 0-dim int64 timestep tensor: float32 results of LibTorch's kernels
-    /// (`0.25 / x` is Python's `x.reciprocal() * 0.25`, `x ** 0.5` its sqrt).
+    /// (c_skip, c_out) at integer timestep `t` (`boundary_scalings` of a 0-dim tensor).
     pub fn boundary_scalings(t: i64, timestep_scaling: f64) -> (f32, f32) {
-        let scaled = Tensor::from(t) * timestep_scaling; // int64 × float: float32
-        let denom = scaled.pow_tensor_scalar(2) + SIGMA_DATA * SIGMA_DATA;
-        let c_skip = denom.reciprocal() * (SIGMA_DATA * SIGMA_DATA);
-        let c_out = &scaled / denom.pow_tensor_scalar(0.5);
+        let (c_skip, c_out) = boundary_scalings(&Tensor::from(t), timestep_scaling);
         (c_skip.double_value(&[]) as f32, c_out.double_value(&[]) as f32)
     }
 }

@@ -131,8 +131,9 @@ impl NoiseSchedule {
         &self.sigmas
     }
 
-    /// (sqrt(ᾱ_t), sqrt(1 - ᾱ_t)) per sample, shaped (b, 1, 1, ...) like `like`, in its dtype.
-    fn coefficients(&self, timesteps: &Tensor, like: &Tensor) -> (Tensor, Tensor) {
+    /// (sqrt(ᾱ_t), sqrt(1 - ᾱ_t)) per sample, shaped (b, 1, 1, ...) like `like`, in its dtype
+    /// (diffusers' float32 values, cast).
+    pub fn coefficients(&self, timesteps: &Tensor, like: &Tensor) -> (Tensor, Tensor) {
         let b = like.size()[0];
         assert_eq!(timesteps.size(), [b], "timesteps must be a (b,) tensor with one entry per sample");
         let device = like.device();

@@ -1,0 +1,278 @@
+//! The latent consistency distillation (LCD) step of `method: lcm` (Luo et al. 2023, "Latent
+//! Consistency Models", Algorithm 1), following diffusers' `train_lcm_distill_sd_wds.py` step by
+//! step and dtype by dtype, beside the KD step of `step.rs`:
+//!
+//! 1. per sample an index n of the DDIM solver's skipping grid: start t_{n+k} = (n+1)·k − 1, target
+//!    t_n = t_{n+k} − k (0 at index 0); w ~ U[w_min, w_max] and its embedding;
+//! 2. z = add_noise(latents, noise, t_{n+k});
+//! 3. the online student at t_{n+k} with the w embedding, its x0 combined by the boundary
+//!    scalings: `model_pred = c_skip(t_{n+k})·z + c_out(t_{n+k})·x0`;
+//! 4. without gradients: the teacher on the text and the empty prompt, x0 and ε of each, CFG in
+//!    the LCM convention `cond + w·(cond − uncond)` on both, one DDIM step to x_prev; the target
+//!    network (an EMA of the student) at t_n on x_prev: `target = c_skip(t_n)·x_prev + c_out(t_n)·x0`;
+//! 5. l2 or pseudo-Huber loss between them, backward.
+//!
+//! As in the script, the solver's ᾱ_prev table is float64 (numpy makes it from a list of Python
+//! floats), so x_prev, the target network's x0 and the target are float64 until the loss; the
+//! rest is float32. `Distiller` (step.rs) holds the `Consistency` state and steps the target EMA
+//! after AdamW.
+use super::lcm::{ConsistencyLoss, LcmConfig};
+use super::optim::Ema;
+use crate::models::embeddings::guidance_scale_embedding;
+use crate::models::unet::AddedCond;
+use crate::models::{weights, Checkpointing, Init, Recompute, UNet};
+use crate::schedulers::config::PredictionType;
+use crate::schedulers::lcm::boundary_scalings;
+use crate::schedulers::NoiseSchedule;
+use anyhow::{bail, ensure, Result};
+use std::collections::BTreeSet;
+use tch::{Device, Kind, Tensor};
+
+/// Deterministic DDIM (η = 0) on the skipping grid of N points, as the script's `DDIMSolver`.
+#[derive(Debug, Clone)]
+pub struct DdimSolver {
+    /// t_{n+k} of index n: (n + 1)·k − 1, i.e. 19, 39, ..., 999 for N = 50 of 1000.
+    timesteps: Vec<i64>,
+    /// ᾱ at index n's t_n (ᾱ_0 at index 0): the float32 table's values in float64.
+    alphas_cumprod_prev: Vec<f64>,
+    /// k = num_train_timesteps / N.
+    skip: i64,
+}
+
+impl DdimSolver {
+    /// The grid of `n` points over the schedule's timesteps; `n` must divide them.
+    pub fn new(schedule: &NoiseSchedule, n: usize) -> Result<DdimSolver> {
+        let total = schedule.num_train_timesteps();
+        if n == 0 || n > total || total % n != 0 {
+            bail!("lcm.num_ddim_timesteps = {n} must divide the teacher scheduler's num_train_timesteps = {total} (and not exceed it)");
+        }
+        let skip = (total / n) as i64;
+        let timesteps: Vec<i64> = (1..=n as i64).map(|i| i * skip - 1).collect();
+        let ac = schedule.alphas_cumprod();
+        let alphas_cumprod_prev = std::iter::once(ac[0]).chain(timesteps[..n - 1].iter().map(|&t| ac[t as usize])).collect();
+        Ok(DdimSolver { timesteps, alphas_cumprod_prev, skip })
+    }
+
+    pub fn timesteps(&self) -> &[i64] {
+        &self.timesteps
+    }
+
+    pub fn alphas_cumprod_prev(&self) -> &[f64] {
+        &self.alphas_cumprod_prev
+    }
+
+    /// (t_{n+k}, t_n) of each index (b,) int64, on the index's device.
+    pub fn start_and_target(&self, index: &Tensor) -> (Tensor, Tensor) {
+        let start = Tensor::from_slice(&self.timesteps).to_device(index.device()).index_select(0, index);
+        let target = (&start - self.skip).clamp_min(0);
+        (start, target)
+    }
+
+    /// x_prev = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev)·ε in float64 (the table's dtype).
+    pub fn ddim_step(&self, pred_x0: &Tensor, pred_noise: &Tensor, index: &Tensor) -> Tensor {
+        let mut shape = vec![index.size()[0]];
+        shape.resize(pred_x0.dim(), 1);
+        let a = Tensor::from_slice(&self.alphas_cumprod_prev).to_device(index.device()).index_select(0, index).reshape(&shape);
+        let dir_xt = (-&a + 1.0).sqrt() * pred_noise;
+        a.sqrt() * pred_x0 + dir_xt
+    }
+}
+
+/// The x0 and ε a UNet output `out` at timesteps `t` on `sample` means (the script's
+/// `get_predicted_original_sample` and `get_predicted_noise`), with float32 coefficients: a
+/// float64 `sample` makes the results float64, as there.
+pub fn x0_and_noise(prediction: PredictionType, schedule: &NoiseSchedule, out: &Tensor, t: &Tensor, sample: &Tensor) -> (Tensor, Tensor) {
+    let (alpha, sigma) = schedule.coefficients(t, out);
+    match prediction {
+        PredictionType::Epsilon => ((sample - &sigma * out) / &alpha, out.shallow_clone()),
+        PredictionType::VPrediction => (&alpha * sample - &sigma * out, &alpha * out + &sigma * sample),
+        PredictionType::Sample => (out.shallow_clone(), (sample - &alpha * out) / &sigma),
+    }
+}
+
+/// What one LCD micro-step draws: the solver index (b,) int64, the noise like the latents, and
+/// w (b,) float32.
+pub struct LcdInputs {
+    pub index: Tensor,
+    pub noise: Tensor,
+    pub w: Tensor,
+}
+
+impl LcdInputs {
+    /// From LibTorch's CPU generator, in the script's order (index, noise, w).
+    pub fn draw(latents: &Tensor, cfg: &LcmConfig) -> LcdInputs {
+        let b = latents.size()[0];
+        let cpu = Device::Cpu;
+        let index = Tensor::randint(cfg.num_ddim_timesteps as i64, [b], (Kind::Int64, cpu));
+        let noise = Tensor::randn(latents.size(), (Kind::Float, cpu));
+        let w = Tensor::rand([b], (Kind::Float, cpu)) * (cfg.w_max - cfg.w_min) + cfg.w_min;
+        LcdInputs { index, noise, w }
+    }
+}
+
+/// One micro-step's logged values.
+pub struct LcdTerms {
+    /// The consistency loss (scalar, float32).
+    pub loss: Tensor,
+    /// The mean of the drawn guidance scales.
+    pub w_mean: f64,
+}
+
+/// The LCD state beside the student: the solver, the target network (an EMA of the student,
+/// evaluated without gradients) and the empty prompt's embedding.
+pub struct Consistency {
+    cfg: LcmConfig,
+    solver: DdimSolver,
+    target: UNet,
+    /// The target network's variables as the EMA's shadow.
+    target_ema: Ema,
+    /// (1, tokens, dim) float32: the teacher's unconditional text embedding (the encoded "" for
+    /// SD-1.x/2.x, as the script).
+    uncond: Tensor,
+}
+
+impl Consistency {
+    pub fn config(&self) -> &LcmConfig {
+        &self.cfg
+    }
+
+    pub fn solver(&self) -> &DdimSolver {
+        &self.solver
+    }
+
+    /// The target network's weights, by the student's parameter names (shallow).
+    pub fn target_tensors(&self) -> Vec<(String, Tensor)> {
+        self.target_ema.state_tensors()
+    }
+
+    /// Replaces the target network's weights (a resumed run), strict names and shapes.
+    pub fn load_target(&mut self, named: &[(String, Tensor)]) -> Result<()> {
+        self.target_ema.load_state(named)
+    }
+
+    /// `load_target` from a checkpoint's safetensors file.
+    pub fn load_target_file(&mut self, path: &std::path::Path) -> Result<()> {
+        self.target_ema.load_state_file(path)
+    }
+
+    /// The EMA step of the target network toward the student (after each optimizer step).
+    pub(crate) fn update_target(&mut self) -> Result<()> {
+        self.target_ema.update()
+    }
+}
+
+/// What one LCD step runs besides the `Consistency` state: the online student (computing in
+/// `compute_kind`, its regions recomputed per `checkpointing`), the frozen teacher and the noise
+/// schedule.
+pub struct LcdModels<'a> {
+    pub student: &'a UNet,
+    pub teacher: &'a UNet,
+    pub schedule: &'a NoiseSchedule,
+    pub compute_kind: Kind,
+    pub checkpointing: Checkpointing,
+}
+
+impl Consistency {
+    /// The LCD state for `student`, which must have `time_embedding.cond_proj` of
+    /// `cfg.time_cond_proj_dim`: the target network starts as a copy of it; `uncond` is the
+    /// teacher's unconditional text embedding (1, tokens, dim).
+    pub fn new(cfg: &LcmConfig, student: &UNet, schedule: &NoiseSchedule, uncond: Tensor) -> Result<Consistency> {
+        let config = &student.model.config;
+        ensure!(
+            config.time_cond_proj_dim == Some(cfg.time_cond_proj_dim),
+            "method: lcm: the student has time_cond_proj_dim {:?}, lcm.time_cond_proj_dim is {}",
+            config.time_cond_proj_dim,
+            cfg.time_cond_proj_dim
+        );
+        ensure!(uncond.dim() == 3 && uncond.size()[0] == 1, "the unconditional embedding must be (1, tokens, dim), not {:?}", uncond.size());
+        let solver = DdimSolver::new(schedule, cfg.num_ddim_timesteps)?;
+        let device = student.model.device();
+        let mut target = UNet::build(config, device, Kind::Float, Init::Empty);
+        target.vs.freeze();
+        let target_ema = Ema::into_shadow(weights::named_tensors(&student.vs), weights::named_tensors(&target.vs), cfg.target_ema)?;
+        let uncond = uncond.to_kind(Kind::Float).to_device(device);
+        Ok(Consistency { cfg: cfg.clone(), solver, target, target_ema, uncond })
+    }
+
+    /// Forward and backward of one micro-batch on given draws; the gradients accumulate, the
+    /// loss multiplied by `grad_scale` (the fp16 loss scale over the accumulation).
+    pub fn micro_step(&self, m: &LcdModels, latents: &Tensor, context: &Tensor, inputs: &LcdInputs, grad_scale: f64) -> LcdTerms {
+        let c = self;
+        let (dev, b) = (latents.device(), latents.size()[0]);
+        let prediction = m.schedule.prediction_type();
+        let latents = latents.to_kind(Kind::Float);
+        let index = inputs.index.to_device(dev);
+        let (start, t_n) = c.solver.start_and_target(&index);
+        let per_sample = |(skip, out): (Tensor, Tensor)| (skip.view([b, 1, 1, 1]), out.view([b, 1, 1, 1]));
+        let (skip_start, out_start) = per_sample(boundary_scalings(&start, c.cfg.timestep_scaling));
+        let (skip_n, out_n) = per_sample(boundary_scalings(&t_n, c.cfg.timestep_scaling));
+        let noisy = m.schedule.add_noise(&latents, &inputs.noise.to_device(dev), &start);
+        let w_emb = guidance_scale_embedding(&inputs.w, c.cfg.time_cond_proj_dim).to_device(dev);
+        let w = inputs.w.to_device(dev).to_kind(Kind::Float).view([b, 1, 1, 1]);
+        let none = BTreeSet::new();
+
+        // the online student at t_{n+k}
+        let kind = m.compute_kind;
+        let added = AddedCond { timestep_cond: Some(w_emb.to_kind(kind)), ..AddedCond::default() };
+        let recompute = Recompute::new(m.checkpointing); // lives until after the backward
+        let out = m.student.model.forward_cond_with(&noisy.to_kind(kind), &start, &context.to_kind(kind), &added, &none, &recompute).sample;
+        let (x0, _) = x0_and_noise(prediction, m.schedule, &out.to_kind(Kind::Float), &start, &noisy);
+        let model_pred = &skip_start * &noisy + &out_start * x0;
+
+        let target = tch::no_grad(|| {
+            // the teacher's guided estimate, one DDIM step back to t_n
+            let tk = weights::var_kind(&m.teacher.vs);
+            let teacher_at = |ctx: &Tensor| {
+                let out = m.teacher.model.forward(&noisy.to_kind(tk), &start, &ctx.to_kind(tk), &none).sample.to_kind(Kind::Float);
+                x0_and_noise(prediction, m.schedule, &out, &start, &noisy)
+            };
+            let (cond_x0, cond_eps) = teacher_at(context);
+            let (uncond_x0, uncond_eps) = teacher_at(&c.uncond.repeat([b, 1, 1]));
+            let pred_x0 = &cond_x0 + &w * (&cond_x0 - &uncond_x0);
+            let pred_eps = &cond_eps + &w * (&cond_eps - &uncond_eps);
+            let x_prev = c.solver.ddim_step(&pred_x0, &pred_eps, &index); // float64
+            // the target network at t_n on x_prev
+            let out = c.target.model.forward_cond(&x_prev.to_kind(kind), &t_n, &context.to_kind(kind), &added, &none).sample.to_kind(Kind::Float);
+            let (x0, _) = x0_and_noise(prediction, m.schedule, &out, &t_n, &x_prev);
+            &skip_n * &x_prev + &out_n * x0
+        });
+        let target = target.to_kind(Kind::Float);
+        let loss = match c.cfg.loss {
+            ConsistencyLoss::L2 => model_pred.mse_loss(&target, tch::Reduction::Mean),
+            ConsistencyLoss::Huber => {
+                let h = c.cfg.huber_c;
+                (((&model_pred - &target).square() + h * h).sqrt() - h).mean(Kind::Float)
+            }
+        };
+        (&loss * grad_scale).backward();
+        LcdTerms { loss: loss.detach(), w_mean: inputs.w.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedulers::SchedulerConfig;
+
+    fn sd15() -> NoiseSchedule {
+        NoiseSchedule::new(SchedulerConfig::from_json_str(include_str!("../../configs/reference/sd15_scheduler_config.json")).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn solver_grid_and_table() {
+        let s = sd15();
+        let solver = DdimSolver::new(&s, 50).unwrap();
+        assert_eq!(solver.timesteps()[..3], [19, 39, 59]);
+        assert_eq!(*solver.timesteps().last().unwrap(), 999);
+        let prev = solver.alphas_cumprod_prev();
+        assert_eq!(prev[0], s.alphas_cumprod()[0]);
+        assert_eq!(prev[1], s.alphas_cumprod()[19]);
+        assert_eq!(prev[49], s.alphas_cumprod()[979]);
+        let (start, target) = solver.start_and_target(&Tensor::from_slice(&[0i64, 1, 49]));
+        assert_eq!(Vec::<i64>::try_from(&start).unwrap(), [19, 39, 999]);
+        assert_eq!(Vec::<i64>::try_from(&target).unwrap(), [0, 19, 979]);
+        for n in [0, 3, 1001] {
+            assert!(DdimSolver::new(&s, n).unwrap_err().to_string().contains("lcm.num_ddim_timesteps"), "{n}");
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! `method: lcm` and its `lcm:` section: latent consistency distillation (LCD, Luo et al. 2023,
+//! "Latent Consistency Models") of the student, with the defaults of diffusers'
+//! `train_lcm_distill_sd_wds.py`. The step itself is `distill/lcd.rs`.
+use crate::config_error::{invalid, ConfigError};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// What a run trains: knowledge distillation (BK-SDM) or latent consistency distillation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// BK-SDM's task + output KD + feature KD on one noise level per sample.
+    #[default]
+    Kd,
+    /// Latent consistency distillation: the student learns to jump along the teacher's
+    /// guided probability-flow ODE, so it samples in 1-8 steps with the LCM scheduler.
+    Lcm,
+}
+
+impl Method {
+    pub fn is_kd(&self) -> bool {
+        *self == Method::Kd
+    }
+}
+
+/// The consistency loss between the online student's and the target network's predictions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsistencyLoss {
+    /// Mean squared error (the script's default `--loss_type l2`).
+    #[default]
+    L2,
+    /// Pseudo-Huber, `mean(sqrt(d² + c²) - c)` with c = `huber_c` (the published recipes').
+    Huber,
+}
+
+/// The `lcm:` section (used when `method: lcm`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LcmConfig {
+    /// Points of the DDIM solver's skipping grid (N; k = num_train_timesteps / N).
+    pub num_ddim_timesteps: usize,
+    /// Guidance scale w ~ U[w_min, w_max] per sample, in the LCM convention
+    /// `cond + w·(cond − uncond)` (an Imagen scale of w + 1).
+    pub w_min: f64,
+    pub w_max: f64,
+    /// Width of the guidance embedding the student gains (`time_embedding.cond_proj`).
+    pub time_cond_proj_dim: i64,
+    /// s in the boundary scalings c_skip = σd² / ((s·t)² + σd²), c_out = s·t / sqrt((s·t)² + σd²).
+    pub timestep_scaling: f64,
+    /// Decay of the target network, an EMA of the student updated after every optimizer step.
+    pub target_ema: f64,
+    pub loss: ConsistencyLoss,
+    /// c of the pseudo-Huber loss.
+    pub huber_c: f64,
+    /// Where the student's weights start: a KD run's checkpoint folder, its `final/`, or a
+    /// diffusers UNet folder of the student's architecture. Unset: `student_init` (the teacher
+    /// pruned on the spot by the copy map, or random).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub student_init: Option<PathBuf>,
+}
+
+impl Default for LcmConfig {
+    /// diffusers' `train_lcm_distill_sd_wds.py` defaults for SD-1.x/2.x.
+    fn default() -> Self {
+        LcmConfig {
+            num_ddim_timesteps: 50,
+            w_min: 5.0,
+            w_max: 15.0,
+            time_cond_proj_dim: 256,
+            timestep_scaling: 10.0,
+            target_ema: 0.95,
+            loss: ConsistencyLoss::L2,
+            huber_c: 0.001,
+            student_init: None,
+        }
+    }
+}
+
+impl LcmConfig {
+    pub fn is_default(&self) -> bool {
+        *self == LcmConfig::default()
+    }
+
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if let Some(p) = self.student_init.as_mut().filter(|p| p.is_relative()) {
+            *p = base.join(&*p);
+        }
+    }
+
+    /// The section's own checks, each naming the key and value. That `num_ddim_timesteps`
+    /// divides the teacher's `num_train_timesteps` is checked when the teacher is read
+    /// (`lcd::DdimSolver::new`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let n = self.num_ddim_timesteps;
+        if n < 1 {
+            return Err(invalid("lcm.num_ddim_timesteps", format!("lcm.num_ddim_timesteps = {n}: must be >= 1")));
+        }
+        for (key, v) in [("lcm.w_min", self.w_min), ("lcm.w_max", self.w_max)] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(key, format!("{key} = {v}: must be a finite number >= 0")));
+            }
+        }
+        if self.w_min > self.w_max {
+            return Err(invalid("lcm.w_min", format!("lcm.w_min = {} is above lcm.w_max = {}", self.w_min, self.w_max)));
+        }
+        let d = self.time_cond_proj_dim;
+        if d < 2 || d % 2 == 1 || d > 1 << 16 {
+            return Err(invalid(
+                "lcm.time_cond_proj_dim",
+                format!("lcm.time_cond_proj_dim = {d}: must be even, at least 2 and at most 65536 (the sin | cos embedding has two halves)"),
+            ));
+        }
+        if !(self.timestep_scaling.is_finite() && self.timestep_scaling > 0.0) {
+            return Err(invalid("lcm.timestep_scaling", format!("lcm.timestep_scaling = {}: must be > 0", self.timestep_scaling)));
+        }
+        if !(self.target_ema >= 0.0 && self.target_ema < 1.0) {
+            return Err(invalid("lcm.target_ema", format!("lcm.target_ema = {}: must be in [0, 1)", self.target_ema)));
+        }
+        if !(self.huber_c.is_finite() && self.huber_c > 0.0) {
+            return Err(invalid("lcm.huber_c", format!("lcm.huber_c = {}: must be > 0", self.huber_c)));
+        }
+        if let Some(p) = self.student_init.as_ref().filter(|p| !p.is_dir()) {
+            return Err(invalid(
+                "lcm.student_init",
+                format!("lcm.student_init = {}: no such folder (a KD checkpoint, a run's final/ or a UNet folder)", p.display()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases: [(fn(&mut LcmConfig), &str); 7] = [
+            (|c| c.num_ddim_timesteps = 0, "lcm.num_ddim_timesteps"),
+            (|c| (c.w_min, c.w_max) = (16.0, 15.0), "lcm.w_min"),
+            (|c| c.w_max = f64::NAN, "lcm.w_max"),
+            (|c| c.time_cond_proj_dim = 255, "lcm.time_cond_proj_dim"),
+            (|c| c.time_cond_proj_dim = 0, "lcm.time_cond_proj_dim"),
+            (|c| c.target_ema = 1.0, "lcm.target_ema"),
+            (|c| c.huber_c = 0.0, "lcm.huber_c"),
+        ];
+        for (set, key) in cases {
+            let mut c = LcmConfig::default();
+            set(&mut c);
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.key, key, "{}", e.message);
+            assert!(e.message.contains(key), "{}", e.message);
+        }
+        assert!(LcmConfig::default().validate().is_ok());
+    }
+}

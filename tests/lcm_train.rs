@@ -1,0 +1,218 @@
+//! `method: lcm`: the latent consistency distillation step against a reference written at test
+//! time from diffusers' classes (tests/reference/lcm_step.py: the step of diffusers'
+//! `train_lcm_distill_sd_wds.py`, autocast off, float32 on the CPU) on the same inputs, then
+//! `sdkd train` with `method: lcm` end to end: resume bit-exact with the target network, the
+//! logged scalars, and bad `lcm:` values refused naming their key.
+mod common;
+
+use common::*;
+use sdkd::config::LcmConfig;
+use sdkd::config::ConsistencyLoss;
+use sdkd::distill::lcd::LcdInputs;
+use sdkd::distill::loss::LossWeights;
+use sdkd::distill::optim::AdamWConfig;
+use sdkd::distill::student::StudentPlan;
+use sdkd::distill::trainer::{Distiller, Teacher};
+use sdkd::models::{weights, Init, PipelineDir, UNet};
+use sdkd::schedulers::config::PredictionType;
+use sdkd::schedulers::NoiseSchedule;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// lcm_step.py's learning rate.
+const LR: f64 = 1e-5;
+
+/// The reference steps of lcm_step.py on the train fixture's teacher, made once.
+fn reference() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let teacher = train_fixture().teacher.clone();
+        let inputs = [file_bytes("tests/reference/lcm_step.py"), file_bytes("scripts/constraints.txt"), teacher.display().to_string().into_bytes()];
+        shared_fixture("lcm-step", &inputs, |dir| run_reference("lcm_step.py", &[teacher.to_str().unwrap(), dir.to_str().unwrap()]))
+    })
+}
+
+/// max |a - b| / max(|b|, floor): relative to the reference's scale, absolute near zero.
+fn err(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size(), "shape mismatch");
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let scale = b.abs().max().double_value(&[]).max(1e-3);
+    (a - &b).abs().max().double_value(&[]) / scale
+}
+
+/// The worst of `err` over the reference's `<prefix><param>` tensors against `ours`, and its name.
+fn worst(reference: &BTreeMap<String, Tensor>, prefix: &str, ours: &[(String, Tensor)]) -> (f64, String) {
+    let mut worst = (0.0, String::new());
+    for (name, t) in ours {
+        let r = reference.get(&format!("{prefix}{name}")).unwrap_or_else(|| panic!("reference has no {prefix}{name}"));
+        let e = err(t, r);
+        if e > worst.0 {
+            worst = (e, name.clone());
+        }
+    }
+    worst
+}
+
+/// An LCD distiller as the script builds it: the student is the teacher's architecture with
+/// `cond_proj`, starting from the reference's initial weights (its fresh cond_proj included).
+fn distiller(case: &BTreeMap<String, Tensor>, prediction: PredictionType, loss: ConsistencyLoss) -> Distiller {
+    let pipeline = PipelineDir::open(&train_fixture().teacher).unwrap();
+    let teacher = pipeline.load_unet(Device::Cpu, Kind::Float).unwrap();
+    let mut config = teacher.model.config.clone();
+    config.time_cond_proj_dim = Some(256);
+    let student = UNet::build(&config, Device::Cpu, Kind::Float, Init::Empty);
+    let init: Vec<(String, Tensor)> = case.iter().filter_map(|(k, v)| k.strip_prefix("init.").map(|n| (n.to_string(), v.shallow_clone()))).collect();
+    sdkd::distill::optim::copy_named(&weights::named_tensors(&student.vs), &init, "reference init").unwrap();
+    let plan = StudentPlan::explicit(config, Some(&teacher.model.config));
+    let mut scheduler = pipeline.scheduler_config().unwrap();
+    scheduler.prediction_type = prediction;
+    let schedule = std::sync::Arc::new(NoiseSchedule::new(scheduler).unwrap());
+    let lcm = LcmConfig { loss, ..LcmConfig::default() };
+    Distiller::new(student, plan, Some(Teacher::new(teacher, Default::default())), schedule, AdamWConfig::default(), None, LossWeights::default())
+        .unwrap()
+        .with_consistency(&lcm, case["uncond"].shallow_clone())
+        .unwrap()
+}
+
+/// Replays a reference case: the first step's loss, gradients and weights after AdamW + EMA, and
+/// every step's loss. Returns the largest relative loss error over the steps.
+fn replay(name: &str, prediction: PredictionType, loss: ConsistencyLoss) -> f64 {
+    let case = read_tensors(&reference().join(format!("{name}.safetensors")));
+    let mut d = distiller(&case, prediction, loss);
+    let params = weights::named_tensors(&d.student().vs);
+    let steps = case["loss"].size()[0];
+    let mut worst_loss: f64 = 0.0;
+    for s in 0..steps {
+        let inputs = LcdInputs { index: case["index"].get(s), noise: case["noise"].get(s), w: case["w"].get(s) };
+        let terms = d.lcd_micro_step_with(&case["latents"].get(s), &case["context"].get(s), &inputs, 1).unwrap();
+        let (ours, theirs) = (terms.loss.double_value(&[]), case["loss"].double_value(&[s]));
+        worst_loss = worst_loss.max((ours - theirs).abs() / theirs.abs());
+        if s == 0 {
+            println!("{name}: loss {ours} vs reference {theirs}");
+            assert!((ours - theirs).abs() <= 1e-6 * theirs.abs(), "{name}: loss {ours} vs reference {theirs}");
+            let grads: Vec<(String, Tensor)> = params.iter().map(|(n, p)| (n.clone(), p.grad())).collect();
+            let (e, at) = worst(&case, "grad.", &grads);
+            println!("{name}: gradients within {e:.2e} ({at})");
+            assert!(e <= 1e-5, "{name}: gradient {at} off by {e:e} relative");
+        }
+        assert!(!d.update(LR, Some(1.0)).unwrap().skipped);
+        if s == 0 || s == steps - 1 {
+            let tag = if s == 0 { "step1" } else { "last" };
+            let target = d.consistency().unwrap().target_tensors();
+            let (es, at_s) = worst(&case, &format!("{tag}.student."), &params);
+            let (et, at_t) = worst(&case, &format!("{tag}.target."), &target);
+            println!("{name}: after step {}: student within {es:.2e} ({at_s}), target within {et:.2e} ({at_t})", s + 1);
+            if s == 0 {
+                assert!(es <= 1e-6 && et <= 1e-6, "{name}: after the first step the student is off by {es:e} ({at_s}), the target by {et:e} ({at_t})");
+            }
+        }
+    }
+    worst_loss
+}
+
+/// One LCD step equals the reference's: loss within 1e-6, gradients within 1e-5, student and
+/// target weights after AdamW (clipped) and the target EMA within 1e-6 (relative to each tensor's
+/// largest value); 20 steps follow the reference's loss curve; epsilon and v prediction, l2 and
+/// pseudo-Huber.
+#[test]
+fn lcd_steps_equal_the_reference() {
+    // one thread, as the reference: LibTorch's kernels then sum in the same order on both sides
+    tch::set_num_threads(1);
+    let _ = reference();
+    let curve = replay("epsilon_l2", PredictionType::Epsilon, ConsistencyLoss::L2);
+    println!("epsilon_l2: 20 losses within {curve:.2e} relative of the reference's");
+    assert!(curve <= 1e-4, "the loss curve left the reference's: {curve:e}");
+    replay("epsilon_huber", PredictionType::Epsilon, ConsistencyLoss::Huber);
+    replay("v_prediction_huber", PredictionType::VPrediction, ConsistencyLoss::Huber);
+}
+
+
+/// A tiny `method: lcm` run on the train fixture (bk_small pruned on the spot from the teacher).
+fn config(dir: &Path, max_steps: u64, extra: &str) -> PathBuf {
+    let f = train_fixture();
+    let text = format!(
+        "teacher: {}\nstudent: bk_small\noutput_dir: {}\nmethod: lcm\ndata:\n  path: {}\n  resolution: 16\n\
+         train:\n  batch_size: 2\n  grad_accum: 2\n  max_steps: {max_steps}\n  seed: 7\n  device: cpu\n  precision: fp32\n\
+         optim:\n  lr: 1.0e-4\n\
+         checkpoint:\n  every: 2\n  keep: 3\nlog:\n  every: 1\nvalidation:\n  every: 0\n{extra}",
+        f.teacher.display(),
+        dir.join("run").display(),
+        f.data.display(),
+    );
+    let path = dir.join(format!("run-{max_steps}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn train(args: &[&str]) -> String {
+    let o = sdkd(&[&["train", "--quiet"], args].concat());
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "train {args:?}:\n{stderr}");
+    stderr
+}
+
+fn assert_same_tensors(a: &Path, b: &Path) {
+    let (ta, tb) = (read_tensors(a), read_tensors(b));
+    assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>(), "{}", a.display());
+    for (k, v) in &ta {
+        assert!(v.equal(&tb[k]), "{k} differs between {} and {}", a.display(), b.display());
+    }
+}
+
+/// Four LCD steps straight equal two, a checkpoint, a resume and two more, bit for bit: student,
+/// AdamW, and the target network; the target moved away from the student (an EMA, not a copy);
+/// TensorBoard has the consistency loss, w's mean and the target decay; `final/` has the student
+/// with `time_cond_proj_dim` and the target.
+#[test]
+fn lcm_run_resumes_bit_exact_with_its_target_network() {
+    let straight = tempdir();
+    train(&["--config", config(straight.path(), 4, "").to_str().unwrap()]);
+    let split = tempdir();
+    train(&["--config", config(split.path(), 2, "").to_str().unwrap()]);
+    train(&["--config", config(split.path(), 4, "").to_str().unwrap(), "--resume", "latest"]);
+    let (a, b) = (straight.path().join("run/checkpoints/step-4"), split.path().join("run/checkpoints/step-4"));
+    for f in ["student.safetensors", "target.safetensors", "optimizer.safetensors"] {
+        assert_same_tensors(&a.join(f), &b.join(f));
+    }
+    let (student, target) = (read_tensors(&a.join("student.safetensors")), read_tensors(&a.join("target.safetensors")));
+    assert!(student.contains_key("time_embedding.cond_proj.weight"));
+    assert!(student.iter().any(|(k, v)| !v.equal(&target[k])), "the target network equals the student");
+    let run = straight.path().join("run");
+    let unet: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("final/unet/config.json")).unwrap()).unwrap();
+    assert_eq!(unet["time_cond_proj_dim"], 256);
+    assert!(run.join("final/unet_target/diffusion_pytorch_model.safetensors").exists());
+    let out = std::process::Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(run.join("tb")).output().unwrap();
+    let tb: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let s = &tb["scalars"];
+    for tag in ["loss/total", "loss/consistency", "lcm/w_mean", "lcm/target_ema", "grad_norm"] {
+        assert_eq!(s[tag].as_array().map(|a| a.len()), Some(4), "{tag}: {s}");
+    }
+    let w: Vec<f64> = s["lcm/w_mean"].as_array().unwrap().iter().map(|e| e[1].as_f64().unwrap()).collect();
+    assert!(w.iter().all(|w| (5.0..=15.0).contains(w)) && w.windows(2).any(|p| p[0] != p[1]), "{w:?}");
+    assert!((s["lcm/target_ema"][0][1].as_f64().unwrap() - 0.95).abs() < 1e-6);
+    assert!(s["loss/task"].is_null(), "an LCD run logs no KD task loss");
+}
+
+/// A run started as `kd` does not resume as `lcm` (nor back), naming `method`; a solver grid
+/// that does not divide the teacher's timesteps is refused before training, naming its key.
+#[test]
+fn lcm_refuses_a_kd_checkpoint_and_a_bad_grid() {
+    let tmp = tempdir();
+    let cfg = config(tmp.path(), 2, "");
+    let kd = tmp.path().join("kd.yaml");
+    std::fs::write(&kd, std::fs::read_to_string(&cfg).unwrap().replace("method: lcm\n", "")).unwrap();
+    train(&["--config", kd.to_str().unwrap()]);
+    let o = sdkd(&["train", "--quiet", "--config", cfg.to_str().unwrap(), "--resume", "latest"]);
+    assert_clean_failure(&o, "method");
+    let back = tempdir();
+    let lcm = config(back.path(), 2, "");
+    train(&["--config", lcm.to_str().unwrap()]);
+    let kd = back.path().join("kd.yaml");
+    std::fs::write(&kd, std::fs::read_to_string(&lcm).unwrap().replace("method: lcm\n", "")).unwrap();
+    assert_clean_failure(&sdkd(&["train", "--quiet", "--config", kd.to_str().unwrap(), "--resume", "latest"]), "method");
+    let bad = tempdir();
+    let cfg = config(bad.path(), 2, "lcm:\n  num_ddim_timesteps: 3\n");
+    assert_clean_failure(&sdkd(&["train", "--quiet", "--config", cfg.to_str().unwrap()]), "lcm.num_ddim_timesteps");
+    assert!(!bad.path().join("run/checkpoints").exists());
+}
