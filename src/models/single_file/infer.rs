@@ -378,3 +378,37 @@ impl SingleFile {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{names, SingleFileOptions, StateDict};
+    use super::*;
+    use crate::models::layers::Init;
+    use crate::models::unet::UNet;
+    use crate::models::weights;
+    use std::path::Path;
+    use tch::{Device, Kind};
+
+    /// SDXL base's published UNet, written in SGM names (storage never touched) and read back
+    /// with no sidecar and no `--config`: the shapes and SDXL's defaults give its config.
+    #[test]
+    fn sdxl_base_config_from_its_sgm_names() {
+        let want = UNetConfig::from_path(Path::new("configs/reference/sdxl_unet_config.json")).unwrap();
+        let unet = UNet::build(&want, Device::Cpu, Kind::Half, Init::Empty);
+        let ldm = names::unet_to_ldm(&want, &weights::named_tensors(&unet.vs)).unwrap();
+        assert!(ldm.iter().any(|(k, _)| k == "model.diffusion_model.label_emb.0.2.weight"));
+        let state = StateDict::from_tensors(Path::new("sd_xl_base_1.0.safetensors"), ldm.into_iter().collect());
+        let file = SingleFile::from_state(state, &SingleFileOptions::default()).unwrap();
+        assert_eq!(file.family, Family::Sdxl);
+        let got = file.unet_config().unwrap();
+        assert_eq!(got.block_out_channels, want.block_out_channels);
+        assert_eq!(got.layers_per_block, want.layers_per_block);
+        assert_eq!((got.down_block_types.clone(), got.up_block_types.clone(), got.mid_block), (want.down_block_types.clone(), want.up_block_types.clone(), want.mid_block));
+        assert_eq!(got.transformer_layers_per_block, want.transformer_layers_per_block);
+        assert_eq!(got.reverse_transformer_layers_per_block, None);
+        assert_eq!(got.addition_embed, want.addition_embed);
+        assert_eq!((got.num_heads.clone(), got.cross_attention_dim, got.use_linear_projection, got.sample_size), (want.num_heads.clone(), 2048, true, Some(128)));
+        assert_eq!(got.transformer_block_count(), 70);
+        assert_eq!(UNet::build(&got, Device::Cpu, Kind::Half, Init::Empty).num_params(), 2_567_463_684);
+    }
+}
