@@ -26,19 +26,6 @@ fn case(args: &[&dyn AsRef<std::ffi::OsStr>], needle: &str) -> Case {
     Case { args: args.iter().map(|a| a.as_ref().to_os_string()).collect(), needle: needle.to_string() }
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let dest = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_tree(&p, &dest);
-        } else {
-            std::fs::copy(&p, &dest).unwrap();
-        }
-    }
-}
-
 /// A copy of the teacher pipeline with `edit` applied.
 fn pipeline_with(tmp: &Path, name: &str, edit: impl FnOnce(&Path)) -> PathBuf {
     let dir = tmp.join(name);

@@ -215,4 +215,11 @@ fn lcm_refuses_a_kd_checkpoint_and_a_bad_grid() {
     let cfg = config(bad.path(), 2, "lcm:\n  num_ddim_timesteps: 3\n");
     assert_clean_failure(&sdkd(&["train", "--quiet", "--config", cfg.to_str().unwrap()]), "lcm.num_ddim_timesteps");
     assert!(!bad.path().join("run/checkpoints").exists());
+    // an LCM grid past original_inference_steps (50) is refused at the start, not at the first grid
+    let grid = tempdir();
+    let cfg = config(grid.path(), 2, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("validation:\n  every: 0\n", "validation:\n  every: 2\n  scheduler: lcm\n  steps: 51\n");
+    std::fs::write(&cfg, text).unwrap();
+    assert_clean_failure(&sdkd(&["train", "--quiet", "--config", cfg.to_str().unwrap()]), "validation.steps 51");
+    assert!(!grid.path().join("run/checkpoints").exists());
 }

@@ -69,19 +69,6 @@ fn assert_unchanged(dir: &Path, before: &BTreeMap<PathBuf, Vec<u8>>) {
     }
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let dest = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_tree(&p, &dest);
-        } else {
-            std::fs::copy(&p, &dest).unwrap();
-        }
-    }
-}
-
 /// A copy of the fixture's run in a fresh temp dir (tests run in parallel; each owns its copy).
 fn own_run(tmp: &Path) -> PathBuf {
     let run = tmp.join("run1");

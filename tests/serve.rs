@@ -171,9 +171,11 @@ fn last_credit_race_has_one_winner() {
     }
 }
 
-/// A generation that fails after its credits were taken answers 500 and gives them back. The
-/// failure is forced with a scheduler config that only Euler refuses (`timestep_type:
-/// continuous`): the server loads, UniPC requests work, Euler requests fail at generation time.
+/// A request the scheduler config cannot serve is refused before any credit is taken (400), and
+/// a generation that fails after its credits were taken answers 500 and gives them back. The first
+/// with a scheduler config that only Euler refuses (`timestep_type: continuous`): the server loads,
+/// UniPC requests work, Euler requests are refused free. The second with a UNet whose `conv_out`
+/// weights are finite (so it loads) but 1e38, so the latents overflow: only sampling finds it.
 #[test]
 fn failed_generation_answers_500_and_refunds() {
     let dir = tempdir();
@@ -184,22 +186,35 @@ fn failed_generation_answers_500_and_refunds() {
     config["timestep_type"] = json!("continuous");
     std::fs::write(&config_path, config.to_string()).unwrap();
     let dave = add_key(&db, "dave", 3);
-    let mut server = Server::start(&model, &db, &dir.path().join("serve.log"), &[]);
-    let post = |scheduler: &str| {
+    let post = |server: &Server, scheduler: &str| {
         let body = json!({"prompt": PANDA, "scheduler": scheduler, "samples": 2, "img_width": 64, "img_height": 64, "seed": 1});
         http(&server.addr, "POST", "/v1/txt2img", Some(&dave), Some(&body))
     };
-    let a = post("euler");
-    assert_eq!((a.status, a.credits()), (500, 3), "{}", String::from_utf8_lossy(&a.body));
-    assert!(a.error().contains("given back") && a.error().contains("timestep_type"), "{}", a.error());
+    let mut server = Server::start(&model, &db, &dir.path().join("serve.log"), &[]);
+    let a = post(&server, "euler");
+    assert_eq!((a.status, a.credits()), (400, 3), "{}", String::from_utf8_lossy(&a.body));
+    assert!(a.error().contains("timestep_type"), "{}", a.error());
     // the same request with a scheduler that accepts the config is served and paid for
-    let a = post("unipc");
+    let a = post(&server, "unipc");
     assert_eq!((a.status, a.credits()), (200, 1), "{}", String::from_utf8_lossy(&a.body));
+    assert!(server.terminate().success());
+
+    let weights = model.join("unet/diffusion_pytorch_model.safetensors");
+    let mut unet = read_tensors(&weights);
+    let huge = unet["conv_out.weight"].full_like(1e38);
+    unet.insert("conv_out.weight".into(), huge);
+    tch::Tensor::write_safetensors(&unet.iter().collect::<Vec<_>>(), &weights).unwrap();
+    let out = sdkd(&["keys", "credit", "--db", &db.display().to_string(), "--name", "dave", "--add", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut server = Server::start(&model, &db, &dir.path().join("serve-2.log"), &[]);
+    let a = post(&server, "unipc");
+    assert_eq!((a.status, a.credits()), (500, 3), "{}", String::from_utf8_lossy(&a.body));
+    assert!(a.error().contains("given back") && a.error().contains("not finite"), "{}", a.error());
     assert!(server.terminate().success());
     let out = sdkd(&["keys", "list", "--db", &db.display().to_string()]);
     let list = String::from_utf8_lossy(&out.stdout);
     let row: Vec<&str> = list.lines().find(|l| l.starts_with("dave")).unwrap_or_else(|| panic!("{list}")).split_whitespace().collect();
-    assert_eq!(row[1..3], ["1", "2"], "the failed request counted as served:\n{list}");
+    assert_eq!(row[1..3], ["3", "2"], "the failed request counted as served:\n{list}");
 }
 
 #[test]

@@ -335,7 +335,12 @@ impl Trainer {
         }
         let empty_prompt = empty_prompt.filter(|_| cfg.data.caption_dropout > 0.0);
         let identity = identity_config(&cfg, ranks.as_ref().map_or(1, Ranks::size));
-        // before the first step: a bad captions or weights file fails now, not hours in
+        // before the first step: a bad captions or weights file, or a sampler the grid cannot
+        // build (LCM past its original_inference_steps), fails now, not hours in
+        if cfg.validation.every > 0 && leader {
+            let v = &cfg.validation;
+            v.scheduler.build(&distiller.schedule, v.steps as usize).with_context(|| format!("validation.scheduler {} with validation.steps {}", v.scheduler, v.steps))?;
+        }
         let periodic_eval = match cfg.validation.eval.every > 0 && leader {
             true => Some(PeriodicEval::prepare(&cfg.validation.eval, &distiller.schedule, device)?),
             false => None,

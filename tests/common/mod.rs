@@ -61,6 +61,20 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("sdkd-test-").tempdir().expect("tempdir")
 }
 
+/// A copy of the folder `from` at `to` (a fixture a test may then damage).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dest = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_tree(&p, &dest);
+        } else {
+            std::fs::copy(&p, &dest).unwrap();
+        }
+    }
+}
+
 /// Every file under `dir` (relative path) and its bytes; a folder without files is a test error
 /// (comparing nothing would pass).
 pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
