@@ -210,7 +210,7 @@ impl UNet2DConditionModel {
         inner: &'a BTreeSet<String>,
         rc: &Recompute<'a>,
     ) -> UNetOutput {
-        self.forward_inner(sample, timesteps, context, &AddedCond::default(), inner, None, rc)
+        self.forward_cond_with(sample, timesteps, context, &AddedCond::default(), inner, rc)
     }
 
     /// `forward_with`; with `time_rows` r (a scalar `timesteps`), the time embedding is computed
