@@ -6,6 +6,7 @@
 //! `--overwrite` knows sdkd made it.
 use crate::fs_safe::{self, Marker, Purpose};
 use crate::models::{single_file, weights, ClipTokenizer, PipelineDir, UNetConfig};
+use crate::schedulers::config::LCM_ORIGINAL_INFERENCE_STEPS;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fs;
@@ -43,9 +44,6 @@ pub fn fill_unet_dir(dir: &Path, config: &UNetConfig, tensors: &[(String, Tensor
     weights::save(&dir.join("diffusion_pytorch_model.safetensors"), tensors, kind)
 }
 
-/// The distillation grid an exported LCM student's scheduler config names: diffusers' default
-/// `original_inference_steps`, and the default `num_ddim_timesteps`.
-pub const LCM_ORIGINAL_INFERENCE_STEPS: usize = 50;
 
 /// Makes the pipeline folder `dir` sample its UNet as an LCM student when the UNet has a guidance
 /// embedding (`time_cond_proj_dim`): `scheduler/scheduler_config.json` becomes an `LCMScheduler`

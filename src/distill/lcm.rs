@@ -2,6 +2,7 @@
 //! "Latent Consistency Models") of the student, with the defaults of diffusers'
 //! `train_lcm_distill_sd_wds.py`. The step itself is `distill/lcd.rs`.
 use crate::config_error::{invalid, ConfigError};
+use crate::schedulers::config::LCM_ORIGINAL_INFERENCE_STEPS;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -64,7 +65,7 @@ impl Default for LcmConfig {
     /// diffusers' `train_lcm_distill_sd_wds.py` defaults for SD-1.x/2.x.
     fn default() -> Self {
         LcmConfig {
-            num_ddim_timesteps: 50,
+            num_ddim_timesteps: LCM_ORIGINAL_INFERENCE_STEPS,
             w_min: 5.0,
             w_max: 15.0,
             time_cond_proj_dim: 256,

@@ -14,6 +14,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::Path;
 
+/// LCMScheduler's default `original_inference_steps`, which is also the default grid of the
+/// distillation that makes an LCM student (`num_ddim_timesteps` of diffusers' LCM scripts).
+pub const LCM_ORIGINAL_INFERENCE_STEPS: usize = 50;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum BetaSchedule {
     #[serde(rename = "linear")]
@@ -186,7 +190,7 @@ impl Default for SchedulerConfig {
             predict_x0: true,
             disable_corrector: Vec::new(),
             skip_prk_steps: false,
-            original_inference_steps: 50,
+            original_inference_steps: LCM_ORIGINAL_INFERENCE_STEPS,
             timestep_scaling: 10.0,
             raw: Map::new(),
         }
