@@ -14,6 +14,9 @@ fi
   -c scripts/constraints.txt -r scripts/requirements-test.txt
 # open-clip-torch is installed only for its data file (OpenAI's BPE merges), so without its deps.
 .venv/bin/python -m pip install -q --no-deps open-clip-torch==3.3.0
+# peft is the LoRA referee (diffusers' load_lora_weights needs it too); it and accelerate, which
+# peft imports, go in without their deps so that nothing can move torch.
+.venv/bin/python -m pip install -q --no-deps peft==0.21.2 accelerate==1.16.0
 # The CUDA headers NCCL's c10d header includes that torch's own nvidia packages lack (crt/ and
 # CCCL; header-only, 3 MB), so build.rs compiles the NCCL process group (docs/distributed.md).
 .venv/bin/python -m pip install -q --no-deps nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85
