@@ -472,7 +472,7 @@ impl SampleEncoder for ToyEncoder {
         let mean = Tensor::cat(&[&pooled, &pooled.mean_dim(&[1i64][..], true, Kind::Float)], 1);
         let std = mean.abs() / 10.0 + 0.01;
         let text = Tensor::stack(&captions.iter().map(|c| caption_embedding(c)).collect::<Vec<_>>(), 0);
-        Ok(Encoded { latent_mean: mean, latent_std: std, text_embeddings: text })
+        Ok(Encoded { latent_mean: mean, latent_std: std, text_embeddings: text, pooled_embeddings: None })
     }
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({"encoder": self.name})

@@ -244,7 +244,7 @@ impl SampleEncoder for ToyEncoder {
                 .collect::<Vec<_>>(),
             0,
         );
-        Ok(Encoded { latent_std: mean.abs() + 0.01, latent_mean: mean, text_embeddings: text })
+        Ok(Encoded { latent_std: mean.abs() + 0.01, latent_mean: mean, text_embeddings: text, pooled_embeddings: None })
     }
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({"encoder": "toy"})

@@ -7,9 +7,13 @@
 //! index.json                 format, version, dataset fingerprint, transform, seed, shard_size,
 //!                            encoder description, complete, and the finished shards
 //! shard-00000.safetensors    latent_mean (n, c, h, w), latent_std (n, c, h, w),
-//!                            text_embeddings (n, tokens, dim), sample_ids (n,) i64;
+//!                            text_embeddings (n, tokens, dim), sample_ids (n,) i64,
+//!                            time_ids (n, 6) i64 (SDXL's micro-conditioning of each row),
+//!                            pooled_embeddings (n, dim) when the encoder has one (SDXL);
 //!                            header metadata "sdkd_rows": {"captions": [...], "file_names": [...]}
 //! ```
+//! Version 1 caches (before SDXL) have no `time_ids` and no `pooled_embeddings`: they still
+//! load, for the SD-1.x/2.x runs they were made for; an SDXL run refuses them by name.
 //! Shard k covers dataset indices `k * shard_size .. (k + 1) * shard_size`; its `n` rows are the
 //! usable samples of that range (bad ones are skipped and counted, or fail the run, as in the
 //! image loader). Latents are stored unscaled (the VAE's `scaling_factor` is the trainer's), as
@@ -44,8 +48,11 @@ pub struct Encoded {
     pub latent_mean: Tensor,
     /// (b, c, h, w): its standard deviation.
     pub latent_std: Tensor,
-    /// (b, tokens, dim): the text encoder's last hidden state.
+    /// (b, tokens, dim): what the UNet cross-attends to (SD: the text encoder's last hidden
+    /// state; SDXL: both encoders' penultimate states concatenated).
     pub text_embeddings: Tensor,
+    /// (b, dim): SDXL's pooled text embedding (text_encoder_2's `text_embeds`); None for SD.
+    pub pooled_embeddings: Option<Tensor>,
 }
 
 /// Encodes images and captions (the teacher's VAE and text encoder; anything in tests).
@@ -102,7 +109,8 @@ pub struct CacheIndex {
 }
 
 pub const FORMAT: &str = "sdkd-latent-cache";
-pub const VERSION: u32 = 1;
+/// 2 added `time_ids` and `pooled_embeddings`; version 1 caches are still read.
+pub const VERSION: u32 = 2;
 const INDEX: &str = "index.json";
 
 impl CacheIndex {
@@ -114,9 +122,9 @@ impl CacheIndex {
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
         let index: CacheIndex =
             serde_json::from_str(&text).map_err(|e| anyhow!("{} is not a latent cache index: {e}", path.display()))?;
-        if index.format != FORMAT || index.version != VERSION {
+        if index.format != FORMAT || !(1..=VERSION).contains(&index.version) {
             bail!(
-                "{}: format {:?} version {}, expected {FORMAT:?} version {VERSION}",
+                "{}: format {:?} version {}, expected {FORMAT:?} version 1 to {VERSION} (a cache from a newer sdkd?)",
                 path.display(),
                 index.format,
                 index.version
@@ -136,6 +144,7 @@ impl CacheIndex {
             serde_json::to_string(v).unwrap_or_default()
         }
         [
+            ("format version", show(&self.version), show(&want.version)),
             ("fingerprint (of the dataset's files and captions)", show(&self.fingerprint), show(&want.fingerprint)),
             ("num_source_samples", show(&self.num_source_samples), show(&want.num_source_samples)),
             ("transform", show(&self.transform), show(&want.transform)),
@@ -251,6 +260,9 @@ pub fn build_cache(dataset: Arc<dyn ImageRows>, encoder: &dyn SampleEncoder, out
 
 fn check_encoded(e: &Encoded, b: i64) -> Result<()> {
     let (m, s, t) = (e.latent_mean.size(), e.latent_std.size(), e.text_embeddings.size());
+    if let Some(p) = e.pooled_embeddings.as_ref().map(Tensor::size).filter(|p| p.len() != 2 || p[0] != b) {
+        bail!("the encoder returned pooled_embeddings of shape {p:?} for {b} captions, expected (b, dim)");
+    }
     if m.len() != 4 || m[0] != b {
         bail!("the encoder returned latent_mean of shape {m:?} for {b} images, expected (b, c, h, w)");
     }
@@ -282,6 +294,7 @@ fn encode_shard(
     let dataset = source.dataset.clone();
     let mut loader = Loader::new(source, lo, Cursor::new(0, start as u64))?;
     let (mut means, mut stds, mut embs, mut ids, mut captions, mut files) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut pooled, mut time_ids) = (vec![], vec![]);
     while let Some(batch) = loader.next_batch()? {
         let b = batch.indices.len() as i64;
         let enc = encoder.encode(&batch.data.images, &batch.data.captions)?;
@@ -290,6 +303,8 @@ fn encode_shard(
         means.push(cpu(&enc.latent_mean));
         stds.push(cpu(&enc.latent_std));
         embs.push(cpu(&enc.text_embeddings));
+        pooled.extend(enc.pooled_embeddings.as_ref().map(cpu));
+        time_ids.push(batch.data.time_ids.shallow_clone());
         for &i in &batch.indices {
             ids.push(i as i64);
             files.push(dataset.key(i));
@@ -304,12 +319,18 @@ fn encode_shard(
     let cat = |ts: &[Tensor], what: &str| {
         Tensor::f_cat(ts, 0).map_err(|e| anyhow!("the encoder's {what} changed shape between batches: {e}"))
     };
-    let tensors = [
+    let mut tensors = vec![
         ("latent_mean", cat(&means, "latent_mean")?),
         ("latent_std", cat(&stds, "latent_std")?),
         ("text_embeddings", cat(&embs, "text_embeddings")?),
+        ("time_ids", cat(&time_ids, "time_ids")?),
         ("sample_ids", Tensor::from_slice(&ids)),
     ];
+    match pooled.len() {
+        0 => {}
+        n if n == embs.len() => tensors.push(("pooled_embeddings", cat(&pooled, "pooled_embeddings")?)),
+        _ => bail!("the encoder returned pooled_embeddings for some batches only"),
+    }
     // One metadata key: safetensors writes its metadata map in HashMap order, so several keys
     // would make the same shard come out with different bytes from run to run.
     let rows_json = serde_json::to_string(&RowMeta { captions, file_names: files })?;
@@ -356,13 +377,15 @@ struct Column {
 struct Shard {
     path: PathBuf,
     mmap: memmap2::Mmap,
-    columns: [Column; 3],
+    /// One per [`COLUMNS`] entry; the optional ones may be absent.
+    columns: Vec<Option<Column>>,
     ids: Vec<i64>,
     captions: Vec<String>,
 }
 
-/// The tensors of the cache, in [`LatentBatch`] order.
-const COLUMNS: [&str; 3] = ["latent_mean", "latent_std", "text_embeddings"];
+/// The tensors of the cache, in [`LatentBatch`] order; the first [`REQUIRED`] are in every shard.
+const COLUMNS: [&str; 5] = ["latent_mean", "latent_std", "text_embeddings", "pooled_embeddings", "time_ids"];
+const REQUIRED: usize = 3;
 
 impl Shard {
     fn open(path: &Path, rows: usize) -> Result<Shard> {
@@ -374,6 +397,9 @@ impl Shard {
         let st = SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
         let column = |name: &str| -> Result<Column> {
             let v = st.tensor(name).map_err(|_| bad(format!("no {name} tensor")))?;
+            if v.shape().is_empty() {
+                return Err(bad(format!("{name} is a scalar, index.json says {rows} rows")));
+            }
             let shape: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
             if shape.first() != Some(&(rows as i64)) {
                 return Err(bad(format!("{name} has shape {shape:?}, index.json says {rows} rows")));
@@ -381,7 +407,15 @@ impl Shard {
             let offset = v.data().as_ptr() as usize - mmap.as_ptr() as usize;
             Ok(Column { offset, row_bytes: v.data().len() / rows, kind: kind_of(v.dtype())?, row_shape: shape[1..].to_vec() })
         };
-        let columns = [column(COLUMNS[0])?, column(COLUMNS[1])?, column(COLUMNS[2])?];
+        let names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        let columns = COLUMNS
+            .iter()
+            .enumerate()
+            .map(|(i, name)| match i < REQUIRED || names.iter().any(|n| n == name) {
+                true => column(name).map(Some),
+                false => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let ids_view = st.tensor("sample_ids").map_err(|_| bad("no sample_ids tensor".into()))?;
         if kind_of(ids_view.dtype())? != Kind::Int64 || ids_view.shape() != [rows] {
             return Err(bad(format!("sample_ids must be i64 of shape [{rows}]")));
@@ -412,6 +446,10 @@ pub struct LatentBatch {
     pub latent_std: Tensor,
     /// (b, tokens, dim).
     pub text_embeddings: Tensor,
+    /// (b, dim): SDXL's pooled text embedding, when the cache holds it.
+    pub pooled_embeddings: Option<Tensor>,
+    /// (b, 6) i64: SDXL's time ids (absent from version 1 caches).
+    pub time_ids: Option<Tensor>,
     pub captions: Vec<String>,
     /// Dataset indices the rows were made from.
     pub sample_ids: Vec<i64>,
@@ -444,17 +482,10 @@ impl LatentCache {
             let shard = Shard::open(&dir.join(file), e.rows)?;
             if let Some(first) = shards.first() {
                 for (c, name) in COLUMNS.iter().enumerate() {
-                    let (a, b) = (&first.columns[c], &shard.columns[c]);
-                    if (a.kind, &a.row_shape) != (b.kind, &b.row_shape) {
-                        bail!(
-                            "{}: {name} rows are {:?} {:?}, but {:?} {:?} in {}",
-                            shard.path.display(),
-                            b.kind,
-                            b.row_shape,
-                            a.kind,
-                            a.row_shape,
-                            first.path.display()
-                        );
+                    let row = |col: &Option<Column>| col.as_ref().map(|c| (c.kind, c.row_shape.clone()));
+                    let (a, b) = (row(&first.columns[c]), row(&shard.columns[c]));
+                    if a != b {
+                        bail!("{}: {name} rows are {b:?}, but {a:?} in {}", shard.path.display(), first.path.display());
                     }
                 }
             }
@@ -478,7 +509,18 @@ impl LatentCache {
 
     /// Shapes of one row of latent_mean (c, h, w) and text_embeddings (tokens, dim).
     pub fn row_shapes(&self) -> (Vec<i64>, Vec<i64>) {
-        (self.shards[0].columns[0].row_shape.clone(), self.shards[0].columns[2].row_shape.clone())
+        let shape = |c: usize| self.shards[0].columns[c].as_ref().expect("a required column").row_shape.clone();
+        (shape(0), shape(2))
+    }
+
+    /// The width of the pooled embeddings, when the cache holds them (an SDXL teacher's).
+    pub fn pooled_width(&self) -> Option<i64> {
+        self.shards[0].columns[3].as_ref().map(|c| c.row_shape[0])
+    }
+
+    /// Whether the rows carry SDXL's time ids (version 2 caches).
+    pub fn has_time_ids(&self) -> bool {
+        self.shards[0].columns[4].is_some()
     }
 
     /// Rows `rows` (cache order) as one batch.
@@ -486,17 +528,20 @@ impl LatentCache {
         let b = rows.len() as i64;
         let mut tensors = vec![];
         for c in 0..COLUMNS.len() {
-            let col0 = &self.shards[0].columns[c];
+            let Some(col0) = &self.shards[0].columns[c] else {
+                tensors.push(None);
+                continue;
+            };
             let mut buf = Vec::with_capacity(rows.len() * col0.row_bytes);
             for &r in rows {
                 let (s, i) = self.rows[r];
                 let sh = &self.shards[s as usize];
-                let col = &sh.columns[c];
+                let col = sh.columns[c].as_ref().expect("every shard has the columns of the first (checked at open)");
                 let at = col.offset + i as usize * col.row_bytes;
                 buf.extend_from_slice(&sh.mmap[at..at + col.row_bytes]);
             }
             let shape: Vec<i64> = std::iter::once(b).chain(col0.row_shape.iter().copied()).collect();
-            tensors.push(Tensor::f_from_data_size(&buf, &shape, col0.kind)?);
+            tensors.push(Some(Tensor::f_from_data_size(&buf, &shape, col0.kind)?));
         }
         let (captions, sample_ids) = rows
             .iter()
@@ -506,10 +551,11 @@ impl LatentCache {
                 (sh.captions[i as usize].clone(), sh.ids[i as usize])
             })
             .unzip();
-        let text_embeddings = tensors.pop().expect("3 columns");
-        let latent_std = tensors.pop().expect("3 columns");
-        let latent_mean = tensors.pop().expect("3 columns");
-        Ok(LatentBatch { latent_mean, latent_std, text_embeddings, captions, sample_ids })
+        let mut columns = tensors.into_iter();
+        let mut required = || columns.next().flatten().expect("the required columns");
+        let (latent_mean, latent_std, text_embeddings) = (required(), required(), required());
+        let (pooled_embeddings, time_ids) = (columns.next().flatten(), columns.next().flatten());
+        Ok(LatentBatch { latent_mean, latent_std, text_embeddings, pooled_embeddings, time_ids, captions, sample_ids })
     }
 }
 

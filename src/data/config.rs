@@ -48,6 +48,30 @@ pub struct DataConfig {
     /// prediction classifier-free guidance samples with.
     #[serde(skip_serializing_if = "is_zero")]
     pub caption_dropout: f64,
+    /// What a dropped caption becomes; absent: the teacher family's own (`zeros` for SDXL,
+    /// `empty_prompt` for SD-1.x/2.x).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped_caption: Option<DroppedCaption>,
+}
+
+/// What `data.caption_dropout` replaces a caption's embeddings by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DroppedCaption {
+    /// Zeros for the text embeddings and the pooled embedding: how SDXL was trained (SGM's
+    /// `GeneralConditioner` zeroes dropped conditioning), hence its pipeline's
+    /// `force_zeros_for_empty_prompt`.
+    Zeros,
+    /// The encoded empty prompt "": SD-1.x/2.x's training, and diffusers' example scripts
+    /// (`train_text_to_image_sdxl.py`'s `--proportion_empty_prompts`) for SDXL too.
+    EmptyPrompt,
+}
+
+impl DroppedCaption {
+    /// The mode `data.dropped_caption` picks, or the family's own: SDXL's is zeros.
+    pub fn resolve(choice: Option<DroppedCaption>, sdxl: bool) -> DroppedCaption {
+        choice.unwrap_or(if sdxl { DroppedCaption::Zeros } else { DroppedCaption::EmptyPrompt })
+    }
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -71,6 +95,7 @@ impl Default for DataConfig {
             max_aspect: None,
             filter: Default::default(),
             caption_dropout: 0.0,
+            dropped_caption: None,
         }
     }
 }

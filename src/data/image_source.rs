@@ -13,12 +13,15 @@ pub struct ImageBatch {
     /// (b, 3, res, res) f32 in [-1, 1].
     pub images: Tensor,
     pub captions: Vec<String>,
+    /// (b, 6) i64: SDXL's time ids of each sample ([`Transform::time_ids`]).
+    pub time_ids: Tensor,
 }
 
-/// A decoded, transformed sample: `res`² HWC bytes and the caption.
+/// A decoded, transformed sample: `res`² HWC bytes, the caption and SDXL's time ids.
 pub struct ImageItem {
     pub pixels: Vec<u8>,
     pub caption: String,
+    pub time_ids: [i64; 6],
 }
 
 /// An image-caption dataset seen through a [`Transform`], with crops and flips drawn from `seed`.
@@ -53,18 +56,22 @@ impl SampleSource for ImageSource {
         let (img, caption) = self.dataset.decode(index)?;
         let resized = self.transform.resized_size(img.width(), img.height());
         let aug = self.transform.augment(self.seed, epoch, index, resized);
-        Ok(ImageItem { pixels: self.transform.apply(&img, aug), caption })
+        let time_ids = self.transform.time_ids(img.dimensions(), aug);
+        Ok(ImageItem { pixels: self.transform.apply(&img, aug), caption, time_ids })
     }
 
     fn collate(&self, items: Vec<ImageItem>) -> Result<ImageBatch> {
         let r = self.transform.resolution as usize;
         let mut pixels = Vec::with_capacity(items.len() * r * r * 3);
         let mut captions = Vec::with_capacity(items.len());
+        let mut time_ids = Vec::with_capacity(items.len() * 6);
         for it in items {
             pixels.extend_from_slice(&it.pixels);
             captions.push(it.caption);
+            time_ids.extend_from_slice(&it.time_ids);
         }
-        Ok(ImageBatch { images: to_tensor(&pixels, captions.len(), r), captions })
+        let n = captions.len() as i64;
+        Ok(ImageBatch { images: to_tensor(&pixels, captions.len(), r), captions, time_ids: Tensor::from_slice(&time_ids).view([n, 6]) })
     }
 
     fn describe(&self) -> String {

@@ -68,6 +68,16 @@ impl Transform {
         Augment { left, top, flip }
     }
 
+    /// SDXL's six micro-conditioning ids of a `original` (width, height) image cropped and
+    /// flipped by `aug`: original size (h, w) before the resize, crop top-left (y, x) in the
+    /// resized image, target size (h, w). A flip stores `target width - x`, as diffusers'
+    /// `train_text_to_image_sdxl.py` does (`x1 = image.width - x1` on the cropped image).
+    pub fn time_ids(&self, original: (u32, u32), aug: Augment) -> [i64; 6] {
+        let r = self.resolution as i64;
+        let left = if aug.flip { r - aug.left as i64 } else { aug.left as i64 };
+        [original.1 as i64, original.0 as i64, aug.top as i64, left, r, r]
+    }
+
     /// Resizes, crops and flips `img` into `resolution`² RGB pixels (row-major, HWC).
     pub fn apply(&self, img: &RgbImage, aug: Augment) -> Vec<u8> {
         let (w, h) = self.resized_size(img.width(), img.height());
@@ -335,6 +345,14 @@ mod tests {
         }
         assert_eq!(lefts.len(), 5, "every offset 0..=4 should occur");
         assert!((150..250).contains(&flips), "{flips} flips of 400");
+    }
+
+    #[test]
+    fn time_ids_record_size_crop_and_mirrored_left() {
+        let tr = t(64, false, true);
+        let aug = Augment { left: 10, top: 3, flip: false };
+        assert_eq!(tr.time_ids((100, 75), aug), [75, 100, 3, 10, 64, 64]);
+        assert_eq!(tr.time_ids((100, 75), Augment { flip: true, ..aug }), [75, 100, 3, 54, 64, 64]);
     }
 
     #[test]

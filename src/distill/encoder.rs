@@ -1,9 +1,11 @@
-//! The teacher's frozen VAE and text encoder as one [`SampleEncoder`]: what `sdkd preprocess`
+//! The teacher's frozen VAE and text encoder(s) as one [`SampleEncoder`]: what `sdkd preprocess`
 //! writes into a latent cache, and what `train` runs per batch when it reads raw images. Both
 //! paths then draw latents the same way ([`LatentScale::draw`]), so a cache changes nothing but
-//! speed.
+//! speed. An SDXL teacher encodes captions as `StableDiffusionXLPipeline.encode_prompt` does:
+//! both encoders' penultimate hidden states concatenated, and text_encoder_2's pooled projection.
 use crate::data::{Encoded, SampleEncoder};
 use crate::models::{ClipTextEncoder, ClipTokenizer, PipelineDir, Vae};
+use crate::pipeline::XlEncoder;
 use anyhow::{anyhow, Result};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
@@ -30,33 +32,40 @@ impl LatentScale {
     }
 }
 
+/// Captions as the UNet is conditioned on them.
+pub struct TextEmbeds {
+    /// (b, 77, cross_attention_dim).
+    pub context: Tensor,
+    /// (b, projection_dim): SDXL's pooled embedding; None for SD-1.x/2.x.
+    pub pooled: Option<Tensor>,
+}
+
 pub struct TeacherEncoder {
     pub vae: Vae,
     pub text_encoder: ClipTextEncoder,
     pub tokenizer: ClipTokenizer,
+    /// SDXL's second tokenizer and text encoder.
+    pub xl: Option<XlEncoder>,
     device: Device,
     source: String,
 }
 
 impl TeacherEncoder {
     pub fn load(pipeline: &PipelineDir, device: Device, kind: Kind) -> Result<TeacherEncoder> {
-        if pipeline.is_xl() {
-            anyhow::bail!(
-                "pipeline {}: an SDXL pipeline cannot be a distillation teacher yet: the latent cache and training would need both text encoders and the pooled embedding (sdkd generate and inspect take it)",
-                pipeline.root().display()
-            );
-        }
         let mut vae = pipeline.load_vae(device, kind)?;
         vae.vs.freeze();
         let mut text_encoder = pipeline.load_text_encoder(device, kind)?;
         text_encoder.vs.freeze();
-        Ok(TeacherEncoder {
-            vae,
-            text_encoder,
-            tokenizer: pipeline.load_tokenizer()?,
-            device,
-            source: pipeline.root().display().to_string(),
-        })
+        let xl = match pipeline.is_xl() {
+            true => {
+                let mut text_encoder_2 = pipeline.load_text_encoder_2(device, kind)?;
+                text_encoder_2.vs.freeze();
+                let force_zeros_for_empty_prompt = pipeline.force_zeros_for_empty_prompt()?;
+                Some(XlEncoder { tokenizer_2: pipeline.load_tokenizer_2()?, text_encoder_2, force_zeros_for_empty_prompt })
+            }
+            false => None,
+        };
+        Ok(TeacherEncoder { vae, text_encoder, tokenizer: pipeline.load_tokenizer()?, xl, device, source: pipeline.root().display().to_string() })
     }
 
     pub fn latent_scale(&self) -> LatentScale {
@@ -64,10 +73,39 @@ impl TeacherEncoder {
         LatentScale { scale: c.scaling_factor, shift: c.shift_factor.unwrap_or(0.0) }
     }
 
-    /// (b, 77, hidden): the text encoder's last hidden state, as SD conditions on.
+    /// (b, 77, hidden): what the UNet cross-attends to (`encode_prompts`' context).
     pub fn encode_text<S: AsRef<str>>(&self, captions: &[S]) -> Tensor {
+        self.encode_prompts(captions).context
+    }
+
+    /// SD: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden states
+    /// concatenated and text_encoder_2's `text_embeds`, as `StableDiffusionXLPipeline.encode_prompt`.
+    pub fn encode_prompts<S: AsRef<str>>(&self, captions: &[S]) -> TextEmbeds {
         let ids = self.tokenizer.encode_batch(captions, self.device);
-        tch::no_grad(|| self.text_encoder.model.prompt_embeds(&ids, 0))
+        tch::no_grad(|| {
+            let Some(xl) = &self.xl else { return TextEmbeds { context: self.text_encoder.model.prompt_embeds(&ids, 0), pooled: None } };
+            let (h1, _) = self.text_encoder.model.penultimate_and_pooled(&ids, 0);
+            let ids2 = xl.tokenizer_2.encode_batch(captions, self.device);
+            let (h2, pooled) = xl.text_encoder_2.model.penultimate_and_pooled(&ids2, 0);
+            let h2 = h2.to_kind(h1.kind());
+            TextEmbeds { context: Tensor::cat(&[h1, h2], -1), pooled: Some(pooled.expect("text_encoder_2 is loaded with its projection")) }
+        })
+    }
+
+    /// The pipeline's parts for sampling with `unet` (validation grids).
+    pub fn parts<'a>(&'a self, unet: &'a crate::models::UNet2DConditionModel, schedule: &'a std::sync::Arc<crate::schedulers::NoiseSchedule>) -> crate::pipeline::Parts<'a> {
+        crate::pipeline::Parts {
+            tokenizer: &self.tokenizer,
+            text_encoder: &self.text_encoder.model,
+            vae: &self.vae.model,
+            unet,
+            schedule,
+            xl: self.xl.as_ref().map(|x| crate::pipeline::XlParts {
+                tokenizer_2: &x.tokenizer_2,
+                text_encoder_2: &x.text_encoder_2.model,
+                force_zeros_for_empty_prompt: x.force_zeros_for_empty_prompt,
+            }),
+        }
     }
 }
 
@@ -75,10 +113,12 @@ impl SampleEncoder for TeacherEncoder {
     fn encode(&self, images: &Tensor, captions: &[String]) -> Result<Encoded> {
         let kind = crate::models::weights::var_kind(&self.vae.vs);
         let posterior = tch::no_grad(|| self.vae.model.encode(&images.to_device(self.device).to_kind(kind)));
+        let text = self.encode_prompts(captions);
         Ok(Encoded {
             latent_mean: posterior.mean.to_kind(Kind::Float),
             latent_std: posterior.std.to_kind(Kind::Float),
-            text_embeddings: self.encode_text(captions).to_kind(Kind::Float),
+            text_embeddings: text.context.to_kind(Kind::Float),
+            pooled_embeddings: text.pooled.map(|p| p.to_kind(Kind::Float)),
         })
     }
 

@@ -8,6 +8,7 @@ use super::lcm::LcmConfig;
 use super::loss_scale::LossScale;
 use super::optim::{grad_norm, AdamW, AdamWConfig, Ema};
 use super::student::StudentPlan;
+use crate::models::unet::AddedCond;
 use crate::models::{weights, Checkpointing, Recompute, UNet};
 use crate::schedulers::NoiseSchedule;
 use anyhow::{anyhow, bail, Result};
@@ -153,6 +154,12 @@ impl Distiller {
     /// the student's device); gradients accumulate, scaled by 1/`accum`. Draws noise and timesteps
     /// from the current generator.
     pub fn micro_step(&self, latents: &Tensor, context: &Tensor, accum: usize) -> LossTerms {
+        self.micro_step_cond(latents, context, &AddedCond::default(), accum)
+    }
+
+    /// `micro_step` with the added conditioning an SDXL (`text_time`) UNet takes, given to the
+    /// teacher and the student alike: the pooled text embedding and the time ids, per sample.
+    pub fn micro_step_cond(&self, latents: &Tensor, context: &Tensor, added: &AddedCond, accum: usize) -> LossTerms {
         let dev = latents.device();
         let b = latents.size()[0];
         let mut noise = Tensor::randn(latents.size(), (Kind::Float, Device::Cpu)).to_device(dev);
@@ -161,17 +168,23 @@ impl Distiller {
             noise += offset * self.noise_offset;
         }
         let t = self.schedule.sample_timesteps(b, Device::Cpu).to_device(dev);
-        let noisy = self.schedule.add_noise(latents, &noise, &t);
-        let target = self.schedule.training_target(self.schedule.prediction_type(), latents, &noise, &t);
+        self.micro_step_with(latents, context, added, &noise, &t, accum)
+    }
+
+    /// `micro_step_cond` on given noise and timesteps (what the parity tests feed).
+    pub fn micro_step_with(&self, latents: &Tensor, context: &Tensor, added: &AddedCond, noise: &Tensor, t: &Tensor, accum: usize) -> LossTerms {
+        let noisy = self.schedule.add_noise(latents, noise, t);
+        let target = self.schedule.training_target(self.schedule.prediction_type(), latents, noise, t);
         let teacher_out = self.teacher.as_ref().map(|teacher| {
             let kind = teacher.kind();
-            tch::no_grad(|| teacher.unet.model.forward(&noisy.to_kind(kind), &t, &context.to_kind(kind), &teacher.inner))
+            let added = added_as(added, kind);
+            tch::no_grad(|| teacher.unet.model.forward_cond(&noisy.to_kind(kind), t, &context.to_kind(kind), &added, &teacher.inner))
         });
         let kind = self.compute_kind;
         // Lives until after the backward: it holds what the checkpointed regions recompute.
         let recompute = Recompute::new(self.checkpointing);
-        let student_out =
-            self.student.model.forward_with(&noisy.to_kind(kind), &t, &context.to_kind(kind), &self.student_inner, &recompute);
+        let student_added = added_as(added, kind);
+        let student_out = self.student.model.forward_cond_with(&noisy.to_kind(kind), t, &context.to_kind(kind), &student_added, &self.student_inner, &recompute);
         let pairs = if teacher_out.is_some() { &self.plan.feature_pairs[..] } else { &[] };
         let terms = distill_loss(&student_out, teacher_out.as_ref(), &target, pairs, &self.weights);
         let scale = self.loss_scale.map_or(1.0, |s| s.scale);
@@ -250,6 +263,13 @@ impl Distiller {
         }
         Ok(Update { grad_norm: norm, skipped: false })
     }
+}
+
+/// `added` in `kind`, as diffusers' training scripts cast the pooled embedding and the time ids
+/// to the weights' dtype.
+fn added_as(added: &AddedCond, kind: Kind) -> AddedCond {
+    let cast = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_kind(kind));
+    AddedCond { text_embeds: cast(&added.text_embeds), time_ids: cast(&added.time_ids), timestep_cond: cast(&added.timestep_cond) }
 }
 
 /// Divides every gradient by `scale` and returns their total norm (inf or NaN when one overflowed).

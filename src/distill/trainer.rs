@@ -12,7 +12,7 @@
 //! step up to the order of float additions. Gradients are averaged before clipping; every rank
 //! then takes the same AdamW and EMA step. Rank 0 alone writes; the others wait at barriers.
 use super::checkpoint::{self, CheckpointWriter, StateMeta, TrainState};
-use super::encoder::{LatentScale, TeacherEncoder};
+use super::encoder::{LatentScale, TeacherEncoder, TextEmbeds};
 use super::optim::{lr_at, AdamWConfig, Ema};
 use super::progress::{Progress, ProgressMode};
 use super::scalars::{LogWindow, StepScalars};
@@ -20,6 +20,7 @@ use super::student::{copy_from_teacher, StudentPlan};
 use super::tensorboard::EventWriter;
 pub use super::step::{Distiller, Teacher, Update};
 use crate::config::{Method, RunConfig, StudentInit};
+use crate::data::config::DroppedCaption;
 use crate::data::order::{drops_caption, hash, Stream};
 use crate::data::formats::small_images_warning;
 use crate::data::{open_image_rows, Cursor, ImageSource, LatentCache, Loader, LoaderOptions, SampleEncoder, Shard, Transform};
@@ -27,6 +28,7 @@ use crate::distributed::{checksum, Ranks};
 use crate::eval::periodic::PeriodicEval;
 use crate::export;
 use crate::grid::grid;
+use crate::models::unet::AddedCond;
 use crate::models::{weights, Init, PipelineDir, UNet, UNet2DConditionModel, UNetConfig};
 use crate::pipeline::{prompt_rows, GenerateRequest, Parts};
 use crate::png_meta::write_png;
@@ -50,22 +52,48 @@ pub struct RunOutcome {
     pub last_loss: f64,
 }
 
-/// `context` with the rows `dropped(row)` picks replaced by `empty` (the empty prompt's
-/// embedding, (1, tokens, dim)).
-fn drop_captions(context: &Tensor, empty: &Tensor, dropped: impl Fn(u64) -> bool) -> Result<Tensor> {
+/// What a dropped caption becomes (`data.dropped_caption`): zeros, or the empty prompt's
+/// embeddings ((1, tokens, dim) and, for SDXL, (1, pooled)).
+enum Dropped {
+    Zeros,
+    Embeds(TextEmbeds),
+}
+
+/// `x`'s rows that `mask` picks replaced by `with` ((1, ...) broadcast), or by zeros.
+fn replace_rows(x: &Tensor, with: Option<&Tensor>, mask: &[bool], what: &str) -> Result<Tensor> {
+    let shape = x.size();
+    let with = match with {
+        Some(w) => {
+            ensure!(
+                w.size()[1..] == shape[1..],
+                "data.caption_dropout: the empty prompt's {what} is {:?}, the batch's {:?} (a latent cache made with another text encoder than the teacher's?)",
+                w.size(),
+                shape
+            );
+            w.to_device(x.device()).to_kind(x.kind())
+        }
+        None => x.zeros_like(),
+    };
+    let mut view = vec![1i64; shape.len()];
+    view[0] = shape[0];
+    let keep = Tensor::from_slice(mask).to_device(x.device()).view(view.as_slice()).logical_not();
+    Ok(x.where_self(&keep, &with))
+}
+
+/// `context` (and SDXL's `pooled`) with the rows `dropped(row)` picks replaced as `to` says.
+fn drop_captions(context: &Tensor, pooled: Option<&Tensor>, to: &Dropped, dropped: impl Fn(u64) -> bool) -> Result<(Tensor, Option<Tensor>)> {
     let b = context.size()[0];
     let mask: Vec<bool> = (0..b as u64).map(dropped).collect();
     if !mask.contains(&true) {
-        return Ok(context.shallow_clone());
+        return Ok((context.shallow_clone(), pooled.map(Tensor::shallow_clone)));
     }
-    ensure!(
-        empty.size()[1..] == context.size()[1..],
-        "data.caption_dropout: the empty prompt's embedding is {:?}, the batch's text embeddings {:?} (a latent cache made with another text encoder than the teacher's?)",
-        empty.size(),
-        context.size()
-    );
-    let mask = Tensor::from_slice(&mask).to_device(context.device()).view([b, 1, 1]);
-    Ok(context.where_self(&mask.logical_not(), &empty.to_device(context.device())))
+    let (empty_context, empty_pooled) = match to {
+        Dropped::Zeros => (None, None),
+        Dropped::Embeds(e) => (Some(&e.context), e.pooled.as_ref()),
+    };
+    let context = replace_rows(context, empty_context, &mask, "text embedding")?;
+    let pooled = pooled.map(|p| replace_rows(p, empty_pooled, &mask, "pooled embedding")).transpose()?;
+    Ok((context, pooled))
 }
 
 /// Batches of (latent mean, latent std, text embeddings): from images through the teacher's
@@ -79,6 +107,10 @@ struct FeedBatch {
     mean: Tensor,
     std: Tensor,
     context: Tensor,
+    /// SDXL's pooled text embedding (b, dim), when the teacher has one.
+    pooled: Option<Tensor>,
+    /// (b, 6) i64 (absent from version 1 caches).
+    time_ids: Option<Tensor>,
     next: Cursor,
     skipped: usize,
 }
@@ -89,12 +121,28 @@ impl Feed {
             Feed::Images { loader, encoder } => {
                 let b = loader.next_batch()?.ok_or_else(|| anyhow!("the dataset ran out of samples"))?;
                 let enc = encoder.encode(&b.data.images, &b.data.captions)?;
-                Ok(FeedBatch { mean: enc.latent_mean, std: enc.latent_std, context: enc.text_embeddings, next: b.next, skipped: b.skipped.len() })
+                Ok(FeedBatch {
+                    mean: enc.latent_mean,
+                    std: enc.latent_std,
+                    context: enc.text_embeddings,
+                    pooled: enc.pooled_embeddings,
+                    time_ids: Some(b.data.time_ids),
+                    next: b.next,
+                    skipped: b.skipped.len(),
+                })
             }
             Feed::Cache { loader } => {
                 let b = loader.next_batch()?.ok_or_else(|| anyhow!("the latent cache ran out of samples"))?;
                 let d = b.data;
-                Ok(FeedBatch { mean: d.latent_mean, std: d.latent_std, context: d.text_embeddings, next: b.next, skipped: b.skipped.len() })
+                Ok(FeedBatch {
+                    mean: d.latent_mean,
+                    std: d.latent_std,
+                    context: d.text_embeddings,
+                    pooled: d.pooled_embeddings,
+                    time_ids: d.time_ids,
+                    next: b.next,
+                    skipped: b.skipped.len(),
+                })
             }
         }
     }
@@ -114,8 +162,8 @@ pub struct Trainer {
     /// The config as checkpoints and the run folder's marker identify the run: `grad_accum`
     /// counted over all ranks (the config itself for one process).
     identity: RunConfig,
-    /// (1, tokens, dim): the empty prompt's text embedding, when `data.caption_dropout` > 0.
-    empty_prompt: Option<Tensor>,
+    /// What dropped captions become, when `data.caption_dropout` > 0.
+    dropped: Option<Dropped>,
     /// `validation.eval` on the leader, when on.
     periodic_eval: Option<PeriodicEval>,
 }
@@ -186,9 +234,11 @@ fn noise_schedule(pipeline: Option<&PipelineDir>) -> Result<NoiseSchedule> {
 fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Device, compute_kind: Kind, report: bool) -> Result<Distiller> {
     let schedule = Arc::new(noise_schedule(pipeline)?);
     let teacher_config = pipeline.map(|p| p.unet_config()).transpose()?;
-    if let Some(c) = teacher_config.as_ref().filter(|c| c.addition_embed.is_some() || c.time_cond_proj_dim.is_some()) {
-        let what = if c.addition_embed.is_some() { "an SDXL UNet (addition_embed_type \"text_time\")" } else { "a UNet with time_cond_proj_dim" };
-        bail!("teacher: {what} cannot be distilled yet: training conditions only on the text embeddings (sdkd generate and inspect take it)");
+    if teacher_config.as_ref().is_some_and(|c| c.time_cond_proj_dim.is_some()) {
+        bail!("teacher: a UNet with time_cond_proj_dim (a guidance-distilled UNet) cannot be distilled yet: training gives it no guidance embedding (sdkd generate and inspect take it)");
+    }
+    if cfg.method == Method::Lcm && teacher_config.as_ref().is_some_and(|c| c.addition_embed.is_some()) {
+        bail!("method: lcm on an SDXL teacher (addition_embed_type \"text_time\") is not supported yet: use method: kd");
     }
     let mut plan = StudentPlan::of(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student.to_string()))?;
     let lcm = cfg.method == Method::Lcm;
@@ -290,9 +340,14 @@ impl Trainer {
         let pipeline = cfg.teacher_local(crate::hub::Want::Pipeline)?.map(|t| PipelineDir::open(&t.path)).transpose()?;
         let leader = ranks.as_ref().is_none_or(Ranks::is_leader);
         let mut distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind, leader)?;
-        // Images need the teacher's encoders; a latent cache needs them only for validation images.
+        let lcm = cfg.method == Method::Lcm;
+        let sdxl = pipeline.as_ref().is_some_and(PipelineDir::is_xl);
+        let dropped_to = DroppedCaption::resolve(cfg.data.dropped_caption, sdxl);
+        let encode_empty = (cfg.data.caption_dropout > 0.0 && dropped_to == DroppedCaption::EmptyPrompt) || lcm;
+        // Images need the teacher's encoders; a latent cache needs them only for validation
+        // images and the empty prompt.
         let encoder = match &pipeline {
-            Some(p) if cfg.data.cache.is_none() || cfg.validation.every > 0 || cfg.validation.eval.every > 0 => {
+            Some(p) if cfg.data.cache.is_none() || cfg.validation.every > 0 || cfg.validation.eval.every > 0 || encode_empty => {
                 Some(Rc::new(TeacherEncoder::load(p, device, compute_kind)?))
             }
             _ => None,
@@ -315,25 +370,25 @@ impl Trainer {
             (None, Some(e)) => e.latent_scale(),
             (None, None) => bail!("data: a run without a teacher pipeline must read a latent cache (data.cache)"),
         };
-        // the empty prompt's embedding: what dropped captions become, and LCD's unconditional input
-        let lcm = cfg.method == Method::Lcm;
-        let empty_prompt = match (cfg.data.caption_dropout > 0.0 || lcm, &encoder, &pipeline) {
-            (false, _, _) => None,
-            (true, Some(e), _) => Some(e.encode_text(&[""]).to_kind(Kind::Float)),
-            // a cache run without validation loaded no encoder: the text encoder alone suffices
-            (true, None, Some(p)) => {
-                let mut text_encoder = p.load_text_encoder(device, compute_kind)?;
-                text_encoder.vs.freeze();
-                let ids = p.load_tokenizer()?.encode_batch(&[""], device);
-                Some(tch::no_grad(|| text_encoder.model.prompt_embeds(&ids, 0)).to_kind(Kind::Float))
+        // the empty prompt's embeddings: what dropped captions become (data.dropped_caption:
+        // empty_prompt), and LCD's unconditional input
+        let empty_prompt = match (encode_empty, &encoder) {
+            (false, _) => None,
+            (true, Some(e)) => {
+                let TextEmbeds { context, pooled } = e.encode_prompts(&[""]);
+                Some(TextEmbeds { context: context.to_kind(Kind::Float), pooled: pooled.map(|p| p.to_kind(Kind::Float)) })
             }
-            (true, None, None) => bail!("data.caption_dropout and method: lcm need the teacher pipeline's text encoder (set teacher)"),
+            (true, None) => bail!("data.caption_dropout (data.dropped_caption: empty_prompt) and method: lcm need the teacher pipeline's text encoder (set teacher)"),
         };
         if lcm {
-            let uncond = empty_prompt.as_ref().expect("made above for method: lcm").shallow_clone();
+            let uncond = empty_prompt.as_ref().expect("made above for method: lcm").context.shallow_clone();
             distiller = distiller.with_consistency(&cfg.lcm, uncond)?;
         }
-        let empty_prompt = empty_prompt.filter(|_| cfg.data.caption_dropout > 0.0);
+        let dropped = match (cfg.data.caption_dropout > 0.0, dropped_to, empty_prompt) {
+            (false, _, _) => None,
+            (true, DroppedCaption::Zeros, _) => Some(Dropped::Zeros),
+            (true, DroppedCaption::EmptyPrompt, e) => Some(Dropped::Embeds(e.expect("encoded above for data.dropped_caption: empty_prompt"))),
+        };
         let identity = identity_config(&cfg, ranks.as_ref().map_or(1, Ranks::size));
         // before the first step: a bad captions or weights file, or a sampler the grid cannot
         // build (LCM past its original_inference_steps), fails now, not hours in
@@ -345,7 +400,7 @@ impl Trainer {
             true => Some(PeriodicEval::prepare(&cfg.validation.eval, &distiller.schedule, device)?),
             false => None,
         };
-        Ok(Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity, empty_prompt, periodic_eval })
+        Ok(Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity, dropped, periodic_eval })
     }
 
     /// A data-parallel run's start: rank 0's student and EMA (built, or resumed) broadcast to
@@ -416,6 +471,7 @@ impl Trainer {
         }
         if let Some(cache) = &d.cache {
             let source = Arc::new(LatentCache::open(cache)?);
+            self.check_cache_fits(&source)?;
             return Ok(Feed::Cache { loader: open(source, opts, self.cursor, shard)? });
         }
         let (location, key) = d.location().ok_or_else(|| anyhow!("data: set data.path (an image folder), data.shards or data.cache"))?;
@@ -430,6 +486,30 @@ impl Trainer {
         let source = Arc::new(ImageSource::new(rows, transform, self.cfg.train.seed));
         let encoder = self.encoder.clone().expect("an image run has the teacher's encoders");
         Ok(Feed::Images { loader: open(source, opts, self.cursor, shard)?, encoder })
+    }
+
+    /// Refuses a cache whose text embeddings the student cannot take: another cross-attention
+    /// width, or (an SDXL student) no pooled embeddings and time ids.
+    fn check_cache_fits(&self, cache: &LatentCache) -> Result<()> {
+        let c = &self.distiller.plan.config;
+        let (_, text) = cache.row_shapes();
+        let path = cache.dir.display();
+        ensure!(
+            text.last() == Some(&c.cross_attention_dim),
+            "data.cache {path}: its text embeddings are {text:?} wide, the student's cross_attention_dim is {} (a cache made with another teacher?)",
+            c.cross_attention_dim
+        );
+        if let Some(e) = &c.addition_embed {
+            let (Some(pooled), true) = (cache.pooled_width(), cache.has_time_ids()) else {
+                bail!(
+                    "data.cache {path}: the cache has no pooled text embeddings or time ids, which an SDXL teacher needs (made by an older sdkd, version {}, or with an SD teacher): run `sdkd preprocess` again with this teacher",
+                    cache.index.version
+                )
+            };
+            let want = e.input_dim - crate::models::unet_config::TIME_IDS * e.time_embed_dim;
+            ensure!(pooled == want, "data.cache {path}: its pooled embeddings are {pooled} wide, the student takes {want} (a cache made with another teacher?)");
+        }
+        Ok(())
     }
 
     pub fn step(&self) -> u64 {
@@ -451,15 +531,18 @@ impl Trainer {
             let dev = self.device;
             let latents = self.scale.draw(&batch.mean.to_device(dev), &batch.std.to_device(dev));
             let mut context = batch.context.to_device(dev).to_kind(Kind::Float);
-            if let Some(empty) = &self.empty_prompt {
+            let mut pooled = batch.pooled.map(|p| p.to_device(dev).to_kind(Kind::Float));
+            if let Some(to) = &self.dropped {
                 let first = (micro * world + rank) * self.cfg.train.batch_size as u64;
-                context = drop_captions(&context, empty, |i| drops_caption(self.cfg.train.seed, self.step, first + i, self.cfg.data.caption_dropout))?;
+                let p = self.cfg.data.caption_dropout;
+                (context, pooled) = drop_captions(&context, pooled.as_ref(), to, |i| drops_caption(self.cfg.train.seed, self.step, first + i, p))?;
             }
             if self.distiller.consistency().is_some() {
                 let terms = self.distiller.lcd_micro_step(&latents, &context, accum)?;
                 s.add_lcd(&terms, accum);
             } else {
-                let terms = self.distiller.micro_step(&latents, &context, accum);
+                let added = self.added_cond(pooled, batch.time_ids.map(|t| t.to_device(dev).to_kind(Kind::Float)))?;
+                let terms = self.distiller.micro_step_cond(&latents, &context, &added, accum);
                 s.add_terms(&terms, accum);
             }
         }
@@ -476,6 +559,18 @@ impl Trainer {
         s.overflow_steps = update.skipped as usize;
         self.step += 1;
         Ok(s)
+    }
+
+    /// SDXL's added conditioning of a batch: its pooled embeddings and time ids, which a
+    /// `text_time` student must have (an SD batch gives none).
+    fn added_cond(&self, pooled: Option<Tensor>, time_ids: Option<Tensor>) -> Result<AddedCond> {
+        if !self.distiller.student.model.needs_text_time() {
+            return Ok(AddedCond::default());
+        }
+        let (Some(text_embeds), Some(time_ids)) = (pooled, time_ids) else {
+            bail!("the SDXL student needs the pooled text embedding and the time ids of every sample, and the data gave none (data.cache made by an older sdkd, or with an SD teacher?)")
+        };
+        Ok(AddedCond { text_embeds: Some(text_embeds), time_ids: Some(time_ids), timestep_cond: None })
     }
 
     fn state(&self) -> TrainState {
@@ -637,16 +732,9 @@ impl Trainer {
         Ok(())
     }
 
-    /// The teacher pipeline's tokenizer, text encoder and VAE with `unet`, to generate with.
+    /// The teacher pipeline's tokenizers, text encoders and VAE with `unet`, to generate with.
     fn parts<'a>(&'a self, encoder: &'a TeacherEncoder, unet: &'a UNet2DConditionModel) -> Parts<'a> {
-        Parts {
-            tokenizer: &encoder.tokenizer,
-            text_encoder: &encoder.text_encoder.model,
-            vae: &encoder.vae.model,
-            unet,
-            schedule: &self.distiller.schedule,
-            xl: None,
-        }
+        encoder.parts(unet, &self.distiller.schedule)
     }
 
     /// The validation prompts through the teacher (when one is loaded) and the student, with the

@@ -2,6 +2,7 @@
 
 usage: sdxl.py make OUT_DIR
        sdxl.py generate CASES_JSON
+       sdxl.py kd_step PIPE STUDENT PAIRS_JSON OUT_FILE
 
 `make` writes, every weight perturbed (default init hides bugs behind zero out-projections):
 
@@ -40,6 +41,13 @@ usage: sdxl.py make OUT_DIR
 
 `single_files PIPE FILE OUT_STEM OUT_DIR`: `sgm PIPE OUT_STEM` and `from_single_file FILE PIPE OUT_DIR` in one
   process (diffusers' import costs seconds).
+
+`kd_step PIPE STUDENT PAIRS_JSON OUT_FILE`: one knowledge-distillation step of sdkd's loss (task + output
+  KD + the block feature MSEs of PAIRS_JSON, [[teacher module, student module], ...], weights 1) with
+  PIPE's UNet as the teacher and the UNet folder STUDENT as the student, diffusers' classes in float32:
+  DDPMScheduler.add_noise on PIPE's scheduler config, the added conditioning (pooled text embedding,
+  time ids) given to both. OUT_FILE holds the inputs, the loss terms and the student's gradients
+  (`grad.<param>`).
 
 `generate` runs StableDiffusionXLPipeline on each case of CASES_JSON, a list of
   {"model", "unet": a UNet folder to use instead of the pipeline's, or null, "prompt", "negative_prompt" or null, "scheduler": euler | dpmpp_2m | unipc | ...,
@@ -349,6 +357,53 @@ def from_single_file(file, config, out_dir):
     pipe.save_pretrained(out_dir, safe_serialization=True)
 
 
+def kd_step(pipe, student_dir, pairs_json, out_file):
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(os.path.join(pipe, "unet")).eval()
+    student = UNet2DConditionModel.from_pretrained(student_dir).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    scheduler = DDPMScheduler.from_pretrained(pipe, subfolder="scheduler")
+    with open(pairs_json) as f:
+        pairs = json.load(f)
+    gen = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 4, 8, 8, generator=gen)
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+    t = torch.tensor([37, 801], dtype=torch.int64)
+    context = torch.randn(2, 77, teacher.config.cross_attention_dim, generator=gen)
+    pooled = torch.randn(2, 12, generator=gen)
+    time_ids = torch.tensor([[20.0, 24.0, 2.0, 14.0, 16.0, 16.0], [16.0, 16.0, 0.0, 0.0, 16.0, 16.0]])
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    noisy = scheduler.add_noise(latents, noise, t)
+
+    def run(model, names):
+        feats, hooks = {}, []
+        for name in names:
+            def f(_m, _i, out, name=name):
+                feats[name] = out[0] if isinstance(out, tuple) else out
+            hooks.append(model.get_submodule(name).register_forward_hook(f))
+        out = model(noisy, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+        for h in hooks:
+            h.remove()
+        return out, feats
+
+    with torch.no_grad():
+        t_out, t_feats = run(teacher, [p[0] for p in pairs])
+    s_out, s_feats = run(student, [p[1] for p in pairs])
+    task = F.mse_loss(s_out.float(), noise.float())
+    output_kd = F.mse_loss(s_out.float(), t_out.float())
+    feature_kd = sum(F.mse_loss(s_feats[s].float(), t_feats[tn].float()) for tn, s in pairs)
+    total = task + output_kd + feature_kd
+    total.backward()
+    tensors = {"latents": latents, "noise": noise, "t": t, "context": context, "pooled": pooled, "time_ids": time_ids,
+               "loss.total": total.detach(), "loss.task": task.detach(), "loss.output_kd": output_kd.detach(),
+               "loss.feature_kd": feature_kd.detach()}
+    tensors.update({f"grad.{n}": p.grad for n, p in student.named_parameters() if p.grad is not None})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_file)
+
+
 def main():
     torch.set_num_threads(1)
     if sys.argv[1] == "make":
@@ -365,6 +420,8 @@ def main():
         from_single_file(sys.argv[3], sys.argv[2], sys.argv[5])
     elif sys.argv[1] == "from_single_file":
         from_single_file(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "kd_step":
+        kd_step(*sys.argv[2:6])
     elif sys.argv[1] == "generate":
         generate(sys.argv[2])
     else:
