@@ -532,6 +532,8 @@ fn cache_round_trip_equals_direct_encoding() {
             assert!(equal(&b.data.latent_mean.get(r as i64), &direct.latent_mean.get(0)), "row {id} latent_mean");
             assert!(equal(&b.data.latent_std.get(r as i64), &direct.latent_std.get(0)), "row {id} latent_std");
             assert!(equal(&b.data.text_embeddings.get(r as i64), &direct.text_embeddings.get(0)), "row {id} text");
+            let ids: Vec<i64> = Vec::try_from(b.data.time_ids.as_ref().expect("a version 2 cache has time ids").get(r as i64)).unwrap();
+            assert_eq!(ids, source.load(id as usize, 0).unwrap().time_ids, "row {id} time ids");
             assert_eq!(b.data.captions[r], caption);
             seen.push(id);
         }
@@ -549,6 +551,27 @@ fn cache_round_trip_equals_direct_encoding() {
         assert!(equal(&u.data.latent_mean, &r.data.latent_mean) && equal(&u.data.text_embeddings, &r.data.text_embeddings));
         assert_eq!(u.data.sample_ids, r.data.sample_ids);
     }
+    version_1_cache_still_loads(&out.path().join("c"), ds, &enc, &opts);
+}
+
+/// The cache of `dir` rewritten as sdkd wrote it before SDXL (version 1: no time ids): it loads
+/// with the same rows and no time ids, and `build_cache` refuses to add version 2 shards to it.
+fn version_1_cache_still_loads(dir: &Path, ds: Arc<ImageFolder>, enc: &ToyEncoder, opts: &CacheOptions) {
+    let index_file = dir.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index_file).unwrap()).unwrap();
+    index["version"] = 1.into();
+    std::fs::write(&index_file, serde_json::to_string(&index).unwrap()).unwrap();
+    for e in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|x| x == "safetensors")) {
+        let meta = sdkd::models::weights::MappedFile::open(&e).unwrap().metadata().unwrap();
+        let tensors: Vec<(String, Tensor)> = sdkd::models::weights::read_all(&e).unwrap().into_iter().filter(|(n, _)| n != "time_ids").collect();
+        sdkd::models::weights::save_with_metadata(&e, &tensors, None, &meta.into_iter().filter(|(k, _)| k != "format").collect()).unwrap();
+    }
+    let old = LatentCache::open(dir).unwrap();
+    assert_eq!((old.index.version, old.len(), old.has_time_ids()), (1, 18, false));
+    let b = old.gather(&[0, 17]).unwrap();
+    assert!(b.time_ids.is_none() && b.pooled_embeddings.is_none());
+    let err = build_cache(ds, enc, dir, opts).unwrap_err().to_string();
+    assert!(err.contains("format version 1"), "{err}");
 }
 
 #[test]
