@@ -645,6 +645,19 @@ fn sdxl_train_loss_falls_resumes_exactly_and_reads_its_cache() {
     let from_cache = tmp.path().join("from_cache");
     train_ok(&["--config", sdxl_train_config(&from_cache, &format!("cache: {}", cache.display()), 2, "").to_str().unwrap()]);
     assert!(from_cache.join("run/final/unet/diffusion_pytorch_model.safetensors").exists());
+    // the same cache as sdkd wrote it before SDXL (version 1: no time ids) is refused by name
+    let index_file = cache.join("index.json");
+    let index = std::fs::read_to_string(&index_file).unwrap().replace("\"version\": 2", "\"version\": 1");
+    std::fs::write(&index_file, index).unwrap();
+    let shard_file = cache.join("shard-00000.safetensors");
+    let meta = sdkd::models::weights::MappedFile::open(&shard_file).unwrap().metadata().unwrap();
+    let kept: Vec<(String, Tensor)> = shard.into_iter().filter(|(n, _)| n != "time_ids").collect();
+    sdkd::models::weights::save_with_metadata(&shard_file, &kept, None, &meta.into_iter().filter(|(k, _)| k != "format").collect()).unwrap();
+    let refused = tmp.path().join("refused");
+    let o = sdkd(&["train", "--quiet", "--config", sdxl_train_config(&refused, &format!("cache: {}", cache.display()), 2, "").to_str().unwrap()]);
+    assert_clean_failure(&o, "data.cache");
+    assert_clean_failure(&o, "time ids");
+    assert!(!refused.join("run").exists(), "a refused run wrote its output folder");
 }
 
 /// One KD step on the SDXL teacher (bk_small pruned by `sdkd prune`) against diffusers' UNets on
@@ -690,4 +703,13 @@ fn sdxl_kd_step_equals_a_diffusers_reference() {
         checked += 1;
     }
     assert!(checked > 100, "{checked} gradients compared");
+    // `sdkd bench` (and `sdkd plan`'s probe steps, which are bench runs) on the SDXL teacher:
+    // the same step with random pooled embeddings and time ids
+    for mode in ["train", "infer"] {
+        let unet = pipe.join("unet");
+        let o = sdkd(&["bench", "--json", "--device", "cpu", "--latent-size", "8", "--steps", "1", "--warmup", "0", "--teacher", unet.to_str().unwrap(), "--student", "bk_small", "--mode", mode]);
+        assert!(o.status.success(), "bench --mode {mode}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(v["step_ms_median"].as_f64().is_some_and(|ms| ms > 0.0), "{v}");
+    }
 }

@@ -187,6 +187,8 @@ fn bad_configs_and_foreign_checkpoints_are_clean_errors() {
     assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap()]), "/nonexistent/data");
     std::fs::write(&bad, text.replace("  resolution: 16\n", "  resolution: 16\n  caption_dropout: 1.5\n")).unwrap();
     assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap()]), "data.caption_dropout");
+    std::fs::write(&bad, text.replace("  resolution: 16\n", "  resolution: 16\n  dropped_caption: blank\n")).unwrap();
+    assert_clean_failure(&sdkd(&["train", "--config", bad.to_str().unwrap()]), "dropped_caption");
     // a checkpoint of a bk_small run cannot resume a bk_tiny run
     train(&["--config", cfg.to_str().unwrap()]);
     std::fs::write(&bad, text.replace("student: bk_small", "student: bk_tiny")).unwrap();

@@ -22,6 +22,8 @@ use crate::distill::optim::AdamWConfig;
 use crate::distill::student::{copy_from_teacher, StudentPlan};
 use crate::distill::trainer::{Distiller, Teacher};
 use crate::distributed::{Launch, Ranks};
+use crate::models::unet::AddedCond;
+use crate::models::unet_config::TIME_IDS;
 use crate::models::{Checkpointing, Init, UNet, UNetConfig};
 use crate::schedulers::{NoiseSchedule, SchedulerConfig};
 use anyhow::{bail, ensure, Context, Result};
@@ -344,6 +346,16 @@ struct Measured {
     allreduce: Option<(StepTimes, usize)>,
 }
 
+/// An SDXL (`text_time`) UNet's added conditioning for `rows` rows of `l`² latents: random
+/// pooled embeddings and the time ids of an uncropped square image; empty for SD-1.x/2.x.
+fn added_cond(config: &UNetConfig, rows: i64, l: i64, device: Device, kind: Kind) -> AddedCond {
+    let Some(e) = &config.addition_embed else { return AddedCond::default() };
+    let pooled = e.input_dim - TIME_IDS * e.time_embed_dim;
+    let px = (l * 8) as f64;
+    let ids = Tensor::from_slice(&[px, px, 0.0, 0.0, px, px]).to_kind(kind).to_device(device).view([1, TIME_IDS]).repeat([rows, 1]);
+    AddedCond { text_embeds: Some(Tensor::randn([rows, pooled], (kind, device))), time_ids: Some(ids), timestep_cond: None }
+}
+
 /// One denoising step with classifier-free guidance: the UNet on the CFG batch, then the guidance.
 fn infer(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Path>, device: Device, kind: Kind) -> Result<Measured> {
     let (b, l) = (args.batch_size, args.latent_size);
@@ -362,9 +374,10 @@ fn infer(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
     let context = Tensor::randn([2 * b, 77, teacher_config.cross_attention_dim], (kind, device));
     let t = Tensor::from(500i64).to_device(device);
     let guidance = 7.5;
+    let added = added_cond(teacher_config, 2 * b, l, device, kind);
     let times = tch::no_grad(|| {
         time_steps(device, args.warmup, args.steps, |_| {
-            let eps = unet.model.predict(&Tensor::cat(&[&latents, &latents], 0), &t, &context); // (2b, c, l, l)
+            let eps = unet.model.predict_cond(&Tensor::cat(&[&latents, &latents], 0), &t, &context, &added); // (2b, c, l, l)
             let (uncond, cond) = (eps.narrow(0, 0, b), eps.narrow(0, b, b));
             let _guided = &uncond + (cond - &uncond) * guidance;
             Ok(())
@@ -413,6 +426,7 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
     let data: Vec<(Tensor, Tensor)> = (0..args.warmup + args.steps)
         .map(|_| (Tensor::randn([b, in_ch, l, l], (Kind::Float, device)), Tensor::randn([b, 77, ctx_dim], (Kind::Float, device))))
         .collect();
+    let added = added_cond(teacher_config, b, l, device, Kind::Float);
     let lr = 5e-5;
     let params = d.optimizer().params();
     let gradient_bytes = params.iter().map(|p| p.numel() * 4).sum();
@@ -420,7 +434,7 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
     let window = args.report_memory.then(|| crate::memory::PeakWindow::start(device)).transpose()?;
     let times = time_steps(device, args.warmup, args.steps, |i| {
         let (latents, context) = &data[i];
-        let terms = d.micro_step(latents, context, 1);
+        let terms = d.micro_step_cond(latents, context, &added, 1);
         if let Some(ranks) = ranks {
             sync(device);
             let t0 = Instant::now();

@@ -310,6 +310,29 @@ fn init_lcm_student(from: &Path, plan: &StudentPlan, student: &UNet, device: Dev
     })
 }
 
+/// Refuses a cache whose text embeddings the student `c` cannot take: another cross-attention
+/// width, or (an SDXL student) no pooled embeddings and time ids. Before the run claims output_dir.
+fn check_cache_fits(c: &UNetConfig, cache: &LatentCache) -> Result<()> {
+    let (_, text) = cache.row_shapes();
+    let path = cache.dir.display();
+    ensure!(
+        text.last() == Some(&c.cross_attention_dim),
+        "data.cache {path}: its text embeddings are {text:?} wide, the student's cross_attention_dim is {} (a cache made with another teacher?)",
+        c.cross_attention_dim
+    );
+    if let Some(e) = &c.addition_embed {
+        let (Some(pooled), true) = (cache.pooled_width(), cache.has_time_ids()) else {
+            bail!(
+                "data.cache {path}: the cache has no pooled text embeddings or time ids, which an SDXL teacher needs (made by an older sdkd, version {}, or with an SD teacher): run `sdkd preprocess` again with this teacher",
+                cache.index.version
+            )
+        };
+        let want = e.input_dim - crate::models::unet_config::TIME_IDS * e.time_embed_dim;
+        ensure!(pooled == want, "data.cache {path}: its pooled embeddings are {pooled} wide, the student takes {want} (a cache made with another teacher?)");
+    }
+    Ok(())
+}
+
 /// Refuses a batch whose data alone this machine cannot hold, before any is loaded: the loader
 /// builds each batch in host memory (pixels as f32, or the cache's latent mean and std), and a
 /// failed allocation there would abort the process. A floor, not a plan of the whole step.
@@ -365,6 +388,7 @@ impl Trainer {
                     index.transform.resolution,
                     cfg.data.resolution
                 );
+                check_cache_fits(&distiller.plan.config, &LatentCache::open(cache)?)?;
                 LatentScale::from_description(&index.encoder).with_context(|| format!("data.cache {}", cache.display()))?
             }
             (None, Some(e)) => e.latent_scale(),
@@ -471,7 +495,6 @@ impl Trainer {
         }
         if let Some(cache) = &d.cache {
             let source = Arc::new(LatentCache::open(cache)?);
-            self.check_cache_fits(&source)?;
             return Ok(Feed::Cache { loader: open(source, opts, self.cursor, shard)? });
         }
         let (location, key) = d.location().ok_or_else(|| anyhow!("data: set data.path (an image folder), data.shards or data.cache"))?;
@@ -486,30 +509,6 @@ impl Trainer {
         let source = Arc::new(ImageSource::new(rows, transform, self.cfg.train.seed));
         let encoder = self.encoder.clone().expect("an image run has the teacher's encoders");
         Ok(Feed::Images { loader: open(source, opts, self.cursor, shard)?, encoder })
-    }
-
-    /// Refuses a cache whose text embeddings the student cannot take: another cross-attention
-    /// width, or (an SDXL student) no pooled embeddings and time ids.
-    fn check_cache_fits(&self, cache: &LatentCache) -> Result<()> {
-        let c = &self.distiller.plan.config;
-        let (_, text) = cache.row_shapes();
-        let path = cache.dir.display();
-        ensure!(
-            text.last() == Some(&c.cross_attention_dim),
-            "data.cache {path}: its text embeddings are {text:?} wide, the student's cross_attention_dim is {} (a cache made with another teacher?)",
-            c.cross_attention_dim
-        );
-        if let Some(e) = &c.addition_embed {
-            let (Some(pooled), true) = (cache.pooled_width(), cache.has_time_ids()) else {
-                bail!(
-                    "data.cache {path}: the cache has no pooled text embeddings or time ids, which an SDXL teacher needs (made by an older sdkd, version {}, or with an SD teacher): run `sdkd preprocess` again with this teacher",
-                    cache.index.version
-                )
-            };
-            let want = e.input_dim - crate::models::unet_config::TIME_IDS * e.time_embed_dim;
-            ensure!(pooled == want, "data.cache {path}: its pooled embeddings are {pooled} wide, the student takes {want} (a cache made with another teacher?)");
-        }
-        Ok(())
     }
 
     pub fn step(&self) -> u64 {
@@ -804,5 +803,25 @@ impl Trainer {
     /// The trained student, when the run is over.
     pub fn into_student(self) -> UNet {
         self.distiller.student
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_captions_become_zeros_or_the_empty_prompt() {
+        let context = Tensor::ones([3, 2, 4], (Kind::Float, Device::Cpu));
+        let pooled = Tensor::ones([3, 5], (Kind::Float, Device::Cpu));
+        let dropped = |i: u64| i == 1;
+        let (c, p) = drop_captions(&context, Some(&pooled), &Dropped::Zeros, dropped).unwrap();
+        let p = p.unwrap();
+        assert_eq!((c.get(1).abs().sum(Kind::Float).double_value(&[]), p.get(1).abs().sum(Kind::Float).double_value(&[])), (0.0, 0.0));
+        assert!(c.get(0).equal(&context.get(0)) && c.get(2).equal(&context.get(2)) && p.get(2).equal(&pooled.get(2)));
+        let empty = TextEmbeds { context: Tensor::full([1, 2, 4], 7.0, (Kind::Float, Device::Cpu)), pooled: Some(Tensor::full([1, 5], 3.0, (Kind::Float, Device::Cpu))) };
+        let (c, p) = drop_captions(&context, Some(&pooled), &Dropped::Embeds(empty), dropped).unwrap();
+        assert!(c.get(1).equal(&Tensor::full([2, 4], 7.0, (Kind::Float, Device::Cpu))) && c.get(0).equal(&context.get(0)));
+        assert!(p.unwrap().get(1).equal(&Tensor::full([5], 3.0, (Kind::Float, Device::Cpu))));
     }
 }
