@@ -323,10 +323,10 @@ mod tests {
     #[test]
     fn student_blocks_are_contiguous() {
         let t = sd15();
-        let mut specs: Vec<StudentSpec> = ["bk_base", "bk_small", "bk_tiny"].iter().map(|p| StudentSpec::preset(p, 4).unwrap()).collect();
-        let mut custom = StudentSpec::preset("bk_small", 4).unwrap();
-        custom.down = vec![vec![0, 1], vec![0], vec![0], vec![0, 1]];
-        custom.up = vec![vec![0, 1, 2], vec![0, 2], vec![0, 2], vec![0, 1, 2]];
+        let mut specs: Vec<StudentSpec> = ["bk_base", "bk_small", "bk_tiny"].iter().map(|p| StudentSpec::preset(p, &t).unwrap()).collect();
+        let mut custom = StudentSpec::preset("bk_small", &t).unwrap();
+        custom.down = vec![vec![0, 1].into(), vec![0].into(), vec![0].into(), vec![0, 1].into()];
+        custom.up = vec![vec![0, 1, 2].into(), vec![0, 2].into(), vec![0, 2].into(), vec![0, 1, 2].into()];
         custom.name = "custom".into();
         specs.push(custom);
         for spec in specs {
@@ -340,7 +340,7 @@ mod tests {
                 let max = *idx.iter().max().unwrap();
                 assert_eq!(idx, (0..=max).collect(), "{}: {list} has gaps", spec.name);
             }
-            assert_eq!(names.iter().any(|n| n.starts_with("middle_block.")), spec.mid_block, "{}", spec.name);
+            assert_eq!(names.iter().any(|n| n.starts_with("middle_block.")), plan.config.mid_block.is_some(), "{}", spec.name);
         }
     }
 }
