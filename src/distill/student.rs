@@ -639,6 +639,9 @@ mod tests {
             assert_eq!((&c["layers_per_block"], &c["transformer_layers_per_block"]), (&serde_json::json!(1), &serde_json::json!([1, 2, 10])), "{bk}");
             assert_eq!(c["mid_block_type"].is_null(), bk != "bk_base", "{bk}");
         }
+        for (bk, blocks) in [("bk_base", 46), ("bk_small", 36), ("bk_tiny", 36)] {
+            assert_eq!(StudentPlan::new(&StudentSpec::preset(bk, &t).unwrap(), &t).unwrap().config.transformer_block_count(), blocks, "{bk}");
+        }
         let tiny = StudentPlan::new(&StudentSpec::preset("bk_tiny", &t).unwrap(), &t).unwrap();
         assert!(tiny.feature_pairs.contains(&FeaturePair { teacher: "mid_block".into(), student: "down_blocks.2".into() }));
     }
@@ -700,5 +703,14 @@ mod tests {
         assert!(e.contains("mid_block: full") && e.contains("UNetMidBlock2D"), "{e}");
         let e = StudentSpec::preset("koala_700m", &sd("configs/reference/sd15_unet_config.json")).unwrap_err().to_string();
         assert!(e.contains("koala_700m") && e.contains("SDXL teacher") && e.contains("SD-1.x/2.x"), "{e}");
+    }
+
+    /// docs/students.md's SSD-1B spec file is the preset.
+    #[test]
+    fn the_documented_spec_file_is_the_preset() {
+        let doc = std::fs::read_to_string("docs/students.md").unwrap();
+        let yaml = doc.split("```yaml\n").nth(1).and_then(|rest| rest.split("```").next()).unwrap();
+        let spec: StudentSpec = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(spec, StudentSpec::preset("ssd_1b", &sdxl()).unwrap());
     }
 }
