@@ -74,7 +74,9 @@ pub fn run(args: &PruneArgs) -> Result<()> {
                 );
             }
             let title = format!("{} pruned from {}", plan.name, args.teacher.display());
-            export::write_student(&args.out, format, &args.teacher, &plan.config, &tensors, kind, &title)?
+            // a pruned LCM teacher keeps the grid its scheduler config names
+            let lcm = crate::models::PipelineDir::open(&args.teacher)?.scheduler_config()?.lcm_grid();
+            export::write_student(&args.out, format, &args.teacher, &plan.config, &tensors, kind, &title, lcm)?
         }
     }
     println!(
