@@ -18,7 +18,7 @@ pub struct PruneArgs {
     /// single-file checkpoint.
     #[arg(long)]
     pub teacher: PathBuf,
-    /// A preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny) or a student spec YAML.
+    /// A preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny; on an SDXL teacher also ssd_1b, vega, koala_1b, koala_700m) or a student spec YAML.
     #[arg(long)]
     pub student: String,
     #[arg(long)]
