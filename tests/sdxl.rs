@@ -578,7 +578,7 @@ fn sdxl_data(dir: &Path) -> PathBuf {
 
 fn sdxl_train_config(dir: &Path, data: &str, max_steps: u64, extra: &str) -> PathBuf {
     let text = format!(
-        "teacher: {}\nstudent: bk_small\noutput_dir: {}\ndata:\n  {data}\n  resolution: 16\n  center_crop: false\n  random_flip: true\n  caption_dropout: 0.3\n\
+        "teacher: {}\nstudent: vega\noutput_dir: {}\ndata:\n  {data}\n  resolution: 16\n  center_crop: false\n  random_flip: true\n  caption_dropout: 0.3\n\
          train:\n  batch_size: 2\n  grad_accum: 2\n  max_steps: {max_steps}\n  seed: 7\n  device: cpu\n  precision: fp32\n\
          optim:\n  lr: 2.0e-3\ncheckpoint:\n  every: 3\nlog:\n  every: 1\n{extra}",
         fixture().join("pipe").display(),
@@ -595,7 +595,7 @@ fn train_ok(args: &[&str]) {
     assert!(o.status.success(), "train {args:?}:\n{}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// `sdkd train` on the SDXL teacher (bk_small on its layout), the added conditioning given to
+/// `sdkd train` on the SDXL teacher (the `vega` preset on its layout), the added conditioning given to
 /// teacher and student: the loss falls, TensorBoard has every term and the SDXL pipeline's
 /// validation grids, resume is bit-exact; `sdkd preprocess` caches both encoders' states, the
 /// pooled embedding and the time ids, and a run reads them back.
@@ -660,7 +660,8 @@ fn sdxl_train_loss_falls_resumes_exactly_and_reads_its_cache() {
     assert!(!refused.join("run").exists(), "a refused run wrote its output folder");
 }
 
-/// One KD step on the SDXL teacher (bk_small pruned by `sdkd prune`) against diffusers' UNets on
+/// One KD step on the SDXL teacher (`vega` pruned by `sdkd prune`: a single-resnet mid block, fewer
+/// transformer layers per attention) against diffusers' UNets on
 /// the same inputs (tests/reference/sdxl.py kd_step): every loss term within 1e-6 relative, the
 /// student's gradients within 1e-5.
 #[test]
@@ -672,10 +673,10 @@ fn sdxl_kd_step_equals_a_diffusers_reference() {
     let tmp = tempdir();
     let pipe = fixture().join("pipe");
     let student_dir = tmp.path().join("student");
-    let o = sdkd(&["prune", "--teacher", pipe.to_str().unwrap(), "--student", "bk_small", "--out", student_dir.to_str().unwrap()]);
+    let o = sdkd(&["prune", "--teacher", pipe.to_str().unwrap(), "--student", "vega", "--out", student_dir.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let teacher = UNet::load(&pipe.join("unet"), Device::Cpu, Kind::Float).unwrap();
-    let plan = StudentPlan::resolve("bk_small", Some(&teacher.model.config)).unwrap();
+    let plan = StudentPlan::resolve("vega", Some(&teacher.model.config)).unwrap();
     let pairs: Vec<[&str; 2]> = plan.feature_pairs.iter().map(|p| [p.teacher.as_str(), p.student.as_str()]).collect();
     assert!(pairs.len() >= 4, "{pairs:?}");
     let pairs_file = tmp.path().join("pairs.json");
@@ -711,5 +712,74 @@ fn sdxl_kd_step_equals_a_diffusers_reference() {
         assert!(o.status.success(), "bench --mode {mode}: {}", String::from_utf8_lossy(&o.stderr));
         let v: Value = serde_json::from_slice(&o.stdout).unwrap();
         assert!(v["step_ms_median"].as_f64().is_some_and(|ms| ms > 0.0), "{v}");
+    }
+}
+
+/// Every student preset pruned by `sdkd prune --format pipeline` from a tiny teacher with SDXL-base's
+/// block structure (`real`: 70 transformer blocks, narrow widths) loads in diffusers'
+/// `StableDiffusionXLPipeline` with no missing or unexpected keys, its UNet's prediction equals
+/// sdkd's within 1e-5, and every copied tensor is byte-equal to its teacher source. On SDXL-base's
+/// real config, diffusers builds the exported config (meta device) with sdkd's parameter count
+/// (the published ones for SSD-1B, Vega and KOALA) and tensor names. One reference run for all.
+#[test]
+fn sdxl_students_load_in_diffusers_and_match_sdkd() {
+    let tmp = tempdir();
+    fixture();
+    let start = std::time::Instant::now();
+    let teacher = pipeline_copy(&tmp.path().join("teacher"));
+    std::fs::remove_dir_all(teacher.join("unet")).unwrap();
+    std::fs::create_dir(teacher.join("unet")).unwrap();
+    for f in std::fs::read_dir(fixture().join("unets/real/unet")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), teacher.join("unet").join(f.file_name())).unwrap();
+    }
+    let teacher_unet = UNet::load(&teacher.join("unet"), Device::Cpu, Kind::Float).unwrap();
+    let teacher_tensors = part_tensors(&teacher, "unet");
+    let sdxl = sdkd::models::unet_config::UNetConfig::from_path(&root().join("configs/reference/sdxl_unet_config.json")).unwrap();
+    let published = [("ssd_1b", 1_331_334_404i64), ("vega", 745_225_604), ("koala_1b", 1_161_184_324), ("koala_700m", 782_822_724)];
+    let presets = ["ssd_1b", "vega", "koala_1b", "koala_700m", "bk_base", "bk_small", "bk_tiny"];
+    let students = tmp.path().join("students");
+    let mut configs = serde_json::Map::new();
+    for preset in presets {
+        let out = students.join(preset);
+        let o = sdkd(&["prune", "--teacher", teacher.to_str().unwrap(), "--student", preset, "--format", "pipeline", "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{preset}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains(" 0 left random"), "{preset}: {}", String::from_utf8_lossy(&o.stdout));
+        let full = sdkd::distill::student::StudentPlan::resolve(preset, Some(&sdxl)).unwrap();
+        configs.insert(preset.to_string(), full.config.to_json());
+    }
+    let refs = tmp.path().join("refs");
+    std::fs::create_dir(&refs).unwrap();
+    let configs_json = tmp.path().join("configs.json");
+    std::fs::write(&configs_json, Value::Object(configs.clone()).to_string()).unwrap();
+    let pruned = start.elapsed().as_secs_f64();
+    run_reference("sdxl_students.py", &[students.to_str().unwrap(), configs_json.to_str().unwrap(), refs.to_str().unwrap()]);
+    eprintln!("pruned {} presets in {pruned:.1} s, diffusers' reference {:.1} s", presets.len(), start.elapsed().as_secs_f64() - pruned);
+    let full: Value = serde_json::from_str(&std::fs::read_to_string(refs.join("full.json")).unwrap()).unwrap();
+    for preset in presets {
+        let config = sdkd::models::unet_config::UNetConfig::from_json(&configs[preset]).unwrap();
+        let unet = UNet::build(&config, Device::Cpu, Kind::Half, Init::Empty);
+        let names: Vec<String> = unet.vs.variables().into_keys().collect::<BTreeSet<_>>().into_iter().collect();
+        assert_eq!(full[preset]["params"].as_i64(), Some(unet.num_params()), "{preset}: diffusers' count of the exported config");
+        let theirs: Vec<String> = serde_json::from_value(full[preset]["names"].clone()).unwrap();
+        assert_eq!(names, theirs, "{preset}: tensor names");
+        if let Some((_, want)) = published.iter().find(|(p, _)| *p == preset) {
+            assert_eq!(unet.num_params(), *want, "{preset}");
+        }
+
+        let dir = students.join(preset);
+        let student = UNet::load(&dir.join("unet"), Device::Cpu, Kind::Float).unwrap();
+        let r = read_tensors(&refs.join(format!("{preset}.safetensors")));
+        let added = AddedCond { text_embeds: Some(r["text_embeds"].shallow_clone()), time_ids: Some(r["time_ids"].shallow_clone()), timestep_cond: None };
+        let got = tch::no_grad(|| student.model.predict_cond(&r["sample"], &r["timesteps"], &r["context"], &added));
+        let err = rel_err(&got, &r["out"]);
+        eprintln!("{preset}: {} params on the tiny teacher, prediction rel err {err:e}", student.num_params());
+        assert!(err <= 1e-5, "{preset}: rel err {err:e}");
+        let plan = sdkd::distill::student::StudentPlan::resolve(preset, Some(&teacher_unet.model.config)).unwrap();
+        let ours = part_tensors(&dir, "unet");
+        assert_eq!(plan.copy_map.len(), ours.len(), "{preset}: every tensor has a source");
+        for (s, t) in &plan.copy_map {
+            assert!(ours[s].equal(&teacher_tensors[t]), "{preset}: {s} differs from its source {t}");
+        }
     }
 }
