@@ -549,7 +549,7 @@ impl Trainer {
             }
             if self.distiller.consistency().is_some() {
                 let terms = self.distiller.lcd_micro_step(&latents, &context, accum)?;
-                s.add_lcd(&terms, accum);
+                s.add_lcd(&terms, accum, self.cfg.lcm.output_kd);
             } else {
                 let added = self.added_cond(pooled, batch.time_ids.map(|t| t.to_device(dev).to_kind(Kind::Float)))?;
                 let terms = self.distiller.micro_step_cond(&latents, &context, &added, accum);
