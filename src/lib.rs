@@ -14,6 +14,7 @@ pub mod fs_safe;
 pub mod grid;
 pub mod hub;
 pub mod json_config;
+pub mod lora;
 pub mod memory;
 pub mod models;
 pub mod pipeline;

@@ -1,0 +1,2 @@
+//! LoRA: the `lora:` training section (`config`).
+pub mod config;
