@@ -39,7 +39,7 @@ mod names;
 mod state_dict;
 mod yaml;
 
-pub use names::{text_encoder_2_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm};
+pub use names::{text_encoder_2_to_ldm, text_encoder_to_ldm, unet_module_ldm_names, unet_to_ldm, vae_to_ldm};
 pub use state_dict::StateDict;
 pub use yaml::ldm_yaml;
 

@@ -254,6 +254,20 @@ pub fn unet_to_ldm(config: &UNetConfig, tensors: &[(String, Tensor)]) -> Result<
     to_ldm(tensors, &unet_map(config), UNET_PREFIX)
 }
 
+/// The LDM/SGM name of each of a UNet's modules (`down_blocks.1.attentions.0.proj_in` ->
+/// `input_blocks.4.1.proj_in`, without `model.diffusion_model.`): kohya's SDXL LoRA keys are
+/// these names with `_` for `.`. A module without an LDM name is left out.
+pub fn unet_module_ldm_names<'a>(config: &UNetConfig, modules: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, String> {
+    let map = unet_map(config);
+    modules
+        .into_iter()
+        .filter_map(|m| {
+            let (ldm, _) = map.ldm(&format!("{m}.weight"))?;
+            Some((m.to_string(), ldm.strip_suffix(".weight")?.to_string()))
+        })
+        .collect()
+}
+
 /// The VAE's tensors in LDM names (`first_stage_model.*`, attention as 1×1 convs as in the
 /// original files).
 pub fn vae_to_ldm(config: &VaeConfig, tensors: &[(String, Tensor)]) -> Result<Vec<(String, Tensor)>> {
