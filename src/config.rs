@@ -431,6 +431,9 @@ impl RunConfig {
         if lora.base.is_none() && self.student_init == StudentInit::Random {
             return Err(invalid("lora.base", "lora: with student_init: random and no lora.base the adapters would train on random weights: set lora.base (or student_init: teacher)".to_string()));
         }
+        if let Some(d) = self.train.ema_decay {
+            return Err(invalid("train.ema_decay", format!("train.ema_decay = {d} with lora: an EMA of the adapters is not implemented: remove it")));
+        }
         if self.lcm.student_init.is_some() {
             return Err(invalid("lcm.student_init", "lcm.student_init with lora: the frozen base comes from lora.base: move the path there".to_string()));
         }

@@ -677,10 +677,17 @@ impl Trainer {
         Ok(Some(format!("step {}: student and EMA bit-identical on all {} ranks (checksum {:016x})", self.step, ranks.size(), sum as u64)))
     }
 
-    /// `final/unet` (and `final/unet_ema`, and LCD's `final/unet_target`) as diffusers UNet folders.
+    /// `final/unet` (and `final/unet_ema`, and LCD's `final/unet_target`) as diffusers UNet
+    /// folders; a `lora:` run's adapters as `final/pytorch_lora_weights.safetensors`.
     fn export_final(&self) -> Result<()> {
         let dir = self.cfg.output_dir.join("final");
         let d = &self.distiller;
+        if let Some(lora) = &self.cfg.lora {
+            // the adapters alone, as diffusers' load_lora_weights reads them
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let set = crate::lora::LoraSet::from_trained(&d.student.trainable(), lora.alpha())?;
+            return set.write(&dir.join(crate::lora::DIFFUSERS_FILE), crate::lora::Layout::Diffusers, &d.plan.config);
+        }
         export::write_unet_dir(&dir.join("unet"), &d.plan.config, &weights::named_tensors(&d.student.vs), None)?;
         if let Some(ema) = &d.ema {
             export::write_unet_dir(&dir.join("unet_ema"), &d.plan.config, &ema.state_tensors(), None)?;

@@ -33,6 +33,7 @@ mod kohya;
 mod layout;
 mod scaled;
 mod targets;
+mod trained;
 
 pub use adapter::Adapter;
 pub use fuse::fuse_into;
