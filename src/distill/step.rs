@@ -162,6 +162,12 @@ impl Distiller {
             noise += offset * self.noise_offset;
         }
         let t = self.schedule.sample_timesteps(b, Device::Cpu).to_device(dev);
+        self.micro_step_with(latents, context, &noise, &t, accum)
+    }
+
+    /// `micro_step` on given noise (offset included) and timesteps (what parity tests feed).
+    pub fn micro_step_with(&self, latents: &Tensor, context: &Tensor, noise: &Tensor, t: &Tensor, accum: usize) -> LossTerms {
+        let (noise, t) = (noise.to_device(latents.device()), t.to_device(latents.device()));
         let noisy = self.schedule.add_noise(latents, &noise, &t);
         let target = self.schedule.training_target(self.schedule.prediction_type(), latents, &noise, &t);
         let teacher_out = self.teacher.as_ref().map(|teacher| {
