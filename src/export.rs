@@ -6,7 +6,7 @@
 //! `--overwrite` knows sdkd made it.
 use crate::fs_safe::{self, Marker, Purpose};
 use crate::models::{single_file, weights, ClipTokenizer, PipelineDir, UNetConfig};
-use crate::schedulers::config::LCM_ORIGINAL_INFERENCE_STEPS;
+use crate::schedulers::config::LcmGrid;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fs;
@@ -47,17 +47,17 @@ pub fn fill_unet_dir(dir: &Path, config: &UNetConfig, tensors: &[(String, Tensor
 
 /// Makes the pipeline folder `dir` sample its UNet as an LCM student when the UNet has a guidance
 /// embedding (`time_cond_proj_dim`): `scheduler/scheduler_config.json` becomes an `LCMScheduler`
-/// config on the same noise schedule (`SchedulerConfig::to_lcm_json` with a grid of
-/// `original_inference_steps`) and `model_index.json` names that class, so diffusers'
+/// config on the same noise schedule (`SchedulerConfig::to_lcm_json` on the distillation's
+/// `grid`: the run's `lcm.num_ddim_timesteps` and `lcm.timestep_scaling`) and `model_index.json` names that class, so diffusers'
 /// `StableDiffusionPipeline`/`StableDiffusionXLPipeline.from_pretrained(dir)` samples it as
 /// diffusers' LCM pipelines do. Any other UNet leaves the folder as it is.
-pub fn lcm_scheduler_for(dir: &Path, unet: &UNetConfig, original_inference_steps: usize) -> Result<()> {
+pub fn lcm_scheduler_for(dir: &Path, unet: &UNetConfig, grid: LcmGrid) -> Result<()> {
     if unet.time_cond_proj_dim.is_none() {
         return Ok(());
     }
     let file = dir.join("scheduler").join("scheduler_config.json");
     let config = crate::schedulers::SchedulerConfig::from_path(&file)?;
-    let lcm = config.to_lcm_json(original_inference_steps);
+    let lcm = config.to_lcm_json(grid);
     lcm_config_checked(&lcm)?;
     fs::write(&file, serde_json::to_string_pretty(&lcm)? + "\n").with_context(|| format!("writing {}", file.display()))?;
     let index_file = dir.join("model_index.json");
@@ -93,13 +93,15 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
 
 /// Writes a whole pipeline folder at `dest`: every part of `teacher_pipeline` but its unet, and
 /// the given UNet as unet/, so `StableDiffusionPipeline.from_pretrained(dest)` loads it
-/// (atomically; the caller applies the overwrite rule).
+/// (atomically; the caller applies the overwrite rule). `lcm`: the grid an LCM student was
+/// distilled on (`lcm_scheduler_for`; unused for other UNets).
 pub fn write_pipeline_dir(
     dest: &Path,
     teacher_pipeline: &Path,
     config: &UNetConfig,
     tensors: &[(String, Tensor)],
     kind: Option<Kind>,
+    lcm: LcmGrid,
 ) -> Result<()> {
     let index = teacher_pipeline.join("model_index.json");
     if !index.is_file() {
@@ -124,7 +126,7 @@ pub fn write_pipeline_dir(
         let unet = tmp.join("unet");
         fs::create_dir_all(&unet)?;
         fill_unet_dir(&unet, config, tensors, kind)?;
-        lcm_scheduler_for(tmp, config, LCM_ORIGINAL_INFERENCE_STEPS)
+        lcm_scheduler_for(tmp, config, lcm)
     })
 }
 
@@ -138,7 +140,8 @@ pub fn default_dtype(format: ExportFormat) -> crate::runtime::Precision {
 }
 
 /// Writes a student UNet beside the other parts of `teacher` (a pipeline folder or single
-/// file) as a pipeline folder or a single file.
+/// file) as a pipeline folder or a single file; `lcm` as in `write_pipeline_dir`.
+#[allow(clippy::too_many_arguments)]
 pub fn write_student(
     dest: &Path,
     format: ExportFormat,
@@ -147,11 +150,12 @@ pub fn write_student(
     tensors: &[(String, Tensor)],
     kind: Option<Kind>,
     title: &str,
+    lcm: LcmGrid,
 ) -> Result<()> {
     match format {
         ExportFormat::Unet => write_unet_dir(dest, config, tensors, kind),
-        ExportFormat::Pipeline if teacher.is_dir() => write_pipeline_dir(dest, teacher, config, tensors, kind),
-        ExportFormat::Pipeline => write_pipeline_from(dest, &PipelineDir::open(teacher)?, config, tensors, kind),
+        ExportFormat::Pipeline if teacher.is_dir() => write_pipeline_dir(dest, teacher, config, tensors, kind, lcm),
+        ExportFormat::Pipeline => write_pipeline_from(dest, &PipelineDir::open(teacher)?, config, tensors, kind, lcm),
         ExportFormat::SingleFile if config.time_cond_proj_dim.is_some() => bail!(
             "the UNet has time_cond_proj_dim (an LCM student's guidance embedding, time_embedding.cond_proj), which the LDM single-file layout has no name for: export --format pipeline (docs/lcm.md)"
         ),
@@ -241,8 +245,8 @@ pub fn write_single_file(
 
 /// Writes a diffusers pipeline folder at `dest` from any pipeline (a single file's parts are
 /// converted; the tokenizer is the embedded CLIP one, the scheduler SD's), with `unet` as its
-/// UNet, atomically (the caller applies the overwrite rule).
-pub fn write_pipeline_from(dest: &Path, pipeline: &PipelineDir, unet_config: &UNetConfig, unet_tensors: &[(String, Tensor)], kind: Option<Kind>) -> Result<()> {
+/// UNet, atomically (the caller applies the overwrite rule); `lcm` as in `write_pipeline_dir`.
+pub fn write_pipeline_from(dest: &Path, pipeline: &PipelineDir, unet_config: &UNetConfig, unet_tensors: &[(String, Tensor)], kind: Option<Kind>, lcm: LcmGrid) -> Result<()> {
     let vae = pipeline.load_vae(Device::Cpu, Kind::Float)?;
     let text = pipeline.load_text_encoder(Device::Cpu, Kind::Float)?;
     let family = single_file::family_of(&text.model.config);
@@ -299,6 +303,6 @@ pub fn write_pipeline_from(dest: &Path, pipeline: &PipelineDir, unet_config: &UN
             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         });
         fs::write(tmp.join("model_index.json"), json(&index)?)?;
-        lcm_scheduler_for(tmp, unet_config, LCM_ORIGINAL_INFERENCE_STEPS)
+        lcm_scheduler_for(tmp, unet_config, lcm)
     })
 }

@@ -68,7 +68,7 @@ fn lcm_student_exports_a_pipeline_diffusers_samples_with_lcm() {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p("student/config.json")).unwrap()).unwrap();
     let config = UNetConfig::from_json(&json).unwrap();
     let tensors = weights::read_all(&p("student/diffusion_pytorch_model.safetensors")).unwrap();
-    write_student(&p("export"), ExportFormat::Pipeline, &p("teacher"), &config, &tensors, None, "lcm student").unwrap();
+    write_student(&p("export"), ExportFormat::Pipeline, &p("teacher"), &config, &tensors, None, "lcm student", Default::default()).unwrap();
 
     let read = |f: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p("export").join(f)).unwrap()).unwrap() };
     assert_eq!(read("unet/config.json")["time_cond_proj_dim"], 32);

@@ -160,17 +160,22 @@ fn assert_same_tensors(a: &Path, b: &Path) {
     }
 }
 
+/// A grid of 20 points (not the default 50) and s = 5: what the export's LCMScheduler config must say.
+const GRID: &str = "lcm:\n  num_ddim_timesteps: 20\n  timestep_scaling: 5.0\n";
+
 /// Four LCD steps straight equal two, a checkpoint, a resume and two more, bit for bit: student,
 /// AdamW, and the target network; the target moved away from the student (an EMA, not a copy);
 /// TensorBoard has the consistency loss, w's mean and the target decay; `final/` has the student
-/// with `time_cond_proj_dim` and the target.
+/// with `time_cond_proj_dim` and the target. The run's grid (20 points, s = 5) is what its
+/// exported pipeline's LCMScheduler config says, as diffusers reads it, and what `sdkd generate`
+/// samples the export on, pixel-identical to diffusers.
 #[test]
 fn lcm_run_resumes_bit_exact_with_its_target_network() {
     let straight = tempdir();
-    train(&["--config", config(straight.path(), 4, "").to_str().unwrap()]);
+    train(&["--config", config(straight.path(), 4, GRID).to_str().unwrap()]);
     let split = tempdir();
-    train(&["--config", config(split.path(), 2, "").to_str().unwrap()]);
-    train(&["--config", config(split.path(), 4, "").to_str().unwrap(), "--resume", "latest"]);
+    train(&["--config", config(split.path(), 2, GRID).to_str().unwrap()]);
+    train(&["--config", config(split.path(), 4, GRID).to_str().unwrap(), "--resume", "latest"]);
     let (a, b) = (straight.path().join("run/checkpoints/step-4"), split.path().join("run/checkpoints/step-4"));
     for f in ["student.safetensors", "target.safetensors", "optimizer.safetensors"] {
         assert_same_tensors(&a.join(f), &b.join(f));
@@ -192,6 +197,28 @@ fn lcm_run_resumes_bit_exact_with_its_target_network() {
     assert!(w.iter().all(|w| (5.0..=15.0).contains(w)) && w.windows(2).any(|p| p[0] != p[1]), "{w:?}");
     assert!((s["lcm/target_ema"][0][1].as_f64().unwrap() - 0.95).abs() < 1e-6);
     assert!(s["loss/task"].is_null(), "an LCD run logs no KD task loss");
+    exports_its_grid(&a);
+}
+
+/// `sdkd export --format pipeline` of an LCD run with a 20-point grid and s = 5: diffusers'
+/// `StableDiffusionPipeline.from_pretrained` reads an LCMScheduler with them (4 steps on the
+/// 20-point grid: 999, 749, 499, 249, not the default grid's 759 and 259) and samples the same
+/// pixels as `sdkd generate` on the export.
+fn exports_its_grid(checkpoint: &Path) {
+    let tmp = tempdir();
+    let p = |s: &str| tmp.path().join(s).display().to_string();
+    let o = sdkd(&["export", "--checkpoint", checkpoint.to_str().unwrap(), "--format", "pipeline", "--out", &p("export")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run_reference("lcm_unet.py", &["check", &p("export"), &p("theirs.png"), "4", "5", "6.0"]);
+    let seen: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p("theirs.png.json")).unwrap()).unwrap();
+    assert_eq!(seen["original_inference_steps"], 20, "{seen}");
+    assert_eq!(seen["timestep_scaling"], 5.0, "{seen}");
+    assert_eq!(seen["timesteps"], serde_json::json!([999, 749, 499, 249]), "{seen}");
+    let o = sdkd(&["generate", "--model", &p("export"), "--prompt", "a red cube on a blue table", "--scheduler", "lcm", "--steps", "4",
+        "--seed", "5", "--guidance-scale", "6", "--width", "32", "--height", "32", "--out", &p("ours.png")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (ours, theirs) = (image::open(p("ours.png")).unwrap().to_rgb8(), image::open(p("theirs.png")).unwrap().to_rgb8());
+    assert!(ours == theirs, "sdkd generate and diffusers sample the exported LCM student differently");
 }
 
 /// A run started as `kd` does not resume as `lcm` (nor back), naming `method`; a solver grid

@@ -52,7 +52,7 @@ pub struct BenchArgs {
     /// config.json (random weights).
     #[arg(long)]
     pub teacher: PathBuf,
-    /// A preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny), a spec YAML, a UNet folder or
+    /// A preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny; on an SDXL teacher also ssd_1b, vega, koala_1b, koala_700m), a spec YAML, a UNet folder or
     /// config.json; in infer mode `teacher` times the teacher itself.
     #[arg(long)]
     pub student: String,

@@ -66,7 +66,9 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         let title = args.from.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         export::write_single_file(&args.to, &pipe, &unet.model.config, &tensors, kind, &title)?;
     } else {
-        export::write_pipeline_from(&args.to, &pipe, &unet.model.config, &tensors, kind)?;
+        // an LCM pipeline keeps the grid its scheduler config names
+        let lcm = pipe.scheduler_config()?.lcm_grid();
+        export::write_pipeline_from(&args.to, &pipe, &unet.model.config, &tensors, kind, lcm)?;
     }
     println!("converted {} -> {}", args.from.display(), args.to.display());
     Ok(())

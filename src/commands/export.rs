@@ -109,7 +109,9 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         None => export::write_unet_dir(&args.out, &config, &tensors, kind)?,
         Some(teacher) => {
             let title = format!("{} step {}", ckpt.meta.config["student"].as_str().unwrap_or("student"), ckpt.meta.step);
-            export::write_student(&args.out, args.format, teacher, &config, &tensors, kind, &title)?
+            // an LCM student's scheduler config repeats the grid it was distilled on
+            let lcm = crate::config::LcmConfig::of_recorded(&ckpt.meta.config).with_context(|| format!("checkpoint {}: config.lcm", ckpt.dir.display()))?;
+            export::write_student(&args.out, args.format, teacher, &config, &tensors, kind, &title, lcm.grid())?
         }
     }
     let card_path = write_card(args, &ckpt, &config, teacher.as_deref())?;

@@ -14,7 +14,7 @@ pub struct InspectArgs {
     /// A UNet config.json or a diffusers UNet folder.
     #[arg(long)]
     pub unet: Option<PathBuf>,
-    /// A student preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny) or spec YAML to build from it.
+    /// A student preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny; on an SDXL teacher also ssd_1b, vega, koala_1b, koala_700m) or spec YAML to build from it.
     #[arg(long)]
     pub student: Option<String>,
     /// A diffusers pipeline folder or a single-file checkpoint: loads every part and counts its parameters.

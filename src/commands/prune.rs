@@ -18,7 +18,7 @@ pub struct PruneArgs {
     /// single-file checkpoint.
     #[arg(long)]
     pub teacher: PathBuf,
-    /// A preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny) or a student spec YAML.
+    /// A preset (bk_base/sd_small, bk_small, bk_tiny/sd_tiny; on an SDXL teacher also ssd_1b, vega, koala_1b, koala_700m) or a student spec YAML.
     #[arg(long)]
     pub student: String,
     #[arg(long)]
@@ -74,7 +74,9 @@ pub fn run(args: &PruneArgs) -> Result<()> {
                 );
             }
             let title = format!("{} pruned from {}", plan.name, args.teacher.display());
-            export::write_student(&args.out, format, &args.teacher, &plan.config, &tensors, kind, &title)?
+            // a pruned LCM teacher keeps the grid its scheduler config names
+            let lcm = crate::models::PipelineDir::open(&args.teacher)?.scheduler_config()?.lcm_grid();
+            export::write_student(&args.out, format, &args.teacher, &plan.config, &tensors, kind, &title, lcm)?
         }
     }
     println!(

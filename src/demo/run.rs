@@ -18,6 +18,7 @@ use crate::eval::protocol::{Images, RealStats, Scorer, FID_DIMS, INCEPTION_BATCH
 use crate::eval::Metric;
 use super::caption_score;
 use crate::export::write_pipeline_dir;
+use crate::schedulers::config::LcmGrid;
 use crate::grid::grid;
 use crate::models::{weights, PipelineDir, UNet};
 use crate::pipeline::{generate_batch, BatchMember, GenerateRequest, Parts};
@@ -289,7 +290,7 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     let cfg = write_run_yaml(out, "teacher", &run_yaml(o, "pipeline-init", "../pipeline-init/unet", "random", false, "teacher", o.teacher_steps, o.teacher_lr, teacher_batch))?;
     let (teacher, teacher_secs) = TrainJob::start(o, out, "teacher", &cfg, o.teacher_ranks, o.teacher_ranks, true)?.finish()?;
     let teacher_config = teacher.model.config.clone();
-    write_pipeline_dir(&out.join("teacher"), &out.join("pipeline-init"), &teacher_config, &weights::named_tensors(&teacher.vs), None)?;
+    write_pipeline_dir(&out.join("teacher"), &out.join("pipeline-init"), &teacher_config, &weights::named_tensors(&teacher.vs), None, LcmGrid::default())?;
 
     step(&format!(
         "student bk_small distilled from the teacher, and beside it the control (the same student from scratch, task loss only), {} steps each",
@@ -301,8 +302,8 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     let scratch_job = TrainJob::start(o, out, "student_scratch", &scratch_cfg, 1, 2, false)?;
     let (kd, kd_secs) = kd_job.finish()?;
     let (scratch, scratch_secs) = scratch_job.finish()?;
-    write_pipeline_dir(&out.join("student_kd"), &out.join("teacher"), &kd.model.config, &weights::named_tensors(&kd.vs), None)?;
-    write_pipeline_dir(&out.join("student_scratch"), &out.join("teacher"), &scratch.model.config, &weights::named_tensors(&scratch.vs), None)?;
+    write_pipeline_dir(&out.join("student_kd"), &out.join("teacher"), &kd.model.config, &weights::named_tensors(&kd.vs), None, LcmGrid::default())?;
+    write_pipeline_dir(&out.join("student_scratch"), &out.join("teacher"), &scratch.model.config, &weights::named_tensors(&scratch.vs), None, LcmGrid::default())?;
 
     // the student as pruned, before any training: what KD starts from
     let pruned = pruned_student(&teacher)?;

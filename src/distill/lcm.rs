@@ -2,7 +2,7 @@
 //! "Latent Consistency Models") of the student, with the defaults of diffusers'
 //! `train_lcm_distill_sd_wds.py`. The step itself is `distill/lcd.rs`.
 use crate::config_error::{invalid, ConfigError};
-use crate::schedulers::config::LCM_ORIGINAL_INFERENCE_STEPS;
+use crate::schedulers::config::{LcmGrid, LCM_ORIGINAL_INFERENCE_STEPS};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -81,6 +81,20 @@ impl Default for LcmConfig {
 impl LcmConfig {
     pub fn is_default(&self) -> bool {
         *self == LcmConfig::default()
+    }
+
+    /// The grid the student is distilled on, which its LCM sampler must repeat.
+    pub fn grid(&self) -> LcmGrid {
+        LcmGrid { original_inference_steps: self.num_ddim_timesteps, timestep_scaling: self.timestep_scaling }
+    }
+
+    /// The `lcm:` section a run's recorded config (a checkpoint's `config`) holds; the defaults
+    /// when it has none (a `kd` run, or one at every default).
+    pub fn of_recorded(run: &serde_json::Value) -> Result<LcmConfig, serde_json::Error> {
+        match run.get("lcm") {
+            Some(v) => serde_json::from_value(v.clone()),
+            None => Ok(LcmConfig::default()),
+        }
     }
 
     pub fn resolve_paths(&mut self, base: &Path) {

@@ -1,7 +1,8 @@
-//! Students: what of the teacher each stage keeps (a [`StudentSpec`], from a preset or a YAML
-//! file), the student's diffusers config, the BK-SDM copy map and the feature pairs. The presets
-//! are specs like any other: one mechanism, not special cases.
-use crate::models::unet_config::{DownBlockKind, UNetConfig};
+//! Students: a [`StudentSpec`] (from a preset or a YAML file, `spec`) applied to a teacher gives
+//! the student's diffusers config, the copy map (every student tensor's teacher source, down to
+//! the transformer layer) and the feature pairs. The presets are specs like any other: one
+//! mechanism, not special cases.
+use crate::models::unet_config::{Depth, DownBlockKind, MidBlockKind, UNetConfig, UpBlockKind};
 use crate::models::UNet;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -9,93 +10,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
-/// What a student keeps of its teacher. Indices refer to the teacher's stages and blocks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StudentSpec {
-    /// A name for reports (the preset name, or the spec file's stem).
-    #[serde(default)]
-    pub name: String,
-    /// Per teacher down stage: the resnet (and attention) indices kept, in order.
-    pub down: Vec<Vec<usize>>,
-    /// Per teacher up block: the resnet (and attention) indices kept, in order. An up block must
-    /// keep one more than its mirrored down stage (diffusers' `layers_per_block + 1`).
-    pub up: Vec<Vec<usize>>,
-    /// Keep the teacher's mid block.
-    #[serde(default = "yes")]
-    pub mid_block: bool,
-    /// Teacher stages removed together with their mirrored up block (BK-SDM-Tiny drops the
-    /// innermost one).
-    #[serde(default)]
-    pub drop_stages: Vec<usize>,
-    /// `[teacher feature, student feature]` pairs for feature KD; derived when absent.
-    #[serde(default)]
-    pub feature_pairs: Option<Vec<(String, String)>>,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// The BK-SDM presets, with Segmind's names for two of them (`sd_small` is `bk_base`, `sd_tiny`
-/// is `bk_tiny`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Preset {
-    BkBase,
-    BkSmall,
-    BkTiny,
-}
-
-impl Preset {
-    pub const ALL: [Preset; 3] = [Preset::BkBase, Preset::BkSmall, Preset::BkTiny];
-
-    /// Every name a preset answers to: its own and Segmind's.
-    const NAMES: [(&'static str, Preset); 5] = [
-        ("bk_base", Preset::BkBase),
-        ("sd_small", Preset::BkBase),
-        ("bk_small", Preset::BkSmall),
-        ("bk_tiny", Preset::BkTiny),
-        ("sd_tiny", Preset::BkTiny),
-    ];
-
-    /// The preset a name (or alias) means, with that name as a `'static` string.
-    fn named(name: &str) -> Option<(Preset, &'static str)> {
-        Preset::NAMES.iter().find(|(n, _)| *n == name).map(|&(n, p)| (p, n))
-    }
-
-    /// Its canonical name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Preset::BkBase => "bk_base",
-            Preset::BkSmall => "bk_small",
-            Preset::BkTiny => "bk_tiny",
-        }
-    }
-
-    /// Its spec for a teacher with `stages` stages: down stages keep resnet/attention 0, up blocks
-    /// keep 0 and 2; base keeps the mid block, tiny drops the innermost stage.
-    pub fn spec(self, stages: usize) -> StudentSpec {
-        StudentSpec {
-            name: self.name().to_string(),
-            down: vec![vec![0]; stages],
-            up: vec![vec![0, 2]; stages],
-            mid_block: self == Preset::BkBase,
-            drop_stages: if self == Preset::BkTiny { vec![stages - 1] } else { vec![] },
-            feature_pairs: None,
-        }
-    }
-}
-
-impl std::str::FromStr for Preset {
-    type Err = anyhow::Error;
-    fn from_str(name: &str) -> Result<Preset> {
-        Preset::named(name).map(|(preset, _)| preset).ok_or_else(|| unknown_preset(name))
-    }
-}
-
-fn unknown_preset(name: &str) -> anyhow::Error {
-    anyhow!("unknown student preset {name:?} (bk_base/sd_small, bk_small, bk_tiny/sd_tiny, or a spec .yaml)")
-}
+mod spec;
+use spec::unknown_preset;
+pub use spec::{is_sdxl, Kept, Layers, MidSpec, Preset, Stage, StudentSpec};
 
 /// What a `student` value names, read once (the run YAML's `student`, `--student`): a preset, a
 /// spec YAML, or a UNet config (a `config.json` or a UNet folder) taken as it is. It serialises
@@ -116,7 +33,7 @@ impl StudentChoice {
     /// config; anything else an unknown preset.
     pub fn parse(arg: &str) -> Result<StudentChoice> {
         if arg.trim().is_empty() {
-            bail!("student is empty: give a preset (bk_base, bk_small, bk_tiny) or a spec YAML path");
+            bail!("student is empty: give a preset (bk_base, bk_small, bk_tiny, ssd_1b, vega, koala_1b, koala_700m) or a spec YAML path");
         }
         let path = Path::new(arg);
         Ok(if arg.ends_with(".yaml") || arg.ends_with(".yml") {
@@ -185,11 +102,6 @@ impl From<StudentChoice> for String {
 }
 
 impl StudentSpec {
-    /// A BK-SDM preset by name (`Preset`) for a teacher with `stages` stages.
-    pub fn preset(name: &str, stages: usize) -> Result<StudentSpec> {
-        Ok(name.parse::<Preset>()?.spec(stages))
-    }
-
     /// A preset name, or a path to a spec YAML, for `teacher`.
     pub fn resolve(arg: &str, teacher: &UNetConfig) -> Result<StudentSpec> {
         StudentSpec::of(&StudentChoice::parse(arg)?, teacher)
@@ -199,21 +111,10 @@ impl StudentSpec {
     pub fn of(choice: &StudentChoice, teacher: &UNetConfig) -> Result<StudentSpec> {
         match choice {
             StudentChoice::Spec(path) => StudentSpec::from_yaml(path),
-            StudentChoice::Preset { preset, .. } => Ok(preset.spec(teacher.num_stages())),
-            StudentChoice::Config(_) => Ok(choice.to_string().parse::<Preset>()?.spec(teacher.num_stages())),
+            StudentChoice::Preset { preset, .. } => preset.spec(teacher),
+            StudentChoice::Config(_) => choice.to_string().parse::<Preset>()?.spec(teacher),
         }
     }
-
-    pub fn from_yaml(path: &Path) -> Result<StudentSpec> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading student spec {}", path.display()))?;
-        let mut spec: StudentSpec =
-            serde_yaml::from_str(&text).with_context(|| format!("student spec {}", path.display()))?;
-        if spec.name.is_empty() {
-            spec.name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        }
-        Ok(spec)
-    }
-
 }
 
 /// A `[teacher, student]` pair of feature names that feature KD compares.
@@ -236,13 +137,156 @@ pub struct StudentPlan {
     pub feature_pairs: Vec<FeaturePair>,
 }
 
-fn check_indices(what: &str, stage: usize, keep: &[usize], available: i64) -> Result<()> {
-    if keep.is_empty() {
+fn check_indices(what: &str, stage: usize, keep: &Stage, available: i64) -> Result<()> {
+    if keep.0.is_empty() {
         bail!("student spec: {what} {stage} keeps no resnets (at least one)");
     }
-    if let Some(&i) = keep.iter().find(|&&i| i as i64 >= available) {
+    if let Some(i) = keep.indices().into_iter().find(|&i| i as i64 >= available) {
         bail!("student spec: {what} {stage} keeps index {i}, but the teacher's has only {available} (0..{})", available - 1);
     }
+    Ok(())
+}
+
+/// A kept resnet resolved against the teacher: its index there and, when it has an attention,
+/// the teacher transformer layers that attention keeps, in the student's order.
+#[derive(Debug, Clone)]
+struct KeptLayer {
+    resnet: usize,
+    layers: Option<Vec<usize>>,
+}
+
+/// A spec resolved against its teacher (indexed by teacher stage and teacher up block).
+struct Resolved {
+    down: Vec<Vec<KeptLayer>>,
+    up: Vec<Vec<KeptLayer>>,
+    /// The student's mid block and, for a cross-attention one, its teacher layers.
+    mid: Option<(MidBlockKind, Option<Vec<usize>>)>,
+}
+
+/// The teacher transformer layers `pick` keeps of an attention `depth` deep (`None`: the teacher
+/// block has no attention); `key` names the spec entry in errors.
+fn pick_layers(key: &str, pick: &Layers, depth: Option<i64>) -> Result<Option<Vec<usize>>> {
+    let Some(depth) = depth else {
+        if *pick != Layers::All {
+            bail!("{key}: the teacher's block has no attention, so `depth`/`layers` have nothing to keep");
+        }
+        return Ok(None);
+    };
+    let depth = depth as usize;
+    Ok(Some(match pick {
+        Layers::All => (0..depth).collect(),
+        Layers::First(0) => bail!("{key}: depth 0 (an attention keeps at least one transformer layer)"),
+        Layers::First(k) if *k > depth => bail!("{key}: depth {k}, but the teacher's attention has {depth} transformer layers"),
+        Layers::First(k) => (0..*k).collect(),
+        Layers::Pick(v) => {
+            if v.is_empty() {
+                bail!("{key}: layers is empty (an attention keeps at least one transformer layer)");
+            }
+            if let Some(&l) = v.iter().find(|&&l| l >= depth) {
+                bail!("{key}: layers names layer {l}, but the teacher's attention has {depth} (0..{})", depth - 1);
+            }
+            if let Some((i, &l)) = v.iter().enumerate().find(|(i, l)| v[..*i].contains(l)) {
+                bail!("{key}: layers lists layer {l} twice (at {i})");
+            }
+            v.clone()
+        }
+    }))
+}
+
+impl Resolved {
+    fn new(spec: &StudentSpec, teacher: &UNetConfig, stages: &[usize]) -> Result<Resolved> {
+        let n = teacher.num_stages();
+        let stage = |key: &str, i: usize, keep: &Stage, depth: &dyn Fn(usize) -> Option<i64>| -> Result<Vec<KeptLayer>> {
+            keep.0
+                .iter()
+                .enumerate()
+                .map(|(j, k)| Ok(KeptLayer { resnet: k.resnet, layers: pick_layers(&format!("{key}[{i}][{j}]"), &k.layers, depth(k.resnet))? }))
+                .collect()
+        };
+        let mut down = vec![vec![]; n];
+        let mut up = vec![vec![]; n];
+        for &s in stages {
+            let tu = n - 1 - s;
+            let attends = teacher.down_block_types[s] == DownBlockKind::CrossAttn;
+            down[s] = stage("down", s, &spec.down[s], &|r| attends.then(|| teacher.down_depth(s, r)))?;
+            let attends = teacher.up_block_types[tu] == UpBlockKind::CrossAttn;
+            up[tu] = stage("up", tu, &spec.up[tu], &|r| attends.then(|| teacher.up_depth(tu, r)))?;
+        }
+        let mid = match (&spec.mid_block, teacher.mid_block) {
+            (MidSpec::None, _) => None,
+            (MidSpec::Keep | MidSpec::Resnet | MidSpec::Full(_), None) => bail!("mid_block: the spec keeps a mid block, but the teacher has none"),
+            (MidSpec::Keep, Some(MidBlockKind::Plain)) | (MidSpec::Resnet, Some(_)) => Some((MidBlockKind::Plain, None)),
+            (MidSpec::Keep, Some(MidBlockKind::CrossAttn)) => Some((MidBlockKind::CrossAttn, Some((0..teacher.mid_depth() as usize).collect()))),
+            (MidSpec::Full(_), Some(MidBlockKind::Plain)) => {
+                bail!("mid_block: full needs a cross-attention mid block, but the teacher's is UNetMidBlock2D (one resnet)")
+            }
+            (MidSpec::Full(pick), Some(MidBlockKind::CrossAttn)) => {
+                Some((MidBlockKind::CrossAttn, pick_layers("mid_block", pick, Some(teacher.mid_depth()))?))
+            }
+        };
+        Ok(Resolved { down, up, mid })
+    }
+
+    /// Whether every kept attention (and a kept cross-attention mid block) keeps all its
+    /// teacher's transformer layers in order: then the teacher's depth lists carry over.
+    fn keeps_whole_attentions(&self, teacher: &UNetConfig) -> bool {
+        let n = teacher.num_stages();
+        let whole = |layers: &Option<Vec<usize>>, depth: i64| layers.as_ref().is_none_or(|l| l.len() as i64 == depth && l.iter().enumerate().all(|(i, &x)| i == x));
+        let down = (0..n).all(|s| self.down[s].iter().all(|k| whole(&k.layers, teacher.down_depth(s, k.resnet))));
+        let up = (0..n).all(|b| self.up[b].iter().all(|k| whole(&k.layers, teacher.up_depth(b, k.resnet))));
+        let mid = self.mid.as_ref().is_none_or(|(_, l)| whole(l, teacher.mid_depth()));
+        down && up && mid
+    }
+}
+
+/// `v` as one depth when all are equal, else per layer.
+fn depth_of(v: &[i64]) -> Depth {
+    if v.windows(2).all(|w| w[0] == w[1]) {
+        Depth::Uniform(v[0])
+    } else {
+        Depth::PerLayer(v.to_vec())
+    }
+}
+
+/// The student's `transformer_layers_per_block` and `reverse_transformer_layers_per_block` as
+/// diffusers reads them: the mid block takes the last stage's (first) depth, and the reverse list
+/// is written when the decoder is not the encoder's mirror or a stage lists per-layer depths.
+fn set_depths(config: &mut UNetConfig, teacher: &UNetConfig, stages: &[usize], res: &Resolved) -> Result<()> {
+    let (n, m) = (teacher.num_stages(), stages.len());
+    let depths = |kept: &[KeptLayer]| -> Option<Vec<i64>> { kept.iter().map(|k| k.layers.as_ref().map(|l| l.len() as i64)).collect() };
+    let mut down: Vec<Depth> = stages
+        .iter()
+        .map(|&s| match depths(&res.down[s]) {
+            Some(d) if !d.is_empty() => depth_of(&d),
+            _ => teacher.transformer_layers_per_block.get(s).cloned().unwrap_or(Depth::Uniform(1)),
+        })
+        .collect();
+    if let Some((MidBlockKind::CrossAttn, Some(layers))) = &res.mid {
+        let d = layers.len() as i64;
+        if config.down_block_types[m - 1] == DownBlockKind::CrossAttn {
+            if down[m - 1].at(0) != d {
+                bail!(
+                    "mid_block: depth {d}, but diffusers builds the mid block as deep as the last stage's first attention (transformer_layers_per_block[-1]), which keeps {}",
+                    down[m - 1].at(0)
+                );
+            }
+        } else {
+            down[m - 1] = Depth::Uniform(d);
+        }
+    }
+    let up: Vec<Depth> = (0..m)
+        .map(|k| {
+            let tu = n - 1 - stages[m - 1 - k];
+            match depths(&res.up[tu]) {
+                Some(d) if !d.is_empty() && config.up_block_types[k] == UpBlockKind::CrossAttn => depth_of(&d),
+                _ => Depth::Uniform(down[m - 1 - k].at(0)),
+            }
+        })
+        .collect();
+    let mirrored = (0..m).all(|k| up[k] == Depth::Uniform(down[m - 1 - k].at(0)));
+    let per_layer = down.iter().any(|d| matches!(d, Depth::PerLayer(_)));
+    config.transformer_layers_per_block = down;
+    config.reverse_transformer_layers_per_block = (per_layer || !mirrored).then_some(up);
     Ok(())
 }
 
@@ -264,7 +308,7 @@ impl StudentPlan {
         if stages.is_empty() {
             bail!("student spec {:?}: drop_stages removes every stage", spec.name);
         }
-        if spec.mid_block && teacher.mid_block.is_none() {
+        if spec.mid_block == MidSpec::Keep && teacher.mid_block.is_none() {
             bail!("student spec {:?}: keeps the mid block, but the teacher has none", spec.name);
         }
         let m = stages.len();
@@ -274,42 +318,47 @@ impl StudentPlan {
         config.down_block_types = stages.iter().map(|&s| teacher.down_block_types[s]).collect();
         config.up_block_types = (0..m).map(|k| teacher.up_block_types[up_of(stages[m - 1 - k], n)]).collect();
         config.num_heads = stages.iter().map(|&s| teacher.num_heads[s]).collect();
-        config.mid_block = teacher.mid_block.filter(|_| spec.mid_block);
         config.layers_per_block = Vec::with_capacity(m);
         for &s in &stages {
             let tu = up_of(s, n);
             check_indices("down stage", s, &spec.down[s], teacher.layers_per_block[s])?;
             check_indices("up block", tu, &spec.up[tu], teacher.layers_per_block[s] + 1)?;
-            if spec.up[tu].len() != spec.down[s].len() + 1 {
+            if spec.up[tu].0.len() != spec.down[s].0.len() + 1 {
                 bail!(
                     "student spec {:?}: up block {tu} keeps {} resnets but must keep one more than down stage {s} ({})",
                     spec.name,
-                    spec.up[tu].len(),
-                    spec.down[s].len()
+                    spec.up[tu].0.len(),
+                    spec.down[s].0.len()
                 );
             }
-            config.layers_per_block.push(spec.down[s].len() as i64);
+            config.layers_per_block.push(spec.down[s].0.len() as i64);
         }
-        // Each kept transformer keeps its depth (SDXL's per-stage and per-layer depths).
-        if !teacher.transformer_layers_per_block.is_empty() {
-            config.transformer_layers_per_block = stages.iter().map(|&s| teacher.transformer_layers_per_block[s].select(&spec.down[s])).collect();
+        let res = Resolved::new(spec, teacher, &stages).with_context(|| format!("student spec {:?}", spec.name))?;
+        config.mid_block = res.mid.as_ref().map(|(kind, _)| *kind);
+        if res.keeps_whole_attentions(teacher) {
+            // Each kept transformer keeps its depth (SDXL's per-stage and per-layer depths).
+            if !teacher.transformer_layers_per_block.is_empty() {
+                config.transformer_layers_per_block = stages.iter().map(|&s| teacher.transformer_layers_per_block[s].select(&spec.down[s].indices())).collect();
+            }
+            config.reverse_transformer_layers_per_block = teacher.reverse_transformer_layers_per_block.as_ref().map(|rev| {
+                (0..m).map(|k| up_of(stages[m - 1 - k], n)).map(|tu| rev[tu].select(&spec.up[tu].indices())).collect()
+            });
+        } else {
+            set_depths(&mut config, teacher, &stages, &res).with_context(|| format!("student spec {:?}", spec.name))?;
         }
-        config.reverse_transformer_layers_per_block = teacher.reverse_transformer_layers_per_block.as_ref().map(|rev| {
-            (0..m).map(|k| up_of(stages[m - 1 - k], n)).map(|tu| rev[tu].select(&spec.up[tu])).collect()
-        });
         config.validate().with_context(|| format!("student spec {:?} gives an invalid UNet", spec.name))?;
 
         // The copy map, walked over the student's own tensor names.
         let student = UNet::build(&config, tch::Device::Cpu, tch::Kind::Float, crate::models::Init::Empty);
         let mut copy_map = BTreeMap::new();
         for name in student.vs.variables().keys() {
-            if let Some(src) = source_of(name, spec, &stages, n) {
+            if let Some(src) = source_of(name, &res, &stages, n) {
                 copy_map.insert(name.clone(), src);
             }
         }
         let feature_pairs = match &spec.feature_pairs {
             Some(pairs) => pairs.iter().map(|(t, s)| FeaturePair { teacher: t.clone(), student: s.clone() }).collect(),
-            None => default_feature_pairs(spec, teacher, &config, &stages),
+            None => default_feature_pairs(teacher, &config, &stages),
         };
         let plan = StudentPlan { name: spec.name.clone(), config, stages, copy_map, feature_pairs };
         plan.check_against_teacher(teacher)?;
@@ -390,30 +439,41 @@ impl StudentPlan {
     }
 }
 
-/// The teacher tensor a student tensor is copied from, by BK-SDM's rule: student stage k is
-/// teacher stage `stages[k]`, student resnet/attention j is the j-th kept index.
-fn source_of(name: &str, spec: &StudentSpec, stages: &[usize], n: usize) -> Option<String> {
+/// The teacher tensor a student tensor is copied from: student stage k is teacher stage
+/// `stages[k]`, student resnet/attention j the j-th kept one (BK-SDM's rule), transformer layer l
+/// of a kept attention its l-th kept teacher layer; the rest by name.
+fn source_of(name: &str, res: &Resolved, stages: &[usize], n: usize) -> Option<String> {
     let parts: Vec<&str> = name.split('.').collect();
     let m = stages.len();
     match parts.as_slice() {
         ["down_blocks", k, rest @ ..] => {
             let s = stages[k.parse::<usize>().ok()?];
-            Some(format!("down_blocks.{s}.{}", remap_layer(rest, &spec.down[s])?))
+            Some(format!("down_blocks.{s}.{}", remap_layer(rest, &res.down[s])?))
         }
         ["up_blocks", k, rest @ ..] => {
             let k: usize = k.parse().ok()?;
             let tu = n - 1 - stages[m - 1 - k];
-            Some(format!("up_blocks.{tu}.{}", remap_layer(rest, &spec.up[tu])?))
+            Some(format!("up_blocks.{tu}.{}", remap_layer(rest, &res.up[tu])?))
+        }
+        ["mid_block", "attentions", "0", "transformer_blocks", l, tail @ ..] => {
+            let layers = res.mid.as_ref()?.1.as_ref()?;
+            Some(format!("mid_block.attentions.0.transformer_blocks.{}.{}", layers.get(l.parse::<usize>().ok()?)?, tail.join(".")))
         }
         _ => Some(name.to_string()),
     }
 }
 
-/// `resnets.j.…` / `attentions.j.…` -> the kept teacher index; resamplers keep their names.
-fn remap_layer(rest: &[&str], keep: &[usize]) -> Option<String> {
+/// `resnets.j.…` / `attentions.j.…` -> the kept teacher index (and transformer layer);
+/// resamplers keep their names.
+fn remap_layer(rest: &[&str], keep: &[KeptLayer]) -> Option<String> {
     match rest {
+        ["attentions", j, "transformer_blocks", l, tail @ ..] => {
+            let k = keep.get(j.parse::<usize>().ok()?)?;
+            let t = k.layers.as_ref()?.get(l.parse::<usize>().ok()?)?;
+            Some(format!("attentions.{}.transformer_blocks.{t}.{}", k.resnet, tail.join(".")))
+        }
         [kind @ ("resnets" | "attentions"), j, tail @ ..] => {
-            let t = keep.get(j.parse::<usize>().ok()?)?;
+            let t = keep.get(j.parse::<usize>().ok()?)?.resnet;
             Some(format!("{kind}.{t}.{}", tail.join(".")))
         }
         other => Some(other.join(".")),
@@ -423,7 +483,7 @@ fn remap_layer(rest: &[&str], keep: &[usize]) -> Option<String> {
 /// BK-SDM's pairs: every kept down stage's output and every up block's output. A kept stage that
 /// loses its downsampler (the innermost kept one when deeper stages are dropped) has a different
 /// output size than its teacher stage, so its last attention's `proj_out` is paired instead.
-fn default_feature_pairs(spec: &StudentSpec, teacher: &UNetConfig, student: &UNetConfig, stages: &[usize]) -> Vec<FeaturePair> {
+fn default_feature_pairs(teacher: &UNetConfig, student: &UNetConfig, stages: &[usize]) -> Vec<FeaturePair> {
     let n = teacher.num_stages();
     let m = stages.len();
     let mut pairs = vec![];
@@ -442,7 +502,6 @@ fn default_feature_pairs(spec: &StudentSpec, teacher: &UNetConfig, student: &UNe
         let tu = n - 1 - stages[m - 1 - k];
         pairs.push(FeaturePair { teacher: format!("up_blocks.{tu}"), student: format!("up_blocks.{k}") });
     }
-    let _ = spec;
     pairs
 }
 
@@ -495,7 +554,7 @@ mod tests {
         let t = sd("configs/reference/sd15_unet_config.json");
         let want = [("bk_base", 579_384_964), ("bk_small", 482_346_884), ("bk_tiny", 323_384_964)];
         for (preset, params) in want {
-            let plan = StudentPlan::new(&StudentSpec::preset(preset, 4).unwrap(), &t).unwrap();
+            let plan = StudentPlan::new(&StudentSpec::preset(preset, &t).unwrap(), &t).unwrap();
             assert_eq!(count(&plan), params, "{preset}");
             assert!(plan.copy_map.len() == UNet::build(&plan.config, tch::Device::Cpu, tch::Kind::Float, Init::Empty).vs.len(), "{preset}: every tensor has a source");
         }
@@ -504,11 +563,11 @@ mod tests {
     #[test]
     fn bk_maps_follow_the_paper() {
         let t = sd("configs/reference/sd15_unet_config.json");
-        let base = StudentPlan::new(&StudentSpec::preset("sd_small", 4).unwrap(), &t).unwrap();
+        let base = StudentPlan::new(&StudentSpec::preset("sd_small", &t).unwrap(), &t).unwrap();
         assert_eq!(base.copy_map["up_blocks.1.resnets.1.conv1.weight"], "up_blocks.1.resnets.2.conv1.weight");
         assert_eq!(base.copy_map["up_blocks.3.attentions.1.proj_in.weight"], "up_blocks.3.attentions.2.proj_in.weight");
         assert_eq!(base.copy_map["down_blocks.2.attentions.0.norm.weight"], "down_blocks.2.attentions.0.norm.weight");
-        let tiny = StudentPlan::new(&StudentSpec::preset("sd_tiny", 4).unwrap(), &t).unwrap();
+        let tiny = StudentPlan::new(&StudentSpec::preset("sd_tiny", &t).unwrap(), &t).unwrap();
         assert_eq!(tiny.copy_map["up_blocks.0.resnets.1.conv1.weight"], "up_blocks.1.resnets.2.conv1.weight");
         assert_eq!(tiny.copy_map["up_blocks.1.upsamplers.0.conv.weight"], "up_blocks.2.upsamplers.0.conv.weight");
         assert!(!tiny.copy_map.contains_key("down_blocks.2.downsamplers.0.conv.weight"));
@@ -530,17 +589,128 @@ mod tests {
     #[test]
     fn impossible_specs_say_which_stage() {
         let t = sd("configs/reference/sd15_unet_config.json");
-        let mut spec = StudentSpec::preset("bk_base", 4).unwrap();
-        spec.down[1] = vec![3];
+        let mut spec = StudentSpec::preset("bk_base", &t).unwrap();
+        spec.down[1] = vec![3].into();
         let e = StudentPlan::new(&spec, &t).unwrap_err().to_string();
         assert!(e.contains("down stage 1") && e.contains("index 3"), "{e}");
-        let mut spec = StudentSpec::preset("bk_small", 4).unwrap();
+        let mut spec = StudentSpec::preset("bk_small", &t).unwrap();
         spec.drop_stages = vec![1];
         let e = format!("{:#}", StudentPlan::new(&spec, &t).unwrap_err());
         assert!(e.contains("down_blocks.1") && e.contains("channel mismatch"), "{e}");
-        let mut spec = StudentSpec::preset("bk_small", 4).unwrap();
-        spec.up[2] = vec![0];
+        let mut spec = StudentSpec::preset("bk_small", &t).unwrap();
+        spec.up[2] = vec![0].into();
         let e = StudentPlan::new(&spec, &t).unwrap_err().to_string();
         assert!(e.contains("up block 2"), "{e}");
+    }
+
+    fn sdxl() -> UNetConfig {
+        sd("configs/reference/sdxl_unet_config.json")
+    }
+
+    /// SDXL students from SDXL-base's published config, with unwritten half-precision storage.
+    #[test]
+    fn sdxl_presets_count_the_published_parameters() {
+        let t = sdxl();
+        let want = [("ssd_1b", 1_331_334_404i64, 34), ("vega", 745_225_604, 15), ("koala_1b", 1_161_184_324, 30), ("koala_700m", 782_822_724, 21)];
+        for (preset, params, blocks) in want {
+            let plan = StudentPlan::new(&StudentSpec::preset(preset, &t).unwrap(), &t).unwrap();
+            let unet = UNet::build(&plan.config, tch::Device::Cpu, tch::Kind::Half, Init::Empty);
+            assert_eq!(unet.num_params(), params, "{preset}");
+            assert_eq!(plan.config.transformer_block_count(), blocks, "{preset}");
+            assert_eq!(plan.copy_map.len(), unet.vs.len(), "{preset}: every tensor has a source");
+        }
+    }
+
+    #[test]
+    fn sdxl_presets_write_diffusers_depth_keys() {
+        let t = sdxl();
+        let json = |p: &str| StudentPlan::new(&StudentSpec::preset(p, &t).unwrap(), &t).unwrap().config.to_json();
+        let ssd = json("ssd_1b");
+        assert_eq!(ssd["transformer_layers_per_block"], serde_json::json!([1, 2, 4]));
+        assert_eq!(ssd["reverse_transformer_layers_per_block"], serde_json::json!([[4, 4, 10], [2, 1, 1], 1]));
+        assert_eq!(ssd["mid_block_type"], "UNetMidBlock2D");
+        let vega = json("vega");
+        assert_eq!((&vega["transformer_layers_per_block"], &vega["reverse_transformer_layers_per_block"]), (&serde_json::json!([1, 1, 2]), &serde_json::Value::Null));
+        let koala = json("koala_1b");
+        assert_eq!((&koala["transformer_layers_per_block"], &koala["layers_per_block"], &koala["mid_block_type"]), (&serde_json::json!([1, 2, 6]), &serde_json::json!(1), &serde_json::json!("UNetMidBlock2DCrossAttn")));
+        assert_eq!(json("koala_700m")["mid_block_type"], serde_json::Value::Null);
+        for bk in ["bk_base", "bk_small", "bk_tiny"] {
+            let c = json(bk);
+            assert_eq!((&c["layers_per_block"], &c["transformer_layers_per_block"]), (&serde_json::json!(1), &serde_json::json!([1, 2, 10])), "{bk}");
+            assert_eq!(c["mid_block_type"].is_null(), bk != "bk_base", "{bk}");
+        }
+        for (bk, blocks) in [("bk_base", 46), ("bk_small", 36), ("bk_tiny", 36)] {
+            assert_eq!(StudentPlan::new(&StudentSpec::preset(bk, &t).unwrap(), &t).unwrap().config.transformer_block_count(), blocks, "{bk}");
+        }
+        let tiny = StudentPlan::new(&StudentSpec::preset("bk_tiny", &t).unwrap(), &t).unwrap();
+        assert!(tiny.feature_pairs.contains(&FeaturePair { teacher: "mid_block".into(), student: "down_blocks.2".into() }));
+    }
+
+    #[test]
+    fn kept_layers_map_to_their_teacher_layers() {
+        let t = sdxl();
+        let ssd = StudentPlan::new(&StudentSpec::preset("ssd_1b", &t).unwrap(), &t).unwrap();
+        assert_eq!(ssd.copy_map["down_blocks.2.attentions.1.transformer_blocks.3.ff.net.2.weight"], "down_blocks.2.attentions.1.transformer_blocks.3.ff.net.2.weight");
+        assert_eq!(ssd.copy_map["mid_block.resnets.0.conv1.weight"], "mid_block.resnets.0.conv1.weight");
+        assert!(!ssd.copy_map.keys().any(|k| k.contains("transformer_blocks.4") && k.starts_with("down_blocks.2")));
+        let koala = StudentPlan::new(&StudentSpec::preset("koala_1b", &t).unwrap(), &t).unwrap();
+        assert_eq!(koala.copy_map["up_blocks.0.attentions.1.transformer_blocks.5.attn1.to_q.weight"], "up_blocks.0.attentions.2.transformer_blocks.5.attn1.to_q.weight");
+        assert_eq!(koala.copy_map["mid_block.attentions.0.transformer_blocks.5.norm1.weight"], "mid_block.attentions.0.transformer_blocks.5.norm1.weight");
+        let yaml: StudentSpec = serde_yaml::from_str(
+            "down: [2, [0, 1], [{resnet: 0, layers: [0, 1, 8, 9]}, {resnet: 1, layers: [9, 0, 1, 2]}]]\n\
+             up: [[{resnet: 0, depth: 4}, {resnet: 1, depth: 4}, {resnet: 2, depth: 4}], 3, 3]\n\
+             mid_block: {layers: [2, 3, 4, 5]}\n",
+        )
+        .unwrap();
+        let spec = StudentPlan::new(&yaml, &t).unwrap();
+        assert_eq!(spec.copy_map["down_blocks.2.attentions.0.transformer_blocks.2.attn2.to_k.weight"], "down_blocks.2.attentions.0.transformer_blocks.8.attn2.to_k.weight");
+        assert_eq!(spec.copy_map["down_blocks.2.attentions.1.transformer_blocks.0.attn1.to_v.weight"], "down_blocks.2.attentions.1.transformer_blocks.9.attn1.to_v.weight");
+        assert_eq!(spec.copy_map["mid_block.attentions.0.transformer_blocks.1.attn1.to_v.weight"], "mid_block.attentions.0.transformer_blocks.3.attn1.to_v.weight");
+        assert_eq!(spec.config.to_json()["transformer_layers_per_block"], serde_json::json!([1, 2, 4]));
+    }
+
+    /// A spec the teacher cannot give is refused naming the spec's key.
+    #[test]
+    fn impossible_sdxl_specs_name_the_key() {
+        let t = sdxl();
+        let err = |yaml: &str, t: &UNetConfig| -> String {
+            match serde_yaml::from_str::<StudentSpec>(yaml) {
+                Ok(spec) => format!("{:#}", StudentPlan::new(&spec, t).unwrap_err()),
+                Err(e) => e.to_string(),
+            }
+        };
+        let full_up = "up: [3, 3, 3]\n";
+        let cases = [
+            ("down: [2, 2, [{resnet: 0, depth: 11}, 1]]\n", "down[2][0]: depth 11, but the teacher's attention has 10"),
+            ("down: [2, 2, [{resnet: 0, layers: [0, 3, 3]}, 1]]\n", "down[2][0]: layers lists layer 3 twice"),
+            ("down: [2, 2, [{resnet: 0, layers: [0, 10]}, 1]]\n", "down[2][0]: layers names layer 10"),
+            ("down: [[{resnet: 0, depth: 1}, 1], 2, 2]\n", "down[0][0]: the teacher's block has no attention"),
+            ("down: [2, 2, [{resnet: 0, depth: 4, layers: [1]}, 1]]\n", "give `depth` or `layers`, not both"),
+            ("down: [2, 2, 2]\nmid_block: {depth: 6}\n", "mid_block: depth 6, but diffusers builds the mid block as deep as the last stage"),
+            ("down: [2, 2, 2]\nmid_block: most\n", "mid_block"),
+        ];
+        for (down, want) in cases {
+            let e = err(&format!("{down}{full_up}"), &t);
+            assert!(e.contains(want), "{down}: {e}");
+        }
+        let mut no_mid = t.clone();
+        no_mid.mid_block = None;
+        let e = err("down: [2, 2, 2]\nup: [3, 3, 3]\nmid_block: full\n", &no_mid);
+        assert!(e.contains("mid_block") && e.contains("teacher has none"), "{e}");
+        let mut plain_mid = t.clone();
+        plain_mid.mid_block = Some(MidBlockKind::Plain);
+        let e = err("down: [2, 2, 2]\nup: [3, 3, 3]\nmid_block: full\n", &plain_mid);
+        assert!(e.contains("mid_block: full") && e.contains("UNetMidBlock2D"), "{e}");
+        let e = StudentSpec::preset("koala_700m", &sd("configs/reference/sd15_unet_config.json")).unwrap_err().to_string();
+        assert!(e.contains("koala_700m") && e.contains("SDXL teacher") && e.contains("SD-1.x/2.x"), "{e}");
+    }
+
+    /// docs/students.md's SSD-1B spec file is the preset.
+    #[test]
+    fn the_documented_spec_file_is_the_preset() {
+        let doc = std::fs::read_to_string("docs/students.md").unwrap();
+        let yaml = doc.split("```yaml\n").nth(1).and_then(|rest| rest.split("```").next()).unwrap();
+        let spec: StudentSpec = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(spec, StudentSpec::preset("ssd_1b", &sdxl()).unwrap());
     }
 }

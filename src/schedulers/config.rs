@@ -18,6 +18,23 @@ use std::path::Path;
 /// distillation that makes an LCM student (`num_ddim_timesteps` of diffusers' LCM scripts).
 pub const LCM_ORIGINAL_INFERENCE_STEPS: usize = 50;
 
+/// What an LCM student's sampler must repeat of the distillation that made it: the solver grid's
+/// points (`original_inference_steps`, the run's `lcm.num_ddim_timesteps`) and the boundary
+/// scalings' `timestep_scaling` (the run's `lcm.timestep_scaling`). Written into the
+/// `LCMScheduler` config an export carries and used by an `lcm` run's validation grids.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LcmGrid {
+    pub original_inference_steps: usize,
+    pub timestep_scaling: f64,
+}
+
+impl Default for LcmGrid {
+    /// `LCMScheduler`'s defaults, which are diffusers' LCM scripts' (50 points, s = 10).
+    fn default() -> Self {
+        LcmGrid { original_inference_steps: LCM_ORIGINAL_INFERENCE_STEPS, timestep_scaling: 10.0 }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum BetaSchedule {
     #[serde(rename = "linear")]
@@ -381,8 +398,8 @@ impl SchedulerConfig {
     /// This noise schedule as a complete `LCMScheduler` config (what an exported LCM student's
     /// pipeline carries): the betas, `prediction_type` and zero-SNR setting as this config
     /// resolves them, every other key at `LCMScheduler`'s default, on a distillation grid of
-    /// `original_inference_steps` points.
-    pub fn to_lcm_json(&self, original_inference_steps: usize) -> Value {
+    /// `grid.original_inference_steps` points with `grid.timestep_scaling`.
+    pub fn to_lcm_json(&self, grid: LcmGrid) -> Value {
         serde_json::json!({
             "_class_name": SchedulerKind::Lcm.diffusers_class(),
             "_diffusers_version": "0.42.1",
@@ -391,7 +408,7 @@ impl SchedulerConfig {
             "beta_end": self.beta_end,
             "beta_schedule": self.beta_schedule.name(),
             "trained_betas": self.trained_betas,
-            "original_inference_steps": original_inference_steps,
+            "original_inference_steps": grid.original_inference_steps,
             "clip_sample": false,
             "clip_sample_range": self.clip_sample_range,
             "set_alpha_to_one": true,
@@ -401,9 +418,14 @@ impl SchedulerConfig {
             "dynamic_thresholding_ratio": 0.995,
             "sample_max_value": 1.0,
             "timestep_spacing": "leading",
-            "timestep_scaling": 10.0,
+            "timestep_scaling": grid.timestep_scaling,
             "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
         })
+    }
+
+    /// The LCM grid this config samples on (its own keys, or `LCMScheduler`'s defaults).
+    pub fn lcm_grid(&self) -> LcmGrid {
+        LcmGrid { original_inference_steps: self.original_inference_steps, timestep_scaling: self.timestep_scaling }
     }
 
     /// `timestep_spacing`, or the default of the sampler reading it.
@@ -527,11 +549,13 @@ mod tests {
     #[test]
     fn lcm_json_keeps_the_noise_schedule() {
         let c = SchedulerConfig::from_json_str(sd15()).unwrap();
-        let lcm = SchedulerConfig::from_json(&c.to_lcm_json(50)).unwrap();
+        let lcm = SchedulerConfig::from_json(&c.to_lcm_json(LcmGrid::default())).unwrap();
         assert_eq!(lcm.class_name.as_deref(), Some("LCMScheduler"));
         assert_eq!((lcm.beta_schedule, lcm.beta_start, lcm.beta_end), (c.beta_schedule, c.beta_start, c.beta_end));
         assert_eq!((lcm.original_inference_steps, lcm.timestep_scaling, lcm.clip_sample), (50, 10.0, Some(false)));
         lcm.check_supported(SchedulerKind::Lcm).unwrap();
+        let other = SchedulerConfig::from_json(&c.to_lcm_json(LcmGrid { original_inference_steps: 20, timestep_scaling: 5.0 })).unwrap();
+        assert_eq!((other.original_inference_steps, other.timestep_scaling), (20, 5.0));
     }
 
     #[test]

@@ -14,8 +14,10 @@ after torch.manual_seed(SEED) (default 0).
 `check` loads PIPELINE_DIR (an exported LCM student) with StableDiffusionPipeline.from_pretrained
 as it is, asserts that its scheduler is an LCMScheduler and its UNet has time_cond_proj_dim, and
 saves the 32x32 image of "a red cube on a blue table" at STEPS steps, GUIDANCE, generator
-torch.Generator("cpu").manual_seed(SEED) to OUT_PNG.
+torch.Generator("cpu").manual_seed(SEED) to OUT_PNG, and beside it OUT_PNG.json: the scheduler
+config's `original_inference_steps` and `timestep_scaling` and the timesteps it sampled at.
 """
+import json
 import sys
 
 import torch
@@ -32,6 +34,10 @@ def check(pipeline, out_png, steps, seed, guidance):
     image = pipe("a red cube on a blue table", num_inference_steps=steps, guidance_scale=guidance, height=32, width=32,
                  generator=torch.Generator("cpu").manual_seed(seed), output_type="pil").images[0]
     image.save(out_png)
+    c = pipe.scheduler.config
+    with open(out_png + ".json", "w") as f:
+        json.dump({"original_inference_steps": c.original_inference_steps, "timestep_scaling": c.timestep_scaling,
+                   "timesteps": pipe.scheduler.timesteps.tolist()}, f)
 
 
 def main():

@@ -337,10 +337,10 @@ mod tests {
     #[test]
     fn student_blocks_are_contiguous() {
         let t = sd15();
-        let mut specs: Vec<StudentSpec> = ["bk_base", "bk_small", "bk_tiny"].iter().map(|p| StudentSpec::preset(p, 4).unwrap()).collect();
-        let mut custom = StudentSpec::preset("bk_small", 4).unwrap();
-        custom.down = vec![vec![0, 1], vec![0], vec![0], vec![0, 1]];
-        custom.up = vec![vec![0, 1, 2], vec![0, 2], vec![0, 2], vec![0, 1, 2]];
+        let mut specs: Vec<StudentSpec> = ["bk_base", "bk_small", "bk_tiny"].iter().map(|p| StudentSpec::preset(p, &t).unwrap()).collect();
+        let mut custom = StudentSpec::preset("bk_small", &t).unwrap();
+        custom.down = vec![vec![0, 1].into(), vec![0].into(), vec![0].into(), vec![0, 1].into()];
+        custom.up = vec![vec![0, 1, 2].into(), vec![0, 2].into(), vec![0, 2].into(), vec![0, 1, 2].into()];
         custom.name = "custom".into();
         specs.push(custom);
         for spec in specs {
@@ -354,7 +354,66 @@ mod tests {
                 let max = *idx.iter().max().unwrap();
                 assert_eq!(idx, (0..=max).collect(), "{}: {list} has gaps", spec.name);
             }
-            assert_eq!(names.iter().any(|n| n.starts_with("middle_block.")), spec.mid_block, "{}", spec.name);
+            assert_eq!(names.iter().any(|n| n.starts_with("middle_block.")), plan.config.mid_block.is_some(), "{}", spec.name);
+        }
+    }
+
+    /// ComfyUI's `detect_unet_config` (comfy/model_detection.py) reduced to what its SDXL-family
+    /// entries match on, read from key names: resnets per level, each input and output block's
+    /// transformer depth (output blocks last first), the mid block's depth (-1: a resnet alone,
+    /// -2: none).
+    fn comfy_detect(names: &BTreeSet<String>) -> (Vec<usize>, Vec<usize>, Vec<usize>, i64) {
+        let has = |k: String| names.contains(&k);
+        let depth = |block: &str| (0..).take_while(|d| names.iter().any(|n| n.starts_with(&format!("{block}.1.transformer_blocks.{d}.")))).count();
+        let inputs = (0..).take_while(|k| names.iter().any(|n| n.starts_with(&format!("input_blocks.{k}.")))).count();
+        let (mut res_blocks, mut depth_in, mut depth_out, mut last) = (vec![], vec![], vec![], 0);
+        for k in 0..inputs {
+            let (input, output) = (format!("input_blocks.{k}"), format!("output_blocks.{}", inputs - k - 1));
+            if has(format!("{input}.0.op.weight")) {
+                res_blocks.push(last);
+                last = 0;
+                depth_out.push(depth(&output));
+                continue;
+            }
+            if has(format!("{input}.0.in_layers.0.weight")) {
+                last += 1;
+                depth_in.push(depth(&input));
+            }
+            if has(format!("{output}.0.in_layers.0.weight")) {
+                depth_out.push(depth(&output));
+            }
+        }
+        res_blocks.push(last);
+        let middle = if has("middle_block.1.proj_in.weight".into()) {
+            depth("middle_block") as i64
+        } else if has("middle_block.0.in_layers.0.weight".into()) {
+            -1
+        } else {
+            -2
+        };
+        (res_blocks, depth_in, depth_out, middle)
+    }
+
+    /// The SDXL students' single-file names give what ComfyUI's `SSD_1B`, `Segmind_Vega`,
+    /// `KOALA_1B` and `KOALA_700M` entries (comfy/model_detection.py, supported_models.py) match.
+    #[test]
+    fn sdxl_students_are_numbered_as_comfyui_detects_them() {
+        let t = UNetConfig::from_path(Path::new("configs/reference/sdxl_unet_config.json")).unwrap();
+        let want: [(&str, (Vec<usize>, Vec<usize>, Vec<usize>, i64)); 5] = [
+            ("ssd_1b", (vec![2, 2, 2], vec![0, 0, 2, 2, 4, 4], vec![0, 0, 0, 1, 1, 2, 10, 4, 4], -1)),
+            ("vega", (vec![2, 2, 2], vec![0, 0, 1, 1, 2, 2], vec![0, 0, 0, 1, 1, 1, 2, 2, 2], -1)),
+            ("koala_1b", (vec![1, 1, 1], vec![0, 2, 6], vec![0, 0, 2, 2, 6, 6], 6)),
+            ("koala_700m", (vec![1, 1, 1], vec![0, 2, 5], vec![0, 0, 2, 2, 5, 5], -2)),
+            ("bk_base", (vec![1, 1, 1], vec![0, 2, 10], vec![0, 0, 2, 2, 10, 10], 10)),
+        ];
+        let base = unet_map(&t);
+        let sdxl: BTreeSet<String> = UNet::build(&t, Device::Cpu, Kind::Half, Init::Empty).vs.variables().keys().map(|n| base.ldm(n).unwrap().0).collect();
+        assert_eq!(comfy_detect(&sdxl), (vec![2, 2, 2], vec![0, 0, 2, 2, 10, 10], vec![0, 0, 0, 2, 2, 2, 10, 10, 10], 10), "SDXL itself");
+        for (preset, detected) in want {
+            let plan = StudentPlan::new(&StudentSpec::preset(preset, &t).unwrap(), &t).unwrap();
+            let m = unet_map(&plan.config);
+            let names: BTreeSet<String> = UNet::build(&plan.config, Device::Cpu, Kind::Half, Init::Empty).vs.variables().keys().map(|n| m.ldm(n).unwrap().0).collect();
+            assert_eq!(comfy_detect(&names), detected, "{preset}");
         }
     }
 }
