@@ -9,7 +9,6 @@
 //! so the base's VarStore is untouched and can be frozen whole. Init is PEFT's default
 //! (`init_lora_weights=True`): A Kaiming-uniform with a = √5 (bound 1/√fan_in, PyTorch's
 //! default for a layer's weight), B zero, so a fresh adapter leaves the output unchanged.
-use super::layers::as_kind;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 use tch::{nn, Kind, Tensor};
@@ -77,6 +76,15 @@ impl Adapter {
             }
         };
         h * self.scale
+    }
+}
+
+/// `t` in dtype `kind` (a differentiable cast when it is not), as the layers cast their weights.
+fn as_kind(t: &Tensor, kind: Kind) -> Tensor {
+    if t.kind() == kind {
+        t.shallow_clone()
+    } else {
+        t.to_kind(kind)
     }
 }
 

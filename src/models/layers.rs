@@ -205,7 +205,7 @@ impl LayerNorm {
 }
 
 /// `t` in dtype `kind`: itself when it already is, else a differentiable cast.
-pub(crate) fn as_kind(t: &Tensor, kind: Kind) -> Tensor {
+fn as_kind(t: &Tensor, kind: Kind) -> Tensor {
     if t.kind() == kind {
         t.shallow_clone()
     } else {
