@@ -163,6 +163,10 @@ fn assert_same_tensors(a: &Path, b: &Path) {
 /// A grid of 20 points (not the default 50) and s = 5: what the export's LCMScheduler config must say.
 const GRID: &str = "lcm:\n  num_ddim_timesteps: 20\n  timestep_scaling: 5.0\n";
 
+/// A validation grid at the last step: the teacher's row at 2 DDIM steps, then the student at
+/// the default LCM step counts (1, 2, 4, 8), on the prompt, seed and guidance `exports_its_grid` samples.
+const VALIDATION: &str = "validation:\n  every: 4\n  prompts: [a red cube on a blue table]\n  steps: 2\n  scheduler: ddim\n  guidance_scale: 6.0\n";
+
 /// Four LCD steps straight equal two, a checkpoint, a resume and two more, bit for bit: student,
 /// AdamW, and the target network; the target moved away from the student (an EMA, not a copy);
 /// TensorBoard has the consistency loss, w's mean and the target decay; `final/` has the student
@@ -172,7 +176,9 @@ const GRID: &str = "lcm:\n  num_ddim_timesteps: 20\n  timestep_scaling: 5.0\n";
 #[test]
 fn lcm_run_resumes_bit_exact_with_its_target_network() {
     let straight = tempdir();
-    train(&["--config", config(straight.path(), 4, GRID).to_str().unwrap()]);
+    let cfg = config(straight.path(), 4, GRID);
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("validation:\n  every: 0\n", VALIDATION)).unwrap();
+    train(&["--config", cfg.to_str().unwrap()]);
     let split = tempdir();
     train(&["--config", config(split.path(), 2, GRID).to_str().unwrap()]);
     train(&["--config", config(split.path(), 4, GRID).to_str().unwrap(), "--resume", "latest"]);
@@ -197,28 +203,40 @@ fn lcm_run_resumes_bit_exact_with_its_target_network() {
     assert!(w.iter().all(|w| (5.0..=15.0).contains(w)) && w.windows(2).any(|p| p[0] != p[1]), "{w:?}");
     assert!((s["lcm/target_ema"][0][1].as_f64().unwrap() - 0.95).abs() < 1e-6);
     assert!(s["loss/task"].is_null(), "an LCD run logs no KD task loss");
-    exports_its_grid(&a);
+    let grid = run.join("samples/step-4.png");
+    let text: BTreeMap<String, String> = sdkd::png_meta::read_png_text(&grid).unwrap().into_iter().collect();
+    let rows = "teacher (ddim, 2 steps) | student (lcm, 1 step) | student (lcm, 2 steps) | student (lcm, 4 steps) | student (lcm, 8 steps)";
+    assert_eq!(text["rows"], rows);
+    let grid = image::open(&grid).unwrap().to_rgb8();
+    let size = (grid.width(), (grid.height() - 4 * sdkd::grid::GAP) / 5);
+    assert_eq!(grid.height(), 5 * size.1 + 4 * sdkd::grid::GAP, "five rows of one image each");
+    let cell = |row: u32| image::imageops::crop_imm(&grid, 0, row * (size.1 + sdkd::grid::GAP), size.0, size.1).to_image();
+    assert!(cell(1) != cell(4), "the 1-step and 8-step rows are the same image");
+    exports_its_grid(&a, &cell(3));
 }
 
 /// `sdkd export --format pipeline` of an LCD run with a 20-point grid and s = 5: diffusers'
 /// `StableDiffusionPipeline.from_pretrained` reads an LCMScheduler with them (4 steps on the
 /// 20-point grid: 999, 749, 499, 249, not the default grid's 759 and 259) and samples the same
-/// pixels as `sdkd generate` on the export.
-fn exports_its_grid(checkpoint: &Path) {
+/// pixels as `sdkd generate` on the export and as the run's validation grid (`validated`, its
+/// 4-step LCM cell at the same step, seed and guidance).
+fn exports_its_grid(checkpoint: &Path, validated: &image::RgbImage) {
+    let size = validated.width().to_string();
     let tmp = tempdir();
     let p = |s: &str| tmp.path().join(s).display().to_string();
     let o = sdkd(&["export", "--checkpoint", checkpoint.to_str().unwrap(), "--format", "pipeline", "--out", &p("export")]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    run_reference("lcm_unet.py", &["check", &p("export"), &p("theirs.png"), "4", "5", "6.0"]);
+    run_reference("lcm_unet.py", &["check", &p("export"), &p("theirs.png"), "4", "7", "6.0", &size]);
     let seen: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p("theirs.png.json")).unwrap()).unwrap();
     assert_eq!(seen["original_inference_steps"], 20, "{seen}");
     assert_eq!(seen["timestep_scaling"], 5.0, "{seen}");
     assert_eq!(seen["timesteps"], serde_json::json!([999, 749, 499, 249]), "{seen}");
     let o = sdkd(&["generate", "--model", &p("export"), "--prompt", "a red cube on a blue table", "--scheduler", "lcm", "--steps", "4",
-        "--seed", "5", "--guidance-scale", "6", "--width", "32", "--height", "32", "--out", &p("ours.png")]);
+        "--seed", "7", "--guidance-scale", "6", "--width", &size, "--height", &size, "--out", &p("ours.png")]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (ours, theirs) = (image::open(p("ours.png")).unwrap().to_rgb8(), image::open(p("theirs.png")).unwrap().to_rgb8());
     assert!(ours == theirs, "sdkd generate and diffusers sample the exported LCM student differently");
+    assert!(&ours == validated, "the validation grid's 4-step row is not what the export samples");
 }
 
 /// A run started as `kd` does not resume as `lcm` (nor back), naming `method`; a solver grid

@@ -559,3 +559,72 @@ fn half_precision_generate_is_close_to_diffusers() {
         assert!(ours.as_raw() != fp32.as_raw(), "{dtype}: the image equals the fp32 image");
     }
 }
+
+/// Every student preset pruned by `sdkd prune --format pipeline` from a tiny teacher with SDXL-base's
+/// block structure (`real`: 70 transformer blocks, narrow widths) loads in diffusers'
+/// `StableDiffusionXLPipeline` with no missing or unexpected keys, its UNet's prediction equals
+/// sdkd's within 1e-5, and every copied tensor is byte-equal to its teacher source. On SDXL-base's
+/// real config, diffusers builds the exported config (meta device) with sdkd's parameter count
+/// (the published ones for SSD-1B, Vega and KOALA) and tensor names. One reference run for all.
+#[test]
+fn sdxl_students_load_in_diffusers_and_match_sdkd() {
+    let tmp = tempdir();
+    fixture();
+    let start = std::time::Instant::now();
+    let teacher = pipeline_copy(&tmp.path().join("teacher"));
+    std::fs::remove_dir_all(teacher.join("unet")).unwrap();
+    std::fs::create_dir(teacher.join("unet")).unwrap();
+    for f in std::fs::read_dir(fixture().join("unets/real/unet")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), teacher.join("unet").join(f.file_name())).unwrap();
+    }
+    let teacher_unet = UNet::load(&teacher.join("unet"), Device::Cpu, Kind::Float).unwrap();
+    let teacher_tensors = part_tensors(&teacher, "unet");
+    let sdxl = sdkd::models::unet_config::UNetConfig::from_path(&root().join("configs/reference/sdxl_unet_config.json")).unwrap();
+    let published = [("ssd_1b", 1_331_334_404i64), ("vega", 745_225_604), ("koala_1b", 1_161_184_324), ("koala_700m", 782_822_724)];
+    let presets = ["ssd_1b", "vega", "koala_1b", "koala_700m", "bk_base", "bk_small", "bk_tiny"];
+    let students = tmp.path().join("students");
+    let mut configs = serde_json::Map::new();
+    for preset in presets {
+        let out = students.join(preset);
+        let o = sdkd(&["prune", "--teacher", teacher.to_str().unwrap(), "--student", preset, "--format", "pipeline", "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{preset}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains(" 0 left random"), "{preset}: {}", String::from_utf8_lossy(&o.stdout));
+        let full = sdkd::distill::student::StudentPlan::resolve(preset, Some(&sdxl)).unwrap();
+        configs.insert(preset.to_string(), full.config.to_json());
+    }
+    let refs = tmp.path().join("refs");
+    std::fs::create_dir(&refs).unwrap();
+    let configs_json = tmp.path().join("configs.json");
+    std::fs::write(&configs_json, Value::Object(configs.clone()).to_string()).unwrap();
+    let pruned = start.elapsed().as_secs_f64();
+    run_reference("sdxl_students.py", &[students.to_str().unwrap(), configs_json.to_str().unwrap(), refs.to_str().unwrap()]);
+    eprintln!("pruned {} presets in {pruned:.1} s, diffusers' reference {:.1} s", presets.len(), start.elapsed().as_secs_f64() - pruned);
+    let full: Value = serde_json::from_str(&std::fs::read_to_string(refs.join("full.json")).unwrap()).unwrap();
+    for preset in presets {
+        let config = sdkd::models::unet_config::UNetConfig::from_json(&configs[preset]).unwrap();
+        let unet = UNet::build(&config, Device::Cpu, Kind::Half, Init::Empty);
+        let names: Vec<String> = unet.vs.variables().into_keys().collect::<BTreeSet<_>>().into_iter().collect();
+        assert_eq!(full[preset]["params"].as_i64(), Some(unet.num_params()), "{preset}: diffusers' count of the exported config");
+        let theirs: Vec<String> = serde_json::from_value(full[preset]["names"].clone()).unwrap();
+        assert_eq!(names, theirs, "{preset}: tensor names");
+        if let Some((_, want)) = published.iter().find(|(p, _)| *p == preset) {
+            assert_eq!(unet.num_params(), *want, "{preset}");
+        }
+
+        let dir = students.join(preset);
+        let student = UNet::load(&dir.join("unet"), Device::Cpu, Kind::Float).unwrap();
+        let r = read_tensors(&refs.join(format!("{preset}.safetensors")));
+        let added = AddedCond { text_embeds: Some(r["text_embeds"].shallow_clone()), time_ids: Some(r["time_ids"].shallow_clone()), timestep_cond: None };
+        let got = tch::no_grad(|| student.model.predict_cond(&r["sample"], &r["timesteps"], &r["context"], &added));
+        let err = rel_err(&got, &r["out"]);
+        eprintln!("{preset}: {} params on the tiny teacher, prediction rel err {err:e}", student.num_params());
+        assert!(err <= 1e-5, "{preset}: rel err {err:e}");
+        let plan = sdkd::distill::student::StudentPlan::resolve(preset, Some(&teacher_unet.model.config)).unwrap();
+        let ours = part_tensors(&dir, "unet");
+        assert_eq!(plan.copy_map.len(), ours.len(), "{preset}: every tensor has a source");
+        for (s, t) in &plan.copy_map {
+            assert!(ours[s].equal(&teacher_tensors[t]), "{preset}: {s} differs from its source {t}");
+        }
+    }
+}

@@ -5,7 +5,7 @@ usage: sdxl.py make OUT_DIR
 
 `make` writes, every weight perturbed (default init hides bugs behind zero out-projections):
 
-  OUT_DIR/unets/NAME/unet/ and OUT_DIR/unets/NAME/ref.safetensors, for three UNet2DConditionModels
+  OUT_DIR/unets/NAME/unet/ and OUT_DIR/unets/NAME/ref.safetensors, for four UNet2DConditionModels
   with `addition_embed_type: "text_time"`, linear projections and per-stage head counts:
     xl:    SDXL's layout (DownBlock2D then two cross-attention stages, layers_per_block 2, the mid
            block), transformer_layers_per_block [1, 2, 3]
@@ -13,6 +13,8 @@ usage: sdxl.py make OUT_DIR
            reverse_transformer_layers_per_block [[2, 1], [1, 1, 2], 1], layers_per_block
            [1, 2, 1], mid_block_type UNetMidBlock2D (one resnet), time_cond_proj_dim 16
     nomid: KOALA-700M-like: layers_per_block 1, mid_block_type null
+    real:  SDXL-base's block structure exactly (transformer_layers_per_block [1, 2, 10], 70
+           transformer blocks) at narrow widths: the teacher of the SDXL student presets
   ref.safetensors holds the inputs (sample, timesteps, context, text_embeds, time_ids and, for
   asym, timestep_cond), the prediction (`out`) and the block features (`feat.down_blocks.0`, ...).
 
@@ -71,6 +73,7 @@ UNETS = {
                  reverse_transformer_layers_per_block=[[2, 1], [1, 1, 2], 1], mid_block_type="UNetMidBlock2D",
                  time_cond_proj_dim=16),
     "nomid": dict(BASE, layers_per_block=1, transformer_layers_per_block=[1, 1, 2], mid_block_type=None),
+    "real": dict(BASE, layers_per_block=2, transformer_layers_per_block=[1, 2, 10]),
 }
 SCHEDULERS = {
     "ddpm": "DDPMScheduler", "ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
