@@ -423,7 +423,12 @@ impl RunConfig {
             return Err(invalid("distill", "method: lcm needs the teacher (its guided ODE step is the target): set teacher and distill: true".to_string()));
         }
         if self.loss != LossWeights::default() {
-            return Err(invalid("loss", "method: lcm trains on the consistency loss (lcm.loss); KD terms beside it are not implemented: remove the loss: section".to_string()));
+            return Err(invalid(
+                "loss",
+                "method: lcm takes no loss: section: output KD beside the consistency loss is lcm.output_kd (its weight, default 0; the loss: section's BK-SDM defaults of 1 would turn it on unasked); \
+                 feature KD is not offered, as no teacher feature matches the guided target (CFG mixes the outputs of two teacher calls, not their activations), and the task loss regresses the noise, which an LCM student does not predict (docs/config.md)"
+                    .to_string(),
+            ));
         }
         if self.train.noise_offset != 0.0 {
             return Err(invalid("train.noise_offset", format!("train.noise_offset = {}: method: lcm noises with the DDIM solver's timesteps and no offset; set it to 0", self.train.noise_offset)));

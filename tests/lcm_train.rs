@@ -56,7 +56,7 @@ fn worst(reference: &BTreeMap<String, Tensor>, prefix: &str, ours: &[(String, Te
 
 /// An LCD distiller as the script builds it: the student is the teacher's architecture with
 /// `cond_proj`, starting from the reference's initial weights (its fresh cond_proj included).
-fn distiller(case: &BTreeMap<String, Tensor>, prediction: PredictionType, loss: ConsistencyLoss) -> Distiller {
+fn distiller(case: &BTreeMap<String, Tensor>, prediction: PredictionType, lcm: LcmConfig) -> Distiller {
     let pipeline = PipelineDir::open(&train_fixture().teacher).unwrap();
     let teacher = pipeline.load_unet(Device::Cpu, Kind::Float).unwrap();
     let mut config = teacher.model.config.clone();
@@ -68,7 +68,6 @@ fn distiller(case: &BTreeMap<String, Tensor>, prediction: PredictionType, loss: 
     let mut scheduler = pipeline.scheduler_config().unwrap();
     scheduler.prediction_type = prediction;
     let schedule = std::sync::Arc::new(NoiseSchedule::new(scheduler).unwrap());
-    let lcm = LcmConfig { loss, ..LcmConfig::default() };
     Distiller::new(student, plan, Some(Teacher::new(teacher, Default::default())), schedule, AdamWConfig::default(), None, LossWeights::default())
         .unwrap()
         .with_consistency(&lcm, case["uncond"].shallow_clone())
@@ -79,7 +78,7 @@ fn distiller(case: &BTreeMap<String, Tensor>, prediction: PredictionType, loss: 
 /// every step's loss. Returns the largest relative loss error over the steps.
 fn replay(name: &str, prediction: PredictionType, loss: ConsistencyLoss) -> f64 {
     let case = read_tensors(&reference().join(format!("{name}.safetensors")));
-    let mut d = distiller(&case, prediction, loss);
+    let mut d = distiller(&case, prediction, LcmConfig { loss, ..LcmConfig::default() });
     let params = weights::named_tensors(&d.student().vs);
     let steps = case["loss"].size()[0];
     let mut worst_loss: f64 = 0.0;
@@ -127,6 +126,63 @@ fn lcd_steps_equal_the_reference() {
     replay("v_prediction_huber", PredictionType::VPrediction, ConsistencyLoss::Huber);
 }
 
+
+/// `lcm.output_kd` = λ adds λ × the MSE between the student's raw output at (z, t_{n+k}, text, w)
+/// and the teacher's guided output `out_c + w·(out_c − out_u)` at the same z, t_{n+k} and w,
+/// recomputed here from the two UNets' forwards: the term within 1e-6, the gradients those of the
+/// consistency loss alone plus λ × the term's within 1e-5; the consistency loss is unchanged.
+#[test]
+fn output_kd_beside_the_consistency_loss_is_the_guided_teacher_mse() {
+    use sdkd::models::unet::AddedCond;
+    tch::set_num_threads(1);
+    let case = read_tensors(&reference().join("epsilon_l2.safetensors"));
+    let inputs = || LcdInputs { index: case["index"].get(0), noise: case["noise"].get(0), w: case["w"].get(0) };
+    let (latents, context) = (case["latents"].get(0), case["context"].get(0));
+    let grads = |d: &Distiller| -> Vec<(String, Tensor)> { weights::named_tensors(&d.student().vs).into_iter().map(|(n, p)| (n, p.grad().copy())).collect() };
+    let plain = distiller(&case, PredictionType::Epsilon, LcmConfig::default());
+    let alone = plain.lcd_micro_step_with(&latents, &context, &inputs(), 1).unwrap();
+    assert!(alone.output_kd.is_none());
+    let lambda = 0.5;
+    let kd = distiller(&case, PredictionType::Epsilon, LcmConfig { output_kd: lambda, ..LcmConfig::default() });
+    let with = kd.lcd_micro_step_with(&latents, &context, &inputs(), 1).unwrap();
+    assert_eq!(with.loss.double_value(&[]), alone.loss.double_value(&[]), "the consistency loss changed");
+    let (g_alone, g_with) = (grads(&plain), grads(&kd));
+
+    // the term from the UNets' forwards, on the kd distiller's student (its gradients cleared)
+    let params = weights::named_tensors(&kd.student().vs);
+    tch::no_grad(|| params.iter().for_each(|(_, p)| { let _ = p.grad().zero_(); }));
+    let pipeline = PipelineDir::open(&train_fixture().teacher).unwrap();
+    let teacher = pipeline.load_unet(Device::Cpu, Kind::Float).unwrap();
+    let schedule = NoiseSchedule::new(pipeline.scheduler_config().unwrap()).unwrap();
+    let (start, _) = kd.consistency().unwrap().solver().start_and_target(&inputs().index);
+    let noisy = schedule.add_noise(&latents, &inputs().noise, &start);
+    let w = inputs().w;
+    let added = AddedCond { timestep_cond: Some(sdkd::models::embeddings::guidance_scale_embedding(&w, 256)), ..AddedCond::default() };
+    let none = Default::default();
+    let student = kd.student().model.forward_cond(&noisy, &start, &context, &added, &none).sample;
+    let guided = tch::no_grad(|| {
+        let out = |ctx: &Tensor| teacher.model.forward(&noisy, &start, ctx, &none).sample;
+        let (c, u) = (out(&context), out(&case["uncond"].repeat([latents.size()[0], 1, 1])));
+        &c + w.view([-1, 1, 1, 1]) * (&c - u)
+    });
+    let term = student.mse_loss(&guided, tch::Reduction::Mean);
+    (&term * lambda).backward();
+    let (ours, expected) = (with.output_kd.unwrap().double_value(&[]), term.double_value(&[]));
+    println!("output KD {ours} vs {expected} recomputed");
+    assert!((ours - expected).abs() <= 1e-6 * expected.abs() && expected > 0.0, "output KD {ours} vs {expected}");
+    let mut worst = (0.0f64, String::new());
+    for (((name, a), (_, b)), (_, p)) in g_alone.iter().zip(&g_with).zip(&params) {
+        let sum = a + p.grad();
+        let e = err(b, &sum);
+        if e > worst.0 {
+            worst = (e, name.clone());
+        }
+    }
+    println!("gradients within {:.2e} ({})", worst.0, worst.1);
+    assert!(worst.0 <= 1e-5, "gradient {} off by {:e}", worst.1, worst.0);
+    let moved = g_alone.iter().zip(&g_with).filter(|((_, a), (_, b))| !a.equal(b)).count();
+    assert!(moved > 0, "the KD term changed no gradient");
+}
 
 /// A tiny `method: lcm` run on the train fixture (bk_small pruned on the spot from the teacher).
 fn config(dir: &Path, max_steps: u64, extra: &str) -> PathBuf {

@@ -516,7 +516,7 @@ impl Trainer {
             }
             if self.distiller.consistency().is_some() {
                 let terms = self.distiller.lcd_micro_step(&latents, &context, accum)?;
-                s.add_lcd(&terms, accum);
+                s.add_lcd(&terms, accum, self.cfg.lcm.output_kd);
             } else {
                 let terms = self.distiller.micro_step(&latents, &context, accum);
                 s.add_terms(&terms, accum);
