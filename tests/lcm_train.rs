@@ -56,7 +56,7 @@ fn worst(reference: &BTreeMap<String, Tensor>, prefix: &str, ours: &[(String, Te
 
 /// An LCD distiller as the script builds it: the student is the teacher's architecture with
 /// `cond_proj`, starting from the reference's initial weights (its fresh cond_proj included).
-fn distiller(case: &BTreeMap<String, Tensor>, prediction: PredictionType, loss: ConsistencyLoss) -> Distiller {
+fn distiller(case: &BTreeMap<String, Tensor>, prediction: PredictionType, lcm: LcmConfig) -> Distiller {
     let pipeline = PipelineDir::open(&train_fixture().teacher).unwrap();
     let teacher = pipeline.load_unet(Device::Cpu, Kind::Float).unwrap();
     let mut config = teacher.model.config.clone();
@@ -68,7 +68,6 @@ fn distiller(case: &BTreeMap<String, Tensor>, prediction: PredictionType, loss: 
     let mut scheduler = pipeline.scheduler_config().unwrap();
     scheduler.prediction_type = prediction;
     let schedule = std::sync::Arc::new(NoiseSchedule::new(scheduler).unwrap());
-    let lcm = LcmConfig { loss, ..LcmConfig::default() };
     Distiller::new(student, plan, Some(Teacher::new(teacher, Default::default())), schedule, AdamWConfig::default(), None, LossWeights::default())
         .unwrap()
         .with_consistency(&lcm, case["uncond"].shallow_clone())
@@ -79,7 +78,7 @@ fn distiller(case: &BTreeMap<String, Tensor>, prediction: PredictionType, loss: 
 /// every step's loss. Returns the largest relative loss error over the steps.
 fn replay(name: &str, prediction: PredictionType, loss: ConsistencyLoss) -> f64 {
     let case = read_tensors(&reference().join(format!("{name}.safetensors")));
-    let mut d = distiller(&case, prediction, loss);
+    let mut d = distiller(&case, prediction, LcmConfig { loss, ..LcmConfig::default() });
     let params = weights::named_tensors(&d.student().vs);
     let steps = case["loss"].size()[0];
     let mut worst_loss: f64 = 0.0;
@@ -128,6 +127,63 @@ fn lcd_steps_equal_the_reference() {
 }
 
 
+/// `lcm.output_kd` = λ adds λ × the MSE between the student's raw output at (z, t_{n+k}, text, w)
+/// and the teacher's guided output `out_c + w·(out_c − out_u)` at the same z, t_{n+k} and w,
+/// recomputed here from the two UNets' forwards: the term within 1e-6, the gradients those of the
+/// consistency loss alone plus λ × the term's within 1e-5; the consistency loss is unchanged.
+#[test]
+fn output_kd_beside_the_consistency_loss_is_the_guided_teacher_mse() {
+    use sdkd::models::unet::AddedCond;
+    tch::set_num_threads(1);
+    let case = read_tensors(&reference().join("epsilon_l2.safetensors"));
+    let inputs = || LcdInputs { index: case["index"].get(0), noise: case["noise"].get(0), w: case["w"].get(0) };
+    let (latents, context) = (case["latents"].get(0), case["context"].get(0));
+    let grads = |d: &Distiller| -> Vec<(String, Tensor)> { weights::named_tensors(&d.student().vs).into_iter().map(|(n, p)| (n, p.grad().copy())).collect() };
+    let plain = distiller(&case, PredictionType::Epsilon, LcmConfig::default());
+    let alone = plain.lcd_micro_step_with(&latents, &context, &inputs(), 1).unwrap();
+    assert!(alone.output_kd.is_none());
+    let lambda = 0.5;
+    let kd = distiller(&case, PredictionType::Epsilon, LcmConfig { output_kd: lambda, ..LcmConfig::default() });
+    let with = kd.lcd_micro_step_with(&latents, &context, &inputs(), 1).unwrap();
+    assert_eq!(with.loss.double_value(&[]), alone.loss.double_value(&[]), "the consistency loss changed");
+    let (g_alone, g_with) = (grads(&plain), grads(&kd));
+
+    // the term from the UNets' forwards, on the kd distiller's student (its gradients cleared)
+    let params = weights::named_tensors(&kd.student().vs);
+    tch::no_grad(|| params.iter().for_each(|(_, p)| { let _ = p.grad().zero_(); }));
+    let pipeline = PipelineDir::open(&train_fixture().teacher).unwrap();
+    let teacher = pipeline.load_unet(Device::Cpu, Kind::Float).unwrap();
+    let schedule = NoiseSchedule::new(pipeline.scheduler_config().unwrap()).unwrap();
+    let (start, _) = kd.consistency().unwrap().solver().start_and_target(&inputs().index);
+    let noisy = schedule.add_noise(&latents, &inputs().noise, &start);
+    let w = inputs().w;
+    let added = AddedCond { timestep_cond: Some(sdkd::models::embeddings::guidance_scale_embedding(&w, 256)), ..AddedCond::default() };
+    let none = Default::default();
+    let student = kd.student().model.forward_cond(&noisy, &start, &context, &added, &none).sample;
+    let guided = tch::no_grad(|| {
+        let out = |ctx: &Tensor| teacher.model.forward(&noisy, &start, ctx, &none).sample;
+        let (c, u) = (out(&context), out(&case["uncond"].repeat([latents.size()[0], 1, 1])));
+        &c + w.view([-1, 1, 1, 1]) * (&c - u)
+    });
+    let term = student.mse_loss(&guided, tch::Reduction::Mean);
+    (&term * lambda).backward();
+    let (ours, expected) = (with.output_kd.unwrap().double_value(&[]), term.double_value(&[]));
+    println!("output KD {ours} vs {expected} recomputed");
+    assert!((ours - expected).abs() <= 1e-6 * expected.abs() && expected > 0.0, "output KD {ours} vs {expected}");
+    let mut worst = (0.0f64, String::new());
+    for (((name, a), (_, b)), (_, p)) in g_alone.iter().zip(&g_with).zip(&params) {
+        let sum = a + p.grad();
+        let e = err(b, &sum);
+        if e > worst.0 {
+            worst = (e, name.clone());
+        }
+    }
+    println!("gradients within {:.2e} ({})", worst.0, worst.1);
+    assert!(worst.0 <= 1e-5, "gradient {} off by {:e}", worst.1, worst.0);
+    let moved = g_alone.iter().zip(&g_with).filter(|((_, a), (_, b))| !a.equal(b)).count();
+    assert!(moved > 0, "the KD term changed no gradient");
+}
+
 /// A tiny `method: lcm` run on the train fixture (bk_small pruned on the spot from the teacher).
 fn config(dir: &Path, max_steps: u64, extra: &str) -> PathBuf {
     let f = train_fixture();
@@ -163,6 +219,10 @@ fn assert_same_tensors(a: &Path, b: &Path) {
 /// A grid of 20 points (not the default 50) and s = 5: what the export's LCMScheduler config must say.
 const GRID: &str = "lcm:\n  num_ddim_timesteps: 20\n  timestep_scaling: 5.0\n";
 
+/// A validation grid at the last step: the teacher's row at 2 DDIM steps, then the student at
+/// the default LCM step counts (1, 2, 4, 8), on the prompt, seed and guidance `exports_its_grid` samples.
+const VALIDATION: &str = "validation:\n  every: 4\n  prompts: [a red cube on a blue table]\n  steps: 2\n  scheduler: ddim\n  guidance_scale: 6.0\n";
+
 /// Four LCD steps straight equal two, a checkpoint, a resume and two more, bit for bit: student,
 /// AdamW, and the target network; the target moved away from the student (an EMA, not a copy);
 /// TensorBoard has the consistency loss, w's mean and the target decay; `final/` has the student
@@ -172,7 +232,9 @@ const GRID: &str = "lcm:\n  num_ddim_timesteps: 20\n  timestep_scaling: 5.0\n";
 #[test]
 fn lcm_run_resumes_bit_exact_with_its_target_network() {
     let straight = tempdir();
-    train(&["--config", config(straight.path(), 4, GRID).to_str().unwrap()]);
+    let cfg = config(straight.path(), 4, GRID);
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("validation:\n  every: 0\n", VALIDATION)).unwrap();
+    train(&["--config", cfg.to_str().unwrap()]);
     let split = tempdir();
     train(&["--config", config(split.path(), 2, GRID).to_str().unwrap()]);
     train(&["--config", config(split.path(), 4, GRID).to_str().unwrap(), "--resume", "latest"]);
@@ -197,28 +259,40 @@ fn lcm_run_resumes_bit_exact_with_its_target_network() {
     assert!(w.iter().all(|w| (5.0..=15.0).contains(w)) && w.windows(2).any(|p| p[0] != p[1]), "{w:?}");
     assert!((s["lcm/target_ema"][0][1].as_f64().unwrap() - 0.95).abs() < 1e-6);
     assert!(s["loss/task"].is_null(), "an LCD run logs no KD task loss");
-    exports_its_grid(&a);
+    let grid = run.join("samples/step-4.png");
+    let text: BTreeMap<String, String> = sdkd::png_meta::read_png_text(&grid).unwrap().into_iter().collect();
+    let rows = "teacher (ddim, 2 steps) | student (lcm, 1 step) | student (lcm, 2 steps) | student (lcm, 4 steps) | student (lcm, 8 steps)";
+    assert_eq!(text["rows"], rows);
+    let grid = image::open(&grid).unwrap().to_rgb8();
+    let size = (grid.width(), (grid.height() - 4 * sdkd::grid::GAP) / 5);
+    assert_eq!(grid.height(), 5 * size.1 + 4 * sdkd::grid::GAP, "five rows of one image each");
+    let cell = |row: u32| image::imageops::crop_imm(&grid, 0, row * (size.1 + sdkd::grid::GAP), size.0, size.1).to_image();
+    assert!(cell(1) != cell(4), "the 1-step and 8-step rows are the same image");
+    exports_its_grid(&a, &cell(3));
 }
 
 /// `sdkd export --format pipeline` of an LCD run with a 20-point grid and s = 5: diffusers'
 /// `StableDiffusionPipeline.from_pretrained` reads an LCMScheduler with them (4 steps on the
 /// 20-point grid: 999, 749, 499, 249, not the default grid's 759 and 259) and samples the same
-/// pixels as `sdkd generate` on the export.
-fn exports_its_grid(checkpoint: &Path) {
+/// pixels as `sdkd generate` on the export and as the run's validation grid (`validated`, its
+/// 4-step LCM cell at the same step, seed and guidance).
+fn exports_its_grid(checkpoint: &Path, validated: &image::RgbImage) {
+    let size = validated.width().to_string();
     let tmp = tempdir();
     let p = |s: &str| tmp.path().join(s).display().to_string();
     let o = sdkd(&["export", "--checkpoint", checkpoint.to_str().unwrap(), "--format", "pipeline", "--out", &p("export")]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    run_reference("lcm_unet.py", &["check", &p("export"), &p("theirs.png"), "4", "5", "6.0"]);
+    run_reference("lcm_unet.py", &["check", &p("export"), &p("theirs.png"), "4", "7", "6.0", &size]);
     let seen: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p("theirs.png.json")).unwrap()).unwrap();
     assert_eq!(seen["original_inference_steps"], 20, "{seen}");
     assert_eq!(seen["timestep_scaling"], 5.0, "{seen}");
     assert_eq!(seen["timesteps"], serde_json::json!([999, 749, 499, 249]), "{seen}");
     let o = sdkd(&["generate", "--model", &p("export"), "--prompt", "a red cube on a blue table", "--scheduler", "lcm", "--steps", "4",
-        "--seed", "5", "--guidance-scale", "6", "--width", "32", "--height", "32", "--out", &p("ours.png")]);
+        "--seed", "7", "--guidance-scale", "6", "--width", &size, "--height", &size, "--out", &p("ours.png")]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (ours, theirs) = (image::open(p("ours.png")).unwrap().to_rgb8(), image::open(p("theirs.png")).unwrap().to_rgb8());
     assert!(ours == theirs, "sdkd generate and diffusers sample the exported LCM student differently");
+    assert!(&ours == validated, "the validation grid's 4-step row is not what the export samples");
 }
 
 /// A run started as `kd` does not resume as `lcm` (nor back), naming `method`; a solver grid

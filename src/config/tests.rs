@@ -136,6 +136,7 @@ fn out_of_range_values_name_key_and_value() {
         ("validation:\n  steps: 0\n", "validation.steps = 0"),
         ("validation:\n  prompts: []\n", "validation.prompts"),
         ("validation:\n  guidance_scale: -1\n", "validation.guidance_scale = -1"),
+        ("validation:\n  lcm_steps: [1, 0]\n", "validation.lcm_steps"),
     ] {
         let e = err(&format!("{MINIMAL}{yaml}"));
         assert!(e.contains(needle), "{yaml:?}: {e}");
@@ -500,5 +501,6 @@ fn method_lcm_takes_its_section_and_refuses_what_it_does_not_use() {
     }
     // an lcm: section without method: lcm is a mistake, not ignored
     assert!(err(&format!("{MINIMAL}lcm:\n  w_min: 3\n")).contains("method"));
+    assert!(err(&format!("{MINIMAL}validation:\n  lcm_steps: [4]\n")).contains("validation.lcm_steps"));
     assert!(err(&format!("{MINIMAL}method: lcd\n")).contains("lcd"));
 }

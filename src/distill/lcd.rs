@@ -10,7 +10,17 @@
 //! 4. without gradients: the teacher on the text and the empty prompt, x0 and ε of each, CFG in
 //!    the LCM convention `cond + w·(cond − uncond)` on both, one DDIM step to x_prev; the target
 //!    network (an EMA of the student) at t_n on x_prev: `target = c_skip(t_n)·x_prev + c_out(t_n)·x0`;
-//! 5. l2 or pseudo-Huber loss between them, backward.
+//! 5. l2 or pseudo-Huber loss between them, plus `lcm.output_kd` × output KD when that is above
+//!    0, backward.
+//!
+//! Output KD (BK-SDM's output-level term, Kim et al. 2023, moved into LCD): the MSE between the
+//! student's raw UNet output at (z, t_{n+k}, text, w embedding) and the teacher's guided output at
+//! the same z and t_{n+k}, `out_c + w·(out_c − out_u)` in the LCM convention, the same w — the
+//! teacher calls of step 4 already make both. It pulls the student toward the teacher's one-step
+//! guided prediction, which the consistency optimum departs from at large t (there x0 is the
+//! ODE's endpoint, not the denoiser's mean): a regulariser, off by default. Feature KD has no
+//! such target (CFG mixes two forwards' outputs, not their activations; the cond branch's
+//! features are w = 0's) and is refused (`RunConfig::validate_method`).
 //!
 //! As in the script, the solver's ᾱ_prev table is float64 (numpy makes it from a list of Python
 //! floats), so x_prev, the target network's x0 and the target are float64 until the loss; the
@@ -114,6 +124,8 @@ impl LcdInputs {
 pub struct LcdTerms {
     /// The consistency loss (scalar, float32).
     pub loss: Tensor,
+    /// The unweighted output-KD MSE, when `lcm.output_kd` > 0.
+    pub output_kd: Option<Tensor>,
     /// The mean of the drawn guidance scales.
     pub w_mean: f64,
 }
@@ -219,22 +231,24 @@ impl Consistency {
         let (x0, _) = x0_and_noise(prediction, m.schedule, &out.to_kind(Kind::Float), &start, &noisy);
         let model_pred = &skip_start * &noisy + &out_start * x0;
 
-        let target = tch::no_grad(|| {
+        let (target, guided_out) = tch::no_grad(|| {
             // the teacher's guided estimate, one DDIM step back to t_n
             let tk = weights::var_kind(&m.teacher.vs);
             let teacher_at = |ctx: &Tensor| {
                 let out = m.teacher.model.forward(&noisy.to_kind(tk), &start, &ctx.to_kind(tk), &none).sample.to_kind(Kind::Float);
-                x0_and_noise(prediction, m.schedule, &out, &start, &noisy)
+                let (x0, eps) = x0_and_noise(prediction, m.schedule, &out, &start, &noisy);
+                (x0, eps, out)
             };
-            let (cond_x0, cond_eps) = teacher_at(context);
-            let (uncond_x0, uncond_eps) = teacher_at(&c.uncond.repeat([b, 1, 1]));
+            let (cond_x0, cond_eps, cond_out) = teacher_at(context);
+            let (uncond_x0, uncond_eps, uncond_out) = teacher_at(&c.uncond.repeat([b, 1, 1]));
+            let guided_out = (c.cfg.output_kd > 0.0).then(|| &cond_out + &w * (&cond_out - &uncond_out));
             let pred_x0 = &cond_x0 + &w * (&cond_x0 - &uncond_x0);
             let pred_eps = &cond_eps + &w * (&cond_eps - &uncond_eps);
             let x_prev = c.solver.ddim_step(&pred_x0, &pred_eps, &index); // float64
             // the target network at t_n on x_prev
             let out = c.target.model.forward_cond(&x_prev.to_kind(kind), &t_n, &context.to_kind(kind), &added, &none).sample.to_kind(Kind::Float);
             let (x0, _) = x0_and_noise(prediction, m.schedule, &out, &t_n, &x_prev);
-            &skip_n * &x_prev + &out_n * x0
+            (&skip_n * &x_prev + &out_n * x0, guided_out)
         });
         let target = target.to_kind(Kind::Float);
         let loss = match c.cfg.loss {
@@ -244,8 +258,14 @@ impl Consistency {
                 (((&model_pred - &target).square() + h * h).sqrt() - h).mean(Kind::Float)
             }
         };
-        (&loss * grad_scale).backward();
-        LcdTerms { loss: loss.detach(), w_mean: inputs.w.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]) }
+        let output_kd = guided_out.map(|g| super::loss::mse(&out, &g));
+        let total = match &output_kd {
+            Some(kd) => &loss + kd * c.cfg.output_kd,
+            None => loss.shallow_clone(),
+        };
+        (&total * grad_scale).backward();
+        let w_mean = inputs.w.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+        LcdTerms { loss: loss.detach(), output_kd: output_kd.map(|t| t.detach()), w_mean }
     }
 }
 

@@ -54,6 +54,10 @@ pub struct LcmConfig {
     pub loss: ConsistencyLoss,
     /// c of the pseudo-Huber loss.
     pub huber_c: f64,
+    /// λ of output KD beside the consistency loss: the MSE between the student's raw output and
+    /// the teacher's guided output `out_c + w·(out_c − out_u)` at the same noisy latents, t_{n+k}
+    /// and w (`lcd.rs`). 0 (the default, diffusers' script): off.
+    pub output_kd: f64,
     /// Where the student's weights start: a KD run's checkpoint folder, its `final/`, or a
     /// diffusers UNet folder of the student's architecture. Unset: `student_init` (the teacher
     /// pruned on the spot by the copy map, or random).
@@ -73,6 +77,7 @@ impl Default for LcmConfig {
             target_ema: 0.95,
             loss: ConsistencyLoss::L2,
             huber_c: 0.001,
+            output_kd: 0.0,
             student_init: None,
         }
     }
@@ -135,6 +140,9 @@ impl LcmConfig {
         if !(self.huber_c.is_finite() && self.huber_c > 0.0) {
             return Err(invalid("lcm.huber_c", format!("lcm.huber_c = {}: must be > 0", self.huber_c)));
         }
+        if !(self.output_kd.is_finite() && self.output_kd >= 0.0) {
+            return Err(invalid("lcm.output_kd", format!("lcm.output_kd = {}: must be a finite number >= 0", self.output_kd)));
+        }
         if let Some(p) = self.student_init.as_ref().filter(|p| !p.is_dir()) {
             return Err(invalid(
                 "lcm.student_init",
@@ -151,7 +159,8 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_key() {
-        let cases: [(fn(&mut LcmConfig), &str); 7] = [
+        let cases: [(fn(&mut LcmConfig), &str); 8] = [
+            (|c| c.output_kd = -1.0, "lcm.output_kd"),
             (|c| c.num_ddim_timesteps = 0, "lcm.num_ddim_timesteps"),
             (|c| (c.w_min, c.w_max) = (16.0, 15.0), "lcm.w_min"),
             (|c| c.w_max = f64::NAN, "lcm.w_max"),

@@ -71,10 +71,15 @@ impl StepScalars {
     }
 
     /// Adds one LCD micro-batch's consistency loss (also the total) and the mean of its w.
-    pub fn add_lcd(&mut self, t: &LcdTerms, accum: usize) {
+    /// `lambda_output_kd`: `lcm.output_kd`, the weight of `t.output_kd` in the total.
+    pub fn add_lcd(&mut self, t: &LcdTerms, accum: usize, lambda_output_kd: f64) {
         let loss = t.loss.double_value(&[]) / accum as f64;
-        self.add("loss/total", loss);
+        let kd = t.output_kd.as_ref().map(|k| k.double_value(&[]) / accum as f64);
+        self.add("loss/total", loss + kd.unwrap_or(0.0) * lambda_output_kd);
         self.add("loss/consistency", loss);
+        if let Some(kd) = kd {
+            self.add("loss/output_kd", kd);
+        }
         self.add("lcm/w_mean", t.w_mean / accum as f64);
     }
 

@@ -30,7 +30,7 @@ use crate::grid::grid;
 use crate::models::{weights, Init, PipelineDir, UNet, UNet2DConditionModel, UNetConfig};
 use crate::pipeline::{prompt_rows, GenerateRequest, Parts};
 use crate::png_meta::write_png;
-use crate::schedulers::{NoiseSchedule, SchedulerConfig};
+use crate::schedulers::{NoiseSchedule, SchedulerConfig, SchedulerKind};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,6 +118,9 @@ pub struct Trainer {
     empty_prompt: Option<Tensor>,
     /// `validation.eval` on the leader, when on.
     periodic_eval: Option<PeriodicEval>,
+    /// `method: lcm`: the teacher's noise schedule as an `LCMScheduler` config on the run's grid,
+    /// which the validation grid's student rows sample with (as the export will).
+    lcm_schedule: Option<Arc<NoiseSchedule>>,
 }
 
 /// The config that identifies a run of `cfg` on `world` ranks: micro-batches per step counted
@@ -336,17 +339,25 @@ impl Trainer {
         }
         let empty_prompt = empty_prompt.filter(|_| cfg.data.caption_dropout > 0.0);
         let identity = identity_config(&cfg, ranks.as_ref().map_or(1, Ranks::size));
+        let lcm_schedule = match lcm {
+            true => Some(Arc::new(NoiseSchedule::new(SchedulerConfig::from_json(&distiller.schedule.config().to_lcm_json(cfg.lcm.grid()))?)?)),
+            false => None,
+        };
         // before the first step: a bad captions or weights file, or a sampler the grid cannot
         // build (LCM past its original_inference_steps), fails now, not hours in
         if cfg.validation.every > 0 && leader {
             let v = &cfg.validation;
             v.scheduler.build(&distiller.schedule, v.steps as usize).with_context(|| format!("validation.scheduler {} with validation.steps {}", v.scheduler, v.steps))?;
+            for (&n, schedule) in v.lcm_steps.iter().filter_map(|n| Some((n, lcm_schedule.as_ref()?))) {
+                let grid = cfg.lcm.num_ddim_timesteps;
+                SchedulerKind::Lcm.build(schedule, n as usize).with_context(|| format!("validation.lcm_steps {n} on the run's {grid}-point grid (lcm.num_ddim_timesteps)"))?;
+            }
         }
         let periodic_eval = match cfg.validation.eval.every > 0 && leader {
             true => Some(PeriodicEval::prepare(&cfg.validation.eval, &distiller.schedule, device)?),
             false => None,
         };
-        Ok(Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity, empty_prompt, periodic_eval })
+        Ok(Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity, empty_prompt, periodic_eval, lcm_schedule })
     }
 
     /// A data-parallel run's start: rank 0's student and EMA (built, or resumed) broadcast to
@@ -458,7 +469,7 @@ impl Trainer {
             }
             if self.distiller.consistency().is_some() {
                 let terms = self.distiller.lcd_micro_step(&latents, &context, accum)?;
-                s.add_lcd(&terms, accum);
+                s.add_lcd(&terms, accum, self.cfg.lcm.output_kd);
             } else {
                 let terms = self.distiller.micro_step(&latents, &context, accum);
                 s.add_terms(&terms, accum);
@@ -651,15 +662,15 @@ impl Trainer {
     }
 
     /// The validation prompts through the teacher (when one is loaded) and the student, with the
-    /// run's seed: `samples/step-N.png` (a teacher row over a student row) and a TensorBoard image.
-    /// Sampling reseeds the generator, which changes nothing for training: each step reseeds too.
+    /// run's seed: `samples/step-N.png` (a teacher row over a student row; for `method: lcm` one
+    /// student row per `validation.lcm_steps` count, sampled with `lcm`; the PNG's `rows` text
+    /// labels each row) and a TensorBoard image. Sampling reseeds the generator, which changes
+    /// nothing for training: each step reseeds too.
     fn validate(&self, tb: Option<&mut EventWriter>) -> Result<()> {
         let v = &self.cfg.validation;
         let encoder = self.encoder.as_ref().ok_or_else(|| anyhow!("validation needs the teacher pipeline's VAE and text encoder"))?;
         let d = &self.distiller;
         let base = self.parts(encoder, &d.student.model);
-        let mut unets: Vec<&UNet2DConditionModel> = d.teacher.iter().map(|t| &t.unet.model).collect();
-        unets.push(&d.student.model);
         let req = GenerateRequest {
             scheduler: v.scheduler,
             steps: v.steps as usize,
@@ -667,12 +678,29 @@ impl Trainer {
             seed: self.cfg.train.seed,
             ..GenerateRequest::default()
         };
-        let rows = prompt_rows(&base, &unets, &v.prompts, &req)?;
+        let (mut rows, mut labels) = (vec![], vec![]);
+        let mut row = |parts: &Parts, unet: &UNet2DConditionModel, req: &GenerateRequest, label: String| -> Result<()> {
+            rows.extend(prompt_rows(parts, &[unet], &v.prompts, req)?);
+            labels.push(format!("{label} ({}, {} step{})", req.scheduler, req.steps, if req.steps == 1 { "" } else { "s" }));
+            Ok(())
+        };
+        if let Some(t) = &d.teacher {
+            row(&base, &t.unet.model, &req, "teacher".into())?;
+        }
+        match &self.lcm_schedule {
+            None => row(&base, &d.student.model, &req, "student".into())?,
+            Some(schedule) => {
+                let parts = Parts { schedule, ..base };
+                for &n in &v.lcm_steps {
+                    row(&parts, &d.student.model, &GenerateRequest { scheduler: SchedulerKind::Lcm, steps: n as usize, ..req.clone() }, "student".into())?;
+                }
+            }
+        }
         let image = grid(&rows);
         let dir = self.cfg.output_dir.join("samples");
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("step-{}.png", self.step));
-        let text: Vec<(&str, String)> = vec![("prompts", v.prompts.join(" | ")), ("rows", if rows.len() == 2 { "teacher, student" } else { "student" }.into())];
+        let text: Vec<(&str, String)> = vec![("prompts", v.prompts.join(" | ")), ("rows", labels.join(" | "))];
         write_png(&path, &image, &text)?;
         if let Some(tb) = tb {
             tb.add_image_rgb("validation", image.as_raw(), image.width(), image.height(), self.step)?;
