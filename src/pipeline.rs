@@ -21,6 +21,7 @@
 //! --max-batch`); each keeps its own random sequence on that one generator by saving its state
 //! after the request's draws and putting it back before the next (`aten_extra::cpu_rng_state`).
 pub use crate::models::pipeline_dir::UnetSource;
+use crate::lora::{fuse_into, Component, LoraSet, ScaledLora, Targets};
 use crate::models::embeddings::guidance_scale_embedding;
 use crate::models::unet::AddedCond;
 use crate::models::unet_config::TIME_IDS;
@@ -638,6 +639,43 @@ impl TextToImage {
         };
         t2i.check_compatible(&t2i.unet.model).with_context(|| format!("pipeline {}", model_dir.display()))?;
         Ok(t2i)
+    }
+
+    /// `load`, then each LoRA fused into the UNet and text encoders at its scale (the one way
+    /// generate, serve and eval load a pipeline with LoRAs).
+    pub fn load_with_loras(model_dir: &Path, unet: Option<&UnetSource>, loras: &[ScaledLora], device: Device, kind: Kind) -> Result<Self> {
+        let t2i = Self::load(model_dir, unet, device, kind)?;
+        t2i.fuse_loras(loras)?;
+        Ok(t2i)
+    }
+
+    /// The layers a LoRA may adapt: the UNet's and both text encoders'.
+    pub fn lora_targets(&self) -> Targets {
+        let targets = Targets::new(&self.unet.model.config, &self.unet.vs.variables()).with(Component::TextEncoder, &self.text_encoder.vs.variables());
+        match &self.xl {
+            Some(xl) => targets.with(Component::TextEncoder2, &xl.text_encoder_2.vs.variables()),
+            None => targets,
+        }
+    }
+
+    /// Fuses each LoRA into the weights (`W += scale · alpha/r · B·A`, diffusers' `fuse_lora`),
+    /// in the order given. Every file is read and checked against this pipeline before any
+    /// weight changes, so a refused file leaves the pipeline as it was.
+    pub fn fuse_loras(&self, loras: &[ScaledLora]) -> Result<()> {
+        if loras.is_empty() {
+            return Ok(());
+        }
+        let targets = self.lora_targets();
+        let sets: Vec<LoraSet> = loras.iter().map(|l| LoraSet::read(&l.path, &targets)).collect::<Result<_>>()?;
+        for (lora, set) in loras.iter().zip(&sets) {
+            let what = || format!("LoRA file {}", lora.path.display());
+            fuse_into(&self.unet.vs.variables(), set, Component::Unet, lora.scale).with_context(what)?;
+            fuse_into(&self.text_encoder.vs.variables(), set, Component::TextEncoder, lora.scale).with_context(what)?;
+            if let Some(xl) = &self.xl {
+                fuse_into(&xl.text_encoder_2.vs.variables(), set, Component::TextEncoder2, lora.scale).with_context(what)?;
+            }
+        }
+        Ok(())
     }
 
     /// Checks that `unet` fits this pipeline's text encoder and VAE (a swapped-in UNet must).

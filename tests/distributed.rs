@@ -163,6 +163,40 @@ fn assert_identical_every_step(log: &str, steps: std::ops::RangeInclusive<u64>) 
     }
 }
 
+/// `method: lcm` on 2 Gloo ranks × accum 1 equals 1 process × accum 2: each rank draws its
+/// micro-batches' solver indices, noise and w from the micro-batch's own key, so after 3 steps
+/// the student, its EMA and the LCD target network are within 1e-5 relative of the one process's,
+/// and so is every step's consistency loss.
+#[test]
+fn two_ranks_distil_lcm_as_one_process_with_doubled_accum() {
+    let (one, two) = (tempdir(), tempdir());
+    let lcm = "method: lcm\ncheckpoint:\n  every: 3\n  keep: 1\n";
+    train_one(&config(one.path(), 2, 3, lcm), &["--quiet"]);
+    let port = free_port().to_string();
+    let child = torchrun_train(&["--nproc-per-node", "2", "--master-port", &port], &config(two.path(), 1, 3, lcm));
+    let log = succeeded(child.wait_with_output().unwrap(), "torchrun --nproc-per-node 2, method: lcm");
+    assert!(log.contains("step 3: student and EMA bit-identical on all 2 ranks"), "{log}");
+    let (a, b) = (step_dir(&one.path().join("run"), 3), step_dir(&two.path().join("run"), 3));
+    for f in ["student.safetensors", "ema.safetensors", "target.safetensors"] {
+        let (ta, tb) = (read_tensors(&a.join(f)), read_tensors(&b.join(f)));
+        assert!(ta.contains_key("time_embedding.cond_proj.weight") && ta.keys().eq(tb.keys()), "{f}");
+        for (k, v) in &ta {
+            let e = rel_err(&tb[k], v);
+            assert!(e <= 1e-5, "{f} {k}: 2 ranks vs 1 process, rel. error {e:e}");
+        }
+    }
+    let consistency = |run: &Path| -> Vec<f64> {
+        let out = Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(run.join("tb")).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["scalars"]["loss/consistency"].as_array().unwrap().iter().map(|e| e[1].as_f64().unwrap()).collect()
+    };
+    let (l1, l2) = (consistency(&one.path().join("run")), consistency(&two.path().join("run")));
+    assert_eq!(l1.len(), 3);
+    for (x, y) in l1.iter().zip(&l2) {
+        assert!(((x - y) / x).abs() <= 1e-5, "consistency loss {y} on 2 ranks vs {x}");
+    }
+}
+
 #[test]
 fn two_ranks_compute_the_run_of_one_process_with_doubled_accum() {
     let reference = reference();

@@ -1,6 +1,7 @@
 //! Pipeline and UNet folders that diffusers' StableDiffusionPipeline loads as they are: from
 //! `prune --format pipeline` and from `export` of a training checkpoint (student and EMA); an LCM
-//! student's pipeline that diffusers samples with its own `LCMScheduler` config.
+//! student's pipeline that diffusers samples with its own `LCMScheduler` config; `--fuse` merging
+//! a LoRA into the exported UNet.
 mod common;
 
 use common::*;
@@ -50,6 +51,51 @@ fn pruned_and_trained_students_export_as_loadable_pipelines() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(read_tensors(&out.join("diffusion_pytorch_model.safetensors")).values().all(|t| t.kind() == tch::Kind::Half));
     assert_clean_failure(&sdkd(&["export", "--checkpoint", tmp.path().join("nope").to_str().unwrap(), "--out", out.to_str().unwrap()]), "nope");
+    export_fuse_merges_a_lora(tmp.path(), &ckpt);
+}
+
+/// `export --fuse FILE:0.5` writes the student with W + 0.5 · alpha/r · B·A for each adapted
+/// layer (a linear and a 3×3 conv, in kohya's layout) and every other tensor as it was; a LoRA
+/// with a text-encoder adapter is refused naming its key, and nothing is written.
+fn export_fuse_merges_a_lora(tmp: &std::path::Path, ckpt: &std::path::Path) {
+    use sdkd::lora::{Adapter, Component, Layout, LoraSet};
+    use tch::{Device, Kind, Tensor};
+    let base = read_tensors(&ckpt.join("student.safetensors"));
+    let config = sdkd::models::UNetConfig::from_path(&ckpt.join("unet/config.json")).unwrap();
+    tch::manual_seed(3);
+    let mut set = LoraSet::new();
+    for (module, alpha) in [("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", 6.0), ("down_blocks.0.resnets.0.conv1", 2.0)] {
+        let w = base[&format!("{module}.weight")].size();
+        let mut down = vec![3, w[1]];
+        down.extend_from_slice(&w[2..]);
+        let up: Vec<i64> = if w.len() == 4 { vec![w[0], 3, 1, 1] } else { vec![w[0], 3] };
+        set.insert(Component::Unet, module, Adapter::new(Tensor::randn(&down, (Kind::Float, Device::Cpu)), Tensor::randn(&up, (Kind::Float, Device::Cpu)), alpha));
+    }
+    let lora = tmp.join("style.safetensors");
+    set.write(&lora, Layout::Kohya, &config).unwrap();
+    let out = tmp.join("fused");
+    let o = sdkd(&["export", "--checkpoint", ckpt.to_str().unwrap(), "--out", out.to_str().unwrap(), "--fuse", &format!("{}:0.5", lora.display())]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let fused = read_tensors(&out.join("diffusion_pytorch_model.safetensors"));
+    assert_eq!(fused.len(), base.len());
+    for (name, w) in &base {
+        match set.get(Component::Unet, name.strip_suffix(".weight").unwrap_or("")) {
+            Some(a) => {
+                let (d, u) = (a.down.flatten(1, -1), a.up.flatten(1, -1));
+                let delta = (u.matmul(&d) * (a.alpha / 3.0 * 0.5)).reshape(w.size());
+                assert!(fused[name].allclose(&(w + delta), 1e-6, 1e-6, false), "{name}: not W + 0.5·alpha/r·B·A");
+                assert!(!fused[name].equal(w), "{name} unchanged");
+            }
+            None => assert!(fused[name].equal(w), "{name} changed"),
+        }
+    }
+    let te = tmp.join("with-te.safetensors");
+    let key = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj";
+    let tensors = vec![(format!("{key}.lora_A.weight"), Tensor::ones([2, 32], (Kind::Float, Device::Cpu))), (format!("{key}.lora_B.weight"), Tensor::ones([32, 2], (Kind::Float, Device::Cpu)))];
+    sdkd::models::weights::save(&te, &tensors, None).unwrap();
+    let refused = tmp.join("fused-te");
+    assert_clean_failure(&sdkd(&["export", "--checkpoint", ckpt.to_str().unwrap(), "--out", refused.to_str().unwrap(), "--fuse", te.to_str().unwrap()]), key);
+    assert!(!refused.exists(), "a refused --fuse wrote {}", refused.display());
 }
 
 /// An LCM student (a UNet with `time_cond_proj_dim`, made from the teacher's as diffusers' LCD

@@ -4,7 +4,8 @@
 //! (v_prediction, linear projections, upcast attention, gelu, DDIM config). Every scheduler, the
 //! seeded latents and step noise, guidance on and off, several samples, and LCM: the SD-1.x-like
 //! UNet given a guidance embedding (`time_cond_proj_dim`, tests/reference/lcm_unet.py) at 1, 2, 4
-//! and 8 LCM steps, and LCM-LoRA style (the plain UNet, LCM steps, real guidance): on the CPU in fp32 the
+//! and 8 LCM steps, and LCM-LoRA style (the plain UNet, LCM steps, real guidance), and a LoRA made
+//! with peft (tests/reference/make_lora.py) fused from diffusers' and kohya's layouts: on the CPU in fp32 the
 //! images must be pixel-identical, every channel value of every pixel equal (the PNG files' bytes
 //! may differ: encoders compress differently). tests/reference/generate_reference.py makes
 //! diffusers' PNGs.
@@ -39,6 +40,8 @@ struct Case {
     width: i64,
     height: i64,
     samples: usize,
+    /// `--lora FILE:SCALE` each (diffusers: `load_lora_weights` + `fuse_lora(lora_scale=SCALE)`).
+    loras: Vec<(PathBuf, f64)>,
 }
 
 impl Case {
@@ -46,6 +49,9 @@ impl Case {
         let mut a: Vec<String> = vec!["generate".into(), "--model".into(), self.model.display().to_string()];
         if let Some(u) = &self.unet {
             a.extend(["--unet".into(), u.display().to_string()]);
+        }
+        for (file, scale) in &self.loras {
+            a.extend(["--lora".into(), format!("{}:{scale}", file.display())]);
         }
         a.extend(["--prompt".into(), self.prompt.into()]);
         if let Some(n) = self.negative_prompt {
@@ -75,6 +81,9 @@ struct Fixture {
     checkpoint: PathBuf,
     /// sd1's UNet with `time_cond_proj_dim` 32, as an LCM student is made from its teacher.
     lcm_unet: PathBuf,
+    /// A peft LoRA of sd1 (tests/reference/make_lora.py): pytorch_lora_weights.safetensors and
+    /// kohya.safetensors.
+    lora: PathBuf,
     cases: BTreeMap<String, Case>,
 }
 
@@ -103,6 +112,7 @@ fn cases(f: &Fixture) -> Vec<Case> {
         width: 32,
         height: 32,
         samples: 1,
+        loras: vec![],
     };
     let mut out = vec![];
     for (k, s) in SCHEDULERS.into_iter().enumerate() {
@@ -127,6 +137,9 @@ fn cases(f: &Fixture) -> Vec<Case> {
         ..base("sd1-noguidance".into(), &f.sd1, "euler_a")
     });
     out.push(Case { unet: Some(f.student.clone()), seed: 11, ..base("student".into(), &f.sd1, "dpmpp_2m") });
+    // sd1-dpmpp_2m with a LoRA fused at 0.7
+    let lora = vec![(f.lora.join("pytorch_lora_weights.safetensors"), 0.7)];
+    out.push(Case { seed: 46, loras: lora, ..base("sd1-lora".into(), &f.sd1, "dpmpp_2m") });
     for steps in LCM_STEPS {
         // guidance embedded (w = 6 - 1), no unconditional batch: the negative prompt is unused
         out.push(Case { unet: Some(f.lcm_unet.clone()), steps, guidance_scale: 6.0, seed: 20 + steps as u64, ..base(format!("lcm-{steps}"), &f.sd1, "lcm") });
@@ -141,8 +154,9 @@ fn fixture() -> &'static Fixture {
         let root = DIR.get_or_init(tempdir).path().to_path_buf();
         let p = |s: &str| root.join(s);
         let s = |p: &Path| p.display().to_string();
-        let (sd1, sd2, student, checkpoint, lcm_unet) = (p("sd1"), p("sd2"), p("student"), p("checkpoint"), p("lcm_unet"));
+        let (sd1, sd2, student, checkpoint, lcm_unet, lora) = (p("sd1"), p("sd2"), p("student"), p("checkpoint"), p("lcm_unet"), p("lora"));
         run_reference("make_pipeline.py", &[&s(&sd1), "--stages", "4"]);
+        run_reference("make_lora.py", &[&s(&sd1), &s(&lora)]);
         run_reference("lcm_unet.py", &[&s(&sd1.join("unet")), &s(&lcm_unet)]);
         run_reference(
             "make_pipeline.py",
@@ -170,7 +184,7 @@ fn fixture() -> &'static Fixture {
         std::fs::copy(student.join("diffusion_pytorch_model.safetensors"), checkpoint.join("student.safetensors"))
             .unwrap();
 
-        let mut f = Fixture { root: root.clone(), sd1, sd2, student, checkpoint, lcm_unet, cases: BTreeMap::new() };
+        let mut f = Fixture { root: root.clone(), sd1, sd2, student, checkpoint, lcm_unet, lora, cases: BTreeMap::new() };
         let list = cases(&f);
         std::fs::create_dir_all(root.join("ref")).unwrap();
         let json: Vec<_> = list
@@ -180,7 +194,7 @@ fn fixture() -> &'static Fixture {
                     "model": c.model, "unet": c.unet, "prompt": c.prompt, "negative_prompt": c.negative_prompt,
                     "scheduler": c.scheduler, "steps": c.steps, "guidance_scale": c.guidance_scale, "seed": c.seed,
                     "width": c.width, "height": c.height, "samples": c.samples,
-                    "out": root.join("ref").join(&c.name),
+                    "out": root.join("ref").join(&c.name), "loras": c.loras,
                 })
             })
             .collect();
@@ -303,6 +317,24 @@ fn lcm_student_matches_diffusers_at_1_2_4_8_steps() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--negative-prompt is not used"), "no note on the unused negative prompt");
     let d = mean_abs_diff(&read_rgb(&out.join("image-0.png")), &read_rgb(&f.reference("lcm-4", 0)));
     assert!(d.iter().all(|&x| x > 1.0), "guidance 2 and 6 gave near-equal LCM images: {d:?}");
+}
+
+/// A LoRA made with peft (UNet and text encoder; linear, 1×1 and 3×3 conv layers; rank and alpha
+/// patterns; random B), fused by `sdkd generate --lora FILE:0.7`, gives diffusers' image
+/// (`load_lora_weights` + `fuse_lora(lora_scale=0.7)`) pixel for pixel from diffusers' file and
+/// from the same adapters in kohya's layout.
+#[test]
+fn peft_lora_matches_diffusers_from_both_layouts() {
+    let f = fixture();
+    compare_case(f, "sd1-lora");
+    let kohya = Case { loras: vec![(f.lora.join("kohya.safetensors"), 0.7)], ..f.case("sd1-lora").clone() };
+    let out = f.root.join("ours").join("sd1-lora-kohya");
+    run_case(&kohya, &out);
+    let theirs = read_rgb(&f.reference("sd1-lora", 0));
+    assert_pixel_identical(&read_rgb(&out.join("image-0.png")), &theirs, "kohya layout");
+    // the LoRA changes the image (same seed and settings without it)
+    let d = mean_abs_diff(&theirs, &read_rgb(&f.reference("sd1-dpmpp_2m", 0)));
+    assert!(d.iter().all(|&x| x > 2.0), "the LoRA barely changed the image: {d:?}");
 }
 
 #[test]

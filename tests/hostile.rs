@@ -158,6 +158,23 @@ fn every_command_refuses_hostile_input_with_exit_1_and_no_panic() {
     let out = |name: &str| t.join("out").join(name);
     std::fs::create_dir(t.join("out")).unwrap();
 
+    // LoRA files that do not fit: two layouts in one file, NaN, a layer the teacher lacks, an
+    // SD-1.5-wide layer
+    let to_q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
+    let kohya_q = format!("lora_unet_{}", to_q.replace('.', "_"));
+    let lora_file = |name: &str, tensors: Vec<(String, tch::Tensor)>| {
+        let p = t.join(name);
+        sdkd::models::weights::save(&p, &tensors, None).unwrap();
+        p
+    };
+    let ones = |s: &[i64]| tch::Tensor::ones(s, (tch::Kind::Float, tch::Device::Cpu));
+    let lora_mixed = lora_file("mixed.safetensors", vec![(format!("unet.{to_q}.lora_A.weight"), ones(&[2, 32])), (format!("unet.{to_q}.lora_B.weight"), ones(&[32, 2])), (format!("{kohya_q}.lora_down.weight"), ones(&[2, 32]))]);
+    let lora_nan = lora_file("nan.safetensors", vec![(format!("{kohya_q}.lora_down.weight"), ones(&[2, 32]) * f64::NAN), (format!("{kohya_q}.lora_up.weight"), ones(&[32, 2]))]);
+    let missing = "lora_unet_down_blocks_7_attentions_0_proj_in";
+    let lora_missing = lora_file("other-arch.safetensors", vec![(format!("{missing}.lora_down.weight"), ones(&[2, 32])), (format!("{missing}.lora_up.weight"), ones(&[32, 2]))]);
+    let lora_wide = lora_file("sd15-wide.safetensors", vec![(format!("{kohya_q}.lora_down.weight"), ones(&[4, 320])), (format!("{kohya_q}.lora_up.weight"), ones(&[320, 4]))]);
+    let scaled = |p: &Path, scale: &str| format!("{}:{scale}", p.display());
+
     // ---- the table: (arguments, what the message names) ----
     let g = |model: &Path| -> Vec<OsString> {
         ["generate", "--prompt", "a", "--model"].iter().map(OsString::from).chain([model.as_os_str().to_os_string()]).collect()
@@ -215,6 +232,13 @@ fn every_command_refuses_hostile_input_with_exit_1_and_no_panic() {
         gen(&teacher, &[&"--steps", &big], big),
         gen(&teacher, &[&"--width", &"4000000000"], "4000000000"),
         gen(&teacher, &[&"--guidance-scale", &"nan"], "NaN"),
+        // generate --lora: files that do not fit the pipeline, a scale that is not a number
+        gen(&teacher, &[&"--lora", &lora_mixed], &kohya_q),
+        gen(&teacher, &[&"--lora", &lora_nan], &format!("{kohya_q}.lora_down.weight")),
+        gen(&teacher, &[&"--lora", &lora_missing], missing),
+        gen(&teacher, &[&"--lora", &lora_wide], "sd15-wide.safetensors"),
+        gen(&teacher, &[&"--lora", &garbage_st], "garbage.safetensors"),
+        gen(&teacher, &[&"--lora", &scaled(&lora_nan, "strong")], "strong"),
         // eval: weights, statistics, prompts, counts
         case(&[&"eval", &"--images", &data, &"--real", &data, &"--inception", &garbage_file, &"--out", &out("v1")], "garbage.bin"),
         case(&[&"eval", &"--images", &data, &"--real", &data, &"--inception", &folder, &"--out", &out("v2")], "a-folder"),

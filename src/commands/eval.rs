@@ -11,6 +11,7 @@ use crate::eval::protocol::{
 use crate::eval::{self, clip_score, fid, inception::InceptionV3, prompts, FeatureCache, Metric};
 use crate::fs_safe::{self, Existing, Marker, Purpose};
 use crate::json_config::differing_keys;
+use crate::lora::ScaledLora;
 use crate::pipeline::{TextToImage, UnetSource};
 use crate::runtime::{DeviceChoice, Precision};
 use crate::schedulers::SchedulerKind;
@@ -54,6 +55,10 @@ pub struct EvalArgs {
     /// With --unet: its EMA weights.
     #[arg(long, requires = "unet")]
     pub ema: bool,
+    /// With --model: a LoRA fused into the UNet and text encoders, FILE[:SCALE]; repeatable
+    /// (docs/lora.md).
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", requires = "model")]
+    pub loras: Vec<PathBuf>,
     /// The UNet's and text encoder's dtype (default fp16 on CUDA, fp32 on the CPU; the VAE decodes in fp32).
     #[arg(long, value_enum)]
     pub dtype: Option<Precision>,
@@ -297,6 +302,7 @@ fn run_generated(a: &EvalArgs) -> Result<()> {
     let prompts_file = a.prompts.as_ref().context("--model needs --prompts <metadata.csv, .jsonl or captions_val2014.json>")?;
     let captions = prompts::select(prompts::read(prompts_file)?, a.count, a.sample_seed)?;
     let texts: Vec<String> = captions.into_iter().map(|c| c.text).collect();
+    let loras: Vec<ScaledLora> = a.loras.iter().map(|l| ScaledLora::parse(l).context("--lora")).collect::<Result<_>>()?;
     let device = a.common.device()?;
     let dtype = a.dtype.unwrap_or(if device.is_cuda() { Precision::Fp16 } else { Precision::Fp32 });
     let generation = Generation {
@@ -314,6 +320,7 @@ fn run_generated(a: &EvalArgs) -> Result<()> {
         model: model.display().to_string(),
         unet: a.unet.as_ref().map(|u| u.display().to_string()),
         ema: a.ema,
+        lora: loras.iter().map(|l| format!("{}:{}", l.path.display(), l.scale)).collect(),
         dtype: dtype.name(),
         device: if device.is_cuda() { "cuda" } else { "cpu" },
     };
@@ -323,10 +330,13 @@ fn run_generated(a: &EvalArgs) -> Result<()> {
     let all_captions = merge_captions(&images, &texts)?;
 
     let unet = a.unet.as_deref().map(|p| UnetSource::resolve(p, a.ema)).transpose()?;
-    let t2i = TextToImage::load(model, unet.as_ref(), device, dtype.kind())?;
+    let t2i = TextToImage::load_with_loras(model, unet.as_ref(), &loras, device, dtype.kind())?;
     let batch_size = a.common.batch_size.unwrap_or(GENERATION_BATCH);
     let mut text = vec![("model", model.display().to_string())];
     text.extend(unet.as_ref().map(|u| ("unet", u.describe())));
+    if !loras.is_empty() {
+        text.push(("lora", super::generate::describe_loras(&loras)));
+    }
     text.push(("Software", format!("sdkd {}", env!("CARGO_PKG_VERSION"))));
     let outcome = gen::generate_missing(&t2i.parts(), &texts, &generation, batch_size, &images, &text, &mut |done, total| {
         eprintln!("generated {done}/{total}");

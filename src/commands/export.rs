@@ -3,9 +3,11 @@
 //! other parts, or as one LDM-layout `.safetensors` file with the teacher's VAE and text encoder.
 //! `--out` must be new or empty, or an earlier sdkd export of the same format with
 //! `--overwrite`; never the checkpoint (or inside it), its run or the teacher (or inside it).
+//! `--fuse FILE[:SCALE]` merges LoRAs into the UNet it writes (W += scale · alpha/r · B·A).
 //! Every export gets a model card (`README.md`, `hub::card`); `--push-to-hub org/name` then
 //! uploads the export with it as one commit (`hub::push`).
 use crate::distill::checkpoint::Checkpoint;
+use crate::lora::ScaledLora;
 use crate::runtime::Precision;
 use crate::export::{self, ExportFormat};
 use crate::fs_safe;
@@ -43,6 +45,10 @@ pub struct ExportArgs {
     /// repository already has are replaced only with --overwrite.
     #[arg(long, value_name = "ORG/NAME")]
     pub push_to_hub: Option<String>,
+    /// A LoRA to merge into the exported UNet, FILE[:SCALE] (diffusers' or kohya's layout; scale 1
+    /// when not given); repeatable, merged in order (docs/lora.md).
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub fuse: Vec<PathBuf>,
 }
 
 /// The run folder of a checkpoint at `<run>/checkpoints/step-N`.
@@ -52,6 +58,7 @@ fn run_of(checkpoint: &Path) -> Option<&Path> {
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {
+    let loras: Vec<ScaledLora> = args.fuse.iter().map(|l| ScaledLora::parse(l).context("--fuse")).collect::<Result<_>>()?;
     let ckpt = Checkpoint::open(&args.checkpoint)?;
     fs_safe::check_apart(&args.out, &ckpt.dir, "the checkpoint", "--out")?;
     let ckpt_dir = ckpt.dir.canonicalize().unwrap_or_else(|_| ckpt.dir.clone());
@@ -90,6 +97,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         fs_safe::check_replaceable(&args.out, args.format.purpose(), args.overwrite, "--out")?;
     }
     let tensors = weights::read_all(&file)?;
+    crate::lora::fuse_unet_files(&config, &tensors, &loras)?;
     let kind = Some(args.dtype.unwrap_or(export::default_dtype(args.format)).kind());
     match &teacher {
         None => export::write_unet_dir(&args.out, &config, &tensors, kind)?,
@@ -101,8 +109,9 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         }
     }
     let card_path = write_card(args, &ckpt, &config, teacher.as_deref())?;
+    let fused = if loras.is_empty() { String::new() } else { format!(" with LoRA {} merged", super::generate::describe_loras(&loras)) };
     println!(
-        "exported step {} ({}) of {} to {} (model card {})",
+        "exported step {} ({}{fused}) of {} to {} (model card {})",
         ckpt.meta.step,
         if args.ema { "EMA" } else { "student" },
         ckpt.dir.display(),

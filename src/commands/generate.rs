@@ -5,6 +5,7 @@
 //! Defaults are those of `sdkd serve` (docs/serve.md): UniPC, 20 steps, guidance 7.5, a random seed (-1),
 //! the size diffusers picks (the UNet's sample_size × the VAE's downscale factor).
 use crate::runtime::{DeviceChoice, Precision};
+use crate::lora::ScaledLora;
 use crate::pipeline::{resolve_seed, GenerateRequest, TextToImage, UnetSource};
 use crate::png_meta::write_png;
 use crate::schedulers::SchedulerKind;
@@ -29,6 +30,11 @@ pub struct PipelineArgs {
     /// With --unet: the EMA weights (a checkpoint's ema.safetensors, a run's final/unet_ema/).
     #[arg(long)]
     pub ema: bool,
+    /// A LoRA to fuse into the UNet and text encoders, FILE[:SCALE] (scale 1 when not given);
+    /// repeatable, fused in order. Both layouts: diffusers/PEFT (pytorch_lora_weights.safetensors)
+    /// and kohya's (A1111, ComfyUI). See docs/lora.md.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    pub loras: Vec<PathBuf>,
     /// The dtype the UNet and text encoder run in (fp16/bf16 for GPUs; the VAE decodes in fp32).
     /// Only fp32 reproduces diffusers' fp32 images exactly.
     #[arg(long, value_enum, default_value = "fp32")]
@@ -36,13 +42,25 @@ pub struct PipelineArgs {
 }
 
 impl PipelineArgs {
-    /// Loads the pipeline (with the --unet swapped in) on `device`; also returns where the UNet
-    /// came from when it is not the pipeline's.
+    /// The --lora arguments parsed (a scale that is not a number is refused naming it).
+    pub fn loras(&self) -> Result<Vec<ScaledLora>> {
+        self.loras.iter().map(|l| ScaledLora::parse(l).context("--lora")).collect()
+    }
+
+    /// Loads the pipeline (with the --unet swapped in and the --lora files fused) on `device`;
+    /// also returns where the UNet came from when it is not the pipeline's.
     pub fn load(&self, device: tch::Device) -> Result<(TextToImage, Option<UnetSource>)> {
         use crate::hub::{local, Want};
+        let loras = self.loras()?;
         let unet = self.unet.as_deref().map(|p| UnetSource::resolve(&local(p, Want::Unet)?, self.ema)).transpose()?;
-        let t2i = TextToImage::load(&local(&self.model, Want::Pipeline)?, unet.as_ref(), device, self.dtype.kind())?;
+        let t2i = TextToImage::load_with_loras(&local(&self.model, Want::Pipeline)?, unet.as_ref(), &loras, device, self.dtype.kind())?;
         Ok((t2i, unet))
+    }
+
+    /// How the model is described (PNG text, serve's log): the pipeline, the --unet, the LoRAs.
+    pub fn lora_text(&self) -> Result<Option<String>> {
+        let loras = self.loras()?;
+        Ok((!loras.is_empty()).then(|| describe_loras(&loras)))
     }
 }
 
@@ -100,6 +118,11 @@ pub struct GenerateArgs {
     /// is drawn on the CPU), up to the device's arithmetic.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceChoice,
+}
+
+/// `file:scale, file:scale` as the PNG text and logs record the LoRAs.
+pub fn describe_loras(loras: &[ScaledLora]) -> String {
+    loras.iter().map(|l| format!("{}:{}", l.path.display(), l.scale)).collect::<Vec<_>>().join(", ")
 }
 
 /// `A,B` as two integers (`--original-size 1024,768`).
@@ -219,6 +242,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if let Some(u) = &unet {
         text.push(("unet", u.describe()));
     }
+    text.extend(args.pipeline.lora_text()?.map(|l| ("lora", l)));
     if args.pipeline.dtype != Precision::Fp32 {
         text.push(("dtype", args.pipeline.dtype.name().to_string()));
     }

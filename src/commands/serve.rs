@@ -68,6 +68,9 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     if let Some(u) = &unet {
         model = format!("{model} with UNet {}", u.describe());
     }
+    if let Some(l) = args.pipeline.lora_text()? {
+        model = format!("{model} with LoRA {l}");
+    }
     eprintln!("loaded {model} on {device:?}");
     serve(App::new(t2i, keys, model, pricing, limits)?, &args.listen)
 }

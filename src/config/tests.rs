@@ -258,6 +258,11 @@ fn every_example_config_parses() {
     }
     let tiny = RunConfig::load(&dir.join("tiny_cpu.yaml")).unwrap();
     assert_eq!((tiny.train.device, tiny.train.precision), (DeviceChoice::Cpu, Precision::Fp32));
+    // diffusers' full-LCD recipe for SD-1.5 on the pruned student
+    let lcm = RunConfig::load(&dir.join("sd15_bk_small_lcm.yaml")).unwrap();
+    assert_eq!((lcm.method, lcm.student.to_string(), lcm.lcm.loss, lcm.lcm.target_ema), (Method::Lcm, "bk_small".to_string(), ConsistencyLoss::Huber, 0.95));
+    assert_eq!((lcm.optim.lr, lcm.optim.weight_decay, lcm.train.batch_size, lcm.train.max_steps), (1e-6, 0.0, 12, 1000));
+    assert_eq!(lcm.validation.lcm_steps, [1, 2, 4, 8]);
 }
 
 /// Every key set away from its default, for `config_hashes_are_unchanged`.

@@ -277,6 +277,9 @@ pub struct ModelSettings {
     pub model: String,
     pub unet: Option<String>,
     pub ema: bool,
+    /// The LoRAs fused in (`file:scale`, in order); absent when none, so earlier reports match.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lora: Vec<String>,
     pub dtype: &'static str,
     pub device: &'static str,
 }

@@ -31,7 +31,7 @@ mod scaled;
 mod targets;
 
 pub use adapter::Adapter;
-pub use fuse::fuse_into;
+pub use fuse::{fuse_into, fuse_unet_files};
 pub use layout::Layout;
 pub use scaled::ScaledLora;
 pub use targets::Targets;
@@ -134,8 +134,8 @@ impl LoraSet {
         .with_context(what)?;
         let mut set = LoraSet::new();
         for entry in entries {
-            let (key, component, module) = (entry.key.clone(), entry.component, entry.path.clone());
-            let adapter = targets.fit(entry).with_context(|| format!("{}: key {key}", what()))?;
+            let (key, component) = (entry.key.clone(), entry.component);
+            let (module, adapter) = targets.fit(entry).with_context(|| format!("{}: key {key}", what()))?;
             set.insert(component, module, adapter);
         }
         Ok(set)

@@ -24,8 +24,8 @@ impl ScaledLora {
         let value: Option<f64> = std::str::from_utf8(scale).ok().and_then(|s| s.trim().parse().ok());
         match value {
             Some(v) if v.is_finite() && !file.is_empty() => Ok(ScaledLora { path: PathBuf::from(OsStr::from_bytes(file)), scale: v }),
-            Some(_) if file.is_empty() => bail!("--lora {}: no file before the scale", arg.display()),
-            _ => bail!("--lora {}: the scale {text:?} after the last ':' is not a finite number (FILE[:SCALE], e.g. style.safetensors:0.8)", arg.display()),
+            Some(_) if file.is_empty() => bail!("{}: no file before the scale", arg.display()),
+            _ => bail!("{}: the scale {text:?} after the last ':' is not a finite number (FILE[:SCALE], e.g. style.safetensors:0.8)", arg.display()),
         }
     }
 }

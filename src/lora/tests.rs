@@ -64,7 +64,7 @@ fn both_layouts_round_trip_sd1_and_sdxl() {
     let dir = tempfile::tempdir().unwrap();
     for xl in [false, true] {
         let (c, u) = unet(xl);
-        let targets = Targets::new(&c, &u.vs);
+        let targets = Targets::new(&c, &u.vs.variables());
         let set = sample_set(&u);
         for layout in [Layout::Diffusers, Layout::Kohya] {
             let path = dir.path().join(format!("{xl}-{}.safetensors", layout.name()));
@@ -94,7 +94,7 @@ fn read_err(path: &std::path::Path, targets: &Targets) -> String {
 #[test]
 fn alpha_from_peft_metadata_patterns_or_rank() {
     let (c, u) = unet(false);
-    let targets = Targets::new(&c, &u.vs);
+    let targets = Targets::new(&c, &u.vs.variables());
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("a.safetensors");
     let q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q";
@@ -119,7 +119,7 @@ fn alpha_from_peft_metadata_patterns_or_rank() {
 #[test]
 fn refusals_name_the_file_and_key() {
     let (c, u) = unet(false);
-    let targets = Targets::new(&c, &u.vs);
+    let targets = Targets::new(&c, &u.vs.variables());
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.safetensors");
     let t = |s: &[i64]| Tensor::ones(s, (Kind::Float, Device::Cpu));
@@ -175,7 +175,7 @@ fn fuse_adds_the_delta() {
     let (_, u) = unet(false);
     let set = sample_set(&u);
     let before: Vec<(String, Tensor)> = crate::models::weights::named_tensors(&u.vs).into_iter().map(|(n, t)| (n, t.copy())).collect();
-    assert_eq!(fuse_into(&u.vs, &set, Component::Unet, 0.5).unwrap(), MODULES.len());
+    assert_eq!(fuse_into(&u.vs.variables(), &set, Component::Unet, 0.5).unwrap(), MODULES.len());
     let after = u.vs.variables();
     for (name, w) in before {
         let module = name.strip_suffix(".weight").unwrap_or("");
