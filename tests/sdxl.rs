@@ -3,7 +3,8 @@
 //! decoder with a single-resnet mid block and a guidance embedding, no mid block), both text
 //! encoders, `sdkd generate` pixel for pixel against `StableDiffusionXLPipeline` (also an LCM
 //! student: the pipeline's UNet given `time_cond_proj_dim` by tests/reference/lcm_unet.py, with
-//! `LCMScheduler` at 1, 2, 4 and 8 steps), and the bad inputs SDXL adds. The counts of SDXL-base's real configs are unit tests
+//! `LCMScheduler` at 1, 2, 4 and 8 steps; a peft LoRA of the UNet and both text encoders from
+//! diffusers' file and from sdkd's kohya file with SGM names), and the bad inputs SDXL adds. The counts of SDXL-base's real configs are unit tests
 //! (`models::unet`, `models::clip`) and `full_size_counts_equal_the_references` below.
 mod common;
 
@@ -135,6 +136,8 @@ struct Case {
     steps: usize,
     /// Run with the LCM student UNet (`lcm_unet()`) instead of the pipeline's.
     lcm_unet: bool,
+    /// `--lora <lora_dir()>/<file>:0.7` (diffusers: `load_lora_weights` + `fuse_lora(lora_scale=0.7)`).
+    lora: Option<&'static str>,
 }
 
 const W: i64 = 16;
@@ -155,6 +158,7 @@ fn cases() -> Vec<Case> {
         target_size: None,
         steps: STEPS,
         lcm_unet: false,
+        lora: None,
     };
     let lcm = |name, steps| Case { steps, lcm_unet: true, guidance_scale: 6.0, ..base(name, "lcm") };
     vec![
@@ -170,7 +174,28 @@ fn cases() -> Vec<Case> {
         lcm("lcm-2", 2),
         Case { negative_prompt: Some("blurry"), ..lcm("lcm-4", 4) }, // unused, as in diffusers
         lcm("lcm-8", 8),
+        // a peft LoRA (UNet and both text encoders) from diffusers' file, and the same adapters
+        // written by sdkd in kohya's layout with SGM names, as sd-scripts' SDXL files
+        Case { lora: Some(PEFT_LORA), ..base("euler-lora", "euler") },
+        Case { lora: Some(SGM_LORA), ..base("euler-lora-sgm", "euler") },
     ]
+}
+
+const PEFT_LORA: &str = "pytorch_lora_weights.safetensors";
+const SGM_LORA: &str = "kohya_sgm.safetensors";
+
+/// tests/reference/make_lora.py's LoRA of the pipeline, and sdkd's kohya-layout copy of it.
+fn lora_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        use sdkd::lora::{Layout, LoraSet};
+        let dir = fixture().join("lora");
+        run_reference("make_lora.py", &[fixture().join("pipe").to_str().unwrap(), dir.to_str().unwrap()]);
+        let t2i = sdkd::pipeline::TextToImage::load(&fixture().join("pipe"), None, Device::Cpu, Kind::Float).unwrap();
+        let set = LoraSet::read(&dir.join(PEFT_LORA), &t2i.lora_targets()).unwrap();
+        set.write(&dir.join(SGM_LORA), Layout::Kohya, &t2i.unet.model.config).unwrap();
+        dir
+    })
 }
 
 /// The pipeline's UNet with a guidance embedding (`time_cond_proj_dim` 32), made once.
@@ -200,7 +225,8 @@ fn references() -> &'static Path {
                        "scheduler": c.scheduler, "steps": c.steps, "guidance_scale": c.guidance_scale,
                        "guidance_rescale": c.guidance_rescale, "seed": 7, "width": W, "height": H,
                        "samples": c.samples, "original_size": pair(c.original_size), "crop": pair(c.crop),
-                       "target_size": pair(c.target_size), "out": dir.join(c.name)})
+                       "target_size": pair(c.target_size), "out": dir.join(c.name),
+                       "lora": c.lora.map(|f| json!([lora_dir().join(f), 0.7]))})
             })
             .collect();
         let file = fixture().join("cases.json");
@@ -219,6 +245,9 @@ fn generate_args(c: &Case, model: &Path, out: &Path) -> Vec<String> {
     a.push(model.display().to_string());
     if c.lcm_unet {
         a.extend(["--unet".into(), lcm_unet().display().to_string()]);
+    }
+    if let Some(f) = c.lora {
+        a.extend(["--lora".into(), format!("{}:0.7", lora_dir().join(f).display())]);
     }
     a.extend(["--prompt".into(), c.prompt.into()]);
     if let Some(n) = c.negative_prompt {
@@ -249,6 +278,21 @@ fn read_rgb(path: &Path) -> image::RgbImage {
     image::open(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display())).to_rgb8()
 }
 
+/// The SGM-named kohya file sdkd writes is the LoRA diffusers' converter reads: its image equals
+/// the diffusers-layout file's (both pixel-identical to sdkd's in `generate_is_pixel_identical_to_diffusers`),
+/// and the LoRA changes the image.
+#[test]
+fn sdxl_lora_in_kohya_sgm_layout_is_diffusers_lora() {
+    let refs = references();
+    let names: Vec<String> = read_tensors(&lora_dir().join(SGM_LORA)).into_keys().collect();
+    for prefix in ["lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block_", "lora_te1_text_model_", "lora_te2_text_model_"] {
+        assert!(names.iter().any(|n| n.starts_with(prefix)), "no {prefix} key in {names:?}");
+    }
+    let lora = read_rgb(&refs.join("euler-lora-0.png"));
+    assert_eq!(lora, read_rgb(&refs.join("euler-lora-sgm-0.png")), "diffusers reads the SGM file as another LoRA");
+    assert_ne!(lora, read_rgb(&refs.join("euler-0.png")), "the LoRA did not change diffusers' image");
+}
+
 #[test]
 fn generate_is_pixel_identical_to_diffusers() {
     let refs = references();
@@ -269,7 +313,7 @@ fn generate_is_pixel_identical_to_diffusers() {
         }
         eprintln!("{}: pixel-identical to StableDiffusionXLPipeline", c.name);
     }
-    assert_eq!(images, 11);
+    assert_eq!(images, 13);
 }
 
 /// A copy of the fixture pipeline to break (weights linked, not copied).
@@ -598,7 +642,7 @@ fn sdxl_students_load_in_diffusers_and_match_sdkd() {
     let configs_json = tmp.path().join("configs.json");
     std::fs::write(&configs_json, Value::Object(configs.clone()).to_string()).unwrap();
     let pruned = start.elapsed().as_secs_f64();
-    run_reference("sdxl_students.py", &[students.to_str().unwrap(), configs_json.to_str().unwrap(), refs.to_str().unwrap()]);
+    run_reference("sdxl_students.py", &[students.to_str().unwrap(), configs_json.to_str().unwrap(), refs.to_str().unwrap(), teacher.join("unet").to_str().unwrap()]);
     eprintln!("pruned {} presets in {pruned:.1} s, diffusers' reference {:.1} s", presets.len(), start.elapsed().as_secs_f64() - pruned);
     let full: Value = serde_json::from_str(&std::fs::read_to_string(refs.join("full.json")).unwrap()).unwrap();
     for preset in presets {
@@ -625,6 +669,36 @@ fn sdxl_students_load_in_diffusers_and_match_sdkd() {
         assert_eq!(plan.copy_map.len(), ours.len(), "{preset}: every tensor has a source");
         for (s, t) in &plan.copy_map {
             assert!(ours[s].equal(&teacher_tensors[t]), "{preset}: {s} differs from its source {t}");
+        }
+    }
+    feature_kd_losses_match_the_references(&teacher_unet, &students, &refs);
+}
+
+/// SSD-1B's loss (`loss.features: sub_blocks`, weights 1 / 0.5 / 0.5: 26 MSEs) and KOALA's
+/// self-attention pairs normalised (`self_attention`, `normalize_features`) on fixed inputs equal
+/// the reference's forward hooks on diffusers' UNets (tests/reference/sdxl_students.py) within 1e-6.
+fn feature_kd_losses_match_the_references(teacher: &UNet, students: &Path, refs: &Path) {
+    use sdkd::distill::loss::{distill_loss, LossWeights};
+    use sdkd::distill::student::{FeatureLevel, StudentPlan};
+    for (preset, features, normalize_features, count) in [("ssd_1b", FeatureLevel::SubBlocks, false, 26), ("koala_1b", FeatureLevel::SelfAttention, true, 30)] {
+        let r = read_tensors(&refs.join(format!("loss-{preset}.safetensors")));
+        let student = UNet::load(&students.join(preset).join("unet"), Device::Cpu, Kind::Float).unwrap();
+        let mut plan = StudentPlan::resolve(preset, Some(&teacher.model.config)).unwrap();
+        plan.feature_pairs = plan.pairs_at(features);
+        assert_eq!(plan.feature_pairs.len(), count, "{preset}");
+        assert_eq!(r["pairs"].int64_value(&[0]), count as i64, "{preset}: the reference's pairs");
+        let (t_inner, s_inner) = plan.inner_features();
+        let added = AddedCond { text_embeds: Some(r["text_embeds"].shallow_clone()), time_ids: Some(r["time_ids"].shallow_clone()), timestep_cond: None };
+        let w = LossWeights { task: 1.0, output_kd: 0.5, feature_kd: 0.5, features, normalize_features };
+        let terms = tch::no_grad(|| {
+            let t_out = teacher.model.forward_cond(&r["sample"], &r["timesteps"], &r["context"], &added, &t_inner);
+            let s_out = student.model.forward_cond(&r["sample"], &r["timesteps"], &r["context"], &added, &s_inner);
+            distill_loss(&s_out, Some(&t_out), &r["target"], &plan.feature_pairs, &w)
+        });
+        for (name, got) in [("task", &terms.task), ("output_kd", terms.output_kd.as_ref().unwrap()), ("features", terms.feature_kd.as_ref().unwrap()), ("total", &terms.total)] {
+            let (got, want) = (got.double_value(&[]), r[name].double_value(&[0]));
+            eprintln!("{preset} {name}: {got} (reference {want})");
+            assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{preset}: {name} {got} vs reference {want}");
         }
     }
 }

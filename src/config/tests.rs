@@ -50,7 +50,7 @@ fn defaults_follow_bk_sdm() {
     assert_eq!(c.data.path.as_deref(), Some(Path::new("/base/data/set")));
     assert_eq!((c.data.resolution, c.data.center_crop, c.data.random_flip), (512, true, true));
     assert_eq!(c.data.on_bad_sample, OnBadSample::Skip);
-    assert_eq!(c.loss, LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0 });
+    assert_eq!(c.loss, LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0, ..Default::default() });
     assert_eq!(c.optim, OptimConfig::default());
     assert_eq!((c.optim.lr, c.optim.betas, c.optim.weight_decay, c.optim.eps), (5e-5, [0.9, 0.999], 0.01, 1e-8));
     assert_eq!(c.optim.max_grad_norm, Some(1.0));

@@ -215,6 +215,7 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
         bail!("teacher: {what} cannot be distilled yet: training conditions only on the text embeddings (sdkd generate and inspect take it)");
     }
     let mut plan = StudentPlan::of(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student.to_string()))?;
+    plan.feature_pairs = plan.pairs_at(cfg.loss.features);
     let lcm = cfg.method == Method::Lcm;
     if lcm && cfg.lora.is_none() {
         // the guidance embedding's projection, PyTorch's default init like the rest (the script's
