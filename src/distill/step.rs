@@ -69,8 +69,9 @@ pub struct Update {
 
 impl Distiller {
     pub fn new(student: UNet, plan: StudentPlan, teacher: Option<Teacher>, schedule: Arc<NoiseSchedule>, optim: AdamWConfig, ema_decay: Option<f64>, weights: LossWeights) -> Result<Distiller> {
-        let optimizer = AdamW::new(weights::named_tensors(&student.vs), optim)?;
-        let ema = ema_decay.map(|d| Ema::new(weights::named_tensors(&student.vs), d)).transpose()?;
+        // a LoRA student trains its adapters alone: AdamW and the EMA hold nothing of the base
+        let optimizer = AdamW::new(student.trainable(), optim)?;
+        let ema = ema_decay.map(|d| Ema::new(student.trainable(), d)).transpose()?;
         let (_, student_inner) = plan.inner_features();
         Ok(Distiller {
             student,
@@ -130,9 +131,9 @@ impl Distiller {
     }
 
     /// `state_tensors` named `student.<param>`, `ema.<param>` and `target.<param>` (what
-    /// `SDKD_RANK_STATE_DIR` writes).
+    /// `SDKD_RANK_STATE_DIR` writes); a LoRA student's are its adapters.
     pub fn named_state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut state: Vec<(String, Tensor)> = weights::named_tensors(&self.student.vs).into_iter().map(|(n, t)| (format!("student.{n}"), t)).collect();
+        let mut state: Vec<(String, Tensor)> = self.student.trainable().into_iter().map(|(n, t)| (format!("student.{n}"), t)).collect();
         state.extend(self.ema.iter().flat_map(|e| e.state_tensors().into_iter().map(|(n, t)| (format!("ema.{n}"), t))));
         state.extend(self.consistency.iter().flat_map(|c| c.target_tensors().into_iter().map(|(n, t)| (format!("target.{n}"), t))));
         state
@@ -171,20 +172,21 @@ impl Distiller {
         self.micro_step_with(latents, context, added, &noise, &t, accum)
     }
 
-    /// `micro_step_cond` on given noise and timesteps (what the parity tests feed).
+    /// `micro_step_cond` on given noise (offset included) and timesteps (what parity tests feed).
     pub fn micro_step_with(&self, latents: &Tensor, context: &Tensor, added: &AddedCond, noise: &Tensor, t: &Tensor, accum: usize) -> LossTerms {
-        let noisy = self.schedule.add_noise(latents, noise, t);
-        let target = self.schedule.training_target(self.schedule.prediction_type(), latents, noise, t);
+        let (noise, t) = (noise.to_device(latents.device()), t.to_device(latents.device()));
+        let noisy = self.schedule.add_noise(latents, &noise, &t);
+        let target = self.schedule.training_target(self.schedule.prediction_type(), latents, &noise, &t);
         let teacher_out = self.teacher.as_ref().map(|teacher| {
             let kind = teacher.kind();
             let added = added_as(added, kind);
-            tch::no_grad(|| teacher.unet.model.forward_cond(&noisy.to_kind(kind), t, &context.to_kind(kind), &added, &teacher.inner))
+            tch::no_grad(|| teacher.unet.model.forward_cond(&noisy.to_kind(kind), &t, &context.to_kind(kind), &added, &teacher.inner))
         });
         let kind = self.compute_kind;
         // Lives until after the backward: it holds what the checkpointed regions recompute.
         let recompute = Recompute::new(self.checkpointing);
         let student_added = added_as(added, kind);
-        let student_out = self.student.model.forward_cond_with(&noisy.to_kind(kind), t, &context.to_kind(kind), &student_added, &self.student_inner, &recompute);
+        let student_out = self.student.model.forward_cond_with(&noisy.to_kind(kind), &t, &context.to_kind(kind), &student_added, &self.student_inner, &recompute);
         let pairs = if teacher_out.is_some() { &self.plan.feature_pairs[..] } else { &[] };
         let terms = distill_loss(&student_out, teacher_out.as_ref(), &target, pairs, &self.weights);
         let scale = self.loss_scale.map_or(1.0, |s| s.scale);
