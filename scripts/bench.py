@@ -28,12 +28,16 @@ Sections (defaults in brackets; shapes are fixed so numbers compare across runs)
   eval    scripts/bench_eval.py: `sdkd eval --model` generation (batch 1 and 8) against BK-SDM's
           diffusers loop (StableDiffusionPipeline, batch 1, one generator) on the tiny 4-stage test
           pipeline at 64 px [10 images, 10 PNDM steps per run]
+  lcm     LCM sampling: the same pipeline with its UNet given a guidance embedding as diffusers'
+          LCD scripts make an LCM student (tests/reference/lcm_unet.py), `sdkd eval --model
+          --scheduler lcm` against diffusers' StableDiffusionPipeline + LCMScheduler at batch 1
+          [10 images, 4 LCM steps, guidance 6 embedded]
 
 Environment:
   SDKD_BENCH_QUICK=1          smoke run: tiny shapes, one round, docs/benchmarks.md untouched
   SDKD_BENCH_ROUNDS=N         rounds per case [3]
   SDKD_BENCH_THREADS=N        intra-op threads of both sides [all cores]
-  SDKD_BENCH_SECTIONS=a,b     sections to run [train,infer,wait,own,decode,loader,eval]
+  SDKD_BENCH_SECTIONS=a,b     sections to run [train,infer,wait,own,decode,loader,eval,lcm]
   SDKD_BENCH_STUDENTS=a,b     students of the train section [bk_small,bk_tiny]
   SDKD_BENCH_NO_DOCS=1        print the tables only
 """
@@ -61,7 +65,7 @@ env = os.environ
 QUICK = env.get("SDKD_BENCH_QUICK", "") not in ("", "0")
 ROUNDS = int(env.get("SDKD_BENCH_ROUNDS", "1" if QUICK else "3"))
 THREADS = int(env.get("SDKD_BENCH_THREADS", str(os.cpu_count() or 1)))
-SECTIONS = env.get("SDKD_BENCH_SECTIONS", "train,infer,wait,own,decode,loader,eval").split(",")
+SECTIONS = env.get("SDKD_BENCH_SECTIONS", "train,infer,wait,own,decode,loader,eval,lcm").split(",")
 STUDENTS = env.get("SDKD_BENCH_STUDENTS", "bk_small,bk_tiny").split(",")
 WRITE_DOCS = not QUICK and env.get("SDKD_BENCH_NO_DOCS", "") in ("", "0")
 if QUICK:
@@ -177,6 +181,54 @@ def git_rev():
         return rev + (" (with uncommitted changes)" if dirty else "")
     except OSError:
         return "?"
+
+
+def eval_pipeline():
+    """The tiny 4-stage test pipeline the eval and lcm sections generate with (made once)."""
+    pipe = OUT / "eval-pipeline"
+    if not (pipe / "model_index.json").exists():
+        subprocess.run([str(PYTHON), str(ROOT / "tests" / "reference" / "make_pipeline.py"), str(pipe), "--stages", "4",
+                        "--sample-size", "32"], cwd=ROOT, check=True, capture_output=True)
+    return pipe
+
+
+def lcm_section():
+    """LCM sampling, sdkd against diffusers' LCMScheduler pipeline: the eval pipeline with its UNet
+    given `time_cond_proj_dim` 256 (an LCM student's shape; its weights are not distilled, which
+    changes nothing for speed)."""
+    import shutil
+    base, pipe = eval_pipeline(), OUT / "lcm-pipeline"
+    if not (pipe / "unet" / "config.json").exists():
+        shutil.rmtree(pipe, ignore_errors=True)
+        shutil.copytree(base, pipe, ignore=shutil.ignore_patterns("unet"))
+        subprocess.run([str(PYTHON), str(ROOT / "tests" / "reference" / "lcm_unet.py"), str(base / "unet"), str(pipe / "unet"), "256"],
+                       cwd=ROOT, check=True, capture_output=True)
+    count, steps, guidance = 10, 4, 6.0
+    print(f"LCM sampling: sdkd eval --model --scheduler lcm against diffusers' LCMScheduler at batch 1, {ROUNDS} round(s)", flush=True)
+    p = subprocess.run([str(PYTHON), str(ROOT / "scripts" / "bench_eval.py"), "--model", str(pipe), "--count", str(count),
+                        "--steps", str(steps), "--size", "64", "--batch", "8", "--rounds", str(ROUNDS), "--threads", str(THREADS),
+                        "--scheduler", "lcm", "--guidance", str(guidance)], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"bench: scripts/bench_eval.py --scheduler lcm failed:\n{p.stderr[-3000:]}")
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    records.append({"_label": "lcm", **r})
+    m, per = r["median"], r["seconds_per_image"]
+    ratios = [d / s for s, d in zip(per["sdkd b1"], per["diffusers b1"])]
+    return [
+        "### LCM sampling (`sdkd eval --model --scheduler lcm` vs diffusers' `LCMScheduler`)",
+        "",
+        f"The eval section's tiny pipeline with its UNet given a guidance embedding (`time_cond_proj_dim` 256, as diffusers' "
+        f"LCD scripts make the student; tests/reference/lcm_unet.py), {count} prompts, 64x64, {steps} LCM steps, guidance "
+        f"{guidance:g} embedded (one UNet call per step, no CFG batch, on both sides); diffusers' `StableDiffusionPipeline` "
+        f"with `LCMScheduler`, one prompt per call, one CPU generator; sdkd seeds per image; {THREADS} threads, {ROUNDS} rounds A/B/C.",
+        "",
+        "| side | images/s (median) | s/image | speed-up vs diffusers batch 1 |",
+        "|---|---|---|---|",
+        *[f"| {k} | {1 / v:.3f} | {v:.3f} | {m['diffusers b1'] / v:.2f}x |" for k, v in m.items()],
+        "",
+        f"Per-round sdkd batch 1 / diffusers batch 1: {min(ratios):.2f}-{max(ratios):.2f}x.",
+        "",
+    ]
 
 
 def main():
@@ -324,10 +376,7 @@ def main():
                   "LAION-like 512-1024 px JPEGs, resize 512 + random crop + flip + to tensor, batch 16; median of rounds.", "", *out, ""]
 
     if "eval" in SECTIONS:
-        pipe = OUT / "eval-pipeline"
-        if not (pipe / "model_index.json").exists():
-            subprocess.run([str(PYTHON), str(ROOT / "tests" / "reference" / "make_pipeline.py"), str(pipe), "--stages", "4",
-                            "--sample-size", "32"], cwd=ROOT, check=True, capture_output=True)
+        pipe = eval_pipeline()
         count, steps = (10, 2) if QUICK else (10, 10)  # 10: the Inception Score sdkd eval computes needs 10 images
         print(f"eval generation: sdkd eval --model against diffusers' StableDiffusionPipeline at batch 1, {ROUNDS} round(s)", flush=True)
         p = subprocess.run([str(PYTHON), str(ROOT / "scripts" / "bench_eval.py"), "--model", str(pipe), "--count", str(count),
@@ -355,6 +404,9 @@ def main():
             f"Per-round sdkd batch 1 / diffusers batch 1: {min(ratios):.2f}-{max(ratios):.2f}x.",
             "",
         ]
+
+    if "lcm" in SECTIONS:
+        lines += lcm_section()
 
     finished = datetime.datetime.now(datetime.timezone.utc)
     head = [

@@ -25,6 +25,7 @@ pub use crate::distill::optim::{OptimConfig, Schedule, StateDtype};
 pub use crate::distill::scalars::LogConfig;
 pub use crate::distill::student::StudentChoice;
 pub use crate::eval::config::EvalConfig;
+pub use crate::lora::config::LoraConfig;
 pub use crate::runtime::{DeviceChoice, Precision};
 pub use crate::schedulers::SchedulerKind;
 
@@ -59,6 +60,9 @@ pub struct RunConfig {
     pub method: Method,
     #[serde(default, skip_serializing_if = "LcmConfig::is_default")]
     pub lcm: LcmConfig,
+    /// Train LoRA adapters on the frozen student instead of the student itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
     pub data: DataConfig,
     #[serde(default)]
     pub loss: LossWeights,
@@ -316,6 +320,9 @@ impl RunConfig {
         self.data.resolve_paths(base);
         self.validation.eval.resolve_paths(base);
         self.lcm.resolve_paths(base);
+        if let Some(l) = &mut self.lora {
+            l.resolve_paths(base);
+        }
         self.student.resolve_against(base);
     }
 
@@ -369,6 +376,7 @@ impl RunConfig {
             ));
         }
         self.validate_method()?;
+        self.validate_lora()?;
         self.loss.validate()?;
         let active =
             if self.distill { self.loss.task + self.loss.output_kd + self.loss.feature_kd } else { self.loss.task };
@@ -424,6 +432,36 @@ impl RunConfig {
         }
         if self.train.noise_offset != 0.0 {
             return Err(invalid("train.noise_offset", format!("train.noise_offset = {}: method: lcm noises with the DDIM solver's timesteps and no offset; set it to 0", self.train.noise_offset)));
+        }
+        Ok(())
+    }
+
+    /// `lora:` against the sections it changes: its base must be trained weights, its dropout
+    /// cannot be recomputed by gradient checkpointing, LCM-LoRA has no target network.
+    fn validate_lora(&self) -> std::result::Result<(), ConfigError> {
+        let Some(lora) = &self.lora else { return Ok(()) };
+        lora.validate()?;
+        if lora.dropout > 0.0 && self.train.gradient_checkpointing != crate::models::Checkpointing::None {
+            return Err(invalid(
+                "lora.dropout",
+                format!(
+                    "lora.dropout = {} with train.gradient_checkpointing = {}: the recomputed forward would draw another dropout mask; set one of them to 0 / none",
+                    lora.dropout,
+                    serde_json::to_value(self.train.gradient_checkpointing).map(|v| v.to_string()).unwrap_or_default()
+                ),
+            ));
+        }
+        if lora.base.is_none() && self.student_init == StudentInit::Random {
+            return Err(invalid("lora.base", "lora: with student_init: random and no lora.base the adapters would train on random weights: set lora.base (or student_init: teacher)".to_string()));
+        }
+        if let Some(d) = self.train.ema_decay {
+            return Err(invalid("train.ema_decay", format!("train.ema_decay = {d} with lora: an EMA of the adapters is not implemented: remove it")));
+        }
+        if self.lcm.student_init.is_some() {
+            return Err(invalid("lcm.student_init", "lcm.student_init with lora: the frozen base comes from lora.base: move the path there".to_string()));
+        }
+        if self.method == Method::Lcm && self.lcm.target_ema != LcmConfig::default().target_ema {
+            return Err(invalid("lcm.target_ema", "lcm.target_ema with lora: LCM-LoRA has no target network (the target is the adapted student without gradients, as diffusers' LCM-LoRA script): remove it".to_string()));
         }
         Ok(())
     }

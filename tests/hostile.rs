@@ -133,6 +133,20 @@ fn every_command_refuses_hostile_input_with_exit_1_and_no_panic() {
     let garbage_teacher_yaml = run_yaml("garbage-teacher.yaml", "  resolution: 16\n", &garbage_weights);
     let wrong_spec = t.join("spec.yaml");
     std::fs::write(&wrong_spec, "name: x\ndown: seven\n").unwrap();
+    // student specs an SDXL teacher cannot give (its published config: 10 layers in down2)
+    let sdxl_unet = root().join("configs/reference/sdxl_unet_config.json");
+    let spec = |name: &str, text: &str| {
+        let p = t.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let too_deep = spec("too-deep.yaml", "down: [2, 2, [{resnet: 0, depth: 11}, 1]]\nup: [3, 3, 3]\n");
+    let twice = spec("twice.yaml", "down: [2, 2, [{resnet: 0, layers: [0, 3, 3]}, 1]]\nup: [3, 3, 3]\n");
+    let full_mid = spec("full-mid.yaml", "down: [2, 2, 2]\nup: [3, 3, 3]\nmid_block: full\n");
+    let mut no_mid: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&sdxl_unet).unwrap()).unwrap();
+    no_mid["mid_block_type"] = serde_json::Value::Null;
+    let sdxl_no_mid = t.join("sdxl-no-mid.json");
+    std::fs::write(&sdxl_no_mid, no_mid.to_string()).unwrap();
     let wrong_pricing = t.join("pricing.yaml");
     std::fs::write(&wrong_pricing, "credits: many\nsteps: 1\nwidth: 1\nheight: 1\n").unwrap();
     let checkpoint_bad_state = t.join("step-2");
@@ -237,6 +251,10 @@ fn every_command_refuses_hostile_input_with_exit_1_and_no_panic() {
         case(&[&"inspect", &"--unet", &folder], "a-folder"),
         case(&[&"inspect", &"--model", &garbage_weights], "diffusion_pytorch_model.safetensors"),
         case(&[&"inspect", &"--unet", &teacher.join("unet"), &"--student", &wrong_spec], "spec.yaml"),
+        case(&[&"inspect", &"--unet", &teacher.join("unet"), &"--student", &"ssd_1b"], "\"ssd_1b\" is an SDXL student and needs an SDXL teacher"),
+        case(&[&"inspect", &"--unet", &sdxl_unet, &"--student", &too_deep], "down[2][0]: depth 11, but the teacher's attention has 10"),
+        case(&[&"inspect", &"--unet", &sdxl_unet, &"--student", &twice], "down[2][0]: layers lists layer 3 twice"),
+        case(&[&"inspect", &"--unet", &sdxl_no_mid, &"--student", &full_mid], "mid_block: the spec keeps a mid block, but the teacher has none"),
         // plan: the run YAML, sizes
         case(&[&"plan", &"--config", &wrong_yaml], "data.resolution"),
         case(&[&"plan", &"--config", &folder], "a-folder"),

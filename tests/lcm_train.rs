@@ -324,3 +324,77 @@ fn lcm_refuses_a_kd_checkpoint_and_a_bad_grid() {
     assert_clean_failure(&sdkd(&["train", "--quiet", "--config", cfg.to_str().unwrap()]), "validation.steps 51");
     assert!(!grid.path().join("run/checkpoints").exists());
 }
+
+/// The reference LoRA steps of lora_step.py (PEFT adapters on the train fixture's teacher), made once.
+fn lora_reference() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let teacher = train_fixture().teacher.clone();
+        let inputs = [file_bytes("tests/reference/lora_step.py"), file_bytes("scripts/constraints.txt"), teacher.display().to_string().into_bytes()];
+        shared_fixture("lora-step", &inputs, |dir| run_reference("lora_step.py", &[teacher.to_str().unwrap(), dir.to_str().unwrap()]))
+    })
+}
+
+/// The teacher's architecture with lora_step.py's adapters (rank 4, alpha 8, diffusers' LCM-LoRA
+/// targets), its base the teacher's weights, its adapters the reference's initial values.
+fn lora_student(case: &BTreeMap<String, Tensor>) -> (UNet, StudentPlan) {
+    let teacher = PipelineDir::open(&train_fixture().teacher).unwrap().load_unet(Device::Cpu, Kind::Float).unwrap();
+    let config = teacher.model.config.clone();
+    let spec = sdkd::config::LoraConfig { rank: 4, alpha: Some(8.0), ..Default::default() }.spec();
+    let student = UNet::build_with_adapters(&config, Device::Cpu, Kind::Float, Init::Empty, &spec).unwrap();
+    sdkd::distill::optim::copy_named(&weights::named_tensors(&student.vs), &weights::named_tensors(&teacher.vs), "base").unwrap();
+    let init: Vec<(String, Tensor)> = case.iter().filter_map(|(k, v)| k.strip_prefix("init.").map(|n| (n.to_string(), v.shallow_clone()))).collect();
+    sdkd::distill::optim::copy_named(&student.trainable(), &init, "reference adapters").unwrap();
+    let plan = StudentPlan::explicit(config.clone(), Some(&config));
+    (student, plan)
+}
+
+/// Checks a LoRA step against the reference case: loss within 1e-6, adapter gradients within
+/// 1e-5, adapters after AdamW (clipped) within 1e-5, and every base weight bit-identical.
+fn check_lora_step(name: &str, case: &BTreeMap<String, Tensor>, mut d: Distiller, loss: f64) {
+    let base: Vec<(String, Tensor)> = weights::named_tensors(&d.student().vs).into_iter().map(|(n, t)| (n, t.copy())).collect();
+    let theirs = case["loss"].double_value(&[0]);
+    println!("{name}: loss {loss} vs PEFT reference {theirs}");
+    assert!((loss - theirs).abs() <= 1e-6 * theirs.abs(), "{name}: loss {loss} vs reference {theirs}");
+    let params = d.student().trainable();
+    assert_eq!(d.optimizer().params().len(), params.len(), "the optimizer holds the adapters alone");
+    let grads: Vec<(String, Tensor)> = params.iter().map(|(n, p)| (n.clone(), p.grad())).collect();
+    let (e, at) = worst(case, "grad.", &grads);
+    println!("{name}: {} adapter gradients within {e:.2e} ({at})", grads.len());
+    assert!(e <= 1e-5, "{name}: gradient {at} off by {e:e} relative");
+    assert!(!d.update(LR, Some(1.0)).unwrap().skipped);
+    let (e, at) = worst(case, "step1.", &params);
+    println!("{name}: adapters after the step within {e:.2e} ({at})");
+    assert!(e <= 1e-5, "{name}: adapter {at} off by {e:e} relative after the step");
+    for (n, t) in weights::named_tensors(&d.student().vs) {
+        let before = &base.iter().find(|(m, _)| *m == n).unwrap().1;
+        assert!(t.equal(before), "{name}: base weight {n} changed");
+    }
+}
+
+/// One LoRA step on the task loss equals PEFT's (the base frozen, AdamW over the adapters), and
+/// one LCM-LoRA step equals the LoRA script's (no guidance embedding, the adapted student as its
+/// own target under no_grad); the base bytes stay identical.
+#[test]
+fn lora_steps_equal_peft_references() {
+    tch::set_num_threads(1);
+    let task = read_tensors(&lora_reference().join("task.safetensors"));
+    let (student, plan) = lora_student(&task);
+    let schedule = std::sync::Arc::new(NoiseSchedule::new(PipelineDir::open(&train_fixture().teacher).unwrap().scheduler_config().unwrap()).unwrap());
+    let d = Distiller::new(student, plan, None, schedule.clone(), AdamWConfig::default(), None, LossWeights::default()).unwrap();
+    let terms = d.micro_step_with(&task["latents"], &task["context"], &task["noise"], &task["timesteps"], 1);
+    let loss = terms.total.double_value(&[]);
+    check_lora_step("task", &task, d, loss);
+
+    let lcm = read_tensors(&lora_reference().join("lcm.safetensors"));
+    let (student, plan) = lora_student(&lcm);
+    let teacher = PipelineDir::open(&train_fixture().teacher).unwrap().load_unet(Device::Cpu, Kind::Float).unwrap();
+    let d = Distiller::new(student, plan, Some(Teacher::new(teacher, Default::default())), schedule, AdamWConfig::default(), None, LossWeights::default())
+        .unwrap()
+        .with_consistency(&LcmConfig::default(), lcm["uncond"].shallow_clone())
+        .unwrap();
+    assert!(!d.consistency().unwrap().has_target(), "LCM-LoRA has no separate target network");
+    let inputs = LcdInputs { index: lcm["index"].shallow_clone(), noise: lcm["noise"].shallow_clone(), w: lcm["w"].shallow_clone() };
+    let loss = d.lcd_micro_step_with(&lcm["latents"], &lcm["context"], &inputs, 1).unwrap().loss.double_value(&[]);
+    check_lora_step("lcm", &lcm, d, loss);
+}

@@ -642,7 +642,7 @@ fn sdxl_students_load_in_diffusers_and_match_sdkd() {
     let configs_json = tmp.path().join("configs.json");
     std::fs::write(&configs_json, Value::Object(configs.clone()).to_string()).unwrap();
     let pruned = start.elapsed().as_secs_f64();
-    run_reference("sdxl_students.py", &[students.to_str().unwrap(), configs_json.to_str().unwrap(), refs.to_str().unwrap()]);
+    run_reference("sdxl_students.py", &[students.to_str().unwrap(), configs_json.to_str().unwrap(), refs.to_str().unwrap(), teacher.join("unet").to_str().unwrap()]);
     eprintln!("pruned {} presets in {pruned:.1} s, diffusers' reference {:.1} s", presets.len(), start.elapsed().as_secs_f64() - pruned);
     let full: Value = serde_json::from_str(&std::fs::read_to_string(refs.join("full.json")).unwrap()).unwrap();
     for preset in presets {
@@ -669,6 +669,36 @@ fn sdxl_students_load_in_diffusers_and_match_sdkd() {
         assert_eq!(plan.copy_map.len(), ours.len(), "{preset}: every tensor has a source");
         for (s, t) in &plan.copy_map {
             assert!(ours[s].equal(&teacher_tensors[t]), "{preset}: {s} differs from its source {t}");
+        }
+    }
+    feature_kd_losses_match_the_references(&teacher_unet, &students, &refs);
+}
+
+/// SSD-1B's loss (`loss.features: sub_blocks`, weights 1 / 0.5 / 0.5: 26 MSEs) and KOALA's
+/// self-attention pairs normalised (`self_attention`, `normalize_features`) on fixed inputs equal
+/// the reference's forward hooks on diffusers' UNets (tests/reference/sdxl_students.py) within 1e-6.
+fn feature_kd_losses_match_the_references(teacher: &UNet, students: &Path, refs: &Path) {
+    use sdkd::distill::loss::{distill_loss, LossWeights};
+    use sdkd::distill::student::{FeatureLevel, StudentPlan};
+    for (preset, features, normalize_features, count) in [("ssd_1b", FeatureLevel::SubBlocks, false, 26), ("koala_1b", FeatureLevel::SelfAttention, true, 30)] {
+        let r = read_tensors(&refs.join(format!("loss-{preset}.safetensors")));
+        let student = UNet::load(&students.join(preset).join("unet"), Device::Cpu, Kind::Float).unwrap();
+        let mut plan = StudentPlan::resolve(preset, Some(&teacher.model.config)).unwrap();
+        plan.feature_pairs = plan.pairs_at(features);
+        assert_eq!(plan.feature_pairs.len(), count, "{preset}");
+        assert_eq!(r["pairs"].int64_value(&[0]), count as i64, "{preset}: the reference's pairs");
+        let (t_inner, s_inner) = plan.inner_features();
+        let added = AddedCond { text_embeds: Some(r["text_embeds"].shallow_clone()), time_ids: Some(r["time_ids"].shallow_clone()), timestep_cond: None };
+        let w = LossWeights { task: 1.0, output_kd: 0.5, feature_kd: 0.5, features, normalize_features };
+        let terms = tch::no_grad(|| {
+            let t_out = teacher.model.forward_cond(&r["sample"], &r["timesteps"], &r["context"], &added, &t_inner);
+            let s_out = student.model.forward_cond(&r["sample"], &r["timesteps"], &r["context"], &added, &s_inner);
+            distill_loss(&s_out, Some(&t_out), &r["target"], &plan.feature_pairs, &w)
+        });
+        for (name, got) in [("task", &terms.task), ("output_kd", terms.output_kd.as_ref().unwrap()), ("features", terms.feature_kd.as_ref().unwrap()), ("total", &terms.total)] {
+            let (got, want) = (got.double_value(&[]), r[name].double_value(&[0]));
+            eprintln!("{preset} {name}: {got} (reference {want})");
+            assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{preset}: {name} {got} vs reference {want}");
         }
     }
 }

@@ -340,3 +340,42 @@ fn validation_eval_bad_settings_fail_before_training() {
         assert!(!dir.join("run/checkpoints").exists(), "case {i} trained before failing");
     }
 }
+
+/// A `lora:` KD run (bk_small pruned from the teacher and frozen, rank-2 adapters on the default
+/// targets): checkpoints hold only the adapters (PEFT's names), their optimizer state and the
+/// base's reference; four steps straight equal two, a resume and two more, bit for bit; `final/`
+/// is a diffusers LoRA file; a whole-student checkpoint is not resumed as a LoRA run.
+#[test]
+fn lora_run_checkpoints_adapters_only_and_resumes_bit_exact() {
+    let lora = |dir: &Path, steps: u64| {
+        let cfg = config(dir, steps, "validation:\n  every: 0\nlora:\n  rank: 2\n  alpha: 4\n");
+        std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("  ema_decay: 0.9\n", "")).unwrap();
+        cfg
+    };
+    let straight = tempdir();
+    train(&["--config", lora(straight.path(), 4).to_str().unwrap()]);
+    let split = tempdir();
+    train(&["--config", lora(split.path(), 2).to_str().unwrap()]);
+    train(&["--config", lora(split.path(), 4).to_str().unwrap(), "--resume", "latest"]);
+    let (a, b) = (straight.path().join("run/checkpoints/step-4"), split.path().join("run/checkpoints/step-4"));
+    for f in ["lora.safetensors", "optimizer.safetensors"] {
+        assert_same_tensors(&a.join(f), &b.join(f));
+    }
+    assert!(!a.join("student.safetensors").exists(), "a LoRA checkpoint holds no student");
+    let adapters = read_tensors(&a.join("lora.safetensors"));
+    assert!(adapters.keys().all(|k| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight")), "{:?}", adapters.keys().take(3).collect::<Vec<_>>());
+    assert!(adapters.contains_key("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"));
+    assert!(adapters.iter().any(|(k, v)| k.ends_with("lora_B.weight") && v.abs().max().double_value(&[]) > 0.0), "B moved off zero");
+    let optimizer = read_tensors(&a.join("optimizer.safetensors"));
+    assert_eq!(optimizer.len(), 3 * adapters.len(), "AdamW state for the adapters alone");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("state.json")).unwrap()).unwrap();
+    assert!(state["lora_base"]["source"].as_str().unwrap().starts_with("teacher "), "{state}");
+    assert_eq!(state["lora_base"]["checksum"].as_str().map(str::len), Some(16));
+    assert!(straight.path().join("run/final/pytorch_lora_weights.safetensors").exists());
+    // a whole-student run's checkpoint into this LoRA run: refused naming what differs
+    let whole = tempdir();
+    train(&["--config", config(whole.path(), 3, "").to_str().unwrap()]);
+    let from = whole.path().join("run/checkpoints/step-3");
+    let o = sdkd(&["train", "--quiet", "--config", lora(tempdir().path(), 4).to_str().unwrap(), "--resume", from.to_str().unwrap()]);
+    assert_clean_failure(&o, "lora");
+}

@@ -266,6 +266,7 @@ fn checkpoint_writer_loop() {
                 sdkd_version: "test".into(),
                 loss_scale: None,
                 world_size: 1,
+                lora_base: None,
             },
             unet_config: serde_json::json!({"step": step}),
             student: vec![("w".into(), t(step as f64))],

@@ -143,3 +143,37 @@ fn preprocess_refuses_a_dataset_that_points_outside() {
     assert_clean_failure(&o, "../secret.png");
     assert!(!out.exists());
 }
+
+/// Bad `lora:` sections exit 1 naming the key before anything is trained: a rank of 0 or larger
+/// than a targeted layer, a target matching no layer, dropout with gradient checkpointing (the
+/// recomputed forward would draw another mask).
+#[test]
+fn bad_lora_sections_are_refused_naming_the_key() {
+    let data = dataset_with(&["a.png"]);
+    let cases = [
+        ("lora:\n  rank: 0\n", "lora.rank"),
+        ("lora:\n  rank: 4096\n", "lora.rank = 4096 is larger than layer"),
+        ("lora:\n  rank: 2\n  targets: [to_q, not_a_layer]\n", "lora.targets[1]"),
+        ("lora:\n  rank: 2\n  dropout: 0.1\ntrain:\n  gradient_checkpointing: blocks\n", "train.gradient_checkpointing"),
+    ];
+    std::thread::scope(|s| {
+        for (i, (section, needle)) in cases.iter().enumerate() {
+            let data = data.path().join("data");
+            s.spawn(move || {
+                let t = tempdir();
+                let run = t.path().join("run.yaml");
+                let train = if section.contains("train:") { "" } else { "train:\n  device: cpu\n" };
+                let yaml = format!(
+                    "teacher: {}\nstudent: {}\noutput_dir: {}\ndistill: false\ndata:\n  path: {}\n  resolution: 16\n{train}validation:\n  every: 0\n{section}",
+                    pipeline().display(),
+                    pipeline().join("unet").display(),
+                    t.path().join("out").display(),
+                    data.display()
+                );
+                std::fs::write(&run, yaml).unwrap();
+                assert_clean_failure(&sdkd(&["train", "--config", run.to_str().unwrap()]), needle);
+                assert!(!t.path().join("out").exists(), "case {i}: wrote into output_dir");
+            });
+        }
+    });
+}

@@ -7,13 +7,14 @@
 //! Every export gets a model card (`README.md`, `hub::card`); `--push-to-hub org/name` then
 //! uploads the export with it as one commit (`hub::push`).
 use crate::distill::checkpoint::Checkpoint;
+use crate::lora::{Layout, LoraSet};
 use crate::lora::ScaledLora;
 use crate::runtime::Precision;
 use crate::export::{self, ExportFormat};
 use crate::fs_safe;
 use crate::hub::{self, Want};
 use crate::models::{weights, UNetConfig};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
 
@@ -45,6 +46,13 @@ pub struct ExportArgs {
     /// repository already has are replaced only with --overwrite.
     #[arg(long, value_name = "ORG/NAME")]
     pub push_to_hub: Option<String>,
+    /// A `lora:` run's checkpoint: write its adapters as one LoRA file at --out
+    /// (`<name>.safetensors`) instead of a UNet.
+    #[arg(long)]
+    pub lora: bool,
+    /// The LoRA file's layout: diffusers (`load_lora_weights`) or kohya (A1111, ComfyUI).
+    #[arg(long, value_enum, default_value = "diffusers", requires = "lora")]
+    pub lora_format: Layout,
     /// A LoRA to merge into the exported UNet, FILE[:SCALE] (diffusers' or kohya's layout; scale 1
     /// when not given); repeatable, merged in order (docs/lora.md).
     #[arg(long, value_name = "FILE[:SCALE]")]
@@ -66,6 +74,12 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         fs_safe::check_not_over(&args.out, run, "the checkpoint's run", "--out")?;
     }
     let config = UNetConfig::from_json(&ckpt.unet_config).with_context(|| format!("{}: unet/config.json", ckpt.dir.display()))?;
+    match (args.lora, ckpt.is_lora()) {
+        (true, true) => return export_lora(args, &ckpt, &config),
+        (true, false) => bail!("--lora: checkpoint {} holds a whole student, not LoRA adapters (its run had no lora: section)", ckpt.dir.display()),
+        (false, true) => bail!("checkpoint {} holds LoRA adapters only: export them with --lora [--lora-format diffusers|kohya]", ckpt.dir.display()),
+        (false, false) => {}
+    }
     let file = if args.ema {
         ckpt.ema_file().ok_or_else(|| anyhow!("--ema: checkpoint {} has no EMA weights (the run had no train.ema_decay)", ckpt.dir.display()))?
     } else {
@@ -124,6 +138,39 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         let url = hub::push::push(&hub::Env::from_env(), repo, &files, args.overwrite, &message)?;
         println!("pushed {} files to {repo}: {url}", files.len());
     }
+    Ok(())
+}
+
+/// `--lora`: the checkpoint's adapters as one LoRA file at --out in `--lora-format`, with the
+/// alpha of the run's `lora:` section.
+fn export_lora(args: &ExportArgs, ckpt: &Checkpoint, config: &UNetConfig) -> Result<()> {
+    let given = [("--ema", args.ema), ("--push-to-hub", args.push_to_hub.is_some()), ("--teacher", args.teacher.is_some()), ("--fuse", !args.fuse.is_empty())];
+    for (flag, set) in given {
+        if set {
+            bail!("{flag} does not apply to --lora (a LoRA file holds the adapters alone)");
+        }
+    }
+    if args.out.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+        bail!("--out {}: a LoRA file is written as .safetensors; name it <name>.safetensors (diffusers looks for {} in a folder)", args.out.display(), crate::lora::DIFFUSERS_FILE);
+    }
+    // an earlier LoRA file (keys of either layout) may be replaced with --overwrite, nothing else
+    let is_lora = || weights::MappedFile::open(&args.out).and_then(|f| Ok(f.parse()?.names().into_iter().map(str::to_string).collect::<Vec<_>>())).is_ok_and(|n| Layout::detect(&n).is_ok());
+    fs_safe::check_file_replaceable(&args.out, is_lora, args.overwrite, "--out")?;
+    let lora: crate::lora::config::LoraConfig = serde_json::from_value(ckpt.meta.config["lora"].clone())
+        .with_context(|| format!("checkpoint {}: the run's lora: section", ckpt.dir.display()))?;
+    let set = LoraSet::from_trained(&weights::read_all(&ckpt.student_file())?, lora.alpha()).with_context(|| format!("{}", ckpt.student_file().display()))?;
+    set.write(&args.out, args.lora_format, config)?;
+    println!(
+        "exported the {} LoRA adapters ({} parameters, rank {}, alpha {}) of step {} of {} to {} ({} layout)",
+        set.len(),
+        set.parameters(),
+        lora.rank,
+        lora.alpha(),
+        ckpt.meta.step,
+        ckpt.dir.display(),
+        args.out.display(),
+        args.lora_format.name()
+    );
     Ok(())
 }
 

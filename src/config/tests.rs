@@ -50,7 +50,7 @@ fn defaults_follow_bk_sdm() {
     assert_eq!(c.data.path.as_deref(), Some(Path::new("/base/data/set")));
     assert_eq!((c.data.resolution, c.data.center_crop, c.data.random_flip), (512, true, true));
     assert_eq!(c.data.on_bad_sample, OnBadSample::Skip);
-    assert_eq!(c.loss, LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0 });
+    assert_eq!(c.loss, LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0, ..Default::default() });
     assert_eq!(c.optim, OptimConfig::default());
     assert_eq!((c.optim.lr, c.optim.betas, c.optim.weight_decay, c.optim.eps), (5e-5, [0.9, 0.999], 0.01, 1e-8));
     assert_eq!(c.optim.max_grad_norm, Some(1.0));
@@ -508,4 +508,42 @@ fn method_lcm_takes_its_section_and_refuses_what_it_does_not_use() {
     assert!(err(&format!("{MINIMAL}lcm:\n  w_min: 3\n")).contains("method"));
     assert!(err(&format!("{MINIMAL}validation:\n  lcm_steps: [4]\n")).contains("validation.lcm_steps"));
     assert!(err(&format!("{MINIMAL}method: lcd\n")).contains("lcd"));
+}
+
+/// Every recipe in configs/ loads (the LoRA ones before their base exists).
+#[test]
+fn every_config_in_configs_loads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    let mut names = vec![];
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            RunConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            names.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    for recipe in ["lora_finetune_student.yaml", "lora_kd_student.yaml", "lcm_lora_bk_small.yaml", "tiny_cpu.yaml"] {
+        assert!(names.iter().any(|n| n == recipe), "{recipe} missing from {names:?}");
+    }
+}
+
+/// `lora:` takes diffusers' LCM-LoRA defaults, and its rules across sections name their key.
+#[test]
+fn lora_defaults_and_rules_across_sections() {
+    let c = parse(&format!("{MINIMAL}lora:\n  rank: 8\n")).unwrap();
+    let l = c.lora.as_ref().unwrap();
+    assert_eq!((l.rank, l.alpha(), l.dropout, l.targets.len()), (8, 8.0, 0.0, 14));
+    assert_eq!(l.targets[3], "to_out.0");
+    assert_ne!(c.config_hash(), parse(MINIMAL).unwrap().config_hash());
+    for (yaml, key) in [
+        ("lora:\n  dropout: 0.1\ntrain:\n  gradient_checkpointing: attention\n", "lora.dropout"),
+        ("lora: {}\ntrain:\n  ema_decay: 0.999\n", "train.ema_decay"),
+        ("lora: {}\nstudent_init: random\n", "lora.base"),
+        ("lora: {}\nmethod: lcm\nlcm:\n  target_ema: 0.5\n", "lcm.target_ema"),
+        ("lora:\n  rank: -1\n", "lora.rank"),
+        ("lora:\n  init: uniform\n", "init"),
+    ] {
+        let e = err(&format!("{MINIMAL}{yaml}"));
+        assert!(e.contains(key), "{yaml:?}: {e}");
+    }
 }

@@ -27,6 +27,8 @@ use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 pub const STUDENT_FILE: &str = "student.safetensors";
+/// A `lora:` run's adapters (PEFT's parameter names), in place of the student.
+pub const LORA_FILE: &str = "lora.safetensors";
 pub const EMA_FILE: &str = "ema.safetensors";
 /// `method: lcm`: the target network (diffusers' script saves it as `unet_target/`).
 pub const TARGET_FILE: &str = "target.safetensors";
@@ -57,6 +59,21 @@ pub struct StateMeta {
     /// global batch continues the same run.
     #[serde(default = "one_process", skip_serializing_if = "is_one_process")]
     pub world_size: usize,
+    /// A `lora:` run: the frozen base its adapters were trained on (the checkpoint holds only
+    /// the adapters, `lora.safetensors`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_base: Option<BaseRef>,
+}
+
+/// The base UNet a LoRA checkpoint's adapters belong to: where its weights came from and a
+/// checksum of them (`distributed::checksum` of its tensors in name order), which a resume or
+/// an export checks the rebuilt base against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseRef {
+    /// `lora.base`, or the teacher (path or hub id@revision) the student was made from.
+    pub source: String,
+    /// 16 hex digits.
+    pub checksum: String,
 }
 
 fn one_process() -> usize {
@@ -80,6 +97,7 @@ impl StateMeta {
             sdkd_version: env!("CARGO_PKG_VERSION").to_string(),
             loss_scale: None,
             world_size: 1,
+            lora_base: None,
         }
     }
 }
@@ -208,8 +226,9 @@ fn write_files(tmp: &Path, state: &TrainState, after_file: &mut dyn FnMut(&Path)
     let config = serde_json::to_string_pretty(&state.unet_config)?;
     write_text(&tmp.join(UNET_CONFIG_FILE), &config)?;
     record(UNET_CONFIG_FILE, &mut files)?;
-    weights::save(&tmp.join(STUDENT_FILE), &state.student, None)?;
-    record(STUDENT_FILE, &mut files)?;
+    let trained = if state.meta.lora_base.is_some() { LORA_FILE } else { STUDENT_FILE };
+    weights::save(&tmp.join(trained), &state.student, None)?;
+    record(trained, &mut files)?;
     if let Some(ema) = &state.ema {
         weights::save(&tmp.join(EMA_FILE), ema, None)?;
         record(EMA_FILE, &mut files)?;
@@ -261,7 +280,8 @@ impl Checkpoint {
             .with_context(|| format!("checkpoint {} is incomplete: cannot read {STATE_FILE}", dir.display()))?;
         let state: StateFile = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid checkpoint state", state_path.display()))?;
-        for required in [STUDENT_FILE, OPTIMIZER_FILE, UNET_CONFIG_FILE] {
+        let trained = if state.meta.lora_base.is_some() { LORA_FILE } else { STUDENT_FILE };
+        for required in [trained, OPTIMIZER_FILE, UNET_CONFIG_FILE] {
             if !state.files.contains_key(required) {
                 bail!("{} does not list {required}", state_path.display());
             }
@@ -305,8 +325,14 @@ impl Checkpoint {
         self.files.contains_key(EMA_FILE)
     }
 
+    /// The trained tensors: the student, or a `lora:` run's adapters.
     pub fn student_file(&self) -> PathBuf {
-        self.dir.join(STUDENT_FILE)
+        self.dir.join(if self.is_lora() { LORA_FILE } else { STUDENT_FILE })
+    }
+
+    /// A `lora:` run's checkpoint (adapters only, `meta.lora_base` names the base).
+    pub fn is_lora(&self) -> bool {
+        self.meta.lora_base.is_some()
     }
 
     pub fn ema_file(&self) -> Option<PathBuf> {
@@ -442,6 +468,7 @@ mod tests {
                 sdkd_version: "test".into(),
                 loss_scale: None,
                 world_size: 1,
+                lora_base: None,
             },
             unet_config: serde_json::json!({"_class_name": "UNet2DConditionModel", "layers_per_block": 1}),
             student: vec![("conv_in.weight".into(), t(step as f32))],

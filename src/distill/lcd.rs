@@ -135,9 +135,10 @@ pub struct LcdTerms {
 pub struct Consistency {
     cfg: LcmConfig,
     solver: DdimSolver,
-    target: UNet,
-    /// The target network's variables as the EMA's shadow.
-    target_ema: Ema,
+    /// The target network and its variables as the EMA's shadow; None for LCM-LoRA, whose
+    /// target is the adapted student itself without gradients (diffusers'
+    /// `train_lcm_distill_lora_sd_wds.py`: "we do not use a separate target network").
+    target: Option<(UNet, Ema)>,
     /// (1, tokens, dim) float32: the teacher's unconditional text embedding (the encoded "" for
     /// SD-1.x/2.x, as the script).
     uncond: Tensor,
@@ -154,22 +155,34 @@ impl Consistency {
 
     /// The target network's weights, by the student's parameter names (shallow).
     pub fn target_tensors(&self) -> Vec<(String, Tensor)> {
-        self.target_ema.state_tensors()
+        self.target.as_ref().map(|(_, ema)| ema.state_tensors()).unwrap_or_default()
+    }
+
+    /// Whether there is a target network apart from the student (not for LCM-LoRA).
+    pub fn has_target(&self) -> bool {
+        self.target.is_some()
+    }
+
+    fn target_ema_mut(&mut self) -> Result<&mut Ema> {
+        self.target.as_mut().map(|(_, ema)| ema).ok_or_else(|| anyhow::anyhow!("LCM-LoRA has no target network"))
     }
 
     /// Replaces the target network's weights (a resumed run), strict names and shapes.
     pub fn load_target(&mut self, named: &[(String, Tensor)]) -> Result<()> {
-        self.target_ema.load_state(named)
+        self.target_ema_mut()?.load_state(named)
     }
 
     /// `load_target` from a checkpoint's safetensors file.
     pub fn load_target_file(&mut self, path: &std::path::Path) -> Result<()> {
-        self.target_ema.load_state_file(path)
+        self.target_ema_mut()?.load_state_file(path)
     }
 
     /// The EMA step of the target network toward the student (after each optimizer step).
     pub(crate) fn update_target(&mut self) -> Result<()> {
-        self.target_ema.update()
+        match &mut self.target {
+            Some((_, ema)) => ema.update(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -188,22 +201,33 @@ impl Consistency {
     /// The LCD state for `student`, which must have `time_embedding.cond_proj` of
     /// `cfg.time_cond_proj_dim`: the target network starts as a copy of it; `uncond` is the
     /// teacher's unconditional text embedding (1, tokens, dim).
+    ///
+    /// A student with LoRA adapters is LCM-LoRA's: no guidance embedding (it must have no
+    /// `cond_proj`: w is baked in by the teacher's CFG) and no target network.
     pub fn new(cfg: &LcmConfig, student: &UNet, schedule: &NoiseSchedule, uncond: Tensor) -> Result<Consistency> {
         let config = &student.model.config;
+        let lora = student.adapters.is_some();
+        let want = (!lora).then_some(cfg.time_cond_proj_dim);
         ensure!(
-            config.time_cond_proj_dim == Some(cfg.time_cond_proj_dim),
-            "method: lcm: the student has time_cond_proj_dim {:?}, lcm.time_cond_proj_dim is {}",
+            config.time_cond_proj_dim == want,
+            "method: lcm: the student has time_cond_proj_dim {:?}, {}",
             config.time_cond_proj_dim,
-            cfg.time_cond_proj_dim
+            if lora { "LCM-LoRA feeds no guidance embedding".to_string() } else { format!("lcm.time_cond_proj_dim is {}", cfg.time_cond_proj_dim) }
         );
         ensure!(uncond.dim() == 3 && uncond.size()[0] == 1, "the unconditional embedding must be (1, tokens, dim), not {:?}", uncond.size());
         let solver = DdimSolver::new(schedule, cfg.num_ddim_timesteps)?;
         let device = student.model.device();
-        let mut target = UNet::build(config, device, Kind::Float, Init::Empty);
-        target.vs.freeze();
-        let target_ema = Ema::into_shadow(weights::named_tensors(&student.vs), weights::named_tensors(&target.vs), cfg.target_ema)?;
+        let target = match lora {
+            true => None,
+            false => {
+                let mut target = UNet::build(config, device, Kind::Float, Init::Empty);
+                target.vs.freeze();
+                let ema = Ema::into_shadow(weights::named_tensors(&student.vs), weights::named_tensors(&target.vs), cfg.target_ema)?;
+                Some((target, ema))
+            }
+        };
         let uncond = uncond.to_kind(Kind::Float).to_device(device);
-        Ok(Consistency { cfg: cfg.clone(), solver, target, target_ema, uncond })
+        Ok(Consistency { cfg: cfg.clone(), solver, target, uncond })
     }
 
     /// Forward and backward of one micro-batch on given draws; the gradients accumulate, the
@@ -219,13 +243,14 @@ impl Consistency {
         let (skip_start, out_start) = per_sample(boundary_scalings(&start, c.cfg.timestep_scaling));
         let (skip_n, out_n) = per_sample(boundary_scalings(&t_n, c.cfg.timestep_scaling));
         let noisy = m.schedule.add_noise(&latents, &inputs.noise.to_device(dev), &start);
-        let w_emb = guidance_scale_embedding(&inputs.w, c.cfg.time_cond_proj_dim).to_device(dev);
+        // LCM-LoRA feeds no guidance embedding (timestep_cond=None in the LoRA script)
+        let w_emb = c.has_target().then(|| guidance_scale_embedding(&inputs.w, c.cfg.time_cond_proj_dim).to_device(dev));
         let w = inputs.w.to_device(dev).to_kind(Kind::Float).view([b, 1, 1, 1]);
         let none = BTreeSet::new();
 
         // the online student at t_{n+k}
         let kind = m.compute_kind;
-        let added = AddedCond { timestep_cond: Some(w_emb.to_kind(kind)), ..AddedCond::default() };
+        let added = AddedCond { timestep_cond: w_emb.map(|e| e.to_kind(kind)), ..AddedCond::default() };
         let recompute = Recompute::new(m.checkpointing); // lives until after the backward
         let out = m.student.model.forward_cond_with(&noisy.to_kind(kind), &start, &context.to_kind(kind), &added, &none, &recompute).sample;
         let (x0, _) = x0_and_noise(prediction, m.schedule, &out.to_kind(Kind::Float), &start, &noisy);
@@ -246,7 +271,8 @@ impl Consistency {
             let pred_eps = &cond_eps + &w * (&cond_eps - &uncond_eps);
             let x_prev = c.solver.ddim_step(&pred_x0, &pred_eps, &index); // float64
             // the target network at t_n on x_prev
-            let out = c.target.model.forward_cond(&x_prev.to_kind(kind), &t_n, &context.to_kind(kind), &added, &none).sample.to_kind(Kind::Float);
+            let target = c.target.as_ref().map_or(m.student, |(t, _)| t);
+            let out = target.model.forward_cond(&x_prev.to_kind(kind), &t_n, &context.to_kind(kind), &added, &none).sample.to_kind(Kind::Float);
             let (x0, _) = x0_and_noise(prediction, m.schedule, &out, &t_n, &x_prev);
             (&skip_n * &x_prev + &out_n * x0, guided_out)
         });

@@ -1,7 +1,7 @@
 //! The BK-SDM objective: task loss + output-level KD + per-block feature KD, each an MSE (mean
 //! over all elements) computed in fp32. Every term is returned on its own, because the feature
 //! term is typically much larger than the others (BK-SDM issue 21) and users need to see that.
-use super::student::FeaturePair;
+use super::student::{FeatureLevel, FeaturePair};
 use crate::config_error::{invalid, ConfigError};
 use crate::models::UNetOutput;
 use serde::{Deserialize, Serialize};
@@ -14,12 +14,23 @@ pub struct LossWeights {
     pub task: f64,
     pub output_kd: f64,
     pub feature_kd: f64,
+    /// Which features are paired (`blocks`, `sub_blocks`, `self_attention`).
+    #[serde(skip_serializing_if = "is_blocks")]
+    pub features: FeatureLevel,
+    /// Each feature MSE divided by the teacher feature's mean square (LAPTOP-Diff's normalised
+    /// feature distillation: otherwise a few large terms dominate the sum).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub normalize_features: bool,
+}
+
+fn is_blocks(level: &FeatureLevel) -> bool {
+    *level == FeatureLevel::Blocks
 }
 
 impl Default for LossWeights {
     /// BK-SDM's defaults: all three λ = 1.
     fn default() -> Self {
-        LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0 }
+        LossWeights { task: 1.0, output_kd: 1.0, feature_kd: 1.0, features: FeatureLevel::Blocks, normalize_features: false }
     }
 }
 
@@ -71,7 +82,10 @@ pub fn distill_loss(
             for p in pairs {
                 let s = student.feature(&p.student).unwrap_or_else(|| panic!("student forward lacks feature {}", p.student));
                 let t = teacher.feature(&p.teacher).unwrap_or_else(|| panic!("teacher forward lacks feature {}", p.teacher));
-                let term = mse(s, &t.detach());
+                let mut term = mse(s, &t.detach());
+                if w.normalize_features {
+                    term = term / t.detach().to_kind(Kind::Float).square().mean(Kind::Float);
+                }
                 sum += &term;
                 per_pair.push((format!("{}->{}", p.teacher, p.student), term));
             }
@@ -97,7 +111,7 @@ mod tests {
         let t = out(Tensor::from_slice(&[1.0f32, 0.0]), vec![Tensor::from_slice(&[3.0f32, 1.0])]);
         let target = Tensor::from_slice(&[0.0f32, 0.0]);
         let pairs = vec![FeaturePair { teacher: "down_blocks.0".into(), student: "down_blocks.0".into() }];
-        let w = LossWeights { task: 1.0, output_kd: 0.5, feature_kd: 0.25 };
+        let w = LossWeights { task: 1.0, output_kd: 0.5, feature_kd: 0.25, ..Default::default() };
         let l = distill_loss(&s, Some(&t), &target, &pairs, &w);
         assert_eq!(l.task.double_value(&[]), 2.5); // (1 + 4) / 2
         assert_eq!(l.output_kd.as_ref().unwrap().double_value(&[]), 2.0); // (0 + 4) / 2
@@ -107,6 +121,8 @@ mod tests {
         let alone = distill_loss(&s, None, &target, &pairs, &w);
         assert!(alone.output_kd.is_none() && alone.feature_kd.is_none());
         assert_eq!(alone.total.double_value(&[]), 2.5);
+        let normalized = distill_loss(&s, Some(&t), &target, &pairs, &LossWeights { normalize_features: true, ..w });
+        assert_eq!(normalized.feature_kd.unwrap().double_value(&[]), 1.0); // 5 / ((9 + 1) / 2)
     }
 
     #[test]

@@ -68,8 +68,9 @@ pub struct Update {
 
 impl Distiller {
     pub fn new(student: UNet, plan: StudentPlan, teacher: Option<Teacher>, schedule: Arc<NoiseSchedule>, optim: AdamWConfig, ema_decay: Option<f64>, weights: LossWeights) -> Result<Distiller> {
-        let optimizer = AdamW::new(weights::named_tensors(&student.vs), optim)?;
-        let ema = ema_decay.map(|d| Ema::new(weights::named_tensors(&student.vs), d)).transpose()?;
+        // a LoRA student trains its adapters alone: AdamW and the EMA hold nothing of the base
+        let optimizer = AdamW::new(student.trainable(), optim)?;
+        let ema = ema_decay.map(|d| Ema::new(student.trainable(), d)).transpose()?;
         let (_, student_inner) = plan.inner_features();
         Ok(Distiller {
             student,
@@ -129,9 +130,9 @@ impl Distiller {
     }
 
     /// `state_tensors` named `student.<param>`, `ema.<param>` and `target.<param>` (what
-    /// `SDKD_RANK_STATE_DIR` writes).
+    /// `SDKD_RANK_STATE_DIR` writes); a LoRA student's are its adapters.
     pub fn named_state_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut state: Vec<(String, Tensor)> = weights::named_tensors(&self.student.vs).into_iter().map(|(n, t)| (format!("student.{n}"), t)).collect();
+        let mut state: Vec<(String, Tensor)> = self.student.trainable().into_iter().map(|(n, t)| (format!("student.{n}"), t)).collect();
         state.extend(self.ema.iter().flat_map(|e| e.state_tensors().into_iter().map(|(n, t)| (format!("ema.{n}"), t))));
         state.extend(self.consistency.iter().flat_map(|c| c.target_tensors().into_iter().map(|(n, t)| (format!("target.{n}"), t))));
         state
@@ -161,6 +162,12 @@ impl Distiller {
             noise += offset * self.noise_offset;
         }
         let t = self.schedule.sample_timesteps(b, Device::Cpu).to_device(dev);
+        self.micro_step_with(latents, context, &noise, &t, accum)
+    }
+
+    /// `micro_step` on given noise (offset included) and timesteps (what parity tests feed).
+    pub fn micro_step_with(&self, latents: &Tensor, context: &Tensor, noise: &Tensor, t: &Tensor, accum: usize) -> LossTerms {
+        let (noise, t) = (noise.to_device(latents.device()), t.to_device(latents.device()));
         let noisy = self.schedule.add_noise(latents, &noise, &t);
         let target = self.schedule.training_target(self.schedule.prediction_type(), latents, &noise, &t);
         let teacher_out = self.teacher.as_ref().map(|teacher| {

@@ -124,6 +124,21 @@ pub struct FeaturePair {
     pub student: String,
 }
 
+/// Which features feature KD pairs (`loss.features`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureLevel {
+    /// Block outputs (BK-SDM), or the spec's `feature_pairs`.
+    #[default]
+    Blocks,
+    /// Every kept resnet's and attention's output with its teacher source (SSD-1B's trainer); the
+    /// mid block whole on the teacher side.
+    SubBlocks,
+    /// The self-attention (`attn1`) output of every kept transformer layer with the teacher layer
+    /// it was copied from (KOALA).
+    SelfAttention,
+}
+
 /// A spec applied to one teacher: the student's config, where each student tensor comes from,
 /// and the features to distil.
 #[derive(Debug, Clone)]
@@ -429,6 +444,36 @@ impl StudentPlan {
         StudentPlan::new(&StudentSpec::of(choice, teacher)?, teacher)
     }
 
+    /// The feature pairs `level` distils. The finer levels are read off the copy map: a student
+    /// resnet (attention, self-attention) is paired with the teacher one it was copied from. The
+    /// mid block is paired whole on the teacher side, with the student's whole mid block or, for
+    /// a single-resnet one, that resnet (SSD-1B's pairing).
+    pub fn pairs_at(&self, level: FeatureLevel) -> Vec<FeaturePair> {
+        let module = |name: &str, suffix: &str| name.strip_suffix(suffix).map(str::to_string);
+        let read = |suffix: &str, inner: &dyn Fn(&str) -> bool| -> Vec<FeaturePair> {
+            self.copy_map
+                .iter()
+                .filter(|(s, _)| inner(s))
+                .filter_map(|(s, t)| Some(FeaturePair { teacher: module(t, suffix)?, student: module(s, suffix)? }))
+                .collect()
+        };
+        match level {
+            FeatureLevel::Blocks => self.feature_pairs.clone(),
+            FeatureLevel::SubBlocks => {
+                let not_mid = |s: &str| !s.starts_with("mid_block.");
+                let mut pairs = read(".conv1.weight", &|s| not_mid(s) && s.contains(".resnets."));
+                pairs.extend(read(".proj_in.weight", &|s| not_mid(s) && s.contains(".attentions.")));
+                match self.config.mid_block {
+                    Some(MidBlockKind::Plain) => pairs.push(FeaturePair { teacher: "mid_block".into(), student: "mid_block.resnets.0".into() }),
+                    Some(MidBlockKind::CrossAttn) => pairs.push(FeaturePair { teacher: "mid_block".into(), student: "mid_block".into() }),
+                    None => {}
+                }
+                pairs
+            }
+            FeatureLevel::SelfAttention => read(".to_q.weight", &|s| s.ends_with(".attn1.to_q.weight")),
+        }
+    }
+
     /// Inner feature names each side must compute for the pairs.
     pub fn inner_features(&self) -> (std::collections::BTreeSet<String>, std::collections::BTreeSet<String>) {
         let inner = |n: &String| n.contains(".attentions.") || n.contains(".resnets.");
@@ -712,5 +757,27 @@ mod tests {
         let yaml = doc.split("```yaml\n").nth(1).and_then(|rest| rest.split("```").next()).unwrap();
         let spec: StudentSpec = serde_yaml::from_str(yaml).unwrap();
         assert_eq!(spec, StudentSpec::preset("ssd_1b", &sdxl()).unwrap());
+    }
+
+    /// SSD-1B's trainer distils 26 points; KOALA's self-attention pairs follow the copied layers.
+    #[test]
+    fn finer_feature_levels_follow_the_copy_map() {
+        let t = sdxl();
+        let ssd = StudentPlan::new(&StudentSpec::preset("ssd_1b", &t).unwrap(), &t).unwrap();
+        let pairs = ssd.pairs_at(FeatureLevel::SubBlocks);
+        assert_eq!(pairs.len(), 26);
+        assert!(pairs.contains(&FeaturePair { teacher: "mid_block".into(), student: "mid_block.resnets.0".into() }));
+        assert!(pairs.contains(&FeaturePair { teacher: "up_blocks.0.attentions.2".into(), student: "up_blocks.0.attentions.2".into() }));
+        let koala = StudentPlan::new(&StudentSpec::preset("koala_1b", &t).unwrap(), &t).unwrap();
+        let attn = koala.pairs_at(FeatureLevel::SelfAttention);
+        assert_eq!(attn.len() as i64, koala.config.transformer_block_count());
+        assert!(attn.contains(&FeaturePair {
+            teacher: "up_blocks.0.attentions.2.transformer_blocks.5.attn1".into(),
+            student: "up_blocks.0.attentions.1.transformer_blocks.5.attn1".into()
+        }));
+        // docs/students.md's table
+        let counts = |p: &StudentPlan| [FeatureLevel::Blocks, FeatureLevel::SubBlocks, FeatureLevel::SelfAttention].map(|l| p.pairs_at(l).len());
+        assert_eq!((counts(&ssd), counts(&koala)), ([6, 26, 34], [6, 16, 30]));
+        assert!(koala.pairs_at(FeatureLevel::SubBlocks).contains(&FeaturePair { teacher: "up_blocks.0.resnets.2".into(), student: "up_blocks.0.resnets.1".into() }));
     }
 }

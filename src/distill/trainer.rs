@@ -121,6 +121,27 @@ pub struct Trainer {
     /// `method: lcm`: the teacher's noise schedule as an `LCMScheduler` config on the run's grid,
     /// which the validation grid's student rows sample with (as the export will).
     lcm_schedule: Option<Arc<NoiseSchedule>>,
+    /// A `lora:` run's frozen base: where it came from and its checksum, recorded in every
+    /// checkpoint and checked unchanged before each.
+    base: Option<checkpoint::BaseRef>,
+}
+
+/// The reference a LoRA checkpoint keeps to its frozen base: `lora.base`, else the teacher the
+/// student was made from, and the checksum of the base's tensors.
+fn base_ref(cfg: &RunConfig, student: &UNet) -> Option<checkpoint::BaseRef> {
+    let lora = cfg.lora.as_ref()?;
+    let source = match (&lora.base, &cfg.teacher) {
+        (Some(base), _) => base.display().to_string(),
+        (None, Some(t)) => format!("teacher {}{}", t.display(), cfg.revision.as_ref().map(|r| format!("@{r}")).unwrap_or_default()),
+        (None, None) => "none".to_string(),
+    };
+    Some(checkpoint::BaseRef { source, checksum: base_checksum(student) })
+}
+
+/// `distributed::checksum` of the base UNet's tensors in name order, as 16 hex digits.
+fn base_checksum(student: &UNet) -> String {
+    let tensors: Vec<Tensor> = weights::named_tensors(&student.vs).into_iter().map(|(_, t)| t).collect();
+    format!("{:016x}", checksum(&tensors) as u64)
 }
 
 /// The config that identifies a run of `cfg` on `world` ranks: micro-batches per step counted
@@ -194,24 +215,33 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
         bail!("teacher: {what} cannot be distilled yet: training conditions only on the text embeddings (sdkd generate and inspect take it)");
     }
     let mut plan = StudentPlan::of(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student.to_string()))?;
+    plan.feature_pairs = plan.pairs_at(cfg.loss.features);
     let lcm = cfg.method == Method::Lcm;
-    if lcm {
+    if lcm && cfg.lora.is_none() {
         // the guidance embedding's projection, PyTorch's default init like the rest (the script's
-        // `from_config(teacher.config, time_cond_proj_dim=...)`)
+        // `from_config(teacher.config, time_cond_proj_dim=...)`); LCM-LoRA has none
         plan.config.time_cond_proj_dim = Some(cfg.lcm.time_cond_proj_dim);
     }
     tch::manual_seed(step_seed(cfg.train.seed, u64::MAX, 0));
-    let student = UNet::build(&plan.config, device, Kind::Float, Init::Torch);
-    let need_teacher_unet = cfg.distill || cfg.student_init == StudentInit::Teacher;
+    let student = match &cfg.lora {
+        Some(lora) => UNet::build_with_adapters(&plan.config, device, Kind::Float, Init::Torch, &lora.spec()).context("lora")?,
+        None => UNet::build(&plan.config, device, Kind::Float, Init::Torch),
+    };
+    let lora_base = cfg.lora.as_ref().and_then(|l| l.base.as_deref());
+    let need_teacher_unet = cfg.distill || (cfg.student_init == StudentInit::Teacher && lora_base.is_none());
     let teacher_unet = match (pipeline, need_teacher_unet) {
         (Some(p), true) => Some(p.load_unet(device, compute_kind)?),
         (None, true) => bail!("teacher: the run distils or copies the teacher, but `teacher` is not set"),
         _ => None,
     };
-    if let Some(from) = cfg.lcm.student_init.as_ref().filter(|_| lcm) {
-        let n = init_lcm_student(from, &plan, &student, device)?;
+    let init_from = match lora_base {
+        Some(base) => Some((base, "lora.base")),
+        None => cfg.lcm.student_init.as_deref().filter(|_| lcm).map(|p| (p, "lcm.student_init")),
+    };
+    if let Some((from, key)) = init_from {
+        let n = init_student_from(from, key, &plan, &student, device)?;
         if report {
-            eprintln!("student {}: {} params, {n} tensors from lcm.student_init {}", plan.name, student.num_params(), from.display());
+            eprintln!("student {}: {} params, {n} tensors from {key} {}", plan.name, student.num_params(), from.display());
         }
     } else if let (StudentInit::Teacher, Some(t)) = (cfg.student_init, &teacher_unet) {
         let copied = copy_from_teacher(&plan, t, &student)?;
@@ -235,11 +265,12 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
     Ok(d)
 }
 
-/// Copies a KD run's student (checkpoint, `final/` or UNet folder) into the LCD student, which
-/// must be the same architecture; `time_embedding.cond_proj` keeps its fresh initialisation
-/// unless the source has one of the same width. Returns the number of tensors copied.
-fn init_lcm_student(from: &Path, plan: &StudentPlan, student: &UNet, device: Device) -> Result<usize> {
-    let what = || format!("lcm.student_init {}", from.display());
+/// Copies a KD run's student (checkpoint, `final/` or UNet folder) into the student (the LCD
+/// student of `lcm.student_init`, the frozen base of `lora.base`: `key`), which must be the same
+/// architecture; `time_embedding.cond_proj` keeps its fresh initialisation unless the source has
+/// one of the same width. Returns the number of tensors copied.
+fn init_student_from(from: &Path, key: &str, plan: &StudentPlan, student: &UNet, device: Device) -> Result<usize> {
+    let what = || format!("{key} {}", from.display());
     let source = crate::models::pipeline_dir::UnetSource::resolve(from, false).with_context(what)?;
     let init = source.load(device, Kind::Float).with_context(what)?;
     let theirs = &init.model.config;
@@ -356,7 +387,8 @@ impl Trainer {
             true => Some(PeriodicEval::prepare(&cfg.validation.eval, &distiller.schedule, device)?),
             false => None,
         };
-        Ok(Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity, empty_prompt, periodic_eval, lcm_schedule })
+        let base = base_ref(&cfg, &distiller.student);
+        Ok(Trainer { cfg, device, distiller, encoder, scale, step: 0, cursor: Cursor::default(), ranks, identity, empty_prompt, periodic_eval, lcm_schedule, base })
     }
 
     /// A data-parallel run's start: rank 0's student and EMA (built, or resumed) broadcast to
@@ -384,7 +416,24 @@ impl Trainer {
                 cfg.student.to_string()
             );
         }
-        ckpt.load_student_into(&d.student.vs.variables())?;
+        match (&ckpt.meta.lora_base, &self.base) {
+            (Some(theirs), Some(ours)) if theirs.checksum != ours.checksum => bail!(
+                "checkpoint {}: its adapters were trained on base {} (checksum {}), but this run's base {} has checksum {}: the base's weights changed",
+                ckpt.dir.display(),
+                theirs.source,
+                theirs.checksum,
+                ours.source,
+                ours.checksum
+            ),
+            (Some(_), Some(_)) | (None, None) => {}
+            (theirs, _) => bail!(
+                "checkpoint {} {} adapters, this run {}: a run resumes only with its own lora: setting",
+                ckpt.dir.display(),
+                if theirs.is_some() { "holds LoRA" } else { "holds a whole student, no" },
+                if self.base.is_some() { "trains LoRA adapters" } else { "trains the whole student" }
+            ),
+        }
+        ckpt.load_student_into(&d.student.trainable().into_iter().collect())?;
         if let Some(saved) = d.optimizer.load_state_file(&ckpt.optimizer_file())? {
             eprintln!(
                 "checkpoint {}: AdamW moments saved as {saved:?}, converted to {:?} (optim.state_dtype = {})",
@@ -397,7 +446,7 @@ impl Trainer {
             let file = ckpt.ema_file().ok_or_else(|| anyhow!("checkpoint {} has no EMA, but train.ema_decay is set", ckpt.dir.display()))?;
             ema.load_state_file(&file)?;
         }
-        if let Some(c) = d.consistency_mut() {
+        if let Some(c) = d.consistency_mut().filter(|c| c.has_target()) {
             let file = ckpt.target_file().ok_or_else(|| anyhow!("checkpoint {} has no LCD target network, but method is lcm", ckpt.dir.display()))?;
             c.load_target_file(&file)?;
         }
@@ -493,12 +542,13 @@ impl Trainer {
         let mut meta = StateMeta::new(&self.identity, self.step, self.cursor.epoch, serde_json::to_value(self.cursor).expect("cursor serialises"));
         meta.loss_scale = self.distiller.loss_scale;
         meta.world_size = self.ranks.as_ref().map_or(1, Ranks::size);
+        meta.lora_base = self.base.clone();
         TrainState {
             meta,
             unet_config: self.distiller.plan.config.to_json(),
-            student: weights::named_tensors(&self.distiller.student.vs),
+            student: self.distiller.student.trainable(),
             ema: self.distiller.ema.as_ref().map(Ema::state_tensors),
-            target: self.distiller.consistency().map(|c| c.target_tensors()),
+            target: self.distiller.consistency().filter(|c| c.has_target()).map(|c| c.target_tensors()),
             optimizer: self.distiller.optimizer.state_tensors(),
         }
     }
@@ -603,6 +653,11 @@ impl Trainer {
 
     /// Rank 0 writes the checkpoint (the others hold the same state) while the others wait.
     fn write_checkpoint(&self, writer: &CheckpointWriter) -> Result<Option<PathBuf>> {
+        if let Some(base) = &self.base {
+            // the base is frozen: a change would mean adapters saved against weights nobody has
+            let now = base_checksum(&self.distiller.student);
+            ensure!(now == base.checksum, "step {}: the frozen base UNet changed during training (checksum {now}, was {}): not writing a checkpoint of it", self.step, base.checksum);
+        }
         let written = match self.ranks.as_ref().is_none_or(Ranks::is_leader) {
             true => Some(writer.write(&self.state())?),
             false => Some(checkpoint::checkpoints_dir(&self.cfg.output_dir).join(format!("step-{}", self.step))),
@@ -634,15 +689,22 @@ impl Trainer {
         Ok(Some(format!("step {}: student and EMA bit-identical on all {} ranks (checksum {:016x})", self.step, ranks.size(), sum as u64)))
     }
 
-    /// `final/unet` (and `final/unet_ema`, and LCD's `final/unet_target`) as diffusers UNet folders.
+    /// `final/unet` (and `final/unet_ema`, and LCD's `final/unet_target`) as diffusers UNet
+    /// folders; a `lora:` run's adapters as `final/pytorch_lora_weights.safetensors`.
     fn export_final(&self) -> Result<()> {
         let dir = self.cfg.output_dir.join("final");
         let d = &self.distiller;
+        if let Some(lora) = &self.cfg.lora {
+            // the adapters alone, as diffusers' load_lora_weights reads them
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let set = crate::lora::LoraSet::from_trained(&d.student.trainable(), lora.alpha())?;
+            return set.write(&dir.join(crate::lora::DIFFUSERS_FILE), crate::lora::Layout::Diffusers, &d.plan.config);
+        }
         export::write_unet_dir(&dir.join("unet"), &d.plan.config, &weights::named_tensors(&d.student.vs), None)?;
         if let Some(ema) = &d.ema {
             export::write_unet_dir(&dir.join("unet_ema"), &d.plan.config, &ema.state_tensors(), None)?;
         }
-        if let Some(c) = d.consistency() {
+        if let Some(c) = d.consistency().filter(|c| c.has_target()) {
             export::write_unet_dir(&dir.join("unet_target"), &d.plan.config, &c.target_tensors(), None)?;
         }
         Ok(())

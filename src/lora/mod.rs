@@ -19,16 +19,21 @@
 //!   SD-1.x/2.x on a UNet with diffusers' names but SDXL on one with SGM's (`input_blocks.4.1`), so
 //!   an SDXL file's UNet keys are SGM names; both spellings are read for any UNet, as ComfyUI does.
 //!
+//! Training adapters (`lora:` in the run YAML, `config`) live inside the UNet's layers while a run
+//! trains (`models::adapter`); `sdkd export --lora` turns a checkpoint's into a [`LoraSet`].
+//!
 //! Reading checks every key against the model it is for ([`Targets`]) before anything is
 //! applied: a key of another architecture, a shape that does not fit, a NaN, or a file mixing the
 //! layouts is refused naming the file and the first such key.
 mod adapter;
+pub mod config;
 mod diffusers;
 mod fuse;
 mod kohya;
 mod layout;
 mod scaled;
 mod targets;
+mod trained;
 
 pub use adapter::Adapter;
 pub use fuse::{fuse_into, fuse_unet_files};

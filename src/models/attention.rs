@@ -96,9 +96,16 @@ impl BasicTransformerBlock {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
-        let x = self.attn1.forward(&self.norm1.forward(x), None) + x;
+        self.forward_parts(x, context).0
+    }
+
+    /// The block's output and its self-attention's (`attn1`, before the residual: what a forward
+    /// hook on diffusers' `attn1` sees).
+    pub fn forward_parts(&self, x: &Tensor, context: &Tensor) -> (Tensor, Tensor) {
+        let attn1 = self.attn1.forward(&self.norm1.forward(x), None);
+        let x = &attn1 + x;
         let x = self.attn2.forward(&self.norm2.forward(&x), Some(context)) + x;
-        self.ff.forward(&self.norm3.forward(&x)) + x
+        (self.ff.forward(&self.norm3.forward(&x)) + x, attn1)
     }
 }
 
@@ -134,6 +141,8 @@ impl Projection {
 pub struct TransformerOutput {
     pub hidden: Tensor,
     pub proj_out: Tensor,
+    /// Each transformer block's `attn1` output (b, hw, c), when asked for (else empty).
+    pub attn1: Vec<Tensor>,
 }
 
 #[derive(Debug)]
@@ -164,6 +173,11 @@ impl Transformer2DModel {
 
     /// `x`: (b, c, h, w); `context`: (b, m, context_dim).
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> TransformerOutput {
+        self.forward_taps(x, context, false)
+    }
+
+    /// `forward`, with every block's `attn1` output when `attn1` (self-attention feature KD).
+    pub fn forward_taps(&self, x: &Tensor, context: &Tensor, attn1: bool) -> TransformerOutput {
         let (b, c, h, w) = x.size4().expect("transformer input must be (b, c, h, w)");
         let normed = self.norm.forward(x);
         let to_tokens = |t: Tensor| t.permute([0, 2, 3, 1]).reshape([b, h * w, -1]); // (b, hw, c)
@@ -171,8 +185,15 @@ impl Transformer2DModel {
             Projection::Conv(conv) => to_tokens(conv.forward(&normed)),
             Projection::Linear(lin) => lin.forward(&to_tokens(normed)),
         };
+        let mut attn1_outs = vec![];
         for block in &self.transformer_blocks {
-            tokens = block.forward(&tokens, context);
+            if attn1 {
+                let (out, a) = block.forward_parts(&tokens, context);
+                attn1_outs.push(a);
+                tokens = out;
+            } else {
+                tokens = block.forward(&tokens, context);
+            }
         }
         let to_image = |t: &Tensor| t.reshape([b, h, w, -1]).permute([0, 3, 1, 2]).contiguous(); // (b, c, h, w)
         let (proj_out, spatial) = match &self.proj_out {
@@ -187,6 +208,6 @@ impl Transformer2DModel {
             }
         };
         debug_assert_eq!(spatial.size()[1], c);
-        TransformerOutput { hidden: spatial + x, proj_out }
+        TransformerOutput { hidden: spatial + x, proj_out, attn1: attn1_outs }
     }
 }

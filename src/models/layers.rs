@@ -1,6 +1,8 @@
 //! The primitive layers every model is made of, with PyTorch's parameter names and default
 //! initialisation. Constructors take a [`Builder`], which knows the parameter path and how fresh
 //! parameters are filled, so the struct tree *is* the checkpoint layout.
+use super::adapter::{Adapter, AdapterSites, Shape};
+use std::rc::Rc;
 use tch::{nn, Device, Kind, Tensor};
 
 /// How freshly created parameters are filled.
@@ -19,19 +21,27 @@ pub struct Builder<'a> {
     path: nn::Path<'a>,
     init: Init,
     kind: Kind,
+    /// LoRA adapters for the Linear and Conv2d layers whose names match (`models::adapter`).
+    adapters: Option<Rc<AdapterSites<'a>>>,
 }
 
 impl<'a> Builder<'a> {
     /// Parameters are created on `vs`'s device with dtype `kind` (not tch's per-store kind,
     /// which can only be changed by converting every tensor after the fact).
     pub fn new(vs: &'a nn::VarStore, kind: Kind, init: Init) -> Self {
-        Builder { path: vs.root(), init, kind }
+        Builder { path: vs.root(), init, kind, adapters: None }
+    }
+
+    /// This builder, giving every Linear and Conv2d below it whose dotted name `sites` targets a
+    /// LoRA adapter (created in `sites`' own store).
+    pub fn with_adapters(self, sites: Rc<AdapterSites<'a>>) -> Self {
+        Builder { adapters: Some(sites), ..self }
     }
 
     /// A child path: `b.pp("down_blocks").pp(0)`. tch path segments may not contain '.', so
     /// `to_out.0` is `.pp("to_out").pp(0)`.
     pub fn pp<S: ToString>(&self, name: S) -> Builder<'a> {
-        Builder { path: self.path.sub(name), init: self.init, kind: self.kind }
+        Builder { path: self.path.sub(name), init: self.init, kind: self.kind, adapters: self.adapters.clone() }
     }
 
     pub fn device(&self) -> Device {
@@ -67,6 +77,11 @@ impl<'a> Builder<'a> {
         }
         self.path.add(name, t, true)
     }
+
+    /// The adapter of the layer at this path, when one is targeted.
+    fn adapter(&self, shape: Shape) -> Option<Adapter> {
+        self.adapters.as_ref().and_then(|sites| sites.adapter(&self.name(), shape))
+    }
 }
 
 /// 1/sqrt(fan_in): the bound PyTorch's default init gives both weights and biases of Linear
@@ -81,6 +96,8 @@ pub struct Conv2d {
     pub bias: Option<Tensor>,
     stride: i64,
     padding: i64,
+    /// A LoRA adapter added to the output (training with `lora:`); None leaves the layer as is.
+    pub lora: Option<Adapter>,
 }
 
 impl Conv2d {
@@ -88,19 +105,24 @@ impl Conv2d {
         let bound = fan_in_bound(in_ch * kernel * kernel);
         let weight = b.uniform("weight", &[out_ch, in_ch, kernel, kernel], bound);
         let bias = Some(b.uniform("bias", &[out_ch], bound));
-        Conv2d { weight, bias, stride, padding }
+        let lora = b.adapter(Shape::Conv { in_ch, out_ch, kernel, stride, padding });
+        Conv2d { weight, bias, stride, padding, lora }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
-        x.conv2d(
+        let y = x.conv2d(
             &as_kind(&self.weight, kind),
             self.bias.as_ref().map(|b| as_kind(b, kind)).as_ref(),
             [self.stride, self.stride],
             [self.padding, self.padding],
             [1, 1],
             1,
-        )
+        );
+        match &self.lora {
+            Some(a) => y + a.forward(x),
+            None => y,
+        }
     }
 }
 
@@ -108,6 +130,8 @@ impl Conv2d {
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// A LoRA adapter added to the output (training with `lora:`); None leaves the layer as is.
+    pub lora: Option<Adapter>,
 }
 
 impl Linear {
@@ -115,12 +139,17 @@ impl Linear {
         let bound = fan_in_bound(in_dim);
         let weight = b.uniform("weight", &[out_dim, in_dim], bound);
         let bias = bias.then(|| b.uniform("bias", &[out_dim], bound));
-        Linear { weight, bias }
+        let lora = b.adapter(Shape::Linear { in_dim, out_dim });
+        Linear { weight, bias, lora }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
-        x.linear(&as_kind(&self.weight, kind), self.bias.as_ref().map(|b| as_kind(b, kind)).as_ref())
+        let y = x.linear(&as_kind(&self.weight, kind), self.bias.as_ref().map(|b| as_kind(b, kind)).as_ref());
+        match &self.lora {
+            Some(a) => y + a.forward(x),
+            None => y,
+        }
     }
 }
 

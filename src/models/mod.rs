@@ -1,5 +1,6 @@
 //! Model definitions with diffusers' and transformers' module names, so that weights map
 //! one-to-one.
+pub mod adapter;
 pub mod attention;
 pub mod clip;
 pub mod clip_tokenizer;

@@ -1,4 +1,5 @@
 //! diffusers' `UNet2DConditionModel`, returning the block features as values (tch has no hooks).
+use super::adapter::{AdapterSites, AdapterSpec};
 use super::attention::TransformerConfig;
 use super::embeddings::{timestep_embedding, TimestepEmbedding};
 use super::layers::{count_params, Builder, Conv2d, GroupNorm, Init};
@@ -10,6 +11,7 @@ use super::weights;
 use anyhow::{Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::rc::Rc;
 use tch::{nn, Device, Kind, Tensor};
 
 /// What one forward pass computes: the prediction and every block's output.
@@ -340,6 +342,8 @@ impl UNet2DConditionModel {
 pub struct UNet {
     pub vs: nn::VarStore,
     pub model: UNet2DConditionModel,
+    /// The LoRA adapters' own var store (`build_with_adapters`), apart from the base's.
+    pub adapters: Option<nn::VarStore>,
 }
 
 impl UNet {
@@ -347,7 +351,28 @@ impl UNet {
     pub fn build(config: &UNetConfig, device: Device, kind: Kind, init: Init) -> UNet {
         let vs = nn::VarStore::new(device);
         let model = UNet2DConditionModel::new(Builder::new(&vs, kind, init), config);
-        UNet { vs, model }
+        UNet { vs, model, adapters: None }
+    }
+
+    /// `build` with a LoRA adapter (fp32, PEFT's default init drawn from the current generator)
+    /// on every Linear and Conv2d `spec` targets, in `adapters`. Fails naming the target that
+    /// matches nothing, or the first layer the rank exceeds.
+    pub fn build_with_adapters(config: &UNetConfig, device: Device, kind: Kind, init: Init, spec: &AdapterSpec) -> Result<UNet> {
+        let vs = nn::VarStore::new(device);
+        let store = nn::VarStore::new(device);
+        let sites = Rc::new(AdapterSites::new(&store, spec.clone()));
+        let model = UNet2DConditionModel::new(Builder::new(&vs, kind, init).with_adapters(sites.clone()), config);
+        sites.finish().map_err(anyhow::Error::msg)?;
+        drop(sites);
+        let mut vs = vs;
+        vs.freeze();
+        Ok(UNet { vs, model, adapters: Some(store) })
+    }
+
+    /// The parameters training updates, by name: the adapters' when there are any (the base is
+    /// frozen), else every parameter.
+    pub fn trainable(&self) -> Vec<(String, Tensor)> {
+        weights::named_tensors(self.adapters.as_ref().unwrap_or(&self.vs))
     }
 
     /// Loads a diffusers UNet folder (config.json + safetensors weights), keeping `kind`.

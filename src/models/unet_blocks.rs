@@ -18,51 +18,96 @@ impl<'a> InnerTaps<'a> {
     pub fn new(wanted: &'a BTreeSet<String>) -> Self {
         InnerTaps { wanted, got: BTreeMap::new() }
     }
+
+    /// Keeps `value` as feature `name` when it is wanted.
+    fn offer(&mut self, name: &str, value: &Tensor) {
+        if self.wanted.contains(name) {
+            self.got.insert(name.to_string(), value.shallow_clone());
+        }
+    }
 }
 
-/// A spatial transformer that remembers its checkpoint name, so it can offer its inner features.
+/// A spatial transformer that remembers its checkpoint name, so it can offer its inner features:
+/// its output (`<name>`), its `proj_out` and each transformer block's self-attention
+/// (`<name>.transformer_blocks.l.attn1`).
 #[derive(Debug)]
 struct NamedTransformer {
-    proj_out_name: String,
+    name: String,
+    depth: usize,
     model: Transformer2DModel,
 }
 
 impl NamedTransformer {
     fn new(b: Builder, channels: i64, cfg: &TransformerConfig) -> Self {
-        NamedTransformer { proj_out_name: format!("{}.proj_out", b.name()), model: Transformer2DModel::new(b, channels, cfg) }
+        NamedTransformer { name: b.name(), depth: cfg.depth as usize, model: Transformer2DModel::new(b, channels, cfg) }
     }
 
-    /// One `Region::Attention`: the hidden state, and `proj_out` when it is a wanted tap.
+    fn attn1_name(&self, l: usize) -> String {
+        format!("{}.transformer_blocks.{l}.attn1", self.name)
+    }
+
+    /// One `Region::Attention`: the hidden state, and the wanted taps among `proj_out` and the
+    /// `attn1` outputs as further region outputs.
     fn forward<'a>(&'a self, x: &Tensor, context: &Tensor, taps: &mut InnerTaps, rc: &Recompute<'a>) -> Tensor {
-        let want = taps.wanted.contains(&self.proj_out_name);
+        let proj_out = format!("{}.proj_out", self.name);
+        let want_proj = taps.wanted.contains(&proj_out);
+        let attn1: Vec<usize> = (0..self.depth).filter(|&l| taps.wanted.contains(&self.attn1_name(l))).collect();
+        let want_attn1 = !attn1.is_empty();
+        let picked = attn1.clone();
         let mut outs = rc.run(Region::Attention, &[x, context], move |xs, _| {
-            let out = self.model.forward(&xs[0], &xs[1]);
-            if want {
-                vec![out.hidden, out.proj_out]
-            } else {
-                vec![out.hidden]
+            let out = self.model.forward_taps(&xs[0], &xs[1], want_attn1);
+            let mut v = vec![out.hidden];
+            if want_proj {
+                v.push(out.proj_out);
             }
+            v.extend(picked.iter().map(|&l| out.attn1[l].shallow_clone()));
+            v
         });
-        if want {
-            taps.got.insert(self.proj_out_name.clone(), outs.pop().expect("the region returns proj_out"));
+        for &l in attn1.iter().rev() {
+            taps.got.insert(self.attn1_name(l), outs.pop().expect("the region returns attn1"));
         }
-        outs.swap_remove(0)
+        if want_proj {
+            taps.got.insert(proj_out, outs.pop().expect("the region returns proj_out"));
+        }
+        let hidden = outs.swap_remove(0);
+        taps.offer(&self.name, &hidden);
+        hidden
+    }
+
+    fn feature_names(&self) -> impl Iterator<Item = String> + '_ {
+        [self.name.clone(), format!("{}.proj_out", self.name)].into_iter().chain((0..self.depth).map(|l| self.attn1_name(l)))
     }
 }
 
 /// A resnet as one `Region::Layer`; `skip` (an up block's) is concatenated inside the region, so
-/// the concatenation is recomputed rather than stored.
-fn resnet_region<'a>(rc: &Recompute<'a>, resnet: &'a ResnetBlock2D, x: &Tensor, skip: Option<&Tensor>, temb: &Tensor) -> Tensor {
+/// the concatenation is recomputed rather than stored. Its output is the tap `name`.
+fn resnet_region<'a>(rc: &Recompute<'a>, resnet: &'a NamedResnet, x: &Tensor, skip: Option<&Tensor>, temb: &Tensor, taps: &mut InnerTaps) -> Tensor {
+    let r = &resnet.model;
     let mut outs = match skip {
-        Some(skip) => rc.run(Region::Layer, &[x, skip, temb], move |xs, _| vec![resnet.forward(&Tensor::cat(&[&xs[0], &xs[1]], 1), Some(&xs[2]))]),
-        None => rc.run(Region::Layer, &[x, temb], move |xs, _| vec![resnet.forward(&xs[0], Some(&xs[1]))]),
+        Some(skip) => rc.run(Region::Layer, &[x, skip, temb], move |xs, _| vec![r.forward(&Tensor::cat(&[&xs[0], &xs[1]], 1), Some(&xs[2]))]),
+        None => rc.run(Region::Layer, &[x, temb], move |xs, _| vec![r.forward(&xs[0], Some(&xs[1]))]),
     };
-    outs.swap_remove(0)
+    let out = outs.swap_remove(0);
+    taps.offer(&resnet.name, &out);
+    out
 }
 
-/// The names of the inner features a block list can offer.
-fn proj_out_names(transformers: &[NamedTransformer]) -> impl Iterator<Item = String> + '_ {
-    transformers.iter().map(|t| t.proj_out_name.clone())
+/// A resnet with its checkpoint name (`down_blocks.1.resnets.0`), a feature KD tap.
+#[derive(Debug)]
+struct NamedResnet {
+    name: String,
+    model: ResnetBlock2D,
+}
+
+impl NamedResnet {
+    fn new(b: Builder, in_ch: i64, out_ch: i64, cfg: &ResnetConfig) -> Self {
+        NamedResnet { name: b.name(), model: ResnetBlock2D::new(b, in_ch, out_ch, cfg) }
+    }
+}
+
+/// The names of the inner features a block's resnets and transformers can offer.
+fn inner_names(resnets: &[NamedResnet], transformers: &[NamedTransformer]) -> Vec<String> {
+    resnets.iter().map(|r| r.name.clone()).chain(transformers.iter().flat_map(NamedTransformer::feature_names)).collect()
 }
 
 #[derive(Debug)]
@@ -124,7 +169,7 @@ impl BlockConfig {
 
 #[derive(Debug)]
 pub struct DownBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<NamedResnet>,
     attentions: Vec<NamedTransformer>,
     downsampler: Option<Downsample2D>,
 }
@@ -144,7 +189,7 @@ impl DownBlock {
         cfg: &BlockConfig,
     ) -> Self {
         let resnets = (0..layers)
-            .map(|i| ResnetBlock2D::new(b.pp("resnets").pp(i), if i == 0 { in_ch } else { out_ch }, out_ch, &cfg.resnet))
+            .map(|i| NamedResnet::new(b.pp("resnets").pp(i), if i == 0 { in_ch } else { out_ch }, out_ch, &cfg.resnet))
             .collect();
         let attentions = attention_depths.map_or(vec![], |d| cfg.transformers(&b, out_ch, d));
         let downsampler =
@@ -158,7 +203,7 @@ impl DownBlock {
         let mut h = x.shallow_clone();
         let mut skips = Vec::with_capacity(self.resnets.len() + 1);
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet_region(rc, resnet, &h, None, temb);
+            h = resnet_region(rc, resnet, &h, None, temb, taps);
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context, taps, rc);
             }
@@ -172,13 +217,13 @@ impl DownBlock {
     }
 
     pub fn inner_feature_names(&self) -> Vec<String> {
-        proj_out_names(&self.attentions).collect()
+        inner_names(&self.resnets, &self.attentions)
     }
 }
 
 #[derive(Debug)]
 pub struct MidBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<NamedResnet>,
     attentions: Vec<NamedTransformer>,
 }
 
@@ -188,29 +233,29 @@ impl MidBlock {
     pub fn new(b: Builder, channels: i64, attention_depth: Option<i64>, cfg: &BlockConfig) -> Self {
         let resnets = if attention_depth.is_some() { 2 } else { 1 };
         MidBlock {
-            resnets: (0..resnets).map(|i| ResnetBlock2D::new(b.pp("resnets").pp(i), channels, channels, &cfg.resnet)).collect(),
+            resnets: (0..resnets).map(|i| NamedResnet::new(b.pp("resnets").pp(i), channels, channels, &cfg.resnet)).collect(),
             attentions: attention_depth.map_or(vec![], |d| cfg.transformers(&b, channels, &[d])),
         }
     }
 
     /// Each resnet and transformer is one region.
     pub fn forward<'a>(&'a self, x: &Tensor, temb: &Tensor, context: &Tensor, taps: &mut InnerTaps, rc: &Recompute<'a>) -> Tensor {
-        let mut h = resnet_region(rc, &self.resnets[0], x, None, temb);
+        let mut h = resnet_region(rc, &self.resnets[0], x, None, temb, taps);
         for (attn, resnet) in self.attentions.iter().zip(&self.resnets[1..]) {
             h = attn.forward(&h, context, taps, rc);
-            h = resnet_region(rc, resnet, &h, None, temb);
+            h = resnet_region(rc, resnet, &h, None, temb, taps);
         }
         h
     }
 
     pub fn inner_feature_names(&self) -> Vec<String> {
-        proj_out_names(&self.attentions).collect()
+        inner_names(&self.resnets, &self.attentions)
     }
 }
 
 #[derive(Debug)]
 pub struct UpBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<NamedResnet>,
     attentions: Vec<NamedTransformer>,
     upsampler: Option<Upsample2D>,
 }
@@ -230,7 +275,7 @@ impl UpBlock {
             .map(|i| {
                 let skip = if i == layers - 1 { ch.in_ch } else { ch.out_ch };
                 let input = if i == 0 { ch.prev_out_ch } else { ch.out_ch };
-                ResnetBlock2D::new(b.pp("resnets").pp(i), input + skip, ch.out_ch, &cfg.resnet)
+                NamedResnet::new(b.pp("resnets").pp(i), input + skip, ch.out_ch, &cfg.resnet)
             })
             .collect();
         let attentions = attention_depths.map_or(vec![], |d| cfg.transformers(&b, ch.out_ch, d));
@@ -258,7 +303,7 @@ impl UpBlock {
     ) -> Tensor {
         let mut h = x.shallow_clone();
         for (i, (resnet, skip)) in self.resnets.iter().zip(skips.iter().rev()).enumerate() {
-            h = resnet_region(rc, resnet, &h, Some(skip), temb);
+            h = resnet_region(rc, resnet, &h, Some(skip), temb, taps);
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context, taps, rc);
             }
@@ -271,6 +316,6 @@ impl UpBlock {
     }
 
     pub fn inner_feature_names(&self) -> Vec<String> {
-        proj_out_names(&self.attentions).collect()
+        inner_names(&self.resnets, &self.attentions)
     }
 }
