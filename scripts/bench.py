@@ -205,15 +205,7 @@ def lcm_section():
                        cwd=ROOT, check=True, capture_output=True)
     count, steps, guidance = 10, 4, 6.0
     print(f"LCM sampling: sdkd eval --model --scheduler lcm against diffusers' LCMScheduler at batch 1, {ROUNDS} round(s)", flush=True)
-    p = subprocess.run([str(PYTHON), str(ROOT / "scripts" / "bench_eval.py"), "--model", str(pipe), "--count", str(count),
-                        "--steps", str(steps), "--size", "64", "--batch", "8", "--rounds", str(ROUNDS), "--threads", str(THREADS),
-                        "--scheduler", "lcm", "--guidance", str(guidance)], cwd=ROOT, capture_output=True, text=True)
-    if p.returncode != 0:
-        sys.exit(f"bench: scripts/bench_eval.py --scheduler lcm failed:\n{p.stderr[-3000:]}")
-    r = json.loads(p.stdout.strip().splitlines()[-1])
-    records.append({"_label": "lcm", **r})
-    m, per = r["median"], r["seconds_per_image"]
-    ratios = [d / s for s, d in zip(per["sdkd b1"], per["diffusers b1"])]
+    r = bench_eval("lcm", pipe, count, steps, "--scheduler", "lcm", "--guidance", str(guidance))
     return [
         "### LCM sampling (`sdkd eval --model --scheduler lcm` vs diffusers' `LCMScheduler`)",
         "",
@@ -222,6 +214,27 @@ def lcm_section():
         f"{guidance:g} embedded (one UNet call per step, no CFG batch, on both sides); diffusers' `StableDiffusionPipeline` "
         f"with `LCMScheduler`, one prompt per call, one CPU generator; sdkd seeds per image; {THREADS} threads, {ROUNDS} rounds A/B/C.",
         "",
+        *images_per_second_table(r),
+    ]
+
+
+def bench_eval(label, model, count, steps, *extra):
+    """scripts/bench_eval.py's sdkd-vs-diffusers generation timing, recorded under `label`."""
+    p = subprocess.run([str(PYTHON), str(ROOT / "scripts" / "bench_eval.py"), "--model", str(model), "--count", str(count),
+                        "--steps", str(steps), "--size", "64", "--batch", "8", "--rounds", str(ROUNDS), "--threads", str(THREADS),
+                        *extra], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"bench: scripts/bench_eval.py {' '.join(extra)} failed:\n{p.stderr[-3000:]}")
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    records.append({"_label": label, **r})
+    return r
+
+
+def images_per_second_table(r):
+    """A bench_eval result as a table: each side's images/s and its speed-up over diffusers at batch 1."""
+    m, per = r["median"], r["seconds_per_image"]
+    ratios = [d / s for s, d in zip(per["sdkd b1"], per["diffusers b1"])]
+    return [
         "| side | images/s (median) | s/image | speed-up vs diffusers batch 1 |",
         "|---|---|---|---|",
         *[f"| {k} | {1 / v:.3f} | {v:.3f} | {m['diffusers b1'] / v:.2f}x |" for k, v in m.items()],
@@ -379,16 +392,7 @@ def main():
         pipe = eval_pipeline()
         count, steps = (10, 2) if QUICK else (10, 10)  # 10: the Inception Score sdkd eval computes needs 10 images
         print(f"eval generation: sdkd eval --model against diffusers' StableDiffusionPipeline at batch 1, {ROUNDS} round(s)", flush=True)
-        p = subprocess.run([str(PYTHON), str(ROOT / "scripts" / "bench_eval.py"), "--model", str(pipe), "--count", str(count),
-                            "--steps", str(steps), "--size", "64", "--batch", "8", "--rounds", str(ROUNDS), "--threads", str(THREADS)],
-                           cwd=ROOT, capture_output=True, text=True)
-        if p.returncode != 0:
-            sys.exit(f"bench: scripts/bench_eval.py failed:\n{p.stderr[-3000:]}")
-        r = json.loads(p.stdout.strip().splitlines()[-1])
-        records.append({"_label": "eval", **r})
-        m, per = r["median"], r["seconds_per_image"]
-        ratios = [d / s for s, d in zip(per["sdkd b1"], per["diffusers b1"])]
-        rows = [f"| {k} | {1 / v:.3f} | {v:.3f} | {m['diffusers b1'] / v:.2f}x |" for k, v in m.items()]
+        r = bench_eval("eval", pipe, count, steps)
         lines += [
             "### Evaluation: generating the images (`sdkd eval --model` vs BK-SDM's diffusers loop)",
             "",
@@ -397,12 +401,7 @@ def main():
             f"with one CPU generator (BK-SDM's generate.py at batch 1); {THREADS} threads, {ROUNDS} rounds A/B/C. "
             "Time per image from the first prompt to the last PNG, without loading (sdkd: report.json's seconds_per_image).",
             "",
-            "| side | images/s (median) | s/image | speed-up vs diffusers batch 1 |",
-            "|---|---|---|---|",
-            *rows,
-            "",
-            f"Per-round sdkd batch 1 / diffusers batch 1: {min(ratios):.2f}-{max(ratios):.2f}x.",
-            "",
+            *images_per_second_table(r),
         ]
 
     if "lcm" in SECTIONS:
