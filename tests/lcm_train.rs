@@ -398,3 +398,18 @@ fn lora_steps_equal_peft_references() {
     let loss = d.lcd_micro_step_with(&lcm["latents"], &lcm["context"], &inputs, 1).unwrap().loss.double_value(&[]);
     check_lora_step("lcm", &lcm, d, loss);
 }
+
+/// LCM-LoRA (`method: lcm` with `lora:`, as diffusers' train_lcm_distill_lora_sd_wds.py): the
+/// run's checkpoint holds adapters and no target network, and its adapters, exported in both
+/// layouts, give diffusers (`load_lora_weights`, `LCMScheduler`, 4 steps) sdkd's image.
+#[test]
+fn lcm_lora_run_gives_diffusers_its_4_step_image() {
+    let dir = tempdir();
+    let cfg = config(dir.path(), 2, "lora:\n  rank: 2\n  alpha: 4\n");
+    // a large rate, so that two steps move the adapters visibly off zero
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("lr: 1.0e-4", "lr: 1.0e-2")).unwrap();
+    train(&["--config", cfg.to_str().unwrap()]);
+    let checkpoint = dir.path().join("run/checkpoints/step-2");
+    assert!(checkpoint.join("lora.safetensors").exists() && !checkpoint.join("target.safetensors").exists());
+    assert_trained_lora_in_diffusers(&checkpoint, "lcm", 4, 1.0);
+}

@@ -343,50 +343,6 @@ fn validation_eval_bad_settings_fail_before_training() {
     }
 }
 
-/// A LoRA sdkd trained, exported in both layouts, read by diffusers' `load_lora_weights` and fused:
-/// diffusers' image equals `sdkd generate --lora` pixel for pixel (CPU, fp32), and differs from
-/// the base's. The base is the student pruned from the teacher, as the run's `lora_base` says.
-fn lora_in_diffusers_gives_sdkd_image(checkpoint: &Path) {
-    let t = train_fixture();
-    let work = tempdir();
-    let w = |name: &str| work.path().join(name).display().to_string();
-    let ok = |o: std::process::Output, what: &str| assert!(o.status.success(), "{what}:\n{}", String::from_utf8_lossy(&o.stderr));
-    ok(sdkd(&["prune", "--teacher", t.teacher.to_str().unwrap(), "--student", "bk_small", "--out", &w("base")]), "prune");
-    for format in ["diffusers", "kohya"] {
-        let out = w(&format!("{format}.safetensors"));
-        ok(sdkd(&["export", "--checkpoint", checkpoint.to_str().unwrap(), "--lora", "--lora-format", format, "--out", &out]), format);
-    }
-    let (teacher, base_unet) = (t.teacher.display().to_string(), w("base"));
-    let generate = |lora: Option<String>, out: &str| {
-        let mut args: Vec<&str> = vec!["generate", "--model", &teacher, "--unet", &base_unet, "--prompt", "a red square"];
-        args.extend(["--scheduler", "ddim", "--steps", "2", "--seed", "3", "--width", "32", "--height", "32", "--out", out]);
-        if let Some(l) = &lora {
-            args.extend(["--lora", l.as_str()]);
-        }
-        ok(sdkd(&args), "generate");
-        image::open(out).unwrap().to_rgb8()
-    };
-    let cases: Vec<_> = ["diffusers", "kohya"]
-        .iter()
-        .map(|format| {
-            serde_json::json!({
-                "model": t.teacher, "unet": w("base"), "prompt": "a red square", "negative_prompt": null,
-                "scheduler": "ddim", "steps": 2, "guidance_scale": 7.5, "seed": 3, "width": 32, "height": 32, "samples": 1,
-                "out": w(&format!("ref-{format}")), "loras": [[w(&format!("{format}.safetensors")), 1.0]],
-            })
-        })
-        .collect();
-    std::fs::write(w("cases.json"), serde_json::to_string(&cases).unwrap()).unwrap();
-    run_reference("generate_reference.py", &[&w("cases.json")]);
-    let base = generate(None, &w("base.png"));
-    for format in ["diffusers", "kohya"] {
-        let ours = generate(Some(w(&format!("{format}.safetensors"))), &w(&format!("ours-{format}.png")));
-        let theirs = image::open(w(&format!("ref-{format}-0.png"))).unwrap().to_rgb8();
-        assert!(ours == theirs, "{format} layout: sdkd generate --lora and diffusers' load_lora_weights differ");
-        assert!(ours != base, "{format} layout: the trained LoRA did not change the image");
-    }
-}
-
 /// A `lora:` KD run (bk_small pruned from the teacher and frozen, rank-2 adapters on the default
 /// targets): checkpoints hold only the adapters (PEFT's names), their optimizer state and the
 /// base's reference; four steps straight equal two, a resume and two more, bit for bit; `final/`
@@ -419,7 +375,7 @@ fn lora_run_checkpoints_adapters_only_and_resumes_bit_exact() {
     assert!(state["lora_base"]["source"].as_str().unwrap().starts_with("teacher "), "{state}");
     assert_eq!(state["lora_base"]["checksum"].as_str().map(str::len), Some(16));
     assert!(straight.path().join("run/final/pytorch_lora_weights.safetensors").exists());
-    lora_in_diffusers_gives_sdkd_image(&a);
+    assert_trained_lora_in_diffusers(&a, "ddim", 2, 7.5);
     // a whole-student run's checkpoint into this LoRA run: refused naming what differs
     let whole = tempdir();
     train(&["--config", config(whole.path(), 3, "").to_str().unwrap()]);
