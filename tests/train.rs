@@ -346,8 +346,7 @@ fn validation_eval_bad_settings_fail_before_training() {
 /// A `lora:` KD run (bk_small pruned from the teacher and frozen, rank-2 adapters on the default
 /// targets): checkpoints hold only the adapters (PEFT's names), their optimizer state and the
 /// base's reference; four steps straight equal two, a resume and two more, bit for bit; `final/`
-/// is a diffusers LoRA file; the adapters in both layouts give diffusers sdkd's image; a
-/// whole-student checkpoint is not resumed as a LoRA run.
+/// is a diffusers LoRA file; a whole-student checkpoint is not resumed as a LoRA run.
 #[test]
 fn lora_run_checkpoints_adapters_only_and_resumes_bit_exact() {
     let lora = |dir: &Path, steps: u64| {
@@ -375,7 +374,6 @@ fn lora_run_checkpoints_adapters_only_and_resumes_bit_exact() {
     assert!(state["lora_base"]["source"].as_str().unwrap().starts_with("teacher "), "{state}");
     assert_eq!(state["lora_base"]["checksum"].as_str().map(str::len), Some(16));
     assert!(straight.path().join("run/final/pytorch_lora_weights.safetensors").exists());
-    assert_trained_lora_in_diffusers(&a, "ddim", 2, 7.5);
     // a whole-student run's checkpoint into this LoRA run: refused naming what differs
     let whole = tempdir();
     train(&["--config", config(whole.path(), 3, "").to_str().unwrap()]);
