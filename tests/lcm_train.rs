@@ -249,7 +249,7 @@ fn lcm_run_resumes_bit_exact_with_its_target_network() {
     let unet: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("final/unet/config.json")).unwrap()).unwrap();
     assert_eq!(unet["time_cond_proj_dim"], 256);
     assert!(run.join("final/unet_target/diffusion_pytorch_model.safetensors").exists());
-    let out = std::process::Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(run.join("tb")).output().unwrap();
+    let out = python_command().arg(root().join("tests/reference/trainkit_tb_read.py")).arg(run.join("tb")).output().unwrap();
     let tb: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let s = &tb["scalars"];
     for tag in ["loss/total", "loss/consistency", "lcm/w_mean", "lcm/target_ema", "grad_norm"] {

@@ -645,7 +645,7 @@ fn sdxl_train_loss_falls_resumes_exactly_and_reads_its_cache() {
     let validation = "validation:\n  every: 4\n  prompts: [\"a red cube\"]\n  steps: 2\n";
     let straight = tmp.path().join("straight");
     train_ok(&["--config", sdxl_train_config(&straight, &path, 8, validation).to_str().unwrap()]);
-    let out = std::process::Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(straight.join("run/tb")).output().unwrap();
+    let out = python_command().arg(root().join("tests/reference/trainkit_tb_read.py")).arg(straight.join("run/tb")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let tb: Value = serde_json::from_slice(&out.stdout).unwrap();
     let total: Vec<f64> = tb["scalars"]["loss/total"].as_array().unwrap().iter().map(|e| e[1].as_f64().unwrap()).collect();

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 pub mod serve_http;
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -19,20 +20,142 @@ pub fn python() -> PathBuf {
 
 /// Runs `tests/reference/<script>` with `args` in the `.venv`, failing the test with its output.
 pub fn run_reference(script: &str, args: &[&str]) {
-    let out = Command::new(python())
-        .arg(root().join("tests/reference").join(script))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_OFFLINE", "1")
-        .env("PYTHONHASHSEED", "0")
-        .output()
-        .expect("running python");
+    let out = python_command().arg(root().join("tests/reference").join(script)).args(args).output().expect("running python");
     assert!(
         out.status.success(),
         "{script} failed:\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `python ARGS...` in the `.venv` (a script and its arguments, or `-c CODE ...`), with the hub
+/// offline and hashing fixed, built like a `Command`. It runs in a child forked from
+/// tests/reference/zygote.py, which imported torch, diffusers and transformers once for every
+/// test binary (several seconds of CPU per reference run otherwise); `SDKD_TEST_ZYGOTE=0` runs a
+/// fresh interpreter instead, as does any failure to reach the server.
+pub fn python_command() -> PythonCommand {
+    PythonCommand { args: Vec::new(), envs: vec![] }
+}
+
+pub struct PythonCommand {
+    args: Vec<OsString>,
+    envs: Vec<(String, String)>,
+}
+
+impl PythonCommand {
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<S: AsRef<OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn output(mut self) -> std::io::Result<Output> {
+        for (k, v) in [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("PYTHONHASHSEED", "0")] {
+            self.envs.push((k.to_string(), v.to_string()));
+        }
+        if std::env::var("SDKD_TEST_ZYGOTE").as_deref() != Ok("0") {
+            if let Some(out) = zygote::run(&self.args, &self.envs) {
+                return Ok(out);
+            }
+        }
+        Command::new(python()).args(&self.args).envs(self.envs.iter().map(|(k, v)| (k, v))).output()
+    }
+}
+
+mod zygote {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+
+    /// The server's socket, shared by every test binary of this checkout and remade when the
+    /// server script or the pinned packages change.
+    fn socket_path() -> PathBuf {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
+        for b in [file_bytes("tests/reference/zygote.py"), file_bytes("scripts/constraints.txt")].iter().flatten() {
+            h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("zygote-{h:016x}.sock"))
+    }
+
+    /// Connects to the server, starting it (one process at a time, under a file lock) if none
+    /// answers. None when it cannot be started.
+    fn connect() -> Option<UnixStream> {
+        let sock = socket_path();
+        if let Ok(s) = UnixStream::connect(&sock) {
+            return Some(s);
+        }
+        std::fs::create_dir_all(sock.parent()?).ok()?;
+        let lock = std::fs::File::create(sock.with_extension("lock")).ok()?;
+        // SAFETY: flock on a file this function owns; released when `lock` is dropped.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+            return None;
+        }
+        if let Ok(s) = UnixStream::connect(&sock) {
+            return Some(s);
+        }
+        let _ = std::fs::remove_file(&sock);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(sock.with_extension("log")).ok()?;
+        let mut child = Command::new(python())
+            .arg(root().join("tests/reference/zygote.py"))
+            .arg(&sock)
+            .env("HF_HUB_OFFLINE", "1")
+            .env("TRANSFORMERS_OFFLINE", "1")
+            .env("PYTHONHASHSEED", "0")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().ok()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .ok()?;
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_secs(300) {
+            if let Ok(s) = UnixStream::connect(&sock) {
+                return Some(s);
+            }
+            if child.try_wait().ok()?.is_some() {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// One run through the server, or None (then the caller runs Python itself).
+    pub fn run(args: &[OsString], envs: &[(String, String)]) -> Option<Output> {
+        let mut env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+        env.extend(envs.iter().cloned());
+        let argv: Vec<String> = args.iter().map(|a| a.to_str().map(String::from)).collect::<Option<_>>()?;
+        let dir = tempfile::tempdir().ok()?;
+        let (stdout, stderr) = (dir.path().join("stdout"), dir.path().join("stderr"));
+        let request = serde_json::json!({
+            "argv": argv,
+            "cwd": std::env::current_dir().ok()?,
+            "env": env,
+            "stdout": stdout,
+            "stderr": stderr,
+        });
+        let mut stream = connect()?;
+        stream.write_all(format!("{request}\n").as_bytes()).ok()?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).ok()?;
+        let code: i32 = line.trim().parse().ok()?;
+        Some(Output {
+            status: std::process::ExitStatus::from_raw(code << 8),
+            stdout: std::fs::read(&stdout).ok()?,
+            stderr: std::fs::read(&stderr).ok()?,
+        })
+    }
 }
 
 /// Runs the `sdkd` binary built for this test run.
