@@ -1,6 +1,7 @@
 //! Shared test helpers: the project's `.venv` Python (diffusers/transformers are the referee)
 //! and the `sdkd` binary.
 #![allow(dead_code)]
+pub mod lcd;
 pub mod serve_http;
 
 use std::ffi::{OsStr, OsString};
