@@ -86,12 +86,34 @@ mod zygote {
         for b in [file_bytes("tests/reference/zygote.py"), file_bytes("scripts/constraints.txt")].iter().flatten() {
             h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
         }
-        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("zygote-{h:016x}.sock"))
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let sock = dir.join(format!("zygote-{h:016x}.sock"));
+        if sock.as_os_str().len() < 100 {
+            return sock;
+        }
+        // a Unix socket's path holds at most 107 bytes: a deep checkout uses the temp folder
+        for b in dir.as_os_str().as_encoded_bytes() {
+            h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        std::env::temp_dir().join(format!("sdkd-zygote-{h:016x}.sock"))
     }
 
     /// Connects to the server, starting it (one process at a time, under a file lock) if none
     /// answers. None when it cannot be started.
     fn connect() -> Option<UnixStream> {
+        // a server that could not start is not tried again by this process
+        static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if FAILED.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let stream = start_or_connect();
+        if stream.is_none() {
+            FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        stream
+    }
+
+    fn start_or_connect() -> Option<UnixStream> {
         let sock = socket_path();
         if let Ok(s) = UnixStream::connect(&sock) {
             return Some(s);
