@@ -457,6 +457,18 @@ fn assert_same_tensors(a: &std::collections::BTreeMap<String, Tensor>, b: &std::
     }
 }
 
+/// A resumed run's checkpoint against the straight run's: the same names, every tensor bit for bit
+/// (dtype included).
+fn assert_same_checkpoint(straight: &Path, resumed: &Path, files: &[&str], what: &str) {
+    for f in files {
+        let (a, b) = (read_tensors(&straight.join(f)), read_tensors(&resumed.join(f)));
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{f} {what}: tensor names differ");
+        for (k, v) in &a {
+            assert!(v.equal(&b[k]), "{f}: {k} differs {what}");
+        }
+    }
+}
+
 /// The fixture pipeline's four weighted parts, tensor for tensor.
 fn assert_same_pipeline(ours: &Path, what: &str) {
     for part in ["unet", "vae", "text_encoder", "text_encoder_2"] {
@@ -663,13 +675,7 @@ fn sdxl_train_loss_falls_resumes_exactly_and_reads_its_cache() {
     let split = tmp.path().join("split");
     train_ok(&["--config", sdxl_train_config(&split, &path, 3, "").to_str().unwrap()]);
     train_ok(&["--config", sdxl_train_config(&split, &path, 8, "").to_str().unwrap(), "--resume", "latest"]);
-    for f in ["student.safetensors", "optimizer.safetensors"] {
-        let (a, b) = (read_tensors(&straight.join("run/checkpoints/step-8").join(f)), read_tensors(&split.join("run/checkpoints/step-8").join(f)));
-        assert_eq!(a.len(), b.len());
-        for (k, v) in &a {
-            assert!(v.equal(&b[k]), "{f}: {k} differs after resuming");
-        }
-    }
+    assert_same_checkpoint(&straight.join("run/checkpoints/step-8"), &split.join("run/checkpoints/step-8"), &["student.safetensors", "optimizer.safetensors"], "after resuming");
 
     // the cache: centre crops, no flip; image 0 is 24x16, so its crop starts at x = 4
     let cache = tmp.path().join("cache");
@@ -738,13 +744,7 @@ fn sdxl_buckets_train_resume_exactly_and_cache() {
     train_ok(&["--config", sdxl_train_config(&straight, &path, 3, "").to_str().unwrap()]);
     train_ok(&["--config", sdxl_train_config(&split, &path, 1, "").to_str().unwrap()]);
     train_ok(&["--config", sdxl_train_config(&split, &path, 3, "").to_str().unwrap(), "--resume", "latest"]);
-    for f in ["student.safetensors", "optimizer.safetensors"] {
-        let (a, b) = (read_tensors(&straight.join("run/checkpoints/step-3").join(f)), read_tensors(&split.join("run/checkpoints/step-3").join(f)));
-        assert_eq!(a.len(), b.len());
-        for (k, v) in &a {
-            assert!(v.equal(&b[k]), "{f}: {k} differs after resuming a bucketed run");
-        }
-    }
+    assert_same_checkpoint(&straight.join("run/checkpoints/step-3"), &split.join("run/checkpoints/step-3"), &["student.safetensors", "optimizer.safetensors"], "after resuming a bucketed run");
 
     let cache = tmp.path().join("cache");
     let teacher = fixture().join("pipe");
@@ -981,10 +981,7 @@ fn sdxl_lcm_run_resumes_exactly_and_exports_what_diffusers_samples() {
     train_ok(&["--config", sdxl_train_config(&split, &path, 1, "method: lcm\n").to_str().unwrap()]);
     train_ok(&["--config", sdxl_train_config(&split, &path, 2, "method: lcm\n").to_str().unwrap(), "--resume", "latest"]);
     let checkpoint = straight.join("run/checkpoints/step-2");
-    for f in ["student.safetensors", "target.safetensors", "optimizer.safetensors"] {
-        let (a, b) = (read_tensors(&checkpoint.join(f)), read_tensors(&split.join("run/checkpoints/step-2").join(f)));
-        assert_same_tensors(&a, &b, &format!("{f} after resuming"));
-    }
+    assert_same_checkpoint(&checkpoint, &split.join("run/checkpoints/step-2"), &["student.safetensors", "target.safetensors", "optimizer.safetensors"], "after resuming");
 
     let export = tmp.path().join("export");
     let o = sdkd(&["export", "--checkpoint", checkpoint.to_str().unwrap(), "--format", "pipeline", "--out", export.to_str().unwrap()]);
