@@ -30,6 +30,9 @@ pub fn run_reference(script: &str, args: &[&str]) {
     );
 }
 
+/// What every reference Python runs with: the hub offline, hashing fixed.
+const PYTHON_ENV: [(&str, &str); 3] = [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("PYTHONHASHSEED", "0")];
+
 /// `python ARGS...` in the `.venv` (a script and its arguments, or `-c CODE ...`), with the hub
 /// offline and hashing fixed, built like a `Command`. It runs in a child forked from
 /// tests/reference/zygote.py, which imported torch, diffusers and transformers once for every
@@ -61,7 +64,7 @@ impl PythonCommand {
     }
 
     pub fn output(mut self) -> std::io::Result<Output> {
-        for (k, v) in [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("PYTHONHASHSEED", "0")] {
+        for (k, v) in PYTHON_ENV {
             self.envs.push((k.to_string(), v.to_string()));
         }
         if std::env::var("SDKD_TEST_ZYGOTE").as_deref() != Ok("0") {
@@ -82,20 +85,15 @@ mod zygote {
     /// The server's socket, shared by every test binary of this checkout and remade when the
     /// server script or the pinned packages change.
     fn socket_path() -> PathBuf {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
-        for b in [file_bytes("tests/reference/zygote.py"), file_bytes("scripts/constraints.txt")].iter().flatten() {
-            h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
-        let sock = dir.join(format!("zygote-{h:016x}.sock"));
+        let mut inputs = vec![file_bytes("tests/reference/zygote.py"), file_bytes("scripts/constraints.txt")];
+        let sock = dir.join(format!("zygote-{:016x}.sock", inputs_key(&inputs)));
         if sock.as_os_str().len() < 100 {
             return sock;
         }
         // a Unix socket's path holds at most 107 bytes: a deep checkout uses the temp folder
-        for b in dir.as_os_str().as_encoded_bytes() {
-            h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        std::env::temp_dir().join(format!("sdkd-zygote-{h:016x}.sock"))
+        inputs.push(dir.as_os_str().as_encoded_bytes().to_vec());
+        std::env::temp_dir().join(format!("sdkd-zygote-{:016x}.sock", inputs_key(&inputs)))
     }
 
     /// Connects to the server, starting it (one process at a time, under a file lock) if none
@@ -132,9 +130,7 @@ mod zygote {
         let mut child = Command::new(python())
             .arg(root().join("tests/reference/zygote.py"))
             .arg(&sock)
-            .env("HF_HUB_OFFLINE", "1")
-            .env("TRANSFORMERS_OFFLINE", "1")
-            .env("PYTHONHASHSEED", "0")
+            .envs(PYTHON_ENV)
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().ok()?)
             .stderr(log)
@@ -250,10 +246,7 @@ pub fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, tch::Tens
 /// text, the pinned packages, the sdkd binary), hashed into `key`, so a change makes a new one.
 /// Callers must only read it.
 pub fn shared_fixture(name: &str, inputs: &[Vec<u8>], make: impl FnOnce(&Path)) -> PathBuf {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
-    for b in inputs.iter().flat_map(|i| i.iter().chain(&[0xff])) {
-        h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let h = inputs_key(inputs);
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
     let dir = root.join(format!("{name}-{h:016x}"));
     if dir.is_dir() {
@@ -270,6 +263,15 @@ pub fn shared_fixture(name: &str, inputs: &[Vec<u8>], make: impl FnOnce(&Path)) 
         let _ = std::fs::remove_dir_all(&tmp);
     }
     dir
+}
+
+/// FNV-1a of `inputs`, each followed by a 0xff separator: the key of what they decide.
+fn inputs_key(inputs: &[Vec<u8>]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in inputs.iter().flat_map(|i| i.iter().chain(&[0xff])) {
+        h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// What a file holds, for `shared_fixture`'s inputs.

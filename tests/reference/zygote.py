@@ -41,7 +41,7 @@ for name in ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer"):
 import diffusers.utils.torch_utils  # noqa: E402,F401
 
 
-def run_child(conn, request):
+def run_child(request):
     """In the forked child: become `python argv...` and return its exit code."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.chdir(request["cwd"])
@@ -60,7 +60,6 @@ def run_child(conn, request):
     import random
     random.seed()
     argv = request["argv"]
-    sys.argv = list(argv)
     code = 0
     try:
         if argv[0] == "-c":
@@ -69,6 +68,7 @@ def run_child(conn, request):
             exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
         else:
             import runpy
+            sys.argv = list(argv)
             sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))
             runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as e:
@@ -133,7 +133,7 @@ def main():
             server.close()
             code = 1
             try:
-                code = run_child(conn, request)
+                code = run_child(request)
             finally:
                 try:
                     conn.sendall(f"{code}\n".encode())
