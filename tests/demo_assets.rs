@@ -31,7 +31,7 @@ fn cpu_seconds() -> f64 {
 fn unet_step_timing() {
     for (latent, threads) in [(16i64, 1), (16, 2), (8, 1)] {
         tch::set_num_threads(threads);
-        let unet = UNet::build(&parts::unet_config(latent), Device::Cpu, Kind::Float, Init::Torch);
+        let unet = UNet::build(&parts::unet_config(sdkd::demo::DemoFamily::Sd, latent), Device::Cpu, Kind::Float, Init::Torch);
         let x = Tensor::randn([16, 4, latent, latent], (Kind::Float, Device::Cpu));
         let ctx = Tensor::randn([16, 77, parts::TEXT_HIDDEN], (Kind::Float, Device::Cpu));
         let t = Tensor::randint(1000, [16], (Kind::Int64, Device::Cpu));

@@ -3,14 +3,16 @@
 //! over the captions' words, a frozen random CLIP text encoder, a small VAE trained here on the
 //! images, SD-1.5's DDPM schedule with v-prediction and a randomly initialised SD-1.x-shaped UNet that the demo
 //! then trains. The folder is an ordinary diffusers `StableDiffusionPipeline` folder: sdkd's
-//! `PipelineDir` and diffusers' `from_pretrained` both load it.
+//! `PipelineDir` and diffusers' `from_pretrained` both load it. With `DemoFamily::Sdxl` it is a
+//! `StableDiffusionXLPipeline` folder: a second tokenizer and a second frozen random text
+//! encoder with a projection (the pooled embedding), and an SDXL-shaped UNet.
 pub mod caption_score;
 pub mod parts;
 pub mod run;
 pub mod tokenizer;
 pub mod vae_train;
 
-pub use parts::DEMO_RESOLUTION;
+pub use parts::{DemoFamily, DEMO_RESOLUTION};
 pub use tokenizer::DemoVocab;
 pub use vae_train::{VaeTrainOptions, VaeTrainStats};
 
@@ -27,6 +29,7 @@ use tch::{Device, Kind, Tensor};
 /// How the demo teacher is made.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DemoTeacherOptions {
+    pub family: DemoFamily,
     /// Seeds every random part: text encoder, UNet and VAE init, VAE batches and noise.
     pub seed: u64,
     /// VAE training (its `seed` is replaced by one derived from `seed`).
@@ -40,7 +43,7 @@ pub struct DemoTeacherOptions {
 
 impl Default for DemoTeacherOptions {
     fn default() -> Self {
-        DemoTeacherOptions { seed: 0, vae: VaeTrainOptions::default(), held_out: 64, grid_images: 8, device: Device::Cpu }
+        DemoTeacherOptions { family: DemoFamily::Sd, seed: 0, vae: VaeTrainOptions::default(), held_out: 64, grid_images: 8, device: Device::Cpu }
     }
 }
 
@@ -54,6 +57,7 @@ pub struct DemoTeacherReport {
     pub vocab: DemoVocab,
     pub unet_params: i64,
     pub vae_params: i64,
+    /// Both text encoders' parameters for SDXL.
     pub text_encoder_params: i64,
     pub vae_stats: VaeTrainStats,
     /// Reconstruction PSNR (dB, decoding the posterior mean) on the training images and on the
@@ -78,9 +82,10 @@ fn part_dir(root: &Path, name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// Writes a complete diffusers `StableDiffusionPipeline` folder into `out_dir` (created, or
-/// overwritten if it holds an earlier pipeline): tokenizer/ and text_encoder/ (seeded random,
-/// frozen), vae/ (trained on the imagefolder `data_dir`, whose images must be square and of one
+/// Writes a complete diffusers `StableDiffusionPipeline` folder (`StableDiffusionXLPipeline` for
+/// `opts.family` SDXL) into `out_dir` (created, or overwritten if it holds an earlier pipeline):
+/// tokenizer/ and text_encoder/ (seeded random, frozen; SDXL adds tokenizer_2/ and
+/// text_encoder_2/), vae/ (trained on the imagefolder `data_dir`, whose images must be square and of one
 /// size), scheduler/ (DDPM), unet/ (seeded random: the demo trains it). The same options and
 /// data give the same files.
 pub fn build_demo_teacher(out_dir: &Path, data_dir: &Path, opts: &DemoTeacherOptions) -> Result<DemoTeacherReport> {
@@ -109,12 +114,23 @@ pub fn build_demo_teacher(out_dir: &Path, data_dir: &Path, opts: &DemoTeacherOpt
     let dir = part_dir(out_dir, "text_encoder")?;
     write_json(&dir.join("config.json"), &parts::text_encoder_json(&te_config, vocab.bos_id, vocab.eos_id))?;
     save(&dir.join("model.safetensors"), &named_tensors(&text_encoder.vs), None)?;
+    let mut text_encoder_params = text_encoder.num_params();
+    if opts.family == DemoFamily::Sdxl {
+        tokenizer::write_demo_tokenizer(&out_dir.join("tokenizer_2"))?;
+        let config = parts::text_encoder_2_config(vocab.vocab_size as i64, vocab.eos_id);
+        tch::manual_seed(opts.seed as i64 + 5);
+        let text_encoder_2 = ClipTextEncoder::build(&config, opts.device, Kind::Float, Init::Torch);
+        let dir = part_dir(out_dir, "text_encoder_2")?;
+        write_json(&dir.join("config.json"), &parts::text_encoder_json(&config, vocab.bos_id, vocab.eos_id))?;
+        save(&dir.join("model.safetensors"), &named_tensors(&text_encoder_2.vs), None)?;
+        text_encoder_params += text_encoder_2.num_params();
+    }
 
     // VAE
     let mut vae_config = parts::vae_config(resolution);
     let factor = vae_config.downscale_factor();
     if resolution as i64 % (factor * 8) != 0 {
-        bail!("{}: images of {resolution}px do not give latents the UNet's 3 downsamplings divide", data_dir.display());
+        bail!("{}: images of {resolution}px do not give latents the UNet's downsamplings divide", data_dir.display());
     }
     let latent_size = resolution as i64 / factor;
     tch::manual_seed(opts.seed as i64 + 2);
@@ -141,14 +157,14 @@ pub fn build_demo_teacher(out_dir: &Path, data_dir: &Path, opts: &DemoTeacherOpt
     // scheduler and UNet
     let dir = part_dir(out_dir, "scheduler")?;
     write_json(&dir.join("scheduler_config.json"), &parts::scheduler_json())?;
-    let unet_config = parts::unet_config(latent_size);
+    let unet_config = parts::unet_config(opts.family, latent_size);
     tch::manual_seed(opts.seed as i64 + 1);
     let unet = UNet::build(&unet_config, opts.device, Kind::Float, Init::Torch);
     let dir = part_dir(out_dir, "unet")?;
     write_json(&dir.join("config.json"), &unet_config.to_json())?;
     save(&dir.join("diffusion_pytorch_model.safetensors"), &named_tensors(&unet.vs), None)?;
 
-    write_json(&out_dir.join("model_index.json"), &parts::model_index_json())?;
+    write_json(&out_dir.join("model_index.json"), &parts::model_index_json(opts.family))?;
     Ok(DemoTeacherReport {
         dir: out_dir.to_path_buf(),
         resolution,
@@ -156,7 +172,7 @@ pub fn build_demo_teacher(out_dir: &Path, data_dir: &Path, opts: &DemoTeacherOpt
         vocab,
         unet_params: unet.num_params(),
         vae_params: vae.num_params(),
-        text_encoder_params: text_encoder.num_params(),
+        text_encoder_params,
         vae_stats,
         psnr_train,
         psnr_held_out,

@@ -9,10 +9,54 @@
 //! - an SD-1.x-shaped UNet (3 cross-attention stages + 1 plain, 2 layers per block, mid block),
 //!   so the `bk_base` / `bk_small` / `bk_tiny` presets apply, 32-64 channels wide;
 //! - the SD-1.5 DDPM noise schedule.
+//!
+//! `--family sdxl` makes an SDXL pipeline instead: a second text encoder with a projection (the
+//! pooled embedding), and an SDXL-shaped UNet (`text_time` conditioning on the six time ids, a
+//! plain stage then two cross-attention stages) that the SDXL student presets apply to.
 use crate::models::clip::{Activation, ClipTextConfig};
-use crate::models::unet_config::{DownBlockKind, MidBlockKind, UNetConfig, UpBlockKind};
+use crate::models::unet_config::{Depth, DownBlockKind, MidBlockKind, TextTimeEmbed, UNetConfig, UpBlockKind, TIME_IDS};
 use crate::models::VaeConfig;
+use anyhow::bail;
 use serde_json::{json, Value};
+
+/// Which Stable Diffusion the demo builds, trains and distils (`sdkd demo --family`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DemoFamily {
+    /// SD-1.x: one text encoder, a 4-stage UNet, a BK-SDM `bk_small` student.
+    #[default]
+    Sd,
+    /// SDXL: two text encoders and the pooled embedding, SDXL's UNet layout with its micro-
+    /// conditioning, a Segmind-Vega-shaped `vega` student.
+    Sdxl,
+}
+
+impl DemoFamily {
+    pub fn name(self) -> &'static str {
+        match self {
+            DemoFamily::Sd => "sd",
+            DemoFamily::Sdxl => "sdxl",
+        }
+    }
+
+    /// The student preset the demo distils.
+    pub fn student(self) -> &'static str {
+        match self {
+            DemoFamily::Sd => "bk_small",
+            DemoFamily::Sdxl => "vega",
+        }
+    }
+}
+
+impl std::str::FromStr for DemoFamily {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<DemoFamily> {
+        match s {
+            "sd" => Ok(DemoFamily::Sd),
+            "sdxl" => Ok(DemoFamily::Sdxl),
+            other => bail!("--family {other:?}: unknown model family; the demo builds `sd` (SD-1.x) or `sdxl`"),
+        }
+    }
+}
 
 /// Side of the demo's images, in pixels.
 pub const DEMO_RESOLUTION: u32 = 32;
@@ -48,12 +92,23 @@ pub fn text_encoder_json(c: &ClipTextConfig, bos_token_id: i64, pad_token_id: i6
     let mut v = c.to_json();
     v["bos_token_id"] = json!(bos_token_id);
     v["pad_token_id"] = json!(pad_token_id);
-    v["projection_dim"] = json!(c.hidden_size);
+    if !c.with_projection {
+        v["projection_dim"] = json!(c.hidden_size);
+    }
     v["attention_dropout"] = json!(0.0);
     v["initializer_factor"] = json!(1.0);
     v["initializer_range"] = json!(0.02);
     v
 }
+
+/// SDXL's `text_encoder_2`: `CLIPTextModelWithProjection`, as wide as the first encoder (gelu,
+/// as OpenCLIP's tower), its `text_embeds` of width `POOLED` the pooled embedding.
+pub fn text_encoder_2_config(vocab_size: i64, eos_token_id: i64) -> ClipTextConfig {
+    ClipTextConfig { hidden_act: Activation::Gelu, projection_dim: POOLED, with_projection: true, ..text_encoder_config(vocab_size, eos_token_id) }
+}
+
+/// Width of SDXL's pooled embedding (`text_encoder_2`'s projection).
+pub const POOLED: i64 = 32;
 
 /// The VAE: `AutoencoderKL` with blocks [16, 16] (downscale 2), one resnet per encoder block,
 /// 4 latent channels, 8 norm groups. Wider blocks reconstruct no better in the same number of
@@ -72,10 +127,18 @@ pub fn vae_config(resolution: u32) -> VaeConfig {
     }
 }
 
-/// The teacher UNet: SD-1.x's layout (CrossAttnDownBlock2D ×3 + DownBlock2D, mid block,
-/// UpBlock2D + CrossAttnUpBlock2D ×3, 2 layers per block) with channels [32, 64, 64, 64],
-/// 2 heads per stage and 8 norm groups, over `latent_size`² latents.
-pub fn unet_config(latent_size: i64) -> UNetConfig {
+/// The teacher UNet of `family`, over `latent_size`² latents.
+pub fn unet_config(family: DemoFamily, latent_size: i64) -> UNetConfig {
+    match family {
+        DemoFamily::Sd => sd_unet_config(latent_size),
+        DemoFamily::Sdxl => sdxl_unet_config(latent_size),
+    }
+}
+
+/// SD-1.x's layout (CrossAttnDownBlock2D ×3 + DownBlock2D, mid block, UpBlock2D +
+/// CrossAttnUpBlock2D ×3, 2 layers per block) with channels [32, 64, 64, 64], 2 heads per stage
+/// and 8 norm groups.
+fn sd_unet_config(latent_size: i64) -> UNetConfig {
     let mut c = UNetConfig::default();
     c.sample_size = Some(latent_size);
     c.block_out_channels = vec![32, 64, 64, 64];
@@ -86,6 +149,29 @@ pub fn unet_config(latent_size: i64) -> UNetConfig {
     c.num_heads = vec![2; 4];
     c.norm_num_groups = 8;
     c.cross_attention_dim = TEXT_HIDDEN;
+    c
+}
+
+/// SDXL's layout (DownBlock2D, CrossAttnDownBlock2D ×2, a cross-attention mid block, mirrored up
+/// blocks, 2 resnets per down stage, linear projections, `text_time` added conditioning) with
+/// channels [32, 64, 64], 2 heads and 8 norm groups. Transformer depths 2 and 4 (SDXL's are 2 and
+/// 10, the mid block as deep as the last stage): deep enough that `vega` (depths 1 and 2, the
+/// mid block one resnet) drops half of every attention's layers. The context is both encoders'
+/// states concatenated (128 wide).
+fn sdxl_unet_config(latent_size: i64) -> UNetConfig {
+    let mut c = UNetConfig::default();
+    c.sample_size = Some(latent_size);
+    c.block_out_channels = vec![32, 64, 64];
+    c.layers_per_block = vec![2; 3];
+    c.down_block_types = vec![DownBlockKind::Plain, DownBlockKind::CrossAttn, DownBlockKind::CrossAttn];
+    c.up_block_types = vec![UpBlockKind::CrossAttn, UpBlockKind::CrossAttn, UpBlockKind::Plain];
+    c.mid_block = Some(MidBlockKind::CrossAttn);
+    c.num_heads = vec![2; 3];
+    c.norm_num_groups = 8;
+    c.cross_attention_dim = 2 * TEXT_HIDDEN;
+    c.use_linear_projection = true;
+    c.transformer_layers_per_block = vec![Depth::Uniform(1), Depth::Uniform(2), Depth::Uniform(4)];
+    c.addition_embed = Some(TextTimeEmbed { time_embed_dim: 8, input_dim: POOLED + TIME_IDS * 8 });
     c
 }
 
@@ -114,8 +200,25 @@ pub fn scheduler_json() -> Value {
     })
 }
 
-/// `model_index.json` of a `StableDiffusionPipeline` without safety checker.
-pub fn model_index_json() -> Value {
+/// `model_index.json` of a `StableDiffusionPipeline` without safety checker, or of a
+/// `StableDiffusionXLPipeline` (zeros for an empty prompt, as SDXL was trained).
+pub fn model_index_json(family: DemoFamily) -> Value {
+    if family == DemoFamily::Sdxl {
+        return json!({
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": "0.42.1",
+            "feature_extractor": [null, null],
+            "force_zeros_for_empty_prompt": true,
+            "image_encoder": [null, null],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        });
+    }
     json!({
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
@@ -138,15 +241,20 @@ mod tests {
 
     #[test]
     fn configs_validate_and_round_trip() {
-        let u = unet_config(16);
-        u.validate().unwrap();
-        assert_eq!(UNetConfig::from_json(&u.to_json()).unwrap(), u);
+        for family in [DemoFamily::Sd, DemoFamily::Sdxl] {
+            let u = unet_config(family, 16);
+            u.validate().unwrap();
+            assert_eq!(UNetConfig::from_json(&u.to_json()).unwrap(), u);
+        }
+        assert!(crate::distill::student::is_sdxl(&unet_config(DemoFamily::Sdxl, 16)));
         let v = vae_config(DEMO_RESOLUTION);
         v.validate().unwrap();
         assert_eq!(VaeConfig::from_json(&v.to_json()).unwrap(), v);
         assert_eq!(v.downscale_factor(), 2);
         let t = text_encoder_config(600, 599);
         assert_eq!(ClipTextConfig::from_json(&text_encoder_json(&t, 598, 599)).unwrap(), t);
+        let t2 = text_encoder_2_config(600, 599);
+        assert_eq!(ClipTextConfig::from_json(&text_encoder_json(&t2, 598, 599)).unwrap(), t2);
         SchedulerConfig::from_json(&scheduler_json()).unwrap();
     }
 }

@@ -1,11 +1,12 @@
 //! The whole job of `sdkd demo` on embedded data, through the same library calls and run YAMLs a
 //! user would use: synthetic data -> the demo pipeline (tokenizer, frozen text encoder, a VAE
 //! trained here) -> latent caches -> a teacher UNet trained from scratch (task loss only) -> a
-//! `bk_small` student distilled from it with KD, and as a control the same student trained from
+//! student pruned from it (`bk_small` for SD-1.x, `vega` for SDXL: `DemoOptions::family`) and
+//! distilled with KD, and as a control the same student trained from
 //! scratch for the same steps (each run a `sdkd train` process: the teacher as two data-parallel
 //! ranks, the two students side by side) -> exported pipelines -> the same prompts through each -> a grid
 //! and a report with each model's held-out denoising loss.
-use super::{build_demo_teacher, DemoTeacherOptions, VaeTrainOptions, DEMO_RESOLUTION};
+use super::{build_demo_teacher, DemoFamily, DemoTeacherOptions, VaeTrainOptions, DEMO_RESOLUTION};
 use crate::config::RunConfig;
 use crate::data::synthetic::{write_dataset, write_parquet, write_webdataset};
 use crate::data::{build_cache, open_image_rows, CacheOptions, DataFormat, DataOptions, ImageFolder, LatentCache, OnBadSample, Transform};
@@ -20,6 +21,7 @@ use super::caption_score;
 use crate::export::write_pipeline_dir;
 use crate::schedulers::config::LcmGrid;
 use crate::grid::grid;
+use crate::models::unet::AddedCond;
 use crate::models::{weights, PipelineDir, UNet};
 use crate::pipeline::{generate_batch, BatchMember, GenerateRequest, Parts};
 use crate::schedulers::{NoiseSchedule, SchedulerConfig, SchedulerKind};
@@ -33,6 +35,8 @@ use tch::{Device, Kind, Tensor};
 /// The sizes of a demo run; the defaults take about 9.5 minutes on two idle CPU cores (README).
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
+    /// SD-1.x or SDXL: the pipeline built, and the student preset (`DemoFamily::student`).
+    pub family: DemoFamily,
     pub seed: u64,
     /// Training image-caption pairs, and held-out pairs (never trained on, VAE included).
     pub count: usize,
@@ -66,6 +70,7 @@ pub struct DemoOptions {
 impl Default for DemoOptions {
     fn default() -> Self {
         DemoOptions {
+            family: DemoFamily::Sd,
             seed: 0,
             count: 1000,
             held_out: 64,
@@ -227,8 +232,9 @@ impl TrainJob {
     }
 }
 
-/// Latent batches of a cache, drawn once with a fixed seed (the held-out problems).
-fn cache_batches(cache: &Path, batch: usize, seed: i64) -> Result<Vec<(Tensor, Tensor)>> {
+/// Latent batches of a cache, drawn once with a fixed seed (the held-out problems), with their
+/// text embeddings and SDXL's added conditioning (pooled embeddings, time ids) where cached.
+fn cache_batches(cache: &Path, batch: usize, seed: i64) -> Result<Vec<(Tensor, Tensor, AddedCond)>> {
     let c = LatentCache::open(cache)?;
     let scale = LatentScale::from_description(&c.index.encoder)?;
     tch::manual_seed(seed);
@@ -236,7 +242,8 @@ fn cache_batches(cache: &Path, batch: usize, seed: i64) -> Result<Vec<(Tensor, T
     rows.chunks(batch)
         .map(|r| {
             let b = c.gather(r)?;
-            Ok((scale.draw(&b.latent_mean, &b.latent_std), b.text_embeddings))
+            let added = AddedCond { text_embeds: b.pooled_embeddings, time_ids: b.time_ids, timestep_cond: None };
+            Ok((scale.draw(&b.latent_mean, &b.latent_std), b.text_embeddings, added))
         })
         .collect()
 }
@@ -273,6 +280,7 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
 
     step("demo pipeline: tokenizer, frozen text encoder, VAE trained on the images");
     let topts = DemoTeacherOptions {
+        family: o.family,
         seed: o.seed,
         vae: VaeTrainOptions { steps: o.vae_steps, progress: o.progress, ..VaeTrainOptions::default() },
         ..DemoTeacherOptions::default()
@@ -293,12 +301,13 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     let teacher_config = teacher.model.config.clone();
     write_pipeline_dir(&out.join("teacher"), &out.join("pipeline-init"), &teacher_config, &weights::named_tensors(&teacher.vs), None, LcmGrid::default())?;
 
+    let student = o.family.student();
     step(&format!(
-        "student bk_small distilled from the teacher, and beside it the control (the same student from scratch, task loss only), {} steps each",
+        "student {student} distilled from the teacher, and beside it the control (the same student from scratch, task loss only), {} steps each",
         o.student_steps
     ));
-    let kd_cfg = write_run_yaml(out, "student_kd", &run_yaml(o, "teacher", "bk_small", "teacher", true, "student_kd", o.student_steps, o.student_lr, o.batch_size))?;
-    let scratch_cfg = write_run_yaml(out, "student_scratch", &run_yaml(o, "teacher", "bk_small", "random", false, "student_scratch", o.student_steps, o.student_lr, o.batch_size))?;
+    let kd_cfg = write_run_yaml(out, "student_kd", &run_yaml(o, "teacher", student, "teacher", true, "student_kd", o.student_steps, o.student_lr, o.batch_size))?;
+    let scratch_cfg = write_run_yaml(out, "student_scratch", &run_yaml(o, "teacher", student, "random", false, "student_scratch", o.student_steps, o.student_lr, o.batch_size))?;
     let kd_job = TrainJob::start(o, out, "student_kd", &kd_cfg, 1, 2, true)?;
     let scratch_job = TrainJob::start(o, out, "student_scratch", &scratch_cfg, 1, 2, false)?;
     let (kd, kd_secs) = kd_job.finish()?;
@@ -307,7 +316,7 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     write_pipeline_dir(&out.join("student_scratch"), &out.join("teacher"), &scratch.model.config, &weights::named_tensors(&scratch.vs), None, LcmGrid::default())?;
 
     // the student as pruned, before any training: what KD starts from
-    let pruned = pruned_student(&teacher)?;
+    let pruned = pruned_student(&teacher, student)?;
 
     step("held-out denoising loss");
     let schedule = Arc::new(NoiseSchedule::new(SchedulerConfig::from_path(&out.join("teacher/scheduler"))?)?);
@@ -326,15 +335,15 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     };
     let mut models = vec![
         row("teacher", "trained from scratch (task loss)", &teacher, o.teacher_steps, teacher_secs),
-        row("bk_small pruned", "the teacher's copy map, untrained", &pruned, 0, 0.0),
-        row("bk_small KD", "pruned, then task + output KD + feature KD", &kd, o.student_steps, kd_secs),
-        row("bk_small scratch", "random init, task loss only (control)", &scratch, o.student_steps, scratch_secs),
+        row(&format!("{student} pruned"), "the teacher's copy map, untrained", &pruned, 0, 0.0),
+        row(&format!("{student} KD"), "pruned, then task + output KD + feature KD", &kd, o.student_steps, kd_secs),
+        row(&format!("{student} scratch"), "random init, task loss only (control)", &scratch, o.student_steps, scratch_secs),
     ];
 
     step("generating every held-out caption with each model");
     let p = PipelineDir::open(&out.join("teacher"))?;
     let encoder = TeacherEncoder::load(&p, Device::Cpu, Kind::Float)?;
-    let base = Parts { tokenizer: &encoder.tokenizer, text_encoder: &encoder.text_encoder.model, vae: &encoder.vae.model, unet: &teacher.model, schedule: &schedule, xl: None };
+    let base = encoder.parts(&teacher.model, &schedule);
     let (originals, captions) = held_out_pairs(&out.join("heldout"))?;
     let embedding_cosine = caption_embedding_cosine(&encoder, &captions);
     let req = GenerateRequest {
@@ -372,9 +381,9 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     Ok(DemoSummary { models, grid: grid_path, report, seconds: t0.elapsed().as_secs_f64() })
 }
 
-/// The student as pruned from `teacher`, before any training: what KD starts from.
-fn pruned_student(teacher: &UNet) -> Result<UNet> {
-    let plan = crate::distill::student::StudentPlan::resolve("bk_small", Some(&teacher.model.config))?;
+/// The student `preset` as pruned from `teacher`, before any training: what KD starts from.
+fn pruned_student(teacher: &UNet, preset: &str) -> Result<UNet> {
+    let plan = crate::distill::student::StudentPlan::resolve(preset, Some(&teacher.model.config))?;
     let s = UNet::build(&plan.config, Device::Cpu, Kind::Float, crate::models::Init::Torch);
     crate::distill::student::copy_from_teacher(&plan, teacher, &s)?;
     Ok(s)
@@ -485,14 +494,21 @@ fn percent(x: f64) -> String {
     format!("{:.0}%", 100.0 * x)
 }
 
-fn report_markdown(o: &DemoOptions, models: &[ModelResult], f: &ReportFacts<'_>, parts: &super::DemoTeacherReport, seconds: f64) -> String {
-    let teacher = &models[0];
-    let mut s = String::from("# sdkd demo report\n\n");
-    s += &format!(
+/// The report's first paragraph: what the demo ran.
+fn report_intro(o: &DemoOptions, parts: &super::DemoTeacherReport, seconds: f64) -> String {
+    let (encoders, teacher_shape, student) = match o.family {
+        DemoFamily::Sd => ("a frozen random CLIP text encoder", "an SD-1.x-shaped teacher UNet", "a BK-SDM `bk_small` student"),
+        DemoFamily::Sdxl => (
+            "two frozen random CLIP text encoders (the second with a projection: SDXL's pooled embedding)",
+            "an SDXL-shaped teacher UNet (SDXL's block layout at narrow widths, conditioned on the pooled embedding and the six micro-conditioning time ids)",
+            "a Segmind-Vega-shaped `vega` student (every resnet, half of each attention's transformer layers, the mid block one resnet)",
+        ),
+    };
+    format!(
         "The whole job on embedded data in {seconds:.0} s on this machine: {} synthetic {res}x{res} image-caption pairs \
-         ({} held out), a demo pipeline (a VAE trained here to {:.1} dB PSNR on held-out images, a frozen random \
-         CLIP text encoder over the captions' words, SD-1.5's noise schedule with v-prediction), a teacher UNet \
-         trained from scratch as {} data-parallel processes, and a BK-SDM `bk_small` student distilled from it, \
+         ({} held out), a demo pipeline (a VAE trained here to {:.1} dB PSNR on held-out images, {encoders} \
+         over the captions' words, SD-1.5's noise schedule with v-prediction), {teacher_shape} \
+         trained from scratch as {} data-parallel processes, and {student} pruned from it and distilled, \
          against the same student trained from scratch for the same steps. Every run trains on the empty prompt \
          with probability {} (`data.caption_dropout`).\n\n",
         o.count,
@@ -501,7 +517,13 @@ fn report_markdown(o: &DemoOptions, models: &[ModelResult], f: &ReportFacts<'_>,
         o.teacher_ranks,
         o.caption_dropout,
         res = DEMO_RESOLUTION
-    );
+    )
+}
+
+fn report_markdown(o: &DemoOptions, models: &[ModelResult], f: &ReportFacts<'_>, parts: &super::DemoTeacherReport, seconds: f64) -> String {
+    let teacher = &models[0];
+    let mut s = String::from("# sdkd demo report\n\n");
+    s += &report_intro(o, parts, seconds);
     s += "| model | how | parameters | of teacher | steps | train time | held-out denoising loss |\n|---|---|---|---|---|---|---|\n";
     for m in models {
         s += &format!(
@@ -563,10 +585,12 @@ fn report_markdown(o: &DemoOptions, models: &[ModelResult], f: &ReportFacts<'_>,
         );
     }
     s += &format!(
-        "\nThe frozen text encoder keeps captions apart: the mean cosine similarity between the embeddings of two \
+        "\nThe frozen {} captions apart: the mean cosine similarity between the embeddings of two \
          different held-out captions is {:.3} over their word positions and {:.3} over the whole 77-token sequence \
          (1 would be indistinguishable).\n\n",
-        f.embedding_cosine.0, f.embedding_cosine.1
+        if o.family == DemoFamily::Sdxl { "text encoders (their states concatenated) keep" } else { "text encoder keeps" },
+        f.embedding_cosine.0,
+        f.embedding_cosine.1
     );
     s += "## FID and IS\n\n";
     match f.inception {

@@ -1,16 +1,18 @@
 //! Held-out denoising loss: how well a UNet predicts its regression target (noise or v) on
 //! latents it never trained on, at a fixed grid of timesteps with fixed noise, so that teacher,
 //! students and controls are measured on exactly the same problems.
+use crate::models::unet::AddedCond;
 use crate::models::UNet2DConditionModel;
 use crate::schedulers::NoiseSchedule;
 use tch::{Device, Kind, Tensor};
 
-/// Mean MSE over `batches` of (latents scaled for the UNet, text embeddings), each at `timesteps`
-/// evenly spaced timesteps, with noise drawn from `seed`.
+/// Mean MSE over `batches` of (latents scaled for the UNet, text embeddings, the added
+/// conditioning: SDXL's pooled embeddings and time ids, empty for SD), each at `timesteps` evenly
+/// spaced timesteps, with noise drawn from `seed`.
 pub fn denoising_loss(
     unet: &UNet2DConditionModel,
     schedule: &NoiseSchedule,
-    batches: &[(Tensor, Tensor)],
+    batches: &[(Tensor, Tensor, AddedCond)],
     timesteps: usize,
     seed: i64,
 ) -> f64 {
@@ -19,7 +21,7 @@ pub fn denoising_loss(
     let mut total = 0.0;
     let mut count = 0;
     tch::manual_seed(seed);
-    for (latents, context) in batches {
+    for (latents, context, added) in batches {
         let b = latents.size()[0];
         for k in 0..timesteps as i64 {
             // the middle of each of `timesteps` equal bins of [0, n)
@@ -29,7 +31,7 @@ pub fn denoising_loss(
             let noisy = schedule.add_noise(latents, &noise, &t);
             let target = schedule.training_target(schedule.prediction_type(), latents, &noise, &t);
             let kind = unet.kind();
-            let pred = unet.predict(&noisy.to_kind(kind), &t, &context.to_kind(kind));
+            let pred = unet.predict_cond(&noisy.to_kind(kind), &t, &context.to_kind(kind), added);
             total += crate::distill::loss::mse(&pred, &target).double_value(&[]);
             count += 1;
         }
