@@ -261,7 +261,12 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
     if teacher_config.as_ref().is_some_and(|c| c.time_cond_proj_dim.is_some()) {
         bail!("teacher: a UNet with time_cond_proj_dim (a guidance-distilled UNet) cannot be distilled yet: training gives it no guidance embedding (sdkd generate and inspect take it)");
     }
-    if cfg.method == Method::Lcm && teacher_config.as_ref().is_some_and(|c| c.addition_embed.is_some()) {
+    let xl = teacher_config.as_ref().is_some_and(|c| c.addition_embed.is_some());
+    if cfg.method == Method::Lcm && cfg.lora.is_some() && xl {
+        // kept apart from the general refusal below: SDXL's LCD does not make its LCM-LoRA verified
+        bail!("lora: with method: lcm (LCM-LoRA) on an SDXL teacher (addition_embed_type \"text_time\") is not supported yet: train SDXL adapters with method: kd (distill: true or false)");
+    }
+    if cfg.method == Method::Lcm && xl {
         bail!("method: lcm on an SDXL teacher (addition_embed_type \"text_time\") is not supported yet: use method: kd");
     }
     let mut plan = StudentPlan::of(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student.to_string()))?;
