@@ -264,7 +264,7 @@ fn cache_rows(dir: &Path) -> (Tensor, Vec<String>) {
 fn preprocess_on_shards_equals_the_imagefolders_cache_and_resumes() {
     let f = fixture();
     let out = tempdir();
-    let opts = CacheOptions { transform: transform(), seed: 4, shard_size: 8, batch_size: 4, on_bad_sample: OnBadSample::Skip, threads: 2 };
+    let opts = CacheOptions { transform: transform(), buckets: None, seed: 4, shard_size: 8, batch_size: 4, on_bad_sample: OnBadSample::Skip, threads: 2 };
     let build = |loc: &str, name: &str, fail: Option<usize>| {
         let rows = open_image_rows(&f.path(loc), "test", &DataOptions::default()).unwrap();
         build_cache(rows, &ToyEncoder { calls: Cell::new(0), fail_after_calls: fail }, &out.path().join(name), &opts)
@@ -296,6 +296,7 @@ fn preprocess_on_shards_equals_the_imagefolders_cache_and_resumes() {
         max_aspect: Some(1.0),
         filters: vec!["aesthetic=>= 2".into()],
         resolution: 16,
+        buckets: None,
         out: out.path().join("cli"),
         center_crop: true,
         random_flip: false,

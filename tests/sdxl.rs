@@ -729,6 +729,84 @@ fn sdxl_lora_runs_give_diffusers_their_image() {
     assert!(!tmp.path().join("lcm/run").exists(), "a refused run wrote its output folder");
 }
 
+/// Six images of mixed aspect for `data.buckets: [[32, 32], [48, 16], [16, 48]]`, two nearest
+/// each bucket (width, height); and what `preprocess --buckets` (centre crop, no flip) must
+/// store for each, computed here: the bucket (the least |log(w/h) - log(bw/bh)|), the resize
+/// (the fitting side exact, the other int(side * long / short)), the centre crop (Python's
+/// round) and the time ids (original h, w, crop top, left, target h, w).
+const XL_BUCKET_IMAGES: [(u32, u32); 6] = [(40, 30), (20, 50), (64, 20), (30, 30), (17, 61), (50, 20)];
+const XL_BUCKETS: [(u32, u32); 3] = [(32, 32), (48, 16), (16, 48)];
+
+fn xl_bucket_time_ids(i: usize) -> [i64; 6] {
+    let (w, h) = XL_BUCKET_IMAGES[i];
+    let dist = |&(bw, bh): &(u32, u32)| ((w as f64 / h as f64).ln() - (bw as f64 / bh as f64).ln()).abs();
+    let (tw, th) = *XL_BUCKETS.iter().min_by(|a, b| dist(a).partial_cmp(&dist(b)).unwrap()).unwrap();
+    let (rw, rh) = if w * th >= h * tw { (th * w / h, th) } else { (tw, tw * h / w) };
+    let half = |span: u32| if span % 2 == 0 || (span / 2) % 2 == 0 { span / 2 } else { span / 2 + 1 };
+    [h as i64, w as i64, half(rh - th) as i64, half(rw - tw) as i64, th as i64, tw as i64]
+}
+
+/// `data.buckets` on the SDXL teacher: a run whose micro-batches are 32x32, 48x16 and 16x48
+/// trains (random crops and flips, caption dropout, two micro-batches a step) and resumes
+/// bit-exactly; `sdkd preprocess --buckets` stores every row at its bucket's size with the time
+/// ids computed above, and a run reads it (with the same buckets only); bad bucket lists exit 1
+/// naming data.buckets.
+#[test]
+fn sdxl_buckets_train_resume_exactly_and_cache() {
+    let tmp = tempdir();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut meta = String::new();
+    for (i, &(w, h)) in XL_BUCKET_IMAGES.iter().enumerate() {
+        let i = i as u32;
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 + i * 40) as u8, (y * 5) as u8, (i * 29) as u8])).save(data.join(format!("{i}.png"))).unwrap();
+        meta.push_str(&format!("{{\"file_name\": \"{i}.png\", \"text\": \"picture {i} of a red cube\"}}\n"));
+    }
+    std::fs::write(data.join("metadata.jsonl"), meta).unwrap();
+    let list = "[[32, 32], [48, 16], [16, 48]]";
+    let path = format!("path: {}\n  buckets: {list}", data.display());
+    let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
+    train_ok(&["--config", sdxl_train_config(&straight, &path, 3, "").to_str().unwrap()]);
+    train_ok(&["--config", sdxl_train_config(&split, &path, 1, "").to_str().unwrap()]);
+    train_ok(&["--config", sdxl_train_config(&split, &path, 3, "").to_str().unwrap(), "--resume", "latest"]);
+    for f in ["student.safetensors", "optimizer.safetensors"] {
+        let (a, b) = (read_tensors(&straight.join("run/checkpoints/step-3").join(f)), read_tensors(&split.join("run/checkpoints/step-3").join(f)));
+        assert_eq!(a.len(), b.len());
+        for (k, v) in &a {
+            assert!(v.equal(&b[k]), "{f}: {k} differs after resuming a bucketed run");
+        }
+    }
+
+    let cache = tmp.path().join("cache");
+    let teacher = fixture().join("pipe");
+    let o = sdkd(&["preprocess", "--teacher", teacher.to_str().unwrap(), "--data", data.to_str().unwrap(), "--resolution", "16", "--buckets", list, "--batch-size", "2", "--out", cache.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shard = read_tensors(&cache.join("shard-00000.safetensors"));
+    let rows: Vec<i64> = Vec::try_from(&shard["sample_ids"]).unwrap();
+    let ids: Vec<i64> = Vec::try_from(shard["time_ids"].flatten(0, -1)).unwrap();
+    let shapes: Vec<i64> = Vec::try_from(shard["latent_shapes"].flatten(0, -1)).unwrap();
+    let factor = 2; // the tiny VAE's downsampling
+    for (r, &i) in rows.iter().enumerate() {
+        let want = xl_bucket_time_ids(i as usize);
+        assert_eq!(&ids[6 * r..6 * r + 6], &want, "image {i} {:?}", XL_BUCKET_IMAGES[i as usize]);
+        assert_eq!(&shapes[3 * r..3 * r + 3], &[4, want[4] / factor, want[5] / factor], "image {i}: latent (c, h, w)");
+    }
+    assert_eq!(rows.len(), 6);
+    let cached = |buckets: &str| format!("cache: {}{buckets}", cache.display());
+    train_ok(&["--config", sdxl_train_config(&tmp.path().join("from_cache"), &cached(&format!("\n  buckets: {list}")), 1, "").to_str().unwrap()]);
+    for (name, data, needle) in [
+        ("no_buckets", cached(""), "data.buckets"),
+        ("odd", path.replace("[16, 48]]", "[16, 48], [30, 16]]"), "[30, 16]"),
+        ("empty", format!("path: {}\n  buckets: []", data.display()), "empty"),
+    ] {
+        let dir = tmp.path().join(name);
+        let o = sdkd(&["train", "--quiet", "--config", sdxl_train_config(&dir, &data, 1, "").to_str().unwrap()]);
+        assert_clean_failure(&o, needle);
+        assert_clean_failure(&o, "data.buckets");
+        assert!(!dir.join("run").exists(), "{name}: a refused run wrote its output folder");
+    }
+}
+
 /// One KD step on the SDXL teacher (`vega` pruned by `sdkd prune`: a single-resnet mid block, fewer
 /// transformer layers per attention) against diffusers' UNets on
 /// the same inputs (tests/reference/sdxl.py kd_step): every loss term within 1e-6 relative, the

@@ -372,12 +372,20 @@ fn check_cache_fits(c: &UNetConfig, cache: &LatentCache) -> Result<()> {
     Ok(())
 }
 
+/// A bucket list as a config would write it (`none` when absent).
+fn show_buckets(b: Option<&crate::data::Buckets>) -> String {
+    b.map_or("none".into(), |b| serde_json::to_string(b).unwrap_or_default())
+}
+
 /// Refuses a batch whose data alone this machine cannot hold, before any is loaded: the loader
 /// builds each batch in host memory (pixels as f32, or the cache's latent mean and std), and a
 /// failed allocation there would abort the process. A floor, not a plan of the whole step.
 fn check_batch_memory(cfg: &RunConfig) -> Result<()> {
-    let (batch, res) = (cfg.train.batch_size as f64, cfg.data.resolution as f64);
-    let per_sample = if cfg.data.cache.is_some() { 2.0 * 4.0 * (res / 8.0).powi(2) } else { 3.0 * res * res };
+    let res = cfg.data.resolution as f64;
+    // the largest bucket's pixels, with buckets
+    let pixels = cfg.data.buckets().ok().flatten().map_or(res * res, |b| b.max_pixels() as f64);
+    let batch = cfg.train.batch_size as f64;
+    let per_sample = if cfg.data.cache.is_some() { 2.0 * 4.0 * pixels / 64.0 } else { 3.0 * pixels };
     let bytes = batch * per_sample * 4.0;
     ensure!(
         crate::memory::device_can_hold(Device::Cpu, bytes),
@@ -426,6 +434,14 @@ impl Trainer {
                     index.transform.resolution,
                     index.transform.resolution,
                     cfg.data.resolution
+                );
+                let buckets = cfg.data.buckets().map_err(|e| anyhow!("{}", e.message))?;
+                ensure!(
+                    index.buckets == buckets,
+                    "data.buckets = {} but data.cache {} was made with buckets {}: set data.buckets to the cache's (or make the cache with `sdkd preprocess --buckets`)",
+                    show_buckets(buckets.as_ref()),
+                    cache.display(),
+                    show_buckets(index.buckets.as_ref())
                 );
                 check_cache_fits(&distiller.plan.config, &LatentCache::open(cache)?)?;
                 LatentScale::from_description(&index.encoder).with_context(|| format!("data.cache {}", cache.display()))?
@@ -571,7 +587,15 @@ impl Trainer {
             }
         }
         let transform = Transform { resolution: d.resolution, center_crop: d.center_crop, random_flip: d.random_flip };
-        let source = Arc::new(ImageSource::new(rows, transform, self.cfg.train.seed));
+        let mut source = ImageSource::new(rows, transform, self.cfg.train.seed);
+        if let Some(buckets) = d.buckets().map_err(|e| anyhow!("{}", e.message))? {
+            let (bucketed, unsizable) = source.with_buckets(buckets, d.on_bad_sample)?;
+            source = bucketed;
+            if let (Some(first), true) = (unsizable.first(), self.ranks.as_ref().is_none_or(Ranks::is_leader)) {
+                eprintln!("warning: data.buckets: {} sample(s) whose size cannot be read are left out; the first: {first}", unsizable.len());
+            }
+        }
+        let source = Arc::new(source);
         let encoder = self.encoder.clone().expect("an image run has the teacher's encoders");
         Ok(Feed::Images { loader: open(source, opts, self.cursor, shard)?, encoder })
     }
