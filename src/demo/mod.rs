@@ -7,6 +7,7 @@
 //! `StableDiffusionXLPipeline` folder: a second tokenizer and a second frozen random text
 //! encoder with a projection (the pooled embedding), and an SDXL-shaped UNet.
 pub mod caption_score;
+pub mod lcm_stage;
 pub mod parts;
 pub mod run;
 pub mod tokenizer;
