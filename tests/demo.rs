@@ -137,13 +137,15 @@ fn quick_demo_runs_the_whole_job() {
 /// pooled embedding and the time ids through the caches, the held-out loss and the sampling),
 /// a tiny SDXL-shaped teacher trained from scratch and a `vega`-shaped student pruned from it:
 /// KD ahead of the control (the same student from scratch, task loss only) by the held-out loss.
-/// An unknown `--family` is refused first.
+/// An unknown `--family`, and the LCM stage (SD's only) with SDXL, are refused first.
 #[test]
 fn quick_sdxl_demo_distils_vega_ahead_of_the_control() {
     let tmp = tempdir();
     let out = tmp.path().join("demo");
     let o = sdkd(&["demo", "--quick", "--family", "sd3", "--out", out.to_str().unwrap()]);
     assert_clean_failure(&o, "--family \"sd3\"");
+    let o = sdkd(&["demo", "--quick", "--family", "sdxl", "--lcm", "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&o, "--lcm with --family sdxl");
     assert!(!out.exists(), "a refused demo wrote its output");
 
     let started = std::time::Instant::now();
