@@ -444,8 +444,7 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
                 allreduce.push(t0.elapsed().as_secs_f64() * 1e3);
             }
         }
-        // averaged above (timed apart), so not again here
-        let _update = d.update(lr, Some(1.0), None)?;
+        let _update = d.update(lr, Some(1.0))?;
         // read like the trainer's logging does (and a NaN would make the timing meaningless)
         if !terms.total.double_value(&[]).is_finite() {
             bail!("the loss is not finite");

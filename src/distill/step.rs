@@ -272,12 +272,17 @@ impl Distiller {
         Ok(c.micro_step(&models, latents, context, inputs, scale / accum as f64))
     }
 
+    /// `update_over` on one process.
+    pub fn update(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<Update> {
+        self.update_over(lr, max_grad_norm, None)
+    }
+
     /// Averages the accumulated gradients over `ranks` (a data-parallel run's group: all-reduced,
     /// or under `optim.shard_state` reduce-scattered to the rank that updates them), clips them by
     /// their global norm (or only measures it), steps AdamW at `lr` (then, sharded, all-gathers
     /// the parameters), clears the gradients and updates the EMA and LCD's target network. Under
     /// fp16 the gradients are unscaled first, and a step whose gradients overflowed is skipped.
-    pub fn update(&mut self, lr: f64, max_grad_norm: Option<f64>, ranks: Option<&Ranks>) -> Result<Update> {
+    pub fn update_over(&mut self, lr: f64, max_grad_norm: Option<f64>, ranks: Option<&Ranks>) -> Result<Update> {
         let grads = match &self.shards {
             Some(shards) => shards.reduce_gradients(ranks)?,
             None => {

@@ -619,7 +619,7 @@ impl Trainer {
             s.average_over(ranks)?;
         }
         s.lr = lr_at(self.step, &self.cfg.optim, self.cfg.train.max_steps);
-        let update = self.distiller.update(s.lr, self.cfg.optim.max_grad_norm, self.ranks.as_ref())?;
+        let update = self.distiller.update_over(s.lr, self.cfg.optim.max_grad_norm, self.ranks.as_ref())?;
         s.add("grad_norm", update.grad_norm.double_value(&[]));
         if let Some(c) = self.distiller.consistency() {
             s.add("lcm/target_ema", c.config().target_ema);
