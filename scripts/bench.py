@@ -28,6 +28,10 @@ Sections (defaults in brackets; shapes are fixed so numbers compare across runs)
   eval    scripts/bench_eval.py: `sdkd eval --model` generation (batch 1 and 8) against BK-SDM's
           diffusers loop (StableDiffusionPipeline, batch 1, one generator) on the tiny 4-stage test
           pipeline at 64 px [10 images, 10 PNDM steps per run]
+  sdxl    one denoising step of an SDXL-shaped UNet (configs/bench/sdxl_shaped_unet_config.json:
+          SDXL-base's blocks, transformer depths 1/2/10, mid depth 10, heads 5/10/20 and text_time
+          embedding, every width divided by 4: 161M parameters) against diffusers' eager forward
+          [latent 64, CFG batch 2, 1 warm-up + 2 timed steps per run]
   lcm     LCM sampling: the same pipeline with its UNet given a guidance embedding as diffusers'
           LCD scripts make an LCM student (tests/reference/lcm_unet.py), `sdkd eval --model
           --scheduler lcm` against diffusers' StableDiffusionPipeline + LCMScheduler at batch 1
@@ -37,7 +41,7 @@ Environment:
   SDKD_BENCH_QUICK=1          smoke run: tiny shapes, one round, docs/benchmarks.md untouched
   SDKD_BENCH_ROUNDS=N         rounds per case [3]
   SDKD_BENCH_THREADS=N        intra-op threads of both sides [all cores]
-  SDKD_BENCH_SECTIONS=a,b     sections to run [train,infer,wait,own,decode,loader,eval,lcm]
+  SDKD_BENCH_SECTIONS=a,b     sections to run [train,infer,wait,own,decode,loader,eval,sdxl,lcm]
   SDKD_BENCH_STUDENTS=a,b     students of the train section [bk_small,bk_tiny]
   SDKD_BENCH_NO_DOCS=1        print the tables only
 """
@@ -52,6 +56,7 @@ DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin (written by scripts/bench.py) -->", "<!-- bench:end -->"
 MEDIUM = "configs/bench/medium_unet_config.json"
 SD15 = "configs/reference/sd15_unet_config.json"
+SDXL_SHAPED = "configs/bench/sdxl_shaped_unet_config.json"
 # libgomp's own default when OMP_WAIT_POLICY is unset is a 300000-iteration spin before
 # sleeping; naming it explicitly keeps sdkd from switching itself to PASSIVE (see main.rs).
 # "auto" sets neither: sdkd then picks its own setting (src/main.rs), Python keeps libgomp's.
@@ -65,15 +70,17 @@ env = os.environ
 QUICK = env.get("SDKD_BENCH_QUICK", "") not in ("", "0")
 ROUNDS = int(env.get("SDKD_BENCH_ROUNDS", "1" if QUICK else "3"))
 THREADS = int(env.get("SDKD_BENCH_THREADS", str(os.cpu_count() or 1)))
-SECTIONS = env.get("SDKD_BENCH_SECTIONS", "train,infer,wait,own,decode,loader,eval,lcm").split(",")
+SECTIONS = env.get("SDKD_BENCH_SECTIONS", "train,infer,wait,own,decode,loader,eval,sdxl,lcm").split(",")
 STUDENTS = env.get("SDKD_BENCH_STUDENTS", "bk_small,bk_tiny").split(",")
 WRITE_DOCS = not QUICK and env.get("SDKD_BENCH_NO_DOCS", "") in ("", "0")
 if QUICK:
     TRAIN = dict(teacher=MEDIUM, batch=1, latent=16, warmup=1, steps=2)
     INFER = dict(teacher=MEDIUM, batch=1, latent=16, warmup=1, steps=2, unets=["teacher", "bk_tiny"])
+    SDXL = dict(teacher=SDXL_SHAPED, batch=1, latent=16, warmup=1, steps=1)
 else:
     TRAIN = dict(teacher=MEDIUM, batch=2, latent=32, warmup=1, steps=5)
     INFER = dict(teacher=SD15, batch=1, latent=64, warmup=1, steps=1, unets=["teacher", "bk_base", "bk_small", "bk_tiny"])
+    SDXL = dict(teacher=SDXL_SHAPED, batch=1, latent=64, warmup=1, steps=2)
 
 records = []  # every run, for results.json
 
@@ -215,6 +222,29 @@ def lcm_section():
         f"with `LCMScheduler`, one prompt per call, one CPU generator; sdkd seeds per image; {THREADS} threads, {ROUNDS} rounds A/B/C.",
         "",
         *images_per_second_table(r),
+    ]
+
+
+def sdxl_section():
+    """One CFG denoising step of the SDXL-shaped UNet, sdkd against diffusers' eager forward."""
+    c = SDXL
+    print(f"SDXL-shaped inference step: {c['teacher']}, latent {c['latent']}, CFG batch {2 * c['batch']}, {ROUNDS} round(s)", flush=True)
+    a, b = ab("infer-sdxl", "infer", c["teacher"], "teacher", c, "passive")
+    return [
+        "### Inference, SDXL-shaped UNet: one denoising step with classifier-free guidance (CPU, fp32)",
+        "",
+        f"`{c['teacher']}`: SDXL-base's block structure (DownBlock2D + two CrossAttnDownBlock2D, transformer depths "
+        "1/2/10, a depth-10 mid block, heads 5/10/20, linear projections, the text_time embedding of pooled text and "
+        "six time ids) with every width divided by 4 (random weights); "
+        f"latent {c['latent']}x{c['latent']} ({c['latent'] * 8}px), CFG batch {2 * c['batch']}, random pooled embeddings and "
+        f"square time ids on both sides, {THREADS} threads, OMP_WAIT_POLICY=PASSIVE on both sides; per run {c['warmup']} "
+        f"warm-up + {c['steps']} timed step(s), {ROUNDS} rounds A/B.",
+        "",
+        "| UNet | params | sdkd ms/step | diffusers ms/step | speed-up (per-round range) | CPU-time speed-up | sdkd peak RSS MiB | PyTorch peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| SDXL-shaped (widths / 4) | {a[0]['unet']['params'] / 1e6:.1f}M | {fmt_ms(med(a))} | {fmt_ms(med(b))} | **{med(b) / med(a):.2f}x** "
+        f"({spread(a, b)}) | {cpu(b) / cpu(a):.2f}x | {med(a, 'peak_mem_mb'):,.0f} | {med(b, 'peak_mem_mb'):,.0f} |",
+        "",
     ]
 
 
@@ -404,9 +434,13 @@ def main():
             *images_per_second_table(r),
         ]
 
+    if "sdxl" in SECTIONS:
+        lines += sdxl_section()
+
     if "lcm" in SECTIONS:
         lines += lcm_section()
 
+    torch_version = next((r["torch"] for r in records if "torch" in r), torch_version)
     finished = datetime.datetime.now(datetime.timezone.utc)
     head = [
         BEGIN,

@@ -1,7 +1,9 @@
 """The PyTorch eager reference of `sdkd bench`: the distillation step of BK-SDM's training script (diffusers UNets,
 forward hooks for the block features as BK-SDM and Segmind do, the same three losses,
 clip_grad_norm_, torch.optim.AdamW with PyTorch's defaults) and the denoising step of inference
-(one UNet forward on the CFG batch and the guidance combination).
+(one UNet forward on the CFG batch and the guidance combination). An SDXL config
+(`addition_embed_type: text_time`) gets random pooled embeddings and square time ids in infer
+mode, as `sdkd bench` gives its UNets.
 
 usage: bench_reference.py --teacher CONFIG.json [--student CONFIG.json] [--pairs PAIRS.json]
          --batch-size B --latent-size L --steps N [--warmup W] [--mode train|infer]
@@ -60,6 +62,18 @@ def sync():
         torch.cuda.synchronize()
 
 
+def added(unet, rows):
+    """SDXL (`addition_embed_type: text_time`): random pooled embeddings and the time ids of an
+    uncropped square image, as `sdkd bench` gives its UNets; None for SD-1.x/2.x."""
+    c = unet.config
+    if c.addition_embed_type != "text_time":
+        return None
+    pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+    px = float(L * 8)
+    ids = torch.tensor([px, px, 0.0, 0.0, px, px], device=dev, dtype=dtype).repeat(rows, 1)
+    return {"text_embeds": torch.randn(rows, pooled, device=dev, dtype=dtype), "time_ids": ids}
+
+
 B, L = a.batch_size, a.latent_size
 times, cpu_times = [], []  # wall and process CPU time (all threads) per timed step
 info = {}
@@ -70,11 +84,12 @@ if a.mode == "infer":
     lat = torch.randn(B, unet.config.in_channels, L, L, device=dev, dtype=dtype)
     ctx = torch.randn(2 * B, 77, unet.config.cross_attention_dim, device=dev, dtype=dtype)
     t = torch.tensor(500, device=dev)
+    cond = added(unet, 2 * B)
     with torch.no_grad():
         for i in range(a.warmup + a.steps):
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
-            eps = unet(torch.cat([lat, lat]), t, encoder_hidden_states=ctx).sample
+            eps = unet(torch.cat([lat, lat]), t, encoder_hidden_states=ctx, added_cond_kwargs=cond).sample
             u, c = eps.chunk(2)
             _ = u + 7.5 * (c - u)
             sync()

@@ -202,6 +202,45 @@ if [ "$(wc -l < "$out.partial/reference/cpu-losses.txt")" != 20 ]; then
 fi
 rm -rf "$ref_run"
 
+# A `method: lcm` run of the same teacher (bk_small pruned on the spot, its guidance embedding
+# initialised from the seed), for gpu-check.sh's stage 1e: 2 steps on the CPU by the main build,
+# no warm-up, so that step 2's loss follows one real update.
+sed -e 's|^student: bk_small|student: bk_small\nmethod: lcm|' -e 's|^  warmup_steps: 2|  warmup_steps: 0|' "$out.partial/train.yaml.in" > "$out.partial/lcm.yaml.in"
+grep -q '^method: lcm' "$out.partial/lcm.yaml.in" || { echo "gpu-build: no method line in lcm.yaml.in" >&2; exit 1; }
+sed -e "s|@ROOT@|$out.partial|" -e "s|@RUN@|$ref_run-lcm-run|" -e "s|@STEPS@|2|" -e "s|@DEVICE@|cpu|" \
+  -e "s|@PRECISION@|fp32|" "$out.partial/lcm.yaml.in" > "$ref_run-lcm.yaml"
+ref_sdkd train --config "$ref_run-lcm.yaml" > /dev/null 2> "$ref_run-lcm.txt" || { cat "$ref_run-lcm.txt" >&2; exit 1; }
+sed -n 's|^step \([0-9]*\)/[0-9]* ([0-9.]*%) loss \([^ ]*\) .*|\1 \2|p' "$ref_run-lcm.txt" > "$out.partial/reference/cpu-lcm-losses.txt"
+[ "$(wc -l < "$out.partial/reference/cpu-lcm-losses.txt")" = 2 ] || { echo "gpu-build: the CPU lcm run did not log 2 losses" >&2; cat "$ref_run-lcm.txt" >&2; exit 1; }
+rm -rf "$ref_run-lcm-run" "$ref_run-lcm.yaml" "$ref_run-lcm.txt"
+
+# SDXL, for gpu-check.sh's SDXL stage: SDXL-base's UNet config (the GPU's 1024 px step) and, for
+# the dry run, the same blocks with every width divided by 16 (a few seconds a step on a CPU), with
+# the MACs of one forward of each at its latent (pooled embedding and time ids included).
+mkdir -p "$out.partial/reference/sdxl"
+cp configs/reference/sdxl_unet_config.json "$out.partial/reference/sdxl/base.json"
+"$python" - "$out.partial/reference/sdxl" > "$out.partial/reference/sdxl/macs.json" <<'EOF_PY'
+import json, sys, torch
+from torch.utils.flop_counter import FlopCounterMode
+from diffusers import UNet2DConditionModel
+d, out = sys.argv[1], {}
+tiny = json.load(open(f"{d}/base.json"))
+tiny.update(block_out_channels=[w // 16 for w in tiny["block_out_channels"]], norm_num_groups=4, cross_attention_dim=128,
+            addition_time_embed_dim=16, projection_class_embeddings_input_dim=1280 // 16 + 6 * 16)
+json.dump(tiny, open(f"{d}/tiny.json", "w"), indent=1)
+for name, latent in [("base", 128), ("tiny", 8)]:
+    config = json.load(open(f"{d}/{name}.json"))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        cond = {"text_embeds": torch.randn(1, pooled), "time_ids": torch.randn(1, 6)}
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            unet(torch.randn(1, 4, latent, latent), torch.tensor([500]), encoder_hidden_states=torch.randn(1, 77, config["cross_attention_dim"]),
+                 added_cond_kwargs=cond)
+    out[name] = {"latent": latent, "macs": counter.get_total_flops() / 2, "params": sum(p.numel() for p in unet.parameters())}
+print(json.dumps(out, indent=1))
+EOF_PY
+
 # The students of the speed stage as diffusers configs and feature pairs (what the eager
 # reference builds), and the MACs of one forward of each UNet (FLOPs = 2 MACs) for the MFU:
 # SD-1.5 at 512x512 (latent 64) for the GPU, the medium config at latent 16 for the dry run.

@@ -15,6 +15,9 @@
 #      ms/step, the ratio, the caching allocator's peak and the MFU;
 #   3m. memory: `sdkd plan` for bk_base in two settings, its 24 GB batch checked by one real step
 #      (the caching allocator's peak against the prediction);
+#   S. SDXL: one bf16 CFG denoising step of SDXL-base's UNet at 1024 px against diffusers' eager
+#      forward (ms, MFU, the caching allocator's peak); stage 1e with 1d is the LCM stage: a
+#      2-step `method: lcm` run against the CPU's losses;
 #   4. data parallel: the 20 fp32 steps as a one-rank data-parallel run (WORLD_SIZE=1 set by
 #      hand, then under torchrun): NCCL on CUDA (Gloo in the dry run), against the CPU curve.
 # Each command has its own timeout and a stage is skipped, not cut, when the time left cannot
@@ -203,14 +206,15 @@ else
   record "1d generate an LCM student (lcm, 4 steps, fp32)" FAIL "sdkd generate failed: $(tail -2 "$out/logs/generate-lcm.txt" | tr '\n' ' ')"
 fi
 
-# train NAME STEPS PRECISION [--resume latest]: a run of the carried YAML into $work/NAME; its
+# train NAME STEPS PRECISION [--resume latest]: a run of the carried YAML ($train_yaml, default
+# train.yaml.in) into $work/NAME; its
 # losses, one "step loss" line per step, into $work/NAME.losses. $launch (an array, empty by
 # default) goes before sdkd: a launcher and its arguments, or `env VAR=...`.
 launch=()
 train() {
   local name=$1 steps=$2 precision=$3; shift 3
   sed -e "s|@ROOT@|$bin|" -e "s|@RUN@|$work/$name|" -e "s|@STEPS@|$steps|" -e "s|@DEVICE@|$dev|" \
-    -e "s|@PRECISION@|$precision|" "$bin/train.yaml.in" > "$work/$name-$steps.yaml"
+    -e "s|@PRECISION@|$precision|" "${train_yaml:-$bin/train.yaml.in}" > "$work/$name-$steps.yaml"
   t 120 "${launch[@]}" "$sdkd" train --config "$work/$name-$steps.yaml" "$@" > /dev/null 2>> "$out/logs/train-$name.txt" || return 1
   sed -n 's|^step \([0-9]*\)/[0-9]* ([0-9.]*%) loss \([^ ]*\) .*|\1 \2|p' "$out/logs/train-$name.txt" > "$work/$name.losses"
 }
@@ -277,6 +281,32 @@ else
   record "1c resume (10 + resume 10 vs 20 steps)" FAIL "a training run failed: logs/train-*.txt"
 fi
 
+# 1e (with 1d, the LCM stage): a `method: lcm` run, 2 steps (the consistency loss against the
+# target network, the teacher's guided DDIM step, the guidance embedding; the target EMA update),
+# against the same run on the CPU by the main build
+lcm_verdict() {
+  "$py" - "$bin/reference/cpu-lcm-losses.txt" "$1" "$first_tol" <<'EOF_PY'
+import sys
+cpu = [float(l.split()[1]) for l in open(sys.argv[1])]
+run = [float(l.split()[1]) for l in open(sys.argv[2])]
+tol = float(sys.argv[3])
+rel = [abs(a - b) / abs(b) for a, b in zip(run, cpu)]
+ok = len(run) == len(cpu) and max(rel) <= tol
+print(("PASS" if ok else "FAIL") + f"|losses {', '.join(f'{x:.4f}' for x in run)} vs the CPU's {', '.join(f'{x:.4f}' for x in cpu)}: "
+      f"relative difference at most {max(rel, default=float('nan')):.2e} (tolerance {tol:g}; losses as logged, 4 decimals)")
+EOF_PY
+}
+train_yaml=$bin/lcm.yaml.in
+if (( $(left) < 40 )); then
+  record "1e method: lcm training (2 steps, fp32)" SKIP "out of time"
+elif train lcm 2 fp32; then
+  verdict=$(lcm_verdict "$work/lcm.losses")
+  record "1e method: lcm training (2 steps, fp32) vs the CPU" "${verdict%%|*}" "${verdict#*|}"
+else
+  record "1e method: lcm training (2 steps, fp32) vs the CPU" FAIL "sdkd train failed: $(tail -2 "$out/logs/train-lcm.txt" | tr '\n' ' ')"
+fi
+train_yaml=$bin/train.yaml.in
+
 # --- 2. Mixed precision ------------------------------------------------------------------------
 say ""
 say "## 2. Mixed precision on $dev"
@@ -331,6 +361,54 @@ EOF
     record "2b $precision training (20 steps)" FAIL "sdkd train failed: $(tail -2 "$out/logs/train-$precision.txt" | tr '\n' ' ')"
   fi
 done
+
+# --- S. SDXL: one bf16 CFG denoising step of SDXL-base's UNet at 1024 px ----------------------
+# sdkd's UNet against diffusers' eager UNet2DConditionModel on the same device, config, random
+# pooled embeddings and square time ids (scripts/bench_reference.py): ms/step, MFU and the
+# caching allocator's peak (weights included). The dry run: the same blocks with every width
+# divided by 16 at latent 8, one timed step.
+if $dry; then
+  sdxl=tiny sdxl_steps="--steps 1 --warmup 1"
+else
+  sdxl=base sdxl_steps="--steps 10 --warmup 3"
+fi
+sdxl_latent=$("$py" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]["latent"])' "$bin/reference/sdxl/macs.json" "$sdxl")
+say ""
+say "## S. SDXL: one CFG denoising step (CFG batch 2), bf16, $sdxl UNet at latent $sdxl_latent, sdkd vs diffusers' eager forward on $dev"
+say ""
+say "| UNet | params | sdkd ms/step | diffusers ms/step | speed-up | TFLOP/step | sdkd MFU | diffusers MFU | sdkd peak MiB | diffusers peak MiB |"
+say "|---|---|---|---|---|---|---|---|---|---|"
+ours=$out/logs/sdxl-$sdxl.json eager=$out/logs/sdxl-$sdxl-eager.json
+if (( $(left) < 60 )); then
+  say "| $sdxl | skipped: out of time | | | | | | | | |"; record "S SDXL forward" SKIP "out of time"
+elif t 180 "$sdkd" bench --json --mode infer --device "$dev" --precision bf16 --teacher "$bin/reference/sdxl/$sdxl.json" --student teacher \
+       --latent-size "$sdxl_latent" $sdxl_steps > "$ours" 2> "$ours.err" &&
+     t 180 "$py" scripts/bench_reference.py --mode infer --device "$dev" --precision bf16 --teacher "$bin/reference/sdxl/$sdxl.json" \
+       --latent-size "$sdxl_latent" $sdxl_steps > "$eager" 2> "$eager.err"; then
+  lines=$("$py" - "$bin/reference/sdxl/macs.json" "$sdxl" "$ours" "$eager" "$dev" <<'EOF_PY'
+import json, math, sys
+macs, name, dev = json.load(open(sys.argv[1]))[sys.argv[2]], sys.argv[2], sys.argv[5]
+ours, eager = (json.loads(open(f).read().splitlines()[-1]) for f in sys.argv[3:5])
+flops = 2 * 2 * macs["macs"]  # CFG batch 2, FLOPs = 2 MACs
+o, e = ours["step_ms_median"], eager["step_ms_median"]
+mfu = lambda ms: f"{100 * flops / (ms / 1e3) / 989.4e12:.3g}%"
+# CUDA: the caching allocator's peak of allocated bytes; the CPU dry run: each process's peak RSS
+peak = lambda r: r.get("gpu_peak_allocated_mb") if dev != "cpu" else r["peak_mem_mb"]
+mem = lambda mb: "n/a" if mb is None else f"{mb:,.0f}"
+params = ours["unet"]["params"]
+print(f"| {name} | {params / 1e6:,.1f}M | {o:,.1f} | {e:,.1f} | **{e / o:.2f}x** | {flops / 1e12:.3g} | {mfu(o)} | {mfu(e)} | {mem(peak(ours))} | {mem(peak(eager))} |")
+problems = [] if params == macs["params"] == eager["params"] else [f"parameter counts differ: sdkd {params}, diffusers {eager['params']}, counted {macs['params']}"]
+problems += [] if all(math.isfinite(x) and x > 0 for x in (o, e)) else ["a time is not finite"]
+print(("FAIL|" if problems else "PASS|") + (", ".join(problems) or f"{o:,.1f} ms vs {e:,.1f} ms ({e / o:.2f}x); peaks {mem(peak(ours))} vs {mem(peak(eager))} MiB"))
+EOF_PY
+  )
+  say "$(echo "$lines" | head -1)"
+  verdict=$(echo "$lines" | tail -1)
+  record "S SDXL forward ($sdxl UNet, latent $sdxl_latent, bf16)" "${verdict%%|*}" "${verdict#*|}"
+else
+  say "| $sdxl | failed: $(tail -1 "$ours.err" "$eager.err" 2>/dev/null | grep -v '^==>' | grep . | tail -1) | | | | | | | | |"
+  record "S SDXL forward ($sdxl UNet, latent $sdxl_latent, bf16)" FAIL "see logs/sdxl-*.err"
+fi
 
 # --- 3. Speed ----------------------------------------------------------------------------------
 # H200 SXM: 989.4 TFLOPS dense bf16 (NVIDIA's H200 spec sheet lists 1,979 with 2:4 sparsity).

@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 
 /// A two-stage SD-shaped UNet small enough for seconds-long tests.
 fn tiny_config(dir: &Path) -> String {
@@ -67,7 +66,7 @@ fn train_and_infer_report_json() {
     let pairs_file = dir.path().join("pairs.json");
     std::fs::write(&student_cfg, r["student"]["config"].to_string()).unwrap();
     std::fs::write(&pairs_file, r["student"]["feature_pairs"].to_string()).unwrap();
-    let out = Command::new(python())
+    let out = python_command()
         .arg(root().join("scripts/bench_reference.py"))
         .args(["--teacher", &cfg, "--student", student_cfg.to_str().unwrap(), "--pairs", pairs_file.to_str().unwrap()])
         .args(["--batch-size", "1", "--latent-size", "8", "--steps", "2", "--warmup", "1", "--threads", "1"])
@@ -177,7 +176,7 @@ fn the_timed_step_and_the_reference_step_compute_the_same_loss() {
         ("output_kd", terms.output_kd.unwrap().double_value(&[])),
         ("feature_kd", terms.feature_kd.unwrap().double_value(&[])),
     ];
-    let out = Command::new(python())
+    let out = python_command()
         .arg(root().join("scripts/bench_reference.py"))
         .args(["--teacher", &cfg_path, "--student", student_cfg.to_str().unwrap(), "--pairs", pairs_file.to_str().unwrap(), "--threads", "1"])
         .args(["--check-loss", dir.path().to_str().unwrap()])

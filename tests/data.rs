@@ -482,6 +482,7 @@ impl SampleEncoder for ToyEncoder {
 fn cache_opts(res: u32) -> CacheOptions {
     CacheOptions {
         transform: transform(res, false, true),
+        buckets: None,
         seed: 21,
         shard_size: 8,
         batch_size: 3,
@@ -695,6 +696,7 @@ fn preprocess_command_builds_and_resumes_a_cache() {
         max_aspect: None,
         filters: vec![],
         resolution: 16,
+        buckets: None,
         out: out.path().join("c"),
         center_crop: true,
         random_flip: false,
@@ -719,4 +721,130 @@ fn preprocess_command_builds_and_resumes_a_cache() {
     args.resolution = 12;
     let e = run_with(&args, &ToyEncoder::new()).unwrap_err().to_string();
     assert!(e.contains("--resolution 12"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// aspect-ratio buckets (data.buckets)
+
+/// The buckets of the bucket tests: square, wide and tall, (width, height).
+const BUCKETS: [(u32, u32); 3] = [(32, 32), (48, 16), (16, 48)];
+/// Nine images of mixed aspect, three per bucket, then a corrupt one (its size cannot be read).
+const BUCKET_IMAGES: [(u32, u32); 9] = [(40, 30), (20, 50), (64, 20), (30, 30), (17, 61), (50, 20), (36, 28), (24, 72), (45, 15)];
+
+fn bucket_dataset(d: &Path) -> Arc<ImageFolder> {
+    let mut rows = vec![];
+    for (i, &(w, h)) in BUCKET_IMAGES.iter().enumerate() {
+        write_png(d, &format!("{i}.png"), w, h, i as u64);
+        rows.push((format!("{i}.png"), format!("picture {i}")));
+    }
+    std::fs::write(d.join("9.png"), b"not a png").unwrap();
+    rows.push(("9.png".into(), "broken".into()));
+    let r: Vec<(&str, &str)> = rows.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    write(d, "metadata.jsonl", &jsonl(&r));
+    Arc::new(ImageFolder::open(d).unwrap())
+}
+
+/// What sample `i` must become, computed here from the image's size alone: its bucket (the
+/// least |log(w/h) - log(bw/bh)|; no ties among these), the size it is resized to (the bucket's
+/// fitting side exact, the other int(side * long / short)), the centre crop (Python's round,
+/// halves to even) and the time ids (original (h, w), crop (top, left) with a flip storing
+/// width - left as diffusers' SDXL script does, target (h, w)).
+struct Expected {
+    bucket: usize,
+    resized: (u32, u32),
+    crop: (u32, u32),
+    time_ids: [i64; 6],
+}
+
+fn expected(i: usize, flip: bool) -> Expected {
+    let (w, h) = BUCKET_IMAGES[i];
+    let dist = |&(bw, bh): &(u32, u32)| ((w as f64 / h as f64).ln() - (bw as f64 / bh as f64).ln()).abs();
+    let bucket = (0..3).min_by(|&a, &b| dist(&BUCKETS[a]).partial_cmp(&dist(&BUCKETS[b])).unwrap()).unwrap();
+    let (tw, th) = BUCKETS[bucket];
+    let resized = if w * th >= h * tw { (th * w / h, th) } else { (tw, tw * h / w) };
+    let half = |span: u32| if span % 2 == 0 || (span / 2) % 2 == 0 { span / 2 } else { span / 2 + 1 };
+    let (left, top) = (half(resized.0 - tw), half(resized.1 - th));
+    let x = if flip { tw - left } else { left };
+    Expected { bucket, resized, crop: (left, top), time_ids: [h as i64, w as i64, top as i64, x as i64, th as i64, tw as i64] }
+}
+
+fn flips(seed: u64, epoch: u64, i: usize) -> bool {
+    sdkd::data::order::hash(seed, sdkd::data::order::Stream::Flip, epoch, i as u64) >> 63 == 1
+}
+
+/// `data.buckets`: every image goes to its nearest bucket and is resized, centre-cropped and
+/// flipped to it with the time ids computed above; shuffled micro-batches hold one bucket and
+/// resume exactly; `preprocess`'s bucketed cache (version 3) stores each row's latents at its
+/// bucket's size with its time ids, and its shuffled batches keep to one bucket too.
+#[test]
+fn buckets_place_crop_and_batch_each_sample() {
+    let (d, out) = (tempdir(), tempdir());
+    let ds = bucket_dataset(d.path());
+    let buckets = Buckets::new(BUCKETS.to_vec()).unwrap();
+    let seed = 13;
+    let (src, unsizable) = ImageSource::new(ds.clone(), transform(32, true, true), seed).with_buckets(buckets.clone(), OnBadSample::Skip).unwrap();
+    assert_eq!(unsizable.iter().map(|b| b.index).collect::<Vec<_>>(), vec![9]);
+    let mut per_bucket = [0; 3];
+    for (i, &(w, h)) in BUCKET_IMAGES.iter().enumerate() {
+        for epoch in 0..3 {
+            let flip = flips(seed, epoch, i);
+            let e = expected(i, flip);
+            assert_eq!(src.bucket_of().unwrap()[i], Some(e.bucket as u32), "image {i} ({w}x{h})");
+            let item = src.load(i, epoch).unwrap();
+            assert_eq!((item.size, item.time_ids), (BUCKETS[e.bucket], e.time_ids), "image {i} ({w}x{h}) epoch {epoch}");
+            let img = image::open(d.path().join(format!("{i}.png"))).unwrap().to_rgb8();
+            let pixels = sdkd::data::transform::resize_crop(&img, e.resized, e.crop, BUCKETS[e.bucket], flip);
+            assert!(item.pixels == pixels, "image {i} epoch {epoch}: pixels");
+        }
+        per_bucket[expected(i, false).bucket] += 1;
+    }
+    assert_eq!(per_bucket, [3, 3, 3], "each bucket is used");
+    assert!(ImageSource::new(ds.clone(), transform(32, true, true), seed).with_buckets(buckets.clone(), OnBadSample::Fail).err().unwrap().to_string().contains("9.png"));
+
+    // shuffled micro-batches of 2: one bucket each (3 per epoch, one sample of each bucket left out)
+    let src = Arc::new(src);
+    let lo = LoaderOptions { batch_size: 2, order: Order::Shuffled { seed }, on_bad_sample: OnBadSample::Skip, prefetch: 2, threads: 2 };
+    let run: Vec<_> = Loader::new(src.clone(), lo, Cursor::default()).unwrap().take(9).map(|b| b.unwrap()).collect();
+    for (k, b) in run.iter().enumerate() {
+        let e: Vec<Expected> = b.indices.iter().zip(&b.epochs).map(|(&i, &ep)| expected(i, flips(seed, ep, i))).collect();
+        let (tw, th) = BUCKETS[e[0].bucket];
+        assert!(e.iter().all(|x| x.bucket == e[0].bucket), "batch {k} mixes buckets: {:?}", b.indices);
+        assert_eq!(b.data.images.size(), vec![2, 3, th as i64, tw as i64], "batch {k}");
+        let ids: Vec<i64> = Vec::try_from(b.data.time_ids.flatten(0, -1)).unwrap();
+        assert_eq!(ids, e.iter().flat_map(|x| x.time_ids).collect::<Vec<_>>(), "batch {k}");
+    }
+    assert_eq!(run[2].next, Cursor::new(1, 0));
+    let resumed: Vec<_> = Loader::new(src.clone(), lo, run[4].next).unwrap().take(4).map(|b| b.unwrap()).collect();
+    for (a, b) in run[5..].iter().zip(&resumed) {
+        assert!(a.indices == b.indices && equal(&a.data.images, &b.data.images), "resumed batch differs");
+    }
+
+    // the bucketed cache: centre crops, no flip (preprocess's defaults), batches of 2
+    let opts = CacheOptions { transform: transform(32, true, false), buckets: Some(buckets.clone()), seed: 3, shard_size: 6, batch_size: 2, on_bad_sample: OnBadSample::Skip, threads: 2 };
+    let enc = ToyEncoder::new();
+    let report = build_cache(ds.clone(), &enc, &out.path().join("c"), &opts).unwrap();
+    assert_eq!((report.rows, report.skipped), (9, 1));
+    let cache = Arc::new(LatentCache::open(&out.path().join("c")).unwrap());
+    assert_eq!((cache.index.version, cache.len()), (3, 9));
+    let plain = ImageSource::new(ds.clone(), opts.transform, opts.seed).with_buckets(buckets.clone(), OnBadSample::Skip).unwrap().0;
+    for row in 0..9 {
+        let b = cache.gather(&[row]).unwrap();
+        let id = b.sample_ids[0] as usize;
+        let e = expected(id, false);
+        let (tw, th) = BUCKETS[e.bucket];
+        let (img, caption) = plain.get(id, 0).unwrap();
+        let direct = enc.encode(&img.unsqueeze(0), &[caption]).unwrap();
+        assert_eq!(b.latent_mean.size(), vec![1, 4, th as i64 / 4, tw as i64 / 4], "row {row} (image {id})");
+        assert!(equal(&b.latent_mean, &direct.latent_mean) && equal(&b.latent_std, &direct.latent_std), "row {row} latents");
+        assert_eq!(Vec::<i64>::try_from(b.time_ids.unwrap().flatten(0, -1)).unwrap(), e.time_ids.to_vec(), "row {row} time ids");
+    }
+    let from_cache: Vec<_> = Loader::new(cache.clone(), lo, Cursor::default()).unwrap().take(6).map(|b| b.unwrap()).collect();
+    for b in &from_cache {
+        let e: Vec<usize> = b.data.sample_ids.iter().map(|&i| expected(i as usize, false).bucket).collect();
+        assert!(e[0] == e[1], "a cache batch mixes buckets: {:?}", b.data.sample_ids);
+    }
+    // other buckets on the same folder: refused by name
+    let other = CacheOptions { buckets: Some(Buckets::new(vec![(32, 32)]).unwrap()), ..opts };
+    let err = build_cache(ds, &enc, &out.path().join("c"), &other).unwrap_err().to_string();
+    assert!(err.contains("buckets"), "{err}");
 }

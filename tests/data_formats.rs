@@ -48,7 +48,7 @@ fn fixture() -> &'static Fixture {
             let o = sdkd(&["synth", "--out", &at(out), "--count", &COUNT.to_string(), "--resolution", "20", "--format", format]);
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         }
-        let out = std::process::Command::new(python())
+        let out = python_command()
             .arg(root().join("tests/reference/make_shards.py"))
             .args([at("if"), at("ref"), PER_SHARD.to_string()])
             .output()
@@ -264,7 +264,7 @@ fn cache_rows(dir: &Path) -> (Tensor, Vec<String>) {
 fn preprocess_on_shards_equals_the_imagefolders_cache_and_resumes() {
     let f = fixture();
     let out = tempdir();
-    let opts = CacheOptions { transform: transform(), seed: 4, shard_size: 8, batch_size: 4, on_bad_sample: OnBadSample::Skip, threads: 2 };
+    let opts = CacheOptions { transform: transform(), buckets: None, seed: 4, shard_size: 8, batch_size: 4, on_bad_sample: OnBadSample::Skip, threads: 2 };
     let build = |loc: &str, name: &str, fail: Option<usize>| {
         let rows = open_image_rows(&f.path(loc), "test", &DataOptions::default()).unwrap();
         build_cache(rows, &ToyEncoder { calls: Cell::new(0), fail_after_calls: fail }, &out.path().join(name), &opts)
@@ -296,6 +296,7 @@ fn preprocess_on_shards_equals_the_imagefolders_cache_and_resumes() {
         max_aspect: Some(1.0),
         filters: vec!["aesthetic=>= 2".into()],
         resolution: 16,
+        buckets: None,
         out: out.path().join("cli"),
         center_crop: true,
         random_flip: false,
@@ -364,7 +365,7 @@ fn train_on_shards_equals_train_on_the_imagefolder() {
         let mut want = expected(&f.skips[which]);
         want.sort();
         assert_eq!(seen, want, "{name}: {stderr}");
-        let tb = std::process::Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(tmp.path().join(name).join("tb")).output().unwrap();
+        let tb = python_command().arg(root().join("tests/reference/trainkit_tb_read.py")).arg(tmp.path().join(name).join("tb")).output().unwrap();
         let tb: serde_json::Value = serde_json::from_slice(&tb.stdout).unwrap();
         let counts = tb["scalars"]["data/skipped_samples"].as_array().unwrap();
         assert_eq!(counts.last().unwrap()[1].as_f64().unwrap() as usize, warnings, "{name}");

@@ -28,7 +28,7 @@ fn quick_demo_runs_the_whole_job() {
     // StableDiffusionPipeline (check_pipeline.py), its UNet's parameters summed there; the report
     // must give diffusers' counts, and they must be the README's 3.3M teacher and 58.5% student.
     let diffusers_params = |dir: &str| -> i64 {
-        let o = std::process::Command::new(python())
+        let o = python_command()
             .arg(root().join("tests/reference/check_pipeline.py"))
             .arg(out.join(dir))
             .env("HF_HUB_OFFLINE", "1")
@@ -83,7 +83,7 @@ fn quick_demo_runs_the_whole_job() {
     }
     assert!(out.join("runs/student_kd/tb").is_dir());
     // the accuracies also go to each run's TensorBoard log, at its last step
-    let tb = std::process::Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(out.join("runs/teacher/tb")).output().unwrap();
+    let tb = python_command().arg(root().join("tests/reference/trainkit_tb_read.py")).arg(out.join("runs/teacher/tb")).output().unwrap();
     assert!(tb.status.success(), "{}", String::from_utf8_lossy(&tb.stderr));
     let tb: serde_json::Value = serde_json::from_slice(&tb.stdout).unwrap();
     for a in ["background", "object_colour", "position"] {

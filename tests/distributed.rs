@@ -125,7 +125,7 @@ fn train_one(cfg: &Path, args: &[&str]) -> String {
 
 /// loss/total per step, read by TensorBoard's own reader.
 fn losses(run: &Path) -> Vec<(i64, f64)> {
-    let out = Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(run.join("tb")).output().unwrap();
+    let out = python_command().arg(root().join("tests/reference/trainkit_tb_read.py")).arg(run.join("tb")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v["scalars"]["loss/total"].as_array().unwrap().iter().map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap())).collect()
@@ -204,7 +204,7 @@ fn two_ranks_distil_lcm_as_one_process_with_doubled_accum() {
         }
     }
     let consistency = |run: &Path| -> Vec<f64> {
-        let out = Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(run.join("tb")).output().unwrap();
+        let out = python_command().arg(root().join("tests/reference/trainkit_tb_read.py")).arg(run.join("tb")).output().unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["scalars"]["loss/consistency"].as_array().unwrap().iter().map(|e| e[1].as_f64().unwrap()).collect()
     };

@@ -5,9 +5,11 @@
 //! logged scalars, and bad `lcm:` values refused naming their key.
 mod common;
 
+use common::lcd::{err, inputs_at, worst};
 use common::*;
 use sdkd::config::LcmConfig;
 use sdkd::config::ConsistencyLoss;
+use sdkd::distill::encoder::{TextEmbeds, Unconditional};
 use sdkd::distill::lcd::LcdInputs;
 use sdkd::distill::loss::LossWeights;
 use sdkd::distill::optim::AdamWConfig;
@@ -33,79 +35,32 @@ fn reference() -> &'static Path {
     })
 }
 
-/// max |a - b| / max(|b|, floor): relative to the reference's scale, absolute near zero.
-fn err(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size(), "shape mismatch");
-    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
-    let scale = b.abs().max().double_value(&[]).max(1e-3);
-    (a - &b).abs().max().double_value(&[]) / scale
-}
-
-/// The worst of `err` over the reference's `<prefix><param>` tensors against `ours`, and its name.
-fn worst(reference: &BTreeMap<String, Tensor>, prefix: &str, ours: &[(String, Tensor)]) -> (f64, String) {
-    let mut worst = (0.0, String::new());
-    for (name, t) in ours {
-        let r = reference.get(&format!("{prefix}{name}")).unwrap_or_else(|| panic!("reference has no {prefix}{name}"));
-        let e = err(t, r);
-        if e > worst.0 {
-            worst = (e, name.clone());
-        }
-    }
-    worst
-}
-
-/// An LCD distiller as the script builds it: the student is the teacher's architecture with
-/// `cond_proj`, starting from the reference's initial weights (its fresh cond_proj included).
+/// An LCD distiller on the train fixture's teacher (`common::lcd::distiller`), the reference's
+/// encoded "" as the unconditional embedding.
 fn distiller(case: &BTreeMap<String, Tensor>, prediction: PredictionType, lcm: LcmConfig) -> Distiller {
-    let pipeline = PipelineDir::open(&train_fixture().teacher).unwrap();
-    let teacher = pipeline.load_unet(Device::Cpu, Kind::Float).unwrap();
-    let mut config = teacher.model.config.clone();
-    config.time_cond_proj_dim = Some(256);
-    let student = UNet::build(&config, Device::Cpu, Kind::Float, Init::Empty);
-    let init: Vec<(String, Tensor)> = case.iter().filter_map(|(k, v)| k.strip_prefix("init.").map(|n| (n.to_string(), v.shallow_clone()))).collect();
-    sdkd::distill::optim::copy_named(&weights::named_tensors(&student.vs), &init, "reference init").unwrap();
-    let plan = StudentPlan::explicit(config, Some(&teacher.model.config));
-    let mut scheduler = pipeline.scheduler_config().unwrap();
-    scheduler.prediction_type = prediction;
-    let schedule = std::sync::Arc::new(NoiseSchedule::new(scheduler).unwrap());
-    Distiller::new(student, plan, Some(Teacher::new(teacher, Default::default())), schedule, AdamWConfig::default(), None, LossWeights::default())
-        .unwrap()
-        .with_consistency(&lcm, case["uncond"].shallow_clone())
-        .unwrap()
+    let uncond = Unconditional::Embeds(TextEmbeds { context: case["uncond"].shallow_clone(), pooled: None });
+    common::lcd::distiller(&train_fixture().teacher, case, prediction, &lcm, uncond)
 }
 
-/// Replays a reference case: the first step's loss, gradients and weights after AdamW + EMA, and
-/// every step's loss. Returns the largest relative loss error over the steps.
+/// Replays a reference case: the first step's loss, gradients and weights after AdamW + EMA
+/// (`common::lcd::check_first_step`), and every step's loss. Returns the largest relative loss
+/// error over the steps.
 fn replay(name: &str, prediction: PredictionType, loss: ConsistencyLoss) -> f64 {
     let case = read_tensors(&reference().join(format!("{name}.safetensors")));
     let mut d = distiller(&case, prediction, LcmConfig { loss, ..LcmConfig::default() });
-    let params = weights::named_tensors(&d.student().vs);
+    let mut worst_loss = common::lcd::check_first_step(name, &case, &mut d, LR);
     let steps = case["loss"].size()[0];
-    let mut worst_loss: f64 = 0.0;
-    for s in 0..steps {
-        let inputs = LcdInputs { index: case["index"].get(s), noise: case["noise"].get(s), w: case["w"].get(s) };
-        let terms = d.lcd_micro_step_with(&case["latents"].get(s), &case["context"].get(s), &inputs, 1).unwrap();
+    for s in 1..steps {
+        let terms = d.lcd_micro_step_with(&case["latents"].get(s), &case["context"].get(s), &Default::default(), &inputs_at(&case, s), 1).unwrap();
         let (ours, theirs) = (terms.loss.double_value(&[]), case["loss"].double_value(&[s]));
         worst_loss = worst_loss.max((ours - theirs).abs() / theirs.abs());
-        if s == 0 {
-            println!("{name}: loss {ours} vs reference {theirs}");
-            assert!((ours - theirs).abs() <= 1e-6 * theirs.abs(), "{name}: loss {ours} vs reference {theirs}");
-            let grads: Vec<(String, Tensor)> = params.iter().map(|(n, p)| (n.clone(), p.grad())).collect();
-            let (e, at) = worst(&case, "grad.", &grads);
-            println!("{name}: gradients within {e:.2e} ({at})");
-            assert!(e <= 1e-5, "{name}: gradient {at} off by {e:e} relative");
-        }
         assert!(!d.update(LR, Some(1.0)).unwrap().skipped);
-        if s == 0 || s == steps - 1 {
-            let tag = if s == 0 { "step1" } else { "last" };
-            let target = d.consistency().unwrap().target_tensors();
-            let (es, at_s) = worst(&case, &format!("{tag}.student."), &params);
-            let (et, at_t) = worst(&case, &format!("{tag}.target."), &target);
-            println!("{name}: after step {}: student within {es:.2e} ({at_s}), target within {et:.2e} ({at_t})", s + 1);
-            if s == 0 {
-                assert!(es <= 1e-6 && et <= 1e-6, "{name}: after the first step the student is off by {es:e} ({at_s}), the target by {et:e} ({at_t})");
-            }
-        }
+    }
+    if steps > 1 {
+        let (params, target) = (weights::named_tensors(&d.student().vs), d.consistency().unwrap().target_tensors());
+        let (es, at_s) = worst(&case, "last.student.", &params);
+        let (et, at_t) = worst(&case, "last.target.", &target);
+        println!("{name}: after step {steps}: student within {es:.2e} ({at_s}), target within {et:.2e} ({at_t})");
     }
     worst_loss
 }
@@ -140,11 +95,11 @@ fn output_kd_beside_the_consistency_loss_is_the_guided_teacher_mse() {
     let (latents, context) = (case["latents"].get(0), case["context"].get(0));
     let grads = |d: &Distiller| -> Vec<(String, Tensor)> { weights::named_tensors(&d.student().vs).into_iter().map(|(n, p)| (n, p.grad().copy())).collect() };
     let plain = distiller(&case, PredictionType::Epsilon, LcmConfig::default());
-    let alone = plain.lcd_micro_step_with(&latents, &context, &inputs(), 1).unwrap();
+    let alone = plain.lcd_micro_step_with(&latents, &context, &AddedCond::default(), &inputs(), 1).unwrap();
     assert!(alone.output_kd.is_none());
     let lambda = 0.5;
     let kd = distiller(&case, PredictionType::Epsilon, LcmConfig { output_kd: lambda, ..LcmConfig::default() });
-    let with = kd.lcd_micro_step_with(&latents, &context, &inputs(), 1).unwrap();
+    let with = kd.lcd_micro_step_with(&latents, &context, &AddedCond::default(), &inputs(), 1).unwrap();
     assert_eq!(with.loss.double_value(&[]), alone.loss.double_value(&[]), "the consistency loss changed");
     let (g_alone, g_with) = (grads(&plain), grads(&kd));
 
@@ -249,7 +204,7 @@ fn lcm_run_resumes_bit_exact_with_its_target_network() {
     let unet: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.join("final/unet/config.json")).unwrap()).unwrap();
     assert_eq!(unet["time_cond_proj_dim"], 256);
     assert!(run.join("final/unet_target/diffusion_pytorch_model.safetensors").exists());
-    let out = std::process::Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(run.join("tb")).output().unwrap();
+    let out = python_command().arg(root().join("tests/reference/trainkit_tb_read.py")).arg(run.join("tb")).output().unwrap();
     let tb: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let s = &tb["scalars"];
     for tag in ["loss/total", "loss/consistency", "lcm/w_mean", "lcm/target_ema", "grad_norm"] {
@@ -391,11 +346,11 @@ fn lora_steps_equal_peft_references() {
     let teacher = PipelineDir::open(&train_fixture().teacher).unwrap().load_unet(Device::Cpu, Kind::Float).unwrap();
     let d = Distiller::new(student, plan, Some(Teacher::new(teacher, Default::default())), schedule, AdamWConfig::default(), None, LossWeights::default())
         .unwrap()
-        .with_consistency(&LcmConfig::default(), lcm["uncond"].shallow_clone())
+        .with_consistency(&LcmConfig::default(), Unconditional::Embeds(TextEmbeds { context: lcm["uncond"].shallow_clone(), pooled: None }))
         .unwrap();
     assert!(!d.consistency().unwrap().has_target(), "LCM-LoRA has no separate target network");
     let inputs = LcdInputs { index: lcm["index"].shallow_clone(), noise: lcm["noise"].shallow_clone(), w: lcm["w"].shallow_clone() };
-    let loss = d.lcd_micro_step_with(&lcm["latents"], &lcm["context"], &inputs, 1).unwrap().loss.double_value(&[]);
+    let loss = d.lcd_micro_step_with(&lcm["latents"], &lcm["context"], &Default::default(), &inputs, 1).unwrap().loss.double_value(&[]);
     check_lora_step("lcm", &lcm, d, loss);
 }
 

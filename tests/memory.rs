@@ -318,7 +318,7 @@ mod plan {
             let (fixed, per_sample) = (plan["fixed_mb"].as_f64().unwrap(), plan["activations_per_sample_mb"].as_f64().unwrap());
             assert!(per_sample > 0.0 && fixed > 0.0, "{plan}");
             assert_eq!(plan["predicted_peak_mb"].as_f64().unwrap(), fixed + 3.0 * per_sample);
-            assert_eq!(plan["fits"], true);
+            assert_eq!(plan["gpus"][0]["fits"], true);
             let probed = (student == "bk_small").then(|| {
                 let p = sdkd_json(&["plan", "--config", run.to_str().unwrap(), "--json", "--gpu-mem", "24GB", "--probe-resolution", "128"]);
                 assert_eq!((p["probe_resolution"].as_u64(), p["activation_scale"].as_f64()), (Some(128), Some(4.0)), "{p}");

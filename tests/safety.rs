@@ -776,7 +776,7 @@ fn a_parquet_caption_column_of_numbers_is_named() {
         s(&fixture().data.join("000000.png")),
         s(&file)
     );
-    let py = std::process::Command::new(python()).args(["-c", &script]).output().unwrap();
+    let py = python_command().args(["-c", &script]).output().unwrap();
     ok(&py);
     let opts = sdkd::data::DataOptions { format: Some(sdkd::data::DataFormat::Parquet), caption: None, image_column: None, filters: Default::default() };
     let e = format!("{:#}", sdkd::data::open_image_rows(s(tmp.path()), "data.shards", &opts).err().expect("refused"));

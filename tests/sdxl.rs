@@ -457,6 +457,18 @@ fn assert_same_tensors(a: &std::collections::BTreeMap<String, Tensor>, b: &std::
     }
 }
 
+/// A resumed run's checkpoint against the straight run's: the same names, every tensor bit for bit
+/// (dtype included).
+fn assert_same_checkpoint(straight: &Path, resumed: &Path, files: &[&str], what: &str) {
+    for f in files {
+        let (a, b) = (read_tensors(&straight.join(f)), read_tensors(&resumed.join(f)));
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{f} {what}: tensor names differ");
+        for (k, v) in &a {
+            assert!(v.equal(&b[k]), "{f}: {k} differs {what}");
+        }
+    }
+}
+
 /// The fixture pipeline's four weighted parts, tensor for tensor.
 fn assert_same_pipeline(ours: &Path, what: &str) {
     for part in ["unet", "vae", "text_encoder", "text_encoder_2"] {
@@ -645,7 +657,7 @@ fn sdxl_train_loss_falls_resumes_exactly_and_reads_its_cache() {
     let validation = "validation:\n  every: 4\n  prompts: [\"a red cube\"]\n  steps: 2\n";
     let straight = tmp.path().join("straight");
     train_ok(&["--config", sdxl_train_config(&straight, &path, 8, validation).to_str().unwrap()]);
-    let out = std::process::Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(straight.join("run/tb")).output().unwrap();
+    let out = python_command().arg(root().join("tests/reference/trainkit_tb_read.py")).arg(straight.join("run/tb")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let tb: Value = serde_json::from_slice(&out.stdout).unwrap();
     let total: Vec<f64> = tb["scalars"]["loss/total"].as_array().unwrap().iter().map(|e| e[1].as_f64().unwrap()).collect();
@@ -663,13 +675,7 @@ fn sdxl_train_loss_falls_resumes_exactly_and_reads_its_cache() {
     let split = tmp.path().join("split");
     train_ok(&["--config", sdxl_train_config(&split, &path, 3, "").to_str().unwrap()]);
     train_ok(&["--config", sdxl_train_config(&split, &path, 8, "").to_str().unwrap(), "--resume", "latest"]);
-    for f in ["student.safetensors", "optimizer.safetensors"] {
-        let (a, b) = (read_tensors(&straight.join("run/checkpoints/step-8").join(f)), read_tensors(&split.join("run/checkpoints/step-8").join(f)));
-        assert_eq!(a.len(), b.len());
-        for (k, v) in &a {
-            assert!(v.equal(&b[k]), "{f}: {k} differs after resuming");
-        }
-    }
+    assert_same_checkpoint(&straight.join("run/checkpoints/step-8"), &split.join("run/checkpoints/step-8"), &["student.safetensors", "optimizer.safetensors"], "after resuming");
 
     // the cache: centre crops, no flip; image 0 is 24x16, so its crop starts at x = 4
     let cache = tmp.path().join("cache");
@@ -696,6 +702,78 @@ fn sdxl_train_loss_falls_resumes_exactly_and_reads_its_cache() {
     assert_clean_failure(&o, "data.cache");
     assert_clean_failure(&o, "time ids");
     assert!(!refused.join("run").exists(), "a refused run wrote its output folder");
+}
+
+/// Six images of mixed aspect for `data.buckets: [[32, 32], [48, 16], [16, 48]]`, two nearest
+/// each bucket (width, height); and what `preprocess --buckets` (centre crop, no flip) must
+/// store for each, computed here: the bucket (the least |log(w/h) - log(bw/bh)|), the resize
+/// (the fitting side exact, the other int(side * long / short)), the centre crop (Python's
+/// round) and the time ids (original h, w, crop top, left, target h, w).
+const XL_BUCKET_IMAGES: [(u32, u32); 6] = [(40, 30), (20, 50), (64, 20), (30, 30), (17, 61), (50, 20)];
+const XL_BUCKETS: [(u32, u32); 3] = [(32, 32), (48, 16), (16, 48)];
+
+fn xl_bucket_time_ids(i: usize) -> [i64; 6] {
+    let (w, h) = XL_BUCKET_IMAGES[i];
+    let dist = |&(bw, bh): &(u32, u32)| ((w as f64 / h as f64).ln() - (bw as f64 / bh as f64).ln()).abs();
+    let (tw, th) = *XL_BUCKETS.iter().min_by(|a, b| dist(a).partial_cmp(&dist(b)).unwrap()).unwrap();
+    let (rw, rh) = if w * th >= h * tw { (th * w / h, th) } else { (tw, tw * h / w) };
+    let half = |span: u32| if span % 2 == 0 || (span / 2) % 2 == 0 { span / 2 } else { span / 2 + 1 };
+    [h as i64, w as i64, half(rh - th) as i64, half(rw - tw) as i64, th as i64, tw as i64]
+}
+
+/// `data.buckets` on the SDXL teacher: a run whose micro-batches are 32x32, 48x16 and 16x48
+/// trains (random crops and flips, caption dropout, two micro-batches a step) and resumes
+/// bit-exactly; `sdkd preprocess --buckets` stores every row at its bucket's size with the time
+/// ids computed above, and a run reads it (with the same buckets only); bad bucket lists exit 1
+/// naming data.buckets.
+#[test]
+fn sdxl_buckets_train_resume_exactly_and_cache() {
+    let tmp = tempdir();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut meta = String::new();
+    for (i, &(w, h)) in XL_BUCKET_IMAGES.iter().enumerate() {
+        let i = i as u32;
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 + i * 40) as u8, (y * 5) as u8, (i * 29) as u8])).save(data.join(format!("{i}.png"))).unwrap();
+        meta.push_str(&format!("{{\"file_name\": \"{i}.png\", \"text\": \"picture {i} of a red cube\"}}\n"));
+    }
+    std::fs::write(data.join("metadata.jsonl"), meta).unwrap();
+    let list = "[[32, 32], [48, 16], [16, 48]]";
+    let path = format!("path: {}\n  buckets: {list}", data.display());
+    let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
+    train_ok(&["--config", sdxl_train_config(&straight, &path, 3, "").to_str().unwrap()]);
+    train_ok(&["--config", sdxl_train_config(&split, &path, 1, "").to_str().unwrap()]);
+    train_ok(&["--config", sdxl_train_config(&split, &path, 3, "").to_str().unwrap(), "--resume", "latest"]);
+    assert_same_checkpoint(&straight.join("run/checkpoints/step-3"), &split.join("run/checkpoints/step-3"), &["student.safetensors", "optimizer.safetensors"], "after resuming a bucketed run");
+
+    let cache = tmp.path().join("cache");
+    let teacher = fixture().join("pipe");
+    let o = sdkd(&["preprocess", "--teacher", teacher.to_str().unwrap(), "--data", data.to_str().unwrap(), "--resolution", "16", "--buckets", list, "--batch-size", "2", "--out", cache.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shard = read_tensors(&cache.join("shard-00000.safetensors"));
+    let rows: Vec<i64> = Vec::try_from(&shard["sample_ids"]).unwrap();
+    let ids: Vec<i64> = Vec::try_from(shard["time_ids"].flatten(0, -1)).unwrap();
+    let shapes: Vec<i64> = Vec::try_from(shard["latent_shapes"].flatten(0, -1)).unwrap();
+    let factor = 2; // the tiny VAE's downsampling
+    for (r, &i) in rows.iter().enumerate() {
+        let want = xl_bucket_time_ids(i as usize);
+        assert_eq!(&ids[6 * r..6 * r + 6], &want, "image {i} {:?}", XL_BUCKET_IMAGES[i as usize]);
+        assert_eq!(&shapes[3 * r..3 * r + 3], &[4, want[4] / factor, want[5] / factor], "image {i}: latent (c, h, w)");
+    }
+    assert_eq!(rows.len(), 6);
+    let cached = |buckets: &str| format!("cache: {}{buckets}", cache.display());
+    train_ok(&["--config", sdxl_train_config(&tmp.path().join("from_cache"), &cached(&format!("\n  buckets: {list}")), 1, "").to_str().unwrap()]);
+    for (name, data, needle) in [
+        ("no_buckets", cached(""), "data.buckets"),
+        ("odd", path.replace("[16, 48]]", "[16, 48], [30, 16]]"), "[30, 16]"),
+        ("empty", format!("path: {}\n  buckets: []", data.display()), "empty"),
+    ] {
+        let dir = tmp.path().join(name);
+        let o = sdkd(&["train", "--quiet", "--config", sdxl_train_config(&dir, &data, 1, "").to_str().unwrap()]);
+        assert_clean_failure(&o, needle);
+        assert_clean_failure(&o, "data.buckets");
+        assert!(!dir.join("run").exists(), "{name}: a refused run wrote its output folder");
+    }
 }
 
 /// One KD step on the SDXL teacher (`vega` pruned by `sdkd prune`: a single-resnet mid block, fewer
@@ -850,4 +928,72 @@ fn feature_kd_losses_match_the_references(teacher: &UNet, students: &Path, refs:
             assert!((got - want).abs() <= 1e-6 * want.abs().max(1.0), "{preset}: {name} {got} vs reference {want}");
         }
     }
+}
+
+/// One LCD step on the SDXL teacher equals diffusers' `train_lcm_distill_sdxl_wds.py` step
+/// (tests/reference/lcm_step.py sdxl, on diffusers' classes, autocast off): the pooled embedding
+/// and per-sample time ids to teacher, student and target; the unconditional teacher call on zeros
+/// (text and pooled) with the batch's time ids; w from SDXL's range. Loss within 1e-6 relative,
+/// gradients within 1e-5, student and target after AdamW (clipped, at the SDXL recipe's lr 1e-6)
+/// + EMA within 1e-6.
+#[test]
+fn sdxl_lcd_step_equals_the_reference() {
+    use sdkd::config::{ConsistencyLoss, LcmConfig};
+    use sdkd::distill::encoder::Unconditional;
+    tch::set_num_threads(1); // as the reference: the same summation order
+    let tmp = tempdir();
+    let pipe = fixture().join("pipe");
+    let start = std::time::Instant::now();
+    run_reference("lcm_step.py", &[pipe.to_str().unwrap(), tmp.path().to_str().unwrap(), "sdxl"]);
+    let reference = start.elapsed().as_secs_f64();
+    let case = read_tensors(&tmp.path().join("sdxl_epsilon_huber.safetensors"));
+    let mut lcm = LcmConfig { loss: ConsistencyLoss::Huber, ..LcmConfig::default() };
+    lcm.fill_family_defaults(true).unwrap();
+    let (w_min, w_max) = lcm.guidance_range();
+    let w: Vec<f32> = Vec::try_from(case["w"].flatten(0, -1)).unwrap();
+    assert!(w.iter().all(|w| (w_min as f32..=w_max as f32).contains(w)) && w_min == 3.0, "the reference's w {w:?} and SDXL's range [{w_min}, {w_max}]");
+    let mut d = common::lcd::distiller(&pipe, &case, sdkd::schedulers::config::PredictionType::Epsilon, &lcm, Unconditional::Zeros);
+    common::lcd::check_first_step("sdxl", &case, &mut d, 1e-6); // lcm_step.py's SDXL lr
+    eprintln!("the reference step {reference:.1} s, sdkd's {:.1} s (beside the fixture)", start.elapsed().as_secs_f64() - reference);
+}
+
+/// `sdkd train` with `method: lcm` on the SDXL teacher (`vega` pruned on the spot; per-sample time
+/// ids, dropped captions as zeros): the run records SDXL's guidance range (3, 15) and draws its
+/// validation grid through the SDXL pipeline at 1, 2, 4 and 8 LCM steps; resuming after
+/// step 1 ends bit-identical to the straight run (student, target network, AdamW); `sdkd export
+/// --format pipeline` gives a folder that `StableDiffusionXLPipeline` loads with an
+/// `LCMScheduler` on the run's grid, and its 4-step image equals `sdkd generate`'s pixel for pixel.
+#[test]
+fn sdxl_lcm_run_resumes_exactly_and_exports_what_diffusers_samples() {
+    let tmp = tempdir();
+    fixture();
+    let start = std::time::Instant::now();
+    let data = sdxl_data(&tmp.path().join("data"));
+    let path = format!("path: {}", data.display());
+    let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
+    let validation = "validation:\n  every: 2\n  prompts: [\"a red cube\"]\n  steps: 2\n";
+    train_ok(&["--config", sdxl_train_config(&straight, &path, 2, &format!("method: lcm\n{validation}")).to_str().unwrap()]);
+    let grid = straight.join("run/samples/step-2.png");
+    let rows: std::collections::BTreeMap<String, String> = sdkd::png_meta::read_png_text(&grid).unwrap().into_iter().collect();
+    assert_eq!(rows["rows"], "teacher (unipc, 2 steps) | student (lcm, 1 step) | student (lcm, 2 steps) | student (lcm, 4 steps) | student (lcm, 8 steps)");
+    let recorded: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(straight.join("run/config.yaml")).unwrap()).unwrap();
+    assert_eq!((recorded["lcm"]["w_min"].as_f64(), recorded["lcm"]["w_max"].as_f64()), (Some(3.0), Some(15.0)), "{recorded:?}");
+    train_ok(&["--config", sdxl_train_config(&split, &path, 1, "method: lcm\n").to_str().unwrap()]);
+    train_ok(&["--config", sdxl_train_config(&split, &path, 2, "method: lcm\n").to_str().unwrap(), "--resume", "latest"]);
+    let checkpoint = straight.join("run/checkpoints/step-2");
+    assert_same_checkpoint(&checkpoint, &split.join("run/checkpoints/step-2"), &["student.safetensors", "target.safetensors", "optimizer.safetensors"], "after resuming");
+
+    let export = tmp.path().join("export");
+    let o = sdkd(&["export", "--checkpoint", checkpoint.to_str().unwrap(), "--format", "pipeline", "--out", export.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (theirs, ours) = (tmp.path().join("theirs.png"), tmp.path().join("ours.png"));
+    run_reference("lcm_unet.py", &["check", export.to_str().unwrap(), theirs.to_str().unwrap(), "4", "7", "6.0", "16"]);
+    let seen: Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("theirs.png.json")).unwrap()).unwrap();
+    assert_eq!(seen["timesteps"], json!([999, 759, 499, 259]), "{seen}");
+    let args = ["generate", "--model", export.to_str().unwrap(), "--prompt", "a red cube on a blue table", "--scheduler", "lcm", "--steps", "4"];
+    let args: Vec<String> = args.iter().chain(&["--seed", "7", "--guidance-scale", "6", "--width", "16", "--height", "16", "--out", ours.to_str().unwrap()]).map(|s| s.to_string()).collect();
+    let o = sdkd1(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(read_rgb(&ours) == read_rgb(&theirs), "sdkd generate and StableDiffusionXLPipeline + LCMScheduler sample the exported SDXL LCM student differently");
+    eprintln!("three sdkd train runs, export, diffusers and sdkd generate: {:.1} s beside the fixture", start.elapsed().as_secs_f64());
 }

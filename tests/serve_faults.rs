@@ -11,7 +11,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Held by the tests that time a step or a grace, and by the one whose step keeps both cores
@@ -283,7 +282,7 @@ fn metrics_parse_as_prometheus_text_and_keys_revoke_and_usage() {
     let parse = "import sys, json\nfrom prometheus_client.parser import text_string_to_metric_families as parse\n\
                  out = {}\nfor f in parse(open(sys.argv[1]).read()):\n    for s in f.samples:\n        \
                  out[s.name + json.dumps(s.labels, sort_keys=True)] = [f.type, s.value]\nprint(json.dumps(out))";
-    let out = Command::new(python()).args(["-c", parse, &file.display().to_string()]).output().unwrap();
+    let out = python_command().args(["-c", parse, &file.display().to_string()]).output().unwrap();
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&text.body));
     let samples: BTreeMap<String, (String, f64)> = serde_json::from_slice(&out.stdout).unwrap();
     let get = |k: &str| samples.get(k).unwrap_or_else(|| panic!("{k} not in {samples:?}")).clone();

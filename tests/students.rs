@@ -6,7 +6,6 @@ mod common;
 use common::*;
 use sdkd::models::UNet;
 use std::path::Path;
-use std::process::Command;
 use tch::{Device, Kind};
 
 fn teachers() -> &'static Path {
@@ -111,7 +110,7 @@ fn sd21_student_configs_count_the_same_in_diffusers() {
         paths.push(p.to_str().unwrap().to_string());
         ours.push(j["student"]["params"].as_i64().unwrap());
     }
-    let out = Command::new(python()).arg(root().join("tests/reference/count_params.py")).args(&paths).output().unwrap();
+    let out = python_command().arg(root().join("tests/reference/count_params.py")).args(&paths).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let theirs: Vec<i64> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ours, theirs);

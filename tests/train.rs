@@ -45,7 +45,7 @@ fn assert_same_checkpoint(a: &Path, b: &Path) {
 }
 
 fn tensorboard(dir: &Path) -> serde_json::Value {
-    let out = Command::new(python()).arg(root().join("tests/reference/trainkit_tb_read.py")).arg(dir).output().unwrap();
+    let out = python_command().arg(root().join("tests/reference/trainkit_tb_read.py")).arg(dir).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -3,7 +3,7 @@
 //! EventAccumulator.
 mod common;
 
-use common::{python, read_tensors, rel_err, root, run_reference, tempdir};
+use common::{python_command, read_tensors, rel_err, root, run_reference, tempdir};
 use sdkd::config::{OptimConfig, Schedule};
 use sdkd::distill::optim::{lr_at, AdamW, AdamWConfig, Ema};
 use sdkd::distill::tensorboard::EventWriter;
@@ -217,7 +217,7 @@ fn tensorboard_events_read_by_event_accumulator() {
         }
     }
     let script = root().join("tests/reference/trainkit_tb_read.py");
-    let out = std::process::Command::new(python()).arg(&script).arg(&tb).output().unwrap();
+    let out = python_command().arg(&script).arg(&tb).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let scalars = |tag: &str| -> Vec<(u64, f64)> {

@@ -94,8 +94,8 @@ pub struct BenchArgs {
     /// Train mode: the dtype of AdamW's moments (fp32, bf16), as `optim.state_dtype`.
     #[arg(long, default_value = "fp32", value_parser = parse_yaml_value::<StateDtype>)]
     pub state_dtype: StateDtype,
-    /// Train mode: the memory peak of the steps alone (CPU: peak RSS; CUDA: the caching
-    /// allocator's peak) and what was held before them.
+    /// The memory peak of the steps alone (CPU: peak RSS; CUDA: the caching allocator's peak)
+    /// and what was held before them (train and infer mode).
     #[arg(long)]
     pub report_memory: bool,
 }
@@ -249,8 +249,11 @@ fn check_args(args: &BenchArgs) -> Result<()> {
     if args.steps.saturating_add(args.warmup) > MAX_STEPS {
         bail!("--steps {} and --warmup {}: at most {MAX_STEPS} steps in all (their inputs are drawn before timing)", args.steps, args.warmup);
     }
-    if args.mode == BenchMode::Infer && (args.report_memory || args.gradient_checkpointing != Checkpointing::None || args.state_dtype != StateDtype::Fp32) {
-        bail!("--report-memory, --gradient-checkpointing and --state-dtype are for --mode train");
+    if args.mode == BenchMode::Infer && (args.gradient_checkpointing != Checkpointing::None || args.state_dtype != StateDtype::Fp32) {
+        bail!("--gradient-checkpointing and --state-dtype are for --mode train");
+    }
+    if args.mode == BenchMode::Allreduce && args.report_memory {
+        bail!("--report-memory is for --mode train and --mode infer");
     }
     if let Some(t) = args.threads {
         if t < 1 {
@@ -375,6 +378,7 @@ fn infer(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
     let t = Tensor::from(500i64).to_device(device);
     let guidance = 7.5;
     let added = added_cond(teacher_config, 2 * b, l, device, kind);
+    let window = args.report_memory.then(|| crate::memory::PeakWindow::start(device)).transpose()?;
     let times = tch::no_grad(|| {
         time_steps(device, args.warmup, args.steps, |_| {
             let eps = unet.model.predict_cond(&Tensor::cat(&[&latents, &latents], 0), &t, &context, &added); // (2b, c, l, l)
@@ -383,7 +387,8 @@ fn infer(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
             Ok(())
         })
     })?;
-    Ok(Measured { times, memory: None, window: None, teacher: None, timed: description, allreduce: None })
+    let memory = window.as_ref().map(|w| step_memory(w, 0)).transpose()?;
+    Ok(Measured { times, memory, window, teacher: None, timed: description, allreduce: None })
 }
 
 /// The scheduler config of the pipeline a UNet folder belongs to, else SD-1.5's defaults (the
@@ -452,22 +457,22 @@ fn train(args: &BenchArgs, teacher_config: &UNetConfig, teacher_dir: Option<&Pat
         Ok(())
     })?;
     let allreduce = ranks.map(|_| (StepTimes(allreduce), gradient_bytes));
-    let mb = |bytes: i64| bytes as f64 / 1048576.0;
-    let memory = window
-        .as_ref()
-        .map(|w| -> Result<StepMemory> {
-            let peak = w.peak()?;
-            Ok(StepMemory {
-                before_mb: mb(w.before),
-                peak_mb: mb(peak),
-                step_mb: mb(peak - w.before),
-                optimizer_state_mb: mb(d.optimizer().state_bytes()),
-                step_tensors_mb: w.tensor_peak()?.map(mb),
-                method: w.what(),
-            })
-        })
-        .transpose()?;
+    let memory = window.as_ref().map(|w| step_memory(w, d.optimizer().state_bytes())).transpose()?;
     Ok(Measured { times, memory, window, teacher: Some(teacher_size), timed: description, allreduce })
+}
+
+/// What `--report-memory` reports of the steps a window watched; `optimizer_bytes`: AdamW's moments.
+fn step_memory(w: &crate::memory::PeakWindow, optimizer_bytes: i64) -> Result<StepMemory> {
+    let mb = |bytes: i64| bytes as f64 / 1048576.0;
+    let peak = w.peak()?;
+    Ok(StepMemory {
+        before_mb: mb(w.before),
+        peak_mb: mb(peak),
+        step_mb: mb(peak - w.before),
+        optimizer_state_mb: mb(optimizer_bytes),
+        step_tensors_mb: w.tensor_peak()?.map(mb),
+        method: w.what(),
+    })
 }
 
 /// The gradient averaging of a data-parallel step alone: gradients of the student's shapes

@@ -38,6 +38,11 @@ pub struct PreprocessArgs {
     /// Side of the square crops fed to the VAE, in pixels.
     #[arg(long)]
     pub resolution: u32,
+    /// Aspect-ratio buckets instead of square crops (data.buckets): `ssd_1b` or a list of
+    /// [width, height], such as '[[1024, 1024], [1152, 896], [896, 1152]]'; a run reads the
+    /// cache with the same data.buckets.
+    #[arg(long)]
+    pub buckets: Option<String>,
     /// The cache folder (created; an unfinished cache there is resumed).
     #[arg(long)]
     pub out: PathBuf,
@@ -75,9 +80,17 @@ pub fn run_with(a: &PreprocessArgs, encoder: &dyn SampleEncoder) -> Result<()> {
     if a.resolution == 0 || !a.resolution.is_multiple_of(8) {
         anyhow::bail!("--resolution {} must be a positive multiple of 8 (the VAE downsamples by 8)", a.resolution);
     }
+    let buckets = match &a.buckets {
+        None => None,
+        Some(text) => {
+            let config: crate::data::BucketsConfig = serde_yaml::from_str(text).map_err(|e| anyhow::anyhow!("--buckets {text:?}: {e}"))?;
+            Some(config.buckets().map_err(|m| anyhow::anyhow!("--buckets {text:?}: {}", m.replace("data.buckets", "--buckets")))?)
+        }
+    };
     // The loader builds each batch's pixels in host memory (f32): refuse a batch that cannot be
     // held before decoding, where a failed allocation would abort the process.
-    let batch_bytes = a.batch_size.min(a.shard_size) as f64 * 3.0 * (a.resolution as f64).powi(2) * 4.0;
+    let pixels = buckets.as_ref().map_or((a.resolution as f64).powi(2), |b| b.max_pixels() as f64);
+    let batch_bytes = a.batch_size.min(a.shard_size) as f64 * 3.0 * pixels * 4.0;
     if !crate::memory::device_can_hold(tch::Device::Cpu, batch_bytes) {
         anyhow::bail!(
             "--batch-size {}, --resolution {}: one batch of pixels needs {:.1} GiB of host memory, more than this machine has available; lower one of them",
@@ -108,6 +121,7 @@ pub fn run_with(a: &PreprocessArgs, encoder: &dyn SampleEncoder) -> Result<()> {
     }
     let opts = CacheOptions {
         transform: a.transform(),
+        buckets,
         seed: a.seed,
         shard_size: a.shard_size,
         batch_size: a.batch_size,

@@ -13,7 +13,7 @@ use crate::config::{identity_diff, RunConfig};
 use crate::distill::checkpoint;
 use crate::fs_safe::{self, Existing, Marker, Purpose};
 use crate::distill::progress::ProgressMode;
-use crate::distill::trainer::{identity_config, Trainer};
+use crate::distill::trainer::{identity_config, teacher_family_defaults, Trainer};
 use crate::distributed::{Launch, Ranks};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -65,6 +65,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let launch = Launch::from_env(|k| std::env::var(k).ok())?;
     let mut cfg = RunConfig::load(&args.config)?;
     cfg.pin_teacher(recorded_teacher_commit(&cfg, args.resume.is_some())?.as_deref())?;
+    teacher_family_defaults(&mut cfg)?;
     let world = launch.as_ref().map_or(1, |l| l.world_size);
     let identity = identity_config(&cfg, world);
     let claim = check_output_dir(&identity, args.resume.is_some(), args.overwrite)?;

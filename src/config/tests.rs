@@ -263,6 +263,10 @@ fn every_example_config_parses() {
     assert_eq!((lcm.method, lcm.student.to_string(), lcm.lcm.loss, lcm.lcm.target_ema), (Method::Lcm, "bk_small".to_string(), ConsistencyLoss::Huber, 0.95));
     assert_eq!((lcm.optim.lr, lcm.optim.weight_decay, lcm.train.batch_size, lcm.train.max_steps), (1e-6, 0.0, 12, 1000));
     assert_eq!(lcm.validation.lcm_steps, [1, 2, 4, 8]);
+    // diffusers' full-LCD recipe for SDXL (train_lcm_distill_sdxl_wds.py) on SSD-1B's architecture
+    let xl = RunConfig::load(&dir.join("sdxl_ssd_1b_lcm.yaml")).unwrap();
+    assert_eq!((xl.method, xl.student.to_string(), xl.lcm.loss, xl.lcm.guidance_range()), (Method::Lcm, "ssd_1b".to_string(), ConsistencyLoss::Huber, (3.0, 15.0)));
+    assert_eq!((xl.optim.lr, xl.optim.weight_decay, xl.train.batch_size, xl.train.max_steps, xl.data.resolution), (1e-6, 0.0, 12, 1000, 1024));
 }
 
 /// Every key set away from its default, for `config_hashes_are_unchanged`.
@@ -482,14 +486,14 @@ fn a_recorded_run_keeps_its_hash_and_yaml() {
 fn method_lcm_takes_its_section_and_refuses_what_it_does_not_use() {
     let c = parse(&format!("{MINIMAL}method: lcm\n")).unwrap();
     assert_eq!((c.method, &c.lcm), (Method::Lcm, &LcmConfig::default()));
-    assert_eq!((c.lcm.num_ddim_timesteps, c.lcm.w_min, c.lcm.w_max, c.lcm.time_cond_proj_dim), (50, 5.0, 15.0, 256));
+    assert_eq!((c.lcm.num_ddim_timesteps, c.lcm.guidance_range(), c.lcm.time_cond_proj_dim), (50, (5.0, 15.0), 256));
     assert_eq!((c.lcm.timestep_scaling, c.lcm.target_ema, c.lcm.loss, c.lcm.huber_c), (10.0, 0.95, ConsistencyLoss::L2, 0.001));
     // method is part of the run's identity: a kd checkpoint does not resume an lcm run
     let kd = parse(MINIMAL).unwrap();
     assert_ne!(c.config_hash(), kd.config_hash());
     assert!(identity_diff(&kd.resume_identity(), &c.resume_identity()).iter().any(|d| d.starts_with("method")));
     let huber = parse(&format!("{MINIMAL}method: lcm\nlcm:\n  loss: huber\n  w_min: 3\n")).unwrap();
-    assert_eq!((huber.lcm.loss, huber.lcm.w_min), (ConsistencyLoss::Huber, 3.0));
+    assert_eq!((huber.lcm.loss, huber.lcm.w_min), (ConsistencyLoss::Huber, Some(3.0)));
     assert_ne!(huber.config_hash(), c.config_hash());
     for (yaml, key) in [
         ("lcm:\n  w_min: 16\n", "lcm.w_min"),

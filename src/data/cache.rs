@@ -14,6 +14,14 @@
 //! ```
 //! Version 1 caches (before SDXL) have no `time_ids` and no `pooled_embeddings`: they still
 //! load, for the SD-1.x/2.x runs they were made for; an SDXL run refuses them by name.
+//!
+//! Version 3 is a cache made with aspect-ratio buckets (`--buckets`, recorded in `index.json`
+//! as `buckets`): its rows' latents differ in size, so `latent_mean` and `latent_std` are 1-D,
+//! the rows' values one after another, and `latent_shapes` (n, 3) i64 gives each row's (c, h, w).
+//! Each row's sizes are its time ids: the original (h, w), the crop's top-left and the bucket
+//! (h, w) it was cropped to, which decides its bucket when training. Caches made without
+//! buckets stay version 2 (byte for byte as before); an sdkd before buckets refuses version 3 by
+//! its version number.
 //! Shard k covers dataset indices `k * shard_size .. (k + 1) * shard_size`; its `n` rows are the
 //! usable samples of that range (bad ones are skipped and counted, or fail the run, as in the
 //! image loader). Latents are stored unscaled (the VAE's `scaling_factor` is the trainer's), as
@@ -27,6 +35,7 @@
 //! would see it with the preprocess seed (use a centre crop and no flip to match evaluation).
 //! Reading a cache, the loader shuffles rows with the training seed exactly as it shuffles
 //! images, with the same [`Cursor`](super::order::Cursor) semantics.
+use super::buckets::Buckets;
 use super::image_source::ImageSource;
 use super::loader::{Loader, LoaderOptions};
 use super::source::{BadSample, ImageRows, OnBadSample, SampleSource};
@@ -65,9 +74,11 @@ pub trait SampleEncoder {
 }
 
 /// How `sdkd preprocess` builds a cache.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct CacheOptions {
     pub transform: Transform,
+    /// Aspect-ratio buckets: each sample cropped to its nearest (a version 3 cache).
+    pub buckets: Option<Buckets>,
     /// Draws random crops and flips (epoch 0) when the transform asks for them.
     pub seed: u64,
     /// Dataset samples per shard.
@@ -101,6 +112,9 @@ pub struct CacheIndex {
     pub fingerprint: String,
     pub num_source_samples: usize,
     pub transform: Transform,
+    /// The aspect-ratio buckets of a version 3 cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<Buckets>,
     pub seed: u64,
     pub shard_size: usize,
     pub encoder: serde_json::Value,
@@ -109,8 +123,11 @@ pub struct CacheIndex {
 }
 
 pub const FORMAT: &str = "sdkd-latent-cache";
-/// 2 added `time_ids` and `pooled_embeddings`; version 1 caches are still read.
-pub const VERSION: u32 = 2;
+/// 2 added `time_ids` and `pooled_embeddings`; 3 is a cache with aspect-ratio buckets (ragged
+/// latents), written only when buckets are on. Versions 1 and 2 are still read.
+pub const VERSION: u32 = 3;
+/// The version of a cache made without buckets.
+const VERSION_SQUARE: u32 = 2;
 const INDEX: &str = "index.json";
 
 impl CacheIndex {
@@ -148,6 +165,7 @@ impl CacheIndex {
             ("fingerprint (of the dataset's files and captions)", show(&self.fingerprint), show(&want.fingerprint)),
             ("num_source_samples", show(&self.num_source_samples), show(&want.num_source_samples)),
             ("transform", show(&self.transform), show(&want.transform)),
+            ("buckets", show(&self.buckets), show(&want.buckets)),
             ("seed", show(&self.seed), show(&want.seed)),
             ("shard_size", show(&self.shard_size), show(&want.shard_size)),
             ("encoder", show(&self.encoder), show(&want.encoder)),
@@ -197,11 +215,12 @@ pub fn build_cache(dataset: Arc<dyn ImageRows>, encoder: &dyn SampleEncoder, out
     let n = dataset.len();
     let mut index = CacheIndex {
         format: FORMAT.into(),
-        version: VERSION,
+        version: if opts.buckets.is_some() { VERSION } else { VERSION_SQUARE },
         source: dataset.describe(),
         fingerprint: dataset.fingerprint(),
         num_source_samples: n,
         transform: opts.transform,
+        buckets: opts.buckets.clone(),
         seed: opts.seed,
         shard_size: opts.shard_size,
         encoder: encoder.describe(),
@@ -242,7 +261,12 @@ pub fn build_cache(dataset: Arc<dyn ImageRows>, encoder: &dyn SampleEncoder, out
     report.shards_kept = index.shards.len();
     // Written before any encoding, so a run that dies in its first shard can still be resumed.
     index.write(out)?;
-    let source = Arc::new(ImageSource::new(dataset.clone(), opts.transform, opts.seed));
+    let mut source = ImageSource::new(dataset.clone(), opts.transform, opts.seed);
+    if let Some(b) = &opts.buckets {
+        // a sample whose size cannot be read is a bad sample of its shard (skipped or failed there)
+        source = source.with_buckets(b.clone(), opts.on_bad_sample)?.0;
+    }
+    let source = Arc::new(source);
     for k in todo {
         let (start, end) = bounds(k);
         let entry = encode_shard(source.clone(), encoder, out, k, start, end, opts)?;
@@ -294,14 +318,21 @@ fn encode_shard(
     let dataset = source.dataset.clone();
     let mut loader = Loader::new(source, lo, Cursor::new(0, start as u64))?;
     let (mut means, mut stds, mut embs, mut ids, mut captions, mut files) = (vec![], vec![], vec![], vec![], vec![], vec![]);
-    let (mut pooled, mut time_ids) = (vec![], vec![]);
+    let (mut pooled, mut time_ids, mut shapes) = (vec![], vec![], vec![]);
+    let ragged = opts.buckets.is_some();
     while let Some(batch) = loader.next_batch()? {
         let b = batch.indices.len() as i64;
         let enc = encoder.encode(&batch.data.images, &batch.data.captions)?;
         check_encoded(&enc, b)?;
         let cpu = |t: &Tensor| t.detach().to_device(Device::Cpu);
-        means.push(cpu(&enc.latent_mean));
-        stds.push(cpu(&enc.latent_std));
+        // ragged: the rows' values one after another, and each row's (c, h, w)
+        let rows = |t: &Tensor| if ragged { cpu(t).reshape([-1]) } else { cpu(t) };
+        means.push(rows(&enc.latent_mean));
+        stds.push(rows(&enc.latent_std));
+        if ragged {
+            let shape = enc.latent_mean.size()[1..].to_vec();
+            shapes.extend((0..b).map(|_| Tensor::from_slice(&shape).view([1, 3])));
+        }
         embs.push(cpu(&enc.text_embeddings));
         pooled.extend(enc.pooled_embeddings.as_ref().map(cpu));
         time_ids.push(batch.data.time_ids.shallow_clone());
@@ -326,6 +357,9 @@ fn encode_shard(
         ("time_ids", cat(&time_ids, "time_ids")?),
         ("sample_ids", Tensor::from_slice(&ids)),
     ];
+    if ragged {
+        tensors.push(("latent_shapes", cat(&shapes, "latent_shapes")?));
+    }
     match pooled.len() {
         0 => {}
         n if n == embs.len() => tensors.push(("pooled_embeddings", cat(&pooled, "pooled_embeddings")?)),
@@ -379,6 +413,8 @@ struct Shard {
     mmap: memmap2::Mmap,
     /// One per [`COLUMNS`] entry; the optional ones may be absent.
     columns: Vec<Option<Column>>,
+    /// A version 3 shard: each row's (element offset, (c, h, w)) in the 1-D latent columns.
+    ragged: Option<Vec<(usize, Vec<i64>)>>,
     ids: Vec<i64>,
     captions: Vec<String>,
 }
@@ -395,8 +431,35 @@ impl Shard {
         let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
         let bad = |what: String| anyhow!("{}: {what}", path.display());
         let st = SafeTensors::deserialize(&mmap).map_err(|e| bad(format!("not a valid safetensors file: {e}")))?;
+        let ragged = match st.tensor("latent_shapes") {
+            Err(_) => None,
+            Ok(v) => {
+                if kind_of(v.dtype())? != Kind::Int64 || v.shape() != [rows, 3] {
+                    return Err(bad(format!("latent_shapes must be i64 of shape [{rows}, 3]")));
+                }
+                let dims: Vec<i64> = v.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+                let mut at = 0usize;
+                let mut rows_at = Vec::with_capacity(rows);
+                for d in dims.chunks_exact(3) {
+                    if d.iter().any(|&x| x <= 0) {
+                        return Err(bad(format!("latent_shapes holds {d:?}")));
+                    }
+                    rows_at.push((at, d.to_vec()));
+                    at += d.iter().product::<i64>() as usize;
+                }
+                Some((rows_at, at))
+            }
+        };
         let column = |name: &str| -> Result<Column> {
             let v = st.tensor(name).map_err(|_| bad(format!("no {name} tensor")))?;
+            if let (Some((_, total)), true) = (&ragged, name.starts_with("latent_")) {
+                if v.shape() != [*total] {
+                    return Err(bad(format!("{name} has shape {:?}, latent_shapes says [{total}]", v.shape())));
+                }
+                let offset = v.data().as_ptr() as usize - mmap.as_ptr() as usize;
+                let kind = kind_of(v.dtype())?;
+                return Ok(Column { offset, row_bytes: kind.elt_size_in_bytes(), kind, row_shape: vec![] });
+            }
             if v.shape().is_empty() {
                 return Err(bad(format!("{name} is a scalar, index.json says {rows} rows")));
             }
@@ -433,7 +496,8 @@ impl Shard {
             return Err(bad(format!("{} captions for {rows} rows", captions.len())));
         }
         drop(st);
-        Ok(Shard { path: path.to_path_buf(), mmap, columns, ids, captions })
+        let ragged = ragged.map(|(r, _)| r);
+        Ok(Shard { path: path.to_path_buf(), mmap, columns, ragged, ids, captions })
     }
 }
 
@@ -455,6 +519,26 @@ pub struct LatentBatch {
     pub sample_ids: Vec<i64>,
 }
 
+/// The bucket of every row of a bucketed cache: the target (h, w) of its time ids.
+fn row_buckets(dir: &Path, buckets: &Buckets, shards: &[Shard], rows: &[(u32, u32)]) -> Result<Arc<[Option<u32>]>> {
+    rows.iter()
+        .map(|&(s, i)| {
+            let sh = &shards[s as usize];
+            let col = match (&sh.ragged, &sh.columns[4]) {
+                (Some(_), Some(col)) => col,
+                _ => bail!("{}: index.json lists buckets, but its rows have no latent_shapes or time_ids", sh.path.display()),
+            };
+            let at = col.offset + i as usize * col.row_bytes;
+            let id = |k: usize| i64::from_le_bytes(sh.mmap[at + 8 * k..at + 8 * k + 8].try_into().expect("8 bytes"));
+            let size = (id(5) as u32, id(4) as u32);
+            match buckets.position(size) {
+                Some(k) => Ok(Some(k as u32)),
+                None => bail!("{}: row {i} was cropped to {}x{}, not one of the cache's buckets ({})", sh.path.display(), size.0, size.1, dir.display()),
+            }
+        })
+        .collect()
+}
+
 /// A finished cache, memory-mapped; a [`SampleSource`] whose samples are its rows.
 pub struct LatentCache {
     pub dir: PathBuf,
@@ -462,6 +546,8 @@ pub struct LatentCache {
     shards: Vec<Shard>,
     /// (shard, row in shard) of every row.
     rows: Vec<(u32, u32)>,
+    /// A bucketed cache: each row's bucket in `index.buckets`.
+    bucket_of: Option<Arc<[Option<u32>]>>,
 }
 
 impl LatentCache {
@@ -496,7 +582,11 @@ impl LatentCache {
         if rows.is_empty() {
             bail!("the cache in {} holds no samples (every sample was bad)", dir.display());
         }
-        Ok(LatentCache { dir: dir.to_path_buf(), index, shards, rows })
+        let bucket_of = match &index.buckets {
+            Some(b) => Some(row_buckets(dir, b, &shards, &rows)?),
+            None => None,
+        };
+        Ok(LatentCache { dir: dir.to_path_buf(), index, shards, rows, bucket_of })
     }
 
     pub fn len(&self) -> usize {
@@ -507,10 +597,13 @@ impl LatentCache {
         self.rows.is_empty()
     }
 
-    /// Shapes of one row of latent_mean (c, h, w) and text_embeddings (tokens, dim).
+    /// Shapes of one row of latent_mean (c, h, w; the first row's in a bucketed cache) and
+    /// text_embeddings (tokens, dim).
     pub fn row_shapes(&self) -> (Vec<i64>, Vec<i64>) {
-        let shape = |c: usize| self.shards[0].columns[c].as_ref().expect("a required column").row_shape.clone();
-        (shape(0), shape(2))
+        let first = &self.shards[0];
+        let shape = |c: usize| first.columns[c].as_ref().expect("a required column").row_shape.clone();
+        let latent = first.ragged.as_ref().map_or_else(|| shape(0), |r| r[0].1.clone());
+        (latent, shape(2))
     }
 
     /// The width of the pooled embeddings, when the cache holds them (an SDXL teacher's).
@@ -533,14 +626,27 @@ impl LatentCache {
                 continue;
             };
             let mut buf = Vec::with_capacity(rows.len() * col0.row_bytes);
-            for &r in rows {
+            let mut row_shape = col0.row_shape.clone();
+            for (k, &r) in rows.iter().enumerate() {
                 let (s, i) = self.rows[r];
                 let sh = &self.shards[s as usize];
                 let col = sh.columns[c].as_ref().expect("every shard has the columns of the first (checked at open)");
-                let at = col.offset + i as usize * col.row_bytes;
-                buf.extend_from_slice(&sh.mmap[at..at + col.row_bytes]);
+                let (at, len) = match (&sh.ragged, col.row_shape.is_empty()) {
+                    (Some(ragged), true) => {
+                        let (first, shape) = &ragged[i as usize];
+                        if k == 0 {
+                            row_shape = shape.clone();
+                        } else if *shape != row_shape {
+                            bail!("{}: rows of latent sizes {row_shape:?} and {shape:?} in one batch (a batch keeps to one bucket)", self.dir.display());
+                        }
+                        let n = shape.iter().product::<i64>() as usize;
+                        (col.offset + first * col.row_bytes, n * col.row_bytes)
+                    }
+                    _ => (col.offset + i as usize * col.row_bytes, col.row_bytes),
+                };
+                buf.extend_from_slice(&sh.mmap[at..at + len]);
             }
-            let shape: Vec<i64> = std::iter::once(b).chain(col0.row_shape.iter().copied()).collect();
+            let shape: Vec<i64> = std::iter::once(b).chain(row_shape).collect();
             tensors.push(Some(Tensor::f_from_data_size(&buf, &shape, col0.kind)?));
         }
         let (captions, sample_ids) = rows
@@ -578,5 +684,9 @@ impl SampleSource for LatentCache {
 
     fn describe(&self) -> String {
         format!("latent cache {}", self.dir.display())
+    }
+
+    fn buckets(&self) -> Option<Arc<[Option<u32>]>> {
+        self.bucket_of.clone()
     }
 }

@@ -1,6 +1,7 @@
 //! The run YAML's `data:` section: where the training pairs are (an imagefolder, webdataset or
 //! parquet shards, or a latent cache), how they are cropped and filtered, and the caption
 //! dropout. docs/config.md documents every key.
+use super::buckets::{Buckets, BucketsConfig};
 use super::filters::Filters;
 use super::formats::{DataFormat, DataOptions};
 use super::source::OnBadSample;
@@ -52,6 +53,11 @@ pub struct DataConfig {
     /// `empty_prompt` for SD-1.x/2.x).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dropped_caption: Option<DroppedCaption>,
+    /// Aspect-ratio buckets instead of `resolution`² crops: `ssd_1b` (SSD-1B's nine resolutions)
+    /// or a list of [width, height]; each image is cropped to its nearest, a micro-batch holds
+    /// one bucket (`data::buckets`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<BucketsConfig>,
 }
 
 /// What `data.caption_dropout` replaces a caption's embeddings by.
@@ -96,6 +102,7 @@ impl Default for DataConfig {
             filter: Default::default(),
             caption_dropout: 0.0,
             dropped_caption: None,
+            buckets: None,
         }
     }
 }
@@ -142,6 +149,7 @@ impl DataConfig {
             }
         }
         d.options()?;
+        d.buckets()?;
         if !(0.0..=1.0).contains(&d.caption_dropout) {
             return Err(invalid(
                 "data.caption_dropout",
@@ -158,6 +166,11 @@ impl DataConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The checked `data.buckets`, when set.
+    pub fn buckets(&self) -> Result<Option<Buckets>, ConfigError> {
+        self.buckets.as_ref().map(|b| b.buckets().map_err(|m| invalid("data.buckets", m))).transpose()
     }
 
     /// Makes the relative paths (`path`, `cache`, `shards`) absolute against `base`.

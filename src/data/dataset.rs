@@ -115,6 +115,22 @@ impl ImageRows for ImageFolder {
         self.samples[index].file_name.clone()
     }
 
+    /// From the image file's header alone.
+    fn dimensions(&self, index: usize) -> Result<(u32, u32), BadSample> {
+        let s = &self.samples[index];
+        let bad = |kind, reason: String| BadSample { index, file: s.path.clone(), kind, reason };
+        let reader = image::ImageReader::open(&s.path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => bad(BadKind::Missing, "image file is missing".into()),
+            _ => bad(BadKind::Corrupt, format!("cannot read the image: {e}")),
+        })?;
+        let reader = reader.with_guessed_format().map_err(|e| bad(BadKind::Corrupt, format!("cannot read the image: {e}")))?;
+        match reader.into_dimensions() {
+            Ok((0, _) | (_, 0)) => Err(bad(BadKind::Corrupt, "image has no pixels".into())),
+            Ok(wh) => Ok(wh),
+            Err(e) => Err(bad(BadKind::Corrupt, format!("not a readable JPEG/PNG/WebP image: {e}"))),
+        }
+    }
+
     /// A hash of every (file name, caption) row.
     fn fingerprint(&self) -> String {
         let parts = self.samples.iter().flat_map(|s| [s.file_name.as_bytes(), s.caption.as_deref().unwrap_or("\u{1}").as_bytes()]);

@@ -14,6 +14,14 @@
 //! and its `next` is the cursor after the whole round, the same on every rank. A bad sample
 //! leaves its batch one short rather than pulling in the next position, which belongs to
 //! another rank (knowing whether the others' samples are usable would mean decoding them).
+//!
+//! Aspect-ratio buckets (a source whose [`SampleSource::buckets`] is Some): a shuffled order is
+//! a [`bucketed_permutation`](super::order::bucketed_permutation), whose every run of
+//! `batch_size` positions from a multiple of `batch_size` is one bucket, and batches are those
+//! runs (as a sharded stream's are, also on one process: a bad sample leaves its batch short,
+//! a batch with no usable sample is passed over). Ranks take the runs round-robin as above, so
+//! each micro-batch of a step is one bucket on every rank and world size. A sequential pass
+//! visits its range bucket by bucket and ends a batch where the bucket changes.
 use super::source::{BadKind, BadSample, OnBadSample, SampleSource};
 use super::order::{Cursor, Indexer, Order, Shard};
 use anyhow::{anyhow, bail, Context, Result};
@@ -83,12 +91,23 @@ pub struct BatchStream<S: SampleSource> {
 
 impl<S: SampleSource> BatchStream<S> {
     pub fn new(source: Arc<S>, opts: LoaderOptions, start: Cursor) -> Result<Self> {
-        let len = source.len();
         if opts.batch_size == 0 {
             bail!("batch size must be at least 1");
         }
-        if len == 0 {
+        if source.len() == 0 {
             bail!("{} has no samples", source.describe());
+        }
+        let indexer = match source.buckets() {
+            Some(of) => Indexer::bucketed(opts.order, of, opts.batch_size),
+            None => Indexer::new(opts.order, source.len()),
+        };
+        let len = indexer.len();
+        if len == 0 {
+            bail!(
+                "no aspect-ratio bucket of {} holds a whole batch of {} samples (data.buckets, train.batch_size)",
+                source.describe(),
+                opts.batch_size
+            );
         }
         let ahead = match opts.order {
             Order::Sequential { start: s, end } => {
@@ -107,6 +126,9 @@ impl<S: SampleSource> BatchStream<S> {
                         source.describe()
                     );
                 }
+                if indexer.is_bucketed() && !start.position.is_multiple_of(opts.batch_size as u64) {
+                    bail!("cursor {start:?} is not at the start of a batch of {} (was the checkpoint made without data.buckets?)", opts.batch_size);
+                }
                 Some(start)
             }
         };
@@ -116,7 +138,8 @@ impl<S: SampleSource> BatchStream<S> {
             .build()
             .context("starting the decode threads")?;
         let window = opts.batch_size.max(4 * pool.current_num_threads());
-        Ok(BatchStream { indexer: Indexer::new(opts.order, len), source, opts, ahead, cursor: start, pending: VecDeque::new(), pool, window, shard: None })
+        let shard = (indexer.is_bucketed() && matches!(opts.order, Order::Shuffled { .. })).then_some(Shard { rank: 0, world: 1 });
+        Ok(BatchStream { indexer, source, opts, ahead, cursor: start, pending: VecDeque::new(), pool, window, shard })
     }
 
     /// The stream of one rank's share (see the module comment); `start` is the first position
@@ -136,7 +159,32 @@ impl<S: SampleSource> BatchStream<S> {
     /// This rank's run of the next round: its positions decoded in parallel, the bad ones
     /// skipped (not replaced), `next` after the round.
     fn next_shard_batch(&mut self, shard: Shard) -> Result<Option<Batch<S::Batch>>> {
-        let len = self.source.len();
+        let len = self.indexer.len();
+        let b = self.opts.batch_size;
+        let mut passed_over = vec![];
+        // one process passes over a batch with no usable sample (ranks cannot: the others go on)
+        for _ in 0..len.div_ceil(b) {
+            match self.shard_round(shard)? {
+                Ok(mut batch) => {
+                    passed_over.append(&mut batch.skipped);
+                    batch.skipped = passed_over;
+                    return Ok(Some(batch));
+                }
+                Err(skipped) if shard.world == 1 => passed_over.extend(skipped),
+                Err(skipped) => bail!(
+                    "all {b} samples of rank {}'s share of a batch of {} are unusable (the last: {}); a rank cannot train on none",
+                    shard.rank,
+                    self.source.describe(),
+                    skipped.last().map(|s| s.to_string()).unwrap_or_default()
+                ),
+            }
+        }
+        bail!("none of the {len} samples of {} can be used; the last: {}", self.source.describe(), passed_over.last().map(|s| s.to_string()).unwrap_or_default())
+    }
+
+    /// This rank's run of the next round, or the bad samples when none of it is usable.
+    fn shard_round(&mut self, shard: Shard) -> Result<std::result::Result<Batch<S::Batch>, Vec<BadSample>>> {
+        let len = self.indexer.len();
         let b = self.opts.batch_size;
         let order = self.opts.order;
         let step = |c: Cursor| order.advance(c, len).expect("a shuffled order never ends");
@@ -175,15 +223,10 @@ impl<S: SampleSource> BatchStream<S> {
             }
         }
         if items.is_empty() {
-            bail!(
-                "all {b} samples of rank {}'s share of a batch of {} are unusable (the last: {}); a rank cannot train on none",
-                shard.rank,
-                source.describe(),
-                skipped.last().map(|s| s.to_string()).unwrap_or_default()
-            );
+            return Ok(Err(skipped));
         }
         let data = self.pool.install(|| source.collate(items))?;
-        Ok(Some(Batch { data, indices, epochs, start, next: self.cursor, skipped }))
+        Ok(Ok(Batch { data, indices, epochs, start, next: self.cursor, skipped }))
     }
 
     /// Decodes the next window of positions, in parallel, in order.
@@ -214,15 +257,22 @@ impl<S: SampleSource> BatchStream<S> {
         let start = self.cursor;
         let (mut items, mut indices, mut epochs, mut skipped) = (vec![], vec![], vec![], vec![]);
         let mut bad_in_a_row = 0usize;
+        let mut bucket = None;
         while items.len() < self.opts.batch_size {
             if self.pending.is_empty() {
                 self.refill();
+            }
+            // a bucketed pass ends a batch where the bucket changes
+            let next_bucket = self.pending.front().map(|p| self.indexer.bucket(p.index));
+            if !items.is_empty() && next_bucket.is_some_and(|b| b != bucket) {
+                break;
             }
             let Some(p) = self.pending.pop_front() else { break };
             self.cursor = self.opts.order.advance(p.cursor, len).unwrap_or(Cursor::new(0, p.cursor.position + 1));
             match p.result {
                 Ok(item) => {
                     bad_in_a_row = 0;
+                    bucket = self.indexer.bucket(p.index);
                     items.push(item);
                     indices.push(p.index);
                     epochs.push(p.cursor.epoch);
@@ -398,10 +448,11 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    /// Numbers 0..n; multiples of `bad_every` are bad.
+    /// Numbers 0..n; multiples of `bad_every` are bad; in buckets `i % 3` when `bucketed`.
     struct Numbers {
         n: usize,
         bad_every: usize,
+        bucketed: bool,
     }
 
     impl SampleSource for Numbers {
@@ -422,6 +473,9 @@ mod tests {
         fn describe(&self) -> String {
             "numbers".into()
         }
+        fn buckets(&self) -> Option<Arc<[Option<u32>]>> {
+            self.bucketed.then(|| (0..self.n).map(|i| Some((i % 3) as u32)).collect())
+        }
     }
 
     fn opts(batch: usize, order: Order) -> LoaderOptions {
@@ -430,7 +484,7 @@ mod tests {
 
     #[test]
     fn shuffled_epochs_cover_everything_and_cross_over() {
-        let src = Arc::new(Numbers { n: 10, bad_every: 0 });
+        let src = Arc::new(Numbers { n: 10, bad_every: 0, bucketed: false });
         let mut l = Loader::new(src, opts(4, Order::Shuffled { seed: 1 }), Cursor::default()).unwrap();
         let batches: Vec<_> = (0..5).map(|_| l.next_batch().unwrap().unwrap()).collect();
         let first: Vec<usize> = batches.iter().flat_map(|b| b.indices.clone()).take(10).collect();
@@ -444,7 +498,7 @@ mod tests {
 
     #[test]
     fn resume_from_a_cursor_equals_running_on() {
-        let src = Arc::new(Numbers { n: 13, bad_every: 3 });
+        let src = Arc::new(Numbers { n: 13, bad_every: 3, bucketed: false });
         let o = opts(5, Order::Shuffled { seed: 9 });
         let all: Vec<_> = Loader::new(src.clone(), o, Cursor::default()).unwrap().take(8).map(|b| b.unwrap()).collect();
         let resumed: Vec<_> = Loader::new(src, o, all[3].next).unwrap().take(4).map(|b| b.unwrap()).collect();
@@ -458,7 +512,7 @@ mod tests {
 
     #[test]
     fn sequential_pass_ends_with_a_short_batch() {
-        let src = Arc::new(Numbers { n: 10, bad_every: 4 });
+        let src = Arc::new(Numbers { n: 10, bad_every: 4, bucketed: false });
         let mut l = Loader::new(src, opts(3, Order::Sequential { start: 2, end: 9 }), Cursor::new(0, 2)).unwrap();
         let mut got = vec![];
         while let Some(b) = l.next_batch().unwrap() {
@@ -471,7 +525,7 @@ mod tests {
 
     #[test]
     fn all_bad_is_an_error_not_a_hang() {
-        let src = Arc::new(Numbers { n: 5, bad_every: 1 });
+        let src = Arc::new(Numbers { n: 5, bad_every: 1, bucketed: false });
         let mut l = Loader::new(src, opts(2, Order::Shuffled { seed: 0 }), Cursor::default()).unwrap();
         let e = l.next_batch().unwrap_err().to_string();
         assert!(e.contains("none of the 5 samples"), "{e}");
@@ -479,7 +533,7 @@ mod tests {
 
     #[test]
     fn fail_policy_names_the_sample() {
-        let src = Arc::new(Numbers { n: 5, bad_every: 4 });
+        let src = Arc::new(Numbers { n: 5, bad_every: 4, bucketed: false });
         let mut o = opts(2, Order::Sequential { start: 0, end: 5 });
         o.on_bad_sample = OnBadSample::Fail;
         let mut l = Loader::new(src, o, Cursor::new(0, 1)).unwrap();
@@ -489,13 +543,13 @@ mod tests {
 
     #[test]
     fn bad_cursor_is_an_error() {
-        let src = Arc::new(Numbers { n: 5, bad_every: 0 });
+        let src = Arc::new(Numbers { n: 5, bad_every: 0, bucketed: false });
         assert!(Loader::new(src, opts(2, Order::Shuffled { seed: 0 }), Cursor::new(0, 5)).is_err());
     }
 
     #[test]
     fn shards_together_read_the_unsharded_stream() {
-        let src = Arc::new(Numbers { n: 11, bad_every: 0 });
+        let src = Arc::new(Numbers { n: 11, bad_every: 0, bucketed: false });
         let o = opts(3, Order::Shuffled { seed: 4 });
         let whole: Vec<_> = Loader::new(src.clone(), o, Cursor::default()).unwrap().take(6).map(|b| b.unwrap()).collect();
         let ranks: Vec<Vec<_>> = (0..2)
@@ -512,15 +566,49 @@ mod tests {
         let resumed: Vec<_> = Loader::sharded(src.clone(), o, ranks[1][0].next, Shard { rank: 1, world: 2 }).unwrap().take(2).map(|b| b.unwrap()).collect();
         assert_eq!(resumed[1].data, ranks[1][2].data);
         // a bad sample shortens its rank's batch only
-        let bad = Arc::new(Numbers { n: 11, bad_every: 5 });
+        let bad = Arc::new(Numbers { n: 11, bad_every: 5, bucketed: false });
         let shard: Vec<_> = Loader::sharded(bad, o, Cursor::default(), Shard { rank: 0, world: 2 }).unwrap().take(4).map(|b| b.unwrap()).collect();
         assert!(shard.iter().any(|b| b.data.len() < 3 && b.skipped.len() == 3 - b.data.len()));
         assert!(Loader::sharded(src, opts(3, Order::Sequential { start: 0, end: 11 }), Cursor::default(), Shard { rank: 0, world: 2 }).is_err());
     }
 
     #[test]
+    fn bucketed_batches_keep_to_a_bucket_on_every_rank_and_resume() {
+        let bucket = |b: &Batch<Vec<(usize, u64)>>| b.data.iter().map(|x| x.0 % 3).collect::<std::collections::BTreeSet<_>>().len();
+        let src = Arc::new(Numbers { n: 23, bad_every: 0, bucketed: true });
+        let o = opts(3, Order::Shuffled { seed: 5 });
+        let whole: Vec<_> = Loader::new(src.clone(), o, Cursor::default()).unwrap().take(12).map(|b| b.unwrap()).collect();
+        // buckets of 8, 8 and 7 samples: 2 + 2 + 2 batches of 3 per epoch
+        assert_eq!(whole[5].next, Cursor::new(1, 0));
+        assert!(whole.iter().all(|b| b.data.len() == 3 && bucket(b) == 1));
+        let resumed: Vec<_> = Loader::new(src.clone(), o, whole[6].next).unwrap().take(5).map(|b| b.unwrap()).collect();
+        assert!(resumed.iter().zip(&whole[7..]).all(|(a, b)| a.data == b.data && a.next == b.next));
+        // two ranks: rank r takes batches r, r + 2, ...: the same batches, each one bucket
+        for rank in 0..2 {
+            let mine: Vec<_> = Loader::sharded(src.clone(), o, Cursor::default(), Shard { rank, world: 2 }).unwrap().take(6).map(|b| b.unwrap()).collect();
+            for (round, b) in mine.iter().enumerate() {
+                assert_eq!(b.data, whole[2 * round + rank].data, "rank {rank} round {round}");
+                assert_eq!(b.next, whole[2 * round + 1].next);
+            }
+        }
+        assert!(Loader::new(src.clone(), o, Cursor::new(0, 1)).is_err(), "a cursor inside a batch");
+        // a bad sample shortens its batch; every batch still one bucket
+        let bad = Arc::new(Numbers { n: 23, bad_every: 4, bucketed: true });
+        let with_bad: Vec<_> = Loader::new(bad, o, Cursor::default()).unwrap().take(12).map(|b| b.unwrap()).collect();
+        assert!(with_bad.iter().all(|b| bucket(b) == 1 && b.data.len() + b.skipped.len() >= 3));
+        assert!(with_bad.iter().any(|b| b.data.len() < 3));
+        // a sequential pass goes bucket by bucket, keeping every sample
+        let seq: Vec<_> = Loader::new(src.clone(), opts(3, Order::Sequential { start: 0, end: 23 }), Cursor::default()).unwrap().map(|b| b.unwrap()).collect();
+        let sizes: Vec<usize> = seq.iter().map(|b| b.data.len()).collect();
+        assert_eq!(sizes, vec![3, 3, 2, 3, 3, 2, 3, 3, 1]);
+        assert!(seq.iter().all(|b| bucket(b) == 1));
+        // too few for one batch in any bucket
+        assert!(Loader::new(Arc::new(Numbers { n: 5, bad_every: 0, bucketed: true }), o, Cursor::default()).is_err());
+    }
+
+    #[test]
     fn dropping_a_loader_stops_its_thread() {
-        let src = Arc::new(Numbers { n: 100, bad_every: 0 });
+        let src = Arc::new(Numbers { n: 100, bad_every: 0, bucketed: false });
         let mut l = Loader::new(src, opts(1, Order::Shuffled { seed: 0 }), Cursor::default()).unwrap();
         l.next_batch().unwrap();
         drop(l); // must not hang on a full queue

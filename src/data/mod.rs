@@ -7,6 +7,7 @@
 //! [`image_source`]) and the latent cache of `sdkd preprocess` ([`cache`]). [`order`] fixes the
 //! order and resumable cursors, [`loader`] batches any source in parallel, and [`synthetic`] is
 //! the built-in dataset of `sdkd synth`.
+pub mod buckets;
 pub mod cache;
 pub mod config;
 pub mod dataset;
@@ -21,6 +22,7 @@ pub mod synthetic;
 pub mod transform;
 pub mod webdataset;
 
+pub use buckets::{Buckets, BucketsConfig};
 pub use config::DataConfig;
 pub use cache::{build_cache, CacheIndex, CacheOptions, CacheReport, Encoded, LatentBatch, LatentCache, SampleEncoder};
 pub use dataset::{ImageFolder, Sample};

@@ -24,6 +24,8 @@ pub enum Stream {
     Noise = 6,
     /// Which samples of a step train on the empty prompt (`data.caption_dropout`).
     CaptionDropout = 7,
+    /// The order within and of aspect-ratio buckets (`data.buckets`).
+    Bucket = 8,
 }
 
 /// A 64-bit value that depends only on (seed, stream, a, b).
@@ -55,6 +57,37 @@ pub fn permutation(seed: u64, epoch: u64, n: usize) -> Vec<usize> {
         p.swap(i, j);
     }
     p
+}
+
+/// Epoch `epoch`'s order over samples in aspect-ratio buckets (`bucket_of[i]`: sample i's
+/// bucket; None leaves it out): each bucket's samples shuffled by (seed, bucket, epoch) and cut
+/// into micro-batches of `batch`, the leftover (fewer than `batch`) left out of this epoch (a
+/// different one each epoch), then the micro-batches shuffled by (seed, epoch). So every run of
+/// `batch` positions from a multiple of `batch` is one bucket, whichever rank reads it.
+pub fn bucketed_permutation(seed: u64, epoch: u64, bucket_of: &[Option<u32>], batch: usize) -> Vec<usize> {
+    let mut members: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (i, b) in bucket_of.iter().enumerate() {
+        if let Some(b) = b {
+            members.entry(*b).or_default().push(i);
+        }
+    }
+    let mut groups: Vec<Vec<usize>> = vec![];
+    for (b, idx) in members {
+        let order = permutation(hash(seed, Stream::Bucket, b as u64, 0), epoch, idx.len());
+        let shuffled: Vec<usize> = order.into_iter().map(|k| idx[k]).collect();
+        groups.extend(shuffled.chunks_exact(batch).map(<[usize]>::to_vec));
+    }
+    let order = permutation(hash(seed, Stream::Bucket, u64::MAX, 0), epoch, groups.len());
+    order.into_iter().flat_map(|g| groups[g].clone()).collect()
+}
+
+/// How many positions each epoch of [`bucketed_permutation`] has.
+pub fn bucketed_len(bucket_of: &[Option<u32>], batch: usize) -> usize {
+    let mut counts: std::collections::BTreeMap<u32, usize> = Default::default();
+    for b in bucket_of.iter().flatten() {
+        *counts.entry(*b).or_default() += 1;
+    }
+    counts.values().map(|n| n / batch * batch).sum()
 }
 
 /// Where a data stream stands: the `position`-th entry of epoch `epoch`'s order. The trainer
@@ -127,19 +160,58 @@ pub(crate) struct Indexer {
     order: Order,
     len: usize,
     perm: Option<(u64, Vec<usize>)>,
+    /// Aspect-ratio buckets: each sample's bucket and the micro-batch size.
+    buckets: Option<(std::sync::Arc<[Option<u32>]>, usize)>,
+    /// A sequential pass over buckets: `start..end` sorted by bucket (stable).
+    sorted: Option<Vec<usize>>,
 }
 
 impl Indexer {
     pub fn new(order: Order, len: usize) -> Self {
-        Indexer { order, len, perm: None }
+        Indexer { order, len, perm: None, buckets: None, sorted: None }
+    }
+
+    /// An indexer whose shuffled epochs are [`bucketed_permutation`]s and whose sequential
+    /// passes visit the range bucket by bucket (in index order within each).
+    pub fn bucketed(order: Order, bucket_of: std::sync::Arc<[Option<u32>]>, batch: usize) -> Self {
+        let (len, sorted) = match order {
+            Order::Shuffled { .. } => (bucketed_len(&bucket_of, batch), None),
+            Order::Sequential { start, end } => {
+                let mut range: Vec<usize> = (start..end).collect();
+                range.sort_by_key(|&i| bucket_of[i]);
+                (bucket_of.len(), Some(range))
+            }
+        };
+        Indexer { order, len, perm: None, buckets: Some((bucket_of, batch)), sorted }
+    }
+
+    /// Positions per epoch: the samples, or the bucketed epoch's length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The bucket of sample `index`, when the order keeps to buckets.
+    pub fn bucket(&self, index: usize) -> Option<u32> {
+        self.buckets.as_ref().and_then(|(b, _)| b[index])
+    }
+
+    pub fn is_bucketed(&self) -> bool {
+        self.buckets.is_some()
     }
 
     pub fn index(&mut self, c: Cursor) -> usize {
         match self.order {
-            Order::Sequential { .. } => c.position as usize,
+            Order::Sequential { start, .. } => match &self.sorted {
+                Some(sorted) => sorted[c.position as usize - start],
+                None => c.position as usize,
+            },
             Order::Shuffled { seed } => {
                 if self.perm.as_ref().map(|(e, _)| *e) != Some(c.epoch) {
-                    self.perm = Some((c.epoch, permutation(seed, c.epoch, self.len)));
+                    let perm = match &self.buckets {
+                        Some((b, batch)) => bucketed_permutation(seed, c.epoch, b, *batch),
+                        None => permutation(seed, c.epoch, self.len),
+                    };
+                    self.perm = Some((c.epoch, perm));
                 }
                 self.perm.as_ref().expect("set above").1[c.position as usize]
             }
@@ -191,6 +263,26 @@ mod tests {
         }
         assert!((0..1000).all(|i| !drops_caption(1, i, 0, 0.0)));
         assert!((0..1000).all(|i| drops_caption(1, i, 0, 1.0)));
+    }
+
+    #[test]
+    fn bucketed_epochs_keep_micro_batches_to_one_bucket() {
+        // 11 samples in buckets 0 (5), 1 (4), 2 (1), one left out; batches of 2
+        let of: Vec<Option<u32>> = vec![Some(0), Some(1), Some(0), Some(0), None, Some(1), Some(2), Some(0), Some(1), Some(0), Some(1)];
+        assert_eq!(bucketed_len(&of, 2), 8);
+        let mut seen = std::collections::BTreeSet::new();
+        for e in 0..6 {
+            let p = bucketed_permutation(3, e, &of, 2);
+            assert_eq!(p, bucketed_permutation(3, e, &of, 2));
+            assert_eq!(p.len(), 8);
+            for pair in p.chunks(2) {
+                assert_eq!(of[pair[0]], of[pair[1]], "epoch {e}: {p:?}");
+            }
+            assert!(!p.contains(&4) && !p.contains(&6));
+            seen.extend(p);
+        }
+        assert_eq!(seen.len(), 9, "each bucket's leftover changes from epoch to epoch");
+        assert_ne!(bucketed_permutation(3, 0, &of, 2), bucketed_permutation(4, 0, &of, 2));
     }
 
     #[test]

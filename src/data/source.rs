@@ -25,6 +25,11 @@ pub trait SampleSource: Send + Sync + 'static {
     fn collate(&self, items: Vec<Self::Item>) -> Result<Self::Batch>;
     /// Names the source in messages ("dataset /data/x").
     fn describe(&self) -> String;
+    /// Each sample's aspect-ratio bucket (`data.buckets`; None: a sample that cannot be placed),
+    /// when a batch must hold one bucket only; None when any samples batch together.
+    fn buckets(&self) -> Option<std::sync::Arc<[Option<u32>]>> {
+        None
+    }
 }
 
 /// What to do with a sample that cannot be used (`data.on_bad_sample`).
@@ -87,6 +92,14 @@ pub trait ImageRows: Send + Sync + 'static {
     /// (width, height) of row `index` when its metadata says so without decoding.
     fn size_hint(&self, _index: usize) -> Option<(u32, u32)> {
         None
+    }
+    /// (width, height) of row `index` for its aspect-ratio bucket: [`ImageRows::size_hint`], else
+    /// the decoded image's (formats that can read a header alone override this).
+    fn dimensions(&self, index: usize) -> std::result::Result<(u32, u32), BadSample> {
+        match self.size_hint(index) {
+            Some(s) => Ok(s),
+            None => self.decode(index).map(|(img, _)| img.dimensions()),
+        }
     }
 }
 

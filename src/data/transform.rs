@@ -30,32 +30,47 @@ pub struct Transform {
     pub random_flip: bool,
 }
 
-/// Where a sample is cropped and whether it is mirrored.
+/// Where a sample is cropped, to what size, and whether it is mirrored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Augment {
     pub left: u32,
     pub top: u32,
     pub flip: bool,
+    /// (width, height) of the crop: `resolution`², or an aspect-ratio bucket's size.
+    pub target: (u32, u32),
+}
+
+/// The size (width, height) an image `w` × `h` is resized to before its `target` crop: the
+/// smallest that covers the target keeping the aspect ratio, the side that fits exactly and the
+/// other `int(side * long / short)` as torchvision's `Resize(int)` computes it (for a square
+/// target, exactly `Resize(resolution)`: the short side to `resolution`).
+pub fn cover(w: u32, h: u32, target: (u32, u32)) -> (u32, u32) {
+    let (tw, th) = target;
+    // Python's `int(size * long / short)`: an exact product, one correctly rounded division.
+    let scaled = |side: u32, num: u32, den: u32| ((side as u64 * num as u64) as f64 / den as f64) as u32;
+    if w as u64 * th as u64 >= h as u64 * tw as u64 {
+        (scaled(th, w, h), th) // as wide as the target or wider: the height fits
+    } else {
+        (tw, scaled(tw, h, w))
+    }
 }
 
 impl Transform {
     /// torchvision's `Resize(int)` output size (width, height) for a `w` x `h` image.
     pub fn resized_size(&self, w: u32, h: u32) -> (u32, u32) {
-        let (short, long) = if w <= h { (w, h) } else { (h, w) };
-        let r = self.resolution as u64;
-        // Python's `int(size * long / short)`: an exact product, one correctly rounded division.
-        let new_long = ((r * long as u64) as f64 / short as f64) as u32;
-        if w <= h {
-            (self.resolution, new_long)
-        } else {
-            (new_long, self.resolution)
-        }
+        cover(w, h, (self.resolution, self.resolution))
     }
 
-    /// The crop and flip of sample `index` in epoch `epoch` for an image resized to `resized`.
+    /// The crop and flip of sample `index` in epoch `epoch` for an image resized to `resized`,
+    /// cropped to `resolution`².
     pub fn augment(&self, seed: u64, epoch: u64, index: usize, resized: (u32, u32)) -> Augment {
+        self.augment_to(seed, epoch, index, resized, (self.resolution, self.resolution))
+    }
+
+    /// [`Transform::augment`] for a `target` (width, height) crop (an aspect-ratio bucket).
+    pub fn augment_to(&self, seed: u64, epoch: u64, index: usize, resized: (u32, u32), target: (u32, u32)) -> Augment {
         let (w, h) = resized;
-        let (span_x, span_y) = (w - self.resolution, h - self.resolution);
+        let (span_x, span_y) = (w - target.0, h - target.1);
         let (left, top) = if self.center_crop {
             // torchvision: int(round((size - crop) / 2.0)); Python rounds halves to even.
             let c = |span: u32| (span as f64 / 2.0).round_ties_even() as u32;
@@ -65,7 +80,7 @@ impl Transform {
             (r(Stream::CropX, span_x), r(Stream::CropY, span_y))
         };
         let flip = self.random_flip && hash(seed, Stream::Flip, epoch, index as u64) >> 63 == 1;
-        Augment { left, top, flip }
+        Augment { left, top, flip, target }
     }
 
     /// SDXL's six micro-conditioning ids of a `original` (width, height) image cropped and
@@ -73,17 +88,17 @@ impl Transform {
     /// resized image, target size (h, w). A flip stores `target width - x`, as diffusers'
     /// `train_text_to_image_sdxl.py` does (`x1 = image.width - x1` on the cropped image).
     pub fn time_ids(&self, original: (u32, u32), aug: Augment) -> [i64; 6] {
-        let r = self.resolution as i64;
-        let left = if aug.flip { r - aug.left as i64 } else { aug.left as i64 };
-        [original.1 as i64, original.0 as i64, aug.top as i64, left, r, r]
+        let (tw, th) = (aug.target.0 as i64, aug.target.1 as i64);
+        let left = if aug.flip { tw - aug.left as i64 } else { aug.left as i64 };
+        [original.1 as i64, original.0 as i64, aug.top as i64, left, th, tw]
     }
 
-    /// Resizes, crops and flips `img` into `resolution`² RGB pixels (row-major, HWC).
+    /// Resizes, crops and flips `img` into `aug.target` RGB pixels (row-major, HWC).
     pub fn apply(&self, img: &RgbImage, aug: Augment) -> Vec<u8> {
-        let (w, h) = self.resized_size(img.width(), img.height());
-        let r = self.resolution;
-        assert!(aug.left + r <= w && aug.top + r <= h, "crop {aug:?} outside the resized {w}x{h} image");
-        resize_crop(img, (w, h), (aug.left, aug.top), (r, r), aug.flip)
+        let (w, h) = cover(img.width(), img.height(), aug.target);
+        let (tw, th) = aug.target;
+        assert!(aug.left + tw <= w && aug.top + th <= h, "crop {aug:?} outside the resized {w}x{h} image");
+        resize_crop(img, (w, h), (aug.left, aug.top), aug.target, aug.flip)
     }
 }
 
@@ -287,10 +302,16 @@ pub fn normalize(v: u8) -> f32 {
 
 /// Stacks `n` HWC RGB images of `res`² pixels into a (n, 3, res, res) f32 tensor in [-1, 1].
 pub fn to_tensor(pixels: &[u8], n: usize, res: usize) -> Tensor {
-    assert_eq!(pixels.len(), n * res * res * 3, "pixel buffer does not hold {n} images of {res}x{res}");
+    to_tensor_sized(pixels, n, (res, res))
+}
+
+/// [`to_tensor`] of `n` images of (width, height) `size`: (n, 3, height, width).
+pub fn to_tensor_sized(pixels: &[u8], n: usize, size: (usize, usize)) -> Tensor {
+    let (w, h) = size;
+    assert_eq!(pixels.len(), n * w * h * 3, "pixel buffer does not hold {n} images of {w}x{h}");
     let lut: Vec<f32> = (0..=255u8).map(normalize).collect();
-    let plane = res * res;
-    let out = Tensor::empty([n as i64, 3, res as i64, res as i64], (Kind::Float, Device::Cpu));
+    let plane = w * h;
+    let out = Tensor::empty([n as i64, 3, h as i64, w as i64], (Kind::Float, Device::Cpu));
     if n * plane == 0 {
         return out;
     }
@@ -327,8 +348,8 @@ mod tests {
     #[test]
     fn centre_crop_rounds_halves_to_even() {
         // (77 - 64) / 2 = 6.5 -> 6 and (79 - 64) / 2 = 7.5 -> 8, as Python's round does.
-        assert_eq!(t(64, true, false).augment(0, 0, 0, (77, 64)), Augment { left: 6, top: 0, flip: false });
-        assert_eq!(t(64, true, false).augment(0, 0, 0, (64, 79)), Augment { left: 0, top: 8, flip: false });
+        assert_eq!(t(64, true, false).augment(0, 0, 0, (77, 64)), Augment { left: 6, top: 0, flip: false, target: (64, 64) });
+        assert_eq!(t(64, true, false).augment(0, 0, 0, (64, 79)), Augment { left: 0, top: 8, flip: false, target: (64, 64) });
     }
 
     #[test]
@@ -350,7 +371,7 @@ mod tests {
     #[test]
     fn time_ids_record_size_crop_and_mirrored_left() {
         let tr = t(64, false, true);
-        let aug = Augment { left: 10, top: 3, flip: false };
+        let aug = Augment { left: 10, top: 3, flip: false, target: (64, 64) };
         assert_eq!(tr.time_ids((100, 75), aug), [75, 100, 3, 10, 64, 64]);
         assert_eq!(tr.time_ids((100, 75), Augment { flip: true, ..aug }), [75, 100, 3, 54, 64, 64]);
     }

@@ -245,6 +245,7 @@ fn encode(pipeline: &Path, data: &Path, cache: &Path, seed: u64) -> Result<()> {
     let p = PipelineDir::open(pipeline)?;
     let encoder = TeacherEncoder::load(&p, Device::Cpu, Kind::Float)?;
     let opts = CacheOptions {
+        buckets: None,
         transform: Transform { resolution: DEMO_RESOLUTION, center_crop: true, random_flip: false },
         seed,
         shard_size: 1024,

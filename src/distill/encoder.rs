@@ -40,6 +40,26 @@ pub struct TextEmbeds {
     pub pooled: Option<Tensor>,
 }
 
+/// What stands for "no caption": the unconditional input of the teacher's classifier-free
+/// guidance in LCD, and what `data.caption_dropout` replaces a caption by (`data.dropped_caption`).
+pub enum Unconditional {
+    /// Zeros for the text embedding and the pooled embedding, as SDXL was trained (SGM's
+    /// conditioner zeroes dropped conditioning) and diffusers' `train_lcm_distill_sdxl_wds.py`
+    /// makes its unconditional embeddings.
+    Zeros,
+    /// The teacher's encoding of the empty prompt, (1, ...): SD-1.x/2.x's.
+    Embeds(TextEmbeds),
+}
+
+impl Unconditional {
+    pub fn shallow_clone(&self) -> Unconditional {
+        match self {
+            Unconditional::Zeros => Unconditional::Zeros,
+            Unconditional::Embeds(e) => Unconditional::Embeds(TextEmbeds { context: e.context.shallow_clone(), pooled: e.pooled.as_ref().map(Tensor::shallow_clone) }),
+        }
+    }
+}
+
 pub struct TeacherEncoder {
     pub vae: Vae,
     pub text_encoder: ClipTextEncoder,

@@ -1,13 +1,14 @@
 //! The latent consistency distillation (LCD) step of `method: lcm` (Luo et al. 2023, "Latent
-//! Consistency Models", Algorithm 1), following diffusers' `train_lcm_distill_sd_wds.py` step by
-//! step and dtype by dtype, beside the KD step of `step.rs`:
+//! Consistency Models", Algorithm 1), following diffusers' `train_lcm_distill_sd_wds.py` (and its
+//! SDXL twin `train_lcm_distill_sdxl_wds.py`) step by step and dtype by dtype, beside the KD step
+//! of `step.rs`:
 //!
 //! 1. per sample an index n of the DDIM solver's skipping grid: start t_{n+k} = (n+1)·k − 1, target
 //!    t_n = t_{n+k} − k (0 at index 0); w ~ U[w_min, w_max] and its embedding;
 //! 2. z = add_noise(latents, noise, t_{n+k});
 //! 3. the online student at t_{n+k} with the w embedding, its x0 combined by the boundary
 //!    scalings: `model_pred = c_skip(t_{n+k})·z + c_out(t_{n+k})·x0`;
-//! 4. without gradients: the teacher on the text and the empty prompt, x0 and ε of each, CFG in
+//! 4. without gradients: the teacher on the text and the unconditional input, x0 and ε of each, CFG in
 //!    the LCM convention `cond + w·(cond − uncond)` on both, one DDIM step to x_prev; the target
 //!    network (an EMA of the student) at t_n on x_prev: `target = c_skip(t_n)·x_prev + c_out(t_n)·x0`;
 //! 5. l2 or pseudo-Huber loss between them, plus `lcm.output_kd` × output KD when that is above
@@ -22,10 +23,16 @@
 //! such target (CFG mixes two forwards' outputs, not their activations; the cond branch's
 //! features are w = 0's) and is refused (`RunConfig::validate_method`).
 //!
+//! On an SDXL teacher every UNet call also takes the batch's time ids and pooled text embedding
+//! (`added_cond_kwargs`); the unconditional teacher call has zeros for the text embedding and the
+//! pooled one and keeps the batch's time ids, as the SDXL script (its `uncond_added_conditions`
+//! swaps `text_embeds` alone).
+//!
 //! As in the script, the solver's ᾱ_prev table is float64 (numpy makes it from a list of Python
 //! floats), so x_prev, the target network's x0 and the target are float64 until the loss; the
 //! rest is float32. `Distiller` (step.rs) holds the `Consistency` state and steps the target EMA
 //! after AdamW.
+use super::encoder::{TextEmbeds, Unconditional};
 use super::lcm::{ConsistencyLoss, LcmConfig};
 use super::optim::Ema;
 use crate::models::embeddings::guidance_scale_embedding;
@@ -34,7 +41,7 @@ use crate::models::{weights, Checkpointing, Init, Recompute, UNet};
 use crate::schedulers::config::PredictionType;
 use crate::schedulers::lcm::boundary_scalings;
 use crate::schedulers::NoiseSchedule;
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use std::collections::BTreeSet;
 use tch::{Device, Kind, Tensor};
 
@@ -115,7 +122,8 @@ impl LcdInputs {
         let cpu = Device::Cpu;
         let index = Tensor::randint(cfg.num_ddim_timesteps as i64, [b], (Kind::Int64, cpu));
         let noise = Tensor::randn(latents.size(), (Kind::Float, cpu));
-        let w = Tensor::rand([b], (Kind::Float, cpu)) * (cfg.w_max - cfg.w_min) + cfg.w_min;
+        let (w_min, w_max) = cfg.guidance_range();
+        let w = Tensor::rand([b], (Kind::Float, cpu)) * (w_max - w_min) + w_min;
         LcdInputs { index, noise, w }
     }
 }
@@ -131,7 +139,7 @@ pub struct LcdTerms {
 }
 
 /// The LCD state beside the student: the solver, the target network (an EMA of the student,
-/// evaluated without gradients) and the empty prompt's embedding.
+/// evaluated without gradients) and the teacher's unconditional input.
 pub struct Consistency {
     cfg: LcmConfig,
     solver: DdimSolver,
@@ -139,9 +147,9 @@ pub struct Consistency {
     /// target is the adapted student itself without gradients (diffusers'
     /// `train_lcm_distill_lora_sd_wds.py`: "we do not use a separate target network").
     target: Option<(UNet, Ema)>,
-    /// (1, tokens, dim) float32: the teacher's unconditional text embedding (the encoded "" for
-    /// SD-1.x/2.x, as the script).
-    uncond: Tensor,
+    /// The teacher's unconditional input: the encoded "" for SD-1.x/2.x (the SD script), zeros
+    /// for SDXL (the SDXL script); float32.
+    uncond: Unconditional,
 }
 
 impl Consistency {
@@ -200,11 +208,11 @@ pub struct LcdModels<'a> {
 impl Consistency {
     /// The LCD state for `student`, which must have `time_embedding.cond_proj` of
     /// `cfg.time_cond_proj_dim`: the target network starts as a copy of it; `uncond` is the
-    /// teacher's unconditional text embedding (1, tokens, dim).
+    /// teacher's unconditional input (embeddings of batch 1, or zeros).
     ///
     /// A student with LoRA adapters is LCM-LoRA's: no guidance embedding (it must have no
     /// `cond_proj`: w is baked in by the teacher's CFG) and no target network.
-    pub fn new(cfg: &LcmConfig, student: &UNet, schedule: &NoiseSchedule, uncond: Tensor) -> Result<Consistency> {
+    pub fn new(cfg: &LcmConfig, student: &UNet, schedule: &NoiseSchedule, uncond: Unconditional) -> Result<Consistency> {
         let config = &student.model.config;
         let lora = student.adapters.is_some();
         let want = (!lora).then_some(cfg.time_cond_proj_dim);
@@ -214,7 +222,9 @@ impl Consistency {
             config.time_cond_proj_dim,
             if lora { "LCM-LoRA feeds no guidance embedding".to_string() } else { format!("lcm.time_cond_proj_dim is {}", cfg.time_cond_proj_dim) }
         );
-        ensure!(uncond.dim() == 3 && uncond.size()[0] == 1, "the unconditional embedding must be (1, tokens, dim), not {:?}", uncond.size());
+        if let Unconditional::Embeds(e) = &uncond {
+            ensure!(e.context.dim() == 3 && e.context.size()[0] == 1, "the unconditional embedding must be (1, tokens, dim), not {:?}", e.context.size());
+        }
         let solver = DdimSolver::new(schedule, cfg.num_ddim_timesteps)?;
         let device = student.model.device();
         let target = match lora {
@@ -226,13 +236,37 @@ impl Consistency {
                 Some((target, ema))
             }
         };
-        let uncond = uncond.to_kind(Kind::Float).to_device(device);
+        let uncond = match uncond {
+            Unconditional::Zeros => Unconditional::Zeros,
+            Unconditional::Embeds(e) => {
+                let float = |t: &Tensor| t.to_kind(Kind::Float).to_device(device);
+                Unconditional::Embeds(TextEmbeds { context: float(&e.context), pooled: e.pooled.as_ref().map(float) })
+            }
+        };
         Ok(Consistency { cfg: cfg.clone(), solver, target, uncond })
     }
 
+    /// The unconditional text embedding and pooled embedding for a batch of `context` and
+    /// `pooled` (SDXL's; None for SD-1.x/2.x), float32.
+    fn uncond_for(&self, context: &Tensor, pooled: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+        let b = context.size()[0];
+        Ok(match &self.uncond {
+            Unconditional::Zeros => (context.to_kind(Kind::Float).zeros_like(), pooled.map(|p| p.to_kind(Kind::Float).zeros_like())),
+            Unconditional::Embeds(e) => {
+                let pooled = match pooled {
+                    Some(_) => Some(e.pooled.as_ref().ok_or_else(|| anyhow!("the batch has pooled text embeddings, the unconditional embedding none"))?.repeat([b, 1])),
+                    None => None,
+                };
+                (e.context.repeat([b, 1, 1]), pooled)
+            }
+        })
+    }
+
     /// Forward and backward of one micro-batch on given draws; the gradients accumulate, the
-    /// loss multiplied by `grad_scale` (the fp16 loss scale over the accumulation).
-    pub fn micro_step(&self, m: &LcdModels, latents: &Tensor, context: &Tensor, inputs: &LcdInputs, grad_scale: f64) -> LcdTerms {
+    /// loss multiplied by `grad_scale` (the fp16 loss scale over the accumulation). `added`: the
+    /// batch's pooled text embedding and time ids for an SDXL teacher and student (empty for
+    /// SD-1.x/2.x; its `timestep_cond` is unused: the w embedding is made here).
+    pub fn micro_step(&self, m: &LcdModels, latents: &Tensor, context: &Tensor, added: &AddedCond, inputs: &LcdInputs, grad_scale: f64) -> Result<LcdTerms> {
         let c = self;
         let (dev, b) = (latents.device(), latents.size()[0]);
         let prediction = m.schedule.prediction_type();
@@ -248,31 +282,40 @@ impl Consistency {
         let w = inputs.w.to_device(dev).to_kind(Kind::Float).view([b, 1, 1, 1]);
         let none = BTreeSet::new();
 
+        let (uncond_context, uncond_pooled) = c.uncond_for(context, added.text_embeds.as_ref())?;
+        // the added conditioning in `kind`, as the script casts it to the UNet's dtype
+        let cond = |kind: Kind, pooled: Option<&Tensor>, w_emb: Option<&Tensor>| AddedCond {
+            text_embeds: pooled.map(|t| t.to_kind(kind)),
+            time_ids: added.time_ids.as_ref().map(|t| t.to_kind(kind)),
+            timestep_cond: w_emb.map(|t| t.to_kind(kind)),
+        };
+
         // the online student at t_{n+k}
         let kind = m.compute_kind;
-        let added = AddedCond { timestep_cond: w_emb.map(|e| e.to_kind(kind)), ..AddedCond::default() };
+        let student_added = cond(kind, added.text_embeds.as_ref(), w_emb.as_ref());
         let recompute = Recompute::new(m.checkpointing); // lives until after the backward
-        let out = m.student.model.forward_cond_with(&noisy.to_kind(kind), &start, &context.to_kind(kind), &added, &none, &recompute).sample;
+        let out = m.student.model.forward_cond_with(&noisy.to_kind(kind), &start, &context.to_kind(kind), &student_added, &none, &recompute).sample;
         let (x0, _) = x0_and_noise(prediction, m.schedule, &out.to_kind(Kind::Float), &start, &noisy);
         let model_pred = &skip_start * &noisy + &out_start * x0;
 
         let (target, guided_out) = tch::no_grad(|| {
             // the teacher's guided estimate, one DDIM step back to t_n
             let tk = weights::var_kind(&m.teacher.vs);
-            let teacher_at = |ctx: &Tensor| {
-                let out = m.teacher.model.forward(&noisy.to_kind(tk), &start, &ctx.to_kind(tk), &none).sample.to_kind(Kind::Float);
+            let teacher_at = |ctx: &Tensor, pooled: Option<&Tensor>| {
+                let out = m.teacher.model.forward_cond(&noisy.to_kind(tk), &start, &ctx.to_kind(tk), &cond(tk, pooled, None), &none).sample.to_kind(Kind::Float);
                 let (x0, eps) = x0_and_noise(prediction, m.schedule, &out, &start, &noisy);
                 (x0, eps, out)
             };
-            let (cond_x0, cond_eps, cond_out) = teacher_at(context);
-            let (uncond_x0, uncond_eps, uncond_out) = teacher_at(&c.uncond.repeat([b, 1, 1]));
+            let (cond_x0, cond_eps, cond_out) = teacher_at(context, added.text_embeds.as_ref());
+            // the unconditional call keeps the batch's time ids (the SDXL script swaps text_embeds alone)
+            let (uncond_x0, uncond_eps, uncond_out) = teacher_at(&uncond_context, uncond_pooled.as_ref());
             let guided_out = (c.cfg.output_kd > 0.0).then(|| &cond_out + &w * (&cond_out - &uncond_out));
             let pred_x0 = &cond_x0 + &w * (&cond_x0 - &uncond_x0);
             let pred_eps = &cond_eps + &w * (&cond_eps - &uncond_eps);
             let x_prev = c.solver.ddim_step(&pred_x0, &pred_eps, &index); // float64
             // the target network at t_n on x_prev
             let target = c.target.as_ref().map_or(m.student, |(t, _)| t);
-            let out = target.model.forward_cond(&x_prev.to_kind(kind), &t_n, &context.to_kind(kind), &added, &none).sample.to_kind(Kind::Float);
+            let out = target.model.forward_cond(&x_prev.to_kind(kind), &t_n, &context.to_kind(kind), &student_added, &none).sample.to_kind(Kind::Float);
             let (x0, _) = x0_and_noise(prediction, m.schedule, &out, &t_n, &x_prev);
             (&skip_n * &x_prev + &out_n * x0, guided_out)
         });
@@ -291,7 +334,7 @@ impl Consistency {
         };
         (&total * grad_scale).backward();
         let w_mean = inputs.w.to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
-        LcdTerms { loss: loss.detach(), output_kd: output_kd.map(|t| t.detach()), w_mean }
+        Ok(LcdTerms { loss: loss.detach(), output_kd: output_kd.map(|t| t.detach()), w_mean })
     }
 }
 

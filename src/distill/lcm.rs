@@ -1,6 +1,7 @@
 //! `method: lcm` and its `lcm:` section: latent consistency distillation (LCD, Luo et al. 2023,
 //! "Latent Consistency Models") of the student, with the defaults of diffusers'
-//! `train_lcm_distill_sd_wds.py`. The step itself is `distill/lcd.rs`.
+//! `train_lcm_distill_sd_wds.py` (and `train_lcm_distill_sdxl_wds.py`'s guidance range on an SDXL
+//! teacher). The step itself is `distill/lcd.rs`.
 use crate::config_error::{invalid, ConfigError};
 use crate::schedulers::config::{LcmGrid, LCM_ORIGINAL_INFERENCE_STEPS};
 use serde::{Deserialize, Serialize};
@@ -42,9 +43,12 @@ pub struct LcmConfig {
     /// Points of the DDIM solver's skipping grid (N; k = num_train_timesteps / N).
     pub num_ddim_timesteps: usize,
     /// Guidance scale w ~ U[w_min, w_max] per sample, in the LCM convention
-    /// `cond + w·(cond − uncond)` (an Imagen scale of w + 1).
-    pub w_min: f64,
-    pub w_max: f64,
+    /// `cond + w·(cond − uncond)` (an Imagen scale of w + 1). Unset: the teacher family's
+    /// default (`fill_family_defaults`): 5 and 15 for SD-1.x/2.x, 3 and 15 for SDXL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub w_min: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub w_max: Option<f64>,
     /// Width of the guidance embedding the student gains (`time_embedding.cond_proj`).
     pub time_cond_proj_dim: i64,
     /// s in the boundary scalings c_skip = σd² / ((s·t)² + σd²), c_out = s·t / sqrt((s·t)² + σd²).
@@ -70,8 +74,8 @@ impl Default for LcmConfig {
     fn default() -> Self {
         LcmConfig {
             num_ddim_timesteps: LCM_ORIGINAL_INFERENCE_STEPS,
-            w_min: 5.0,
-            w_max: 15.0,
+            w_min: None,
+            w_max: None,
             time_cond_proj_dim: 256,
             timestep_scaling: 10.0,
             target_ema: 0.95,
@@ -83,9 +87,38 @@ impl Default for LcmConfig {
     }
 }
 
+/// The guidance range of diffusers' `train_lcm_distill_sd_wds.py` (`--w_min`, `--w_max`).
+pub const SD_GUIDANCE_RANGE: (f64, f64) = (5.0, 15.0);
+/// The guidance range of diffusers' `train_lcm_distill_sdxl_wds.py`.
+pub const SDXL_GUIDANCE_RANGE: (f64, f64) = (3.0, 15.0);
+
 impl LcmConfig {
     pub fn is_default(&self) -> bool {
         *self == LcmConfig::default()
+    }
+
+    /// [w_min, w_max], once `fill_family_defaults` has run (an unset bound is then SD-1.x/2.x's).
+    pub fn guidance_range(&self) -> (f64, f64) {
+        (self.w_min.unwrap_or(SD_GUIDANCE_RANGE.0), self.w_max.unwrap_or(SD_GUIDANCE_RANGE.1))
+    }
+
+    /// Sets the unset guidance bounds to the teacher family's defaults (`sdxl`: SDXL's 3 and 15,
+    /// else 5 and 15), so that the run's recorded config names them. An SD section left wholly
+    /// at its defaults stays unset: the recorded config, and with it the resume hash, is the one
+    /// SD runs had before SDXL had its own defaults (an SD section with other keys set recorded
+    /// 5 and 15 then, and does now). Checks w_min <= w_max once both are known.
+    pub fn fill_family_defaults(&mut self, sdxl: bool) -> Result<(), ConfigError> {
+        if sdxl || !self.is_default() {
+            let (lo, hi) = if sdxl { SDXL_GUIDANCE_RANGE } else { SD_GUIDANCE_RANGE };
+            self.w_min.get_or_insert(lo);
+            self.w_max.get_or_insert(hi);
+        }
+        let (lo, hi) = self.guidance_range();
+        if lo > hi {
+            let family = if sdxl { "SDXL" } else { "SD-1.x/2.x" };
+            return Err(invalid("lcm.w_min", format!("lcm.w_min = {lo} is above lcm.w_max = {hi} (an unset bound is the {family} default)")));
+        }
+        Ok(())
     }
 
     /// The grid the student is distilled on, which its LCM sampler must repeat.
@@ -117,12 +150,16 @@ impl LcmConfig {
             return Err(invalid("lcm.num_ddim_timesteps", format!("lcm.num_ddim_timesteps = {n}: must be >= 1")));
         }
         for (key, v) in [("lcm.w_min", self.w_min), ("lcm.w_max", self.w_max)] {
-            if !(v.is_finite() && v >= 0.0) {
+            if let Some(v) = v.filter(|v| !(v.is_finite() && *v >= 0.0)) {
                 return Err(invalid(key, format!("{key} = {v}: must be a finite number >= 0")));
             }
         }
-        if self.w_min > self.w_max {
-            return Err(invalid("lcm.w_min", format!("lcm.w_min = {} is above lcm.w_max = {}", self.w_min, self.w_max)));
+        // an unset bound is the teacher family's (`fill_family_defaults` checks again): refused
+        // here when it is above every family's
+        let lo = self.w_min.unwrap_or(SDXL_GUIDANCE_RANGE.0.min(SD_GUIDANCE_RANGE.0));
+        let hi = self.w_max.unwrap_or(SDXL_GUIDANCE_RANGE.1.max(SD_GUIDANCE_RANGE.1));
+        if lo > hi {
+            return Err(invalid("lcm.w_min", format!("lcm.w_min = {lo} is above lcm.w_max = {hi}")));
         }
         let d = self.time_cond_proj_dim;
         if d < 2 || d % 2 == 1 || d > 1 << 16 {
@@ -162,8 +199,8 @@ mod tests {
         let cases: [(fn(&mut LcmConfig), &str); 8] = [
             (|c| c.output_kd = -1.0, "lcm.output_kd"),
             (|c| c.num_ddim_timesteps = 0, "lcm.num_ddim_timesteps"),
-            (|c| (c.w_min, c.w_max) = (16.0, 15.0), "lcm.w_min"),
-            (|c| c.w_max = f64::NAN, "lcm.w_max"),
+            (|c| (c.w_min, c.w_max) = (Some(16.0), Some(15.0)), "lcm.w_min"),
+            (|c| c.w_max = Some(f64::NAN), "lcm.w_max"),
             (|c| c.time_cond_proj_dim = 255, "lcm.time_cond_proj_dim"),
             (|c| c.time_cond_proj_dim = 0, "lcm.time_cond_proj_dim"),
             (|c| c.target_ema = 1.0, "lcm.target_ema"),
@@ -177,5 +214,26 @@ mod tests {
             assert!(e.message.contains(key), "{}", e.message);
         }
         assert!(LcmConfig::default().validate().is_ok());
+    }
+
+    /// The family's guidance range fills the unset bounds (diffusers' SD script: 5, 15; its SDXL
+    /// script: 3, 15); a fully default SD section stays unset (its recorded config is unchanged);
+    /// an SDXL default above a set w_max is refused naming the key.
+    #[test]
+    fn guidance_range_defaults_by_family() {
+        let mut sdxl = LcmConfig::default();
+        sdxl.fill_family_defaults(true).unwrap();
+        assert_eq!((sdxl.w_min, sdxl.w_max, sdxl.guidance_range()), (Some(3.0), Some(15.0), (3.0, 15.0)));
+        let mut sd = LcmConfig::default();
+        sd.fill_family_defaults(false).unwrap();
+        assert_eq!((sd.is_default(), sd.guidance_range()), (true, (5.0, 15.0)));
+        let mut sd = LcmConfig { loss: ConsistencyLoss::Huber, ..LcmConfig::default() };
+        sd.fill_family_defaults(false).unwrap();
+        assert_eq!((sd.w_min, sd.w_max), (Some(5.0), Some(15.0)));
+        let mut set = LcmConfig { w_min: Some(4.0), ..LcmConfig::default() };
+        set.fill_family_defaults(true).unwrap();
+        assert_eq!(set.guidance_range(), (4.0, 15.0));
+        let e = LcmConfig { w_max: Some(2.0), ..LcmConfig::default() }.fill_family_defaults(true).unwrap_err();
+        assert_eq!(e.key, "lcm.w_min", "{}", e.message);
     }
 }

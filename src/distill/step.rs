@@ -2,6 +2,7 @@
 //! ready latents and text embeddings, noise and timesteps, the frozen teacher's forward, the
 //! student's forward and backward, the three losses, then clipping, AdamW, EMA and the fp16 loss
 //! scale. `Trainer` feeds it a run's data; `sdkd bench` and the tests feed it random tensors.
+use super::encoder::Unconditional;
 use super::loss::{distill_loss, LossTerms, LossWeights};
 use super::lcd::{Consistency, LcdInputs, LcdModels, LcdTerms};
 use super::lcm::LcmConfig;
@@ -231,9 +232,9 @@ impl Distiller {
 
     /// Turns this distiller into an LCD one (`method: lcm`, `lcd.rs`): the target network starts
     /// as a copy of the student, which must have `time_embedding.cond_proj` of
-    /// `cfg.time_cond_proj_dim`; `uncond` is the teacher's unconditional text embedding
-    /// (1, tokens, dim).
-    pub fn with_consistency(mut self, cfg: &LcmConfig, uncond: Tensor) -> Result<Distiller> {
+    /// `cfg.time_cond_proj_dim`; `uncond` is the teacher's unconditional input (the encoded ""
+    /// of batch 1, or zeros).
+    pub fn with_consistency(mut self, cfg: &LcmConfig, uncond: Unconditional) -> Result<Distiller> {
         if self.teacher.is_none() {
             bail!("method: lcm needs the teacher UNet");
         }
@@ -250,15 +251,16 @@ impl Distiller {
     }
 
     /// One LCD micro-batch with its index, noise and w drawn from the current generator;
-    /// gradients accumulate, scaled by 1/`accum`.
-    pub fn lcd_micro_step(&self, latents: &Tensor, context: &Tensor, accum: usize) -> Result<LcdTerms> {
+    /// gradients accumulate, scaled by 1/`accum`. `added`: an SDXL batch's pooled text embedding
+    /// and time ids, given to the teacher, the student and the target network alike.
+    pub fn lcd_micro_step(&self, latents: &Tensor, context: &Tensor, added: &AddedCond, accum: usize) -> Result<LcdTerms> {
         let c = self.consistency.as_ref().ok_or_else(|| anyhow!("not an LCD distiller (with_consistency)"))?;
         let inputs = LcdInputs::draw(latents, c.config());
-        self.lcd_micro_step_with(latents, context, &inputs, accum)
+        self.lcd_micro_step_with(latents, context, added, &inputs, accum)
     }
 
-    /// `lcd_micro_step` on given draws (what the parity test feeds).
-    pub fn lcd_micro_step_with(&self, latents: &Tensor, context: &Tensor, inputs: &LcdInputs, accum: usize) -> Result<LcdTerms> {
+    /// `lcd_micro_step` on given draws (what the parity tests feed).
+    pub fn lcd_micro_step_with(&self, latents: &Tensor, context: &Tensor, added: &AddedCond, inputs: &LcdInputs, accum: usize) -> Result<LcdTerms> {
         let c = self.consistency.as_ref().ok_or_else(|| anyhow!("not an LCD distiller (with_consistency)"))?;
         let teacher = self.teacher.as_ref().ok_or_else(|| anyhow!("method: lcm needs the teacher UNet"))?;
         let models = LcdModels {
@@ -269,7 +271,7 @@ impl Distiller {
             checkpointing: self.checkpointing,
         };
         let scale = self.loss_scale.map_or(1.0, |s| s.scale);
-        Ok(c.micro_step(&models, latents, context, inputs, scale / accum as f64))
+        c.micro_step(&models, latents, context, added, inputs, scale / accum as f64)
     }
 
     /// `update_over` on one process.

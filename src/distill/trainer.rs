@@ -14,7 +14,7 @@
 //! and the parameters are all-gathered, `zero.rs`). Rank 0 alone writes; the others wait at
 //! barriers.
 use super::checkpoint::{self, CheckpointWriter, StateMeta, TrainState};
-use super::encoder::{LatentScale, TeacherEncoder, TextEmbeds};
+use super::encoder::{LatentScale, TeacherEncoder, TextEmbeds, Unconditional};
 use super::optim::{lr_at, AdamWConfig, Ema};
 use super::progress::{Progress, ProgressMode};
 use super::scalars::{LogWindow, StepScalars};
@@ -54,13 +54,6 @@ pub struct RunOutcome {
     pub last_loss: f64,
 }
 
-/// What a dropped caption becomes (`data.dropped_caption`): zeros, or the empty prompt's
-/// embeddings ((1, tokens, dim) and, for SDXL, (1, pooled)).
-enum Dropped {
-    Zeros,
-    Embeds(TextEmbeds),
-}
-
 /// `x`'s rows that `mask` picks replaced by `with` ((1, ...) broadcast), or by zeros.
 fn replace_rows(x: &Tensor, with: Option<&Tensor>, mask: &[bool], what: &str) -> Result<Tensor> {
     let shape = x.size();
@@ -83,15 +76,15 @@ fn replace_rows(x: &Tensor, with: Option<&Tensor>, mask: &[bool], what: &str) ->
 }
 
 /// `context` (and SDXL's `pooled`) with the rows `dropped(row)` picks replaced as `to` says.
-fn drop_captions(context: &Tensor, pooled: Option<&Tensor>, to: &Dropped, dropped: impl Fn(u64) -> bool) -> Result<(Tensor, Option<Tensor>)> {
+fn drop_captions(context: &Tensor, pooled: Option<&Tensor>, to: &Unconditional, dropped: impl Fn(u64) -> bool) -> Result<(Tensor, Option<Tensor>)> {
     let b = context.size()[0];
     let mask: Vec<bool> = (0..b as u64).map(dropped).collect();
     if !mask.contains(&true) {
         return Ok((context.shallow_clone(), pooled.map(Tensor::shallow_clone)));
     }
     let (empty_context, empty_pooled) = match to {
-        Dropped::Zeros => (None, None),
-        Dropped::Embeds(e) => (Some(&e.context), e.pooled.as_ref()),
+        Unconditional::Zeros => (None, None),
+        Unconditional::Embeds(e) => (Some(&e.context), e.pooled.as_ref()),
     };
     let context = replace_rows(context, empty_context, &mask, "text embedding")?;
     let pooled = pooled.map(|p| replace_rows(p, empty_pooled, &mask, "pooled embedding")).transpose()?;
@@ -165,7 +158,7 @@ pub struct Trainer {
     /// counted over all ranks (the config itself for one process).
     identity: RunConfig,
     /// What dropped captions become, when `data.caption_dropout` > 0.
-    dropped: Option<Dropped>,
+    dropped: Option<Unconditional>,
     /// `validation.eval` on the leader, when on.
     periodic_eval: Option<PeriodicEval>,
     /// `method: lcm`: the teacher's noise schedule as an `LCMScheduler` config on the run's grid,
@@ -206,6 +199,27 @@ pub fn identity_config(cfg: &RunConfig, world: usize) -> RunConfig {
     let mut c = cfg.clone();
     c.train.grad_accum *= world;
     c
+}
+
+/// Fills the defaults that depend on the teacher's family into `cfg` (`method: lcm`'s guidance
+/// range, `LcmConfig::fill_family_defaults`), so that the run's recorded config (its folder's
+/// marker, its checkpoints, config.yaml) names them. Reads the teacher pipeline's configs.
+pub fn teacher_family_defaults(cfg: &mut RunConfig) -> Result<()> {
+    if cfg.method != Method::Lcm {
+        return Ok(());
+    }
+    let sdxl = match cfg.teacher_local(crate::hub::Want::Pipeline)? {
+        Some(t) => PipelineDir::open(&t.path)?.is_xl(),
+        None => false,
+    };
+    fill_family_defaults(cfg, sdxl)
+}
+
+fn fill_family_defaults(cfg: &mut RunConfig, sdxl: bool) -> Result<()> {
+    if cfg.method == Method::Lcm {
+        cfg.lcm.fill_family_defaults(sdxl)?;
+    }
+    Ok(())
 }
 
 /// Refuses a checkpoint of another global batch (`batch_size × grad_accum × world size`), which
@@ -262,9 +276,6 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
     let teacher_config = pipeline.map(|p| p.unet_config()).transpose()?;
     if teacher_config.as_ref().is_some_and(|c| c.time_cond_proj_dim.is_some()) {
         bail!("teacher: a UNet with time_cond_proj_dim (a guidance-distilled UNet) cannot be distilled yet: training gives it no guidance embedding (sdkd generate and inspect take it)");
-    }
-    if cfg.method == Method::Lcm && teacher_config.as_ref().is_some_and(|c| c.addition_embed.is_some()) {
-        bail!("method: lcm on an SDXL teacher (addition_embed_type \"text_time\") is not supported yet: use method: kd");
     }
     let mut plan = StudentPlan::of(&cfg.student, teacher_config.as_ref()).with_context(|| format!("student {:?}", cfg.student.to_string()))?;
     plan.feature_pairs = plan.pairs_at(cfg.loss.features);
@@ -369,12 +380,20 @@ fn check_cache_fits(c: &UNetConfig, cache: &LatentCache) -> Result<()> {
     Ok(())
 }
 
+/// A bucket list as a config would write it (`none` when absent).
+fn show_buckets(b: Option<&crate::data::Buckets>) -> String {
+    b.map_or("none".into(), |b| serde_json::to_string(b).unwrap_or_default())
+}
+
 /// Refuses a batch whose data alone this machine cannot hold, before any is loaded: the loader
 /// builds each batch in host memory (pixels as f32, or the cache's latent mean and std), and a
 /// failed allocation there would abort the process. A floor, not a plan of the whole step.
 fn check_batch_memory(cfg: &RunConfig) -> Result<()> {
-    let (batch, res) = (cfg.train.batch_size as f64, cfg.data.resolution as f64);
-    let per_sample = if cfg.data.cache.is_some() { 2.0 * 4.0 * (res / 8.0).powi(2) } else { 3.0 * res * res };
+    let res = cfg.data.resolution as f64;
+    // the largest bucket's pixels, with buckets
+    let pixels = cfg.data.buckets().ok().flatten().map_or(res * res, |b| b.max_pixels() as f64);
+    let batch = cfg.train.batch_size as f64;
+    let per_sample = if cfg.data.cache.is_some() { 2.0 * 4.0 * pixels / 64.0 } else { 3.0 * pixels };
     let bytes = batch * per_sample * 4.0;
     ensure!(
         crate::memory::device_can_hold(Device::Cpu, bytes),
@@ -390,13 +409,15 @@ impl Trainer {
     /// Builds the run from its config, on one process or as one rank of a data-parallel run
     /// (`ranks`; its device is `train.device`). Nothing is loaded from a checkpoint and nothing
     /// is exchanged with the other ranks: `resume` and `sync_ranks` do that.
-    pub fn build(cfg: RunConfig, ranks: Option<Ranks>) -> Result<Trainer> {
+    pub fn build(mut cfg: RunConfig, ranks: Option<Ranks>) -> Result<Trainer> {
         let device = cfg.train.device.resolve().context("train.device")?;
         check_batch_memory(&cfg)?;
         // The dtype the teacher, its encoders and the student's forward and backward run in.
         // LibTorch's CPU kernels in bf16/fp16 are slow and inexact: the CPU computes in fp32.
         let compute_kind = if device == Device::Cpu { Kind::Float } else { cfg.train.precision.kind() };
         let pipeline = cfg.teacher_local(crate::hub::Want::Pipeline)?.map(|t| PipelineDir::open(&t.path)).transpose()?;
+        let sdxl = pipeline.as_ref().is_some_and(PipelineDir::is_xl);
+        fill_family_defaults(&mut cfg, sdxl)?; // as `teacher_family_defaults` did for the run's marker
         let leader = ranks.as_ref().is_none_or(Ranks::is_leader);
         let mut distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind, leader)?;
         if cfg.optim.shard_state {
@@ -408,9 +429,10 @@ impl Trainer {
             }
         }
         let lcm = cfg.method == Method::Lcm;
-        let sdxl = pipeline.as_ref().is_some_and(PipelineDir::is_xl);
-        let dropped_to = DroppedCaption::resolve(cfg.data.dropped_caption, sdxl);
-        let encode_empty = (cfg.data.caption_dropout > 0.0 && dropped_to == DroppedCaption::EmptyPrompt) || lcm;
+        // "no caption" as the family trains it: what dropped captions become, and LCD's
+        // unconditional input (the encoded "" for SD-1.x/2.x, zeros for SDXL)
+        let uncond_is = DroppedCaption::resolve(cfg.data.dropped_caption, sdxl);
+        let encode_empty = (cfg.data.caption_dropout > 0.0 || lcm) && uncond_is == DroppedCaption::EmptyPrompt;
         // Images need the teacher's encoders; a latent cache needs them only for validation
         // images and the empty prompt.
         let encoder = match &pipeline {
@@ -432,31 +454,35 @@ impl Trainer {
                     index.transform.resolution,
                     cfg.data.resolution
                 );
+                let buckets = cfg.data.buckets().map_err(|e| anyhow!("{}", e.message))?;
+                ensure!(
+                    index.buckets == buckets,
+                    "data.buckets = {} but data.cache {} was made with buckets {}: set data.buckets to the cache's (or make the cache with `sdkd preprocess --buckets`)",
+                    show_buckets(buckets.as_ref()),
+                    cache.display(),
+                    show_buckets(index.buckets.as_ref())
+                );
                 check_cache_fits(&distiller.plan.config, &LatentCache::open(cache)?)?;
                 LatentScale::from_description(&index.encoder).with_context(|| format!("data.cache {}", cache.display()))?
             }
             (None, Some(e)) => e.latent_scale(),
             (None, None) => bail!("data: a run without a teacher pipeline must read a latent cache (data.cache)"),
         };
-        // the empty prompt's embeddings: what dropped captions become (data.dropped_caption:
-        // empty_prompt), and LCD's unconditional input
-        let empty_prompt = match (encode_empty, &encoder) {
-            (false, _) => None,
-            (true, Some(e)) => {
+        let uncond = match (uncond_is, encode_empty, &encoder) {
+            // (the second: not used, neither captions are dropped nor LCD runs)
+            (DroppedCaption::Zeros, _, _) | (_, false, _) => Unconditional::Zeros,
+            (DroppedCaption::EmptyPrompt, true, Some(e)) => {
                 let TextEmbeds { context, pooled } = e.encode_prompts(&[""]);
-                Some(TextEmbeds { context: context.to_kind(Kind::Float), pooled: pooled.map(|p| p.to_kind(Kind::Float)) })
+                Unconditional::Embeds(TextEmbeds { context: context.to_kind(Kind::Float), pooled: pooled.map(|p| p.to_kind(Kind::Float)) })
             }
-            (true, None) => bail!("data.caption_dropout (data.dropped_caption: empty_prompt) and method: lcm need the teacher pipeline's text encoder (set teacher)"),
+            (DroppedCaption::EmptyPrompt, true, None) => {
+                bail!("data.caption_dropout (data.dropped_caption: empty_prompt) and method: lcm need the teacher pipeline's text encoder (set teacher)")
+            }
         };
         if lcm {
-            let uncond = empty_prompt.as_ref().expect("made above for method: lcm").context.shallow_clone();
-            distiller = distiller.with_consistency(&cfg.lcm, uncond)?;
+            distiller = distiller.with_consistency(&cfg.lcm, uncond.shallow_clone())?;
         }
-        let dropped = match (cfg.data.caption_dropout > 0.0, dropped_to, empty_prompt) {
-            (false, _, _) => None,
-            (true, DroppedCaption::Zeros, _) => Some(Dropped::Zeros),
-            (true, DroppedCaption::EmptyPrompt, e) => Some(Dropped::Embeds(e.expect("encoded above for data.dropped_caption: empty_prompt"))),
-        };
+        let dropped = (cfg.data.caption_dropout > 0.0).then_some(uncond);
         let identity = identity_config(&cfg, ranks.as_ref().map_or(1, Ranks::size));
         let lcm_schedule = match lcm {
             true => Some(Arc::new(NoiseSchedule::new(SchedulerConfig::from_json(&distiller.schedule.config().to_lcm_json(cfg.lcm.grid()))?)?)),
@@ -576,7 +602,15 @@ impl Trainer {
             }
         }
         let transform = Transform { resolution: d.resolution, center_crop: d.center_crop, random_flip: d.random_flip };
-        let source = Arc::new(ImageSource::new(rows, transform, self.cfg.train.seed));
+        let mut source = ImageSource::new(rows, transform, self.cfg.train.seed);
+        if let Some(buckets) = d.buckets().map_err(|e| anyhow!("{}", e.message))? {
+            let (bucketed, unsizable) = source.with_buckets(buckets, d.on_bad_sample)?;
+            source = bucketed;
+            if let (Some(first), true) = (unsizable.first(), self.ranks.as_ref().is_none_or(Ranks::is_leader)) {
+                eprintln!("warning: data.buckets: {} sample(s) whose size cannot be read are left out; the first: {first}", unsizable.len());
+            }
+        }
+        let source = Arc::new(source);
         let encoder = self.encoder.clone().expect("an image run has the teacher's encoders");
         Ok(Feed::Images { loader: open(source, opts, self.cursor, shard)?, encoder })
     }
@@ -606,11 +640,11 @@ impl Trainer {
                 let p = self.cfg.data.caption_dropout;
                 (context, pooled) = drop_captions(&context, pooled.as_ref(), to, |i| drops_caption(self.cfg.train.seed, self.step, first + i, p))?;
             }
+            let added = self.added_cond(pooled, batch.time_ids.map(|t| t.to_device(dev).to_kind(Kind::Float)))?;
             if self.distiller.consistency().is_some() {
-                let terms = self.distiller.lcd_micro_step(&latents, &context, accum)?;
+                let terms = self.distiller.lcd_micro_step(&latents, &context, &added, accum)?;
                 s.add_lcd(&terms, accum, self.cfg.lcm.output_kd);
             } else {
-                let added = self.added_cond(pooled, batch.time_ids.map(|t| t.to_device(dev).to_kind(Kind::Float)))?;
                 let terms = self.distiller.micro_step_cond(&latents, &context, &added, accum);
                 s.add_terms(&terms, accum);
             }
@@ -916,12 +950,12 @@ mod tests {
         let context = Tensor::ones([3, 2, 4], (Kind::Float, Device::Cpu));
         let pooled = Tensor::ones([3, 5], (Kind::Float, Device::Cpu));
         let dropped = |i: u64| i == 1;
-        let (c, p) = drop_captions(&context, Some(&pooled), &Dropped::Zeros, dropped).unwrap();
+        let (c, p) = drop_captions(&context, Some(&pooled), &Unconditional::Zeros, dropped).unwrap();
         let p = p.unwrap();
         assert_eq!((c.get(1).abs().sum(Kind::Float).double_value(&[]), p.get(1).abs().sum(Kind::Float).double_value(&[])), (0.0, 0.0));
         assert!(c.get(0).equal(&context.get(0)) && c.get(2).equal(&context.get(2)) && p.get(2).equal(&pooled.get(2)));
         let empty = TextEmbeds { context: Tensor::full([1, 2, 4], 7.0, (Kind::Float, Device::Cpu)), pooled: Some(Tensor::full([1, 5], 3.0, (Kind::Float, Device::Cpu))) };
-        let (c, p) = drop_captions(&context, Some(&pooled), &Dropped::Embeds(empty), dropped).unwrap();
+        let (c, p) = drop_captions(&context, Some(&pooled), &Unconditional::Embeds(empty), dropped).unwrap();
         assert!(c.get(1).equal(&Tensor::full([2, 4], 7.0, (Kind::Float, Device::Cpu))) && c.get(0).equal(&context.get(0)));
         assert!(p.unwrap().get(1).equal(&Tensor::full([5], 3.0, (Kind::Float, Device::Cpu))));
     }

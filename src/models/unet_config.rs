@@ -2,7 +2,7 @@
 //! constructor's defaults for missing keys. Keys that would change the model in ways sdkd does not
 //! implement are errors naming the key and value, never a silently different model.
 use crate::json_config::{self, check_size, MAX_WIDTH};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -442,6 +442,39 @@ impl UNetConfig {
         self.block_out_channels[0] * 4
     }
 
+    /// The same block structure with every width divided by `k`: the stages' channels, the
+    /// context, the pooled embedding and the time ids' features; the head counts kept (so each
+    /// head is `k` times narrower) and the norm groups cut to what divides the new widths.
+    /// `sdkd plan --probe-width-divisor` measures on it a UNet too wide to step on the machine:
+    /// the activations of a step are sums of width × pixels terms, so they scale by `k`.
+    pub fn narrowed(&self, k: i64) -> Result<UNetConfig> {
+        ensure!(k >= 1, "a width divisor of {k}: must be at least 1");
+        let div = |what: &str, v: i64| -> Result<i64> {
+            ensure!(v % k == 0 && v / k >= 1, "{what} {v} is not divisible by {k}");
+            Ok(v / k)
+        };
+        let mut c = self.clone();
+        c.block_out_channels = self.block_out_channels.iter().map(|&w| div("a stage width (block_out_channels)", w)).collect::<Result<_>>()?;
+        c.cross_attention_dim = div("cross_attention_dim", self.cross_attention_dim)?;
+        if let Some(e) = &self.addition_embed {
+            let pooled = e.input_dim - TIME_IDS * e.time_embed_dim;
+            let time = div("addition_time_embed_dim", e.time_embed_dim)?;
+            c.addition_embed = Some(TextTimeEmbed { time_embed_dim: time, input_dim: div("the pooled embedding width", pooled)? + TIME_IDS * time });
+        }
+        if let Some(d) = self.time_cond_proj_dim {
+            c.time_cond_proj_dim = Some(div("time_cond_proj_dim", d)?);
+        }
+        let gcd = |mut a: i64, mut b: i64| {
+            while b != 0 {
+                (a, b) = (b, a % b);
+            }
+            a
+        };
+        c.norm_num_groups = c.block_out_channels.iter().fold(self.norm_num_groups, |g, &w| gcd(g, w));
+        c.validate().with_context(|| format!("the widths divided by {k}"))?;
+        Ok(c)
+    }
+
     /// The config as diffusers writes it: every key, so that diffusers loads it unchanged.
     pub fn to_json(&self) -> Value {
         let collapse = |v: &[i64]| if v.iter().all(|&x| x == v[0]) { json!(v[0]) } else { json!(v) };
@@ -536,6 +569,24 @@ mod tests {
         assert_eq!(c.mid_block, Some(MidBlockKind::Plain));
         assert_eq!(c.transformer_block_count(), 12 + 22);
         assert_eq!(UNetConfig::from_json(&c.to_json()).unwrap(), c);
+    }
+
+    /// `sdkd plan --probe-width-divisor`: the same blocks, depths and heads, every width / k.
+    #[test]
+    fn narrowed_keeps_the_blocks_and_divides_every_width() {
+        let c = UNetConfig::from_json(&sdxl()).unwrap();
+        let n = c.narrowed(32).unwrap();
+        assert_eq!(n.block_out_channels, vec![10, 20, 40]);
+        assert_eq!((n.cross_attention_dim, n.norm_num_groups, n.num_heads.clone()), (64, 2, vec![5, 10, 20]));
+        assert_eq!(n.addition_embed, Some(TextTimeEmbed { time_embed_dim: 8, input_dim: 40 + 6 * 8 }));
+        assert_eq!(n.transformer_block_count(), c.transformer_block_count());
+        assert_eq!((n.down_depth(2, 1), n.mid_depth(), n.up_depth(0, 2)), (10, 10, 10));
+        assert_eq!(UNetConfig::from_json(&n.to_json()).unwrap(), n);
+        assert_eq!(c.narrowed(1).unwrap(), c);
+        // 320 / 3 is no width, nor 320 / 128
+        let e = format!("{:#}", c.narrowed(3).unwrap_err());
+        assert!(e.contains("block_out_channels") && e.contains("not divisible by 3"), "{e}");
+        assert!(c.narrowed(128).is_err());
     }
 
     #[test]

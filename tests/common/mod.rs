@@ -1,8 +1,10 @@
 //! Shared test helpers: the project's `.venv` Python (diffusers/transformers are the referee)
 //! and the `sdkd` binary.
 #![allow(dead_code)]
+pub mod lcd;
 pub mod serve_http;
 
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -19,20 +21,160 @@ pub fn python() -> PathBuf {
 
 /// Runs `tests/reference/<script>` with `args` in the `.venv`, failing the test with its output.
 pub fn run_reference(script: &str, args: &[&str]) {
-    let out = Command::new(python())
-        .arg(root().join("tests/reference").join(script))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_OFFLINE", "1")
-        .env("PYTHONHASHSEED", "0")
-        .output()
-        .expect("running python");
+    let out = python_command().arg(root().join("tests/reference").join(script)).args(args).output().expect("running python");
     assert!(
         out.status.success(),
         "{script} failed:\n{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// What every reference Python runs with: the hub offline, hashing fixed.
+const PYTHON_ENV: [(&str, &str); 3] = [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("PYTHONHASHSEED", "0")];
+
+/// `python ARGS...` in the `.venv` (a script and its arguments, or `-c CODE ...`), with the hub
+/// offline and hashing fixed, built like a `Command`. It runs in a child forked from
+/// tests/reference/zygote.py, which imported torch, diffusers and transformers once for every
+/// test binary (several seconds of CPU per reference run otherwise); `SDKD_TEST_ZYGOTE=0` runs a
+/// fresh interpreter instead, as does any failure to reach the server.
+pub fn python_command() -> PythonCommand {
+    PythonCommand { args: Vec::new(), envs: vec![] }
+}
+
+pub struct PythonCommand {
+    args: Vec<OsString>,
+    envs: Vec<(String, String)>,
+}
+
+impl PythonCommand {
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    pub fn args<S: AsRef<OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn output(mut self) -> std::io::Result<Output> {
+        for (k, v) in PYTHON_ENV {
+            self.envs.push((k.to_string(), v.to_string()));
+        }
+        if std::env::var("SDKD_TEST_ZYGOTE").as_deref() != Ok("0") {
+            if let Some(out) = zygote::run(&self.args, &self.envs) {
+                return Ok(out);
+            }
+        }
+        Command::new(python()).args(&self.args).envs(self.envs.iter().map(|(k, v)| (k, v))).output()
+    }
+}
+
+mod zygote {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+
+    /// The server's socket, shared by every test binary of this checkout and remade when the
+    /// server script or the pinned packages change.
+    fn socket_path() -> PathBuf {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        let mut inputs = vec![file_bytes("tests/reference/zygote.py"), file_bytes("scripts/constraints.txt")];
+        let sock = dir.join(format!("zygote-{:016x}.sock", inputs_key(&inputs)));
+        if sock.as_os_str().len() < 100 {
+            return sock;
+        }
+        // a Unix socket's path holds at most 107 bytes: a deep checkout uses the temp folder
+        inputs.push(dir.as_os_str().as_encoded_bytes().to_vec());
+        std::env::temp_dir().join(format!("sdkd-zygote-{:016x}.sock", inputs_key(&inputs)))
+    }
+
+    /// Connects to the server, starting it (one process at a time, under a file lock) if none
+    /// answers. None when it cannot be started.
+    fn connect() -> Option<UnixStream> {
+        // a server that could not start is not tried again by this process
+        static FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if FAILED.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let stream = start_or_connect();
+        if stream.is_none() {
+            FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        stream
+    }
+
+    fn start_or_connect() -> Option<UnixStream> {
+        let sock = socket_path();
+        if let Ok(s) = UnixStream::connect(&sock) {
+            return Some(s);
+        }
+        std::fs::create_dir_all(sock.parent()?).ok()?;
+        let lock = std::fs::File::create(sock.with_extension("lock")).ok()?;
+        // SAFETY: flock on a file this function owns; released when `lock` is dropped.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+            return None;
+        }
+        if let Ok(s) = UnixStream::connect(&sock) {
+            return Some(s);
+        }
+        let _ = std::fs::remove_file(&sock);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(sock.with_extension("log")).ok()?;
+        let mut child = Command::new(python())
+            .arg(root().join("tests/reference/zygote.py"))
+            .arg(&sock)
+            .envs(PYTHON_ENV)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().ok()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .ok()?;
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_secs(300) {
+            if let Ok(s) = UnixStream::connect(&sock) {
+                return Some(s);
+            }
+            if child.try_wait().ok()?.is_some() {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// One run through the server, or None (then the caller runs Python itself).
+    pub fn run(args: &[OsString], envs: &[(String, String)]) -> Option<Output> {
+        let mut env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+        env.extend(envs.iter().cloned());
+        let argv: Vec<String> = args.iter().map(|a| a.to_str().map(String::from)).collect::<Option<_>>()?;
+        let dir = tempfile::tempdir().ok()?;
+        let (stdout, stderr) = (dir.path().join("stdout"), dir.path().join("stderr"));
+        let request = serde_json::json!({
+            "argv": argv,
+            "cwd": std::env::current_dir().ok()?,
+            "env": env,
+            "stdout": stdout,
+            "stderr": stderr,
+        });
+        let mut stream = connect()?;
+        stream.write_all(format!("{request}\n").as_bytes()).ok()?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).ok()?;
+        let code: i32 = line.trim().parse().ok()?;
+        Some(Output {
+            status: std::process::ExitStatus::from_raw(code << 8),
+            stdout: std::fs::read(&stdout).ok()?,
+            stderr: std::fs::read(&stderr).ok()?,
+        })
+    }
 }
 
 /// Runs the `sdkd` binary built for this test run.
@@ -104,10 +246,7 @@ pub fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, tch::Tens
 /// text, the pinned packages, the sdkd binary), hashed into `key`, so a change makes a new one.
 /// Callers must only read it.
 pub fn shared_fixture(name: &str, inputs: &[Vec<u8>], make: impl FnOnce(&Path)) -> PathBuf {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325; // FNV-1a
-    for b in inputs.iter().flat_map(|i| i.iter().chain(&[0xff])) {
-        h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
+    let h = inputs_key(inputs);
     let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
     let dir = root.join(format!("{name}-{h:016x}"));
     if dir.is_dir() {
@@ -124,6 +263,15 @@ pub fn shared_fixture(name: &str, inputs: &[Vec<u8>], make: impl FnOnce(&Path)) 
         let _ = std::fs::remove_dir_all(&tmp);
     }
     dir
+}
+
+/// FNV-1a of `inputs`, each followed by a 0xff separator: the key of what they decide.
+fn inputs_key(inputs: &[Vec<u8>]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in inputs.iter().flat_map(|i| i.iter().chain(&[0xff])) {
+        h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// What a file holds, for `shared_fixture`'s inputs.

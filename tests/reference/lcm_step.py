@@ -1,5 +1,6 @@
-"""Reference steps of latent consistency distillation for tests/lcm_train.rs: the training step of
-diffusers' examples/consistency_distillation/train_lcm_distill_sd_wds.py, rewritten here with
+"""Reference steps of latent consistency distillation for tests/lcm_train.rs and tests/sdxl.rs: the
+training step of diffusers' examples/consistency_distillation/train_lcm_distill_sd_wds.py (and, on an
+SDXL teacher, of train_lcm_distill_sdxl_wds.py), rewritten here with
 diffusers' classes (UNet2DConditionModel, DDPMScheduler) because the example scripts are not in
 the wheel: its DDIMSolver, boundary scalings, prediction conversions, guidance embedding, CFG in
 the LCM convention, target network and EMA, line for line. Everything runs in float32 on the CPU
@@ -7,17 +8,25 @@ with autocast OFF (the script's `torch.autocast(device)` would run the teacher i
 The randomness of each step (latents, text embeddings, solver index, noise, w) is drawn here and
 saved, so the Rust side replays the same steps.
 
-usage: lcm_step.py TEACHER_PIPELINE OUT_DIR
+usage: lcm_step.py TEACHER_PIPELINE OUT_DIR [sdxl]
 
 For each case (prediction type, loss, steps) it writes OUT_DIR/<case>.safetensors:
   init.<param>            the student's initial weights (the teacher's + a fresh cond_proj)
-  uncond                  (1, 77, 32) the unconditional embedding
+  uncond                  (1, 77, dim) the unconditional embedding (SD; SDXL's are zeros)
   latents, context, index, noise, w   each step's inputs, stacked on a leading step axis
+  pooled, time_ids        (sdxl) the same for SDXL's added conditioning
   loss                    (steps,) the consistency loss of each step
   grad.<param>            the first step's gradients (before clipping)
   step1.student.<param>, step1.target.<param>   the weights after the first optimizer step + EMA
   last.student.<param>, last.target.<param>     after the last step
+
+`sdxl` (the teacher an SDXL pipeline): one case, sdxl_epsilon_huber, one step at lr 1e-6, as the
+SDXL script differs: w ~ U[3, 15]; the pooled text embedding and the time ids go to the teacher, the student and
+the target (`added_cond_kwargs`); the unconditional teacher call gets zeros for the text embeddings
+and the pooled one and keeps the batch's time ids (the script's `uncond_added_conditions` swaps
+`text_embeds` alone).
 """
+import copy
 import os
 import sys
 
@@ -28,14 +37,19 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 
 TEACHER, OUT = sys.argv[1], sys.argv[2]
+SDXL = sys.argv[3:] == ["sdxl"]
 os.makedirs(OUT, exist_ok=True)
 torch.set_num_threads(1)  # a tiny model: threads only contend on a shared machine
 
-N_DDIM, W_MIN, W_MAX, COND_DIM, SCALING, EMA, HUBER_C = 50, 5.0, 15.0, 256, 10.0, 0.95, 0.001
+N_DDIM, W_MIN, W_MAX, COND_DIM, SCALING, EMA, HUBER_C = 50, 3.0 if SDXL else 5.0, 15.0, 256, 10.0, 0.95, 0.001
 # lr near the recipes' (diffusers 1e-6, the LCM paper 8e-6): at 1e-3 AdamW's first, sign-like step turns the
 # last-ulp gradient differences of near-zero gradients into visible weight differences
 LR, WD, MAX_NORM, BATCH = 1e-5, 1e-2, 1.0, 2
-CASES = [("epsilon", "l2", 20), ("epsilon", "huber", 1), ("v_prediction", "huber", 1)]
+# SDXL: its README's lr, 1e-6. The tiny SDXL UNet's gradients agree to ~1.3e-6 of their scale; at 1e-5
+# AdamW's first step (g / (|g| + eps)) turns that on gradients near eps into 1.4e-6 of a weight's scale
+if SDXL:
+    LR = 1e-6
+CASES = [("epsilon", "huber", 1)] if SDXL else [("epsilon", "l2", 20), ("epsilon", "huber", 1), ("v_prediction", "huber", 1)]
 
 
 # ---- the script's helpers, as written there ----
@@ -138,12 +152,24 @@ def run(prediction_type, loss_type, steps):
     h, w_ = teacher_unet.config.sample_size, teacher_unet.config.sample_size
     dim = teacher_unet.config.cross_attention_dim
     uncond_prompt_embeds = torch.randn(1, 77, dim, generator=gen)
-    inputs = {k: [] for k in ["latents", "context", "index", "noise", "w"]}
+    keys = ["latents", "context", "index", "noise", "w"] + (["pooled", "time_ids"] if SDXL else [])
+    inputs = {k: [] for k in keys}
+    if SDXL:  # the script's zeros, batch-sized
+        pooled_dim = teacher_unet.config.projection_class_embeddings_input_dim - 6 * teacher_unet.config.addition_time_embed_dim
+        uncond_prompt_embeds = torch.zeros(BATCH, 77, dim)
+        uncond_pooled_prompt_embeds = torch.zeros(BATCH, pooled_dim)
     losses = []
     for step in range(steps):
         latents = torch.randn(BATCH, 4, h, w_, generator=gen)
         prompt_embeds = torch.randn(BATCH, 77, dim, generator=gen)
         bsz = latents.shape[0]
+        encoded_text, uncond_added_conditions = {}, {}
+        if SDXL:  # original size (h, w), crop (top, left), target size (h, w): other per sample
+            pooled = torch.randn(BATCH, pooled_dim, generator=gen)
+            time_ids = torch.tensor([[32.0, 24.0, 0.0, 4.0, 16.0, 16.0], [16.0, 20.0, 2.0, 0.0, 16.0, 16.0]])
+            encoded_text = {"text_embeds": pooled, "time_ids": time_ids}
+            uncond_added_conditions = copy.deepcopy(encoded_text)
+            uncond_added_conditions["text_embeds"] = uncond_pooled_prompt_embeds
         topk = noise_scheduler.config.num_train_timesteps // N_DDIM
         # the first step covers both ends of the grid: index 0 (t_n = 0, target = x_prev) and 49
         index = torch.tensor([0, N_DDIM - 1]) if step == 0 else torch.randint(0, N_DDIM, (bsz,), generator=gen)
@@ -157,27 +183,28 @@ def run(prediction_type, loss_type, steps):
         noise = torch.randn(latents.shape, generator=gen)
         noisy_model_input = noise_scheduler.add_noise(latents, noise, start_timesteps)
         w = (W_MAX - W_MIN) * torch.rand((bsz,), generator=gen) + W_MIN
-        for k, v in [("latents", latents), ("context", prompt_embeds), ("index", index), ("noise", noise), ("w", w)]:
-            inputs[k].append(v)
+        for k, v in [("latents", latents), ("context", prompt_embeds), ("index", index), ("noise", noise), ("w", w)] + list(encoded_text.items()):
+            inputs["pooled" if k == "text_embeds" else k].append(v)
         w_embedding = guidance_scale_embedding(w, embedding_dim=COND_DIM)
         w = w.reshape(bsz, 1, 1, 1).to(dtype=latents.dtype)
         w_embedding = w_embedding.to(dtype=latents.dtype)
 
         noise_pred = unet(noisy_model_input, start_timesteps, timestep_cond=w_embedding,
-                          encoder_hidden_states=prompt_embeds.float()).sample
+                          encoder_hidden_states=prompt_embeds.float(), added_cond_kwargs=encoded_text).sample
         pred_x_0 = get_predicted_original_sample(noise_pred, start_timesteps, noisy_model_input, prediction_type,
                                                  alpha_schedule, sigma_schedule)
         model_pred = c_skip_start * noisy_model_input + c_out_start * pred_x_0
 
         with torch.no_grad():  # autocast OFF
             cond_teacher_output = teacher_unet(noisy_model_input, start_timesteps,
-                                               encoder_hidden_states=prompt_embeds).sample
+                                               encoder_hidden_states=prompt_embeds, added_cond_kwargs=encoded_text).sample
             cond_pred_x0 = get_predicted_original_sample(cond_teacher_output, start_timesteps, noisy_model_input,
                                                          prediction_type, alpha_schedule, sigma_schedule)
             cond_pred_noise = get_predicted_noise(cond_teacher_output, start_timesteps, noisy_model_input,
                                                   prediction_type, alpha_schedule, sigma_schedule)
-            uncond_teacher_output = teacher_unet(noisy_model_input, start_timesteps,
-                                                 encoder_hidden_states=uncond_prompt_embeds.repeat(bsz, 1, 1)).sample
+            uncond = uncond_prompt_embeds if SDXL else uncond_prompt_embeds.repeat(bsz, 1, 1)
+            uncond_teacher_output = teacher_unet(noisy_model_input, start_timesteps, encoder_hidden_states=uncond,
+                                                 added_cond_kwargs=uncond_added_conditions).sample
             uncond_pred_x0 = get_predicted_original_sample(uncond_teacher_output, start_timesteps, noisy_model_input,
                                                            prediction_type, alpha_schedule, sigma_schedule)
             uncond_pred_noise = get_predicted_noise(uncond_teacher_output, start_timesteps, noisy_model_input,
@@ -189,7 +216,7 @@ def run(prediction_type, loss_type, steps):
 
         with torch.no_grad():
             target_noise_pred = target_unet(x_prev.float(), timesteps, timestep_cond=w_embedding,
-                                            encoder_hidden_states=prompt_embeds.float()).sample
+                                            encoder_hidden_states=prompt_embeds.float(), added_cond_kwargs=encoded_text).sample
             pred_x_0 = get_predicted_original_sample(target_noise_pred, timesteps, x_prev, prediction_type,
                                                      alpha_schedule, sigma_schedule)
             target = c_skip * x_prev + c_out * pred_x_0
@@ -210,10 +237,11 @@ def run(prediction_type, loss_type, steps):
             tag = "step1" if step == 0 else "last"
             out.update({f"{tag}.student.{n}": p.detach().clone() for n, p in unet.named_parameters()})
             out.update({f"{tag}.target.{n}": p.detach().clone() for n, p in target_unet.named_parameters()})
-    out["uncond"] = uncond_prompt_embeds
+    if not SDXL:
+        out["uncond"] = uncond_prompt_embeds
     out.update({k: torch.stack(v) for k, v in inputs.items()})
     out["loss"] = torch.stack(losses)
-    name = f"{prediction_type}_{loss_type}"
+    name = ("sdxl_" if SDXL else "") + f"{prediction_type}_{loss_type}"
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(OUT, f"{name}.safetensors"))
     print(name, [round(float(l), 6) for l in losses])
 

@@ -12,12 +12,13 @@ usage: lcm_unet.py SRC_UNET_DIR OUT_DIR [DIM] [SEED]
 after torch.manual_seed(SEED) (default 0).
 
 `check` loads PIPELINE_DIR (an exported LCM student) with StableDiffusionPipeline.from_pretrained
-as it is, asserts that its scheduler is an LCMScheduler and its UNet has time_cond_proj_dim, and
+(StableDiffusionXLPipeline's for an SDXL folder, by its model_index.json) as it is, asserts that its scheduler is an LCMScheduler and its UNet has time_cond_proj_dim, and
 saves the SIZE×SIZE (default 32) image of "a red cube on a blue table" at STEPS steps, GUIDANCE, generator
 torch.Generator("cpu").manual_seed(SEED) to OUT_PNG, and beside it OUT_PNG.json: the scheduler
 config's `original_inference_steps` and `timestep_scaling` and the timesteps it sampled at.
 """
 import json
+import os
 import sys
 
 import torch
@@ -25,9 +26,14 @@ from diffusers import UNet2DConditionModel
 
 
 def check(pipeline, out_png, steps, seed, guidance, size=32):
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None, requires_safety_checker=False)
+    with open(os.path.join(pipeline, "model_index.json")) as f:
+        xl = json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
+    if xl:
+        pipe = StableDiffusionXLPipeline.from_pretrained(pipeline)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(pipeline, safety_checker=None, requires_safety_checker=False)
     assert isinstance(pipe.scheduler, LCMScheduler), type(pipe.scheduler)
     assert pipe.unet.config.time_cond_proj_dim is not None
     pipe.set_progress_bar_config(disable=True)
