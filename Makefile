@@ -27,7 +27,7 @@ gpu-build: setup
 	scripts/gpu-build.sh
 
 gpu-dry-run: gpu-build
-	scripts/gpu-check.sh --cpu-dry-run
+	GPU_CHECK_BUDGET_S=$${GPU_CHECK_BUDGET_S:-900} scripts/gpu-check.sh --cpu-dry-run
 
 clean-runs:
 	rm -rf runs demo-out

@@ -4,7 +4,8 @@
 //! encoders, `sdkd generate` pixel for pixel against `StableDiffusionXLPipeline` (also an LCM
 //! student: the pipeline's UNet given `time_cond_proj_dim` by tests/reference/lcm_unet.py, with
 //! `LCMScheduler` at 1, 2, 4 and 8 steps; a peft LoRA of the UNet and both text encoders from
-//! diffusers' file and from sdkd's kohya file with SGM names), and the bad inputs SDXL adds. The counts of SDXL-base's real configs are unit tests
+//! diffusers' file and from sdkd's kohya file with SGM names), training (KD, and `lora:` adapters
+//! that diffusers' `load_lora_weights` reads from sdkd's files), and the bad inputs SDXL adds. The counts of SDXL-base's real configs are unit tests
 //! (`models::unet`, `models::clip`) and `full_size_counts_equal_the_references` below.
 mod common;
 
@@ -226,7 +227,7 @@ fn references() -> &'static Path {
                        "guidance_rescale": c.guidance_rescale, "seed": 7, "width": W, "height": H,
                        "samples": c.samples, "original_size": pair(c.original_size), "crop": pair(c.crop),
                        "target_size": pair(c.target_size), "out": dir.join(c.name),
-                       "lora": c.lora.map(|f| json!([lora_dir().join(f), 0.7]))})
+                       "loras": c.lora.map(|f| json!([[lora_dir().join(f), 0.7]]))})
             })
             .collect();
         let file = fixture().join("cases.json");
@@ -704,6 +705,37 @@ fn sdxl_train_loss_falls_resumes_exactly_and_reads_its_cache() {
     assert!(!refused.join("run").exists(), "a refused run wrote its output folder");
 }
 
+/// `lora:` training on the SDXL teacher, the pooled embedding and time ids through the adapted
+/// UNet: a KD run (rank-2 adapters on `vega` pruned from it and frozen, 1 step), exported in both
+/// layouts (kohya with SGM names, as sd-scripts writes SDXL), gives `StableDiffusionXLPipeline`
+/// with `load_lora_weights` + `fuse_lora` `sdkd generate --lora`'s image pixel for pixel, another
+/// than the base's; an LCM-LoRA run (`method: lcm`) trains adapters too.
+#[test]
+fn sdxl_lora_runs_give_diffusers_their_image() {
+    let tmp = tempdir();
+    let data = format!("path: {}", sdxl_data(&tmp.path().join("data")).display());
+    let lora = "lora:\n  rank: 2\n  alpha: 4\n";
+    let run = |name: &str, extra: &str| {
+        let cfg = sdxl_train_config(&tmp.path().join(name), &data, 1, &format!("{lora}{extra}"));
+        // a large rate, so that one step moves the adapters visibly off zero
+        std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("lr: 2.0e-3", "lr: 1.0e-2")).unwrap();
+        cfg
+    };
+    train_ok(&["--config", run("kd", "").to_str().unwrap()]);
+    let checkpoint = tmp.path().join("kd/run/checkpoints/step-1");
+    assert!(checkpoint.join("lora.safetensors").exists() && !checkpoint.join("student.safetensors").exists());
+    let pipe = fixture().join("pipe");
+    assert_trained_lora_in_diffusers(&checkpoint, &LoraGeneration { model: &pipe, student: "vega", scheduler: "euler", steps: 2, guidance: 5.0, size: 16 });
+
+    // LCM-LoRA of the SDXL teacher (latent-consistency's lcm-lora-sdxl recipe): the consistency
+    // loss moves the adapters, and the checkpoint holds no target network (the adapted UNet is its own)
+    train_ok(&["--config", run("lcm", "method: lcm\n").to_str().unwrap()]);
+    let checkpoint = tmp.path().join("lcm/run/checkpoints/step-1");
+    assert!(!checkpoint.join("target.safetensors").exists(), "an LCM-LoRA run kept a target network");
+    let adapters = read_tensors(&checkpoint.join("lora.safetensors"));
+    assert!(adapters.iter().any(|(k, v)| k.ends_with("lora_B.weight") && v.abs().max().double_value(&[]) > 0.0), "the consistency loss moved no B off zero");
+}
+
 /// Six images of mixed aspect for `data.buckets: [[32, 32], [48, 16], [16, 48]]`, two nearest
 /// each bucket (width, height); and what `preprocess --buckets` (centre crop, no flip) must
 /// store for each, computed here: the bucket (the least |log(w/h) - log(bw/bh)|), the resize
@@ -899,6 +931,30 @@ fn sdxl_students_load_in_diffusers_and_match_sdkd() {
         }
     }
     feature_kd_losses_match_the_references(&teacher_unet, &students, &refs);
+    sdxl_student_single_files_read_back(&teacher, &students);
+}
+
+/// The SDXL students as SGM single files (`prune --format single-file`, numbered as ComfyUI's
+/// detector expects: `names::tests`) read back by sdkd to the pruned folder's tensors, with the
+/// folder as `--config` (the tiny teacher's 16-channel stage fits no 32-group norm, which SGM
+/// files imply; the full-size configs are inferred from shapes alone in `single_file::infer`'s
+/// unit tests).
+fn sdxl_student_single_files_read_back(teacher: &Path, students: &Path) {
+    use sdkd::models::single_file::{SingleFile, SingleFileOptions};
+    for preset in ["ssd_1b", "vega", "koala_1b", "koala_700m"] {
+        let file = students.join(format!("{preset}.safetensors"));
+        let o = sdkd(&["prune", "--teacher", teacher.to_str().unwrap(), "--student", preset, "--format", "single-file", "--dtype", "fp32", "--out", file.to_str().unwrap()]);
+        assert!(o.status.success(), "{preset}: {}", String::from_utf8_lossy(&o.stderr));
+        let folder = students.join(preset);
+        let options = SingleFileOptions { config: Some(folder.clone()), ..Default::default() };
+        let unet = SingleFile::open(&file, &options).and_then(|f| f.load_unet(Device::Cpu, Kind::Float)).unwrap_or_else(|e| panic!("{preset}: {e:#}"));
+        let ours = part_tensors(&folder, "unet");
+        let read = unet.vs.variables();
+        assert_eq!(read.len(), ours.len(), "{preset}");
+        for (name, t) in &ours {
+            assert!(read[name].equal(t), "{preset}: {name} differs after the single-file round trip");
+        }
+    }
 }
 
 /// SSD-1B's loss (`loss.features: sub_blocks`, weights 1 / 0.5 / 0.5: 26 MSEs) and KOALA's

@@ -57,6 +57,18 @@ fn kill_9_at_20_random_instants_loses_no_credit() {
     const INITIAL: i64 = 1000;
     let alice = add_key(&db, "alice", INITIAL);
     add_key(&db, "bob", 7); // another key, which no request touches
+    // The kill window spans 2.5 small requests as timed here (a third key's, outside alice's
+    // ledger), so that some kills land mid-generation and some after an answer at any load: a
+    // fixed 1.6 s window saw no request served on a loaded machine.
+    let carol = add_key(&db, "carol", 1);
+    let mut server = Server::start(&model, &db, &dir.path().join("timing.log"), &[]);
+    let t = Instant::now();
+    let a = http(&server.addr, "POST", "/v1/txt2img", Some(&carol), Some(&small(99)));
+    assert_eq!(a.status, 200, "{}", a.error());
+    let window = (t.elapsed().as_secs_f64() * 2.5).max(1.6);
+    eprintln!("kill window {window:.2} s");
+    server.signal(libc::SIGTERM);
+    server.wait_exit(Duration::from_secs(10)).expect("SIGTERM ends it");
     // the instants: a fixed LCG from the clock, printed so a failure can be replayed
     let mut state = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("kill instants seed {state}");
@@ -69,7 +81,7 @@ fn kill_9_at_20_random_instants_loses_no_credit() {
         let log = dir.path().join(format!("serve{round}.log"));
         let mut server = Server::start(&model, &db, &log, &[]);
         recovered += server.log().matches("left pending by server instance").count();
-        let at = Duration::from_secs_f64(uniform() * 1.6);
+        let at = Duration::from_secs_f64(uniform() * window);
         // two clients, each sending requests one after another until the server dies
         let addr = server.addr.clone();
         std::thread::scope(|s| {

@@ -445,8 +445,10 @@ const MAX_PROBE_BATCH: usize = 64;
 /// batch-independent one (the gradients at the end of backward, the optimizer's temporaries) and
 /// the activations with the weights' compute copies as backward starts; only the second grows
 /// with the batch. So the batch doubles until the growth per sample is steady (two doublings
-/// within 25% of each other), and the slope and intercept are taken from the last two. At full
-/// size every gradient is counted live beside the activations (an upper bound).
+/// within 25% of each other) from a peak at least twice batch 1's (below that the slowly
+/// growing batch-independent peak can look steady too: checkpointed students), and the slope
+/// and intercept are taken from the last two. At full size every gradient is counted live
+/// beside the activations (an upper bound).
 fn narrow_step(setup: &ProbeSetup, state: &CountedState, param_ratio: f64, scale: f64) -> Result<StepModel> {
     let mut points = vec![(1usize, probe(setup, false, 1)?.step_tensors()), (2, probe(setup, false, 2)?.step_tensors())];
     let slope = |p: &[(usize, f64)], i: usize| (p[i].1 - p[i - 1].1) / (p[i].0 - p[i - 1].0) as f64;
@@ -454,7 +456,7 @@ fn narrow_step(setup: &ProbeSetup, state: &CountedState, param_ratio: f64, scale
         let n = points.len();
         if n >= 3 {
             let (a, b) = (slope(&points, n - 2), slope(&points, n - 1));
-            if b > 0.0 && (0.8 * a..=1.25 * a).contains(&b) {
+            if b > 0.0 && (0.8 * a..=1.25 * a).contains(&b) && points[n - 2].1 >= 2.0 * points[0].1 {
                 break;
             }
         }

@@ -5,7 +5,7 @@ use super::Launch;
 use anyhow::{anyhow, Result};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::time::Duration;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 extern "C" {
     fn sdkd_dist_has_nccl() -> i32;
@@ -73,6 +73,9 @@ pub struct ProcessGroup {
     pub rank: usize,
     pub size: usize,
     pub backend: Backend,
+    /// Where this group's collectives take their tensors: NCCL reduces only CUDA tensors (on
+    /// `cuda:LOCAL_RANK`), Gloo here only CPU ones.
+    pub device: Device,
 }
 
 // SAFETY: c10d backends are made to be driven from any thread (calls are serialised by us: a
@@ -103,7 +106,8 @@ impl ProcessGroup {
             )
         })
         .map_err(|e| anyhow!("rank {} of {} ({} at {}:{}): {e}", launch.rank, launch.world_size, backend.name(), launch.master_addr, launch.master_port))?;
-        Ok(ProcessGroup { ptr, rank: launch.rank, size: launch.world_size, backend })
+        let device = if backend == Backend::Nccl { Device::Cuda(launch.local_rank) } else { Device::Cpu };
+        Ok(ProcessGroup { ptr, rank: launch.rank, size: launch.world_size, backend, device })
     }
 
     /// Every tensor summed over the ranks, in place.

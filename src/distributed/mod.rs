@@ -237,33 +237,33 @@ impl Ranks {
         if values.is_empty() {
             return Ok(vec![]);
         }
-        let t = Tensor::from_slice(values);
+        let t = Tensor::from_slice(values).to_device(self.group.device);
         self.group.all_reduce_sum(&[&t])?;
-        let sum: Vec<f64> = Vec::<f64>::try_from(&t)?;
+        let sum: Vec<f64> = Vec::<f64>::try_from(&t.to_device(Device::Cpu))?;
         Ok(sum.into_iter().map(|v| v / self.size() as f64).collect())
     }
 
     /// `values` summed over the ranks.
     pub fn sum_counts(&self, values: &[i64]) -> Result<Vec<i64>> {
-        let t = Tensor::from_slice(values);
+        let t = Tensor::from_slice(values).to_device(self.group.device);
         self.group.all_reduce_sum(&[&t])?;
-        Ok(Vec::<i64>::try_from(&t)?)
+        Ok(Vec::<i64>::try_from(&t.to_device(Device::Cpu))?)
     }
 
     /// Whether any rank raised its flag: every rank gets the same answer, so all stop at the
     /// same step.
     pub fn any(&self, flag: bool) -> Result<bool> {
-        let t = Tensor::from_slice(&[flag as i64]);
+        let t = Tensor::from_slice(&[flag as i64]).to_device(self.group.device);
         self.group.all_reduce_max(&[&t])?;
         Ok(t.int64_value(&[0]) != 0)
     }
 
     /// Fails unless every rank holds `checksum`, naming the ranks that differ.
     pub fn check_same(&self, checksum: i64, what: &str) -> Result<()> {
-        let all = Tensor::zeros([self.size() as i64], (Kind::Int64, Device::Cpu));
+        let all = Tensor::zeros([self.size() as i64], (Kind::Int64, self.group.device));
         let _ = all.narrow(0, self.rank() as i64, 1).fill_(checksum);
         self.group.all_reduce_sum(&[&all])?;
-        let all = Vec::<i64>::try_from(&all)?;
+        let all = Vec::<i64>::try_from(&all.to_device(Device::Cpu))?;
         let differing: Vec<String> = all.iter().enumerate().filter(|(_, c)| **c != all[0]).map(|(r, _)| r.to_string()).collect();
         if !differing.is_empty() {
             bail!("{what} of rank(s) {} differ from rank 0's (checksums {all:?}): the ranks no longer train the same model", differing.join(", "));

@@ -317,3 +317,74 @@ pub fn train_fixture() -> &'static TrainFixture {
         TrainFixture { teacher: dir.join("teacher"), data: dir.join("data") }
     })
 }
+
+/// How `assert_trained_lora_in_diffusers` generates: the pipeline (SD or SDXL), the student preset
+/// whose copy of the pipeline's UNet (`sdkd prune`) is the LoRA run's frozen base, the sampler and
+/// the square image size.
+pub struct LoraGeneration<'a> {
+    pub model: &'a Path,
+    pub student: &'a str,
+    pub scheduler: &'a str,
+    pub steps: u32,
+    pub guidance: f64,
+    pub size: u32,
+}
+
+/// A LoRA sdkd trained (a `lora:` run whose frozen base is `g.student` pruned from `g.model`),
+/// exported from `checkpoint` in both layouts (diffusers; kohya, with SGM names on SDXL), read by
+/// diffusers' `load_lora_weights` and fused (`StableDiffusionPipeline` or
+/// `StableDiffusionXLPipeline`, by the pipeline's class): diffusers' image equals
+/// `sdkd generate --lora`'s pixel for pixel (CPU, fp32), and differs from the base's.
+pub fn assert_trained_lora_in_diffusers(checkpoint: &Path, g: &LoraGeneration) {
+    let work = tempdir();
+    let w = |name: &str| work.path().join(name).display().to_string();
+    let ok = |o: Output, what: &str| assert!(o.status.success(), "{what}:\n{}", String::from_utf8_lossy(&o.stderr));
+    ok(sdkd(&["prune", "--teacher", g.model.to_str().unwrap(), "--student", g.student, "--out", &w("base")]), "prune");
+    for format in ["diffusers", "kohya"] {
+        let out = w(&format!("{format}.safetensors"));
+        ok(sdkd(&["export", "--checkpoint", checkpoint.to_str().unwrap(), "--lora", "--lora-format", format, "--out", &out]), format);
+    }
+    let (model, base_unet) = (g.model.display().to_string(), w("base"));
+    let (steps, guidance, size) = (g.steps.to_string(), g.guidance.to_string(), g.size.to_string());
+    let generate = |lora: Option<String>, out: &str| {
+        let mut args: Vec<&str> = vec!["generate", "--model", &model, "--unet", &base_unet, "--prompt", "a red square"];
+        args.extend(["--scheduler", g.scheduler, "--steps", &steps, "--guidance-scale", &guidance]);
+        args.extend(["--seed", "3", "--width", &size, "--height", &size, "--out", out]);
+        if let Some(l) = &lora {
+            args.extend(["--lora", l.as_str()]);
+        }
+        // one thread, as the references: the models are tiny
+        ok(Command::new(env!("CARGO_BIN_EXE_sdkd")).args(&args).env("OMP_NUM_THREADS", "1").output().unwrap(), "generate");
+        image::open(out).unwrap().to_rgb8()
+    };
+    let cases: Vec<_> = ["diffusers", "kohya"]
+        .iter()
+        .map(|format| {
+            serde_json::json!({
+                "model": g.model, "unet": w("base"), "prompt": "a red square", "negative_prompt": null,
+                "scheduler": g.scheduler, "steps": g.steps, "guidance_scale": g.guidance, "seed": 3, "width": g.size, "height": g.size,
+                "samples": 1, "out": w(&format!("ref-{format}")), "loras": [[w(&format!("{format}.safetensors")), 1.0]],
+            })
+        })
+        .collect();
+    std::fs::write(w("cases.json"), serde_json::to_string(&cases).unwrap()).unwrap();
+    let xl = sdkd::models::PipelineDir::open(g.model).unwrap().is_xl();
+    // sd-scripts names an SDXL UNet's layers by SGM's blocks, SD-1.x/2.x's by diffusers'
+    let kohya: Vec<String> = read_tensors(Path::new(&w("kohya.safetensors"))).into_keys().collect();
+    let blocks = if xl { ["lora_unet_input_blocks_", "lora_unet_output_blocks_"] } else { ["lora_unet_down_blocks_", "lora_unet_up_blocks_"] };
+    for prefix in blocks {
+        assert!(kohya.iter().any(|k| k.starts_with(prefix)), "no {prefix} key in the kohya file: {:?}", &kohya[..3]);
+    }
+    if xl {
+        run_reference("sdxl.py", &["generate", &w("cases.json")]);
+    } else {
+        run_reference("generate_reference.py", &[&w("cases.json")]);
+    }
+    let base = generate(None, &w("base.png"));
+    for format in ["diffusers", "kohya"] {
+        let ours = generate(Some(w(&format!("{format}.safetensors"))), &w(&format!("ours-{format}.png")));
+        let theirs = image::open(w(&format!("ref-{format}-0.png"))).unwrap().to_rgb8();
+        assert!(ours == theirs, "{format} layout: sdkd generate --lora and diffusers' load_lora_weights differ");
+        assert!(ours != base, "{format} layout: the trained LoRA did not change the image");
+    }
+}

@@ -56,7 +56,8 @@ usage: sdxl.py make OUT_DIR
    "steps", "guidance_scale", "guidance_rescale", "seed", "width", "height", "samples",
    "original_size" [h, w] or null, "crop" [y, x], "target_size" [h, w] or null, "out": prefix,
    "dtype": optional "bf16" | "fp16", the pipeline's torch_dtype,
-   "lora": optional [file, scale], loaded with load_lora_weights and fused with fuse_lora(lora_scale=scale)}
+   "loras": optional [[file, scale], ...], each loaded with load_lora_weights and fused with
+   fuse_lora(lora_scale=scale), as `sdkd generate --lora FILE:SCALE` (generate_reference.py's field)}
 and writes <out>-<i>.png.
 """
 import json
@@ -217,16 +218,16 @@ def generate(cases_file):
     pipes = {}
     dtypes = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for case in cases:
-        key = (case["model"], case.get("unet"), case.get("dtype"), tuple(case.get("lora") or ()))
+        loras = [tuple(lora) for lora in case.get("loras") or []]
+        key = (case["model"], case.get("unet"), case.get("dtype"), tuple(loras))
         if key not in pipes:
             dtype = dtypes[key[2]]
             extra = {"unet": UNet2DConditionModel.from_pretrained(case["unet"], torch_dtype=dtype)} if case.get("unet") else {}
             pipe = StableDiffusionXLPipeline.from_pretrained(case["model"], add_watermarker=False, torch_dtype=dtype, **extra)
             pipe.set_progress_bar_config(disable=True)
-            if case.get("lora"):  # [file, scale]: fused, as `sdkd generate --lora FILE:SCALE`
-                file, scale = case["lora"]
-                pipe.load_lora_weights(os.path.dirname(file), weight_name=os.path.basename(file))
-                pipe.fuse_lora(lora_scale=scale)
+            for i, (file, scale) in enumerate(loras):  # fused, as `sdkd generate --lora FILE:SCALE`
+                pipe.load_lora_weights(os.path.dirname(file), weight_name=os.path.basename(file), adapter_name=f"l{i}")
+                pipe.fuse_lora(lora_scale=scale, adapter_names=[f"l{i}"])
             pipes[key] = (pipe, pipe.scheduler.config)
         pipe, base = pipes[key]
         pipe.scheduler = getattr(diffusers, SCHEDULERS[case["scheduler"]]).from_config(base)

@@ -411,4 +411,25 @@ mod tests {
         assert_eq!(got.transformer_block_count(), 70);
         assert_eq!(UNet::build(&got, Device::Cpu, Kind::Half, Init::Empty).num_params(), 2_567_463_684);
     }
+
+    /// The SDXL students pruned from SDXL base, written in SGM names (storage never touched), read
+    /// back with no sidecar and no `--config`: the per-block transformer depths (SSD-1B's and
+    /// Vega's asymmetric decoders), the mid block's kind (a resnet alone, none) and the published
+    /// parameter counts come back from the shapes.
+    #[test]
+    fn sdxl_student_configs_from_their_sgm_names() {
+        use crate::distill::student::StudentPlan;
+        let teacher = UNetConfig::from_path(Path::new("configs/reference/sdxl_unet_config.json")).unwrap();
+        for (preset, params) in [("ssd_1b", 1_331_334_404), ("vega", 745_225_604), ("koala_1b", 1_161_184_324), ("koala_700m", 782_822_724)] {
+            let want = StudentPlan::resolve(preset, Some(&teacher)).unwrap().config;
+            let unet = UNet::build(&want, Device::Cpu, Kind::Half, Init::Empty);
+            let ldm = names::unet_to_ldm(&want, &weights::named_tensors(&unet.vs)).unwrap();
+            let state = StateDict::from_tensors(Path::new("student.safetensors"), ldm.into_iter().collect());
+            let got = SingleFile::from_state(state, &SingleFileOptions::default()).unwrap().unet_config().unwrap();
+            assert_eq!((&got.layers_per_block, &got.transformer_layers_per_block), (&want.layers_per_block, &want.transformer_layers_per_block), "{preset}");
+            assert_eq!(got.reverse_transformer_layers_per_block, want.reverse_transformer_layers_per_block, "{preset}");
+            assert_eq!((got.mid_block, &got.up_block_types), (want.mid_block, &want.up_block_types), "{preset}");
+            assert_eq!(UNet::build(&got, Device::Cpu, Kind::Half, Init::Empty).num_params(), params, "{preset}");
+        }
+    }
 }
