@@ -292,6 +292,13 @@ fn a_run_resumes_across_world_sizes_at_the_same_global_batch() {
         let e = rel_err(v, &theirs[k]);
         assert!(e <= 1e-4, "step 4: {k}: rel. error {e:e} against 1 process × accum 2");
     }
+    // one process with shard_state whose accum cannot make the 2 sharded ranks' global batch:
+    // refused, naming the accum that would, and nothing written
+    let refused = tempdir();
+    let out = sdkd(&["train", "--config", sharded(config(refused.path(), 3, 9, "")).to_str().unwrap(), "--resume", step_dir(&run, 4).to_str().unwrap()]);
+    assert_clean_failure(&out, "was made with a global batch of 4 (batch_size 2 × grad_accum 1 × 2 process(es)); this run's is 6");
+    assert_clean_failure(&out, "with 1 process(es) that is train.grad_accum: 2");
+    assert!(!refused.path().join("run").exists(), "a refused resume writes nothing");
     // one process with shard_state, from the same checkpoint, into a folder of its own
     let one = tempdir();
     train_one(&sharded(config(one.path(), 2, 8, "")), &["--resume", step_dir(&run, 4).to_str().unwrap()]);
@@ -312,8 +319,7 @@ fn a_run_resumes_across_world_sizes_at_the_same_global_batch() {
     let out = sdkd(&["train", "--config", config(tmp.path(), 3, 9, "").to_str().unwrap(), "--resume", "latest"]);
     assert_clean_failure(&out, "a run resumes only with the same global batch");
     let elsewhere = tempdir();
-    let from = step_dir(&run, 8);
-    let out = sdkd(&["train", "--config", config(elsewhere.path(), 3, 9, "").to_str().unwrap(), "--resume", from.to_str().unwrap()]);
+    let out = sdkd(&["train", "--config", config(elsewhere.path(), 3, 9, "").to_str().unwrap(), "--resume", step_dir(&run, 8).to_str().unwrap()]);
     assert_clean_failure(&out, "was made with a global batch of 4");
     assert_clean_failure(&out, "this run's is 6");
     assert!(!elsewhere.path().join("run").exists(), "a refused resume writes nothing");
@@ -460,7 +466,8 @@ fn a_diverged_rank_is_caught_by_the_rank_check() {
 /// are cut between the ranks: 3 clipped steps from different gradients on each rank equal one
 /// unsharded AdamW on the averaged gradients (parameters and global norm within 1e-6, the sum
 /// of per-rank squared norms being the only other rounding), on both ranks; the gathered state
-/// equals the unsharded one; and loaded into fresh shards on both ranks it gathers back bit for bit.
+/// equals the unsharded one; loaded into fresh shards on both ranks it gathers back bit for bit,
+/// and so does the unsharded AdamW's state (a one-process checkpoint resumed on 2 sharded ranks).
 #[test]
 fn sharded_adamw_on_two_ranks_equals_adamw_on_the_averaged_gradients() {
     use sdkd::distill::optim::{clip_grad_norm, clip_grads, clip_to_total, AdamW, AdamWConfig};
@@ -470,7 +477,7 @@ fn sharded_adamw_on_two_ranks_equals_adamw_on_the_averaged_gradients() {
     let shapes: [&[i64]; 5] = [&[5], &[3], &[3, 4], &[1], &[7]];
     let port = free_port();
     let tmp = tempdir();
-    let state_file = tmp.path().join("optimizer.safetensors");
+    let (state_file, one_process_file) = (tmp.path().join("optimizer.safetensors"), tmp.path().join("one-process-optimizer.safetensors"));
     let cfg = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
     let values = |shape: &[i64], seed: f64| Tensor::arange_start(1, 1 + shape.iter().product::<i64>(), (Kind::Float, tch::Device::Cpu)).f_mul_scalar(seed).unwrap().sin().view(shape);
     let initial = || -> Vec<(String, Tensor)> { shapes.iter().enumerate().map(|(i, s)| (format!("p{i}"), values(s, 0.3 + i as f64).set_requires_grad(true))).collect() };
@@ -483,7 +490,7 @@ fn sharded_adamw_on_two_ranks_equals_adamw_on_the_averaged_gradients() {
     };
     std::thread::scope(|scope| {
         for rank in 0..2usize {
-            let (state_file, params) = (state_file.clone(), initial());
+            let (state_file, one_process_file, params) = (state_file.clone(), one_process_file.clone(), initial());
             scope.spawn(move || {
                 let launch = Launch { rank, world_size: 2, local_rank: rank, local_world_size: 2, master_addr: "127.0.0.1".into(), master_port: port, store_is_external: false, store_prefix: "zero/".into(), launcher: "test" };
                 let ranks = Ranks { group: ProcessGroup::join(&launch, Backend::Gloo, Duration::from_secs(20)).unwrap() };
@@ -517,14 +524,24 @@ fn sharded_adamw_on_two_ranks_equals_adamw_on_the_averaged_gradients() {
                         assert!(a.size() == b.size() && (a - b).abs().max().double_value(&[]) <= 1e-6, "{n}: {a} vs {b}");
                     }
                     sdkd::models::weights::save(&state_file, state, None).unwrap();
+                    sdkd::models::weights::save(&one_process_file, &unsharded.state_tensors(), None).unwrap();
                 }
                 ranks.group.barrier().unwrap();
-                let (fresh, pieces) = Shards::new(shallow(&params), 2, rank, 40).unwrap();
-                let mut loaded = AdamW::new(pieces, cfg).unwrap();
-                assert_eq!(fresh.load_state_file(&mut loaded, &state_file).unwrap(), None);
-                let again = fresh.gather_state(&loaded, Some(&ranks)).unwrap();
-                for ((n, a), (_, b)) in again.iter().flatten().zip(gathered.iter().flatten()) {
-                    assert!(a.equal(b), "rank {rank}: {n} after a save and load");
+                // the sharded state, and one process's unsharded state (another world size),
+                // each loaded into fresh shards, gather back bit for bit
+                let unsharded_state = unsharded.state_tensors();
+                for (file, want) in [(&state_file, gathered.as_ref()), (&one_process_file, Some(&unsharded_state))] {
+                    let (fresh, pieces) = Shards::new(shallow(&params), 2, rank, 40).unwrap();
+                    let mut loaded = AdamW::new(pieces, cfg).unwrap();
+                    assert_eq!(fresh.load_state_file(&mut loaded, file).unwrap(), None);
+                    let again = fresh.gather_state(&loaded, Some(&ranks)).unwrap();
+                    assert_eq!(again.is_some(), rank == 0);
+                    if let (Some(again), Some(want)) = (&again, want) {
+                        assert_eq!(again.len(), want.len());
+                        for ((n, a), (m, b)) in again.iter().zip(want) {
+                            assert!(n == m && a.equal(b), "{n} of {} after a load into 2 ranks' shards", file.display());
+                        }
+                    }
                 }
                 assert!(params.iter().zip(initial()).all(|((_, p), (_, q))| !p.equal(&q)), "every parameter moved");
             });

@@ -39,6 +39,8 @@ pub struct OptimConfig {
     pub state_dtype: StateDtype,
     /// ZeRO-1 (`zero.rs`): each of a data-parallel run's N ranks keeps and updates the moments
     /// of 1/N of the parameters. Memory only: the run, its checkpoints and resume are the same.
+    /// Written to the run's config only when on, so configs from before it read back the same.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub shard_state: bool,
 }
 

@@ -213,7 +213,8 @@ impl Shards {
             ranks.group.all_reduce_max(&[&t])?;
             count = Vec::<i64>::try_from(&t.to_device(Device::Cpu))?;
         }
-        let state_kind = moments.first().map_or(self.kind, |(m, _)| m.kind());
+        // the optimizer's, also on a rank that owns no piece (more ranks than elements)
+        let state_kind = opt.state_kind();
         let mut pieces_moments = moments.iter();
         tch::no_grad(|| -> Result<()> {
             for b in &self.buckets {
@@ -320,7 +321,8 @@ mod tests {
     #[test]
     fn the_ranks_pieces_tile_every_bucket() {
         let sizes = [5, 3, 12, 1, 7];
-        for world in 1..=4 {
+        // up to 9 ranks: rank 8 of 9 owns no element at all
+        for world in 1..=9 {
             let mut owned: Vec<Vec<bool>> = sizes.iter().map(|&n| vec![false; n as usize]).collect();
             for rank in 0..world {
                 let (shards, views) = Shards::new(params(&sizes), world, rank, 10 * 4).unwrap();
