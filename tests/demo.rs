@@ -4,6 +4,7 @@
 //! at the quick run's 6 student steps the KD student keeps that and beats the control trained from
 //! scratch on held-out loss. Measured: teacher background 100%, KD student 88% (14 of 16), control
 //! 31%; held-out loss KD 0.3526 against the control's 0.6751, 47.8% lower.
+//! Then `--quick --lcm` on the finished demo runs only the LCM stage and adds its section.
 mod common;
 
 use common::*;
@@ -91,4 +92,43 @@ fn quick_demo_runs_the_whole_job() {
         assert_eq!(points.len(), 1, "{a}: {points:?}");
         assert_eq!(points[0][0].as_i64(), Some(150), "at the teacher's last step");
     }
+
+    // The LCM stage on this finished demo (`--lcm` on it runs only the stage): the KD student
+    // distilled to LCM, every held-out caption drawn by the teacher and the KD student (10 UniPC
+    // steps) and the LCM student at 1, 2, 4 and 8 LCM steps, each row with its accuracies, pixel
+    // RMSE and images per second, in a section added to the same report.
+    let o = sdkd(&["demo", "--quick", "--lcm", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "demo --lcm failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    let after = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(after.starts_with(report.trim_end()), "the demo's report is kept:\n{after}");
+    let rows: Vec<Vec<String>> = after
+        .lines()
+        .filter(|l| l.matches('|').count() == 9 && !l.starts_with("|---") && !l.starts_with("| model"))
+        .map(|l| l.split('|').skip(1).take(8).map(|c| c.trim().to_string()).collect())
+        .collect();
+    let keys: Vec<(&str, &str, &str)> = rows.iter().map(|r| (r[0].as_str(), r[1].as_str(), r[2].as_str())).collect();
+    assert_eq!(
+        keys,
+        [("teacher", "unipc", "10"), ("bk_small KD", "unipc", "10"), ("bk_small LCM", "lcm", "1"), ("bk_small LCM", "lcm", "2"), ("bk_small LCM", "lcm", "4"), ("bk_small LCM", "lcm", "8")],
+        "{after}"
+    );
+    for r in &rows {
+        let acc: Vec<f64> = r[3..6].iter().map(|c| c.strip_suffix('%').unwrap().parse::<f64>().unwrap() / 100.0).collect();
+        let (rmse, speed): (f64, f64) = (r[6].parse().unwrap(), r[7].parse().unwrap());
+        assert!(acc.iter().all(|a| (0.0..=1.0).contains(a)) && rmse > 0.0 && rmse < 255.0 && speed > 0.0, "{r:?}");
+    }
+    // the stage re-draws the teacher and the KD student: the same images, so the same accuracies
+    // as the demo's own section
+    assert_eq!(rows[0][3..6], accuracy("teacher").iter().map(|a| format!("{:.0}%", 100.0 * a)).collect::<Vec<_>>()[..], "{after}");
+    assert!(after.contains("At 4 steps the LCM student keeps") && after.contains("x the teacher**"), "{after}");
+    // 7 rows (held-out image, teacher, KD student, LCM at 1, 2, 4, 8) of 4 prompts at 128 px
+    let grid = image::open(out.join("grid_lcm.png")).unwrap();
+    assert!(grid.height() >= 7 * 128 && grid.width() >= 4 * 128, "{}x{}", grid.width(), grid.height());
+    for n in [1, 2, 4, 8] {
+        assert_eq!(std::fs::read_dir(out.join(format!("samples/student_lcm-{n}steps"))).unwrap().count(), 16);
+    }
+    let unet: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("student_lcm/unet/config.json")).unwrap()).unwrap();
+    assert_eq!(unet["time_cond_proj_dim"].as_i64(), Some(256));
+    let index = std::fs::read_to_string(out.join("student_lcm/model_index.json")).unwrap();
+    assert!(index.contains("LCMScheduler"), "{index}");
 }

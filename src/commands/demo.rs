@@ -1,5 +1,6 @@
 //! `sdkd demo [--out <dir>]`: the whole job on embedded data (see `demo::run`). `--out` must be
 //! new or empty, or an earlier demo output with `--overwrite` (which starts it afresh).
+use crate::demo::lcm_stage::{check_demo_output, run_lcm_stage, stage_outputs, LcmOptions};
 use crate::demo::run::{run_demo, DemoOptions};
 use crate::distill::progress::ProgressMode;
 use crate::fs_safe::{self, Existing, Marker, Purpose};
@@ -42,6 +43,15 @@ pub struct DemoArgs {
     /// each model on the held-out set to the report.
     #[arg(long)]
     pub inception: Option<PathBuf>,
+    /// Add the LCM stage (README, "The LCM stage"): the KD student distilled into a latent
+    /// consistency model and scored at 1, 2, 4 and 8 LCM steps against the teacher and the KD
+    /// student. On a finished demo at --out (without --overwrite) only this stage runs;
+    /// otherwise the whole demo, then this stage.
+    #[arg(long)]
+    pub lcm: bool,
+    /// Optimizer steps of the LCM stage's run.
+    #[arg(long)]
+    pub lcm_steps: Option<u64>,
     /// A minute-long run with small step counts: the teacher reads the background colour from its
     /// captions and the KD student keeps it; object colour and position need the full run.
     #[arg(long)]
@@ -51,7 +61,9 @@ pub struct DemoArgs {
 pub fn run(a: &DemoArgs) -> Result<()> {
     let sdkd = std::env::current_exe().context("finding the sdkd executable the training runs start")?;
     let mut o = DemoOptions { seed: a.seed, data_format: a.data_format, sdkd, ..DemoOptions::default() };
+    let mut l = LcmOptions::default();
     if a.quick {
+        l.steps = 4;
         // the shortest teacher that reads the background from the caption (tests/demo.rs)
         o = DemoOptions {
             count: 128,
@@ -71,12 +83,14 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     o.count = a.count.unwrap_or(o.count);
     o.vae_steps = a.vae_steps.unwrap_or(o.vae_steps);
     o.caption_dropout = a.caption_dropout.unwrap_or(o.caption_dropout);
+    l.steps = a.lcm_steps.unwrap_or(l.steps);
     // The demo is a minutes-long tour: a count or step number past these is a typo, not a run.
     for (flag, value, max) in [
         ("--count", o.count as u64, 100_000),
         ("--vae-steps", o.vae_steps as u64, 1_000_000),
         ("--teacher-steps", o.teacher_steps, 1_000_000),
         ("--student-steps", o.student_steps, 1_000_000),
+        ("--lcm-steps", l.steps, 1_000_000),
     ] {
         if !(1..=max).contains(&value) {
             bail!("{flag} {value}: must be 1 to {max}");
@@ -90,17 +104,62 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         crate::eval::inception::InceptionV3::load(p, tch::Device::Cpu)?;
     }
     o.inception = a.inception.clone();
-    prepare_out(&a.out, a.overwrite)?;
-    let s = run_demo(&a.out, &o)?;
-    // the finished demo lists its files, so a later --overwrite can tell the user's additions
-    Marker::new(Purpose::Demo).listing(&a.out)?.write_into(&a.out)?;
+    match a.lcm && !a.overwrite && finished_demo(&a.out)? {
+        true => check_demo_output(&a.out)?,
+        false => {
+            prepare_out(&a.out, a.overwrite)?;
+            let s = run_demo(&a.out, &o)?;
+            // the finished demo lists its files, so a later --overwrite can tell the user's additions
+            Marker::new(Purpose::Demo).listing(&a.out)?.write_into(&a.out)?;
+            print_summary(&s);
+        }
+    }
+    if a.lcm {
+        let theirs = foreign_to_stage(&a.out)?;
+        let s = run_lcm_stage(&a.out, &o, &l)?;
+        let mut marker = Marker::new(Purpose::Demo).listing(&a.out)?;
+        if let Some(files) = marker.files.as_mut() {
+            files.retain(|f, _| !theirs.contains(f));
+        }
+        marker.write_into(&a.out)?;
+        println!("\nLCM stage: {} training steps in {:.0}s", l.steps, s.train_seconds);
+        println!("{:<14} {:>8} {:>6}  {:<22} {:>9} {:>10}", "model", "sampler", "steps", "caption accuracy", "pixel RMSE", "images/s");
+        for r in &s.rows {
+            let acc = format!("{:.0}% {:.0}% {:.0}%", 100.0 * r.accuracy[0], 100.0 * r.accuracy[1], 100.0 * r.accuracy[2]);
+            println!("{:<14} {:>8} {:>6}  {acc:<22} {:>9.1} {:>10.2}", r.name, r.sampler.name(), r.steps, r.pixel_rmse, r.images_per_second);
+        }
+        println!("grid: {}\nreport: {}\nLCM stage done in {:.0}s", s.grid.display(), s.report.display(), s.seconds);
+    }
+    Ok(())
+}
+
+/// Whether `out` holds a demo that finished (its marker lists its files).
+fn finished_demo(out: &Path) -> Result<bool> {
+    Ok(matches!(fs_safe::existing(out)?, Existing::Made(m) if m.purpose == Purpose::Demo && m.files.is_some()))
+}
+
+/// The files in the demo output `out` that sdkd did not write (kept out of its listing), none
+/// of them where the LCM stage writes: it replaces its earlier outputs.
+fn foreign_to_stage(out: &Path) -> Result<Vec<String>> {
+    let foreign = match fs_safe::existing(out)? {
+        Existing::Made(m) => fs_safe::foreign_files(out, &m)?,
+        _ => vec![],
+    };
+    let ours = stage_outputs();
+    let inside: Vec<String> = foreign.iter().filter(|f| ours.iter().any(|p| *f == p || f.starts_with(&format!("{p}/")))).cloned().collect();
+    if !inside.is_empty() {
+        bail!("--lcm: --out {} holds {}, which sdkd did not write, where the LCM stage writes: move them out first", out.display(), fs_safe::list_some(&inside));
+    }
+    Ok(foreign)
+}
+
+fn print_summary(s: &crate::demo::run::DemoSummary) {
     println!("{:<18} {:>12} {:>8} {:>10}  held-out loss  caption accuracy (background, object colour, position)", "model", "params", "steps", "time");
     for m in &s.models {
         let acc = m.caption_accuracy.map(|a| format!("{:.0}% {:.0}% {:.0}%", 100.0 * a[0], 100.0 * a[1], 100.0 * a[2])).unwrap_or_default();
         println!("{:<18} {:>12} {:>8} {:>9.0}s  {:<13.4}  {acc}", m.name, crate::formatting::group_digits(m.params), m.steps, m.seconds, m.held_out_loss);
     }
     println!("grid: {}\nreport: {}\ndone in {:.0}s", s.grid.display(), s.report.display(), s.seconds);
-    Ok(())
 }
 
 /// The overwrite rule for `--out`, then a fresh marked folder. A demo output from before the

@@ -5,6 +5,7 @@
 //! then trains. The folder is an ordinary diffusers `StableDiffusionPipeline` folder: sdkd's
 //! `PipelineDir` and diffusers' `from_pretrained` both load it.
 pub mod caption_score;
+pub mod lcm_stage;
 pub mod parts;
 pub mod run;
 pub mod tokenizer;

@@ -113,7 +113,7 @@ pub struct DemoSummary {
     pub seconds: f64,
 }
 
-fn write_run_yaml(out: &Path, name: &str, body: &str) -> Result<PathBuf> {
+pub(super) fn write_run_yaml(out: &Path, name: &str, body: &str) -> Result<PathBuf> {
     let dir = out.join("configs");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("{name}.yaml"));
@@ -124,11 +124,12 @@ fn write_run_yaml(out: &Path, name: &str, body: &str) -> Result<PathBuf> {
 /// A run YAML of the demo (paths relative to `configs/`).
 // Each argument is one value the YAML spells out; a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
-/// `batch` is each process's; a run of R processes trains on R × batch samples a step.
-fn run_yaml(o: &DemoOptions, teacher: &str, student: &str, init: &str, distill: bool, name: &str, steps: u64, lr: f64, batch: usize) -> String {
+/// `batch` is each process's; a run of R processes trains on R × batch samples a step. `method`:
+/// the YAML of a `method:` other than KD and its section ("" for KD).
+pub(super) fn run_yaml(o: &DemoOptions, teacher: &str, student: &str, init: &str, distill: bool, name: &str, steps: u64, lr: f64, batch: usize, method: &str) -> String {
     format!(
         "# written by `sdkd demo`; rerun with: sdkd train --config <this file>\n\
-         teacher: ../{teacher}\nstudent: {student}\nstudent_init: {init}\ndistill: {distill}\noutput_dir: ../runs/{name}\n\
+         teacher: ../{teacher}\nstudent: {student}\nstudent_init: {init}\ndistill: {distill}\noutput_dir: ../runs/{name}\n{method}\
          data:\n  cache: ../cache\n  resolution: {DEMO_RESOLUTION}\n  caption_dropout: {}\n\
          train:\n  batch_size: {}\n  grad_accum: 1\n  max_steps: {steps}\n  seed: {}\n  device: cpu\n  precision: fp32\n  dist_timeout_s: 300\n\
          optim:\n  lr: {lr:e}\n  schedule: cosine\n  warmup_steps: {}\n  weight_decay: 0.01\n\
@@ -146,7 +147,7 @@ fn run_yaml(o: &DemoOptions, teacher: &str, student: &str, init: &str, distill: 
 /// speed-up: the kernels of these tiny UNets are too small to split across threads, so two
 /// processes of one intra-op thread each (two ranks of the teacher, or the two students side by
 /// side) do about twice the work of one process of two threads in the time.
-struct TrainJob {
+pub(super) struct TrainJob {
     name: String,
     output_dir: PathBuf,
     ranks: Vec<(std::process::Child, PathBuf)>,
@@ -160,7 +161,7 @@ impl TrainJob {
     /// (`OMP_NUM_THREADS`, as torchrun sets it to 1 for several processes per node), so they do
     /// not oversubscribe the cores. Measured on the demo teacher, 60 steps as two ranks of 8:
     /// 24.9 s with two threads each (LibTorch's default), 13.4 s with one.
-    fn start(o: &DemoOptions, out: &Path, name: &str, config: &Path, ranks: usize, sharing: usize, show: bool) -> Result<TrainJob> {
+    pub(super) fn start(o: &DemoOptions, out: &Path, name: &str, config: &Path, ranks: usize, sharing: usize, show: bool) -> Result<TrainJob> {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).context("finding a free local port for the rendezvous")?.port();
         let logs = out.join("logs");
         std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -195,7 +196,7 @@ impl TrainJob {
 
     /// Waits for every rank; a failed rank stops the others, and the error quotes its log.
     /// Returns the trained UNet (`final/unet`) and the wall seconds.
-    fn finish(mut self) -> Result<(UNet, f64)> {
+    pub(super) fn finish(mut self) -> Result<(UNet, f64)> {
         let mut failed = None;
         while failed.is_none() && !self.ranks.is_empty() {
             let mut i = 0;
@@ -288,7 +289,7 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     step(&format!("teacher: training the UNet from scratch, {} steps, as {} data-parallel processes", o.teacher_steps, o.teacher_ranks));
     // the teacher's ranks share its batch: the same run as one process, in less time
     let teacher_batch = (o.batch_size / o.teacher_ranks.max(1)).max(1);
-    let cfg = write_run_yaml(out, "teacher", &run_yaml(o, "pipeline-init", "../pipeline-init/unet", "random", false, "teacher", o.teacher_steps, o.teacher_lr, teacher_batch))?;
+    let cfg = write_run_yaml(out, "teacher", &run_yaml(o, "pipeline-init", "../pipeline-init/unet", "random", false, "teacher", o.teacher_steps, o.teacher_lr, teacher_batch, ""))?;
     let (teacher, teacher_secs) = TrainJob::start(o, out, "teacher", &cfg, o.teacher_ranks, o.teacher_ranks, true)?.finish()?;
     let teacher_config = teacher.model.config.clone();
     write_pipeline_dir(&out.join("teacher"), &out.join("pipeline-init"), &teacher_config, &weights::named_tensors(&teacher.vs), None, LcmGrid::default())?;
@@ -297,8 +298,8 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
         "student bk_small distilled from the teacher, and beside it the control (the same student from scratch, task loss only), {} steps each",
         o.student_steps
     ));
-    let kd_cfg = write_run_yaml(out, "student_kd", &run_yaml(o, "teacher", "bk_small", "teacher", true, "student_kd", o.student_steps, o.student_lr, o.batch_size))?;
-    let scratch_cfg = write_run_yaml(out, "student_scratch", &run_yaml(o, "teacher", "bk_small", "random", false, "student_scratch", o.student_steps, o.student_lr, o.batch_size))?;
+    let kd_cfg = write_run_yaml(out, "student_kd", &run_yaml(o, "teacher", "bk_small", "teacher", true, "student_kd", o.student_steps, o.student_lr, o.batch_size, ""))?;
+    let scratch_cfg = write_run_yaml(out, "student_scratch", &run_yaml(o, "teacher", "bk_small", "random", false, "student_scratch", o.student_steps, o.student_lr, o.batch_size, ""))?;
     let kd_job = TrainJob::start(o, out, "student_kd", &kd_cfg, 1, 2, true)?;
     let scratch_job = TrainJob::start(o, out, "student_scratch", &scratch_cfg, 1, 2, false)?;
     let (kd, kd_secs) = kd_job.finish()?;
@@ -348,12 +349,15 @@ pub fn run_demo(out: &Path, o: &DemoOptions) -> Result<DemoSummary> {
     let real_accuracy = caption_score::accuracy(&originals, &captions)?;
     let sampled_models = [(0, "teacher"), (2, "student_kd"), (3, "student_scratch")];
     for ((m, dir), images) in sampled_models.iter().zip(&sampled) {
-        models[*m].caption_accuracy = Some(record_samples(out, dir, images, &captions, models[*m].steps)?);
+        models[*m].caption_accuracy = Some(record_samples(out, dir, dir, "", images, &captions, models[*m].steps)?);
     }
     let inception = match &o.inception {
         Some(path) => {
             step("FID and IS on the held-out set (--inception)");
-            score_samples(out, path, &sampled_models, &mut models)?;
+            let dirs: Vec<&str> = sampled_models.iter().map(|(_, d)| *d).collect();
+            for ((m, _), (fid, is)) in sampled_models.iter().zip(score_samples(out, path, &dirs)?) {
+                (models[*m].fid, models[*m].inception_score) = (fid, is);
+            }
             Some(path.clone())
         }
         None => None,
@@ -381,7 +385,7 @@ fn pruned_student(teacher: &UNet) -> Result<UNet> {
 }
 
 /// The held-out images and their captions, in order.
-fn held_out_pairs(dir: &Path) -> Result<(Vec<RgbImage>, Vec<String>)> {
+pub(super) fn held_out_pairs(dir: &Path) -> Result<(Vec<RgbImage>, Vec<String>)> {
     let heldout = ImageFolder::open(dir)?;
     let (mut images, mut captions) = (vec![], vec![]);
     for i in 0..heldout.len() {
@@ -393,8 +397,9 @@ fn held_out_pairs(dir: &Path) -> Result<(Vec<RgbImage>, Vec<String>)> {
 }
 
 /// Writes a model's `images` of the held-out captions to `samples/<dir>/`, and their caption
-/// accuracies beside its run's training curves (`runs/<dir>/tb`, at its last step `step`).
-fn record_samples(out: &Path, dir: &str, images: &[RgbImage], captions: &[String], step: u64) -> Result<[f64; 3]> {
+/// accuracies beside its run's training curves (`runs/<run>/tb`, at its last step `step`, as
+/// `eval/caption_accuracy/<attribute><suffix>`).
+pub(super) fn record_samples(out: &Path, dir: &str, run: &str, suffix: &str, images: &[RgbImage], captions: &[String], step: u64) -> Result<[f64; 3]> {
     let folder = out.join("samples").join(dir);
     std::fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
     for (i, im) in images.iter().enumerate() {
@@ -402,17 +407,17 @@ fn record_samples(out: &Path, dir: &str, images: &[RgbImage], captions: &[String
         im.save(&path).with_context(|| format!("writing {}", path.display()))?;
     }
     let acc = caption_score::accuracy(images, captions)?;
-    let mut tb = EventWriter::create(&out.join("runs").join(dir).join("tb"), None)?;
-    let tags: Vec<String> = caption_score::ATTRIBUTES.iter().map(|a| format!("eval/caption_accuracy/{a}")).collect();
+    let mut tb = EventWriter::create(&out.join("runs").join(run).join("tb"), None)?;
+    let tags: Vec<String> = caption_score::ATTRIBUTES.iter().map(|a| format!("eval/caption_accuracy/{a}{suffix}")).collect();
     let values: Vec<(&str, f32)> = tags.iter().zip(acc).map(|(t, a)| (t.as_str(), a as f32)).collect();
     tb.add_scalars(&values, step)?;
     tb.flush()?;
     Ok(acc)
 }
 
-/// FID and IS of each sampled model's images against the held-out ones (`sdkd eval`'s protocol),
-/// with the Inception weights at `inception`.
-fn score_samples(out: &Path, inception: &Path, sampled: &[(usize, &str)], models: &mut [ModelResult]) -> Result<()> {
+/// FID and IS (mean, std) of the images in each `samples/<dir>` against the held-out ones
+/// (`sdkd eval`'s protocol), with the Inception weights at `inception`.
+pub(super) fn score_samples(out: &Path, inception: &Path, dirs: &[&str]) -> Result<Vec<(Option<f64>, Option<(f64, f64)>)>> {
     let net = InceptionV3::load(inception, Device::Cpu)?;
     let real = RealStats::read(&out.join("heldout"), &net, FID_DIMS, INCEPTION_BATCH)?;
     let scorer = Scorer {
@@ -423,19 +428,19 @@ fn score_samples(out: &Path, inception: &Path, sampled: &[(usize, &str)], models
         dims: FID_DIMS,
         batch: INCEPTION_BATCH,
     };
-    for &(m, dir) in sampled {
-        let folder = out.join("samples").join(dir);
-        let paths = crate::eval::list_images(&folder)?;
-        let s = scorer.score(&Images { folder: &folder, scored: &paths, captioned: vec![], cache: None })?;
-        models[m].fid = s.fid;
-        models[m].inception_score = s.is_mean.zip(s.is_std);
-    }
-    Ok(())
+    dirs.iter()
+        .map(|dir| {
+            let folder = out.join("samples").join(dir);
+            let paths = crate::eval::list_images(&folder)?;
+            let s = scorer.score(&Images { folder: &folder, scored: &paths, captioned: vec![], cache: None })?;
+            Ok((s.fid, s.is_mean.zip(s.is_std)))
+        })
+        .collect()
 }
 
 /// `req` for each of `prompts` (same seed), 16 prompts per batched UNet call: the images of
 /// one call per prompt, in far less time on the CPU (`pipeline::generate_batch`).
-fn sample_batched(parts: &Parts<'_>, prompts: &[String], req: &GenerateRequest) -> Result<Vec<RgbImage>> {
+pub(super) fn sample_batched(parts: &Parts<'_>, prompts: &[String], req: &GenerateRequest) -> Result<Vec<RgbImage>> {
     let mut images = vec![];
     for chunk in prompts.chunks(16) {
         let reqs: Vec<GenerateRequest> = chunk.iter().map(|p| GenerateRequest { prompt: p.clone(), ..req.clone() }).collect();
@@ -481,7 +486,7 @@ struct ReportFacts<'a> {
     inception: Option<&'a Path>,
 }
 
-fn percent(x: f64) -> String {
+pub(super) fn percent(x: f64) -> String {
     format!("{:.0}%", 100.0 * x)
 }
 
