@@ -123,12 +123,12 @@ fn train_one(cfg: &Path, args: &[&str]) -> String {
     succeeded(out, "one process, one thread")
 }
 
-/// loss/total per step, read by TensorBoard's own reader.
-fn losses(run: &Path) -> Vec<(i64, f64)> {
+/// loss/total and grad_norm per step, read by TensorBoard's own reader.
+fn losses(run: &Path) -> [Vec<(i64, f64)>; 2] {
     let out = python_command().arg(root().join("tests/reference/trainkit_tb_read.py")).arg(run.join("tb")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["scalars"]["loss/total"].as_array().unwrap().iter().map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap())).collect()
+    ["loss/total", "grad_norm"].map(|tag| v["scalars"][tag].as_array().unwrap().iter().map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap())).collect())
 }
 
 /// The 1-process × accum 2 run of 10 steps every data-parallel run here is held to, at one
@@ -162,15 +162,18 @@ fn assert_close_checkpoints(a: &Path, b: &Path) {
     }
 }
 
-/// Every step's loss within 1e-5 relative of the reference's.
+/// Every step's loss and gradient norm (before clipping: a wrongly scaled gradient that AdamW
+/// and clipping hide shows there) within 1e-5 relative of the reference's.
 fn assert_losses_match(run: &Path, steps: impl IntoIterator<Item = i64>) {
     let steps: Vec<i64> = steps.into_iter().collect();
     let (ours, theirs) = (losses(run), losses(reference()));
-    let ours: Vec<_> = ours.into_iter().filter(|(s, _)| steps.contains(s)).collect();
-    assert_eq!(ours.len(), steps.len(), "{ours:?}");
-    for (s, l) in ours {
-        let r = theirs.iter().find(|(t, _)| *t == s).unwrap().1;
-        assert!(((l - r) / r).abs() <= 1e-5, "step {s}: loss {l} vs {r} of one process × accum 2");
+    for ((ours, theirs), tag) in ours.into_iter().zip(theirs).zip(["loss", "grad_norm"]) {
+        let ours: Vec<_> = ours.into_iter().filter(|(s, _)| steps.contains(s)).collect();
+        assert_eq!(ours.len(), steps.len(), "{tag}: {ours:?}");
+        for (s, l) in ours {
+            let r = theirs.iter().find(|(t, _)| *t == s).unwrap().1;
+            assert!(((l - r) / r).abs() <= 1e-5, "step {s}: {tag} {l} vs {r} of one process × accum 2");
+        }
     }
 }
 
