@@ -76,8 +76,31 @@ pub struct Update {
 
 impl Distiller {
     pub fn new(student: UNet, plan: StudentPlan, teacher: Option<Teacher>, schedule: Arc<NoiseSchedule>, optim: AdamWConfig, ema_decay: Option<f64>, weights: LossWeights) -> Result<Distiller> {
+        Self::new_sharded(student, plan, teacher, schedule, optim, ema_decay, weights, None)
+    }
+
+    /// `new`; with `shard` (`optim.shard_state`: this process is rank `.1` of `.0`) its AdamW
+    /// keeps and updates the state of its 1/N of the parameters only (ZeRO-1, `zero.rs`), and
+    /// the whole moments are never allocated.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_sharded(
+        student: UNet,
+        plan: StudentPlan,
+        teacher: Option<Teacher>,
+        schedule: Arc<NoiseSchedule>,
+        optim: AdamWConfig,
+        ema_decay: Option<f64>,
+        weights: LossWeights,
+        shard: Option<(usize, usize)>,
+    ) -> Result<Distiller> {
         // a LoRA student trains its adapters alone: AdamW and the EMA hold nothing of the base
-        let optimizer = AdamW::new(student.trainable(), optim)?;
+        let (optimizer, shards) = match shard {
+            None => (AdamW::new(student.trainable(), optim)?, None),
+            Some((world, rank)) => {
+                let (shards, pieces) = Shards::new(student.trainable(), world, rank, BUCKET_BYTES)?;
+                (AdamW::new(pieces, optim)?, Some(shards))
+            }
+        };
         let ema = ema_decay.map(|d| Ema::new(student.trainable(), d)).transpose()?;
         let (_, student_inner) = plan.inner_features();
         Ok(Distiller {
@@ -87,7 +110,7 @@ impl Distiller {
             student_inner,
             schedule,
             optimizer,
-            shards: None,
+            shards,
             ema,
             weights,
             noise_offset: 0.0,
@@ -114,15 +137,6 @@ impl Distiller {
     pub fn with_checkpointing(mut self, checkpointing: Checkpointing) -> Distiller {
         self.checkpointing = checkpointing;
         self
-    }
-
-    /// `optim.shard_state`: this process, rank `rank` of `world`, keeps and updates the AdamW
-    /// state of its 1/`world` of the parameters (ZeRO-1, `zero.rs`). Before any state is loaded.
-    pub fn with_shard_state(mut self, world: usize, rank: usize) -> Result<Distiller> {
-        let (shards, pieces) = Shards::new(self.student.trainable(), world, rank, BUCKET_BYTES)?;
-        self.optimizer = AdamW::new(pieces, self.optimizer.config())?;
-        self.shards = Some(shards);
-        Ok(self)
     }
 
     /// The whole optimizer state as `optimizer.safetensors` holds it, on rank 0 (or one

@@ -271,7 +271,8 @@ fn noise_schedule(pipeline: Option<&PipelineDir>) -> Result<NoiseSchedule> {
 /// The student from the run's seed (PyTorch's default init, then the teacher's weights when
 /// `student_init: teacher`), and the teacher when distilling.
 /// `report`: print what was copied (rank 0 of a data-parallel run only, the others stay quiet).
-fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Device, compute_kind: Kind, report: bool) -> Result<Distiller> {
+/// `shard`: (world, rank) under `optim.shard_state` (`Distiller::new_sharded`).
+fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Device, compute_kind: Kind, report: bool, shard: Option<(usize, usize)>) -> Result<Distiller> {
     let schedule = Arc::new(noise_schedule(pipeline)?);
     let teacher_config = pipeline.map(|p| p.unet_config()).transpose()?;
     if teacher_config.as_ref().is_some_and(|c| c.time_cond_proj_dim.is_some()) {
@@ -321,7 +322,7 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
     // LCD's teacher calls take no features
     let teacher_inner = if lcm { Default::default() } else { plan.inner_features().0 };
     let teacher = if cfg.distill { teacher_unet.map(|unet| Teacher::new(unet, teacher_inner)) } else { None };
-    let mut d = Distiller::new(student, plan, teacher, schedule, AdamWConfig::from(&cfg.optim), cfg.train.ema_decay, cfg.loss)?
+    let mut d = Distiller::new_sharded(student, plan, teacher, schedule, AdamWConfig::from(&cfg.optim), cfg.train.ema_decay, cfg.loss, shard)?
         .with_compute_kind(compute_kind)?
         .with_checkpointing(cfg.train.gradient_checkpointing);
     d.noise_offset = cfg.train.noise_offset;
@@ -419,14 +420,12 @@ impl Trainer {
         let sdxl = pipeline.as_ref().is_some_and(PipelineDir::is_xl);
         fill_family_defaults(&mut cfg, sdxl)?; // as `teacher_family_defaults` did for the run's marker
         let leader = ranks.as_ref().is_none_or(Ranks::is_leader);
-        let mut distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind, leader)?;
-        if cfg.optim.shard_state {
-            let (world, rank) = ranks.as_ref().map_or((1, 0), |r| (r.size(), r.rank()));
-            let whole = distiller.optimizer.state_bytes();
-            distiller = distiller.with_shard_state(world, rank)?;
-            if leader {
-                eprintln!("optim.shard_state: rank 0 keeps {} of the {whole} bytes of AdamW moments ({world} rank(s))", distiller.optimizer.state_bytes());
-            }
+        let shard = cfg.optim.shard_state.then(|| ranks.as_ref().map_or((1, 0), |r| (r.size(), r.rank())));
+        let mut distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind, leader, shard)?;
+        if let (Some((world, _)), true) = (shard, leader) {
+            let elements: i64 = distiller.student().trainable().iter().map(|(_, t)| t.numel() as i64).sum();
+            let whole = 2 * elements * distiller.optimizer.state_kind().elt_size_in_bytes() as i64;
+            eprintln!("optim.shard_state: rank 0 keeps {} of the {whole} bytes of AdamW moments ({world} rank(s))", distiller.optimizer.state_bytes());
         }
         let lcm = cfg.method == Method::Lcm;
         // "no caption" as the family trains it: what dropped captions become, and LCD's
