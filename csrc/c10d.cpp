@@ -1,7 +1,8 @@
 // LibTorch's c10d process groups behind a C ABI for src/distributed/group.rs: a TCPStore
 // rendezvous, ProcessGroupGloo (CPU tensors) or ProcessGroupNCCL (CUDA tensors, compiled in only
 // where the CUDA and NCCL headers were found: SDKD_WITH_NCCL), and the few collectives data
-// parallel training needs. Failures return a malloc'd message the caller frees; C++ exceptions
+// parallel training needs (all-reduce, broadcast, barrier; reduce-scatter and all-gather for
+// `optim.shard_state`). Failures return a malloc'd message the caller frees; C++ exceptions
 // never cross the boundary.
 //
 // Naming a lost rank: Gloo reports a dead peer as a closed socket ("Connection closed by peer
@@ -230,6 +231,40 @@ char* sdkd_dist_broadcast(void* group, at::Tensor* const* ts, int64_t n, int roo
     return nullptr;
   } catch (const std::exception& e) {
     return error_message(g->failure("broadcast", e));
+  }
+}
+
+// ZeRO-1's collectives, one call per (input, output) pair, all issued then all waited for:
+// reduce-scatter (sum) of each flat input of size·k elements into its output of k (rank r gets
+// elements r·k ..), and all-gather of each input of k elements into its output of size·k.
+char* sdkd_dist_reduce_scatter(void* group, at::Tensor* const* ins, at::Tensor* const* outs, int64_t n) {
+  auto* g = static_cast<Group*>(group);
+  try {
+    c10d::ReduceScatterOptions opts;
+    opts.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+    opts.timeout = g->timeout;
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    auto in = list(ins, n), out = list(outs, n);
+    for (int64_t i = 0; i < n; ++i) works.push_back(g->backend->_reduce_scatter_base(out[i], in[i], opts));
+    wait_all(g, works);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_message(g->failure("reduce-scatter", e));
+  }
+}
+
+char* sdkd_dist_all_gather(void* group, at::Tensor* const* ins, at::Tensor* const* outs, int64_t n) {
+  auto* g = static_cast<Group*>(group);
+  try {
+    c10d::AllgatherOptions opts;
+    opts.timeout = g->timeout;
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    auto in = list(ins, n), out = list(outs, n);
+    for (int64_t i = 0; i < n; ++i) works.push_back(g->backend->_allgather_base(out[i], in[i], opts));
+    wait_all(g, works);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return error_message(g->failure("all-gather", e));
   }
 }
 

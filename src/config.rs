@@ -265,7 +265,8 @@ fn yes() -> bool {
 /// Keys that may change between a run and its resumption without changing the trained function
 /// (cadences, the step budget, where things go, which GPU): left out of `config_hash`.
 /// `train.gradient_checkpointing` changes memory, not the computation; `optim.state_dtype` may be
-/// switched on resume (the moments are converted, `AdamW::load_state_file`).
+/// switched on resume (the moments are converted, `AdamW::load_state_file`); `optim.shard_state`
+/// changes where the moments live, not their values (checkpoints hold them whole).
 pub const RESUME_MUTABLE_KEYS: &[&str] = &[
     "output_dir",
     "train.max_steps",
@@ -273,6 +274,7 @@ pub const RESUME_MUTABLE_KEYS: &[&str] = &[
     "train.dist_timeout_s",
     "train.gradient_checkpointing",
     "optim.state_dtype",
+    "optim.shard_state",
     "checkpoint",
     "log",
     "validation",

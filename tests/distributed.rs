@@ -3,7 +3,8 @@
 //! with both ranks bit-identical after every step; a run resumes across world sizes at the same
 //! global batch; SIGTERM to one rank stops all with one checkpoint; kill -9 of a rank fails the
 //! survivor within train.dist_timeout_s, naming it; bad launch environments and resumes are
-//! exit-1 errors.
+//! exit-1 errors; `optim.shard_state` (ZeRO-1) on 2 ranks computes the same run, its checkpoint
+//! resumes as 1 process, and on 1 process it is the unsharded step bit for bit.
 mod common;
 
 use common::*;
@@ -31,6 +32,23 @@ fn config(dir: &Path, accum: usize, max_steps: u64, extra: &str) -> PathBuf {
     let path = dir.join(format!("run-{accum}-{max_steps}.yaml"));
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// `cfg` with `optim.shard_state: true` (ZeRO-1), in place.
+fn sharded(cfg: PathBuf) -> PathBuf {
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("warmup_steps: 2\n"));
+    std::fs::write(&cfg, text.replace("warmup_steps: 2\n", "warmup_steps: 2\n  shard_state: true\n")).unwrap();
+    cfg
+}
+
+/// Rank 0's report of its share of the AdamW moments under `optim.shard_state` on 2 ranks: half
+/// of them, give or take a padding element per bucket.
+fn assert_half_the_moments(log: &str) {
+    let line = log.lines().find(|l| l.starts_with("optim.shard_state: rank 0 keeps ")).unwrap_or_else(|| panic!("no share reported:\n{log}"));
+    let words: Vec<&str> = line.split(' ').collect();
+    let (mine, whole): (i64, i64) = (words[4].parse().unwrap(), words[7].parse().unwrap());
+    assert!(line.ends_with("(2 rank(s))") && whole > 4_000_000 && (2 * mine - whole).abs() <= 4 * 2 * 8, "{line}");
 }
 
 /// A port nobody listens on now.
@@ -105,12 +123,12 @@ fn train_one(cfg: &Path, args: &[&str]) -> String {
     succeeded(out, "one process, one thread")
 }
 
-/// loss/total per step, read by TensorBoard's own reader.
-fn losses(run: &Path) -> Vec<(i64, f64)> {
+/// loss/total and grad_norm per step, read by TensorBoard's own reader.
+fn losses(run: &Path) -> [Vec<(i64, f64)>; 2] {
     let out = python_command().arg(root().join("tests/reference/trainkit_tb_read.py")).arg(run.join("tb")).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["scalars"]["loss/total"].as_array().unwrap().iter().map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap())).collect()
+    ["loss/total", "grad_norm"].map(|tag| v["scalars"][tag].as_array().unwrap().iter().map(|e| (e[0].as_i64().unwrap(), e[1].as_f64().unwrap())).collect())
 }
 
 /// The 1-process × accum 2 run of 10 steps every data-parallel run here is held to, at one
@@ -144,15 +162,18 @@ fn assert_close_checkpoints(a: &Path, b: &Path) {
     }
 }
 
-/// Every step's loss within 1e-5 relative of the reference's.
+/// Every step's loss and gradient norm (before clipping: a wrongly scaled gradient that AdamW
+/// and clipping hide shows there) within 1e-5 relative of the reference's.
 fn assert_losses_match(run: &Path, steps: impl IntoIterator<Item = i64>) {
     let steps: Vec<i64> = steps.into_iter().collect();
     let (ours, theirs) = (losses(run), losses(reference()));
-    let ours: Vec<_> = ours.into_iter().filter(|(s, _)| steps.contains(s)).collect();
-    assert_eq!(ours.len(), steps.len(), "{ours:?}");
-    for (s, l) in ours {
-        let r = theirs.iter().find(|(t, _)| *t == s).unwrap().1;
-        assert!(((l - r) / r).abs() <= 1e-5, "step {s}: loss {l} vs {r} of one process × accum 2");
+    for ((ours, theirs), tag) in ours.into_iter().zip(theirs).zip(["loss", "grad_norm"]) {
+        let ours: Vec<_> = ours.into_iter().filter(|(s, _)| steps.contains(s)).collect();
+        assert_eq!(ours.len(), steps.len(), "{tag}: {ours:?}");
+        for (s, l) in ours {
+            let r = theirs.iter().find(|(t, _)| *t == s).unwrap().1;
+            assert!(((l - r) / r).abs() <= 1e-5, "step {s}: {tag} {l} vs {r} of one process × accum 2");
+        }
     }
 }
 
@@ -231,11 +252,15 @@ fn two_ranks_compute_the_run_of_one_process_with_doubled_accum() {
     assert_eq!(state["world_size"].as_u64(), Some(2), "{state}");
 }
 
+/// Two torchrun "nodes" of one rank each, under `optim.shard_state` (ZeRO-1: each rank keeps the
+/// AdamW moments of half the parameters, gradients reduce-scattered, parameters all-gathered):
+/// the ranks stay bit-identical after every step, and losses, student and EMA equal the run of 1
+/// process × accum 2 within 1e-5.
 #[test]
 fn two_nodes_on_loopback_compute_the_same_run() {
     let reference = reference();
     let tmp = tempdir();
-    let cfg = config(tmp.path(), 1, 10, "");
+    let cfg = sharded(config(tmp.path(), 1, 10, ""));
     let port = free_port().to_string();
     let nodes: Vec<Child> = ["0", "1"]
         .iter()
@@ -245,31 +270,59 @@ fn two_nodes_on_loopback_compute_the_same_run() {
         .collect();
     let logs: Vec<String> = nodes.into_iter().map(|n| succeeded(n.wait_with_output().unwrap(), "a torchrun --nnodes 2 node")).collect();
     assert_identical_every_step(&logs[0], 1..=10);
+    assert_half_the_moments(&logs[0]);
     assert!(!logs[1].contains("finished at step"), "node 1 holds rank 1, which reports nothing:\n{}", logs[1]);
     let run = tmp.path().join("run");
     assert_losses_match(&run, 1..=10);
     assert_close_checkpoints(&step_dir(&run, 10), &step_dir(reference, 10));
 }
 
+/// 2 ranks under `optim.shard_state` for 4 steps, then 1 process × accum 2 (unsharded) to step 8,
+/// equal the reference run: the sharded checkpoint holds the whole AdamW state. The same
+/// checkpoint resumed by 1 process with `shard_state` gives the unsharded resume's student, EMA
+/// and optimizer state bit for bit.
 #[test]
 fn a_run_resumes_across_world_sizes_at_the_same_global_batch() {
     let reference = reference();
-    // 2 ranks × accum 1 for 4 steps, then 1 process × accum 2 to step 8
     let tmp = tempdir();
     let port = free_port().to_string();
-    let child = torchrun_train(&["--nproc-per-node", "2", "--master-port", &port], &config(tmp.path(), 1, 4, ""));
-    succeeded(child.wait_with_output().unwrap(), "2 ranks, steps 1-4");
+    let child = torchrun_train(&["--nproc-per-node", "2", "--master-port", &port], &sharded(config(tmp.path(), 1, 4, "")));
+    assert_half_the_moments(&succeeded(child.wait_with_output().unwrap(), "2 ranks, steps 1-4"));
+    let run = tmp.path().join("run");
+    let (ours, theirs) = (read_tensors(&step_dir(&run, 4).join("optimizer.safetensors")), read_tensors(&step_dir(reference, 4).join("optimizer.safetensors")));
+    assert!(ours.keys().eq(theirs.keys()) && ours.len() > 300, "the whole state, named as unsharded AdamW names it");
+    for (k, v) in &ours {
+        let e = rel_err(v, &theirs[k]);
+        assert!(e <= 1e-4, "step 4: {k}: rel. error {e:e} against 1 process × accum 2");
+    }
+    // one process with shard_state whose accum cannot make the 2 sharded ranks' global batch:
+    // refused, naming the accum that would, and nothing written
+    let refused = tempdir();
+    let out = sdkd(&["train", "--config", sharded(config(refused.path(), 3, 9, "")).to_str().unwrap(), "--resume", step_dir(&run, 4).to_str().unwrap()]);
+    assert_clean_failure(&out, "was made with a global batch of 4 (batch_size 2 × grad_accum 1 × 2 process(es)); this run's is 6");
+    assert_clean_failure(&out, "with 1 process(es) that is train.grad_accum: 2");
+    assert!(!refused.path().join("run").exists(), "a refused resume writes nothing");
+    // one process with shard_state, from the same checkpoint, into a folder of its own
+    let one = tempdir();
+    train_one(&sharded(config(one.path(), 2, 8, "")), &["--resume", step_dir(&run, 4).to_str().unwrap()]);
     let log = train_one(&config(tmp.path(), 2, 8, ""), &["--resume", "latest"]);
     assert!(log.contains("resuming from") && log.contains("step 4"), "{log}");
-    let run = tmp.path().join("run");
     assert_losses_match(&run, 1..=8);
     assert_close_checkpoints(&step_dir(&run, 8), &step_dir(reference, 8));
+    for step in 6..=8 {
+        for f in ["student.safetensors", "ema.safetensors", "optimizer.safetensors"] {
+            let (a, b) = (read_tensors(&step_dir(&one.path().join("run"), step).join(f)), read_tensors(&step_dir(&run, step).join(f)));
+            assert!(a.len() > 100 && a.keys().eq(b.keys()), "{f}");
+            for (k, v) in &a {
+                assert!(v.equal(&b[k]), "step {step}: {f} {k}: 1 process with shard_state differs from without");
+            }
+        }
+    }
     // another global batch is another run: in its folder, and from its checkpoint into a new one
     let out = sdkd(&["train", "--config", config(tmp.path(), 3, 9, "").to_str().unwrap(), "--resume", "latest"]);
     assert_clean_failure(&out, "a run resumes only with the same global batch");
     let elsewhere = tempdir();
-    let from = step_dir(&run, 8);
-    let out = sdkd(&["train", "--config", config(elsewhere.path(), 3, 9, "").to_str().unwrap(), "--resume", from.to_str().unwrap()]);
+    let out = sdkd(&["train", "--config", config(elsewhere.path(), 3, 9, "").to_str().unwrap(), "--resume", step_dir(&run, 8).to_str().unwrap()]);
     assert_clean_failure(&out, "was made with a global batch of 4");
     assert_clean_failure(&out, "this run's is 6");
     assert!(!elsewhere.path().join("run").exists(), "a refused resume writes nothing");
@@ -409,6 +462,94 @@ fn a_diverged_rank_is_caught_by_the_rank_check() {
     assert_eq!(differing(1), 0, "step 1 at learning rate 0");
     assert!(differing(2) > 100, "step 2: {} tensors differ", differing(2));
     assert!(!states.join("rank-0/step-3.safetensors").exists(), "the run went on after the divergence");
+}
+
+/// ZeRO-1's pieces (`distill::zero::Shards`) on two Gloo ranks in this process (threads), with
+/// 40-byte buckets so that parameters of 5, 3, 12, 1 and 7 elements fall in three buckets and
+/// are cut between the ranks: 3 clipped steps from different gradients on each rank equal one
+/// unsharded AdamW on the averaged gradients (parameters and global norm within 1e-6, the sum
+/// of per-rank squared norms being the only other rounding), on both ranks; the gathered state
+/// equals the unsharded one; loaded into fresh shards on both ranks it gathers back bit for bit,
+/// and so does the unsharded AdamW's state (a one-process checkpoint resumed on 2 sharded ranks).
+#[test]
+fn sharded_adamw_on_two_ranks_equals_adamw_on_the_averaged_gradients() {
+    use sdkd::distill::optim::{clip_grad_norm, clip_grads, clip_to_total, AdamW, AdamWConfig};
+    use sdkd::distill::zero::Shards;
+    use sdkd::distributed::{Backend, Launch, ProcessGroup, Ranks};
+    use tch::{Kind, Tensor};
+    let shapes: [&[i64]; 5] = [&[5], &[3], &[3, 4], &[1], &[7]];
+    let port = free_port();
+    let tmp = tempdir();
+    let (state_file, one_process_file) = (tmp.path().join("optimizer.safetensors"), tmp.path().join("one-process-optimizer.safetensors"));
+    let cfg = AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() };
+    let values = |shape: &[i64], seed: f64| Tensor::arange_start(1, 1 + shape.iter().product::<i64>(), (Kind::Float, tch::Device::Cpu)).f_mul_scalar(seed).unwrap().sin().view(shape);
+    let initial = || -> Vec<(String, Tensor)> { shapes.iter().enumerate().map(|(i, s)| (format!("p{i}"), values(s, 0.3 + i as f64).set_requires_grad(true))).collect() };
+    let grad_of = |rank: usize, step: usize, i: usize| values(shapes[i], 1.0 + (rank * 7 + step * 3 + i) as f64);
+    let shallow = |ps: &[(String, Tensor)]| -> Vec<(String, Tensor)> { ps.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect() };
+    let set_grads = |ps: &[(String, Tensor)], g: &dyn Fn(usize) -> Tensor| {
+        for (i, (_, p)) in ps.iter().enumerate() {
+            (p * g(i)).sum(Kind::Float).backward();
+        }
+    };
+    std::thread::scope(|scope| {
+        for rank in 0..2usize {
+            let (state_file, one_process_file, params) = (state_file.clone(), one_process_file.clone(), initial());
+            scope.spawn(move || {
+                let launch = Launch { rank, world_size: 2, local_rank: rank, local_world_size: 2, master_addr: "127.0.0.1".into(), master_port: port, store_is_external: false, store_prefix: "zero/".into(), launcher: "test" };
+                let ranks = Ranks { group: ProcessGroup::join(&launch, Backend::Gloo, Duration::from_secs(20)).unwrap() };
+                let (shards, pieces) = Shards::new(shallow(&params), 2, rank, 40).unwrap();
+                let mut opt = AdamW::new(pieces, cfg).unwrap();
+                let reference: Vec<(String, Tensor)> = params.iter().map(|(n, p)| (n.clone(), p.detach().copy().set_requires_grad(true))).collect();
+                let mut unsharded = AdamW::new(shallow(&reference), cfg).unwrap();
+                for step in 0..3 {
+                    set_grads(&params, &|i| grad_of(rank, step, i));
+                    let grads = shards.reduce_gradients(Some(&ranks)).unwrap();
+                    let total = shards.global_norm(&clip_grads(&grads, None).unwrap(), Some(&ranks)).unwrap();
+                    clip_to_total(&grads, &total, 0.5).unwrap();
+                    opt.step_with(1e-2, &grads).unwrap();
+                    shards.gather_params(Some(&ranks)).unwrap();
+                    set_grads(&reference, &|i| (grad_of(0, step, i) + grad_of(1, step, i)) * 0.5);
+                    let expected = clip_grad_norm(&unsharded.params(), 0.5).unwrap();
+                    unsharded.step(1e-2).unwrap();
+                    unsharded.zero_grad();
+                    assert!((total.double_value(&[]) - expected.double_value(&[])).abs() <= 1e-6 * expected.double_value(&[]) && expected.double_value(&[]) > 0.5, "step {step}: global norm {total} vs {expected}");
+                    for ((n, p), (_, q)) in params.iter().zip(&reference) {
+                        let e = (p - q).abs().max().double_value(&[]);
+                        assert!(e <= 1e-6, "rank {rank}, step {step}: {n} off by {e:e}");
+                    }
+                }
+                let gathered = shards.gather_state(&opt, Some(&ranks)).unwrap();
+                assert_eq!(gathered.is_some(), rank == 0, "the whole state on rank 0 alone");
+                if let Some(state) = &gathered {
+                    let want = unsharded.state_tensors();
+                    assert_eq!(state.iter().map(|(n, _)| n).collect::<Vec<_>>(), want.iter().map(|(n, _)| n).collect::<Vec<_>>());
+                    for ((n, a), (_, b)) in state.iter().zip(&want) {
+                        assert!(a.size() == b.size() && (a - b).abs().max().double_value(&[]) <= 1e-6, "{n}: {a} vs {b}");
+                    }
+                    sdkd::models::weights::save(&state_file, state, None).unwrap();
+                    sdkd::models::weights::save(&one_process_file, &unsharded.state_tensors(), None).unwrap();
+                }
+                ranks.group.barrier().unwrap();
+                // the sharded state, and one process's unsharded state (another world size),
+                // each loaded into fresh shards, gather back bit for bit
+                let unsharded_state = unsharded.state_tensors();
+                for (file, want) in [(&state_file, gathered.as_ref()), (&one_process_file, Some(&unsharded_state))] {
+                    let (fresh, pieces) = Shards::new(shallow(&params), 2, rank, 40).unwrap();
+                    let mut loaded = AdamW::new(pieces, cfg).unwrap();
+                    assert_eq!(fresh.load_state_file(&mut loaded, file).unwrap(), None);
+                    let again = fresh.gather_state(&loaded, Some(&ranks)).unwrap();
+                    assert_eq!(again.is_some(), rank == 0);
+                    if let (Some(again), Some(want)) = (&again, want) {
+                        assert_eq!(again.len(), want.len());
+                        for ((n, a), (m, b)) in again.iter().zip(want) {
+                            assert!(n == m && a.equal(b), "{n} of {} after a load into 2 ranks' shards", file.display());
+                        }
+                    }
+                }
+                assert!(params.iter().zip(initial()).all(|((_, p), (_, q))| !p.equal(&q)), "every parameter moved");
+            });
+        }
+    });
 }
 
 #[test]

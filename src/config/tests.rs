@@ -90,6 +90,7 @@ fn wrong_types_name_the_key() {
         ("optim:\n  lr: fast\n", "optim.lr"),
         ("optim:\n  betas: [0.9]\n", "optim.betas"),
         ("optim:\n  schedule: step\n", "optim.schedule"),
+        ("optim:\n  shard_state: 8\n", "optim.shard_state"),
         ("train:\n  precision: fp8\n", "train.precision"),
         ("train:\n  device: gpu\n", "train.device"),
         ("train:\n  device: cuda:x\n", "train.device"),
@@ -210,6 +211,7 @@ fn hash_ignores_resume_mutable_keys_only() {
         "checkpoint:\n  every: 3\n  keep: 9\n",
         "log:\n  every: 1\n  tensorboard: false\n",
         "validation:\n  every: 0\n",
+        "optim:\n  shard_state: true\n",
     ] {
         let b = parse(&format!("{MINIMAL}{extra}")).unwrap();
         assert_eq!(h, b.config_hash(), "{extra:?} must not change the hash");
@@ -302,6 +304,7 @@ optim:
   schedule: linear
   warmup_steps: 7
   state_dtype: bf16
+  shard_state: true
 train:
   batch_size: 3
   grad_accum: 5
@@ -388,7 +391,8 @@ fn config_hashes_are_unchanged() {
         .collect();
     let want = [
         "MINIMAL a0b406d19256d50a 6db01be72b6c0e94",
-        "EVERY_KEY 1ef96c816f2a7309 ce3aa1b5fa921ede",
+        // its YAML gained `optim.shard_state: true`; its resume hash did not (a resume-mutable key)
+        "EVERY_KEY 1ef96c816f2a7309 49a49ee3f99b3518",
         "sd15_bk_base.yaml 9dc4aec914d80480 ac3155815fc71e78",
         "sd15_bk_small.yaml c796625309546f14 5cc5b5da2df0746e",
         "sd15_bk_tiny.yaml 606422fdce7a1415 be10aa6864b27782",

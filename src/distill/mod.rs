@@ -14,3 +14,4 @@ pub mod step;
 pub mod student;
 pub mod tensorboard;
 pub mod trainer;
+pub mod zero;

@@ -18,7 +18,7 @@
 //! rounding (< 1e-6 relative after hundreds of steps; tests/trainkit.rs checks both).
 use crate::aten_extra;
 use crate::config_error::{invalid, ConfigError};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -37,6 +37,11 @@ pub struct OptimConfig {
     pub warmup_steps: u64,
     /// The dtype AdamW keeps its two moments in.
     pub state_dtype: StateDtype,
+    /// ZeRO-1 (`zero.rs`): each of a data-parallel run's N ranks keeps and updates the moments
+    /// of 1/N of the parameters. Memory only: the run, its checkpoints and resume are the same.
+    /// Written to the run's config only when on, so configs from before it read back the same.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shard_state: bool,
 }
 
 impl Default for OptimConfig {
@@ -50,6 +55,7 @@ impl Default for OptimConfig {
             schedule: Schedule::default(),
             warmup_steps: 0,
             state_dtype: StateDtype::default(),
+            shard_state: false,
         }
     }
 }
@@ -188,9 +194,9 @@ pub struct AdamW {
 }
 
 /// Names of the optimizer state tensors in `optimizer.safetensors`.
-const EXP_AVG: &str = "exp_avg.";
-const EXP_AVG_SQ: &str = "exp_avg_sq.";
-const STEP: &str = "step.";
+pub(crate) const EXP_AVG: &str = "exp_avg.";
+pub(crate) const EXP_AVG_SQ: &str = "exp_avg_sq.";
+pub(crate) const STEP: &str = "step.";
 
 impl AdamW {
     /// Zero moments (like PyTorch's lazily created state) for every parameter. Parameters must be
@@ -231,9 +237,16 @@ impl AdamW {
     /// the update and rounded back (to nearest even) after it, a bounded group of parameters at a
     /// time, so the fp32 copies never hold more than `WIDE_CHUNK` elements.
     pub fn step(&mut self, lr: f64) -> Result<()> {
+        let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
+        self.step_with(lr, &grads)
+    }
+
+    /// `step` with the gradient of each parameter given (in `params` order; undefined: no
+    /// gradient), where they are not the parameters' own: ZeRO-1's pieces (`zero::Shards`).
+    pub fn step_with(&mut self, lr: f64, grads: &[Tensor]) -> Result<()> {
         let AdamWConfig { betas, eps, weight_decay, .. } = self.cfg;
+        ensure!(grads.len() == self.slots.len(), "AdamW step: {} gradients for {} parameters", grads.len(), self.slots.len());
         tch::no_grad(|| -> Result<()> {
-            let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
             let live: Vec<usize> = (0..self.slots.len()).filter(|&i| grads[i].defined()).collect();
             let (same, narrow): (Vec<usize>, Vec<usize>) = live.iter().partition(|&&i| self.slots[i].exp_avg.kind() == self.slots[i].param.kind());
             let pick = |ids: &[usize], f: &dyn Fn(&Slot) -> &Tensor| ids.iter().map(|&i| f(&self.slots[i])).collect::<Vec<_>>();
@@ -352,6 +365,11 @@ impl AdamW {
         Ok(())
     }
 
+    /// Each parameter's two moments (shallow), in `params` order.
+    pub(crate) fn moments(&self) -> Vec<(Tensor, Tensor)> {
+        self.slots.iter().map(|s| (s.exp_avg.shallow_clone(), s.exp_avg_sq.shallow_clone())).collect()
+    }
+
     /// The update count of each parameter (all equal in a run where every parameter gets a
     /// gradient every step).
     pub fn steps(&self) -> Vec<(String, i64)> {
@@ -386,21 +404,36 @@ fn chunks_of_elements(ids: &[usize], numel: impl Fn(usize) -> usize, limit: i64)
 /// the total norm before clipping as a scalar tensor on the gradients' device (read it only when
 /// logging: that waits for the GPU).
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<Tensor> {
-    norm_and_clip(params, Some(max_norm))
+    clip_grads(&params.iter().map(Tensor::grad).collect::<Vec<_>>(), Some(max_norm))
 }
 
 /// The total gradient 2-norm without clipping (for logging when clipping is off).
 pub fn grad_norm(params: &[Tensor]) -> Result<Tensor> {
-    norm_and_clip(params, None)
+    clip_grads(&params.iter().map(Tensor::grad).collect::<Vec<_>>(), None)
 }
 
-fn norm_and_clip(params: &[Tensor], max_norm: Option<f64>) -> Result<Tensor> {
+/// `clip_grad_norm` (or, without `max_norm`, `grad_norm`) of the gradients themselves; undefined
+/// ones are ignored.
+pub fn clip_grads(grads: &[Tensor], max_norm: Option<f64>) -> Result<Tensor> {
     tch::no_grad(|| {
-        let grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
+        let grads: Vec<&Tensor> = grads.iter().filter(|g| g.defined()).collect();
         if grads.is_empty() {
             return Ok(Tensor::from(0f32));
         }
-        aten_extra::clip_grad_norm_(&grads.iter().collect::<Vec<_>>(), max_norm)
+        aten_extra::clip_grad_norm_(&grads, max_norm)
+    })
+}
+
+/// The scaling step of `clip_grad_norm_` for a `total` norm measured elsewhere (ZeRO-1's, over
+/// every rank's share): each defined gradient times `min(max_norm / (total + 1e-6), 1)`,
+/// computed as PyTorch computes it.
+pub fn clip_to_total(grads: &[Tensor], total: &Tensor, max_norm: f64) -> Result<()> {
+    tch::no_grad(|| -> Result<()> {
+        let coef = total.f_add_scalar(1e-6)?.f_reciprocal()?.f_mul_scalar(max_norm)?.f_clamp_max(1.0)?;
+        for g in grads.iter().filter(|g| g.defined()) {
+            let _ = g.shallow_clone().f_mul_(&coef)?;
+        }
+        Ok(())
     })
 }
 

@@ -7,7 +7,9 @@ use super::loss::{distill_loss, LossTerms, LossWeights};
 use super::lcd::{Consistency, LcdInputs, LcdModels, LcdTerms};
 use super::lcm::LcmConfig;
 use super::loss_scale::LossScale;
-use super::optim::{grad_norm, AdamW, AdamWConfig, Ema};
+use super::optim::{clip_grads, clip_to_total, AdamW, AdamWConfig, Ema};
+use super::zero::Shards;
+use crate::distributed::{Ranks, BUCKET_BYTES};
 use super::student::StudentPlan;
 use crate::models::unet::AddedCond;
 use crate::models::{weights, Checkpointing, Recompute, UNet};
@@ -47,7 +49,11 @@ pub struct Distiller {
     pub(crate) teacher: Option<Teacher>,
     student_inner: BTreeSet<String>,
     pub(crate) schedule: Arc<NoiseSchedule>,
+    /// AdamW over the student's trainable parameters, or under `optim.shard_state` over this
+    /// rank's pieces of them (`shards`).
     pub(crate) optimizer: AdamW,
+    /// `optim.shard_state` (ZeRO-1, `zero.rs`): which part of every parameter this rank updates.
+    shards: Option<Shards>,
     pub(crate) ema: Option<Ema>,
     weights: LossWeights,
     pub(crate) noise_offset: f64,
@@ -70,8 +76,31 @@ pub struct Update {
 
 impl Distiller {
     pub fn new(student: UNet, plan: StudentPlan, teacher: Option<Teacher>, schedule: Arc<NoiseSchedule>, optim: AdamWConfig, ema_decay: Option<f64>, weights: LossWeights) -> Result<Distiller> {
+        Self::new_sharded(student, plan, teacher, schedule, optim, ema_decay, weights, None)
+    }
+
+    /// `new`; with `shard` (`optim.shard_state`: this process is rank `.1` of `.0`) its AdamW
+    /// keeps and updates the state of its 1/N of the parameters only (ZeRO-1, `zero.rs`), and
+    /// the whole moments are never allocated.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_sharded(
+        student: UNet,
+        plan: StudentPlan,
+        teacher: Option<Teacher>,
+        schedule: Arc<NoiseSchedule>,
+        optim: AdamWConfig,
+        ema_decay: Option<f64>,
+        weights: LossWeights,
+        shard: Option<(usize, usize)>,
+    ) -> Result<Distiller> {
         // a LoRA student trains its adapters alone: AdamW and the EMA hold nothing of the base
-        let optimizer = AdamW::new(student.trainable(), optim)?;
+        let (optimizer, shards) = match shard {
+            None => (AdamW::new(student.trainable(), optim)?, None),
+            Some((world, rank)) => {
+                let (shards, pieces) = Shards::new(student.trainable(), world, rank, BUCKET_BYTES)?;
+                (AdamW::new(pieces, optim)?, Some(shards))
+            }
+        };
         let ema = ema_decay.map(|d| Ema::new(student.trainable(), d)).transpose()?;
         let (_, student_inner) = plan.inner_features();
         Ok(Distiller {
@@ -81,6 +110,7 @@ impl Distiller {
             student_inner,
             schedule,
             optimizer,
+            shards,
             ema,
             weights,
             noise_offset: 0.0,
@@ -107,6 +137,25 @@ impl Distiller {
     pub fn with_checkpointing(mut self, checkpointing: Checkpointing) -> Distiller {
         self.checkpointing = checkpointing;
         self
+    }
+
+    /// The whole optimizer state as `optimizer.safetensors` holds it, on rank 0 (or one
+    /// process); None on the other ranks. Under `optim.shard_state` it is gathered from every
+    /// rank, which must all call this.
+    pub fn optimizer_state(&self, ranks: Option<&Ranks>) -> Result<Option<Vec<(String, Tensor)>>> {
+        match &self.shards {
+            Some(shards) => shards.gather_state(&self.optimizer, ranks),
+            None => Ok(ranks.is_none_or(Ranks::is_leader).then(|| self.optimizer.state_tensors())),
+        }
+    }
+
+    /// Loads `optimizer.safetensors` (of any world size, sharded or not) into this process's
+    /// optimizer; returns the saved moments' dtype when it differed (`AdamW::load_state_file`).
+    pub fn load_optimizer_state(&mut self, path: &std::path::Path) -> Result<Option<Kind>> {
+        match &self.shards {
+            Some(shards) => shards.load_state_file(&mut self.optimizer, path),
+            None => self.optimizer.load_state_file(path),
+        }
     }
 
     pub fn student(&self) -> &UNet {
@@ -239,25 +288,43 @@ impl Distiller {
         c.micro_step(&models, latents, context, added, inputs, scale / accum as f64)
     }
 
-    /// Clips the accumulated gradients (or only measures them), steps AdamW at `lr`, clears the
-    /// gradients and updates the EMA and LCD's target network. Under fp16 the gradients are unscaled first, and a step
-    /// whose gradients overflowed is skipped.
+    /// `update_over` on one process.
     pub fn update(&mut self, lr: f64, max_grad_norm: Option<f64>) -> Result<Update> {
-        let params = self.optimizer.params();
-        if let Some(loss_scale) = &mut self.loss_scale {
-            let norm = unscale_grads(&params, loss_scale.scale)?;
+        self.update_over(lr, max_grad_norm, None)
+    }
+
+    /// Averages the accumulated gradients over `ranks` (a data-parallel run's group: all-reduced,
+    /// or under `optim.shard_state` reduce-scattered to the rank that updates them), clips them by
+    /// their global norm (or only measures it), steps AdamW at `lr` (then, sharded, all-gathers
+    /// the parameters), clears the gradients and updates the EMA and LCD's target network. Under
+    /// fp16 the gradients are unscaled first, and a step whose gradients overflowed is skipped.
+    pub fn update_over(&mut self, lr: f64, max_grad_norm: Option<f64>, ranks: Option<&Ranks>) -> Result<Update> {
+        let grads = match &self.shards {
+            Some(shards) => shards.reduce_gradients(ranks)?,
+            None => {
+                let params = self.optimizer.params();
+                if let Some(ranks) = ranks {
+                    ranks.average_gradients(&params)?;
+                }
+                params.iter().map(Tensor::grad).collect()
+            }
+        };
+        if let Some(scale) = self.loss_scale.map(|s| s.scale) {
+            unscale(&grads, scale)?;
+            let norm = self.global_norm(&grads, None, ranks)?;
             let finite = norm.double_value(&[]).is_finite();
-            loss_scale.update(finite);
+            self.loss_scale.as_mut().expect("checked above").update(finite);
             if !finite {
                 self.optimizer.zero_grad();
                 return Ok(Update { grad_norm: norm, skipped: true });
             }
         }
-        let norm = match max_grad_norm {
-            Some(max) => self.optimizer.clip_grad_norm(max)?,
-            None => grad_norm(&params)?,
-        };
-        self.optimizer.step(lr)?;
+        let norm = self.global_norm(&grads, max_grad_norm, ranks)?;
+        self.optimizer.step_with(lr, &grads)?;
+        drop(grads);
+        if let Some(shards) = &self.shards {
+            shards.gather_params(ranks)?;
+        }
         self.optimizer.zero_grad();
         if let Some(ema) = &mut self.ema {
             ema.update()?;
@@ -266,6 +333,22 @@ impl Distiller {
             c.update_target()?;
         }
         Ok(Update { grad_norm: norm, skipped: false })
+    }
+
+    /// The 2-norm of `grads` (the optimizer's, in its order) over every rank's share, and
+    /// `clip_grad_norm_` by it when `max_norm` is given. Unsharded, and on one process, every
+    /// rank holds every gradient: `clip_grads` itself.
+    fn global_norm(&self, grads: &[Tensor], max_norm: Option<f64>, ranks: Option<&Ranks>) -> Result<Tensor> {
+        match &self.shards {
+            Some(shards) if shards.world() > 1 => {
+                let total = shards.global_norm(&clip_grads(grads, None)?, ranks)?;
+                if let Some(max) = max_norm {
+                    clip_to_total(grads, &total, max)?;
+                }
+                Ok(total)
+            }
+            _ => clip_grads(grads, max_norm),
+        }
     }
 }
 
@@ -276,16 +359,12 @@ fn added_as(added: &AddedCond, kind: Kind) -> AddedCond {
     AddedCond { text_embeds: cast(&added.text_embeds), time_ids: cast(&added.time_ids), timestep_cond: cast(&added.timestep_cond) }
 }
 
-/// Divides every gradient by `scale` and returns their total norm (inf or NaN when one overflowed).
-fn unscale_grads(params: &[Tensor], scale: f64) -> Result<Tensor> {
+/// Divides every (defined) gradient by `scale`.
+fn unscale(grads: &[Tensor], scale: f64) -> Result<()> {
     tch::no_grad(|| -> Result<()> {
-        for p in params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.f_mul_scalar_(1.0 / scale)?;
-            }
+        for g in grads.iter().filter(|g| g.defined()) {
+            let _ = g.shallow_clone().f_mul_scalar_(1.0 / scale)?;
         }
         Ok(())
-    })?;
-    grad_norm(params)
+    })
 }

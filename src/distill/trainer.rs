@@ -10,7 +10,9 @@
 //! micro-batches `m·W + r` of each step (m < grad_accum), each keyed and positioned as micro-batch
 //! `m·W + r` of a one-process run with `grad_accum·W` micro-batches, so both compute the same
 //! step up to the order of float additions. Gradients are averaged before clipping; every rank
-//! then takes the same AdamW and EMA step. Rank 0 alone writes; the others wait at barriers.
+//! then takes the same AdamW and EMA step (under `optim.shard_state` each rank updates its share
+//! and the parameters are all-gathered, `zero.rs`). Rank 0 alone writes; the others wait at
+//! barriers.
 use super::checkpoint::{self, CheckpointWriter, StateMeta, TrainState};
 use super::encoder::{LatentScale, TeacherEncoder, TextEmbeds, Unconditional};
 use super::optim::{lr_at, AdamWConfig, Ema};
@@ -269,7 +271,8 @@ fn noise_schedule(pipeline: Option<&PipelineDir>) -> Result<NoiseSchedule> {
 /// The student from the run's seed (PyTorch's default init, then the teacher's weights when
 /// `student_init: teacher`), and the teacher when distilling.
 /// `report`: print what was copied (rank 0 of a data-parallel run only, the others stay quiet).
-fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Device, compute_kind: Kind, report: bool) -> Result<Distiller> {
+/// `shard`: (world, rank) under `optim.shard_state` (`Distiller::new_sharded`).
+fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Device, compute_kind: Kind, report: bool, shard: Option<(usize, usize)>) -> Result<Distiller> {
     let schedule = Arc::new(noise_schedule(pipeline)?);
     let teacher_config = pipeline.map(|p| p.unet_config()).transpose()?;
     if teacher_config.as_ref().is_some_and(|c| c.time_cond_proj_dim.is_some()) {
@@ -319,7 +322,7 @@ fn build_distiller(cfg: &RunConfig, pipeline: Option<&PipelineDir>, device: Devi
     // LCD's teacher calls take no features
     let teacher_inner = if lcm { Default::default() } else { plan.inner_features().0 };
     let teacher = if cfg.distill { teacher_unet.map(|unet| Teacher::new(unet, teacher_inner)) } else { None };
-    let mut d = Distiller::new(student, plan, teacher, schedule, AdamWConfig::from(&cfg.optim), cfg.train.ema_decay, cfg.loss)?
+    let mut d = Distiller::new_sharded(student, plan, teacher, schedule, AdamWConfig::from(&cfg.optim), cfg.train.ema_decay, cfg.loss, shard)?
         .with_compute_kind(compute_kind)?
         .with_checkpointing(cfg.train.gradient_checkpointing);
     d.noise_offset = cfg.train.noise_offset;
@@ -417,7 +420,13 @@ impl Trainer {
         let sdxl = pipeline.as_ref().is_some_and(PipelineDir::is_xl);
         fill_family_defaults(&mut cfg, sdxl)?; // as `teacher_family_defaults` did for the run's marker
         let leader = ranks.as_ref().is_none_or(Ranks::is_leader);
-        let mut distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind, leader)?;
+        let shard = cfg.optim.shard_state.then(|| ranks.as_ref().map_or((1, 0), |r| (r.size(), r.rank())));
+        let mut distiller = build_distiller(&cfg, pipeline.as_ref(), device, compute_kind, leader, shard)?;
+        if let (Some((world, _)), true) = (shard, leader) {
+            let elements: i64 = distiller.student().trainable().iter().map(|(_, t)| t.numel() as i64).sum();
+            let whole = 2 * elements * distiller.optimizer.state_kind().elt_size_in_bytes() as i64;
+            eprintln!("optim.shard_state: rank 0 keeps {} of the {whole} bytes of AdamW moments ({world} rank(s))", distiller.optimizer.state_bytes());
+        }
         let lcm = cfg.method == Method::Lcm;
         // "no caption" as the family trains it: what dropped captions become, and LCD's
         // unconditional input (the encoded "" for SD-1.x/2.x, zeros for SDXL)
@@ -539,7 +548,7 @@ impl Trainer {
             ),
         }
         ckpt.load_student_into(&d.student.trainable().into_iter().collect())?;
-        if let Some(saved) = d.optimizer.load_state_file(&ckpt.optimizer_file())? {
+        if let Some(saved) = d.load_optimizer_state(&ckpt.optimizer_file())? {
             eprintln!(
                 "checkpoint {}: AdamW moments saved as {saved:?}, converted to {:?} (optim.state_dtype = {})",
                 ckpt.dir.display(),
@@ -640,11 +649,10 @@ impl Trainer {
             }
         }
         if let Some(ranks) = &self.ranks {
-            ranks.average_gradients(&self.distiller.optimizer.params())?;
             s.average_over(ranks)?;
         }
         s.lr = lr_at(self.step, &self.cfg.optim, self.cfg.train.max_steps);
-        let update = self.distiller.update(s.lr, self.cfg.optim.max_grad_norm)?;
+        let update = self.distiller.update_over(s.lr, self.cfg.optim.max_grad_norm, self.ranks.as_ref())?;
         s.add("grad_norm", update.grad_norm.double_value(&[]));
         if let Some(c) = self.distiller.consistency() {
             s.add("lcm/target_ema", c.config().target_ema);
@@ -666,7 +674,8 @@ impl Trainer {
         Ok(AddedCond { text_embeds: Some(text_embeds), time_ids: Some(time_ids), timestep_cond: None })
     }
 
-    fn state(&self) -> TrainState {
+    /// The checkpoint of this step; `optimizer`: the whole optimizer state (`Distiller::optimizer_state`).
+    fn state(&self, optimizer: Vec<(String, Tensor)>) -> TrainState {
         let mut meta = StateMeta::new(&self.identity, self.step, self.cursor.epoch, serde_json::to_value(self.cursor).expect("cursor serialises"));
         meta.loss_scale = self.distiller.loss_scale;
         meta.world_size = self.ranks.as_ref().map_or(1, Ranks::size);
@@ -677,7 +686,7 @@ impl Trainer {
             student: self.distiller.student.trainable(),
             ema: self.distiller.ema.as_ref().map(Ema::state_tensors),
             target: self.distiller.consistency().filter(|c| c.has_target()).map(|c| c.target_tensors()),
-            optimizer: self.distiller.optimizer.state_tensors(),
+            optimizer,
         }
     }
 
@@ -786,9 +795,10 @@ impl Trainer {
             let now = base_checksum(&self.distiller.student);
             ensure!(now == base.checksum, "step {}: the frozen base UNet changed during training (checksum {now}, was {}): not writing a checkpoint of it", self.step, base.checksum);
         }
-        let written = match self.ranks.as_ref().is_none_or(Ranks::is_leader) {
-            true => Some(writer.write(&self.state())?),
-            false => Some(checkpoint::checkpoints_dir(&self.cfg.output_dir).join(format!("step-{}", self.step))),
+        // every rank takes part: under optim.shard_state the state is gathered from all
+        let written = match self.distiller.optimizer_state(self.ranks.as_ref())? {
+            Some(optimizer) => Some(writer.write(&self.state(optimizer))?),
+            None => Some(checkpoint::checkpoints_dir(&self.cfg.output_dir).join(format!("step-{}", self.step))),
         };
         self.barrier()?;
         Ok(written)

@@ -25,6 +25,8 @@ extern "C" {
     fn sdkd_dist_allreduce(group: *mut c_void, ts: *const *mut c_void, n: i64, op: i32) -> *mut c_char;
     fn sdkd_dist_broadcast(group: *mut c_void, ts: *const *mut c_void, n: i64, root: i32) -> *mut c_char;
     fn sdkd_dist_barrier(group: *mut c_void) -> *mut c_char;
+    fn sdkd_dist_reduce_scatter(group: *mut c_void, ins: *const *mut c_void, outs: *const *mut c_void, n: i64) -> *mut c_char;
+    fn sdkd_dist_all_gather(group: *mut c_void, ins: *const *mut c_void, outs: *const *mut c_void, n: i64) -> *mut c_char;
 }
 
 /// Turns the shim's error message (malloc'd, or null on success) into a Result.
@@ -127,6 +129,24 @@ impl ProcessGroup {
         let p = ptrs(ts);
         // SAFETY: as above.
         check(unsafe { sdkd_dist_broadcast(self.ptr, p.as_ptr(), p.len() as i64, root as i32) })
+    }
+
+    /// Each `(input, output)`: the inputs (`size · k` elements, flat) summed over the ranks, and
+    /// rank `r` given elements `r·k .. (r+1)·k` of the sum in its output (`k` elements).
+    pub fn reduce_scatter_sum(&self, pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
+        let (ins, outs): (Vec<&Tensor>, Vec<&Tensor>) = pairs.iter().copied().unzip();
+        let (i, o) = (ptrs(&ins), ptrs(&outs));
+        // SAFETY: as above, two arrays of the same length.
+        check(unsafe { sdkd_dist_reduce_scatter(self.ptr, i.as_ptr(), o.as_ptr(), i.len() as i64) })
+    }
+
+    /// Each `(input, output)`: every rank's input (`k` elements) laid end to end, rank order, in
+    /// the output (`size · k` elements, flat).
+    pub fn all_gather(&self, pairs: &[(&Tensor, &Tensor)]) -> Result<()> {
+        let (ins, outs): (Vec<&Tensor>, Vec<&Tensor>) = pairs.iter().copied().unzip();
+        let (i, o) = (ptrs(&ins), ptrs(&outs));
+        // SAFETY: as above, two arrays of the same length.
+        check(unsafe { sdkd_dist_all_gather(self.ptr, i.as_ptr(), o.as_ptr(), i.len() as i64) })
     }
 
     /// Returns once every rank has called it.

@@ -273,7 +273,7 @@ impl Ranks {
 }
 
 /// Groups consecutive tensors into lists of at most `bytes` (a larger tensor is a list alone).
-fn bucket_indices(ts: &[Tensor], bytes: usize) -> Vec<Vec<usize>> {
+pub(crate) fn bucket_indices(ts: &[Tensor], bytes: usize) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = vec![];
     let mut size = 0usize;
     for (i, t) in ts.iter().enumerate() {
