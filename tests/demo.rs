@@ -131,6 +131,9 @@ fn quick_demo_runs_the_whole_job() {
     assert_eq!(unet["time_cond_proj_dim"].as_i64(), Some(256));
     let index = std::fs::read_to_string(out.join("student_lcm/model_index.json")).unwrap();
     assert!(index.contains("LCMScheduler"), "{index}");
+    // the stage's 25-point DDIM grid is the exported scheduler's
+    let scheduler: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("student_lcm/scheduler/scheduler_config.json")).unwrap()).unwrap();
+    assert_eq!(scheduler["original_inference_steps"].as_i64(), Some(25), "{scheduler}");
 }
 
 /// `sdkd demo --family sdxl --quick`: the same job on an SDXL pipeline (two text encoders, the

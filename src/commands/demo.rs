@@ -74,7 +74,8 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let mut o = DemoOptions { family, seed: a.seed, data_format: a.data_format, sdkd, ..DemoOptions::default() };
     let mut l = LcmOptions::default();
     if a.quick {
-        l.steps = 4;
+        // the fewest LCD steps that still step the cosine schedule past its warmup step
+        l.steps = 2;
         // the shortest teacher that reads the background from the caption (tests/demo.rs)
         o = DemoOptions {
             count: 128,
