@@ -5,7 +5,7 @@
 //! crash) and carries its mark (a folder's marker, a single file's header key), so a later
 //! `--overwrite` knows sdkd made it.
 use crate::fs_safe::{self, Marker, Purpose};
-use crate::models::{single_file, weights, ClipTokenizer, PipelineDir, UNetConfig};
+use crate::models::{single_file, weights, ClipTokenizer, PipelineClass, PipelineDir, UNetConfig};
 use crate::schedulers::config::LcmGrid;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -286,23 +286,11 @@ pub fn write_pipeline_from(dest: &Path, pipeline: &PipelineDir, unet_config: &UN
             for (name, content) in ClipTokenizer::embedded_files("!")? {
                 fs::write(d.join(name), content)?;
             }
-            let index = serde_json::json!({
-                "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
-                "feature_extractor": [null, null], "force_zeros_for_empty_prompt": pipeline.force_zeros_for_empty_prompt()?,
-                "image_encoder": [null, null], "scheduler": ["diffusers", class], "text_encoder": ["transformers", "CLIPTextModel"],
-                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
-                "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            });
+            let index = PipelineClass::StableDiffusionXl { force_zeros_for_empty_prompt: pipeline.force_zeros_for_empty_prompt()? }.model_index_json(class);
             fs::write(tmp.join("model_index.json"), json(&index)?)?;
             return Ok(());
         }
-        let index = serde_json::json!({
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-            "feature_extractor": [null, null], "image_encoder": [null, null], "requires_safety_checker": false,
-            "safety_checker": [null, null], "scheduler": ["diffusers", class], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        });
-        fs::write(tmp.join("model_index.json"), json(&index)?)?;
+        fs::write(tmp.join("model_index.json"), json(&PipelineClass::StableDiffusion.model_index_json(class))?)?;
         lcm_scheduler_for(tmp, unet_config, lcm)
     })
 }

@@ -157,7 +157,8 @@ pub fn build_demo_teacher(out_dir: &Path, data_dir: &Path, opts: &DemoTeacherOpt
 
     // scheduler and UNet
     let dir = part_dir(out_dir, "scheduler")?;
-    write_json(&dir.join("scheduler_config.json"), &parts::scheduler_json())?;
+    let scheduler = parts::scheduler_json();
+    write_json(&dir.join("scheduler_config.json"), &scheduler)?;
     let unet_config = parts::unet_config(opts.family, latent_size);
     tch::manual_seed(opts.seed as i64 + 1);
     let unet = UNet::build(&unet_config, opts.device, Kind::Float, Init::Torch);
@@ -165,7 +166,7 @@ pub fn build_demo_teacher(out_dir: &Path, data_dir: &Path, opts: &DemoTeacherOpt
     write_json(&dir.join("config.json"), &unet_config.to_json())?;
     save(&dir.join("diffusion_pytorch_model.safetensors"), &named_tensors(&unet.vs), None)?;
 
-    write_json(&out_dir.join("model_index.json"), &parts::model_index_json(opts.family))?;
+    write_json(&out_dir.join("model_index.json"), &parts::pipeline_class(opts.family).model_index_json(scheduler["_class_name"].as_str().expect("parts::scheduler_json names its class")))?;
     Ok(DemoTeacherReport {
         dir: out_dir.to_path_buf(),
         resolution,

@@ -15,7 +15,7 @@
 //! plain stage then two cross-attention stages) that the SDXL student presets apply to.
 use crate::models::clip::{Activation, ClipTextConfig};
 use crate::models::unet_config::{Depth, DownBlockKind, MidBlockKind, TextTimeEmbed, UNetConfig, UpBlockKind, TIME_IDS};
-use crate::models::VaeConfig;
+use crate::models::{PipelineClass, VaeConfig};
 use anyhow::bail;
 use serde_json::{json, Value};
 
@@ -200,38 +200,13 @@ pub fn scheduler_json() -> Value {
     })
 }
 
-/// `model_index.json` of a `StableDiffusionPipeline` without safety checker, or of a
-/// `StableDiffusionXLPipeline` (zeros for an empty prompt, as SDXL was trained).
-pub fn model_index_json(family: DemoFamily) -> Value {
-    if family == DemoFamily::Sdxl {
-        return json!({
-            "_class_name": "StableDiffusionXLPipeline",
-            "_diffusers_version": "0.42.1",
-            "feature_extractor": [null, null],
-            "force_zeros_for_empty_prompt": true,
-            "image_encoder": [null, null],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"]
-        });
+/// `model_index.json`'s pipeline class: an SDXL demo pipeline gives zeros for an empty prompt,
+/// as SDXL was trained.
+pub fn pipeline_class(family: DemoFamily) -> PipelineClass {
+    match family {
+        DemoFamily::Sd => PipelineClass::StableDiffusion,
+        DemoFamily::Sdxl => PipelineClass::StableDiffusionXl { force_zeros_for_empty_prompt: true },
     }
-    json!({
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "feature_extractor": [null, null],
-        "image_encoder": [null, null],
-        "requires_safety_checker": false,
-        "safety_checker": [null, null],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"]
-    })
 }
 
 #[cfg(test)]

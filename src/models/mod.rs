@@ -20,7 +20,7 @@ pub mod weights;
 pub use clip::{ClipTextConfig, ClipTextEncoder, ClipTextModel, ClipTextOutput};
 pub use clip_tokenizer::ClipTokenizer;
 pub use layers::Init;
-pub use pipeline_dir::{Part, PipelineDir};
+pub use pipeline_dir::{Part, PipelineClass, PipelineDir};
 pub use recompute::{Checkpointing, Recompute};
 pub use unet::{UNet, UNet2DConditionModel, UNetOutput};
 pub use unet_config::UNetConfig;

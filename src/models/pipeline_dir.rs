@@ -326,6 +326,36 @@ impl PipelineDir {
     }
 }
 
+/// Which diffusers pipeline a folder sdkd writes is, for its `model_index.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineClass {
+    /// `StableDiffusionPipeline`, without safety checker.
+    StableDiffusion,
+    /// `StableDiffusionXLPipeline`, with what an empty prompt becomes.
+    StableDiffusionXl { force_zeros_for_empty_prompt: bool },
+}
+
+impl PipelineClass {
+    /// `model_index.json` of such a pipeline whose scheduler is of class `scheduler`.
+    pub fn model_index_json(self, scheduler: &str) -> Value {
+        match self {
+            PipelineClass::StableDiffusionXl { force_zeros_for_empty_prompt } => serde_json::json!({
+                "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+                "feature_extractor": [null, null], "force_zeros_for_empty_prompt": force_zeros_for_empty_prompt,
+                "image_encoder": [null, null], "scheduler": ["diffusers", scheduler], "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            }),
+            PipelineClass::StableDiffusion => serde_json::json!({
+                "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+                "feature_extractor": [null, null], "image_encoder": [null, null], "requires_safety_checker": false,
+                "safety_checker": [null, null], "scheduler": ["diffusers", scheduler], "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            }),
+        }
+    }
+}
+
 /// A UNet folder given directly or as a pipeline's `unet/`.
 pub fn unet_dir(path: &Path) -> PathBuf {
     if path.join("model_index.json").is_file() {
