@@ -209,9 +209,7 @@ impl Shards {
         let mut owned: Vec<(Tensor, Tensor)> = vec![];
         let group = if self.world > 1 { Some(self.group(ranks)?) } else { None };
         if let Some(ranks) = group {
-            let t = Tensor::from_slice(&count).to_device(self.device);
-            ranks.group.all_reduce_max(&[&t])?;
-            count = Vec::<i64>::try_from(&t.to_device(Device::Cpu))?;
+            count = ranks.max_counts(&count)?;
         }
         // the optimizer's, also on a rank that owns no piece (more ranks than elements)
         let state_kind = opt.state_kind();

@@ -245,17 +245,27 @@ impl Ranks {
 
     /// `values` summed over the ranks.
     pub fn sum_counts(&self, values: &[i64]) -> Result<Vec<i64>> {
+        self.reduce_counts(values, false)
+    }
+
+    /// `values`' maxima over the ranks.
+    pub fn max_counts(&self, values: &[i64]) -> Result<Vec<i64>> {
+        self.reduce_counts(values, true)
+    }
+
+    fn reduce_counts(&self, values: &[i64], max: bool) -> Result<Vec<i64>> {
         let t = Tensor::from_slice(values).to_device(self.group.device);
-        self.group.all_reduce_sum(&[&t])?;
+        match max {
+            true => self.group.all_reduce_max(&[&t])?,
+            false => self.group.all_reduce_sum(&[&t])?,
+        }
         Ok(Vec::<i64>::try_from(&t.to_device(Device::Cpu))?)
     }
 
     /// Whether any rank raised its flag: every rank gets the same answer, so all stop at the
     /// same step.
     pub fn any(&self, flag: bool) -> Result<bool> {
-        let t = Tensor::from_slice(&[flag as i64]).to_device(self.group.device);
-        self.group.all_reduce_max(&[&t])?;
-        Ok(t.int64_value(&[0]) != 0)
+        Ok(self.max_counts(&[flag as i64])?[0] != 0)
     }
 
     /// Fails unless every rank holds `checksum`, naming the ranks that differ.
