@@ -22,7 +22,7 @@
 use crate::config::{RunConfig, StateDtype};
 use crate::distill::student::StudentPlan;
 use crate::models::{Checkpointing, Init, Part, PipelineDir, UNet, UNetConfig};
-use crate::runtime::DeviceChoice;
+use crate::runtime::{DeviceChoice, Precision};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -299,7 +299,7 @@ struct Setup {
     teacher_config: UNetConfig,
     teacher_config_file: PathBuf,
     student: StudentPlan,
-    compute: Kind,
+    compute: Precision,
     gpu_mem: Vec<f64>,
     probe_resolution: u32,
     pixel_scale: f64,
@@ -323,10 +323,10 @@ fn setup(args: &PlanArgs) -> Result<Setup> {
     // As the trainer: the CPU computes in fp32. A narrowed probe models the run on its own
     // device, so it computes in the run's precision unless the run is for the CPU.
     let compute = match (args.probe_width_divisor, cfg.train.device) {
-        (Some(_), DeviceChoice::Cpu) => Kind::Float,
-        (Some(_), _) => cfg.train.precision.kind(),
-        (None, _) if device == Device::Cpu => Kind::Float,
-        (None, _) => cfg.train.precision.kind(),
+        (Some(_), DeviceChoice::Cpu) => Precision::Fp32,
+        (Some(_), _) => cfg.train.precision,
+        (None, _) if device == Device::Cpu => Precision::Fp32,
+        (None, _) => cfg.train.precision,
     };
     let probe_resolution = args.probe_resolution.unwrap_or(cfg.data.resolution);
     if probe_resolution < 8 || !probe_resolution.is_multiple_of(8) {
@@ -334,14 +334,6 @@ fn setup(args: &PlanArgs) -> Result<Setup> {
     }
     let pixel_scale = (cfg.data.resolution as f64 / probe_resolution as f64).powi(2);
     Ok(Setup { cfg, device, teacher_config, teacher_config_file, student, compute, gpu_mem, probe_resolution, pixel_scale })
-}
-
-fn precision_name(kind: Kind) -> &'static str {
-    match kind {
-        Kind::BFloat16 => "bf16",
-        Kind::Half => "fp16",
-        _ => "fp32",
-    }
 }
 
 pub fn plan(args: &PlanArgs) -> Result<MemoryPlan> {
@@ -352,7 +344,7 @@ pub fn plan(args: &PlanArgs) -> Result<MemoryPlan> {
     ensure!(divisor >= 1, "--probe-width-divisor {divisor}: at least 1");
     let (student_params, teacher_params) = (count(&s.student.config), count(&s.teacher_config));
     let teacher_loaded = s.cfg.distill || s.cfg.student_init == crate::config::StudentInit::Teacher;
-    let teacher_bytes = if teacher_loaded { s.compute.elt_size_in_bytes() as f64 } else { 0.0 };
+    let teacher_bytes = if teacher_loaded { s.compute.kind().elt_size_in_bytes() as f64 } else { 0.0 };
     let state = CountedState::new(student_params, teacher_params, s.cfg.optim.state_dtype.kind().elt_size_in_bytes() as f64, teacher_bytes, s.cfg.train.ema_decay.is_some(), ranks);
     // the probes run in other processes: a size no machine holds is refused here, by name
     let what = if args.probe_resolution.is_some() { "--probe-resolution" } else { "data.resolution" };
@@ -368,9 +360,9 @@ pub fn plan(args: &PlanArgs) -> Result<MemoryPlan> {
     };
     let probed = UNetConfig::from_path(&probe_config)?;
     let probed_student = StudentPlan::of(&s.cfg.student, Some(&probed)).with_context(|| format!("student {:?} on the narrowed teacher", s.cfg.student.to_string()))?;
-    crate::commands::bench::check_step_memory(&probed_student.config, 2, (s.probe_resolution / 8).max(1) as i64, s.device, s.compute)
+    crate::commands::bench::check_step_memory(&probed_student.config, 2, (s.probe_resolution / 8).max(1) as i64, s.device, s.compute.kind())
         .with_context(|| format!("{what} = {}: the probe steps at batch 2 (give a smaller --probe-resolution to plan a large run)", s.probe_resolution))?;
-    let setup = ProbeSetup { cfg: &s.cfg, teacher_config: &probe_config, device: s.device, precision: precision_name(s.compute), resolution: s.probe_resolution };
+    let setup = ProbeSetup { cfg: &s.cfg, teacher_config: &probe_config, device: s.device, precision: s.compute.name(), resolution: s.probe_resolution };
     let scale = s.pixel_scale * divisor as f64;
     let m = if args.probe_width_divisor.is_some() {
         narrow_step(&setup, &state, student_params / count(&probed_student.config), scale)?
@@ -382,7 +374,7 @@ pub fn plan(args: &PlanArgs) -> Result<MemoryPlan> {
     let teacher_inference = if args.teacher_inference { Some(inference(&setup, &s, teacher_params, scale)?) } else { None };
     Ok(MemoryPlan {
         device: format!("{:?}", s.device),
-        precision: precision_name(s.compute),
+        precision: s.compute.name(),
         student: s.student.name.clone(),
         student_params: student_params as u64,
         teacher_params: teacher_params as u64,
@@ -492,7 +484,7 @@ fn inference(setup: &ProbeSetup, s: &Setup, teacher_params: f64, scale: f64) -> 
     // what batch 1 holds beyond one image is activations too (the guidance, the time
     // embedding): scaled like them, a little more than it is
     let rest = (t1 - (t2 - t1)).max(0.0) * scale;
-    let weights = teacher_params * s.compute.elt_size_in_bytes() as f64 / MB;
+    let weights = teacher_params * s.compute.kind().elt_size_in_bytes() as f64 / MB;
     let fixed = weights + rest;
     Ok(InferencePlan { weights_mb: weights, activations_per_image_mb: per_image, fixed_mb: fixed, gpus: fits(&s.gpu_mem, fixed, per_image, 1) })
 }
