@@ -1,7 +1,7 @@
 //! `sdkd demo [--out <dir>] [--family sd|sdxl]`: the whole job on embedded data (see `demo::run`).
 //! `--out` must be new or empty, or an earlier demo output with `--overwrite` (which starts it
 //! afresh).
-use crate::demo::lcm_stage::{check_demo_output, run_lcm_stage, stage_outputs, LcmOptions};
+use crate::demo::lcm_stage::{finished_demo, run_lcm_stage, LcmOptions};
 use crate::demo::run::{run_demo, DemoOptions};
 use crate::demo::DemoFamily;
 use crate::distill::progress::ProgressMode;
@@ -122,24 +122,16 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         crate::eval::inception::InceptionV3::load(p, tch::Device::Cpu)?;
     }
     o.inception = a.inception.clone();
-    match a.lcm && !a.overwrite && finished_demo(&a.out)? {
-        true => check_demo_output(&a.out)?,
-        false => {
-            prepare_out(&a.out, a.overwrite)?;
-            let s = run_demo(&a.out, &o)?;
-            // the finished demo lists its files, so a later --overwrite can tell the user's additions
-            Marker::new(Purpose::Demo).listing(&a.out)?.write_into(&a.out)?;
-            print_summary(&s);
-        }
+    // with --lcm on a finished demo, only the stage runs
+    if !(a.lcm && !a.overwrite && finished_demo(&a.out)?) {
+        prepare_out(&a.out, a.overwrite)?;
+        let s = run_demo(&a.out, &o)?;
+        // the finished demo lists its files, so a later --overwrite can tell the user's additions
+        Marker::new(Purpose::Demo).listing(&a.out)?.write_into(&a.out)?;
+        print_summary(&s);
     }
     if a.lcm {
-        let theirs = foreign_to_stage(&a.out)?;
         let s = run_lcm_stage(&a.out, &o, &l)?;
-        let mut marker = Marker::new(Purpose::Demo).listing(&a.out)?;
-        if let Some(files) = marker.files.as_mut() {
-            files.retain(|f, _| !theirs.contains(f));
-        }
-        marker.write_into(&a.out)?;
         println!("\nLCM stage: {} training steps in {:.0}s", l.steps, s.train_seconds);
         println!("{:<14} {:>8} {:>6}  {:<22} {:>9} {:>10}", "model", "sampler", "steps", "caption accuracy", "pixel RMSE", "images/s");
         for r in &s.rows {
@@ -149,26 +141,6 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         println!("grid: {}\nreport: {}\nLCM stage done in {:.0}s", s.grid.display(), s.report.display(), s.seconds);
     }
     Ok(())
-}
-
-/// Whether `out` holds a demo that finished (its marker lists its files).
-fn finished_demo(out: &Path) -> Result<bool> {
-    Ok(matches!(fs_safe::existing(out)?, Existing::Made(m) if m.purpose == Purpose::Demo && m.files.is_some()))
-}
-
-/// The files in the demo output `out` that sdkd did not write (kept out of its listing), none
-/// of them where the LCM stage writes: it replaces its earlier outputs.
-fn foreign_to_stage(out: &Path) -> Result<Vec<String>> {
-    let foreign = match fs_safe::existing(out)? {
-        Existing::Made(m) => fs_safe::foreign_files(out, &m)?,
-        _ => vec![],
-    };
-    let ours = stage_outputs();
-    let inside: Vec<String> = foreign.iter().filter(|f| ours.iter().any(|p| *f == p || f.starts_with(&format!("{p}/")))).cloned().collect();
-    if !inside.is_empty() {
-        bail!("--lcm: --out {} holds {}, which sdkd did not write, where the LCM stage writes: move them out first", out.display(), fs_safe::list_some(&inside));
-    }
-    Ok(foreign)
 }
 
 fn print_summary(s: &crate::demo::run::DemoSummary) {

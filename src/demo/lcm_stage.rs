@@ -9,6 +9,7 @@ use super::caption_score;
 use super::run::{held_out_pairs, percent, record_samples, run_yaml, sample_batched, score_samples, write_run_yaml, DemoOptions, TrainJob};
 use crate::distill::encoder::TeacherEncoder;
 use crate::export::write_pipeline_dir;
+use crate::fs_safe::{self, Existing, Marker, Purpose};
 use crate::grid::grid;
 use crate::models::{weights, PipelineDir, UNet};
 use crate::pipeline::{GenerateRequest, Parts};
@@ -32,8 +33,9 @@ fn samples_dir(steps: usize) -> String {
 }
 
 /// What the stage writes into a demo output besides its run YAML, logs and report section
-/// (relative paths): removed before a rerun, so the caller checks they hold only sdkd's files.
-pub fn stage_outputs() -> Vec<String> {
+/// (relative paths): removed before a rerun, once `foreign_to_stage` has found none of the
+/// user's files there.
+fn stage_outputs() -> Vec<String> {
     let mut v: Vec<String> = ["runs/student_lcm", "student_lcm", "grid_lcm.png"].map(String::from).to_vec();
     v.extend(LCM_SAMPLING_STEPS.map(|n| format!("samples/{}", samples_dir(n))));
     v
@@ -129,14 +131,46 @@ fn pixel_rmse(images: &[RgbImage], originals: &[RgbImage]) -> f64 {
     (sum / n.max(1) as f64).sqrt()
 }
 
-/// Runs the stage on the finished demo in `out` (`check_demo_output`), replacing an earlier one.
+/// Whether `out` holds a demo that finished (its marker lists its files).
+pub fn finished_demo(out: &Path) -> Result<bool> {
+    Ok(matches!(fs_safe::existing(out)?, Existing::Made(m) if m.purpose == Purpose::Demo && m.files.is_some()))
+}
+
+/// The files in the demo output `out` that sdkd did not write (kept out of its listing), none
+/// of them where the LCM stage writes: it replaces its earlier outputs.
+fn foreign_to_stage(out: &Path) -> Result<Vec<String>> {
+    let foreign = match fs_safe::existing(out)? {
+        Existing::Made(m) => fs_safe::foreign_files(out, &m)?,
+        _ => vec![],
+    };
+    let ours = stage_outputs();
+    let inside: Vec<String> = foreign.iter().filter(|f| ours.iter().any(|p| *f == p || f.starts_with(&format!("{p}/")))).cloned().collect();
+    if !inside.is_empty() {
+        bail!("--lcm: --out {} holds {}, which sdkd did not write, where the LCM stage writes: move them out first", out.display(), fs_safe::list_some(&inside));
+    }
+    Ok(foreign)
+}
+
+/// Runs the stage on the finished demo in `out` (`check_demo_output`), replacing an earlier one,
+/// and lists its files in the folder's marker (the user's own files left out of the listing).
 pub fn run_lcm_stage(out: &Path, o: &DemoOptions, l: &LcmOptions) -> Result<LcmSummary> {
+    check_demo_output(out)?;
+    let theirs = foreign_to_stage(out)?;
+    let s = stage(out, o, l)?;
+    let mut marker = Marker::new(Purpose::Demo).listing(out)?;
+    if let Some(files) = marker.files.as_mut() {
+        files.retain(|f, _| !theirs.contains(f));
+    }
+    marker.write_into(out)?;
+    Ok(s)
+}
+
+fn stage(out: &Path, o: &DemoOptions, l: &LcmOptions) -> Result<LcmSummary> {
     let t0 = Instant::now();
     let step = |msg: &str| eprintln!("[{:>6.1}s] {msg}", t0.elapsed().as_secs_f64());
-    check_demo_output(out)?;
     for p in stage_outputs().iter().map(|p| out.join(p)).filter(|p| p.exists()) {
         match p.is_dir() {
-            true => crate::fs_safe::remove_dir(&p)?,
+            true => fs_safe::remove_dir(&p)?,
             false => std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?,
         }
     }
@@ -201,7 +235,7 @@ pub fn run_lcm_stage(out: &Path, o: &DemoOptions, l: &LcmOptions) -> Result<LcmS
     let report = std::fs::read_to_string(&summary.report).with_context(|| format!("reading {}", summary.report.display()))?;
     let kept = report.split(&format!("\n{SECTION}")).next().unwrap_or(&report).trim_end();
     let text = format!("{kept}\n\n{}", section_markdown(o, l, &run.lcm, &summary, captions.len(), columns));
-    crate::fs_safe::write_file(&summary.report, text.as_bytes())?;
+    fs_safe::write_file(&summary.report, text.as_bytes())?;
     step(&format!("LCM stage done: {} and {}", summary.grid.display(), summary.report.display()));
     Ok(LcmSummary { seconds: t0.elapsed().as_secs_f64(), ..summary })
 }
