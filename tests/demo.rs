@@ -134,6 +134,13 @@ fn quick_demo_runs_the_whole_job() {
     // the stage's 25-point DDIM grid is the exported scheduler's
     let scheduler: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("student_lcm/scheduler/scheduler_config.json")).unwrap()).unwrap();
     assert_eq!(scheduler["original_inference_steps"].as_i64(), Some(25), "{scheduler}");
+    // a file of the user's where a rerun of the stage would write: refused before any work, kept
+    let mine = out.join("student_lcm/notes.txt");
+    std::fs::write(&mine, "mine").unwrap();
+    let o = sdkd(&["demo", "--quick", "--lcm", "--out", out.to_str().unwrap()]);
+    assert_clean_failure(&o, "student_lcm/notes.txt");
+    assert_eq!(std::fs::read_to_string(&mine).unwrap(), "mine");
+    assert!(out.join("grid_lcm.png").exists(), "a refused stage removed the earlier one's grid");
 }
 
 /// `sdkd demo --family sdxl --quick`: the same job on an SDXL pipeline (two text encoders, the
